@@ -1,0 +1,77 @@
+//! `DKVSServer`: one DKVS storage node. See `DKVSServer --help`.
+#![allow(non_snake_case)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use dkvs::config::ServerConfig;
+use dkvs::net::TcpDialer;
+use dkvs::node::{Node, serve};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let config = match ServerConfig::from_args() {
+        Ok(config) => config,
+        // Prints the problem (or --help) and exits: 2 for usage errors.
+        Err(error) => error.exit(),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("DKVSServer: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("DKVSServer: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let data_dir = config.data_dir();
+    let node = Node::open(config, Arc::new(TcpDialer::default()))
+        .map_err(|e| anyhow::anyhow!("cannot open node (data dir {}): {e}", data_dir.display()))?;
+    serve(node, TcpListenerStream::new(listener), shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops the node");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

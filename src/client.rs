@@ -1,0 +1,298 @@
+//! The smart client.
+//!
+//! It learns the members and ring parameters from any node (`Cluster.Status`)
+//! and computes preference lists itself, so requests skip the extra hop
+//! through a node that does not hold the key:
+//!
+//! * PUT and DELETE go to the key's first replica that answers, which
+//!   coordinates the write (stamps a version, waits for W). When a node is
+//!   unreachable the client tries the next replica, then any other member.
+//! * GET is coordinated by the client itself: it asks the key's N replicas
+//!   in parallel (internal `Replica.Read`), answers from the first R replies
+//!   with the newest version, and repairs stale replicas in the background.
+//!   [`Client::close`] waits briefly for those repairs, so a short-lived
+//!   process (the CLI) still sends them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{Background, WriteAck, read_quorum};
+use crate::error::{COORDINATOR_ERROR_HEADER, Error, Result};
+use crate::net::{Dialer, PeerPool, TcpDialer, describe_status, max_message_bytes};
+use crate::pb;
+use crate::quorum::Consistency;
+use crate::record::Record;
+use crate::ring::{Member, Ring};
+
+/// How long a node that failed is tried last.
+const DOWN_PENALTY: Duration = Duration::from_secs(2);
+
+/// Client settings.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Consistency of every request.
+    pub consistency: Consistency,
+    /// Deadline of one call to one node.
+    pub rpc_timeout: Duration,
+    /// Largest value the client will send or receive.
+    pub max_value_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            consistency: Consistency::Quorum,
+            rpc_timeout: Duration::from_secs(3),
+            max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+/// A connection to a DKVS cluster.
+pub struct Client {
+    /// Settings.
+    options: ClientOptions,
+    /// Channels to members.
+    peers: Arc<PeerPool>,
+    /// The cluster's ring, as learned from a node.
+    ring: Ring,
+    /// Replicas per key, N.
+    replicas: usize,
+    /// Nodes that failed recently, and when.
+    recently_down: Mutex<HashMap<String, Instant>>,
+    /// Read repairs in flight.
+    background: Background,
+}
+
+impl Client {
+    /// Connects over TCP, learning the cluster from the first of `seeds` that answers.
+    pub async fn connect(seeds: &[String], options: ClientOptions) -> Result<Self> {
+        Self::connect_with(seeds, options, Arc::new(TcpDialer::default())).await
+    }
+
+    /// Connects with a custom [`Dialer`].
+    pub async fn connect_with(
+        seeds: &[String],
+        options: ClientOptions,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<Self> {
+        let peers = Arc::new(PeerPool::new(dialer, max_message_bytes(options.max_value_bytes)));
+        let mut failures = Vec::new();
+        for seed in seeds {
+            match fetch_status(&peers, seed, options.rpc_timeout).await {
+                Ok(status) => {
+                    let members = status.members.iter().map(|m| Member::new(m.address.clone()));
+                    let ring = Ring::new(members, status.vnodes as usize);
+                    return Ok(Self {
+                        replicas: status.replicas as usize,
+                        ring,
+                        peers,
+                        options,
+                        recently_down: Mutex::new(HashMap::new()),
+                        background: Background::new(CancellationToken::new()),
+                    });
+                }
+                Err(why) => failures.push(format!("{seed}: {why}")),
+            }
+        }
+        Err(Error::Unavailable(if seeds.is_empty() {
+            "no DKVS node address given (--nodes or DKVS_NODES)".to_string()
+        } else {
+            format!("no DKVS node answered: {}", failures.join("; "))
+        }))
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn replicas(&self) -> usize {
+        self.replicas
+    }
+
+    pub fn consistency(&self) -> Consistency {
+        self.options.consistency
+    }
+
+    pub fn set_consistency(&mut self, consistency: Consistency) {
+        self.options.consistency = consistency;
+    }
+
+    /// The key's replicas, in preference order.
+    pub fn replicas_of(&self, key: &str) -> Vec<String> {
+        self.ring
+            .preference_list(key.as_bytes(), self.replicas)
+            .into_iter()
+            .map(|m| m.address.clone())
+            .collect()
+    }
+
+    /// Stores `value` under `key`.
+    pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<WriteAck> {
+        let request = pb::PutRequest {
+            key: key.to_string(),
+            value: value.into(),
+            consistency: pb::Consistency::from(self.options.consistency) as i32,
+        };
+        let reply = self
+            .on_coordinator(key, "PUT", |mut client| {
+                let request = request.clone();
+                async move { client.put(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        write_ack(reply.version, reply.acks)
+    }
+
+    /// Deletes `key` (writes a tombstone).
+    pub async fn delete(&self, key: &str) -> Result<WriteAck> {
+        let request = pb::DeleteRequest {
+            key: key.to_string(),
+            consistency: pb::Consistency::from(self.options.consistency) as i32,
+        };
+        let reply = self
+            .on_coordinator(key, "DELETE", |mut client| {
+                let request = request.clone();
+                async move { client.delete(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        write_ack(reply.version, reply.acks)
+    }
+
+    /// Reads `key`: its value, or `None` when it does not exist or was deleted.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.get_record(key).await?.and_then(|record| record.value))
+    }
+
+    /// Reads `key` with its version (a tombstone when it was deleted).
+    pub async fn get_record(&self, key: &str) -> Result<Option<Record>> {
+        let replicas = self
+            .replicas_of(key)
+            .iter()
+            .map(|address| self.peers.replica_handle(address, None))
+            .collect::<Result<Vec<_>>>()?;
+        let result =
+            read_quorum(replicas, key, self.options.consistency, self.options.rpc_timeout).await?;
+        result.repair.schedule(&self.background);
+        Ok(result.record)
+    }
+
+    /// How the cluster looks from the first member that answers.
+    pub async fn status(&self) -> Result<pb::StatusResponse> {
+        let mut failures = Vec::new();
+        for address in self.candidates(&[]) {
+            match fetch_status(&self.peers, &address, self.options.rpc_timeout).await {
+                Ok(status) => return Ok(status),
+                Err(why) => {
+                    self.mark_down(&address);
+                    failures.push(format!("{address}: {why}"));
+                }
+            }
+        }
+        Err(Error::Unavailable(format!("no DKVS node answered: {}", failures.join("; "))))
+    }
+
+    /// Waits up to two seconds for background read repairs to finish.
+    pub async fn close(&self) {
+        self.background.close(Duration::from_secs(2)).await;
+    }
+
+    /// Members in the order to try them: `first` (in order), then the rest;
+    /// recently failed nodes last.
+    fn candidates(&self, first: &[String]) -> Vec<String> {
+        let mut order: Vec<String> = first.to_vec();
+        for member in self.ring.members() {
+            if !order.contains(&member.address) {
+                order.push(member.address.clone());
+            }
+        }
+        let down = self
+            .recently_down
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        let is_down = |a: &String| down.get(a).is_some_and(|t| now.duration_since(*t) < DOWN_PENALTY);
+        let (mut up, failed): (Vec<_>, Vec<_>) = order.into_iter().partition(|a| !is_down(a));
+        up.extend(failed);
+        up
+    }
+
+    fn mark_down(&self, address: &str) {
+        self.recently_down
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(address.to_string(), Instant::now());
+    }
+
+    /// Sends a request to the key's first replica that answers (then to any
+    /// other member), and returns its reply. A node that fails to answer is
+    /// skipped; an error decided by a coordinator (bad input, quorum not
+    /// reached) is returned as is.
+    async fn on_coordinator<T, F, Fut>(&self, key: &str, operation: &str, call: F) -> Result<T>
+    where
+        F: Fn(pb::key_value_client::KeyValueClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+    {
+        let mut failures = Vec::new();
+        for address in self.candidates(&self.replicas_of(key)) {
+            let client = self.peers.key_value_client(&address)?;
+            match tokio::time::timeout(self.options.rpc_timeout, call(client)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
+                    return Err(error_from_status(status));
+                }
+                Ok(Err(status)) => {
+                    self.mark_down(&address);
+                    failures.push(format!("{address}: {}", describe_status(&status)));
+                }
+                Err(_) => {
+                    self.mark_down(&address);
+                    failures.push(format!(
+                        "{address}: no answer within {} ms",
+                        self.options.rpc_timeout.as_millis()
+                    ));
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "{operation} failed: no node could coordinate it: {}",
+            failures.join("; ")
+        )))
+    }
+}
+
+async fn fetch_status(
+    peers: &PeerPool,
+    address: &str,
+    timeout: Duration,
+) -> std::result::Result<pb::StatusResponse, String> {
+    let mut client = peers.cluster_client(address).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(describe_status(&status)),
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {
+    let version = version
+        .ok_or_else(|| Error::Internal("the coordinator answered without a version".into()))?;
+    Ok(WriteAck {
+        version: version.into(),
+        acks: acks as usize,
+    })
+}
+
+/// Turns a coordinator's status back into the error it came from (by code).
+fn error_from_status(status: tonic::Status) -> Error {
+    let message = status.message().to_string();
+    match status.code() {
+        tonic::Code::InvalidArgument => Error::InvalidArgument(message),
+        tonic::Code::Unavailable => Error::Unavailable(message),
+        tonic::Code::DeadlineExceeded => Error::DeadlineExceeded(message),
+        _ => Error::Internal(format!("{:?}: {message}", status.code())),
+    }
+}

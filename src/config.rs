@@ -1,0 +1,262 @@
+//! Node configuration: command-line flags, optionally read from a file.
+//!
+//! Every setting is a `DKVSServer` flag. `--config FILE` reads the same
+//! settings from a file of `name = value` lines (the flag names without the
+//! leading dashes; `#` starts a comment; values may be quoted, as in TOML).
+//! Flags given on the command line override the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use clap::builder::TypedValueParser;
+
+use crate::storage::FsyncPolicy;
+
+/// Default tokens per node on the ring.
+pub const DEFAULT_VNODES: usize = 256;
+/// Default replication factor N.
+pub const DEFAULT_REPLICAS: usize = 3;
+/// Default key limit, in bytes of UTF-8.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+/// Default value limit: 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// One DKVS storage node.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "DKVSServer", version, about, long_about = None)]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    pub listen: SocketAddr,
+
+    /// Address peers and clients reach this node at, exactly as it appears in
+    /// --peers (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+
+    /// Comma-separated addresses of every cluster member; this node's own
+    /// address may be included. Every node must be given the same list.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub peers: Vec<String>,
+
+    /// Directory for this node's data (created if missing).
+    /// Default: ./data/<listen address>.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Replication factor N: replicas per key (capped at the member count).
+    #[arg(long, default_value_t = DEFAULT_REPLICAS, value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
+    pub replicas: usize,
+
+    /// Virtual nodes (ring tokens) per member. Every node must use the same value.
+    #[arg(long, default_value_t = DEFAULT_VNODES, value_parser = clap::value_parser!(u32).range(1..=65536).map(|v| v as usize))]
+    pub vnodes: usize,
+
+    /// Read settings from this file (`name = value` lines, flag names);
+    /// command-line flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// When writes reach stable storage: `periodic` (handed to the OS before
+    /// the ack, so a crash or SIGKILL loses nothing; fsync every
+    /// --fsync-interval-ms) or `always` (fsync before every ack).
+    #[arg(long, value_enum, default_value_t = FsyncPolicy::Periodic)]
+    pub fsync: FsyncPolicy,
+
+    /// Background fsync interval for --fsync periodic, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub fsync_interval_ms: u64,
+
+    /// Deadline of each node-to-node call, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub rpc_timeout_ms: u64,
+
+    /// Deadline of a whole client request coordinated by this node, in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub request_timeout_ms: u64,
+
+    /// Longest key accepted, in bytes of UTF-8.
+    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
+    pub max_key_bytes: usize,
+
+    /// Largest value accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Parses the process arguments, merging `--config FILE` if given.
+    /// Errors (and `--help`) are clap errors: `error.exit()` prints them and
+    /// exits with clap's codes (2 for usage errors, 0 for help).
+    pub fn from_args() -> Result<Self, clap::Error> {
+        Self::from_arg_list(std::env::args().collect())
+    }
+
+    /// Parses an argument list (program name first), merging `--config FILE`.
+    pub fn from_arg_list(args: Vec<String>) -> Result<Self, clap::Error> {
+        let file_error = |message: String| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{message}\n"))
+        };
+        let merged = match config_file_in(&args) {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| file_error(format!("cannot read --config {path}: {e}")))?;
+                let from_file =
+                    file_to_args(&text).map_err(|e| file_error(format!("{path}: {e}")))?;
+                // Program name, then the file's settings, then the command
+                // line: for a repeated flag the last one wins.
+                let mut merged = vec![args[0].clone()];
+                merged.extend(from_file);
+                merged.extend(args.into_iter().skip(1));
+                merged
+            }
+            None => args,
+        };
+        Self::try_parse_from(merged)
+    }
+
+    /// The address this node is known by.
+    pub fn advertised_address(&self) -> String {
+        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Every member's address, this node's included, without duplicates or blanks.
+    pub fn member_addresses(&self) -> Vec<String> {
+        let mut members: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        members.push(self.advertised_address());
+        members.sort();
+        members.dedup();
+        members
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| {
+            PathBuf::from("data").join(self.listen.to_string().replace(':', "_"))
+        })
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.rpc_timeout_ms.max(1))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+}
+
+fn config_file_in(args: &[String]) -> Option<String> {
+    let mut iter = args.iter().skip(1);
+    while let Some(arg) = iter.next() {
+        if arg == "--config" {
+            return iter.next().cloned();
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(path.to_string());
+        }
+    }
+    None
+}
+
+/// Turns `name = value` lines into `--name value` arguments.
+fn file_to_args(text: &str) -> Result<Vec<String>, String> {
+    let mut args = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(format!("line {}: expected `name = value`, found {line:?}", number + 1));
+        };
+        let name = name.trim().replace('_', "-");
+        if name == "config" {
+            return Err(format!("line {}: a config file cannot name another", number + 1));
+        }
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(value);
+        args.push(format!("--{name}"));
+        args.push(value.to_string());
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_and_members() {
+        let config = ServerConfig::from_arg_list(args(&[
+            "DKVSServer",
+            "--listen",
+            "127.0.0.1:7001",
+            "--peers",
+            "127.0.0.1:7002,127.0.0.1:7001, 127.0.0.1:7003",
+        ]))
+        .expect("parse");
+        assert_eq!(config.replicas, 3);
+        assert_eq!(config.vnodes, DEFAULT_VNODES);
+        assert_eq!(config.fsync, FsyncPolicy::Periodic);
+        assert_eq!(
+            config.member_addresses(),
+            args(&["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])
+        );
+        assert_eq!(config.data_dir(), PathBuf::from("data/127.0.0.1_7001"));
+    }
+
+    #[test]
+    fn config_file_is_overridden_by_flags() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.conf");
+        std::fs::write(
+            &path,
+            "# a node\nlisten = \"127.0.0.1:7001\"\nreplicas = 5\nvnodes = 64 # fewer\nfsync = always\n",
+        )
+        .expect("write");
+        let config = ServerConfig::from_arg_list(args(&[
+            "DKVSServer",
+            "--config",
+            path.to_str().expect("utf-8 path"),
+            "--replicas",
+            "2",
+        ]))
+        .expect("parse");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(config.replicas, 2);
+        assert_eq!(config.vnodes, 64);
+        assert_eq!(config.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn bad_config_lines_are_reported_with_their_number() {
+        let error = file_to_args("listen = x\nnonsense\n").expect_err("bad line");
+        assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn zero_replicas_is_rejected() {
+        let error = ServerConfig::from_arg_list(args(&[
+            "DKVSServer",
+            "--listen",
+            "127.0.0.1:7001",
+            "--replicas",
+            "0",
+        ]))
+        .expect_err("zero replicas");
+        assert!(error.to_string().contains("replicas"), "{error}");
+    }
+}

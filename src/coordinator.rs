@@ -1,0 +1,403 @@
+//! Quorum calls: the async shell around [`crate::quorum`].
+//!
+//! A coordinator sends a request to all N replicas of a key at once and
+//! feeds the replies into a tally as they arrive, answering as soon as the
+//! tally says so:
+//!
+//! * **Writes** stamp a version, answer after W replicas hold it, re-stamp
+//!   above any newer version a replica reports, and fail with UNAVAILABLE as
+//!   soon as W can no longer be reached. Replies still in flight once the
+//!   answer is known keep going in the background, so every live replica gets
+//!   the write, not just the first W.
+//! * **Reads** answer from the first R replies (newest version wins). The
+//!   remaining replies are collected in the background and every replica
+//!   found behind the newest version gets it (read repair), off the
+//!   client's critical path. Both the node and the smart client read this way.
+//!
+//! Background work is tracked by a [`Background`] so shutdown can stop it and
+//! wait for it, and is bounded by a semaphore so a burst of stale reads
+//! cannot spawn without limit.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock::Version;
+use crate::error::{Error, Result};
+use crate::net::{PeerPool, ReplicaError, ReplicaHandle};
+use crate::quorum::{
+    Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply, WriteTally,
+};
+use crate::record::Record;
+use crate::replica::{ReplicaStore, WriteOutcome};
+use crate::ring::Ring;
+
+/// Most write rounds (re-stamps) before giving up on a hotly contended key.
+const MAX_WRITE_ROUNDS: usize = 5;
+/// Most read repairs (and trailing write replies) in flight at once.
+const MAX_BACKGROUND_TASKS: usize = 1024;
+
+type ReadReply =
+    Pin<Box<dyn Future<Output = (usize, Result<Option<Record>, ReplicaError>)> + Send>>;
+type WriteReplyFuture = Pin<Box<dyn Future<Output = (usize, Result<WriteOutcome, String>)> + Send>>;
+
+/// Spawns bounded background work that stops on shutdown.
+#[derive(Clone)]
+pub struct Background {
+    /// Lets shutdown wait for every task.
+    tracker: TaskTracker,
+    /// Cancelled on shutdown.
+    shutdown: CancellationToken,
+    /// Bounds how many tasks run at once.
+    permits: Arc<Semaphore>,
+    /// Read repairs sent (writes to stale replicas).
+    repairs_sent: Arc<AtomicU64>,
+    /// Tasks dropped because too many were running.
+    dropped: Arc<AtomicU64>,
+}
+
+impl Background {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self {
+            tracker: TaskTracker::new(),
+            shutdown,
+            permits: Arc::new(Semaphore::new(MAX_BACKGROUND_TASKS)),
+            repairs_sent: Arc::new(AtomicU64::new(0)),
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Runs `task` in the background unless the limit is reached (then it is
+    /// dropped, and counted) or shutdown has begun.
+    pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("background task dropped: too many in flight");
+            return;
+        };
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = task => {}
+                () = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+
+    /// Read repairs sent so far.
+    pub fn repairs_sent(&self) -> u64 {
+        self.repairs_sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops accepting work, and waits for running tasks up to `grace`
+    /// before cancelling them.
+    pub async fn close(&self, grace: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            self.shutdown.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// The outcome of a quorum read: the answer, plus the replies still coming.
+pub struct ReadResult {
+    /// The newest record among the first R replies (`None`: no replica
+    /// asked knows the key).
+    pub record: Option<Record>,
+    /// Late replies and repair, to be finished in the background.
+    pub repair: PendingRepair,
+}
+
+/// What is left of a read once it was answered: late replies to collect and
+/// stale replicas to repair.
+pub struct PendingRepair {
+    key: String,
+    replicas: Vec<ReplicaHandle>,
+    tally: ReadTally,
+    in_flight: FuturesUnordered<ReadReply>,
+    rpc_timeout: Duration,
+}
+
+impl PendingRepair {
+    /// Waits for the remaining replies, then writes the newest record to
+    /// every replica that answered with an older one (or none). Answers how
+    /// many repairs were sent.
+    pub async fn run(mut self) -> usize {
+        while let Some((index, reply)) = self.in_flight.next().await {
+            let address = &self.replicas[index].address;
+            let reply = reply.map_err(|(ReplicaError::Rejected(why) | ReplicaError::Failed(why))| why);
+            self.tally.record(index, address, reply);
+        }
+        let Some(RepairPlan { record, stale }) = self.tally.repair_plan() else {
+            return 0;
+        };
+        let writes = stale.iter().map(|&index| {
+            let replica = &self.replicas[index];
+            let (key, record, timeout) = (&self.key, &record, self.rpc_timeout);
+            async move {
+                let result = replica.write(key, record, timeout).await;
+                if let Err(why) = &result {
+                    tracing::debug!(replica = %replica.address, key, %why, "read repair failed");
+                }
+                result.is_ok()
+            }
+        });
+        let sent = futures::future::join_all(writes).await;
+        let repaired = sent.into_iter().filter(|ok| *ok).count();
+        if repaired > 0 {
+            tracing::debug!(key = %self.key, version = %record.version, repaired, "read repair");
+        }
+        repaired
+    }
+
+    /// Schedules [`PendingRepair::run`] on `background`.
+    pub fn schedule(self, background: &Background) {
+        let counter = background.repairs_sent.clone();
+        background.spawn(async move {
+            let repaired = self.run().await;
+            counter.fetch_add(repaired as u64, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Reads `key` from `replicas` in parallel and answers from the first
+/// `consistency.required(N)` replies.
+pub async fn read_quorum(
+    replicas: Vec<ReplicaHandle>,
+    key: &str,
+    consistency: Consistency,
+    rpc_timeout: Duration,
+) -> Result<ReadResult> {
+    let needed = consistency.required(replicas.len());
+    let mut tally = ReadTally::new(needed, replicas.len());
+    let mut in_flight: FuturesUnordered<ReadReply> = replicas
+        .iter()
+        .enumerate()
+        .map(|(index, replica)| {
+            let (replica, key) = (replica.clone(), key.to_string());
+            Box::pin(async move { (index, replica.read(&key, rpc_timeout).await) }) as ReadReply
+        })
+        .collect();
+    loop {
+        match tally.decision() {
+            ReadDecision::Answer(record) => {
+                let repair = PendingRepair {
+                    key: key.to_string(),
+                    replicas,
+                    tally,
+                    in_flight,
+                    rpc_timeout,
+                };
+                return Ok(ReadResult { record, repair });
+            }
+            ReadDecision::Failed => {
+                return Err(Error::QuorumNotReached {
+                    operation: "GET",
+                    consistency: consistency.name(),
+                    acks: tally.replies(),
+                    needed,
+                    replicas: replicas.len(),
+                    failures: tally.failures().to_vec(),
+                });
+            }
+            ReadDecision::Pending => {}
+        }
+        let Some((index, reply)) = in_flight.next().await else {
+            return Err(Error::Internal("read ended with no decision".into()));
+        };
+        let reply = match reply {
+            Err(ReplicaError::Rejected(why)) => return Err(Error::InvalidArgument(why)),
+            Err(ReplicaError::Failed(why)) => Err(why),
+            Ok(record) => Ok(record),
+        };
+        tally.record(index, &replicas[index].address, reply);
+    }
+}
+
+/// A write's outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteAck {
+    /// The version the write was stored under.
+    pub version: Version,
+    /// Replicas that held it when the answer was sent.
+    pub acks: usize,
+}
+
+/// Coordinates client requests on a node.
+pub struct Coordinator {
+    /// This node's replica: the clock, and the in-process replica.
+    local: Arc<ReplicaStore>,
+    /// This node's advertised address (to recognise itself on the ring).
+    self_address: String,
+    /// The ring all nodes share.
+    ring: Arc<Ring>,
+    /// Replicas per key, N.
+    replicas: usize,
+    /// Channels to the other nodes.
+    peers: Arc<PeerPool>,
+    /// Deadline of each call to a replica.
+    rpc_timeout: Duration,
+    /// Deadline of a whole client request.
+    request_timeout: Duration,
+    /// Where read repairs and trailing write replies run.
+    background: Background,
+}
+
+impl Coordinator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        local: Arc<ReplicaStore>,
+        self_address: String,
+        ring: Arc<Ring>,
+        replicas: usize,
+        peers: Arc<PeerPool>,
+        rpc_timeout: Duration,
+        request_timeout: Duration,
+        background: Background,
+    ) -> Self {
+        Self {
+            local,
+            self_address,
+            ring,
+            replicas,
+            peers,
+            rpc_timeout,
+            request_timeout,
+            background,
+        }
+    }
+
+    pub fn background(&self) -> &Background {
+        &self.background
+    }
+
+    /// Handles to the key's N replicas, this node's own store in-process.
+    fn replicas_for(&self, key: &str) -> Result<Vec<ReplicaHandle>> {
+        self.ring
+            .preference_list(key.as_bytes(), self.replicas)
+            .into_iter()
+            .map(|member| {
+                let local = (member.address == self.self_address).then_some(&self.local);
+                self.peers.replica_handle(&member.address, local)
+            })
+            .collect()
+    }
+
+    async fn with_deadline<T>(
+        &self,
+        operation: &str,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::time::timeout(self.request_timeout, work)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::DeadlineExceeded(format!(
+                    "{operation} did not finish within {} ms (--request-timeout-ms); replicas may be overloaded",
+                    self.request_timeout.as_millis()
+                )))
+            })
+    }
+
+    /// Reads `key`; `None` when it does not exist or was deleted (the
+    /// tombstone is returned so its version can be reported).
+    pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Record>> {
+        let replicas = self.replicas_for(key)?;
+        let result = self
+            .with_deadline("GET", read_quorum(replicas, key, consistency, self.rpc_timeout))
+            .await?;
+        result.repair.schedule(&self.background);
+        Ok(result.record)
+    }
+
+    /// Writes `value` (or a tombstone for `None`) under `key`.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: Option<Bytes>,
+        consistency: Consistency,
+    ) -> Result<WriteAck> {
+        let operation = if value.is_some() { "PUT" } else { "DELETE" };
+        self.with_deadline(operation, self.write(operation, key, value, consistency))
+            .await
+    }
+
+    async fn write(
+        &self,
+        operation: &'static str,
+        key: &str,
+        value: Option<Bytes>,
+        consistency: Consistency,
+    ) -> Result<WriteAck> {
+        let replicas = self.replicas_for(key)?;
+        let needed = consistency.required(replicas.len());
+        let mut version = self.local.next_version()?;
+        for _round in 0..MAX_WRITE_ROUNDS {
+            let record = Record { version, value: value.clone() };
+            let mut tally = WriteTally::new(version, needed, replicas.len());
+            let mut in_flight: FuturesUnordered<WriteReplyFuture> = replicas
+                .iter()
+                .enumerate()
+                .map(|(index, replica)| {
+                    let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
+                    let timeout = self.rpc_timeout;
+                    Box::pin(async move { (index, replica.write(&key, &record, timeout).await) })
+                        as WriteReplyFuture
+                })
+                .collect();
+            let decision = loop {
+                match tally.decision() {
+                    WriteDecision::Pending => {}
+                    decided => break decided,
+                }
+                let Some((index, reply)) = in_flight.next().await else {
+                    break WriteDecision::Failed;
+                };
+                let reply = match reply {
+                    Ok(outcome) => {
+                        self.local.observe(outcome.held);
+                        WriteReply::Holds(outcome.held)
+                    }
+                    Err(why) => WriteReply::Failed(why),
+                };
+                tally.record(&replicas[index].address, reply);
+            };
+            // Let the rest of this round reach its replicas.
+            if !in_flight.is_empty() {
+                self.background
+                    .spawn(async move { while in_flight.next().await.is_some() {} });
+            }
+            match decision {
+                WriteDecision::Acknowledged { acks } => return Ok(WriteAck { version, acks }),
+                WriteDecision::Restamp { above } => {
+                    tracing::debug!(key, %version, %above, "a replica holds a newer version; re-stamping");
+                    self.local.observe(above);
+                    version = self.local.next_version()?;
+                }
+                WriteDecision::Failed | WriteDecision::Pending => {
+                    return Err(Error::QuorumNotReached {
+                        operation,
+                        consistency: consistency.name(),
+                        acks: tally.acks(),
+                        needed,
+                        replicas: replicas.len(),
+                        failures: tally.failures().to_vec(),
+                    });
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "{operation} of {key:?} gave up after {MAX_WRITE_ROUNDS} rounds: replicas kept reporting newer versions (heavy concurrent writing to this key)"
+        )))
+    }
+}

@@ -1,0 +1,127 @@
+//! The one error type of DKVS and its mapping to gRPC status codes.
+//!
+//! Every failure a caller can see is one of these variants, and
+//! `From<Error> for tonic::Status` is the only place that picks status codes,
+//! so the same failure always reaches the user with the same code and a
+//! message that says what to do about it.
+
+use tonic::{Code, Status};
+
+/// Metadata key set on statuses produced by a DKVS coordinator (as opposed
+/// to transport failures), so that a smart client knows whether trying
+/// another node could help.
+pub const COORDINATOR_ERROR_HEADER: &str = "dkvs-coordinator-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller sent something DKVS does not accept.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// Too few replicas answered for the requested consistency.
+    #[error(
+        "{operation} failed at consistency {consistency}: {acks} of {needed} required replicas answered ({replicas} replicas for this key){}",
+        format_failures(.failures)
+    )]
+    QuorumNotReached {
+        /// PUT, GET or DELETE.
+        operation: &'static str,
+        /// The consistency level asked for.
+        consistency: &'static str,
+        /// Replicas that answered (for writes: that hold the write).
+        acks: usize,
+        /// Replicas that had to answer.
+        needed: usize,
+        /// Replicas of the key.
+        replicas: usize,
+        /// Why the others did not, one line each.
+        failures: Vec<String>,
+    },
+
+    /// The request did not finish in time.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+
+    /// A node could not be reached (smart client side).
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// The local storage engine failed; the node's data directory needs attention.
+    #[error("storage error: {0}")]
+    Storage(String),
+
+    /// A stored record could not be decoded; another replica's copy will
+    /// replace it on the next write or repair.
+    #[error("corrupt record for key {key:?}: {why}")]
+    CorruptRecord { key: String, why: String },
+
+    /// A bug or an impossible state; the message says which.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn format_failures(failures: &[String]) -> String {
+    if failures.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", failures.join("; "))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::QuorumNotReached { .. } | Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::CorruptRecord { .. } => Code::DataLoss,
+            Error::Storage(_) | Error::Internal(_) => Code::Internal,
+        };
+        let mut status = Status::new(code, error.to_string());
+        status
+            .metadata_mut()
+            .insert(COORDINATOR_ERROR_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        status
+    }
+}
+
+impl From<fjall::Error> for Error {
+    fn from(error: fjall::Error) -> Self {
+        Error::Storage(error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quorum_errors_say_who_answered_and_why_others_did_not() {
+        let status = Status::from(Error::QuorumNotReached {
+            operation: "PUT",
+            consistency: "QUORUM",
+            acks: 1,
+            needed: 2,
+            replicas: 3,
+            failures: vec![
+                "127.0.0.1:7002: connection refused".into(),
+                "127.0.0.1:7003: timed out after 1000 ms".into(),
+            ],
+        });
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(
+            status.message(),
+            "PUT failed at consistency QUORUM: 1 of 2 required replicas answered (3 replicas for this key); \
+             127.0.0.1:7002: connection refused; 127.0.0.1:7003: timed out after 1000 ms"
+        );
+        assert!(status.metadata().get(COORDINATOR_ERROR_HEADER).is_some());
+    }
+
+    #[test]
+    fn caller_mistakes_are_invalid_argument() {
+        let status = Status::from(Error::InvalidArgument("key is empty".into()));
+        assert_eq!(status.code(), Code::InvalidArgument);
+    }
+}

@@ -1,0 +1,34 @@
+//! DKVS: a Dynamo-style distributed key-value store.
+//!
+//! Reading order, from the pure core outwards:
+//!
+//! * [`ring`] — consistent hashing with virtual nodes; preference lists.
+//! * [`clock`] — versions and the Lamport clock that issues them.
+//! * [`record`] — one version of a key (value or tombstone), its encoding and
+//!   the merge rule.
+//! * [`quorum`] — quorum arithmetic and the bookkeeping of one quorum call.
+//! * [`storage`] — the storage trait, fjall and in-memory engines.
+//! * [`replica`] — one node's store: write-if-newer, counts, the clock.
+//! * [`net`] — the network seam: dialing peers, calling replicas.
+//! * [`coordinator`] — quorum writes and reads, read repair.
+//! * [`node`] — the gRPC services and the server's life cycle.
+//! * [`client`] — the smart client.
+//! * [`config`], [`limits`], [`error`], [`pb`] — settings, input limits, the
+//!   error type, and the protobuf edge.
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod coordinator;
+pub mod error;
+pub mod limits;
+pub mod net;
+pub mod node;
+pub mod pb;
+pub mod quorum;
+pub mod record;
+pub mod replica;
+pub mod ring;
+pub mod storage;
+
+pub use error::{Error, Result};

@@ -1,0 +1,77 @@
+//! Input limits, checked before anything is stored.
+
+use crate::error::{Error, Result};
+
+/// Sizes a node accepts (`--max-key-bytes`, `--max-value-bytes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest key, in bytes of UTF-8.
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes.
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: crate::config::DEFAULT_MAX_KEY_BYTES,
+            max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    pub fn check_key(&self, key: &str) -> Result<()> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "key is empty; a key must be 1 to {} bytes of UTF-8",
+                self.max_key_bytes
+            )));
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "key is {} bytes; the limit is {} bytes (--max-key-bytes)",
+                key.len(),
+                self.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn check_value(&self, value: &[u8]) -> Result<()> {
+        if value.len() > self.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "value is {} bytes; the limit is {} bytes (--max-value-bytes)",
+                value.len(),
+                self.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_must_be_1_to_max_bytes() {
+        let limits = Limits::default();
+        assert!(limits.check_key("k").is_ok());
+        assert!(limits.check_key(&"k".repeat(1024)).is_ok());
+        let error = limits.check_key(&"k".repeat(1025)).expect_err("too long");
+        assert!(error.to_string().contains("limit is 1024 bytes"), "{error}");
+        assert!(limits.check_key("").expect_err("empty").to_string().contains("empty"));
+        // The limit counts bytes, not characters.
+        assert!(limits.check_key(&"é".repeat(513)).is_err());
+    }
+
+    #[test]
+    fn values_up_to_the_limit() {
+        let limits = Limits::default();
+        assert!(limits.check_value(&[]).is_ok());
+        assert!(limits.check_value(&vec![0; 1024 * 1024]).is_ok());
+        let error = limits.check_value(&vec![0; 1024 * 1024 + 1]).expect_err("too big");
+        assert!(error.to_string().contains("--max-value-bytes"), "{error}");
+    }
+}

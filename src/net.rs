@@ -1,0 +1,251 @@
+//! The network seam: how nodes and clients reach each other.
+//!
+//! Everything that dials goes through a [`Dialer`], and everything that calls
+//! a replica goes through a [`ReplicaHandle`]. Production uses [`TcpDialer`];
+//! a deterministic network simulator can supply its own dialer (a tonic
+//! `Endpoint` with a custom connector) without touching the rest of the code.
+//! Likewise the server side takes any stream of connections (see
+//! [`crate::node::serve`]).
+//!
+//! Channels are made once per peer and cloned freely; a tonic channel
+//! reconnects by itself after the peer comes back. HTTP/2 keepalive is on so a
+//! half-dead connection (a peer that vanished without closing its sockets) is
+//! noticed and replaced instead of swallowing requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::pb::replica_client::ReplicaClient;
+use crate::record::Record;
+use crate::replica::{ReplicaStore, WriteOutcome};
+
+/// Largest gRPC message a node or client accepts: room for the largest value
+/// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
+/// (naming the limit) rather than a transport error.
+pub fn max_message_bytes(max_value_bytes: usize) -> usize {
+    max_value_bytes.saturating_mul(2).saturating_add(64 * 1024).max(4 * 1024 * 1024)
+}
+
+/// Makes channels to peers.
+pub trait Dialer: Send + Sync + 'static {
+    /// A channel to `address` that connects lazily and reconnects on failure.
+    fn dial(&self, address: &str) -> Result<Channel>;
+}
+
+/// Dials plain TCP (HTTP/2 without TLS).
+#[derive(Clone, Debug)]
+pub struct TcpDialer {
+    /// How long to wait for a TCP connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpDialer {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Dialer for TcpDialer {
+    fn dial(&self, address: &str) -> Result<Channel> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
+            Error::InvalidArgument(format!("{address:?} is not a valid HOST:PORT address: {e}"))
+        })?;
+        Ok(endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy())
+    }
+}
+
+/// One channel per peer address, made on first use.
+pub struct PeerPool {
+    /// Makes the channels.
+    dialer: Arc<dyn Dialer>,
+    /// Channels made so far (std mutex: held only for a map lookup).
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Message size limit for clients made from these channels.
+    max_message_bytes: usize,
+}
+
+impl PeerPool {
+    pub fn new(dialer: Arc<dyn Dialer>, max_message_bytes: usize) -> Self {
+        Self {
+            dialer,
+            channels: Mutex::new(HashMap::new()),
+            max_message_bytes,
+        }
+    }
+
+    pub fn channel(&self, address: &str) -> Result<Channel> {
+        let mut channels = self
+            .channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = self.dialer.dial(address)?;
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn replica_client(&self, address: &str) -> Result<ReplicaClient<Channel>> {
+        Ok(ReplicaClient::new(self.channel(address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    pub fn key_value_client(
+        &self,
+        address: &str,
+    ) -> Result<pb::key_value_client::KeyValueClient<Channel>> {
+        Ok(pb::key_value_client::KeyValueClient::new(self.channel(address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    pub fn cluster_client(
+        &self,
+        address: &str,
+    ) -> Result<pb::cluster_client::ClusterClient<Channel>> {
+        Ok(pb::cluster_client::ClusterClient::new(self.channel(address)?))
+    }
+
+    /// A handle to the replica at `address`, or to `local` when it is this node.
+    pub fn replica_handle(
+        &self,
+        address: &str,
+        local: Option<&Arc<ReplicaStore>>,
+    ) -> Result<ReplicaHandle> {
+        let target = match local {
+            Some(store) => ReplicaTarget::Local(store.clone()),
+            None => ReplicaTarget::Remote(self.replica_client(address)?),
+        };
+        Ok(ReplicaHandle {
+            address: address.to_string(),
+            target,
+        })
+    }
+}
+
+/// How to reach one replica of a key.
+#[derive(Clone)]
+pub struct ReplicaHandle {
+    /// The replica's address, for messages.
+    pub address: String,
+    /// In-process or over gRPC.
+    target: ReplicaTarget,
+}
+
+#[derive(Clone)]
+enum ReplicaTarget {
+    /// This node's own store: no RPC.
+    Local(Arc<ReplicaStore>),
+    /// Another node, over the internal Replica service.
+    Remote(ReplicaClient<Channel>),
+}
+
+/// Why a replica did not answer a read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaError {
+    /// The replica refused the request itself (e.g. a key over its limit):
+    /// asking other replicas will not help.
+    Rejected(String),
+    /// The replica could not be reached, timed out or failed.
+    Failed(String),
+}
+
+/// Describes a failed call in one short line.
+pub fn describe_status(status: &tonic::Status) -> String {
+    let message = status.message();
+    let message = if message.is_empty() { "no message" } else { message };
+    match status.code() {
+        tonic::Code::Unavailable => format!("unreachable ({message})"),
+        code => format!("{code:?}: {message}"),
+    }
+}
+
+impl ReplicaHandle {
+    pub fn is_local(&self) -> bool {
+        matches!(self.target, ReplicaTarget::Local(_))
+    }
+
+    /// What this replica holds for `key`, or why it could not say in time.
+    pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Record>, ReplicaError> {
+        match &self.target {
+            ReplicaTarget::Local(store) => store.read(key).map_err(|e| match e {
+                Error::InvalidArgument(why) => ReplicaError::Rejected(why),
+                other => ReplicaError::Failed(other.to_string()),
+            }),
+            ReplicaTarget::Remote(client) => {
+                let mut client = client.clone();
+                let request = pb::ReplicaReadRequest {
+                    key: key.to_string(),
+                };
+                let call = client.read(request);
+                let reply = tokio::time::timeout(timeout, call)
+                    .await
+                    .map_err(|_| ReplicaError::Failed(timed_out(timeout)))?
+                    .map_err(|status| match status.code() {
+                        tonic::Code::InvalidArgument => {
+                            ReplicaError::Rejected(status.message().to_string())
+                        }
+                        _ => ReplicaError::Failed(describe_status(&status)),
+                    })?
+                    .into_inner();
+                reply
+                    .record
+                    .map(Record::try_from)
+                    .transpose()
+                    .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}")))
+            }
+        }
+    }
+
+    /// Asks the replica to store `record` if newer; answers what it holds.
+    pub async fn write(
+        &self,
+        key: &str,
+        record: &Record,
+        timeout: Duration,
+    ) -> Result<WriteOutcome, String> {
+        match &self.target {
+            ReplicaTarget::Local(store) => {
+                store.write_if_newer(key, record).map_err(|e| e.to_string())
+            }
+            ReplicaTarget::Remote(client) => {
+                let mut client = client.clone();
+                let request = pb::ReplicaWriteRequest {
+                    key: key.to_string(),
+                    record: Some(record.into()),
+                };
+                let reply = tokio::time::timeout(timeout, client.write(request))
+                    .await
+                    .map_err(|_| timed_out(timeout))?
+                    .map_err(|status| describe_status(&status))?
+                    .into_inner();
+                let held = reply
+                    .held
+                    .ok_or_else(|| "answered without the version it holds".to_string())?;
+                Ok(WriteOutcome {
+                    applied: reply.applied,
+                    held: held.into(),
+                })
+            }
+        }
+    }
+}
+
+fn timed_out(timeout: Duration) -> String {
+    format!("timed out after {} ms", timeout.as_millis())
+}

@@ -1,0 +1,431 @@
+//! A DKVS node: storage, replica, coordinator and gRPC services on one port.
+//!
+//! [`Node::open`] opens the data directory and builds the parts;
+//! [`serve`] runs the gRPC server over any stream of connections until the
+//! shutdown future completes, then drains: health turns NOT_SERVING, the
+//! server stops accepting and finishes in-flight requests, background tasks
+//! (read repair, periodic fsync) stop, and the storage is synced.
+//!
+//! Services on the port: `dkvs.v1.KeyValue` (clients), `dkvs.v1.Cluster`
+//! (status), `dkvs.v1.Replica` (internal: nodes and the smart client only),
+//! `grpc.health.v1.Health`, and server reflection v1 and v1alpha.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+
+use crate::config::ServerConfig;
+use crate::coordinator::{Background, Coordinator};
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::net::{Dialer, PeerPool, max_message_bytes};
+use crate::pb;
+use crate::quorum::Consistency;
+use crate::record::Record;
+use crate::replica::ReplicaStore;
+use crate::ring::{Member, Ring};
+use crate::storage::{FjallStorage, FsyncPolicy, Storage};
+
+/// Everything one node runs.
+pub struct Node {
+    /// The settings it was started with.
+    config: ServerConfig,
+    /// This node as a ring member.
+    me: Member,
+    /// The ring (static membership, from --peers).
+    ring: Arc<Ring>,
+    /// Replicas per key in effect: --replicas capped at the member count.
+    replicas: usize,
+    /// Input limits.
+    limits: Limits,
+    /// The storage engine.
+    storage: Arc<dyn Storage>,
+    /// This node's replica.
+    replica: Arc<ReplicaStore>,
+    /// Coordinates requests this node receives.
+    coordinator: Arc<Coordinator>,
+    /// Channels to peers.
+    peers: Arc<PeerPool>,
+    /// Background tasks (repairs, trailing writes).
+    background: Background,
+    /// Cancelled when the node stops; stops every background loop.
+    shutdown: CancellationToken,
+    /// When the node started.
+    started: Instant,
+}
+
+impl Node {
+    /// Opens the node's data directory (fjall) and builds the node.
+    pub fn open(config: ServerConfig, dialer: Arc<dyn Dialer>) -> Result<Arc<Self>> {
+        let data_dir = config.data_dir();
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            Error::Storage(format!("cannot create data dir {}: {e}", data_dir.display()))
+        })?;
+        let storage = FjallStorage::open(&data_dir, config.fsync)?;
+        Self::with_storage(config, Arc::new(storage), dialer)
+    }
+
+    /// Builds the node over a given storage engine.
+    pub fn with_storage(
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<Arc<Self>> {
+        let me = Member::new(config.advertised_address());
+        let members: Vec<Member> = config.member_addresses().into_iter().map(Member::new).collect();
+        let ids: HashSet<_> = members.iter().map(|m| m.node_id).collect();
+        if ids.len() != members.len() {
+            return Err(Error::InvalidArgument(
+                "two member addresses hash to the same node id; change one of them".into(),
+            ));
+        }
+        let ring = Arc::new(Ring::new(members, config.vnodes));
+        let replicas = config.replicas.min(ring.members().len());
+        if replicas < config.replicas {
+            tracing::warn!(
+                requested = config.replicas,
+                members = ring.members().len(),
+                "fewer members than --replicas; each key gets one replica per member"
+            );
+        }
+        let limits = Limits {
+            max_key_bytes: config.max_key_bytes,
+            max_value_bytes: config.max_value_bytes,
+        };
+        let replica = Arc::new(ReplicaStore::open(me.node_id, storage.clone())?);
+        let peers = Arc::new(PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)));
+        let shutdown = CancellationToken::new();
+        let background = Background::new(shutdown.child_token());
+        let coordinator = Arc::new(Coordinator::new(
+            replica.clone(),
+            me.address.clone(),
+            ring.clone(),
+            replicas,
+            peers.clone(),
+            config.rpc_timeout(),
+            config.request_timeout(),
+            background.clone(),
+        ));
+        Ok(Arc::new(Self {
+            config,
+            me,
+            ring,
+            replicas,
+            limits,
+            storage,
+            replica,
+            coordinator,
+            peers,
+            background,
+            shutdown,
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn address(&self) -> &str {
+        &self.me.address
+    }
+
+    pub fn replica(&self) -> &Arc<ReplicaStore> {
+        &self.replica
+    }
+
+    fn local_stats(&self) -> pb::NodeStats {
+        let stats = self.replica.stats();
+        pb::NodeStats {
+            live_keys: stats.live_keys,
+            tombstones: stats.tombstones,
+            lamport: stats.lamport,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            read_repairs: self.background.repairs_sent(),
+        }
+    }
+
+    /// Fsyncs every `--fsync-interval-ms` until shutdown (periodic policy).
+    fn start_periodic_fsync(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        if self.config.fsync != FsyncPolicy::Periodic {
+            return None;
+        }
+        let interval = Duration::from_millis(self.config.fsync_interval_ms.max(1));
+        let storage = self.storage.clone();
+        let shutdown = self.shutdown.clone();
+        Some(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = shutdown.cancelled() => break,
+                }
+                let storage = storage.clone();
+                match tokio::task::spawn_blocking(move || storage.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => tracing::error!(%error, "periodic fsync failed"),
+                    Err(error) => tracing::error!(%error, "periodic fsync task failed"),
+                }
+            }
+        }))
+    }
+}
+
+/// Serves `node` over `incoming` until `shutdown` completes, then drains.
+pub async fn serve<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: Stream<Item = std::result::Result<IO, IE>> + Send,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let max_message = max_message_bytes(node.limits.max_value_bytes);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let key_value = pb::key_value_server::KeyValueServer::new(KeyValueService(node.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    let cluster = pb::cluster_server::ClusterServer::new(ClusterService(node.clone()));
+    let replica = pb::replica_server::ReplicaServer::new(ReplicaService(node.clone()))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+
+    let fsync_task = node.start_periodic_fsync();
+    for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    tracing::info!(address = node.address(), members = node.ring.members().len(), replicas = node.replicas, "serving");
+
+    let drain_health = health.clone();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down: NOT_SERVING, draining requests");
+        for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+            drain_health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let served = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(key_value)
+        .add_service(cluster)
+        .add_service(replica)
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await;
+
+    // Stop background work, then make sure everything is on disk.
+    node.background.close(Duration::from_secs(2)).await;
+    node.shutdown.cancel();
+    if let Some(task) = fsync_task {
+        let _ = task.await;
+    }
+    let storage = node.storage.clone();
+    tokio::task::spawn_blocking(move || storage.sync())
+        .await
+        .map_err(|e| Error::Internal(format!("final sync task: {e}")))??;
+    tracing::info!("stopped");
+    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// `dkvs.v1.KeyValue`: client requests, coordinated by this node.
+struct KeyValueService(Arc<Node>);
+
+#[tonic::async_trait]
+impl pb::key_value_server::KeyValue for KeyValueService {
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.limits.check_key(&request.key)?;
+        node.limits.check_value(&request.value)?;
+        let consistency = pb::consistency_from(request.consistency)?;
+        let ack = node
+            .coordinator
+            .put(&request.key, Some(request.value), consistency)
+            .await?;
+        Ok(Response::new(pb::PutResponse {
+            version: Some(ack.version.into()),
+            acks: ack.acks as u32,
+        }))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.limits.check_key(&request.key)?;
+        let consistency = pb::consistency_from(request.consistency)?;
+        let record = node.coordinator.get(&request.key, consistency).await?;
+        Ok(Response::new(get_response(record)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.limits.check_key(&request.key)?;
+        let consistency = pb::consistency_from(request.consistency)?;
+        let ack = node.coordinator.put(&request.key, None, consistency).await?;
+        Ok(Response::new(pb::DeleteResponse {
+            version: Some(ack.version.into()),
+            acks: ack.acks as u32,
+        }))
+    }
+}
+
+/// The Get answer for the newest record found.
+pub fn get_response(record: Option<Record>) -> pb::GetResponse {
+    match record {
+        Some(Record {
+            version,
+            value: Some(value),
+        }) => pb::GetResponse {
+            found: true,
+            value,
+            version: Some(version.into()),
+        },
+        Some(Record { version, value: None }) => pb::GetResponse {
+            found: false,
+            value: Default::default(),
+            version: Some(version.into()),
+        },
+        None => pb::GetResponse::default(),
+    }
+}
+
+/// `dkvs.v1.Replica`: this node's local store, for other nodes and the
+/// smart client. Bypasses quorums; not for applications.
+struct ReplicaService(Arc<Node>);
+
+#[tonic::async_trait]
+impl pb::replica_server::Replica for ReplicaService {
+    async fn read(
+        &self,
+        request: Request<pb::ReplicaReadRequest>,
+    ) -> Result<Response<pb::ReplicaReadResponse>, Status> {
+        let request = request.into_inner();
+        self.0.limits.check_key(&request.key)?;
+        let record = self.0.replica.read(&request.key)?;
+        Ok(Response::new(pb::ReplicaReadResponse {
+            record: record.as_ref().map(pb::Record::from),
+        }))
+    }
+
+    async fn write(
+        &self,
+        request: Request<pb::ReplicaWriteRequest>,
+    ) -> Result<Response<pb::ReplicaWriteResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.limits.check_key(&request.key)?;
+        let record: Record = request
+            .record
+            .ok_or_else(|| Error::InvalidArgument("record is required".into()))?
+            .try_into()?;
+        if let Some(value) = &record.value {
+            node.limits.check_value(value)?;
+        }
+        let outcome = node.replica.write_if_newer(&request.key, &record)?;
+        Ok(Response::new(pb::ReplicaWriteResponse {
+            applied: outcome.applied,
+            held: Some(outcome.held.into()),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::NodeStats>, Status> {
+        Ok(Response::new(self.0.local_stats()))
+    }
+}
+
+/// `dkvs.v1.Cluster`: how this node sees the cluster.
+struct ClusterService(Arc<Node>);
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let node = &self.0;
+        let timeout = node.config.rpc_timeout();
+        let probes = node.ring.members().iter().map(|member| async move {
+            let (state, stats, error) = if member.address == node.me.address {
+                (pb::MemberState::Up, Some(node.local_stats()), String::new())
+            } else {
+                match probe_stats(&node.peers, &member.address, timeout).await {
+                    Ok(stats) => (pb::MemberState::Up, Some(stats), String::new()),
+                    Err(why) => (pb::MemberState::Down, None, why),
+                }
+            };
+            pb::Member {
+                address: member.address.clone(),
+                node_id: member.node_id,
+                state: state as i32,
+                stats,
+                error,
+            }
+        });
+        let members = futures::future::join_all(probes).await;
+        Ok(Response::new(pb::StatusResponse {
+            address: node.me.address.clone(),
+            node_id: node.me.node_id,
+            replicas: node.replicas as u32,
+            vnodes: node.ring.vnodes() as u32,
+            write_quorum: Consistency::Quorum.required(node.replicas) as u32,
+            read_quorum: Consistency::Quorum.required(node.replicas) as u32,
+            members,
+        }))
+    }
+}
+
+async fn probe_stats(
+    peers: &PeerPool,
+    address: &str,
+    timeout: Duration,
+) -> std::result::Result<pb::NodeStats, String> {
+    let mut client = peers.replica_client(address).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(timeout, client.stats(pb::StatsRequest {})).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(crate::net::describe_status(&status)),
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}

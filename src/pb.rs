@@ -1,0 +1,111 @@
+//! Generated protobuf types, and their conversion to and from domain types.
+//!
+//! Protobuf types stay at the edge: requests are converted (and validated)
+//! here on arrival, and a missing or malformed field becomes
+//! `INVALID_ARGUMENT` with a message naming it.
+
+#![allow(clippy::all, missing_docs)]
+
+tonic::include_proto!("dkvs.v1");
+
+/// Encoded descriptors of `dkvs.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dkvs_descriptor");
+
+use crate::clock;
+use crate::error::Error;
+use crate::quorum;
+use crate::record;
+
+impl From<clock::Version> for Version {
+    fn from(v: clock::Version) -> Self {
+        Self {
+            lamport: v.lamport,
+            node_id: v.node_id,
+        }
+    }
+}
+
+impl From<Version> for clock::Version {
+    fn from(v: Version) -> Self {
+        clock::Version::new(v.lamport, v.node_id)
+    }
+}
+
+impl From<&record::Record> for Record {
+    fn from(r: &record::Record) -> Self {
+        Self {
+            version: Some(r.version.into()),
+            tombstone: r.is_tombstone(),
+            value: r.value.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<Record> for record::Record {
+    type Error = Error;
+
+    fn try_from(r: Record) -> Result<Self, Error> {
+        let version = r
+            .version
+            .ok_or_else(|| Error::InvalidArgument("record.version is required".into()))?
+            .into();
+        if r.tombstone {
+            if !r.value.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a tombstone record must not carry a value".into(),
+                ));
+            }
+            Ok(record::Record::tombstone(version))
+        } else {
+            Ok(record::Record::value(version, r.value))
+        }
+    }
+}
+
+/// Reads the consistency field of a request: unspecified means QUORUM.
+pub fn consistency_from(raw: i32) -> Result<quorum::Consistency, Error> {
+    match Consistency::try_from(raw) {
+        Ok(Consistency::Unspecified | Consistency::Quorum) => Ok(quorum::Consistency::Quorum),
+        Ok(Consistency::One) => Ok(quorum::Consistency::One),
+        Ok(Consistency::All) => Ok(quorum::Consistency::All),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "unknown consistency {raw}; use 0 (default, QUORUM), 1 (ONE), 2 (QUORUM) or 3 (ALL)"
+        ))),
+    }
+}
+
+impl From<quorum::Consistency> for Consistency {
+    fn from(c: quorum::Consistency) -> Self {
+        match c {
+            quorum::Consistency::One => Consistency::One,
+            quorum::Consistency::Quorum => Consistency::Quorum,
+            quorum::Consistency::All => Consistency::All,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_consistency_is_invalid_argument() {
+        assert_eq!(consistency_from(0).ok(), Some(quorum::Consistency::Quorum));
+        assert_eq!(consistency_from(1).ok(), Some(quorum::Consistency::One));
+        assert_eq!(consistency_from(3).ok(), Some(quorum::Consistency::All));
+        assert!(matches!(consistency_from(9), Err(Error::InvalidArgument(_))));
+        assert!(matches!(consistency_from(-1), Err(Error::InvalidArgument(_))));
+    }
+
+    #[test]
+    fn records_need_a_version() {
+        let missing = Record {
+            version: None,
+            tombstone: false,
+            value: Default::default(),
+        };
+        assert!(record::Record::try_from(missing).is_err());
+        let domain = record::Record::value(clock::Version::new(3, 4), &b"v"[..]);
+        assert_eq!(record::Record::try_from(Record::from(&domain)).ok(), Some(domain));
+    }
+}

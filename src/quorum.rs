@@ -1,0 +1,359 @@
+//! Quorum arithmetic and the bookkeeping of one quorum call.
+//!
+//! Everything here is pure: the coordinator feeds replica replies in as they
+//! arrive and asks what to do next. Keeping the rules out of the async code
+//! makes them easy to read and to test exhaustively.
+//!
+//! * A write is acknowledged by a replica only when the replica *holds the
+//!   coordinator's version* after the call. A replica that holds a newer
+//!   version refuses and says which; the coordinator then re-stamps above it
+//!   and tries again. With W + W > N, this is what guarantees that a write
+//!   which begins after another was acknowledged gets the higher version.
+//! * A read answers from the first R replies, newest version wins; replies
+//!   that arrive later still count for read repair.
+
+use crate::clock::Version;
+use crate::record::{Record, newest};
+
+/// How many of a key's replicas must answer a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Consistency {
+    One,
+    Quorum,
+    All,
+}
+
+impl Consistency {
+    /// Replies needed out of `replicas`: 1, `replicas / 2 + 1`, or all.
+    pub fn required(self, replicas: usize) -> usize {
+        match self {
+            Consistency::One => replicas.min(1),
+            Consistency::Quorum => {
+                if replicas == 0 {
+                    0
+                } else {
+                    replicas / 2 + 1
+                }
+            }
+            Consistency::All => replicas,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Consistency::One => "ONE",
+            Consistency::Quorum => "QUORUM",
+            Consistency::All => "ALL",
+        }
+    }
+}
+
+/// What one replica said to a write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteReply {
+    /// The replica holds this version after the call.
+    Holds(Version),
+    /// The replica could not be reached or failed; the text says why.
+    Failed(String),
+}
+
+/// What a coordinator should do next with a write round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteDecision {
+    /// Enough replicas hold the version: answer the client.
+    Acknowledged { acks: usize },
+    /// A replica holds a newer version: re-stamp above it and retry.
+    Restamp { above: Version },
+    /// Too many replicas failed for the quorum to be reached.
+    Failed,
+    /// Wait for more replies.
+    Pending,
+}
+
+/// The replies to one write round (one version sent to all replicas).
+#[derive(Clone, Debug)]
+pub struct WriteTally {
+    /// The version this round writes.
+    version: Version,
+    /// Acknowledgements needed.
+    needed: usize,
+    /// Replicas the round was sent to.
+    sent: usize,
+    /// Replicas that hold `version`.
+    acks: usize,
+    /// Replicas that refused because they hold a newer version.
+    refusals: usize,
+    /// The newest version a refusing replica holds.
+    newer: Option<Version>,
+    /// Why replicas failed, one line each.
+    failures: Vec<String>,
+}
+
+impl WriteTally {
+    pub fn new(version: Version, needed: usize, sent: usize) -> Self {
+        Self {
+            version,
+            needed,
+            sent,
+            acks: 0,
+            refusals: 0,
+            newer: None,
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn record(&mut self, replica: &str, reply: WriteReply) {
+        match reply {
+            WriteReply::Holds(held) if held == self.version => self.acks += 1,
+            WriteReply::Holds(held) if held > self.version => {
+                self.refusals += 1;
+                self.newer = self.newer.max(Some(held));
+            }
+            WriteReply::Holds(held) => self.failures.push(format!(
+                "{replica}: kept older version {held} instead of {}",
+                self.version
+            )),
+            WriteReply::Failed(why) => self.failures.push(format!("{replica}: {why}")),
+        }
+    }
+
+    fn answered(&self) -> usize {
+        self.acks + self.failures.len() + self.refusals
+    }
+
+    pub fn decision(&self) -> WriteDecision {
+        if self.acks >= self.needed {
+            WriteDecision::Acknowledged { acks: self.acks }
+        } else if let Some(above) = self.newer {
+            WriteDecision::Restamp { above }
+        } else if self.acks + (self.sent - self.answered().min(self.sent)) < self.needed {
+            WriteDecision::Failed
+        } else {
+            WriteDecision::Pending
+        }
+    }
+
+    pub fn acks(&self) -> usize {
+        self.acks
+    }
+
+    pub fn failures(&self) -> &[String] {
+        &self.failures
+    }
+}
+
+/// What a reader should do next.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadDecision {
+    /// Enough replicas answered; this is the newest record among them.
+    Answer(Option<Record>),
+    /// Too many replicas failed for the quorum to be reached.
+    Failed,
+    /// Wait for more replies.
+    Pending,
+}
+
+/// A replica that should receive `record` because it answered with an older
+/// version or none.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepairPlan {
+    /// The newest record any replica returned.
+    pub record: Record,
+    /// Indices (into the replica list) of replicas that are behind.
+    pub stale: Vec<usize>,
+}
+
+/// The replies to one read.
+#[derive(Clone, Debug)]
+pub struct ReadTally {
+    /// Replies needed.
+    needed: usize,
+    /// Replicas asked.
+    sent: usize,
+    /// Successful replies: replica index and what it holds.
+    replies: Vec<(usize, Option<Record>)>,
+    /// Why replicas failed, one line each.
+    failures: Vec<String>,
+}
+
+impl ReadTally {
+    pub fn new(needed: usize, sent: usize) -> Self {
+        Self {
+            needed,
+            sent,
+            replies: Vec::with_capacity(sent),
+            failures: Vec::new(),
+        }
+    }
+
+    pub fn record(&mut self, index: usize, replica: &str, reply: Result<Option<Record>, String>) {
+        match reply {
+            Ok(record) => self.replies.push((index, record)),
+            Err(why) => self.failures.push(format!("{replica}: {why}")),
+        }
+    }
+
+    pub fn replies(&self) -> usize {
+        self.replies.len()
+    }
+
+    pub fn failures(&self) -> &[String] {
+        &self.failures
+    }
+
+    fn newest(&self) -> Option<&Record> {
+        self.replies
+            .iter()
+            .fold(None, |best, (_, record)| newest(best, record.as_ref()))
+    }
+
+    pub fn decision(&self) -> ReadDecision {
+        let answered = self.replies.len() + self.failures.len();
+        if self.replies.len() >= self.needed {
+            ReadDecision::Answer(self.newest().cloned())
+        } else if self.replies.len() + (self.sent - answered.min(self.sent)) < self.needed {
+            ReadDecision::Failed
+        } else {
+            ReadDecision::Pending
+        }
+    }
+
+    /// Which replicas that answered are behind the newest record seen.
+    pub fn repair_plan(&self) -> Option<RepairPlan> {
+        let record = self.newest()?.clone();
+        let stale: Vec<usize> = self
+            .replies
+            .iter()
+            .filter(|(_, held)| held.as_ref().is_none_or(|h| h.version < record.version))
+            .map(|(index, _)| *index)
+            .collect();
+        (!stale.is_empty()).then_some(RepairPlan { record, stale })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: Version = Version::new(1, 1);
+    const V2: Version = Version::new(2, 1);
+    const V3: Version = Version::new(3, 2);
+
+    #[test]
+    fn required_replies() {
+        assert_eq!(Consistency::One.required(3), 1);
+        assert_eq!(Consistency::Quorum.required(3), 2);
+        assert_eq!(Consistency::Quorum.required(4), 3);
+        assert_eq!(Consistency::Quorum.required(5), 3);
+        assert_eq!(Consistency::Quorum.required(1), 1);
+        assert_eq!(Consistency::All.required(3), 3);
+        assert_eq!(Consistency::One.required(0), 0);
+        assert_eq!(Consistency::Quorum.required(0), 0);
+        // Quorums always intersect.
+        for n in 1..10 {
+            let q = Consistency::Quorum.required(n);
+            assert!(q + q > n);
+        }
+    }
+
+    #[test]
+    fn write_acknowledged_at_w() {
+        let mut tally = WriteTally::new(V2, 2, 3);
+        tally.record("a", WriteReply::Holds(V2));
+        assert_eq!(tally.decision(), WriteDecision::Pending);
+        tally.record("b", WriteReply::Failed("refused".into()));
+        assert_eq!(tally.decision(), WriteDecision::Pending);
+        tally.record("c", WriteReply::Holds(V2));
+        assert_eq!(tally.decision(), WriteDecision::Acknowledged { acks: 2 });
+    }
+
+    #[test]
+    fn write_fails_as_soon_as_the_quorum_is_out_of_reach() {
+        let mut tally = WriteTally::new(V2, 2, 3);
+        tally.record("a", WriteReply::Failed("connection refused".into()));
+        assert_eq!(tally.decision(), WriteDecision::Pending);
+        tally.record("b", WriteReply::Failed("timed out".into()));
+        assert_eq!(tally.decision(), WriteDecision::Failed);
+        assert_eq!(tally.acks(), 0);
+        assert_eq!(tally.failures().len(), 2);
+        assert!(tally.failures()[0].starts_with("a: "));
+    }
+
+    #[test]
+    fn a_newer_version_on_a_replica_forces_a_restamp() {
+        let mut tally = WriteTally::new(V2, 2, 3);
+        tally.record("a", WriteReply::Holds(V2));
+        tally.record("b", WriteReply::Holds(V3));
+        assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
+    }
+
+    #[test]
+    fn a_refusal_does_not_count_as_an_ack() {
+        let mut tally = WriteTally::new(V2, 1, 3);
+        tally.record("a", WriteReply::Holds(V3));
+        assert_eq!(tally.acks(), 0);
+        assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
+    }
+
+    #[test]
+    fn quorum_reached_despite_one_newer_replica_is_acknowledged() {
+        let mut tally = WriteTally::new(V2, 2, 3);
+        tally.record("a", WriteReply::Holds(V3));
+        tally.record("b", WriteReply::Holds(V2));
+        tally.record("c", WriteReply::Holds(V2));
+        assert_eq!(tally.decision(), WriteDecision::Acknowledged { acks: 2 });
+    }
+
+    #[test]
+    fn read_answers_with_the_newest_of_the_first_r() {
+        let old = Record::value(V1, &b"old"[..]);
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(old.clone())));
+        assert_eq!(tally.decision(), ReadDecision::Pending);
+        tally.record(1, "b", Ok(Some(new.clone())));
+        assert_eq!(tally.decision(), ReadDecision::Answer(Some(new.clone())));
+        // The late reply is stale too; repair both.
+        tally.record(2, "c", Ok(None));
+        assert_eq!(
+            tally.repair_plan(),
+            Some(RepairPlan {
+                record: new,
+                stale: vec![0, 2]
+            })
+        );
+    }
+
+    #[test]
+    fn tombstones_win_over_older_values() {
+        let value = Record::value(V1, &b"v"[..]);
+        let tombstone = Record::tombstone(V2);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(tombstone.clone())));
+        tally.record(1, "b", Ok(Some(value)));
+        assert_eq!(tally.decision(), ReadDecision::Answer(Some(tombstone)));
+    }
+
+    #[test]
+    fn read_fails_when_too_many_replicas_fail() {
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Err("refused".into()));
+        assert_eq!(tally.decision(), ReadDecision::Pending);
+        tally.record(1, "b", Err("timed out".into()));
+        assert_eq!(tally.decision(), ReadDecision::Failed);
+    }
+
+    #[test]
+    fn nothing_to_repair_when_replicas_agree_or_know_nothing() {
+        let value = Record::value(V1, &b"v"[..]);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(value.clone())));
+        tally.record(1, "b", Ok(Some(value)));
+        assert_eq!(tally.repair_plan(), None);
+        let mut unknown = ReadTally::new(2, 3);
+        unknown.record(0, "a", Ok(None));
+        unknown.record(1, "b", Ok(None));
+        assert_eq!(unknown.decision(), ReadDecision::Answer(None));
+        assert_eq!(unknown.repair_plan(), None);
+    }
+}

@@ -1,0 +1,273 @@
+//! One node's replica of its share of the keys.
+//!
+//! [`ReplicaStore`] is what the internal `Replica` service and the local side
+//! of the coordinator call. It enforces the one storage rule of DKVS: *a
+//! replica stores a write only if its version is newer than the one it
+//! holds*, and otherwise says which version it holds. Writes to the same key
+//! are serialised by a striped lock so the read-compare-write is atomic; the
+//! stripes are std mutexes because they are held only across a synchronous
+//! storage call, never across an `.await`.
+//!
+//! It also owns the node's Lamport clock, merged with every version the
+//! replica sees, and recovered at start-up from the persisted ceiling and the
+//! highest version in the data.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::clock::{LamportClock, NodeId, Version};
+use crate::error::{Error, Result};
+use crate::record::Record;
+use crate::storage::Storage;
+
+/// Metadata name under which the clock's ceiling is persisted.
+const CLOCK_CEILING: &str = "clock_ceiling";
+/// Number of per-key lock stripes.
+const STRIPES: usize = 256;
+
+/// The result of a conditional write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// True when this call stored the record.
+    pub applied: bool,
+    /// The version held after the call (the record's own when applied or
+    /// already held; a newer one when refused).
+    pub held: Version,
+}
+
+/// Counts kept in memory, exact: initialised by a scan at start-up and
+/// updated on every applied write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalStats {
+    /// Keys whose stored record is a value.
+    pub live_keys: u64,
+    /// Keys whose stored record is a tombstone.
+    pub tombstones: u64,
+    /// The clock's current timestamp.
+    pub lamport: u64,
+}
+
+pub struct ReplicaStore {
+    /// This node's id; stamped into the versions it issues.
+    node_id: NodeId,
+    /// The engine.
+    storage: Arc<dyn Storage>,
+    /// The Lamport clock (std mutex: held for a tick, plus a rare durable
+    /// metadata write, never across an await).
+    clock: Mutex<LamportClock>,
+    /// Per-key write serialisation.
+    stripes: Vec<Mutex<()>>,
+    /// See [`LocalStats::live_keys`].
+    live_keys: AtomicU64,
+    /// See [`LocalStats::tombstones`].
+    tombstones: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The guarded state is only ever changed by complete assignments, so a
+    // panic elsewhere cannot leave it half-updated.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl ReplicaStore {
+    /// Opens the replica over `storage`: counts keys and recovers the clock.
+    pub fn open(node_id: NodeId, storage: Arc<dyn Storage>) -> Result<Self> {
+        let mut live_keys = 0u64;
+        let mut tombstones = 0u64;
+        let mut max_lamport = 0u64;
+        let mut corrupt_records = 0u64;
+        storage.for_each(
+            &mut |_, record| {
+                if record.is_tombstone() {
+                    tombstones += 1;
+                } else {
+                    live_keys += 1;
+                }
+                max_lamport = max_lamport.max(record.version.lamport);
+            },
+            &mut |key, why| {
+                corrupt_records += 1;
+                tracing::error!(key = %String::from_utf8_lossy(key), %why, "skipping corrupt record");
+            },
+        )?;
+        if corrupt_records > 0 {
+            tracing::error!(corrupt_records, "some stored records could not be read; read repair will restore them from other replicas");
+        }
+        let ceiling = storage.get_meta(CLOCK_CEILING)?.unwrap_or(0);
+        let clock = LamportClock::recover(node_id, ceiling, max_lamport);
+        tracing::info!(live_keys, tombstones, lamport = clock.now(), "replica opened");
+        Ok(Self {
+            node_id,
+            storage,
+            clock: Mutex::new(clock),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            live_keys: AtomicU64::new(live_keys),
+            tombstones: AtomicU64::new(tombstones),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The record this replica holds for `key`.
+    pub fn read(&self, key: &str) -> Result<Option<Record>> {
+        self.storage.get(key.as_bytes())
+    }
+
+    /// Stores `record` if it is newer than what this replica holds.
+    pub fn write_if_newer(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
+        self.observe(record.version);
+        let _stripe = lock(&self.stripes[(xxh3_64(key.as_bytes()) as usize) % STRIPES]);
+        let held = match self.storage.get(key.as_bytes()) {
+            Err(Error::CorruptRecord { why, .. }) => {
+                tracing::warn!(key, %why, "overwriting a corrupt record");
+                None
+            }
+            other => other?,
+        };
+        if let Some(held) = &held
+            && held.version >= record.version
+        {
+            return Ok(WriteOutcome {
+                applied: false,
+                held: held.version,
+            });
+        }
+        self.storage.put(key.as_bytes(), record)?;
+        self.count_transition(held.as_ref(), record);
+        Ok(WriteOutcome {
+            applied: true,
+            held: record.version,
+        })
+    }
+
+    fn count_transition(&self, before: Option<&Record>, after: &Record) {
+        match before {
+            Some(before) if before.is_tombstone() => self.tombstones.fetch_sub(1, Ordering::Relaxed),
+            Some(_) => self.live_keys.fetch_sub(1, Ordering::Relaxed),
+            None => 0,
+        };
+        if after.is_tombstone() {
+            self.tombstones.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.live_keys.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Issues a new version, above every version this node has seen.
+    pub fn next_version(&self) -> Result<Version> {
+        let mut clock = lock(&self.clock);
+        let before = clock.clone();
+        let tick = clock.tick();
+        if let Some(ceiling) = tick.persist_ceiling
+            && let Err(error) = self.storage.put_meta_durable(CLOCK_CEILING, ceiling)
+        {
+            // Do not use a version the clock could reissue after a restart.
+            *clock = before;
+            return Err(Error::Storage(format!("cannot persist the clock: {error}")));
+        }
+        Ok(tick.version)
+    }
+
+    /// Merges a version seen elsewhere into the clock.
+    pub fn observe(&self, version: Version) {
+        lock(&self.clock).observe(version);
+    }
+
+    pub fn stats(&self) -> LocalStats {
+        LocalStats {
+            live_keys: self.live_keys.load(Ordering::Relaxed),
+            tombstones: self.tombstones.load(Ordering::Relaxed),
+            lamport: lock(&self.clock).now(),
+        }
+    }
+
+    /// Forces everything written so far to stable storage.
+    pub fn sync(&self) -> Result<()> {
+        self.storage.sync()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+
+    fn store() -> (Arc<MemoryStorage>, ReplicaStore) {
+        let storage = Arc::new(MemoryStorage::new());
+        let replica = ReplicaStore::open(1, storage.clone()).expect("open");
+        (storage, replica)
+    }
+
+    #[test]
+    fn stores_only_newer_versions_and_reports_what_it_holds() {
+        let (_, replica) = store();
+        let v5 = Record::value(Version::new(5, 2), &b"five"[..]);
+        let v3 = Record::value(Version::new(3, 2), &b"three"[..]);
+        let outcome = replica.write_if_newer("k", &v5).expect("write");
+        assert_eq!(outcome, WriteOutcome { applied: true, held: v5.version });
+        let outcome = replica.write_if_newer("k", &v3).expect("write");
+        assert_eq!(outcome, WriteOutcome { applied: false, held: v5.version });
+        // Same version again: not applied, but held (counts as an ack).
+        let outcome = replica.write_if_newer("k", &v5).expect("write");
+        assert_eq!(outcome, WriteOutcome { applied: false, held: v5.version });
+        assert_eq!(replica.read("k").expect("read"), Some(v5));
+    }
+
+    #[test]
+    fn every_version_seen_advances_the_clock() {
+        let (_, replica) = store();
+        let first = replica.next_version().expect("tick");
+        replica
+            .write_if_newer("k", &Record::value(Version::new(40, 9), &b"x"[..]))
+            .expect("write");
+        let next = replica.next_version().expect("tick");
+        assert!(next > first);
+        assert_eq!(next, Version::new(41, 1));
+    }
+
+    #[test]
+    fn counts_follow_values_and_tombstones() {
+        let (_, replica) = store();
+        replica.write_if_newer("a", &Record::value(Version::new(1, 1), &b"x"[..])).expect("write");
+        replica.write_if_newer("b", &Record::value(Version::new(1, 1), &b"x"[..])).expect("write");
+        replica.write_if_newer("a", &Record::tombstone(Version::new(2, 1))).expect("write");
+        assert_eq!((replica.stats().live_keys, replica.stats().tombstones), (1, 1));
+        replica.write_if_newer("a", &Record::value(Version::new(3, 1), &b"y"[..])).expect("write");
+        assert_eq!((replica.stats().live_keys, replica.stats().tombstones), (2, 0));
+    }
+
+    #[test]
+    fn reopening_recovers_counts_and_never_reissues_a_version() {
+        let (storage, replica) = store();
+        let mut last = Version::default();
+        for i in 0..100 {
+            last = replica.next_version().expect("tick");
+            replica
+                .write_if_newer(&format!("k{i}"), &Record::value(last, &b"v"[..]))
+                .expect("write");
+        }
+        // One issued version that never reached storage.
+        let unstored = replica.next_version().expect("tick");
+        drop(replica);
+        let reopened = ReplicaStore::open(1, storage).expect("reopen");
+        assert_eq!(reopened.stats().live_keys, 100);
+        let next = reopened.next_version().expect("tick");
+        assert!(next > last && next > unstored);
+    }
+
+    #[test]
+    fn corrupt_records_are_reported_not_fatal() {
+        let storage = Arc::new(MemoryStorage::new());
+        storage.put_raw(b"bad", vec![1, 2, 3]);
+        let replica = ReplicaStore::open(1, storage).expect("open despite corruption");
+        assert!(matches!(replica.read("bad"), Err(Error::CorruptRecord { .. })));
+        // A write (or read repair) replaces the corrupt record.
+        let record = Record::value(Version::new(1, 1), &b"x"[..]);
+        replica.write_if_newer("bad", &record).expect("write");
+        assert_eq!(replica.read("bad").expect("read"), Some(record));
+    }
+}

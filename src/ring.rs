@@ -1,0 +1,223 @@
+//! The consistent-hash ring.
+//!
+//! Keys and nodes are hashed onto the same 64-bit circle with xxh3. Each
+//! physical node owns `vnodes` tokens (virtual nodes) spread pseudo-randomly
+//! around the circle, which evens out the share of keys each node gets and
+//! spreads a departed node's keys over many others. A key's *preference
+//! list* is the first N distinct physical nodes met walking clockwise from
+//! the key's hash: its replicas, in the order a writer should try them.
+//!
+//! The ring is a pure function of the member addresses and `vnodes`, so every
+//! node and every smart client that knows the same members computes the same
+//! preference lists without talking to anyone.
+
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+use crate::clock::NodeId;
+
+/// A cluster member as the ring knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The address peers and clients dial, e.g. `127.0.0.1:7001`.
+    pub address: String,
+    /// `node_id_for(address)`.
+    pub node_id: NodeId,
+}
+
+impl Member {
+    pub fn new(address: impl Into<String>) -> Self {
+        let address = address.into();
+        let node_id = node_id_for(&address);
+        Self { address, node_id }
+    }
+}
+
+/// A node's identity: the xxh3 hash of the address it is reached at.
+pub fn node_id_for(address: &str) -> NodeId {
+    xxh3_64(address.as_bytes())
+}
+
+/// Where a key sits on the ring.
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxh3_64(key)
+}
+
+/// The ring: sorted tokens, each pointing at the member that owns it.
+#[derive(Clone, Debug)]
+pub struct Ring {
+    /// Members, sorted by address (the ring does not depend on input order).
+    members: Vec<Member>,
+    /// `(token, index into members)`, sorted by token.
+    tokens: Vec<(u64, usize)>,
+    /// Tokens per member.
+    vnodes: usize,
+}
+
+impl Ring {
+    /// Builds the ring for `members` (duplicates removed) with `vnodes`
+    /// tokens each (at least one).
+    pub fn new(members: impl IntoIterator<Item = Member>, vnodes: usize) -> Self {
+        let mut members: Vec<Member> = members.into_iter().collect();
+        members.sort_by(|a, b| a.address.cmp(&b.address));
+        members.dedup_by(|a, b| a.address == b.address);
+        let vnodes = vnodes.max(1);
+        let mut tokens = Vec::with_capacity(members.len() * vnodes);
+        for (index, member) in members.iter().enumerate() {
+            for v in 0..vnodes as u64 {
+                tokens.push((xxh3_64_with_seed(&v.to_le_bytes(), member.node_id), index));
+            }
+        }
+        // Ties (vanishingly rare) are broken by member order, deterministically.
+        tokens.sort_unstable();
+        Self {
+            members,
+            tokens,
+            vnodes,
+        }
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn vnodes(&self) -> usize {
+        self.vnodes
+    }
+
+    /// The member with this id, if any.
+    pub fn member(&self, node_id: NodeId) -> Option<&Member> {
+        self.members.iter().find(|m| m.node_id == node_id)
+    }
+
+    /// The first `n` distinct members clockwise from the key's hash (fewer if
+    /// the ring has fewer members).
+    pub fn preference_list(&self, key: &[u8], n: usize) -> Vec<&Member> {
+        let wanted = n.min(self.members.len());
+        let mut chosen: Vec<usize> = Vec::with_capacity(wanted);
+        if wanted == 0 {
+            return Vec::new();
+        }
+        let hash = key_hash(key);
+        let start = self.tokens.partition_point(|&(token, _)| token < hash);
+        for step in 0..self.tokens.len() {
+            let (_, index) = self.tokens[(start + step) % self.tokens.len()];
+            if !chosen.contains(&index) {
+                chosen.push(index);
+                if chosen.len() == wanted {
+                    break;
+                }
+            }
+        }
+        chosen.into_iter().map(|i| &self.members[i]).collect()
+    }
+
+    /// The key's first replica (its coordinator of choice).
+    pub fn primary(&self, key: &[u8]) -> Option<&Member> {
+        self.preference_list(key, 1).into_iter().next()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// The default `--vnodes`.
+    const VNODES: usize = crate::config::DEFAULT_VNODES;
+
+    fn members(count: usize) -> Vec<Member> {
+        (1..=count)
+            .map(|i| Member::new(format!("127.0.0.1:{}", 7000 + i)))
+            .collect()
+    }
+
+    fn key(i: u32) -> Vec<u8> {
+        format!("key-{i}").into_bytes()
+    }
+
+    #[test]
+    fn preference_lists_are_distinct_and_stable() {
+        let ring = Ring::new(members(5), VNODES);
+        let mut reversed = members(5);
+        reversed.reverse();
+        let same_ring = Ring::new(reversed, VNODES);
+        for i in 0..1000 {
+            let list = ring.preference_list(&key(i), 3);
+            assert_eq!(list.len(), 3);
+            assert_ne!(list[0].address, list[1].address);
+            assert_ne!(list[1].address, list[2].address);
+            assert_ne!(list[0].address, list[2].address);
+            assert_eq!(list, same_ring.preference_list(&key(i), 3));
+        }
+    }
+
+    #[test]
+    fn preference_list_is_capped_by_member_count() {
+        let ring = Ring::new(members(2), VNODES);
+        assert_eq!(ring.preference_list(b"k", 3).len(), 2);
+        let empty = Ring::new(Vec::new(), VNODES);
+        assert!(empty.preference_list(b"k", 3).is_empty());
+    }
+
+    #[test]
+    fn five_nodes_share_a_million_keys_within_15_percent() {
+        let ring = Ring::new(members(5), VNODES);
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let keys = 1_000_000u32;
+        for i in 0..keys {
+            let owner = ring.primary(&key(i)).expect("non-empty ring");
+            *counts.entry(owner.address.clone()).or_default() += 1;
+        }
+        let mean = keys as f64 / 5.0;
+        for (address, count) in &counts {
+            let deviation = (*count as f64 - mean).abs() / mean;
+            assert!(
+                deviation <= 0.15,
+                "{address} owns {count} keys, {:.1}% off the mean {mean}",
+                deviation * 100.0
+            );
+        }
+        assert_eq!(counts.len(), 5);
+    }
+
+    #[test]
+    fn a_sixth_node_takes_about_a_sixth_and_only_moves_keys_to_itself() {
+        let before = Ring::new(members(5), VNODES);
+        let after = Ring::new(members(6), VNODES);
+        let newcomer = "127.0.0.1:7006";
+        let keys = 1_000_000u32;
+        let mut moved = 0u32;
+        for i in 0..keys {
+            let k = key(i);
+            let old = before.primary(&k).expect("non-empty ring");
+            let new = after.primary(&k).expect("non-empty ring");
+            if old != new {
+                assert_eq!(new.address, newcomer, "key {i} moved between old nodes");
+                moved += 1;
+            }
+        }
+        let share = moved as f64 / keys as f64;
+        let ideal = 1.0 / 6.0;
+        assert!(
+            (share - ideal).abs() / ideal <= 0.15,
+            "moved {:.2}% of keys, ideal {:.2}%",
+            share * 100.0,
+            ideal * 100.0
+        );
+    }
+
+    #[test]
+    fn a_new_node_only_joins_preference_lists() {
+        // With N = 3, a preference list either stays the same or gains the
+        // newcomer and drops its last old member; old members keep their order.
+        let before = Ring::new(members(5), VNODES);
+        let after = Ring::new(members(6), VNODES);
+        for i in 0..10_000 {
+            let k = key(i);
+            let old: Vec<_> = before.preference_list(&k, 3).into_iter().cloned().collect();
+            let new: Vec<_> = after.preference_list(&k, 3).into_iter().cloned().collect();
+            let kept: Vec<_> = new.iter().filter(|m| m.address != "127.0.0.1:7006").cloned().collect();
+            assert_eq!(kept[..], old[..kept.len()]);
+        }
+    }
+}

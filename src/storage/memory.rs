@@ -1,0 +1,80 @@
+//! An in-memory [`Storage`] for unit tests: a `BTreeMap` behind a mutex.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use super::Storage;
+use crate::error::{Error, Result};
+use crate::record::Record;
+
+/// Data lives only as long as the value; `sync` does nothing.
+#[derive(Debug, Default)]
+pub struct MemoryStorage {
+    /// Encoded records, exactly as a disk engine would hold them.
+    data: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Metadata numbers.
+    meta: Mutex<BTreeMap<String, u64>>,
+}
+
+impl MemoryStorage {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stores raw bytes under a key, to test how corrupt data is handled.
+    pub fn put_raw(&self, key: &[u8], bytes: Vec<u8>) {
+        lock(&self.data).insert(key.to_vec(), bytes);
+    }
+}
+
+// A poisoned lock only means another test thread panicked mid-operation; the
+// map itself is still consistent, so carry on with it.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Storage for MemoryStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Record>> {
+        lock(&self.data)
+            .get(key)
+            .map(|bytes| {
+                Record::decode(bytes).map_err(|e| Error::CorruptRecord {
+                    key: String::from_utf8_lossy(key).into_owned(),
+                    why: e.0,
+                })
+            })
+            .transpose()
+    }
+
+    fn put(&self, key: &[u8], record: &Record) -> Result<()> {
+        lock(&self.data).insert(key.to_vec(), record.encode());
+        Ok(())
+    }
+
+    fn for_each(
+        &self,
+        visit: &mut dyn FnMut(&[u8], &Record),
+        corrupt: &mut dyn FnMut(&[u8], String),
+    ) -> Result<()> {
+        for (key, bytes) in lock(&self.data).iter() {
+            match Record::decode(bytes) {
+                Ok(record) => visit(key, &record),
+                Err(error) => corrupt(key, error.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<u64>> {
+        Ok(lock(&self.meta).get(name).copied())
+    }
+
+    fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
+        lock(&self.meta).insert(name.to_string(), value);
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}

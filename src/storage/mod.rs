@@ -1,0 +1,63 @@
+//! Local storage: a small trait over an embedded engine.
+//!
+//! The replica logic ([`crate::replica`]) needs only point reads, point
+//! writes, one full scan at start-up (to count keys and recover the clock),
+//! a little metadata, and a way to force data to disk. Keeping the trait that
+//! small lets unit tests run on [`MemoryStorage`] and production on
+//! [`FjallStorage`] (an LSM tree with a write-ahead journal; see
+//! `docs/STORAGE.md` for why fjall).
+//!
+//! Compare-and-set ("write if newer") is *not* the engine's job: the replica
+//! serialises writes per key itself, so any engine with durable point writes
+//! will do.
+
+mod fjall_engine;
+mod memory;
+
+pub use fjall_engine::FjallStorage;
+pub use memory::MemoryStorage;
+
+use crate::error::Result;
+use crate::record::Record;
+
+/// When a write is forced to stable storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncPolicy {
+    /// fsync every write before it is acknowledged (like etcd, or Cassandra's
+    /// `commitlog_sync: batch`). Survives power loss; slowest.
+    Always,
+    /// Hand every write to the operating system before it is acknowledged
+    /// (survives a crash or SIGKILL of the node) and fsync in the background
+    /// every `--fsync-interval-ms` (like Cassandra's `periodic` and Redis'
+    /// `appendfsync everysec`). A power loss can lose the last interval on
+    /// this node; the other replicas still hold those writes.
+    Periodic,
+}
+
+/// An embedded key → [`Record`] store.
+pub trait Storage: Send + Sync + 'static {
+    /// The record stored under `key`.
+    fn get(&self, key: &[u8]) -> Result<Option<Record>>;
+
+    /// Stores `record` under `key`, replacing what was there. When this
+    /// returns, the write survives a crash of the process (and, under
+    /// [`FsyncPolicy::Always`], of the machine).
+    fn put(&self, key: &[u8], record: &Record) -> Result<()>;
+
+    /// Visits every stored record. Records that cannot be decoded are
+    /// reported through `corrupt` and skipped.
+    fn for_each(
+        &self,
+        visit: &mut dyn FnMut(&[u8], &Record),
+        corrupt: &mut dyn FnMut(&[u8], String),
+    ) -> Result<()>;
+
+    /// A named number kept beside the data (e.g. the clock's ceiling).
+    fn get_meta(&self, name: &str) -> Result<Option<u64>>;
+
+    /// Stores a named number and fsyncs it before returning.
+    fn put_meta_durable(&self, name: &str, value: u64) -> Result<()>;
+
+    /// Forces every write so far to stable storage.
+    fn sync(&self) -> Result<()>;
+}
