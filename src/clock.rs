@@ -138,7 +138,7 @@ mod tests {
         let first = clock.tick();
         assert_eq!(first.persist_ceiling, Some(1 + CEILING_LEASE));
         let mut asked = 0;
-        for _ in 0..CEILING_LEASE * 3 {
+        for _ in 0..(CEILING_LEASE + 1) * 3 {
             if clock.tick().persist_ceiling.is_some() {
                 asked += 1;
             }

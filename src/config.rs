@@ -25,7 +25,7 @@ pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 
 /// One DKVS storage node.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "DKVSServer", version, about, long_about = None)]
+#[command(name = "DKVSServer", version, about, long_about = None, args_override_self = true)]
 pub struct ServerConfig {
     /// Address to listen on, e.g. 127.0.0.1:7001.
     #[arg(long)]
