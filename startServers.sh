@@ -100,8 +100,7 @@ start_all() {
     local log="$RUN_DIR/$name.log"
     # shellcheck disable=SC2206
     local cmd=("$BIN" --listen "$HOST:$port" --peers "$peers" --data-dir "$DATA_DIR/$name" $EXTRA_FLAGS)
-    local printable
-    printable="$(printf '%q ' "${cmd[@]}")>> $(printf '%q' "$log") 2>&1 & echo \$! > $(printf '%q' "$pidfile")"
+    local printable="${cmd[*]} >> $log 2>&1 & echo \$! > $pidfile"
     commands+=("$printable")
     if is_running "$pidfile"; then
       echo "$name already running (pid $(cat "$pidfile"))"

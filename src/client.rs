@@ -80,12 +80,18 @@ impl Client {
         options: ClientOptions,
         dialer: Arc<dyn Dialer>,
     ) -> Result<Self> {
-        let peers = Arc::new(PeerPool::new(dialer, max_message_bytes(options.max_value_bytes)));
+        let peers = Arc::new(PeerPool::new(
+            dialer,
+            max_message_bytes(options.max_value_bytes),
+        ));
         let mut failures = Vec::new();
         for seed in seeds {
             match fetch_status(&peers, seed, options.rpc_timeout).await {
                 Ok(status) => {
-                    let members = status.members.iter().map(|m| Member::new(m.address.clone()));
+                    let members = status
+                        .members
+                        .iter()
+                        .map(|m| Member::new(m.address.clone()));
                     let ring = Ring::new(members, status.vnodes as usize);
                     return Ok(Self {
                         replicas: status.replicas as usize,
@@ -174,8 +180,13 @@ impl Client {
             .iter()
             .map(|address| self.peers.replica_handle(address, None))
             .collect::<Result<Vec<_>>>()?;
-        let result =
-            read_quorum(replicas, key, self.options.consistency, self.options.rpc_timeout).await?;
+        let result = read_quorum(
+            replicas,
+            key,
+            self.options.consistency,
+            self.options.rpc_timeout,
+        )
+        .await?;
         result.repair.schedule(&self.background);
         Ok(result.record)
     }
@@ -192,7 +203,10 @@ impl Client {
                 }
             }
         }
-        Err(Error::Unavailable(format!("no DKVS node answered: {}", failures.join("; "))))
+        Err(Error::Unavailable(format!(
+            "no DKVS node answered: {}",
+            failures.join("; ")
+        )))
     }
 
     /// Waits up to two seconds for background read repairs to finish.
@@ -214,7 +228,10 @@ impl Client {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let now = Instant::now();
-        let is_down = |a: &String| down.get(a).is_some_and(|t| now.duration_since(*t) < DOWN_PENALTY);
+        let is_down = |a: &String| {
+            down.get(a)
+                .is_some_and(|t| now.duration_since(*t) < DOWN_PENALTY)
+        };
         let (mut up, failed): (Vec<_>, Vec<_>) = order.into_iter().partition(|a| !is_down(a));
         up.extend(failed);
         up

@@ -119,7 +119,9 @@ impl ServerConfig {
 
     /// The address this node is known by.
     pub fn advertised_address(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.to_string())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 
     /// Every member's address, this node's included, without duplicates or blanks.
@@ -173,11 +175,17 @@ fn file_to_args(text: &str) -> Result<Vec<String>, String> {
             continue;
         }
         let Some((name, value)) = line.split_once('=') else {
-            return Err(format!("line {}: expected `name = value`, found {line:?}", number + 1));
+            return Err(format!(
+                "line {}: expected `name = value`, found {line:?}",
+                number + 1
+            ));
         };
         let name = name.trim().replace('_', "-");
         if name == "config" {
-            return Err(format!("line {}: a config file cannot name another", number + 1));
+            return Err(format!(
+                "line {}: a config file cannot name another",
+                number + 1
+            ));
         }
         let value = value.trim();
         let value = value

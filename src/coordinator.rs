@@ -42,7 +42,7 @@ use crate::replica::{ReplicaStore, WriteOutcome};
 use crate::ring::Ring;
 
 /// Most write rounds (re-stamps) before giving up on a hotly contended key.
-const MAX_WRITE_ROUNDS: usize = 5;
+const MAX_WRITE_ROUNDS: usize = 10;
 /// Most read repairs (and trailing write replies) in flight at once.
 const MAX_BACKGROUND_TASKS: usize = 1024;
 
@@ -103,7 +103,10 @@ impl Background {
     /// before cancelling them.
     pub async fn close(&self, grace: Duration) {
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             self.shutdown.cancel();
             self.tracker.wait().await;
         }
@@ -136,7 +139,8 @@ impl PendingRepair {
     pub async fn run(mut self) -> usize {
         while let Some((index, reply)) = self.in_flight.next().await {
             let address = &self.replicas[index].address;
-            let reply = reply.map_err(|(ReplicaError::Rejected(why) | ReplicaError::Failed(why))| why);
+            let reply =
+                reply.map_err(|(ReplicaError::Rejected(why) | ReplicaError::Failed(why))| why);
             self.tally.record(index, address, reply);
         }
         let Some(RepairPlan { record, stale }) = self.tally.repair_plan() else {
@@ -314,7 +318,10 @@ impl Coordinator {
     pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Record>> {
         let replicas = self.replicas_for(key)?;
         let result = self
-            .with_deadline("GET", read_quorum(replicas, key, consistency, self.rpc_timeout))
+            .with_deadline(
+                "GET",
+                read_quorum(replicas, key, consistency, self.rpc_timeout),
+            )
             .await?;
         result.repair.schedule(&self.background);
         Ok(result.record)
@@ -342,8 +349,11 @@ impl Coordinator {
         let replicas = self.replicas_for(key)?;
         let needed = consistency.required(replicas.len());
         let mut version = self.local.next_version()?;
-        for _round in 0..MAX_WRITE_ROUNDS {
-            let record = Record { version, value: value.clone() };
+        for round in 0..MAX_WRITE_ROUNDS {
+            let record = Record {
+                version,
+                value: value.clone(),
+            };
             let mut tally = WriteTally::new(version, needed, replicas.len());
             let mut in_flight: FuturesUnordered<WriteReplyFuture> = replicas
                 .iter()
@@ -382,6 +392,9 @@ impl Coordinator {
                 WriteDecision::Restamp { above } => {
                     tracing::debug!(key, %version, %above, "a replica holds a newer version; re-stamping");
                     self.local.observe(above);
+                    // Concurrent writers to one key would otherwise keep
+                    // overtaking each other in lock step.
+                    tokio::time::sleep(restamp_backoff(round, key)).await;
                     version = self.local.next_version()?;
                 }
                 WriteDecision::Failed | WriteDecision::Pending => {
@@ -400,4 +413,17 @@ impl Coordinator {
             "{operation} of {key:?} gave up after {MAX_WRITE_ROUNDS} rounds: replicas kept reporting newer versions (heavy concurrent writing to this key)"
         )))
     }
+}
+
+/// A random pause before write round `round + 1`: up to 2^round ms, capped at 64 ms.
+fn restamp_backoff(round: usize, key: &str) -> Duration {
+    let cap_ms = 1u64 << round.min(6);
+    let noise = xxhash_rust::xxh3::xxh3_64_with_seed(
+        key.as_bytes(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    Duration::from_micros(noise % (cap_ms * 1000 + 1))
 }

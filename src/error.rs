@@ -80,9 +80,10 @@ impl From<Error> for Status {
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, error.to_string());
-        status
-            .metadata_mut()
-            .insert(COORDINATOR_ERROR_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        status.metadata_mut().insert(
+            COORDINATOR_ERROR_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
         status
     }
 }

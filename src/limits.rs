@@ -61,7 +61,13 @@ mod tests {
         assert!(limits.check_key(&"k".repeat(1024)).is_ok());
         let error = limits.check_key(&"k".repeat(1025)).expect_err("too long");
         assert!(error.to_string().contains("limit is 1024 bytes"), "{error}");
-        assert!(limits.check_key("").expect_err("empty").to_string().contains("empty"));
+        assert!(
+            limits
+                .check_key("")
+                .expect_err("empty")
+                .to_string()
+                .contains("empty")
+        );
         // The limit counts bytes, not characters.
         assert!(limits.check_key(&"é".repeat(513)).is_err());
     }
@@ -71,7 +77,9 @@ mod tests {
         let limits = Limits::default();
         assert!(limits.check_value(&[]).is_ok());
         assert!(limits.check_value(&vec![0; 1024 * 1024]).is_ok());
-        let error = limits.check_value(&vec![0; 1024 * 1024 + 1]).expect_err("too big");
+        let error = limits
+            .check_value(&vec![0; 1024 * 1024 + 1])
+            .expect_err("too big");
         assert!(error.to_string().contains("--max-value-bytes"), "{error}");
     }
 }

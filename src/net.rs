@@ -28,7 +28,10 @@ use crate::replica::{ReplicaStore, WriteOutcome};
 /// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
 /// (naming the limit) rather than a transport error.
 pub fn max_message_bytes(max_value_bytes: usize) -> usize {
-    max_value_bytes.saturating_mul(2).saturating_add(64 * 1024).max(4 * 1024 * 1024)
+    max_value_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024)
+        .max(4 * 1024 * 1024)
 }
 
 /// Makes channels to peers.
@@ -109,16 +112,20 @@ impl PeerPool {
         &self,
         address: &str,
     ) -> Result<pb::key_value_client::KeyValueClient<Channel>> {
-        Ok(pb::key_value_client::KeyValueClient::new(self.channel(address)?)
-            .max_decoding_message_size(self.max_message_bytes)
-            .max_encoding_message_size(self.max_message_bytes))
+        Ok(
+            pb::key_value_client::KeyValueClient::new(self.channel(address)?)
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(self.max_message_bytes),
+        )
     }
 
     pub fn cluster_client(
         &self,
         address: &str,
     ) -> Result<pb::cluster_client::ClusterClient<Channel>> {
-        Ok(pb::cluster_client::ClusterClient::new(self.channel(address)?))
+        Ok(pb::cluster_client::ClusterClient::new(
+            self.channel(address)?,
+        ))
     }
 
     /// A handle to the replica at `address`, or to `local` when it is this node.
@@ -168,7 +175,11 @@ pub enum ReplicaError {
 /// Describes a failed call in one short line.
 pub fn describe_status(status: &tonic::Status) -> String {
     let message = status.message();
-    let message = if message.is_empty() { "no message" } else { message };
+    let message = if message.is_empty() {
+        "no message"
+    } else {
+        message
+    };
     match status.code() {
         tonic::Code::Unavailable => format!("unreachable ({message})"),
         code => format!("{code:?}: {message}"),

@@ -67,7 +67,10 @@ impl Node {
     pub fn open(config: ServerConfig, dialer: Arc<dyn Dialer>) -> Result<Arc<Self>> {
         let data_dir = config.data_dir();
         std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!("cannot create data dir {}: {e}", data_dir.display()))
+            Error::Storage(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
         })?;
         let storage = FjallStorage::open(&data_dir, config.fsync)?;
         Self::with_storage(config, Arc::new(storage), dialer)
@@ -80,7 +83,11 @@ impl Node {
         dialer: Arc<dyn Dialer>,
     ) -> Result<Arc<Self>> {
         let me = Member::new(config.advertised_address());
-        let members: Vec<Member> = config.member_addresses().into_iter().map(Member::new).collect();
+        let members: Vec<Member> = config
+            .member_addresses()
+            .into_iter()
+            .map(Member::new)
+            .collect();
         let ids: HashSet<_> = members.iter().map(|m| m.node_id).collect();
         if ids.len() != members.len() {
             return Err(Error::InvalidArgument(
@@ -101,7 +108,10 @@ impl Node {
             max_value_bytes: config.max_value_bytes,
         };
         let replica = Arc::new(ReplicaStore::open(me.node_id, storage.clone())?);
-        let peers = Arc::new(PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)));
+        let peers = Arc::new(PeerPool::new(
+            dialer,
+            max_message_bytes(limits.max_value_bytes),
+        ));
         let shutdown = CancellationToken::new();
         let background = Background::new(shutdown.child_token());
         let coordinator = Arc::new(Coordinator::new(
@@ -215,7 +225,12 @@ where
             .set_service_status(service, tonic_health::ServingStatus::Serving)
             .await;
     }
-    tracing::info!(address = node.address(), members = node.ring.members().len(), replicas = node.replicas, "serving");
+    tracing::info!(
+        address = node.address(),
+        members = node.ring.members().len(),
+        replicas = node.replicas,
+        "serving"
+    );
 
     let drain_health = health.clone();
     let signal = async move {
@@ -301,7 +316,10 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         let node = &self.0;
         node.limits.check_key(&request.key)?;
         let consistency = pb::consistency_from(request.consistency)?;
-        let ack = node.coordinator.put(&request.key, None, consistency).await?;
+        let ack = node
+            .coordinator
+            .put(&request.key, None, consistency)
+            .await?;
         Ok(Response::new(pb::DeleteResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -320,7 +338,10 @@ pub fn get_response(record: Option<Record>) -> pb::GetResponse {
             value,
             version: Some(version.into()),
         },
-        Some(Record { version, value: None }) => pb::GetResponse {
+        Some(Record {
+            version,
+            value: None,
+        }) => pb::GetResponse {
             found: false,
             value: Default::default(),
             version: Some(version.into()),

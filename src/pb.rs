@@ -93,8 +93,14 @@ mod tests {
         assert_eq!(consistency_from(0).ok(), Some(quorum::Consistency::Quorum));
         assert_eq!(consistency_from(1).ok(), Some(quorum::Consistency::One));
         assert_eq!(consistency_from(3).ok(), Some(quorum::Consistency::All));
-        assert!(matches!(consistency_from(9), Err(Error::InvalidArgument(_))));
-        assert!(matches!(consistency_from(-1), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            consistency_from(9),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            consistency_from(-1),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]
@@ -106,6 +112,9 @@ mod tests {
         };
         assert!(record::Record::try_from(missing).is_err());
         let domain = record::Record::value(clock::Version::new(3, 4), &b"v"[..]);
-        assert_eq!(record::Record::try_from(Record::from(&domain)).ok(), Some(domain));
+        assert_eq!(
+            record::Record::try_from(Record::from(&domain)).ok(),
+            Some(domain)
+        );
     }
 }

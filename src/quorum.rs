@@ -122,14 +122,17 @@ impl WriteTally {
     }
 
     pub fn decision(&self) -> WriteDecision {
+        let pending = self.sent - self.answered().min(self.sent);
         if self.acks >= self.needed {
             WriteDecision::Acknowledged { acks: self.acks }
+        } else if self.acks + pending >= self.needed {
+            // Replicas still to answer could complete the quorum: a refusal
+            // so far is not yet a reason to start over.
+            WriteDecision::Pending
         } else if let Some(above) = self.newer {
             WriteDecision::Restamp { above }
-        } else if self.acks + (self.sent - self.answered().min(self.sent)) < self.needed {
-            WriteDecision::Failed
         } else {
-            WriteDecision::Pending
+            WriteDecision::Failed
         }
     }
 
@@ -280,18 +283,27 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_version_on_a_replica_forces_a_restamp() {
+    fn a_newer_version_on_a_replica_forces_a_restamp_once_w_is_out_of_reach() {
         let mut tally = WriteTally::new(V2, 2, 3);
         tally.record("a", WriteReply::Holds(V2));
         tally.record("b", WriteReply::Holds(V3));
+        // "c" could still make it two acks.
+        assert_eq!(tally.decision(), WriteDecision::Pending);
+        tally.record("c", WriteReply::Failed("timed out".into()));
         assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
     }
 
     #[test]
     fn a_refusal_does_not_count_as_an_ack() {
-        let mut tally = WriteTally::new(V2, 1, 3);
+        let mut tally = WriteTally::new(V2, 2, 2);
         tally.record("a", WriteReply::Holds(V3));
         assert_eq!(tally.acks(), 0);
+        assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
+        let mut tally = WriteTally::new(V2, 3, 3);
+        tally.record("a", WriteReply::Holds(V2));
+        tally.record("b", WriteReply::Holds(V2));
+        tally.record("c", WriteReply::Holds(V3));
+        assert_eq!(tally.acks(), 2);
         assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
     }
 

@@ -68,7 +68,9 @@ pub struct ReplicaStore {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded state is only ever changed by complete assignments, so a
     // panic elsewhere cannot leave it half-updated.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ReplicaStore {
@@ -93,11 +95,19 @@ impl ReplicaStore {
             },
         )?;
         if corrupt_records > 0 {
-            tracing::error!(corrupt_records, "some stored records could not be read; read repair will restore them from other replicas");
+            tracing::error!(
+                corrupt_records,
+                "some stored records could not be read; read repair will restore them from other replicas"
+            );
         }
         let ceiling = storage.get_meta(CLOCK_CEILING)?.unwrap_or(0);
         let clock = LamportClock::recover(node_id, ceiling, max_lamport);
-        tracing::info!(live_keys, tombstones, lamport = clock.now(), "replica opened");
+        tracing::info!(
+            live_keys,
+            tombstones,
+            lamport = clock.now(),
+            "replica opened"
+        );
         Ok(Self {
             node_id,
             storage,
@@ -146,7 +156,9 @@ impl ReplicaStore {
 
     fn count_transition(&self, before: Option<&Record>, after: &Record) {
         match before {
-            Some(before) if before.is_tombstone() => self.tombstones.fetch_sub(1, Ordering::Relaxed),
+            Some(before) if before.is_tombstone() => {
+                self.tombstones.fetch_sub(1, Ordering::Relaxed)
+            }
             Some(_) => self.live_keys.fetch_sub(1, Ordering::Relaxed),
             None => 0,
         };
@@ -208,12 +220,30 @@ mod tests {
         let v5 = Record::value(Version::new(5, 2), &b"five"[..]);
         let v3 = Record::value(Version::new(3, 2), &b"three"[..]);
         let outcome = replica.write_if_newer("k", &v5).expect("write");
-        assert_eq!(outcome, WriteOutcome { applied: true, held: v5.version });
+        assert_eq!(
+            outcome,
+            WriteOutcome {
+                applied: true,
+                held: v5.version
+            }
+        );
         let outcome = replica.write_if_newer("k", &v3).expect("write");
-        assert_eq!(outcome, WriteOutcome { applied: false, held: v5.version });
+        assert_eq!(
+            outcome,
+            WriteOutcome {
+                applied: false,
+                held: v5.version
+            }
+        );
         // Same version again: not applied, but held (counts as an ack).
         let outcome = replica.write_if_newer("k", &v5).expect("write");
-        assert_eq!(outcome, WriteOutcome { applied: false, held: v5.version });
+        assert_eq!(
+            outcome,
+            WriteOutcome {
+                applied: false,
+                held: v5.version
+            }
+        );
         assert_eq!(replica.read("k").expect("read"), Some(v5));
     }
 
@@ -232,12 +262,26 @@ mod tests {
     #[test]
     fn counts_follow_values_and_tombstones() {
         let (_, replica) = store();
-        replica.write_if_newer("a", &Record::value(Version::new(1, 1), &b"x"[..])).expect("write");
-        replica.write_if_newer("b", &Record::value(Version::new(1, 1), &b"x"[..])).expect("write");
-        replica.write_if_newer("a", &Record::tombstone(Version::new(2, 1))).expect("write");
-        assert_eq!((replica.stats().live_keys, replica.stats().tombstones), (1, 1));
-        replica.write_if_newer("a", &Record::value(Version::new(3, 1), &b"y"[..])).expect("write");
-        assert_eq!((replica.stats().live_keys, replica.stats().tombstones), (2, 0));
+        replica
+            .write_if_newer("a", &Record::value(Version::new(1, 1), &b"x"[..]))
+            .expect("write");
+        replica
+            .write_if_newer("b", &Record::value(Version::new(1, 1), &b"x"[..]))
+            .expect("write");
+        replica
+            .write_if_newer("a", &Record::tombstone(Version::new(2, 1)))
+            .expect("write");
+        assert_eq!(
+            (replica.stats().live_keys, replica.stats().tombstones),
+            (1, 1)
+        );
+        replica
+            .write_if_newer("a", &Record::value(Version::new(3, 1), &b"y"[..]))
+            .expect("write");
+        assert_eq!(
+            (replica.stats().live_keys, replica.stats().tombstones),
+            (2, 0)
+        );
     }
 
     #[test]
@@ -264,7 +308,10 @@ mod tests {
         let storage = Arc::new(MemoryStorage::new());
         storage.put_raw(b"bad", vec![1, 2, 3]);
         let replica = ReplicaStore::open(1, storage).expect("open despite corruption");
-        assert!(matches!(replica.read("bad"), Err(Error::CorruptRecord { .. })));
+        assert!(matches!(
+            replica.read("bad"),
+            Err(Error::CorruptRecord { .. })
+        ));
         // A write (or read repair) replaces the corrupt record.
         let record = Record::value(Version::new(1, 1), &b"x"[..]);
         replica.write_if_newer("bad", &record).expect("write");

@@ -216,7 +216,11 @@ mod tests {
             let k = key(i);
             let old: Vec<_> = before.preference_list(&k, 3).into_iter().cloned().collect();
             let new: Vec<_> = after.preference_list(&k, 3).into_iter().cloned().collect();
-            let kept: Vec<_> = new.iter().filter(|m| m.address != "127.0.0.1:7006").cloned().collect();
+            let kept: Vec<_> = new
+                .iter()
+                .filter(|m| m.address != "127.0.0.1:7006")
+                .cloned()
+                .collect();
             assert_eq!(kept[..], old[..kept.len()]);
         }
     }

@@ -16,7 +16,8 @@ use dkvs::pb;
 use dkvs::quorum::Consistency;
 
 /// The addresses startServers.sh uses.
-const DEFAULT_NODES: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
+const DEFAULT_NODES: &str =
+    "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
 
 /// Talks to a DKVS cluster. With no command, opens an interactive prompt.
 #[derive(Debug, Parser)]
@@ -69,7 +70,12 @@ enum Command {
     #[command(name = "GET", visible_alias = "get")]
     Get { key: String },
     /// Delete a key.
-    #[command(name = "DELETE", visible_alias = "delete", alias = "DEL", alias = "del")]
+    #[command(
+        name = "DELETE",
+        visible_alias = "delete",
+        alias = "DEL",
+        alias = "del"
+    )]
     Delete { key: String },
     /// Show every member, up or down, with key counts (like `nodetool status`).
     #[command(name = "status", alias = "STATUS")]
@@ -167,7 +173,11 @@ async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
         },
         Command::Delete { key } => {
             let ack = client.delete(&key).await?;
-            let _ = writeln!(out, "OK (deleted, version {}, {} acks)", ack.version, ack.acks);
+            let _ = writeln!(
+                out,
+                "OK (deleted, version {}, {} acks)",
+                ack.version, ack.acks
+            );
         }
         Command::Status => {
             let status = client.status().await?;
@@ -233,8 +243,10 @@ async fn prompt(client: &Client) -> ExitCode {
     let stdin = std::io::stdin();
     let interactive = std::io::IsTerminal::is_terminal(&stdin);
     if interactive {
-        eprintln!("DKVS — {} members. Commands: PUT <key> <value>, GET <key>, DELETE <key>, status, replicas <key>, exit.",
-            client.ring().members().len());
+        eprintln!(
+            "DKVS — {} members. Commands: PUT <key> <value>, GET <key>, DELETE <key>, status, replicas <key>, exit.",
+            client.ring().members().len()
+        );
     }
     let mut lines = stdin.lock().lines();
     loop {
@@ -257,7 +269,9 @@ async fn prompt(client: &Client) -> ExitCode {
             None => continue,
             Some("exit" | "quit") => return ExitCode::SUCCESS,
             Some("help") => {
-                eprintln!("PUT <key> <value> | GET <key> | DELETE <key> | status | replicas <key> | exit");
+                eprintln!(
+                    "PUT <key> <value> | GET <key> | DELETE <key> | status | replicas <key> | exit"
+                );
                 continue;
             }
             Some(_) => {}
@@ -320,16 +334,26 @@ mod tests {
     fn prompt_words_honour_quotes() {
         assert_eq!(
             split_words(r#"PUT k "hello world" 'a b'"#).ok(),
-            Some(vec!["PUT".into(), "k".into(), "hello world".into(), "a b".into()])
+            Some(vec![
+                "PUT".into(),
+                "k".into(),
+                "hello world".into(),
+                "a b".into()
+            ])
         );
-        assert_eq!(split_words(r#"PUT k """#).ok(), Some(vec!["PUT".into(), "k".into(), "".into()]));
+        assert_eq!(
+            split_words(r#"PUT k """#).ok(),
+            Some(vec!["PUT".into(), "k".into(), "".into()])
+        );
         assert!(split_words("PUT k \"oops").is_err());
     }
 
     #[test]
     fn prompt_lines_parse_like_the_command_line() {
         let parsed = PromptLine::try_parse_from(["put", "k", "v", "w"]).expect("parse");
-        assert!(matches!(parsed.command, Command::Put { ref value, .. } if value.join(" ") == "v w"));
+        assert!(
+            matches!(parsed.command, Command::Put { ref value, .. } if value.join(" ") == "v w")
+        );
         assert!(PromptLine::try_parse_from(["GET"]).is_err());
     }
 }

@@ -45,10 +45,12 @@ impl Storage for FjallStorage {
         let Some(bytes) = self.records.get(key)? else {
             return Ok(None);
         };
-        Record::decode(&bytes).map(Some).map_err(|e| Error::CorruptRecord {
-            key: String::from_utf8_lossy(key).into_owned(),
-            why: e.0,
-        })
+        Record::decode(&bytes)
+            .map(Some)
+            .map_err(|e| Error::CorruptRecord {
+                key: String::from_utf8_lossy(key).into_owned(),
+                why: e.0,
+            })
     }
 
     fn put(&self, key: &[u8], record: &Record) -> Result<()> {
@@ -79,7 +81,10 @@ impl Storage for FjallStorage {
             return Ok(None);
         };
         let array: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
-            Error::Storage(format!("metadata {name:?} is {} bytes, expected 8", bytes.len()))
+            Error::Storage(format!(
+                "metadata {name:?} is {} bytes, expected 8",
+                bytes.len()
+            ))
         })?;
         Ok(Some(u64::from_le_bytes(array)))
     }
@@ -109,7 +114,9 @@ mod tests {
             storage
                 .put(b"a", &Record::value(Version::new(1, 2), &b"one"[..]))
                 .expect("put");
-            storage.put(b"b", &Record::tombstone(Version::new(3, 4))).expect("put");
+            storage
+                .put(b"b", &Record::tombstone(Version::new(3, 4)))
+                .expect("put");
             storage.put_meta_durable("clock_ceiling", 42).expect("meta");
         }
         let storage = FjallStorage::open(dir.path(), FsyncPolicy::Always).expect("reopen");
@@ -121,7 +128,10 @@ mod tests {
         assert_eq!(storage.get_meta("clock_ceiling").expect("meta"), Some(42));
         let mut seen = Vec::new();
         storage
-            .for_each(&mut |k, r| seen.push((k.to_vec(), r.clone())), &mut |_, _| {})
+            .for_each(
+                &mut |k, r| seen.push((k.to_vec(), r.clone())),
+                &mut |_, _| {},
+            )
             .expect("scan");
         assert_eq!(seen.len(), 2);
         assert!(seen[1].1.is_tombstone());

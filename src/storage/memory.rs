@@ -30,7 +30,9 @@ impl MemoryStorage {
 // A poisoned lock only means another test thread panicked mid-operation; the
 // map itself is still consistent, so carry on with it.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Storage for MemoryStorage {

@@ -10,6 +10,8 @@
 //!   --gets N           random point gets (default = --ops)
 //!   --batch N          group-commit batch size (default 1000)
 //!   --interval-ms N    background fsync interval for the "flush + periodic fsync" case (default 10)
+//!   --max-secs S       time cap per fsync-per-put case; the case stops early
+//!                      after S seconds and reports the ops actually done (default 8)
 //!   --kill-n N         puts before SIGKILL in the kill test (default 2001; 0 = skip it)
 //!   --dir PATH         directory in which scratch databases are created
 //!                      (default: <crate>/target/bench-data; must be on a real disk, not tmpfs)
@@ -37,6 +39,7 @@ struct Cfg {
     gets: usize,
     batch: usize,
     interval_ms: u64,
+    max_secs: f64,
     kill_n: u64,
     dir: PathBuf,
     fjall: bool,
@@ -51,6 +54,7 @@ fn parse_args() -> (Cfg, bool) {
         batch: 1_000,
         interval_ms: 10,
         kill_n: 2_001,
+        max_secs: 8.0,
         dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data"),
         fjall: true,
         redb: true,
@@ -65,6 +69,7 @@ fn parse_args() -> (Cfg, bool) {
             "--gets" => cfg.gets = val().parse().expect("--gets"),
             "--batch" => cfg.batch = val().parse().expect("--batch"),
             "--interval-ms" => cfg.interval_ms = val().parse().expect("--interval-ms"),
+            "--max-secs" => cfg.max_secs = val().parse().expect("--max-secs"),
             "--kill-n" => cfg.kill_n = val().parse().expect("--kill-n"),
             "--dir" => cfg.dir = PathBuf::from(val()),
             "--only" => match val().as_str() {
@@ -197,13 +202,27 @@ fn raw_fsync_baseline(cfg: &Cfg, res: &mut Results) {
         .open(dir.path().join("log"))
         .unwrap();
     let rec = [7u8; KEY_LEN + VAL_LEN];
-    let n = cfg.sync_ops;
-    let t = Instant::now();
-    for _ in 0..n {
+    let (n, el) = sync_loop(cfg, |_| {
         f.write_all(&rec).unwrap();
         f.sync_data().unwrap();
+    });
+    res.put("a0 baseline, no engine: append 116 B to a plain file + fdatasync", "raw", n, el);
+}
+
+/// Runs `f(0..sync_ops)` but stops early once `max_secs` have elapsed, so a
+/// slow disk cannot blow up the total run time. Returns (ops done, elapsed).
+fn sync_loop(cfg: &Cfg, mut f: impl FnMut(u64)) -> (usize, Duration) {
+    let cap = Duration::from_secs_f64(cfg.max_secs);
+    let t = Instant::now();
+    let mut i = 0u64;
+    while i < cfg.sync_ops as u64 {
+        f(i);
+        i += 1;
+        if i % 64 == 0 && t.elapsed() >= cap {
+            break;
+        }
     }
-    res.put("a0 baseline, no engine: append 116 B to a plain file + fdatasync", "raw", n, t.elapsed());
+    (i as usize, t.elapsed())
 }
 
 // ---------------------------------------------------------------- fjall
@@ -236,23 +255,21 @@ mod fj {
         {
             let dir = scratch(cfg, "fjall-a");
             let (db, ks) = open(dir.path(), false);
-            let t = Instant::now();
-            for i in 0..cfg.sync_ops as u64 {
+            let (n, el) = sync_loop(cfg, |i| {
                 ks.insert(key(i), value(i)).unwrap();
                 db.persist(PersistMode::SyncAll).unwrap();
-            }
-            res.put("a1 per-put fsync: fjall insert+persist(SyncAll) / redb 1 txn per put, Immediate", E, cfg.sync_ops, t.elapsed());
+            });
+            res.put("a1 per-put fsync: fjall insert+persist(SyncAll) / redb 1 txn per put, Immediate", E, n, el);
         }
         // (a') per-write durable: insert + persist(SyncData)
         {
             let dir = scratch(cfg, "fjall-a2");
             let (db, ks) = open(dir.path(), false);
-            let t = Instant::now();
-            for i in 0..cfg.sync_ops as u64 {
+            let (n, el) = sync_loop(cfg, |i| {
                 ks.insert(key(i), value(i)).unwrap();
                 db.persist(PersistMode::SyncData).unwrap();
-            }
-            res.put("a2 per-put fdatasync: fjall insert+persist(SyncData)", E, cfg.sync_ops, t.elapsed());
+            });
+            res.put("a2 per-put fdatasync: fjall insert+persist(SyncData)", E, n, el);
         }
         // (b) per-write flushed to OS (survives SIGKILL, not power loss).
         // With the default config (manual_journal_persist = false) `insert`
@@ -340,17 +357,16 @@ mod fj {
                 tx.commit().unwrap();
             }
             res.put("e1 per-put read-modify-write txn (get+insert+commit), flush to OS, no fsync: fjall SingleWriterTxDatabase / redb None (*)", E, cfg.ops, t.elapsed());
-            let t = Instant::now();
-            for i in 0..cfg.sync_ops as u64 {
-                let k = key(i);
+            let (n, el) = sync_loop(cfg, |i| {
+                let k = key(i % cfg.ops as u64); // update an existing key
                 let mut tx = db.write_tx();
                 let cur = tx.get(&ks, k).unwrap();
                 assert!(cur.is_some());
                 tx.insert(&ks, k, value(i + 1));
                 tx.commit().unwrap();
                 db.persist(PersistMode::SyncAll).unwrap();
-            }
-            res.put("e2 per-put read-modify-write txn + fsync: fjall tx + persist(SyncAll) / redb Immediate", E, cfg.sync_ops, t.elapsed());
+            });
+            res.put("e2 per-put read-modify-write txn + fsync: fjall tx + persist(SyncAll) / redb Immediate", E, n, el);
         }
         // (c) group commit: 1000 inserts then one fsync
         {
@@ -478,11 +494,10 @@ mod rd {
         {
             let dir = scratch(cfg, "redb-a");
             let db = open(dir.path());
-            let t = Instant::now();
-            for i in 0..cfg.sync_ops as u64 {
+            let (n, el) = sync_loop(cfg, |i| {
                 put_txn(&db, Durability::Immediate, i..i + 1);
-            }
-            res.put("a1 per-put fsync: fjall insert+persist(SyncAll) / redb 1 txn per put, Immediate", E, cfg.sync_ops, t.elapsed());
+            });
+            res.put("a1 per-put fsync: fjall insert+persist(SyncAll) / redb 1 txn per put, Immediate", E, n, el);
         }
         // (b) Durability::None per put. NOTE: in redb this does NOT survive a
         // process kill: the commit slot is only updated in memory and pages
@@ -547,11 +562,10 @@ mod rd {
                 rmw(i, i, Durability::None, false);
             }
             res.put("e1 per-put read-modify-write txn (get+insert+commit), flush to OS, no fsync: fjall SingleWriterTxDatabase / redb None (*)", E, cfg.ops, t.elapsed());
-            let t = Instant::now();
-            for i in 0..cfg.sync_ops as u64 {
-                rmw(i, i + 1, Durability::Immediate, true);
-            }
-            res.put("e2 per-put read-modify-write txn + fsync: fjall tx + persist(SyncAll) / redb Immediate", E, cfg.sync_ops, t.elapsed());
+            let (n, el) = sync_loop(cfg, |i| {
+                rmw(i % cfg.ops as u64, i + 1, Durability::Immediate, true);
+            });
+            res.put("e2 per-put read-modify-write txn + fsync: fjall tx + persist(SyncAll) / redb Immediate", E, n, el);
         }
         // (c) group commit: one txn of `batch` puts, Immediate
         {
@@ -735,9 +749,10 @@ fn main() {
     }
 
     println!(
-        "config: ops={} sync_ops={} gets={} batch={} interval_ms={} dir={} key={}B value={}B",
+        "config: ops={} sync_ops={} (capped at {}s per case) gets={} batch={} interval_ms={} dir={} key={}B value={}B",
         cfg.ops,
         cfg.sync_ops,
+        cfg.max_secs,
         cfg.gets,
         cfg.batch,
         cfg.interval_ms,

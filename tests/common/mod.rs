@@ -1,0 +1,307 @@
+//! A real DKVS cluster for integration tests: `DKVSServer` processes on
+//! 127.0.0.1 with ports chosen by the OS, data in a temp dir, killed with
+//! SIGKILL and restarted from the same data dir. Readiness is polled through
+//! `grpc.health.v1.Health` with a deadline; every process is killed on drop.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dkvs::client::{Client, ClientOptions};
+use dkvs::pb;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// How long a node may take to report SERVING.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+
+pub struct TestNode {
+    /// `127.0.0.1:port`.
+    pub address: String,
+    /// The node's data directory (kept across restarts).
+    pub data_dir: PathBuf,
+    /// Where the node's stderr goes.
+    pub log: PathBuf,
+    /// Full argument list, reused on restart.
+    args: Vec<String>,
+    /// The running process, if any.
+    child: Option<Child>,
+}
+
+impl TestNode {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open node log");
+        let child = Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
+            .args(&self.args)
+            .env("RUST_LOG", "info,dkvs=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn DKVSServer");
+        self.child = Some(child);
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+pub struct TestCluster {
+    /// Holds every node's data and logs; removed on drop.
+    dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+}
+
+/// Ports the OS picked as free: bind port 0, note the port, release it.
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind port 0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+impl TestCluster {
+    /// Starts `count` nodes (N = 3 replicas) and waits until all serve.
+    pub async fn start(count: usize) -> Self {
+        Self::start_with(count, &[]).await
+    }
+
+    /// Starts `count` nodes with extra flags for each.
+    pub async fn start_with(count: usize, extra: &[&str]) -> Self {
+        // A port released by `free_ports` can, rarely, be taken by another
+        // process before the node binds it: then try again with new ports.
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let mut cluster = Self::spawn_all(count, extra);
+            match cluster.wait_all_ready().await {
+                Ok(()) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("cluster did not start: {last_error}");
+    }
+
+    fn spawn_all(count: usize, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let addresses: Vec<String> = free_ports(count)
+            .into_iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let peers = addresses.join(",");
+        let nodes = addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| {
+                let data_dir = dir.path().join(format!("node{i}"));
+                let mut args: Vec<String> = vec![
+                    "--listen".into(),
+                    address.clone(),
+                    "--peers".into(),
+                    peers.clone(),
+                    "--data-dir".into(),
+                    data_dir.display().to_string(),
+                ];
+                args.extend(extra.iter().map(|s| s.to_string()));
+                let mut node = TestNode {
+                    address: address.clone(),
+                    data_dir,
+                    log: dir.path().join(format!("node{i}.log")),
+                    args,
+                    child: None,
+                };
+                node.spawn();
+                node
+            })
+            .collect();
+        Self { dir, nodes }
+    }
+
+    async fn wait_all_ready(&mut self) -> Result<(), String> {
+        for i in 0..self.nodes.len() {
+            self.wait_ready(i).await?;
+        }
+        Ok(())
+    }
+
+    /// Polls node `i`'s health service until SERVING, or fails when the
+    /// process exits or the deadline passes.
+    pub async fn wait_ready(&mut self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + READY_DEADLINE;
+        let address = self.nodes[i].address.clone();
+        loop {
+            if let Some(child) = self.nodes[i].child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.nodes[i].child = None;
+                return Err(format!(
+                    "node {address} exited with {status}:\n{}",
+                    self.nodes[i].log_tail()
+                ));
+            }
+            if health_serving(&address).await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "node {address} not SERVING after {READY_DEADLINE:?}:\n{}",
+                    self.nodes[i].log_tail()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.address.clone()).collect()
+    }
+
+    pub fn index_of(&self, address: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.address == address)
+            .expect("address is a member")
+    }
+
+    /// SIGKILLs node `i` and reaps it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            // Child::kill sends SIGKILL on Unix.
+            child.kill().expect("SIGKILL node");
+            child.wait().expect("reap node");
+        }
+    }
+
+    /// Sends SIGTERM to node `i` and waits (bounded) for it to exit.
+    pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
+        let mut child = self.nodes[i].child.take().expect("node is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait node") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("node did not exit within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Restarts node `i` with the same flags and data dir; waits until ready.
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is still running");
+        self.nodes[i].spawn();
+        if let Err(error) = self.wait_ready(i).await {
+            panic!("restart failed: {error}");
+        }
+    }
+
+    /// A smart client that knows every node.
+    pub async fn client(&self) -> Client {
+        self.client_with(ClientOptions::default()).await
+    }
+
+    pub async fn client_with(&self, options: ClientOptions) -> Client {
+        Client::connect(&self.addresses(), options)
+            .await
+            .expect("client connects")
+    }
+
+    /// A KeyValue client for node `i` (the node coordinates requests).
+    pub async fn kv(&self, i: usize) -> pb::key_value_client::KeyValueClient<Channel> {
+        pb::key_value_client::KeyValueClient::new(channel(&self.nodes[i].address).await)
+            .max_encoding_message_size(8 << 20)
+            .max_decoding_message_size(8 << 20)
+    }
+
+    /// The internal Replica client for node `i`.
+    pub async fn replica(&self, i: usize) -> pb::replica_client::ReplicaClient<Channel> {
+        pb::replica_client::ReplicaClient::new(channel(&self.nodes[i].address).await)
+    }
+
+    pub async fn cluster(&self, i: usize) -> pb::cluster_client::ClusterClient<Channel> {
+        pb::cluster_client::ClusterClient::new(channel(&self.nodes[i].address).await)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            if panicking {
+                eprintln!(
+                    "---- last log lines of {} ----\n{}",
+                    node.address,
+                    node.log_tail()
+                );
+            }
+        }
+        let _ = &self.dir;
+    }
+}
+
+pub async fn channel(address: &str) -> Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .expect("valid address")
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(10))
+        .connect_lazy()
+}
+
+async fn health_serving(address: &str) -> bool {
+    let mut client = HealthClient::new(channel(address).await);
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    match tokio::time::timeout(Duration::from_secs(1), client.check(request)).await {
+        Ok(Ok(reply)) => reply.into_inner().status == 1, // SERVING
+        _ => false,
+    }
+}
+
+pub fn put_request(key: &str, value: &str) -> pb::PutRequest {
+    pb::PutRequest {
+        key: key.into(),
+        value: value.as_bytes().to_vec().into(),
+        consistency: 0,
+    }
+}
+
+pub fn get_request(key: &str) -> pb::GetRequest {
+    pb::GetRequest {
+        key: key.into(),
+        consistency: 0,
+    }
+}
