@@ -1,0 +1,116 @@
+//! The `DKVSClient` command line against a real cluster: output and exit codes.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::TestCluster;
+
+fn client(cluster: &TestCluster, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .arg("--nodes")
+        .arg(cluster.addresses().join(","))
+        .args(args)
+        .output()
+        .expect("run DKVSClient")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_delete_status_and_exit_codes() {
+    let mut cluster = TestCluster::start(3).await;
+
+    let put = client(&cluster, &["PUT", "mykey", "Hello Distributed World"]);
+    assert_eq!(put.status.code(), Some(0), "{}", text(&put.stderr));
+    let get = client(&cluster, &["GET", "mykey"]);
+    assert_eq!(get.status.code(), Some(0));
+    assert_eq!(text(&get.stdout), "Hello Distributed World\n");
+
+    // Lower-case commands work too; a missing key exits 1 with a message.
+    let missing = client(&cluster, &["get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("not found"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    let delete = client(&cluster, &["DELETE", "mykey"]);
+    assert_eq!(delete.status.code(), Some(0));
+    assert_eq!(client(&cluster, &["GET", "mykey"]).status.code(), Some(1));
+
+    // Usage errors exit 2, and so does input the cluster refuses.
+    assert_eq!(
+        client(&cluster, &["PUT", "only-a-key"]).status.code(),
+        Some(2)
+    );
+    assert_eq!(client(&cluster, &["FROB"]).status.code(), Some(2));
+    let long_key = "k".repeat(2000);
+    let refused = client(&cluster, &["PUT", &long_key, "v"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("limit is 1024"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let status = client(&cluster, &["status"]);
+    assert_eq!(status.status.code(), Some(0));
+    let table = text(&status.stdout);
+    for address in cluster.addresses() {
+        assert!(table.contains(&address), "{table}");
+    }
+    assert_eq!(table.matches(" UP ").count(), 3, "{table}");
+
+    // With two of three nodes down: the status shows them DOWN, and a
+    // quorum write fails with exit code 3 and says why.
+    cluster.kill(1);
+    cluster.kill(2);
+    let status = client(&cluster, &["status"]);
+    assert_eq!(
+        text(&status.stdout).matches(" DOWN ").count(),
+        2,
+        "{}",
+        text(&status.stdout)
+    );
+    let unavailable = client(&cluster, &["PUT", "k", "v"]);
+    assert_eq!(unavailable.status.code(), Some(3));
+    assert!(
+        text(&unavailable.stderr).contains("required replicas"),
+        "{}",
+        text(&unavailable.stderr)
+    );
+    let one = client(&cluster, &["--consistency", "one", "PUT", "k", "v"]);
+    assert_eq!(one.status.code(), Some(0), "{}", text(&one.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interactive_prompt_runs_commands_until_eof() {
+    let cluster = TestCluster::start(3).await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .env("DKVS_NODES", cluster.addresses().join(","))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn DKVSClient");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"PUT greeting \"hello there\"\nGET greeting\nGET absent\nbogus\nDELETE greeting\nGET greeting\n")
+        .expect("write commands");
+    let output = child.wait_with_output().expect("client exits at EOF");
+    assert_eq!(output.status.code(), Some(0));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("hello there\n"), "{stdout}");
+    assert_eq!(stdout.matches("OK").count(), 2, "{stdout}");
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("key not found: absent"), "{stderr}");
+    assert!(stderr.contains("key not found: greeting"), "{stderr}");
+    assert!(stderr.contains("unrecognized subcommand"), "{stderr}");
+}
