@@ -74,7 +74,7 @@ pub struct ServerConfig {
     pub rpc_timeout_ms: u64,
 
     /// Deadline of a whole client request coordinated by this node, in milliseconds.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 2000)]
     pub request_timeout_ms: u64,
 
     /// Longest key accepted, in bytes of UTF-8.

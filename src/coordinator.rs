@@ -323,6 +323,9 @@ impl Coordinator {
                 read_quorum(replicas, key, consistency, self.rpc_timeout),
             )
             .await?;
+        if let Some(record) = &result.record {
+            self.local.observe(record.version);
+        }
         result.repair.schedule(&self.background);
         Ok(result.record)
     }

@@ -83,6 +83,15 @@ impl Node {
         dialer: Arc<dyn Dialer>,
     ) -> Result<Arc<Self>> {
         let me = Member::new(config.advertised_address());
+        let listed = config.peers.iter().any(|p| p.trim() == me.address);
+        let others = config.peers.iter().filter(|p| !p.trim().is_empty()).count();
+        if others > 0 && !listed {
+            tracing::warn!(
+                address = %me.address,
+                "this node's address is not in --peers; it joins the ring as an extra member. \
+                 If --peers names it differently (e.g. localhost vs 127.0.0.1), use the same spelling or --advertise"
+            );
+        }
         let members: Vec<Member> = config
             .member_addresses()
             .into_iter()
