@@ -26,6 +26,14 @@ usage() {
   sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
 }
 
+quote() { # word -> the word, single-quoted when it has shell-special characters
+  if [[ "$1" =~ ^[A-Za-z0-9_./:,=+@-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
 is_running() { # pidfile
   [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
 }
@@ -100,7 +108,9 @@ start_all() {
     local log="$RUN_DIR/$name.log"
     # shellcheck disable=SC2206
     local cmd=("$BIN" --listen "$HOST:$port" --peers "$peers" --data-dir "$DATA_DIR/$name" $EXTRA_FLAGS)
-    local printable="${cmd[*]} >> $log 2>&1 & echo \$! > $pidfile"
+    local printable="" word
+    for word in "${cmd[@]}"; do printable+="$(quote "$word") "; done
+    printable+=">> $(quote "$log") 2>&1 & echo \$! > $(quote "$pidfile")"
     commands+=("$printable")
     if is_running "$pidfile"; then
       echo "$name already running (pid $(cat "$pidfile"))"

@@ -66,6 +66,8 @@ pub struct Client {
     recently_down: Mutex<HashMap<String, Instant>>,
     /// Read repairs in flight.
     background: Background,
+    /// The addresses the client was given, asked first for status.
+    seeds: Vec<String>,
 }
 
 impl Client {
@@ -100,6 +102,7 @@ impl Client {
                         options,
                         recently_down: Mutex::new(HashMap::new()),
                         background: Background::new(CancellationToken::new()),
+                        seeds: seeds.to_vec(),
                     });
                 }
                 Err(why) => failures.push(format!("{seed}: {why}")),
@@ -191,10 +194,11 @@ impl Client {
         Ok(result.record)
     }
 
-    /// How the cluster looks from the first member that answers.
+    /// How the cluster looks from the first node that answers: the
+    /// addresses the client was given first, then the other members.
     pub async fn status(&self) -> Result<pb::StatusResponse> {
         let mut failures = Vec::new();
-        for address in self.candidates(&[]) {
+        for address in self.candidates(&self.seeds) {
             match fetch_status(&self.peers, &address, self.options.rpc_timeout).await {
                 Ok(status) => return Ok(status),
                 Err(why) => {
@@ -254,6 +258,7 @@ impl Client {
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let mut failures = Vec::new();
+        let mut all_timed_out = true;
         for address in self.candidates(&self.replicas_of(key)) {
             let client = self.peers.key_value_client(&address)?;
             match tokio::time::timeout(self.options.rpc_timeout, call(client)).await {
@@ -263,6 +268,7 @@ impl Client {
                 }
                 Ok(Err(status)) => {
                     self.mark_down(&address);
+                    all_timed_out = false;
                     failures.push(format!("{address}: {}", describe_status(&status)));
                 }
                 Err(_) => {
@@ -274,10 +280,15 @@ impl Client {
                 }
             }
         }
-        Err(Error::Unavailable(format!(
+        let message = format!(
             "{operation} failed: no node could coordinate it: {}",
             failures.join("; ")
-        )))
+        );
+        Err(if all_timed_out && !failures.is_empty() {
+            Error::DeadlineExceeded(message)
+        } else {
+            Error::Unavailable(message)
+        })
     }
 }
 

@@ -80,8 +80,8 @@ impl Background {
     /// dropped, and counted) or shutdown has begun.
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("background task dropped: too many in flight");
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(dropped, "background task (read repair or trailing replica write) dropped: {MAX_BACKGROUND_TASKS} already in flight");
             return;
         };
         let shutdown = self.shutdown.clone();

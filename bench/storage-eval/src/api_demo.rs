@@ -9,8 +9,8 @@ use std::path::Path;
 
 // --- (iii) handles are Send + Sync + Clone (checked at compile time) --------
 fn assert_send_sync_clone<T: Send + Sync + Clone + 'static>() {}
-#[allow(dead_code)]
 fn assert_send_sync<T: Send + Sync + 'static>() {}
+fn assert_send<T: Send + 'static>() {}
 
 pub fn compile_time_checks() {
     assert_send_sync_clone::<Database>(); // Arc<DatabaseInner> inside
@@ -20,6 +20,7 @@ pub fn compile_time_checks() {
     assert_send_sync_clone::<OptimisticTxDatabase>();
     assert_send_sync_clone::<Slice>(); // = UserKey = UserValue
     assert_send_sync::<fjall::Error>();
+    assert_send::<fjall::Iter>(); // iterators can move across threads / .await points
     // redb, for comparison
     assert_send_sync::<redb::Database>(); // not Clone: wrap in Arc
 }
@@ -53,7 +54,7 @@ pub fn run(dir: &Path) -> fjall::Result<()> {
 
     // ---------------------------------------------------------------- (i) open
     let db: Database = Database::builder(dir.join("plain"))
-        // .manual_journal_persist(false) // default: every write is flushed to the OS (write(2))
+        // .manual_journal_persist(false) // default false: batches/txs are flushed to the OS on commit
         // .cache_size(64 * 1024 * 1024)  // block cache, default 32 MiB
         // .worker_threads(2)             // default min(cores, 4)
         .open()?;

@@ -142,7 +142,7 @@ struct Results {
 impl Results {
     fn put(&mut self, case: &str, engine: &'static str, ops: usize, el: Duration) {
         let rate = ops as f64 / el.as_secs_f64();
-        let cell = format!("{}", fmt_rate(rate));
+        let cell = fmt_rate(rate);
         println!(
             "  {engine:<5} {ops:>7} ops {:>7.3}s {:>11} ops/s  {case}",
             el.as_secs_f64(),
@@ -183,7 +183,7 @@ fn fmt_rate(r: f64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -218,7 +218,7 @@ fn sync_loop(cfg: &Cfg, mut f: impl FnMut(u64)) -> (usize, Duration) {
     while i < cfg.sync_ops as u64 {
         f(i);
         i += 1;
-        if i % 64 == 0 && t.elapsed() >= cap {
+        if i.is_multiple_of(64) && t.elapsed() >= cap {
             break;
         }
     }
