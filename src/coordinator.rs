@@ -81,7 +81,10 @@ impl Background {
     pub fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(dropped, "background task (read repair or trailing replica write) dropped: {MAX_BACKGROUND_TASKS} already in flight");
+            tracing::warn!(
+                dropped,
+                "background task (read repair or trailing replica write) dropped: {MAX_BACKGROUND_TASKS} already in flight"
+            );
             return;
         };
         let shutdown = self.shutdown.clone();
