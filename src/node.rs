@@ -252,6 +252,9 @@ where
         }
     };
     let served = Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            undecodable_is_invalid_argument,
+        ))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -276,6 +279,23 @@ where
         .map_err(|e| Error::Internal(format!("final sync task: {e}")))??;
     tracing::info!("stopped");
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// tonic answers a request it cannot decode (e.g. a key that is not UTF-8)
+/// with INTERNAL; it is the caller's mistake, so say INVALID_ARGUMENT. The
+/// message (tonic's, kept as is) names the field.
+fn undecodable_is_invalid_argument<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let undecodable = headers.get("grpc-status").is_some_and(|s| s == "13")
+        && headers.get("grpc-message").is_some_and(|m| {
+            let m = m.as_bytes();
+            m.starts_with(b"failed to decode Protobuf message")
+                || m.starts_with(b"failed%20to%20decode%20Protobuf%20message")
+        });
+    if undecodable {
+        headers.insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    response
 }
 
 /// `dkvs.v1.KeyValue`: client requests, coordinated by this node.

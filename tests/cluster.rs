@@ -696,3 +696,32 @@ async fn sigterm_drains_and_exits_cleanly_and_data_survives() {
     );
     client.close().await;
 }
+
+/// A GetRequest whose `key` field (a protobuf `string`) carries arbitrary bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGetRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_is_not_utf8_is_invalid_argument_not_internal() {
+    let cluster = TestCluster::start(1).await;
+    let mut grpc = tonic::client::Grpc::new(common::channel(&cluster.nodes[0].address).await);
+    grpc.ready().await.expect("channel ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/dkvs.v1.KeyValue/Get");
+    let codec: tonic_prost::ProstCodec<RawGetRequest, pb::GetResponse> =
+        tonic_prost::ProstCodec::default();
+    let status = grpc
+        .unary(
+            tonic::Request::new(RawGetRequest {
+                key: vec![0xff, 0xfe],
+            }),
+            path,
+            codec,
+        )
+        .await
+        .expect_err("invalid UTF-8 key");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("UTF-8"), "{}", status.message());
+}
