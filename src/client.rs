@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Background, WriteAck, read_quorum};
 use crate::error::{COORDINATOR_ERROR_HEADER, Error, Result};
-use crate::net::{Dialer, PeerPool, TcpDialer, describe_status, max_message_bytes};
+use crate::net::{Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes};
 use crate::pb;
 use crate::quorum::Consistency;
 use crate::record::Record;
@@ -298,11 +298,7 @@ async fn fetch_status(
     timeout: Duration,
 ) -> std::result::Result<pb::StatusResponse, String> {
     let mut client = peers.cluster_client(address).map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await {
-        Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(describe_status(&status)),
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-    }
+    call_within(timeout, client.status(pb::StatusRequest {})).await
 }
 
 fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {

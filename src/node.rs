@@ -473,9 +473,5 @@ async fn probe_stats(
     timeout: Duration,
 ) -> std::result::Result<pb::NodeStats, String> {
     let mut client = peers.replica_client(address).map_err(|e| e.to_string())?;
-    match tokio::time::timeout(timeout, client.stats(pb::StatsRequest {})).await {
-        Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(crate::net::describe_status(&status)),
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
-    }
+    crate::net::call_within(timeout, client.stats(pb::StatsRequest {})).await
 }
