@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Background, WriteAck, read_quorum};
@@ -40,6 +42,10 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// Largest value the client will send or receive.
     pub max_value_bytes: usize,
+    /// When a coordinator has not answered a PUT/DELETE after this long, the
+    /// request is also sent to the next candidate (a hedged request), so one
+    /// frozen node does not stall writes for the whole `rpc_timeout`.
+    pub hedge_after: Duration,
 }
 
 impl Default for ClientOptions {
@@ -48,6 +54,7 @@ impl Default for ClientOptions {
             consistency: Consistency::Quorum,
             rpc_timeout: Duration::from_secs(3),
             max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
+            hedge_after: Duration::from_millis(500),
         }
     }
 }
@@ -95,12 +102,20 @@ impl Client {
                         .iter()
                         .map(|m| Member::new(m.address.clone()));
                     let ring = Ring::new(members, status.vnodes as usize);
+                    // Members the node believes down are tried last for a while.
+                    let now = Instant::now();
+                    let down: HashMap<String, Instant> = status
+                        .members
+                        .iter()
+                        .filter(|m| m.state == pb::MemberState::Down as i32)
+                        .map(|m| (m.address.clone(), now))
+                        .collect();
                     return Ok(Self {
                         replicas: status.replicas as usize,
                         ring,
                         peers,
                         options,
-                        recently_down: Mutex::new(HashMap::new()),
+                        recently_down: Mutex::new(down),
                         background: Background::new(CancellationToken::new()),
                         seeds: seeds.to_vec(),
                     });
@@ -213,9 +228,9 @@ impl Client {
         )))
     }
 
-    /// Waits up to two seconds for background read repairs to finish.
+    /// Waits up to half a second for background read repairs to finish.
     pub async fn close(&self) {
-        self.background.close(Duration::from_secs(2)).await;
+        self.background.close(Duration::from_millis(500)).await;
     }
 
     /// Members in the order to try them: `first` (in order), then the rest;
@@ -249,34 +264,54 @@ impl Client {
     }
 
     /// Sends a request to the key's first replica that answers (then to any
-    /// other member), and returns its reply. A node that fails to answer is
-    /// skipped; an error decided by a coordinator (bad input, quorum not
+    /// other member), and returns its reply. A node that fails is skipped; a
+    /// node that is slow to answer gets company: after `hedge_after` the next
+    /// candidate is asked too, and the first answer wins (at most two in
+    /// flight). An error decided by a coordinator (bad input, quorum not
     /// reached) is returned as is.
     async fn on_coordinator<T, F, Fut>(&self, key: &str, operation: &str, call: F) -> Result<T>
     where
         F: Fn(pb::key_value_client::KeyValueClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
     {
+        let mut candidates = self.candidates(&self.replicas_of(key)).into_iter();
+        let mut in_flight = FuturesUnordered::new();
         let mut failures = Vec::new();
         let mut all_timed_out = true;
-        for address in self.candidates(&self.replicas_of(key)) {
+        let timeout = self.options.rpc_timeout;
+        let attempt = |address: String| -> Result<_> {
             let client = self.peers.key_value_client(&address)?;
-            match tokio::time::timeout(self.options.rpc_timeout, call(client)).await {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
-                    return Err(error_from_status(status));
+            let reply = call(client);
+            Ok(async move { (address, tokio::time::timeout(timeout, reply).await) })
+        };
+        loop {
+            if in_flight.is_empty() {
+                match candidates.next() {
+                    Some(address) => in_flight.push(attempt(address)?),
+                    None => break,
                 }
-                Ok(Err(status)) => {
-                    self.mark_down(&address);
-                    all_timed_out = false;
-                    failures.push(format!("{address}: {}", describe_status(&status)));
-                }
-                Err(_) => {
-                    self.mark_down(&address);
-                    failures.push(format!(
-                        "{address}: no answer within {} ms",
-                        self.options.rpc_timeout.as_millis()
-                    ));
+            }
+            let hedge = tokio::time::sleep(self.options.hedge_after);
+            tokio::select! {
+                Some((address, outcome)) = in_flight.next() => match outcome {
+                    Ok(Ok(reply)) => return Ok(reply),
+                    Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
+                        return Err(error_from_status(status));
+                    }
+                    Ok(Err(status)) => {
+                        self.mark_down(&address);
+                        all_timed_out = false;
+                        failures.push(format!("{address}: {}", describe_status(&status)));
+                    }
+                    Err(_) => {
+                        self.mark_down(&address);
+                        failures.push(format!("{address}: no answer within {} ms", timeout.as_millis()));
+                    }
+                },
+                () = hedge, if in_flight.len() < 2 => {
+                    if let Some(address) = candidates.next() {
+                        in_flight.push(attempt(address)?);
+                    }
                 }
             }
         }

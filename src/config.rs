@@ -77,6 +77,16 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 2000)]
     pub request_timeout_ms: u64,
 
+    /// How often each node sends every peer a heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_interval_ms: u64,
+
+    /// Failure-detector threshold: a peer whose phi (suspicion level) reaches
+    /// this is believed down. 8 convicts a silent peer about a second after
+    /// its last heartbeat at the default interval; higher is more tolerant.
+    #[arg(long, default_value_t = 8.0)]
+    pub phi_threshold: f64,
+
     /// Longest key accepted, in bytes of UTF-8.
     #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
     pub max_key_bytes: usize,
@@ -146,6 +156,10 @@ impl ServerConfig {
 
     pub fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.rpc_timeout_ms.max(1))
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(10))
     }
 
     pub fn request_timeout(&self) -> Duration {

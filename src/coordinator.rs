@@ -20,9 +20,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Version;
 use crate::error::{Error, Result};
+use crate::failure::FailureDetector;
 use crate::net::{PeerPool, ReplicaError, ReplicaHandle};
 use crate::quorum::{
     Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply, WriteTally,
@@ -188,9 +189,15 @@ pub async fn read_quorum(
 ) -> Result<ReadResult> {
     let needed = consistency.required(replicas.len());
     let mut tally = ReadTally::new(needed, replicas.len());
+    for (index, replica) in replicas.iter().enumerate() {
+        if let Some(why) = &replica.believed_down {
+            tally.record(index, &replica.address, Err(why.clone()));
+        }
+    }
     let mut in_flight: FuturesUnordered<ReadReply> = replicas
         .iter()
         .enumerate()
+        .filter(|(_, replica)| replica.believed_down.is_none())
         .map(|(index, replica)| {
             let (replica, key) = (replica.clone(), key.to_string());
             Box::pin(async move { (index, replica.read(&key, rpc_timeout).await) }) as ReadReply
@@ -259,6 +266,8 @@ pub struct Coordinator {
     request_timeout: Duration,
     /// Where read repairs and trailing write replies run.
     background: Background,
+    /// Which peers are believed down (std mutex: held for a lookup).
+    liveness: Arc<Mutex<FailureDetector>>,
 }
 
 impl Coordinator {
@@ -272,6 +281,7 @@ impl Coordinator {
         rpc_timeout: Duration,
         request_timeout: Duration,
         background: Background,
+        liveness: Arc<Mutex<FailureDetector>>,
     ) -> Self {
         Self {
             local,
@@ -282,6 +292,7 @@ impl Coordinator {
             rpc_timeout,
             request_timeout,
             background,
+            liveness,
         }
     }
 
@@ -291,12 +302,35 @@ impl Coordinator {
 
     /// Handles to the key's N replicas, this node's own store in-process.
     fn replicas_for(&self, key: &str) -> Result<Vec<ReplicaHandle>> {
-        self.ring
-            .preference_list(key.as_bytes(), self.replicas)
+        let members = self.ring.preference_list(key.as_bytes(), self.replicas);
+        let healths: Vec<_> = {
+            let liveness = self
+                .liveness
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let now = Instant::now();
+            members
+                .iter()
+                .map(|m| liveness.health(&m.address, now))
+                .collect()
+        };
+        members
             .into_iter()
-            .map(|member| {
+            .zip(healths)
+            .map(|(member, health)| {
                 let local = (member.address == self.self_address).then_some(&self.local);
-                self.peers.replica_handle(&member.address, local)
+                let mut handle = self.peers.replica_handle(&member.address, local)?;
+                if !health.up {
+                    handle.believed_down = Some(format!(
+                        "believed down by the failure detector (phi {:.1}{})",
+                        health.phi,
+                        health
+                            .last_error
+                            .map(|e| format!("; last heartbeat: {e}"))
+                            .unwrap_or_default()
+                    ));
+                }
+                Ok(handle)
             })
             .collect()
     }
@@ -361,9 +395,14 @@ impl Coordinator {
                 value: value.clone(),
             };
             let mut tally = WriteTally::new(version, needed, replicas.len());
+            for replica in replicas.iter().filter(|r| r.believed_down.is_some()) {
+                let why = replica.believed_down.clone().unwrap_or_default();
+                tally.record(&replica.address, WriteReply::Failed(why));
+            }
             let mut in_flight: FuturesUnordered<WriteReplyFuture> = replicas
                 .iter()
                 .enumerate()
+                .filter(|(_, replica)| replica.believed_down.is_none())
                 .map(|(index, replica)| {
                     let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
                     let timeout = self.rpc_timeout;

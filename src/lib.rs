@@ -21,6 +21,7 @@ pub mod clock;
 pub mod config;
 pub mod coordinator;
 pub mod error;
+pub mod failure;
 pub mod limits;
 pub mod net;
 pub mod node;

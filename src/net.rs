@@ -141,6 +141,7 @@ impl PeerPool {
         Ok(ReplicaHandle {
             address: address.to_string(),
             target,
+            believed_down: None,
         })
     }
 }
@@ -152,6 +153,9 @@ pub struct ReplicaHandle {
     pub address: String,
     /// In-process or over gRPC.
     target: ReplicaTarget,
+    /// Set when the failure detector believes the replica is down: quorum
+    /// calls then neither send to it nor wait for it, and count it failed.
+    pub believed_down: Option<String>,
 }
 
 #[derive(Clone)]

@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 use crate::config::ServerConfig;
 use crate::coordinator::{Background, Coordinator};
 use crate::error::{Error, Result};
+use crate::failure::FailureDetector;
 use crate::limits::Limits;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
@@ -60,6 +61,8 @@ pub struct Node {
     shutdown: CancellationToken,
     /// When the node started.
     started: Instant,
+    /// Which peers are believed down (std mutex: held for a lookup or an update).
+    liveness: Arc<Mutex<FailureDetector>>,
 }
 
 impl Node {
@@ -123,6 +126,15 @@ impl Node {
         ));
         let shutdown = CancellationToken::new();
         let background = Background::new(shutdown.child_token());
+        let liveness = Arc::new(Mutex::new(FailureDetector::new(
+            ring.members()
+                .iter()
+                .filter(|m| m.address != me.address)
+                .map(|m| m.address.clone()),
+            Instant::now(),
+            config.heartbeat_interval(),
+            config.phi_threshold,
+        )));
         let coordinator = Arc::new(Coordinator::new(
             replica.clone(),
             me.address.clone(),
@@ -132,6 +144,7 @@ impl Node {
             config.rpc_timeout(),
             config.request_timeout(),
             background.clone(),
+            liveness.clone(),
         ));
         Ok(Arc::new(Self {
             config,
@@ -146,6 +159,7 @@ impl Node {
             background,
             shutdown,
             started: Instant::now(),
+            liveness,
         }))
     }
 
@@ -166,6 +180,63 @@ impl Node {
             uptime_ms: self.started.elapsed().as_millis() as u64,
             read_repairs: self.background.repairs_sent(),
         }
+    }
+
+    /// Pings every peer each `--heartbeat-interval-ms` until shutdown and
+    /// feeds the answers to the failure detector. A peer believed down keeps
+    /// being pinged: that is how it is found up again.
+    fn start_heartbeats(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let interval = node.config.heartbeat_interval();
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let peers: Vec<String> = node
+                .ring
+                .members()
+                .iter()
+                .filter(|m| m.address != node.me.address)
+                .map(|m| m.address.clone())
+                .collect();
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = node.shutdown.cancelled() => break,
+                }
+                let pings = peers.iter().map(|address| {
+                    let node = &node;
+                    async move {
+                        let result = match node.peers.replica_client(address) {
+                            Ok(mut client) => {
+                                let ping = pb::PingRequest {
+                                    from: node.me.address.clone(),
+                                };
+                                crate::net::call_within(interval, client.ping(ping))
+                                    .await
+                                    .map(|_| ())
+                            }
+                            Err(error) => Err(error.to_string()),
+                        };
+                        (address, result)
+                    }
+                });
+                let results = futures::future::join_all(pings).await;
+                let now = Instant::now();
+                let mut liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
+                for (address, result) in results {
+                    let was_up = liveness.is_up(address, now);
+                    match result {
+                        Ok(()) => liveness.heartbeat(address, now),
+                        Err(why) => liveness.failed(address, why),
+                    }
+                    let is_up = liveness.is_up(address, now);
+                    if was_up != is_up {
+                        let health = liveness.health(address, now);
+                        tracing::info!(peer = %address, up = is_up, phi = health.phi, error = ?health.last_error, "peer state changed");
+                    }
+                }
+            }
+        })
     }
 
     /// Fsyncs every `--fsync-interval-ms` until shutdown (periodic policy).
@@ -229,6 +300,7 @@ where
         .max_encoding_message_size(max_message);
 
     let fsync_task = node.start_periodic_fsync();
+    let heartbeat_task = node.start_heartbeats();
     for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
         health
             .set_service_status(service, tonic_health::ServingStatus::Serving)
@@ -273,6 +345,7 @@ where
     if let Some(task) = fsync_task {
         let _ = task.await;
     }
+    let _ = heartbeat_task.await;
     let storage = node.storage.clone();
     tokio::task::spawn_blocking(move || storage.sync())
         .await
@@ -424,6 +497,15 @@ impl pb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<pb::NodeStats>, Status> {
         Ok(Response::new(self.0.local_stats()))
     }
+
+    async fn ping(
+        &self,
+        _request: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        Ok(Response::new(pb::PingResponse {
+            node_id: self.0.me.node_id,
+        }))
+    }
 }
 
 /// `dkvs.v1.Cluster`: how this node sees the cluster.
@@ -437,23 +519,48 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let node = &self.0;
         let timeout = node.config.rpc_timeout();
-        let probes = node.ring.members().iter().map(|member| async move {
-            let (state, stats, error) = if member.address == node.me.address {
-                (pb::MemberState::Up, Some(node.local_stats()), String::new())
-            } else {
-                match probe_stats(&node.peers, &member.address, timeout).await {
-                    Ok(stats) => (pb::MemberState::Up, Some(stats), String::new()),
-                    Err(why) => (pb::MemberState::Down, None, why),
+        let now = Instant::now();
+        let healths: Vec<_> = {
+            let liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
+            node.ring
+                .members()
+                .iter()
+                .map(|m| liveness.health(&m.address, now))
+                .collect()
+        };
+        let probes = node
+            .ring
+            .members()
+            .iter()
+            .zip(healths)
+            .map(|(member, health)| async move {
+                let (state, stats, error) = if member.address == node.me.address {
+                    (pb::MemberState::Up, Some(node.local_stats()), String::new())
+                } else if !health.up {
+                    // Believed down: do not wait for it.
+                    (
+                        pb::MemberState::Down,
+                        None,
+                        health
+                            .last_error
+                            .clone()
+                            .unwrap_or_else(|| "no heartbeat".into()),
+                    )
+                } else {
+                    match probe_stats(&node.peers, &member.address, timeout).await {
+                        Ok(stats) => (pb::MemberState::Up, Some(stats), String::new()),
+                        Err(why) => (pb::MemberState::Up, None, why),
+                    }
+                };
+                pb::Member {
+                    address: member.address.clone(),
+                    node_id: member.node_id,
+                    state: state as i32,
+                    stats,
+                    error,
+                    phi: health.phi,
                 }
-            };
-            pb::Member {
-                address: member.address.clone(),
-                node_id: member.node_id,
-                state: state as i32,
-                stats,
-                error,
-            }
-        });
+            });
         let members = futures::future::join_all(probes).await;
         Ok(Response::new(pb::StatusResponse {
             address: node.me.address.clone(),

@@ -70,13 +70,20 @@ async fn put_get_delete_status_and_exit_codes() {
     // quorum write fails with exit code 3 and says why.
     cluster.kill(1);
     cluster.kill(2);
-    let status = client(&cluster, &["status"]);
-    assert_eq!(
-        text(&status.stdout).matches(" DOWN ").count(),
-        2,
-        "{}",
-        text(&status.stdout)
-    );
+    // The failure detector convicts them about a second after their last heartbeat.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = client(&cluster, &["status"]);
+        if text(&status.stdout).matches(" DOWN ").count() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw both DOWN:\n{}",
+            text(&status.stdout)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let unavailable = client(&cluster, &["PUT", "k", "v"]);
     assert_eq!(unavailable.status.code(), Some(3));
     assert!(

@@ -204,8 +204,16 @@ fn status_table(status: &pb::StatusResponse) -> String {
         status.vnodes
     );
     table.push_str(&format!(
-        "{:<22} {:<17} {:<5} {:>10} {:>10} {:>12} {:>9}  {}\n",
-        "ADDRESS", "NODE ID", "STATE", "LIVE KEYS", "TOMBSTONES", "LAMPORT", "UPTIME", "NOTE"
+        "{:<22} {:<17} {:<5} {:>5} {:>10} {:>10} {:>12} {:>9}  {}\n",
+        "ADDRESS",
+        "NODE ID",
+        "STATE",
+        "PHI",
+        "LIVE KEYS",
+        "TOMBSTONES",
+        "LAMPORT",
+        "UPTIME",
+        "NOTE"
     ));
     for member in &status.members {
         let up = member.state == pb::MemberState::Up as i32;
@@ -224,10 +232,11 @@ fn status_table(status: &pb::StatusResponse) -> String {
             member.error.clone()
         };
         table.push_str(&format!(
-            "{:<22} {:016x}  {:<5} {:>10} {:>10} {:>12} {:>9}  {}\n",
+            "{:<22} {:016x}  {:<5} {:>5.1} {:>10} {:>10} {:>12} {:>9}  {}\n",
             member.address,
             member.node_id,
             if up { "UP" } else { "DOWN" },
+            member.phi.min(99.9),
             keys,
             tombstones,
             lamport,

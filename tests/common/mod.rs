@@ -194,6 +194,60 @@ impl TestCluster {
         }
     }
 
+    /// Sends a signal (e.g. "-STOP", "-CONT") to node `i`.
+    pub fn signal(&self, i: usize, signal: &str) {
+        let pid = self.nodes[i].pid().expect("node is running");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
+    /// Freezes node `i` (SIGSTOP): its sockets stay open but it answers nothing.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// Unfreezes node `i` (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    /// Polls node `observer`'s Cluster.Status until `member` is in `state`.
+    pub async fn wait_member_state(
+        &self,
+        observer: usize,
+        member: usize,
+        state: pb::MemberState,
+        within: Duration,
+    ) {
+        let deadline = Instant::now() + within;
+        let address = self.nodes[member].address.clone();
+        loop {
+            let status = self
+                .cluster(observer)
+                .await
+                .status(pb::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            let seen = status
+                .members
+                .iter()
+                .find(|m| m.address == address)
+                .map(|m| m.state);
+            if seen == Some(state as i32) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{address} not {state:?} after {within:?}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sends SIGTERM to node `i` and waits (bounded) for it to exit.
     pub fn terminate(&mut self, i: usize) -> std::process::ExitStatus {
         let mut child = self.nodes[i].child.take().expect("node is running");
@@ -257,6 +311,8 @@ impl Drop for TestCluster {
         let panicking = std::thread::panicking();
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
+                // A paused node must be resumed to die promptly on SIGKILL? No:
+                // SIGKILL works on stopped processes too.
                 let _ = child.kill();
                 let _ = child.wait();
             }
