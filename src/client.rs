@@ -193,6 +193,11 @@ impl Client {
 
     /// Reads `key` with its version (a tombstone when it was deleted).
     pub async fn get_record(&self, key: &str) -> Result<Option<Record>> {
+        if self.options.consistency == Consistency::Any {
+            return Err(Error::InvalidArgument(
+                "consistency ANY applies to writes only; read at ONE, QUORUM or ALL".into(),
+            ));
+        }
         let replicas = self
             .replicas_of(key)
             .iter()

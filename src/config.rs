@@ -87,6 +87,19 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 8.0)]
     pub phi_threshold: f64,
 
+    /// Most hints (writes kept for replicas that are down) this node holds.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_hints: u64,
+
+    /// Hints older than this many seconds are dropped instead of delivered
+    /// (anti-entropy repairs what they carried).
+    #[arg(long, default_value_t = 3 * 3600)]
+    pub max_hint_age_secs: u64,
+
+    /// How often hints are offered to replicas that are back, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub hint_delivery_interval_ms: u64,
+
     /// Longest key accepted, in bytes of UTF-8.
     #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
     pub max_key_bytes: usize,

@@ -34,13 +34,15 @@ use tokio_util::task::TaskTracker;
 use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::failure::FailureDetector;
-use crate::net::{PeerPool, ReplicaError, ReplicaHandle};
+use crate::hints::{Hint, HintStore, now_ms};
+use crate::net::{PeerPool, ReplicaError, ReplicaHandle, call_within};
+use crate::pb;
 use crate::quorum::{
     Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply, WriteTally,
 };
 use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
-use crate::ring::Ring;
+use crate::ring::{Ring, node_id_for};
 
 /// Most write rounds (re-stamps) before giving up on a hotly contended key.
 const MAX_WRITE_ROUNDS: usize = 10;
@@ -268,6 +270,8 @@ pub struct Coordinator {
     background: Background,
     /// Which peers are believed down (std mutex: held for a lookup).
     liveness: Arc<Mutex<FailureDetector>>,
+    /// Stores hints for replicas that miss writes.
+    hinter: Hinter,
 }
 
 impl Coordinator {
@@ -282,7 +286,17 @@ impl Coordinator {
         request_timeout: Duration,
         background: Background,
         liveness: Arc<Mutex<FailureDetector>>,
+        hints: Arc<HintStore>,
     ) -> Self {
+        let hinter = Hinter {
+            ring: ring.clone(),
+            replicas,
+            self_address: self_address.clone(),
+            local: hints,
+            liveness: liveness.clone(),
+            peers: peers.clone(),
+            rpc_timeout,
+        };
         Self {
             local,
             self_address,
@@ -293,6 +307,7 @@ impl Coordinator {
             request_timeout,
             background,
             liveness,
+            hinter,
         }
     }
 
@@ -395,9 +410,13 @@ impl Coordinator {
                 value: value.clone(),
             };
             let mut tally = WriteTally::new(version, needed, replicas.len());
-            for replica in replicas.iter().filter(|r| r.believed_down.is_some()) {
-                let why = replica.believed_down.clone().unwrap_or_default();
-                tally.record(&replica.address, WriteReply::Failed(why));
+            // Replicas that failed this round: they get hints if the write succeeds.
+            let mut failed: Vec<usize> = Vec::new();
+            for (index, replica) in replicas.iter().enumerate() {
+                if let Some(why) = &replica.believed_down {
+                    tally.record(&replica.address, WriteReply::Failed(why.clone()));
+                    failed.push(index);
+                }
             }
             let mut in_flight: FuturesUnordered<WriteReplyFuture> = replicas
                 .iter()
@@ -423,17 +442,33 @@ impl Coordinator {
                         self.local.observe(outcome.held);
                         WriteReply::Holds(outcome.held)
                     }
-                    Err(why) => WriteReply::Failed(why),
+                    Err(why) => {
+                        failed.push(index);
+                        WriteReply::Failed(why)
+                    }
                 };
                 tally.record(&replicas[index].address, reply);
             };
-            // Let the rest of this round reach its replicas.
+            let succeeded = matches!(decision, WriteDecision::Acknowledged { .. });
+            // Let the rest of this round reach its replicas; a replica that
+            // fails now still gets a hint if the write succeeded.
             if !in_flight.is_empty() {
-                self.background
-                    .spawn(async move { while in_flight.next().await.is_some() {} });
+                let hinter = self.hinter.clone();
+                let (addresses, key, record) =
+                    (addresses_of(&replicas), key.to_string(), record.clone());
+                self.background.spawn(async move {
+                    while let Some((index, reply)) = in_flight.next().await {
+                        if succeeded && reply.is_err() {
+                            hinter.send_logged(&addresses[index], &key, &record).await;
+                        }
+                    }
+                });
             }
             match decision {
-                WriteDecision::Acknowledged { acks } => return Ok(WriteAck { version, acks }),
+                WriteDecision::Acknowledged { acks } => {
+                    self.hint_in_background(&replicas, &failed, key, &record);
+                    return Ok(WriteAck { version, acks });
+                }
                 WriteDecision::Restamp { above } => {
                     tracing::debug!(key, %version, %above, "a replica holds a newer version; re-stamping");
                     self.local.observe(above);
@@ -443,6 +478,20 @@ impl Coordinator {
                     version = self.local.next_version()?;
                 }
                 WriteDecision::Failed | WriteDecision::Pending => {
+                    if consistency == Consistency::Any {
+                        // No replica holds it: a stored hint is enough for ANY.
+                        let sends = failed
+                            .iter()
+                            .map(|&i| self.hinter.send(&replicas[i].address, key, &record));
+                        let stored = futures::future::join_all(sends)
+                            .await
+                            .iter()
+                            .filter(|r| r.is_ok())
+                            .count();
+                        if stored > 0 {
+                            return Ok(WriteAck { version, acks: 0 });
+                        }
+                    }
                     return Err(Error::QuorumNotReached {
                         operation,
                         consistency: consistency.name(),
@@ -457,6 +506,104 @@ impl Coordinator {
         Err(Error::Unavailable(format!(
             "{operation} of {key:?} gave up after {MAX_WRITE_ROUNDS} rounds: replicas kept reporting newer versions (heavy concurrent writing to this key)"
         )))
+    }
+
+    /// Stores hints for the replicas that missed an acknowledged write.
+    fn hint_in_background(
+        &self,
+        replicas: &[ReplicaHandle],
+        failed: &[usize],
+        key: &str,
+        record: &Record,
+    ) {
+        if failed.is_empty() {
+            return;
+        }
+        let hinter = self.hinter.clone();
+        let targets: Vec<String> = failed
+            .iter()
+            .map(|&i| replicas[i].address.clone())
+            .collect();
+        let (key, record) = (key.to_string(), record.clone());
+        self.background.spawn(async move {
+            for target in targets {
+                hinter.send_logged(&target, &key, &record).await;
+            }
+        });
+    }
+}
+
+fn addresses_of(replicas: &[ReplicaHandle]) -> Vec<String> {
+    replicas.iter().map(|r| r.address.clone()).collect()
+}
+
+/// Stores hints on the right node: the first live node clockwise beyond the
+/// key's preference list (the coordinator itself when none is).
+#[derive(Clone)]
+pub struct Hinter {
+    /// The ring all nodes share.
+    ring: Arc<Ring>,
+    /// Replicas per key, N.
+    replicas: usize,
+    /// This node's address.
+    self_address: String,
+    /// This node's hint store.
+    local: Arc<HintStore>,
+    /// Which peers are believed down.
+    liveness: Arc<Mutex<FailureDetector>>,
+    /// Channels to peers.
+    peers: Arc<PeerPool>,
+    /// Deadline of the StoreHint call.
+    rpc_timeout: Duration,
+}
+
+impl Hinter {
+    /// Where a hint for `key` should be kept.
+    fn holder(&self, key: &str) -> String {
+        let everyone = self
+            .ring
+            .preference_list(key.as_bytes(), self.ring.members().len());
+        let liveness = self.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        everyone
+            .into_iter()
+            .skip(self.replicas)
+            .find(|m| liveness.is_up(&m.address, now))
+            .map(|m| m.address.clone())
+            .unwrap_or_else(|| self.self_address.clone())
+    }
+
+    /// Stores a hint for `target` (a replica of `key` that missed `record`).
+    pub async fn send(&self, target: &str, key: &str, record: &Record) -> Result<(), String> {
+        let holder = self.holder(key);
+        if holder == self.self_address {
+            let hint = Hint {
+                target: node_id_for(target),
+                key: key.to_string(),
+                record: record.clone(),
+                created_ms: now_ms(),
+            };
+            return self.local.store(&hint).map_err(|e| e.to_string());
+        }
+        let mut client = self
+            .peers
+            .replica_client(&holder)
+            .map_err(|e| e.to_string())?;
+        let request = pb::StoreHintRequest {
+            target: target.to_string(),
+            key: key.to_string(),
+            record: Some(record.into()),
+        };
+        call_within(self.rpc_timeout, client.store_hint(request))
+            .await
+            .map(|_| ())
+            .map_err(|why| format!("{holder}: {why}"))
+    }
+
+    async fn send_logged(&self, target: &str, key: &str, record: &Record) {
+        if let Err(why) = self.send(target, key, record).await {
+            tracing::warn!(target, key, %why, "could not store a hint; anti-entropy will repair the replica");
+        }
     }
 }
 

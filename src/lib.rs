@@ -22,6 +22,7 @@ pub mod config;
 pub mod coordinator;
 pub mod error;
 pub mod failure;
+pub mod hints;
 pub mod limits;
 pub mod net;
 pub mod node;

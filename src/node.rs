@@ -22,10 +22,12 @@ use tonic::transport::Server;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
+use crate::clock::NodeId;
 use crate::config::ServerConfig;
 use crate::coordinator::{Background, Coordinator};
 use crate::error::{Error, Result};
 use crate::failure::FailureDetector;
+use crate::hints::HintStore;
 use crate::limits::Limits;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
@@ -63,6 +65,8 @@ pub struct Node {
     started: Instant,
     /// Which peers are believed down (std mutex: held for a lookup or an update).
     liveness: Arc<Mutex<FailureDetector>>,
+    /// Writes this node keeps for replicas that were down.
+    hints: Arc<HintStore>,
 }
 
 impl Node {
@@ -135,6 +139,14 @@ impl Node {
             config.heartbeat_interval(),
             config.phi_threshold,
         )));
+        let hints = Arc::new(HintStore::open(
+            storage.clone(),
+            config.max_hints,
+            Duration::from_secs(config.max_hint_age_secs),
+        )?);
+        if !hints.is_empty() {
+            tracing::info!(hints = hints.len(), "hints waiting for delivery");
+        }
         let coordinator = Arc::new(Coordinator::new(
             replica.clone(),
             me.address.clone(),
@@ -145,6 +157,7 @@ impl Node {
             config.request_timeout(),
             background.clone(),
             liveness.clone(),
+            hints.clone(),
         ));
         Ok(Arc::new(Self {
             config,
@@ -160,6 +173,7 @@ impl Node {
             shutdown,
             started: Instant::now(),
             liveness,
+            hints,
         }))
     }
 
@@ -179,6 +193,8 @@ impl Node {
             lamport: stats.lamport,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             read_repairs: self.background.repairs_sent(),
+            hints_pending: self.hints.len(),
+            hints_delivered: self.hints.delivered(),
         }
     }
 
@@ -237,6 +253,88 @@ impl Node {
                 }
             }
         })
+    }
+
+    /// Every `--hint-delivery-interval-ms`, offers held hints to their
+    /// replicas that the failure detector sees up, until shutdown.
+    fn start_hint_delivery(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let interval = Duration::from_millis(node.config.hint_delivery_interval_ms.max(10));
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = node.shutdown.cancelled() => break,
+                }
+                for target in node.hints.targets() {
+                    tokio::select! {
+                        result = node.deliver_hints(target) => {
+                            if let Err(why) = result {
+                                tracing::debug!(%why, "hint delivery paused");
+                            }
+                        }
+                        () = node.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        })
+    }
+
+    /// Delivers `target`'s hints, oldest first, while it accepts them.
+    async fn deliver_hints(&self, target: NodeId) -> Result<(), String> {
+        let Some(member) = self.ring.member(target) else {
+            // Not a member any more: nobody to deliver to.
+            for (id, _) in self
+                .hints
+                .for_target(target, usize::MAX)
+                .map_err(|e| e.to_string())?
+            {
+                self.hints
+                    .remove(&id, target, false)
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(());
+        };
+        if !self
+            .liveness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_up(&member.address, Instant::now())
+        {
+            return Ok(());
+        }
+        let replica = self
+            .peers
+            .replica_handle(&member.address, None)
+            .map_err(|e| e.to_string())?;
+        let timeout = self.config.rpc_timeout();
+        loop {
+            let batch = self
+                .hints
+                .for_target(target, 256)
+                .map_err(|e| e.to_string())?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let now = crate::hints::now_ms();
+            for (id, hint) in batch {
+                if hint.expired(now, self.hints.max_age) {
+                    self.hints
+                        .remove(&id, target, false)
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
+                replica
+                    .write(&hint.key, &hint.record, timeout)
+                    .await
+                    .map_err(|why| format!("{}: {why}", member.address))?;
+                self.hints
+                    .remove(&id, target, true)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
     }
 
     /// Fsyncs every `--fsync-interval-ms` until shutdown (periodic policy).
@@ -301,6 +399,7 @@ where
 
     let fsync_task = node.start_periodic_fsync();
     let heartbeat_task = node.start_heartbeats();
+    let hint_task = node.start_hint_delivery();
     for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
         health
             .set_service_status(service, tonic_health::ServingStatus::Serving)
@@ -346,6 +445,7 @@ where
         let _ = task.await;
     }
     let _ = heartbeat_task.await;
+    let _ = hint_task.await;
     let storage = node.storage.clone();
     tokio::task::spawn_blocking(move || storage.sync())
         .await
@@ -404,7 +504,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;
-        let consistency = pb::consistency_from(request.consistency)?;
+        let consistency = pb::read_consistency_from(request.consistency)?;
         let record = node.coordinator.get(&request.key, consistency).await?;
         Ok(Response::new(get_response(record)))
     }
@@ -496,6 +596,38 @@ impl pb::replica_server::Replica for ReplicaService {
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
         Ok(Response::new(self.0.local_stats()))
+    }
+
+    async fn store_hint(
+        &self,
+        request: Request<pb::StoreHintRequest>,
+    ) -> Result<Response<pb::StoreHintResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.limits.check_key(&request.key)?;
+        let target = node
+            .ring
+            .members()
+            .iter()
+            .find(|m| m.address == request.target)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "hint target {:?} is not a cluster member",
+                    request.target
+                ))
+            })?;
+        let record: Record = request
+            .record
+            .ok_or_else(|| Error::InvalidArgument("record is required".into()))?
+            .try_into()?;
+        node.replica.observe(record.version);
+        node.hints.store(&crate::hints::Hint {
+            target: target.node_id,
+            key: request.key,
+            record,
+            created_ms: crate::hints::now_ms(),
+        })?;
+        Ok(Response::new(pb::StoreHintResponse {}))
     }
 
     async fn ping(

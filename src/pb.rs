@@ -62,14 +62,25 @@ impl TryFrom<Record> for record::Record {
     }
 }
 
+/// Reads the consistency field of a read request: ANY is refused.
+pub fn read_consistency_from(raw: i32) -> Result<quorum::Consistency, Error> {
+    match consistency_from(raw)? {
+        quorum::Consistency::Any => Err(Error::InvalidArgument(
+            "consistency ANY applies to writes only; read at ONE, QUORUM or ALL".into(),
+        )),
+        other => Ok(other),
+    }
+}
+
 /// Reads the consistency field of a request: unspecified means QUORUM.
 pub fn consistency_from(raw: i32) -> Result<quorum::Consistency, Error> {
     match Consistency::try_from(raw) {
         Ok(Consistency::Unspecified | Consistency::Quorum) => Ok(quorum::Consistency::Quorum),
         Ok(Consistency::One) => Ok(quorum::Consistency::One),
         Ok(Consistency::All) => Ok(quorum::Consistency::All),
+        Ok(Consistency::Any) => Ok(quorum::Consistency::Any),
         Err(_) => Err(Error::InvalidArgument(format!(
-            "unknown consistency {raw}; use 0 (default, QUORUM), 1 (ONE), 2 (QUORUM) or 3 (ALL)"
+            "unknown consistency {raw}; use 0 (default, QUORUM), 1 (ONE), 2 (QUORUM), 3 (ALL) or 4 (ANY, writes only)"
         ))),
     }
 }
@@ -80,6 +91,7 @@ impl From<quorum::Consistency> for Consistency {
             quorum::Consistency::One => Consistency::One,
             quorum::Consistency::Quorum => Consistency::Quorum,
             quorum::Consistency::All => Consistency::All,
+            quorum::Consistency::Any => Consistency::Any,
         }
     }
 }

@@ -21,13 +21,15 @@ pub enum Consistency {
     One,
     Quorum,
     All,
+    /// Writes only: one replica, or one stored hint, is enough.
+    Any,
 }
 
 impl Consistency {
     /// Replies needed out of `replicas`: 1, `replicas / 2 + 1`, or all.
     pub fn required(self, replicas: usize) -> usize {
         match self {
-            Consistency::One => replicas.min(1),
+            Consistency::One | Consistency::Any => replicas.min(1),
             Consistency::Quorum => {
                 if replicas == 0 {
                     0
@@ -44,6 +46,7 @@ impl Consistency {
             Consistency::One => "ONE",
             Consistency::Quorum => "QUORUM",
             Consistency::All => "ALL",
+            Consistency::Any => "ANY",
         }
     }
 }

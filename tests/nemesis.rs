@@ -24,6 +24,10 @@ use common::TestCluster;
 use dkvs::client::{Client, ClientOptions};
 use dkvs::clock::Version;
 
+/// A read's result: `None` = key never seen; else the version and the value
+/// (`None` for a tombstone).
+type ReadResult = Option<(Version, Option<Vec<u8>>)>;
+
 /// What one operation did.
 #[derive(Clone, Debug)]
 enum Outcome {
@@ -31,7 +35,7 @@ enum Outcome {
     Written(Version),
     /// GET answered: `None` = key never seen; `Some((version, value))`, value
     /// `None` for a tombstone.
-    Read(Option<(Version, Option<Vec<u8>>)>),
+    Read(ReadResult),
     /// The operation failed; it may or may not have taken effect.
     Failed(String),
 }
@@ -117,10 +121,7 @@ async fn run_client(
 }
 
 /// Checks the history; returns the violations found.
-fn check(
-    history: &[Op],
-    finals: &HashMap<String, Option<(Version, Option<Vec<u8>>)>>,
-) -> Vec<String> {
+fn check(history: &[Op], finals: &HashMap<String, ReadResult>) -> Vec<String> {
     let mut violations = Vec::new();
     // Values ever attempted per key, and the value of each acknowledged version.
     let mut attempted: HashMap<&str, Vec<&[u8]>> = HashMap::new();
@@ -340,7 +341,7 @@ fn the_checker_flags_stale_reads_lost_writes_and_invented_values() {
         end: at(end),
         outcome: Outcome::Written(version),
     };
-    let read = |result: Option<(Version, Option<Vec<u8>>)>, start: u64| Op {
+    let read = |result: ReadResult, start: u64| Op {
         client: 1,
         key: "k".into(),
         wrote: None,

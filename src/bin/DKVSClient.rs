@@ -45,6 +45,8 @@ enum ConsistencyArg {
     One,
     Quorum,
     All,
+    /// Writes only: one replica or one stored hint is enough.
+    Any,
 }
 
 impl From<ConsistencyArg> for Consistency {
@@ -53,6 +55,7 @@ impl From<ConsistencyArg> for Consistency {
             ConsistencyArg::One => Consistency::One,
             ConsistencyArg::Quorum => Consistency::Quorum,
             ConsistencyArg::All => Consistency::All,
+            ConsistencyArg::Any => Consistency::Any,
         }
     }
 }
@@ -217,14 +220,15 @@ fn status_table(status: &pb::StatusResponse) -> String {
     ));
     for member in &status.members {
         let up = member.state == pb::MemberState::Up as i32;
-        let (keys, tombstones, lamport, uptime) = match &member.stats {
+        let (keys, tombstones, hints, lamport, uptime) = match &member.stats {
             Some(s) => (
                 s.live_keys.to_string(),
                 s.tombstones.to_string(),
+                s.hints_pending.to_string(),
                 s.lamport.to_string(),
                 format!("{}s", s.uptime_ms / 1000),
             ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into()),
+            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
         };
         let note = if member.address == status.address {
             "(this node)".to_string()
@@ -232,13 +236,14 @@ fn status_table(status: &pb::StatusResponse) -> String {
             member.error.clone()
         };
         table.push_str(&format!(
-            "{:<22} {:016x}  {:<5} {:>5.1} {:>10} {:>10} {:>12} {:>9}  {}\n",
+            "{:<22} {:016x}  {:<5} {:>5.1} {:>10} {:>10} {:>7} {:>12} {:>9}  {}\n",
             member.address,
             member.node_id,
             if up { "UP" } else { "DOWN" },
             member.phi.min(99.9),
             keys,
             tombstones,
+            hints,
             lamport,
             uptime,
             note

@@ -21,6 +21,8 @@ pub struct FjallStorage {
     records: Keyspace,
     /// Named numbers.
     meta: Keyspace,
+    /// Hints for other replicas.
+    hints: Keyspace,
     /// When writes are fsynced.
     fsync: FsyncPolicy,
 }
@@ -31,10 +33,12 @@ impl FjallStorage {
         let db = Database::builder(dir).open()?;
         let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let hints = db.keyspace("hints", KeyspaceCreateOptions::default)?;
         Ok(Self {
             db,
             records,
             meta,
+            hints,
             fsync,
         })
     }
@@ -98,6 +102,28 @@ impl Storage for FjallStorage {
     fn sync(&self) -> Result<()> {
         self.db.persist(PersistMode::SyncAll)?;
         Ok(())
+    }
+
+    fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
+        self.hints.insert(id, bytes)?;
+        if self.fsync == FsyncPolicy::Always {
+            self.db.persist(PersistMode::SyncData)?;
+        }
+        Ok(())
+    }
+
+    fn delete_hint(&self, id: &[u8]) -> Result<()> {
+        self.hints.remove(id)?;
+        Ok(())
+    }
+
+    fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.hints.prefix(prefix).take(limit) {
+            let (id, bytes) = item.into_inner()?;
+            out.push((id.to_vec(), bytes.to_vec()));
+        }
+        Ok(out)
     }
 }
 

@@ -14,6 +14,8 @@ pub struct MemoryStorage {
     data: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
     /// Metadata numbers.
     meta: Mutex<BTreeMap<String, u64>>,
+    /// Hints by id.
+    hints: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
 impl MemoryStorage {
@@ -78,5 +80,24 @@ impl Storage for MemoryStorage {
 
     fn sync(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
+        lock(&self.hints).insert(id.to_vec(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn delete_hint(&self, id: &[u8]) -> Result<()> {
+        lock(&self.hints).remove(id);
+        Ok(())
+    }
+
+    fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        Ok(lock(&self.hints)
+            .range(prefix.to_vec()..)
+            .take_while(|(id, _)| id.starts_with(prefix))
+            .take(limit)
+            .map(|(id, bytes)| (id.clone(), bytes.clone()))
+            .collect())
     }
 }

@@ -60,4 +60,13 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Forces every write so far to stable storage.
     fn sync(&self) -> Result<()>;
+
+    /// Stores a hint (see [`crate::hints`]) under `id`.
+    fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()>;
+
+    /// Deletes the hint stored under `id`.
+    fn delete_hint(&self, id: &[u8]) -> Result<()>;
+
+    /// Up to `limit` hints whose id starts with `prefix`, in id order.
+    fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
 }
