@@ -405,10 +405,7 @@ impl Coordinator {
         let needed = consistency.required(replicas.len());
         let mut version = self.local.next_version()?;
         for round in 0..MAX_WRITE_ROUNDS {
-            let record = Record {
-                version,
-                value: value.clone(),
-            };
+            let record = Record::new(version, value.clone(), now_ms());
             let mut tally = WriteTally::new(version, needed, replicas.len());
             // Replicas that failed this round: they get hints if the write succeeds.
             let mut failed: Vec<usize> = Vec::new();

@@ -535,6 +535,7 @@ pub fn get_response(record: Option<Record>) -> pb::GetResponse {
         Some(Record {
             version,
             value: Some(value),
+            ..
         }) => pb::GetResponse {
             found: true,
             value,
@@ -543,6 +544,7 @@ pub fn get_response(record: Option<Record>) -> pb::GetResponse {
         Some(Record {
             version,
             value: None,
+            ..
         }) => pb::GetResponse {
             found: false,
             value: Default::default(),

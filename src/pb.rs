@@ -37,6 +37,7 @@ impl From<&record::Record> for Record {
             version: Some(r.version.into()),
             tombstone: r.is_tombstone(),
             value: r.value.clone().unwrap_or_default(),
+            deleted_at_ms: r.deleted_at_ms,
         }
     }
 }
@@ -55,7 +56,7 @@ impl TryFrom<Record> for record::Record {
                     "a tombstone record must not carry a value".into(),
                 ));
             }
-            Ok(record::Record::tombstone(version))
+            Ok(record::Record::tombstone_at(version, r.deleted_at_ms))
         } else {
             Ok(record::Record::value(version, r.value))
         }
@@ -121,6 +122,7 @@ mod tests {
             version: None,
             tombstone: false,
             value: Default::default(),
+            deleted_at_ms: 0,
         };
         assert!(record::Record::try_from(missing).is_err());
         let domain = record::Record::value(clock::Version::new(3, 4), &b"v"[..]);

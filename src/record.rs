@@ -1,7 +1,9 @@
 //! One stored version of a key: a value or a tombstone, and its encoding.
 //!
-//! The on-disk encoding is fixed-width header + value:
-//! `lamport: u64 LE | node_id: u64 LE | kind: u8 (0 value, 1 tombstone) | value`.
+//! The on-disk encoding is fixed-width header + body:
+//! `lamport: u64 LE | node_id: u64 LE | kind: u8 (0 value, 1 tombstone) | body`,
+//! where the body is the value, or for a tombstone its deletion time
+//! (`u64 LE`, milliseconds since the Unix epoch).
 //! Decoding never panics: a short or unknown record is a [`DecodeError`].
 
 use bytes::Bytes;
@@ -15,6 +17,9 @@ pub struct Record {
     pub version: Version,
     /// The value, or `None` when the key was deleted.
     pub value: Option<Bytes>,
+    /// For a tombstone: when the delete was coordinated (ms since the Unix
+    /// epoch); tombstone GC counts `--tombstone-grace` from it. 0 for values.
+    pub deleted_at_ms: u64,
 }
 
 const HEADER_LEN: usize = 17;
@@ -31,13 +36,30 @@ impl Record {
         Self {
             version,
             value: Some(value.into()),
+            deleted_at_ms: 0,
         }
     }
 
+    /// A tombstone with an unknown deletion time (0: old enough to collect
+    /// as soon as every replica holds it).
     pub fn tombstone(version: Version) -> Self {
+        Self::tombstone_at(version, 0)
+    }
+
+    /// A tombstone for a delete coordinated at `deleted_at_ms`.
+    pub fn tombstone_at(version: Version, deleted_at_ms: u64) -> Self {
         Self {
             version,
             value: None,
+            deleted_at_ms,
+        }
+    }
+
+    /// A value (`Some`) or a tombstone deleted now (`None`).
+    pub fn new(version: Version, value: Option<Bytes>, now_ms: u64) -> Self {
+        match value {
+            Some(value) => Self::value(version, value),
+            None => Self::tombstone_at(version, now_ms),
         }
     }
 
@@ -46,7 +68,8 @@ impl Record {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let value = self.value.as_deref().unwrap_or_default();
+        let deleted_at = self.deleted_at_ms.to_le_bytes();
+        let value = self.value.as_deref().unwrap_or(&deleted_at);
         let mut out = Vec::with_capacity(HEADER_LEN + value.len());
         out.extend_from_slice(&self.version.lamport.to_le_bytes());
         out.extend_from_slice(&self.version.node_id.to_le_bytes());
@@ -73,7 +96,11 @@ impl Record {
         match kind[0] {
             KIND_VALUE => Ok(Self::value(version, Bytes::copy_from_slice(value))),
             KIND_TOMBSTONE if value.is_empty() => Ok(Self::tombstone(version)),
-            KIND_TOMBSTONE => Err(DecodeError("tombstone with a value".into())),
+            KIND_TOMBSTONE if value.len() == 8 => Ok(Self::tombstone_at(version, le_u64(value))),
+            KIND_TOMBSTONE => Err(DecodeError(format!(
+                "tombstone with a {}-byte body (expected 8)",
+                value.len()
+            ))),
             other => Err(DecodeError(format!("unknown record kind {other}"))),
         }
     }
@@ -106,6 +133,8 @@ mod tests {
         assert_eq!(Record::decode(&empty.encode()), Ok(empty));
         let tombstone = Record::tombstone(Version::new(u64::MAX, 1));
         assert_eq!(Record::decode(&tombstone.encode()), Ok(tombstone));
+        let dated = Record::tombstone_at(Version::new(2, 1), 1_700_000_000_000);
+        assert_eq!(Record::decode(&dated.encode()), Ok(dated));
     }
 
     #[test]

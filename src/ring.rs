@@ -111,6 +111,70 @@ impl Ring {
         chosen.into_iter().map(|i| &self.members[i]).collect()
     }
 
+    /// Number of token ranges: one per token. Range `i` holds the hashes in
+    /// `(token[i-1], token[i]]` (range 0 wraps around zero), and every key in
+    /// a range has the same preference list.
+    pub fn range_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The token range a key hash falls in.
+    pub fn range_of(&self, hash: u64) -> usize {
+        if self.tokens.is_empty() {
+            return 0;
+        }
+        self.tokens.partition_point(|&(token, _)| token < hash) % self.tokens.len()
+    }
+
+    /// The hash intervals of range `i`, as inclusive `(first, last)` pairs
+    /// (two for the range that wraps around zero).
+    pub fn range_hashes(&self, i: usize) -> Vec<(u64, u64)> {
+        let Some(&(end, _)) = self.tokens.get(i) else {
+            return Vec::new();
+        };
+        if i == 0 {
+            let (last, _) = self.tokens[self.tokens.len() - 1];
+            let mut parts = vec![(0, end)];
+            if last < u64::MAX {
+                parts.push((last + 1, u64::MAX));
+            }
+            if self.tokens.len() == 1 {
+                // One token owns the whole circle.
+                return vec![(0, u64::MAX)];
+            }
+            parts
+        } else {
+            let (start, _) = self.tokens[i - 1];
+            if start == end { Vec::new() } else { vec![(start + 1, end)] }
+        }
+    }
+
+    /// The replicas of every key in range `i`.
+    pub fn range_replicas(&self, i: usize, n: usize) -> Vec<&Member> {
+        let wanted = n.min(self.members.len());
+        let mut chosen: Vec<usize> = Vec::with_capacity(wanted);
+        for step in 0..self.tokens.len() {
+            if chosen.len() == wanted {
+                break;
+            }
+            let (_, index) = self.tokens[(i + step) % self.tokens.len()];
+            if !chosen.contains(&index) {
+                chosen.push(index);
+            }
+        }
+        chosen.into_iter().map(|index| &self.members[index]).collect()
+    }
+
+    /// The ranges whose replicas include both `a` and `b`, in order.
+    pub fn shared_ranges(&self, a: &str, b: &str, n: usize) -> Vec<usize> {
+        (0..self.range_count())
+            .filter(|&i| {
+                let replicas = self.range_replicas(i, n);
+                replicas.iter().any(|m| m.address == a) && replicas.iter().any(|m| m.address == b)
+            })
+            .collect()
+    }
+
     /// The key's first replica (its coordinator of choice).
     pub fn primary(&self, key: &[u8]) -> Option<&Member> {
         self.preference_list(key, 1).into_iter().next()
@@ -204,6 +268,30 @@ mod tests {
             share * 100.0,
             ideal * 100.0
         );
+    }
+
+    #[test]
+    fn ranges_partition_the_circle_and_share_preference_lists() {
+        let ring = Ring::new(members(5), 16);
+        assert_eq!(ring.range_count(), 80);
+        for i in 0..10_000 {
+            let k = key(i);
+            let range = ring.range_of(key_hash(&k));
+            let inside = ring
+                .range_hashes(range)
+                .iter()
+                .any(|&(first, last)| (first..=last).contains(&key_hash(&k)));
+            assert!(inside, "key {i} outside its range");
+            assert_eq!(ring.preference_list(&k, 3), ring.range_replicas(range, 3));
+        }
+        // The intervals cover every hash exactly once.
+        let covered: u128 = (0..ring.range_count())
+            .flat_map(|r| ring.range_hashes(r))
+            .map(|(first, last)| (last - first) as u128 + 1)
+            .sum();
+        assert_eq!(covered, u64::MAX as u128 + 1);
+        let shared = ring.shared_ranges("127.0.0.1:7001", "127.0.0.1:7002", 3);
+        assert!(!shared.is_empty() && shared.len() < ring.range_count());
     }
 
     #[test]

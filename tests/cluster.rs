@@ -574,6 +574,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
                         version: None,
                         tombstone: false,
                         value: b"x".to_vec().into(),
+                        deleted_at_ms: 0,
                     }),
                 })
                 .await

@@ -80,6 +80,28 @@ impl Storage for FjallStorage {
         Ok(())
     }
 
+    fn scan(&self, from: &[u8], to: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
+        let iter = match to {
+            Some(to) => self.records.range(from.to_vec()..to.to_vec()),
+            None => self.records.range(from.to_vec()..),
+        };
+        for item in iter {
+            let (key, bytes) = item.into_inner()?;
+            if let Ok(record) = Record::decode(&bytes) {
+                visit(&key, &record);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<()> {
+        self.records.remove(key)?;
+        if self.fsync == FsyncPolicy::Always {
+            self.db.persist(PersistMode::SyncData)?;
+        }
+        Ok(())
+    }
+
     fn get_meta(&self, name: &str) -> Result<Option<u64>> {
         let Some(bytes) = self.meta.get(name)? else {
             return Ok(None);

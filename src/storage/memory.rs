@@ -69,6 +69,24 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn scan(&self, from: &[u8], to: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
+        let data = lock(&self.data);
+        for (key, bytes) in data.range(from.to_vec()..) {
+            if to.is_some_and(|to| key.as_slice() >= to) {
+                break;
+            }
+            if let Ok(record) = Record::decode(bytes) {
+                visit(key, &record);
+            }
+        }
+        Ok(())
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<()> {
+        lock(&self.data).remove(key);
+        Ok(())
+    }
+
     fn get_meta(&self, name: &str) -> Result<Option<u64>> {
         Ok(lock(&self.meta).get(name).copied())
     }

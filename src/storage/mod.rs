@@ -52,6 +52,13 @@ pub trait Storage: Send + Sync + 'static {
         corrupt: &mut dyn FnMut(&[u8], String),
     ) -> Result<()>;
 
+    /// Visits the records whose storage keys are in `from..to` (`to: None`
+    /// = to the end), in key order; undecodable ones are skipped.
+    fn scan(&self, from: &[u8], to: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()>;
+
+    /// Removes `key` (used to purge tombstones).
+    fn delete(&self, key: &[u8]) -> Result<()>;
+
     /// A named number kept beside the data (e.g. the clock's ceiling).
     fn get_meta(&self, name: &str) -> Result<Option<u64>>;
 
