@@ -100,6 +100,17 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 1000)]
     pub hint_delivery_interval_ms: u64,
 
+    /// Seconds between anti-entropy rounds: each node compares its hash tree
+    /// over shared token ranges with every live peer and copies what differs.
+    #[arg(long, default_value_t = 10)]
+    pub anti_entropy_interval: u64,
+
+    /// Seconds a tombstone is kept after its delete before it may be purged
+    /// (only once every replica of the key holds it). Must exceed
+    /// --max-hint-age-secs, so no hint can bring a purged key back.
+    #[arg(long, default_value_t = 86_400)]
+    pub tombstone_grace: u64,
+
     /// Longest key accepted, in bytes of UTF-8.
     #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
     pub max_key_bytes: usize,

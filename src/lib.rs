@@ -16,6 +16,7 @@
 //! * [`config`], [`limits`], [`error`], [`pb`] — settings, input limits, the
 //!   error type, and the protobuf edge.
 
+pub mod antientropy;
 pub mod client;
 pub mod clock;
 pub mod config;

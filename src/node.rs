@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
+use crate::antientropy::AntiEntropy;
 use crate::clock::NodeId;
 use crate::config::ServerConfig;
 use crate::coordinator::{Background, Coordinator};
@@ -67,6 +69,8 @@ pub struct Node {
     liveness: Arc<Mutex<FailureDetector>>,
     /// Writes this node keeps for replicas that were down.
     hints: Arc<HintStore>,
+    /// Background convergence and tombstone collection.
+    anti_entropy: Arc<AntiEntropy>,
 }
 
 impl Node {
@@ -123,7 +127,11 @@ impl Node {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
         };
-        let replica = Arc::new(ReplicaStore::open(me.node_id, storage.clone())?);
+        let replica = Arc::new(ReplicaStore::open(
+            me.node_id,
+            storage.clone(),
+            ring.clone(),
+        )?);
         let peers = Arc::new(PeerPool::new(
             dialer,
             max_message_bytes(limits.max_value_bytes),
@@ -147,6 +155,23 @@ impl Node {
         if !hints.is_empty() {
             tracing::info!(hints = hints.len(), "hints waiting for delivery");
         }
+        if config.tombstone_grace <= config.max_hint_age_secs {
+            return Err(Error::InvalidArgument(format!(
+                "--tombstone-grace ({} s) must exceed --max-hint-age-secs ({} s), or a late hint could bring a purged key back",
+                config.tombstone_grace, config.max_hint_age_secs
+            )));
+        }
+        let anti_entropy = Arc::new(AntiEntropy {
+            replica: replica.clone(),
+            ring: ring.clone(),
+            me: me.address.clone(),
+            replicas,
+            peers: peers.clone(),
+            liveness: liveness.clone(),
+            rpc_timeout: config.rpc_timeout(),
+            grace: Duration::from_secs(config.tombstone_grace),
+            stats: Arc::default(),
+        });
         let coordinator = Arc::new(Coordinator::new(
             replica.clone(),
             me.address.clone(),
@@ -174,6 +199,7 @@ impl Node {
             started: Instant::now(),
             liveness,
             hints,
+            anti_entropy,
         }))
     }
 
@@ -187,6 +213,7 @@ impl Node {
 
     fn local_stats(&self) -> pb::NodeStats {
         let stats = self.replica.stats();
+        let ae = &self.anti_entropy.stats;
         pb::NodeStats {
             live_keys: stats.live_keys,
             tombstones: stats.tombstones,
@@ -195,6 +222,10 @@ impl Node {
             read_repairs: self.background.repairs_sent(),
             hints_pending: self.hints.len(),
             hints_delivered: self.hints.delivered(),
+            anti_entropy_exchanges: ae.exchanges.load(Ordering::Relaxed),
+            anti_entropy_in_sync: ae.in_sync.load(Ordering::Relaxed),
+            anti_entropy_keys_repaired: ae.keys_repaired.load(Ordering::Relaxed),
+            tombstones_purged: ae.tombstones_purged.load(Ordering::Relaxed),
         }
     }
 
@@ -253,6 +284,38 @@ impl Node {
                 }
             }
         })
+    }
+
+    /// Every `--anti-entropy-interval` seconds, syncs with each live peer and
+    /// collects old tombstones, until shutdown.
+    fn start_anti_entropy(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let node = self.clone();
+        tokio::spawn(async move {
+            let interval = Duration::from_secs(node.config.anti_entropy_interval.max(1));
+            let mut ticker =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = node.shutdown.cancelled() => break,
+                }
+                tokio::select! {
+                    () = node.anti_entropy.round() => {}
+                    () = node.shutdown.cancelled() => break,
+                }
+            }
+        })
+    }
+
+    fn check_ring(&self, range_count: u32) -> Result<()> {
+        if range_count as usize != self.ring.range_count() {
+            return Err(Error::InvalidArgument(format!(
+                "ring mismatch: the caller has {range_count} token ranges, this node {} (check --peers and --vnodes on every node)",
+                self.ring.range_count()
+            )));
+        }
+        Ok(())
     }
 
     /// Every `--hint-delivery-interval-ms`, offers held hints to their
@@ -400,6 +463,7 @@ where
     let fsync_task = node.start_periodic_fsync();
     let heartbeat_task = node.start_heartbeats();
     let hint_task = node.start_hint_delivery();
+    let anti_entropy_task = node.start_anti_entropy();
     for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
         health
             .set_service_status(service, tonic_health::ServingStatus::Serving)
@@ -446,6 +510,7 @@ where
     }
     let _ = heartbeat_task.await;
     let _ = hint_task.await;
+    let _ = anti_entropy_task.await;
     let storage = node.storage.clone();
     tokio::task::spawn_blocking(move || storage.sync())
         .await
@@ -630,6 +695,63 @@ impl pb::replica_server::Replica for ReplicaService {
             created_ms: crate::hints::now_ms(),
         })?;
         Ok(Response::new(pb::StoreHintResponse {}))
+    }
+
+    async fn range_digests(
+        &self,
+        request: Request<pb::RangeDigestsRequest>,
+    ) -> Result<Response<pb::RangeDigestsResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.check_ring(request.range_count)?;
+        if !node
+            .ring
+            .members()
+            .iter()
+            .any(|m| m.address == request.peer)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "{:?} is not a cluster member",
+                request.peer
+            ))
+            .into());
+        }
+        let leaves = node.anti_entropy.leaves_with(&request.peer);
+        Ok(Response::new(pb::RangeDigestsResponse {
+            root: crate::antientropy::root(&leaves),
+            leaves: if request.leaves {
+                leaves
+                    .into_iter()
+                    .map(|(range, digest)| pb::RangeDigest {
+                        range: range as u32,
+                        digest,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }))
+    }
+
+    async fn range_entries(
+        &self,
+        request: Request<pb::RangeEntriesRequest>,
+    ) -> Result<Response<pb::RangeEntriesResponse>, Status> {
+        let request = request.into_inner();
+        let node = &self.0;
+        node.check_ring(request.range_count)?;
+        let entries = node
+            .replica
+            .range_entries(request.range as usize)?
+            .into_iter()
+            .map(|e| pb::RangeEntry {
+                key: e.key,
+                version: Some(e.version.into()),
+                tombstone: e.tombstone,
+                deleted_at_ms: e.deleted_at_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::RangeEntriesResponse { entries }))
     }
 
     async fn ping(

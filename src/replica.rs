@@ -20,6 +20,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use crate::clock::{LamportClock, NodeId, Version};
 use crate::error::{Error, Result};
 use crate::record::Record;
+use crate::ring::{Ring, key_hash};
 use crate::storage::Storage;
 
 /// Metadata name under which the clock's ceiling is persisted.
@@ -63,6 +64,48 @@ pub struct ReplicaStore {
     live_keys: AtomicU64,
     /// See [`LocalStats::tombstones`].
     tombstones: AtomicU64,
+    /// The ring, to place keys in token ranges.
+    ring: Arc<Ring>,
+    /// Per token range: XOR of [`record_digest`] over the records held
+    /// (std mutex: held for one XOR or one copy). Anti-entropy compares them.
+    digests: Mutex<Vec<u64>>,
+}
+
+/// Storage key of `key`: its ring hash (8 bytes, big-endian) then the key,
+/// so that storage order is ring order and a token range is a key range.
+pub fn storage_key(key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&key_hash(key.as_bytes()).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
+/// The user key inside a storage key.
+fn user_key(storage_key: &[u8]) -> Option<&str> {
+    storage_key
+        .get(8..)
+        .and_then(|k| std::str::from_utf8(k).ok())
+}
+
+/// What anti-entropy compares: a hash of the key and the version held
+/// (and whether it is a tombstone).
+pub fn record_digest(key: &str, record: &Record) -> u64 {
+    let mut bytes = Vec::with_capacity(key.len() + 17);
+    bytes.extend_from_slice(key.as_bytes());
+    bytes.extend_from_slice(&record.version.lamport.to_le_bytes());
+    bytes.extend_from_slice(&record.version.node_id.to_le_bytes());
+    bytes.push(u8::from(record.is_tombstone()));
+    xxh3_64(&bytes)
+}
+
+/// One key of a token range, as anti-entropy lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeEntry {
+    pub key: String,
+    pub version: Version,
+    pub tombstone: bool,
+    /// For tombstones: the deletion time (ms since the Unix epoch).
+    pub deleted_at_ms: u64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -74,30 +117,39 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ReplicaStore {
-    /// Opens the replica over `storage`: counts keys and recovers the clock.
-    pub fn open(node_id: NodeId, storage: Arc<dyn Storage>) -> Result<Self> {
+    /// Opens the replica over `storage`: counts keys, computes the range
+    /// digests and recovers the clock.
+    pub fn open(node_id: NodeId, storage: Arc<dyn Storage>, ring: Arc<Ring>) -> Result<Self> {
         let mut live_keys = 0u64;
         let mut tombstones = 0u64;
         let mut max_lamport = 0u64;
         let mut corrupt_records = 0u64;
+        let mut bad_keys = 0u64;
+        let mut digests = vec![0u64; ring.range_count().max(1)];
         storage.for_each(
-            &mut |_, record| {
+            &mut |stored_key, record| {
+                let Some(key) = user_key(stored_key) else {
+                    bad_keys += 1;
+                    return;
+                };
                 if record.is_tombstone() {
                     tombstones += 1;
                 } else {
                     live_keys += 1;
                 }
                 max_lamport = max_lamport.max(record.version.lamport);
+                digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, record);
             },
             &mut |key, why| {
                 corrupt_records += 1;
                 tracing::error!(key = %String::from_utf8_lossy(key), %why, "skipping corrupt record");
             },
         )?;
+        corrupt_records += bad_keys;
         if corrupt_records > 0 {
             tracing::error!(
                 corrupt_records,
-                "some stored records could not be read; read repair will restore them from other replicas"
+                "some stored records could not be read; repair will restore them from other replicas"
             );
         }
         let ceiling = storage.get_meta(CLOCK_CEILING)?.unwrap_or(0);
@@ -115,6 +167,8 @@ impl ReplicaStore {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             live_keys: AtomicU64::new(live_keys),
             tombstones: AtomicU64::new(tombstones),
+            ring,
+            digests: Mutex::new(digests),
         })
     }
 
@@ -124,14 +178,100 @@ impl ReplicaStore {
 
     /// The record this replica holds for `key`.
     pub fn read(&self, key: &str) -> Result<Option<Record>> {
-        self.storage.get(key.as_bytes())
+        self.storage.get(&storage_key(key))
+    }
+
+    fn stripe(&self, key: &str) -> MutexGuard<'_, ()> {
+        lock(&self.stripes[(xxh3_64(key.as_bytes()) as usize) % STRIPES])
+    }
+
+    fn update_digest(&self, key: &str, before: Option<&Record>, after: Option<&Record>) {
+        let range = self.ring.range_of(key_hash(key.as_bytes()));
+        let mut digests = lock(&self.digests);
+        if let Some(slot) = digests.get_mut(range) {
+            if let Some(before) = before {
+                *slot ^= record_digest(key, before);
+            }
+            if let Some(after) = after {
+                *slot ^= record_digest(key, after);
+            }
+        }
+    }
+
+    /// The digest of token range `range` (0 when nothing is held there).
+    pub fn range_digest(&self, range: usize) -> u64 {
+        lock(&self.digests).get(range).copied().unwrap_or(0)
+    }
+
+    /// Every key held in token range `range`, with its version.
+    pub fn range_entries(&self, range: usize) -> Result<Vec<RangeEntry>> {
+        let mut entries = Vec::new();
+        for (first, last) in self.ring.range_hashes(range) {
+            let from = first.to_be_bytes();
+            let to = last.checked_add(1).map(|end| end.to_be_bytes());
+            self.storage.scan(
+                &from,
+                to.as_ref().map(|t| &t[..]),
+                &mut |stored_key, record| {
+                    if let Some(key) = user_key(stored_key) {
+                        entries.push(RangeEntry {
+                            key: key.to_string(),
+                            version: record.version,
+                            tombstone: record.is_tombstone(),
+                            deleted_at_ms: record.deleted_at_ms,
+                        });
+                    }
+                },
+            )?;
+        }
+        Ok(entries)
+    }
+
+    /// Tombstones deleted at or before `deleted_before_ms`, at most `limit`.
+    pub fn old_tombstones(
+        &self,
+        deleted_before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<(String, Version)>> {
+        let mut found = Vec::new();
+        self.storage.for_each(
+            &mut |stored_key, record| {
+                if found.len() < limit
+                    && record.is_tombstone()
+                    && record.deleted_at_ms <= deleted_before_ms
+                    && let Some(key) = user_key(stored_key)
+                {
+                    found.push((key.to_string(), record.version));
+                }
+            },
+            &mut |_, _| {},
+        )?;
+        Ok(found)
+    }
+
+    /// Removes `key` if it still holds exactly the tombstone `version`.
+    /// Answers whether it did.
+    pub fn purge_tombstone(&self, key: &str, version: Version) -> Result<bool> {
+        let _stripe = self.stripe(key);
+        let stored = storage_key(key);
+        let Some(held) = self.storage.get(&stored)? else {
+            return Ok(false);
+        };
+        if !held.is_tombstone() || held.version != version {
+            return Ok(false);
+        }
+        self.storage.delete(&stored)?;
+        self.tombstones.fetch_sub(1, Ordering::Relaxed);
+        self.update_digest(key, Some(&held), None);
+        Ok(true)
     }
 
     /// Stores `record` if it is newer than what this replica holds.
     pub fn write_if_newer(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
         self.observe(record.version);
-        let _stripe = lock(&self.stripes[(xxh3_64(key.as_bytes()) as usize) % STRIPES]);
-        let held = match self.storage.get(key.as_bytes()) {
+        let _stripe = self.stripe(key);
+        let stored = storage_key(key);
+        let held = match self.storage.get(&stored) {
             Err(Error::CorruptRecord { why, .. }) => {
                 tracing::warn!(key, %why, "overwriting a corrupt record");
                 None
@@ -146,8 +286,9 @@ impl ReplicaStore {
                 held: held.version,
             });
         }
-        self.storage.put(key.as_bytes(), record)?;
+        self.storage.put(&stored, record)?;
         self.count_transition(held.as_ref(), record);
+        self.update_digest(key, held.as_ref(), Some(record));
         Ok(WriteOutcome {
             applied: true,
             held: record.version,
@@ -206,11 +347,19 @@ impl ReplicaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ring::Member;
     use crate::storage::MemoryStorage;
+
+    fn ring() -> Arc<Ring> {
+        Arc::new(Ring::new(
+            [Member::new("127.0.0.1:7001"), Member::new("127.0.0.1:7002")],
+            8,
+        ))
+    }
 
     fn store() -> (Arc<MemoryStorage>, ReplicaStore) {
         let storage = Arc::new(MemoryStorage::new());
-        let replica = ReplicaStore::open(1, storage.clone()).expect("open");
+        let replica = ReplicaStore::open(1, storage.clone(), ring()).expect("open");
         (storage, replica)
     }
 
@@ -297,7 +446,7 @@ mod tests {
         // One issued version that never reached storage.
         let unstored = replica.next_version().expect("tick");
         drop(replica);
-        let reopened = ReplicaStore::open(1, storage).expect("reopen");
+        let reopened = ReplicaStore::open(1, storage, ring()).expect("reopen");
         assert_eq!(reopened.stats().live_keys, 100);
         let next = reopened.next_version().expect("tick");
         assert!(next > last && next > unstored);
@@ -306,8 +455,8 @@ mod tests {
     #[test]
     fn corrupt_records_are_reported_not_fatal() {
         let storage = Arc::new(MemoryStorage::new());
-        storage.put_raw(b"bad", vec![1, 2, 3]);
-        let replica = ReplicaStore::open(1, storage).expect("open despite corruption");
+        storage.put_raw(&storage_key("bad"), vec![1, 2, 3]);
+        let replica = ReplicaStore::open(1, storage, ring()).expect("open despite corruption");
         assert!(matches!(
             replica.read("bad"),
             Err(Error::CorruptRecord { .. })
@@ -316,5 +465,74 @@ mod tests {
         let record = Record::value(Version::new(1, 1), &b"x"[..]);
         replica.write_if_newer("bad", &record).expect("write");
         assert_eq!(replica.read("bad").expect("read"), Some(record));
+    }
+
+    #[test]
+    fn range_digests_track_writes_and_match_a_fresh_scan() {
+        let (storage, replica) = store();
+        for i in 0..300 {
+            let record = Record::value(Version::new(i + 1, 1), &b"v"[..]);
+            replica
+                .write_if_newer(&format!("k{i}"), &record)
+                .expect("write");
+        }
+        replica
+            .write_if_newer("k7", &Record::tombstone_at(Version::new(1000, 1), 5))
+            .expect("delete");
+        let ranges = replica.ring.range_count();
+        let live: Vec<u64> = (0..ranges).map(|r| replica.range_digest(r)).collect();
+        let reopened = ReplicaStore::open(1, storage, ring()).expect("reopen");
+        let scanned: Vec<u64> = (0..ranges).map(|r| reopened.range_digest(r)).collect();
+        assert_eq!(live, scanned, "incremental digests equal a full recount");
+        // Range listings partition the keys.
+        let listed: usize = (0..ranges)
+            .map(|r| reopened.range_entries(r).expect("list").len())
+            .sum();
+        assert_eq!(listed, 300);
+        let k7 = replica.ring.range_of(key_hash(b"k7"));
+        let entry = reopened
+            .range_entries(k7)
+            .expect("list")
+            .into_iter()
+            .find(|e| e.key == "k7")
+            .expect("k7 listed");
+        assert!(entry.tombstone && entry.deleted_at_ms == 5);
+    }
+
+    #[test]
+    fn purging_removes_only_the_exact_tombstone() {
+        let (_, replica) = store();
+        let tombstone = Record::tombstone_at(Version::new(5, 1), 10);
+        replica.write_if_newer("gone", &tombstone).expect("delete");
+        replica
+            .write_if_newer("kept", &Record::value(Version::new(5, 1), &b"v"[..]))
+            .expect("write");
+        assert_eq!(replica.old_tombstones(9, 10).expect("scan"), vec![]);
+        assert_eq!(
+            replica.old_tombstones(10, 10).expect("scan"),
+            vec![("gone".to_string(), tombstone.version)]
+        );
+        assert!(
+            !replica
+                .purge_tombstone("gone", Version::new(4, 1))
+                .expect("purge"),
+            "other version"
+        );
+        assert!(
+            !replica
+                .purge_tombstone("kept", Version::new(5, 1))
+                .expect("purge"),
+            "not a tombstone"
+        );
+        let range = replica.ring.range_of(key_hash(b"gone"));
+        let before = replica.range_digest(range);
+        assert!(
+            replica
+                .purge_tombstone("gone", tombstone.version)
+                .expect("purge")
+        );
+        assert_eq!(replica.read("gone").expect("read"), None);
+        assert_eq!(replica.stats().tombstones, 0);
+        assert_ne!(replica.range_digest(range), before);
     }
 }

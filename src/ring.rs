@@ -145,7 +145,11 @@ impl Ring {
             parts
         } else {
             let (start, _) = self.tokens[i - 1];
-            if start == end { Vec::new() } else { vec![(start + 1, end)] }
+            if start == end {
+                Vec::new()
+            } else {
+                vec![(start + 1, end)]
+            }
         }
     }
 
@@ -162,7 +166,10 @@ impl Ring {
                 chosen.push(index);
             }
         }
-        chosen.into_iter().map(|index| &self.members[index]).collect()
+        chosen
+            .into_iter()
+            .map(|index| &self.members[index])
+            .collect()
     }
 
     /// The ranges whose replicas include both `a` and `b`, in order.

@@ -238,3 +238,211 @@ async fn consistency_any_accepts_a_hint_when_every_replica_is_down() {
     }
     client.close().await;
 }
+
+async fn node_stats(cluster: &TestCluster, node: usize) -> pb::NodeStats {
+    cluster
+        .replica(node)
+        .await
+        .stats(pb::StatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_converges_a_replica_that_missed_writes_without_reads() {
+    // No hints (--max-hints 0): only anti-entropy can repair the replica.
+    let mut cluster =
+        TestCluster::start_with(5, &["--anti-entropy-interval", "1", "--max-hints", "0"]).await;
+    let client = cluster.client().await;
+    let down = 1;
+    cluster.kill(down);
+    let mut expected = 0u64;
+    for i in 0..300 {
+        let key = format!("ae-{i}");
+        client.put(&key, "written while down").await.expect("put");
+        if client
+            .replicas_of(&key)
+            .contains(&cluster.nodes[down].address)
+        {
+            expected += 1;
+        }
+    }
+    cluster.restart(down).await;
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(30);
+    while node_stats(&cluster, down).await.live_keys < expected {
+        assert!(
+            Instant::now() < deadline,
+            "replica holds {} of {expected} keys",
+            node_stats(&cluster, down).await.live_keys
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "anti-entropy repaired {expected} keys {:?} after restart",
+        restarted.elapsed()
+    );
+    // Once converged, exchanges end at the root: the in-sync count keeps growing.
+    let before = node_stats(&cluster, down).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = node_stats(&cluster, down).await;
+        if now.anti_entropy_in_sync >= before.anti_entropy_in_sync + 4 {
+            assert_eq!(
+                now.anti_entropy_keys_repaired, before.anti_entropy_keys_repaired,
+                "nothing left to copy"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no in-sync exchanges: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let repaired: u64 = {
+        let status = cluster
+            .cluster(0)
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        status
+            .members
+            .iter()
+            .filter_map(|m| m.stats.as_ref())
+            .map(|s| s.anti_entropy_keys_repaired)
+            .sum()
+    };
+    assert!(repaired >= expected, "anti-entropy copied {repaired} keys");
+    let reads: u64 = {
+        let status = cluster
+            .cluster(0)
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        status
+            .members
+            .iter()
+            .filter_map(|m| m.stats.as_ref())
+            .map(|s| s.read_repairs)
+            .sum()
+    };
+    assert_eq!(reads, 0, "no read repair was involved");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_keys_never_come_back_after_tombstone_gc() {
+    let mut cluster = TestCluster::start_with(
+        5,
+        &[
+            "--anti-entropy-interval",
+            "1",
+            "--tombstone-grace",
+            "2",
+            "--max-hint-age-secs",
+            "1",
+        ],
+    )
+    .await;
+    let client = cluster.client().await;
+    let keys: Vec<String> = (0..60).map(|i| format!("doomed-{i}")).collect();
+    for key in &keys {
+        client.put(key, "old value").await.expect("put");
+    }
+    // Every replica holds the old values before one of them goes down.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster
+            .cluster(0)
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        let live: u64 = status
+            .members
+            .iter()
+            .filter_map(|m| m.stats.as_ref())
+            .map(|s| s.live_keys)
+            .sum();
+        if live == 3 * keys.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas never all held the values ({live})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let down = 2;
+    cluster.kill(down);
+    for key in &keys {
+        client
+            .delete(key)
+            .await
+            .expect("delete with a replica down");
+    }
+    cluster.restart(down).await;
+    // The restarted replica held the old values; anti-entropy hands it the
+    // tombstones, and only then can every replica purge them.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let status = cluster
+            .cluster(0)
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        let stats: Vec<&pb::NodeStats> = status
+            .members
+            .iter()
+            .filter_map(|m| m.stats.as_ref())
+            .collect();
+        let (live, tombstones): (u64, u64) = stats
+            .iter()
+            .fold((0, 0), |(l, t), s| (l + s.live_keys, t + s.tombstones));
+        let purged: u64 = stats.iter().map(|s| s.tombstones_purged).sum();
+        if stats.len() == 5 && live == 0 && tombstones == 0 {
+            assert!(purged >= 3 * keys.len() as u64, "purged {purged}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not collected: {live} live keys, {tombstones} tombstones, {purged} purged"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Several more rounds of anti-entropy and GC: nothing comes back.
+    let exchanges = node_stats(&cluster, down).await.anti_entropy_exchanges;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while node_stats(&cluster, down).await.anti_entropy_exchanges < exchanges + 8 {
+        assert!(Instant::now() < deadline, "anti-entropy stopped running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reader = cluster
+        .client_with(dkvs::client::ClientOptions {
+            consistency: dkvs::quorum::Consistency::All,
+            ..Default::default()
+        })
+        .await;
+    for key in &keys {
+        assert_eq!(
+            reader.get(key).await.expect("read at ALL"),
+            None,
+            "{key} came back"
+        );
+        for node in 0..5 {
+            assert_eq!(
+                replica_version(&cluster, node, key).await,
+                None,
+                "{key} is still on node {node}"
+            );
+        }
+    }
+    client.close().await;
+    reader.close().await;
+}

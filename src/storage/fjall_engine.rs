@@ -80,7 +80,12 @@ impl Storage for FjallStorage {
         Ok(())
     }
 
-    fn scan(&self, from: &[u8], to: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
+    fn scan(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record),
+    ) -> Result<()> {
         let iter = match to {
             Some(to) => self.records.range(from.to_vec()..to.to_vec()),
             None => self.records.range(from.to_vec()..),

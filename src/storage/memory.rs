@@ -69,7 +69,12 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
-    fn scan(&self, from: &[u8], to: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
+    fn scan(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record),
+    ) -> Result<()> {
         let data = lock(&self.data);
         for (key, bytes) in data.range(from.to_vec()..) {
             if to.is_some_and(|to| key.as_slice() >= to) {

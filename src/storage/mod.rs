@@ -54,7 +54,12 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Visits the records whose storage keys are in `from..to` (`to: None`
     /// = to the end), in key order; undecodable ones are skipped.
-    fn scan(&self, from: &[u8], to: Option<&[u8]>, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()>;
+    fn scan(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record),
+    ) -> Result<()>;
 
     /// Removes `key` (used to purge tombstones).
     fn delete(&self, key: &[u8]) -> Result<()>;
