@@ -446,3 +446,108 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
     client.close().await;
     reader.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_of_five_down_every_write_succeeds_or_fails_fast() {
+    let mut cluster = TestCluster::start(5).await;
+    let client = cluster.client().await;
+    cluster.kill(1);
+    cluster.kill(3);
+    let (mut succeeded, mut unavailable) = (0, 0);
+    // Right after the kills (before the detector convicts) and after.
+    for i in 0..150 {
+        let key = format!("two-down-{i}");
+        let started = Instant::now();
+        let result = client.put(&key, "v").await;
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "{key} took {elapsed:?}: {result:?}"
+        );
+        match result {
+            Ok(_) => succeeded += 1,
+            Err(dkvs::Error::Unavailable(message)) => {
+                assert!(message.contains("of 2 required replicas"), "{message}");
+                unavailable += 1;
+            }
+            Err(other) => panic!("{key}: expected success or UNAVAILABLE, got {other:?}"),
+        }
+        // The same through a node that coordinates.
+        let started = Instant::now();
+        let result = cluster
+            .kv(0)
+            .await
+            .put(common::put_request(&key, "w"))
+            .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "node-coordinated {key} took {:?}",
+            started.elapsed()
+        );
+        if let Err(status) = result {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        }
+    }
+    println!("two of five down: {succeeded} writes succeeded, {unavailable} UNAVAILABLE");
+    assert!(
+        succeeded > 0 && unavailable > 0,
+        "both outcomes occur: {succeeded} / {unavailable}"
+    );
+    client.close().await;
+}
+
+/// Measurement, not a test: how long a restarted node that missed
+/// `DKVS_AE_KEYS` writes (default 10,000) takes to converge through
+/// anti-entropy alone (hints off, no reads), at the default interval.
+/// `cargo test --release --test failures -- --ignored --nocapture measure_anti_entropy`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_anti_entropy_convergence() {
+    let writes: usize = std::env::var("DKVS_AE_KEYS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10_000);
+    let mut cluster = TestCluster::start_with(5, &["--max-hints", "0"]).await;
+    let client = std::sync::Arc::new(cluster.client().await);
+    let down = 4;
+    cluster.kill(down);
+    let mut expected = 0u64;
+    let mut tasks = Vec::new();
+    for chunk in 0..16 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (chunk..writes).step_by(16) {
+                client
+                    .put(&format!("missed-{i}"), "0123456789".repeat(10))
+                    .await
+                    .expect("put");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("writer");
+    }
+    for i in 0..writes {
+        if client
+            .replicas_of(&format!("missed-{i}"))
+            .contains(&cluster.nodes[down].address)
+        {
+            expected += 1;
+        }
+    }
+    cluster.restart(down).await;
+    let restarted = Instant::now();
+    let deadline = restarted + Duration::from_secs(300);
+    loop {
+        let held = node_stats(&cluster, down).await.live_keys;
+        if held >= expected {
+            break;
+        }
+        assert!(Instant::now() < deadline, "held {held} of {expected}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "anti-entropy: node missed {expected} of {writes} writes; converged {:.2} s after restart (interval 10 s)",
+        restarted.elapsed().as_secs_f64()
+    );
+}
