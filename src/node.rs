@@ -245,6 +245,9 @@ impl Node {
                 .filter(|m| m.address != node.me.address)
                 .map(|m| m.address.clone())
                 .collect();
+            // The state last logged per peer, to log each change once.
+            let mut reported: std::collections::HashMap<String, bool> =
+                peers.iter().map(|p| (p.clone(), true)).collect();
             loop {
                 tokio::select! {
                     _ = ticker.tick() => {}
@@ -271,13 +274,12 @@ impl Node {
                 let now = Instant::now();
                 let mut liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
                 for (address, result) in results {
-                    let was_up = liveness.is_up(address, now);
                     match result {
                         Ok(()) => liveness.heartbeat(address, now),
                         Err(why) => liveness.failed(address, why),
                     }
                     let is_up = liveness.is_up(address, now);
-                    if was_up != is_up {
+                    if reported.insert(address.clone(), is_up) != Some(is_up) {
                         let health = liveness.health(address, now);
                         tracing::info!(peer = %address, up = is_up, phi = health.phi, error = ?health.last_error, "peer state changed");
                     }
