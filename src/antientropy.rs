@@ -37,7 +37,7 @@ use crate::replica::{RangeEntry, ReplicaStore};
 use crate::ring::Ring;
 
 /// Most differing ranges repaired per peer per round.
-const MAX_RANGES_PER_ROUND: usize = 256;
+const MAX_RANGES_PER_ROUND: usize = 4096;
 /// Keys copied concurrently.
 const COPY_CONCURRENCY: usize = 32;
 /// Tombstones examined per round.

@@ -294,8 +294,10 @@ impl Node {
         let node = self.clone();
         tokio::spawn(async move {
             let interval = Duration::from_secs(node.config.anti_entropy_interval.max(1));
-            let mut ticker =
-                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            // The first round comes a second after start: a node that was
+            // down is the one with the most to catch up.
+            let first = tokio::time::Instant::now() + interval.min(Duration::from_secs(1));
+            let mut ticker = tokio::time::interval_at(first, interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
@@ -429,7 +431,15 @@ impl Node {
     }
 }
 
+/// Accepted connections from `listener`, with Nagle's algorithm off (tonic
+/// does not touch sockets it did not accept itself; with Nagle on, a reply's
+/// trailing frames wait ~40 ms for the peer's delayed ACK).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Serves `node` over `incoming` until `shutdown` completes, then drains.
+/// For TCP, pass [`incoming`]`(listener)`.
 pub async fn serve<I, IO, IE>(
     node: Arc<Node>,
     incoming: I,

@@ -538,10 +538,18 @@ async fn measure_anti_entropy_convergence() {
     cluster.restart(down).await;
     let restarted = Instant::now();
     let deadline = restarted + Duration::from_secs(300);
+    let mut last_print = Instant::now();
     loop {
         let held = node_stats(&cluster, down).await.live_keys;
         if held >= expected {
             break;
+        }
+        if last_print.elapsed() >= Duration::from_secs(1) {
+            println!(
+                "  {:>5.1} s: {held} of {expected}",
+                restarted.elapsed().as_secs_f64()
+            );
+            last_print = Instant::now();
         }
         assert!(Instant::now() < deadline, "held {held} of {expected}");
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -13,7 +13,6 @@ use dkvs::node::{Node, serve};
 use dkvs::storage::MemoryStorage;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_stream::wrappers::TcpListenerStream;
 
 struct InProcessNode {
     node: Arc<Node>,
@@ -47,13 +46,9 @@ async fn start_cluster(count: usize) -> (Vec<String>, Vec<InProcessNode>) {
         )
         .expect("node");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(
-            node.clone(),
-            TcpListenerStream::new(listener),
-            async {
-                let _ = stopped.await;
-            },
-        ));
+        let task = tokio::spawn(serve(node.clone(), dkvs::node::incoming(listener), async {
+            let _ = stopped.await;
+        }));
         nodes.push(InProcessNode {
             node,
             stop: Some(stop),

@@ -6,9 +6,8 @@ use std::sync::Arc;
 
 use dkvs::config::ServerConfig;
 use dkvs::net::TcpDialer;
-use dkvs::node::{Node, serve};
+use dkvs::node::{Node, incoming, serve};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -48,7 +47,7 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir();
     let node = Node::open(config, Arc::new(TcpDialer::default()))
         .map_err(|e| anyhow::anyhow!("cannot open node (data dir {}): {e}", data_dir.display()))?;
-    serve(node, TcpListenerStream::new(listener), shutdown_signal()).await?;
+    serve(node, incoming(listener), shutdown_signal()).await?;
     Ok(())
 }
 
