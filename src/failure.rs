@@ -108,12 +108,22 @@ pub struct PeerHealth {
 }
 
 /// Detectors for every peer, plus the conviction threshold.
+///
+/// A node that was itself frozen (SIGSTOP, a long GC-like stall, an
+/// overloaded machine) sees every peer silent when it wakes up. Like
+/// Cassandra, the detector then blames itself, not the peers: while its own
+/// heartbeat rounds are late it convicts nobody, and after such a pause it
+/// forgives the silence it did not observe.
 #[derive(Clone, Debug)]
 pub struct FailureDetector {
     /// Peers by address, in a fixed order.
     peers: Vec<(String, PhiAccrual, Option<String>)>,
     /// phi at or above which a peer is believed down.
     threshold: f64,
+    /// The heartbeat interval.
+    interval: Duration,
+    /// When this node last started a heartbeat round.
+    last_round: Instant,
 }
 
 impl FailureDetector {
@@ -129,7 +139,29 @@ impl FailureDetector {
                 .map(|address| (address, PhiAccrual::new(now, interval), None))
                 .collect(),
             threshold,
+            interval,
+            last_round: now,
         }
+    }
+
+    /// How late this node's own rounds may be before it suspects itself.
+    fn pause_limit(&self) -> Duration {
+        self.interval * 3
+    }
+
+    /// This node starts a heartbeat round. After a local pause, the silence
+    /// of every peer is forgiven (their clocks restart now).
+    pub fn round_started(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_round) > self.pause_limit() {
+            tracing::warn!(
+                paused_ms = now.saturating_duration_since(self.last_round).as_millis() as u64,
+                "this node's heartbeat rounds were late (paused or overloaded): not blaming peers for the gap"
+            );
+            for (_, detector, _) in &mut self.peers {
+                detector.last = now;
+            }
+        }
+        self.last_round = now;
     }
 
     fn peer_mut(&mut self, address: &str) -> Option<&mut (String, PhiAccrual, Option<String>)> {
@@ -157,8 +189,10 @@ impl FailureDetector {
         match self.peers.iter().find(|(a, _, _)| a == address) {
             Some((_, detector, error)) => {
                 let phi = detector.phi(now);
+                let self_paused =
+                    now.saturating_duration_since(self.last_round) > self.pause_limit();
                 PeerHealth {
-                    up: phi < self.threshold,
+                    up: phi < self.threshold || self_paused,
                     phi,
                     last_error: error.clone(),
                 }
@@ -225,23 +259,58 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_was_paused_itself_does_not_blame_its_peers() {
+        let start = Instant::now();
+        let mut fd = FailureDetector::new(["b".to_string()], start, INTERVAL, 8.0);
+        let mut now = start;
+        for _ in 0..10 {
+            now += ms(500);
+            fd.round_started(now);
+            fd.heartbeat("b", now);
+        }
+        // This node freezes for 5 s: no rounds, no heartbeats.
+        let woke = now + ms(5000);
+        assert!(
+            fd.is_up("b", woke),
+            "its own rounds are late: convict nobody"
+        );
+        fd.round_started(woke);
+        assert!(fd.is_up("b", woke + ms(100)), "the gap is forgiven");
+        // But a peer that stays silent after the pause is convicted as usual.
+        let mut later = woke;
+        for _ in 0..4 {
+            later += ms(500);
+            fd.round_started(later);
+        }
+        assert!(!fd.is_up("b", later));
+    }
+
+    #[test]
     fn a_peer_that_never_answers_is_convicted_after_startup() {
         let start = Instant::now();
         let mut fd = FailureDetector::new(["b".to_string()], start, INTERVAL, 8.0);
+        // This node runs its rounds on time; "b" never answers.
+        let rounds_until = |fd: &mut FailureDetector, from: u64, to: u64| {
+            for t in (from..=to).step_by(500) {
+                fd.round_started(start + ms(t));
+            }
+        };
         assert!(fd.is_up("b", start), "optimistic at start");
         fd.failed("b", "connection refused".into());
+        rounds_until(&mut fd, 500, 1500);
         assert!(!fd.is_up("b", start + ms(1500)));
         assert_eq!(
             fd.health("b", start + ms(1500)).last_error.as_deref(),
             Some("connection refused")
         );
         // It answers again: up at once.
+        rounds_until(&mut fd, 2000, 5000);
         fd.heartbeat("b", start + ms(5000));
         assert!(fd.is_up("b", start + ms(5000)));
         assert_eq!(fd.health("b", start + ms(5000)).last_error, None);
         // The outage did not teach it to wait longer next time.
-        let back = start + ms(5000);
-        assert!(!fd.is_up("b", back + ms(1500)));
+        rounds_until(&mut fd, 5500, 6500);
+        assert!(!fd.is_up("b", start + ms(6500)));
         // Unknown addresses (the node itself) are up.
         assert!(fd.is_up("self", start + ms(99_999)));
     }

@@ -253,6 +253,10 @@ impl Node {
                     _ = ticker.tick() => {}
                     () = node.shutdown.cancelled() => break,
                 }
+                node.liveness
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .round_started(Instant::now());
                 let pings = peers.iter().map(|address| {
                     let node = &node;
                     async move {

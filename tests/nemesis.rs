@@ -134,6 +134,25 @@ fn check(history: &[Op], finals: &HashMap<String, ReadResult>) -> Vec<String> {
             value_of.insert(version, op.wrote.as_deref());
         }
     }
+    // Per key: acknowledged writes by end time, with the newest version
+    // acknowledged so far (a running maximum), for binary search.
+    let mut acked_by_end: HashMap<&str, Vec<(Instant, Version)>> = HashMap::new();
+    for op in history.iter().filter(|op| op.is_write) {
+        if let Outcome::Written(version) = op.outcome {
+            acked_by_end
+                .entry(&op.key)
+                .or_default()
+                .push((op.end, version));
+        }
+    }
+    for writes in acked_by_end.values_mut() {
+        writes.sort_by_key(|(end, _)| *end);
+        let mut newest = Version::default();
+        for (_, version) in writes.iter_mut() {
+            newest = newest.max(*version);
+            *version = newest;
+        }
+    }
     for read in history.iter().filter(|op| !op.is_write) {
         let Outcome::Read(result) = &read.outcome else {
             continue;
@@ -153,14 +172,10 @@ fn check(history: &[Op], finals: &HashMap<String, ReadResult>) -> Vec<String> {
             ));
         }
         // 2. No stale read.
-        let newest_acked_before = history
-            .iter()
-            .filter(|w| w.is_write && w.key == read.key && w.end < read.start)
-            .filter_map(|w| match w.outcome {
-                Outcome::Written(v) => Some(v),
-                _ => None,
-            })
-            .max();
+        let newest_acked_before = acked_by_end.get(read.key.as_str()).and_then(|writes| {
+            let acked_before = writes.partition_point(|(end, _)| *end < read.start);
+            acked_before.checked_sub(1).map(|last| writes[last].1)
+        });
         if let Some(acked) = newest_acked_before
             && read_version < acked
         {
