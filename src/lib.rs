@@ -17,6 +17,7 @@
 //!   error type, and the protobuf edge.
 
 pub mod antientropy;
+pub mod bench;
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dkvs::Error;
+use dkvs::bench::{Distribution, Limit, OpGenerator, Target, Workload, Zipfian, key_name};
 use dkvs::client::{Client, ClientOptions};
+use dkvs::net::Dialer;
 use dkvs::pb;
 use dkvs::quorum::Consistency;
 
@@ -86,6 +88,47 @@ enum Command {
     /// Show which nodes hold a key, in preference order.
     #[command(name = "replicas", alias = "REPLICAS")]
     Replicas { key: String },
+    /// Closed-loop YCSB-style load: throughput and latency percentiles.
+    #[command(name = "bench")]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// a = 50% reads/50% updates, b = 95/5, c = reads only, w = updates only.
+    #[arg(long, value_enum, default_value_t = Workload::A)]
+    workload: Workload,
+    /// Number of distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    value_size: usize,
+    /// Requests in flight (closed-loop workers).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds to run (ignored with --ops).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Run this many requests instead of for --duration.
+    #[arg(long)]
+    ops: Option<u64>,
+    /// How keys are drawn.
+    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
+    distribution: Distribution,
+    /// Send every request to a node (each node in turn), which coordinates
+    /// it, instead of using the smart client.
+    #[arg(long)]
+    via_node: bool,
+    /// Skip writing every key once before the measured run.
+    #[arg(long)]
+    no_preload: bool,
+    /// Print the result as one JSON object on stdout (no progress bar).
+    #[arg(long)]
+    json: bool,
+    /// Seed for key and operation choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 /// Commands typed at the interactive prompt.
@@ -186,6 +229,10 @@ async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
             let status = client.status().await?;
             let _ = write!(out, "{}", status_table(&status));
         }
+        Command::Bench(args) => {
+            drop(out);
+            bench(client, args).await?;
+        }
         Command::Replicas { key } => {
             for (rank, address) in client.replicas_of(&key).iter().enumerate() {
                 let _ = writeln!(out, "{}. {address}", rank + 1);
@@ -193,6 +240,211 @@ async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
         }
     }
     Ok(Outcome::Done)
+}
+
+/// Nodes in turn, each coordinating the requests it gets.
+struct ViaNodeTarget {
+    nodes: Vec<pb::key_value_client::KeyValueClient<tonic::transport::Channel>>,
+    next: std::sync::atomic::AtomicUsize,
+    consistency: i32,
+}
+
+impl ViaNodeTarget {
+    fn node(&self) -> pb::key_value_client::KeyValueClient<tonic::transport::Channel> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.nodes[i % self.nodes.len()].clone()
+    }
+}
+
+impl Target for ViaNodeTarget {
+    async fn read(&self, key: String) -> Result<(), String> {
+        let request = pb::GetRequest {
+            key,
+            consistency: self.consistency,
+        };
+        self.node()
+            .get(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
+    async fn update(&self, key: String, value: bytes::Bytes) -> Result<(), String> {
+        let request = pb::PutRequest {
+            key,
+            value,
+            consistency: self.consistency,
+        };
+        self.node()
+            .put(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+}
+
+/// The smart client, owned, for spawning.
+struct OwnedSmartTarget(std::sync::Arc<Client>);
+
+impl Target for OwnedSmartTarget {
+    async fn read(&self, key: String) -> Result<(), String> {
+        self.0
+            .get(&key)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn update(&self, key: String, value: bytes::Bytes) -> Result<(), String> {
+        self.0
+            .put(&key, value)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+async fn bench(client: &Client, args: BenchArgs) -> Result<(), Error> {
+    let interactive = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let value = bytes::Bytes::from(vec![b'x'; args.value_size]);
+    let zipfian = (args.distribution == Distribution::Zipfian)
+        .then(|| std::sync::Arc::new(Zipfian::new(args.keys)));
+    let concurrency = args.concurrency.max(1);
+    let limit = match args.ops {
+        Some(ops) => Limit::Ops(ops),
+        None => Limit::Duration(Duration::from_secs(args.duration.max(1))),
+    };
+    let label = format!(
+        "workload {:?} {} keys {} B values {:?} concurrency {} {} consistency {}",
+        args.workload,
+        args.keys,
+        args.value_size,
+        args.distribution,
+        concurrency,
+        if args.via_node {
+            "via-node"
+        } else {
+            "smart-client"
+        },
+        client.consistency().name()
+    );
+    let progress = |length: Option<u64>, what: &str| {
+        let bar = match (interactive, length) {
+            (false, _) => indicatif::ProgressBar::hidden(),
+            (true, Some(n)) => indicatif::ProgressBar::new(n),
+            (true, None) => indicatif::ProgressBar::new_spinner(),
+        };
+        let template = format!(
+            "{what} {{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}} ops ({{per_sec}})"
+        );
+        if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+            bar.set_style(style);
+        }
+        bar
+    };
+    macro_rules! run_on {
+        ($target:expr) => {{
+            let target = std::sync::Arc::new($target);
+            if !args.no_preload {
+                let bar = progress(Some(args.keys), "preload");
+                let generators = (0..concurrency as u64)
+                    .map(|w| OpGenerator::new(w, args.keys, Workload::W, None))
+                    .collect::<Vec<_>>();
+                // Preload writes each key once, in order, spread over the workers.
+                let preload = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                let mut tasks = Vec::new();
+                for _ in generators {
+                    let (target, value, preload, keys) =
+                        (target.clone(), value.clone(), preload.clone(), args.keys);
+                    tasks.push(tokio::spawn(async move {
+                        loop {
+                            let k = preload.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if k >= keys {
+                                break Ok::<(), String>(());
+                            }
+                            target.update(key_name(k), value.clone()).await?;
+                        }
+                    }));
+                }
+                let ticker = {
+                    let (bar, preload) = (bar.clone(), preload.clone());
+                    tokio::spawn(async move {
+                        loop {
+                            bar.set_position(
+                                preload
+                                    .load(std::sync::atomic::Ordering::Relaxed)
+                                    .min(args.keys),
+                            );
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    })
+                };
+                for task in tasks {
+                    match task.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(why)) => {
+                            return Err(Error::Unavailable(format!("preload failed: {why}")));
+                        }
+                        Err(why) => return Err(Error::Internal(format!("preload task: {why}"))),
+                    }
+                }
+                ticker.abort();
+                bar.finish_and_clear();
+            }
+            let generators = (0..concurrency as u64)
+                .map(|w| {
+                    OpGenerator::new(
+                        args.seed.wrapping_mul(1000).wrapping_add(w),
+                        args.keys,
+                        args.workload,
+                        zipfian.clone(),
+                    )
+                })
+                .collect();
+            let bar = progress(args.ops, "bench");
+            let shown = bar.clone();
+            let report = dkvs::bench::run(target, generators, value.clone(), limit, move |n| {
+                shown.set_position(n)
+            })
+            .await;
+            bar.finish_and_clear();
+            report
+        }};
+    }
+    let report = if args.via_node {
+        let mut nodes = Vec::new();
+        for member in client.ring().members() {
+            let channel = dkvs::net::TcpDialer::default().dial(&member.address)?;
+            nodes.push(pb::key_value_client::KeyValueClient::new(channel));
+        }
+        run_on!(ViaNodeTarget {
+            nodes,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            consistency: pb::Consistency::from(client.consistency()) as i32,
+        })
+    } else {
+        let options = dkvs::client::ClientOptions {
+            consistency: client.consistency(),
+            ..Default::default()
+        };
+        let addresses: Vec<String> = client
+            .ring()
+            .members()
+            .iter()
+            .map(|m| m.address.clone())
+            .collect();
+        let owned = Client::connect(&addresses, options).await?;
+        run_on!(OwnedSmartTarget(std::sync::Arc::new(owned)))
+    };
+    if args.json {
+        println!("{}", report.json(&label));
+    } else {
+        print!("{}", report.text(&label));
+        for error in &report.sample_errors {
+            println!("  error: {error}");
+        }
+    }
+    Ok(())
 }
 
 /// A `nodetool status`-like table.
