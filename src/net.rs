@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::{Error, Result};
@@ -76,6 +77,8 @@ pub struct PeerPool {
     dialer: Arc<dyn Dialer>,
     /// Channels made so far (std mutex: held only for a map lookup).
     channels: Mutex<HashMap<String, Channel>>,
+    /// Batching pipes to peers' replicas, made on first use.
+    pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
     /// Message size limit for clients made from these channels.
     max_message_bytes: usize,
 }
@@ -85,6 +88,7 @@ impl PeerPool {
         Self {
             dialer,
             channels: Mutex::new(HashMap::new()),
+            pipes: Mutex::new(HashMap::new()),
             max_message_bytes,
         }
     }
@@ -128,6 +132,17 @@ impl PeerPool {
         ))
     }
 
+    /// The batching pipe to the replica at `address`.
+    fn pipe(&self, address: &str) -> Result<Arc<ReplicaPipe>> {
+        let mut pipes = self.pipes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pipe) = pipes.get(address) {
+            return Ok(pipe.clone());
+        }
+        let pipe = Arc::new(ReplicaPipe::start(self.replica_client(address)?));
+        pipes.insert(address.to_string(), pipe.clone());
+        Ok(pipe)
+    }
+
     /// A handle to the replica at `address`, or to `local` when it is this node.
     pub fn replica_handle(
         &self,
@@ -136,7 +151,7 @@ impl PeerPool {
     ) -> Result<ReplicaHandle> {
         let target = match local {
             Some(store) => ReplicaTarget::Local(store.clone()),
-            None => ReplicaTarget::Remote(self.replica_client(address)?),
+            None => ReplicaTarget::Remote(self.pipe(address)?),
         };
         Ok(ReplicaHandle {
             address: address.to_string(),
@@ -162,8 +177,145 @@ pub struct ReplicaHandle {
 enum ReplicaTarget {
     /// This node's own store: no RPC.
     Local(Arc<ReplicaStore>),
-    /// Another node, over the internal Replica service.
-    Remote(ReplicaClient<Channel>),
+    /// Another node, over the internal Replica service, batched.
+    Remote(Arc<ReplicaPipe>),
+}
+
+/// Most items in one `Replica.Batch` call.
+const MAX_BATCH_ITEMS: usize = 512;
+/// A batch stops growing once its values reach this many bytes.
+const MAX_BATCH_VALUE_BYTES: usize = 1 << 20;
+/// Batches in flight to one peer at once.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Deadline of one batch call (each caller also has its own, shorter one).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests queued for one peer before callers wait.
+const PIPE_CAPACITY: usize = 8192;
+
+/// One request waiting in a pipe, with where its answer goes.
+enum PipeItem {
+    Write(
+        pb::ReplicaWriteRequest,
+        oneshot::Sender<Result<WriteOutcome, String>>,
+    ),
+    Read(
+        pb::ReplicaReadRequest,
+        oneshot::Sender<Result<Option<Record>, ReplicaError>>,
+    ),
+}
+
+/// Replica calls to one peer, batched: requests queue in a bounded channel;
+/// a task sends whatever has queued as one `Replica.Batch` call (up to
+/// [`MAX_BATCHES_IN_FLIGHT`] at once) and hands each answer back. Idle, a
+/// request goes out alone at once; under load, batches form by themselves
+/// while earlier ones are in flight — one RPC carries many writes, which is
+/// what lets a node replicate near the machine's gRPC ceiling. The task ends
+/// when the pipe is dropped.
+pub struct ReplicaPipe {
+    /// Where requests queue.
+    queue: mpsc::Sender<PipeItem>,
+}
+
+impl ReplicaPipe {
+    fn start(client: ReplicaClient<Channel>) -> Self {
+        let (queue, mut incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
+        tokio::spawn(async move {
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+            while let Some(first) = incoming.recv().await {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut batch = vec![first];
+                let mut bytes = 0usize;
+                while batch.len() < MAX_BATCH_ITEMS && bytes < MAX_BATCH_VALUE_BYTES {
+                    match incoming.try_recv() {
+                        Ok(item) => {
+                            if let PipeItem::Write(w, _) = &item {
+                                bytes += w.record.as_ref().map_or(0, |r| r.value.len());
+                            }
+                            batch.push(item);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    send_batch(&mut client, batch).await;
+                    drop(permit);
+                });
+            }
+        });
+        Self { queue }
+    }
+
+    async fn call<T>(&self, item: PipeItem, answer: oneshot::Receiver<T>) -> Option<T> {
+        self.queue.send(item).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// Sends one batch and distributes the answers (or the failure) to callers.
+async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
+    let mut request = pb::ReplicaBatchRequest::default();
+    let mut write_answers = Vec::new();
+    let mut read_answers = Vec::new();
+    for item in batch {
+        match item {
+            PipeItem::Write(write, answer) => {
+                request.writes.push(write);
+                write_answers.push(answer);
+            }
+            PipeItem::Read(read, answer) => {
+                request.reads.push(read);
+                read_answers.push(answer);
+            }
+        }
+    }
+    let reply = match tokio::time::timeout(BATCH_TIMEOUT, client.batch(request)).await {
+        Ok(Ok(reply)) => reply.into_inner(),
+        Ok(Err(status)) => {
+            let why = describe_status(&status);
+            for answer in write_answers {
+                let _ = answer.send(Err(why.clone()));
+            }
+            for answer in read_answers {
+                let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
+            }
+            return;
+        }
+        Err(_) => return, // callers time out on their own
+    };
+    let mut writes = reply.writes.into_iter();
+    for answer in write_answers {
+        let result = match writes.next() {
+            Some(w) if !w.error.is_empty() => Err(w.error),
+            Some(w) => w
+                .held
+                .map(|held| WriteOutcome {
+                    applied: w.applied,
+                    held: held.into(),
+                })
+                .ok_or_else(|| "answered without the version it holds".to_string()),
+            None => Err("the batch answer is missing this write".to_string()),
+        };
+        let _ = answer.send(result);
+    }
+    let mut reads = reply.reads.into_iter();
+    for answer in read_answers {
+        let result = match reads.next() {
+            Some(r) if r.rejected => Err(ReplicaError::Rejected(r.error)),
+            Some(r) if !r.error.is_empty() => Err(ReplicaError::Failed(r.error)),
+            Some(r) => r
+                .record
+                .map(Record::try_from)
+                .transpose()
+                .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
+            None => Err(ReplicaError::Failed(
+                "the batch answer is missing this read".into(),
+            )),
+        };
+        let _ = answer.send(result);
+    }
 }
 
 /// Why a replica did not answer a read.
@@ -202,27 +354,21 @@ impl ReplicaHandle {
                 Error::InvalidArgument(why) => ReplicaError::Rejected(why),
                 other => ReplicaError::Failed(other.to_string()),
             }),
-            ReplicaTarget::Remote(client) => {
-                let mut client = client.clone();
+            ReplicaTarget::Remote(pipe) => {
+                let (answer, answered) = oneshot::channel();
                 let request = pb::ReplicaReadRequest {
                     key: key.to_string(),
                 };
-                let call = client.read(request);
-                let reply = tokio::time::timeout(timeout, call)
-                    .await
-                    .map_err(|_| ReplicaError::Failed(timed_out(timeout)))?
-                    .map_err(|status| match status.code() {
-                        tonic::Code::InvalidArgument => {
-                            ReplicaError::Rejected(status.message().to_string())
-                        }
-                        _ => ReplicaError::Failed(describe_status(&status)),
-                    })?
-                    .into_inner();
-                reply
-                    .record
-                    .map(Record::try_from)
-                    .transpose()
-                    .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}")))
+                match tokio::time::timeout(
+                    timeout,
+                    pipe.call(PipeItem::Read(request, answer), answered),
+                )
+                .await
+                {
+                    Ok(Some(result)) => result,
+                    Ok(None) => Err(ReplicaError::Failed("replica pipe closed".into())),
+                    Err(_) => Err(ReplicaError::Failed(timed_out(timeout))),
+                }
             }
         }
     }
@@ -238,24 +384,22 @@ impl ReplicaHandle {
             ReplicaTarget::Local(store) => {
                 store.write_if_newer(key, record).map_err(|e| e.to_string())
             }
-            ReplicaTarget::Remote(client) => {
-                let mut client = client.clone();
+            ReplicaTarget::Remote(pipe) => {
+                let (answer, answered) = oneshot::channel();
                 let request = pb::ReplicaWriteRequest {
                     key: key.to_string(),
                     record: Some(record.into()),
                 };
-                let reply = tokio::time::timeout(timeout, client.write(request))
-                    .await
-                    .map_err(|_| timed_out(timeout))?
-                    .map_err(|status| describe_status(&status))?
-                    .into_inner();
-                let held = reply
-                    .held
-                    .ok_or_else(|| "answered without the version it holds".to_string())?;
-                Ok(WriteOutcome {
-                    applied: reply.applied,
-                    held: held.into(),
-                })
+                match tokio::time::timeout(
+                    timeout,
+                    pipe.call(PipeItem::Write(request, answer), answered),
+                )
+                .await
+                {
+                    Ok(Some(result)) => result,
+                    Ok(None) => Err("replica pipe closed".into()),
+                    Err(_) => Err(timed_out(timeout)),
+                }
             }
         }
     }

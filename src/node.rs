@@ -316,6 +316,32 @@ impl Node {
         })
     }
 
+    /// `Replica.Read` on this node's store.
+    fn replica_read(&self, request: pb::ReplicaReadRequest) -> Result<pb::ReplicaReadResponse> {
+        self.limits.check_key(&request.key)?;
+        let record = self.replica.read(&request.key)?;
+        Ok(pb::ReplicaReadResponse {
+            record: record.as_ref().map(pb::Record::from),
+        })
+    }
+
+    /// `Replica.Write` on this node's store.
+    fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
+        self.limits.check_key(&request.key)?;
+        let record: Record = request
+            .record
+            .ok_or_else(|| Error::InvalidArgument("record is required".into()))?
+            .try_into()?;
+        if let Some(value) = &record.value {
+            self.limits.check_value(value)?;
+        }
+        let outcome = self.replica.write_if_newer(&request.key, &record)?;
+        Ok(pb::ReplicaWriteResponse {
+            applied: outcome.applied,
+            held: Some(outcome.held.into()),
+        })
+    }
+
     fn check_ring(&self, range_count: u32) -> Result<()> {
         if range_count as usize != self.ring.range_count() {
             return Err(Error::InvalidArgument(format!(
@@ -645,33 +671,54 @@ impl pb::replica_server::Replica for ReplicaService {
         &self,
         request: Request<pb::ReplicaReadRequest>,
     ) -> Result<Response<pb::ReplicaReadResponse>, Status> {
-        let request = request.into_inner();
-        self.0.limits.check_key(&request.key)?;
-        let record = self.0.replica.read(&request.key)?;
-        Ok(Response::new(pb::ReplicaReadResponse {
-            record: record.as_ref().map(pb::Record::from),
-        }))
+        Ok(Response::new(self.0.replica_read(request.into_inner())?))
     }
 
     async fn write(
         &self,
         request: Request<pb::ReplicaWriteRequest>,
     ) -> Result<Response<pb::ReplicaWriteResponse>, Status> {
+        Ok(Response::new(self.0.replica_write(request.into_inner())?))
+    }
+
+    async fn batch(
+        &self,
+        request: Request<pb::ReplicaBatchRequest>,
+    ) -> Result<Response<pb::ReplicaBatchResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
-        node.limits.check_key(&request.key)?;
-        let record: Record = request
-            .record
-            .ok_or_else(|| Error::InvalidArgument("record is required".into()))?
-            .try_into()?;
-        if let Some(value) = &record.value {
-            node.limits.check_value(value)?;
-        }
-        let outcome = node.replica.write_if_newer(&request.key, &record)?;
-        Ok(Response::new(pb::ReplicaWriteResponse {
-            applied: outcome.applied,
-            held: Some(outcome.held.into()),
-        }))
+        let writes = request
+            .writes
+            .into_iter()
+            .map(|write| match node.replica_write(write) {
+                Ok(reply) => pb::WriteResult {
+                    applied: reply.applied,
+                    held: reply.held,
+                    ..Default::default()
+                },
+                Err(error) => pb::WriteResult {
+                    rejected: matches!(error, Error::InvalidArgument(_)),
+                    error: error.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        let reads = request
+            .reads
+            .into_iter()
+            .map(|read| match node.replica_read(read) {
+                Ok(reply) => pb::ReadResult {
+                    record: reply.record,
+                    ..Default::default()
+                },
+                Err(error) => pb::ReadResult {
+                    rejected: matches!(error, Error::InvalidArgument(_)),
+                    error: error.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::ReplicaBatchResponse { writes, reads }))
     }
 
     async fn stats(
