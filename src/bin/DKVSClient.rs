@@ -96,6 +96,12 @@ enum Command {
     /// Closed-loop YCSB-style load: throughput and latency percentiles.
     #[command(name = "bench")]
     Bench(BenchArgs),
+    /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
+    #[command(name = "noop-server", hide = true)]
+    NoopServer {
+        #[arg(long, default_value = "127.0.0.1:7199")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -134,6 +140,14 @@ struct BenchArgs {
     /// Seed for key and operation choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Drive etcd instead: --nodes are etcd client endpoints, used in turn
+    /// (Put for updates, linearizable Range for reads).
+    #[arg(long, conflicts_with_all = ["via_node", "noop"])]
+    etcd: bool,
+    /// Drive a do-nothing KeyValue server (`DKVSClient noop-server`) at
+    /// --nodes: the machine's one-hop gRPC ceiling.
+    #[arg(long, conflicts_with = "via_node")]
+    noop: bool,
 }
 
 /// Commands typed at the interactive prompt.
@@ -178,6 +192,22 @@ async fn run(cli: Cli) -> ExitCode {
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .collect();
+    // Commands that do not talk to a DKVS cluster.
+    match cli.command {
+        Some(Command::Bench(args)) if args.etcd || args.noop => {
+            return match bench(None, &nodes, options.consistency, args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => report(&error),
+            };
+        }
+        Some(Command::NoopServer { listen }) => {
+            return match noop_server(listen).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => report(&error),
+            };
+        }
+        _ => {}
+    }
     let client = match Client::connect(&nodes, options).await {
         Ok(client) => client,
         Err(error) => return report(&error),
@@ -236,7 +266,12 @@ async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
         }
         Command::Bench(args) => {
             drop(out);
-            bench(client, args).await?;
+            let consistency = client.consistency();
+            bench(Some(client), &[], consistency, args).await?;
+        }
+        Command::NoopServer { listen } => {
+            drop(out);
+            noop_server(listen).await?;
         }
         Command::Replicas { key } => {
             for (rank, address) in client.replicas_of(&key).iter().enumerate() {
@@ -309,137 +344,144 @@ impl Target for OwnedSmartTarget {
     }
 }
 
-async fn bench(client: &Client, args: BenchArgs) -> Result<(), Error> {
-    let interactive = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let value = bytes::Bytes::from(vec![b'x'; args.value_size]);
-    let zipfian = (args.distribution == Distribution::Zipfian)
-        .then(|| std::sync::Arc::new(Zipfian::new(args.keys)));
-    let concurrency = args.concurrency.max(1);
-    let limit = match args.ops {
-        Some(ops) => Limit::Ops(ops),
-        None => Limit::Duration(Duration::from_secs(args.duration.max(1))),
+/// etcd's KV API as a benchmark target (each endpoint in turn; linearizable reads).
+struct EtcdTarget {
+    nodes: Vec<pb::etcd::kv_client::KvClient<tonic::transport::Channel>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Target for EtcdTarget {
+    async fn read(&self, key: String) -> Result<(), String> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = pb::etcd::RangeRequest {
+            key: key.into_bytes().into(),
+            ..Default::default()
+        };
+        self.nodes[i % self.nodes.len()]
+            .clone()
+            .range(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+
+    async fn update(&self, key: String, value: bytes::Bytes) -> Result<(), String> {
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request = pb::etcd::PutRequest {
+            key: key.into_bytes().into(),
+            value,
+            ..Default::default()
+        };
+        self.nodes[i % self.nodes.len()]
+            .clone()
+            .put(request)
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    }
+}
+
+fn channels(addresses: &[String]) -> Result<Vec<tonic::transport::Channel>, Error> {
+    addresses
+        .iter()
+        .map(|a| dkvs::net::TcpDialer::default().dial(a))
+        .collect()
+}
+
+/// Runs `DKVSClient bench`. `client` is `None` for --etcd and --noop, which
+/// talk to `nodes` directly.
+async fn bench(
+    client: Option<&Client>,
+    nodes: &[String],
+    consistency: Consistency,
+    args: BenchArgs,
+) -> Result<(), Error> {
+    let system = if args.etcd {
+        "etcd"
+    } else if args.noop {
+        "noop-grpc"
+    } else if args.via_node {
+        "dkvs-via-node"
+    } else {
+        "dkvs-smart-client"
     };
     let label = format!(
-        "workload {:?} {} keys {} B values {:?} concurrency {} {} consistency {}",
+        "{system} workload {:?} {} keys {} B values {:?} concurrency {} consistency {}",
         args.workload,
         args.keys,
         args.value_size,
         args.distribution,
-        concurrency,
-        if args.via_node {
-            "via-node"
-        } else {
-            "smart-client"
-        },
-        client.consistency().name()
+        args.concurrency.max(1),
+        consistency.name()
     );
-    let progress = |length: Option<u64>, what: &str| {
-        let bar = match (interactive, length) {
-            (false, _) => indicatif::ProgressBar::hidden(),
-            (true, Some(n)) => indicatif::ProgressBar::new(n),
-            (true, None) => indicatif::ProgressBar::new_spinner(),
-        };
-        let template = format!(
-            "{what} {{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}} ops ({{per_sec}})"
-        );
-        if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
-            bar.set_style(style);
-        }
-        bar
-    };
-    macro_rules! run_on {
-        ($target:expr) => {{
-            let target = std::sync::Arc::new($target);
-            if !args.no_preload {
-                let bar = progress(Some(args.keys), "preload");
-                let generators = (0..concurrency as u64)
-                    .map(|w| OpGenerator::new(w, args.keys, Workload::W, None))
-                    .collect::<Vec<_>>();
-                // Preload writes each key once, in order, spread over the workers.
-                let preload = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-                let mut tasks = Vec::new();
-                for _ in generators {
-                    let (target, value, preload, keys) =
-                        (target.clone(), value.clone(), preload.clone(), args.keys);
-                    tasks.push(tokio::spawn(async move {
-                        loop {
-                            let k = preload.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if k >= keys {
-                                break Ok::<(), String>(());
-                            }
-                            target.update(key_name(k), value.clone()).await?;
-                        }
-                    }));
-                }
-                let ticker = {
-                    let (bar, preload) = (bar.clone(), preload.clone());
-                    tokio::spawn(async move {
-                        loop {
-                            bar.set_position(
-                                preload
-                                    .load(std::sync::atomic::Ordering::Relaxed)
-                                    .min(args.keys),
-                            );
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
-                    })
-                };
-                for task in tasks {
-                    match task.await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(why)) => {
-                            return Err(Error::Unavailable(format!("preload failed: {why}")));
-                        }
-                        Err(why) => return Err(Error::Internal(format!("preload task: {why}"))),
-                    }
-                }
-                ticker.abort();
-                bar.finish_and_clear();
-            }
-            let generators = (0..concurrency as u64)
-                .map(|w| {
-                    OpGenerator::new(
-                        args.seed.wrapping_mul(1000).wrapping_add(w),
-                        args.keys,
-                        args.workload,
-                        zipfian.clone(),
-                    )
-                })
+    let report = match client {
+        _ if args.etcd => {
+            let nodes = channels(nodes)?
+                .into_iter()
+                .map(pb::etcd::kv_client::KvClient::new)
                 .collect();
-            let bar = progress(args.ops, "bench");
-            let shown = bar.clone();
-            let report = dkvs::bench::run(target, generators, value.clone(), limit, move |n| {
-                shown.set_position(n)
-            })
-            .await;
-            bar.finish_and_clear();
-            report
-        }};
-    }
-    let report = if args.via_node {
-        let mut nodes = Vec::new();
-        for member in client.ring().members() {
-            let channel = dkvs::net::TcpDialer::default().dial(&member.address)?;
-            nodes.push(pb::key_value_client::KeyValueClient::new(channel));
+            run_bench(
+                EtcdTarget {
+                    nodes,
+                    next: Default::default(),
+                },
+                &args,
+            )
+            .await?
         }
-        run_on!(ViaNodeTarget {
-            nodes,
-            next: std::sync::atomic::AtomicUsize::new(0),
-            consistency: pb::Consistency::from(client.consistency()) as i32,
-        })
-    } else {
-        let options = dkvs::client::ClientOptions {
-            consistency: client.consistency(),
-            ..Default::default()
-        };
-        let addresses: Vec<String> = client
-            .ring()
-            .members()
-            .iter()
-            .map(|m| m.address.clone())
-            .collect();
-        let owned = Client::connect(&addresses, options).await?;
-        run_on!(OwnedSmartTarget(std::sync::Arc::new(owned)))
+        _ if args.noop => {
+            let nodes = channels(nodes)?
+                .into_iter()
+                .map(pb::key_value_client::KeyValueClient::new)
+                .collect();
+            let consistency = pb::Consistency::from(consistency) as i32;
+            run_bench(
+                ViaNodeTarget {
+                    nodes,
+                    next: Default::default(),
+                    consistency,
+                },
+                &args,
+            )
+            .await?
+        }
+        Some(client) if args.via_node => {
+            let addresses: Vec<String> = client
+                .ring()
+                .members()
+                .iter()
+                .map(|m| m.address.clone())
+                .collect();
+            let nodes = channels(&addresses)?
+                .into_iter()
+                .map(pb::key_value_client::KeyValueClient::new)
+                .collect();
+            let consistency = pb::Consistency::from(consistency) as i32;
+            run_bench(
+                ViaNodeTarget {
+                    nodes,
+                    next: Default::default(),
+                    consistency,
+                },
+                &args,
+            )
+            .await?
+        }
+        Some(client) => {
+            let options = dkvs::client::ClientOptions {
+                consistency,
+                ..Default::default()
+            };
+            let addresses: Vec<String> = client
+                .ring()
+                .members()
+                .iter()
+                .map(|m| m.address.clone())
+                .collect();
+            let owned = Client::connect(&addresses, options).await?;
+            run_bench(OwnedSmartTarget(std::sync::Arc::new(owned)), &args).await?
+        }
+        None => return Err(Error::InvalidArgument("bench needs a cluster".into())),
     };
     if args.json {
         println!("{}", report.json(&label));
@@ -450,6 +492,144 @@ async fn bench(client: &Client, args: BenchArgs) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+fn progress_bar(interactive: bool, length: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    let bar = match (interactive, length) {
+        (false, _) => indicatif::ProgressBar::hidden(),
+        (true, Some(n)) => indicatif::ProgressBar::new(n),
+        (true, None) => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = format!(
+        "{what} {{spinner}} [{{elapsed_precise}}] {{wide_bar}} {{human_pos}} ops ({{per_sec}})"
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// Preloads every key once, then runs the measured closed loop.
+async fn run_bench<T: Target>(target: T, args: &BenchArgs) -> Result<dkvs::bench::Report, Error> {
+    let interactive = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let value = bytes::Bytes::from(vec![b'x'; args.value_size]);
+    let zipfian = (args.distribution == Distribution::Zipfian)
+        .then(|| std::sync::Arc::new(Zipfian::new(args.keys)));
+    let concurrency = args.concurrency.max(1);
+    let limit = match args.ops {
+        Some(ops) => Limit::Ops(ops),
+        None => Limit::Duration(Duration::from_secs(args.duration.max(1))),
+    };
+    let target = std::sync::Arc::new(target);
+    if !args.no_preload {
+        let bar = progress_bar(interactive, Some(args.keys), "preload");
+        let next_key = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (target, value, next_key, keys) =
+                (target.clone(), value.clone(), next_key.clone(), args.keys);
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let k = next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if k >= keys {
+                        break Ok::<(), String>(());
+                    }
+                    target.update(key_name(k), value.clone()).await?;
+                }
+            }));
+        }
+        let ticker = {
+            let (bar, next_key, keys) = (bar.clone(), next_key.clone(), args.keys);
+            tokio::spawn(async move {
+                loop {
+                    bar.set_position(
+                        next_key
+                            .load(std::sync::atomic::Ordering::Relaxed)
+                            .min(keys),
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        };
+        for task in tasks {
+            let outcome = task.await;
+            if !matches!(outcome, Ok(Ok(()))) {
+                ticker.abort();
+                return Err(match outcome {
+                    Ok(Err(why)) => Error::Unavailable(format!("preload failed: {why}")),
+                    Err(why) => Error::Internal(format!("preload task: {why}")),
+                    Ok(Ok(())) => Error::Internal("unreachable".into()),
+                });
+            }
+        }
+        ticker.abort();
+        bar.finish_and_clear();
+    }
+    let generators = (0..concurrency as u64)
+        .map(|w| {
+            OpGenerator::new(
+                args.seed.wrapping_mul(1000).wrapping_add(w),
+                args.keys,
+                args.workload,
+                zipfian.clone(),
+            )
+        })
+        .collect();
+    let bar = progress_bar(interactive, args.ops, "bench");
+    let shown = bar.clone();
+    let report = dkvs::bench::run(target, generators, value, limit, move |n| {
+        shown.set_position(n)
+    })
+    .await;
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+/// A do-nothing `dkvs.v1.KeyValue` server: the machine's one-hop gRPC ceiling.
+struct NoopKeyValue;
+
+#[tonic::async_trait]
+impl pb::key_value_server::KeyValue for NoopKeyValue {
+    async fn put(
+        &self,
+        _: tonic::Request<pb::PutRequest>,
+    ) -> Result<tonic::Response<pb::PutResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::PutResponse {
+            version: Some(pb::Version::default()),
+            acks: 1,
+        }))
+    }
+
+    async fn get(
+        &self,
+        _: tonic::Request<pb::GetRequest>,
+    ) -> Result<tonic::Response<pb::GetResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::GetResponse::default()))
+    }
+
+    async fn delete(
+        &self,
+        _: tonic::Request<pb::DeleteRequest>,
+    ) -> Result<tonic::Response<pb::DeleteResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::DeleteResponse {
+            version: Some(pb::Version::default()),
+            acks: 1,
+        }))
+    }
+}
+
+async fn noop_server(listen: std::net::SocketAddr) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Error::Unavailable(format!("cannot listen on {listen}: {e}")))?;
+    eprintln!("noop KeyValue server on {listen}; Ctrl-C to stop");
+    tonic::transport::Server::builder()
+        .add_service(pb::key_value_server::KeyValueServer::new(NoopKeyValue))
+        .serve_with_incoming_shutdown(dkvs::node::incoming(listener), async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))
 }
 
 /// A `nodetool status`-like table.
