@@ -176,10 +176,11 @@ impl HintStore {
             *pending.entry(hint.target).or_default() += 1;
         }
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
-        if let Err(error) = self
+        let stored = self
             .storage
             .put_hint(&hint_id(hint.target, sequence), &hint.encode())
-        {
+            .and_then(|()| self.storage.flush());
+        if let Err(error) = stored {
             self.forget(hint.target);
             return Err(error);
         }

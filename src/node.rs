@@ -325,8 +325,8 @@ impl Node {
         })
     }
 
-    /// `Replica.Write` on this node's store.
-    fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
+    /// Validates a replica write: its key, record and value size.
+    fn check_write(&self, request: pb::ReplicaWriteRequest) -> Result<(String, Record)> {
         self.limits.check_key(&request.key)?;
         let record: Record = request
             .record
@@ -335,7 +335,13 @@ impl Node {
         if let Some(value) = &record.value {
             self.limits.check_value(value)?;
         }
-        let outcome = self.replica.write_if_newer(&request.key, &record)?;
+        Ok((request.key, record))
+    }
+
+    /// `Replica.Write` on this node's store.
+    fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
+        let (key, record) = self.check_write(request)?;
+        let outcome = self.replica.write_if_newer(&key, &record)?;
         Ok(pb::ReplicaWriteResponse {
             applied: outcome.applied,
             held: Some(outcome.held.into()),
@@ -687,20 +693,39 @@ impl pb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<pb::ReplicaBatchResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
-        let writes = request
+        // Validate every write, apply the valid ones with one flush.
+        let checked: Vec<Result<(String, Record)>> = request
             .writes
             .into_iter()
-            .map(|write| match node.replica_write(write) {
-                Ok(reply) => pb::WriteResult {
-                    applied: reply.applied,
-                    held: reply.held,
-                    ..Default::default()
-                },
-                Err(error) => pb::WriteResult {
-                    rejected: matches!(error, Error::InvalidArgument(_)),
-                    error: error.to_string(),
-                    ..Default::default()
-                },
+            .map(|w| node.check_write(w))
+            .collect();
+        let valid: Vec<(&str, &Record)> = checked
+            .iter()
+            .filter_map(|c| c.as_ref().ok())
+            .map(|(k, r)| (k.as_str(), r))
+            .collect();
+        let mut applied = node.replica.write_many(valid).into_iter();
+        let writes = checked
+            .iter()
+            .map(|c| {
+                let outcome = match c {
+                    Ok(_) => applied
+                        .next()
+                        .unwrap_or_else(|| Err(Error::Internal("write result missing".into()))),
+                    Err(error) => Err(Error::InvalidArgument(error.to_string())),
+                };
+                match outcome {
+                    Ok(o) => pb::WriteResult {
+                        applied: o.applied,
+                        held: Some(o.held.into()),
+                        ..Default::default()
+                    },
+                    Err(error) => pb::WriteResult {
+                        rejected: matches!(error, Error::InvalidArgument(_)),
+                        error: error.to_string(),
+                        ..Default::default()
+                    },
+                }
             })
             .collect();
         let reads = request

@@ -261,6 +261,7 @@ impl ReplicaStore {
             return Ok(false);
         }
         self.storage.delete(&stored)?;
+        self.storage.flush()?;
         self.tombstones.fetch_sub(1, Ordering::Relaxed);
         self.update_digest(key, Some(&held), None);
         Ok(true)
@@ -268,6 +269,36 @@ impl ReplicaStore {
 
     /// Stores `record` if it is newer than what this replica holds.
     pub fn write_if_newer(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
+        let outcome = self.apply(key, record)?;
+        self.storage.flush()?;
+        Ok(outcome)
+    }
+
+    /// [`ReplicaStore::write_if_newer`] for many writes, with one flush to
+    /// the operating system for all of them (group commit): no outcome is
+    /// returned before every applied write is flushed.
+    pub fn write_many<'a>(
+        &self,
+        writes: impl IntoIterator<Item = (&'a str, &'a Record)>,
+    ) -> Vec<Result<WriteOutcome>> {
+        let results: Vec<Result<WriteOutcome>> = writes
+            .into_iter()
+            .map(|(key, record)| self.apply(key, record))
+            .collect();
+        match self.storage.flush() {
+            Ok(()) => results,
+            Err(error) => {
+                let why = error.to_string();
+                results
+                    .into_iter()
+                    .map(|r| r.and_then(|_| Err(Error::Storage(why.clone()))))
+                    .collect()
+            }
+        }
+    }
+
+    /// Stores `record` if newer, without flushing.
+    fn apply(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
         self.observe(record.version);
         let _stripe = self.stripe(key);
         let stored = storage_key(key);

@@ -31,9 +31,12 @@ impl FjallStorage {
     /// Opens (or creates) the database in `dir`, replaying its journal.
     pub fn open(dir: &Path, fsync: FsyncPolicy) -> Result<Self> {
         let db = Database::builder(dir).open()?;
-        let records = db.keyspace("records", KeyspaceCreateOptions::default)?;
+        // Writes buffer in the journal until `flush`: the replica flushes
+        // once per batch of writes, before acknowledging any of them.
+        let buffered = || KeyspaceCreateOptions::default().manual_journal_persist(true);
+        let records = db.keyspace("records", buffered)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
-        let hints = db.keyspace("hints", KeyspaceCreateOptions::default)?;
+        let hints = db.keyspace("hints", buffered)?;
         Ok(Self {
             db,
             records,
@@ -128,6 +131,11 @@ impl Storage for FjallStorage {
 
     fn sync(&self) -> Result<()> {
         self.db.persist(PersistMode::SyncAll)?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.persist(PersistMode::Buffer)?;
         Ok(())
     }
 

@@ -105,6 +105,10 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
         lock(&self.hints).insert(id.to_vec(), bytes.to_vec());
         Ok(())

@@ -39,10 +39,15 @@ pub trait Storage: Send + Sync + 'static {
     /// The record stored under `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Record>>;
 
-    /// Stores `record` under `key`, replacing what was there. When this
-    /// returns, the write survives a crash of the process (and, under
-    /// [`FsyncPolicy::Always`], of the machine).
+    /// Stores `record` under `key`, replacing what was there. After the next
+    /// [`Storage::flush`] the write survives a crash of the process (under
+    /// [`FsyncPolicy::Always`], of the machine, as soon as `put` returns).
     fn put(&self, key: &[u8], record: &Record) -> Result<()>;
+
+    /// Hands every buffered write to the operating system: from here on they
+    /// survive a crash or SIGKILL of the process. One call covers any number
+    /// of writes (group commit).
+    fn flush(&self) -> Result<()>;
 
     /// Visits every stored record. Records that cannot be decoded are
     /// reported through `corrupt` and skipped.
