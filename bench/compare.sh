@@ -9,6 +9,7 @@
 #   bench/compare.sh                 # 10 s per round, 64 in flight, 100-byte values
 #   DURATION=20 ROUNDS=3 bench/compare.sh
 #   CONCURRENCY=256 bench/compare.sh
+#   DKVS_SERVER_FLAGS="--worker-threads 1" bench/compare.sh   # extra DKVSServer flags
 #
 # DKVS requests go to each node in turn, which coordinates them (--via-node),
 # as etcd requests go to each member in turn. Everything runs on 127.0.0.1
@@ -52,7 +53,7 @@ wait_port() { # port
 DKVS_NODES_LIST="127.0.0.1:$((BASE+1)),127.0.0.1:$((BASE+2)),127.0.0.1:$((BASE+3))"
 for i in 1 2 3; do
   "$BIN/DKVSServer" --listen "127.0.0.1:$((BASE+i))" --peers "$DKVS_NODES_LIST" \
-    --data-dir "$WORK/dkvs$i" >"$WORK/dkvs$i.log" 2>&1 &
+    --data-dir "$WORK/dkvs$i" ${DKVS_SERVER_FLAGS:-} >"$WORK/dkvs$i.log" 2>&1 &
   PIDS+=($!)
 done
 # etcd: 3 members.

@@ -111,6 +111,12 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 86_400)]
     pub tombstone_grace: u64,
 
+    /// Tokio worker threads (default: one per CPU). When several nodes share
+    /// one small machine (a local cluster, a benchmark), 1 avoids threads of
+    /// different nodes pre-empting each other.
+    #[arg(long)]
+    pub worker_threads: Option<usize>,
+
     /// Longest key accepted, in bytes of UTF-8.
     #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
     pub max_key_bytes: usize,
