@@ -244,19 +244,7 @@ async fn killing_and_restarting_every_node_loses_no_acknowledged_write() {
             last_versions[i]
         );
     }
-    let stats = cluster
-        .cluster(0)
-        .await
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    let live: u64 = stats
-        .members
-        .iter()
-        .filter_map(|m| m.stats.as_ref())
-        .map(|s| s.live_keys)
-        .sum();
+    let live = cluster.sum_stats(0, |s| s.live_keys).await;
     assert_eq!(
         live,
         180 * 3,

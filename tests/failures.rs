@@ -298,37 +298,9 @@ async fn anti_entropy_converges_a_replica_that_missed_writes_without_reads() {
         assert!(Instant::now() < deadline, "no in-sync exchanges: {now:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let repaired: u64 = {
-        let status = cluster
-            .cluster(0)
-            .await
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        status
-            .members
-            .iter()
-            .filter_map(|m| m.stats.as_ref())
-            .map(|s| s.anti_entropy_keys_repaired)
-            .sum()
-    };
+    let repaired = cluster.sum_stats(0, |s| s.anti_entropy_keys_repaired).await;
     assert!(repaired >= expected, "anti-entropy copied {repaired} keys");
-    let reads: u64 = {
-        let status = cluster
-            .cluster(0)
-            .await
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        status
-            .members
-            .iter()
-            .filter_map(|m| m.stats.as_ref())
-            .map(|s| s.read_repairs)
-            .sum()
-    };
+    let reads = cluster.sum_stats(0, |s| s.read_repairs).await;
     assert_eq!(reads, 0, "no read repair was involved");
     client.close().await;
 }
@@ -355,19 +327,7 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
     // Every replica holds the old values before one of them goes down.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = cluster
-            .cluster(0)
-            .await
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
-        let live: u64 = status
-            .members
-            .iter()
-            .filter_map(|m| m.stats.as_ref())
-            .map(|s| s.live_keys)
-            .sum();
+        let live = cluster.sum_stats(0, |s| s.live_keys).await;
         if live == 3 * keys.len() as u64 {
             break;
         }

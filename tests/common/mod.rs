@@ -194,6 +194,27 @@ impl TestCluster {
         }
     }
 
+    /// `Cluster.Status` as node `observer` sees it.
+    pub async fn status(&self, observer: usize) -> pb::StatusResponse {
+        self.cluster(observer)
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    }
+
+    /// A statistic summed over every member `observer` sees up.
+    pub async fn sum_stats(&self, observer: usize, stat: impl Fn(&pb::NodeStats) -> u64) -> u64 {
+        self.status(observer)
+            .await
+            .members
+            .iter()
+            .filter_map(|m| m.stats.as_ref())
+            .map(stat)
+            .sum()
+    }
+
     /// Sends a signal (e.g. "-STOP", "-CONT") to node `i`.
     pub fn signal(&self, i: usize, signal: &str) {
         let pid = self.nodes[i].pid().expect("node is running");
