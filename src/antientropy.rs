@@ -224,35 +224,51 @@ impl AntiEntropy {
             .into_iter()
             .take(MAX_RANGES_PER_ROUND)
         {
-            let entries = pb::RangeEntriesRequest {
-                range: range as u32,
-                range_count,
-            };
-            let their_entries: Vec<RangeEntry> =
-                call_within(self.rpc_timeout, client.range_entries(entries))
-                    .await?
-                    .entries
-                    .into_iter()
-                    .filter_map(|e| {
-                        Some(RangeEntry {
-                            key: e.key,
-                            version: e.version?.into(),
-                            tombstone: e.tombstone,
-                            deleted_at_ms: e.deleted_at_ms,
-                        })
-                    })
-                    .collect();
-            let my_entries = self
-                .replica
-                .range_entries(range)
-                .map_err(|e| e.to_string())?;
-            let plan = plan(&my_entries, &their_entries, self.collectable(now_ms()));
-            repaired += self.copy(peer, plan).await?;
+            // One failing range (too large, timed out) must not stop the others.
+            match self.sync_range(&mut client, peer, range, range_count).await {
+                Ok(copied) => repaired += copied,
+                Err(why) => tracing::debug!(peer, range, %why, "anti-entropy skipped a range"),
+            }
         }
         self.stats
             .keys_repaired
             .fetch_add(repaired, Ordering::Relaxed);
         Ok(repaired)
+    }
+
+    /// Lists one differing range on both sides and copies what differs.
+    async fn sync_range(
+        &self,
+        client: &mut pb::replica_client::ReplicaClient<tonic::transport::Channel>,
+        peer: &str,
+        range: usize,
+        range_count: u32,
+    ) -> Result<u64, String> {
+        let entries = pb::RangeEntriesRequest {
+            range: range as u32,
+            range_count,
+        };
+        let their_entries: Vec<RangeEntry> =
+            call_within(self.rpc_timeout, client.range_entries(entries))
+                .await?
+                .entries
+                .into_iter()
+                .filter_map(|e| {
+                    let version: crate::clock::Version = e.version?.into();
+                    version.is_plausible().then_some(RangeEntry {
+                        key: e.key,
+                        version,
+                        tombstone: e.tombstone,
+                        deleted_at_ms: e.deleted_at_ms,
+                    })
+                })
+                .collect();
+        let my_entries = self
+            .replica
+            .range_entries(range)
+            .map_err(|e| e.to_string())?;
+        let plan = plan(&my_entries, &their_entries, self.collectable(now_ms()));
+        self.copy(peer, plan).await
     }
 
     async fn copy(&self, peer: &str, plan: SyncPlan) -> Result<u64, String> {
@@ -301,24 +317,36 @@ impl AntiEntropy {
             .old_tombstones(deadline, MAX_GC_PER_ROUND)
             .map_err(|e| e.to_string())?;
         for (key, version) in candidates {
-            let mut everyone_agrees = true;
-            for member in self.ring.preference_list(key.as_bytes(), self.replicas) {
-                if member.address == self.me {
-                    continue;
-                }
+            let others: Vec<String> = self
+                .ring
+                .preference_list(key.as_bytes(), self.replicas)
+                .into_iter()
+                .filter(|m| m.address != self.me)
+                .map(|m| m.address.clone())
+                .collect();
+            // A replica believed down cannot confirm: skip the key this round
+            // instead of waiting for its timeout.
+            if others.iter().any(|address| !self.is_up(address)) {
+                continue;
+            }
+            let mut checks = Vec::new();
+            for address in &others {
                 let handle = self
                     .peers
-                    .replica_handle(&member.address, None)
+                    .replica_handle(address, None)
                     .map_err(|e| e.to_string())?;
-                match handle.read(&key, self.rpc_timeout).await {
-                    Ok(None) => {}
-                    Ok(Some(held)) if held.version >= version => {}
-                    _ => {
-                        everyone_agrees = false;
-                        break;
-                    }
-                }
+                let key = &key;
+                checks.push(async move { handle.read(key, self.rpc_timeout).await });
             }
+            let everyone_agrees =
+                futures::future::join_all(checks)
+                    .await
+                    .into_iter()
+                    .all(|answer| match answer {
+                        Ok(None) => true,
+                        Ok(Some(held)) => held.version >= version,
+                        Err(_) => false,
+                    });
             if everyone_agrees
                 && self
                     .replica

@@ -44,6 +44,19 @@ impl fmt::Display for Version {
     }
 }
 
+/// The highest Lamport timestamp accepted from outside. Far beyond anything
+/// a real cluster reaches (2^62 ticks), yet far enough from `u64::MAX` that a
+/// clock merged with it can still tick; a version above it is refused as
+/// invalid input, so one bogus message cannot exhaust every node's clock.
+pub const MAX_LAMPORT: u64 = 1 << 62;
+
+impl Version {
+    /// Whether the version is within what DKVS accepts ([`MAX_LAMPORT`]).
+    pub fn is_plausible(&self) -> bool {
+        self.lamport <= MAX_LAMPORT
+    }
+}
+
 /// How many versions a persisted ceiling covers.
 pub const CEILING_LEASE: u64 = 10_000;
 
@@ -91,19 +104,21 @@ impl LamportClock {
         self.now = self.now.max(seen.lamport);
     }
 
-    /// Issues the next version.
-    pub fn tick(&mut self) -> Tick {
-        self.now = self.now.saturating_add(1);
-        let persist_ceiling = if self.now > self.ceiling {
-            self.ceiling = self.now.saturating_add(CEILING_LEASE);
+    /// Issues the next version; `None` once the clock is exhausted (it never
+    /// repeats a version, and never wraps).
+    pub fn tick(&mut self) -> Option<Tick> {
+        let now = self.now.checked_add(1)?;
+        let persist_ceiling = if now > self.ceiling {
+            self.ceiling = now.checked_add(CEILING_LEASE)?;
             Some(self.ceiling)
         } else {
             None
         };
-        Tick {
+        self.now = now;
+        Some(Tick {
             version: Version::new(self.now, self.node_id),
             persist_ceiling,
-        }
+        })
     }
 }
 
@@ -121,25 +136,25 @@ mod tests {
     #[test]
     fn ticks_increase_and_observe_jumps_ahead() {
         let mut clock = LamportClock::recover(7, 0, 0);
-        let a = clock.tick().version;
-        let b = clock.tick().version;
+        let a = clock.tick().expect("tick").version;
+        let b = clock.tick().expect("tick").version;
         assert!(b > a);
         clock.observe(Version::new(100, 9));
-        let c = clock.tick().version;
+        let c = clock.tick().expect("tick").version;
         assert_eq!(c, Version::new(101, 7));
         // Observing something older changes nothing.
         clock.observe(Version::new(5, 1));
-        assert_eq!(clock.tick().version.lamport, 102);
+        assert_eq!(clock.tick().expect("tick").version.lamport, 102);
     }
 
     #[test]
     fn first_tick_and_every_lease_ask_for_a_ceiling() {
         let mut clock = LamportClock::recover(1, 0, 0);
-        let first = clock.tick();
+        let first = clock.tick().expect("tick");
         assert_eq!(first.persist_ceiling, Some(1 + CEILING_LEASE));
         let mut asked = 0;
         for _ in 0..(CEILING_LEASE + 1) * 3 {
-            if clock.tick().persist_ceiling.is_some() {
+            if clock.tick().expect("tick").persist_ceiling.is_some() {
                 asked += 1;
             }
         }
@@ -152,7 +167,7 @@ mod tests {
         let mut ceiling = 0;
         let mut last = Version::default();
         for _ in 0..25_000 {
-            let tick = before.tick();
+            let tick = before.tick().expect("tick");
             if let Some(c) = tick.persist_ceiling {
                 ceiling = c;
             }
@@ -160,18 +175,29 @@ mod tests {
         }
         // Crash: only the ceiling survived (no data at all).
         let mut after = LamportClock::recover(1, ceiling, 0);
-        assert!(after.tick().version > last);
+        assert!(after.tick().expect("tick").version > last);
         // Data newer than the ceiling (observed from peers) also counts.
         let mut after = LamportClock::recover(1, ceiling, ceiling + 50);
-        assert_eq!(after.tick().version.lamport, ceiling + 51);
+        assert_eq!(after.tick().expect("tick").version.lamport, ceiling + 51);
+    }
+
+    #[test]
+    fn an_exhausted_clock_refuses_instead_of_repeating() {
+        let mut clock = LamportClock::recover(1, 0, u64::MAX - 1);
+        assert!(clock.tick().is_none(), "no room for a ceiling");
+        let mut clock = LamportClock::recover(1, 0, 0);
+        clock.observe(Version::new(u64::MAX, 2));
+        assert!(clock.tick().is_none());
+        assert!(Version::new(MAX_LAMPORT, 1).is_plausible());
+        assert!(!Version::new(MAX_LAMPORT + 1, 1).is_plausible());
     }
 
     #[test]
     fn observing_far_ahead_asks_to_persist_again() {
         let mut clock = LamportClock::recover(1, 0, 0);
-        assert!(clock.tick().persist_ceiling.is_some());
+        assert!(clock.tick().expect("tick").persist_ceiling.is_some());
         clock.observe(Version::new(1_000_000, 2));
-        let tick = clock.tick();
+        let tick = clock.tick().expect("tick");
         assert_eq!(tick.version.lamport, 1_000_001);
         assert_eq!(tick.persist_ceiling, Some(1_000_001 + CEILING_LEASE));
     }

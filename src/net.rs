@@ -204,6 +204,24 @@ enum PipeItem {
     ),
 }
 
+impl PipeItem {
+    /// Bytes of value the request carries.
+    fn value_bytes(&self) -> usize {
+        match self {
+            PipeItem::Write(w, _) => w.record.as_ref().map_or(0, |r| r.value.len()),
+            PipeItem::Read(..) => 0,
+        }
+    }
+
+    /// The caller gave up (timed out): do not send it.
+    fn abandoned(&self) -> bool {
+        match self {
+            PipeItem::Write(_, answer) => answer.is_closed(),
+            PipeItem::Read(_, answer) => answer.is_closed(),
+        }
+    }
+}
+
 /// Replica calls to one peer, batched: requests queue in a bounded channel;
 /// a task sends whatever has queued as one `Replica.Batch` call (up to
 /// [`MAX_BATCHES_IN_FLIGHT`] at once) and hands each answer back. Idle, a
@@ -221,22 +239,36 @@ impl ReplicaPipe {
         let (queue, mut incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
         tokio::spawn(async move {
             let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
-            while let Some(first) = incoming.recv().await {
+            // An item that did not fit in the previous batch starts the next.
+            let mut carried: Option<PipeItem> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(item) => item,
+                    None => match incoming.recv().await {
+                        Some(item) => item,
+                        None => break,
+                    },
+                };
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break;
                 };
+                let mut bytes = first.value_bytes();
                 let mut batch = vec![first];
-                let mut bytes = 0usize;
-                while batch.len() < MAX_BATCH_ITEMS && bytes < MAX_BATCH_VALUE_BYTES {
-                    match incoming.try_recv() {
-                        Ok(item) => {
-                            if let PipeItem::Write(w, _) = &item {
-                                bytes += w.record.as_ref().map_or(0, |r| r.value.len());
-                            }
-                            batch.push(item);
-                        }
-                        Err(_) => break,
+                while batch.len() < MAX_BATCH_ITEMS {
+                    let Ok(item) = incoming.try_recv() else { break };
+                    if item.abandoned() {
+                        continue;
                     }
+                    if bytes + item.value_bytes() > MAX_BATCH_VALUE_BYTES {
+                        carried = Some(item);
+                        break;
+                    }
+                    bytes += item.value_bytes();
+                    batch.push(item);
+                }
+                batch.retain(|item| !item.abandoned());
+                if batch.is_empty() {
+                    continue;
                 }
                 let mut client = client.clone();
                 tokio::spawn(async move {
@@ -259,6 +291,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
     let mut request = pb::ReplicaBatchRequest::default();
     let mut write_answers = Vec::new();
     let mut read_answers = Vec::new();
+    let mut read_requests = Vec::new();
     for item in batch {
         match item {
             PipeItem::Write(write, answer) => {
@@ -266,6 +299,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
                 write_answers.push(answer);
             }
             PipeItem::Read(read, answer) => {
+                read_requests.push(read.clone());
                 request.reads.push(read);
                 read_answers.push(answer);
             }
@@ -289,19 +323,42 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
     for answer in write_answers {
         let result = match writes.next() {
             Some(w) if !w.error.is_empty() => Err(w.error),
-            Some(w) => w
-                .held
-                .map(|held| WriteOutcome {
+            Some(w) => match w.held.map(crate::clock::Version::from) {
+                Some(held) if held.is_plausible() => Ok(WriteOutcome {
                     applied: w.applied,
-                    held: held.into(),
-                })
-                .ok_or_else(|| "answered without the version it holds".to_string()),
+                    held,
+                }),
+                Some(held) => Err(format!("answered with an implausible version {held}")),
+                None => Err("answered without the version it holds".to_string()),
+            },
             None => Err("the batch answer is missing this write".to_string()),
         };
         let _ = answer.send(result);
     }
     let mut reads = reply.reads.into_iter();
-    for answer in read_answers {
+    for (answer, request) in read_answers.into_iter().zip(read_requests) {
+        if reads.as_slice().first().is_some_and(|r| r.deferred) {
+            // The reply had no room for this one: ask for it on its own.
+            reads.next();
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let result = match tokio::time::timeout(BATCH_TIMEOUT, client.read(request)).await {
+                    Ok(Ok(reply)) => reply
+                        .into_inner()
+                        .record
+                        .map(Record::try_from)
+                        .transpose()
+                        .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
+                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                        Err(ReplicaError::Rejected(status.message().to_string()))
+                    }
+                    Ok(Err(status)) => Err(ReplicaError::Failed(describe_status(&status))),
+                    Err(_) => Err(ReplicaError::Failed(timed_out(BATCH_TIMEOUT))),
+                };
+                let _ = answer.send(result);
+            });
+            continue;
+        }
         let result = match reads.next() {
             Some(r) if r.rejected => Err(ReplicaError::Rejected(r.error)),
             Some(r) if !r.error.is_empty() => Err(ReplicaError::Failed(r.error)),

@@ -567,6 +567,11 @@ where
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
 }
 
+/// Bytes a record adds to a reply, roughly.
+fn record_size(record: &Option<pb::Record>) -> usize {
+    record.as_ref().map_or(16, |r| r.value.len() + 32)
+}
+
 /// tonic answers a request it cannot decode (e.g. a key that is not UTF-8)
 /// with INTERNAL; it is the caller's mistake, so say INVALID_ARGUMENT. The
 /// message (tonic's, kept as is) names the field.
@@ -728,14 +733,29 @@ impl pb::replica_server::Replica for ReplicaService {
                 }
             })
             .collect();
+        // Keep the reply well under the message limit: records that do not
+        // fit are deferred, and the caller fetches them one by one.
+        let budget = max_message_bytes(node.limits.max_value_bytes) / 2;
+        let mut reply_bytes = 0usize;
         let reads = request
             .reads
             .into_iter()
             .map(|read| match node.replica_read(read) {
-                Ok(reply) => pb::ReadResult {
-                    record: reply.record,
-                    ..Default::default()
-                },
+                Ok(reply)
+                    if reply_bytes > 0 && reply_bytes + record_size(&reply.record) > budget =>
+                {
+                    pb::ReadResult {
+                        deferred: true,
+                        ..Default::default()
+                    }
+                }
+                Ok(reply) => {
+                    reply_bytes += record_size(&reply.record);
+                    pb::ReadResult {
+                        record: reply.record,
+                        ..Default::default()
+                    }
+                }
                 Err(error) => pb::ReadResult {
                     rejected: matches!(error, Error::InvalidArgument(_)),
                     error: error.to_string(),

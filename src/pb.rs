@@ -52,10 +52,17 @@ impl TryFrom<Record> for record::Record {
     type Error = Error;
 
     fn try_from(r: Record) -> Result<Self, Error> {
-        let version = r
+        let version: clock::Version = r
             .version
             .ok_or_else(|| Error::InvalidArgument("record.version is required".into()))?
             .into();
+        if !version.is_plausible() {
+            return Err(Error::InvalidArgument(format!(
+                "record.version.lamport {} is above the limit {}",
+                version.lamport,
+                clock::MAX_LAMPORT
+            )));
+        }
         if r.tombstone {
             if !r.value.is_empty() {
                 return Err(Error::InvalidArgument(

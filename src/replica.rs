@@ -345,7 +345,12 @@ impl ReplicaStore {
     pub fn next_version(&self) -> Result<Version> {
         let mut clock = lock(&self.clock);
         let before = clock.clone();
-        let tick = clock.tick();
+        let Some(tick) = clock.tick() else {
+            return Err(Error::Internal(format!(
+                "the Lamport clock is exhausted at {}; a bogus version reached this node",
+                clock.now()
+            )));
+        };
         if let Some(ceiling) = tick.persist_ceiling
             && let Err(error) = self.storage.put_meta_durable(CLOCK_CEILING, ceiling)
         {

@@ -569,6 +569,25 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
                 .expect_err("no version"),
         ),
     ];
+    let bogus = cluster
+        .replica(1)
+        .await
+        .write(pb::ReplicaWriteRequest {
+            key: "keep".into(),
+            record: Some(pb::Record {
+                version: Some(pb::Version {
+                    lamport: u64::MAX,
+                    node_id: 1,
+                }),
+                tombstone: false,
+                value: b"x".to_vec().into(),
+                deleted_at_ms: 0,
+            }),
+        })
+        .await
+        .expect_err("a version at u64::MAX would exhaust every clock");
+    let mut cases = cases;
+    cases.push(("implausible version", bogus));
     for (case, status) in &cases {
         assert_eq!(
             status.code(),

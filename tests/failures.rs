@@ -519,3 +519,40 @@ async fn measure_anti_entropy_convergence() {
         restarted.elapsed().as_secs_f64()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_repair_and_read_through_batches() {
+    // 20 values of 600 KiB: more than a batch reply may carry (4 MiB), so
+    // batched reads must defer what does not fit rather than fail.
+    let mut cluster =
+        TestCluster::start_with(3, &["--anti-entropy-interval", "1", "--max-hints", "0"]).await;
+    let client = cluster.client().await;
+    let value = vec![b'v'; 600 * 1024];
+    cluster.kill(2);
+    for i in 0..20 {
+        client
+            .put(&format!("big-{i}"), value.clone())
+            .await
+            .expect("put a large value");
+    }
+    cluster.restart(2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node_stats(&cluster, 2).await.live_keys < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "anti-entropy never copied the large values"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reads = (0..20).map(|i| {
+        let client = &client;
+        async move { client.get(&format!("big-{i}")).await }
+    });
+    for result in futures::future::join_all(reads).await {
+        assert_eq!(
+            result.expect("get a large value").map(|v| v.len()),
+            Some(600 * 1024)
+        );
+    }
+    client.close().await;
+}

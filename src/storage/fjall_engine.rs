@@ -4,7 +4,7 @@
 //! named numbers, such as the clock's ceiling). fjall appends every write to
 //! its journal and hands it to the operating system before `insert` returns,
 //! so an acknowledged write survives a crash or SIGKILL of the process; under
-//! [`FsyncPolicy::Always`] each write is also fsynced before returning.
+//! [`FsyncPolicy::Always`] `flush` also fsyncs, once per batch.
 
 use std::path::Path;
 
@@ -62,9 +62,6 @@ impl Storage for FjallStorage {
 
     fn put(&self, key: &[u8], record: &Record) -> Result<()> {
         self.records.insert(key, record.encode())?;
-        if self.fsync == FsyncPolicy::Always {
-            self.db.persist(PersistMode::SyncData)?;
-        }
         Ok(())
     }
 
@@ -104,9 +101,6 @@ impl Storage for FjallStorage {
 
     fn delete(&self, key: &[u8]) -> Result<()> {
         self.records.remove(key)?;
-        if self.fsync == FsyncPolicy::Always {
-            self.db.persist(PersistMode::SyncData)?;
-        }
         Ok(())
     }
 
@@ -134,16 +128,19 @@ impl Storage for FjallStorage {
         Ok(())
     }
 
+    /// Hands buffered writes to the OS; under `--fsync always` also
+    /// fsyncs them — once for the whole batch (group commit).
     fn flush(&self) -> Result<()> {
-        self.db.persist(PersistMode::Buffer)?;
+        let mode = match self.fsync {
+            FsyncPolicy::Always => PersistMode::SyncData,
+            FsyncPolicy::Periodic => PersistMode::Buffer,
+        };
+        self.db.persist(mode)?;
         Ok(())
     }
 
     fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
         self.hints.insert(id, bytes)?;
-        if self.fsync == FsyncPolicy::Always {
-            self.db.persist(PersistMode::SyncData)?;
-        }
         Ok(())
     }
 

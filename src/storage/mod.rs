@@ -41,12 +41,13 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Stores `record` under `key`, replacing what was there. After the next
     /// [`Storage::flush`] the write survives a crash of the process (under
-    /// [`FsyncPolicy::Always`], of the machine, as soon as `put` returns).
+    /// [`FsyncPolicy::Always`], of the machine).
     fn put(&self, key: &[u8], record: &Record) -> Result<()>;
 
-    /// Hands every buffered write to the operating system: from here on they
-    /// survive a crash or SIGKILL of the process. One call covers any number
-    /// of writes (group commit).
+    /// Hands every buffered write to the operating system (and under
+    /// [`FsyncPolicy::Always`] fsyncs it): from here on they survive a crash
+    /// or SIGKILL of the process. One call covers any number of writes
+    /// (group commit).
     fn flush(&self) -> Result<()>;
 
     /// Visits every stored record. Records that cannot be decoded are
