@@ -51,7 +51,8 @@ const MAX_BACKGROUND_TASKS: usize = 1024;
 
 type ReadReply =
     Pin<Box<dyn Future<Output = (usize, Result<Option<Record>, ReplicaError>)> + Send>>;
-type WriteReplyFuture = Pin<Box<dyn Future<Output = (usize, Result<WriteOutcome, String>)> + Send>>;
+type WriteReplyFuture =
+    Pin<Box<dyn Future<Output = (usize, Result<WriteOutcome, ReplicaError>)> + Send>>;
 
 /// Spawns bounded background work that stops on shutdown.
 #[derive(Clone)]
@@ -439,7 +440,12 @@ impl Coordinator {
                         self.local.observe(outcome.held);
                         WriteReply::Holds(outcome.held)
                     }
-                    Err(why) => {
+                    // A replica that refused the write as invalid gets no
+                    // hint: delivering it would fail the same way.
+                    Err(ReplicaError::Rejected(why)) => {
+                        WriteReply::Failed(format!("rejected: {why}"))
+                    }
+                    Err(ReplicaError::Failed(why)) => {
                         failed.push(index);
                         WriteReply::Failed(why)
                     }
@@ -455,7 +461,7 @@ impl Coordinator {
                     (addresses_of(&replicas), key.to_string(), record.clone());
                 self.background.spawn(async move {
                     while let Some((index, reply)) = in_flight.next().await {
-                        if succeeded && reply.is_err() {
+                        if succeeded && matches!(reply, Err(ReplicaError::Failed(_))) {
                             hinter.send_logged(&addresses[index], &key, &record).await;
                         }
                     }

@@ -196,7 +196,7 @@ const PIPE_CAPACITY: usize = 8192;
 enum PipeItem {
     Write(
         pb::ReplicaWriteRequest,
-        oneshot::Sender<Result<WriteOutcome, String>>,
+        oneshot::Sender<Result<WriteOutcome, ReplicaError>>,
     ),
     Read(
         pb::ReplicaReadRequest,
@@ -310,7 +310,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
         Ok(Err(status)) => {
             let why = describe_status(&status);
             for answer in write_answers {
-                let _ = answer.send(Err(why.clone()));
+                let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
             }
             for answer in read_answers {
                 let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
@@ -322,16 +322,23 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
     let mut writes = reply.writes.into_iter();
     for answer in write_answers {
         let result = match writes.next() {
-            Some(w) if !w.error.is_empty() => Err(w.error),
+            Some(w) if w.rejected => Err(ReplicaError::Rejected(w.error)),
+            Some(w) if !w.error.is_empty() => Err(ReplicaError::Failed(w.error)),
             Some(w) => match w.held.map(crate::clock::Version::from) {
                 Some(held) if held.is_plausible() => Ok(WriteOutcome {
                     applied: w.applied,
                     held,
                 }),
-                Some(held) => Err(format!("answered with an implausible version {held}")),
-                None => Err("answered without the version it holds".to_string()),
+                Some(held) => Err(ReplicaError::Failed(format!(
+                    "answered with an implausible version {held}"
+                ))),
+                None => Err(ReplicaError::Failed(
+                    "answered without the version it holds".to_string(),
+                )),
             },
-            None => Err("the batch answer is missing this write".to_string()),
+            None => Err(ReplicaError::Failed(
+                "the batch answer is missing this write".to_string(),
+            )),
         };
         let _ = answer.send(result);
     }
@@ -385,6 +392,15 @@ pub enum ReplicaError {
     Failed(String),
 }
 
+impl std::fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaError::Rejected(why) => write!(f, "rejected: {why}"),
+            ReplicaError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Describes a failed call in one short line.
 pub fn describe_status(status: &tonic::Status) -> String {
     let message = status.message();
@@ -436,11 +452,12 @@ impl ReplicaHandle {
         key: &str,
         record: &Record,
         timeout: Duration,
-    ) -> Result<WriteOutcome, String> {
+    ) -> Result<WriteOutcome, ReplicaError> {
         match &self.target {
-            ReplicaTarget::Local(store) => {
-                store.write_if_newer(key, record).map_err(|e| e.to_string())
-            }
+            ReplicaTarget::Local(store) => store.write_if_newer(key, record).map_err(|e| match e {
+                Error::InvalidArgument(why) => ReplicaError::Rejected(why),
+                other => ReplicaError::Failed(other.to_string()),
+            }),
             ReplicaTarget::Remote(pipe) => {
                 let (answer, answered) = oneshot::channel();
                 let request = pb::ReplicaWriteRequest {
@@ -454,8 +471,8 @@ impl ReplicaHandle {
                 .await
                 {
                     Ok(Some(result)) => result,
-                    Ok(None) => Err("replica pipe closed".into()),
-                    Err(_) => Err(timed_out(timeout)),
+                    Ok(None) => Err(ReplicaError::Failed("replica pipe closed".into())),
+                    Err(_) => Err(ReplicaError::Failed(timed_out(timeout))),
                 }
             }
         }
