@@ -90,20 +90,9 @@ async fn replica_version(
 }
 
 async fn hint_totals(cluster: &TestCluster, observer: usize) -> (u64, u64) {
-    let status = cluster
-        .cluster(observer)
-        .await
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    status
-        .members
-        .iter()
-        .filter_map(|m| m.stats.as_ref())
-        .fold((0, 0), |(pending, delivered), s| {
-            (pending + s.hints_pending, delivered + s.hints_delivered)
-        })
+    let pending = cluster.sum_stats(observer, |s| s.hints_pending).await;
+    let delivered = cluster.sum_stats(observer, |s| s.hints_delivered).await;
+    (pending, delivered)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

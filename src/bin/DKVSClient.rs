@@ -290,6 +290,17 @@ struct ViaNodeTarget {
 }
 
 impl ViaNodeTarget {
+    fn new(addresses: &[String], consistency: Consistency) -> Result<Self, Error> {
+        Ok(Self {
+            nodes: channels(addresses)?
+                .into_iter()
+                .map(pb::key_value_client::KeyValueClient::new)
+                .collect(),
+            next: Default::default(),
+            consistency: pb::Consistency::from(consistency) as i32,
+        })
+    }
+
     fn node(&self) -> pb::key_value_client::KeyValueClient<tonic::transport::Channel> {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.nodes[i % self.nodes.len()].clone()
@@ -429,22 +440,7 @@ async fn bench(
             )
             .await?
         }
-        _ if args.noop => {
-            let nodes = channels(nodes)?
-                .into_iter()
-                .map(pb::key_value_client::KeyValueClient::new)
-                .collect();
-            let consistency = pb::Consistency::from(consistency) as i32;
-            run_bench(
-                ViaNodeTarget {
-                    nodes,
-                    next: Default::default(),
-                    consistency,
-                },
-                &args,
-            )
-            .await?
-        }
+        _ if args.noop => run_bench(ViaNodeTarget::new(nodes, consistency)?, &args).await?,
         Some(client) if args.via_node => {
             let addresses: Vec<String> = client
                 .ring()
@@ -452,20 +448,7 @@ async fn bench(
                 .iter()
                 .map(|m| m.address.clone())
                 .collect();
-            let nodes = channels(&addresses)?
-                .into_iter()
-                .map(pb::key_value_client::KeyValueClient::new)
-                .collect();
-            let consistency = pb::Consistency::from(consistency) as i32;
-            run_bench(
-                ViaNodeTarget {
-                    nodes,
-                    next: Default::default(),
-                    consistency,
-                },
-                &args,
-            )
-            .await?
+            run_bench(ViaNodeTarget::new(&addresses, consistency)?, &args).await?
         }
         Some(client) => {
             let options = dkvs::client::ClientOptions {
