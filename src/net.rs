@@ -416,10 +416,6 @@ pub fn describe_status(status: &tonic::Status) -> String {
 }
 
 impl ReplicaHandle {
-    pub fn is_local(&self) -> bool {
-        matches!(self.target, ReplicaTarget::Local(_))
-    }
-
     /// What this replica holds for `key`, or why it could not say in time.
     pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Record>, ReplicaError> {
         match &self.target {
