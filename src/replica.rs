@@ -57,7 +57,10 @@ pub struct ReplicaStore {
     storage: Arc<dyn Storage>,
     /// The Lamport clock (std mutex: held for a tick, plus a rare durable
     /// metadata write, never across an await).
-    clock: Mutex<LamportClock>,
+    clock: Arc<Mutex<LamportClock>>,
+    /// The highest clock ceiling persisted; held while persisting one, so
+    /// the persisted value only ever grows.
+    persisted_ceiling: Arc<Mutex<u64>>,
     /// Per-key write serialisation.
     stripes: Vec<Mutex<()>>,
     /// See [`LocalStats::live_keys`].
@@ -106,6 +109,19 @@ pub struct RangeEntry {
     pub tombstone: bool,
     /// For tombstones: the deletion time (ms since the Unix epoch).
     pub deleted_at_ms: u64,
+}
+
+/// Persists `ceiling` unless a higher one already is (renewals in the
+/// background and a synchronous persist may race; the stored value must
+/// never go down).
+fn persist_ceiling(storage: &dyn Storage, persisted: &Mutex<u64>, ceiling: u64) -> Result<()> {
+    let mut persisted = lock(persisted);
+    if ceiling <= *persisted {
+        return Ok(());
+    }
+    storage.put_meta_durable(CLOCK_CEILING, ceiling)?;
+    *persisted = ceiling;
+    Ok(())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -163,7 +179,8 @@ impl ReplicaStore {
         Ok(Self {
             node_id,
             storage,
-            clock: Mutex::new(clock),
+            clock: Arc::new(Mutex::new(clock)),
+            persisted_ceiling: Arc::new(Mutex::new(ceiling)),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             live_keys: AtomicU64::new(live_keys),
             tombstones: AtomicU64::new(tombstones),
@@ -352,13 +369,38 @@ impl ReplicaStore {
             )));
         };
         if let Some(ceiling) = tick.persist_ceiling
-            && let Err(error) = self.storage.put_meta_durable(CLOCK_CEILING, ceiling)
+            && let Err(error) = persist_ceiling(&*self.storage, &self.persisted_ceiling, ceiling)
         {
             // Do not use a version the clock could reissue after a restart.
             *clock = before;
             return Err(Error::Storage(format!("cannot persist the clock: {error}")));
         }
+        drop(clock);
+        if let Some(ceiling) = tick.renew_ceiling {
+            self.renew_ceiling(ceiling);
+        }
         Ok(tick.version)
+    }
+
+    /// Persists the clock's next ceiling off the request path (on tokio's
+    /// blocking pool; inline when there is no runtime, as in unit tests).
+    fn renew_ceiling(&self, ceiling: u64) {
+        let (storage, persisted, clock) = (
+            self.storage.clone(),
+            self.persisted_ceiling.clone(),
+            self.clock.clone(),
+        );
+        let renew = move || match persist_ceiling(&*storage, &persisted, ceiling) {
+            Ok(()) => lock(&clock).renewed(ceiling),
+            Err(error) => {
+                tracing::warn!(%error, "cannot persist the clock's next ceiling; will retry");
+                lock(&clock).renewal_failed(ceiling);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(renew)),
+            Err(_) => renew(),
+        }
     }
 
     /// Merges a version seen elsewhere into the clock.

@@ -6,7 +6,7 @@
 //! so an acknowledged write survives a crash or SIGKILL of the process; under
 //! [`FsyncPolicy::Always`] `flush` also fsyncs, once per batch.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
@@ -25,6 +25,8 @@ pub struct FjallStorage {
     hints: Keyspace,
     /// When writes are fsynced.
     fsync: FsyncPolicy,
+    /// The database directory, where fjall keeps its journal files.
+    dir: PathBuf,
 }
 
 impl FjallStorage {
@@ -43,8 +45,52 @@ impl FjallStorage {
             meta,
             hints,
             fsync,
+            dir: dir.to_path_buf(),
         })
     }
+
+    /// Makes every write so far durable without holding fjall's journal lock
+    /// through the fsync (fjall's own `persist(SyncAll)` does, which stalls
+    /// every writer of the node for the fsync's milliseconds): hand the
+    /// journal buffer to the OS (short, under the lock), then fsync the
+    /// active journal file through a descriptor of our own. Journals sealed
+    /// earlier were fsynced by fjall when it rotated them, so the newest file
+    /// is the only one that can hold unsynced writes.
+    fn sync_journal(&self, full: bool) -> Result<()> {
+        self.db.persist(PersistMode::Buffer)?;
+        let Some(active) = newest_journal(&self.dir)? else {
+            // No journal file found (not expected): fall back to fjall.
+            self.db.persist(PersistMode::SyncAll)?;
+            return Ok(());
+        };
+        let file = std::fs::File::open(&active).map_err(|e| {
+            Error::Storage(format!("cannot open journal {}: {e}", active.display()))
+        })?;
+        let synced = if full { file.sync_all() } else { file.sync_data() };
+        synced.map_err(|e| Error::Storage(format!("fsync of {} failed: {e}", active.display())))
+    }
+}
+
+/// The journal file with the highest number in `dir` (fjall names them
+/// `<n>.jnl` and appends to the newest).
+fn newest_journal(dir: &Path) -> Result<Option<PathBuf>> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| Error::Storage(format!("cannot list {}: {e}", dir.display())))?;
+    let mut newest: Option<(u64, PathBuf)> = None;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(number) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jnl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if newest.as_ref().is_none_or(|(best, _)| number > *best) {
+            newest = Some((number, entry.path()));
+        }
+    }
+    Ok(newest.map(|(_, path)| path))
 }
 
 impl Storage for FjallStorage {
@@ -119,13 +165,11 @@ impl Storage for FjallStorage {
 
     fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
         self.meta.insert(name, value.to_le_bytes())?;
-        self.db.persist(PersistMode::SyncData)?;
-        Ok(())
+        self.sync_journal(false)
     }
 
     fn sync(&self) -> Result<()> {
-        self.db.persist(PersistMode::SyncAll)?;
-        Ok(())
+        self.sync_journal(true)
     }
 
     /// Hands buffered writes to the OS; under `--fsync always` also
