@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::Parser;
 use clap::builder::TypedValueParser;
 
-use crate::storage::FsyncPolicy;
+use crate::storage::{Engine, FsyncPolicy};
 
 /// Default tokens per node on the ring.
 pub const DEFAULT_VNODES: usize = 256;
@@ -58,6 +58,12 @@ pub struct ServerConfig {
     /// command-line flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
+
+    /// Storage engine: `log` (append-only log, every key indexed in memory;
+    /// fastest) or `fjall` (LSM tree; keys need not fit in memory). A data
+    /// dir keeps the engine it was created with.
+    #[arg(long, value_enum, default_value_t = Engine::Log)]
+    pub storage_engine: Engine,
 
     /// When writes reach stable storage: `periodic` (handed to the OS before
     /// the ack, so a crash or SIGKILL loses nothing; fsync every
@@ -111,9 +117,11 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 86_400)]
     pub tombstone_grace: u64,
 
-    /// Tokio worker threads (default: one per CPU). When several nodes share
-    /// one small machine (a local cluster, a benchmark), 1 avoids threads of
-    /// different nodes pre-empting each other.
+    /// Threads serving requests (default: one per CPU). 1 runs the whole
+    /// node on one thread (tokio's current-thread runtime): no hand-offs
+    /// between threads, the fastest choice when several nodes share a small
+    /// machine's cores (a local cluster, a benchmark). Disk syncs and
+    /// compaction run on their own threads either way.
     #[arg(long)]
     pub worker_threads: Option<usize>,
 

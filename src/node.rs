@@ -37,7 +37,7 @@ use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::replica::ReplicaStore;
 use crate::ring::{Member, Ring};
-use crate::storage::{FjallStorage, FsyncPolicy, Storage};
+use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 
 /// Everything one node runs.
 pub struct Node {
@@ -74,7 +74,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the node's data directory (fjall) and builds the node.
+    /// Opens the node's data directory with the configured engine and
+    /// builds the node.
     pub fn open(config: ServerConfig, dialer: Arc<dyn Dialer>) -> Result<Arc<Self>> {
         let data_dir = config.data_dir();
         std::fs::create_dir_all(&data_dir).map_err(|e| {
@@ -83,8 +84,26 @@ impl Node {
                 data_dir.display()
             ))
         })?;
-        let storage = FjallStorage::open(&data_dir, config.fsync)?;
-        Self::with_storage(config, Arc::new(storage), dialer)
+        // The log engine lives in <data-dir>/log, fjall in <data-dir> itself.
+        let log_dir = data_dir.join("log");
+        let holds_fjall = data_dir.join("keyspaces").exists();
+        let storage: Arc<dyn Storage> = match config.storage_engine {
+            Engine::Log if holds_fjall && !log_dir.exists() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} holds data of the fjall engine; start this node with --storage-engine fjall",
+                    data_dir.display()
+                )));
+            }
+            Engine::Fjall if log_dir.exists() && !holds_fjall => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} holds data of the log engine; start this node with --storage-engine log",
+                    data_dir.display()
+                )));
+            }
+            Engine::Log => Arc::new(LogStorage::open(&log_dir, config.fsync)?),
+            Engine::Fjall => Arc::new(FjallStorage::open(&data_dir, config.fsync)?),
+        };
+        Self::with_storage(config, storage, dialer)
     }
 
     /// Builds the node over a given storage engine.

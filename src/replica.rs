@@ -21,7 +21,7 @@ use crate::clock::{LamportClock, NodeId, Version};
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::ring::{Ring, key_hash};
-use crate::storage::Storage;
+use crate::storage::{Held, Storage};
 
 /// Metadata name under which the clock's ceiling is persisted.
 const CLOCK_CEILING: &str = "clock_ceiling";
@@ -93,11 +93,15 @@ fn user_key(storage_key: &[u8]) -> Option<&str> {
 /// What anti-entropy compares: a hash of the key and the version held
 /// (and whether it is a tombstone).
 pub fn record_digest(key: &str, record: &Record) -> u64 {
+    held_digest(key, Held::of(record))
+}
+
+fn held_digest(key: &str, held: Held) -> u64 {
     let mut bytes = Vec::with_capacity(key.len() + 17);
     bytes.extend_from_slice(key.as_bytes());
-    bytes.extend_from_slice(&record.version.lamport.to_le_bytes());
-    bytes.extend_from_slice(&record.version.node_id.to_le_bytes());
-    bytes.push(u8::from(record.is_tombstone()));
+    bytes.extend_from_slice(&held.version.lamport.to_le_bytes());
+    bytes.extend_from_slice(&held.version.node_id.to_le_bytes());
+    bytes.push(u8::from(held.tombstone));
     xxh3_64(&bytes)
 }
 
@@ -202,15 +206,15 @@ impl ReplicaStore {
         lock(&self.stripes[(xxh3_64(key.as_bytes()) as usize) % STRIPES])
     }
 
-    fn update_digest(&self, key: &str, before: Option<&Record>, after: Option<&Record>) {
+    fn update_digest(&self, key: &str, before: Option<Held>, after: Option<Held>) {
         let range = self.ring.range_of(key_hash(key.as_bytes()));
         let mut digests = lock(&self.digests);
         if let Some(slot) = digests.get_mut(range) {
             if let Some(before) = before {
-                *slot ^= record_digest(key, before);
+                *slot ^= held_digest(key, before);
             }
             if let Some(after) = after {
-                *slot ^= record_digest(key, after);
+                *slot ^= held_digest(key, after);
             }
         }
     }
@@ -280,7 +284,7 @@ impl ReplicaStore {
         self.storage.delete(&stored)?;
         self.storage.flush()?;
         self.tombstones.fetch_sub(1, Ordering::Relaxed);
-        self.update_digest(key, Some(&held), None);
+        self.update_digest(key, Some(Held::of(&held)), None);
         Ok(true)
     }
 
@@ -319,14 +323,14 @@ impl ReplicaStore {
         self.observe(record.version);
         let _stripe = self.stripe(key);
         let stored = storage_key(key);
-        let held = match self.storage.get(&stored) {
+        let held = match self.storage.held(&stored) {
             Err(Error::CorruptRecord { why, .. }) => {
                 tracing::warn!(key, %why, "overwriting a corrupt record");
                 None
             }
             other => other?,
         };
-        if let Some(held) = &held
+        if let Some(held) = held
             && held.version >= record.version
         {
             return Ok(WriteOutcome {
@@ -335,17 +339,17 @@ impl ReplicaStore {
             });
         }
         self.storage.put(&stored, record)?;
-        self.count_transition(held.as_ref(), record);
-        self.update_digest(key, held.as_ref(), Some(record));
+        self.count_transition(held, record);
+        self.update_digest(key, held, Some(Held::of(record)));
         Ok(WriteOutcome {
             applied: true,
             held: record.version,
         })
     }
 
-    fn count_transition(&self, before: Option<&Record>, after: &Record) {
+    fn count_transition(&self, before: Option<Held>, after: &Record) {
         match before {
-            Some(before) if before.is_tombstone() => {
+            Some(before) if before.tombstone => {
                 self.tombstones.fetch_sub(1, Ordering::Relaxed)
             }
             Some(_) => self.live_keys.fetch_sub(1, Ordering::Relaxed),

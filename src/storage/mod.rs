@@ -4,21 +4,53 @@
 //! writes, one full scan at start-up (to count keys and recover the clock),
 //! a little metadata, and a way to force data to disk. Keeping the trait that
 //! small lets unit tests run on [`MemoryStorage`] and production on
-//! [`FjallStorage`] (an LSM tree with a write-ahead journal; see
-//! `docs/STORAGE.md` for why fjall).
+//! [`LogStorage`] (an append-only log with an in-memory key index, the
+//! default) or [`FjallStorage`] (an LSM tree with a write-ahead journal);
+//! see `docs/STORAGE.md` for the choice.
 //!
 //! Compare-and-set ("write if newer") is *not* the engine's job: the replica
 //! serialises writes per key itself, so any engine with durable point writes
 //! will do.
 
 mod fjall_engine;
+mod log_engine;
 mod memory;
 
 pub use fjall_engine::FjallStorage;
+pub use log_engine::LogStorage;
 pub use memory::MemoryStorage;
 
+use crate::clock::Version;
 use crate::error::Result;
 use crate::record::Record;
+
+/// Which engine a node stores its data in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Engine {
+    /// [`LogStorage`]: an append-only log with every key indexed in memory
+    /// (Bitcask). Fastest; needs memory for every key (not every value).
+    Log,
+    /// [`FjallStorage`]: an LSM tree. Keys need not fit in memory; slower
+    /// writes (about 40% more CPU per quorum write, and longer tails).
+    Fjall,
+}
+
+/// What write-if-newer needs to know of the record held for a key: its
+/// version, and whether it is a tombstone (for key counts and range digests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub version: Version,
+    pub tombstone: bool,
+}
+
+impl Held {
+    pub fn of(record: &Record) -> Self {
+        Self {
+            version: record.version,
+            tombstone: record.is_tombstone(),
+        }
+    }
+}
 
 /// When a write is forced to stable storage.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -38,6 +70,12 @@ pub enum FsyncPolicy {
 pub trait Storage: Send + Sync + 'static {
     /// The record stored under `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Record>>;
+
+    /// The version held under `key` (an engine that indexes versions in
+    /// memory answers without reading the value).
+    fn held(&self, key: &[u8]) -> Result<Option<Held>> {
+        Ok(self.get(key)?.as_ref().map(Held::of))
+    }
 
     /// Stores `record` under `key`, replacing what was there. After the next
     /// [`Storage::flush`] the write survives a crash of the process (under

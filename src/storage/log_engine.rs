@@ -1,0 +1,934 @@
+//! [`Storage`] as a log-structured hash table: the Bitcask design (Riak's
+//! default backend), DKVS's default engine.
+//!
+//! Every change is appended to the active *segment* file of `<dir>/log/`;
+//! an in-memory index maps each key to where its newest entry is (and, for
+//! records, the version it holds, so write-if-newer never touches the disk).
+//! A read is one index lookup and one `pread`; a batch of writes is one
+//! `write(2)` (group commit, [`Storage::flush`]). The whole key set lives in
+//! memory (≈ 100 bytes per key plus the key), the values on disk.
+//!
+//! Entry format, little-endian: `checksum u64 | kind u8 | key_len u32 |
+//! value_len u32 | key | value`, the checksum being xxh3 of everything after
+//! it. Start-up replays the segments in order; a torn entry at the end of the
+//! newest segment (a crash mid-write) is cut off, a bad entry elsewhere is
+//! reported and the rest of that segment skipped (anti-entropy restores it
+//! from other replicas).
+//!
+//! Segments roll over at 64 MiB. A background thread compacts once dead
+//! entries outweigh live ones by a segment: it copies the live entries of
+//! the *oldest* segment to the end of the log and deletes the file. Because
+//! it is the oldest, no older entry can exist for its keys, so its delete
+//! markers can simply be dropped.
+//!
+//! fsync never happens under the engine's lock: `flush` writes the buffer
+//! and, under `--fsync always`, fsyncs the files afterwards; a sealed segment
+//! is fsynced by the next `sync`/`flush` rather than while rolling over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::ops::Bound;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::{FsyncPolicy, Held, Storage};
+use crate::error::{Error, Result};
+use crate::record::Record;
+
+/// A segment stops growing past this size.
+const SEGMENT_BYTES: u64 = 64 << 20;
+/// checksum (8) + kind (1) + key length (4) + value length (4).
+const HEADER_BYTES: usize = 17;
+/// How often the compaction thread looks for work.
+const COMPACTION_CHECK: Duration = Duration::from_secs(1);
+/// Entries handled per lock acquisition while compacting or scanning.
+const CHUNK: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Put = 1,
+    Delete = 2,
+    HintPut = 3,
+    HintDelete = 4,
+    Meta = 5,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Kind::Put,
+            2 => Kind::Delete,
+            3 => Kind::HintPut,
+            4 => Kind::HintDelete,
+            5 => Kind::Meta,
+            _ => return None,
+        })
+    }
+}
+
+/// Where an entry is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    segment: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// A record's place, and what it holds (`None`: its bytes do not decode).
+#[derive(Clone, Copy, Debug)]
+struct RecordSlot {
+    slot: Slot,
+    held: Option<Held>,
+}
+
+/// One decoded entry.
+struct Entry<'a> {
+    kind: Kind,
+    key: &'a [u8],
+    value: &'a [u8],
+    len: usize,
+}
+
+fn encode_entry(out: &mut Vec<u8>, kind: Kind, key: &[u8], value: &[u8]) -> Result<usize> {
+    let (Ok(key_len), Ok(value_len)) = (u32::try_from(key.len()), u32::try_from(value.len()))
+    else {
+        return Err(Error::InvalidArgument(
+            "entry too large for the log (over 4 GiB)".into(),
+        ));
+    };
+    let start = out.len();
+    out.extend_from_slice(&[0u8; 8]);
+    out.push(kind as u8);
+    out.extend_from_slice(&key_len.to_le_bytes());
+    out.extend_from_slice(&value_len.to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+    let checksum = xxh3_64(&out[start + 8..]);
+    out[start..start + 8].copy_from_slice(&checksum.to_le_bytes());
+    Ok(out.len() - start)
+}
+
+/// The entry at the start of `bytes`, or why there is no valid one.
+fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry<'_>, String> {
+    let header = bytes
+        .get(..HEADER_BYTES)
+        .ok_or_else(|| format!("truncated header ({} bytes)", bytes.len()))?;
+    let u32_at = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let mut checksum = [0u8; 8];
+    checksum.copy_from_slice(&header[..8]);
+    let checksum = u64::from_le_bytes(checksum);
+    let key_len = u32_at(9) as usize;
+    let value_len = u32_at(13) as usize;
+    let len = HEADER_BYTES
+        .checked_add(key_len)
+        .and_then(|n| n.checked_add(value_len))
+        .ok_or("entry length overflows")?;
+    let body = bytes
+        .get(8..len)
+        .ok_or_else(|| format!("truncated entry ({} of {len} bytes)", bytes.len()))?;
+    if xxh3_64(body) != checksum {
+        return Err("checksum mismatch".into());
+    }
+    let kind = Kind::from_byte(header[8]).ok_or_else(|| format!("unknown entry kind {}", header[8]))?;
+    Ok(Entry {
+        kind,
+        key: &bytes[HEADER_BYTES..HEADER_BYTES + key_len],
+        value: &bytes[HEADER_BYTES + key_len..len],
+        len,
+    })
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Bytes in the segment, including (for the active one) buffered bytes.
+    bytes: u64,
+}
+
+/// Files to fsync, taken under the lock and synced after it is released.
+#[derive(Default)]
+struct SyncTargets {
+    files: Vec<Arc<File>>,
+    dir: Option<PathBuf>,
+}
+
+impl SyncTargets {
+    fn sync(self, data_only: bool) -> Result<()> {
+        for file in &self.files {
+            let synced = if data_only { file.sync_data() } else { file.sync_all() };
+            synced.map_err(|e| Error::Storage(format!("fsync of the log failed: {e}")))?;
+        }
+        if let Some(dir) = self.dir {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::Storage(format!("fsync of {} failed: {e}", dir.display())))
+}
+
+struct State {
+    dir: PathBuf,
+    records: BTreeMap<Box<[u8]>, RecordSlot>,
+    hints: BTreeMap<Box<[u8]>, Slot>,
+    meta: HashMap<String, (u64, Slot)>,
+    segments: BTreeMap<u64, Segment>,
+    active: u64,
+    /// Bytes of the active segment already handed to the OS.
+    written: u64,
+    /// Entries appended but not yet written.
+    buffer: Vec<u8>,
+    /// Bytes of entries the indexes point to.
+    live_bytes: u64,
+    /// Sealed segments not yet fsynced, and whether the directory changed.
+    unsynced: SyncTargets,
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016}.log"))
+}
+
+fn open_segment(dir: &Path, id: u64) -> Result<File> {
+    let path = segment_path(dir, id);
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(&path)
+        .map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))
+}
+
+impl State {
+    fn active_segment(&mut self) -> &mut Segment {
+        self.segments
+            .get_mut(&self.active)
+            .expect("the active segment is always in the segment map")
+    }
+
+    fn append(&mut self, kind: Kind, key: &[u8], value: &[u8]) -> Result<Slot> {
+        let offset = self.written + self.buffer.len() as u64;
+        let len = encode_entry(&mut self.buffer, kind, key, value)?;
+        self.active_segment().bytes += len as u64;
+        Ok(Slot {
+            segment: self.active,
+            offset,
+            len: len as u32,
+        })
+    }
+
+    /// Hands the buffer to the OS and rolls the segment over when full.
+    fn write_buffer(&mut self) -> Result<()> {
+        if !self.buffer.is_empty() {
+            let file = self.active_segment().file.clone();
+            if let Err(error) = (&*file).write_all(&self.buffer) {
+                // Drop a partial write; the buffer stays for the next try.
+                let _ = file.set_len(self.written);
+                return Err(Error::Storage(format!("cannot write to the log: {error}")));
+            }
+            self.written += self.buffer.len() as u64;
+            self.buffer.clear();
+        }
+        if self.written >= SEGMENT_BYTES {
+            let next = self.active + 1;
+            let file = Arc::new(open_segment(&self.dir, next)?);
+            let sealed = self.active_segment().file.clone();
+            self.unsynced.files.push(sealed);
+            self.unsynced.dir = Some(self.dir.clone());
+            self.segments.insert(next, Segment { file, bytes: 0 });
+            self.active = next;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// What must be fsynced for everything written so far to be durable.
+    fn sync_targets(&mut self) -> SyncTargets {
+        let mut targets = std::mem::take(&mut self.unsynced);
+        targets.files.push(self.active_segment().file.clone());
+        targets
+    }
+
+    /// The bytes of the entry at `slot`: copied now when still buffered,
+    /// otherwise the file to read them from.
+    fn locate(&self, slot: Slot) -> Result<Located> {
+        if slot.segment == self.active && slot.offset >= self.written {
+            let start = (slot.offset - self.written) as usize;
+            let bytes = self
+                .buffer
+                .get(start..start + slot.len as usize)
+                .ok_or_else(|| Error::Internal("log index points past the buffer".into()))?;
+            return Ok(Located::Bytes(bytes.to_vec()));
+        }
+        let segment = self.segments.get(&slot.segment).ok_or_else(|| {
+            Error::Internal(format!("log index points to missing segment {}", slot.segment))
+        })?;
+        Ok(Located::File(segment.file.clone(), slot))
+    }
+
+    fn replace_live(&mut self, old: Option<Slot>, new: Option<Slot>) {
+        if let Some(old) = old {
+            self.live_bytes = self.live_bytes.saturating_sub(u64::from(old.len));
+        }
+        if let Some(new) = new {
+            self.live_bytes += u64::from(new.len);
+        }
+    }
+
+    /// Applies an entry to the indexes (replay and compaction share this).
+    fn index(&mut self, entry: &Entry<'_>, slot: Slot) {
+        match entry.kind {
+            Kind::Put => {
+                let held = Record::decode(entry.value).ok().map(|r| Held::of(&r));
+                let old = self
+                    .records
+                    .insert(entry.key.into(), RecordSlot { slot, held })
+                    .map(|r| r.slot);
+                self.replace_live(old, Some(slot));
+            }
+            Kind::Delete => {
+                let old = self.records.remove(entry.key).map(|r| r.slot);
+                self.replace_live(old, None);
+            }
+            Kind::HintPut => {
+                let old = self.hints.insert(entry.key.into(), slot);
+                self.replace_live(old, Some(slot));
+            }
+            Kind::HintDelete => {
+                let old = self.hints.remove(entry.key);
+                self.replace_live(old, None);
+            }
+            Kind::Meta => {
+                let name = String::from_utf8_lossy(entry.key).into_owned();
+                let Ok(value) = <[u8; 8]>::try_from(entry.value) else {
+                    tracing::error!(%name, "skipping a metadata entry of the wrong size");
+                    return;
+                };
+                let old = self.meta.insert(name, (u64::from_le_bytes(value), slot));
+                self.replace_live(old.map(|(_, s)| s), Some(slot));
+            }
+        }
+    }
+
+    /// Whether the index still points at `slot` for this entry.
+    fn is_live(&self, entry: &Entry<'_>, slot: Slot) -> bool {
+        match entry.kind {
+            Kind::Put => self.records.get(entry.key).is_some_and(|r| r.slot == slot),
+            Kind::HintPut => self.hints.get(entry.key) == Some(&slot),
+            Kind::Meta => std::str::from_utf8(entry.key)
+                .ok()
+                .and_then(|name| self.meta.get(name))
+                .is_some_and(|(_, s)| *s == slot),
+            Kind::Delete | Kind::HintDelete => false,
+        }
+    }
+
+    /// The oldest segment, when dead entries outweigh live ones by more
+    /// than a segment and it is not the one being written.
+    fn compaction_candidate(&self) -> Option<u64> {
+        let total: u64 = self.segments.values().map(|s| s.bytes).sum();
+        let oldest = *self.segments.keys().next()?;
+        (oldest != self.active && total > 2 * self.live_bytes + SEGMENT_BYTES).then_some(oldest)
+    }
+}
+
+enum Located {
+    Bytes(Vec<u8>),
+    File(Arc<File>, Slot),
+}
+
+impl Located {
+    fn read(self) -> Result<Vec<u8>> {
+        match self {
+            Located::Bytes(bytes) => Ok(bytes),
+            Located::File(file, slot) => {
+                let mut bytes = vec![0u8; slot.len as usize];
+                file.read_exact_at(&mut bytes, slot.offset).map_err(|e| {
+                    Error::Storage(format!(
+                        "cannot read segment {} at {}: {e}",
+                        slot.segment, slot.offset
+                    ))
+                })?;
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// One compaction at a time.
+    compacting: Mutex<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change to the state is completed before the lock is released
+        // or fails before touching it, so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Copies the live entries of segment `id` to the end of the log, makes
+    /// them durable, and deletes the segment.
+    fn compact(&self, id: u64) -> Result<()> {
+        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, bytes) = {
+            let state = self.lock();
+            let Some(segment) = state.segments.get(&id) else {
+                return Ok(());
+            };
+            (segment.file.clone(), segment.bytes)
+        };
+        let mut data = vec![0u8; bytes as usize];
+        file.read_exact_at(&mut data, 0)
+            .map_err(|e| Error::Storage(format!("cannot read segment {id} to compact it: {e}")))?;
+        let mut offset = 0usize;
+        let mut copied = 0usize;
+        while offset < data.len() {
+            let mut state = self.lock();
+            for _ in 0..CHUNK {
+                let Ok(entry) = parse_entry(&data[offset..]) else {
+                    // Reported at start-up; nothing after it is indexed.
+                    offset = data.len();
+                    break;
+                };
+                let slot = Slot {
+                    segment: id,
+                    offset: offset as u64,
+                    len: entry.len as u32,
+                };
+                if state.is_live(&entry, slot) {
+                    let new = state.append(entry.kind, entry.key, entry.value)?;
+                    state.index(&entry, new);
+                    copied += 1;
+                }
+                offset += entry.len;
+                if offset >= data.len() {
+                    break;
+                }
+            }
+            state.write_buffer()?;
+        }
+        let targets = {
+            let mut state = self.lock();
+            state.write_buffer()?;
+            if state.segments.remove(&id).is_none() {
+                return Ok(());
+            }
+            state.sync_targets()
+        };
+        targets.sync(true)?;
+        let dir = self.lock().dir.clone();
+        let path = segment_path(&dir, id);
+        std::fs::remove_file(&path)
+            .map_err(|e| Error::Storage(format!("cannot delete {}: {e}", path.display())))?;
+        sync_dir(&dir)?;
+        tracing::info!(segment = id, bytes, copied, "compacted a log segment");
+        Ok(())
+    }
+}
+
+/// The log-structured engine; see the module documentation.
+pub struct LogStorage {
+    shared: Arc<Shared>,
+    fsync: FsyncPolicy,
+    /// Dropping it stops the compaction thread.
+    stop: Option<mpsc::Sender<()>>,
+    compactor: Option<JoinHandle<()>>,
+    /// Held for the engine's lifetime: one process per data dir.
+    _lock: File,
+}
+
+impl LogStorage {
+    /// Opens (or creates) the log in `dir`, replaying it.
+    pub fn open(dir: &Path, fsync: FsyncPolicy) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        let lock_path = dir.join("LOCK");
+        let lock = File::create(&lock_path)
+            .map_err(|e| Error::Storage(format!("cannot open {}: {e}", lock_path.display())))?;
+        lock.try_lock().map_err(|_| {
+            Error::Storage(format!(
+                "{} is in use by another process (another DKVSServer on the same --data-dir?)",
+                dir.display()
+            ))
+        })?;
+        let state = replay(dir)?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            compacting: Mutex::new(()),
+        });
+        let (stop, stopped) = mpsc::channel::<()>();
+        let worker = shared.clone();
+        let compactor = std::thread::Builder::new()
+            .name("dkvs-compactor".into())
+            .spawn(move || {
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(COMPACTION_CHECK) {
+                    let candidate = worker.lock().compaction_candidate();
+                    if let Some(id) = candidate
+                        && let Err(error) = worker.compact(id)
+                    {
+                        tracing::error!(%error, segment = id, "log compaction failed");
+                    }
+                }
+            })
+            .map_err(|e| Error::Storage(format!("cannot start the compaction thread: {e}")))?;
+        Ok(Self {
+            shared,
+            fsync,
+            stop: Some(stop),
+            compactor: Some(compactor),
+            _lock: lock,
+        })
+    }
+
+    /// Reads `key`'s entries from `index` in key order, `CHUNK` at a time
+    /// (the lock is not held while reading from disk).
+    fn visit_records(
+        &self,
+        from: Bound<Vec<u8>>,
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], std::result::Result<Record, String>),
+    ) -> Result<()> {
+        let mut from = from;
+        loop {
+            let chunk: Vec<(Box<[u8]>, Located)> = {
+                let state = self.shared.lock();
+                let range = state
+                    .records
+                    .range::<[u8], _>((from.as_ref().map(|k| &k[..]), Bound::Unbounded));
+                let mut chunk = Vec::new();
+                for (key, slot) in range {
+                    if to.is_some_and(|to| &key[..] >= to) || chunk.len() == CHUNK {
+                        break;
+                    }
+                    chunk.push((key.clone(), state.locate(slot.slot)?));
+                }
+                chunk
+            };
+            let Some((last, _)) = chunk.last() else {
+                return Ok(());
+            };
+            from = Bound::Excluded(last.to_vec());
+            let full = chunk.len() == CHUNK;
+            for (key, located) in chunk {
+                let bytes = located.read()?;
+                let record = parse_entry(&bytes)
+                    .map_err(|why| why.to_string())
+                    .and_then(|e| Record::decode(e.value).map_err(|e| e.0));
+                visit(&key, record);
+            }
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    fn sync_with(&self, data_only: bool) -> Result<()> {
+        let targets = {
+            let mut state = self.shared.lock();
+            state.write_buffer()?;
+            state.sync_targets()
+        };
+        targets.sync(data_only)
+    }
+}
+
+impl Drop for LogStorage {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(compactor) = self.compactor.take() {
+            let _ = compactor.join();
+        }
+        if let Err(error) = self.shared.lock().write_buffer() {
+            tracing::error!(%error, "could not write the last buffered entries");
+        }
+    }
+}
+
+/// Rebuilds the indexes from the segments in `dir`.
+fn replay(dir: &Path) -> Result<State> {
+    let mut ids: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| Error::Storage(format!("cannot list {}: {e}", dir.display())))?
+        .flatten()
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    let mut state = State {
+        dir: dir.to_path_buf(),
+        records: BTreeMap::new(),
+        hints: BTreeMap::new(),
+        meta: HashMap::new(),
+        segments: BTreeMap::new(),
+        active: 0,
+        written: 0,
+        buffer: Vec::new(),
+        live_bytes: 0,
+        unsynced: SyncTargets::default(),
+    };
+    for (position, &id) in ids.iter().enumerate() {
+        let newest = position + 1 == ids.len();
+        let path = segment_path(dir, id);
+        let data = std::fs::read(&path)
+            .map_err(|e| Error::Storage(format!("cannot read {}: {e}", path.display())))?;
+        let mut offset = 0usize;
+        while offset < data.len() {
+            match parse_entry(&data[offset..]) {
+                Ok(entry) => {
+                    let slot = Slot {
+                        segment: id,
+                        offset: offset as u64,
+                        len: entry.len as u32,
+                    };
+                    state.index(&entry, slot);
+                    offset += entry.len;
+                }
+                Err(why) if newest => {
+                    tracing::warn!(
+                        segment = %path.display(), offset, %why,
+                        "cutting off a torn entry at the end of the log (a crash mid-write)"
+                    );
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_len(offset as u64))
+                        .map_err(|e| Error::Storage(format!("cannot truncate {}: {e}", path.display())))?;
+                    break;
+                }
+                Err(why) => {
+                    tracing::error!(
+                        segment = %path.display(), offset, %why,
+                        "corrupt log entry; skipping the rest of this segment (other replicas will repair it)"
+                    );
+                    break;
+                }
+            }
+        }
+        let bytes = if newest { offset as u64 } else { data.len() as u64 };
+        let file = Arc::new(open_segment(dir, id)?);
+        state.segments.insert(id, Segment { file, bytes });
+    }
+    match ids.last() {
+        Some(&last) if state.segments[&last].bytes < SEGMENT_BYTES => {
+            state.active = last;
+            state.written = state.segments[&last].bytes;
+        }
+        last => {
+            let id = last.map_or(1, |l| l + 1);
+            let file = Arc::new(open_segment(dir, id)?);
+            sync_dir(dir)?;
+            state.segments.insert(id, Segment { file, bytes: 0 });
+            state.active = id;
+        }
+    }
+    tracing::info!(
+        segments = state.segments.len(),
+        keys = state.records.len(),
+        live_bytes = state.live_bytes,
+        "log replayed"
+    );
+    Ok(state)
+}
+
+fn corrupt(key: &[u8], why: String) -> Error {
+    Error::CorruptRecord {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why,
+    }
+}
+
+impl Storage for LogStorage {
+    fn get(&self, key: &[u8]) -> Result<Option<Record>> {
+        let located = {
+            let state = self.shared.lock();
+            match state.records.get(key) {
+                Some(slot) => state.locate(slot.slot)?,
+                None => return Ok(None),
+            }
+        };
+        let bytes = located.read()?;
+        let entry = parse_entry(&bytes).map_err(|why| corrupt(key, why))?;
+        Record::decode(entry.value)
+            .map(Some)
+            .map_err(|e| corrupt(key, e.0))
+    }
+
+    fn held(&self, key: &[u8]) -> Result<Option<Held>> {
+        match self.shared.lock().records.get(key) {
+            None => Ok(None),
+            Some(RecordSlot { held: Some(held), .. }) => Ok(Some(*held)),
+            Some(RecordSlot { held: None, .. }) => {
+                Err(corrupt(key, "the stored record does not decode".into()))
+            }
+        }
+    }
+
+    fn put(&self, key: &[u8], record: &Record) -> Result<()> {
+        let value = record.encode();
+        let mut state = self.shared.lock();
+        let slot = state.append(Kind::Put, key, &value)?;
+        let held = Some(Held::of(record));
+        let old = match state.records.get_mut(key) {
+            Some(existing) => Some(std::mem::replace(existing, RecordSlot { slot, held }).slot),
+            None => {
+                state.records.insert(key.into(), RecordSlot { slot, held });
+                None
+            }
+        };
+        state.replace_live(old, Some(slot));
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        match self.fsync {
+            FsyncPolicy::Periodic => self.shared.lock().write_buffer(),
+            FsyncPolicy::Always => self.sync_with(true),
+        }
+    }
+
+    fn for_each(
+        &self,
+        visit: &mut dyn FnMut(&[u8], &Record),
+        corrupt: &mut dyn FnMut(&[u8], String),
+    ) -> Result<()> {
+        self.visit_records(Bound::Unbounded, None, &mut |key, record| match record {
+            Ok(record) => visit(key, &record),
+            Err(why) => corrupt(key, why),
+        })
+    }
+
+    fn scan(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record),
+    ) -> Result<()> {
+        self.visit_records(Bound::Included(from.to_vec()), to, &mut |key, record| {
+            if let Ok(record) = record {
+                visit(key, &record);
+            }
+        })
+    }
+
+    fn delete(&self, key: &[u8]) -> Result<()> {
+        let mut state = self.shared.lock();
+        state.append(Kind::Delete, key, &[])?;
+        let old = state.records.remove(key).map(|r| r.slot);
+        state.replace_live(old, None);
+        Ok(())
+    }
+
+    fn get_meta(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.shared.lock().meta.get(name).map(|(value, _)| *value))
+    }
+
+    fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
+        {
+            let mut state = self.shared.lock();
+            let slot = state.append(Kind::Meta, name.as_bytes(), &value.to_le_bytes())?;
+            let old = state.meta.insert(name.to_string(), (value, slot));
+            state.replace_live(old.map(|(_, s)| s), Some(slot));
+        }
+        self.sync_with(true)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.sync_with(false)
+    }
+
+    fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
+        let mut state = self.shared.lock();
+        let slot = state.append(Kind::HintPut, id, bytes)?;
+        let old = state.hints.insert(id.into(), slot);
+        state.replace_live(old, Some(slot));
+        Ok(())
+    }
+
+    fn delete_hint(&self, id: &[u8]) -> Result<()> {
+        let mut state = self.shared.lock();
+        state.append(Kind::HintDelete, id, &[])?;
+        let old = state.hints.remove(id);
+        state.replace_live(old, None);
+        Ok(())
+    }
+
+    fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let located: Vec<(Vec<u8>, Located)> = {
+            let state = self.shared.lock();
+            let mut out = Vec::new();
+            for (id, slot) in state.hints.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded)) {
+                if !id.starts_with(prefix) || out.len() >= limit {
+                    break;
+                }
+                out.push((id.to_vec(), state.locate(*slot)?));
+            }
+            out
+        };
+        located
+            .into_iter()
+            .map(|(id, located)| {
+                let bytes = located.read()?;
+                let entry = parse_entry(&bytes).map_err(|why| corrupt(&id, why))?;
+                Ok((id.clone(), entry.value.to_vec()))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Version;
+
+    fn value(lamport: u64, text: &str) -> Record {
+        Record::value(Version::new(lamport, 1), text.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn writes_survive_a_reopen_and_deletes_stay_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+            log.put(b"a", &value(1, "one")).expect("put");
+            log.put(b"b", &value(2, "two")).expect("put");
+            log.put(b"a", &value(3, "three")).expect("put");
+            log.delete(b"b").expect("delete");
+            log.put_hint(b"h1", b"hint").expect("hint");
+            log.put_meta_durable("clock", 42).expect("meta");
+            log.flush().expect("flush");
+            assert_eq!(log.get(b"a").expect("get"), Some(value(3, "three")));
+            assert_eq!(
+                log.held(b"a").expect("held"),
+                Some(Held::of(&value(3, "three")))
+            );
+        }
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get(b"a").expect("get"), Some(value(3, "three")));
+        assert_eq!(log.get(b"b").expect("get"), None);
+        assert_eq!(log.get_meta("clock").expect("meta"), Some(42));
+        assert_eq!(
+            log.hints(b"h", 10).expect("hints"),
+            vec![(b"h1".to_vec(), b"hint".to_vec())]
+        );
+        let mut seen = Vec::new();
+        log.for_each(&mut |k, r| seen.push((k.to_vec(), r.clone())), &mut |_, _| {})
+            .expect("scan");
+        assert_eq!(seen, vec![(b"a".to_vec(), value(3, "three"))]);
+    }
+
+    #[test]
+    fn a_second_process_cannot_open_the_same_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        let second = LogStorage::open(dir.path(), FsyncPolicy::Periodic);
+        assert!(matches!(second, Err(Error::Storage(why)) if why.contains("in use")));
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off_and_corruption_elsewhere_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+            log.put(b"kept", &value(1, "kept")).expect("put");
+            log.flush().expect("flush");
+        }
+        let path = segment_path(dir.path(), 1);
+        // A crash in the middle of the next entry.
+        let mut torn = Vec::new();
+        encode_entry(&mut torn, Kind::Put, b"torn", &value(2, "torn").encode()).expect("encode");
+        let mut file = OpenOptions::new().append(true).open(&path).expect("open segment");
+        file.write_all(&torn[..torn.len() - 3]).expect("append");
+        drop(file);
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get(b"kept").expect("get"), Some(value(1, "kept")));
+        assert_eq!(log.get(b"torn").expect("get"), None);
+        // New writes go after the cut and survive.
+        log.put(b"after", &value(3, "after")).expect("put");
+        log.flush().expect("flush");
+        drop(log);
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get(b"after").expect("get"), Some(value(3, "after")));
+        // Flip a byte inside the stored value: reads report it, nothing panics.
+        drop(log);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let at = bytes.len() - 2;
+        bytes[at] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("write");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen corrupt");
+        assert_eq!(log.get(b"kept").expect("get"), Some(value(1, "kept")));
+        assert_eq!(log.get(b"after").expect("get"), None, "the torn-off entry is gone");
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_live_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        let big = "x".repeat(512 * 1024);
+        // Rewrite 4 keys over and over: ~3 segments of dead entries.
+        for round in 0..400u64 {
+            log.put(format!("k{}", round % 4).as_bytes(), &value(round + 1, &big))
+                .expect("put");
+            log.flush().expect("flush");
+        }
+        log.put(b"small", &value(1000, "s")).expect("put");
+        log.delete(b"k0").expect("delete");
+        log.put_hint(b"hint", b"h").expect("hint");
+        log.put_meta_durable("m", 7).expect("meta");
+        log.flush().expect("flush");
+        let segments_before = log.shared.lock().segments.len();
+        assert!(segments_before >= 3, "{segments_before} segments");
+        loop {
+            let candidate = log.shared.lock().compaction_candidate();
+            let Some(id) = candidate else { break };
+            log.shared.compact(id).expect("compact");
+        }
+        let state = log.shared.lock();
+        let total: u64 = state.segments.values().map(|s| s.bytes).sum();
+        assert!(total <= 2 * state.live_bytes + SEGMENT_BYTES, "total {total}");
+        assert!(state.segments.len() < segments_before);
+        drop(state);
+        let check = |log: &LogStorage| {
+            assert_eq!(log.get(b"k0").expect("get"), None);
+            for k in 1..4u64 {
+                let record = log.get(format!("k{k}").as_bytes()).expect("get").expect("kept");
+                assert_eq!(record.version.lamport, 396 + k + 1);
+            }
+            assert_eq!(log.get(b"small").expect("get"), Some(value(1000, "s")));
+            assert_eq!(log.hints(b"", 10).expect("hints").len(), 1);
+            assert_eq!(log.get_meta("m").expect("meta"), Some(7));
+        };
+        check(&log);
+        drop(log);
+        check(&LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen"));
+    }
+
+    #[test]
+    fn scans_visit_a_key_range_in_order_across_chunks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        for i in 0..3000u32 {
+            log.put(&i.to_be_bytes(), &value(u64::from(i) + 1, "v")).expect("put");
+        }
+        let mut keys = Vec::new();
+        log.scan(&100u32.to_be_bytes(), Some(&2500u32.to_be_bytes()), &mut |k, _| {
+            keys.push(u32::from_be_bytes(k.try_into().expect("4 bytes")));
+        })
+        .expect("scan");
+        assert_eq!(keys, (100..2500).collect::<Vec<_>>());
+    }
+}
