@@ -121,3 +121,28 @@ async fn interactive_prompt_runs_commands_until_eof() {
     assert!(stderr.contains("key not found: greeting"), "{stderr}");
     assert!(stderr.contains("unrecognized subcommand"), "{stderr}");
 }
+
+/// A data dir keeps its engine: starting it with the other one is refused
+/// with a message that says which flag to use, and nothing is touched.
+#[test]
+fn a_data_dir_written_by_one_engine_is_not_opened_by_the_other() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().to_str().expect("utf-8 path");
+    let server = |engine: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
+            .args(["--listen", "127.0.0.1:0", "--peers", "127.0.0.1:1"])
+            .args(["--data-dir", data_dir, "--storage-engine", engine])
+            .output()
+            .expect("run DKVSServer")
+    };
+    // Create a log-engine data dir the way a node does.
+    std::fs::create_dir_all(dir.path().join("log")).expect("mkdir");
+    let refused = server("fjall");
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("--storage-engine log"),
+        "unhelpful message: {stderr}"
+    );
+    assert!(!dir.path().join("keyspaces").exists(), "fjall created files");
+}

@@ -189,7 +189,23 @@ async fn one_node_down_every_key_stays_readable_and_writable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_and_restarting_every_node_loses_no_acknowledged_write() {
-    let mut cluster = TestCluster::start(5).await;
+    kill_every_node_and_check_nothing_acknowledged_is_lost(&[]).await;
+}
+
+/// The same on the LSM engine, with each node on one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fjall_engine_on_one_thread_loses_nothing_either() {
+    kill_every_node_and_check_nothing_acknowledged_is_lost(&[
+        "--storage-engine",
+        "fjall",
+        "--worker-threads",
+        "1",
+    ])
+    .await;
+}
+
+async fn kill_every_node_and_check_nothing_acknowledged_is_lost(flags: &[&str]) {
+    let mut cluster = TestCluster::start_with(5, flags).await;
     let client = cluster.client().await;
     let mut last_versions = Vec::new();
     for i in 0..200 {
