@@ -9,7 +9,9 @@
 # Data lives under ./data/node-<port>, logs and pids under ./run/.
 # Running it again while nodes are up leaves running nodes alone and starts
 # the missing ones. Extra flags for every node can be given in DKVS_SERVER_FLAGS
-# (e.g. DKVS_SERVER_FLAGS="--fsync always").
+# (e.g. DKVS_SERVER_FLAGS="--fsync always"). The nodes share this machine's
+# cores, so each gets --worker-threads cores/nodes (at least 1) unless
+# DKVS_SERVER_FLAGS sets it.
 set -euo pipefail
 
 cd "$(dirname "$0")"
@@ -99,6 +101,12 @@ start_all() {
   for i in $(seq 1 "$count"); do
     peers+="${peers:+,}$HOST:$((BASE_PORT + i))"
   done
+  local flags="$EXTRA_FLAGS"
+  if [[ " $flags " != *" --worker-threads"* ]]; then
+    local cores
+    cores=$(nproc 2>/dev/null || echo 1)
+    flags="--worker-threads $(( cores / count > 0 ? cores / count : 1 )) $flags"
+  fi
 
   local commands=()
   for i in $(seq 1 "$count"); do
@@ -107,7 +115,7 @@ start_all() {
     local pidfile="$RUN_DIR/$name.pid"
     local log="$RUN_DIR/$name.log"
     # shellcheck disable=SC2206
-    local cmd=("$BIN" --listen "$HOST:$port" --peers "$peers" --data-dir "$DATA_DIR/$name" $EXTRA_FLAGS)
+    local cmd=("$BIN" --listen "$HOST:$port" --peers "$peers" --data-dir "$DATA_DIR/$name" $flags)
     local printable="" word
     for word in "${cmd[@]}"; do printable+="$(quote "$word") "; done
     printable+=">> $(quote "$log") 2>&1 & echo \$! > $(quote "$pidfile")"

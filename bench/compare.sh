@@ -9,7 +9,12 @@
 #   bench/compare.sh                 # 10 s per round, 64 in flight, 100-byte values
 #   DURATION=20 ROUNDS=3 bench/compare.sh
 #   CONCURRENCY=256 bench/compare.sh
-#   DKVS_SERVER_FLAGS="--worker-threads 1" bench/compare.sh   # extra DKVSServer flags
+#   DKVS_SERVER_FLAGS="--storage-engine fjall" bench/compare.sh   # extra DKVSServer flags
+#
+# The 3 DKVS nodes share the machine's cores, so each gets --worker-threads
+# cores/3 (at least 1), as ./startServers.sh does, unless DKVS_SERVER_FLAGS
+# sets it. etcd members keep Go's default (GOMAXPROCS = cores); set
+# ETCD_GOMAXPROCS to change that.
 #
 # DKVS requests go to each node in turn, which coordinates them (--via-node),
 # as etcd requests go to each member in turn. Everything runs on 127.0.0.1
@@ -50,10 +55,16 @@ wait_port() { # port
 }
 
 # DKVS: 3 nodes.
+SERVER_FLAGS=${DKVS_SERVER_FLAGS:-}
+if [[ " $SERVER_FLAGS " != *" --worker-threads"* ]]; then
+  CORES=$(nproc 2>/dev/null || echo 1)
+  SERVER_FLAGS="--worker-threads $(( CORES / 3 > 0 ? CORES / 3 : 1 )) $SERVER_FLAGS"
+fi
+echo "DKVSServer flags: $SERVER_FLAGS" >&2
 DKVS_NODES_LIST="127.0.0.1:$((BASE+1)),127.0.0.1:$((BASE+2)),127.0.0.1:$((BASE+3))"
 for i in 1 2 3; do
   "$BIN/DKVSServer" --listen "127.0.0.1:$((BASE+i))" --peers "$DKVS_NODES_LIST" \
-    --data-dir "$WORK/dkvs$i" ${DKVS_SERVER_FLAGS:-} >"$WORK/dkvs$i.log" 2>&1 &
+    --data-dir "$WORK/dkvs$i" $SERVER_FLAGS >"$WORK/dkvs$i.log" 2>&1 &
   PIDS+=($!)
 done
 # etcd: 3 members.
@@ -63,7 +74,7 @@ ETCD_ENDPOINTS=""
 for i in 1 2 3; do
   client="http://127.0.0.1:$((BASE+10+i))"
   ETCD_ENDPOINTS+="${ETCD_ENDPOINTS:+,}127.0.0.1:$((BASE+10+i))"
-  etcd --name "e$i" --data-dir "$WORK/etcd$i" \
+  ${ETCD_GOMAXPROCS:+env GOMAXPROCS=$ETCD_GOMAXPROCS} etcd --name "e$i" --data-dir "$WORK/etcd$i" \
     --listen-client-urls "$client" --advertise-client-urls "$client" \
     --listen-peer-urls "http://127.0.0.1:$((BASE+20+i))" \
     --initial-advertise-peer-urls "http://127.0.0.1:$((BASE+20+i))" \
