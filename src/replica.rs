@@ -255,18 +255,14 @@ impl ReplicaStore {
         limit: usize,
     ) -> Result<Vec<(String, Version)>> {
         let mut found = Vec::new();
-        self.storage.for_each(
-            &mut |stored_key, record| {
-                if found.len() < limit
-                    && record.is_tombstone()
-                    && record.deleted_at_ms <= deleted_before_ms
-                    && let Some(key) = user_key(stored_key)
-                {
-                    found.push((key.to_string(), record.version));
-                }
-            },
-            &mut |_, _| {},
-        )?;
+        self.storage.for_each_tombstone(&mut |stored_key, record| {
+            if found.len() < limit
+                && record.deleted_at_ms <= deleted_before_ms
+                && let Some(key) = user_key(stored_key)
+            {
+                found.push((key.to_string(), record.version));
+            }
+        })?;
         Ok(found)
     }
 

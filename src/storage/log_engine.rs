@@ -497,6 +497,7 @@ impl LogStorage {
         &self,
         from: Bound<Vec<u8>>,
         to: Option<&[u8]>,
+        wanted: fn(&RecordSlot) -> bool,
         visit: &mut dyn FnMut(&[u8], std::result::Result<Record, String>),
     ) -> Result<()> {
         let mut from = from;
@@ -507,28 +508,33 @@ impl LogStorage {
                     .records
                     .range::<[u8], _>((from.as_ref().map(|k| &k[..]), Bound::Unbounded));
                 let mut chunk = Vec::new();
+                let mut examined = 0;
+                let mut last = None;
                 for (key, slot) in range {
-                    if to.is_some_and(|to| &key[..] >= to) || chunk.len() == CHUNK {
+                    if to.is_some_and(|to| &key[..] >= to) || examined == CHUNK * 16 {
                         break;
                     }
-                    chunk.push((key.clone(), state.locate(slot.slot)?));
+                    examined += 1;
+                    last = Some(key);
+                    if wanted(slot) {
+                        chunk.push((key.clone(), state.locate(slot.slot)?));
+                        if chunk.len() == CHUNK {
+                            break;
+                        }
+                    }
                 }
+                let Some(last) = last else {
+                    return Ok(());
+                };
+                from = Bound::Excluded(last.to_vec());
                 chunk
             };
-            let Some((last, _)) = chunk.last() else {
-                return Ok(());
-            };
-            from = Bound::Excluded(last.to_vec());
-            let full = chunk.len() == CHUNK;
             for (key, located) in chunk {
                 let bytes = located.read()?;
                 let record = parse_entry(&bytes)
                     .map_err(|why| why.to_string())
                     .and_then(|e| Record::decode(e.value).map_err(|e| e.0));
                 visit(&key, record);
-            }
-            if !full {
-                return Ok(());
             }
         }
     }
@@ -706,9 +712,19 @@ impl Storage for LogStorage {
         visit: &mut dyn FnMut(&[u8], &Record),
         corrupt: &mut dyn FnMut(&[u8], String),
     ) -> Result<()> {
-        self.visit_records(Bound::Unbounded, None, &mut |key, record| match record {
+        self.visit_records(Bound::Unbounded, None, |_| true, &mut |key, record| match record {
             Ok(record) => visit(key, &record),
             Err(why) => corrupt(key, why),
+        })
+    }
+
+    fn for_each_tombstone(&self, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
+        // Only tombstones are read from disk; the index knows which keys hold one.
+        let is_tombstone = |slot: &RecordSlot| slot.held.is_some_and(|h| h.tombstone);
+        self.visit_records(Bound::Unbounded, None, is_tombstone, &mut |key, record| {
+            if let Ok(record) = record {
+                visit(key, &record);
+            }
         })
     }
 
@@ -718,7 +734,7 @@ impl Storage for LogStorage {
         to: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()> {
-        self.visit_records(Bound::Included(from.to_vec()), to, &mut |key, record| {
+        self.visit_records(Bound::Included(from.to_vec()), to, |_| true, &mut |key, record| {
             if let Ok(record) = record {
                 visit(key, &record);
             }
@@ -840,7 +856,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_tail_is_cut_off_and_corruption_elsewhere_is_reported() {
+    fn a_torn_or_damaged_tail_is_cut_off_and_earlier_entries_survive() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
@@ -918,7 +934,7 @@ mod tests {
     }
 
     #[test]
-    fn scans_visit_a_key_range_in_order_across_chunks() {
+    fn scans_visit_a_key_range_and_the_tombstones_in_order_across_chunks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
         for i in 0..3000u32 {
@@ -930,5 +946,17 @@ mod tests {
         })
         .expect("scan");
         assert_eq!(keys, (100..2500).collect::<Vec<_>>());
+        // Tombstones are found among many values, across chunks.
+        for i in (0..3000u32).step_by(700) {
+            let tombstone = Record::tombstone_at(Version::new(10_000, 1), u64::from(i));
+            log.put(&i.to_be_bytes(), &tombstone).expect("delete");
+        }
+        let mut tombstones = Vec::new();
+        log.for_each_tombstone(&mut |k, r| {
+            assert!(r.is_tombstone());
+            tombstones.push(u32::from_be_bytes(k.try_into().expect("4 bytes")));
+        })
+        .expect("tombstones");
+        assert_eq!(tombstones, vec![0, 700, 1400, 2100, 2800]);
     }
 }

@@ -105,6 +105,20 @@ pub trait Storage: Send + Sync + 'static {
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()>;
 
+    /// Visits the stored tombstones (tombstone collection looks for old
+    /// ones every round; an engine that knows which keys hold tombstones
+    /// reads only those).
+    fn for_each_tombstone(&self, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
+        self.for_each(
+            &mut |key, record| {
+                if record.is_tombstone() {
+                    visit(key, record);
+                }
+            },
+            &mut |_, _| {},
+        )
+    }
+
     /// Removes `key` (used to purge tombstones).
     fn delete(&self, key: &[u8]) -> Result<()>;
 
