@@ -10,7 +10,7 @@ use dkvs::quorum::{ReadTally, WriteReply, WriteTally};
 use dkvs::record::{Record, newest};
 use dkvs::replica::ReplicaStore;
 use dkvs::ring::{Member, Ring};
-use dkvs::storage::{FjallStorage, FsyncPolicy, MemoryStorage, Storage};
+use dkvs::storage::{FjallStorage, FsyncPolicy, LogStorage, MemoryStorage, Storage};
 
 fn members(count: usize) -> Vec<Member> {
     (0..count)
@@ -60,7 +60,12 @@ fn version_merge(c: &mut Criterion) {
 fn storage(c: &mut Criterion) {
     let value = vec![b'x'; 100];
     let dir = tempfile::tempdir().expect("tempdir");
+    let log_dir = tempfile::tempdir().expect("tempdir");
     let engines: Vec<(&str, Arc<dyn Storage>)> = vec![
+        (
+            "log",
+            Arc::new(LogStorage::open(log_dir.path(), FsyncPolicy::Periodic).expect("open log")),
+        ),
         (
             "fjall",
             Arc::new(FjallStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open fjall")),

@@ -100,7 +100,7 @@ fn hint_id(target: NodeId, sequence: u64) -> Vec<u8> {
 
 /// This node's persisted hints, with in-memory counts per target.
 pub struct HintStore {
-    /// Where hints live (the `hints` keyspace).
+    /// Where hints live (beside the records, in the storage engine).
     storage: Arc<dyn Storage>,
     /// Next sequence number.
     next_sequence: AtomicU64,

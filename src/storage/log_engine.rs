@@ -6,7 +6,7 @@
 //! records, the version it holds, so write-if-newer never touches the disk).
 //! A read is one index lookup and one `pread`; a batch of writes is one
 //! `write(2)` (group commit, [`Storage::flush`]). The whole key set lives in
-//! memory (≈ 100 bytes per key plus the key), the values on disk.
+//! memory (≈ 140 bytes per key with short keys), the values on disk.
 //!
 //! Entry format, little-endian: `checksum u64 | kind u8 | key_len u32 |
 //! value_len u32 | key | value`, the checksum being xxh3 of everything after
