@@ -124,6 +124,11 @@ impl TestCluster {
                     "--data-dir".into(),
                     data_dir.display().to_string(),
                 ];
+                // DKVS_TEST_SERVER_FLAGS runs the suite with other settings,
+                // e.g. "--worker-threads 1" or "--storage-engine fjall".
+                if let Ok(flags) = std::env::var("DKVS_TEST_SERVER_FLAGS") {
+                    args.extend(flags.split_whitespace().map(String::from));
+                }
                 args.extend(extra.iter().map(|s| s.to_string()));
                 let mut node = TestNode {
                     address: address.clone(),
