@@ -345,9 +345,7 @@ impl ReplicaStore {
 
     fn count_transition(&self, before: Option<Held>, after: &Record) {
         match before {
-            Some(before) if before.tombstone => {
-                self.tombstones.fetch_sub(1, Ordering::Relaxed)
-            }
+            Some(before) if before.tombstone => self.tombstones.fetch_sub(1, Ordering::Relaxed),
             Some(_) => self.live_keys.fetch_sub(1, Ordering::Relaxed),
             None => 0,
         };

@@ -144,5 +144,8 @@ fn a_data_dir_written_by_one_engine_is_not_opened_by_the_other() {
         stderr.contains("--storage-engine log"),
         "unhelpful message: {stderr}"
     );
-    assert!(!dir.path().join("keyspaces").exists(), "fjall created files");
+    assert!(
+        !dir.path().join("keyspaces").exists(),
+        "fjall created files"
+    );
 }

@@ -66,7 +66,11 @@ impl FjallStorage {
         let file = std::fs::File::open(&active).map_err(|e| {
             Error::Storage(format!("cannot open journal {}: {e}", active.display()))
         })?;
-        let synced = if full { file.sync_all() } else { file.sync_data() };
+        let synced = if full {
+            file.sync_all()
+        } else {
+            file.sync_data()
+        };
         synced.map_err(|e| Error::Storage(format!("fsync of {} failed: {e}", active.display())))
     }
 }

@@ -120,7 +120,9 @@ fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry<'_>, String> {
     let header = bytes
         .get(..HEADER_BYTES)
         .ok_or_else(|| format!("truncated header ({} bytes)", bytes.len()))?;
-    let u32_at = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let u32_at = |at: usize| {
+        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
     let mut checksum = [0u8; 8];
     checksum.copy_from_slice(&header[..8]);
     let checksum = u64::from_le_bytes(checksum);
@@ -136,7 +138,8 @@ fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry<'_>, String> {
     if xxh3_64(body) != checksum {
         return Err("checksum mismatch".into());
     }
-    let kind = Kind::from_byte(header[8]).ok_or_else(|| format!("unknown entry kind {}", header[8]))?;
+    let kind =
+        Kind::from_byte(header[8]).ok_or_else(|| format!("unknown entry kind {}", header[8]))?;
     Ok(Entry {
         kind,
         key: &bytes[HEADER_BYTES..HEADER_BYTES + key_len],
@@ -161,7 +164,11 @@ struct SyncTargets {
 impl SyncTargets {
     fn sync(self, data_only: bool) -> Result<()> {
         for file in &self.files {
-            let synced = if data_only { file.sync_data() } else { file.sync_all() };
+            let synced = if data_only {
+                file.sync_data()
+            } else {
+                file.sync_all()
+            };
             synced.map_err(|e| Error::Storage(format!("fsync of the log failed: {e}")))?;
         }
         if let Some(dir) = self.dir {
@@ -270,7 +277,10 @@ impl State {
             return Ok(Located::Bytes(bytes.to_vec()));
         }
         let segment = self.segments.get(&slot.segment).ok_or_else(|| {
-            Error::Internal(format!("log index points to missing segment {}", slot.segment))
+            Error::Internal(format!(
+                "log index points to missing segment {}",
+                slot.segment
+            ))
         })?;
         Ok(Located::File(segment.file.clone(), slot))
     }
@@ -437,6 +447,9 @@ impl Shared {
     }
 }
 
+/// Receives each key with its record, or why the record could not be read.
+type RecordVisitor<'a> = dyn FnMut(&[u8], std::result::Result<Record, String>) + 'a;
+
 /// The log-structured engine; see the module documentation.
 pub struct LogStorage {
     shared: Arc<Shared>,
@@ -472,7 +485,9 @@ impl LogStorage {
         let compactor = std::thread::Builder::new()
             .name("dkvs-compactor".into())
             .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(COMPACTION_CHECK) {
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(COMPACTION_CHECK)
+                {
                     let candidate = worker.lock().compaction_candidate();
                     if let Some(id) = candidate
                         && let Err(error) = worker.compact(id)
@@ -498,7 +513,7 @@ impl LogStorage {
         from: Bound<Vec<u8>>,
         to: Option<&[u8]>,
         wanted: fn(&RecordSlot) -> bool,
-        visit: &mut dyn FnMut(&[u8], std::result::Result<Record, String>),
+        visit: &mut RecordVisitor<'_>,
     ) -> Result<()> {
         let mut from = from;
         loop {
@@ -508,13 +523,11 @@ impl LogStorage {
                     .records
                     .range::<[u8], _>((from.as_ref().map(|k| &k[..]), Bound::Unbounded));
                 let mut chunk = Vec::new();
-                let mut examined = 0;
                 let mut last = None;
-                for (key, slot) in range {
+                for (examined, (key, slot)) in range.enumerate() {
                     if to.is_some_and(|to| &key[..] >= to) || examined == CHUNK * 16 {
                         break;
                     }
-                    examined += 1;
                     last = Some(key);
                     if wanted(slot) {
                         chunk.push((key.clone(), state.locate(slot.slot)?));
@@ -613,7 +626,9 @@ fn replay(dir: &Path) -> Result<State> {
                         .write(true)
                         .open(&path)
                         .and_then(|f| f.set_len(offset as u64))
-                        .map_err(|e| Error::Storage(format!("cannot truncate {}: {e}", path.display())))?;
+                        .map_err(|e| {
+                            Error::Storage(format!("cannot truncate {}: {e}", path.display()))
+                        })?;
                     break;
                 }
                 Err(why) => {
@@ -625,7 +640,11 @@ fn replay(dir: &Path) -> Result<State> {
                 }
             }
         }
-        let bytes = if newest { offset as u64 } else { data.len() as u64 };
+        let bytes = if newest {
+            offset as u64
+        } else {
+            data.len() as u64
+        };
         let file = Arc::new(open_segment(dir, id)?);
         state.segments.insert(id, Segment { file, bytes });
     }
@@ -677,7 +696,9 @@ impl Storage for LogStorage {
     fn held(&self, key: &[u8]) -> Result<Option<Held>> {
         match self.shared.lock().records.get(key) {
             None => Ok(None),
-            Some(RecordSlot { held: Some(held), .. }) => Ok(Some(*held)),
+            Some(RecordSlot {
+                held: Some(held), ..
+            }) => Ok(Some(*held)),
             Some(RecordSlot { held: None, .. }) => {
                 Err(corrupt(key, "the stored record does not decode".into()))
             }
@@ -712,10 +733,15 @@ impl Storage for LogStorage {
         visit: &mut dyn FnMut(&[u8], &Record),
         corrupt: &mut dyn FnMut(&[u8], String),
     ) -> Result<()> {
-        self.visit_records(Bound::Unbounded, None, |_| true, &mut |key, record| match record {
-            Ok(record) => visit(key, &record),
-            Err(why) => corrupt(key, why),
-        })
+        self.visit_records(
+            Bound::Unbounded,
+            None,
+            |_| true,
+            &mut |key, record| match record {
+                Ok(record) => visit(key, &record),
+                Err(why) => corrupt(key, why),
+            },
+        )
     }
 
     fn for_each_tombstone(&self, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
@@ -734,11 +760,16 @@ impl Storage for LogStorage {
         to: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()> {
-        self.visit_records(Bound::Included(from.to_vec()), to, |_| true, &mut |key, record| {
-            if let Ok(record) = record {
-                visit(key, &record);
-            }
-        })
+        self.visit_records(
+            Bound::Included(from.to_vec()),
+            to,
+            |_| true,
+            &mut |key, record| {
+                if let Ok(record) = record {
+                    visit(key, &record);
+                }
+            },
+        )
     }
 
     fn delete(&self, key: &[u8]) -> Result<()> {
@@ -787,7 +818,10 @@ impl Storage for LogStorage {
         let located: Vec<(Vec<u8>, Located)> = {
             let state = self.shared.lock();
             let mut out = Vec::new();
-            for (id, slot) in state.hints.range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded)) {
+            for (id, slot) in state
+                .hints
+                .range::<[u8], _>((Bound::Included(prefix), Bound::Unbounded))
+            {
                 if !id.starts_with(prefix) || out.len() >= limit {
                     break;
                 }
@@ -842,8 +876,11 @@ mod tests {
             vec![(b"h1".to_vec(), b"hint".to_vec())]
         );
         let mut seen = Vec::new();
-        log.for_each(&mut |k, r| seen.push((k.to_vec(), r.clone())), &mut |_, _| {})
-            .expect("scan");
+        log.for_each(
+            &mut |k, r| seen.push((k.to_vec(), r.clone())),
+            &mut |_, _| {},
+        )
+        .expect("scan");
         assert_eq!(seen, vec![(b"a".to_vec(), value(3, "three"))]);
     }
 
@@ -867,7 +904,10 @@ mod tests {
         // A crash in the middle of the next entry.
         let mut torn = Vec::new();
         encode_entry(&mut torn, Kind::Put, b"torn", &value(2, "torn").encode()).expect("encode");
-        let mut file = OpenOptions::new().append(true).open(&path).expect("open segment");
+        let mut file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open segment");
         file.write_all(&torn[..torn.len() - 3]).expect("append");
         drop(file);
         let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
@@ -887,7 +927,11 @@ mod tests {
         std::fs::write(&path, &bytes).expect("write");
         let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen corrupt");
         assert_eq!(log.get(b"kept").expect("get"), Some(value(1, "kept")));
-        assert_eq!(log.get(b"after").expect("get"), None, "the torn-off entry is gone");
+        assert_eq!(
+            log.get(b"after").expect("get"),
+            None,
+            "the torn-off entry is gone"
+        );
     }
 
     #[test]
@@ -897,8 +941,11 @@ mod tests {
         let big = "x".repeat(512 * 1024);
         // Rewrite 4 keys over and over: ~3 segments of dead entries.
         for round in 0..400u64 {
-            log.put(format!("k{}", round % 4).as_bytes(), &value(round + 1, &big))
-                .expect("put");
+            log.put(
+                format!("k{}", round % 4).as_bytes(),
+                &value(round + 1, &big),
+            )
+            .expect("put");
             log.flush().expect("flush");
         }
         log.put(b"small", &value(1000, "s")).expect("put");
@@ -915,13 +962,19 @@ mod tests {
         }
         let state = log.shared.lock();
         let total: u64 = state.segments.values().map(|s| s.bytes).sum();
-        assert!(total <= 2 * state.live_bytes + SEGMENT_BYTES, "total {total}");
+        assert!(
+            total <= 2 * state.live_bytes + SEGMENT_BYTES,
+            "total {total}"
+        );
         assert!(state.segments.len() < segments_before);
         drop(state);
         let check = |log: &LogStorage| {
             assert_eq!(log.get(b"k0").expect("get"), None);
             for k in 1..4u64 {
-                let record = log.get(format!("k{k}").as_bytes()).expect("get").expect("kept");
+                let record = log
+                    .get(format!("k{k}").as_bytes())
+                    .expect("get")
+                    .expect("kept");
                 assert_eq!(record.version.lamport, 396 + k + 1);
             }
             assert_eq!(log.get(b"small").expect("get"), Some(value(1000, "s")));
@@ -938,12 +991,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
         for i in 0..3000u32 {
-            log.put(&i.to_be_bytes(), &value(u64::from(i) + 1, "v")).expect("put");
+            log.put(&i.to_be_bytes(), &value(u64::from(i) + 1, "v"))
+                .expect("put");
         }
         let mut keys = Vec::new();
-        log.scan(&100u32.to_be_bytes(), Some(&2500u32.to_be_bytes()), &mut |k, _| {
-            keys.push(u32::from_be_bytes(k.try_into().expect("4 bytes")));
-        })
+        log.scan(
+            &100u32.to_be_bytes(),
+            Some(&2500u32.to_be_bytes()),
+            &mut |k, _| {
+                keys.push(u32::from_be_bytes(k.try_into().expect("4 bytes")));
+            },
+        )
         .expect("scan");
         assert_eq!(keys, (100..2500).collect::<Vec<_>>());
         // Tombstones are found among many values, across chunks.
