@@ -27,7 +27,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -50,6 +49,8 @@ const HEADER_BYTES: usize = 17;
 const COMPACTION_CHECK: Duration = Duration::from_secs(1);
 /// Entries handled per lock acquisition while compacting or scanning.
 const CHUNK: usize = 1024;
+/// Bytes copied per lock acquisition while compacting.
+const CHUNK_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -97,7 +98,12 @@ struct Entry<'a> {
 }
 
 fn encode_entry(out: &mut Vec<u8>, kind: Kind, key: &[u8], value: &[u8]) -> Result<usize> {
-    let (Ok(key_len), Ok(value_len)) = (u32::try_from(key.len()), u32::try_from(value.len()))
+    let total = HEADER_BYTES
+        .checked_add(key.len())
+        .and_then(|n| n.checked_add(value.len()))
+        .and_then(|n| u32::try_from(n).ok());
+    let (Some(_), Ok(key_len), Ok(value_len)) =
+        (total, u32::try_from(key.len()), u32::try_from(value.len()))
     else {
         return Err(Error::InvalidArgument(
             "entry too large for the log (over 4 GiB)".into(),
@@ -148,10 +154,30 @@ fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry<'_>, String> {
     })
 }
 
+/// The entry the index says is at some place: checked, so a wrong offset can
+/// never hand out another key's data.
+fn parse_expected<'a>(
+    bytes: &'a [u8],
+    kind: Kind,
+    key: &[u8],
+) -> std::result::Result<Entry<'a>, String> {
+    let entry = parse_entry(bytes)?;
+    if entry.kind != kind || entry.key != key {
+        return Err(format!(
+            "the log holds a different entry ({:?} of {:?}) where the index points",
+            entry.kind,
+            String::from_utf8_lossy(entry.key)
+        ));
+    }
+    Ok(entry)
+}
+
 struct Segment {
     file: Arc<File>,
     /// Bytes in the segment, including (for the active one) buffered bytes.
     bytes: u64,
+    /// Where replay found a damaged entry (nothing after it is indexed).
+    damaged_at: Option<u64>,
 }
 
 /// Files to fsync, taken under the lock and synced after it is released.
@@ -209,8 +235,9 @@ fn open_segment(dir: &Path, id: u64) -> Result<File> {
     let path = segment_path(dir, id);
     OpenOptions::new()
         .read(true)
-        .append(true)
+        .write(true)
         .create(true)
+        .truncate(false)
         .open(&path)
         .map_err(|e| Error::Storage(format!("cannot open {}: {e}", path.display())))
 }
@@ -237,9 +264,9 @@ impl State {
     fn write_buffer(&mut self) -> Result<()> {
         if !self.buffer.is_empty() {
             let file = self.active_segment().file.clone();
-            if let Err(error) = (&*file).write_all(&self.buffer) {
-                // Drop a partial write; the buffer stays for the next try.
-                let _ = file.set_len(self.written);
+            // Positional: a retry after a partial write overwrites it, so
+            // offsets in the index stay right whatever happened.
+            if let Err(error) = file.write_all_at(&self.buffer, self.written) {
                 return Err(Error::Storage(format!("cannot write to the log: {error}")));
             }
             self.written += self.buffer.len() as u64;
@@ -251,7 +278,14 @@ impl State {
             let sealed = self.active_segment().file.clone();
             self.unsynced.files.push(sealed);
             self.unsynced.dir = Some(self.dir.clone());
-            self.segments.insert(next, Segment { file, bytes: 0 });
+            self.segments.insert(
+                next,
+                Segment {
+                    file,
+                    bytes: 0,
+                    damaged_at: None,
+                },
+            );
             self.active = next;
             self.written = 0;
         }
@@ -376,8 +410,11 @@ impl Located {
 
 struct Shared {
     state: Mutex<State>,
-    /// One compaction at a time.
+    /// One compaction at a time. Lock order: compacting, syncing, state.
     compacting: Mutex<()>,
+    /// One sync at a time, so a sync never returns while files written
+    /// before it are still being fsynced by another.
+    syncing: Mutex<()>,
 }
 
 impl Shared {
@@ -387,16 +424,35 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Writes the buffer and fsyncs everything written so far (outside the
+    /// state lock). Files whose fsync failed stay on the list for next time.
+    fn sync(&self, data_only: bool) -> Result<()> {
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let targets = {
+            let mut state = self.lock();
+            state.write_buffer()?;
+            state.sync_targets()
+        };
+        let (files, dir) = (targets.files.clone(), targets.dir.clone());
+        targets.sync(data_only).inspect_err(|_| {
+            let mut state = self.lock();
+            state.unsynced.files.extend(files);
+            if state.unsynced.dir.is_none() {
+                state.unsynced.dir = dir;
+            }
+        })
+    }
+
     /// Copies the live entries of segment `id` to the end of the log, makes
     /// them durable, and deletes the segment.
     fn compact(&self, id: u64) -> Result<()> {
         let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
-        let (file, bytes) = {
+        let (file, bytes, damaged_at) = {
             let state = self.lock();
             let Some(segment) = state.segments.get(&id) else {
                 return Ok(());
             };
-            (segment.file.clone(), segment.bytes)
+            (segment.file.clone(), segment.bytes, segment.damaged_at)
         };
         let mut data = vec![0u8; bytes as usize];
         file.read_exact_at(&mut data, 0)
@@ -405,11 +461,23 @@ impl Shared {
         let mut copied = 0usize;
         while offset < data.len() {
             let mut state = self.lock();
+            let chunk_start = offset;
             for _ in 0..CHUNK {
-                let Ok(entry) = parse_entry(&data[offset..]) else {
+                let entry = match parse_entry(&data[offset..]) {
+                    Ok(entry) => entry,
                     // Reported at start-up; nothing after it is indexed.
-                    offset = data.len();
-                    break;
+                    Err(_) if damaged_at == Some(offset as u64) => {
+                        offset = data.len();
+                        break;
+                    }
+                    // Damaged since it was written: its keys are still
+                    // indexed here, so the segment must not be deleted.
+                    Err(why) => {
+                        drop(state);
+                        return Err(Error::Storage(format!(
+                            "segment {id} has a damaged entry at {offset} ({why}); not compacting it"
+                        )));
+                    }
                 };
                 let slot = Slot {
                     segment: id,
@@ -422,26 +490,31 @@ impl Shared {
                     copied += 1;
                 }
                 offset += entry.len;
-                if offset >= data.len() {
+                if offset >= data.len() || offset - chunk_start >= CHUNK_BYTES {
                     break;
                 }
             }
             state.write_buffer()?;
         }
-        let targets = {
-            let mut state = self.lock();
-            state.write_buffer()?;
-            if state.segments.remove(&id).is_none() {
-                return Ok(());
-            }
-            state.sync_targets()
-        };
-        targets.sync(true)?;
+        // The copies must be durable before the originals go; and the
+        // segment leaves the map only once its file is gone for good, so a
+        // failed delete is retried and a newer segment is never compacted
+        // (dropping its delete markers) while this one still exists.
+        self.sync(true)?;
         let dir = self.lock().dir.clone();
         let path = segment_path(&dir, id);
-        std::fs::remove_file(&path)
-            .map_err(|e| Error::Storage(format!("cannot delete {}: {e}", path.display())))?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::Storage(format!(
+                    "cannot delete {}: {e}",
+                    path.display()
+                )));
+            }
+        }
         sync_dir(&dir)?;
+        self.lock().segments.remove(&id);
         tracing::info!(segment = id, bytes, copied, "compacted a log segment");
         Ok(())
     }
@@ -464,8 +537,13 @@ pub struct LogStorage {
 impl LogStorage {
     /// Opens (or creates) the log in `dir`, replaying it.
     pub fn open(dir: &Path, fsync: FsyncPolicy) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::Storage(format!("cannot create {}: {e}", dir.display())))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         let lock_path = dir.join("LOCK");
         let lock = File::create(&lock_path)
             .map_err(|e| Error::Storage(format!("cannot open {}: {e}", lock_path.display())))?;
@@ -479,6 +557,7 @@ impl LogStorage {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             compacting: Mutex::new(()),
+            syncing: Mutex::new(()),
         });
         let (stop, stopped) = mpsc::channel::<()>();
         let worker = shared.clone();
@@ -488,11 +567,13 @@ impl LogStorage {
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(COMPACTION_CHECK)
                 {
-                    let candidate = worker.lock().compaction_candidate();
-                    if let Some(id) = candidate
-                        && let Err(error) = worker.compact(id)
-                    {
-                        tracing::error!(%error, segment = id, "log compaction failed");
+                    loop {
+                        let candidate = worker.lock().compaction_candidate();
+                        let Some(id) = candidate else { break };
+                        if let Err(error) = worker.compact(id) {
+                            tracing::error!(%error, segment = id, "log compaction failed");
+                            break;
+                        }
                     }
                 }
             })
@@ -544,8 +625,7 @@ impl LogStorage {
             };
             for (key, located) in chunk {
                 let bytes = located.read()?;
-                let record = parse_entry(&bytes)
-                    .map_err(|why| why.to_string())
+                let record = parse_expected(&bytes, Kind::Put, &key)
                     .and_then(|e| Record::decode(e.value).map_err(|e| e.0));
                 visit(&key, record);
             }
@@ -553,12 +633,7 @@ impl LogStorage {
     }
 
     fn sync_with(&self, data_only: bool) -> Result<()> {
-        let targets = {
-            let mut state = self.shared.lock();
-            state.write_buffer()?;
-            state.sync_targets()
-        };
-        targets.sync(data_only)
+        self.shared.sync(data_only)
     }
 }
 
@@ -606,6 +681,7 @@ fn replay(dir: &Path) -> Result<State> {
         let data = std::fs::read(&path)
             .map_err(|e| Error::Storage(format!("cannot read {}: {e}", path.display())))?;
         let mut offset = 0usize;
+        let mut damaged_at = None;
         while offset < data.len() {
             match parse_entry(&data[offset..]) {
                 Ok(entry) => {
@@ -636,6 +712,7 @@ fn replay(dir: &Path) -> Result<State> {
                         segment = %path.display(), offset, %why,
                         "corrupt log entry; skipping the rest of this segment (other replicas will repair it)"
                     );
+                    damaged_at = Some(offset as u64);
                     break;
                 }
             }
@@ -646,7 +723,14 @@ fn replay(dir: &Path) -> Result<State> {
             data.len() as u64
         };
         let file = Arc::new(open_segment(dir, id)?);
-        state.segments.insert(id, Segment { file, bytes });
+        state.segments.insert(
+            id,
+            Segment {
+                file,
+                bytes,
+                damaged_at,
+            },
+        );
     }
     match ids.last() {
         Some(&last) if state.segments[&last].bytes < SEGMENT_BYTES => {
@@ -657,7 +741,14 @@ fn replay(dir: &Path) -> Result<State> {
             let id = last.map_or(1, |l| l + 1);
             let file = Arc::new(open_segment(dir, id)?);
             sync_dir(dir)?;
-            state.segments.insert(id, Segment { file, bytes: 0 });
+            state.segments.insert(
+                id,
+                Segment {
+                    file,
+                    bytes: 0,
+                    damaged_at: None,
+                },
+            );
             state.active = id;
         }
     }
@@ -687,7 +778,7 @@ impl Storage for LogStorage {
             }
         };
         let bytes = located.read()?;
-        let entry = parse_entry(&bytes).map_err(|why| corrupt(key, why))?;
+        let entry = parse_expected(&bytes, Kind::Put, key).map_err(|why| corrupt(key, why))?;
         Record::decode(entry.value)
             .map(Some)
             .map_err(|e| corrupt(key, e.0))
@@ -833,7 +924,8 @@ impl Storage for LogStorage {
             .into_iter()
             .map(|(id, located)| {
                 let bytes = located.read()?;
-                let entry = parse_entry(&bytes).map_err(|why| corrupt(&id, why))?;
+                let entry =
+                    parse_expected(&bytes, Kind::HintPut, &id).map_err(|why| corrupt(&id, why))?;
                 Ok((id.clone(), entry.value.to_vec()))
             })
             .collect()
@@ -842,6 +934,8 @@ impl Storage for LogStorage {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write;
+
     use super::*;
     use crate::clock::Version;
 
@@ -953,8 +1047,7 @@ mod tests {
         log.put_hint(b"hint", b"h").expect("hint");
         log.put_meta_durable("m", 7).expect("meta");
         log.flush().expect("flush");
-        let segments_before = log.shared.lock().segments.len();
-        assert!(segments_before >= 3, "{segments_before} segments");
+        // The background thread may already be compacting; finish the job.
         loop {
             let candidate = log.shared.lock().compaction_candidate();
             let Some(id) = candidate else { break };
@@ -962,11 +1055,9 @@ mod tests {
         }
         let state = log.shared.lock();
         let total: u64 = state.segments.values().map(|s| s.bytes).sum();
-        assert!(
-            total <= 2 * state.live_bytes + SEGMENT_BYTES,
-            "total {total}"
-        );
-        assert!(state.segments.len() < segments_before);
+        assert!(total <= 2 * state.live_bytes + SEGMENT_BYTES, "total {total}");
+        assert!(!state.segments.contains_key(&1), "the oldest segment is gone");
+        assert!(!segment_path(dir.path(), 1).exists());
         drop(state);
         let check = |log: &LogStorage| {
             assert_eq!(log.get(b"k0").expect("get"), None);
@@ -984,6 +1075,35 @@ mod tests {
         check(&log);
         drop(log);
         check(&LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen"));
+    }
+
+    #[test]
+    fn a_segment_damaged_after_it_was_written_is_not_compacted_away() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        let big = "x".repeat(1 << 20);
+        // 70 distinct keys of 1 MiB: segment 1 fills up and rolls over.
+        for i in 0..70u64 {
+            log.put(format!("k{i:02}").as_bytes(), &value(i + 1, &big))
+                .expect("put");
+            log.flush().expect("flush");
+        }
+        assert!(log.shared.lock().segments.len() >= 2);
+        // Damage an entry in the middle of segment 1 behind the engine's back.
+        let path = segment_path(dir.path(), 1);
+        let file = OpenOptions::new().write(true).open(&path).expect("open");
+        file.write_all_at(b"garbage!", 10 << 20).expect("damage");
+        drop(file);
+        let refused = log.shared.compact(1);
+        assert!(
+            matches!(&refused, Err(Error::Storage(why)) if why.contains("damaged")),
+            "{refused:?}"
+        );
+        assert!(path.exists(), "the damaged segment was deleted");
+        assert!(log.shared.lock().segments.contains_key(&1));
+        // Undamaged keys of that segment still read; the damaged one errors.
+        assert!(log.get(b"k00").expect("get").is_some());
+        assert!(log.get(b"k69").expect("get").is_some());
     }
 
     #[test]
