@@ -65,6 +65,36 @@ async fn put_get_delete_status_and_exit_codes() {
         assert!(table.contains(&address), "{table}");
     }
     assert_eq!(table.matches(" UP ").count(), 3, "{table}");
+    // Every column has its header, in order.
+    let header: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("ADDRESS"))
+        .expect("header line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "ADDRESS",
+            "NODE",
+            "ID",
+            "STATE",
+            "PHI",
+            "LIVE",
+            "KEYS",
+            "TOMBSTONES",
+            "HINTS",
+            "LAMPORT",
+            "UPTIME",
+            "NOTE"
+        ],
+        "{table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.contains("(this node)"))
+        .expect("own row");
+    assert_eq!(row.split_whitespace().count(), 11, "{table}");
 
     // With two of three nodes down: the status shows them DOWN, and a
     // quorum write fails with exit code 3 and says why.

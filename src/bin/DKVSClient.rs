@@ -639,13 +639,14 @@ fn status_table(status: &pb::StatusResponse) -> String {
         status.vnodes
     );
     table.push_str(&format!(
-        "{:<22} {:<17} {:<5} {:>5} {:>10} {:>10} {:>12} {:>9}  {}\n",
+        "{:<22} {:<17} {:<5} {:>5} {:>10} {:>10} {:>7} {:>12} {:>9}  {}\n",
         "ADDRESS",
         "NODE ID",
         "STATE",
         "PHI",
         "LIVE KEYS",
         "TOMBSTONES",
+        "HINTS",
         "LAMPORT",
         "UPTIME",
         "NOTE"

@@ -1055,8 +1055,14 @@ mod tests {
         }
         let state = log.shared.lock();
         let total: u64 = state.segments.values().map(|s| s.bytes).sum();
-        assert!(total <= 2 * state.live_bytes + SEGMENT_BYTES, "total {total}");
-        assert!(!state.segments.contains_key(&1), "the oldest segment is gone");
+        assert!(
+            total <= 2 * state.live_bytes + SEGMENT_BYTES,
+            "total {total}"
+        );
+        assert!(
+            !state.segments.contains_key(&1),
+            "the oldest segment is gone"
+        );
         assert!(!segment_path(dir.path(), 1).exists());
         drop(state);
         let check = |log: &LogStorage| {
