@@ -92,11 +92,7 @@ fn user_key(storage_key: &[u8]) -> Option<&str> {
 
 /// What anti-entropy compares: a hash of the key and the version held
 /// (and whether it is a tombstone).
-pub fn record_digest(key: &str, record: &Record) -> u64 {
-    held_digest(key, Held::of(record))
-}
-
-fn held_digest(key: &str, held: Held) -> u64 {
+pub fn record_digest(key: &str, held: Held) -> u64 {
     let mut bytes = Vec::with_capacity(key.len() + 17);
     bytes.extend_from_slice(key.as_bytes());
     bytes.extend_from_slice(&held.version.lamport.to_le_bytes());
@@ -146,19 +142,19 @@ impl ReplicaStore {
         let mut corrupt_records = 0u64;
         let mut bad_keys = 0u64;
         let mut digests = vec![0u64; ring.range_count().max(1)];
-        storage.for_each(
-            &mut |stored_key, record| {
+        storage.for_each_held(
+            &mut |stored_key, held| {
                 let Some(key) = user_key(stored_key) else {
                     bad_keys += 1;
                     return;
                 };
-                if record.is_tombstone() {
+                if held.tombstone {
                     tombstones += 1;
                 } else {
                     live_keys += 1;
                 }
-                max_lamport = max_lamport.max(record.version.lamport);
-                digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, record);
+                max_lamport = max_lamport.max(held.version.lamport);
+                digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
             },
             &mut |key, why| {
                 corrupt_records += 1;
@@ -211,10 +207,10 @@ impl ReplicaStore {
         let mut digests = lock(&self.digests);
         if let Some(slot) = digests.get_mut(range) {
             if let Some(before) = before {
-                *slot ^= held_digest(key, before);
+                *slot ^= record_digest(key, before);
             }
             if let Some(after) = after {
-                *slot ^= held_digest(key, after);
+                *slot ^= record_digest(key, after);
             }
         }
     }

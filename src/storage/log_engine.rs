@@ -835,6 +835,22 @@ impl Storage for LogStorage {
         )
     }
 
+    fn for_each_held(
+        &self,
+        visit: &mut dyn FnMut(&[u8], Held),
+        corrupt: &mut dyn FnMut(&[u8], String),
+    ) -> Result<()> {
+        // Start-up: replay already decoded every record into the index.
+        let state = self.shared.lock();
+        for (key, slot) in &state.records {
+            match slot.held {
+                Some(held) => visit(key, held),
+                None => corrupt(key, "the stored record does not decode".into()),
+            }
+        }
+        Ok(())
+    }
+
     fn for_each_tombstone(&self, visit: &mut dyn FnMut(&[u8], &Record)) -> Result<()> {
         // Only tombstones are read from disk; the index knows which keys hold one.
         let is_tombstone = |slot: &RecordSlot| slot.held.is_some_and(|h| h.tombstone);

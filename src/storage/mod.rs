@@ -105,6 +105,17 @@ pub trait Storage: Send + Sync + 'static {
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()>;
 
+    /// Visits what each stored record holds — all that start-up needs for
+    /// key counts, range digests and the clock. An engine that keeps
+    /// versions in memory answers without reading any value.
+    fn for_each_held(
+        &self,
+        visit: &mut dyn FnMut(&[u8], Held),
+        corrupt: &mut dyn FnMut(&[u8], String),
+    ) -> Result<()> {
+        self.for_each(&mut |key, record| visit(key, Held::of(record)), corrupt)
+    }
+
     /// Visits the stored tombstones (tombstone collection looks for old
     /// ones every round; an engine that knows which keys hold tombstones
     /// reads only those).
