@@ -36,3 +36,20 @@ pub mod ring;
 pub mod storage;
 
 pub use error::{Error, Result};
+
+/// The tokio runtime for `threads` threads: 1 (or 0) runs everything on the
+/// calling thread (the current-thread scheduler: no hand-offs between
+/// threads), more a work-stealing pool of that size, `None` one worker per
+/// CPU.
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}

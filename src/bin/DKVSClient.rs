@@ -175,14 +175,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => args.threads,
         _ => 1,
     };
-    let mut builder = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(threads);
-        builder
-    };
-    let runtime = match builder.enable_all().build() {
+    let runtime = match dkvs::runtime(Some(threads)) {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("DKVSClient: cannot start the async runtime: {error}");
