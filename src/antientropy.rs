@@ -21,6 +21,15 @@
 //! replicas purging at slightly different times do not hand it back and
 //! forth. `--max-hint-age-secs` is below the grace, so no hint can carry an
 //! older value past a purge either.
+//!
+//! A tombstone's age is the physical part of its version (see
+//! [`crate::clock`]): the grace exceeds twice the clock-skew bound, so any
+//! write that begins after a purge is stamped above the tombstone whichever
+//! node coordinates it, and a replica that still holds the tombstone cannot
+//! delete that write. Nodes may run with different graces: each decides
+//! only for what it holds. Collection walks tombstones with a cursor, so
+//! tombstones whose replica is down (skipped, retried later) never hold back
+//! the others.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::clock::{FIRST_HLC_MS, Version};
 use crate::failure::FailureDetector;
 use crate::hints::now_ms;
 use crate::net::{PeerPool, call_within};
@@ -121,6 +131,19 @@ pub struct AntiEntropyStats {
     pub in_sync: AtomicU64,
     pub keys_repaired: AtomicU64,
     pub tombstones_purged: AtomicU64,
+    /// Tombstone checks skipped because a replica was believed down.
+    pub tombstones_skipped: AtomicU64,
+}
+
+/// When a tombstone was made, for its grace: the physical part of its
+/// version; `deleted_at_ms` only for versions from before the HLC.
+pub fn tombstone_time_ms(version: Version, deleted_at_ms: u64) -> u64 {
+    let physical = version.physical_ms();
+    if physical >= FIRST_HLC_MS {
+        physical
+    } else {
+        deleted_at_ms
+    }
 }
 
 /// One node's side of anti-entropy and tombstone collection.
@@ -143,6 +166,9 @@ pub struct AntiEntropy {
     pub grace: Duration,
     /// Counters.
     pub stats: Arc<AntiEntropyStats>,
+    /// Where the next tombstone collection starts (a storage key; empty:
+    /// from the beginning). Std mutex: one round at a time uses it.
+    pub gc_cursor: Mutex<Vec<u8>>,
 }
 
 impl AntiEntropy {
@@ -158,7 +184,9 @@ impl AntiEntropy {
     fn collectable(&self, now_ms: u64) -> impl Fn(&RangeEntry) -> bool + use<> {
         let grace_ms = self.grace.as_millis() as u64;
         move |entry: &RangeEntry| {
-            entry.tombstone && entry.deleted_at_ms.saturating_add(grace_ms) <= now_ms
+            entry.tombstone
+                && tombstone_time_ms(entry.version, entry.deleted_at_ms).saturating_add(grace_ms)
+                    <= now_ms
         }
     }
 
@@ -254,8 +282,12 @@ impl AntiEntropy {
                 .entries
                 .into_iter()
                 .filter_map(|e| {
-                    let version: crate::clock::Version = e.version?.into();
-                    version.is_plausible().then_some(RangeEntry {
+                    // An entry beyond the skew bound is neither pulled nor
+                    // answered with a push: the peer must not spread it.
+                    let version =
+                        pb::version_from(e.version, self.peers.skew_bound(), "entry version")
+                            .ok()?;
+                    Some(RangeEntry {
                         key: e.key,
                         version,
                         tombstone: e.tombstone,
@@ -312,10 +344,16 @@ impl AntiEntropy {
     /// holds (or has already purged).
     pub async fn collect_tombstones(&self) -> Result<(), String> {
         let deadline = now_ms().saturating_sub(self.grace.as_millis() as u64);
-        let candidates = self
+        let cursor = self
+            .gc_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (candidates, next_cursor) = self
             .replica
-            .old_tombstones(deadline, MAX_GC_PER_ROUND)
+            .old_tombstones(deadline, &cursor, MAX_GC_PER_ROUND)
             .map_err(|e| e.to_string())?;
+        *self.gc_cursor.lock().unwrap_or_else(|p| p.into_inner()) = next_cursor;
         for (key, version) in candidates {
             let others: Vec<String> = self
                 .ring
@@ -327,6 +365,9 @@ impl AntiEntropy {
             // A replica believed down cannot confirm: skip the key this round
             // instead of waiting for its timeout.
             if others.iter().any(|address| !self.is_up(address)) {
+                self.stats
+                    .tombstones_skipped
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let mut checks = Vec::new();

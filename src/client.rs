@@ -342,10 +342,14 @@ async fn fetch_status(
 }
 
 fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {
-    let version = version
-        .ok_or_else(|| Error::Internal("the coordinator answered without a version".into()))?;
+    let version = pb::version_from(
+        version,
+        crate::clock::SkewBound::default(),
+        "the coordinator's answer version",
+    )
+    .map_err(|e| Error::Internal(e.to_string()))?;
     Ok(WriteAck {
-        version: version.into(),
+        version,
         acks: acks as usize,
     })
 }

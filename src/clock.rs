@@ -1,44 +1,70 @@
-//! Versions and the Lamport clock that issues them.
+//! Versions and the hybrid logical clock (HLC) that issues them.
 //!
 //! Every write carries a [`Version`] `(lamport, node_id)`. Versions are totally
 //! ordered (by `lamport`, then `node_id`), so any two replicas that hold
 //! different versions of a key agree on which one is newer, and "newest
 //! version wins" is a deterministic merge rule.
 //!
-//! Each node keeps a [`LamportClock`]. Issuing a version ticks it; seeing a
-//! version from elsewhere merges it (`max(local, seen) + 1` on the next tick).
-//! A coordinator that learns from a replica that a newer version exists
-//! observes it and re-stamps, which is how a write that starts after another
-//! was acknowledged always gets the higher version.
+//! `lamport` is a hybrid logical clock, as in CockroachDB and MongoDB: its
+//! upper 48 bits are milliseconds since the Unix epoch, its lower 16 a
+//! logical counter. A node issues `max(last + 1, now_ms << 16)`, where `last`
+//! is the highest timestamp it issued or saw (every version a replica stores,
+//! every reply, every heartbeat is merged in). So it is still a Lamport clock
+//! — a coordinator that learns of a newer version re-stamps above it — and
+//! it also follows wall time: a write that begins more than the clock skew
+//! after another gets the higher version *whichever node coordinates it*,
+//! even a node that saw neither. Plain Lamport counters do not grow with
+//! time, and that is what made purging tombstones unsafe: a node with a low
+//! counter could stamp a new write below a tombstone a replica still held.
+//!
+//! Skew has a bound, `--max-clock-skew-ms`. A version whose physical part is
+//! further ahead of this machine's *wall clock* (never its HLC, which may
+//! already have merged something bad) is refused at every door
+//! ([`SkewBound::check`]), so one hostile message cannot drag every clock in
+//! the cluster into the far future; and a node never issues a version its
+//! peers would refuse ([`HybridClock::tick`] fails instead).
 //!
 //! A restarted node must never issue a version it issued before its crash,
-//! or two different values could carry the same version. The clock therefore
-//! works under a persisted *ceiling*: before it issues a value above the
-//! ceiling it asks its owner to persist a new ceiling (`lamport + LEASE`);
-//! after a restart it resumes from the persisted ceiling. That costs one small
-//! durable write per `LEASE` versions instead of one per write, and the
-//! clock asks for the next ceiling when half the lease is left, so the owner
-//! can persist it in the background: a node issuing versions normally never
-//! waits for that fsync (it used to stall a node's writes for ~4 ms each
-//! time).
+//! or two different values could carry the same version. The clock works
+//! under a persisted *ceiling*, in physical time: `(now_ms + lease) << 16`.
+//! It asks its owner to renew the ceiling in the background when half the
+//! lease is left, so a node issuing versions normally never waits for that
+//! fsync; only a tick past the ceiling (the wall clock is not advancing, or a
+//! peer's clock is ahead by more than half the lease) persists synchronously.
+//! After a restart the clock resumes above the larger of the ceiling and the
+//! highest stored version. Old data dirs, whose versions were plain small
+//! counters, keep working: their versions are simply older.
 
 use std::fmt;
 
-/// The identity of a node: a 64-bit hash of its advertised address.
+/// The identity a version carries: the issuing node's instance id.
 pub type NodeId = u64;
 
 /// A write's version; ordered by `lamport`, then by `node_id`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
-    /// Lamport timestamp; the primary sort key.
+    /// Hybrid logical timestamp (ms << 16 | counter); the primary sort key.
     pub lamport: u64,
     /// The node that issued the version; breaks ties between equal timestamps.
     pub node_id: NodeId,
 }
 
+/// Bits of `lamport` that count within one millisecond.
+pub const LOGICAL_BITS: u32 = 16;
+
+/// Versions whose physical part is below this (2001-09-09) were issued by a
+/// plain Lamport counter (data dirs older than the HLC): they carry no time.
+pub const FIRST_HLC_MS: u64 = 1_000_000_000_000;
+
 impl Version {
     pub const fn new(lamport: u64, node_id: NodeId) -> Self {
         Self { lamport, node_id }
+    }
+
+    /// The wall-clock part: milliseconds since the Unix epoch (0-ish for
+    /// versions from a plain Lamport counter, see [`FIRST_HLC_MS`]).
+    pub const fn physical_ms(&self) -> u64 {
+        self.lamport >> LOGICAL_BITS
     }
 }
 
@@ -48,34 +74,116 @@ impl fmt::Display for Version {
     }
 }
 
-/// The highest Lamport timestamp accepted from outside. Far beyond anything
-/// a real cluster reaches (2^62 ticks), yet far enough from `u64::MAX` that a
-/// clock merged with it can still tick; a version above it is refused as
-/// invalid input, so one bogus message cannot exhaust every node's clock.
-pub const MAX_LAMPORT: u64 = 1 << 62;
+/// `now_ms` as an HLC timestamp with a zero counter.
+pub const fn hlc_of_ms(now_ms: u64) -> u64 {
+    now_ms.saturating_mul(1 << LOGICAL_BITS)
+}
 
-impl Version {
-    /// Whether the version is within what DKVS accepts ([`MAX_LAMPORT`]).
-    pub fn is_plausible(&self) -> bool {
-        self.lamport <= MAX_LAMPORT
+/// Default `--max-clock-skew-ms`: a minute, like CockroachDB's default of
+/// 500 ms times a margin for hosts without tight NTP.
+pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 60_000;
+
+/// The furthest ahead of this machine's wall clock a version may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SkewBound {
+    /// `--max-clock-skew-ms`.
+    pub max_skew_ms: u64,
+}
+
+impl Default for SkewBound {
+    fn default() -> Self {
+        Self {
+            max_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
+        }
     }
 }
 
-/// How many versions a persisted ceiling covers (after a crash a node's
-/// versions jump by up to this much).
-pub const CEILING_LEASE: u64 = 100_000;
+impl SkewBound {
+    pub const fn new(max_skew_ms: u64) -> Self {
+        Self { max_skew_ms }
+    }
 
-/// A Lamport clock with a persisted ceiling. Pure: the caller persists.
+    /// Whether `version` is acceptable when the wall clock reads `now_ms`;
+    /// the error says by how much it is ahead and names the flag.
+    pub fn check(&self, version: Version, now_ms: u64) -> Result<(), String> {
+        let limit = now_ms.saturating_add(self.max_skew_ms);
+        if version.physical_ms() > limit {
+            return Err(format!(
+                "version {version} is {} ms ahead of this node's wall clock, more than --max-clock-skew-ms ({} ms); \
+                 check the clocks (NTP) of the cluster's hosts",
+                version.physical_ms() - now_ms,
+                self.max_skew_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`SkewBound::check`] against the wall clock now.
+    pub fn check_now(&self, version: Version) -> Result<(), String> {
+        self.check(version, wall_clock_ms())
+    }
+
+    /// The lease a clock under this bound persists its ceiling for: a
+    /// quarter of the bound, at most 10 s and at least 1 ms.
+    pub fn ceiling_lease_ms(&self) -> u64 {
+        (self.max_skew_ms / 4).clamp(1, 10_000)
+    }
+}
+
+/// Milliseconds since the Unix epoch, by this machine's wall clock.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Why the clock cannot issue a version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClockError {
+    /// The next version would be further ahead of the wall clock than peers
+    /// accept (something ahead was merged, or the wall clock went back).
+    AheadOfWallClock {
+        next: u64,
+        now_ms: u64,
+        max_skew_ms: u64,
+    },
+    /// No room left below `u64::MAX`.
+    Exhausted,
+}
+
+impl fmt::Display for ClockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClockError::AheadOfWallClock {
+                next,
+                now_ms,
+                max_skew_ms,
+            } => write!(
+                f,
+                "the next version ({next}) would be {} ms ahead of this node's wall clock, more than \
+                 --max-clock-skew-ms ({max_skew_ms} ms) allows: peers would refuse it. Check this host's clock (NTP)",
+                (next >> LOGICAL_BITS).saturating_sub(*now_ms)
+            ),
+            ClockError::Exhausted => f.write_str("the clock is exhausted (u64::MAX)"),
+        }
+    }
+}
+
+/// A hybrid logical clock with a persisted ceiling. Pure: the caller reads
+/// the wall clock and persists.
 #[derive(Debug, Clone)]
-pub struct LamportClock {
+pub struct HybridClock {
     /// The node this clock stamps versions for.
     node_id: NodeId,
     /// The last timestamp issued or observed.
-    now: u64,
+    last: u64,
     /// No timestamp above this may be issued until a higher ceiling is persisted.
     ceiling: u64,
     /// A higher ceiling the owner is persisting in the background.
     renewing: Option<u64>,
+    /// What the clock accepts and issues.
+    bound: SkewBound,
 }
 
 /// A version ready to use, plus a ceiling the caller must persist *before*
@@ -87,54 +195,101 @@ pub struct Tick {
     /// `Some(c)`: persist `c` durably, then use `version`.
     pub persist_ceiling: Option<u64>,
     /// `Some(c)`: the version may be used now; persist `c` in the background
-    /// and report with [`LamportClock::renewed`] (or
-    /// [`LamportClock::renewal_failed`]).
+    /// and report with [`HybridClock::renewed`] (or
+    /// [`HybridClock::renewal_failed`]).
     pub renew_ceiling: Option<u64>,
 }
 
-impl LamportClock {
+impl HybridClock {
     /// A clock resuming after a restart: `persisted_ceiling` is the last
     /// ceiling saved (0 if none) and `max_seen` the highest timestamp found in
-    /// stored data. It will only issue timestamps above both.
-    pub fn recover(node_id: NodeId, persisted_ceiling: u64, max_seen: u64) -> Self {
+    /// stored data (within the bound). It will only issue timestamps above both.
+    pub fn recover(
+        node_id: NodeId,
+        persisted_ceiling: u64,
+        max_seen: u64,
+        bound: SkewBound,
+    ) -> Self {
         let start = persisted_ceiling.max(max_seen);
         Self {
             node_id,
-            now: start,
+            last: start,
             ceiling: start,
             renewing: None,
+            bound,
         }
     }
 
     /// The last timestamp issued or observed.
     pub fn now(&self) -> u64 {
-        self.now
+        self.last
     }
 
-    /// Merges a version seen elsewhere: the next tick will be above it.
-    pub fn observe(&mut self, seen: Version) {
-        self.now = self.now.max(seen.lamport);
+    /// The bound this clock works under.
+    pub fn bound(&self) -> SkewBound {
+        self.bound
     }
 
-    /// Issues the next version; `None` once the clock is exhausted (it never
-    /// repeats a version, and never wraps).
-    pub fn tick(&mut self) -> Option<Tick> {
-        let now = self.now.checked_add(1)?;
+    /// Merges a version seen elsewhere: the next tick will be above it. A
+    /// version beyond the skew bound is not merged (answers false): callers
+    /// check at the door, this is the last line.
+    pub fn observe(&mut self, seen: Version, now_ms: u64) -> bool {
+        if self.bound.check(seen, now_ms).is_err() {
+            return false;
+        }
+        self.last = self.last.max(seen.lamport);
+        true
+    }
+
+    /// The ceiling to persist for a clock at `timestamp` when the wall clock
+    /// reads `now_ms`: a lease ahead of whichever is later.
+    fn ceiling_for(&self, timestamp: u64, now_ms: u64) -> Option<u64> {
+        let base_ms = now_ms.max(timestamp >> LOGICAL_BITS);
+        let ceiling = base_ms
+            .checked_add(self.bound.ceiling_lease_ms())?
+            .checked_mul(1 << LOGICAL_BITS)?;
+        Some(ceiling.max(timestamp))
+    }
+
+    /// Issues the next version: `max(last + 1, now_ms << 16)`. Fails rather
+    /// than issue a version peers would refuse, or one that could repeat.
+    pub fn tick(&mut self, now_ms: u64) -> Result<Tick, ClockError> {
+        let next = self
+            .last
+            .checked_add(1)
+            .ok_or(ClockError::Exhausted)?
+            .max(hlc_of_ms(now_ms));
+        let version = Version::new(next, self.node_id);
+        if self.bound.check(version, now_ms).is_err() {
+            return Err(ClockError::AheadOfWallClock {
+                next,
+                now_ms,
+                max_skew_ms: self.bound.max_skew_ms,
+            });
+        }
         let mut tick = Tick {
-            version: Version::new(now, self.node_id),
+            version,
             persist_ceiling: None,
             renew_ceiling: None,
         };
-        if now > self.ceiling {
-            self.ceiling = now.checked_add(CEILING_LEASE)?;
-            tick.persist_ceiling = Some(self.ceiling);
-        } else if self.renewing.is_none() && self.ceiling - now <= CEILING_LEASE / 2 {
-            let next = now.checked_add(CEILING_LEASE)?;
-            self.renewing = Some(next);
-            tick.renew_ceiling = Some(next);
+        let half_lease = hlc_of_ms(self.bound.ceiling_lease_ms() / 2);
+        if next > self.ceiling {
+            let ceiling = self
+                .ceiling_for(next, now_ms)
+                .ok_or(ClockError::Exhausted)?;
+            self.ceiling = ceiling;
+            tick.persist_ceiling = Some(ceiling);
+        } else if self.renewing.is_none() && self.ceiling - next <= half_lease {
+            let ceiling = self
+                .ceiling_for(next, now_ms)
+                .ok_or(ClockError::Exhausted)?;
+            if ceiling > self.ceiling {
+                self.renewing = Some(ceiling);
+                tick.renew_ceiling = Some(ceiling);
+            }
         }
-        self.now = now;
-        Some(tick)
+        self.last = next;
+        Ok(tick)
     }
 
     /// A background renewal made `ceiling` durable.
@@ -157,127 +312,174 @@ impl LamportClock {
 mod tests {
     use super::*;
 
+    /// A wall-clock reading in 2025.
+    const T0: u64 = 1_750_000_000_000;
+
+    fn fresh() -> HybridClock {
+        HybridClock::recover(7, 0, 0, SkewBound::default())
+    }
+
     #[test]
     fn versions_order_by_lamport_then_node() {
         assert!(Version::new(2, 1) > Version::new(1, 9));
         assert!(Version::new(2, 2) > Version::new(2, 1));
         assert_eq!(Version::new(3, 3), Version::new(3, 3));
+        assert_eq!(Version::new(hlc_of_ms(T0) + 5, 1).physical_ms(), T0);
     }
 
     #[test]
-    fn ticks_increase_and_observe_jumps_ahead() {
-        let mut clock = LamportClock::recover(7, 0, 0);
-        let a = clock.tick().expect("tick").version;
-        let b = clock.tick().expect("tick").version;
-        assert!(b > a);
-        clock.observe(Version::new(100, 9));
-        let c = clock.tick().expect("tick").version;
-        assert_eq!(c, Version::new(101, 7));
-        // Observing something older changes nothing.
-        clock.observe(Version::new(5, 1));
-        assert_eq!(clock.tick().expect("tick").version.lamport, 102);
+    fn ticks_follow_wall_time_and_merge_what_they_see() {
+        let mut clock = fresh();
+        let a = clock.tick(T0).expect("tick").version;
+        assert_eq!(a.lamport, hlc_of_ms(T0));
+        // Same millisecond: the counter moves.
+        let b = clock.tick(T0).expect("tick").version;
+        assert_eq!(b.lamport, hlc_of_ms(T0) + 1);
+        // Time moves: the physical part follows it.
+        let c = clock.tick(T0 + 10).expect("tick").version;
+        assert_eq!(c.lamport, hlc_of_ms(T0 + 10));
+        // A peer slightly ahead: the next tick is above what it saw.
+        let seen = Version::new(hlc_of_ms(T0 + 500) + 3, 9);
+        assert!(clock.observe(seen, T0 + 10));
+        assert_eq!(
+            clock.tick(T0 + 11).expect("tick").version.lamport,
+            seen.lamport + 1
+        );
+        // Something older changes nothing.
+        assert!(clock.observe(Version::new(5, 1), T0 + 11));
+        assert_eq!(
+            clock.tick(T0 + 11).expect("tick").version.lamport,
+            seen.lamport + 2
+        );
     }
 
     #[test]
-    fn first_tick_and_every_lease_ask_for_a_ceiling() {
-        let mut clock = LamportClock::recover(1, 0, 0);
-        let first = clock.tick().expect("tick");
-        assert_eq!(first.persist_ceiling, Some(1 + CEILING_LEASE));
-        let mut asked = 0;
-        for _ in 0..(CEILING_LEASE + 1) * 3 {
-            if clock.tick().expect("tick").persist_ceiling.is_some() {
-                asked += 1;
-            }
+    fn a_low_clock_node_still_stamps_above_an_old_version() {
+        // The reason for the HLC: node D stamped a tombstone after 1,500
+        // writes; node E, which saw none of them, writes a second later.
+        let mut d = fresh();
+        for _ in 0..1500 {
+            d.tick(T0).expect("tick");
         }
-        assert_eq!(asked, 3);
+        let tombstone = d.tick(T0).expect("tick").version;
+        let mut e = HybridClock::recover(8, 0, 0, SkewBound::default());
+        let later = e.tick(T0 + 1000).expect("tick").version;
+        assert!(later > tombstone, "{later} must beat {tombstone}");
     }
 
     #[test]
-    fn recovered_clock_never_reissues() {
-        let mut before = LamportClock::recover(1, 0, 0);
-        let mut ceiling = 0;
-        let mut last = Version::default();
-        for _ in 0..25_000 {
-            let tick = before.tick().expect("tick");
-            if let Some(c) = tick.persist_ceiling {
-                ceiling = c;
-            }
-            last = tick.version;
+    fn versions_beyond_the_skew_bound_are_refused_and_not_merged() {
+        let bound = SkewBound::new(60_000);
+        let ahead = Version::new(hlc_of_ms(T0 + 60_001), 1);
+        let error = bound.check(ahead, T0).expect_err("too far ahead");
+        assert!(error.contains("--max-clock-skew-ms"), "{error}");
+        assert!(
+            bound
+                .check(Version::new(hlc_of_ms(T0 + 60_000), 1), T0)
+                .is_ok()
+        );
+        // The hostile message of the issue: lamport 2^62, or u64::MAX.
+        for lamport in [1u64 << 62, u64::MAX] {
+            let mut clock = fresh();
+            assert!(!clock.observe(Version::new(lamport, 2), T0));
+            assert_eq!(
+                clock.tick(T0).expect("still ticks").version.lamport,
+                hlc_of_ms(T0)
+            );
         }
-        // Crash: only the ceiling survived (no data at all).
-        let mut after = LamportClock::recover(1, ceiling, 0);
-        assert!(after.tick().expect("tick").version > last);
-        // Data newer than the ceiling (observed from peers) also counts.
-        let mut after = LamportClock::recover(1, ceiling, ceiling + 50);
-        assert_eq!(after.tick().expect("tick").version.lamport, ceiling + 51);
     }
 
     #[test]
-    fn an_exhausted_clock_refuses_instead_of_repeating() {
-        let mut clock = LamportClock::recover(1, 0, u64::MAX - 1);
-        assert!(clock.tick().is_none(), "no room for a ceiling");
-        let mut clock = LamportClock::recover(1, 0, 0);
-        clock.observe(Version::new(u64::MAX, 2));
-        assert!(clock.tick().is_none());
-        assert!(Version::new(MAX_LAMPORT, 1).is_plausible());
-        assert!(!Version::new(MAX_LAMPORT + 1, 1).is_plausible());
+    fn the_clock_fails_rather_than_issue_what_peers_refuse() {
+        // Recovered above the bound (the wall clock went back a long way).
+        let mut clock = HybridClock::recover(1, 0, hlc_of_ms(T0 + 120_000), SkewBound::default());
+        let error = clock.tick(T0).expect_err("ahead of wall clock");
+        assert!(matches!(error, ClockError::AheadOfWallClock { .. }));
+        assert!(error.to_string().contains("--max-clock-skew-ms"), "{error}");
+        // Once the wall clock catches up it works again.
+        assert!(clock.tick(T0 + 60_001).is_ok());
+        let mut clock = HybridClock::recover(1, 0, u64::MAX, SkewBound::new(u64::MAX));
+        assert_eq!(clock.tick(T0), Err(ClockError::Exhausted));
     }
 
     #[test]
-    fn renews_in_the_background_before_the_ceiling_is_reached() {
-        let mut clock = LamportClock::recover(1, 0, 0);
-        let first = clock.tick().expect("tick");
-        let ceiling = first.persist_ceiling.expect("first tick persists");
-        let mut renewals = Vec::new();
-        // Run well past the first ceiling, completing each renewal late
-        // (after 1,000 more ticks): never a synchronous persist.
+    fn the_ceiling_is_in_physical_time_and_renewed_in_the_background() {
+        let bound = SkewBound::default();
+        let lease = bound.ceiling_lease_ms();
+        assert!(lease <= bound.max_skew_ms / 4);
+        let mut clock = fresh();
+        let first = clock.tick(T0).expect("tick");
+        assert_eq!(first.persist_ceiling, Some(hlc_of_ms(T0 + lease)));
+        // Ticking as time passes: never a synchronous persist while the
+        // renewals (completed late, a few ms after they are asked) keep up.
         let mut pending: Option<(u64, u64)> = None;
-        for i in 0..CEILING_LEASE * 3 {
-            let tick = clock.tick().expect("tick");
-            assert_eq!(tick.persist_ceiling, None, "tick {i} had to wait");
+        let mut renewals = 0;
+        for ms in 0..lease * 5 {
+            let now = T0 + ms;
+            let tick = clock.tick(now).expect("tick");
+            assert_eq!(tick.persist_ceiling, None, "at +{ms} ms a tick had to wait");
             if let Some(c) = tick.renew_ceiling {
                 assert!(pending.is_none(), "one renewal at a time");
-                assert!(c > tick.version.lamport + CEILING_LEASE / 2);
-                pending = Some((c, i + 1000));
-                renewals.push(c);
+                assert!(c >= hlc_of_ms(now + lease));
+                pending = Some((c, ms + 5));
+                renewals += 1;
             }
             if let Some((c, due)) = pending
-                && i == due
+                && ms == due
             {
                 clock.renewed(c);
                 pending = None;
             }
         }
-        assert!(renewals.len() >= 5, "renewed {} times", renewals.len());
-        assert!(renewals[0] > ceiling);
+        assert!(renewals >= 9, "renewed {renewals} times");
         // A failed renewal is asked for again on the next tick.
-        let mut clock = LamportClock::recover(1, 0, 0);
-        clock.tick().expect("tick");
-        let asked = (0..CEILING_LEASE)
-            .find_map(|_| clock.tick().expect("tick").renew_ceiling)
+        let mut clock = fresh();
+        clock.tick(T0).expect("tick");
+        let asked = (0..lease)
+            .find_map(|ms| clock.tick(T0 + ms).expect("tick").renew_ceiling)
             .expect("renewal asked");
-        assert_eq!(clock.tick().expect("tick").renew_ceiling, None);
+        assert_eq!(
+            clock.tick(T0 + lease / 2 + 1).expect("tick").renew_ceiling,
+            None
+        );
         clock.renewal_failed(asked);
-        assert!(clock.tick().expect("tick").renew_ceiling.is_some());
-        // Without renewals the clock still never passes a persisted ceiling.
-        let mut clock = LamportClock::recover(1, 0, 0);
+        assert!(
+            clock
+                .tick(T0 + lease / 2 + 2)
+                .expect("tick")
+                .renew_ceiling
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn never_passes_a_persisted_ceiling_and_never_reissues_after_a_crash() {
+        let mut clock = fresh();
         let mut durable = 0;
-        for _ in 0..CEILING_LEASE * 2 {
-            let tick = clock.tick().expect("tick");
+        let mut last = Version::default();
+        // The wall clock stands still: the counter runs through the lease.
+        for _ in 0..200_000 {
+            let tick = clock.tick(T0).expect("tick");
             if let Some(c) = tick.persist_ceiling {
                 durable = c;
             }
             assert!(tick.version.lamport <= durable);
+            last = tick.version;
         }
+        // Crash: only the ceiling survived; the wall clock went back 1 s.
+        let mut after = HybridClock::recover(7, durable, 0, SkewBound::default());
+        assert!(after.tick(T0 - 1000).expect("tick").version > last);
+        // Data newer than the ceiling (observed from peers) also counts.
+        let mut after = HybridClock::recover(7, durable, durable + 50, SkewBound::default());
+        assert_eq!(after.tick(T0).expect("tick").version.lamport, durable + 51);
     }
 
     #[test]
-    fn observing_far_ahead_asks_to_persist_again() {
-        let mut clock = LamportClock::recover(1, 0, 0);
-        assert!(clock.tick().expect("tick").persist_ceiling.is_some());
-        clock.observe(Version::new(1_000_000, 2));
-        let tick = clock.tick().expect("tick");
-        assert_eq!(tick.version.lamport, 1_000_001);
-        assert_eq!(tick.persist_ceiling, Some(1_000_001 + CEILING_LEASE));
+    fn old_counter_versions_are_simply_older() {
+        // A data dir from before the HLC: its highest version is 150,000.
+        let mut clock = HybridClock::recover(1, 250_000, 150_000, SkewBound::default());
+        let v = clock.tick(T0).expect("tick").version;
+        assert_eq!(v.lamport, hlc_of_ms(T0));
+        assert!(Version::new(250_000, u64::MAX).physical_ms() < FIRST_HLC_MS);
     }
 }

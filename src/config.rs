@@ -112,10 +112,22 @@ pub struct ServerConfig {
     pub anti_entropy_interval: u64,
 
     /// Seconds a tombstone is kept after its delete before it may be purged
-    /// (only once every replica of the key holds it). Must exceed
-    /// --max-hint-age-secs, so no hint can bring a purged key back.
+    /// (only once every replica of the key holds it). Its age comes from the
+    /// physical part of its version. Must exceed --max-hint-age-secs (so no
+    /// hint can bring a purged key back) and 2 x --max-clock-skew-ms plus
+    /// the heartbeat interval (so every write that begins after a purge is
+    /// stamped above the tombstone, whichever node coordinates it).
     #[arg(long, default_value_t = 86_400)]
     pub tombstone_grace: u64,
+
+    /// Largest clock difference tolerated between nodes, in milliseconds.
+    /// A version whose wall-clock part is further ahead of this node's wall
+    /// clock is refused (so one bad clock or message cannot drag the
+    /// cluster's clocks into the future), and a node whose own clock would
+    /// run that far ahead refuses to stamp writes. Keep hosts in sync with
+    /// NTP; a node warns when a peer's clock is half this far off.
+    #[arg(long, default_value_t = crate::clock::DEFAULT_MAX_CLOCK_SKEW_MS, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub max_clock_skew_ms: u64,
 
     /// Threads serving requests (default: one per CPU). 1 runs the whole
     /// node on one thread (tokio's current-thread runtime): no hand-offs
@@ -202,6 +214,35 @@ impl ServerConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+
+    pub fn skew_bound(&self) -> crate::clock::SkewBound {
+        crate::clock::SkewBound::new(self.max_clock_skew_ms)
+    }
+
+    /// Checks that settings agree with each other. Runs before anything is
+    /// opened, so a usage error appears at once even on a large data dir.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.tombstone_grace <= self.max_hint_age_secs {
+            return Err(format!(
+                "--tombstone-grace ({} s) must exceed --max-hint-age-secs ({} s), or a late hint could bring a purged key back",
+                self.tombstone_grace, self.max_hint_age_secs
+            ));
+        }
+        let floor_ms = self
+            .max_clock_skew_ms
+            .saturating_mul(2)
+            .saturating_add(self.heartbeat_interval().as_millis() as u64);
+        if self.tombstone_grace.saturating_mul(1000) <= floor_ms {
+            return Err(format!(
+                "--tombstone-grace ({} s) must exceed 2 x --max-clock-skew-ms ({} ms) + --heartbeat-interval-ms ({} ms) = {floor_ms} ms, \
+                 or a write coordinated by a node whose clock is behind could be stamped below a purged tombstone",
+                self.tombstone_grace,
+                self.max_clock_skew_ms,
+                self.heartbeat_interval().as_millis()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -305,6 +346,36 @@ mod tests {
     fn bad_config_lines_are_reported_with_their_number() {
         let error = file_to_args("listen = x\nnonsense\n").expect_err("bad line");
         assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn tombstone_grace_must_cover_clock_skew_and_hint_age() {
+        let parse = |extra: &[&str]| {
+            let mut list = vec!["DKVSServer", "--listen", "127.0.0.1:7001"];
+            list.extend_from_slice(extra);
+            ServerConfig::from_arg_list(args(&list)).expect("parse")
+        };
+        assert_eq!(parse(&[]).validate(), Ok(()));
+        let error = parse(&["--tombstone-grace", "120", "--max-hint-age-secs", "1"])
+            .validate()
+            .expect_err("2 x 60 s skew + heartbeat > 120 s");
+        assert!(error.contains("--max-clock-skew-ms"), "{error}");
+        assert_eq!(
+            parse(&[
+                "--tombstone-grace",
+                "3",
+                "--max-hint-age-secs",
+                "1",
+                "--max-clock-skew-ms",
+                "1000"
+            ])
+            .validate(),
+            Ok(())
+        );
+        let error = parse(&["--tombstone-grace", "100", "--max-hint-age-secs", "100"])
+            .validate()
+            .expect_err("hint age");
+        assert!(error.contains("--max-hint-age-secs"), "{error}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::clock::SkewBound;
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::pb::replica_client::ReplicaClient;
@@ -81,6 +82,8 @@ pub struct PeerPool {
     pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
     /// Message size limit for clients made from these channels.
     max_message_bytes: usize,
+    /// Versions in replies further ahead than this are failed replies.
+    bound: SkewBound,
 }
 
 impl PeerPool {
@@ -90,7 +93,19 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
             max_message_bytes,
+            bound: SkewBound::default(),
         }
+    }
+
+    /// Refuses versions in replies beyond `bound` (`--max-clock-skew-ms`).
+    pub fn with_skew_bound(mut self, bound: SkewBound) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// The bound versions in replies are checked against.
+    pub fn skew_bound(&self) -> SkewBound {
+        self.bound
     }
 
     pub fn channel(&self, address: &str) -> Result<Channel> {
@@ -138,7 +153,10 @@ impl PeerPool {
         if let Some(pipe) = pipes.get(address) {
             return Ok(pipe.clone());
         }
-        let pipe = Arc::new(ReplicaPipe::start(self.replica_client(address)?));
+        let pipe = Arc::new(ReplicaPipe::start(
+            self.replica_client(address)?,
+            self.bound,
+        ));
         pipes.insert(address.to_string(), pipe.clone());
         Ok(pipe)
     }
@@ -235,7 +253,7 @@ pub struct ReplicaPipe {
 }
 
 impl ReplicaPipe {
-    fn start(client: ReplicaClient<Channel>) -> Self {
+    fn start(client: ReplicaClient<Channel>, bound: SkewBound) -> Self {
         let (queue, mut incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
         tokio::spawn(async move {
             let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
@@ -272,7 +290,7 @@ impl ReplicaPipe {
                 }
                 let mut client = client.clone();
                 tokio::spawn(async move {
-                    send_batch(&mut client, batch).await;
+                    send_batch(&mut client, batch, bound).await;
                     drop(permit);
                 });
             }
@@ -287,7 +305,10 @@ impl ReplicaPipe {
 }
 
 /// Sends one batch and distributes the answers (or the failure) to callers.
-async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
+///
+/// A record or version in the answer beyond `bound` is that replica's
+/// failed reply: never merged, never repaired onward.
+async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, bound: SkewBound) {
     let mut request = pb::ReplicaBatchRequest::default();
     let mut write_answers = Vec::new();
     let mut read_answers = Vec::new();
@@ -324,17 +345,12 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
         let result = match writes.next() {
             Some(w) if w.rejected => Err(ReplicaError::Rejected(w.error)),
             Some(w) if !w.error.is_empty() => Err(ReplicaError::Failed(w.error)),
-            Some(w) => match w.held.map(crate::clock::Version::from) {
-                Some(held) if held.is_plausible() => Ok(WriteOutcome {
+            Some(w) => match pb::version_from(w.held, bound, "held version") {
+                Ok(held) => Ok(WriteOutcome {
                     applied: w.applied,
                     held,
                 }),
-                Some(held) => Err(ReplicaError::Failed(format!(
-                    "answered with an implausible version {held}"
-                ))),
-                None => Err(ReplicaError::Failed(
-                    "answered without the version it holds".to_string(),
-                )),
+                Err(why) => Err(ReplicaError::Failed(format!("answered badly: {why}"))),
             },
             None => Err(ReplicaError::Failed(
                 "the batch answer is missing this write".to_string(),
@@ -353,7 +369,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
                     Ok(Ok(reply)) => reply
                         .into_inner()
                         .record
-                        .map(Record::try_from)
+                        .map(|r| pb::record_from(r, bound))
                         .transpose()
                         .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
                     Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
@@ -371,7 +387,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>) {
             Some(r) if !r.error.is_empty() => Err(ReplicaError::Failed(r.error)),
             Some(r) => r
                 .record
-                .map(Record::try_from)
+                .map(|r| pb::record_from(r, bound))
                 .transpose()
                 .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
             None => Err(ReplicaError::Failed(

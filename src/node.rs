@@ -24,7 +24,7 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 use crate::antientropy::AntiEntropy;
-use crate::clock::NodeId;
+use crate::clock::{NodeId, Version, wall_clock_ms};
 use crate::config::ServerConfig;
 use crate::coordinator::{Background, Coordinator};
 use crate::error::{Error, Result};
@@ -71,6 +71,9 @@ pub struct Node {
     hints: Arc<HintStore>,
     /// Background convergence and tombstone collection.
     anti_entropy: Arc<AntiEntropy>,
+    /// Each peer's wall clock minus this node's, in ms, from the last
+    /// heartbeat it answered (std mutex: held for one map operation).
+    clock_skews: Mutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Node {
@@ -146,15 +149,17 @@ impl Node {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
         };
+        config.validate().map_err(Error::InvalidArgument)?;
+        let bound = config.skew_bound();
         let replica = Arc::new(ReplicaStore::open(
             me.node_id,
             storage.clone(),
             ring.clone(),
+            bound,
         )?);
-        let peers = Arc::new(PeerPool::new(
-            dialer,
-            max_message_bytes(limits.max_value_bytes),
-        ));
+        let peers = Arc::new(
+            PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)).with_skew_bound(bound),
+        );
         let shutdown = CancellationToken::new();
         let background = Background::new(shutdown.child_token());
         let liveness = Arc::new(Mutex::new(FailureDetector::new(
@@ -174,12 +179,6 @@ impl Node {
         if !hints.is_empty() {
             tracing::info!(hints = hints.len(), "hints waiting for delivery");
         }
-        if config.tombstone_grace <= config.max_hint_age_secs {
-            return Err(Error::InvalidArgument(format!(
-                "--tombstone-grace ({} s) must exceed --max-hint-age-secs ({} s), or a late hint could bring a purged key back",
-                config.tombstone_grace, config.max_hint_age_secs
-            )));
-        }
         let anti_entropy = Arc::new(AntiEntropy {
             replica: replica.clone(),
             ring: ring.clone(),
@@ -190,6 +189,7 @@ impl Node {
             rpc_timeout: config.rpc_timeout(),
             grace: Duration::from_secs(config.tombstone_grace),
             stats: Arc::default(),
+            gc_cursor: Mutex::default(),
         });
         let coordinator = Arc::new(Coordinator::new(
             replica.clone(),
@@ -219,6 +219,7 @@ impl Node {
             liveness,
             hints,
             anti_entropy,
+            clock_skews: Mutex::default(),
         }))
     }
 
@@ -245,6 +246,8 @@ impl Node {
             anti_entropy_in_sync: ae.in_sync.load(Ordering::Relaxed),
             anti_entropy_keys_repaired: ae.keys_repaired.load(Ordering::Relaxed),
             tombstones_purged: ae.tombstones_purged.load(Ordering::Relaxed),
+            future_records: stats.future_records,
+            tombstone_gc_skipped: ae.tombstones_skipped.load(Ordering::Relaxed),
         }
     }
 
@@ -276,27 +279,11 @@ impl Node {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .round_started(Instant::now());
-                let pings = peers.iter().map(|address| {
-                    let node = &node;
-                    async move {
-                        let result = match node.peers.replica_client(address) {
-                            Ok(mut client) => {
-                                let ping = pb::PingRequest {
-                                    from: node.me.address.clone(),
-                                };
-                                crate::net::call_within(interval, client.ping(ping))
-                                    .await
-                                    .map(|_| ())
-                            }
-                            Err(error) => Err(error.to_string()),
-                        };
-                        (address, result)
-                    }
-                });
+                let pings = peers.iter().map(|address| node.ping(address, interval));
                 let results = futures::future::join_all(pings).await;
                 let now = Instant::now();
                 let mut liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
-                for (address, result) in results {
+                for (address, result) in peers.iter().zip(results) {
                     match result {
                         Ok(()) => liveness.heartbeat(address, now),
                         Err(why) => liveness.failed(address, why),
@@ -309,6 +296,51 @@ impl Node {
                 }
             }
         })
+    }
+
+    /// One heartbeat to `address`: carries this node's HLC, merges the
+    /// peer's, and measures the peer's clock skew from its wall clock (the
+    /// midpoint of the call is taken as the moment it answered).
+    async fn ping(&self, address: &str, timeout: Duration) -> std::result::Result<(), String> {
+        let mut client = self
+            .peers
+            .replica_client(address)
+            .map_err(|e| e.to_string())?;
+        let ping = pb::PingRequest {
+            from: self.me.address.clone(),
+            hlc: self.replica.stats().lamport,
+        };
+        let sent_ms = wall_clock_ms();
+        let answer = crate::net::call_within(timeout, client.ping(ping)).await?;
+        let midpoint_ms = sent_ms + wall_clock_ms().saturating_sub(sent_ms) / 2;
+        let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
+        let bound = self.replica.bound();
+        let was = self
+            .clock_skews
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address.to_string(), skew_ms);
+        let half = (bound.max_skew_ms / 2) as i64;
+        let far = |skew: i64| skew.abs() > half;
+        if far(skew_ms) && !was.is_some_and(far) {
+            tracing::warn!(
+                peer = address,
+                skew_ms,
+                max_clock_skew_ms = bound.max_skew_ms,
+                "a peer's clock is more than half --max-clock-skew-ms away from this node's; check NTP on both hosts"
+            );
+        }
+        if !self
+            .replica
+            .observe(Version::new(answer.hlc, answer.node_id))
+        {
+            tracing::warn!(
+                peer = address,
+                hlc = answer.hlc,
+                "a peer's clock is beyond --max-clock-skew-ms; not merged"
+            );
+        }
+        Ok(())
     }
 
     /// Every `--anti-entropy-interval` seconds, syncs with each live peer and
@@ -347,10 +379,12 @@ impl Node {
     /// Validates a replica write: its key, record and value size.
     fn check_write(&self, request: pb::ReplicaWriteRequest) -> Result<(String, Record)> {
         self.limits.check_key(&request.key)?;
-        let record: Record = request
-            .record
-            .ok_or_else(|| Error::InvalidArgument("record is required".into()))?
-            .try_into()?;
+        let record = pb::record_from(
+            request
+                .record
+                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?,
+            self.replica.bound(),
+        )?;
         if let Some(value) = &record.value {
             self.limits.check_value(value)?;
         }
@@ -810,10 +844,15 @@ impl pb::replica_server::Replica for ReplicaService {
                     request.target
                 ))
             })?;
-        let record: Record = request
-            .record
-            .ok_or_else(|| Error::InvalidArgument("record is required".into()))?
-            .try_into()?;
+        let record = pb::record_from(
+            request
+                .record
+                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?,
+            node.replica.bound(),
+        )?;
+        if let Some(value) = &record.value {
+            node.limits.check_value(value)?;
+        }
         node.replica.observe(record.version);
         node.hints.store(&crate::hints::Hint {
             target: target.node_id,
@@ -883,10 +922,15 @@ impl pb::replica_server::Replica for ReplicaService {
 
     async fn ping(
         &self,
-        _request: Request<pb::PingRequest>,
+        request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
+        let node = &self.0;
+        // A sender's clock beyond the skew bound is simply not merged.
+        node.replica.observe(Version::new(request.get_ref().hlc, 0));
         Ok(Response::new(pb::PingResponse {
-            node_id: self.0.me.node_id,
+            node_id: node.me.node_id,
+            hlc: node.replica.stats().lamport,
+            wall_ms: wall_clock_ms(),
         }))
     }
 }
@@ -935,6 +979,13 @@ impl pb::cluster_server::Cluster for ClusterService {
                         Err(why) => (pb::MemberState::Up, None, why),
                     }
                 };
+                let clock_skew_ms = node
+                    .clock_skews
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&member.address)
+                    .copied()
+                    .unwrap_or(0);
                 pb::Member {
                     address: member.address.clone(),
                     node_id: member.node_id,
@@ -942,6 +993,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     stats,
                     error,
                     phi: health.phi,
+                    clock_skew_ms,
                 }
             });
         let members = futures::future::join_all(probes).await;

@@ -3,6 +3,14 @@
 //! Protobuf types stay at the edge: requests are converted (and validated)
 //! here on arrival, and a missing or malformed field becomes
 //! `INVALID_ARGUMENT` with a message naming it.
+//!
+//! Every version that arrives from the network — in a replica write or
+//! batch, a stored hint, a read result, an anti-entropy listing, a write's
+//! answer, a heartbeat — becomes a domain [`clock::Version`] only through
+//! [`version_from`] or [`record_from`], which refuse one further ahead of the
+//! wall clock than `--max-clock-skew-ms`. There is deliberately no `From`
+//! for it: one bogus version merged into clocks and spread by repair would
+//! stop every write in the cluster.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -31,10 +39,19 @@ impl From<clock::Version> for Version {
     }
 }
 
-impl From<Version> for clock::Version {
-    fn from(v: Version) -> Self {
-        clock::Version::new(v.lamport, v.node_id)
-    }
+/// A version from the network, within `bound`; `what` names the field
+/// in the error.
+pub fn version_from(
+    v: Option<Version>,
+    bound: clock::SkewBound,
+    what: &str,
+) -> Result<clock::Version, Error> {
+    let v = v.ok_or_else(|| Error::InvalidArgument(format!("{what} is required")))?;
+    let version = clock::Version::new(v.lamport, v.node_id);
+    bound
+        .check_now(version)
+        .map_err(|why| Error::InvalidArgument(format!("{what}: {why}")))?;
+    Ok(version)
 }
 
 impl From<&record::Record> for Record {
@@ -48,31 +65,18 @@ impl From<&record::Record> for Record {
     }
 }
 
-impl TryFrom<Record> for record::Record {
-    type Error = Error;
-
-    fn try_from(r: Record) -> Result<Self, Error> {
-        let version: clock::Version = r
-            .version
-            .ok_or_else(|| Error::InvalidArgument("record.version is required".into()))?
-            .into();
-        if !version.is_plausible() {
-            return Err(Error::InvalidArgument(format!(
-                "record.version.lamport {} is above the limit {}",
-                version.lamport,
-                clock::MAX_LAMPORT
-            )));
+/// A record from the network, its version within `bound`.
+pub fn record_from(r: Record, bound: clock::SkewBound) -> Result<record::Record, Error> {
+    let version = version_from(r.version, bound, "record.version")?;
+    if r.tombstone {
+        if !r.value.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a tombstone record must not carry a value".into(),
+            ));
         }
-        if r.tombstone {
-            if !r.value.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "a tombstone record must not carry a value".into(),
-                ));
-            }
-            Ok(record::Record::tombstone_at(version, r.deleted_at_ms))
-        } else {
-            Ok(record::Record::value(version, r.value))
-        }
+        Ok(record::Record::tombstone_at(version, r.deleted_at_ms))
+    } else {
+        Ok(record::Record::value(version, r.value))
     }
 }
 
@@ -130,18 +134,29 @@ mod tests {
     }
 
     #[test]
-    fn records_need_a_version() {
+    fn records_need_a_version_within_the_skew_bound() {
+        let bound = clock::SkewBound::default();
         let missing = Record {
             version: None,
             tombstone: false,
             value: Default::default(),
             deleted_at_ms: 0,
         };
-        assert!(record::Record::try_from(missing).is_err());
+        assert!(matches!(
+            record_from(missing, bound),
+            Err(Error::InvalidArgument(_))
+        ));
         let domain = record::Record::value(clock::Version::new(3, 4), &b"v"[..]);
+        assert_eq!(record_from(Record::from(&domain), bound).ok(), Some(domain));
+        for lamport in [1u64 << 62, u64::MAX] {
+            let hostile = record::Record::value(clock::Version::new(lamport, 4), &b"v"[..]);
+            let error = record_from(Record::from(&hostile), bound).expect_err("beyond the bound");
+            assert!(error.to_string().contains("--max-clock-skew-ms"), "{error}");
+        }
+        let near = clock::Version::new(clock::hlc_of_ms(clock::wall_clock_ms() + 1000), 4);
         assert_eq!(
-            record::Record::try_from(Record::from(&domain)).ok(),
-            Some(domain)
+            version_from(Some(near.into()), bound, "held").ok(),
+            Some(near)
         );
     }
 }

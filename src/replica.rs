@@ -8,16 +8,23 @@
 //! stripes are std mutexes because they are held only across a synchronous
 //! storage call, never across an `.await`.
 //!
-//! It also owns the node's Lamport clock, merged with every version the
-//! replica sees, and recovered at start-up from the persisted ceiling and the
-//! highest version in the data.
+//! It also owns the node's hybrid logical clock, merged with every version
+//! the replica sees, and recovered at start-up from the persisted ceiling and
+//! the highest version in the data.
+//!
+//! A version further ahead of the wall clock than `--max-clock-skew-ms` is
+//! never stored, and one already stored (a data dir poisoned before the
+//! bound existed) is treated like a corrupt record: it is counted and logged
+//! at start-up, not merged into the clock, read as a failure (so a quorum
+//! read never returns it and read repair never spreads it), left out of
+//! anti-entropy listings, and overwritten by the next valid write.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::clock::{LamportClock, NodeId, Version};
+use crate::clock::{HybridClock, NodeId, SkewBound, Version, wall_clock_ms};
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::ring::{Ring, key_hash};
@@ -48,6 +55,8 @@ pub struct LocalStats {
     pub tombstones: u64,
     /// The clock's current timestamp.
     pub lamport: u64,
+    /// Records found at start-up with a version beyond the skew bound.
+    pub future_records: u64,
 }
 
 pub struct ReplicaStore {
@@ -55,9 +64,13 @@ pub struct ReplicaStore {
     node_id: NodeId,
     /// The engine.
     storage: Arc<dyn Storage>,
-    /// The Lamport clock (std mutex: held for a tick, plus a rare durable
-    /// metadata write, never across an await).
-    clock: Arc<Mutex<LamportClock>>,
+    /// The hybrid logical clock (std mutex: held for a tick, plus a rare
+    /// durable metadata write, never across an await).
+    clock: Arc<Mutex<HybridClock>>,
+    /// What versions are accepted: `--max-clock-skew-ms`.
+    bound: SkewBound,
+    /// See [`LocalStats::future_records`].
+    future_records: u64,
     /// The highest clock ceiling persisted; held while persisting one, so
     /// the persisted value only ever grows.
     persisted_ceiling: Arc<Mutex<u64>>,
@@ -135,7 +148,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ReplicaStore {
     /// Opens the replica over `storage`: counts keys, computes the range
     /// digests and recovers the clock.
-    pub fn open(node_id: NodeId, storage: Arc<dyn Storage>, ring: Arc<Ring>) -> Result<Self> {
+    pub fn open(
+        node_id: NodeId,
+        storage: Arc<dyn Storage>,
+        ring: Arc<Ring>,
+        bound: SkewBound,
+    ) -> Result<Self> {
+        let now_ms = wall_clock_ms();
+        let mut future_records = 0u64;
         let mut live_keys = 0u64;
         let mut tombstones = 0u64;
         let mut max_lamport = 0u64;
@@ -153,7 +173,14 @@ impl ReplicaStore {
                 } else {
                     live_keys += 1;
                 }
-                max_lamport = max_lamport.max(held.version.lamport);
+                if let Err(why) = bound.check(held.version, now_ms) {
+                    future_records += 1;
+                    if future_records <= 10 {
+                        tracing::error!(key, %why, "stored record beyond the clock-skew bound: not merged into the clock; the next write or repair replaces it");
+                    }
+                } else {
+                    max_lamport = max_lamport.max(held.version.lamport);
+                }
                 digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
             },
             &mut |key, why| {
@@ -169,7 +196,24 @@ impl ReplicaStore {
             );
         }
         let ceiling = storage.get_meta(CLOCK_CEILING)?.unwrap_or(0);
-        let clock = LamportClock::recover(node_id, ceiling, max_lamport);
+        if future_records > 0 {
+            tracing::error!(
+                future_records,
+                "records beyond --max-clock-skew-ms were found; they are served as failed reads until replaced"
+            );
+        }
+        // A ceiling beyond the bound (persisted from a poisoned clock) is
+        // ignored the same way: the wall clock is what versions follow.
+        let ceiling = if bound.check(Version::new(ceiling, 0), now_ms).is_ok() {
+            ceiling
+        } else {
+            tracing::error!(
+                ceiling,
+                "the persisted clock ceiling is beyond --max-clock-skew-ms; ignoring it"
+            );
+            0
+        };
+        let clock = HybridClock::recover(node_id, ceiling, max_lamport, bound);
         tracing::info!(
             live_keys,
             tombstones,
@@ -180,6 +224,8 @@ impl ReplicaStore {
             node_id,
             storage,
             clock: Arc::new(Mutex::new(clock)),
+            bound,
+            future_records,
             persisted_ceiling: Arc::new(Mutex::new(ceiling)),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             live_keys: AtomicU64::new(live_keys),
@@ -193,9 +239,28 @@ impl ReplicaStore {
         self.node_id
     }
 
-    /// The record this replica holds for `key`.
+    /// The record this replica holds for `key`. A record beyond the skew
+    /// bound is an error, never an answer.
     pub fn read(&self, key: &str) -> Result<Option<Record>> {
-        self.storage.get(&storage_key(key))
+        let record = self.storage.get(&storage_key(key))?;
+        if let Some(record) = &record {
+            self.check_held(key, record.version)?;
+        }
+        Ok(record)
+    }
+
+    /// The version accepted from outside (`--max-clock-skew-ms`).
+    pub fn bound(&self) -> SkewBound {
+        self.bound
+    }
+
+    fn check_held(&self, key: &str, version: Version) -> Result<()> {
+        self.bound
+            .check_now(version)
+            .map_err(|why| Error::CorruptRecord {
+                key: key.to_string(),
+                why: format!("stored {why}"),
+            })
     }
 
     fn stripe(&self, key: &str) -> MutexGuard<'_, ()> {
@@ -230,7 +295,9 @@ impl ReplicaStore {
                 &from,
                 to.as_ref().map(|t| &t[..]),
                 &mut |stored_key, record| {
-                    if let Some(key) = user_key(stored_key) {
+                    if let Some(key) = user_key(stored_key)
+                        && self.check_held(key, record.version).is_ok()
+                    {
                         entries.push(RangeEntry {
                             key: key.to_string(),
                             version: record.version,
@@ -244,22 +311,52 @@ impl ReplicaStore {
         Ok(entries)
     }
 
-    /// Tombstones deleted at or before `deleted_before_ms`, at most `limit`.
+    /// Up to `limit` tombstones made at or before `deleted_before_ms` (see
+    /// [`crate::antientropy::tombstone_time_ms`]), taken in storage-key
+    /// order from just after `cursor`, wrapping around to the start. Also
+    /// answers the cursor for the next call (the last key returned), so
+    /// tombstones that cannot be purged yet do not hold back the rest.
     pub fn old_tombstones(
         &self,
         deleted_before_ms: u64,
+        cursor: &[u8],
         limit: usize,
-    ) -> Result<Vec<(String, Version)>> {
-        let mut found = Vec::new();
+    ) -> Result<(Vec<(String, Version)>, Vec<u8>)> {
+        use std::collections::BinaryHeap;
+        // The `limit` smallest keys after the cursor, and the `limit`
+        // smallest at or before it (for the wrap-around): bounded memory
+        // whatever order the engine visits keys in.
+        let mut after: BinaryHeap<(Vec<u8>, Version)> = BinaryHeap::new();
+        let mut before: BinaryHeap<(Vec<u8>, Version)> = BinaryHeap::new();
         self.storage.for_each_tombstone(&mut |stored_key, record| {
-            if found.len() < limit
-                && record.deleted_at_ms <= deleted_before_ms
-                && let Some(key) = user_key(stored_key)
+            let made = crate::antientropy::tombstone_time_ms(record.version, record.deleted_at_ms);
+            if made > deleted_before_ms || user_key(stored_key).is_none() {
+                return;
+            }
+            let heap = if stored_key > cursor {
+                &mut after
+            } else {
+                &mut before
+            };
+            if heap.len() < limit {
+                heap.push((stored_key.to_vec(), record.version));
+            } else if heap
+                .peek()
+                .is_some_and(|(top, _)| stored_key < top.as_slice())
             {
-                found.push((key.to_string(), record.version));
+                heap.pop();
+                heap.push((stored_key.to_vec(), record.version));
             }
         })?;
-        Ok(found)
+        let mut picked = after.into_sorted_vec();
+        let room = limit.saturating_sub(picked.len());
+        picked.extend(before.into_sorted_vec().into_iter().take(room));
+        let next_cursor = picked.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        let found = picked
+            .into_iter()
+            .filter_map(|(stored, version)| user_key(&stored).map(|k| (k.to_string(), version)))
+            .collect();
+        Ok((found, next_cursor))
     }
 
     /// Removes `key` if it still holds exactly the tombstone `version`.
@@ -312,6 +409,10 @@ impl ReplicaStore {
 
     /// Stores `record` if newer, without flushing.
     fn apply(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
+        // Callers convert at the door (pb.rs); this is the last line.
+        self.bound
+            .check_now(record.version)
+            .map_err(Error::InvalidArgument)?;
         self.observe(record.version);
         let _stripe = self.stripe(key);
         let stored = storage_key(key);
@@ -319,6 +420,11 @@ impl ReplicaStore {
             Err(Error::CorruptRecord { why, .. }) => {
                 tracing::warn!(key, %why, "overwriting a corrupt record");
                 None
+            }
+            Ok(Some(held)) if self.check_held(key, held.version).is_err() => {
+                tracing::warn!(key, version = %held.version, "overwriting a record beyond the clock-skew bound");
+                // Its digest contribution must still be removed.
+                return self.replace_future_record(key, &stored, held, record);
             }
             other => other?,
         };
@@ -339,6 +445,23 @@ impl ReplicaStore {
         })
     }
 
+    /// Replaces a stored record whose version is beyond the skew bound.
+    fn replace_future_record(
+        &self,
+        key: &str,
+        stored: &[u8],
+        held: Held,
+        record: &Record,
+    ) -> Result<WriteOutcome> {
+        self.storage.put(stored, record)?;
+        self.count_transition(Some(held), record);
+        self.update_digest(key, Some(held), Some(Held::of(record)));
+        Ok(WriteOutcome {
+            applied: true,
+            held: record.version,
+        })
+    }
+
     fn count_transition(&self, before: Option<Held>, after: &Record) {
         match before {
             Some(before) if before.tombstone => self.tombstones.fetch_sub(1, Ordering::Relaxed),
@@ -352,16 +475,15 @@ impl ReplicaStore {
         }
     }
 
-    /// Issues a new version, above every version this node has seen.
+    /// Issues a new version, above every version this node has seen and
+    /// at least the wall clock. Fails loudly rather than issue a version
+    /// peers would refuse.
     pub fn next_version(&self) -> Result<Version> {
         let mut clock = lock(&self.clock);
         let before = clock.clone();
-        let Some(tick) = clock.tick() else {
-            return Err(Error::Internal(format!(
-                "the Lamport clock is exhausted at {}; a bogus version reached this node",
-                clock.now()
-            )));
-        };
+        let tick = clock
+            .tick(wall_clock_ms())
+            .map_err(|error| Error::Unavailable(format!("cannot issue a version: {error}")))?;
         if let Some(ceiling) = tick.persist_ceiling
             && let Err(error) = persist_ceiling(&*self.storage, &self.persisted_ceiling, ceiling)
         {
@@ -397,9 +519,10 @@ impl ReplicaStore {
         }
     }
 
-    /// Merges a version seen elsewhere into the clock.
-    pub fn observe(&self, version: Version) {
-        lock(&self.clock).observe(version);
+    /// Merges a version seen elsewhere into the clock (ignored, and
+    /// answered false, beyond the skew bound).
+    pub fn observe(&self, version: Version) -> bool {
+        lock(&self.clock).observe(version, wall_clock_ms())
     }
 
     pub fn stats(&self) -> LocalStats {
@@ -407,6 +530,7 @@ impl ReplicaStore {
             live_keys: self.live_keys.load(Ordering::Relaxed),
             tombstones: self.tombstones.load(Ordering::Relaxed),
             lamport: lock(&self.clock).now(),
+            future_records: self.future_records,
         }
     }
 
@@ -431,7 +555,8 @@ mod tests {
 
     fn store() -> (Arc<MemoryStorage>, ReplicaStore) {
         let storage = Arc::new(MemoryStorage::new());
-        let replica = ReplicaStore::open(1, storage.clone(), ring()).expect("open");
+        let replica =
+            ReplicaStore::open(1, storage.clone(), ring(), SkewBound::default()).expect("open");
         (storage, replica)
     }
 
@@ -472,12 +597,51 @@ mod tests {
     fn every_version_seen_advances_the_clock() {
         let (_, replica) = store();
         let first = replica.next_version().expect("tick");
+        // A version from a peer whose clock is 5 s ahead.
+        let ahead = Version::new(crate::clock::hlc_of_ms(wall_clock_ms() + 5000) + 40, 9);
         replica
-            .write_if_newer("k", &Record::value(Version::new(40, 9), &b"x"[..]))
+            .write_if_newer("k", &Record::value(ahead, &b"x"[..]))
             .expect("write");
         let next = replica.next_version().expect("tick");
         assert!(next > first);
-        assert_eq!(next, Version::new(41, 1));
+        assert_eq!(next, Version::new(ahead.lamport + 1, 1));
+    }
+
+    #[test]
+    fn versions_beyond_the_skew_bound_are_refused_and_a_poisoned_store_still_works() {
+        let storage = Arc::new(MemoryStorage::new());
+        // A data dir poisoned before the bound existed: lamport 2^62.
+        let poison = Record::value(Version::new(1 << 62, 9), &b"bad"[..]);
+        storage.put(&storage_key("k"), &poison).expect("put");
+        let good = Record::value(Version::new(1, 1), &b"old"[..]);
+        storage.put(&storage_key("other"), &good).expect("put");
+        let replica = ReplicaStore::open(1, storage.clone(), ring(), SkewBound::default())
+            .expect("a poisoned data dir opens");
+        assert_eq!(replica.stats().future_records, 1);
+        // Not merged into the clock: versions follow the wall clock.
+        let next = replica.next_version().expect("tick");
+        assert!(next.physical_ms() <= wall_clock_ms() + 1000, "{next}");
+        // Read as a failure, left out of anti-entropy listings.
+        assert!(matches!(
+            replica.read("k"),
+            Err(Error::CorruptRecord { .. })
+        ));
+        let listed: usize = (0..ring().range_count())
+            .map(|r| replica.range_entries(r).expect("entries").len())
+            .sum();
+        assert_eq!(listed, 1, "only the good record is listed");
+        // The next valid write replaces it, and digests stay exact.
+        let fresh = Record::value(next, &b"new"[..]);
+        assert!(replica.write_if_newer("k", &fresh).expect("write").applied);
+        assert_eq!(replica.read("k").expect("read"), Some(fresh));
+        assert_eq!(replica.stats().live_keys, 2);
+        // A new version beyond the bound is refused as invalid input.
+        let hostile = Record::value(Version::new(1 << 62, 9), &b"x"[..]);
+        assert!(matches!(
+            replica.write_if_newer("k2", &hostile),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert_eq!(replica.read("k2").expect("read"), None);
     }
 
     #[test]
@@ -518,7 +682,8 @@ mod tests {
         // One issued version that never reached storage.
         let unstored = replica.next_version().expect("tick");
         drop(replica);
-        let reopened = ReplicaStore::open(1, storage, ring()).expect("reopen");
+        let reopened =
+            ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
         assert_eq!(reopened.stats().live_keys, 100);
         let next = reopened.next_version().expect("tick");
         assert!(next > last && next > unstored);
@@ -528,7 +693,8 @@ mod tests {
     fn corrupt_records_are_reported_not_fatal() {
         let storage = Arc::new(MemoryStorage::new());
         storage.put_raw(&storage_key("bad"), vec![1, 2, 3]);
-        let replica = ReplicaStore::open(1, storage, ring()).expect("open despite corruption");
+        let replica = ReplicaStore::open(1, storage, ring(), SkewBound::default())
+            .expect("open despite corruption");
         assert!(matches!(
             replica.read("bad"),
             Err(Error::CorruptRecord { .. })
@@ -553,7 +719,8 @@ mod tests {
             .expect("delete");
         let ranges = replica.ring.range_count();
         let live: Vec<u64> = (0..ranges).map(|r| replica.range_digest(r)).collect();
-        let reopened = ReplicaStore::open(1, storage, ring()).expect("reopen");
+        let reopened =
+            ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
         let scanned: Vec<u64> = (0..ranges).map(|r| reopened.range_digest(r)).collect();
         assert_eq!(live, scanned, "incremental digests equal a full recount");
         // Range listings partition the keys.
@@ -572,6 +739,44 @@ mod tests {
     }
 
     #[test]
+    fn tombstone_collection_walks_with_a_cursor_and_ages_by_version() {
+        let (_, replica) = store();
+        let t0 = 1_750_000_000_000u64;
+        // 25 tombstones made at t0 by the HLC (deleted_at_ms lies: 0), and
+        // one made later, not old enough.
+        for i in 0..25 {
+            let version = Version::new(crate::clock::hlc_of_ms(t0) + i, 1);
+            replica
+                .write_if_newer(&format!("k{i}"), &Record::tombstone_at(version, 0))
+                .expect("delete");
+        }
+        let young = Version::new(crate::clock::hlc_of_ms(t0 + 5000), 1);
+        replica
+            .write_if_newer("young", &Record::tombstone_at(young, 0))
+            .expect("delete");
+        assert_eq!(
+            replica.old_tombstones(t0 - 1, &[], 10).expect("scan").0,
+            vec![]
+        );
+        // Rounds of 10 visit every old tombstone once per 3 rounds, even if
+        // none is ever purged (their replicas are down).
+        let mut cursor = Vec::new();
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..3 {
+            let (found, next) = replica
+                .old_tombstones(t0 + 1000, &cursor, 10)
+                .expect("scan");
+            assert_eq!(found.len(), 10);
+            for (key, _) in found {
+                *seen.entry(key).or_insert(0) += 1;
+            }
+            cursor = next;
+        }
+        assert_eq!(seen.len(), 25, "every tombstone reached: {seen:?}");
+        assert!(!seen.contains_key("young"));
+    }
+
+    #[test]
     fn purging_removes_only_the_exact_tombstone() {
         let (_, replica) = store();
         let tombstone = Record::tombstone_at(Version::new(5, 1), 10);
@@ -579,9 +784,9 @@ mod tests {
         replica
             .write_if_newer("kept", &Record::value(Version::new(5, 1), &b"v"[..]))
             .expect("write");
-        assert_eq!(replica.old_tombstones(9, 10).expect("scan"), vec![]);
+        assert_eq!(replica.old_tombstones(9, &[], 10).expect("scan").0, vec![]);
         assert_eq!(
-            replica.old_tombstones(10, 10).expect("scan"),
+            replica.old_tombstones(10, &[], 10).expect("scan").0,
             vec![("gone".to_string(), tombstone.version)]
         );
         assert!(

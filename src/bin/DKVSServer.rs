@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         // Prints the problem (or --help) and exits: 2 for usage errors.
         Err(error) => error.exit(),
     };
+    if let Err(why) = config.validate() {
+        eprintln!("DKVSServer: {why}");
+        return ExitCode::from(2);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
