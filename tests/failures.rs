@@ -86,7 +86,10 @@ async fn replica_version(
         .await
         .expect("replica read")
         .into_inner();
-    reply.record.and_then(|r| r.version).map(Into::into)
+    reply
+        .record
+        .and_then(|r| r.version)
+        .map(|v| dkvs::clock::Version::new(v.lamport, v.node_id))
 }
 
 async fn hint_totals(cluster: &TestCluster, observer: usize) -> (u64, u64) {
@@ -313,6 +316,8 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
             "2",
             "--max-hint-age-secs",
             "1",
+            "--max-clock-skew-ms",
+            "500",
         ],
     )
     .await;

@@ -295,6 +295,14 @@ impl TestCluster {
         }
     }
 
+    /// Adds flags to node `i`'s command line (later flags win), for its
+    /// next start.
+    pub fn add_flags(&mut self, i: usize, flags: &[&str]) {
+        self.nodes[i]
+            .args
+            .extend(flags.iter().map(|s| s.to_string()));
+    }
+
     /// Restarts node `i` with the same flags and data dir; waits until ready.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].child.is_none(), "node {i} is still running");

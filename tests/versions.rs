@@ -1,0 +1,330 @@
+//! Acknowledged writes and versions: the two ways issue 8 reproduced losing
+//! them, against real DKVSServer processes.
+//!
+//! 1. A PUT acknowledged after a DELETE whose tombstone one replica still
+//!    holds (grace periods differ) while the others purged it, coordinated by
+//!    a node whose clock never saw the tombstone. With plain Lamport counters
+//!    the PUT was stamped below the tombstone and anti-entropy deleted it.
+//! 2. One `Replica.Write` with lamport 2^62 (or a heartbeat carrying it)
+//!    must not stop the cluster from taking writes, and a data dir that
+//!    already holds such a record must start and serve writes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, get_request, put_request};
+use dkvs::clock::Version;
+use dkvs::pb;
+
+/// Flags for a cluster whose tombstones are purged within seconds.
+const FAST_GC: &[&str] = &[
+    "--anti-entropy-interval",
+    "1",
+    "--max-hint-age-secs",
+    "1",
+    "--tombstone-grace",
+    "2",
+    "--max-clock-skew-ms",
+    "500",
+];
+
+/// What node `node` holds for `key`: `None`, or the version and whether
+/// it is a tombstone.
+async fn held(cluster: &TestCluster, node: usize, key: &str) -> Option<(Version, bool)> {
+    let reply = cluster
+        .replica(node)
+        .await
+        .read(pb::ReplicaReadRequest { key: key.into() })
+        .await
+        .expect("replica read")
+        .into_inner();
+    reply.record.and_then(|r| {
+        r.version
+            .map(|v| (Version::new(v.lamport, v.node_id), r.tombstone))
+    })
+}
+
+/// Waits (bounded) until node `node` has run `rounds` more anti-entropy
+/// exchanges than now: time for repair to have spread what it would.
+async fn wait_anti_entropy_rounds(cluster: &TestCluster, node: usize, rounds: u64) {
+    let exchanges = |status: pb::StatusResponse| {
+        status
+            .members
+            .iter()
+            .find(|m| m.address == cluster.nodes[node].address)
+            .and_then(|m| m.stats.as_ref())
+            .map_or(0, |s| s.anti_entropy_exchanges)
+    };
+    let start = exchanges(cluster.status(node).await);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while exchanges(cluster.status(node).await) < start + rounds {
+        assert!(Instant::now() < deadline, "anti-entropy stopped running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Indexes of the nodes that replicate `key`, in preference order.
+fn replicas_of(cluster: &TestCluster, client: &dkvs::client::Client, key: &str) -> Vec<usize> {
+    client
+        .replicas_of(key)
+        .iter()
+        .map(|address| cluster.index_of(address))
+        .collect()
+}
+
+/// Scenario 1 of issue 8, with the final PUT coordinated by `coordinate`:
+/// `Some(node)` through that node's KeyValue service, `None` through the
+/// smart client.
+async fn put_after_purged_delete_survives(key: &str, via_smart_client: bool) {
+    let mut cluster = TestCluster::start_with(5, FAST_GC).await;
+    let client = cluster.client().await;
+    let replicas = replicas_of(&cluster, &client, key);
+    // The key's third replica keeps tombstones for an hour.
+    let keeper = replicas[2];
+    cluster.kill(keeper);
+    cluster.add_flags(keeper, &["--tombstone-grace", "3600"]);
+    cluster.restart(keeper).await;
+    let others: Vec<usize> = (0..5).filter(|i| !replicas.contains(i)).collect();
+    let (d, e) = (others[0], others[1]);
+    // D's clock climbs: 1,500 writes to a key E does not replicate.
+    let pump = (0..)
+        .map(|i| format!("pump-{i}"))
+        .find(|k| !replicas_of(&cluster, &client, k).contains(&e))
+        .expect("a key off E");
+    let mut d_kv = cluster.kv(d).await;
+    for i in 0..1500 {
+        d_kv.put(put_request(&pump, &format!("p{i}")))
+            .await
+            .expect("pump write");
+    }
+    d_kv.put(put_request(key, "before")).await.expect("put");
+    let deleted = d_kv
+        .delete(pb::DeleteRequest {
+            key: key.into(),
+            consistency: 0,
+        })
+        .await
+        .expect("delete")
+        .into_inner()
+        .version
+        .expect("delete version");
+    let tombstone = Version::new(deleted.lamport, deleted.node_id);
+    // The first two replicas purge the tombstone; the keeper holds it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let first = held(&cluster, replicas[0], key).await;
+        let second = held(&cluster, replicas[1], key).await;
+        if first.is_none() && second.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tombstone was never purged: {first:?} {second:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        held(&cluster, keeper, key).await,
+        Some((tombstone, true)),
+        "the keeper still holds the tombstone"
+    );
+    // E, which replicates neither key, coordinates the new write.
+    let version = if via_smart_client {
+        client.put(key, "after").await.expect("put after").version
+    } else {
+        let v = cluster
+            .kv(e)
+            .await
+            .put(put_request(key, "after"))
+            .await
+            .expect("put after")
+            .into_inner()
+            .version
+            .expect("version");
+        Version::new(v.lamport, v.node_id)
+    };
+    assert!(
+        version > tombstone,
+        "the acknowledged PUT ({version}) is stamped above the old tombstone ({tombstone})"
+    );
+    wait_anti_entropy_rounds(&cluster, keeper, 3).await;
+    for node in 0..5 {
+        let got = cluster
+            .kv(node)
+            .await
+            .get(get_request(key))
+            .await
+            .expect("get")
+            .into_inner();
+        assert!(got.found, "node {node} reads {key} as not found");
+        assert_eq!(&got.value[..], b"after", "node {node}");
+    }
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_after_a_purged_delete_is_kept_when_a_node_coordinates() {
+    put_after_purged_delete_survives("resurrected-node", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_after_a_purged_delete_is_kept_through_the_smart_client() {
+    put_after_purged_delete_survives("resurrected-client", true).await;
+}
+
+/// A replica write carrying `lamport`.
+fn write_with(key: &str, lamport: u64) -> pb::ReplicaWriteRequest {
+    pb::ReplicaWriteRequest {
+        key: key.into(),
+        record: Some(pb::Record {
+            version: Some(pb::Version {
+                lamport,
+                node_id: 7,
+            }),
+            tombstone: false,
+            value: b"hostile".to_vec().into(),
+            deleted_at_ms: 0,
+        }),
+    }
+}
+
+/// PUTs spread over every node; answers how many succeeded.
+async fn puts_over_all_nodes(cluster: &TestCluster, count: usize) -> usize {
+    let mut ok = 0;
+    for i in 0..count {
+        let node = i % cluster.nodes.len();
+        let reply = cluster
+            .kv(node)
+            .await
+            .put(put_request(&format!("after-{i}"), "v"))
+            .await;
+        if reply.is_ok() {
+            ok += 1;
+        } else {
+            eprintln!("PUT {i} via node {node}: {reply:?}");
+        }
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hostile_version_does_not_stop_the_cluster() {
+    let cluster = TestCluster::start(3).await;
+    let far_future = dkvs::clock::hlc_of_ms(dkvs::clock::wall_clock_ms() + 3_600_000);
+    for lamport in [1u64 << 62, u64::MAX, far_future] {
+        let status = cluster
+            .replica(0)
+            .await
+            .write(write_with("poison", lamport))
+            .await
+            .expect_err("a version far ahead of the wall clock is refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains("--max-clock-skew-ms"),
+            "the message names the flag: {}",
+            status.message()
+        );
+    }
+    // Inside a batch and a hint, the same.
+    let batch = cluster
+        .replica(1)
+        .await
+        .batch(pb::ReplicaBatchRequest {
+            writes: vec![write_with("poison", 1 << 62)],
+            reads: vec![],
+        })
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(batch.writes[0].rejected, "{:?}", batch.writes[0]);
+    let hint = cluster
+        .replica(2)
+        .await
+        .store_hint(pb::StoreHintRequest {
+            target: cluster.nodes[0].address.clone(),
+            key: "poison".into(),
+            record: write_with("poison", 1 << 62).record,
+        })
+        .await
+        .expect_err("hint with a hostile version");
+    assert_eq!(hint.code(), tonic::Code::InvalidArgument);
+    // A heartbeat carrying it is not merged.
+    cluster
+        .replica(0)
+        .await
+        .ping(pb::PingRequest {
+            from: cluster.nodes[1].address.clone(),
+            hlc: 1 << 62,
+        })
+        .await
+        .expect("ping");
+    assert_eq!(puts_over_all_nodes(&cluster, 90).await, 90);
+    for node in 0..3 {
+        assert_eq!(held(&cluster, node, "poison").await, None);
+        let lamport = cluster
+            .replica(node)
+            .await
+            .stats(pb::StatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner()
+            .lamport;
+        let ahead_ms =
+            (lamport >> dkvs::clock::LOGICAL_BITS).saturating_sub(dkvs::clock::wall_clock_ms());
+        assert!(
+            ahead_ms < 5_000,
+            "node {node}'s clock is {ahead_ms} ms ahead"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_holding_a_hostile_version_starts_and_serves_writes() {
+    let mut cluster = TestCluster::start(3).await;
+    cluster
+        .kv(0)
+        .await
+        .put(put_request("poisoned", "old"))
+        .await
+        .expect("put");
+    // Poison every replica's copy on disk, as a node built before the
+    // bound existed would have stored it.
+    for node in 0..3 {
+        cluster.kill(node);
+        let storage = dkvs::storage::LogStorage::open(
+            &cluster.nodes[node].data_dir.join("log"),
+            dkvs::storage::FsyncPolicy::Always,
+        )
+        .expect("open the stopped node's data");
+        let record =
+            dkvs::record::Record::value(Version::new(1 << 62, 7), bytes::Bytes::from("bad"));
+        dkvs::storage::Storage::put(&storage, &dkvs::replica::storage_key("poisoned"), &record)
+            .expect("write poison");
+        dkvs::storage::Storage::sync(&storage).expect("sync");
+    }
+    for node in 0..3 {
+        cluster.restart(node).await;
+    }
+    let stats = cluster.sum_stats(0, |s| s.future_records).await;
+    assert_eq!(stats, 3, "each node counted its poisoned record");
+    // Reading it fails rather than answering the poisoned value.
+    let read = cluster.kv(1).await.get(get_request("poisoned")).await;
+    assert!(read.is_err(), "{read:?}");
+    // Writes work, the poisoned key's included.
+    assert_eq!(puts_over_all_nodes(&cluster, 30).await, 30);
+    cluster
+        .kv(2)
+        .await
+        .put(put_request("poisoned", "new"))
+        .await
+        .expect("the poisoned key takes writes");
+    let got = cluster
+        .kv(0)
+        .await
+        .get(get_request("poisoned"))
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(&got.value[..], b"new");
+}
