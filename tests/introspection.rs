@@ -97,3 +97,41 @@ async fn health_reports_each_service_serving() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_and_unknown_methods_get_codes_and_messages() {
+    let cluster = TestCluster::start(1).await;
+    // Default --max-value-bytes is 1 MiB: the message limit is 4 MiB.
+    let huge = dkvs::pb::PutRequest {
+        key: "huge".into(),
+        value: vec![0u8; 5 << 20].into(),
+        consistency: 0,
+    };
+    let status = cluster
+        .kv(0)
+        .await
+        .put(huge)
+        .await
+        .expect_err("over the message limit");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("4194304"), "{}", status.message());
+    // An unknown method of a known service, and an unknown service.
+    for path in ["/dkvs.v1.KeyValue/Nope", "/dkvs.v9.Nothing/Get"] {
+        let mut grpc = tonic::client::Grpc::new(channel(&cluster.nodes[0].address).await);
+        grpc.ready().await.expect("ready");
+        let status = grpc
+            .unary(
+                tonic::Request::new(dkvs::pb::GetRequest::default()),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<dkvs::pb::GetRequest, dkvs::pb::GetResponse>::default(),
+            )
+            .await
+            .expect_err("no such method");
+        assert_eq!(
+            status.code(),
+            tonic::Code::Unimplemented,
+            "{path}: {status:?}"
+        );
+        assert!(status.message().contains(path), "{}", status.message());
+    }
+}
