@@ -412,7 +412,7 @@ impl Coordinator {
             let mut failed: Vec<usize> = Vec::new();
             for (index, replica) in replicas.iter().enumerate() {
                 if let Some(why) = &replica.believed_down {
-                    tally.record(&replica.address, WriteReply::Failed(why.clone()));
+                    tally.record(&replica.address, WriteReply::NotSent(why.clone()));
                     failed.push(index);
                 }
             }
@@ -471,6 +471,16 @@ impl Coordinator {
                 WriteDecision::Acknowledged { acks } => {
                     self.hint_in_background(&replicas, &failed, key, &record);
                     return Ok(WriteAck { version, acks });
+                }
+                WriteDecision::Superseded { above } => {
+                    self.local.observe(above);
+                    return Err(Error::Superseded {
+                        operation,
+                        key: key.to_string(),
+                        version,
+                        above,
+                        acks: tally.acks(),
+                    });
                 }
                 WriteDecision::Restamp { above } => {
                     tracing::debug!(key, %version, %above, "a replica holds a newer version; re-stamping");

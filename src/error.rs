@@ -38,6 +38,28 @@ pub enum Error {
         failures: Vec<String>,
     },
 
+    /// A concurrent write with a newer version overtook this one after some
+    /// replica may have stored it: it is not re-stamped (that would put one
+    /// value under two versions), and fails. It may stay visible until the
+    /// newer write reaches every replica, ordered before it.
+    #[error(
+        "{operation} of {key:?} was overtaken by a concurrent write: a replica holds newer version {above}, \
+         and this write ({version}) reached {acks} replica(s); it may or may not be visible, ordered before the newer write. \
+         Read the key to see which value won"
+    )]
+    Superseded {
+        /// PUT or DELETE.
+        operation: &'static str,
+        /// The key written.
+        key: String,
+        /// This write's version.
+        version: crate::clock::Version,
+        /// The newer version a replica holds.
+        above: crate::clock::Version,
+        /// Replicas known to hold this write.
+        acks: usize,
+    },
+
     /// The request did not finish in time.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -75,6 +97,7 @@ impl From<Error> for Status {
         let code = match &error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             Error::QuorumNotReached { .. } | Error::Unavailable(_) => Code::Unavailable,
+            Error::Superseded { .. } => Code::Aborted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::CorruptRecord { .. } => Code::DataLoss,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,

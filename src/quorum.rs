@@ -9,6 +9,11 @@
 //!   version refuses and says which; the coordinator then re-stamps above it
 //!   and tries again. With W + W > N, this is what guarantees that a write
 //!   which begins after another was acknowledged gets the higher version.
+//!   A write is re-stamped only when no replica can have stored the first
+//!   version (every replica it was sent to refused): otherwise one value
+//!   would exist under two versions, and a reader could see it, then the
+//!   newer write, then it again. Such a write is *superseded*: it fails, may
+//!   or may not stay visible, and is ordered before the newer one.
 //! * A read answers from the first R replies, newest version wins; replies
 //!   that arrive later still count for read repair.
 
@@ -56,8 +61,12 @@ impl Consistency {
 pub enum WriteReply {
     /// The replica holds this version after the call.
     Holds(Version),
-    /// The replica could not be reached or failed; the text says why.
+    /// The replica could not be reached or failed; the text says why. It
+    /// may have stored the write.
     Failed(String),
+    /// The write was not sent (the replica is believed down); the text says
+    /// why. It certainly did not store it.
+    NotSent(String),
 }
 
 /// What a coordinator should do next with a write round.
@@ -65,8 +74,12 @@ pub enum WriteReply {
 pub enum WriteDecision {
     /// Enough replicas hold the version: answer the client.
     Acknowledged { acks: usize },
-    /// A replica holds a newer version: re-stamp above it and retry.
+    /// Every replica refused, holding a newer version: re-stamp above it
+    /// and retry.
     Restamp { above: Version },
+    /// W is out of reach because replicas hold a newer version, and some
+    /// replica may hold this round's version: fail (do not re-stamp).
+    Superseded { above: Version },
     /// Too many replicas failed for the quorum to be reached.
     Failed,
     /// Wait for more replies.
@@ -90,6 +103,8 @@ pub struct WriteTally {
     newer: Option<Version>,
     /// Why replicas failed, one line each.
     failures: Vec<String>,
+    /// Replicas that failed but may have stored the version.
+    uncertain: usize,
 }
 
 impl WriteTally {
@@ -102,6 +117,7 @@ impl WriteTally {
             refusals: 0,
             newer: None,
             failures: Vec::new(),
+            uncertain: 0,
         }
     }
 
@@ -112,11 +128,18 @@ impl WriteTally {
                 self.refusals += 1;
                 self.newer = self.newer.max(Some(held));
             }
-            WriteReply::Holds(held) => self.failures.push(format!(
-                "{replica}: kept older version {held} instead of {}",
-                self.version
-            )),
-            WriteReply::Failed(why) => self.failures.push(format!("{replica}: {why}")),
+            WriteReply::Holds(held) => {
+                self.uncertain += 1;
+                self.failures.push(format!(
+                    "{replica}: kept older version {held} instead of {}",
+                    self.version
+                ))
+            }
+            WriteReply::Failed(why) => {
+                self.uncertain += 1;
+                self.failures.push(format!("{replica}: {why}"))
+            }
+            WriteReply::NotSent(why) => self.failures.push(format!("{replica}: {why}")),
         }
     }
 
@@ -133,7 +156,15 @@ impl WriteTally {
             // so far is not yet a reason to start over.
             WriteDecision::Pending
         } else if let Some(above) = self.newer {
-            WriteDecision::Restamp { above }
+            if pending > 0 {
+                // Whether a replica stores this version decides between
+                // re-stamping and failing: wait for every answer.
+                WriteDecision::Pending
+            } else if self.acks == 0 && self.uncertain == 0 {
+                WriteDecision::Restamp { above }
+            } else {
+                WriteDecision::Superseded { above }
+            }
         } else {
             WriteDecision::Failed
         }
@@ -286,14 +317,32 @@ mod tests {
     }
 
     #[test]
-    fn a_newer_version_on_a_replica_forces_a_restamp_once_w_is_out_of_reach() {
+    fn a_newer_version_everywhere_forces_a_restamp() {
+        let mut tally = WriteTally::new(V2, 2, 3);
+        tally.record("a", WriteReply::Holds(V3));
+        tally.record("b", WriteReply::Holds(V3));
+        // "c" might store V2: wait for it before choosing.
+        assert_eq!(tally.decision(), WriteDecision::Pending);
+        tally.record("c", WriteReply::NotSent("believed down".into()));
+        assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
+    }
+
+    #[test]
+    fn a_round_some_replica_may_hold_is_superseded_not_restamped() {
+        // One replica stored V2: re-stamping would put the value under two
+        // versions.
         let mut tally = WriteTally::new(V2, 2, 3);
         tally.record("a", WriteReply::Holds(V2));
         tally.record("b", WriteReply::Holds(V3));
-        // "c" could still make it two acks.
         assert_eq!(tally.decision(), WriteDecision::Pending);
         tally.record("c", WriteReply::Failed("timed out".into()));
-        assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
+        assert_eq!(tally.decision(), WriteDecision::Superseded { above: V3 });
+        // A timed-out replica may have stored it, too.
+        let mut tally = WriteTally::new(V2, 2, 3);
+        tally.record("a", WriteReply::Holds(V3));
+        tally.record("b", WriteReply::Holds(V3));
+        tally.record("c", WriteReply::Failed("timed out".into()));
+        assert_eq!(tally.decision(), WriteDecision::Superseded { above: V3 });
     }
 
     #[test]
@@ -301,13 +350,15 @@ mod tests {
         let mut tally = WriteTally::new(V2, 2, 2);
         tally.record("a", WriteReply::Holds(V3));
         assert_eq!(tally.acks(), 0);
+        assert_eq!(tally.decision(), WriteDecision::Pending);
+        tally.record("b", WriteReply::Holds(V3));
         assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
         let mut tally = WriteTally::new(V2, 3, 3);
         tally.record("a", WriteReply::Holds(V2));
         tally.record("b", WriteReply::Holds(V2));
         tally.record("c", WriteReply::Holds(V3));
         assert_eq!(tally.acks(), 2);
-        assert_eq!(tally.decision(), WriteDecision::Restamp { above: V3 });
+        assert_eq!(tally.decision(), WriteDecision::Superseded { above: V3 });
     }
 
     #[test]

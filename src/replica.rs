@@ -114,6 +114,9 @@ pub fn record_digest(key: &str, held: Held) -> u64 {
     xxh3_64(&bytes)
 }
 
+/// Where tombstone collection resumes: a storage key (empty: the start).
+pub type GcCursor = Vec<u8>;
+
 /// One key of a token range, as anti-entropy lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RangeEntry {
@@ -321,7 +324,7 @@ impl ReplicaStore {
         deleted_before_ms: u64,
         cursor: &[u8],
         limit: usize,
-    ) -> Result<(Vec<(String, Version)>, Vec<u8>)> {
+    ) -> Result<(Vec<(String, Version)>, GcCursor)> {
         use std::collections::BinaryHeap;
         // The `limit` smallest keys after the cursor, and the `limit`
         // smallest at or before it (for the wrap-around): bounded memory
