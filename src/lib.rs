@@ -18,6 +18,7 @@
 
 pub mod antientropy;
 pub mod bench;
+pub mod checker;
 pub mod client;
 pub mod clock;
 pub mod config;
