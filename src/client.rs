@@ -5,8 +5,12 @@
 //! through a node that does not hold the key:
 //!
 //! * PUT and DELETE go to the key's first replica that answers, which
-//!   coordinates the write (stamps a version, waits for W). When a node is
-//!   unreachable the client tries the next replica, then any other member.
+//!   coordinates the write (stamps a version, waits for W). When a node
+//!   cannot be connected to, the client tries the next replica, then any
+//!   other member. A write is never hedged or retried once it may have
+//!   reached a coordinator: a timeout or a connection broken mid-request is
+//!   reported as [`Error::Indeterminate`] (the write may or may not have been
+//!   applied, and may take effect later).
 //! * GET is coordinated by the client itself: it asks the key's N replicas
 //!   in parallel (internal `Replica.Read`), answers from the first R replies
 //!   with the newest version, and repairs stale replicas in the background.
@@ -18,8 +22,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Background, WriteAck, read_quorum};
@@ -33,6 +35,15 @@ use crate::ring::{Member, Ring};
 /// How long a node that failed is tried last.
 const DOWN_PENALTY: Duration = Duration::from_secs(2);
 
+/// Metadata key on the client's PUT/DELETE: when the client gives up on the
+/// attempt, in milliseconds since the Unix epoch. A node that takes the
+/// request up only after that (it was frozen, or the request sat in a
+/// buffer) refuses it before doing any work, so a write the client reported
+/// indeterminate cannot take effect long afterwards, above writes
+/// acknowledged since. It is compared with the node's clock: client and node
+/// clocks must agree to well within `rpc_timeout`.
+pub const DEADLINE_HEADER: &str = "dkvs-deadline-unix-ms";
+
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -42,10 +53,6 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// Largest value the client will send or receive.
     pub max_value_bytes: usize,
-    /// When a coordinator has not answered a PUT/DELETE after this long, the
-    /// request is also sent to the next candidate (a hedged request), so one
-    /// frozen node does not stall writes for the whole `rpc_timeout`.
-    pub hedge_after: Duration,
 }
 
 impl Default for ClientOptions {
@@ -54,7 +61,6 @@ impl Default for ClientOptions {
             consistency: Consistency::Quorum,
             rpc_timeout: Duration::from_secs(3),
             max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
-            hedge_after: Duration::from_millis(500),
         }
     }
 }
@@ -163,8 +169,8 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let reply = self
-            .on_coordinator(key, "PUT", |mut client| {
-                let request = request.clone();
+            .write_on_coordinator(key, "PUT", |mut client, deadline| {
+                let request = with_deadline(request.clone(), deadline);
                 async move { client.put(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -178,8 +184,8 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let reply = self
-            .on_coordinator(key, "DELETE", |mut client| {
-                let request = request.clone();
+            .write_on_coordinator(key, "DELETE", |mut client, deadline| {
+                let request = with_deadline(request.clone(), deadline);
                 async move { client.delete(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -268,68 +274,89 @@ impl Client {
             .insert(address.to_string(), Instant::now());
     }
 
-    /// Sends a request to the key's first replica that answers (then to any
-    /// other member), and returns its reply. A node that fails is skipped; a
-    /// node that is slow to answer gets company: after `hedge_after` the next
-    /// candidate is asked too, and the first answer wins (at most two in
-    /// flight). An error decided by a coordinator (bad input, quorum not
-    /// reached) is returned as is.
-    async fn on_coordinator<T, F, Fut>(&self, key: &str, operation: &str, call: F) -> Result<T>
+    /// Sends a write to the key's first replica that can take it (then to
+    /// any other member) and returns its reply.
+    ///
+    /// `call` gets the attempt's deadline for [`DEADLINE_HEADER`]. A write
+    /// goes to a second coordinator only when the attempt provably never
+    /// reached the first: the connection could not be made. Anything
+    /// else that is not a coordinator's answer — no reply within
+    /// `rpc_timeout`, a connection that broke after the request left — makes
+    /// the outcome indeterminate: the first coordinator may still apply the
+    /// write, later, with its own version, so a copy sent elsewhere could be
+    /// acknowledged now and overwritten by the abandoned one afterwards (or
+    /// overwrite a later write). The node is marked down either way, so the
+    /// next request tries the next replica first. An error decided by a
+    /// coordinator (bad input, quorum not reached) is returned as is.
+    async fn write_on_coordinator<T, F, Fut>(
+        &self,
+        key: &str,
+        operation: &str,
+        call: F,
+    ) -> Result<T>
     where
-        F: Fn(pb::key_value_client::KeyValueClient<tonic::transport::Channel>) -> Fut,
+        F: Fn(pb::key_value_client::KeyValueClient<tonic::transport::Channel>, u64) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
     {
-        let mut candidates = self.candidates(&self.replicas_of(key)).into_iter();
-        let mut in_flight = FuturesUnordered::new();
-        let mut failures = Vec::new();
-        let mut all_timed_out = true;
         let timeout = self.options.rpc_timeout;
-        let attempt = |address: String| -> Result<_> {
+        let mut refused = Vec::new();
+        for address in self.candidates(&self.replicas_of(key)) {
             let client = self.peers.key_value_client(&address)?;
-            let reply = call(client);
-            Ok(async move { (address, tokio::time::timeout(timeout, reply).await) })
-        };
-        loop {
-            if in_flight.is_empty() {
-                match candidates.next() {
-                    Some(address) => in_flight.push(attempt(address)?),
-                    None => break,
+            let deadline = crate::hints::now_ms().saturating_add(timeout.as_millis() as u64);
+            let why = match tokio::time::timeout(timeout, call(client, deadline)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
+                    return Err(error_from_status(status));
                 }
-            }
-            let hedge = tokio::time::sleep(self.options.hedge_after);
-            tokio::select! {
-                Some((address, outcome)) = in_flight.next() => match outcome {
-                    Ok(Ok(reply)) => return Ok(reply),
-                    Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
-                        return Err(error_from_status(status));
-                    }
-                    Ok(Err(status)) => {
-                        self.mark_down(&address);
-                        all_timed_out = false;
-                        failures.push(format!("{address}: {}", describe_status(&status)));
-                    }
-                    Err(_) => {
-                        self.mark_down(&address);
-                        failures.push(format!("{address}: no answer within {} ms", timeout.as_millis()));
-                    }
-                },
-                () = hedge, if in_flight.len() < 2 => {
-                    if let Some(address) = candidates.next() {
-                        in_flight.push(attempt(address)?);
-                    }
+                Ok(Err(status)) if never_sent(&status) => {
+                    self.mark_down(&address);
+                    refused.push(format!("{address}: {}", describe_status(&status)));
+                    continue;
                 }
-            }
+                Ok(Err(status)) => describe_status(&status),
+                Err(_) => format!("no answer within {} ms", timeout.as_millis()),
+            };
+            self.mark_down(&address);
+            let tried = if refused.is_empty() {
+                String::new()
+            } else {
+                format!(" (not reached: {})", refused.join("; "))
+            };
+            return Err(Error::Indeterminate(format!(
+                "{operation} of key {key:?} may or may not have been applied: \
+                 coordinator {address}: {why}; it may still take effect later{tried}"
+            )));
         }
-        let message = format!(
+        Err(Error::Unavailable(format!(
             "{operation} failed: no node could coordinate it: {}",
-            failures.join("; ")
-        );
-        Err(if all_timed_out && !failures.is_empty() {
-            Error::DeadlineExceeded(message)
-        } else {
-            Error::Unavailable(message)
-        })
+            refused.join("; ")
+        )))
     }
+}
+
+/// `message` as a request carrying `deadline` (Unix ms) in [`DEADLINE_HEADER`].
+fn with_deadline<T>(message: T, deadline: u64) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        DEADLINE_HEADER,
+        tonic::metadata::MetadataValue::from(deadline),
+    );
+    request
+}
+
+/// Whether a failed call provably never reached the node: the connection
+/// could not be made (refused, no route, connect timeout), so no request
+/// left this process. tonic marks those with [`tonic::ConnectError`] in the
+/// status's source chain.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = source {
+        if error.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 async fn fetch_status(
@@ -362,5 +389,55 @@ fn error_from_status(status: tonic::Status) -> Error {
         tonic::Code::Unavailable => Error::Unavailable(message),
         tonic::Code::DeadlineExceeded => Error::DeadlineExceeded(message),
         _ => Error::Internal(format!("{:?}: {message}", status.code())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn pool() -> PeerPool {
+        PeerPool::new(Arc::new(TcpDialer::default()), 4 << 20)
+    }
+
+    fn put_request() -> pb::PutRequest {
+        pb::PutRequest {
+            key: "k".into(),
+            value: Bytes::from_static(b"v"),
+            consistency: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_provably_never_sent_the_request() {
+        let address = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("address").to_string()
+        }; // closed again: connecting is refused
+        let mut client = pool().key_value_client(&address).expect("client");
+        let status = client.put(put_request()).await.expect_err("refused");
+        assert!(never_sent(&status), "{status:?}");
+        // The channel remembers the failure; the next call is refused too.
+        let status = client.put(put_request()).await.expect_err("refused");
+        assert!(never_sent(&status), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_broken_after_the_request_left_may_have_reached_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address").to_string();
+        // Accepts, reads what the client sends, then hangs up.
+        let server = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut buffer = [0u8; 4096];
+            let _ = socket.read(&mut buffer).await;
+        });
+        let mut client = pool().key_value_client(&address).expect("client");
+        let status = client.put(put_request()).await.expect_err("hung up");
+        assert!(!never_sent(&status), "{status:?}");
+        server.await.expect("server task");
     }
 }

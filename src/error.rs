@@ -64,6 +64,16 @@ pub enum Error {
     #[error("{0}")]
     DeadlineExceeded(String),
 
+    /// A write's outcome is unknown: the request may have reached a
+    /// coordinator (it timed out or the connection broke after it was sent),
+    /// so it may or may not have been applied, and may still take effect
+    /// later. The smart client never sends such a write to a second
+    /// coordinator; the caller decides whether to retry (a retry is a new
+    /// write with a new version). gRPC code UNKNOWN: neither success nor a
+    /// definite failure.
+    #[error("{0}")]
+    Indeterminate(String),
+
     /// A node could not be reached (smart client side).
     #[error("{0}")]
     Unavailable(String),
@@ -99,6 +109,7 @@ impl From<Error> for Status {
             Error::QuorumNotReached { .. } | Error::Unavailable(_) => Code::Unavailable,
             Error::Superseded { .. } => Code::Aborted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Indeterminate(_) => Code::Unknown,
             Error::CorruptRecord { .. } => Code::DataLoss,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
         };
@@ -141,6 +152,14 @@ mod tests {
              127.0.0.1:7002: connection refused; 127.0.0.1:7003: timed out after 1000 ms"
         );
         assert!(status.metadata().get(COORDINATOR_ERROR_HEADER).is_some());
+    }
+
+    #[test]
+    fn indeterminate_writes_are_unknown() {
+        let status = Status::from(Error::Indeterminate(
+            "PUT may or may not have been applied".into(),
+        ));
+        assert_eq!(status.code(), Code::Unknown);
     }
 
     #[test]

@@ -757,6 +757,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
+        refuse_if_abandoned(&request, "PUT")?;
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;
@@ -790,6 +791,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        refuse_if_abandoned(&request, "DELETE")?;
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;
@@ -803,6 +805,35 @@ impl pb::key_value_server::KeyValue for KeyValueService {
             acks: ack.acks as u32,
         }))
     }
+}
+
+/// Refuses a client write taken up after the deadline its client set
+/// ([`crate::client::DEADLINE_HEADER`]), before any work: the client has
+/// given up and reported the write indeterminate, so applying it now (say,
+/// after this node was frozen) could overwrite writes acknowledged since.
+fn refuse_if_abandoned<T>(request: &Request<T>, operation: &str) -> Result<()> {
+    let Some(deadline) = request.metadata().get(crate::client::DEADLINE_HEADER) else {
+        return Ok(());
+    };
+    let deadline: u64 = deadline
+        .to_str()
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{} must be milliseconds since the Unix epoch",
+                crate::client::DEADLINE_HEADER
+            ))
+        })?;
+    let now = crate::hints::now_ms();
+    if now > deadline {
+        return Err(Error::DeadlineExceeded(format!(
+            "{operation} refused and not applied: it reached the node {} ms after its client's \
+             deadline (by the node's clock; if this repeats, client and node clocks disagree)",
+            now - deadline
+        )));
+    }
+    Ok(())
 }
 
 /// The Get answer for the newest record found.

@@ -179,3 +179,58 @@ fn a_data_dir_written_by_one_engine_is_not_opened_by_the_other() {
         "fjall created files"
     );
 }
+
+/// A write whose coordinator does not answer is indeterminate: the command
+/// says it may or may not have been applied and exits 4; the prompt says the
+/// same and goes on, and its next write goes to the next replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indeterminate_write_exits_4_and_the_prompt_goes_on() {
+    // The detector never convicts the frozen node here, so every client
+    // still sees it up and sends it the key's writes; node-to-node calls
+    // give up on it quickly, so `status` answers fast.
+    let cluster = TestCluster::start_with(
+        3,
+        &["--phi-threshold", "1000000", "--rpc-timeout-ms", "300"],
+    )
+    .await;
+    let key = "cli-frozen";
+    let replicas = cluster.client().await.replicas_of(key);
+    let first = cluster.index_of(&replicas[0]);
+    // Seeds without the frozen node, so learning the cluster does not wait.
+    let seeds = replicas[1..].join(",");
+    let _frozen = cluster.pause_until_dropped(first);
+
+    let put = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .args(["--nodes", &seeds, "--timeout-ms", "1000", "PUT", key, "x"])
+        .output()
+        .expect("run DKVSClient");
+    let stderr = text(&put.stderr);
+    assert_eq!(put.status.code(), Some(4), "{stderr}");
+    assert!(
+        stderr.contains("may or may not have been applied") && stderr.contains(&replicas[0]),
+        "{stderr}"
+    );
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .args(["--nodes", &seeds, "--timeout-ms", "1000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn DKVSClient");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("PUT {key} y\nPUT {key} z\nGET {key}\n").as_bytes())
+        .expect("write commands");
+    let output = child.wait_with_output().expect("client exits at EOF");
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("may or may not have been applied"),
+        "{stderr}"
+    );
+    assert_eq!(stdout.matches("OK").count(), 1, "{stdout}");
+    assert!(stdout.ends_with("z\n"), "{stdout}");
+}

@@ -2,7 +2,9 @@
 //!
 //! Exit codes: 0 success; 1 GET of a missing key; 2 usage error or input the
 //! cluster refused (INVALID_ARGUMENT); 3 cluster unavailable (quorum not
-//! reached, no node answered); 4 timeout; 5 any other error.
+//! reached, no node answered); 4 timeout, or a PUT/DELETE whose outcome is
+//! indeterminate (it may or may not have been applied, and may take effect
+//! later); 5 any other error.
 #![allow(non_snake_case)]
 
 /// mimalloc: the request path allocates many small buffers; glibc malloc
@@ -235,7 +237,7 @@ fn report(error: &Error) -> ExitCode {
     ExitCode::from(match error {
         Error::InvalidArgument(_) => 2,
         Error::QuorumNotReached { .. } | Error::Unavailable(_) => 3,
-        Error::DeadlineExceeded(_) => 4,
+        Error::DeadlineExceeded(_) | Error::Indeterminate(_) => 4,
         _ => 5,
     })
 }

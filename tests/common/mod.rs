@@ -240,6 +240,14 @@ impl TestCluster {
         self.signal(i, "-CONT");
     }
 
+    /// Freezes node `i` (SIGSTOP) until the returned guard is dropped, which
+    /// sends SIGCONT — also when the test fails while the node is frozen.
+    pub fn pause_until_dropped(&self, i: usize) -> Frozen {
+        let pid = self.nodes[i].pid().expect("node is running");
+        self.pause(i);
+        Frozen { pid }
+    }
+
     /// Polls node `observer`'s Cluster.Status until `member` is in `state`.
     pub async fn wait_member_state(
         &self,
@@ -359,6 +367,23 @@ impl Drop for TestCluster {
             }
         }
         let _ = &self.dir;
+    }
+}
+
+/// A node frozen with SIGSTOP; dropping this sends SIGCONT.
+pub struct Frozen {
+    /// The frozen process.
+    pid: u32,
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let resumed = Command::new("kill")
+            .args(["-CONT", &self.pid.to_string()])
+            .status();
+        if !matches!(resumed, Ok(status) if status.success()) && !std::thread::panicking() {
+            panic!("kill -CONT {} failed: {resumed:?}", self.pid);
+        }
     }
 }
 
