@@ -388,6 +388,8 @@ fn error_from_status(status: tonic::Status) -> Error {
         tonic::Code::InvalidArgument => Error::InvalidArgument(message),
         tonic::Code::Unavailable => Error::Unavailable(message),
         tonic::Code::DeadlineExceeded => Error::DeadlineExceeded(message),
+        // A superseded write: it may or may not stay visible.
+        tonic::Code::Aborted => Error::Indeterminate(message),
         _ => Error::Internal(format!("{:?}: {message}", status.code())),
     }
 }
