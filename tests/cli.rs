@@ -84,7 +84,8 @@ async fn put_get_delete_status_and_exit_codes() {
             "KEYS",
             "TOMBSTONES",
             "HINTS",
-            "LAMPORT",
+            "HLC",
+            "SKEW",
             "UPTIME",
             "NOTE"
         ],
@@ -94,7 +95,7 @@ async fn put_get_delete_status_and_exit_codes() {
         .lines()
         .find(|l| l.contains("(this node)"))
         .expect("own row");
-    assert_eq!(row.split_whitespace().count(), 11, "{table}");
+    assert_eq!(row.split_whitespace().count(), 12, "{table}");
 
     // With two of three nodes down: the status shows them DOWN, and a
     // quorum write fails with exit code 3 and says why.

@@ -634,7 +634,7 @@ fn status_table(status: &pb::StatusResponse) -> String {
         status.vnodes
     );
     table.push_str(&format!(
-        "{:<22} {:<17} {:<5} {:>5} {:>10} {:>10} {:>7} {:>12} {:>9}  {}\n",
+        "{:<22} {:<17} {:<5} {:>5} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9}  {}\n",
         "ADDRESS",
         "NODE ID",
         "STATE",
@@ -642,7 +642,8 @@ fn status_table(status: &pb::StatusResponse) -> String {
         "LIVE KEYS",
         "TOMBSTONES",
         "HINTS",
-        "LAMPORT",
+        "HLC",
+        "SKEW",
         "UPTIME",
         "NOTE"
     ));
@@ -663,8 +664,14 @@ fn status_table(status: &pb::StatusResponse) -> String {
         } else {
             member.error.clone()
         };
+        // The member's clock minus the asked node's, from heartbeats.
+        let skew = if member.address == status.address {
+            "-".to_string()
+        } else {
+            format!("{:+}ms", member.clock_skew_ms)
+        };
         table.push_str(&format!(
-            "{:<22} {:016x}  {:<5} {:>5.1} {:>10} {:>10} {:>7} {:>12} {:>9}  {}\n",
+            "{:<22} {:016x}  {:<5} {:>5.1} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9}  {}\n",
             member.address,
             member.node_id,
             if up { "UP" } else { "DOWN" },
@@ -673,6 +680,7 @@ fn status_table(status: &pb::StatusResponse) -> String {
             tombstones,
             hints,
             lamport,
+            skew,
             uptime,
             note
         ));
