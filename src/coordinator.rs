@@ -73,7 +73,7 @@ pub struct Background {
     shutdown: CancellationToken,
     /// Bounds how many tasks run at once.
     permits: Arc<Semaphore>,
-    /// Read repairs sent (writes to stale replicas).
+    /// Read repairs sent (writes to stale replicas), blocking or not.
     repairs_sent: Arc<AtomicU64>,
     /// Tasks dropped because too many were running.
     dropped: Arc<AtomicU64>,
@@ -111,7 +111,7 @@ impl Background {
         });
     }
 
-    /// Read repairs sent so far.
+    /// Read repairs sent so far, blocking or not.
     pub fn repairs_sent(&self) -> u64 {
         self.repairs_sent.load(Ordering::Relaxed)
     }
@@ -198,11 +198,13 @@ impl PendingRepair {
     /// hold it, before the read answers. Fails with UNAVAILABLE, saying how
     /// many hold it, when W is out of reach or `deadline` passes first.
     /// Writes still in flight then are left to [`PendingRepair::run`], which
-    /// counts a replica they reach as repaired.
+    /// counts a replica they reach as repaired. Every write that stores the
+    /// record on a replica counts in `background`'s read repairs.
     pub async fn repair_to_quorum(
         &mut self,
         plan: &BlockingRepair,
         deadline: tokio::time::Instant,
+        background: &Background,
     ) -> Result<Repaired> {
         let record = &plan.record;
         let mut tally = plan.tally();
@@ -215,9 +217,14 @@ impl PendingRepair {
                     self.key.clone(),
                     record.clone(),
                 );
-                let timeout = self.rpc_timeout;
-                Box::pin(async move { (index, replica.write(&key, &record, timeout).await) })
-                    as WriteReplyFuture
+                let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
+                Box::pin(async move {
+                    let reply = replica.write(&key, &record, timeout).await;
+                    if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
+                        repairs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (index, reply)
+                }) as WriteReplyFuture
             })
             .collect();
         let decision = loop {
@@ -526,7 +533,10 @@ impl Coordinator {
                     needed = plan.needed,
                     "newest version held by fewer than W replicas; repairing before answering"
                 );
-                let repaired = result.repair.repair_to_quorum(&plan, deadline).await;
+                let repaired = result
+                    .repair
+                    .repair_to_quorum(&plan, deadline, &self.background)
+                    .await;
                 match repaired {
                     Ok(Repaired::Quorum) => {}
                     Ok(Repaired::Superseded { newer }) => {

@@ -170,6 +170,11 @@ async fn a_read_of_a_write_held_by_fewer_than_w_repairs_it_to_w_before_answering
         "the client's read answered before W replicas held its value"
     );
     assert_eq!(blocking(cluster.status(0).await), 2);
+    let repairs = cluster.sum_stats(0, |s| s.read_repairs).await;
+    assert!(
+        repairs >= 2,
+        "blocking repair writes are read repairs too: {repairs}"
+    );
 
     // W replicas now agree: the next read does not block again.
     assert_eq!(
