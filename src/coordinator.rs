@@ -518,6 +518,7 @@ impl Coordinator {
     /// that may already be superseded.
     pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Record>> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut blocked = false;
         for _ in 0..MAX_READ_ROUNDS {
             let replicas = self.replicas_for(key)?;
             let read = read_quorum(replicas, key, consistency, self.rpc_timeout);
@@ -525,7 +526,10 @@ impl Coordinator {
                 .await
                 .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")))?;
             if let Some(plan) = result.blocking.take() {
-                self.blocking_repairs.fetch_add(1, Ordering::Relaxed);
+                if !blocked {
+                    blocked = true;
+                    self.blocking_repairs.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::debug!(
                     key,
                     version = %plan.record.version,
