@@ -15,7 +15,11 @@
 //!   in parallel (internal `Replica.Read`), answers from the first R replies
 //!   with the newest version, and repairs stale replicas in the background.
 //!   [`Client::close`] waits briefly for those repairs, so a short-lived
-//!   process (the CLI) still sends them.
+//!   process (the CLI) still sends them. When the newest version is held by
+//!   fewer than W of the replicas that answered (a QUORUM or ALL read), it
+//!   must reach W replicas before it is answered; the client does not write
+//!   to replicas itself but asks a node (`KeyValue.Get`, the key's first
+//!   live replica first), which repairs before it answers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -216,8 +220,49 @@ impl Client {
             self.options.rpc_timeout,
         )
         .await?;
+        if result.blocking.is_some() {
+            return self.get_through_node(key).await;
+        }
         result.repair.schedule(&self.background);
         Ok(result.record)
+    }
+
+    /// Reads `key` through a node's `KeyValue.Get`, which repairs the newest
+    /// version to W replicas before answering: the key's replicas first
+    /// (live ones before recently failed ones), then any other member. A
+    /// read has no side effect the client could duplicate, so a node that
+    /// fails or does not answer is simply followed by the next one.
+    async fn get_through_node(&self, key: &str) -> Result<Option<Record>> {
+        let request = pb::GetRequest {
+            key: key.to_string(),
+            consistency: pb::Consistency::from(self.options.consistency) as i32,
+        };
+        let timeout = self.options.rpc_timeout;
+        let mut failures = Vec::new();
+        for address in self.candidates(&self.replicas_of(key)) {
+            let mut client = self.peers.key_value_client(&address)?;
+            match tokio::time::timeout(timeout, client.get(request.clone())).await {
+                Ok(Ok(reply)) => return record_from_get(reply.into_inner()),
+                Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
+                    return Err(error_from_status(status));
+                }
+                Ok(Err(status)) => {
+                    self.mark_down(&address);
+                    failures.push(format!("{address}: {}", describe_status(&status)));
+                }
+                Err(_) => {
+                    self.mark_down(&address);
+                    failures.push(format!(
+                        "{address}: no answer within {} ms",
+                        timeout.as_millis()
+                    ));
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "GET of {key:?} needs a node to repair the newest version to a quorum before answering, and none could: {}",
+            failures.join("; ")
+        )))
     }
 
     /// How the cluster looks from the first node that answers: the
@@ -379,6 +424,27 @@ fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {
         version,
         acks: acks as usize,
     })
+}
+
+/// The record a node's `KeyValue.Get` answered (a tombstone when the key
+/// was deleted, `None` when no replica knows it).
+fn record_from_get(reply: pb::GetResponse) -> Result<Option<Record>> {
+    let version = |v| {
+        pb::version_from(
+            Some(v),
+            crate::clock::SkewBound::default(),
+            "the coordinator's answer version",
+        )
+        .map_err(|e| Error::Internal(e.to_string()))
+    };
+    match (reply.found, reply.version) {
+        (true, Some(v)) => Ok(Some(Record::value(version(v)?, reply.value))),
+        (false, Some(v)) => Ok(Some(Record::tombstone(version(v)?))),
+        (false, None) => Ok(None),
+        (true, None) => Err(Error::Internal(
+            "the coordinator answered a found key without its version".into(),
+        )),
+    }
 }
 
 /// Turns a coordinator's status back into the error it came from (by code).

@@ -13,6 +13,13 @@
 //!   remaining replies are collected in the background and every replica
 //!   found behind the newest version gets it (read repair), off the
 //!   client's critical path. Both the node and the smart client read this way.
+//! * **Monotonic reads.** At QUORUM and ALL, when fewer than W of the replies
+//!   received hold the winning version, repair cannot wait: the node writes
+//!   the winner until W replicas hold it and only then answers (or fails
+//!   with UNAVAILABLE at the request deadline), so no later read can return
+//!   an older value. Cassandra always blocks on read repair, Garage never
+//!   does; DKVS blocks only then. The smart client never writes to replicas:
+//!   it hands such a read to a node (`KeyValue.Get`).
 //!
 //! Background work is tracked by a [`Background`] so shutdown can stop it and
 //! wait for it, and is bounded by a semaphore so a burst of stale reads
@@ -38,7 +45,8 @@ use crate::hints::{Hint, HintStore, now_ms};
 use crate::net::{PeerPool, ReplicaError, ReplicaHandle, call_within};
 use crate::pb;
 use crate::quorum::{
-    Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply, WriteTally,
+    BlockingRepair, Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply,
+    WriteTally,
 };
 use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
@@ -46,6 +54,8 @@ use crate::ring::{Ring, node_id_for};
 
 /// Most write rounds (re-stamps) before giving up on a hotly contended key.
 const MAX_WRITE_ROUNDS: usize = 10;
+/// Most reads of one GET whose blocking repair met a newer version.
+const MAX_READ_ROUNDS: usize = 5;
 /// Most read repairs (and trailing write replies) in flight at once.
 const MAX_BACKGROUND_TASKS: usize = 1024;
 
@@ -63,7 +73,7 @@ pub struct Background {
     shutdown: CancellationToken,
     /// Bounds how many tasks run at once.
     permits: Arc<Semaphore>,
-    /// Read repairs sent (writes to stale replicas).
+    /// Read repairs sent (writes to stale replicas), blocking or not.
     repairs_sent: Arc<AtomicU64>,
     /// Tasks dropped because too many were running.
     dropped: Arc<AtomicU64>,
@@ -101,7 +111,7 @@ impl Background {
         });
     }
 
-    /// Read repairs sent so far.
+    /// Read repairs sent so far, blocking or not.
     pub fn repairs_sent(&self) -> u64 {
         self.repairs_sent.load(Ordering::Relaxed)
     }
@@ -125,8 +135,20 @@ pub struct ReadResult {
     /// The newest record among the first R replies (`None`: no replica
     /// asked knows the key).
     pub record: Option<Record>,
+    /// Set when fewer than W replicas are known to hold `record`: it must
+    /// not be answered before [`PendingRepair::repair_to_quorum`] succeeds.
+    pub blocking: Option<BlockingRepair>,
     /// Late replies and repair, to be finished in the background.
     pub repair: PendingRepair,
+}
+
+/// How a blocking repair ended, when it did not fail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repaired {
+    /// W replicas hold the winner: it may be answered.
+    Quorum,
+    /// A replica holds a newer version than the winner: read again.
+    Superseded { newer: Version },
 }
 
 /// What is left of a read once it was answered: late replies to collect and
@@ -172,6 +194,110 @@ impl PendingRepair {
         repaired
     }
 
+    /// Writes `plan.record` to `plan.targets` in parallel until W replicas
+    /// hold it, before the read answers. Fails with UNAVAILABLE, saying how
+    /// many hold it, when W is out of reach or `deadline` passes first.
+    /// Writes still in flight then are left to [`PendingRepair::run`], which
+    /// counts a replica they reach as repaired. Every write that stores the
+    /// record on a replica counts in `background`'s read repairs.
+    pub async fn repair_to_quorum(
+        &mut self,
+        plan: &BlockingRepair,
+        deadline: tokio::time::Instant,
+        background: &Background,
+    ) -> Result<Repaired> {
+        let record = &plan.record;
+        let mut tally = plan.tally();
+        let mut writes: FuturesUnordered<WriteReplyFuture> = plan
+            .targets
+            .iter()
+            .map(|&index| {
+                let (replica, key, record) = (
+                    self.replicas[index].clone(),
+                    self.key.clone(),
+                    record.clone(),
+                );
+                let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
+                Box::pin(async move {
+                    let reply = replica.write(&key, &record, timeout).await;
+                    if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
+                        repairs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (index, reply)
+                }) as WriteReplyFuture
+            })
+            .collect();
+        let decision = loop {
+            match tally.decision() {
+                WriteDecision::Pending => {}
+                decided => break Some(decided),
+            }
+            let next = tokio::select! {
+                next = writes.next() => next,
+                () = tokio::time::sleep_until(deadline) => break None,
+            };
+            let Some((index, reply)) = next else {
+                break Some(WriteDecision::Failed);
+            };
+            let address = &self.replicas[index].address;
+            let reply = match reply {
+                Ok(outcome) => {
+                    if outcome.held == record.version {
+                        self.tally.record(index, address, Ok(Some(record.clone())));
+                    }
+                    WriteReply::Holds(outcome.held)
+                }
+                Err(ReplicaError::Rejected(why)) => WriteReply::Failed(format!("rejected: {why}")),
+                Err(ReplicaError::Failed(why)) => WriteReply::Failed(why),
+            };
+            tally.record(address, reply);
+        };
+        // What the remaining writes find out still matters to the
+        // asynchronous repair: a replica they reach holds the winner.
+        let version = record.version;
+        let winner = record.clone();
+        self.in_flight.extend(writes.into_iter().map(|write| {
+            let winner = winner.clone();
+            Box::pin(async move {
+                let (index, reply) = write.await;
+                let reply = match reply {
+                    Ok(outcome) if outcome.held == version => Ok(Some(winner)),
+                    Ok(outcome) => Err(ReplicaError::Failed(format!(
+                        "holds version {} instead of {version}",
+                        outcome.held
+                    ))),
+                    Err(why) => Err(why),
+                };
+                (index, reply)
+            }) as ReadReply
+        }));
+        let holding = plan.holding + tally.acks();
+        let why = match decision {
+            Some(WriteDecision::Acknowledged { .. }) => return Ok(Repaired::Quorum),
+            // A replica holds something newer than the winner: read again.
+            Some(WriteDecision::Restamp { above } | WriteDecision::Superseded { above }) => {
+                return Ok(Repaired::Superseded { newer: above });
+            }
+            Some(WriteDecision::Failed | WriteDecision::Pending) => {
+                "too few replicas could take it".to_string()
+            }
+            None => "the request deadline passed first (--request-timeout-ms)".to_string(),
+        };
+        let mut failures = self.tally.failures().to_vec();
+        failures.extend_from_slice(tally.failures());
+        Err(Error::Unavailable(format!(
+            "GET of {:?}: the newest version {version} is held by {holding} of the {} replicas needed ({} replicas for this key) and {why}; it is not answered, so that no later read can return an older value{}",
+            self.key,
+            plan.needed,
+            self.replicas.len(),
+            if failures.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", failures.join("; "))
+            }
+        )))
+    }
+
     /// Schedules [`PendingRepair::run`] on `background`.
     pub fn schedule(self, background: &Background) {
         let counter = background.repairs_sent.clone();
@@ -209,6 +335,7 @@ pub async fn read_quorum(
     loop {
         match tally.decision() {
             ReadDecision::Answer(record) => {
+                let blocking = tally.blocking_repair(consistency);
                 let repair = PendingRepair {
                     key: key.to_string(),
                     replicas,
@@ -216,7 +343,11 @@ pub async fn read_quorum(
                     in_flight,
                     rpc_timeout,
                 };
-                return Ok(ReadResult { record, repair });
+                return Ok(ReadResult {
+                    record,
+                    blocking,
+                    repair,
+                });
             }
             ReadDecision::Failed => {
                 return Err(Error::QuorumNotReached {
@@ -273,6 +404,8 @@ pub struct Coordinator {
     liveness: Arc<Mutex<FailureDetector>>,
     /// Stores hints for replicas that miss writes.
     hinter: Hinter,
+    /// Reads that had to repair their answer to W replicas before answering.
+    blocking_repairs: AtomicU64,
 }
 
 impl Coordinator {
@@ -309,11 +442,18 @@ impl Coordinator {
             background,
             liveness,
             hinter,
+            blocking_repairs: AtomicU64::new(0),
         }
     }
 
     pub fn background(&self) -> &Background {
         &self.background
+    }
+
+    /// Reads so far that repaired their answer to W replicas before
+    /// answering (successfully or not).
+    pub fn blocking_repairs(&self) -> u64 {
+        self.blocking_repairs.load(Ordering::Relaxed)
     }
 
     /// Handles to the key's N replicas, this node's own store in-process.
@@ -358,29 +498,73 @@ impl Coordinator {
     ) -> Result<T> {
         tokio::time::timeout(self.request_timeout, work)
             .await
-            .unwrap_or_else(|_| {
-                Err(Error::DeadlineExceeded(format!(
-                    "{operation} did not finish within {} ms (--request-timeout-ms); replicas may be overloaded",
-                    self.request_timeout.as_millis()
-                )))
-            })
+            .unwrap_or_else(|_| Err(self.deadline_exceeded(operation)))
+    }
+
+    fn deadline_exceeded(&self, operation: &str) -> Error {
+        Error::DeadlineExceeded(format!(
+            "{operation} did not finish within {} ms (--request-timeout-ms); replicas may be overloaded",
+            self.request_timeout.as_millis()
+        ))
     }
 
     /// Reads `key`; `None` when it does not exist or was deleted (the
     /// tombstone is returned so its version can be reported).
+    ///
+    /// A winner held by fewer than W replicas is written to more of them
+    /// first (see [`PendingRepair::repair_to_quorum`]). If a replica turns
+    /// out to hold a newer version meanwhile, the winner is no longer the
+    /// newest: the key is read again (at most [`MAX_READ_ROUNDS`] times,
+    /// all within the request deadline) rather than answering a version
+    /// that may already be superseded.
     pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Record>> {
-        let replicas = self.replicas_for(key)?;
-        let result = self
-            .with_deadline(
-                "GET",
-                read_quorum(replicas, key, consistency, self.rpc_timeout),
-            )
-            .await?;
-        if let Some(record) = &result.record {
-            self.local.observe(record.version);
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut blocked = false;
+        for _ in 0..MAX_READ_ROUNDS {
+            let replicas = self.replicas_for(key)?;
+            let read = read_quorum(replicas, key, consistency, self.rpc_timeout);
+            let mut result = tokio::time::timeout_at(deadline, read)
+                .await
+                .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")))?;
+            if let Some(plan) = result.blocking.take() {
+                if !blocked {
+                    blocked = true;
+                    self.blocking_repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::debug!(
+                    key,
+                    version = %plan.record.version,
+                    holding = plan.holding,
+                    needed = plan.needed,
+                    "newest version held by fewer than W replicas; repairing before answering"
+                );
+                let repaired = result
+                    .repair
+                    .repair_to_quorum(&plan, deadline, &self.background)
+                    .await;
+                match repaired {
+                    Ok(Repaired::Quorum) => {}
+                    Ok(Repaired::Superseded { newer }) => {
+                        tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
+                        self.local.observe(newer);
+                        result.repair.schedule(&self.background);
+                        continue;
+                    }
+                    Err(error) => {
+                        result.repair.schedule(&self.background);
+                        return Err(error);
+                    }
+                }
+            }
+            if let Some(record) = &result.record {
+                self.local.observe(record.version);
+            }
+            result.repair.schedule(&self.background);
+            return Ok(result.record);
         }
-        result.repair.schedule(&self.background);
-        Ok(result.record)
+        Err(Error::Unavailable(format!(
+            "GET of {key:?} gave up after {MAX_READ_ROUNDS} reads: each time, a newer version appeared while the newest one read was being repaired to a quorum (heavy concurrent writing to this key)"
+        )))
     }
 
     /// Writes `value` (or a tombstone for `None`) under `key`.

@@ -240,6 +240,7 @@ impl Node {
             lamport: stats.lamport,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             read_repairs: self.background.repairs_sent(),
+            blocking_read_repairs: self.coordinator.blocking_repairs(),
             hints_pending: self.hints.len(),
             hints_delivered: self.hints.delivered(),
             anti_entropy_exchanges: ae.exchanges.load(Ordering::Relaxed),

@@ -16,6 +16,15 @@
 //!   or may not stay visible, and is ordered before the newer one.
 //! * A read answers from the first R replies, newest version wins; replies
 //!   that arrive later still count for read repair.
+//! * Reads never go backwards. A QUORUM or ALL read whose winning version is
+//!   held by fewer than W of the replicas that answered may be the first to
+//!   see a write that reached fewer than W replicas (a write at ONE, or a
+//!   failed one). Answering it right away would let the next read, from
+//!   other replicas, miss it and return an older value. So such a read first
+//!   writes the winner until W replicas hold it ([`BlockingRepair`]); only
+//!   when W already hold it does repair stay in the background. A
+//!   replica that holds a version newer than the winner during that repair
+//!   makes the coordinator read again (the winner is no longer the newest).
 
 use crate::clock::Version;
 use crate::record::{Record, newest};
@@ -200,15 +209,45 @@ pub struct RepairPlan {
     pub stale: Vec<usize>,
 }
 
+/// A read whose winner must reach W replicas before it is answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockingRepair {
+    /// The newest record any replica returned: the answer, once W hold it.
+    pub record: Record,
+    /// Replicas known to hold `record.version` already.
+    pub holding: usize,
+    /// Replicas that must hold it before the answer: W = N/2+1.
+    pub needed: usize,
+    /// Indices (into the replica list) to write it to: those that answered
+    /// with an older version (or none) first, then those that have not
+    /// answered yet (writing to a replica that holds it is a no-op).
+    pub targets: Vec<usize>,
+}
+
+impl BlockingRepair {
+    /// Counts the repair writes: acknowledged once `needed - holding` of the
+    /// targets hold the winner; a target holding a newer version is a
+    /// [`WriteDecision::Restamp`] (for a read: read again).
+    pub fn tally(&self) -> WriteTally {
+        WriteTally::new(
+            self.record.version,
+            self.needed.saturating_sub(self.holding),
+            self.targets.len(),
+        )
+    }
+}
+
 /// The replies to one read.
 #[derive(Clone, Debug)]
 pub struct ReadTally {
     /// Replies needed.
     needed: usize,
-    /// Replicas asked.
+    /// Replicas asked (indices `0..sent`).
     sent: usize,
-    /// Successful replies: replica index and what it holds.
+    /// Successful replies: replica index and what it holds, one per replica.
     replies: Vec<(usize, Option<Record>)>,
+    /// Replicas that failed and gave no reply.
+    failed: Vec<usize>,
     /// Why replicas failed, one line each.
     failures: Vec<String>,
 }
@@ -219,14 +258,33 @@ impl ReadTally {
             needed,
             sent,
             replies: Vec::with_capacity(sent),
+            failed: Vec::new(),
             failures: Vec::new(),
         }
     }
 
+    /// Notes what replica `index` holds (or why it failed). A replica heard
+    /// from twice (a read reply, then a repair write that reached it) keeps
+    /// the newer of the two, and a failure after a reply changes nothing.
     pub fn record(&mut self, index: usize, replica: &str, reply: Result<Option<Record>, String>) {
-        match reply {
-            Ok(record) => self.replies.push((index, record)),
-            Err(why) => self.failures.push(format!("{replica}: {why}")),
+        let known = self.replies.iter_mut().find(|(i, _)| *i == index);
+        match (reply, known) {
+            (Ok(record), Some((_, held))) => {
+                if record.as_ref().map(|r| r.version) > held.as_ref().map(|h| h.version) {
+                    *held = record;
+                }
+            }
+            (Ok(record), None) => {
+                if let Some(at) = self.failed.iter().position(|i| *i == index) {
+                    self.failed.remove(at);
+                }
+                self.replies.push((index, record));
+            }
+            (Err(_), Some(_)) => {}
+            (Err(why), None) => {
+                self.failed.push(index);
+                self.failures.push(format!("{replica}: {why}"));
+            }
         }
     }
 
@@ -245,7 +303,7 @@ impl ReadTally {
     }
 
     pub fn decision(&self) -> ReadDecision {
-        let answered = self.replies.len() + self.failures.len();
+        let answered = self.replies.len() + self.failed.len();
         if self.replies.len() >= self.needed {
             ReadDecision::Answer(self.newest().cloned())
         } else if self.replies.len() + (self.sent - answered.min(self.sent)) < self.needed {
@@ -265,6 +323,48 @@ impl ReadTally {
             .map(|(index, _)| *index)
             .collect();
         (!stale.is_empty()).then_some(RepairPlan { record, stale })
+    }
+
+    /// Replies that hold the newest version seen.
+    pub fn holding_newest(&self) -> usize {
+        let Some(version) = self.newest().map(|r| r.version) else {
+            return 0;
+        };
+        self.replies
+            .iter()
+            .filter(|(_, held)| held.as_ref().is_some_and(|h| h.version == version))
+            .count()
+    }
+
+    /// Whether a read at `consistency`, answered now, must first write its
+    /// winner to more replicas: at QUORUM and ALL, when fewer than W of the
+    /// replies received hold the winning version (a value or a tombstone).
+    /// `None` when W already hold it, at ONE, and when no replica knows the key.
+    pub fn blocking_repair(&self, consistency: Consistency) -> Option<BlockingRepair> {
+        if !matches!(consistency, Consistency::Quorum | Consistency::All) {
+            return None;
+        }
+        let record = self.newest()?.clone();
+        let needed = Consistency::Quorum.required(self.sent);
+        let holding = self.holding_newest();
+        if holding >= needed {
+            return None;
+        }
+        let stale = self
+            .replies
+            .iter()
+            .filter(|(_, held)| held.as_ref().is_none_or(|h| h.version < record.version))
+            .map(|(index, _)| *index);
+        let unanswered = (0..self.sent).filter(|index| {
+            !self.failed.contains(index) && !self.replies.iter().any(|(i, _)| i == index)
+        });
+        let targets = stale.chain(unanswered).collect();
+        Some(BlockingRepair {
+            record,
+            holding,
+            needed,
+            targets,
+        })
     }
 }
 
@@ -421,5 +521,151 @@ mod tests {
         unknown.record(1, "b", Ok(None));
         assert_eq!(unknown.decision(), ReadDecision::Answer(None));
         assert_eq!(unknown.repair_plan(), None);
+    }
+
+    #[test]
+    fn a_winner_held_by_fewer_than_w_repliers_must_be_repaired_before_the_answer() {
+        let old = Record::value(V1, &b"old"[..]);
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(1, "b", Ok(Some(new.clone())));
+        tally.record(0, "a", Ok(Some(old)));
+        assert_eq!(tally.decision(), ReadDecision::Answer(Some(new.clone())));
+        assert_eq!(tally.holding_newest(), 1);
+        // The stale replier first, then the replica that has not answered.
+        let plan = tally.blocking_repair(Consistency::Quorum);
+        assert_eq!(
+            plan,
+            Some(BlockingRepair {
+                record: new.clone(),
+                holding: 1,
+                needed: 2,
+                targets: vec![0, 2],
+            })
+        );
+        // ONE never blocks: it promises nothing about the next read.
+        assert_eq!(tally.blocking_repair(Consistency::One), None);
+        // A replica that knows nothing of the key is behind too.
+        let mut unknown = ReadTally::new(2, 3);
+        unknown.record(0, "a", Ok(None));
+        unknown.record(2, "c", Ok(Some(new.clone())));
+        let plan = unknown
+            .blocking_repair(Consistency::Quorum)
+            .expect("blocks");
+        assert_eq!((plan.holding, plan.targets), (1, vec![0, 1]));
+    }
+
+    #[test]
+    fn no_blocking_repair_when_w_repliers_hold_the_winner_or_nobody_knows_the_key() {
+        let old = Record::value(V1, &b"old"[..]);
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(new.clone())));
+        tally.record(2, "c", Ok(Some(new.clone())));
+        assert_eq!(tally.holding_newest(), 2);
+        assert_eq!(tally.blocking_repair(Consistency::Quorum), None);
+        // ...even if a late stale reply arrives: that one is repaired
+        // asynchronously.
+        tally.record(1, "b", Ok(Some(old)));
+        assert_eq!(tally.blocking_repair(Consistency::Quorum), None);
+        assert_eq!(tally.repair_plan().map(|p| p.stale), Some(vec![1]));
+        let mut nothing = ReadTally::new(2, 3);
+        nothing.record(0, "a", Ok(None));
+        nothing.record(1, "b", Ok(None));
+        assert_eq!(nothing.blocking_repair(Consistency::Quorum), None);
+    }
+
+    #[test]
+    fn w_counts_every_reply_received_not_just_the_first_r() {
+        // N = 5: R = W = 3. Two of three hold the winner: block.
+        let old = Record::value(V1, &b"old"[..]);
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(3, 5);
+        tally.record(0, "a", Ok(Some(new.clone())));
+        tally.record(1, "b", Ok(Some(new.clone())));
+        tally.record(2, "c", Ok(Some(old.clone())));
+        let plan = tally.blocking_repair(Consistency::Quorum).expect("blocks");
+        assert_eq!((plan.holding, plan.needed), (2, 3));
+        assert_eq!(plan.targets, vec![2, 3, 4]);
+        // A fourth reply already received that holds it: no need to block.
+        tally.record(3, "d", Ok(Some(new)));
+        assert_eq!(tally.blocking_repair(Consistency::Quorum), None);
+    }
+
+    #[test]
+    fn all_blocks_too_and_failed_replicas_are_not_targets() {
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(3, 3);
+        tally.record(0, "a", Ok(Some(new.clone())));
+        tally.record(1, "b", Ok(None));
+        tally.record(2, "c", Ok(None));
+        let plan = tally.blocking_repair(Consistency::All).expect("blocks");
+        assert_eq!(plan.targets, vec![1, 2]);
+        let mut partial = ReadTally::new(2, 3);
+        partial.record(0, "a", Err("connection refused".into()));
+        partial.record(1, "b", Ok(Some(new.clone())));
+        partial.record(2, "c", Ok(None));
+        let plan = partial
+            .blocking_repair(Consistency::Quorum)
+            .expect("blocks");
+        assert_eq!(plan.targets, vec![2]);
+    }
+
+    #[test]
+    fn a_tombstone_held_by_too_few_is_repaired_before_not_found_is_answered() {
+        // Otherwise the next read could find the deleted value again.
+        let value = Record::value(V1, &b"v"[..]);
+        let tombstone = Record::tombstone(V2);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(tombstone.clone())));
+        tally.record(1, "b", Ok(Some(value)));
+        let plan = tally.blocking_repair(Consistency::Quorum).expect("blocks");
+        assert_eq!(plan.record, tombstone);
+    }
+
+    #[test]
+    fn repair_writes_finish_at_w_counting_the_holders_already_known() {
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(new.clone())));
+        tally.record(1, "b", Ok(None));
+        let plan = tally.blocking_repair(Consistency::Quorum).expect("blocks");
+        // One more holder is enough; "b" acknowledging makes it two of three.
+        let mut writes = plan.tally();
+        assert_eq!(writes.decision(), WriteDecision::Pending);
+        writes.record("b", WriteReply::Holds(V2));
+        assert_eq!(writes.decision(), WriteDecision::Acknowledged { acks: 1 });
+        // Both targets fail: W is out of reach.
+        let mut writes = plan.tally();
+        writes.record("b", WriteReply::Failed("timed out".into()));
+        assert_eq!(writes.decision(), WriteDecision::Pending);
+        writes.record("c", WriteReply::Failed("connection refused".into()));
+        assert_eq!(writes.decision(), WriteDecision::Failed);
+        // A target holds a newer version: the winner is stale, read again.
+        let mut writes = plan.tally();
+        writes.record("b", WriteReply::Holds(V3));
+        writes.record("c", WriteReply::Failed("connection refused".into()));
+        assert_eq!(writes.decision(), WriteDecision::Restamp { above: V3 });
+    }
+
+    #[test]
+    fn a_replica_heard_from_twice_keeps_the_newer_state() {
+        let old = Record::value(V1, &b"old"[..]);
+        let new = Record::value(V2, &b"new"[..]);
+        let mut tally = ReadTally::new(2, 3);
+        tally.record(0, "a", Ok(Some(new.clone())));
+        tally.record(1, "b", Ok(Some(old.clone())));
+        // The repair reached "b"; its stale read reply does not count any more.
+        tally.record(1, "b", Ok(Some(new.clone())));
+        tally.record(1, "b", Ok(Some(old)));
+        tally.record(1, "b", Err("timed out".into()));
+        assert_eq!(tally.replies(), 2);
+        assert!(tally.failures().is_empty());
+        assert_eq!(tally.holding_newest(), 2);
+        // "c" failed to read but took the repair write.
+        tally.record(2, "c", Err("timed out".into()));
+        tally.record(2, "c", Ok(Some(new)));
+        assert_eq!(tally.replies(), 3);
+        assert_eq!(tally.repair_plan(), None);
     }
 }
