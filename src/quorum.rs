@@ -227,7 +227,8 @@ pub struct BlockingRepair {
 impl BlockingRepair {
     /// Counts the repair writes: acknowledged once `needed - holding` of the
     /// targets hold the winner; a target holding a newer version is a
-    /// [`WriteDecision::Restamp`] (for a read: read again).
+    /// [`WriteDecision::Restamp`] or [`WriteDecision::Superseded`] (for a
+    /// read, either means: read again).
     pub fn tally(&self) -> WriteTally {
         WriteTally::new(
             self.record.version,
@@ -645,7 +646,7 @@ mod tests {
         let mut writes = plan.tally();
         writes.record("b", WriteReply::Holds(V3));
         writes.record("c", WriteReply::Failed("connection refused".into()));
-        assert_eq!(writes.decision(), WriteDecision::Restamp { above: V3 });
+        assert_eq!(writes.decision(), WriteDecision::Superseded { above: V3 });
     }
 
     #[test]
