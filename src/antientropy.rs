@@ -169,6 +169,8 @@ pub struct AntiEntropy {
     /// Where the next tombstone collection starts (a storage key; empty:
     /// from the beginning). Std mutex: one round at a time uses it.
     pub gc_cursor: Mutex<Vec<u8>>,
+    /// Told of every complete exchange (a replacement catches up by them).
+    pub identity: Arc<crate::identity::Identity>,
 }
 
 impl AntiEntropy {
@@ -211,8 +213,14 @@ impl AntiEntropy {
                 continue;
             }
             match self.sync_with(&peer).await {
-                Ok(0) => {}
-                Ok(repaired) => tracing::info!(peer, repaired, "anti-entropy copied keys"),
+                Ok(repaired) => {
+                    if repaired > 0 {
+                        tracing::info!(peer, repaired, "anti-entropy copied keys");
+                    }
+                    if let Err(why) = self.identity.synced(&peer) {
+                        tracing::warn!(peer, %why, "cannot record a completed anti-entropy exchange");
+                    }
+                }
                 Err(why) => tracing::debug!(peer, %why, "anti-entropy exchange failed"),
             }
         }
@@ -222,7 +230,9 @@ impl AntiEntropy {
     }
 
     /// Compares the tree shared with `peer` and copies what differs.
-    /// Answers how many keys were copied.
+    /// Answers how many keys were copied; an error when any part of the
+    /// exchange failed (after doing the rest), so only a complete exchange
+    /// counts as one.
     pub async fn sync_with(&self, peer: &str) -> Result<u64, String> {
         self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         let mine = self.leaves_with(peer);
@@ -248,19 +258,26 @@ impl AntiEntropy {
                 .map(|leaf| (leaf.range as usize, leaf.digest))
                 .collect();
         let mut repaired = 0;
-        for range in differing(&mine, &theirs)
-            .into_iter()
-            .take(MAX_RANGES_PER_ROUND)
-        {
+        let differing = differing(&mine, &theirs);
+        let mut incomplete = differing.len().saturating_sub(MAX_RANGES_PER_ROUND);
+        for range in differing.into_iter().take(MAX_RANGES_PER_ROUND) {
             // One failing range (too large, timed out) must not stop the others.
             match self.sync_range(&mut client, peer, range, range_count).await {
                 Ok(copied) => repaired += copied,
-                Err(why) => tracing::debug!(peer, range, %why, "anti-entropy skipped a range"),
+                Err(why) => {
+                    incomplete += 1;
+                    tracing::debug!(peer, range, %why, "anti-entropy skipped a range");
+                }
             }
         }
         self.stats
             .keys_repaired
             .fetch_add(repaired, Ordering::Relaxed);
+        if incomplete > 0 {
+            return Err(format!(
+                "{incomplete} differing ranges not fully synced ({repaired} keys copied)"
+            ));
+        }
         Ok(repaired)
     }
 
@@ -309,17 +326,23 @@ impl AntiEntropy {
             .replica_handle(peer, None)
             .map_err(|e| e.to_string())?;
         let mut copied = 0;
+        let mut failed: Vec<String> = Vec::new();
         for chunk in plan.pull.chunks(COPY_CONCURRENCY) {
             let reads = chunk.iter().map(|key| remote.read(key, self.rpc_timeout));
             for (key, result) in chunk.iter().zip(futures::future::join_all(reads).await) {
-                if let Ok(Some(record)) = result
-                    && self
-                        .replica
-                        .write_if_newer(key, &record)
-                        .map_err(|e| e.to_string())?
-                        .applied
-                {
-                    copied += 1;
+                match result {
+                    Ok(Some(record)) => {
+                        if self
+                            .replica
+                            .write_if_newer(key, &record)
+                            .map_err(|e| e.to_string())?
+                            .applied
+                        {
+                            copied += 1;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(why) => failed.push(format!("{key}: {why}")),
                 }
             }
         }
@@ -332,10 +355,18 @@ impl AntiEntropy {
                 }
             }
             for result in futures::future::join_all(writes).await {
-                if result.is_ok_and(|outcome| outcome.applied) {
-                    copied += 1;
+                match result {
+                    Ok(outcome) if outcome.applied => copied += 1,
+                    Ok(_) => {}
+                    Err(why) => failed.push(why.to_string()),
                 }
             }
+        }
+        if let Some(first) = failed.first() {
+            return Err(format!(
+                "{} of the keys to copy failed ({copied} copied), e.g. {first}",
+                failed.len()
+            ));
         }
         Ok(copied)
     }

@@ -26,6 +26,7 @@ pub mod coordinator;
 pub mod error;
 pub mod failure;
 pub mod hints;
+pub mod identity;
 pub mod limits;
 pub mod net;
 pub mod node;

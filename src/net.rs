@@ -435,7 +435,7 @@ impl ReplicaHandle {
     /// What this replica holds for `key`, or why it could not say in time.
     pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Record>, ReplicaError> {
         match &self.target {
-            ReplicaTarget::Local(store) => store.read(key).map_err(|e| match e {
+            ReplicaTarget::Local(store) => store.read_for_quorum(key).map_err(|e| match e {
                 Error::InvalidArgument(why) => ReplicaError::Rejected(why),
                 other => ReplicaError::Failed(other.to_string()),
             }),

@@ -30,6 +30,7 @@ use crate::coordinator::{Background, Coordinator};
 use crate::error::{Error, Result};
 use crate::failure::FailureDetector;
 use crate::hints::HintStore;
+use crate::identity::Identity;
 use crate::limits::Limits;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
@@ -74,6 +75,23 @@ pub struct Node {
     /// Each peer's wall clock minus this node's, in ms, from the last
     /// heartbeat it answered (std mutex: held for one map operation).
     clock_skews: Mutex<std::collections::HashMap<String, i64>>,
+    /// Member and instance ids, and whether replica reads are answered.
+    identity: Arc<Identity>,
+    /// Cancelled once the first round of heartbeats has ended: health
+    /// turns SERVING then, when peers have heard who this node is.
+    first_heartbeats: CancellationToken,
+}
+
+/// Whether `storage` is a data dir that never held anything: no clock
+/// ceiling, no identity, no record, no hint. (Scans only on the first start
+/// of a data dir without an instance id.)
+fn is_fresh(storage: &dyn Storage) -> Result<bool> {
+    if storage.get_meta("instance_id")?.is_some() || storage.get_meta("clock_ceiling")?.is_some() {
+        return Ok(false);
+    }
+    let held = std::cell::Cell::new(false);
+    storage.for_each_held(&mut |_, _| held.set(true), &mut |_, _| held.set(true))?;
+    Ok(!held.get() && storage.hints(&[], 1)?.is_empty())
 }
 
 impl Node {
@@ -151,12 +169,34 @@ impl Node {
         };
         config.validate().map_err(Error::InvalidArgument)?;
         let bound = config.skew_bound();
+        let sharing: std::collections::BTreeSet<String> = ring
+            .members()
+            .iter()
+            .filter(|m| {
+                m.address != me.address
+                    && !ring
+                        .shared_ranges(&me.address, &m.address, replicas)
+                        .is_empty()
+            })
+            .map(|m| m.address.clone())
+            .collect();
+        let identity = Arc::new(Identity::open(
+            storage.clone(),
+            sharing,
+            is_fresh(&*storage)?,
+        )?);
         let replica = Arc::new(ReplicaStore::open(
-            me.node_id,
+            identity.instance_id,
             storage.clone(),
             ring.clone(),
             bound,
         )?);
+        replica.set_read_gate(identity.clone());
+        tracing::info!(
+            member_id = format!("{:016x}", me.node_id),
+            instance_id = format!("{:016x}", identity.instance_id),
+            "identity"
+        );
         let peers = Arc::new(
             PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)).with_skew_bound(bound),
         );
@@ -190,6 +230,7 @@ impl Node {
             grace: Duration::from_secs(config.tombstone_grace),
             stats: Arc::default(),
             gc_cursor: Mutex::default(),
+            identity: identity.clone(),
         });
         let coordinator = Arc::new(Coordinator::new(
             replica.clone(),
@@ -220,6 +261,8 @@ impl Node {
             hints,
             anti_entropy,
             clock_skews: Mutex::default(),
+            identity,
+            first_heartbeats: CancellationToken::new(),
         }))
     }
 
@@ -282,12 +325,16 @@ impl Node {
                     .round_started(Instant::now());
                 let pings = peers.iter().map(|address| node.ping(address, interval));
                 let results = futures::future::join_all(pings).await;
+                node.first_heartbeats.cancel();
                 let now = Instant::now();
                 let mut liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
                 for (address, result) in peers.iter().zip(results) {
                     match result {
                         Ok(()) => liveness.heartbeat(address, now),
-                        Err(why) => liveness.failed(address, why),
+                        Err(why) => {
+                            tracing::debug!(peer = %address, %why, "heartbeat failed");
+                            liveness.failed(address, why)
+                        }
                     }
                     let is_up = liveness.is_up(address, now);
                     if reported.insert(address.clone(), is_up) != Some(is_up) {
@@ -310,6 +357,12 @@ impl Node {
         let ping = pb::PingRequest {
             from: self.me.address.clone(),
             hlc: self.replica.stats().lamport,
+            instance_id: self.identity.instance_id,
+            known_instance_id: self
+                .identity
+                .known_instance(address)
+                .map_err(|e| e.to_string())?,
+            serves_reads: self.identity.read_refusal().is_none(),
         };
         let sent_ms = wall_clock_ms();
         let answer = crate::net::call_within(timeout, client.ping(ping)).await?;
@@ -331,6 +384,10 @@ impl Node {
                 "a peer's clock is more than half --max-clock-skew-ms away from this node's; check NTP on both hosts"
             );
         }
+        self.identity
+            .learn_peer(address, answer.instance_id, answer.serves_reads)
+            .and_then(|_| self.identity.heard(address, answer.known_instance_id))
+            .map_err(|e| e.to_string())?;
         if !self
             .replica
             .observe(Version::new(answer.hlc, answer.node_id))
@@ -371,7 +428,7 @@ impl Node {
     /// `Replica.Read` on this node's store.
     fn replica_read(&self, request: pb::ReplicaReadRequest) -> Result<pb::ReplicaReadResponse> {
         self.limits.check_key(&request.key)?;
-        let record = self.replica.read(&request.key)?;
+        let record = self.replica.read_for_quorum(&request.key)?;
         Ok(pb::ReplicaReadResponse {
             record: record.as_ref().map(pb::Record::from),
         })
@@ -543,6 +600,11 @@ where
 {
     let max_message = max_message_bytes(node.limits.max_value_bytes);
     let (health, health_service) = tonic_health::server::health_reporter();
+    // tonic starts the overall status ("") as SERVING: not before peers
+    // have heard from this node (see below).
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -566,11 +628,23 @@ where
     let heartbeat_task = node.start_heartbeats();
     let hint_task = node.start_hint_delivery();
     let anti_entropy_task = node.start_anti_entropy();
-    for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
-        health
-            .set_service_status(service, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    // SERVING once the first heartbeats have told peers who this node is
+    // (and this node what they knew at its address), bounded by twice the
+    // heartbeat interval; the server answers meanwhile.
+    let serving = {
+        let (health, node) = (health.clone(), node.clone());
+        tokio::spawn(async move {
+            let wait = node.config.heartbeat_interval() * 2;
+            let _ = tokio::time::timeout(wait, node.first_heartbeats.cancelled()).await;
+            if !node.shutdown.is_cancelled() {
+                for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+                    health
+                        .set_service_status(service, tonic_health::ServingStatus::Serving)
+                        .await;
+                }
+            }
+        })
+    };
     tracing::info!(
         address = node.address(),
         members = node.ring.members().len(),
@@ -579,8 +653,10 @@ where
     );
 
     let drain_health = health.clone();
+    let stop_serving = serving.abort_handle();
     let signal = async move {
         shutdown.await;
+        stop_serving.abort();
         tracing::info!("shutting down: NOT_SERVING, draining requests");
         for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
             drain_health
@@ -613,6 +689,7 @@ where
     let _ = heartbeat_task.await;
     let _ = hint_task.await;
     let _ = anti_entropy_task.await;
+    serving.abort();
     let storage = node.storage.clone();
     tokio::task::spawn_blocking(move || storage.sync())
         .await
@@ -1062,12 +1139,33 @@ impl pb::replica_server::Replica for ReplicaService {
         request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
         let node = &self.0;
+        let request = request.into_inner();
         // A sender's clock beyond the skew bound is simply not merged.
-        node.replica.observe(Version::new(request.get_ref().hlc, 0));
+        node.replica.observe(Version::new(request.hlc, 0));
+        let is_member = node
+            .ring
+            .members()
+            .iter()
+            .any(|m| m.address == request.from);
+        let known = if is_member && request.instance_id != 0 {
+            let known = node.identity.learn_peer(
+                &request.from,
+                request.instance_id,
+                request.serves_reads,
+            )?;
+            node.identity
+                .heard(&request.from, request.known_instance_id)?;
+            known
+        } else {
+            0
+        };
         Ok(Response::new(pb::PingResponse {
             node_id: node.me.node_id,
             hlc: node.replica.stats().lamport,
             wall_ms: wall_clock_ms(),
+            instance_id: node.identity.instance_id,
+            known_instance_id: known,
+            serves_reads: node.identity.read_refusal().is_none(),
         }))
     }
 }
@@ -1123,6 +1221,11 @@ impl pb::cluster_server::Cluster for ClusterService {
                     .get(&member.address)
                     .copied()
                     .unwrap_or(0);
+                let instance_id = if member.address == node.me.address {
+                    node.identity.instance_id
+                } else {
+                    node.identity.known_instance(&member.address).unwrap_or(0)
+                };
                 pb::Member {
                     address: member.address.clone(),
                     node_id: member.node_id,
@@ -1131,6 +1234,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     error,
                     phi: health.phi,
                     clock_skew_ms,
+                    instance_id,
                 }
             });
         let members = futures::future::join_all(probes).await;
@@ -1142,6 +1246,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             write_quorum: Consistency::Quorum.required(node.replicas) as u32,
             read_quorum: Consistency::Quorum.required(node.replicas) as u32,
             members,
+            instance_id: node.identity.instance_id,
         }))
     }
 }

@@ -71,6 +71,9 @@ pub struct ReplicaStore {
     bound: SkewBound,
     /// See [`LocalStats::future_records`].
     future_records: u64,
+    /// Whether this replica may answer quorum reads (set once by the node;
+    /// unset: always).
+    read_gate: std::sync::OnceLock<Arc<crate::identity::Identity>>,
     /// The highest clock ceiling persisted; held while persisting one, so
     /// the persisted value only ever grows.
     persisted_ceiling: Arc<Mutex<u64>>,
@@ -229,6 +232,7 @@ impl ReplicaStore {
             clock: Arc::new(Mutex::new(clock)),
             bound,
             future_records,
+            read_gate: std::sync::OnceLock::new(),
             persisted_ceiling: Arc::new(Mutex::new(ceiling)),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             live_keys: AtomicU64::new(live_keys),
@@ -250,6 +254,23 @@ impl ReplicaStore {
             self.check_held(key, record.version)?;
         }
         Ok(record)
+    }
+
+    /// Makes [`ReplicaStore::read_for_quorum`] refuse while `identity`
+    /// says this replica must not answer (a new data dir catching up).
+    pub fn set_read_gate(&self, identity: Arc<crate::identity::Identity>) {
+        let _ = self.read_gate.set(identity);
+    }
+
+    /// [`ReplicaStore::read`] for a quorum read: refused (UNAVAILABLE)
+    /// while this replica, with a new data dir, may be missing writes its
+    /// predecessor acknowledged; an empty answer would count as a replica
+    /// that does not hold the key.
+    pub fn read_for_quorum(&self, key: &str) -> Result<Option<Record>> {
+        if let Some(why) = self.read_gate.get().and_then(|gate| gate.read_refusal()) {
+            return Err(Error::Unavailable(why));
+        }
+        self.read(key)
     }
 
     /// The version accepted from outside (`--max-clock-skew-ms`).

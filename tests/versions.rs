@@ -256,6 +256,7 @@ async fn one_hostile_version_does_not_stop_the_cluster() {
         .ping(pb::PingRequest {
             from: cluster.nodes[1].address.clone(),
             hlc: 1 << 62,
+            ..Default::default()
         })
         .await
         .expect("ping");
@@ -327,4 +328,90 @@ async fn a_data_dir_holding_a_hostile_version_starts_and_serves_writes() {
         .expect("get")
         .into_inner();
     assert_eq!(&got.value[..], b"new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_node_answers_no_reads_until_it_caught_up() {
+    // No hints and hourly anti-entropy: only the catch-up moves data.
+    let mut cluster =
+        TestCluster::start_with(3, &["--max-hints", "0", "--anti-entropy-interval", "3600"]).await;
+    let ids: Vec<(u64, u64)> = cluster
+        .status(0)
+        .await
+        .members
+        .iter()
+        .map(|m| (m.node_id, m.instance_id))
+        .collect();
+    assert!(
+        ids.iter()
+            .all(|(member, instance)| *instance != 0 && member != instance),
+        "status reports both identities: {ids:?}"
+    );
+    // Node 0 misses the writes: they are acknowledged by nodes 1 and 2.
+    cluster.kill(0);
+    let mut kv = cluster.kv(1).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("replaced-{i}")).collect();
+    for key in &keys {
+        kv.put(put_request(key, "kept")).await.expect("put");
+    }
+    cluster.restart(0).await;
+    // Node 2 loses its disk and comes back as a new instance.
+    let old_instance = ids[cluster.index_of(&cluster.nodes[2].address.clone())].1;
+    cluster.kill(2);
+    std::fs::remove_dir_all(&cluster.nodes[2].data_dir).expect("wipe node 2");
+    cluster.add_flags(2, &["--anti-entropy-interval", "1"]);
+    cluster.restart(2).await;
+    let status = cluster.status(2).await;
+    assert_ne!(status.instance_id, old_instance, "a new instance id");
+    let refused = cluster
+        .replica(2)
+        .await
+        .read(pb::ReplicaReadRequest {
+            key: keys[0].clone(),
+        })
+        .await
+        .expect_err("a replacement answers no replica read yet");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("catching up"), "{refused:?}");
+    // With node 1 down, node 0 (which missed the writes) and the empty
+    // node 2 must not make a quorum that says "not found".
+    cluster.kill(1);
+    let mut kv0 = cluster.kv(0).await;
+    for key in &keys {
+        match kv0.get(get_request(key)).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                assert!(
+                    reply.found,
+                    "{key}: an acknowledged write read as not found"
+                );
+                assert_eq!(&reply.value[..], b"kept");
+            }
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        }
+    }
+    // Node 1 returns: node 2 syncs with both peers, then answers.
+    cluster.restart(1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let read = cluster
+            .replica(2)
+            .await
+            .read(pb::ReplicaReadRequest {
+                key: keys[0].clone(),
+            })
+            .await;
+        if read.is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never caught up: {read:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for key in &keys {
+        let held = held(&cluster, 2, key).await;
+        assert!(
+            held.is_some(),
+            "{key} reached the replacement before it answered"
+        );
+    }
 }

@@ -1,0 +1,350 @@
+//! Who a node is: its member id and its instance id.
+//!
+//! A member has two identities. Its **member id** is its place on the ring
+//! (a hash of its address): it decides which keys the node replicates, and
+//! it stays the same when the machine behind the address is replaced. Its
+//! **instance id** is random, created with its data dir and kept there: it
+//! is what [`crate::clock::Version::node_id`] carries. A node whose data dir
+//! was lost comes back at the same address as a *new instance*, so it never
+//! issues a version its predecessor issued (its clock restarted from
+//! nothing), and its peers can tell it apart from the node they knew.
+//!
+//! That matters for reads. An empty replica that answers a quorum read
+//! counts as a replica that does not hold the key: two such answers out of
+//! three, and a read misses an acknowledged write. So a node with a fresh
+//! data dir first asks every peer it shares token ranges with which
+//! instance they knew at its address (heartbeats carry it both ways). If
+//! any knew another, the node is a replacement: it answers no replica reads
+//! until it has completed one full anti-entropy pass with every such peer.
+//! The state is persisted, so a crash during the catch-up resumes it.
+//! Peers record the instance they know at each address, durably, and adopt
+//! a new one only once it says it serves reads.
+//!
+//! [`ReadGate`] is the pure state machine; [`Identity`] persists it.
+
+use std::collections::BTreeSet;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
+
+use crate::clock::NodeId;
+use crate::error::Result;
+use crate::storage::Storage;
+
+/// Metadata: this data dir's instance id.
+const INSTANCE_ID: &str = "instance_id";
+/// Metadata: 0 once the node may answer replica reads; 1 while its
+/// identity is unverified; 2 while it is catching up as a replacement.
+const READ_GATE: &str = "read_gate";
+/// Metadata prefix: the instance id known at a peer's address.
+const PEER_INSTANCE: &str = "peer_instance:";
+
+/// Whether this node may answer replica reads, and what it waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadGate {
+    /// Answers replica reads.
+    Open,
+    /// A fresh data dir: waiting to hear, from every peer it shares ranges
+    /// with, which instance it knew at this address.
+    Unverified {
+        /// Peers that said they knew no other instance here.
+        heard: BTreeSet<String>,
+    },
+    /// A replacement: waiting for one full anti-entropy pass with every
+    /// peer it shares ranges with.
+    CatchingUp {
+        /// Peers synced with since the catch-up began.
+        synced: BTreeSet<String>,
+    },
+}
+
+impl ReadGate {
+    /// Persisted form (see [`READ_GATE`]).
+    fn code(&self) -> u64 {
+        match self {
+            ReadGate::Open => 0,
+            ReadGate::Unverified { .. } => 1,
+            ReadGate::CatchingUp { .. } => 2,
+        }
+    }
+
+    fn from_code(code: u64) -> Self {
+        match code {
+            0 => ReadGate::Open,
+            1 => ReadGate::Unverified {
+                heard: BTreeSet::new(),
+            },
+            _ => ReadGate::CatchingUp {
+                synced: BTreeSet::new(),
+            },
+        }
+    }
+
+    /// `peer` said it knew instance `known` at this address (0: none).
+    /// `peers` are those this node shares ranges with.
+    pub fn heard(&mut self, peer: &str, known: NodeId, me: NodeId, peers: &BTreeSet<String>) {
+        if let ReadGate::Unverified { heard } = self {
+            if known != 0 && known != me {
+                *self = ReadGate::CatchingUp {
+                    synced: BTreeSet::new(),
+                };
+                return;
+            }
+            heard.insert(peer.to_string());
+            if peers.is_subset(heard) {
+                *self = ReadGate::Open;
+            }
+        }
+    }
+
+    /// One full anti-entropy exchange with `peer` completed.
+    pub fn synced(&mut self, peer: &str, peers: &BTreeSet<String>) {
+        if let ReadGate::CatchingUp { synced } = self {
+            synced.insert(peer.to_string());
+            if peers.is_subset(synced) {
+                *self = ReadGate::Open;
+            }
+        }
+    }
+
+    /// Why replica reads are refused, or `None` when they are answered.
+    pub fn refusal(&self, peers: &BTreeSet<String>) -> Option<String> {
+        match self {
+            ReadGate::Open => None,
+            ReadGate::Unverified { heard } => Some(format!(
+                "this node's data dir is new and it has not yet heard from {} of the {} peers it shares ranges with whether they knew another instance at its address",
+                peers.difference(heard).count(),
+                peers.len()
+            )),
+            ReadGate::CatchingUp { synced } => Some(format!(
+                "this node replaced an instance its peers knew (its data dir is new) and is catching up by anti-entropy: {} of {} peers synced",
+                synced.intersection(peers).count(),
+                peers.len()
+            )),
+        }
+    }
+}
+
+/// A random 64-bit id, never 0 (std's per-process random hasher keys,
+/// mixed with the time: no extra crate).
+fn random_id() -> NodeId {
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        hasher.write_u32(std::process::id());
+        let id = hasher.finish();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// This node's identities, its read gate and the instances it knows at its
+/// peers' addresses, persisted in the data dir.
+pub struct Identity {
+    /// Random, created with the data dir; stamped into versions.
+    pub instance_id: NodeId,
+    /// Peers this node shares token ranges with.
+    peers: BTreeSet<String>,
+    /// See [`ReadGate`] (std mutex: held for a state change and, rarely, a
+    /// durable metadata write).
+    gate: Mutex<ReadGate>,
+    /// Where the state is kept.
+    storage: std::sync::Arc<dyn Storage>,
+}
+
+impl Identity {
+    /// Loads (or, for a fresh data dir, creates) the identity. `peers`:
+    /// the members this node shares token ranges with.
+    pub fn open(
+        storage: std::sync::Arc<dyn Storage>,
+        peers: BTreeSet<String>,
+        data_dir_is_fresh: bool,
+    ) -> Result<Self> {
+        let (instance_id, gate) = match storage.get_meta(INSTANCE_ID)? {
+            Some(id) => {
+                let gate = ReadGate::from_code(storage.get_meta(READ_GATE)?.unwrap_or(0));
+                (id, gate)
+            }
+            None => {
+                let id = random_id();
+                // A data dir written before instance ids existed is not a
+                // replacement: it keeps answering reads.
+                let gate = if data_dir_is_fresh && !peers.is_empty() {
+                    ReadGate::from_code(1)
+                } else {
+                    ReadGate::Open
+                };
+                storage.put_meta_durable(READ_GATE, gate.code())?;
+                storage.put_meta_durable(INSTANCE_ID, id)?;
+                (id, gate)
+            }
+        };
+        let identity = Self {
+            instance_id,
+            peers,
+            gate: Mutex::new(gate),
+            storage,
+        };
+        // With no peer to ask (one member), there is nothing to wait for.
+        identity.update(|gate, peers| {
+            if let ReadGate::Unverified { .. } = gate
+                && peers.is_empty()
+            {
+                *gate = ReadGate::Open;
+            }
+        })?;
+        Ok(identity)
+    }
+
+    fn update(&self, change: impl FnOnce(&mut ReadGate, &BTreeSet<String>)) -> Result<()> {
+        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let before = gate.code();
+        change(&mut gate, &self.peers);
+        if gate.code() != before {
+            tracing::info!(state = ?*gate, "read gate changed");
+            self.storage.put_meta_durable(READ_GATE, gate.code())?;
+        }
+        Ok(())
+    }
+
+    /// `peer` said it knew instance `known` at this node's address.
+    pub fn heard(&self, peer: &str, known: NodeId) -> Result<()> {
+        let unverified = matches!(
+            *self.gate.lock().unwrap_or_else(|p| p.into_inner()),
+            ReadGate::Unverified { .. }
+        );
+        if unverified && known != 0 && known != self.instance_id {
+            tracing::warn!(
+                peer,
+                known = format!("{known:016x}"),
+                me = format!("{:016x}", self.instance_id),
+                "a peer knew another instance at this address: catching up before answering reads"
+            );
+        }
+        let me = self.instance_id;
+        self.update(|gate, peers| gate.heard(peer, known, me, peers))
+    }
+
+    /// A full anti-entropy exchange with `peer` completed.
+    pub fn synced(&self, peer: &str) -> Result<()> {
+        self.update(|gate, peers| gate.synced(peer, peers))
+    }
+
+    /// Why replica reads are refused now, if they are.
+    pub fn read_refusal(&self) -> Option<String> {
+        self.gate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refusal(&self.peers)
+    }
+
+    /// The instance id this node knows at `address` (0: none yet).
+    pub fn known_instance(&self, address: &str) -> Result<NodeId> {
+        Ok(self
+            .storage
+            .get_meta(&format!("{PEER_INSTANCE}{address}"))?
+            .unwrap_or(0))
+    }
+
+    /// `address` says it is instance `instance` and whether it serves
+    /// reads: recorded on first sight, replaced only once the new instance
+    /// serves reads (until then, this node keeps telling it about the old
+    /// one). Answers what was known before.
+    pub fn learn_peer(
+        &self,
+        address: &str,
+        instance: NodeId,
+        serves_reads: bool,
+    ) -> Result<NodeId> {
+        let known = self.known_instance(address)?;
+        if instance != 0 && known != instance && (known == 0 || serves_reads) {
+            self.storage
+                .put_meta_durable(&format!("{PEER_INSTANCE}{address}"), instance)?;
+        }
+        Ok(known)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemoryStorage;
+    use std::sync::Arc;
+
+    fn peers(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_fresh_node_opens_once_every_peer_knew_no_other_instance() {
+        let all = peers(&["a", "b"]);
+        let mut gate = ReadGate::from_code(1);
+        gate.heard("a", 0, 7, &all);
+        assert!(gate.refusal(&all).is_some());
+        gate.heard("b", 7, 7, &all);
+        assert_eq!(gate, ReadGate::Open);
+    }
+
+    #[test]
+    fn a_replacement_catches_up_with_every_peer_before_answering() {
+        let all = peers(&["a", "b"]);
+        let mut gate = ReadGate::from_code(1);
+        gate.heard("a", 0, 7, &all);
+        gate.heard("b", 5, 7, &all);
+        assert!(matches!(gate, ReadGate::CatchingUp { .. }));
+        // Hearing more changes nothing; only syncing with both opens it.
+        gate.heard("a", 0, 7, &all);
+        gate.synced("a", &all);
+        let refusal = gate.refusal(&all).expect("still closed");
+        assert!(refusal.contains("1 of 2"), "{refusal}");
+        gate.synced("b", &all);
+        assert_eq!(gate, ReadGate::Open);
+    }
+
+    #[test]
+    fn identity_survives_restarts_and_resumes_a_catch_up() {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let all = peers(&["a"]);
+        let first = Identity::open(storage.clone(), all.clone(), true).expect("open");
+        assert_ne!(first.instance_id, 0);
+        assert!(first.read_refusal().is_some());
+        first.heard("a", 99).expect("heard");
+        drop(first);
+        // Crash during the catch-up: it resumes.
+        let again = Identity::open(storage.clone(), all.clone(), false).expect("reopen");
+        let refusal = again.read_refusal().expect("still catching up");
+        assert!(refusal.contains("catching up"), "{refusal}");
+        again.synced("a").expect("synced");
+        assert_eq!(again.read_refusal(), None);
+        let id = again.instance_id;
+        drop(again);
+        let last = Identity::open(storage, all, false).expect("reopen");
+        assert_eq!((last.instance_id, last.read_refusal()), (id, None));
+    }
+
+    #[test]
+    fn old_data_dirs_and_single_nodes_answer_at_once() {
+        let old: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let identity = Identity::open(old, peers(&["a"]), false).expect("open");
+        assert_eq!(identity.read_refusal(), None);
+        let single: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let identity = Identity::open(single, BTreeSet::new(), true).expect("open");
+        assert_eq!(identity.read_refusal(), None);
+    }
+
+    #[test]
+    fn peers_adopt_a_new_instance_only_once_it_serves_reads() {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let me = Identity::open(storage, BTreeSet::new(), true).expect("open");
+        assert_eq!(me.learn_peer("x", 5, false).expect("learn"), 0);
+        assert_eq!(me.learn_peer("x", 6, false).expect("learn"), 5);
+        assert_eq!(me.learn_peer("x", 6, false).expect("learn"), 5, "not yet");
+        assert_eq!(me.learn_peer("x", 6, true).expect("learn"), 5);
+        assert_eq!(me.known_instance("x").expect("known"), 6);
+    }
+}
