@@ -414,12 +414,7 @@ async fn fetch_status(
 }
 
 fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {
-    let version = pb::version_from(
-        version,
-        crate::clock::SkewBound::default(),
-        "the coordinator's answer version",
-    )
-    .map_err(|e| Error::Internal(e.to_string()))?;
+    let version = pb::reported_version(version, "a version")?;
     Ok(WriteAck {
         version,
         acks: acks as usize,
@@ -429,14 +424,7 @@ fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {
 /// The record a node's `KeyValue.Get` answered (a tombstone when the key
 /// was deleted, `None` when no replica knows it).
 fn record_from_get(reply: pb::GetResponse) -> Result<Option<Record>> {
-    let version = |v| {
-        pb::version_from(
-            Some(v),
-            crate::clock::SkewBound::default(),
-            "the coordinator's answer version",
-        )
-        .map_err(|e| Error::Internal(e.to_string()))
-    };
+    let version = |v| pb::reported_version(Some(v), "a version");
     match (reply.found, reply.version) {
         (true, Some(v)) => Ok(Some(Record::value(version(v)?, reply.value))),
         (false, Some(v)) => Ok(Some(Record::tombstone(version(v)?))),

@@ -83,6 +83,10 @@ pub const fn hlc_of_ms(now_ms: u64) -> u64 {
 /// 500 ms times a margin for hosts without tight NTP.
 pub const DEFAULT_MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
+/// How far ahead of the wall clock a stored version must be to count as
+/// impossible (see [`SkewBound::check_stored`]): a day.
+pub const IMPOSSIBLE_AHEAD_MS: u64 = 86_400_000;
+
 /// The furthest ahead of this machine's wall clock a version may be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SkewBound {
@@ -113,6 +117,23 @@ impl SkewBound {
                  check the clocks (NTP) of the cluster's hosts",
                 version.physical_ms() - now_ms,
                 self.max_skew_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a *stored* version is impossible: further ahead of the wall
+    /// clock than any version DKVS can have accepted (the skew bound, or a
+    /// day, whichever is larger — lamport 2^62 is in the year 4200). A
+    /// stored version beyond [`SkewBound::check`] but not impossible is
+    /// genuine (the wall clock stepped back since it was accepted): it
+    /// still wins over older versions and is merged into the clock.
+    pub fn check_stored(&self, version: Version, now_ms: u64) -> Result<(), String> {
+        let allowed = self.max_skew_ms.max(IMPOSSIBLE_AHEAD_MS);
+        if version.physical_ms() > now_ms.saturating_add(allowed) {
+            return Err(format!(
+                "version {version} is {} ms ahead of this node's wall clock: no node can have issued it",
+                version.physical_ms() - now_ms
             ));
         }
         Ok(())

@@ -113,10 +113,10 @@ pub struct ServerConfig {
 
     /// Seconds a tombstone is kept after its delete before it may be purged
     /// (only once every replica of the key holds it). Its age comes from the
-    /// physical part of its version. Must exceed --max-hint-age-secs (so no
-    /// hint can bring a purged key back) and 2 x --max-clock-skew-ms plus
-    /// the heartbeat interval (so every write that begins after a purge is
-    /// stamped above the tombstone, whichever node coordinates it).
+    /// physical part of its version. Must exceed --max-hint-age-secs + 2 x
+    /// --max-clock-skew-ms + the heartbeat interval, so that no hint and no
+    /// write that begins after a purge can be stamped below the tombstone,
+    /// whichever node coordinates it.
     #[arg(long, default_value_t = 86_400)]
     pub tombstone_grace: u64,
 
@@ -223,21 +223,18 @@ impl ServerConfig {
     /// Checks that settings agree with each other. Runs before anything is
     /// opened, so a usage error appears at once even on a large data dir.
     pub fn validate(&self) -> Result<(), String> {
-        if self.tombstone_grace <= self.max_hint_age_secs {
-            return Err(format!(
-                "--tombstone-grace ({} s) must exceed --max-hint-age-secs ({} s), or a late hint could bring a purged key back",
-                self.tombstone_grace, self.max_hint_age_secs
-            ));
-        }
         let floor_ms = self
-            .max_clock_skew_ms
-            .saturating_mul(2)
+            .max_hint_age_secs
+            .saturating_mul(1000)
+            .saturating_add(self.max_clock_skew_ms.saturating_mul(2))
             .saturating_add(self.heartbeat_interval().as_millis() as u64);
         if self.tombstone_grace.saturating_mul(1000) <= floor_ms {
             return Err(format!(
-                "--tombstone-grace ({} s) must exceed 2 x --max-clock-skew-ms ({} ms) + --heartbeat-interval-ms ({} ms) = {floor_ms} ms, \
-                 or a write coordinated by a node whose clock is behind could be stamped below a purged tombstone",
+                "--tombstone-grace ({} s) must exceed --max-hint-age-secs ({} s) + 2 x --max-clock-skew-ms ({} ms) \
+                 + --heartbeat-interval-ms ({} ms) = {floor_ms} ms, or a late hint, or a write coordinated by a node \
+                 whose clock is behind, could be stamped below a purged tombstone and bring the key back",
                 self.tombstone_grace,
+                self.max_hint_age_secs,
                 self.max_clock_skew_ms,
                 self.heartbeat_interval().as_millis()
             ));
@@ -356,9 +353,9 @@ mod tests {
             ServerConfig::from_arg_list(args(&list)).expect("parse")
         };
         assert_eq!(parse(&[]).validate(), Ok(()));
-        let error = parse(&["--tombstone-grace", "120", "--max-hint-age-secs", "1"])
+        let error = parse(&["--tombstone-grace", "121", "--max-hint-age-secs", "1"])
             .validate()
-            .expect_err("2 x 60 s skew + heartbeat > 120 s");
+            .expect_err("1 s + 2 x 60 s skew + heartbeat > 121 s");
         assert!(error.contains("--max-clock-skew-ms"), "{error}");
         assert_eq!(
             parse(&[
@@ -367,7 +364,7 @@ mod tests {
                 "--max-hint-age-secs",
                 "1",
                 "--max-clock-skew-ms",
-                "1000"
+                "500"
             ])
             .validate(),
             Ok(())

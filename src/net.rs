@@ -93,7 +93,10 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
             max_message_bytes,
-            bound: SkewBound::default(),
+            // The smart client has no clock of its own to protect and may
+            // run on a host whose clock lags: it refuses only versions no
+            // node can have issued. Nodes set their --max-clock-skew-ms.
+            bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
         }
     }
 

@@ -65,6 +65,14 @@ impl From<&record::Record> for Record {
     }
 }
 
+/// A version a coordinator reported to the smart client, to show or
+/// compare, never to store or merge into a clock (the client has none), so
+/// it is not checked against the client's own clock.
+pub fn reported_version(v: Option<Version>, what: &str) -> Result<clock::Version, Error> {
+    let v = v.ok_or_else(|| Error::Internal(format!("the coordinator answered without {what}")))?;
+    Ok(clock::Version::new(v.lamport, v.node_id))
+}
+
 /// A record from the network, its version within `bound`.
 pub fn record_from(r: Record, bound: clock::SkewBound) -> Result<record::Record, Error> {
     let version = version_from(r.version, bound, "record.version")?;

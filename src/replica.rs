@@ -13,11 +13,16 @@
 //! the highest version in the data.
 //!
 //! A version further ahead of the wall clock than `--max-clock-skew-ms` is
-//! never stored, and one already stored (a data dir poisoned before the
-//! bound existed) is treated like a corrupt record: it is counted and logged
-//! at start-up, not merged into the clock, read as a failure (so a quorum
-//! read never returns it and read repair never spreads it), left out of
-//! anti-entropy listings, and overwritten by the next valid write.
+//! never stored. One already stored that no node can have issued (more
+//! than a day ahead: a data dir poisoned before the bound existed) is
+//! treated like a corrupt record: it is counted and logged at start-up, not
+//! merged into the clock, read as a failure (so a quorum read never returns
+//! it and read repair never spreads it), left out of anti-entropy listings,
+//! and overwritten by the next valid write. A stored version merely beyond
+//! the bound is genuine — the wall clock stepped back since it was accepted
+//! — and keeps every right of a version: it wins over older ones and is
+//! merged into the clock (which then refuses to stamp until the wall clock
+//! catches up, rather than issue a version twice).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,7 +60,8 @@ pub struct LocalStats {
     pub tombstones: u64,
     /// The clock's current timestamp.
     pub lamport: u64,
-    /// Records found at start-up with a version beyond the skew bound.
+    /// Records found at start-up with an impossible version (see
+    /// [`SkewBound::check_stored`]).
     pub future_records: u64,
 }
 
@@ -179,10 +185,10 @@ impl ReplicaStore {
                 } else {
                     live_keys += 1;
                 }
-                if let Err(why) = bound.check(held.version, now_ms) {
+                if let Err(why) = bound.check_stored(held.version, now_ms) {
                     future_records += 1;
                     if future_records <= 10 {
-                        tracing::error!(key, %why, "stored record beyond the clock-skew bound: not merged into the clock; the next write or repair replaces it");
+                        tracing::error!(key, %why, "stored record with an impossible version: not merged into the clock; the next write or repair replaces it");
                     }
                 } else {
                     max_lamport = max_lamport.max(held.version.lamport);
@@ -205,12 +211,12 @@ impl ReplicaStore {
         if future_records > 0 {
             tracing::error!(
                 future_records,
-                "records beyond --max-clock-skew-ms were found; they are served as failed reads until replaced"
+                "records with impossible versions were found; they are served as failed reads until replaced"
             );
         }
         // A ceiling beyond the bound (persisted from a poisoned clock) is
         // ignored the same way: the wall clock is what versions follow.
-        let ceiling = if bound.check(Version::new(ceiling, 0), now_ms).is_ok() {
+        let ceiling = if bound.check_stored(Version::new(ceiling, 0), now_ms).is_ok() {
             ceiling
         } else {
             tracing::error!(
@@ -280,7 +286,7 @@ impl ReplicaStore {
 
     fn check_held(&self, key: &str, version: Version) -> Result<()> {
         self.bound
-            .check_now(version)
+            .check_stored(version, wall_clock_ms())
             .map_err(|why| Error::CorruptRecord {
                 key: key.to_string(),
                 why: format!("stored {why}"),
@@ -446,7 +452,7 @@ impl ReplicaStore {
                 None
             }
             Ok(Some(held)) if self.check_held(key, held.version).is_err() => {
-                tracing::warn!(key, version = %held.version, "overwriting a record beyond the clock-skew bound");
+                tracing::warn!(key, version = %held.version, "overwriting a record with an impossible version");
                 // Its digest contribution must still be removed.
                 return self.replace_future_record(key, &stored, held, record);
             }
@@ -629,6 +635,53 @@ mod tests {
         let next = replica.next_version().expect("tick");
         assert!(next > first);
         assert_eq!(next, Version::new(ahead.lamport + 1, 1));
+    }
+
+    #[test]
+    fn a_restart_never_reissues_a_version_after_merging_a_clock_far_ahead() {
+        // Review finding: a peer 55 s ahead pushed the persisted ceiling
+        // beyond the skew bound; ignoring it at start-up let the node issue
+        // a version it had issued before.
+        let storage = Arc::new(MemoryStorage::new());
+        let replica =
+            ReplicaStore::open(1, storage.clone(), ring(), SkewBound::default()).expect("open");
+        let ahead = Version::new(crate::clock::hlc_of_ms(wall_clock_ms() + 55_000), 9);
+        assert!(replica.observe(ahead));
+        let stored = replica.next_version().expect("tick");
+        replica
+            .write_if_newer("held", &Record::value(stored, &b"v"[..]))
+            .expect("write");
+        let unstored = replica.next_version().expect("tick");
+        drop(replica);
+        let reopened =
+            ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
+        // It may refuse to stamp until the wall clock catches up, but it
+        // never repeats a version.
+        if let Ok(next) = reopened.next_version() {
+            assert!(next > unstored, "{next} repeats or precedes {unstored}");
+        }
+    }
+
+    #[test]
+    fn a_genuine_record_beyond_the_bound_still_wins_over_older_versions() {
+        // Review finding: after the wall clock stepped back, a real record
+        // looked like a future one and an older version replaced it.
+        let storage = Arc::new(MemoryStorage::new());
+        let newer = Record::value(
+            Version::new(crate::clock::hlc_of_ms(wall_clock_ms() + 2_000), 9),
+            &b"new"[..],
+        );
+        storage.put(&storage_key("k"), &newer).expect("put");
+        let replica = ReplicaStore::open(1, storage, ring(), SkewBound::new(1_000)).expect("open");
+        assert_eq!(replica.stats().future_records, 0);
+        let older = Record::value(
+            Version::new(crate::clock::hlc_of_ms(wall_clock_ms()), 9),
+            &b"old"[..],
+        );
+        let outcome = replica.write_if_newer("k", &older).expect("write");
+        assert!(!outcome.applied);
+        assert_eq!(outcome.held, newer.version);
+        assert_eq!(replica.read("k").expect("read"), Some(newer));
     }
 
     #[test]

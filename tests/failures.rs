@@ -329,7 +329,7 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
             "--anti-entropy-interval",
             "1",
             "--tombstone-grace",
-            "2",
+            "3",
             "--max-hint-age-secs",
             "1",
             "--max-clock-skew-ms",

@@ -24,7 +24,7 @@ const FAST_GC: &[&str] = &[
     "--max-hint-age-secs",
     "1",
     "--tombstone-grace",
-    "2",
+    "3",
     "--max-clock-skew-ms",
     "500",
 ];
