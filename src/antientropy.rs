@@ -293,31 +293,39 @@ impl AntiEntropy {
             range: range as u32,
             range_count,
         };
-        let their_entries: Vec<RangeEntry> =
-            call_within(self.rpc_timeout, client.range_entries(entries))
-                .await?
-                .entries
-                .into_iter()
-                .filter_map(|e| {
-                    // An entry beyond the skew bound is neither pulled nor
-                    // answered with a push: the peer must not spread it.
-                    let version =
-                        pb::version_from(e.version, self.peers.skew_bound(), "entry version")
-                            .ok()?;
-                    Some(RangeEntry {
-                        key: e.key,
-                        version,
-                        tombstone: e.tombstone,
-                        deleted_at_ms: e.deleted_at_ms,
-                    })
+        let listed = call_within(self.rpc_timeout, client.range_entries(entries))
+            .await?
+            .entries;
+        let listed_count = listed.len();
+        let their_entries: Vec<RangeEntry> = listed
+            .into_iter()
+            .filter_map(|e| {
+                // An entry beyond the skew bound is neither pulled nor
+                // answered with a push: the peer must not spread it.
+                let version =
+                    pb::version_from(e.version, self.peers.skew_bound(), "entry version").ok()?;
+                Some(RangeEntry {
+                    key: e.key,
+                    version,
+                    tombstone: e.tombstone,
+                    deleted_at_ms: e.deleted_at_ms,
                 })
-                .collect();
+            })
+            .collect();
         let my_entries = self
             .replica
             .range_entries(range)
             .map_err(|e| e.to_string())?;
         let plan = plan(&my_entries, &their_entries, self.collectable(now_ms()));
-        self.copy(peer, plan).await
+        let copied = self.copy(peer, plan).await?;
+        let refused = listed_count - their_entries.len();
+        if refused > 0 {
+            // Not a complete exchange: a replacement must not count it.
+            return Err(format!(
+                "{refused} of the peer's entries were beyond --max-clock-skew-ms and not copied"
+            ));
+        }
+        Ok(copied)
     }
 
     async fn copy(&self, peer: &str, plan: SyncPlan) -> Result<u64, String> {
@@ -328,7 +336,9 @@ impl AntiEntropy {
         let mut copied = 0;
         let mut failed: Vec<String> = Vec::new();
         for chunk in plan.pull.chunks(COPY_CONCURRENCY) {
-            let reads = chunk.iter().map(|key| remote.read(key, self.rpc_timeout));
+            let reads = chunk
+                .iter()
+                .map(|key| remote.read_for_repair(key, self.rpc_timeout));
             for (key, result) in chunk.iter().zip(futures::future::join_all(reads).await) {
                 match result {
                     Ok(Some(record)) => {

@@ -263,10 +263,12 @@ impl HybridClock {
     }
 
     /// The ceiling to persist for a clock at `timestamp` when the wall clock
-    /// reads `now_ms`: a lease ahead of whichever is later.
+    /// reads `now_ms`: a lease ahead of the wall clock (never below the
+    /// timestamp itself). Not a lease ahead of the timestamp: after a restart
+    /// the clock resumes *at* its old ceiling, and a ceiling counted from
+    /// there would move a lease further ahead of wall time with every crash.
     fn ceiling_for(&self, timestamp: u64, now_ms: u64) -> Option<u64> {
-        let base_ms = now_ms.max(timestamp >> LOGICAL_BITS);
-        let ceiling = base_ms
+        let ceiling = now_ms
             .checked_add(self.bound.ceiling_lease_ms())?
             .checked_mul(1 << LOGICAL_BITS)?;
         Some(ceiling.max(timestamp))
@@ -493,6 +495,27 @@ mod tests {
         // Data newer than the ceiling (observed from peers) also counts.
         let mut after = HybridClock::recover(7, durable, durable + 50, SkewBound::default());
         assert_eq!(after.tick(T0).expect("tick").version.lamport, durable + 51);
+    }
+
+    #[test]
+    fn repeated_crashes_do_not_push_the_clock_ahead_of_wall_time() {
+        // Each restart resumes at the persisted ceiling; the next ceiling
+        // must come from the wall clock, or every crash adds a lease.
+        let bound = SkewBound::default();
+        let mut ceiling = 0;
+        for crash in 0..20u64 {
+            let now = T0 + crash * 100;
+            let mut clock = HybridClock::recover(1, ceiling, 0, bound);
+            let tick = clock.tick(now).expect("a restarted clock still ticks");
+            if let Some(c) = tick.persist_ceiling {
+                ceiling = c;
+            }
+            assert!(
+                tick.version.physical_ms() <= now + bound.ceiling_lease_ms(),
+                "crash {crash}: {} ms ahead",
+                tick.version.physical_ms() - now
+            );
+        }
     }
 
     #[test]

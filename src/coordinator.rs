@@ -406,7 +406,16 @@ pub struct Coordinator {
     hinter: Hinter,
     /// Reads that had to repair their answer to W replicas before answering.
     blocking_repairs: AtomicU64,
+    /// Per-key (striped) order of writes this node coordinates: a write is
+    /// stamped only after the previous write to its key here was decided,
+    /// so this node's own writes to a hot key never overtake each other at
+    /// a replica (which would supersede the older one). Async mutexes: held
+    /// across the write round.
+    write_order: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of [`Coordinator::write_order`].
+const WRITE_ORDER_STRIPES: usize = 4096;
 
 impl Coordinator {
     #[allow(clippy::too_many_arguments)]
@@ -443,6 +452,9 @@ impl Coordinator {
             liveness,
             hinter,
             blocking_repairs: AtomicU64::new(0),
+            write_order: (0..WRITE_ORDER_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -586,6 +598,8 @@ impl Coordinator {
         value: Option<Bytes>,
         consistency: Consistency,
     ) -> Result<WriteAck> {
+        let stripe = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize % WRITE_ORDER_STRIPES;
+        let _in_order = self.write_order[stripe].lock().await;
         let replicas = self.replicas_for(key)?;
         let needed = consistency.required(replicas.len());
         let mut version = self.local.next_version()?;

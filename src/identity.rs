@@ -18,7 +18,12 @@
 //! until it has completed one full anti-entropy pass with every such peer.
 //! The state is persisted, so a crash during the catch-up resumes it.
 //! Peers record the instance they know at each address, durably, and adopt
-//! a new one only once it says it serves reads.
+//! a new one only once it says it serves reads. A node learns only from the
+//! answers to its *own* heartbeats, sent to the address it dialled: a ping
+//! it receives could claim any sender, so it only prompts a heartbeat back.
+//! A fresh node whose peer never answers (a new cluster where one member
+//! never starts) opens once at least half its peers answered and the rest
+//! are believed down.
 //!
 //! [`ReadGate`] is the pure state machine; [`Identity`] persists it.
 
@@ -91,6 +96,22 @@ impl ReadGate {
             }
             heard.insert(peer.to_string());
             if peers.is_subset(heard) {
+                *self = ReadGate::Open;
+            }
+        }
+    }
+
+    /// Opens an unverified gate once at least half the peers said they
+    /// knew no other instance here and every other peer is believed down
+    /// (`down`): a new cluster whose member never starts must still serve
+    /// reads. A catch-up is not excused this way: a peer that is down may
+    /// hold the only other copy of a write the lost instance acknowledged.
+    pub fn settle(&mut self, down: &BTreeSet<String>, peers: &BTreeSet<String>) {
+        if let ReadGate::Unverified { heard } = self {
+            let answered = heard.intersection(peers).count();
+            if answered * 2 >= peers.len()
+                && peers.iter().all(|p| heard.contains(p) || down.contains(p))
+            {
                 *self = ReadGate::Open;
             }
         }
@@ -230,6 +251,12 @@ impl Identity {
         self.update(|gate, peers| gate.heard(peer, known, me, peers))
     }
 
+    /// The failure detector believes `down` are down (see
+    /// [`ReadGate::settle`]).
+    pub fn settle(&self, down: &BTreeSet<String>) -> Result<()> {
+        self.update(|gate, peers| gate.settle(down, peers))
+    }
+
     /// A full anti-entropy exchange with `peer` completed.
     pub fn synced(&self, peer: &str) -> Result<()> {
         self.update(|gate, peers| gate.synced(peer, peers))
@@ -288,6 +315,28 @@ mod tests {
         assert!(gate.refusal(&all).is_some());
         gate.heard("b", 7, 7, &all);
         assert_eq!(gate, ReadGate::Open);
+    }
+
+    #[test]
+    fn a_fresh_node_is_not_held_back_by_a_peer_that_never_starts() {
+        let all = peers(&["a", "b", "c", "d"]);
+        let mut gate = ReadGate::from_code(1);
+        gate.heard("a", 0, 7, &all);
+        gate.settle(&peers(&["b", "c", "d"]), &all);
+        assert!(
+            gate.refusal(&all).is_some(),
+            "one answer of four is too few"
+        );
+        gate.heard("b", 0, 7, &all);
+        gate.settle(&peers(&["d"]), &all);
+        assert!(gate.refusal(&all).is_some(), "c is neither heard nor down");
+        gate.settle(&peers(&["c", "d"]), &all);
+        assert_eq!(gate, ReadGate::Open);
+        // A catch-up waits for every peer, down or not.
+        let mut gate = ReadGate::from_code(2);
+        gate.synced("a", &all);
+        gate.settle(&peers(&["b", "c", "d"]), &all);
+        assert!(matches!(gate, ReadGate::CatchingUp { .. }));
     }
 
     #[test]

@@ -435,17 +435,45 @@ pub fn describe_status(status: &tonic::Status) -> String {
 }
 
 impl ReplicaHandle {
-    /// What this replica holds for `key`, or why it could not say in time.
+    /// What this replica holds for `key`, or why it could not say in time:
+    /// an answer that counts towards a read quorum.
     pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Record>, ReplicaError> {
+        self.read_with(key, timeout, false).await
+    }
+
+    /// What this replica holds for `key`, to copy by version (anti-entropy):
+    /// answered even by a replica still catching up.
+    pub async fn read_for_repair(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<Record>, ReplicaError> {
+        self.read_with(key, timeout, true).await
+    }
+
+    async fn read_with(
+        &self,
+        key: &str,
+        timeout: Duration,
+        for_repair: bool,
+    ) -> Result<Option<Record>, ReplicaError> {
         match &self.target {
-            ReplicaTarget::Local(store) => store.read_for_quorum(key).map_err(|e| match e {
-                Error::InvalidArgument(why) => ReplicaError::Rejected(why),
-                other => ReplicaError::Failed(other.to_string()),
-            }),
+            ReplicaTarget::Local(store) => {
+                let read = if for_repair {
+                    store.read(key)
+                } else {
+                    store.read_for_quorum(key)
+                };
+                read.map_err(|e| match e {
+                    Error::InvalidArgument(why) => ReplicaError::Rejected(why),
+                    other => ReplicaError::Failed(other.to_string()),
+                })
+            }
             ReplicaTarget::Remote(pipe) => {
                 let (answer, answered) = oneshot::channel();
                 let request = pb::ReplicaReadRequest {
                     key: key.to_string(),
+                    for_repair,
                 };
                 match tokio::time::timeout(
                     timeout,

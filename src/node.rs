@@ -77,6 +77,9 @@ pub struct Node {
     clock_skews: Mutex<std::collections::HashMap<String, i64>>,
     /// Member and instance ids, and whether replica reads are answered.
     identity: Arc<Identity>,
+    /// Members being pinged back (see [`Node::ping_back`]); std mutex: held
+    /// for one set operation.
+    pinging_back: Mutex<HashSet<String>>,
     /// Cancelled once the first round of heartbeats has ended: health
     /// turns SERVING then, when peers have heard who this node is.
     first_heartbeats: CancellationToken,
@@ -262,6 +265,7 @@ impl Node {
             anti_entropy,
             clock_skews: Mutex::default(),
             identity,
+            pinging_back: Mutex::default(),
             first_heartbeats: CancellationToken::new(),
         }))
     }
@@ -328,6 +332,14 @@ impl Node {
                 node.first_heartbeats.cancel();
                 let now = Instant::now();
                 let mut liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
+                let down: std::collections::BTreeSet<String> = peers
+                    .iter()
+                    .filter(|p| !liveness.is_up(p, now))
+                    .cloned()
+                    .collect();
+                if let Err(why) = node.identity.settle(&down) {
+                    tracing::warn!(%why, "cannot record the read gate");
+                }
                 for (address, result) in peers.iter().zip(results) {
                     match result {
                         Ok(()) => liveness.heartbeat(address, now),
@@ -384,10 +396,14 @@ impl Node {
                 "a peer's clock is more than half --max-clock-skew-ms away from this node's; check NTP on both hosts"
             );
         }
-        self.identity
-            .learn_peer(address, answer.instance_id, answer.serves_reads)
-            .and_then(|_| self.identity.heard(address, answer.known_instance_id))
-            .map_err(|e| e.to_string())?;
+        // An answer without an instance id (a node of an older version)
+        // tells nothing about who was here.
+        if answer.instance_id != 0 {
+            self.identity
+                .learn_peer(address, answer.instance_id, answer.serves_reads)
+                .and_then(|_| self.identity.heard(address, answer.known_instance_id))
+                .map_err(|e| e.to_string())?;
+        }
         if !self
             .replica
             .observe(Version::new(answer.hlc, answer.node_id))
@@ -399,6 +415,28 @@ impl Node {
             );
         }
         Ok(())
+    }
+
+    /// Sends `address` a heartbeat now, in the background, unless one sent
+    /// this way is still in flight.
+    fn ping_back(self: &Arc<Self>, address: &str) {
+        {
+            let mut pinging = self.pinging_back.lock().unwrap_or_else(|p| p.into_inner());
+            if !pinging.insert(address.to_string()) {
+                return;
+            }
+        }
+        let (node, address) = (self.clone(), address.to_string());
+        tokio::spawn(async move {
+            let timeout = node.config.heartbeat_interval();
+            if let Err(why) = node.ping(&address, timeout).await {
+                tracing::debug!(peer = %address, %why, "ping back failed");
+            }
+            node.pinging_back
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&address);
+        });
     }
 
     /// Every `--anti-entropy-interval` seconds, syncs with each live peer and
@@ -428,7 +466,11 @@ impl Node {
     /// `Replica.Read` on this node's store.
     fn replica_read(&self, request: pb::ReplicaReadRequest) -> Result<pb::ReplicaReadResponse> {
         self.limits.check_key(&request.key)?;
-        let record = self.replica.read_for_quorum(&request.key)?;
+        let record = if request.for_repair {
+            self.replica.read(&request.key)?
+        } else {
+            self.replica.read_for_quorum(&request.key)?
+        };
         Ok(pb::ReplicaReadResponse {
             record: record.as_ref().map(pb::Record::from),
         })
@@ -1142,20 +1184,20 @@ impl pb::replica_server::Replica for ReplicaService {
         let request = request.into_inner();
         // A sender's clock beyond the skew bound is simply not merged.
         node.replica.observe(Version::new(request.hlc, 0));
+        // The sender could be anyone claiming a member's address: learn
+        // nothing from it. A node not yet answering reads pings that member
+        // back at once instead (one at a time per member), and learns from
+        // the answer of the address it dialled.
         let is_member = node
             .ring
             .members()
             .iter()
             .any(|m| m.address == request.from);
-        let known = if is_member && request.instance_id != 0 {
-            let known = node.identity.learn_peer(
-                &request.from,
-                request.instance_id,
-                request.serves_reads,
-            )?;
-            node.identity
-                .heard(&request.from, request.known_instance_id)?;
-            known
+        if is_member && node.identity.read_refusal().is_some() {
+            node.ping_back(&request.from);
+        }
+        let known = if is_member {
+            node.identity.known_instance(&request.from)?
         } else {
             0
         };

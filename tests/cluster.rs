@@ -279,7 +279,10 @@ async fn replica_holds(
     let reply = cluster
         .replica(node)
         .await
-        .read(pb::ReplicaReadRequest { key: key.into() })
+        .read(pb::ReplicaReadRequest {
+            key: key.into(),
+            ..Default::default()
+        })
         .await
         .expect("replica read")
         .into_inner();

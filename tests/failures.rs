@@ -98,7 +98,10 @@ async fn replica_version(
     let reply = cluster
         .replica(node)
         .await
-        .read(pb::ReplicaReadRequest { key: key.into() })
+        .read(pb::ReplicaReadRequest {
+            key: key.into(),
+            ..Default::default()
+        })
         .await
         .expect("replica read")
         .into_inner();
@@ -584,7 +587,10 @@ async fn replica_value(
     within: Duration,
 ) -> Result<Option<Vec<u8>>, String> {
     let mut replica = cluster.replica(node).await;
-    let read = replica.read(pb::ReplicaReadRequest { key: key.into() });
+    let read = replica.read(pb::ReplicaReadRequest {
+        key: key.into(),
+        ..Default::default()
+    });
     match tokio::time::timeout(within, read).await {
         Ok(Ok(reply)) => Ok(reply
             .into_inner()

@@ -27,7 +27,10 @@ async fn held_by(cluster: &TestCluster, i: usize, key: &str) -> Option<Version> 
     cluster
         .replica(i)
         .await
-        .read(pb::ReplicaReadRequest { key: key.into() })
+        .read(pb::ReplicaReadRequest {
+            key: key.into(),
+            ..Default::default()
+        })
         .await
         .expect("replica read")
         .into_inner()

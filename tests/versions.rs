@@ -35,7 +35,10 @@ async fn held(cluster: &TestCluster, node: usize, key: &str) -> Option<(Version,
     let reply = cluster
         .replica(node)
         .await
-        .read(pb::ReplicaReadRequest { key: key.into() })
+        .read(pb::ReplicaReadRequest {
+            key: key.into(),
+            ..Default::default()
+        })
         .await
         .expect("replica read")
         .into_inner();
@@ -368,6 +371,7 @@ async fn a_replaced_node_answers_no_reads_until_it_caught_up() {
         .await
         .read(pb::ReplicaReadRequest {
             key: keys[0].clone(),
+            ..Default::default()
         })
         .await
         .expect_err("a replacement answers no replica read yet");
@@ -399,6 +403,7 @@ async fn a_replaced_node_answers_no_reads_until_it_caught_up() {
             .await
             .read(pb::ReplicaReadRequest {
                 key: keys[0].clone(),
+                ..Default::default()
             })
             .await;
         if read.is_ok() {
