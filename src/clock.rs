@@ -145,9 +145,12 @@ impl SkewBound {
     }
 
     /// The lease a clock under this bound persists its ceiling for: a
-    /// quarter of the bound, at most 10 s and at least 1 ms.
+    /// quarter of the bound, at most 2 s and at least 1 ms. A restarted node
+    /// resumes at its ceiling, up to a lease ahead of wall time, and
+    /// heartbeats carry that to its peers: a short lease keeps the cluster's
+    /// clocks close to wall time, for one small background fsync a second.
     pub fn ceiling_lease_ms(&self) -> u64 {
-        (self.max_skew_ms / 4).clamp(1, 10_000)
+        (self.max_skew_ms / 4).clamp(1, 2_000)
     }
 }
 
