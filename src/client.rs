@@ -390,13 +390,19 @@ fn with_deadline<T>(message: T, deadline: u64) -> tonic::Request<T> {
 }
 
 /// Whether a failed call provably never reached the node: the connection
-/// could not be made (refused, no route, connect timeout), so no request
-/// left this process. tonic marks those with [`tonic::ConnectError`] in the
-/// status's source chain.
+/// could not be made (refused, no route, connect timeout; tonic marks those
+/// with [`tonic::ConnectError`] in the status's source chain), or hyper
+/// canceled the request before dispatching it because the connection had
+/// closed (the first request on a connection to a node that was just
+/// killed): no request left this process.
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
     while let Some(error) = source {
-        if error.is::<tonic::ConnectError>() {
+        if error.is::<tonic::ConnectError>()
+            || error
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+        {
             return true;
         }
         source = error.source();

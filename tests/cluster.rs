@@ -523,13 +523,26 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     kv.put(put_request("keep", "original"))
         .await
         .expect("valid put");
-    let before = cluster
-        .cluster(1)
-        .await
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
+    // The put is acknowledged by two replicas; wait (bounded) until the
+    // third has it too, so the counts compared below are settled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let before = loop {
+        let status = cluster.status(1).await;
+        let live: u64 = status
+            .members
+            .iter()
+            .filter_map(|m| m.stats.as_ref())
+            .map(|s| s.live_keys)
+            .sum();
+        if live == 3 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the third replica never got the put"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     let long_key = "k".repeat(1025);
     let big_value = vec![7u8; 1024 * 1024 + 1];
