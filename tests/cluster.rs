@@ -276,18 +276,9 @@ async fn replica_holds(
     node: usize,
     key: &str,
 ) -> Option<(Version, Vec<u8>)> {
-    let reply = cluster
-        .replica(node)
+    cluster
+        .replica_record(node, key)
         .await
-        .read(pb::ReplicaReadRequest {
-            key: key.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("replica read")
-        .into_inner();
-    reply
-        .record
         .map(|r| (version_of(r.version), r.value.to_vec()))
 }
 

@@ -95,20 +95,8 @@ async fn replica_version(
     node: usize,
     key: &str,
 ) -> Option<dkvs::clock::Version> {
-    let reply = cluster
-        .replica(node)
-        .await
-        .read(pb::ReplicaReadRequest {
-            key: key.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("replica read")
-        .into_inner();
-    reply
-        .record
-        .and_then(|r| r.version)
-        .map(|v| dkvs::clock::Version::new(v.lamport, v.node_id))
+    let v = cluster.replica_record(node, key).await?.version?;
+    Some(dkvs::clock::Version::new(v.lamport, v.node_id))
 }
 
 async fn hint_totals(cluster: &TestCluster, observer: usize) -> (u64, u64) {

@@ -25,16 +25,8 @@ fn request(key: &str, value: &str, consistency: pb::Consistency) -> pb::PutReque
 /// The version node `i`'s own store holds for `key` (internal Replica.Read).
 async fn held_by(cluster: &TestCluster, i: usize, key: &str) -> Option<Version> {
     cluster
-        .replica(i)
+        .replica_record(i, key)
         .await
-        .read(pb::ReplicaReadRequest {
-            key: key.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("replica read")
-        .into_inner()
-        .record
         .map(|r| version_of(r.version))
 }
 

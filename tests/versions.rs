@@ -32,20 +32,9 @@ const FAST_GC: &[&str] = &[
 /// What node `node` holds for `key`: `None`, or the version and whether
 /// it is a tombstone.
 async fn held(cluster: &TestCluster, node: usize, key: &str) -> Option<(Version, bool)> {
-    let reply = cluster
-        .replica(node)
-        .await
-        .read(pb::ReplicaReadRequest {
-            key: key.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("replica read")
-        .into_inner();
-    reply.record.and_then(|r| {
-        r.version
-            .map(|v| (Version::new(v.lamport, v.node_id), r.tombstone))
-    })
+    let record = cluster.replica_record(node, key).await?;
+    let v = record.version?;
+    Some((Version::new(v.lamport, v.node_id), record.tombstone))
 }
 
 /// Waits (bounded) until node `node` has run `rounds` more anti-entropy

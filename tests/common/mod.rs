@@ -343,6 +343,21 @@ impl TestCluster {
         pb::replica_client::ReplicaClient::new(channel(&self.nodes[i].address).await)
     }
 
+    /// What node `i`'s own store holds for `key` (internal `Replica.Read`,
+    /// bypassing quorums), if anything.
+    pub async fn replica_record(&self, i: usize, key: &str) -> Option<pb::Record> {
+        self.replica(i)
+            .await
+            .read(pb::ReplicaReadRequest {
+                key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("replica read")
+            .into_inner()
+            .record
+    }
+
     pub async fn cluster(&self, i: usize) -> pb::cluster_client::ClusterClient<Channel> {
         pb::cluster_client::ClusterClient::new(channel(&self.nodes[i].address).await)
     }
