@@ -97,6 +97,11 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = 100_000)]
     pub max_hints: u64,
 
+    /// Most bytes of hints this node holds (besides --max-hints): a hint
+    /// that would exceed it is refused, and anti-entropy repairs its replica.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_hint_bytes: u64,
+
     /// Hints older than this many seconds are dropped instead of delivered
     /// (anti-entropy repairs what they carried).
     #[arg(long, default_value_t = 3 * 3600)]

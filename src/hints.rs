@@ -5,9 +5,17 @@
 //! beyond the key's preference list to keep the write as a *hint* for that
 //! replica. The hint holder persists it and, once its failure detector sees
 //! the replica up again, delivers it (an ordinary write-if-newer) and deletes
-//! it. Hints are bounded in number (`--max-hints`) and age
-//! (`--max-hint-age-secs`): a replica down longer than that is brought up to
-//! date by anti-entropy instead.
+//! it. Hints are bounded in number (`--max-hints`), bytes
+//! (`--max-hint-bytes`) and age (`--max-hint-age-secs`): a replica down
+//! longer than that is brought up to date by anti-entropy instead.
+//!
+//! Nothing blocks the queue of a target: a hint that cannot be read or
+//! decoded, whose version is beyond the skew bound, or that the target
+//! rejects (it answers INVALID_ARGUMENT) is dropped with a log line, and
+//! anti-entropy repairs what it carried. Only a target that cannot be
+//! reached pauses delivery, to be retried the next round. Opening the store
+//! lists hint ids and sizes only ([`Storage::hint_ids`]): start-up reads no
+//! hint, however many are held.
 //!
 //! Hints never count towards W for ONE, QUORUM or ALL — a hint is not a
 //! replica a read would consult, so counting it would break the no-stale-read
@@ -19,7 +27,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::clock::NodeId;
+use crate::clock::{NodeId, SkewBound};
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::storage::Storage;
@@ -98,52 +106,136 @@ fn hint_id(target: NodeId, sequence: u64) -> Vec<u8> {
     id
 }
 
+/// The target and sequence number in a hint id (`None`: not 16 bytes).
+fn parse_id(id: &[u8]) -> Option<(NodeId, u64)> {
+    let target = u64::from_be_bytes(id.get(..8)?.try_into().ok()?);
+    let sequence = u64::from_be_bytes(id.get(8..)?.try_into().ok()?);
+    Some((target, sequence))
+}
+
+/// What bounds the hints a node holds and delivers.
+#[derive(Clone, Copy, Debug)]
+pub struct HintBounds {
+    /// Most hints held at once (`--max-hints`).
+    pub max_hints: u64,
+    /// Most bytes of hints held at once (`--max-hint-bytes`).
+    pub max_bytes: u64,
+    /// Hints older than this are dropped, not delivered.
+    pub max_age: Duration,
+    /// The bound every version passes: a hint whose version is beyond it
+    /// when delivered is dropped.
+    pub skew: SkewBound,
+}
+
+/// A hint as held on disk: its storage id and size besides the hint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredHint {
+    /// Storage id (see [`hint_id`]).
+    pub id: Vec<u8>,
+    /// Bytes stored under the id.
+    pub bytes: u64,
+    /// The hint.
+    pub hint: Hint,
+}
+
+/// A hint as read from the engine: id, size, and its bytes or why they
+/// cannot be read.
+type ReadHint = (Vec<u8>, u64, std::result::Result<Vec<u8>, String>);
+
+/// Hints and bytes held for one target.
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    /// Hints held.
+    hints: u64,
+    /// Bytes of those hints.
+    bytes: u64,
+}
+
+/// What the store holds, per target and in all.
+#[derive(Debug, Default)]
+struct Pending {
+    /// Per target.
+    targets: HashMap<NodeId, Held>,
+    /// Sum over all targets.
+    total: Held,
+}
+
+impl Pending {
+    fn add(&mut self, target: NodeId, bytes: u64) {
+        let held = self.targets.entry(target).or_default();
+        held.hints += 1;
+        held.bytes += bytes;
+        self.total.hints += 1;
+        self.total.bytes += bytes;
+    }
+
+    fn sub(&mut self, target: NodeId, bytes: u64) {
+        if let Some(held) = self.targets.get_mut(&target) {
+            held.hints = held.hints.saturating_sub(1);
+            held.bytes = held.bytes.saturating_sub(bytes);
+            if held.hints == 0 {
+                self.targets.remove(&target);
+            }
+        }
+        self.total.hints = self.total.hints.saturating_sub(1);
+        self.total.bytes = self.total.bytes.saturating_sub(bytes);
+    }
+}
+
 /// This node's persisted hints, with in-memory counts per target.
 pub struct HintStore {
     /// Where hints live (beside the records, in the storage engine).
     storage: Arc<dyn Storage>,
     /// Next sequence number.
     next_sequence: AtomicU64,
-    /// Hints held per target (std mutex: held for a map update).
-    pending: Mutex<HashMap<NodeId, u64>>,
-    /// Most hints held at once.
-    max_hints: u64,
-    /// Hints older than this are dropped, not delivered.
-    pub max_age: Duration,
+    /// Hints and bytes held (std mutex: held for a map update, never
+    /// across storage calls or `.await`).
+    pending: Mutex<Pending>,
+    /// Count, size, age and version bounds.
+    bounds: HintBounds,
     /// Hints delivered since start.
     delivered: AtomicU64,
 }
 
 impl HintStore {
-    /// Opens the store, counting the hints already on disk.
-    pub fn open(storage: Arc<dyn Storage>, max_hints: u64, max_age: Duration) -> Result<Self> {
-        let mut pending: HashMap<NodeId, u64> = HashMap::new();
+    /// Opens the store, counting the hints already on disk from their ids
+    /// and sizes alone: no hint is read.
+    pub fn open(storage: Arc<dyn Storage>, bounds: HintBounds) -> Result<Self> {
+        let mut pending = Pending::default();
         let mut max_sequence = 0u64;
-        for (id, _) in storage.hints(&[], usize::MAX)? {
-            if id.len() == 16 {
-                let target = u64::from_be_bytes(id[..8].try_into().unwrap_or_default());
-                let sequence = u64::from_be_bytes(id[8..].try_into().unwrap_or_default());
-                *pending.entry(target).or_default() += 1;
-                max_sequence = max_sequence.max(sequence);
+        for (id, bytes) in storage.hint_ids(&[], usize::MAX)? {
+            match parse_id(&id) {
+                Some((target, sequence)) => {
+                    pending.add(target, bytes);
+                    max_sequence = max_sequence.max(sequence);
+                }
+                None => {
+                    tracing::warn!(id = ?id, "dropping a hint with a malformed id");
+                    storage.delete_hint(&id)?;
+                }
             }
         }
         Ok(Self {
             storage,
             next_sequence: AtomicU64::new(max_sequence + 1),
             pending: Mutex::new(pending),
-            max_hints,
-            max_age,
+            bounds,
             delivered: AtomicU64::new(0),
         })
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, u64>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hints held in all.
     pub fn len(&self) -> u64 {
-        self.pending().values().sum()
+        self.pending().total.hints
+    }
+
+    /// Bytes of hints held in all.
+    pub fn bytes(&self) -> u64 {
+        self.pending().total.bytes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -156,63 +248,139 @@ impl HintStore {
 
     /// Targets with hints waiting.
     pub fn targets(&self) -> Vec<NodeId> {
-        self.pending()
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(t, _)| *t)
-            .collect()
+        self.pending().targets.keys().copied().collect()
     }
 
-    /// Persists a hint; refuses when `--max-hints` are already held.
+    /// Persists a hint; refuses when `--max-hints` are already held, or
+    /// when it would take the bytes held beyond `--max-hint-bytes`.
     pub fn store(&self, hint: &Hint) -> Result<()> {
+        let bytes = hint.encode();
+        let size = bytes.len() as u64;
         {
             let mut pending = self.pending();
-            if pending.values().sum::<u64>() >= self.max_hints {
+            if pending.total.hints >= self.bounds.max_hints {
                 return Err(Error::Unavailable(format!(
                     "hint store full ({} hints, --max-hints)",
-                    self.max_hints
+                    self.bounds.max_hints
                 )));
             }
-            *pending.entry(hint.target).or_default() += 1;
+            if pending.total.bytes.saturating_add(size) > self.bounds.max_bytes {
+                return Err(Error::Unavailable(format!(
+                    "hint store full: a hint of {size} bytes on top of the {} held exceeds --max-hint-bytes ({})",
+                    pending.total.bytes, self.bounds.max_bytes
+                )));
+            }
+            pending.add(hint.target, size);
         }
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
         let stored = self
             .storage
-            .put_hint(&hint_id(hint.target, sequence), &hint.encode())
+            .put_hint(&hint_id(hint.target, sequence), &bytes)
             .and_then(|()| self.storage.flush());
         if let Err(error) = stored {
-            self.forget(hint.target);
+            self.pending().sub(hint.target, size);
             return Err(error);
         }
         Ok(())
     }
 
-    fn forget(&self, target: NodeId) {
-        if let Some(count) = self.pending().get_mut(&target) {
-            *count = count.saturating_sub(1);
-        }
-    }
-
-    /// Up to `limit` of `target`'s hints, oldest first, with their ids.
-    /// Undecodable ones are deleted and skipped.
-    pub fn for_target(&self, target: NodeId, limit: usize) -> Result<Vec<(Vec<u8>, Hint)>> {
+    /// Up to `limit` of `target`'s hints that may be delivered at `now_ms`,
+    /// oldest first. Hints that cannot be delivered are deleted on the way,
+    /// each with a log line, so none blocks the ones behind it: expired
+    /// ones, undecodable ones, and ones whose version is beyond the skew
+    /// bound (impossible, or from a wall clock since stepped back: anti-
+    /// entropy repairs from the replicas that took the write).
+    pub fn for_target(&self, target: NodeId, limit: usize, now_ms: u64) -> Result<Vec<StoredHint>> {
         let mut hints = Vec::new();
-        for (id, bytes) in self.storage.hints(&target.to_be_bytes(), limit)? {
-            match Hint::decode(target, &bytes) {
-                Ok(hint) => hints.push((id, hint)),
+        for (id, size, read) in self.read(target, limit)? {
+            let decoded = read.and_then(|bytes| Hint::decode(target, &bytes));
+            let hint = match decoded {
+                Ok(hint) => hint,
                 Err(why) => {
-                    tracing::warn!(%why, "dropping a corrupt hint");
-                    self.remove(&id, target, false)?;
+                    tracing::warn!(target, %why, "dropping a corrupt hint");
+                    self.delete(&id, target, size, false)?;
+                    continue;
                 }
+            };
+            let stored = StoredHint {
+                id,
+                bytes: size,
+                hint,
+            };
+            if stored.hint.expired(now_ms, self.bounds.max_age) {
+                tracing::debug!(target, key = %stored.hint.key, "dropping an expired hint");
+                self.remove(&stored, false)?;
+                continue;
             }
+            let version = stored.hint.record.version;
+            let checked = self
+                .bounds
+                .skew
+                .check_stored(version, now_ms)
+                .and_then(|()| self.bounds.skew.check(version, now_ms));
+            if let Err(why) = checked {
+                tracing::warn!(target, key = %stored.hint.key, %why, "dropping a hint whose version is out of bounds; anti-entropy will repair the replica");
+                self.remove(&stored, false)?;
+                continue;
+            }
+            hints.push(stored);
         }
         Ok(hints)
     }
 
-    /// Deletes a hint (delivered, or expired).
-    pub fn remove(&self, id: &[u8], target: NodeId, delivered: bool) -> Result<()> {
+    /// Up to `limit` of `target`'s hints as stored: id, size, and bytes or
+    /// why they cannot be read. When the engine finds one corrupt, the
+    /// listing is read again hint by hint, so the others still come through.
+    fn read(&self, target: NodeId, limit: usize) -> Result<Vec<ReadHint>> {
+        let prefix = target.to_be_bytes();
+        match self.storage.hints(&prefix, limit) {
+            Ok(listed) => Ok(listed
+                .into_iter()
+                .map(|(id, bytes)| (id, bytes.len() as u64, Ok(bytes)))
+                .collect()),
+            Err(Error::CorruptRecord { .. }) => {
+                let mut out = Vec::new();
+                for (id, size) in self.storage.hint_ids(&prefix, limit)? {
+                    let read = match self.storage.hints(&id, 1) {
+                        Ok(mut one) => one
+                            .pop()
+                            .map(|(_, bytes)| bytes)
+                            .ok_or_else(|| "hint vanished while read".to_string()),
+                        Err(Error::CorruptRecord { why, .. }) => Err(why),
+                        Err(other) => return Err(other),
+                    };
+                    out.push((id, size, read));
+                }
+                Ok(out)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Deletes every hint held for `target` (no longer a cluster member),
+    /// without reading them. Answers how many there were.
+    pub fn drop_target(&self, target: NodeId) -> Result<u64> {
+        let mut dropped = 0;
+        loop {
+            let ids = self.storage.hint_ids(&target.to_be_bytes(), 1024)?;
+            if ids.is_empty() {
+                return Ok(dropped);
+            }
+            for (id, size) in ids {
+                self.delete(&id, target, size, false)?;
+                dropped += 1;
+            }
+        }
+    }
+
+    /// Deletes a hint (delivered, or not deliverable).
+    pub fn remove(&self, stored: &StoredHint, delivered: bool) -> Result<()> {
+        self.delete(&stored.id, stored.hint.target, stored.bytes, delivered)
+    }
+
+    fn delete(&self, id: &[u8], target: NodeId, size: u64, delivered: bool) -> Result<()> {
         self.storage.delete_hint(id)?;
-        self.forget(target);
+        self.pending().sub(target, size);
         if delivered {
             self.delivered.fetch_add(1, Ordering::Relaxed);
         }
@@ -223,7 +391,7 @@ impl HintStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::Version;
+    use crate::clock::{DEFAULT_MAX_CLOCK_SKEW_MS as DEFAULT_SKEW, IMPOSSIBLE_AHEAD_MS, Version};
     use crate::storage::MemoryStorage;
 
     fn hint(target: NodeId, key: &str, created_ms: u64) -> Hint {
@@ -250,10 +418,24 @@ mod tests {
         assert!(Hint::decode(9, &overrun).is_err());
     }
 
+    /// Bounds loose enough not to matter unless a test sets one.
+    fn bounds(max_hints: u64) -> HintBounds {
+        HintBounds {
+            max_hints,
+            max_bytes: u64::MAX,
+            max_age: Duration::from_secs(60),
+            skew: SkewBound::default(),
+        }
+    }
+
+    fn keys(hints: &[StoredHint]) -> Vec<&str> {
+        hints.iter().map(|s| s.hint.key.as_str()).collect()
+    }
+
     #[test]
     fn store_is_bounded_ordered_per_target_and_survives_reopen() {
         let storage = Arc::new(MemoryStorage::new());
-        let store = HintStore::open(storage.clone(), 3, Duration::from_secs(60)).expect("open");
+        let store = HintStore::open(storage.clone(), bounds(3)).expect("open");
         store.store(&hint(1, "a", 1)).expect("store");
         store.store(&hint(2, "b", 2)).expect("store");
         store.store(&hint(1, "c", 3)).expect("store");
@@ -262,23 +444,202 @@ mod tests {
             "--max-hints reached"
         );
         assert_eq!(store.len(), 3);
-        let for_one: Vec<String> = store
-            .for_target(1, 10)
-            .expect("list")
-            .into_iter()
-            .map(|(_, h)| h.key)
-            .collect();
-        assert_eq!(for_one, ["a", "c"]);
-        let reopened = HintStore::open(storage, 3, Duration::from_secs(60)).expect("reopen");
+        assert_eq!(keys(&store.for_target(1, 10, 5).expect("list")), ["a", "c"]);
+        let reopened = HintStore::open(storage, bounds(3)).expect("reopen");
         assert_eq!(reopened.len(), 3);
-        let (id, first) = reopened.for_target(1, 1).expect("list").remove(0);
-        reopened.remove(&id, first.target, true).expect("remove");
+        assert_eq!(reopened.bytes(), store.bytes());
+        let first = reopened.for_target(1, 1, 5).expect("list").remove(0);
+        reopened.remove(&first, true).expect("remove");
         assert_eq!(reopened.len(), 2);
         assert_eq!(reopened.delivered(), 1);
         reopened.store(&hint(2, "e", 5)).expect("room again");
         let mut targets = reopened.targets();
         targets.sort();
         assert_eq!(targets, [1, 2]);
+        assert_eq!(reopened.drop_target(2).expect("drop"), 2);
+        assert_eq!(reopened.targets(), [1]);
+    }
+
+    /// A memory engine that can refuse to hand out hint values (opening
+    /// the hint store must make do with ids and sizes), and can fail any
+    /// listing that includes one id, as the log engine does when an entry's
+    /// checksum fails.
+    #[derive(Default)]
+    struct Probe {
+        inner: MemoryStorage,
+        values_readable: std::sync::atomic::AtomicBool,
+        corrupt: Option<Vec<u8>>,
+    }
+
+    impl Probe {
+        fn ids_only() -> Self {
+            Self::default()
+        }
+    }
+
+    impl Storage for Probe {
+        fn get(&self, key: &[u8]) -> Result<Option<Record>> {
+            self.inner.get(key)
+        }
+        fn put(&self, key: &[u8], record: &Record) -> Result<()> {
+            self.inner.put(key, record)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn for_each(
+            &self,
+            visit: &mut dyn FnMut(&[u8], &Record),
+            corrupt: &mut dyn FnMut(&[u8], String),
+        ) -> Result<()> {
+            self.inner.for_each(visit, corrupt)
+        }
+        fn scan(
+            &self,
+            from: &[u8],
+            to: Option<&[u8]>,
+            visit: &mut dyn FnMut(&[u8], &Record),
+        ) -> Result<()> {
+            self.inner.scan(from, to, visit)
+        }
+        fn delete(&self, key: &[u8]) -> Result<()> {
+            self.inner.delete(key)
+        }
+        fn get_meta(&self, name: &str) -> Result<Option<u64>> {
+            self.inner.get_meta(name)
+        }
+        fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
+            self.inner.put_meta_durable(name, value)
+        }
+        fn sync(&self) -> Result<()> {
+            Ok(())
+        }
+        fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
+            self.inner.put_hint(id, bytes)
+        }
+        fn delete_hint(&self, id: &[u8]) -> Result<()> {
+            self.inner.delete_hint(id)
+        }
+        fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            assert!(
+                self.values_readable.load(Ordering::Relaxed),
+                "a hint value was read"
+            );
+            let listed = self.inner.hints(prefix, limit)?;
+            if listed
+                .iter()
+                .any(|(id, _)| Some(id) == self.corrupt.as_ref())
+            {
+                return Err(Error::CorruptRecord {
+                    key: "hint".into(),
+                    why: "checksum mismatch".into(),
+                });
+            }
+            Ok(listed)
+        }
+        fn hint_ids(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, u64)>> {
+            self.inner.hint_ids(prefix, limit)
+        }
+    }
+
+    #[test]
+    fn open_and_drop_target_read_no_hint() {
+        let storage = Arc::new(Probe::ids_only());
+        {
+            let store = HintStore::open(storage.clone(), bounds(10)).expect("open");
+            store.store(&hint(1, "a", 1)).expect("store");
+            store.store(&hint(1, "bb", 2)).expect("store");
+            store.store(&hint(2, "c", 3)).expect("store");
+        }
+        let reopened = HintStore::open(storage, bounds(10)).expect("reopen");
+        assert_eq!(reopened.len(), 3);
+        let expected: u64 = [hint(1, "a", 1), hint(1, "bb", 2), hint(2, "c", 3)]
+            .iter()
+            .map(|h| h.encode().len() as u64)
+            .sum();
+        assert_eq!(reopened.bytes(), expected);
+        assert_eq!(reopened.drop_target(1).expect("drop"), 2);
+        assert_eq!(reopened.len(), 1);
+        assert_eq!(reopened.targets(), [2]);
+    }
+
+    #[test]
+    fn bytes_are_bounded_by_max_hint_bytes() {
+        let size = hint(1, "a", 1).encode().len() as u64;
+        let storage = Arc::new(MemoryStorage::new());
+        let store = HintStore::open(
+            storage.clone(),
+            HintBounds {
+                max_bytes: 2 * size,
+                ..bounds(100)
+            },
+        )
+        .expect("open");
+        store.store(&hint(1, "a", 1)).expect("store");
+        store.store(&hint(2, "b", 2)).expect("store");
+        let full = store.store(&hint(1, "c", 3)).expect_err("budget spent");
+        assert!(full.to_string().contains("--max-hint-bytes"), "{full}");
+        let huge = Hint {
+            record: Record::value(Version::new(3, 4), vec![0u8; 3 * size as usize]),
+            ..hint(3, "h", 4)
+        };
+        assert!(store.store(&huge).is_err(), "larger than the whole budget");
+        assert_eq!((store.len(), store.bytes()), (2, 2 * size));
+        let first = store.for_target(1, 1, 5).expect("list").remove(0);
+        store.remove(&first, true).expect("remove");
+        assert_eq!(store.bytes(), size);
+        store.store(&hint(1, "c", 3)).expect("room again");
+    }
+
+    #[test]
+    fn corrupt_expired_and_impossible_hints_are_dropped_not_returned() {
+        let now = 1_700_000_000_000u64;
+        let storage = Arc::new(MemoryStorage::new());
+        let store = HintStore::open(storage.clone(), bounds(10)).expect("open");
+        let at = |ms: u64| Version::new(crate::clock::hlc_of_ms(ms), 4);
+        let fresh = |key: &str, version| Hint {
+            record: Record::value(version, &b"v"[..]),
+            ..hint(1, key, now)
+        };
+        store.store(&fresh("good1", at(now))).expect("store");
+        // Undecodable bytes where a hint should be.
+        storage.put_hint(&hint_id(1, 100), b"garbage").expect("raw");
+        store.pending().add(1, 7);
+        store.store(&hint(1, "expired", 1)).expect("store");
+        // Ahead of the wall clock by more than the skew bound, and by more
+        // than any node can have issued.
+        store
+            .store(&fresh("ahead", at(now + 2 * DEFAULT_SKEW)))
+            .expect("store");
+        store
+            .store(&fresh("impossible", at(now + 2 * IMPOSSIBLE_AHEAD_MS)))
+            .expect("store");
+        store.store(&fresh("good2", at(now))).expect("store");
+        let listed = store.for_target(1, 100, now).expect("list");
+        assert_eq!(keys(&listed), ["good1", "good2"]);
+        assert_eq!(store.len(), 2, "the others are deleted");
+        assert_eq!(storage.hint_ids(&[], 100).expect("ids").len(), 2);
+        let reopened = HintStore::open(storage, bounds(10)).expect("reopen");
+        assert_eq!((reopened.len(), reopened.bytes()), (2, store.bytes()));
+    }
+
+    #[test]
+    fn an_engine_level_corrupt_hint_does_not_hide_the_others() {
+        let storage = Arc::new(Probe {
+            values_readable: true.into(),
+            corrupt: Some(hint_id(1, 2)),
+            ..Probe::default()
+        });
+        for (sequence, key) in [(1, "a"), (2, "bad"), (3, "c")] {
+            storage
+                .put_hint(&hint_id(1, sequence), &hint(1, key, 1).encode())
+                .expect("put");
+        }
+        let store = HintStore::open(storage.clone(), bounds(10)).expect("open");
+        assert_eq!(store.len(), 3);
+        assert_eq!(keys(&store.for_target(1, 10, 5).expect("list")), ["a", "c"]);
+        assert_eq!(store.len(), 2, "the corrupt one is deleted");
+        assert_eq!(keys(&store.for_target(1, 10, 5).expect("list")), ["a", "c"]);
     }
 
     #[test]

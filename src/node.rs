@@ -29,10 +29,10 @@ use crate::config::ServerConfig;
 use crate::coordinator::{Background, Coordinator};
 use crate::error::{Error, Result};
 use crate::failure::FailureDetector;
-use crate::hints::HintStore;
+use crate::hints::{HintBounds, HintStore};
 use crate::identity::Identity;
 use crate::limits::Limits;
-use crate::net::{Dialer, PeerPool, max_message_bytes};
+use crate::net::{Dialer, PeerPool, ReplicaError, max_message_bytes};
 use crate::pb;
 use crate::quorum::Consistency;
 use crate::record::Record;
@@ -94,7 +94,7 @@ fn is_fresh(storage: &dyn Storage) -> Result<bool> {
     }
     let held = std::cell::Cell::new(false);
     storage.for_each_held(&mut |_, _| held.set(true), &mut |_, _| held.set(true))?;
-    Ok(!held.get() && storage.hints(&[], 1)?.is_empty())
+    Ok(!held.get() && storage.hint_ids(&[], 1)?.is_empty())
 }
 
 impl Node {
@@ -216,11 +216,19 @@ impl Node {
         )));
         let hints = Arc::new(HintStore::open(
             storage.clone(),
-            config.max_hints,
-            Duration::from_secs(config.max_hint_age_secs),
+            HintBounds {
+                max_hints: config.max_hints,
+                max_bytes: config.max_hint_bytes,
+                max_age: Duration::from_secs(config.max_hint_age_secs),
+                skew: replica.bound(),
+            },
         )?);
         if !hints.is_empty() {
-            tracing::info!(hints = hints.len(), "hints waiting for delivery");
+            tracing::info!(
+                hints = hints.len(),
+                bytes = hints.bytes(),
+                "hints waiting for delivery"
+            );
         }
         let anti_entropy = Arc::new(AntiEntropy {
             replica: replica.clone(),
@@ -538,19 +546,20 @@ impl Node {
         })
     }
 
-    /// Delivers `target`'s hints, oldest first, while it accepts them.
+    /// Delivers `target`'s hints, oldest first, while it can be reached.
+    /// A hint the target rejects (INVALID_ARGUMENT: say a value over its
+    /// `--max-value-bytes`) is dropped with a log line, so it does not block
+    /// the hints behind it; anti-entropy repairs what it carried. A target
+    /// that fails or times out pauses delivery until the next round.
     async fn deliver_hints(&self, target: NodeId) -> Result<(), String> {
         let Some(member) = self.ring.member(target) else {
             // Not a member any more: nobody to deliver to.
-            for (id, _) in self
-                .hints
-                .for_target(target, usize::MAX)
-                .map_err(|e| e.to_string())?
-            {
-                self.hints
-                    .remove(&id, target, false)
-                    .map_err(|e| e.to_string())?;
-            }
+            let dropped = self.hints.drop_target(target).map_err(|e| e.to_string())?;
+            tracing::info!(
+                target,
+                dropped,
+                "dropped the hints of a node that is not a member"
+            );
             return Ok(());
         };
         if !self
@@ -569,26 +578,30 @@ impl Node {
         loop {
             let batch = self
                 .hints
-                .for_target(target, 256)
+                .for_target(target, 256, crate::hints::now_ms())
                 .map_err(|e| e.to_string())?;
             if batch.is_empty() {
                 return Ok(());
             }
-            let now = crate::hints::now_ms();
-            for (id, hint) in batch {
-                if hint.expired(now, self.hints.max_age) {
-                    self.hints
-                        .remove(&id, target, false)
-                        .map_err(|e| e.to_string())?;
-                    continue;
+            for stored in batch {
+                let hint = &stored.hint;
+                match replica.write(&hint.key, &hint.record, timeout).await {
+                    Ok(_) => self.hints.remove(&stored, true),
+                    Err(ReplicaError::Rejected(why)) => {
+                        tracing::warn!(
+                            replica = %member.address,
+                            key = %hint.key,
+                            version = %hint.record.version,
+                            %why,
+                            "dropping a hint its replica rejects; anti-entropy will repair the replica"
+                        );
+                        self.hints.remove(&stored, false)
+                    }
+                    Err(ReplicaError::Failed(why)) => {
+                        return Err(format!("{}: {why}", member.address));
+                    }
                 }
-                replica
-                    .write(&hint.key, &hint.record, timeout)
-                    .await
-                    .map_err(|why| format!("{}: {why}", member.address))?;
-                self.hints
-                    .remove(&id, target, true)
-                    .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?;
             }
         }
     }

@@ -713,3 +713,72 @@ async fn a_write_fails_over_when_the_first_replica_refuses_connections() {
     }
     client.close().await;
 }
+
+/// A hint for `target` stored on node `holder` through the internal
+/// `Replica.StoreHint`, stamped now.
+async fn store_hint(
+    cluster: &TestCluster,
+    holder: usize,
+    target: usize,
+    key: &str,
+    value: Vec<u8>,
+) {
+    let lamport = dkvs::clock::hlc_of_ms(dkvs::clock::wall_clock_ms());
+    cluster
+        .replica(holder)
+        .await
+        .store_hint(pb::StoreHintRequest {
+            target: cluster.nodes[target].address.clone(),
+            key: key.into(),
+            record: Some(pb::Record {
+                version: Some(pb::Version {
+                    lamport,
+                    node_id: 7,
+                }),
+                tombstone: false,
+                value: value.into(),
+                deleted_at_ms: 0,
+            }),
+        })
+        .await
+        .expect("store hint");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hint_its_target_rejects_does_not_block_the_ones_behind_it() {
+    let mut cluster = TestCluster::start_with(3, &["--hint-delivery-interval-ms", "100"]).await;
+    let (holder, target) = (0, 1);
+    // The target comes back accepting values of at most 100 bytes; the
+    // holder (default limit, 1 MiB) takes a hint of 1000 bytes for it, then
+    // a small one.
+    cluster.kill(target);
+    cluster.add_flags(target, &["--max-value-bytes", "100"]);
+    store_hint(&cluster, holder, target, "hint-too-big", vec![b'x'; 1000]).await;
+    store_hint(&cluster, holder, target, "hint-fine", b"small".to_vec()).await;
+    let before = node_stats(&cluster, holder).await;
+    assert_eq!(before.hints_pending, 2, "{before:?}");
+    cluster.restart(target).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = node_stats(&cluster, holder).await;
+        let delivered = cluster.replica_record(target, "hint-fine").await.is_some();
+        if delivered && now.hints_pending == 0 {
+            assert_eq!(
+                now.hints_delivered,
+                before.hints_delivered + 1,
+                "only the valid hint counts as delivered"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the valid hint was not delivered within 20 s: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        cluster.replica_record(target, "hint-too-big").await,
+        None,
+        "the rejected hint is dropped, not delivered"
+    );
+}

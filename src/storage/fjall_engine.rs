@@ -205,6 +205,19 @@ impl Storage for FjallStorage {
         }
         Ok(out)
     }
+
+    /// The hints keyspace is a standard LSM tree: values sit inline in its
+    /// data blocks, so listing ids streams through them (fjall's `Guard::size`
+    /// reads the value too, except in a key-value separated keyspace), but
+    /// only one value is held at a time, never all of them.
+    fn hint_ids(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, u64)>> {
+        let mut out = Vec::new();
+        for item in self.hints.prefix(prefix).take(limit) {
+            let (id, bytes) = item.into_inner()?;
+            out.push((id.to_vec(), bytes.len() as u64));
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -241,5 +254,19 @@ mod tests {
             .expect("scan");
         assert_eq!(seen.len(), 2);
         assert!(seen[1].1.is_tombstone());
+    }
+
+    #[test]
+    fn hint_ids_list_ids_and_sizes_by_prefix() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = FjallStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        storage.put_hint(b"a1", b"one").expect("hint");
+        storage.put_hint(b"a2", &[7u8; 1000]).expect("hint");
+        storage.put_hint(b"b1", b"x").expect("hint");
+        assert_eq!(
+            storage.hint_ids(b"a", 10).expect("ids"),
+            [(b"a1".to_vec(), 3), (b"a2".to_vec(), 1000)]
+        );
+        assert_eq!(storage.hint_ids(b"", 1).expect("ids").len(), 1);
     }
 }

@@ -127,4 +127,13 @@ impl Storage for MemoryStorage {
             .map(|(id, bytes)| (id.clone(), bytes.clone()))
             .collect())
     }
+
+    fn hint_ids(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, u64)>> {
+        Ok(lock(&self.hints)
+            .range(prefix.to_vec()..)
+            .take_while(|(id, _)| id.starts_with(prefix))
+            .take(limit)
+            .map(|(id, bytes)| (id.clone(), bytes.len() as u64))
+            .collect())
+    }
 }

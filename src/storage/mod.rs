@@ -150,4 +150,19 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Up to `limit` hints whose id starts with `prefix`, in id order.
     fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Up to `limit` hint ids starting with `prefix`, in id order, each with
+    /// the length of the bytes stored under it (exactly as passed to
+    /// [`Storage::put_hint`]). Opening the hint store needs only these: an
+    /// engine that indexes hints in memory answers without reading any hint.
+    ///
+    /// This default is correct for any engine but reads every listed hint,
+    /// and holds them all at once: engines override it.
+    fn hint_ids(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, u64)>> {
+        Ok(self
+            .hints(prefix, limit)?
+            .into_iter()
+            .map(|(id, bytes)| (id, bytes.len() as u64))
+            .collect())
+    }
 }
