@@ -287,9 +287,10 @@ impl HintStore {
     /// Up to `limit` of `target`'s hints that may be delivered at `now_ms`,
     /// oldest first. Hints that cannot be delivered are deleted on the way,
     /// each with a log line, so none blocks the ones behind it: expired
-    /// ones, undecodable ones, and ones whose version is beyond the skew
-    /// bound (impossible, or from a wall clock since stepped back: anti-
-    /// entropy repairs from the replicas that took the write).
+    /// ones, undecodable ones, and ones with an impossible version. A hint
+    /// merely beyond the skew bound (the wall clock stepped back since it
+    /// was taken) ends the batch: it waits, with those behind it, until the
+    /// clock catches up, as it may be a write's only copy.
     pub fn for_target(&self, target: NodeId, limit: usize, now_ms: u64) -> Result<Vec<StoredHint>> {
         let mut hints = Vec::new();
         for (id, size, read) in self.read(target, limit)? {
@@ -313,15 +314,18 @@ impl HintStore {
                 continue;
             }
             let version = stored.hint.record.version;
-            let checked = self
-                .bounds
-                .skew
-                .check_stored(version, now_ms)
-                .and_then(|()| self.bounds.skew.check(version, now_ms));
-            if let Err(why) = checked {
-                tracing::warn!(target, key = %stored.hint.key, %why, "dropping a hint whose version is out of bounds; anti-entropy will repair the replica");
+            if let Err(why) = self.bounds.skew.check_stored(version, now_ms) {
+                tracing::warn!(target, key = %stored.hint.key, %why, "dropping a hint with an impossible version");
                 self.remove(&stored, false)?;
                 continue;
+            }
+            if let Err(why) = self.bounds.skew.check(version, now_ms) {
+                // Genuine, but the wall clock stepped back since it was
+                // taken: the target would refuse it now. It (and the hints
+                // behind it) wait until the clock catches up; it may be
+                // the only copy of a write taken at consistency ANY.
+                tracing::warn!(target, key = %stored.hint.key, %why, "holding a hint until the wall clock catches up");
+                break;
             }
             hints.push(stored);
         }
@@ -606,21 +610,32 @@ mod tests {
         storage.put_hint(&hint_id(1, 100), b"garbage").expect("raw");
         store.pending().add(1, 7);
         store.store(&hint(1, "expired", 1)).expect("store");
-        // Ahead of the wall clock by more than the skew bound, and by more
-        // than any node can have issued.
-        store
-            .store(&fresh("ahead", at(now + 2 * DEFAULT_SKEW)))
-            .expect("store");
+        // Ahead by more than any node can have issued.
         store
             .store(&fresh("impossible", at(now + 2 * IMPOSSIBLE_AHEAD_MS)))
             .expect("store");
         store.store(&fresh("good2", at(now))).expect("store");
+        // Genuine but beyond the skew bound (the wall clock stepped back):
+        // held, with what is behind it, until the clock catches up.
+        let ahead = now + DEFAULT_SKEW + 5_000;
+        store.store(&fresh("ahead", at(ahead))).expect("store");
+        store.store(&fresh("good3", at(now))).expect("store");
         let listed = store.for_target(1, 100, now).expect("list");
         assert_eq!(keys(&listed), ["good1", "good2"]);
-        assert_eq!(store.len(), 2, "the others are deleted");
-        assert_eq!(storage.hint_ids(&[], 100).expect("ids").len(), 2);
-        let reopened = HintStore::open(storage, bounds(10)).expect("reopen");
-        assert_eq!((reopened.len(), reopened.bytes()), (2, store.bytes()));
+        // Expired and impossible are deleted; the garbage (stored last, at
+        // sequence 100) is behind the held hint and not reached yet.
+        assert_eq!(store.len(), 5);
+        assert_eq!(storage.hint_ids(&[], 100).expect("ids").len(), 5);
+        let reopened = HintStore::open(storage.clone(), bounds(10)).expect("reopen");
+        assert_eq!((reopened.len(), reopened.bytes()), (5, store.bytes()));
+        // 5 s later the clock has caught up (and nothing has expired).
+        let later = reopened.for_target(1, 100, now + 5_000).expect("list");
+        assert_eq!(keys(&later), ["good1", "good2", "ahead", "good3"]);
+        assert_eq!(
+            storage.hint_ids(&[], 100).expect("ids").len(),
+            4,
+            "garbage dropped"
+        );
     }
 
     #[test]
