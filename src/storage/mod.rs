@@ -12,6 +12,8 @@
 //! serialises writes per key itself, so any engine with durable point writes
 //! will do.
 
+#[cfg(test)]
+pub mod conformance;
 mod fjall_engine;
 mod log_engine;
 mod memory;
