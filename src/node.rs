@@ -296,6 +296,7 @@ impl Node {
             tombstones_purged: ae.tombstones_purged.load(Ordering::Relaxed),
             future_records: stats.future_records,
             tombstone_gc_skipped: ae.tombstones_skipped.load(Ordering::Relaxed),
+            damaged_entries_skipped: self.storage.damaged_entries_skipped(),
         }
     }
 

@@ -8,12 +8,17 @@
 //! `write(2)` (group commit, [`Storage::flush`]). The whole key set lives in
 //! memory (≈ 140 bytes per key with short keys), the values on disk.
 //!
-//! Entry format, little-endian: `checksum u64 | kind u8 | key_len u32 |
-//! value_len u32 | key | value`, the checksum being xxh3 of everything after
-//! it. Start-up replays the segments in order; a torn entry at the end of the
-//! newest segment (a crash mid-write) is cut off, a bad entry elsewhere is
-//! reported and the rest of that segment skipped (anti-entropy restores it
-//! from other replicas).
+//! Entry format (2), little-endian, after an 8-byte segment header
+//! (`DKVSLG`, version u16): `magic u32 | header_checksum u32 | kind u8 |
+//! key_len u32 | value_len u32 | payload_checksum u64 | key | value`. The
+//! header checksum is seeded with the entry's position, so bytes that look
+//! like an entry anywhere else (inside a value, say) never pass for one.
+//! Start-up replays the segments in order and *resynchronises* after a
+//! damaged entry: past it when its header is intact, else at the next offset
+//! where a whole valid entry starts. So a damaged byte costs the entry it
+//! hits; damage with nothing valid after it at the end of the newest segment
+//! (a crash mid-write) is cut off. Segments of format 1 (no header, one
+//! checksum) stay readable. `docs/STORAGE.md` has the details.
 //!
 //! Segments roll over at 64 MiB. A background thread compacts once dead
 //! entries outweigh live ones by a segment: it copies the live entries of
@@ -35,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{FsyncPolicy, Held, Storage};
 use crate::error::{Error, Result};
@@ -43,8 +48,17 @@ use crate::record::Record;
 
 /// A segment stops growing past this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
-/// checksum (8) + kind (1) + key length (4) + value length (4).
-const HEADER_BYTES: usize = 17;
+/// Opens every segment of format 2: `DKVSLG` and the format version (u16).
+const SEGMENT_HEADER: [u8; 8] = [b'D', b'K', b'V', b'S', b'L', b'G', 2, 0];
+/// Starts every entry of format 2, so replay can find the next entry after
+/// a damaged one.
+const ENTRY_MAGIC: [u8; 4] = [0xD6, 0x4B, 0x56, 0xE5];
+/// magic (4) + header checksum (4) + kind (1) + key length (4) + value
+/// length (4) + payload checksum (8).
+const HEADER_BYTES: usize = 25;
+/// Format 1 (segments without a header): checksum (8) + kind (1) + key
+/// length (4) + value length (4).
+const LEGACY_HEADER_BYTES: usize = 17;
 /// How often the compaction thread looks for work.
 const COMPACTION_CHECK: Duration = Duration::from_secs(1);
 /// Entries handled per lock acquisition while compacting or scanning.
@@ -74,6 +88,17 @@ impl Kind {
     }
 }
 
+/// How the entries of a segment are framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    /// Format 1, written before segment headers: no magic, one checksum.
+    Legacy,
+    /// Format 2: segment header; entries with magic and header checksum.
+    Framed,
+    /// The segment's first bytes are damaged: entries of either format.
+    Unknown,
+}
+
 /// Where an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Slot {
@@ -97,7 +122,51 @@ struct Entry<'a> {
     len: usize,
 }
 
-fn encode_entry(out: &mut Vec<u8>, kind: Kind, key: &[u8], value: &[u8]) -> Result<usize> {
+/// Why there is no valid entry at some offset.
+#[derive(Debug)]
+struct Damage {
+    why: String,
+    /// The entry's length, when its header checked out (only its payload
+    /// is bad): the next entry starts right after it.
+    trusted_len: Option<usize>,
+}
+
+impl Damage {
+    fn new(why: impl Into<String>) -> Self {
+        Self {
+            why: why.into(),
+            trusted_len: None,
+        }
+    }
+}
+
+/// The header checksum's seed: an entry's position, so that bytes which
+/// look like an entry (say, inside a stored value) but sit anywhere else
+/// than where they were written never pass for one.
+fn header_seed(segment: u64, offset: u64) -> u64 {
+    segment.rotate_left(32) ^ offset
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    let mut word = [0u8; 4];
+    word.copy_from_slice(&bytes[at..at + 4]);
+    u32::from_le_bytes(word)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    let mut word = [0u8; 8];
+    word.copy_from_slice(&bytes[at..at + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// Appends a format-2 entry to be written at `seed`'s position.
+fn encode_entry(
+    out: &mut Vec<u8>,
+    seed: u64,
+    kind: Kind,
+    key: &[u8],
+    value: &[u8],
+) -> Result<usize> {
     let total = HEADER_BYTES
         .checked_add(key.len())
         .and_then(|n| n.checked_add(value.len()))
@@ -110,58 +179,116 @@ fn encode_entry(out: &mut Vec<u8>, kind: Kind, key: &[u8], value: &[u8]) -> Resu
         ));
     };
     let start = out.len();
-    out.extend_from_slice(&[0u8; 8]);
+    out.extend_from_slice(&ENTRY_MAGIC);
+    out.extend_from_slice(&[0u8; 4]);
     out.push(kind as u8);
     out.extend_from_slice(&key_len.to_le_bytes());
     out.extend_from_slice(&value_len.to_le_bytes());
+    out.extend_from_slice(&[0u8; 8]);
     out.extend_from_slice(key);
     out.extend_from_slice(value);
-    let checksum = xxh3_64(&out[start + 8..]);
-    out[start..start + 8].copy_from_slice(&checksum.to_le_bytes());
+    let payload = xxh3_64(&out[start + HEADER_BYTES..]);
+    out[start + 17..start + HEADER_BYTES].copy_from_slice(&payload.to_le_bytes());
+    let header = xxh3_64_with_seed(&out[start + 8..start + HEADER_BYTES], seed) as u32;
+    out[start + 4..start + 8].copy_from_slice(&header.to_le_bytes());
     Ok(out.len() - start)
 }
 
-/// The entry at the start of `bytes`, or why there is no valid one.
-fn parse_entry(bytes: &[u8]) -> std::result::Result<Entry<'_>, String> {
+/// The format-2 entry at the start of `bytes`, written at `seed`'s position.
+fn parse_framed(bytes: &[u8], seed: u64) -> std::result::Result<Entry<'_>, Damage> {
     let header = bytes
         .get(..HEADER_BYTES)
-        .ok_or_else(|| format!("truncated header ({} bytes)", bytes.len()))?;
-    let u32_at = |at: usize| {
-        u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
-    };
-    let mut checksum = [0u8; 8];
-    checksum.copy_from_slice(&header[..8]);
-    let checksum = u64::from_le_bytes(checksum);
-    let key_len = u32_at(9) as usize;
-    let value_len = u32_at(13) as usize;
+        .ok_or_else(|| Damage::new(format!("truncated header ({} bytes)", bytes.len())))?;
+    if header[..4] != ENTRY_MAGIC {
+        return Err(Damage::new("no entry marker"));
+    }
+    if xxh3_64_with_seed(&header[8..], seed) as u32 != u32_at(header, 4) {
+        return Err(Damage::new("header checksum mismatch"));
+    }
+    let key_len = u32_at(header, 9) as usize;
+    let value_len = u32_at(header, 13) as usize;
     let len = HEADER_BYTES
         .checked_add(key_len)
         .and_then(|n| n.checked_add(value_len))
-        .ok_or("entry length overflows")?;
-    let body = bytes
-        .get(8..len)
-        .ok_or_else(|| format!("truncated entry ({} of {len} bytes)", bytes.len()))?;
-    if xxh3_64(body) != checksum {
-        return Err("checksum mismatch".into());
+        .filter(|&n| u32::try_from(n).is_ok())
+        .ok_or_else(|| Damage::new("entry length overflows"))?;
+    let damage = |why: String| Damage {
+        why,
+        trusted_len: Some(len),
+    };
+    let payload = bytes
+        .get(HEADER_BYTES..len)
+        .ok_or_else(|| damage(format!("truncated entry ({} of {len} bytes)", bytes.len())))?;
+    if xxh3_64(payload) != u64_at(header, 17) {
+        return Err(damage("payload checksum mismatch".into()));
     }
-    let kind =
-        Kind::from_byte(header[8]).ok_or_else(|| format!("unknown entry kind {}", header[8]))?;
+    let kind = Kind::from_byte(header[8])
+        .ok_or_else(|| damage(format!("unknown entry kind {}", header[8])))?;
     Ok(Entry {
         kind,
-        key: &bytes[HEADER_BYTES..HEADER_BYTES + key_len],
-        value: &bytes[HEADER_BYTES + key_len..len],
+        key: &payload[..key_len],
+        value: &payload[key_len..],
         len,
     })
 }
 
-/// The entry the index says is at some place: checked, so a wrong offset can
+/// The format-1 entry at the start of `bytes` (no marker, no header
+/// checksum: nothing about it is trusted unless its checksum matches).
+fn parse_legacy(bytes: &[u8]) -> std::result::Result<Entry<'_>, Damage> {
+    let header = bytes
+        .get(..LEGACY_HEADER_BYTES)
+        .ok_or_else(|| Damage::new(format!("truncated header ({} bytes)", bytes.len())))?;
+    let kind = Kind::from_byte(header[8])
+        .ok_or_else(|| Damage::new(format!("unknown entry kind {}", header[8])))?;
+    let key_len = u32_at(header, 9) as usize;
+    let value_len = u32_at(header, 13) as usize;
+    let len = LEGACY_HEADER_BYTES
+        .checked_add(key_len)
+        .and_then(|n| n.checked_add(value_len))
+        .filter(|&n| u32::try_from(n).is_ok())
+        .ok_or_else(|| Damage::new("entry length overflows"))?;
+    let body = bytes
+        .get(8..len)
+        .ok_or_else(|| Damage::new(format!("truncated entry ({} of {len} bytes)", bytes.len())))?;
+    if xxh3_64(body) != u64_at(header, 0) {
+        return Err(Damage::new("checksum mismatch"));
+    }
+    Ok(Entry {
+        kind,
+        key: &bytes[LEGACY_HEADER_BYTES..LEGACY_HEADER_BYTES + key_len],
+        value: &bytes[LEGACY_HEADER_BYTES + key_len..len],
+        len,
+    })
+}
+
+/// The entry at the start of `bytes`, found at `offset` of `segment`.
+fn parse_entry(
+    bytes: &[u8],
+    format: Format,
+    segment: u64,
+    offset: u64,
+) -> std::result::Result<Entry<'_>, Damage> {
+    match format {
+        Format::Framed => parse_framed(bytes, header_seed(segment, offset)),
+        Format::Legacy => parse_legacy(bytes),
+        Format::Unknown => match parse_framed(bytes, header_seed(segment, offset)) {
+            Ok(entry) => Ok(entry),
+            Err(damage) if damage.trusted_len.is_some() => Err(damage),
+            Err(_) => parse_legacy(bytes),
+        },
+    }
+}
+
+/// The entry the index says is at `slot`: checked, so a wrong offset can
 /// never hand out another key's data.
 fn parse_expected<'a>(
     bytes: &'a [u8],
+    format: Format,
+    slot: Slot,
     kind: Kind,
     key: &[u8],
 ) -> std::result::Result<Entry<'a>, String> {
-    let entry = parse_entry(bytes)?;
+    let entry = parse_entry(bytes, format, slot.segment, slot.offset).map_err(|d| d.why)?;
     if entry.kind != kind || entry.key != key {
         return Err(format!(
             "the log holds a different entry ({:?} of {:?}) where the index points",
@@ -172,12 +299,150 @@ fn parse_expected<'a>(
     Ok(entry)
 }
 
+/// How a segment's first bytes say its entries are framed, and where they
+/// start. `clean`: a format-2 header, intact (only such a segment is
+/// appended to).
+struct SegmentStart {
+    format: Format,
+    start: usize,
+    clean: bool,
+}
+
+fn segment_start(data: &[u8]) -> SegmentStart {
+    if data.is_empty() {
+        // Created, never written (a crash right after a roll-over).
+        return SegmentStart {
+            format: Format::Framed,
+            start: 0,
+            clean: false,
+        };
+    }
+    if let Some(header) = data.get(..SEGMENT_HEADER.len()) {
+        let differing = header
+            .iter()
+            .zip(SEGMENT_HEADER)
+            .filter(|(a, b)| **a != *b)
+            .count();
+        if differing <= 1 {
+            return SegmentStart {
+                format: Format::Framed,
+                start: SEGMENT_HEADER.len(),
+                clean: differing == 0,
+            };
+        }
+    }
+    let format = if parse_legacy(data).is_ok() {
+        Format::Legacy
+    } else {
+        Format::Unknown
+    };
+    SegmentStart {
+        format,
+        start: 0,
+        clean: false,
+    }
+}
+
+/// Whether an entry could start at `at` (cheap tests before checksums).
+fn plausible(data: &[u8], format: Format, at: usize) -> bool {
+    let rest = &data[at..];
+    let framed = format != Format::Legacy && rest.starts_with(&ENTRY_MAGIC);
+    let legacy = format != Format::Framed
+        && rest.len() >= LEGACY_HEADER_BYTES
+        && Kind::from_byte(rest[8]).is_some()
+        && (u32_at(rest, 9) as usize).saturating_add(u32_at(rest, 13) as usize)
+            <= rest.len() - LEGACY_HEADER_BYTES;
+    framed || legacy
+}
+
+/// The first offset at or after `from` where a valid entry starts.
+fn resync(data: &[u8], format: Format, segment: u64, from: usize) -> Option<usize> {
+    (from..data.len()).find(|&at| {
+        plausible(data, format, at) && parse_entry(&data[at..], format, segment, at as u64).is_ok()
+    })
+}
+
+/// What a scan of a segment found besides its valid entries.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ScanReport {
+    /// Damaged stretches skipped: (start, where the next valid entry is).
+    skipped: Vec<(usize, usize)>,
+    /// Where damage runs to the end of the data, if it does.
+    tail: Option<usize>,
+    /// Why each of the above was damaged, in order.
+    reasons: Vec<String>,
+}
+
+/// Visits every valid entry of a segment's `data` from `start`, skipping
+/// damaged stretches: past an entry whose header is intact but payload not,
+/// or, when the header itself is damaged, to the next offset where a whole
+/// valid entry starts (marker, header checksum and payload checksum).
+fn scan_segment(
+    data: &[u8],
+    segment: u64,
+    format: Format,
+    start: usize,
+    visit: &mut dyn FnMut(&Entry<'_>, Slot),
+) -> ScanReport {
+    let mut report = ScanReport::default();
+    let mut offset = start;
+    while offset < data.len() {
+        match parse_entry(&data[offset..], format, segment, offset as u64) {
+            Ok(entry) => {
+                let slot = Slot {
+                    segment,
+                    offset: offset as u64,
+                    len: entry.len as u32,
+                };
+                visit(&entry, slot);
+                offset += entry.len;
+            }
+            Err(damage) => {
+                let from = match damage.trusted_len {
+                    Some(len) if offset.saturating_add(len) <= data.len() => offset + len,
+                    _ => offset + 1,
+                };
+                report.reasons.push(damage.why);
+                match resync(data, format, segment, from) {
+                    Some(next) => {
+                        report.skipped.push((offset, next));
+                        offset = next;
+                    }
+                    None => {
+                        report.tail = Some(offset);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    report
+}
+
 struct Segment {
     file: Arc<File>,
     /// Bytes in the segment, including (for the active one) buffered bytes.
     bytes: u64,
-    /// Where replay found a damaged entry (nothing after it is indexed).
-    damaged_at: Option<u64>,
+    /// How its entries are framed.
+    format: Format,
+    /// Where its first entry starts.
+    start: usize,
+    /// Where replay found damaged stretches (see [`ScanReport`]): compaction
+    /// must find these and no others.
+    damaged: ScanReport,
+}
+
+impl Segment {
+    /// A new, empty segment of the current format.
+    fn new(file: Arc<File>) -> Self {
+        Self {
+            file,
+            bytes: 0,
+            format: Format::Framed,
+            start: SEGMENT_HEADER.len(),
+            damaged: ScanReport::default(),
+        }
+    }
 }
 
 /// Files to fsync, taken under the lock and synced after it is released.
@@ -225,6 +490,8 @@ struct State {
     live_bytes: u64,
     /// Sealed segments not yet fsynced, and whether the directory changed.
     unsynced: SyncTargets,
+    /// Damaged stretches replay skipped (see [`LogStorage::damaged_entries_skipped`]).
+    damaged_skipped: u64,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -251,7 +518,8 @@ impl State {
 
     fn append(&mut self, kind: Kind, key: &[u8], value: &[u8]) -> Result<Slot> {
         let offset = self.written + self.buffer.len() as u64;
-        let len = encode_entry(&mut self.buffer, kind, key, value)?;
+        let seed = header_seed(self.active, offset);
+        let len = encode_entry(&mut self.buffer, seed, kind, key, value)?;
         self.active_segment().bytes += len as u64;
         Ok(Slot {
             segment: self.active,
@@ -278,18 +546,20 @@ impl State {
             let sealed = self.active_segment().file.clone();
             self.unsynced.files.push(sealed);
             self.unsynced.dir = Some(self.dir.clone());
-            self.segments.insert(
-                next,
-                Segment {
-                    file,
-                    bytes: 0,
-                    damaged_at: None,
-                },
-            );
-            self.active = next;
-            self.written = 0;
+            self.start_segment(next, file);
         }
         Ok(())
+    }
+
+    /// Makes a new, empty segment the active one; its header goes out with
+    /// the first write.
+    fn start_segment(&mut self, id: u64, file: Arc<File>) {
+        let mut segment = Segment::new(file);
+        segment.bytes = SEGMENT_HEADER.len() as u64;
+        self.segments.insert(id, segment);
+        self.active = id;
+        self.written = 0;
+        self.buffer.extend_from_slice(&SEGMENT_HEADER);
     }
 
     /// What must be fsynced for everything written so far to be durable.
@@ -308,7 +578,11 @@ impl State {
                 .buffer
                 .get(start..start + slot.len as usize)
                 .ok_or_else(|| Error::Internal("log index points past the buffer".into()))?;
-            return Ok(Located::Bytes(bytes.to_vec()));
+            return Ok(Located {
+                source: Source::Bytes(bytes.to_vec()),
+                format: Format::Framed,
+                slot,
+            });
         }
         let segment = self.segments.get(&slot.segment).ok_or_else(|| {
             Error::Internal(format!(
@@ -316,7 +590,11 @@ impl State {
                 slot.segment
             ))
         })?;
-        Ok(Located::File(segment.file.clone(), slot))
+        Ok(Located {
+            source: Source::File(segment.file.clone()),
+            format: segment.format,
+            slot,
+        })
     }
 
     fn replace_live(&mut self, old: Option<Slot>, new: Option<Slot>) {
@@ -385,16 +663,32 @@ impl State {
     }
 }
 
-enum Located {
+/// Where an entry's bytes are to be read from.
+enum Source {
+    /// Still buffered: copied.
     Bytes(Vec<u8>),
-    File(Arc<File>, Slot),
+    /// Written: read with `pread`.
+    File(Arc<File>),
+}
+
+/// An entry to read, outside the lock.
+struct Located {
+    /// Where its bytes are.
+    source: Source,
+    /// How its segment frames entries.
+    format: Format,
+    /// Where the index says it is.
+    slot: Slot,
 }
 
 impl Located {
-    fn read(self) -> Result<Vec<u8>> {
-        match self {
-            Located::Bytes(bytes) => Ok(bytes),
-            Located::File(file, slot) => {
+    /// The entry, checked to be `kind` of `key` (`Ok(Err(why))`: it is
+    /// not, or it is damaged).
+    fn read(self, kind: Kind, key: &[u8]) -> Result<std::result::Result<Value, String>> {
+        let slot = self.slot;
+        let bytes = match self.source {
+            Source::Bytes(bytes) => bytes,
+            Source::File(file) => {
                 let mut bytes = vec![0u8; slot.len as usize];
                 file.read_exact_at(&mut bytes, slot.offset).map_err(|e| {
                     Error::Storage(format!(
@@ -402,9 +696,29 @@ impl Located {
                         slot.segment, slot.offset
                     ))
                 })?;
-                Ok(bytes)
+                bytes
             }
-        }
+        };
+        let range = match parse_expected(&bytes, self.format, slot, kind, key) {
+            Ok(entry) => {
+                let start = entry.value.as_ptr() as usize - bytes.as_ptr() as usize;
+                start..start + entry.value.len()
+            }
+            Err(why) => return Ok(Err(why)),
+        };
+        Ok(Ok(Value { bytes, range }))
+    }
+}
+
+/// An entry read from the log, and where its value is in it.
+struct Value {
+    bytes: Vec<u8>,
+    range: std::ops::Range<usize>,
+}
+
+impl Value {
+    fn get(&self) -> &[u8] {
+        &self.bytes[self.range.clone()]
     }
 }
 
@@ -447,37 +761,45 @@ impl Shared {
     /// them durable, and deletes the segment.
     fn compact(&self, id: u64) -> Result<()> {
         let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
-        let (file, bytes, damaged_at) = {
+        let (file, bytes, format, start, known) = {
             let state = self.lock();
             let Some(segment) = state.segments.get(&id) else {
                 return Ok(());
             };
-            (segment.file.clone(), segment.bytes, segment.damaged_at)
+            let known: Vec<(usize, usize)> = segment.damaged.skipped.clone();
+            let tail = segment.damaged.tail;
+            (
+                segment.file.clone(),
+                segment.bytes,
+                segment.format,
+                segment.start,
+                (known, tail),
+            )
         };
         let mut data = vec![0u8; bytes as usize];
         file.read_exact_at(&mut data, 0)
             .map_err(|e| Error::Storage(format!("cannot read segment {id} to compact it: {e}")))?;
-        let mut offset = 0usize;
+        // Where the valid entries are (no lock held while scanning).
+        let mut entries: Vec<(usize, usize)> = Vec::new();
+        let found = scan_segment(&data, id, format, start, &mut |entry, slot| {
+            entries.push((slot.offset as usize, entry.len));
+        });
+        if (found.skipped.clone(), found.tail) != known {
+            // Damaged since replay: keys of the damaged entries are still
+            // indexed here, so the segment must not be deleted.
+            return Err(Error::Storage(format!(
+                "segment {id} has damaged entries replay did not see ({}); not compacting it",
+                found.reasons.join("; ")
+            )));
+        }
         let mut copied = 0usize;
-        while offset < data.len() {
+        for chunk in entries.chunks(CHUNK) {
             let mut state = self.lock();
-            let chunk_start = offset;
-            for _ in 0..CHUNK {
-                let entry = match parse_entry(&data[offset..]) {
-                    Ok(entry) => entry,
-                    // Reported at start-up; nothing after it is indexed.
-                    Err(_) if damaged_at == Some(offset as u64) => {
-                        offset = data.len();
-                        break;
-                    }
-                    // Damaged since it was written: its keys are still
-                    // indexed here, so the segment must not be deleted.
-                    Err(why) => {
-                        drop(state);
-                        return Err(Error::Storage(format!(
-                            "segment {id} has a damaged entry at {offset} ({why}); not compacting it"
-                        )));
-                    }
+            let mut chunk_bytes = 0usize;
+            for &(offset, len) in chunk {
+                let Ok(entry) = parse_entry(&data[offset..offset + len], format, id, offset as u64)
+                else {
+                    continue; // Valid a moment ago, in the same bytes.
                 };
                 let slot = Slot {
                     segment: id,
@@ -488,10 +810,11 @@ impl Shared {
                     let new = state.append(entry.kind, entry.key, entry.value)?;
                     state.index(&entry, new);
                     copied += 1;
+                    chunk_bytes += len;
                 }
-                offset += entry.len;
-                if offset >= data.len() || offset - chunk_start >= CHUNK_BYTES {
-                    break;
+                if chunk_bytes >= CHUNK_BYTES {
+                    state.write_buffer()?;
+                    chunk_bytes = 0;
                 }
             }
             state.write_buffer()?;
@@ -624,9 +947,9 @@ impl LogStorage {
                 chunk
             };
             for (key, located) in chunk {
-                let bytes = located.read()?;
-                let record = parse_expected(&bytes, Kind::Put, &key)
-                    .and_then(|e| Record::decode(e.value).map_err(|e| e.0));
+                let record = located
+                    .read(Kind::Put, &key)?
+                    .and_then(|v| Record::decode(v.get()).map_err(|e| e.0));
                 visit(&key, record);
             }
         }
@@ -674,83 +997,82 @@ fn replay(dir: &Path) -> Result<State> {
         buffer: Vec::new(),
         live_bytes: 0,
         unsynced: SyncTargets::default(),
+        damaged_skipped: 0,
     };
     for (position, &id) in ids.iter().enumerate() {
         let newest = position + 1 == ids.len();
         let path = segment_path(dir, id);
         let data = std::fs::read(&path)
             .map_err(|e| Error::Storage(format!("cannot read {}: {e}", path.display())))?;
-        let mut offset = 0usize;
-        let mut damaged_at = None;
-        while offset < data.len() {
-            match parse_entry(&data[offset..]) {
-                Ok(entry) => {
-                    let slot = Slot {
-                        segment: id,
-                        offset: offset as u64,
-                        len: entry.len as u32,
-                    };
-                    state.index(&entry, slot);
-                    offset += entry.len;
-                }
-                Err(why) if newest => {
-                    tracing::warn!(
-                        segment = %path.display(), offset, %why,
-                        "cutting off a torn entry at the end of the log (a crash mid-write)"
-                    );
-                    OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .and_then(|f| f.set_len(offset as u64))
-                        .map_err(|e| {
-                            Error::Storage(format!("cannot truncate {}: {e}", path.display()))
-                        })?;
-                    break;
-                }
-                Err(why) => {
-                    tracing::error!(
-                        segment = %path.display(), offset, %why,
-                        "corrupt log entry; skipping the rest of this segment (other replicas will repair it)"
-                    );
-                    damaged_at = Some(offset as u64);
-                    break;
-                }
+        let opening = segment_start(&data);
+        if opening.format == Format::Framed && !opening.clean && !data.is_empty() {
+            tracing::error!(segment = %path.display(), "damaged segment header; reading its entries anyway");
+            state.damaged_skipped += 1;
+        }
+        let mut report = scan_segment(
+            &data,
+            id,
+            opening.format,
+            opening.start,
+            &mut |entry, slot| state.index(entry, slot),
+        );
+        for (&(from, to), why) in report.skipped.iter().zip(&report.reasons) {
+            tracing::error!(
+                segment = %path.display(), from, to, %why,
+                "skipped a damaged stretch of the log (its entries are lost here; other replicas repair them)"
+            );
+        }
+        state.damaged_skipped += report.skipped.len() as u64;
+        let mut bytes = data.len() as u64;
+        if let Some(at) = report.tail {
+            let why = report.reasons.last().map_or("", String::as_str);
+            if newest {
+                // Nothing valid after it: a write cut short by a crash.
+                // Cut it off, so new entries go right after the last valid one.
+                tracing::warn!(
+                    segment = %path.display(), offset = at, %why,
+                    "cutting off a torn entry at the end of the log (a crash mid-write)"
+                );
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(at as u64))
+                    .map_err(|e| {
+                        Error::Storage(format!("cannot truncate {}: {e}", path.display()))
+                    })?;
+                bytes = at as u64;
+                report.tail = None;
+            } else {
+                tracing::error!(
+                    segment = %path.display(), offset = at, %why,
+                    "damaged end of a log segment; skipped (other replicas repair it)"
+                );
+                state.damaged_skipped += 1;
             }
         }
-        let bytes = if newest {
-            offset as u64
-        } else {
-            data.len() as u64
-        };
         let file = Arc::new(open_segment(dir, id)?);
         state.segments.insert(
             id,
             Segment {
                 file,
                 bytes,
-                damaged_at,
+                format: opening.format,
+                start: opening.start,
+                damaged: report,
             },
         );
-    }
-    match ids.last() {
-        Some(&last) if state.segments[&last].bytes < SEGMENT_BYTES => {
-            state.active = last;
-            state.written = state.segments[&last].bytes;
-        }
-        last => {
-            let id = last.map_or(1, |l| l + 1);
-            let file = Arc::new(open_segment(dir, id)?);
-            sync_dir(dir)?;
-            state.segments.insert(
-                id,
-                Segment {
-                    file,
-                    bytes: 0,
-                    damaged_at: None,
-                },
-            );
+        if newest && opening.clean && bytes < SEGMENT_BYTES {
+            // Appended to: only a segment of the current format with an
+            // intact header (older or damaged ones are only read).
             state.active = id;
+            state.written = bytes;
         }
+    }
+    if state.active == 0 {
+        let id = ids.last().map_or(1, |l| l + 1);
+        let file = Arc::new(open_segment(dir, id)?);
+        sync_dir(dir)?;
+        state.start_segment(id, file);
     }
     tracing::info!(
         segments = state.segments.len(),
@@ -777,9 +1099,10 @@ impl Storage for LogStorage {
                 None => return Ok(None),
             }
         };
-        let bytes = located.read()?;
-        let entry = parse_expected(&bytes, Kind::Put, key).map_err(|why| corrupt(key, why))?;
-        Record::decode(entry.value)
+        let value = located
+            .read(Kind::Put, key)?
+            .map_err(|why| corrupt(key, why))?;
+        Record::decode(value.get())
             .map(Some)
             .map_err(|e| corrupt(key, e.0))
     }
@@ -939,12 +1262,16 @@ impl Storage for LogStorage {
         located
             .into_iter()
             .map(|(id, located)| {
-                let bytes = located.read()?;
-                let entry =
-                    parse_expected(&bytes, Kind::HintPut, &id).map_err(|why| corrupt(&id, why))?;
-                Ok((id.clone(), entry.value.to_vec()))
+                let value = located
+                    .read(Kind::HintPut, &id)?
+                    .map_err(|why| corrupt(&id, why))?;
+                Ok((id.clone(), value.get().to_vec()))
             })
             .collect()
+    }
+
+    fn damaged_entries_skipped(&self) -> u64 {
+        self.shared.lock().damaged_skipped
     }
 }
 
@@ -1013,7 +1340,16 @@ mod tests {
         let path = segment_path(dir.path(), 1);
         // A crash in the middle of the next entry.
         let mut torn = Vec::new();
-        encode_entry(&mut torn, Kind::Put, b"torn", &value(2, "torn").encode()).expect("encode");
+        let end = std::fs::metadata(&path).expect("stat").len();
+        let seed = header_seed(1, end);
+        encode_entry(
+            &mut torn,
+            seed,
+            Kind::Put,
+            b"torn",
+            &value(2, "torn").encode(),
+        )
+        .expect("encode");
         let mut file = OpenOptions::new()
             .append(true)
             .open(&path)
@@ -1042,6 +1378,238 @@ mod tests {
             None,
             "the torn-off entry is gone"
         );
+    }
+
+    /// Format 1, as written before segment headers.
+    fn encode_legacy(out: &mut Vec<u8>, kind: Kind, key: &[u8], value: &[u8]) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; 8]);
+        out.push(kind as u8);
+        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(key);
+        out.extend_from_slice(value);
+        let checksum = xxh3_64(&out[start + 8..]);
+        out[start..start + 8].copy_from_slice(&checksum.to_le_bytes());
+    }
+
+    /// Every record in `log`, by key.
+    fn contents(log: &LogStorage) -> BTreeMap<Vec<u8>, Record> {
+        let mut seen = BTreeMap::new();
+        log.for_each(
+            &mut |k, r| {
+                seen.insert(k.to_vec(), r.clone());
+            },
+            &mut |k, why| panic!("corrupt record {k:?}: {why}"),
+        )
+        .expect("scan");
+        seen
+    }
+
+    /// Checks that `found` is `expected` but for at most `lost` keys, and
+    /// holds nothing `expected` does not.
+    fn at_most_lost(
+        found: &BTreeMap<Vec<u8>, Record>,
+        expected: &BTreeMap<Vec<u8>, Record>,
+        lost: usize,
+        context: &str,
+    ) -> usize {
+        for (key, record) in found {
+            assert_eq!(
+                expected.get(key),
+                Some(record),
+                "{context}: invented {key:?}"
+            );
+        }
+        let missing = expected.len() - found.len();
+        assert!(missing <= lost, "{context}: {missing} keys lost");
+        missing
+    }
+
+    #[test]
+    fn every_flipped_byte_costs_at_most_the_entry_it_hits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut expected = BTreeMap::new();
+        {
+            let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+            for i in 0..6u64 {
+                let record = value(i + 1, &"v".repeat(i as usize * 3));
+                log.put(format!("key{i}").as_bytes(), &record).expect("put");
+                expected.insert(format!("key{i}").into_bytes(), record);
+            }
+            log.flush().expect("flush");
+        }
+        let original = std::fs::read(segment_path(dir.path(), 1)).expect("read");
+        for at in 0..original.len() {
+            for flip in [0x01u8, 0xff] {
+                let context = format!("byte {at} ^ {flip:#x}");
+                let dir = tempfile::tempdir().expect("tempdir");
+                let mut bytes = original.clone();
+                bytes[at] ^= flip;
+                std::fs::write(segment_path(dir.path(), 1), &bytes).expect("write");
+                let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect(&context);
+                let lost = at_most_lost(&contents(&log), &expected, 1, &context);
+                // Only a hit on the last entry (a torn tail) goes uncounted.
+                if lost == 1 && log.get(b"key5").expect("get").is_some() {
+                    assert!(log.damaged_entries_skipped() >= 1, "{context}");
+                }
+                // New writes land where a later replay finds them.
+                log.put(b"new", &value(100, "new")).expect("put");
+                log.flush().expect("flush");
+                drop(log);
+                let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect(&context);
+                let mut found = contents(&log);
+                assert_eq!(
+                    found.remove(&b"new"[..]),
+                    Some(value(100, "new")),
+                    "{context}"
+                );
+                assert_eq!(
+                    at_most_lost(&found, &expected, 1, &context),
+                    lost,
+                    "{context}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_segment_that_is_not_the_newest_loses_only_the_hit_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut expected = BTreeMap::new();
+        {
+            let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+            for i in 0..10u64 {
+                let record = value(i + 1, "value");
+                log.put(format!("key{i}").as_bytes(), &record).expect("put");
+                expected.insert(format!("key{i}").into_bytes(), record);
+            }
+            log.flush().expect("flush");
+        }
+        // A newer (empty) segment: segment 1 is no longer the newest.
+        std::fs::write(segment_path(dir.path(), 2), b"").expect("segment 2");
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).expect("read");
+        let len = bytes.len();
+        bytes[len / 2] ^= 0x10; // an entry in the middle
+        bytes[len - 1] ^= 0x10; // and the last one
+        std::fs::write(&path, &bytes).expect("write");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        let lost = at_most_lost(&contents(&log), &expected, 2, "two hits");
+        assert_eq!(lost, 2);
+        assert_eq!(
+            log.get(b"key9").expect("get"),
+            None,
+            "the last entry was hit"
+        );
+        assert_eq!(log.damaged_entries_skipped(), 2);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            len as u64,
+            "an older segment is never cut"
+        );
+        log.put(b"new", &value(100, "new")).expect("put");
+        log.flush().expect("flush");
+        drop(log);
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get(b"new").expect("get"), Some(value(100, "new")));
+        assert_eq!(log.get(b"key0").expect("get"), Some(value(1, "value")));
+        assert_eq!(log.get(b"key8").expect("get"), Some(value(9, "value")));
+    }
+
+    #[test]
+    fn a_damaged_length_field_costs_only_its_entry() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+            for i in 0..5u64 {
+                log.put(format!("key{i}").as_bytes(), &value(i + 1, "value"))
+                    .expect("put");
+            }
+            log.flush().expect("flush");
+        }
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).expect("read");
+        // The third entry's value length (after the header, two entries).
+        let entry_len = (bytes.len() - SEGMENT_HEADER.len()) / 5;
+        let at = SEGMENT_HEADER.len() + 2 * entry_len + 13;
+        bytes[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(&path, &bytes).expect("write");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        assert_eq!(log.get(b"key2").expect("get"), None);
+        for i in [0u64, 1, 3, 4] {
+            assert_eq!(
+                log.get(format!("key{i}").as_bytes()).expect("get"),
+                Some(value(i + 1, "value"))
+            );
+        }
+        assert_eq!(log.damaged_entries_skipped(), 1);
+    }
+
+    #[test]
+    fn legacy_segments_stay_readable_and_resynchronise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = Vec::new();
+        let mut starts = Vec::new();
+        for i in 0..5u64 {
+            starts.push(bytes.len());
+            let record = value(i + 1, "old");
+            encode_legacy(
+                &mut bytes,
+                Kind::Put,
+                format!("key{i}").as_bytes(),
+                &record.encode(),
+            );
+        }
+        encode_legacy(&mut bytes, Kind::Meta, b"clock", &7u64.to_le_bytes());
+        // Damage: entry 1's checksum, entry 3's value length (huge).
+        bytes[starts[1] + 2] ^= 0x01;
+        bytes[starts[3] + 13..starts[3] + 17].copy_from_slice(&u32::MAX.to_le_bytes());
+        std::fs::write(segment_path(dir.path(), 1), &bytes).expect("write");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        for i in [0u64, 2, 4] {
+            assert_eq!(
+                log.get(format!("key{i}").as_bytes()).expect("get"),
+                Some(value(i + 1, "old"))
+            );
+        }
+        assert_eq!(log.get(b"key1").expect("get"), None);
+        assert_eq!(log.get(b"key3").expect("get"), None);
+        assert_eq!(log.get_meta("clock").expect("meta"), Some(7));
+        assert_eq!(log.damaged_entries_skipped(), 2);
+        // New entries go to a new segment of the current format.
+        log.put(b"new", &value(100, "new")).expect("put");
+        log.flush().expect("flush");
+        drop(log);
+        let head = std::fs::read(segment_path(dir.path(), 2)).expect("segment 2");
+        assert!(head.starts_with(&SEGMENT_HEADER));
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get(b"new").expect("get"), Some(value(100, "new")));
+        assert_eq!(log.get(b"key4").expect("get"), Some(value(5, "old")));
+    }
+
+    #[test]
+    fn an_entry_stored_inside_a_value_is_not_taken_for_one() {
+        // A value that holds a valid-looking entry, in a segment whose
+        // real entry before it is damaged: resync must not pick it up.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut fake = Vec::new();
+        encode_entry(&mut fake, header_seed(1, 0), Kind::Put, b"fake", b"x").expect("encode");
+        {
+            let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+            let record = Record::value(Version::new(1, 1), fake.clone());
+            log.put(b"carrier", &record).expect("put");
+            log.put(b"after", &value(2, "after")).expect("put");
+            log.flush().expect("flush");
+        }
+        let path = segment_path(dir.path(), 1);
+        let mut bytes = std::fs::read(&path).expect("read");
+        bytes[SEGMENT_HEADER.len()] ^= 0xff; // the carrier's marker
+        std::fs::write(&path, &bytes).expect("write");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        assert_eq!(log.get(b"fake").expect("get"), None);
+        assert_eq!(log.get(b"carrier").expect("get"), None);
+        assert_eq!(log.get(b"after").expect("get"), Some(value(2, "after")));
     }
 
     #[test]

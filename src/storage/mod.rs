@@ -150,4 +150,11 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Up to `limit` hints whose id starts with `prefix`, in id order.
     fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+
+    /// Damaged stretches of the data files skipped when the engine opened
+    /// (each cost the entries in it; other replicas repair them). Engines
+    /// that do not count them answer 0.
+    fn damaged_entries_skipped(&self) -> u64 {
+        0
+    }
 }
