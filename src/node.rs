@@ -611,9 +611,12 @@ impl Node {
                     () = shutdown.cancelled() => break,
                 }
                 let storage = storage.clone();
+                // A failed fsync is fatal inside the engine (storage::fatal:
+                // DKVSServer exits non-zero; every later write is refused);
+                // other errors, such as a full disk, are only reported here.
                 match tokio::task::spawn_blocking(move || storage.sync()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::error!(%error, "periodic fsync failed"),
+                    Ok(Err(error)) => tracing::error!(%error, "periodic sync failed"),
                     Err(error) => tracing::error!(%error, "periodic fsync task failed"),
                 }
             }

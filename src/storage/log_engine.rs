@@ -45,6 +45,7 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 use super::{FsyncPolicy, Held, Storage};
 use crate::error::{Error, Result};
 use crate::record::Record;
+use crate::storage;
 
 /// A segment stops growing past this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -453,17 +454,23 @@ struct SyncTargets {
 }
 
 impl SyncTargets {
-    fn sync(self, data_only: bool) -> Result<()> {
+    /// fsyncs them all; the error says which failed (see [`storage::fatal`]).
+    fn sync(self, data_only: bool, faults: &Faults) -> std::result::Result<(), String> {
         for file in &self.files {
-            let synced = if data_only {
-                file.sync_data()
-            } else {
-                file.sync_all()
-            };
-            synced.map_err(|e| Error::Storage(format!("fsync of the log failed: {e}")))?;
+            let synced = faults.fsync().and_then(|()| {
+                if data_only {
+                    file.sync_data()
+                } else {
+                    file.sync_all()
+                }
+            });
+            synced.map_err(|e| format!("fsync of the log failed: {e}"))?;
         }
         if let Some(dir) = self.dir {
-            sync_dir(&dir)?;
+            faults
+                .fsync()
+                .and_then(|()| File::open(&dir)?.sync_all())
+                .map_err(|e| format!("fsync of {} failed: {e}", dir.display()))?;
         }
         Ok(())
     }
@@ -473,6 +480,24 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::Storage(format!("fsync of {} failed: {e}", dir.display())))
+}
+
+/// Failures tests inject; nothing (and no cost) outside tests.
+#[derive(Default)]
+struct Faults {
+    /// Every fsync fails.
+    #[cfg(test)]
+    fail_fsync: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    fn fsync(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.fail_fsync.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        Ok(())
+    }
 }
 
 struct State {
@@ -492,6 +517,10 @@ struct State {
     unsynced: SyncTargets,
     /// Damaged stretches replay skipped (see [`LogStorage::damaged_entries_skipped`]).
     damaged_skipped: u64,
+    /// Why an fsync failed, once one has: everything is refused from then
+    /// on (see [`storage::fatal`]). Set under this lock, so no write is
+    /// handed to the OS, and none acknowledged, after it.
+    failed: Option<String>,
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -510,6 +539,14 @@ fn open_segment(dir: &Path, id: u64) -> Result<File> {
 }
 
 impl State {
+    /// Refuses everything after a failed fsync.
+    fn check(&self) -> Result<()> {
+        match &self.failed {
+            Some(why) => Err(storage::refused_after_fatal(why)),
+            None => Ok(()),
+        }
+    }
+
     fn active_segment(&mut self) -> &mut Segment {
         self.segments
             .get_mut(&self.active)
@@ -517,6 +554,7 @@ impl State {
     }
 
     fn append(&mut self, kind: Kind, key: &[u8], value: &[u8]) -> Result<Slot> {
+        self.check()?;
         let offset = self.written + self.buffer.len() as u64;
         let seed = header_seed(self.active, offset);
         let len = encode_entry(&mut self.buffer, seed, kind, key, value)?;
@@ -530,6 +568,7 @@ impl State {
 
     /// Hands the buffer to the OS and rolls the segment over when full.
     fn write_buffer(&mut self) -> Result<()> {
+        self.check()?;
         if !self.buffer.is_empty() {
             let file = self.active_segment().file.clone();
             // Positional: a retry after a partial write overwrites it, so
@@ -572,6 +611,7 @@ impl State {
     /// The bytes of the entry at `slot`: copied now when still buffered,
     /// otherwise the file to read them from.
     fn locate(&self, slot: Slot) -> Result<Located> {
+        self.check()?;
         if slot.segment == self.active && slot.offset >= self.written {
             let start = (slot.offset - self.written) as usize;
             let bytes = self
@@ -729,6 +769,8 @@ struct Shared {
     /// One sync at a time, so a sync never returns while files written
     /// before it are still being fsynced by another.
     syncing: Mutex<()>,
+    /// Failures tests inject.
+    faults: Faults,
 }
 
 impl Shared {
@@ -739,7 +781,8 @@ impl Shared {
     }
 
     /// Writes the buffer and fsyncs everything written so far (outside the
-    /// state lock). Files whose fsync failed stay on the list for next time.
+    /// state lock). A failed fsync is fatal: never retried (it could
+    /// "succeed" after the kernel dropped the pages it failed to write).
     fn sync(&self, data_only: bool) -> Result<()> {
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let targets = {
@@ -747,14 +790,19 @@ impl Shared {
             state.write_buffer()?;
             state.sync_targets()
         };
-        let (files, dir) = (targets.files.clone(), targets.dir.clone());
-        targets.sync(data_only).inspect_err(|_| {
-            let mut state = self.lock();
-            state.unsynced.files.extend(files);
-            if state.unsynced.dir.is_none() {
-                state.unsynced.dir = dir;
-            }
-        })
+        targets
+            .sync(data_only, &self.faults)
+            .map_err(|why| self.fail(why))
+    }
+
+    /// Refuses everything from now on and reports `why` as fatal.
+    fn fail(&self, why: String) -> Error {
+        let mut state = self.lock();
+        if state.failed.is_none() {
+            state.failed = Some(why.clone());
+        }
+        drop(state);
+        storage::fatal(why)
     }
 
     /// Copies the live entries of segment `id` to the end of the log, makes
@@ -836,7 +884,12 @@ impl Shared {
                 )));
             }
         }
-        sync_dir(&dir)?;
+        SyncTargets {
+            files: Vec::new(),
+            dir: Some(dir),
+        }
+        .sync(false, &self.faults)
+        .map_err(|why| self.fail(why))?;
         self.lock().segments.remove(&id);
         tracing::info!(segment = id, bytes, copied, "compacted a log segment");
         Ok(())
@@ -881,6 +934,7 @@ impl LogStorage {
             state: Mutex::new(state),
             compacting: Mutex::new(()),
             syncing: Mutex::new(()),
+            faults: Faults::default(),
         });
         let (stop, stopped) = mpsc::channel::<()>();
         let worker = shared.clone();
@@ -998,6 +1052,7 @@ fn replay(dir: &Path) -> Result<State> {
         live_bytes: 0,
         unsynced: SyncTargets::default(),
         damaged_skipped: 0,
+        failed: None,
     };
     for (position, &id) in ids.iter().enumerate() {
         let newest = position + 1 == ids.len();
@@ -1108,7 +1163,9 @@ impl Storage for LogStorage {
     }
 
     fn held(&self, key: &[u8]) -> Result<Option<Held>> {
-        match self.shared.lock().records.get(key) {
+        let state = self.shared.lock();
+        state.check()?;
+        match state.records.get(key) {
             None => Ok(None),
             Some(RecordSlot {
                 held: Some(held), ..
@@ -1165,6 +1222,7 @@ impl Storage for LogStorage {
     ) -> Result<()> {
         // Start-up: replay already decoded every record into the index.
         let state = self.shared.lock();
+        state.check()?;
         for (key, slot) in &state.records {
             match slot.held {
                 Some(held) => visit(key, held),
@@ -1211,7 +1269,9 @@ impl Storage for LogStorage {
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<u64>> {
-        Ok(self.shared.lock().meta.get(name).map(|(value, _)| *value))
+        let state = self.shared.lock();
+        state.check()?;
+        Ok(state.meta.get(name).map(|(value, _)| *value))
     }
 
     fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
@@ -1610,6 +1670,59 @@ mod tests {
         assert_eq!(log.get(b"fake").expect("get"), None);
         assert_eq!(log.get(b"carrier").expect("get"), None);
         assert_eq!(log.get(b"after").expect("get"), Some(value(2, "after")));
+    }
+
+    static FATALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    fn count_fatal(_why: &str) {
+        FATALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_fatal_and_everything_is_refused_after_it() {
+        storage::set_fatal_handler(count_fatal);
+        for fsync in [FsyncPolicy::Always, FsyncPolicy::Periodic] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let log = LogStorage::open(dir.path(), fsync).expect("open");
+            log.put(b"a", &value(1, "a")).expect("put");
+            log.flush().expect("flush");
+            let fatals = FATALS.load(std::sync::atomic::Ordering::SeqCst);
+            log.shared
+                .faults
+                .fail_fsync
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            log.put(b"b", &value(2, "b")).expect("buffered");
+            // Always: the flush of b fsyncs; Periodic: the background sync.
+            let failed = match fsync {
+                FsyncPolicy::Always => log.flush(),
+                FsyncPolicy::Periodic => log.sync(),
+            };
+            assert!(
+                matches!(&failed, Err(Error::Storage(why)) if why.contains("fsync")),
+                "{failed:?}"
+            );
+            assert!(FATALS.load(std::sync::atomic::Ordering::SeqCst) > fatals);
+            // The disk recovers: still nothing is retried, acknowledged or served.
+            log.shared
+                .faults
+                .fail_fsync
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            assert!(
+                log.flush().is_err(),
+                "{fsync:?}: flush after a failed fsync"
+            );
+            assert!(log.sync().is_err(), "{fsync:?}: a retried fsync");
+            assert!(log.put(b"c", &value(3, "c")).is_err());
+            assert!(log.delete(b"a").is_err());
+            assert!(log.put_meta_durable("m", 1).is_err());
+            assert!(log.get(b"a").is_err());
+            assert!(log.held(b"a").is_err());
+            drop(log);
+            // A restart reads what is on disk.
+            let log = LogStorage::open(dir.path(), fsync).expect("reopen");
+            assert_eq!(log.get(b"a").expect("get"), Some(value(1, "a")));
+            assert_eq!(log.get(b"c").expect("get"), None);
+        }
     }
 
     #[test]
