@@ -30,7 +30,7 @@
 //! and, under `--fsync always`, fsyncs the files afterwards; a sealed segment
 //! is fsynced by the next `sync`/`flush` rather than while rolling over.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::ops::Bound;
 use std::os::unix::fs::FileExt;
@@ -43,6 +43,7 @@ use std::time::Duration;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use super::{FsyncPolicy, Held, Storage};
+use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::storage;
@@ -488,9 +489,22 @@ struct Faults {
     /// Every fsync fails.
     #[cfg(test)]
     fail_fsync: std::sync::atomic::AtomicBool,
+    /// Every write stores half its bytes, then fails with ENOSPC.
+    #[cfg(test)]
+    disk_full: std::sync::atomic::AtomicBool,
 }
 
 impl Faults {
+    /// Writes `bytes` at `offset` (tests: maybe a short write, then ENOSPC).
+    fn write_at(&self, file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if self.disk_full.load(std::sync::atomic::Ordering::Relaxed) {
+            file.write_all_at(&bytes[..bytes.len() / 2], offset)?;
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        file.write_all_at(bytes, offset)
+    }
+
     fn fsync(&self) -> std::io::Result<()> {
         #[cfg(test)]
         if self.fail_fsync.load(std::sync::atomic::Ordering::Relaxed) {
@@ -521,6 +535,85 @@ struct State {
     /// on (see [`storage::fatal`]). Set under this lock, so no write is
     /// handed to the OS, and none acknowledged, after it.
     failed: Option<String>,
+    /// What each buffered entry changed in the indexes, to undo it when
+    /// the buffer cannot be written.
+    undo: Vec<Undo>,
+    /// `live_bytes` when the buffer was last written.
+    live_bytes_written: u64,
+    /// A failed write may have left bytes past `written` that could not be
+    /// cut off yet: nothing is written until they are.
+    truncate_pending: bool,
+    /// Buffers dropped after a failed write, since start.
+    rollbacks: u64,
+    /// The most recent record writes dropped that way (key, version).
+    lost: VecDeque<(Box<[u8]>, Version)>,
+    /// Why the last buffer was dropped.
+    last_write_error: Option<WriteError>,
+    /// Failures tests inject.
+    faults: Arc<Faults>,
+}
+
+/// How many dropped record writes [`State::lost`] remembers: callers ask
+/// right after their flush fails, so the last few batches suffice.
+const LOST_REMEMBERED: usize = 1 << 16;
+
+/// What an entry in the buffer changed, and how to put it back.
+enum Undo {
+    Record {
+        key: Box<[u8]>,
+        before: Option<RecordSlot>,
+        /// The version written (`None`: a delete).
+        version: Option<Version>,
+    },
+    Hint {
+        key: Box<[u8]>,
+        before: Option<Slot>,
+    },
+    Meta {
+        name: String,
+        before: Option<(u64, Slot)>,
+    },
+}
+
+/// Why the log could not be written.
+#[derive(Clone, Debug)]
+struct WriteError {
+    /// The disk is full (ENOSPC, EDQUOT, EFBIG).
+    full: bool,
+    /// The log directory.
+    dir: PathBuf,
+    /// The OS's words.
+    why: String,
+}
+
+impl WriteError {
+    fn new(dir: &Path, error: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        let full = matches!(
+            error.kind(),
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge
+        ) || matches!(error.raw_os_error(), Some(28 | 122 | 27));
+        Self {
+            full,
+            dir: dir.to_path_buf(),
+            why: error.to_string(),
+        }
+    }
+
+    fn to_error(&self) -> Error {
+        let dir = self.dir.display().to_string();
+        if self.full {
+            Error::DiskFull {
+                dir,
+                why: self.why.clone(),
+            }
+        } else {
+            Error::Storage(format!(
+                "cannot write to the log in {dir}: {}; the write was refused",
+                self.why
+            ))
+        }
+    }
 }
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
@@ -569,15 +662,25 @@ impl State {
     /// Hands the buffer to the OS and rolls the segment over when full.
     fn write_buffer(&mut self) -> Result<()> {
         self.check()?;
+        let file = self.active_segment().file.clone();
+        if self.truncate_pending {
+            if let Err(error) = file.set_len(self.written) {
+                return Err(self.drop_buffer(&error));
+            }
+            self.truncate_pending = false;
+        }
         if !self.buffer.is_empty() {
-            let file = self.active_segment().file.clone();
-            // Positional: a retry after a partial write overwrites it, so
-            // offsets in the index stay right whatever happened.
-            if let Err(error) = file.write_all_at(&self.buffer, self.written) {
-                return Err(Error::Storage(format!("cannot write to the log: {error}")));
+            // Positional, at the end of what was written before.
+            if let Err(error) = self.faults.write_at(&file, &self.buffer, self.written) {
+                // Part of it may be on disk: cut it off, so no entry of a
+                // refused write is replayed later.
+                self.truncate_pending = file.set_len(self.written).is_err();
+                return Err(self.drop_buffer(&error));
             }
             self.written += self.buffer.len() as u64;
             self.buffer.clear();
+            self.undo.clear();
+            self.live_bytes_written = self.live_bytes;
         }
         if self.written >= SEGMENT_BYTES {
             let next = self.active + 1;
@@ -588,6 +691,88 @@ impl State {
             self.start_segment(next, file);
         }
         Ok(())
+    }
+
+    /// After a failed write: forgets the buffered entries and puts the
+    /// indexes back as they were before them, so nothing is read or
+    /// counted that is not on disk. Answers the error for the writers.
+    fn drop_buffer(&mut self, error: &std::io::Error) -> Error {
+        let failure = WriteError::new(&self.dir, error);
+        let entries = self.undo.len();
+        for undo in self.undo.drain(..).rev() {
+            match undo {
+                Undo::Record {
+                    key,
+                    before,
+                    version,
+                } => {
+                    let _ = match before {
+                        Some(before) => self.records.insert(key.clone(), before),
+                        None => self.records.remove(&key),
+                    };
+                    if let Some(version) = version {
+                        if self.lost.len() == LOST_REMEMBERED {
+                            self.lost.pop_front();
+                        }
+                        self.lost.push_back((key, version));
+                    }
+                }
+                Undo::Hint { key, before } => {
+                    let _ = match before {
+                        Some(before) => self.hints.insert(key, before),
+                        None => self.hints.remove(&key),
+                    };
+                }
+                Undo::Meta { name, before } => {
+                    let _ = match before {
+                        Some(before) => self.meta.insert(name, before),
+                        None => self.meta.remove(&name),
+                    };
+                }
+            }
+        }
+        self.live_bytes = self.live_bytes_written;
+        self.buffer.clear();
+        if self.written == 0 {
+            self.buffer.extend_from_slice(&SEGMENT_HEADER);
+        }
+        let bytes = self.written + self.buffer.len() as u64;
+        self.active_segment().bytes = bytes;
+        self.rollbacks += 1;
+        tracing::error!(
+            dir = %failure.dir.display(), error = %failure.why, entries,
+            "cannot write to the log; refused the buffered writes"
+        );
+        let answer = failure.to_error();
+        self.last_write_error = Some(failure);
+        answer
+    }
+
+    /// Whether `slot` is in the buffer, not yet written.
+    fn is_buffered(&self, slot: Slot) -> bool {
+        slot.segment == self.active && slot.offset >= self.written
+    }
+
+    /// Notes what the index holds for `key` before a buffered entry
+    /// changes it (see [`State::drop_buffer`]).
+    fn remember(&mut self, kind: Kind, key: &[u8], version: Option<Version>) {
+        let undo = match kind {
+            Kind::Put | Kind::Delete => Undo::Record {
+                key: key.into(),
+                before: self.records.get(key).copied(),
+                version,
+            },
+            Kind::HintPut | Kind::HintDelete => Undo::Hint {
+                key: key.into(),
+                before: self.hints.get(key).copied(),
+            },
+            Kind::Meta => {
+                let name = String::from_utf8_lossy(key).into_owned();
+                let before = self.meta.get(&name).copied();
+                Undo::Meta { name, before }
+            }
+        };
+        self.undo.push(undo);
     }
 
     /// Makes a new, empty segment the active one; its header goes out with
@@ -770,7 +955,7 @@ struct Shared {
     /// before it are still being fsynced by another.
     syncing: Mutex<()>,
     /// Failures tests inject.
-    faults: Faults,
+    faults: Arc<Faults>,
 }
 
 impl Shared {
@@ -856,6 +1041,7 @@ impl Shared {
                 };
                 if state.is_live(&entry, slot) {
                     let new = state.append(entry.kind, entry.key, entry.value)?;
+                    state.remember(entry.kind, entry.key, None);
                     state.index(&entry, new);
                     copied += 1;
                     chunk_bytes += len;
@@ -929,12 +1115,14 @@ impl LogStorage {
                 dir.display()
             ))
         })?;
-        let state = replay(dir)?;
+        let faults = Arc::new(Faults::default());
+        let mut state = replay(dir)?;
+        state.faults = faults.clone();
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             compacting: Mutex::new(()),
             syncing: Mutex::new(()),
-            faults: Faults::default(),
+            faults,
         });
         let (stop, stopped) = mpsc::channel::<()>();
         let worker = shared.clone();
@@ -976,7 +1164,11 @@ impl LogStorage {
         let mut from = from;
         loop {
             let chunk: Vec<(Box<[u8]>, Located)> = {
-                let state = self.shared.lock();
+                let mut state = self.shared.lock();
+                if !state.buffer.is_empty() {
+                    // Read only what is written (see `get`).
+                    let _ = state.write_buffer();
+                }
                 let range = state
                     .records
                     .range::<[u8], _>((from.as_ref().map(|k| &k[..]), Bound::Unbounded));
@@ -1053,6 +1245,13 @@ fn replay(dir: &Path) -> Result<State> {
         unsynced: SyncTargets::default(),
         damaged_skipped: 0,
         failed: None,
+        undo: Vec::new(),
+        live_bytes_written: 0,
+        truncate_pending: false,
+        rollbacks: 0,
+        lost: VecDeque::new(),
+        last_write_error: None,
+        faults: Arc::new(Faults::default()),
     };
     for (position, &id) in ids.iter().enumerate() {
         let newest = position + 1 == ids.len();
@@ -1129,6 +1328,7 @@ fn replay(dir: &Path) -> Result<State> {
         sync_dir(dir)?;
         state.start_segment(id, file);
     }
+    state.live_bytes_written = state.live_bytes;
     tracing::info!(
         segments = state.segments.len(),
         keys = state.records.len(),
@@ -1148,7 +1348,15 @@ fn corrupt(key: &[u8], why: String) -> Error {
 impl Storage for LogStorage {
     fn get(&self, key: &[u8]) -> Result<Option<Record>> {
         let located = {
-            let state = self.shared.lock();
+            let mut state = self.shared.lock();
+            let Some(slot) = state.records.get(key).map(|r| r.slot) else {
+                return Ok(None);
+            };
+            if state.is_buffered(slot) {
+                // Never serve what is not written: write it now (on failure
+                // the index is back to what is on disk; look again).
+                let _ = state.write_buffer();
+            }
             match state.records.get(key) {
                 Some(slot) => state.locate(slot.slot)?,
                 None => return Ok(None),
@@ -1180,6 +1388,7 @@ impl Storage for LogStorage {
         let value = record.encode();
         let mut state = self.shared.lock();
         let slot = state.append(Kind::Put, key, &value)?;
+        state.remember(Kind::Put, key, Some(record.version));
         let held = Some(Held::of(record));
         let old = match state.records.get_mut(key) {
             Some(existing) => Some(std::mem::replace(existing, RecordSlot { slot, held }).slot),
@@ -1263,6 +1472,7 @@ impl Storage for LogStorage {
     fn delete(&self, key: &[u8]) -> Result<()> {
         let mut state = self.shared.lock();
         state.append(Kind::Delete, key, &[])?;
+        state.remember(Kind::Delete, key, None);
         let old = state.records.remove(key).map(|r| r.slot);
         state.replace_live(old, None);
         Ok(())
@@ -1278,6 +1488,7 @@ impl Storage for LogStorage {
         {
             let mut state = self.shared.lock();
             let slot = state.append(Kind::Meta, name.as_bytes(), &value.to_le_bytes())?;
+            state.remember(Kind::Meta, name.as_bytes(), None);
             let old = state.meta.insert(name.to_string(), (value, slot));
             state.replace_live(old.map(|(_, s)| s), Some(slot));
         }
@@ -1291,6 +1502,7 @@ impl Storage for LogStorage {
     fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
         let mut state = self.shared.lock();
         let slot = state.append(Kind::HintPut, id, bytes)?;
+        state.remember(Kind::HintPut, id, None);
         let old = state.hints.insert(id.into(), slot);
         state.replace_live(old, Some(slot));
         Ok(())
@@ -1299,6 +1511,7 @@ impl Storage for LogStorage {
     fn delete_hint(&self, id: &[u8]) -> Result<()> {
         let mut state = self.shared.lock();
         state.append(Kind::HintDelete, id, &[])?;
+        state.remember(Kind::HintDelete, id, None);
         let old = state.hints.remove(id);
         state.replace_live(old, None);
         Ok(())
@@ -1306,7 +1519,11 @@ impl Storage for LogStorage {
 
     fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let located: Vec<(Vec<u8>, Located)> = {
-            let state = self.shared.lock();
+            let mut state = self.shared.lock();
+            if !state.buffer.is_empty() {
+                // Read only what is written (see `get`).
+                let _ = state.write_buffer();
+            }
             let mut out = Vec::new();
             for (id, slot) in state
                 .hints
@@ -1333,6 +1550,25 @@ impl Storage for LogStorage {
     fn damaged_entries_skipped(&self) -> u64 {
         self.shared.lock().damaged_skipped
     }
+
+    fn dropped_buffers(&self) -> u64 {
+        self.shared.lock().rollbacks
+    }
+
+    fn lost_write(&self, key: &[u8], version: Version) -> Option<Error> {
+        let state = self.shared.lock();
+        let lost = state
+            .lost
+            .iter()
+            .rev()
+            .any(|(k, v)| *v == version && &k[..] == key);
+        lost.then(|| {
+            state.last_write_error.as_ref().map_or_else(
+                || Error::Storage("the write could not be stored".into()),
+                WriteError::to_error,
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -1340,7 +1576,6 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::clock::Version;
 
     fn value(lamport: u64, text: &str) -> Record {
         Record::value(Version::new(lamport, 1), text.as_bytes().to_vec())
@@ -1723,6 +1958,65 @@ mod tests {
             assert_eq!(log.get(b"a").expect("get"), Some(value(1, "a")));
             assert_eq!(log.get(b"c").expect("get"), None);
         }
+    }
+
+    #[test]
+    fn a_full_disk_refuses_the_writes_and_changes_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Always).expect("open");
+        log.put(b"a", &value(1, "one")).expect("put");
+        log.put_hint(b"h", b"hint").expect("hint");
+        log.flush().expect("flush");
+        let path = segment_path(dir.path(), 1);
+        let size = std::fs::metadata(&path).expect("stat").len();
+        let live = log.shared.lock().live_bytes;
+        let full = |on: bool| {
+            log.shared
+                .faults
+                .disk_full
+                .store(on, std::sync::atomic::Ordering::Relaxed)
+        };
+        full(true);
+        log.put(b"a", &value(2, "two")).expect("buffered");
+        log.put(b"b", &value(3, "three")).expect("buffered");
+        log.delete_hint(b"h").expect("buffered");
+        let refused = log.flush();
+        assert!(
+            matches!(&refused, Err(Error::DiskFull { dir: d, .. }) if d.contains(&*dir.path().to_string_lossy())),
+            "{refused:?}"
+        );
+        // Nothing of the refused writes is indexed, read or on disk.
+        assert_eq!(log.get(b"a").expect("get"), Some(value(1, "one")));
+        assert_eq!(
+            log.held(b"a").expect("held"),
+            Some(Held::of(&value(1, "one")))
+        );
+        assert_eq!(log.get(b"b").expect("get"), None);
+        assert_eq!(log.hints(b"", 10).expect("hints").len(), 1);
+        assert_eq!(log.shared.lock().live_bytes, live);
+        assert_eq!(
+            std::fs::metadata(&path).expect("stat").len(),
+            size,
+            "cut back"
+        );
+        assert_eq!(log.dropped_buffers(), 1);
+        assert!(log.lost_write(b"a", Version::new(2, 1)).is_some());
+        assert!(log.lost_write(b"a", Version::new(1, 1)).is_none());
+        // A read of a buffered write writes it first: refused, then the old value.
+        log.put(b"a", &value(4, "four")).expect("buffered");
+        assert_eq!(log.get(b"a").expect("get"), Some(value(1, "one")));
+        assert_eq!(log.dropped_buffers(), 2);
+        // Space is back: writes are taken again and survive a restart.
+        full(false);
+        log.put(b"c", &value(5, "five")).expect("put");
+        log.flush().expect("flush");
+        drop(log);
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Always).expect("reopen");
+        assert_eq!(log.get(b"a").expect("get"), Some(value(1, "one")));
+        assert_eq!(log.get(b"b").expect("get"), None);
+        assert_eq!(log.get(b"c").expect("get"), Some(value(5, "five")));
+        assert_eq!(log.hints(b"", 10).expect("hints").len(), 1);
+        assert_eq!(log.damaged_entries_skipped(), 0);
     }
 
     #[test]

@@ -201,4 +201,20 @@ pub trait Storage: Send + Sync + 'static {
     fn damaged_entries_skipped(&self) -> u64 {
         0
     }
+
+    /// How many times, since start, the engine could not write buffered
+    /// writes (a full disk) and dropped them, putting its index back as it
+    /// was. A caller that notes this before its writes and sees it change
+    /// by the end of its flush asks [`Storage::lost_write`] which of them
+    /// were dropped — possibly while its own flush succeeded. Engines that
+    /// never drop writes answer 0.
+    fn dropped_buffers(&self) -> u64 {
+        0
+    }
+
+    /// Whether the write of `version` under `key` was dropped (see
+    /// [`Storage::dropped_buffers`]), and the error that dropped it.
+    fn lost_write(&self, _key: &[u8], _version: Version) -> Option<Error> {
+        None
+    }
 }
