@@ -1308,14 +1308,17 @@ fn replay(dir: &Path) -> Result<State> {
         state.segments.insert(
             id,
             Segment {
-                file,
+                file: file.clone(),
                 bytes,
                 format: opening.format,
                 start: opening.start,
                 damaged: report,
             },
         );
-        if newest && opening.clean && bytes < SEGMENT_BYTES {
+        if newest && data.is_empty() {
+            // Created but never written (its header is still to come).
+            state.start_segment(id, file);
+        } else if newest && opening.clean && bytes < SEGMENT_BYTES {
             // Appended to: only a segment of the current format with an
             // intact header (older or damaged ones are only read).
             state.active = id;
@@ -1810,6 +1813,20 @@ mod tests {
         assert_eq!(log.get(b"new").expect("get"), Some(value(100, "new")));
         assert_eq!(log.get(b"key0").expect("get"), Some(value(1, "value")));
         assert_eq!(log.get(b"key8").expect("get"), Some(value(9, "value")));
+    }
+
+    #[test]
+    fn an_empty_newest_segment_is_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open"));
+        drop(LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen"));
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        log.put(b"a", &value(1, "a")).expect("put");
+        log.flush().expect("flush");
+        assert_eq!(log.shared.lock().segments.len(), 1);
+        drop(log);
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get(b"a").expect("get"), Some(value(1, "a")));
     }
 
     #[test]
