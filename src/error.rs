@@ -82,6 +82,13 @@ pub enum Error {
     #[error("storage error: {0}")]
     Storage(String),
 
+    /// The disk of the data dir is full: this write was refused, nothing
+    /// else changed; writes are taken again once there is space.
+    #[error(
+        "the disk of data dir {dir} is full ({why}); the write was refused. Free space there and retry"
+    )]
+    DiskFull { dir: String, why: String },
+
     /// A stored record could not be decoded; another replica's copy will
     /// replace it on the next write or repair.
     #[error("corrupt record for key {key:?}: {why}")]
@@ -111,6 +118,7 @@ impl From<Error> for Status {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Indeterminate(_) => Code::Unknown,
             Error::CorruptRecord { .. } => Code::DataLoss,
+            Error::DiskFull { .. } => Code::ResourceExhausted,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
         };
         let mut status = Status::new(code, error.to_string());
@@ -160,6 +168,20 @@ mod tests {
             "PUT may or may not have been applied".into(),
         ));
         assert_eq!(status.code(), Code::Unknown);
+    }
+
+    #[test]
+    fn a_full_disk_is_resource_exhausted_naming_the_data_dir() {
+        let status = Status::from(Error::DiskFull {
+            dir: "/var/dkvs/log".into(),
+            why: "No space left on device (os error 28)".into(),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("/var/dkvs/log"),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]

@@ -273,10 +273,28 @@ impl HintStore {
             pending.add(hint.target, size);
         }
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let id = hint_id(hint.target, sequence);
+        let dropped = self.storage.dropped_buffers();
         let stored = self
             .storage
-            .put_hint(&hint_id(hint.target, sequence), &bytes)
-            .and_then(|()| self.storage.flush());
+            .put_hint(&id, &bytes)
+            .and_then(|()| self.storage.flush())
+            .and_then(|()| {
+                // A full disk can drop it even when this flush succeeded.
+                if self.storage.dropped_buffers() == dropped
+                    || self
+                        .storage
+                        .hint_ids(&id, 1)?
+                        .first()
+                        .is_some_and(|(i, _)| *i == id)
+                {
+                    Ok(())
+                } else {
+                    Err(Error::Storage(
+                        "the hint could not be written (the disk is full)".into(),
+                    ))
+                }
+            });
         if let Err(error) = stored {
             self.pending().sub(hint.target, size);
             return Err(error);

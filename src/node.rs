@@ -304,6 +304,7 @@ impl Node {
             tombstones_purged: ae.tombstones_purged.load(Ordering::Relaxed),
             future_records: stats.future_records,
             tombstone_gc_skipped: ae.tombstones_skipped.load(Ordering::Relaxed),
+            damaged_entries_skipped: self.storage.damaged_entries_skipped(),
         }
     }
 
@@ -623,9 +624,12 @@ impl Node {
                     () = shutdown.cancelled() => break,
                 }
                 let storage = storage.clone();
+                // A failed fsync is fatal inside the engine (storage::fatal:
+                // DKVSServer exits non-zero; every later write is refused);
+                // other errors, such as a full disk, are only reported here.
                 match tokio::task::spawn_blocking(move || storage.sync()).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(error)) => tracing::error!(%error, "periodic fsync failed"),
+                    Ok(Err(error)) => tracing::error!(%error, "periodic sync failed"),
                     Err(error) => tracing::error!(%error, "periodic fsync task failed"),
                 }
             }

@@ -50,6 +50,25 @@ pub struct WriteOutcome {
     pub held: Version,
 }
 
+/// A write [`ReplicaStore::apply`] handled, and what the key held before.
+struct Applied {
+    outcome: WriteOutcome,
+    /// What the key held before (to undo the counts if the engine drops
+    /// the write).
+    before: Option<Held>,
+}
+
+/// A batch's flush error, for each of its writes (errors are not `Clone`).
+fn flush_error(error: &Error) -> Error {
+    match error {
+        Error::DiskFull { dir, why } => Error::DiskFull {
+            dir: dir.clone(),
+            why: why.clone(),
+        },
+        other => Error::Storage(other.to_string()),
+    }
+}
+
 /// Counts kept in memory, exact: initialised by a scan at start-up and
 /// updated on every applied write.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -400,8 +419,15 @@ impl ReplicaStore {
         if !held.is_tombstone() || held.version != version {
             return Ok(false);
         }
+        let dropped = self.storage.dropped_buffers();
         self.storage.delete(&stored)?;
         self.storage.flush()?;
+        if self.storage.dropped_buffers() != dropped
+            && self.storage.held(&stored)?.map(|h| h.version) == Some(version)
+        {
+            // The delete was dropped with a buffer: the tombstone stays.
+            return Ok(false);
+        }
         self.tombstones.fetch_sub(1, Ordering::Relaxed);
         self.update_digest(key, Some(Held::of(&held)), None);
         Ok(true)
@@ -409,9 +435,10 @@ impl ReplicaStore {
 
     /// Stores `record` if it is newer than what this replica holds.
     pub fn write_if_newer(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
-        let outcome = self.apply(key, record)?;
-        self.storage.flush()?;
-        Ok(outcome)
+        let mut results = self.write_many([(key, record)]);
+        results
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("no result for a write".into())))
     }
 
     /// [`ReplicaStore::write_if_newer`] for many writes, with one flush to
@@ -421,24 +448,37 @@ impl ReplicaStore {
         &self,
         writes: impl IntoIterator<Item = (&'a str, &'a Record)>,
     ) -> Vec<Result<WriteOutcome>> {
-        let results: Vec<Result<WriteOutcome>> = writes
+        let dropped = self.storage.dropped_buffers();
+        let applied: Vec<(&str, &Record, Result<Applied>)> = writes
             .into_iter()
-            .map(|(key, record)| self.apply(key, record))
+            .map(|(key, record)| (key, record, self.apply(key, record)))
             .collect();
-        match self.storage.flush() {
-            Ok(()) => results,
-            Err(error) => {
-                let why = error.to_string();
-                results
-                    .into_iter()
-                    .map(|r| r.and_then(|_| Err(Error::Storage(why.clone()))))
-                    .collect()
-            }
-        }
+        let flushed = self.storage.flush();
+        // A full disk makes the engine drop buffered writes — maybe ours,
+        // even when our own flush found nothing left to write.
+        let dropped = self.storage.dropped_buffers() != dropped;
+        applied
+            .into_iter()
+            .map(|(key, record, result)| {
+                let applied = result?;
+                if applied.outcome.applied && dropped {
+                    let stored = storage_key(key);
+                    if let Some(error) = self.storage.lost_write(&stored, record.version) {
+                        // Not stored: undo what it changed in counts and digests.
+                        self.undo_transition(key, applied.before, record);
+                        return Err(error);
+                    }
+                }
+                match &flushed {
+                    Ok(()) => Ok(applied.outcome),
+                    Err(error) => Err(flush_error(error)),
+                }
+            })
+            .collect()
     }
 
     /// Stores `record` if newer, without flushing.
-    fn apply(&self, key: &str, record: &Record) -> Result<WriteOutcome> {
+    fn apply(&self, key: &str, record: &Record) -> Result<Applied> {
         // Callers convert at the door (pb.rs); this is the last line.
         self.bound
             .check_now(record.version)
@@ -461,18 +501,42 @@ impl ReplicaStore {
         if let Some(held) = held
             && held.version >= record.version
         {
-            return Ok(WriteOutcome {
-                applied: false,
-                held: held.version,
+            return Ok(Applied {
+                outcome: WriteOutcome {
+                    applied: false,
+                    held: held.version,
+                },
+                before: Some(held),
             });
         }
         self.storage.put(&stored, record)?;
         self.count_transition(held, record);
         self.update_digest(key, held, Some(Held::of(record)));
-        Ok(WriteOutcome {
-            applied: true,
-            held: record.version,
+        Ok(Applied {
+            outcome: WriteOutcome {
+                applied: true,
+                held: record.version,
+            },
+            before: held,
         })
+    }
+
+    /// Takes back what [`ReplicaStore::apply`] changed in the key counts
+    /// and range digests for a write the engine then dropped. (Counts and
+    /// digests compose by addition and XOR, so the order of undoing among
+    /// concurrent writes does not matter.)
+    fn undo_transition(&self, key: &str, before: Option<Held>, after: &Record) {
+        if after.is_tombstone() {
+            self.tombstones.fetch_sub(1, Ordering::Relaxed);
+        } else {
+            self.live_keys.fetch_sub(1, Ordering::Relaxed);
+        }
+        match before {
+            Some(before) if before.tombstone => self.tombstones.fetch_add(1, Ordering::Relaxed),
+            Some(_) => self.live_keys.fetch_add(1, Ordering::Relaxed),
+            None => 0,
+        };
+        self.update_digest(key, Some(Held::of(after)), before);
     }
 
     /// Replaces a stored record whose version is beyond the skew bound.
@@ -482,13 +546,16 @@ impl ReplicaStore {
         stored: &[u8],
         held: Held,
         record: &Record,
-    ) -> Result<WriteOutcome> {
+    ) -> Result<Applied> {
         self.storage.put(stored, record)?;
         self.count_transition(Some(held), record);
         self.update_digest(key, Some(held), Some(Held::of(record)));
-        Ok(WriteOutcome {
-            applied: true,
-            held: record.version,
+        Ok(Applied {
+            outcome: WriteOutcome {
+                applied: true,
+                held: record.version,
+            },
+            before: Some(held),
         })
     }
 

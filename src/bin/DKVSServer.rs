@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // A failed fsync stops the process (docs/STORAGE.md, "Failed fsyncs").
+    dkvs::storage::set_fatal_handler(dkvs::storage::exit_on_fatal);
     let runtime = match dkvs::runtime(config.worker_threads) {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -983,6 +983,47 @@ fn write_after_freeing_space(subject: Subject, fx: &Fixture, model: &mut Model, 
     );
 }
 
+/// For an engine that treats a failed write as fatal (fjall): once the
+/// disk is full, everything is refused (reads too: the node is to exit), a
+/// retry never succeeds, and a reopen on the still-full disk has every
+/// acknowledged write.
+pub fn disk_full_is_fatal_and_a_reopen_loses_nothing(subject: Subject) {
+    let Some((disk, _ballast)) = small_disk_with_ballast() else {
+        return;
+    };
+    let mut fx = Fixture::open_at(subject, &disk.path().join("data")).expect("open");
+    let mut model = Model::default();
+    let refused = fill(subject, &*fx, &mut model, SMALL_WRITE);
+    assert!(
+        model.len() > 10,
+        "{}: the disk filled too soon",
+        subject.name
+    );
+    eprintln!(
+        "{}: refused at {}: {}",
+        subject.name, refused.call, refused.error
+    );
+    let again = fx
+        .put(&storage_key("again"), &value(0, noise(0, SMALL_WRITE)))
+        .and_then(|()| fx.flush());
+    assert!(
+        again.is_err(),
+        "{}: a write after the failure succeeded",
+        subject.name
+    );
+    assert!(
+        fx.get(&refused.key).is_err(),
+        "{}: the engine still serves reads after a fatal write error",
+        subject.name
+    );
+    fx.storage = None;
+    fx.restart();
+    model.assert_readable(
+        &*fx,
+        &format!("{}: reopened on the full disk", subject.name),
+    );
+}
+
 /// A refused large write leaves no trace; see [`refused_write_leaves_no_trace`].
 pub fn disk_full_a_refused_large_write_leaves_no_trace(subject: Subject) {
     refused_write_leaves_no_trace(subject, LARGE_WRITE);
@@ -1080,26 +1121,19 @@ mod log {
         disk_full_refuses_writes_and_keeps_acknowledged_ones,
         disk_full_writes_resume_once_space_is_freed,
         disk_full_writes_resume_after_a_reopen_once_space_is_freed,
-        #[ignore = "issue 9 part 3: a write refused at flush stays in the log's index and \
-                    unwritten buffer; get serves it, and it reaches disk once space is back"]
         disk_full_a_refused_large_write_leaves_no_trace,
-        #[ignore = "issue 9 part 3: a write refused at flush stays in the log's index and \
-                    unwritten buffer; get serves it, and it reaches disk once space is back"]
         disk_full_a_refused_small_write_leaves_no_trace,
     );
 }
 
+/// fjall's journal refuses every write after one failed write
+/// ("poisoned"), so DKVS treats a failed journal write on fjall as fatal:
+/// the engine refuses everything and the node exits; a restart once space
+/// is back loses nothing acknowledged.
 mod fjall {
     every_engine_checks!(super::FJALL);
     checks!(super::FJALL;
-        disk_full_refuses_writes_and_keeps_acknowledged_ones,
-        #[ignore = "issue 9 part 3: fjall's journal is poisoned by the first failed write and \
-                    refuses every write until the database is reopened"]
-        disk_full_writes_resume_once_space_is_freed,
+        disk_full_is_fatal_and_a_reopen_loses_nothing,
         disk_full_writes_resume_after_a_reopen_once_space_is_freed,
-        disk_full_a_refused_large_write_leaves_no_trace,
-        #[ignore = "issue 9 part 3: a write whose journal flush failed is already in fjall's \
-                    memtable, and get serves it"]
-        disk_full_a_refused_small_write_leaves_no_trace,
     );
 }

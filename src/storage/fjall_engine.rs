@@ -5,14 +5,23 @@
 //! its journal and hands it to the operating system before `insert` returns,
 //! so an acknowledged write survives a crash or SIGKILL of the process; under
 //! [`FsyncPolicy::Always`] `flush` also fsyncs, once per batch.
+//!
+//! Any failed fsync, and any failed write to the journal (fjall's journal
+//! refuses every write after one failed write: it is "poisoned"), is fatal
+//! ([`storage::fatal`]): the engine refuses everything after it and
+//! `DKVSServer` exits non-zero. A full disk therefore stops a node on this
+//! engine; restart it once space is back (replay recovers every
+//! acknowledged write). The log engine instead refuses just the write.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::{FsyncPolicy, Storage};
 use crate::error::{Error, Result};
 use crate::record::Record;
+use crate::storage;
 
 pub struct FjallStorage {
     /// The database: owns the journal shared by both keyspaces.
@@ -27,6 +36,14 @@ pub struct FjallStorage {
     fsync: FsyncPolicy,
     /// The database directory, where fjall keeps its journal files.
     dir: PathBuf,
+    /// Why a write or fsync failed, once one has: everything is refused.
+    failed: OnceLock<String>,
+    /// Held through every fsync, so none starts (and could succeed on
+    /// dropped pages) after another failed.
+    syncing: Mutex<()>,
+    /// Tests: every fsync fails.
+    #[cfg(test)]
+    fail_fsync: std::sync::atomic::AtomicBool,
 }
 
 impl FjallStorage {
@@ -46,7 +63,41 @@ impl FjallStorage {
             hints,
             fsync,
             dir: dir.to_path_buf(),
+            failed: OnceLock::new(),
+            syncing: Mutex::new(()),
+            #[cfg(test)]
+            fail_fsync: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Refuses everything after a failed write or fsync.
+    fn check(&self) -> Result<()> {
+        match self.failed.get() {
+            Some(why) => Err(storage::refused_after_fatal(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses everything from now on and reports `why` as fatal.
+    fn fail(&self, why: String) -> Error {
+        let _ = self.failed.set(why.clone());
+        storage::fatal(why)
+    }
+
+    /// A write's result: an error is fatal (fjall's journal is poisoned).
+    fn written<T>(&self, result: fjall::Result<T>) -> Result<T> {
+        result.map_err(|e| self.fail(format!("write to the fjall journal failed: {e}")))
+    }
+
+    /// Runs an fsync with the sync lock held; an error is fatal.
+    fn fsync(&self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        self.check()?;
+        #[cfg(test)]
+        if self.fail_fsync.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(self.fail("fsync of the journal failed: injected".into()));
+        }
+        sync().map_err(|e| self.fail(e.to_string()))
     }
 
     /// Makes every write so far durable without holding fjall's journal lock
@@ -57,6 +108,10 @@ impl FjallStorage {
     /// earlier were fsynced by fjall when it rotated them, so the newest file
     /// is the only one that can hold unsynced writes.
     fn sync_journal(&self, full: bool) -> Result<()> {
+        self.fsync(|| self.sync_journal_unchecked(full))
+    }
+
+    fn sync_journal_unchecked(&self, full: bool) -> Result<()> {
         self.db.persist(PersistMode::Buffer)?;
         let Some(active) = newest_journal(&self.dir)? else {
             // No journal file found (not expected): fall back to fjall.
@@ -99,6 +154,7 @@ fn newest_journal(dir: &Path) -> Result<Option<PathBuf>> {
 
 impl Storage for FjallStorage {
     fn get(&self, key: &[u8]) -> Result<Option<Record>> {
+        self.check()?;
         let Some(bytes) = self.records.get(key)? else {
             return Ok(None);
         };
@@ -111,8 +167,8 @@ impl Storage for FjallStorage {
     }
 
     fn put(&self, key: &[u8], record: &Record) -> Result<()> {
-        self.records.insert(key, record.encode())?;
-        Ok(())
+        self.check()?;
+        self.written(self.records.insert(key, record.encode()))
     }
 
     fn for_each(
@@ -120,6 +176,7 @@ impl Storage for FjallStorage {
         visit: &mut dyn FnMut(&[u8], &Record),
         corrupt: &mut dyn FnMut(&[u8], String),
     ) -> Result<()> {
+        self.check()?;
         for item in self.records.iter() {
             let (key, bytes) = item.into_inner()?;
             match Record::decode(&bytes) {
@@ -136,6 +193,7 @@ impl Storage for FjallStorage {
         to: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()> {
+        self.check()?;
         let iter = match to {
             Some(to) => self.records.range(from.to_vec()..to.to_vec()),
             None => self.records.range(from.to_vec()..),
@@ -150,11 +208,12 @@ impl Storage for FjallStorage {
     }
 
     fn delete(&self, key: &[u8]) -> Result<()> {
-        self.records.remove(key)?;
-        Ok(())
+        self.check()?;
+        self.written(self.records.remove(key))
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<u64>> {
+        self.check()?;
         let Some(bytes) = self.meta.get(name)? else {
             return Ok(None);
         };
@@ -168,7 +227,8 @@ impl Storage for FjallStorage {
     }
 
     fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
-        self.meta.insert(name, value.to_le_bytes())?;
+        self.check()?;
+        self.written(self.meta.insert(name, value.to_le_bytes()))?;
         self.sync_journal(false)
     }
 
@@ -179,25 +239,27 @@ impl Storage for FjallStorage {
     /// Hands buffered writes to the OS; under `--fsync always` also
     /// fsyncs them — once for the whole batch (group commit).
     fn flush(&self) -> Result<()> {
-        let mode = match self.fsync {
-            FsyncPolicy::Always => PersistMode::SyncData,
-            FsyncPolicy::Periodic => PersistMode::Buffer,
-        };
-        self.db.persist(mode)?;
-        Ok(())
+        match self.fsync {
+            FsyncPolicy::Always => self.fsync(|| Ok(self.db.persist(PersistMode::SyncData)?)),
+            FsyncPolicy::Periodic => {
+                self.check()?;
+                self.written(self.db.persist(PersistMode::Buffer))
+            }
+        }
     }
 
     fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
-        self.hints.insert(id, bytes)?;
-        Ok(())
+        self.check()?;
+        self.written(self.hints.insert(id, bytes))
     }
 
     fn delete_hint(&self, id: &[u8]) -> Result<()> {
-        self.hints.remove(id)?;
-        Ok(())
+        self.check()?;
+        self.written(self.hints.remove(id))
     }
 
     fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.check()?;
         let mut out = Vec::new();
         for item in self.hints.prefix(prefix).take(limit) {
             let (id, bytes) = item.into_inner()?;
@@ -268,5 +330,31 @@ mod tests {
             [(b"a1".to_vec(), 3), (b"a2".to_vec(), 1000)]
         );
         assert_eq!(storage.hint_ids(b"", 1).expect("ids").len(), 1);
+    }
+
+    #[test]
+    fn a_failed_fsync_is_fatal_and_everything_is_refused_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = Record::value(Version::new(1, 2), &b"one"[..]);
+        for fsync in [FsyncPolicy::Always, FsyncPolicy::Periodic] {
+            let storage = FjallStorage::open(dir.path(), fsync).expect("open");
+            storage.put(b"a", &record).expect("put");
+            storage.flush().expect("flush");
+            storage
+                .fail_fsync
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            assert!(storage.sync().is_err());
+            storage
+                .fail_fsync
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+            // No retry succeeds, and nothing else is done.
+            assert!(storage.sync().is_err());
+            assert!(storage.flush().is_err());
+            assert!(storage.put(b"b", &record).is_err());
+            assert!(storage.get(b"a").is_err());
+            drop(storage);
+            let storage = FjallStorage::open(dir.path(), fsync).expect("reopen");
+            assert_eq!(storage.get(b"a").expect("get"), Some(record.clone()));
+        }
     }
 }

@@ -22,9 +22,53 @@ pub use fjall_engine::FjallStorage;
 pub use log_engine::LogStorage;
 pub use memory::MemoryStorage;
 
+use std::sync::OnceLock;
+
 use crate::clock::Version;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::record::Record;
+
+/// What happens after an fsync failed (see [`fatal`]).
+static ON_FATAL: OnceLock<fn(&str)> = OnceLock::new();
+
+/// Makes [`fatal`] call `handler` (once per process; later calls are
+/// ignored). `DKVSServer` installs [`exit_on_fatal`].
+pub fn set_fatal_handler(handler: fn(&str)) {
+    let _ = ON_FATAL.set(handler);
+}
+
+/// The fatal handler of `DKVSServer`: the reason on stderr, exit status 1,
+/// no destructors and no final sync.
+pub fn exit_on_fatal(why: &str) {
+    eprintln!("DKVSServer: stopping: {why}");
+    std::process::exit(1);
+}
+
+/// Reports an error after which the engine's data on disk is unknown — a
+/// failed fsync — and answers the error to return. The engine refuses every
+/// later operation; [`set_fatal_handler`]'s handler (`DKVSServer`: exit
+/// non-zero) runs.
+///
+/// Why not retry: on Linux a failed fsync may drop the dirty pages it could
+/// not write and mark them clean, so a retry "succeeds" with the data gone
+/// ("fsyncgate", 2018). etcd and PostgreSQL stop the process instead; so
+/// does DKVS. After the restart, replay reads what is really on disk, and
+/// read repair, hints and anti-entropy bring back the rest from the other
+/// replicas.
+pub(crate) fn fatal(why: String) -> Error {
+    tracing::error!(%why, "storage can no longer be trusted: stopping the node");
+    if let Some(handler) = ON_FATAL.get() {
+        handler(&why);
+    }
+    Error::Storage(why)
+}
+
+/// The error every operation of an engine answers after [`fatal`].
+pub(crate) fn refused_after_fatal(why: &str) -> Error {
+    Error::Storage(format!(
+        "refusing: an earlier fsync failed ({why}); the node must be restarted"
+    ))
+}
 
 /// Which engine a node stores its data in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -166,5 +210,28 @@ pub trait Storage: Send + Sync + 'static {
             .into_iter()
             .map(|(id, bytes)| (id, bytes.len() as u64))
             .collect())
+    }
+
+    /// Damaged stretches of the data files skipped when the engine opened
+    /// (each cost the entries in it; other replicas repair them). Engines
+    /// that do not count them answer 0.
+    fn damaged_entries_skipped(&self) -> u64 {
+        0
+    }
+
+    /// How many times, since start, the engine could not write buffered
+    /// writes (a full disk) and dropped them, putting its index back as it
+    /// was. A caller that notes this before its writes and sees it change
+    /// by the end of its flush asks [`Storage::lost_write`] which of them
+    /// were dropped — possibly while its own flush succeeded. Engines that
+    /// never drop writes answer 0.
+    fn dropped_buffers(&self) -> u64 {
+        0
+    }
+
+    /// Whether the write of `version` under `key` was dropped (see
+    /// [`Storage::dropped_buffers`]), and the error that dropped it.
+    fn lost_write(&self, _key: &[u8], _version: Version) -> Option<Error> {
+        None
     }
 }
