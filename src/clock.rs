@@ -139,6 +139,21 @@ impl SkewBound {
         Ok(())
     }
 
+    /// [`SkewBound::check`] against the wall clock now, as an [`Error`]:
+    /// `InvalidArgument` for a version no node can have issued,
+    /// `ClockSkew` for one merely beyond the bound (a peer's clock, or this
+    /// node's, may be off: retrying later may succeed).
+    pub fn refuse_now(&self, version: Version, what: &str) -> Result<(), crate::error::Error> {
+        let now_ms = wall_clock_ms();
+        match self.check(version, now_ms) {
+            Ok(()) => Ok(()),
+            Err(why) if self.check_stored(version, now_ms).is_err() => {
+                Err(crate::error::Error::InvalidArgument(format!("{what}{why}")))
+            }
+            Err(why) => Err(crate::error::Error::ClockSkew(format!("{what}{why}"))),
+        }
+    }
+
     /// [`SkewBound::check`] against the wall clock now.
     pub fn check_now(&self, version: Version) -> Result<(), String> {
         self.check(version, wall_clock_ms())

@@ -60,6 +60,14 @@ pub enum Error {
         acks: usize,
     },
 
+    /// A version further ahead of this node's wall clock than
+    /// `--max-clock-skew-ms` (but not impossibly far): INVALID_ARGUMENT to
+    /// a caller, yet not a final refusal between nodes — a clock may be
+    /// off and catch up — so a replica batch reports it as a failure (a
+    /// hint is kept and waits) rather than a rejection (dropped).
+    #[error("{0}")]
+    ClockSkew(String),
+
     /// The request did not finish in time.
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -112,7 +120,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::ClockSkew(_) => Code::InvalidArgument,
             Error::QuorumNotReached { .. } | Error::Unavailable(_) => Code::Unavailable,
             Error::Superseded { .. } => Code::Aborted,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,

@@ -188,7 +188,9 @@ impl Identity {
     ) -> Result<Self> {
         let (instance_id, gate) = match storage.get_meta(INSTANCE_ID)? {
             Some(id) => {
-                let gate = ReadGate::from_code(storage.get_meta(READ_GATE)?.unwrap_or(0));
+                // The gate is written before the id: an id without a gate
+                // means the gate's entry was damaged. Catch up to be safe.
+                let gate = ReadGate::from_code(storage.get_meta(READ_GATE)?.unwrap_or(2));
                 (id, gate)
             }
             None => {
@@ -213,9 +215,7 @@ impl Identity {
         };
         // With no peer to ask (one member), there is nothing to wait for.
         identity.update(|gate, peers| {
-            if let ReadGate::Unverified { .. } = gate
-                && peers.is_empty()
-            {
+            if peers.is_empty() {
                 *gate = ReadGate::Open;
             }
         })?;

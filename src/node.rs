@@ -1043,6 +1043,7 @@ impl pb::replica_server::Replica for ReplicaService {
                     Ok(_) => applied
                         .next()
                         .unwrap_or_else(|| Err(Error::Internal("write result missing".into()))),
+                    Err(Error::ClockSkew(why)) => Err(Error::ClockSkew(why.clone())),
                     Err(error) => Err(Error::InvalidArgument(error.to_string())),
                 };
                 match outcome {

@@ -48,9 +48,7 @@ pub fn version_from(
 ) -> Result<clock::Version, Error> {
     let v = v.ok_or_else(|| Error::InvalidArgument(format!("{what} is required")))?;
     let version = clock::Version::new(v.lamport, v.node_id);
-    bound
-        .check_now(version)
-        .map_err(|why| Error::InvalidArgument(format!("{what}: {why}")))?;
+    bound.refuse_now(version, &format!("{what}: "))?;
     Ok(version)
 }
 

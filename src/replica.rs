@@ -461,11 +461,16 @@ impl ReplicaStore {
             .into_iter()
             .map(|(key, record, result)| {
                 let applied = result?;
-                if applied.outcome.applied && dropped {
+                // Also when it was "already held" at this version: the
+                // entry that held it may be the one another flush dropped.
+                let holds = applied.outcome.applied || applied.outcome.held == record.version;
+                if holds && dropped {
                     let stored = storage_key(key);
                     if let Some(error) = self.storage.lost_write(&stored, record.version) {
-                        // Not stored: undo what it changed in counts and digests.
-                        self.undo_transition(key, applied.before, record);
+                        if applied.outcome.applied {
+                            // Not stored: undo what it changed in counts and digests.
+                            self.undo_transition(key, applied.before, record);
+                        }
                         return Err(error);
                     }
                 }
@@ -480,9 +485,7 @@ impl ReplicaStore {
     /// Stores `record` if newer, without flushing.
     fn apply(&self, key: &str, record: &Record) -> Result<Applied> {
         // Callers convert at the door (pb.rs); this is the last line.
-        self.bound
-            .check_now(record.version)
-            .map_err(Error::InvalidArgument)?;
+        self.bound.refuse_now(record.version, "")?;
         self.observe(record.version);
         let _stripe = self.stripe(key);
         let stored = storage_key(key);

@@ -970,14 +970,18 @@ impl Shared {
     /// "succeed" after the kernel dropped the pages it failed to write).
     fn sync(&self, data_only: bool) -> Result<()> {
         let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
-        let targets = {
+        let (written, targets) = {
             let mut state = self.lock();
-            state.write_buffer()?;
-            state.sync_targets()
+            let written = state.write_buffer();
+            (written, state.sync_targets())
         };
+        // What was written before is made durable even when the buffer
+        // could not be written (a full disk): the periodic sync must not
+        // be skipped for as long as the disk stays full.
         targets
             .sync(data_only, &self.faults)
-            .map_err(|why| self.fail(why))
+            .map_err(|why| self.fail(why))?;
+        written
     }
 
     /// Refuses everything from now on and reports `why` as fatal.
@@ -1494,6 +1498,10 @@ impl Storage for LogStorage {
             state.remember(Kind::Meta, name.as_bytes(), None);
             let old = state.meta.insert(name.to_string(), (value, slot));
             state.replace_live(old.map(|(_, s)| s), Some(slot));
+            // Written under the same lock hold: another caller's failed
+            // write (a full disk) cannot drop it from the buffer unnoticed
+            // while this waits for the sync; an error here undid it.
+            state.write_buffer()?;
         }
         self.sync_with(true)
     }
@@ -2034,6 +2042,29 @@ mod tests {
             assert_eq!(log.get(b"a").expect("get"), Some(value(1, "a")));
             assert_eq!(log.get(b"c").expect("get"), None);
         }
+    }
+
+    #[test]
+    fn a_durable_meta_write_is_never_answered_ok_unwritten() {
+        // Review finding: a meta entry buffered and then dropped by another
+        // caller's failed write was answered Ok by the sync that followed.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        log.put_meta_durable("clock_ceiling", 1).expect("meta");
+        let full = |on: bool| {
+            log.shared
+                .faults
+                .disk_full
+                .store(on, std::sync::atomic::Ordering::Relaxed)
+        };
+        full(true);
+        assert!(log.put_meta_durable("clock_ceiling", 2).is_err());
+        assert_eq!(log.get_meta("clock_ceiling").expect("meta"), Some(1));
+        full(false);
+        log.put_meta_durable("clock_ceiling", 3).expect("meta");
+        drop(log);
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
+        assert_eq!(log.get_meta("clock_ceiling").expect("meta"), Some(3));
     }
 
     #[test]
