@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Version;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, RollCall};
 use crate::failure::FailureDetector;
 use crate::hints::{Hint, HintStore, now_ms};
 use crate::net::{PeerPool, ReplicaError, ReplicaHandle, call_within};
@@ -318,6 +318,7 @@ pub async fn read_quorum(
 ) -> Result<ReadResult> {
     let needed = consistency.required(replicas.len());
     let mut tally = ReadTally::new(needed, replicas.len());
+    let mut standing = Standing::initial(&replicas);
     for (index, replica) in replicas.iter().enumerate() {
         if let Some(why) = &replica.believed_down {
             tally.record(index, &replica.address, Err(why.clone()));
@@ -356,7 +357,8 @@ pub async fn read_quorum(
                     acks: tally.replies(),
                     needed,
                     replicas: replicas.len(),
-                    failures: tally.failures().to_vec(),
+                    roll_call: roll_call(&replicas, &standing),
+                    failures: asked_failures(&replicas, tally.failures()),
                 });
             }
             ReadDecision::Pending => {}
@@ -368,6 +370,11 @@ pub async fn read_quorum(
             Err(ReplicaError::Rejected(why)) => return Err(Error::InvalidArgument(why)),
             Err(ReplicaError::Failed(why)) => Err(why),
             Ok(record) => Ok(record),
+        };
+        standing[index] = if reply.is_ok() {
+            Standing::Answered
+        } else {
+            Standing::Failed
         };
         tally.record(index, &replicas[index].address, reply);
     }
@@ -625,6 +632,7 @@ impl Coordinator {
                         as WriteReplyFuture
                 })
                 .collect();
+            let mut standing = Standing::initial(&replicas);
             let decision = loop {
                 match tally.decision() {
                     WriteDecision::Pending => {}
@@ -632,6 +640,10 @@ impl Coordinator {
                 }
                 let Some((index, reply)) = in_flight.next().await else {
                     break WriteDecision::Failed;
+                };
+                standing[index] = match &reply {
+                    Ok(outcome) if outcome.held == version => Standing::Answered,
+                    _ => Standing::Failed,
                 };
                 let reply = match reply {
                     Ok(outcome) => {
@@ -709,7 +721,8 @@ impl Coordinator {
                         acks: tally.acks(),
                         needed,
                         replicas: replicas.len(),
-                        failures: tally.failures().to_vec(),
+                        roll_call: roll_call(&replicas, &standing),
+                        failures: asked_failures(&replicas, tally.failures()),
                     });
                 }
             }
@@ -742,6 +755,68 @@ impl Coordinator {
             }
         });
     }
+}
+
+/// Where one replica stands in a quorum call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Standing {
+    /// Not asked: believed down.
+    NotAsked,
+    /// Asked, no answer yet.
+    Waiting,
+    /// Answered (for writes: holds this round's version).
+    Answered,
+    /// Asked, and failed (or, for writes, kept another version).
+    Failed,
+}
+
+impl Standing {
+    fn initial(replicas: &[ReplicaHandle]) -> Vec<Standing> {
+        replicas
+            .iter()
+            .map(|r| {
+                if r.believed_down.is_some() {
+                    Standing::NotAsked
+                } else {
+                    Standing::Waiting
+                }
+            })
+            .collect()
+    }
+}
+
+/// The replicas of a failed quorum call, by what they did.
+fn roll_call(replicas: &[ReplicaHandle], standing: &[Standing]) -> RollCall {
+    let with = |wanted: Standing| -> Vec<String> {
+        replicas
+            .iter()
+            .zip(standing)
+            .filter(|(_, s)| **s == wanted)
+            .map(|(r, _)| r.address.clone())
+            .collect()
+    };
+    RollCall {
+        answered: with(Standing::Answered),
+        not_asked: with(Standing::NotAsked),
+        waiting: with(Standing::Waiting),
+    }
+}
+
+/// The tally's failure lines without those of replicas that were not asked
+/// (the roll call names them).
+fn asked_failures(replicas: &[ReplicaHandle], failures: &[String]) -> Vec<String> {
+    failures
+        .iter()
+        .filter(|line| {
+            !replicas.iter().any(|r| {
+                r.believed_down.is_some()
+                    && line
+                        .strip_prefix(r.address.as_str())
+                        .is_some_and(|rest| rest.starts_with(": "))
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 fn addresses_of(replicas: &[ReplicaHandle]) -> Vec<String> {

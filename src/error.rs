@@ -20,7 +20,8 @@ pub enum Error {
 
     /// Too few replicas answered for the requested consistency.
     #[error(
-        "{operation} failed at consistency {consistency}: {acks} of {needed} required replicas answered ({replicas} replicas for this key){}",
+        "{operation} failed at consistency {consistency}: {acks} of {needed} required replicas answered ({replicas} replicas for this key){}{}",
+        format_roll_call(.roll_call),
         format_failures(.failures)
     )]
     QuorumNotReached {
@@ -34,7 +35,9 @@ pub enum Error {
         needed: usize,
         /// Replicas of the key.
         replicas: usize,
-        /// Why the others did not, one line each.
+        /// Where each replica stood when the quorum became out of reach.
+        roll_call: RollCall,
+        /// Why the replicas that were asked and failed did, one line each.
         failures: Vec<String>,
     },
 
@@ -107,6 +110,33 @@ pub enum Error {
     Internal(String),
 }
 
+/// The replicas of a failed quorum call by what they did, with addresses,
+/// so a message never names only the dead ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RollCall {
+    /// Answered (for writes: hold the write).
+    pub answered: Vec<String>,
+    /// Not asked: believed down by the failure detector.
+    pub not_asked: Vec<String>,
+    /// Asked, and had not answered when the quorum became out of reach
+    /// (alive as far as this node knows: it was not waited for).
+    pub waiting: Vec<String>,
+}
+
+fn format_roll_call(roll: &RollCall) -> String {
+    let mut out = String::new();
+    for (label, list) in [
+        ("answered", &roll.answered),
+        ("not asked (believed down)", &roll.not_asked),
+        ("not waited for", &roll.waiting),
+    ] {
+        if !list.is_empty() {
+            out.push_str(&format!("; {label}: {}", list.join(", ")));
+        }
+    }
+    out
+}
+
 fn format_failures(failures: &[String]) -> String {
     if failures.is_empty() {
         String::new()
@@ -156,6 +186,11 @@ mod tests {
             acks: 1,
             needed: 2,
             replicas: 3,
+            roll_call: RollCall {
+                answered: vec!["127.0.0.1:7001".into()],
+                not_asked: vec!["127.0.0.1:7004".into()],
+                waiting: vec![],
+            },
             failures: vec![
                 "127.0.0.1:7002: connection refused".into(),
                 "127.0.0.1:7003: timed out after 1000 ms".into(),
@@ -165,6 +200,7 @@ mod tests {
         assert_eq!(
             status.message(),
             "PUT failed at consistency QUORUM: 1 of 2 required replicas answered (3 replicas for this key); \
+             answered: 127.0.0.1:7001; not asked (believed down): 127.0.0.1:7004; \
              127.0.0.1:7002: connection refused; 127.0.0.1:7003: timed out after 1000 ms"
         );
         assert!(status.metadata().get(COORDINATOR_ERROR_HEADER).is_some());

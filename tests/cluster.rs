@@ -720,6 +720,46 @@ async fn without_a_quorum_requests_fail_fast_with_unavailable() {
         error.to_string().contains("of 2 required replicas"),
         "{error}"
     );
+    // Once the two are believed down, messages say who answered, who was
+    // not asked and who was not waited for, naming the live replica too
+    // (not only the dead ones).
+    let (live, dead) = (
+        cluster.nodes[0].address.clone(),
+        [
+            cluster.nodes[1].address.clone(),
+            cluster.nodes[2].address.clone(),
+        ],
+    );
+    cluster
+        .wait_member_state(0, 1, pb::MemberState::Down, Duration::from_secs(10))
+        .await;
+    cluster
+        .wait_member_state(0, 2, pb::MemberState::Down, Duration::from_secs(10))
+        .await;
+    for (what, error) in [
+        (
+            "PUT",
+            kv.put(put_request("k", "v")).await.expect_err("no quorum"),
+        ),
+        (
+            "GET",
+            kv.get(get_request("k")).await.expect_err("no quorum"),
+        ),
+    ] {
+        let message = error.message();
+        assert!(
+            message.contains(&format!("answered: {live}"))
+                || message.contains(&format!("not waited for: {live}")),
+            "{what}: {message}"
+        );
+        assert!(
+            message.contains("not asked (believed down): "),
+            "{what}: {message}"
+        );
+        for address in &dead {
+            assert!(message.contains(address.as_str()), "{what}: {message}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
