@@ -357,7 +357,7 @@ pub async fn read_quorum(
                     acks: tally.replies(),
                     needed,
                     replicas: replicas.len(),
-                    roll_call: roll_call(&replicas, &standing),
+                    roll_call: Box::new(roll_call(&replicas, &standing)),
                     failures: asked_failures(&replicas, tally.failures()),
                 });
             }
@@ -721,7 +721,7 @@ impl Coordinator {
                         acks: tally.acks(),
                         needed,
                         replicas: replicas.len(),
-                        roll_call: roll_call(&replicas, &standing),
+                        roll_call: Box::new(roll_call(&replicas, &standing)),
                         failures: asked_failures(&replicas, tally.failures()),
                     });
                 }

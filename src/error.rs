@@ -36,7 +36,7 @@ pub enum Error {
         /// Replicas of the key.
         replicas: usize,
         /// Where each replica stood when the quorum became out of reach.
-        roll_call: RollCall,
+        roll_call: Box<RollCall>,
         /// Why the replicas that were asked and failed did, one line each.
         failures: Vec<String>,
     },
@@ -186,11 +186,11 @@ mod tests {
             acks: 1,
             needed: 2,
             replicas: 3,
-            roll_call: RollCall {
+            roll_call: Box::new(RollCall {
                 answered: vec!["127.0.0.1:7001".into()],
                 not_asked: vec!["127.0.0.1:7004".into()],
                 waiting: vec![],
-            },
+            }),
             failures: vec![
                 "127.0.0.1:7002: connection refused".into(),
                 "127.0.0.1:7003: timed out after 1000 ms".into(),
