@@ -242,12 +242,25 @@ fn report(error: &Error) -> ExitCode {
     })
 }
 
+/// A write at consistency ANY acknowledged with 0 acks is held only as a
+/// hint on some node: say what that risks.
+fn warn_if_only_hinted(acks: usize) {
+    if acks == 0 {
+        eprintln!(
+            "note: no replica holds this write yet, only a hint kept for a replica that is down (--consistency any): \
+             reads miss it until the hint is delivered, and it is lost if the node holding the hint loses its disk \
+             or the hint expires (--max-hint-age-secs) first"
+        );
+    }
+}
+
 async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
     let mut out = std::io::stdout().lock();
     match command {
         Command::Put { key, value } => {
             let ack = client.put(&key, value.join(" ")).await?;
             let _ = writeln!(out, "OK (version {}, {} acks)", ack.version, ack.acks);
+            warn_if_only_hinted(ack.acks);
         }
         Command::Get { key } => match client.get(&key).await? {
             Some(value) => {
@@ -266,6 +279,7 @@ async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
                 "OK (deleted, version {}, {} acks)",
                 ack.version, ack.acks
             );
+            warn_if_only_hinted(ack.acks);
         }
         Command::Status => {
             let status = client.status().await?;
