@@ -1,0 +1,265 @@
+//! `startServers.sh` run for real: against the debug binaries cargo built for
+//! the tests (`DKVS_BIN_DIR`, so nothing is built in release), with its run and
+//! data dirs in a temp dir and its ports below the OS's ephemeral range, so it
+//! touches neither `./run` nor the ports other tests are given. Every node it
+//! starts is stopped when the test ends, pass or fail.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, Instant};
+
+/// One cluster directory and port range, and the script run against them.
+struct Script {
+    /// Holds `run/` and `data/`.
+    dir: tempfile::TempDir,
+    /// Nodes listen on base+1, base+2, ...
+    base_port: u16,
+}
+
+impl Script {
+    fn new() -> Self {
+        Script {
+            dir: tempfile::tempdir().expect("tempdir"),
+            base_port: free_base_port(5),
+        }
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("startServers.sh");
+        let bins = Path::new(env!("CARGO_BIN_EXE_DKVSServer"))
+            .parent()
+            .expect("binary dir");
+        let mut command = Command::new("bash");
+        command
+            .arg(script)
+            .args(args)
+            .env("DKVS_BIN_DIR", bins)
+            .env("DKVS_RUN_DIR", self.run_dir())
+            .env("DKVS_DATA_DIR", self.dir.path().join("data"))
+            .env("DKVS_BASE_PORT", self.base_port.to_string())
+            .env_remove("DKVS_SERVER_FLAGS")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run startServers.sh")
+    }
+
+    fn run_with_flags(&self, args: &[&str], flags: &str) -> Output {
+        self.command(args)
+            .env("DKVS_SERVER_FLAGS", flags)
+            .output()
+            .expect("run startServers.sh")
+    }
+
+    fn port(&self, node: u16) -> u16 {
+        self.base_port + node
+    }
+
+    /// The pids in the run dir's pid files.
+    fn pids(&self) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(self.run_dir()) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".pid"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|s| s.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        let pids = self.pids();
+        let _ = self.run(&["stop"]);
+        // If the script itself is what failed, kill what it started by pid.
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// A base port below the ephemeral range (where the OS picks ports for the
+/// other tests) whose next `count` ports are free now.
+/// Tests in this file run in parallel in one process, so each call starts
+/// its search at a range of its own.
+fn free_base_port(count: u16) -> u16 {
+    static CALLS: AtomicU16 = AtomicU16::new(0);
+    let own = CALLS.fetch_add(1, Ordering::Relaxed);
+    let start = (std::process::id() % 1000) as u16 * 10 + own * 10;
+    (0..1000u16)
+        .map(|i| 20_000 + (start + i * 10) % 10_000)
+        .find(|base| (1..=count).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()))
+        .expect("a free port range")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// Start 3, refuse 5, status, a stop that does not wait for each node in
+/// turn, and status with nothing running.
+#[test]
+fn start_refuses_another_size_and_stop_is_parallel() {
+    let script = Script::new();
+    let none = script.run(&["status"]);
+    assert!(
+        text(&none.stdout).contains("no DKVS node is running"),
+        "{}",
+        text(&none.stdout)
+    );
+
+    let started = script.run(&["3"]);
+    assert!(
+        started.status.success(),
+        "start 3 failed: {}{}",
+        text(&started.stdout),
+        text(&started.stderr)
+    );
+    assert!(text(&started.stdout).contains("DKVS cluster: 3 node(s)"));
+    assert!((1..=3).all(|i| listening(script.port(i))));
+
+    // Again with the same size: only the missing nodes, here none.
+    let again = script.run(&["3"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(text(&again.stdout).matches("already running").count(), 3);
+
+    // Another size would split the cluster onto two rings.
+    let refused = script.run(&["5"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stdout));
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("a cluster of 3 node(s) is already running"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("./startServers.sh stop"), "{stderr}");
+    assert!(stderr.contains("./startServers.sh add"), "{stderr}");
+    assert!(!listening(script.port(4)) && !listening(script.port(5)));
+
+    let status = script.run(&["status"]);
+    let stdout = text(&status.stdout);
+    assert_eq!(stdout.matches(" running, pid ").count(), 3, "{stdout}");
+    assert!(stdout.contains("3 of 3 node(s) running"), "{stdout}");
+
+    let began = Instant::now();
+    let stopped = script.run(&["stop"]);
+    let took = began.elapsed();
+    assert!(
+        text(&stopped.stdout).contains("stopped 3 node(s)"),
+        "{}",
+        text(&stopped.stdout)
+    );
+    assert!(took < Duration::from_secs(3), "stop took {took:?}");
+    assert!((1..=3).all(|i| !listening(script.port(i))));
+    assert!(script.pids().is_empty(), "pid files left behind");
+
+    let status = script.run(&["status"]);
+    assert!(text(&status.stdout).contains("no DKVS node is running"));
+}
+
+/// A node that exits while starting is reported at once with its log, and
+/// the script exits 1; a port taken by another process is refused up front.
+#[test]
+fn a_node_that_cannot_start_is_reported_at_once() {
+    let script = Script::new();
+    let began = Instant::now();
+    let failed = script.run_with_flags(&["2"], "--no-such-flag");
+    let took = began.elapsed();
+    assert_eq!(failed.status.code(), Some(1), "{}", text(&failed.stdout));
+    let stderr = text(&failed.stderr);
+    assert!(stderr.contains("exited while starting"), "{stderr}");
+    assert!(
+        stderr.contains("--no-such-flag"),
+        "log tail missing: {stderr}"
+    );
+    assert!(
+        stderr.contains("2 of 2 node(s) failed to start"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(5), "noticed only after {took:?}");
+
+    let _taken = TcpListener::bind(("127.0.0.1", script.port(1))).expect("bind");
+    let refused = script.run(&["1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = text(&refused.stderr);
+    assert!(stderr.contains("already in use"), "{stderr}");
+    assert!(script.pids().iter().all(|&pid| !alive(pid)));
+}
+
+fn alive(pid: u32) -> bool {
+    Command::new("kill")
+        .args(["-0", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A node killed but not yet reaped by its parent (a zombie: `kill -0` still
+/// succeeds on it) counts as stopped: status says so, stop does not wait for
+/// it, and start starts the node again.
+#[test]
+fn a_zombie_node_counts_as_stopped() {
+    let script = Script::new();
+    let port = script.port(1);
+    std::fs::create_dir_all(script.run_dir()).expect("mkdir run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--peers", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(script.dir.path().join("data").join(format!("node-{port}")))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn DKVSServer");
+    let pid = child.id();
+    std::fs::write(
+        script.run_dir().join(format!("node-{port}.pid")),
+        format!("{pid}\n"),
+    )
+    .expect("write pid file");
+    // This test process is its parent and does not reap it yet.
+    child.kill().expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('Z'))
+    }) {
+        assert!(Instant::now() < deadline, "node never became a zombie");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(alive(pid), "kill -0 should still succeed on a zombie");
+
+    let status = script.run(&["status"]);
+    let stdout = text(&status.stdout);
+    assert!(stdout.contains("has not reaped it"), "{stdout}");
+    assert!(stdout.contains("no DKVS node is running"), "{stdout}");
+
+    let started = script.run(&["1"]);
+    assert!(
+        started.status.success(),
+        "{}{}",
+        text(&started.stdout),
+        text(&started.stderr)
+    );
+    assert!(!text(&started.stdout).contains("already running"));
+    assert!(listening(port));
+    let _ = child.wait();
+}
