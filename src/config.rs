@@ -72,25 +72,25 @@ pub struct ServerConfig {
     pub fsync: FsyncPolicy,
 
     /// Background fsync interval for --fsync periodic, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub fsync_interval_ms: u64,
 
     /// Deadline of each node-to-node call, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub rpc_timeout_ms: u64,
 
     /// Deadline of a whole client request coordinated by this node, in milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub request_timeout_ms: u64,
 
     /// How often each node sends every peer a heartbeat, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub heartbeat_interval_ms: u64,
 
     /// Failure-detector threshold: a peer whose phi (suspicion level) reaches
     /// this is believed down. 8 convicts a silent peer about a second after
     /// its last heartbeat at the default interval; higher is more tolerant.
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = 8.0, value_parser = parse_phi_threshold)]
     pub phi_threshold: f64,
 
     /// Most hints (writes kept for replicas that are down) this node holds.
@@ -104,16 +104,16 @@ pub struct ServerConfig {
 
     /// Hints older than this many seconds are dropped instead of delivered
     /// (anti-entropy repairs what they carried).
-    #[arg(long, default_value_t = 3 * 3600)]
+    #[arg(long, default_value_t = 3 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_hint_age_secs: u64,
 
     /// How often hints are offered to replicas that are back, in milliseconds.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub hint_delivery_interval_ms: u64,
 
     /// Seconds between anti-entropy rounds: each node compares its hash tree
     /// over shared token ranges with every live peer and copies what differs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub anti_entropy_interval: u64,
 
     /// Seconds a tombstone is kept after its delete before it may be purged
@@ -122,7 +122,7 @@ pub struct ServerConfig {
     /// --max-clock-skew-ms + the heartbeat interval, so that no hint and no
     /// write that begins after a purge can be stamped below the tombstone,
     /// whichever node coordinates it.
-    #[arg(long, default_value_t = 86_400)]
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
     pub tombstone_grace: u64,
 
     /// Largest clock difference tolerated between nodes, in milliseconds.
@@ -139,15 +139,15 @@ pub struct ServerConfig {
     /// between threads, the fastest choice when several nodes share a small
     /// machine's cores (a local cluster, a benchmark). Disk syncs and
     /// compaction run on their own threads either way.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024).map(|v| v as usize))]
     pub worker_threads: Option<usize>,
 
     /// Longest key accepted, in bytes of UTF-8.
-    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
+    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES, value_parser = clap::value_parser!(u32).range(1..=65_536).map(|v| v as usize))]
     pub max_key_bytes: usize,
 
     /// Largest value accepted, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::value_parser!(u32).range(1..=(256 << 20)).map(|v| v as usize))]
     pub max_value_bytes: usize,
 }
 
@@ -248,6 +248,18 @@ impl ServerConfig {
     }
 }
 
+/// `--phi-threshold`: a positive, finite number.
+fn parse_phi_threshold(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if value.is_finite() && value > 0.0 && value <= 1e6 {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not in 0 < phi <= 1000000"))
+    }
+}
+
 fn config_file_in(args: &[String]) -> Option<String> {
     let mut iter = args.iter().skip(1);
     while let Some(arg) = iter.next() {
@@ -261,32 +273,54 @@ fn config_file_in(args: &[String]) -> Option<String> {
     None
 }
 
-/// Turns `name = value` lines into `--name value` arguments.
+/// The line without its comment: `#` starts one outside double quotes.
+fn strip_comment(line: &str) -> &str {
+    let mut quoted = false;
+    for (at, c) in line.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '#' if !quoted => return &line[..at],
+            _ => {}
+        }
+    }
+    line
+}
+
+/// Turns `name = value` lines into `--name value` arguments. Every error
+/// names the line; names must be flags of `DKVSServer`.
 fn file_to_args(text: &str) -> Result<Vec<String>, String> {
+    let known: Vec<String> = <ServerConfig as clap::CommandFactory>::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long().map(str::to_string))
+        .collect();
     let mut args = Vec::new();
     for (number, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
+        let line_no = number + 1;
+        let line = strip_comment(line).trim();
         if line.is_empty() {
             continue;
         }
         let Some((name, value)) = line.split_once('=') else {
             return Err(format!(
-                "line {}: expected `name = value`, found {line:?}",
-                number + 1
+                "line {line_no}: expected `name = value`, found {line:?}"
             ));
         };
         let name = name.trim().replace('_', "-");
         if name == "config" {
+            return Err(format!("line {line_no}: a config file cannot name another"));
+        }
+        if !known.iter().any(|k| *k == name) {
             return Err(format!(
-                "line {}: a config file cannot name another",
-                number + 1
+                "line {line_no}: unknown setting {name:?} (settings are DKVSServer's flag names, see DKVSServer --help)"
             ));
         }
         let value = value.trim();
-        let value = value
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(value);
+        let value = match value.strip_prefix('"') {
+            Some(rest) => rest.strip_suffix('"').ok_or_else(|| {
+                format!("line {line_no}: the value of {name:?} opens a quote it does not close")
+            })?,
+            None => value,
+        };
         args.push(format!("--{name}"));
         args.push(value.to_string());
     }
@@ -348,6 +382,47 @@ mod tests {
     fn bad_config_lines_are_reported_with_their_number() {
         let error = file_to_args("listen = x\nnonsense\n").expect_err("bad line");
         assert!(error.contains("line 2"), "{error}");
+        let error = file_to_args("listen = x\n\nbogus_flag = 1\n").expect_err("unknown");
+        assert!(
+            error.contains("line 3") && error.contains("bogus-flag"),
+            "{error}"
+        );
+        let error = file_to_args("data_dir = \"d\n").expect_err("open quote");
+        assert!(
+            error.contains("line 1") && error.contains("quote"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_hash_inside_quotes_is_part_of_the_value() {
+        assert_eq!(
+            file_to_args("data_dir = \"d#x\"  # the data\n").expect("parse"),
+            args(&["--data-dir", "d#x"])
+        );
+    }
+
+    #[test]
+    fn values_that_make_no_sense_are_refused_with_the_range() {
+        for (flag, value) in [
+            ("--phi-threshold", "0"),
+            ("--phi-threshold", "-1"),
+            ("--worker-threads", "0"),
+            ("--max-key-bytes", "0"),
+            ("--max-value-bytes", "0"),
+            ("--rpc-timeout-ms", "0"),
+            ("--heartbeat-interval-ms", "0"),
+            ("--anti-entropy-interval", "0"),
+        ] {
+            let error = ServerConfig::from_arg_list(args(&[
+                "DKVSServer",
+                "--listen",
+                "127.0.0.1:7001",
+                &format!("{flag}={value}"),
+            ]))
+            .expect_err(flag);
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
+        }
     }
 
     #[test]

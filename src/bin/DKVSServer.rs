@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            // Once: logs and this message both go to stderr.
             eprintln!("DKVSServer: {error:#}");
             ExitCode::FAILURE
         }
