@@ -309,7 +309,7 @@ fn file_to_args(text: &str) -> Result<Vec<String>, String> {
         if name == "config" {
             return Err(format!("line {line_no}: a config file cannot name another"));
         }
-        if !known.iter().any(|k| *k == name) {
+        if !known.contains(&name) {
             return Err(format!(
                 "line {line_no}: unknown setting {name:?} (settings are DKVSServer's flag names, see DKVSServer --help)"
             ));
