@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Background, WriteAck, read_quorum};
@@ -38,6 +40,8 @@ use crate::ring::{Member, Ring};
 
 /// How long a node that failed is tried last.
 const DOWN_PENALTY: Duration = Duration::from_secs(2);
+/// How long the client waits for a seed's answer before also asking the next.
+const SEED_STAGGER: Duration = Duration::from_millis(100);
 
 /// Metadata key on the client's PUT/DELETE: when the client gives up on the
 /// attempt, in milliseconds since the Unix epoch. A node that takes the
@@ -103,36 +107,40 @@ impl Client {
             dialer,
             max_message_bytes(options.max_value_bytes),
         ));
-        let mut failures = Vec::new();
-        for seed in seeds {
-            match fetch_status(&peers, seed, options.rpc_timeout).await {
-                Ok(status) => {
-                    let members = status
-                        .members
-                        .iter()
-                        .map(|m| Member::new(m.address.clone()));
-                    let ring = Ring::new(members, status.vnodes as usize);
-                    // Members the node believes down are tried last for a while.
-                    let now = Instant::now();
-                    let down: HashMap<String, Instant> = status
-                        .members
-                        .iter()
-                        .filter(|m| m.state == pb::MemberState::Down as i32)
-                        .map(|m| (m.address.clone(), now))
-                        .collect();
-                    return Ok(Self {
-                        replicas: status.replicas as usize,
-                        ring,
-                        peers,
-                        options,
-                        recently_down: Mutex::new(down),
-                        background: Background::new(CancellationToken::new()),
-                        seeds: seeds.to_vec(),
-                    });
-                }
-                Err(why) => failures.push(format!("{seed}: {why}")),
+        let failures = match first_status(&peers, seeds, options.rpc_timeout).await {
+            Ok((status, silent)) => {
+                let members = status
+                    .members
+                    .iter()
+                    .map(|m| Member::new(m.address.clone()));
+                let ring = Ring::new(members, status.vnodes as usize);
+                // Members the node believes down are tried last for a while.
+                let now = Instant::now();
+                // So are seeds that were still silent when another answered
+                // (frozen, or overloaded: they get the penalty, not a timeout).
+                let down: HashMap<String, Instant> = status
+                    .members
+                    .iter()
+                    .filter(|m| m.state == pb::MemberState::Down as i32)
+                    .map(|m| m.address.clone())
+                    .chain(silent)
+                    .map(|address| (address, now))
+                    .collect();
+                return Ok(Self {
+                    replicas: status.replicas as usize,
+                    ring,
+                    peers,
+                    options,
+                    recently_down: Mutex::new(down),
+                    background: Background::new(CancellationToken::new()),
+                    seeds: seeds.to_vec(),
+                });
             }
-        }
+            Err(failures) => failures
+                .into_iter()
+                .map(|(seed, why)| format!("{seed}: {why}"))
+                .collect::<Vec<_>>(),
+        };
         Err(Error::Unavailable(if seeds.is_empty() {
             "no DKVS node address given (--nodes or DKVS_NODES)".to_string()
         } else {
@@ -208,10 +216,22 @@ impl Client {
                 "consistency ANY applies to writes only; read at ONE, QUORUM or ALL".into(),
             ));
         }
+        // Replicas believed down (by the node asked for status, or because
+        // they just failed here) are not asked, so neither the read nor the
+        // repairs after it wait for them.
         let replicas = self
             .replicas_of(key)
             .iter()
-            .map(|address| self.peers.replica_handle(address, None))
+            .map(|address| {
+                let mut handle = self.peers.replica_handle(address, None)?;
+                if self.is_recently_down(address) {
+                    handle.believed_down = Some(format!(
+                        "failed or reported down within the last {} s",
+                        DOWN_PENALTY.as_secs()
+                    ));
+                }
+                Ok(handle)
+            })
             .collect::<Result<Vec<_>>>()?;
         let result = read_quorum(
             replicas,
@@ -268,20 +288,28 @@ impl Client {
     /// How the cluster looks from the first node that answers: the
     /// addresses the client was given first, then the other members.
     pub async fn status(&self) -> Result<pb::StatusResponse> {
-        let mut failures = Vec::new();
-        for address in self.candidates(&self.seeds) {
-            match fetch_status(&self.peers, &address, self.options.rpc_timeout).await {
-                Ok(status) => return Ok(status),
-                Err(why) => {
-                    self.mark_down(&address);
-                    failures.push(format!("{address}: {why}"));
+        let candidates = self.candidates(&self.seeds);
+        match first_status(&self.peers, &candidates, self.options.rpc_timeout).await {
+            Ok((status, silent)) => {
+                for address in &silent {
+                    self.mark_down(address);
                 }
+                Ok(status)
+            }
+            Err(failures) => {
+                for (address, _) in &failures {
+                    self.mark_down(address);
+                }
+                Err(Error::Unavailable(format!(
+                    "no DKVS node answered: {}",
+                    failures
+                        .iter()
+                        .map(|(a, why)| format!("{a}: {why}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )))
             }
         }
-        Err(Error::Unavailable(format!(
-            "no DKVS node answered: {}",
-            failures.join("; ")
-        )))
     }
 
     /// Waits up to half a second for background read repairs to finish.
@@ -310,6 +338,14 @@ impl Client {
         let (mut up, failed): (Vec<_>, Vec<_>) = order.into_iter().partition(|a| !is_down(a));
         up.extend(failed);
         up
+    }
+
+    fn is_recently_down(&self, address: &str) -> bool {
+        self.recently_down
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(address)
+            .is_some_and(|t| t.elapsed() < DOWN_PENALTY)
     }
 
     fn mark_down(&self, address: &str) {
@@ -408,6 +444,66 @@ fn never_sent(status: &tonic::Status) -> bool {
         source = error.source();
     }
     false
+}
+
+/// Asks `addresses` for `Cluster.Status` in turn, each [`SEED_STAGGER`]
+/// after the previous unless one has answered (at once after one fails
+/// outright); the first answer wins. A frozen node (connections accepted,
+/// nothing answered) so costs the stagger, not a whole timeout. Otherwise
+/// answers every address with why it failed.
+async fn first_status(
+    peers: &Arc<PeerPool>,
+    addresses: &[String],
+    timeout: Duration,
+) -> std::result::Result<(pb::StatusResponse, Vec<String>), Vec<(String, String)>> {
+    let mut failures = Vec::new();
+    let mut asked: Vec<String> = Vec::new();
+    let mut pending = addresses.iter();
+    let mut asks = FuturesUnordered::new();
+    let ask = |address: &String| {
+        let (peers, address) = (peers.clone(), address.clone());
+        async move {
+            let answer = fetch_status(&peers, &address, timeout).await;
+            (address, answer)
+        }
+    };
+    let start = |address: &String, asked: &mut Vec<String>| {
+        asked.push(address.clone());
+        ask(address)
+    };
+    if let Some(address) = pending.next() {
+        asks.push(start(address, &mut asked));
+    }
+    while !asks.is_empty() {
+        let next = tokio::select! {
+            next = asks.next() => next,
+            () = tokio::time::sleep(SEED_STAGGER), if pending.len() > 0 => {
+                if let Some(address) = pending.next() {
+                    asks.push(start(address, &mut asked));
+                }
+                continue;
+            }
+        };
+        let Some((address, answer)) = next else { break };
+        match answer {
+            Ok(status) => {
+                // Asked before the winner and still silent: likely frozen.
+                let silent = asked
+                    .into_iter()
+                    .take_while(|a| *a != address)
+                    .filter(|a| !failures.iter().any(|(f, _)| f == a))
+                    .collect();
+                return Ok((status, silent));
+            }
+            Err(why) => {
+                failures.push((address, why));
+                if let Some(address) = pending.next() {
+                    asks.push(start(address, &mut asked));
+                }
+            }
+        }
+    }
+    Err(failures)
 }
 
 async fn fetch_status(

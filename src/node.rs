@@ -1230,6 +1230,9 @@ impl pb::replica_server::Replica for ReplicaService {
     }
 }
 
+/// Deadline of each member's stats probe behind `Cluster.Status`.
+const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
 /// `dkvs.v1.Cluster`: how this node sees the cluster.
 struct ClusterService(Arc<Node>);
 
@@ -1240,7 +1243,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let node = &self.0;
-        let timeout = node.config.rpc_timeout();
+        // A member that is frozen but not yet convicted must not hold the
+        // whole answer for an RPC timeout: its counts are left out instead.
+        let timeout = node.config.rpc_timeout().min(STATUS_PROBE_TIMEOUT);
         let now = Instant::now();
         let healths: Vec<_> = {
             let liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
