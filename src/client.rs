@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Background, WriteAck, read_quorum};
 use crate::error::{COORDINATOR_ERROR_HEADER, Error, Result};
-use crate::net::{Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes};
+use crate::net::{
+    CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
+};
 use crate::pb;
 use crate::quorum::Consistency;
 use crate::record::Record;
@@ -136,16 +138,13 @@ impl Client {
                     seeds: seeds.to_vec(),
                 });
             }
-            Err(failures) => failures
-                .into_iter()
-                .map(|(seed, why)| format!("{seed}: {why}"))
-                .collect::<Vec<_>>(),
+            Err(failures) => failures,
         };
-        Err(Error::Unavailable(if seeds.is_empty() {
-            "no DKVS node address given (--nodes or DKVS_NODES)".to_string()
+        Err(if seeds.is_empty() {
+            Error::Unavailable("no DKVS node address given (--nodes or DKVS_NODES)".to_string())
         } else {
-            format!("no DKVS node answered: {}", failures.join("; "))
-        }))
+            no_node_answered(&failures)
+        })
     }
 
     pub fn ring(&self) -> &Ring {
@@ -300,14 +299,7 @@ impl Client {
                 for (address, _) in &failures {
                     self.mark_down(address);
                 }
-                Err(Error::Unavailable(format!(
-                    "no DKVS node answered: {}",
-                    failures
-                        .iter()
-                        .map(|(a, why)| format!("{a}: {why}"))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                )))
+                Err(no_node_answered(&failures))
             }
         }
     }
@@ -455,7 +447,7 @@ async fn first_status(
     peers: &Arc<PeerPool>,
     addresses: &[String],
     timeout: Duration,
-) -> std::result::Result<(pb::StatusResponse, Vec<String>), Vec<(String, String)>> {
+) -> std::result::Result<(pb::StatusResponse, Vec<String>), Vec<(String, CallError)>> {
     let mut failures = Vec::new();
     let mut asked: Vec<String> = Vec::new();
     let mut pending = addresses.iter();
@@ -510,9 +502,30 @@ async fn fetch_status(
     peers: &PeerPool,
     address: &str,
     timeout: Duration,
-) -> std::result::Result<pb::StatusResponse, String> {
-    let mut client = peers.cluster_client(address).map_err(|e| e.to_string())?;
+) -> std::result::Result<pb::StatusResponse, CallError> {
+    let mut client = peers
+        .cluster_client(address)
+        .map_err(|e| CallError::Failed(e.to_string()))?;
     call_within(timeout, client.status(pb::StatusRequest {})).await
+}
+
+/// The error when no seed answered: a timeout (exit 4 in `DKVSClient`)
+/// when every one of them was silent, unavailable otherwise.
+fn no_node_answered(failures: &[(String, CallError)]) -> Error {
+    let listed = failures
+        .iter()
+        .map(|(seed, why)| format!("{seed}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let message = format!("no DKVS node answered: {listed}");
+    let all_silent = failures
+        .iter()
+        .all(|(_, why)| matches!(why, CallError::TimedOut(_)));
+    if !failures.is_empty() && all_silent {
+        Error::DeadlineExceeded(message)
+    } else {
+        Error::Unavailable(message)
+    }
 }
 
 fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {

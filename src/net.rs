@@ -526,11 +526,29 @@ impl ReplicaHandle {
 pub async fn call_within<T>(
     timeout: Duration,
     call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Result<T, String> {
+) -> Result<T, CallError> {
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(describe_status(&status)),
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Ok(Err(status)) => Err(CallError::Failed(describe_status(&status))),
+        Err(_) => Err(CallError::TimedOut(timeout)),
+    }
+}
+
+/// Why one call of [`call_within`] gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Nothing came back before the deadline (the peer may be frozen,
+    /// overloaded or cut off).
+    #[error("no answer within {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    /// The peer answered with an error, or could not be reached.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<CallError> for String {
+    fn from(error: CallError) -> String {
+        error.to_string()
     }
 }
 

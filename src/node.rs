@@ -40,6 +40,14 @@ use crate::replica::ReplicaStore;
 use crate::ring::{Member, Ring};
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 
+/// What a peer's last answered heartbeat told this node.
+struct PeerReport {
+    /// The peer's wall clock minus this node's, in ms.
+    clock_skew_ms: i64,
+    /// The peer's counts, and when they arrived (absent from older nodes).
+    stats: Option<(pb::NodeStats, Instant)>,
+}
+
 /// Everything one node runs.
 pub struct Node {
     /// The settings it was started with.
@@ -72,9 +80,9 @@ pub struct Node {
     hints: Arc<HintStore>,
     /// Background convergence and tombstone collection.
     anti_entropy: Arc<AntiEntropy>,
-    /// Each peer's wall clock minus this node's, in ms, from the last
-    /// heartbeat it answered (std mutex: held for one map operation).
-    clock_skews: Mutex<std::collections::HashMap<String, i64>>,
+    /// What each peer's last answered heartbeat told (std mutex: held for
+    /// one map operation).
+    peer_reports: Mutex<std::collections::HashMap<String, PeerReport>>,
     /// Member and instance ids, and whether replica reads are answered.
     identity: Arc<Identity>,
     /// Members being pinged back (see [`Node::ping_back`]); std mutex: held
@@ -271,7 +279,7 @@ impl Node {
             liveness,
             hints,
             anti_entropy,
-            clock_skews: Mutex::default(),
+            peer_reports: Mutex::default(),
             identity,
             pinging_back: Mutex::default(),
             first_heartbeats: CancellationToken::new(),
@@ -390,11 +398,16 @@ impl Node {
         let midpoint_ms = sent_ms + wall_clock_ms().saturating_sub(sent_ms) / 2;
         let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
         let bound = self.replica.bound();
+        let report = PeerReport {
+            clock_skew_ms: skew_ms,
+            stats: answer.stats.map(|stats| (stats, Instant::now())),
+        };
         let was = self
-            .clock_skews
+            .peer_reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(address.to_string(), skew_ms);
+            .insert(address.to_string(), report)
+            .map(|old| old.clock_skew_ms);
         let half = (bound.max_skew_ms / 2) as i64;
         let far = |skew: i64| skew.abs() > half;
         if far(skew_ms) && !was.is_some_and(far) {
@@ -1226,67 +1239,60 @@ impl pb::replica_server::Replica for ReplicaService {
             instance_id: node.identity.instance_id,
             known_instance_id: known,
             serves_reads: node.identity.read_refusal().is_none(),
+            stats: Some(node.local_stats()),
         }))
     }
 }
-
-/// Deadline of each member's stats probe behind `Cluster.Status`.
-const STATUS_PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// `dkvs.v1.Cluster`: how this node sees the cluster.
 struct ClusterService(Arc<Node>);
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
+    /// Answers from what this node already knows: the failure detector's
+    /// view and each member's counts from its last answered heartbeat, with
+    /// their age. It never waits for a member, so a frozen one (not yet
+    /// convicted) cannot slow it.
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let node = &self.0;
-        // A member that is frozen but not yet convicted must not hold the
-        // whole answer for an RPC timeout: its counts are left out instead.
-        let timeout = node.config.rpc_timeout().min(STATUS_PROBE_TIMEOUT);
         let now = Instant::now();
-        let healths: Vec<_> = {
-            let liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
-            node.ring
-                .members()
-                .iter()
-                .map(|m| liveness.health(&m.address, now))
-                .collect()
-        };
-        let probes = node
+        let liveness = node.liveness.lock().unwrap_or_else(|p| p.into_inner());
+        let reports = node.peer_reports.lock().unwrap_or_else(|p| p.into_inner());
+        let members = node
             .ring
             .members()
             .iter()
-            .zip(healths)
-            .map(|(member, health)| async move {
-                let (state, stats, error) = if member.address == node.me.address {
-                    (pb::MemberState::Up, Some(node.local_stats()), String::new())
-                } else if !health.up {
-                    // Believed down: do not wait for it.
-                    (
-                        pb::MemberState::Down,
-                        None,
-                        health
-                            .last_error
-                            .clone()
-                            .unwrap_or_else(|| "no heartbeat".into()),
-                    )
+            .map(|member| {
+                let health = liveness.health(&member.address, now);
+                let itself = member.address == node.me.address;
+                let report = reports.get(&member.address);
+                let (stats, stats_age_ms) = if itself {
+                    (Some(node.local_stats()), 0)
                 } else {
-                    match probe_stats(&node.peers, &member.address, timeout).await {
-                        Ok(stats) => (pb::MemberState::Up, Some(stats), String::new()),
-                        Err(why) => (pb::MemberState::Up, None, why),
+                    match report.and_then(|r| r.stats.as_ref()) {
+                        Some((stats, at)) => (
+                            Some(stats.clone()),
+                            now.saturating_duration_since(*at).as_millis() as u64,
+                        ),
+                        None => (None, 0),
                     }
                 };
-                let clock_skew_ms = node
-                    .clock_skews
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&member.address)
-                    .copied()
-                    .unwrap_or(0);
-                let instance_id = if member.address == node.me.address {
+                // A member's last heartbeat may have failed before the
+                // detector convicts it: say why either way.
+                let (state, error) = if itself || health.up {
+                    let why = health.last_error.clone().unwrap_or_default();
+                    (pb::MemberState::Up, why)
+                } else {
+                    let why = health
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no heartbeat".into());
+                    (pb::MemberState::Down, why)
+                };
+                let instance_id = if itself {
                     node.identity.instance_id
                 } else {
                     node.identity.known_instance(&member.address).unwrap_or(0)
@@ -1298,11 +1304,12 @@ impl pb::cluster_server::Cluster for ClusterService {
                     stats,
                     error,
                     phi: health.phi,
-                    clock_skew_ms,
+                    clock_skew_ms: report.map_or(0, |r| r.clock_skew_ms),
                     instance_id,
+                    stats_age_ms,
                 }
-            });
-        let members = futures::future::join_all(probes).await;
+            })
+            .collect();
         Ok(Response::new(pb::StatusResponse {
             address: node.me.address.clone(),
             node_id: node.me.node_id,
@@ -1314,15 +1321,6 @@ impl pb::cluster_server::Cluster for ClusterService {
             instance_id: node.identity.instance_id,
         }))
     }
-}
-
-async fn probe_stats(
-    peers: &PeerPool,
-    address: &str,
-    timeout: Duration,
-) -> std::result::Result<pb::NodeStats, String> {
-    let mut client = peers.replica_client(address).map_err(|e| e.to_string())?;
-    crate::net::call_within(timeout, client.stats(pb::StatsRequest {})).await
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
 use common::TestCluster;
+use dkvs::pb;
 
 fn client(cluster: &TestCluster, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
@@ -234,4 +235,126 @@ async fn an_indeterminate_write_exits_4_and_the_prompt_goes_on() {
     );
     assert_eq!(stdout.matches("OK").count(), 1, "{stdout}");
     assert!(stdout.ends_with("z\n"), "{stdout}");
+}
+
+/// Runs `DKVSClient` with `args` and returns its output and how long the
+/// process took, start to exit.
+fn timed_client(seeds: &str, args: &[&str]) -> (Output, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .args(["--nodes", seeds])
+        .args(args)
+        .output()
+        .expect("run DKVSClient");
+    (output, started.elapsed())
+}
+
+/// With one node frozen (SIGSTOP: its sockets accept but nothing answers),
+/// `status`, `GET` and `PUT` each finish in under 300 ms, both before the
+/// failure detector convicts it and after, even with the frozen node named
+/// first among the seeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_does_not_slow_the_command_line() {
+    const LIMIT: std::time::Duration = std::time::Duration::from_millis(300);
+    let cluster = TestCluster::start(5).await;
+    let frozen = 2;
+    let frozen_address = cluster.addresses()[frozen].clone();
+    let ring = cluster.client().await;
+    // A key the frozen node coordinates (first replica), and one it only
+    // replicates.
+    let key_where = |position: usize| {
+        (0..)
+            .map(|i| format!("frozen-{position}-{i}"))
+            .find(|k| ring.replicas_of(k)[position] == frozen_address)
+            .expect("some key")
+    };
+    let (first_of, second_of) = (key_where(0), key_where(1));
+    for key in [&first_of, &second_of] {
+        let (put, _) = timed_client(&cluster.addresses().join(","), &["PUT", key, "before"]);
+        assert_eq!(put.status.code(), Some(0), "{}", text(&put.stderr));
+    }
+    let mut seeds = vec![frozen_address.clone()];
+    seeds.extend(
+        cluster
+            .addresses()
+            .into_iter()
+            .filter(|a| *a != frozen_address),
+    );
+    let seeds = seeds.join(",");
+    ring.close().await;
+
+    let _frozen = cluster.pause_until_dropped(frozen);
+    // Each command is run twice and the faster run counts, so that one
+    // hiccup of a shared machine does not fail the test.
+    let fastest = |args: &[&str]| {
+        let (first, first_took) = timed_client(&seeds, args);
+        let (second, second_took) = timed_client(&seeds, args);
+        if first_took <= second_took {
+            (first, first_took)
+        } else {
+            (second, second_took)
+        }
+    };
+    let check = |phase: &str, what: &str, (output, took): (Output, std::time::Duration)| {
+        eprintln!("{phase}: {what} took {took:?}");
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{phase}: {what}: {}",
+            text(&output.stderr)
+        );
+        assert!(
+            took < LIMIT,
+            "{phase}: {what} took {took:?}: {}",
+            text(&output.stderr)
+        );
+        output
+    };
+
+    // Right after the freeze: the detector has not convicted it yet.
+    let phase = "before conviction";
+    let status = check(phase, "status", fastest(&["status"]));
+    assert!(text(&status.stdout).contains(&frozen_address));
+    let got = check(phase, "GET", fastest(&["GET", &first_of]));
+    assert_eq!(text(&got.stdout), "before\n");
+    check(phase, "PUT", fastest(&["PUT", &second_of, "during"]));
+
+    // Once convicted, even a key the frozen node coordinates is written
+    // through another replica.
+    cluster
+        .wait_member_state(
+            0,
+            frozen,
+            pb::MemberState::Down,
+            std::time::Duration::from_secs(10),
+        )
+        .await;
+    let phase = "after conviction";
+    let status = check(phase, "status", fastest(&["status"]));
+    assert!(
+        text(&status.stdout).contains("DOWN"),
+        "{}",
+        text(&status.stdout)
+    );
+    let got = check(phase, "GET", fastest(&["GET", &second_of]));
+    assert_eq!(text(&got.stdout), "during\n");
+    check(phase, "PUT", fastest(&["PUT", &first_of, "after"]));
+    let got = check(phase, "GET", fastest(&["GET", &first_of]));
+    assert_eq!(text(&got.stdout), "after\n");
+}
+
+/// When every node is silent the command times out: exit 4, like any other
+/// timeout, not 3 (unavailable: refused connections, quorum not reached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_never_answers_is_a_timeout() {
+    let cluster = TestCluster::start(2).await;
+    let _first = cluster.pause_until_dropped(0);
+    let _second = cluster.pause_until_dropped(1);
+    let seeds = cluster.addresses().join(",");
+    for args in [&["GET", "k"][..], &["PUT", "k", "v"], &["status"]] {
+        let (output, _) = timed_client(&seeds, &[&["--timeout-ms", "300"][..], args].concat());
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "{args:?}: {stderr}");
+        assert!(stderr.contains("no answer within 300 ms"), "{stderr}");
+    }
 }

@@ -261,7 +261,7 @@ async fn kill_every_node_and_check_nothing_acknowledged_is_lost(flags: &[&str]) 
             last_versions[i]
         );
     }
-    let live = cluster.sum_stats(0, |s| s.live_keys).await;
+    let live = cluster.sum_stats(|s| s.live_keys).await;
     assert_eq!(
         live,
         180 * 3,
@@ -343,23 +343,8 @@ async fn a_read_repairs_a_replica_that_missed_writes() {
         }
         wait_until_replica_holds(&cluster, lagging, key, second.version).await;
     }
-    let status = cluster
-        .cluster(0)
-        .await
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    let repairs: u64 = status
-        .members
-        .iter()
-        .filter_map(|m| m.stats.as_ref())
-        .map(|s| s.read_repairs)
-        .sum();
-    assert!(
-        repairs >= 1,
-        "the node-coordinated repair is counted in Cluster.Status"
-    );
+    let repairs = cluster.sum_stats(|s| s.read_repairs).await;
+    assert!(repairs >= 1, "the node-coordinated repair is counted");
     client.close().await;
 }
 
@@ -518,15 +503,9 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     // third has it too, so the counts compared below are settled.
     let deadline = Instant::now() + Duration::from_secs(10);
     let before = loop {
-        let status = cluster.status(1).await;
-        let live: u64 = status
-            .members
-            .iter()
-            .filter_map(|m| m.stats.as_ref())
-            .map(|s| s.live_keys)
-            .sum();
-        if live == 3 {
-            break status;
+        let keys = cluster.live_keys_per_node().await;
+        if keys.iter().sum::<u64>() == 3 {
+            break keys;
         }
         assert!(
             Instant::now() < deadline,
@@ -640,20 +619,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
     // Nothing changed, and every node is still up.
     let got = kv.get(get_request("keep")).await.expect("get").into_inner();
     assert_eq!(&got.value[..], b"original");
-    let after = cluster
-        .cluster(1)
-        .await
-        .status(pb::StatusRequest {})
-        .await
-        .expect("status")
-        .into_inner();
-    let keys = |s: &pb::StatusResponse| -> Vec<u64> {
-        s.members
-            .iter()
-            .map(|m| m.stats.as_ref().expect("member up").live_keys)
-            .collect()
-    };
-    assert_eq!(keys(&before), keys(&after));
+    assert_eq!(before, cluster.live_keys_per_node().await);
     // The limits are inclusive.
     kv.put(put_request(&"k".repeat(1024), "v"))
         .await

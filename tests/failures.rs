@@ -99,9 +99,9 @@ async fn replica_version(
     Some(dkvs::clock::Version::new(v.lamport, v.node_id))
 }
 
-async fn hint_totals(cluster: &TestCluster, observer: usize) -> (u64, u64) {
-    let pending = cluster.sum_stats(observer, |s| s.hints_pending).await;
-    let delivered = cluster.sum_stats(observer, |s| s.hints_delivered).await;
+async fn hint_totals(cluster: &TestCluster) -> (u64, u64) {
+    let pending = cluster.sum_stats(|s| s.hints_pending).await;
+    let delivered = cluster.sum_stats(|s| s.hints_delivered).await;
     (pending, delivered)
 }
 
@@ -136,11 +136,11 @@ async fn hints_bring_a_restarted_replica_up_to_date_without_reads() {
     }
     assert!(!missed.is_empty());
     let deadline = Instant::now() + Duration::from_secs(10);
-    while hint_totals(&cluster, observer).await.0 < missed.len() as u64 {
+    while hint_totals(&cluster).await.0 < missed.len() as u64 {
         assert!(
             Instant::now() < deadline,
             "hints were not stored: {:?}",
-            hint_totals(&cluster, observer).await
+            hint_totals(&cluster).await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -159,7 +159,7 @@ async fn hints_bring_a_restarted_replica_up_to_date_without_reads() {
     // A hint is deleted once its write was acknowledged, a moment after the
     // replica stored it (or anti-entropy may have got there first).
     let (pending, delivered) = loop {
-        let totals = hint_totals(&cluster, observer).await;
+        let totals = hint_totals(&cluster).await;
         if totals.0 == 0 || Instant::now() >= deadline {
             break totals;
         }
@@ -305,9 +305,9 @@ async fn anti_entropy_converges_a_replica_that_missed_writes_without_reads() {
         assert!(Instant::now() < deadline, "no in-sync exchanges: {now:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let repaired = cluster.sum_stats(0, |s| s.anti_entropy_keys_repaired).await;
+    let repaired = cluster.sum_stats(|s| s.anti_entropy_keys_repaired).await;
     assert!(repaired >= expected, "anti-entropy copied {repaired} keys");
-    let reads = cluster.sum_stats(0, |s| s.read_repairs).await;
+    let reads = cluster.sum_stats(|s| s.read_repairs).await;
     assert_eq!(reads, 0, "no read repair was involved");
     client.close().await;
 }
@@ -336,7 +336,7 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
     // Every replica holds the old values before one of them goes down.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let live = cluster.sum_stats(0, |s| s.live_keys).await;
+        let live = cluster.sum_stats(|s| s.live_keys).await;
         if live == 3 * keys.len() as u64 {
             break;
         }

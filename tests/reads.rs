@@ -116,15 +116,7 @@ async fn a_read_of_a_write_held_by_fewer_than_w_repairs_it_to_w_before_answering
             "node 1 missed the write at ONE"
         );
     }
-    let blocking = |status: pb::StatusResponse| -> u64 {
-        status
-            .members
-            .iter()
-            .filter_map(|m| m.stats.as_ref())
-            .map(|s| s.blocking_read_repairs)
-            .sum()
-    };
-    assert_eq!(blocking(cluster.status(0).await), 0);
+    assert_eq!(cluster.sum_stats(|s| s.blocking_read_repairs).await, 0);
 
     // A QUORUM read through node 0 hears node 0 (new) and node 1 (old): the
     // new value is held by one replica of the two needed. It is answered...
@@ -146,7 +138,7 @@ async fn a_read_of_a_write_held_by_fewer_than_w_repairs_it_to_w_before_answering
         Some(new[0]),
         "the read answered before W replicas held its value"
     );
-    assert_eq!(blocking(cluster.status(0).await), 1);
+    assert_eq!(cluster.sum_stats(|s| s.blocking_read_repairs).await, 1);
 
     // The smart client coordinates its own reads but writes to no replica:
     // it hands this read to a node, which repairs before answering.
@@ -165,8 +157,8 @@ async fn a_read_of_a_write_held_by_fewer_than_w_repairs_it_to_w_before_answering
         Some(new[1]),
         "the client's read answered before W replicas held its value"
     );
-    assert_eq!(blocking(cluster.status(0).await), 2);
-    let repairs = cluster.sum_stats(0, |s| s.read_repairs).await;
+    assert_eq!(cluster.sum_stats(|s| s.blocking_read_repairs).await, 2);
+    let repairs = cluster.sum_stats(|s| s.read_repairs).await;
     assert!(
         repairs >= 2,
         "blocking repair writes are read repairs too: {repairs}"
@@ -177,6 +169,6 @@ async fn a_read_of_a_write_held_by_fewer_than_w_repairs_it_to_w_before_answering
         client.get(keys[1]).await.expect("get again").as_deref(),
         Some(&b"new"[..])
     );
-    assert_eq!(blocking(cluster.status(0).await), 2);
+    assert_eq!(cluster.sum_stats(|s| s.blocking_read_repairs).await, 2);
     client.close().await;
 }

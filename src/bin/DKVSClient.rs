@@ -637,6 +637,10 @@ async fn noop_server(listen: std::net::SocketAddr) -> Result<(), Error> {
 }
 
 /// A `nodetool status`-like table.
+/// Age from which a member's counts are shown as old (four default
+/// heartbeat intervals).
+const STALE_COUNTS_MS: u64 = 2_000;
+
 fn status_table(status: &pb::StatusResponse) -> String {
     let mut table = format!(
         "DKVS cluster as seen by {} — {} members, N={} replicas, W={} R={} (quorum), {} vnodes per node\n\n",
@@ -676,7 +680,19 @@ fn status_table(status: &pb::StatusResponse) -> String {
         let note = if member.address == status.address {
             "(this node)".to_string()
         } else {
-            member.error.clone()
+            let mut note = member.error.clone();
+            // Counts come from the member's last answered heartbeat: say so
+            // once they are older than a few heartbeats.
+            if member.stats.is_some() && member.stats_age_ms >= STALE_COUNTS_MS {
+                if !note.is_empty() {
+                    note.push_str("; ");
+                }
+                note.push_str(&format!(
+                    "counts from {:.1}s ago",
+                    member.stats_age_ms as f64 / 1000.0
+                ));
+            }
+            note
         };
         // The member's clock minus the asked node's, from heartbeats.
         let skew = if member.address == status.address {

@@ -209,15 +209,35 @@ impl TestCluster {
             .into_inner()
     }
 
-    /// A statistic summed over every member `observer` sees up.
-    pub async fn sum_stats(&self, observer: usize, stat: impl Fn(&pb::NodeStats) -> u64) -> u64 {
-        self.status(observer)
-            .await
-            .members
-            .iter()
-            .filter_map(|m| m.stats.as_ref())
-            .map(stat)
-            .sum()
+    /// A statistic summed over every running node that answers its own
+    /// `Replica.Stats` within half a second (current counts: `Cluster.Status`
+    /// carries counts as of each member's last heartbeat).
+    pub async fn sum_stats(&self, stat: impl Fn(&pb::NodeStats) -> u64) -> u64 {
+        let mut sum = 0;
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            let mut replica = self.replica(i).await;
+            let asked = tokio::time::timeout(
+                Duration::from_millis(500),
+                replica.stats(pb::StatsRequest {}),
+            );
+            if let Ok(Ok(stats)) = asked.await {
+                sum += stat(&stats.into_inner());
+            }
+        }
+        sum
+    }
+
+    /// Each node's own live-key count, asked of the node itself.
+    pub async fn live_keys_per_node(&self) -> Vec<u64> {
+        let mut keys = Vec::new();
+        for i in 0..self.nodes.len() {
+            let stats = self.replica(i).await.stats(pb::StatsRequest {}).await;
+            keys.push(stats.expect("stats").into_inner().live_keys);
+        }
+        keys
     }
 
     /// Sends a signal (e.g. "-STOP", "-CONT") to node `i`.
