@@ -1274,7 +1274,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 } else {
                     match report.and_then(|r| r.stats.as_ref()) {
                         Some((stats, at)) => (
-                            Some(stats.clone()),
+                            Some(*stats),
                             now.saturating_duration_since(*at).as_millis() as u64,
                         ),
                         None => (None, 0),
