@@ -16,7 +16,7 @@
 //! argument checked by the flag's own clap parser, so the ranges live in one
 //! place; a problem (TOML syntax, an unknown key, a value of the wrong type or
 //! out of range, a `config` key) is reported with the file and line. Flags
-//! given on the command line override the file.
+//! given on the command line replace the file's settings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -183,10 +183,26 @@ impl ServerConfig {
                     .map_err(|e| file_error(format!("cannot read --config {path}: {e}")))?;
                 let from_file =
                     file_to_args(&text).map_err(|e| file_error(format!("{path} {e}")))?;
-                // Program name, then the file's settings, then the command
-                // line: for a repeated flag the last one wins.
+                // A flag on the command line replaces the file's setting,
+                // a list (--peers) too, which clap would append to.
+                let on_command_line = <Self as clap::CommandFactory>::command()
+                    .ignore_errors(true)
+                    .try_get_matches_from(&args)
+                    .ok();
+                let given = |id: &clap::Id| {
+                    on_command_line.as_ref().is_some_and(|matches| {
+                        matches.value_source(id.as_str())
+                            == Some(clap::parser::ValueSource::CommandLine)
+                    })
+                };
+                // Program name, the file's settings, then the command line.
                 let mut merged = vec![args[0].clone()];
-                merged.extend(from_file.into_iter().map(|(_, argument)| argument));
+                merged.extend(
+                    from_file
+                        .into_iter()
+                        .filter(|(id, _)| !given(id))
+                        .map(|(_, argument)| argument),
+                );
                 merged.extend(args.into_iter().skip(1));
                 merged
             }
@@ -709,12 +725,16 @@ max-hint-bytes = 1_000_000
     fn config_file_is_overridden_by_flags() {
         let config = with_file(
             "listen = \"127.0.0.1:7001\"\nreplicas = 5\nvnodes = 64\npeers = [\"127.0.0.1:7002\"]\n",
-            &["--replicas", "2"],
+            &["--replicas", "2", "--peers=127.0.0.1:7009"],
         )
         .expect("parse");
         assert_eq!(config.listen.to_string(), "127.0.0.1:7001");
         assert_eq!(config.replicas, 2);
         assert_eq!(config.vnodes, 64);
+        assert_eq!(
+            config.member_addresses(),
+            args(&["127.0.0.1:7001", "127.0.0.1:7009"])
+        );
     }
 
     /// The error for `text`, which must name `line` of node.toml.
