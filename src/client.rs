@@ -30,7 +30,8 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
-use crate::coordinator::{Background, WriteAck, read_quorum};
+use crate::background::Background;
+use crate::coordinator::{WriteAck, read_quorum};
 use crate::error::{COORDINATOR_ERROR_HEADER, Error, Result};
 use crate::net::{
     CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
@@ -375,7 +376,7 @@ impl Client {
         let mut refused = Vec::new();
         for address in self.candidates(&self.replicas_of(key)) {
             let client = self.peers.key_value_client(&address)?;
-            let deadline = crate::hints::now_ms().saturating_add(timeout.as_millis() as u64);
+            let deadline = crate::clock::wall_clock_ms().saturating_add(timeout.as_millis() as u64);
             let why = match tokio::time::timeout(timeout, call(client, deadline)).await {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {

@@ -17,20 +17,23 @@
 //!   error type, and the protobuf edge.
 
 pub mod antientropy;
+pub mod background;
 pub mod bench;
 pub mod checker;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod coordinator;
 pub mod error;
-pub mod failure;
 pub mod hints;
 pub mod identity;
 pub mod limits;
+pub mod liveness;
 pub mod net;
 pub mod node;
 pub mod pb;
+pub mod placement;
 pub mod quorum;
 pub mod record;
 pub mod replica;

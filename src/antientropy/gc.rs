@@ -1,0 +1,74 @@
+//! Tombstone collection: a tombstone past `--tombstone-grace` is purged once
+//! every replica of its key holds it (or nothing), walking tombstones with a
+//! cursor so that ones whose replica is down never hold back the rest.
+
+use std::sync::atomic::Ordering;
+
+use super::{AntiEntropy, MAX_GC_PER_ROUND};
+use crate::clock::wall_clock_ms;
+use crate::placement::Placement;
+
+impl AntiEntropy {
+    /// Purges tombstones past their grace that every replica of their key
+    /// holds (or has already purged).
+    pub async fn collect_tombstones(&self, view: &Placement) -> Result<(), String> {
+        let deadline = wall_clock_ms().saturating_sub(self.grace.as_millis() as u64);
+        let cursor = self
+            .gc_cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (candidates, next_cursor) = self
+            .replica
+            .old_tombstones(deadline, &cursor, MAX_GC_PER_ROUND)
+            .map_err(|e| e.to_string())?;
+        *self.gc_cursor.lock().unwrap_or_else(|p| p.into_inner()) = next_cursor;
+        for (key, version) in candidates {
+            let others: Vec<String> = view
+                .replicas_of(&key)
+                .into_iter()
+                .filter(|m| !view.is_me(&m.address))
+                .map(|m| m.address.clone())
+                .collect();
+            // A replica believed down cannot confirm: skip the key this round
+            // instead of waiting for its timeout.
+            if others
+                .iter()
+                .any(|address| !self.cluster.liveness.is_up(address))
+            {
+                self.stats
+                    .tombstones_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let mut checks = Vec::new();
+            for address in &others {
+                let handle = self
+                    .cluster
+                    .peers
+                    .replica_handle(address, None)
+                    .map_err(|e| e.to_string())?;
+                let key = &key;
+                checks.push(async move { handle.read(key, self.cluster.rpc_timeout).await });
+            }
+            let everyone_agrees =
+                futures::future::join_all(checks)
+                    .await
+                    .into_iter()
+                    .all(|answer| match answer {
+                        Ok(None) => true,
+                        Ok(Some(held)) => held.version >= version,
+                        Err(_) => false,
+                    });
+            if everyone_agrees
+                && self
+                    .replica
+                    .purge_tombstone(&key, version)
+                    .map_err(|e| e.to_string())?
+            {
+                self.stats.tombstones_purged.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}

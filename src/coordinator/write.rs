@@ -1,0 +1,210 @@
+//! Quorum writes: stamp, send to all N, answer at W, re-stamp above a newer
+//! version, hint the replicas that missed an acknowledged write.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use super::{
+    Coordinator, Standing, WRITE_ORDER_STRIPES, WriteAck, WriteReplyFuture, addresses_of,
+    asked_failures, roll_call,
+};
+use crate::clock::wall_clock_ms;
+use crate::error::{Error, Result};
+use crate::net::{ReplicaError, ReplicaHandle};
+use crate::quorum::{Consistency, WriteDecision, WriteReply, WriteTally};
+use crate::record::Record;
+
+/// Most write rounds (re-stamps) before giving up on a hotly contended key.
+const MAX_WRITE_ROUNDS: usize = 10;
+
+impl Coordinator {
+    /// Writes `value` under `key`, or a tombstone for `None` (a delete).
+    pub async fn write(
+        &self,
+        key: &str,
+        value: Option<Bytes>,
+        consistency: Consistency,
+    ) -> Result<WriteAck> {
+        let operation = if value.is_some() { "PUT" } else { "DELETE" };
+        self.with_deadline(
+            operation,
+            self.write_rounds(operation, key, value, consistency),
+        )
+        .await
+    }
+
+    async fn write_rounds(
+        &self,
+        operation: &'static str,
+        key: &str,
+        value: Option<Bytes>,
+        consistency: Consistency,
+    ) -> Result<WriteAck> {
+        let stripe = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize % WRITE_ORDER_STRIPES;
+        let _in_order = self.write_order[stripe].lock().await;
+        let view = self.cluster.placement();
+        let replicas = self.replicas_for(&view, key)?;
+        let needed = consistency.required(replicas.len());
+        let mut version = self.local.next_version()?;
+        for round in 0..MAX_WRITE_ROUNDS {
+            let record = Record::new(version, value.clone(), wall_clock_ms());
+            let mut tally = WriteTally::new(version, needed, replicas.len());
+            // Replicas that failed this round: they get hints if the write succeeds.
+            let mut failed: Vec<usize> = Vec::new();
+            for (index, replica) in replicas.iter().enumerate() {
+                if let Some(why) = &replica.believed_down {
+                    tally.record(&replica.address, WriteReply::NotSent(why.clone()));
+                    failed.push(index);
+                }
+            }
+            let mut in_flight: FuturesUnordered<WriteReplyFuture> = replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, replica)| replica.believed_down.is_none())
+                .map(|(index, replica)| {
+                    let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
+                    let timeout = self.cluster.rpc_timeout;
+                    Box::pin(async move { (index, replica.write(&key, &record, timeout).await) })
+                        as WriteReplyFuture
+                })
+                .collect();
+            let mut standing = Standing::initial(&replicas);
+            let decision = loop {
+                match tally.decision() {
+                    WriteDecision::Pending => {}
+                    decided => break decided,
+                }
+                let Some((index, reply)) = in_flight.next().await else {
+                    break WriteDecision::Failed;
+                };
+                standing[index] = match &reply {
+                    Ok(outcome) if outcome.held == version => Standing::Answered,
+                    _ => Standing::Failed,
+                };
+                let reply = match reply {
+                    Ok(outcome) => {
+                        self.local.observe(outcome.held);
+                        WriteReply::Holds(outcome.held)
+                    }
+                    // A replica that refused the write as invalid gets no
+                    // hint: delivering it would fail the same way.
+                    Err(ReplicaError::Rejected(why)) => {
+                        WriteReply::Failed(format!("rejected: {why}"))
+                    }
+                    Err(ReplicaError::Failed(why)) => {
+                        failed.push(index);
+                        WriteReply::Failed(why)
+                    }
+                };
+                tally.record(&replicas[index].address, reply);
+            };
+            let succeeded = matches!(decision, WriteDecision::Acknowledged { .. });
+            // Let the rest of this round reach its replicas; a replica that
+            // fails now still gets a hint if the write succeeded.
+            if !in_flight.is_empty() {
+                let hinter = self.hinter.clone();
+                let (addresses, key, record) =
+                    (addresses_of(&replicas), key.to_string(), record.clone());
+                self.background.spawn(async move {
+                    while let Some((index, reply)) = in_flight.next().await {
+                        if succeeded && matches!(reply, Err(ReplicaError::Failed(_))) {
+                            hinter.send_logged(&addresses[index], &key, &record).await;
+                        }
+                    }
+                });
+            }
+            match decision {
+                WriteDecision::Acknowledged { acks } => {
+                    self.hint_in_background(&replicas, &failed, key, &record);
+                    return Ok(WriteAck { version, acks });
+                }
+                WriteDecision::Superseded { above } => {
+                    self.local.observe(above);
+                    return Err(Error::Superseded {
+                        operation,
+                        key: key.to_string(),
+                        version,
+                        above,
+                        acks: tally.acks(),
+                    });
+                }
+                WriteDecision::Restamp { above } => {
+                    tracing::debug!(key, %version, %above, "a replica holds a newer version; re-stamping");
+                    self.local.observe(above);
+                    // Concurrent writers to one key would otherwise keep
+                    // overtaking each other in lock step.
+                    tokio::time::sleep(restamp_backoff(round, key)).await;
+                    version = self.local.next_version()?;
+                }
+                WriteDecision::Failed | WriteDecision::Pending => {
+                    if consistency == Consistency::Any {
+                        // No replica holds it: a stored hint is enough for ANY.
+                        let sends = failed
+                            .iter()
+                            .map(|&i| self.hinter.send(&replicas[i].address, key, &record));
+                        let stored = futures::future::join_all(sends)
+                            .await
+                            .iter()
+                            .filter(|r| r.is_ok())
+                            .count();
+                        if stored > 0 {
+                            return Ok(WriteAck { version, acks: 0 });
+                        }
+                    }
+                    return Err(Error::QuorumNotReached {
+                        operation,
+                        consistency: consistency.name(),
+                        acks: tally.acks(),
+                        needed,
+                        replicas: replicas.len(),
+                        roll_call: Box::new(roll_call(&replicas, &standing)),
+                        failures: asked_failures(&replicas, tally.failures()),
+                    });
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "{operation} of {key:?} gave up after {MAX_WRITE_ROUNDS} rounds: replicas kept reporting newer versions (heavy concurrent writing to this key)"
+        )))
+    }
+
+    /// Stores hints for the replicas that missed an acknowledged write.
+    fn hint_in_background(
+        &self,
+        replicas: &[ReplicaHandle],
+        failed: &[usize],
+        key: &str,
+        record: &Record,
+    ) {
+        if failed.is_empty() {
+            return;
+        }
+        let hinter = self.hinter.clone();
+        let targets: Vec<String> = failed
+            .iter()
+            .map(|&i| replicas[i].address.clone())
+            .collect();
+        let (key, record) = (key.to_string(), record.clone());
+        self.background.spawn(async move {
+            for target in targets {
+                hinter.send_logged(&target, &key, &record).await;
+            }
+        });
+    }
+}
+
+/// A random pause before write round `round + 1`: up to 2^round ms, capped at 64 ms.
+fn restamp_backoff(round: usize, key: &str) -> Duration {
+    let cap_ms = 1u64 << round.min(6);
+    let noise = xxhash_rust::xxh3::xxh3_64_with_seed(
+        key.as_bytes(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    Duration::from_micros(noise % (cap_ms * 1000 + 1))
+}

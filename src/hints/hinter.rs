@@ -1,0 +1,71 @@
+//! Where a hint goes: the first live node clockwise beyond the key's
+//! preference list, or this node (the coordinator) when none is.
+
+use std::sync::Arc;
+
+use super::{Hint, HintStore};
+use crate::clock::wall_clock_ms;
+use crate::cluster::Cluster;
+use crate::net::call_within;
+use crate::pb;
+use crate::placement::Placement;
+use crate::record::Record;
+use crate::ring::node_id_for;
+
+/// Stores hints on the right node.
+#[derive(Clone)]
+pub struct Hinter {
+    cluster: Arc<Cluster>,
+    /// This node's hint store.
+    local: Arc<HintStore>,
+}
+
+impl Hinter {
+    pub fn new(cluster: Arc<Cluster>, local: Arc<HintStore>) -> Self {
+        Self { cluster, local }
+    }
+
+    /// Where a hint for `key` should be kept under `view`.
+    fn holder(&self, view: &Placement, key: &str) -> String {
+        view.hint_candidates(key)
+            .find(|m| self.cluster.liveness.is_up(&m.address))
+            .map(|m| m.address.clone())
+            .unwrap_or_else(|| view.me().to_string())
+    }
+
+    /// Stores a hint for `target` (a replica of `key` that missed `record`).
+    pub async fn send(&self, target: &str, key: &str, record: &Record) -> Result<(), String> {
+        let view = self.cluster.placement();
+        let holder = self.holder(&view, key);
+        if view.is_me(&holder) {
+            let hint = Hint {
+                target: node_id_for(target),
+                key: key.to_string(),
+                record: record.clone(),
+                created_ms: wall_clock_ms(),
+            };
+            return self.local.store(&hint).map_err(|e| e.to_string());
+        }
+        let mut client = self
+            .cluster
+            .peers
+            .replica_client(&holder)
+            .map_err(|e| e.to_string())?;
+        let request = pb::StoreHintRequest {
+            target: target.to_string(),
+            key: key.to_string(),
+            record: Some(record.into()),
+        };
+        call_within(self.cluster.rpc_timeout, client.store_hint(request))
+            .await
+            .map(|_| ())
+            .map_err(|why| format!("{holder}: {why}"))
+    }
+
+    /// [`Hinter::send`], logging a failure (anti-entropy repairs instead).
+    pub async fn send_logged(&self, target: &str, key: &str, record: &Record) {
+        if let Err(why) = self.send(target, key, record).await {
+            tracing::warn!(target, key, %why, "could not store a hint; anti-entropy will repair the replica");
+        }
+    }
+}

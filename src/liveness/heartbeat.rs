@@ -1,0 +1,248 @@
+//! Heartbeats: every `--heartbeat-interval-ms` each node pings every peer
+//! (`Replica.Ping`) and feeds the answers to the failure detector. A peer
+//! believed down keeps being pinged: that is how it is found up again.
+//!
+//! A ping carries the sender's hybrid logical clock and identities both
+//! ways; the answer also carries the peer's wall clock (for its clock skew)
+//! and its counts, which `Cluster.Status` reports without asking anyone.
+//! Identities learnt here drive the read gate of a replacement node (see
+//! [`crate::identity`]).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::clock::{Version, wall_clock_ms};
+use crate::cluster::Cluster;
+use crate::error::Result;
+use crate::identity::Identity;
+use crate::pb;
+use crate::placement::NodeIdentity;
+use crate::replica::ReplicaStore;
+
+/// What a peer's last answered heartbeat told this node.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerReport {
+    /// The peer's wall clock minus this node's, in ms.
+    pub clock_skew_ms: i64,
+    /// The peer's counts, and when they arrived (absent from older nodes).
+    pub stats: Option<(pb::NodeStats, Instant)>,
+}
+
+/// One node's heartbeats: sending rounds, answering pings, and what the
+/// answers told.
+pub struct Heartbeats {
+    me: NodeIdentity,
+    cluster: Arc<Cluster>,
+    identity: Arc<Identity>,
+    replica: Arc<ReplicaStore>,
+    interval: Duration,
+    /// The last answer of each peer (std mutex: one map operation).
+    reports: Mutex<HashMap<String, PeerReport>>,
+    /// Each peer's state as last logged, to log each change once (std
+    /// mutex: one round at a time).
+    logged_up: Mutex<HashMap<String, bool>>,
+    /// Members being pinged back (see [`Heartbeats::answer`]).
+    pinging_back: Mutex<HashSet<String>>,
+    /// Cancelled once the first round has ended.
+    first_round: CancellationToken,
+}
+
+impl Heartbeats {
+    pub fn new(
+        me: NodeIdentity,
+        cluster: Arc<Cluster>,
+        identity: Arc<Identity>,
+        replica: Arc<ReplicaStore>,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            me,
+            cluster,
+            identity,
+            replica,
+            interval,
+            reports: Mutex::default(),
+            logged_up: Mutex::default(),
+            pinging_back: Mutex::default(),
+            first_round: CancellationToken::new(),
+        }
+    }
+
+    /// Completes once the first round has ended: peers have heard who this
+    /// node is, and this node what they knew at its address.
+    pub async fn first_round_done(&self) {
+        self.first_round.cancelled().await
+    }
+
+    /// What `address`'s last answered heartbeat told, if any.
+    pub fn report(&self, address: &str) -> Option<PeerReport> {
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(address)
+            .copied()
+    }
+
+    /// One round: pings every peer at once, then updates the detector and
+    /// the read gate with the answers.
+    pub async fn round(self: &Arc<Self>) {
+        let view = self.cluster.placement();
+        let peers: Vec<String> = view.peers().map(|m| m.address.clone()).collect();
+        let liveness = &self.cluster.liveness;
+        liveness.update(|detector| detector.round_started(Instant::now()));
+        let pings = peers
+            .iter()
+            .map(|address| self.ping(address, self.interval));
+        let results = futures::future::join_all(pings).await;
+        self.first_round.cancel();
+        let down: BTreeSet<String> = peers
+            .iter()
+            .filter(|p| !liveness.is_up(p))
+            .cloned()
+            .collect();
+        if let Err(why) = self.identity.settle(&down) {
+            tracing::warn!(%why, "cannot record the read gate");
+        }
+        let mut logged_up = self.logged_up.lock().unwrap_or_else(|p| p.into_inner());
+        for (address, result) in peers.iter().zip(results) {
+            let now = Instant::now();
+            let health = liveness.update(|detector| {
+                match result {
+                    Ok(()) => detector.heartbeat(address, now),
+                    Err(why) => {
+                        tracing::debug!(peer = %address, %why, "heartbeat failed");
+                        detector.failed(address, why)
+                    }
+                }
+                detector.health(address, now)
+            });
+            // Peers start as up: only a change is news.
+            let was_up = logged_up.insert(address.clone(), health.up).unwrap_or(true);
+            if was_up != health.up {
+                tracing::info!(peer = %address, up = health.up, phi = health.phi, error = ?health.last_error, "peer state changed");
+            }
+        }
+    }
+
+    /// One heartbeat to `address`: carries this node's HLC, merges the
+    /// peer's, and measures the peer's clock skew from its wall clock (the
+    /// midpoint of the call is taken as the moment it answered).
+    async fn ping(&self, address: &str, timeout: Duration) -> std::result::Result<(), String> {
+        let mut client = self
+            .cluster
+            .peers
+            .replica_client(address)
+            .map_err(|e| e.to_string())?;
+        let ping = pb::PingRequest {
+            from: self.me.address.clone(),
+            hlc: self.replica.stats().lamport,
+            instance_id: self.me.instance_id,
+            known_instance_id: self
+                .identity
+                .known_instance(address)
+                .map_err(|e| e.to_string())?,
+            serves_reads: self.identity.read_refusal().is_none(),
+        };
+        let sent_ms = wall_clock_ms();
+        let answer = crate::net::call_within(timeout, client.ping(ping)).await?;
+        let midpoint_ms = sent_ms + wall_clock_ms().saturating_sub(sent_ms) / 2;
+        let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
+        let bound = self.replica.bound();
+        let report = PeerReport {
+            clock_skew_ms: skew_ms,
+            stats: answer.stats.map(|stats| (stats, Instant::now())),
+        };
+        let was = self
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(address.to_string(), report)
+            .map(|old| old.clock_skew_ms);
+        let half = (bound.max_skew_ms / 2) as i64;
+        let far = |skew: i64| skew.abs() > half;
+        if far(skew_ms) && !was.is_some_and(far) {
+            tracing::warn!(
+                peer = address,
+                skew_ms,
+                max_clock_skew_ms = bound.max_skew_ms,
+                "a peer's clock is more than half --max-clock-skew-ms away from this node's; check NTP on both hosts"
+            );
+        }
+        // An answer without an instance id (a node of an older version)
+        // tells nothing about who was here.
+        if answer.instance_id != 0 {
+            self.identity
+                .learn_peer(address, answer.instance_id, answer.serves_reads)
+                .and_then(|_| self.identity.heard(address, answer.known_instance_id))
+                .map_err(|e| e.to_string())?;
+        }
+        if !self
+            .replica
+            .observe(Version::new(answer.hlc, answer.node_id))
+        {
+            tracing::warn!(
+                peer = address,
+                hlc = answer.hlc,
+                "a peer's clock is beyond --max-clock-skew-ms; not merged"
+            );
+        }
+        Ok(())
+    }
+
+    /// Answers a peer's ping with this node's clock, identities and `stats`.
+    pub fn answer(
+        self: &Arc<Self>,
+        request: pb::PingRequest,
+        stats: pb::NodeStats,
+    ) -> Result<pb::PingResponse> {
+        // A sender's clock beyond the skew bound is simply not merged.
+        self.replica.observe(Version::new(request.hlc, 0));
+        // The sender could be anyone claiming a member's address: learn
+        // nothing from it. A node not yet answering reads pings that member
+        // back at once instead (one at a time per member), and learns from
+        // the answer of the address it dialled.
+        let is_member = self.cluster.placement().is_member(&request.from);
+        if is_member && self.identity.read_refusal().is_some() {
+            self.ping_back(&request.from);
+        }
+        let known = if is_member {
+            self.identity.known_instance(&request.from)?
+        } else {
+            0
+        };
+        Ok(pb::PingResponse {
+            node_id: self.me.member_id,
+            hlc: self.replica.stats().lamport,
+            wall_ms: wall_clock_ms(),
+            instance_id: self.me.instance_id,
+            known_instance_id: known,
+            serves_reads: self.identity.read_refusal().is_none(),
+            stats: Some(stats),
+        })
+    }
+
+    /// Sends `address` a heartbeat now, in the background, unless one sent
+    /// this way is still in flight.
+    fn ping_back(self: &Arc<Self>, address: &str) {
+        {
+            let mut pinging = self.pinging_back.lock().unwrap_or_else(|p| p.into_inner());
+            if !pinging.insert(address.to_string()) {
+                return;
+            }
+        }
+        let (heartbeats, address) = (self.clone(), address.to_string());
+        tokio::spawn(async move {
+            if let Err(why) = heartbeats.ping(&address, heartbeats.interval).await {
+                tracing::debug!(peer = %address, %why, "ping back failed");
+            }
+            heartbeats
+                .pinging_back
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&address);
+        });
+    }
+}

@@ -1,0 +1,92 @@
+//! `dkvs.v1.Cluster`: how this node sees the cluster, answered from what it
+//! already knows.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::{Request, Response, Status};
+
+use super::Node;
+use crate::pb;
+use crate::quorum::Consistency;
+
+pub(super) struct ClusterService(pub(super) Arc<Node>);
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    /// Answers from what this node already knows: the failure detector's
+    /// view and each member's counts from its last answered heartbeat, with
+    /// their age. It never waits for a member, so a frozen one (not yet
+    /// convicted) cannot slow it.
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let node = &self.0;
+        let view = node.cluster.placement();
+        let healths = node
+            .cluster
+            .liveness
+            .healths(view.members().iter().map(|m| m.address.as_str()));
+        let now = Instant::now();
+        let members = view
+            .members()
+            .iter()
+            .zip(healths)
+            .map(|(member, health)| {
+                let itself = view.is_me(&member.address);
+                let report = node.heartbeats.report(&member.address);
+                let (stats, stats_age_ms) = if itself {
+                    (Some(node.local_stats()), 0)
+                } else {
+                    match report.and_then(|r| r.stats) {
+                        Some((stats, at)) => (
+                            Some(stats),
+                            now.saturating_duration_since(at).as_millis() as u64,
+                        ),
+                        None => (None, 0),
+                    }
+                };
+                // A member's last heartbeat may have failed before the
+                // detector convicts it: say why either way.
+                let (state, error) = if itself || health.up {
+                    let why = health.last_error.clone().unwrap_or_default();
+                    (pb::MemberState::Up, why)
+                } else {
+                    let why = health
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no heartbeat".into());
+                    (pb::MemberState::Down, why)
+                };
+                let instance_id = if itself {
+                    node.me.instance_id
+                } else {
+                    node.identity.known_instance(&member.address).unwrap_or(0)
+                };
+                pb::Member {
+                    address: member.address.clone(),
+                    node_id: member.node_id,
+                    state: state as i32,
+                    stats,
+                    error,
+                    phi: health.phi,
+                    clock_skew_ms: report.map_or(0, |r| r.clock_skew_ms),
+                    instance_id,
+                    stats_age_ms,
+                }
+            })
+            .collect();
+        let quorum = Consistency::Quorum.required(view.replicas()) as u32;
+        Ok(Response::new(pb::StatusResponse {
+            address: node.me.address.clone(),
+            node_id: node.me.member_id,
+            replicas: view.replicas() as u32,
+            vnodes: view.ring().vnodes() as u32,
+            write_quorum: quorum,
+            read_quorum: quorum,
+            members,
+            instance_id: node.me.instance_id,
+        }))
+    }
+}

@@ -1,0 +1,414 @@
+//! A DKVS node: storage, replica, coordinator and gRPC services on one port.
+//!
+//! This module wires the parts together ([`Node::open`]) and starts the
+//! periodic workers; [`serve`] runs the server (`serve.rs`), and each gRPC
+//! service has its own file: `kv.rs`, `replica.rs`, `cluster.rs`.
+//!
+//! [`Node::open`] opens the data directory and builds the parts;
+//! [`serve`] runs the gRPC server over any stream of connections until the
+//! shutdown future completes, then drains: health turns NOT_SERVING, the
+//! server stops accepting and finishes in-flight requests, background tasks
+//! (read repair, periodic fsync) stop, and the storage is synced.
+//!
+//! Services on the port: `dkvs.v1.KeyValue` (clients), `dkvs.v1.Cluster`
+//! (status), `dkvs.v1.Replica` (internal: nodes and the smart client only),
+//! `grpc.health.v1.Health`, and server reflection v1 and v1alpha.
+
+mod cluster;
+mod kv;
+mod replica;
+mod serve;
+
+pub use kv::get_response;
+pub use serve::{incoming, serve};
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::antientropy::AntiEntropy;
+use crate::background::{Background, run_periodic};
+use crate::cluster::Cluster;
+use crate::config::ServerConfig;
+use crate::coordinator::Coordinator;
+use crate::error::{Error, Result};
+use crate::hints::{HintBounds, HintDelivery, HintStore};
+use crate::identity::Identity;
+use crate::limits::Limits;
+use crate::liveness::heartbeat::Heartbeats;
+use crate::liveness::{FailureDetector, Liveness};
+use crate::net::{Dialer, PeerPool, max_message_bytes};
+use crate::pb;
+use crate::placement::{NodeIdentity, Placement, SharedPlacement};
+use crate::record::Record;
+use crate::replica::ReplicaStore;
+use crate::ring::{Member, Ring};
+use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
+
+/// Everything one node runs.
+pub struct Node {
+    /// The settings it was started with.
+    config: ServerConfig,
+    /// Who this node is.
+    me: NodeIdentity,
+    /// Placement, peers, liveness: what the parts share.
+    cluster: Arc<Cluster>,
+    /// Input limits.
+    limits: Limits,
+    /// The storage engine.
+    storage: Arc<dyn Storage>,
+    /// This node's replica.
+    replica: Arc<ReplicaStore>,
+    /// Coordinates requests this node receives.
+    coordinator: Arc<Coordinator>,
+    /// Background tasks (repairs, trailing writes).
+    background: Background,
+    /// Cancelled when the node stops; stops every periodic worker.
+    shutdown: CancellationToken,
+    /// When the node started.
+    started: Instant,
+    /// Writes this node keeps for replicas that were down.
+    hints: Arc<HintStore>,
+    /// Delivers them.
+    hint_delivery: Arc<HintDelivery>,
+    /// Background convergence and tombstone collection.
+    anti_entropy: Arc<AntiEntropy>,
+    /// Pings peers; answers their pings.
+    heartbeats: Arc<Heartbeats>,
+    /// The read gate: whether replica reads are answered.
+    identity: Arc<Identity>,
+}
+
+/// Whether `storage` is a data dir that never held anything: no clock
+/// ceiling, no identity, no record, no hint. (Scans only on the first start
+/// of a data dir without an instance id.)
+fn is_fresh(storage: &dyn Storage) -> Result<bool> {
+    if storage.get_meta("instance_id")?.is_some() || storage.get_meta("clock_ceiling")?.is_some() {
+        return Ok(false);
+    }
+    let held = std::cell::Cell::new(false);
+    storage.for_each_held(&mut |_, _| held.set(true), &mut |_, _| held.set(true))?;
+    Ok(!held.get() && storage.hint_ids(&[], 1)?.is_empty())
+}
+
+impl Node {
+    /// Opens the node's data directory with the configured engine and
+    /// builds the node.
+    pub fn open(config: ServerConfig, dialer: Arc<dyn Dialer>) -> Result<Arc<Self>> {
+        // Flags that contradict each other are refused before anything opens.
+        config.validate().map_err(Error::InvalidArgument)?;
+        let data_dir = config.data_dir();
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            Error::Storage(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        // The log engine lives in <data-dir>/log, fjall in <data-dir> itself.
+        let log_dir = data_dir.join("log");
+        let holds_fjall = data_dir.join("keyspaces").exists();
+        let storage: Arc<dyn Storage> = match config.storage_engine {
+            Engine::Log if holds_fjall && !log_dir.exists() => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} holds data of the fjall engine; start this node with --storage-engine fjall",
+                    data_dir.display()
+                )));
+            }
+            Engine::Fjall if log_dir.exists() && !holds_fjall => {
+                return Err(Error::InvalidArgument(format!(
+                    "{} holds data of the log engine; start this node with --storage-engine log",
+                    data_dir.display()
+                )));
+            }
+            Engine::Log => Arc::new(LogStorage::open(&log_dir, config.fsync)?),
+            Engine::Fjall => Arc::new(FjallStorage::open(&data_dir, config.fsync)?),
+        };
+        Self::with_storage(config, storage, dialer)
+    }
+
+    /// Builds the node over a given storage engine.
+    pub fn with_storage(
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<Arc<Self>> {
+        config.validate().map_err(Error::InvalidArgument)?;
+        let address = config.advertised_address();
+        let listed = config.peers.iter().any(|p| p.trim() == address);
+        let others = config.peers.iter().filter(|p| !p.trim().is_empty()).count();
+        if others > 0 && !listed {
+            tracing::warn!(
+                %address,
+                "this node's address is not in --peers; it joins the ring as an extra member. \
+                 If --peers names it differently (e.g. localhost vs 127.0.0.1), use the same spelling or --advertise"
+            );
+        }
+        let members: Vec<Member> = config
+            .member_addresses()
+            .into_iter()
+            .map(Member::new)
+            .collect();
+        let ids: std::collections::HashSet<_> = members.iter().map(|m| m.node_id).collect();
+        if ids.len() != members.len() {
+            return Err(Error::InvalidArgument(
+                "two member addresses hash to the same node id; change one of them".into(),
+            ));
+        }
+        let ring = Arc::new(Ring::new(members, config.vnodes));
+        let placement = Placement::new(ring, config.replicas, address.clone());
+        if placement.replicas() < config.replicas {
+            tracing::warn!(
+                requested = config.replicas,
+                members = placement.members().len(),
+                "fewer members than --replicas; each key gets one replica per member"
+            );
+        }
+        let limits = Limits {
+            max_key_bytes: config.max_key_bytes,
+            max_value_bytes: config.max_value_bytes,
+        };
+        let bound = config.skew_bound();
+        let sharing = placement
+            .sharing_peers()
+            .map(|m| m.address.clone())
+            .collect();
+        let identity = Arc::new(Identity::open(
+            storage.clone(),
+            sharing,
+            is_fresh(&*storage)?,
+        )?);
+        let me = NodeIdentity {
+            member_id: crate::ring::node_id_for(&address),
+            instance_id: identity.instance_id,
+            address,
+        };
+        let replica = Arc::new(ReplicaStore::open(
+            me.instance_id,
+            storage.clone(),
+            placement.ring().clone(),
+            bound,
+        )?);
+        replica.set_read_gate(identity.clone());
+        tracing::info!(
+            member_id = format!("{:016x}", me.member_id),
+            instance_id = format!("{:016x}", me.instance_id),
+            "identity"
+        );
+        let peers = Arc::new(
+            PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)).with_skew_bound(bound),
+        );
+        let liveness = Liveness::new(FailureDetector::new(
+            placement.peers().map(|m| m.address.clone()),
+            Instant::now(),
+            config.heartbeat_interval(),
+            config.phi_threshold,
+        ));
+        let cluster = Arc::new(Cluster {
+            placement: SharedPlacement::new(placement),
+            peers,
+            liveness,
+            rpc_timeout: config.rpc_timeout(),
+        });
+        let shutdown = CancellationToken::new();
+        let background = Background::new(shutdown.child_token());
+        let hints = Arc::new(HintStore::open(
+            storage.clone(),
+            HintBounds {
+                max_hints: config.max_hints,
+                max_bytes: config.max_hint_bytes,
+                max_age: Duration::from_secs(config.max_hint_age_secs),
+                skew: replica.bound(),
+            },
+        )?);
+        if !hints.is_empty() {
+            tracing::info!(
+                hints = hints.len(),
+                bytes = hints.bytes(),
+                "hints waiting for delivery"
+            );
+        }
+        let anti_entropy = Arc::new(AntiEntropy::new(
+            replica.clone(),
+            cluster.clone(),
+            Duration::from_secs(config.tombstone_grace),
+            identity.clone(),
+        ));
+        let coordinator = Arc::new(Coordinator::new(
+            replica.clone(),
+            cluster.clone(),
+            config.request_timeout(),
+            background.clone(),
+            hints.clone(),
+        ));
+        let heartbeats = Arc::new(Heartbeats::new(
+            me.clone(),
+            cluster.clone(),
+            identity.clone(),
+            replica.clone(),
+            config.heartbeat_interval(),
+        ));
+        Ok(Arc::new(Self {
+            hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),
+            config,
+            me,
+            cluster,
+            limits,
+            storage,
+            replica,
+            coordinator,
+            background,
+            shutdown,
+            started: Instant::now(),
+            hints,
+            anti_entropy,
+            heartbeats,
+            identity,
+        }))
+    }
+
+    pub fn address(&self) -> &str {
+        &self.me.address
+    }
+
+    pub fn replica(&self) -> &Arc<ReplicaStore> {
+        &self.replica
+    }
+
+    pub(crate) fn local_stats(&self) -> pb::NodeStats {
+        let stats = self.replica.stats();
+        let ae = &self.anti_entropy.stats;
+        pb::NodeStats {
+            live_keys: stats.live_keys,
+            tombstones: stats.tombstones,
+            lamport: stats.lamport,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            read_repairs: self.background.repairs_sent(),
+            blocking_read_repairs: self.coordinator.blocking_repairs(),
+            hints_pending: self.hints.len(),
+            hints_delivered: self.hints.delivered(),
+            anti_entropy_exchanges: ae.exchanges.load(Ordering::Relaxed),
+            anti_entropy_in_sync: ae.in_sync.load(Ordering::Relaxed),
+            anti_entropy_keys_repaired: ae.keys_repaired.load(Ordering::Relaxed),
+            tombstones_purged: ae.tombstones_purged.load(Ordering::Relaxed),
+            future_records: stats.future_records,
+            tombstone_gc_skipped: ae.tombstones_skipped.load(Ordering::Relaxed),
+            damaged_entries_skipped: self.storage.damaged_entries_skipped(),
+        }
+    }
+
+    /// Starts the periodic workers: heartbeats, hint delivery, anti-entropy
+    /// and (for `--fsync periodic`) fsync. Each stops when the node shuts
+    /// down.
+    fn start_workers(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let heartbeat = self.config.heartbeat_interval();
+        let heartbeats = self.heartbeats.clone();
+        let hint_delivery = self.hint_delivery.clone();
+        let anti_entropy = self.anti_entropy.clone();
+        // The first anti-entropy round comes a second after start: a node
+        // that was down is the one with the most to catch up.
+        let exchange = Duration::from_secs(self.config.anti_entropy_interval.max(1));
+        let deliver = Duration::from_millis(self.config.hint_delivery_interval_ms.max(10));
+        let mut workers = vec![
+            run_periodic(
+                "heartbeats",
+                Duration::ZERO,
+                heartbeat,
+                self.shutdown.clone(),
+                move || {
+                    let heartbeats = heartbeats.clone();
+                    async move { heartbeats.round().await }
+                },
+            ),
+            run_periodic(
+                "hint delivery",
+                Duration::ZERO,
+                deliver,
+                self.shutdown.clone(),
+                move || {
+                    let hint_delivery = hint_delivery.clone();
+                    async move { hint_delivery.round().await }
+                },
+            ),
+            run_periodic(
+                "anti-entropy",
+                exchange.min(Duration::from_secs(1)),
+                exchange,
+                self.shutdown.clone(),
+                move || {
+                    let anti_entropy = anti_entropy.clone();
+                    async move { anti_entropy.round().await }
+                },
+            ),
+        ];
+        workers.extend(self.start_periodic_fsync());
+        workers
+    }
+
+    /// `Replica.Read` on this node's store.
+    fn replica_read(&self, request: pb::ReplicaReadRequest) -> Result<pb::ReplicaReadResponse> {
+        self.limits.check_key(&request.key)?;
+        let record = if request.for_repair {
+            self.replica.read(&request.key)?
+        } else {
+            self.replica.read_for_quorum(&request.key)?
+        };
+        Ok(pb::ReplicaReadResponse {
+            record: record.as_ref().map(pb::Record::from),
+        })
+    }
+
+    /// Validates a replica write: its key, record and value size.
+    fn check_write(&self, request: pb::ReplicaWriteRequest) -> Result<(String, Record)> {
+        self.limits.check_key(&request.key)?;
+        let record = pb::record_from(
+            request
+                .record
+                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?,
+            self.replica.bound(),
+        )?;
+        if let Some(value) = &record.value {
+            self.limits.check_value(value)?;
+        }
+        Ok((request.key, record))
+    }
+
+    /// `Replica.Write` on this node's store.
+    fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
+        let (key, record) = self.check_write(request)?;
+        let outcome = self.replica.write_if_newer(&key, &record)?;
+        Ok(pb::ReplicaWriteResponse {
+            applied: outcome.applied,
+            held: Some(outcome.held.into()),
+        })
+    }
+
+    /// Fsyncs every `--fsync-interval-ms` until shutdown (periodic policy).
+    fn start_periodic_fsync(&self) -> Option<tokio::task::JoinHandle<()>> {
+        if self.config.fsync != FsyncPolicy::Periodic {
+            return None;
+        }
+        let interval = Duration::from_millis(self.config.fsync_interval_ms.max(1));
+        let storage = self.storage.clone();
+        Some(run_periodic(
+            "fsync",
+            interval,
+            interval,
+            self.shutdown.clone(),
+            move || {
+                let storage = storage.clone();
+                async move {
+                    // A failed fsync is fatal inside the engine (storage::fatal:
+                    // DKVSServer exits non-zero; every later write is refused);
+                    // other errors, such as a full disk, are only reported here.
+                    match tokio::task::spawn_blocking(move || storage.sync()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(error)) => tracing::error!(%error, "periodic sync failed"),
+                        Err(error) => tracing::error!(%error, "periodic fsync task failed"),
+                    }
+                }
+            },
+        ))
+    }
+}

@@ -1,0 +1,315 @@
+//! The server: every service on one port, health, reflection, statuses
+//! tonic produces itself made actionable, and an orderly drain.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tonic::transport::Server;
+use tonic::transport::server::Connected;
+
+use super::Node;
+use crate::error::{Error, Result};
+use crate::net::max_message_bytes;
+use crate::pb;
+
+/// Accepted connections from `listener`, with Nagle's algorithm off (tonic
+/// does not touch sockets it did not accept itself; with Nagle on, a reply's
+/// trailing frames wait ~40 ms for the peer's delayed ACK).
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Serves `node` over `incoming` until `shutdown` completes, then drains.
+/// For TCP, pass [`incoming`]`(listener)`.
+pub async fn serve<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: Stream<Item = std::result::Result<IO, IE>> + Send,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let max_message = max_message_bytes(node.limits.max_value_bytes);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    // tonic starts the overall status ("") as SERVING: not before peers
+    // have heard from this node (see below).
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+
+    let key_value =
+        pb::key_value_server::KeyValueServer::new(super::kv::KeyValueService(node.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+    let cluster =
+        pb::cluster_server::ClusterServer::new(super::cluster::ClusterService(node.clone()));
+    let replica =
+        pb::replica_server::ReplicaServer::new(super::replica::ReplicaService(node.clone()))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+
+    let workers = node.start_workers();
+    // SERVING once the first heartbeats have told peers who this node is
+    // (and this node what they knew at its address), bounded by twice the
+    // heartbeat interval; the server answers meanwhile.
+    let serving = {
+        let (health, node) = (health.clone(), node.clone());
+        tokio::spawn(async move {
+            let wait = node.config.heartbeat_interval() * 2;
+            let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
+            if !node.shutdown.is_cancelled() {
+                for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+                    health
+                        .set_service_status(service, tonic_health::ServingStatus::Serving)
+                        .await;
+                }
+            }
+        })
+    };
+    let view = node.cluster.placement();
+    tracing::info!(
+        address = node.address(),
+        members = view.members().len(),
+        replicas = view.replicas(),
+        "serving"
+    );
+
+    let drain_health = health.clone();
+    let stop_serving = serving.abort_handle();
+    let signal = async move {
+        shutdown.await;
+        stop_serving.abort();
+        tracing::info!("shutting down: NOT_SERVING, draining requests");
+        for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+            drain_health
+                .set_service_status(service, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+    };
+    let served = Server::builder()
+        .layer(EdgeStatusLayer {
+            max_message: max_message_bytes(node.limits.max_value_bytes),
+        })
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(key_value)
+        .add_service(cluster)
+        .add_service(replica)
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await;
+
+    // Stop background work, then make sure everything is on disk.
+    node.background.close(Duration::from_secs(2)).await;
+    node.shutdown.cancel();
+    for worker in workers {
+        let _ = worker.await;
+    }
+    serving.abort();
+    let storage = node.storage.clone();
+    tokio::task::spawn_blocking(move || storage.sync())
+        .await
+        .map_err(|e| Error::Internal(format!("final sync task: {e}")))??;
+    tracing::info!("stopped");
+    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// Rewrites the statuses tonic itself produces before a handler runs, so
+/// they carry the right code and a message a person can act on:
+///
+/// * a request it cannot decode (e.g. a key that is not UTF-8) is the
+///   caller's mistake: INVALID_ARGUMENT instead of INTERNAL (tonic's message,
+///   which names the field, is kept);
+/// * a request over the message limit: RESOURCE_EXHAUSTED naming the limit
+///   and the flag that sets it, instead of OUT_OF_RANGE;
+/// * an unknown service or method: UNIMPLEMENTED naming it and what is
+///   served, instead of an empty message.
+#[derive(Clone, Copy)]
+struct EdgeStatusLayer {
+    /// The largest message this node accepts, in bytes.
+    max_message: usize,
+}
+
+impl<S> tower::Layer<S> for EdgeStatusLayer {
+    type Service = EdgeStatus<S>;
+
+    fn layer(&self, inner: S) -> EdgeStatus<S> {
+        EdgeStatus {
+            inner,
+            max_message: self.max_message,
+        }
+    }
+}
+
+/// The service [`EdgeStatusLayer`] wraps around the router.
+#[derive(Clone)]
+struct EdgeStatus<S> {
+    /// The router.
+    inner: S,
+    /// See [`EdgeStatusLayer::max_message`].
+    max_message: usize,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for EdgeStatus<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = std::result::Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path().to_string();
+        let max_message = self.max_message;
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            rewrite_edge_status(response.headers_mut(), &path, max_message);
+            Ok(response)
+        })
+    }
+}
+
+/// See [`EdgeStatusLayer`].
+fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: usize) {
+    let status = headers.get("grpc-status").map(|s| s.as_bytes().to_vec());
+    let message = headers
+        .get("grpc-message")
+        .map(|m| percent_decode(m.as_bytes()))
+        .unwrap_or_default();
+    let rewritten = match status.as_deref() {
+        Some(b"13") if message.starts_with("failed to decode Protobuf message") => {
+            Some((tonic::Code::InvalidArgument, message))
+        }
+        Some(b"11") if message.starts_with("Error, decoded message length too large") => Some((
+            tonic::Code::ResourceExhausted,
+            format!(
+                "{path}: the request is larger than this node's message limit of {max_message} bytes \
+                 (twice --max-value-bytes plus 64 KiB, at least 4 MiB); send smaller values ({message})"
+            ),
+        )),
+        Some(b"12") if message.is_empty() => Some((
+            tonic::Code::Unimplemented,
+            format!(
+                "unknown method {path}: this node serves dkvs.v1.KeyValue, dkvs.v1.Cluster, \
+                 dkvs.v1.Replica (nodes only), grpc.health.v1.Health and server reflection; \
+                 `grpcurl -plaintext HOST:PORT list` shows them"
+            ),
+        )),
+        _ => None,
+    };
+    if let Some((code, message)) = rewritten {
+        let status = tonic::Status::new(code, message);
+        // Status::add_header writes grpc-status and a percent-encoded grpc-message.
+        if status.add_header(headers).is_err() {
+            headers.insert("grpc-status", http::HeaderValue::from(code as i32));
+        }
+    }
+}
+
+/// Decodes a percent-encoded `grpc-message`.
+fn percent_decode(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(code: &str, message: &str, path: &str) -> tonic::Status {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_str(code).expect("code"),
+        );
+        if !message.is_empty() {
+            let encoded: String = message
+                .bytes()
+                .map(|b| {
+                    if b == b' ' {
+                        "%20".to_string()
+                    } else {
+                        (b as char).to_string()
+                    }
+                })
+                .collect();
+            headers.insert(
+                "grpc-message",
+                http::HeaderValue::from_str(&encoded).expect("message"),
+            );
+        }
+        rewrite_edge_status(&mut headers, path, 4 << 20);
+        tonic::Status::from_header_map(&headers).expect("a status")
+    }
+
+    #[test]
+    fn edge_statuses_get_the_right_code_and_a_message() {
+        let big = status_of(
+            "11",
+            "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
+            "/dkvs.v1.KeyValue/Put",
+        );
+        assert_eq!(big.code(), tonic::Code::ResourceExhausted);
+        assert!(big.message().contains("4194304"), "{}", big.message());
+        assert!(
+            big.message().contains("--max-value-bytes"),
+            "{}",
+            big.message()
+        );
+        let unknown = status_of("12", "", "/dkvs.v1.KeyValue/Nope");
+        assert_eq!(unknown.code(), tonic::Code::Unimplemented);
+        assert!(unknown.message().contains("/dkvs.v1.KeyValue/Nope"));
+        let undecodable = status_of("13", "failed to decode Protobuf message: key", "/x");
+        assert_eq!(undecodable.code(), tonic::Code::InvalidArgument);
+        assert!(undecodable.message().contains("key"));
+        // Everything else is left alone.
+        let other = status_of("14", "replica down", "/x");
+        assert_eq!(
+            (other.code(), other.message()),
+            (tonic::Code::Unavailable, "replica down")
+        );
+    }
+}
