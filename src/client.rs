@@ -218,13 +218,19 @@ impl Client {
         }
         // Replicas believed down (by the node asked for status, or because
         // they just failed here) are not asked, so neither the read nor the
-        // repairs after it wait for them.
-        let replicas = self
-            .replicas_of(key)
+        // repairs after it wait for them; but only as many as the read can
+        // spare. The belief may be stale (a node restarted within the
+        // penalty): asking it costs at most a timeout, skipping it a failed
+        // read when another replica has gone down meanwhile.
+        let addresses = self.replicas_of(key);
+        let needed = self.options.consistency.required(addresses.len());
+        let mut spare = addresses.len().saturating_sub(needed);
+        let replicas = addresses
             .iter()
             .map(|address| {
                 let mut handle = self.peers.replica_handle(address, None)?;
-                if self.is_recently_down(address) {
+                if spare > 0 && self.is_recently_down(address) {
+                    spare -= 1;
                     handle.believed_down = Some(format!(
                         "failed or reported down within the last {} s",
                         DOWN_PENALTY.as_secs()
