@@ -186,7 +186,7 @@ impl Client {
                 async move { client.put(request).await.map(|r| r.into_inner()) }
             })
             .await?;
-        write_ack(reply.version, reply.acks)
+        pb::write_ack(reply.version, reply.acks)
     }
 
     /// Deletes `key` (writes a tombstone).
@@ -201,7 +201,7 @@ impl Client {
                 async move { client.delete(request).await.map(|r| r.into_inner()) }
             })
             .await?;
-        write_ack(reply.version, reply.acks)
+        pb::write_ack(reply.version, reply.acks)
     }
 
     /// Reads `key`: its value, or `None` when it does not exist or was deleted.
@@ -268,7 +268,7 @@ impl Client {
         for address in self.candidates(&self.replicas_of(key)) {
             let mut client = self.peers.key_value_client(&address)?;
             match tokio::time::timeout(timeout, client.get(request.clone())).await {
-                Ok(Ok(reply)) => return record_from_get(reply.into_inner()),
+                Ok(Ok(reply)) => return pb::record_from_get_response(reply.into_inner()),
                 Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
                     return Err(error_from_status(status));
                 }
@@ -532,28 +532,6 @@ fn no_node_answered(failures: &[(String, CallError)]) -> Error {
         Error::DeadlineExceeded(message)
     } else {
         Error::Unavailable(message)
-    }
-}
-
-fn write_ack(version: Option<pb::Version>, acks: u32) -> Result<WriteAck> {
-    let version = pb::reported_version(version, "a version")?;
-    Ok(WriteAck {
-        version,
-        acks: acks as usize,
-    })
-}
-
-/// The record a node's `KeyValue.Get` answered (a tombstone when the key
-/// was deleted, `None` when no replica knows it).
-fn record_from_get(reply: pb::GetResponse) -> Result<Option<Record>> {
-    let version = |v| pb::reported_version(Some(v), "a version");
-    match (reply.found, reply.version) {
-        (true, Some(v)) => Ok(Some(Record::value(version(v)?, reply.value))),
-        (false, Some(v)) => Ok(Some(Record::tombstone(version(v)?))),
-        (false, None) => Ok(None),
-        (true, None) => Err(Error::Internal(
-            "the coordinator answered a found key without its version".into(),
-        )),
     }
 }
 

@@ -26,9 +26,11 @@ pub mod etcd {
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dkvs_descriptor");
 
 use crate::clock;
+use crate::coordinator;
 use crate::error::Error;
 use crate::quorum;
 use crate::record;
+use crate::replica;
 
 impl From<clock::Version> for Version {
     fn from(v: clock::Version) -> Self {
@@ -164,5 +166,155 @@ mod tests {
             version_from(Some(near.into()), bound, "held").ok(),
             Some(near)
         );
+    }
+}
+
+/// The Get answer for the newest record found.
+pub fn get_response(record: Option<record::Record>) -> GetResponse {
+    match record {
+        Some(record::Record {
+            version,
+            value: Some(value),
+            ..
+        }) => GetResponse {
+            found: true,
+            value,
+            version: Some(version.into()),
+        },
+        Some(record::Record {
+            version,
+            value: None,
+            ..
+        }) => GetResponse {
+            found: false,
+            value: Default::default(),
+            version: Some(version.into()),
+        },
+        None => GetResponse::default(),
+    }
+}
+
+/// A coordinator's answer to a write, as the smart client reports it.
+pub fn write_ack(version: Option<Version>, acks: u32) -> Result<coordinator::WriteAck, Error> {
+    let version = reported_version(version, "a version")?;
+    Ok(coordinator::WriteAck {
+        version,
+        acks: acks as usize,
+    })
+}
+
+/// The record a node's `KeyValue.Get` answered (a tombstone when the key
+/// was deleted, `None` when no replica knows it).
+pub fn record_from_get_response(reply: GetResponse) -> Result<Option<record::Record>, Error> {
+    let version = |v| reported_version(Some(v), "a version");
+    match (reply.found, reply.version) {
+        (true, Some(v)) => Ok(Some(record::Record::value(version(v)?, reply.value))),
+        (false, Some(v)) => Ok(Some(record::Record::tombstone(version(v)?))),
+        (false, None) => Ok(None),
+        (true, None) => Err(Error::Internal(
+            "the coordinator answered a found key without its version".into(),
+        )),
+    }
+}
+
+impl From<replica::RangeEntry> for RangeEntry {
+    fn from(e: replica::RangeEntry) -> Self {
+        Self {
+            key: e.key,
+            version: Some(e.version.into()),
+            tombstone: e.tombstone,
+            deleted_at_ms: e.deleted_at_ms,
+        }
+    }
+}
+
+/// One entry of a peer's anti-entropy listing, its version within `bound`.
+pub fn range_entry_from(
+    e: RangeEntry,
+    bound: clock::SkewBound,
+) -> Result<replica::RangeEntry, Error> {
+    Ok(replica::RangeEntry {
+        version: version_from(e.version, bound, "entry version")?,
+        key: e.key,
+        tombstone: e.tombstone,
+        deleted_at_ms: e.deleted_at_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Versions no node can have issued: far beyond any skew bound.
+    fn far_future() -> [Version; 3] {
+        let an_hour_ahead = clock::hlc_of_ms(clock::wall_clock_ms() + 3_600_000);
+        [1u64 << 62, u64::MAX, an_hour_ahead].map(|lamport| Version {
+            lamport,
+            node_id: 7,
+        })
+    }
+
+    /// Every way a version enters from the network goes through these
+    /// conversions: replica writes, batches and stored hints (`record_from`,
+    /// on the node; tests/versions.rs sends each of those RPCs), read
+    /// results and write answers (`record_from`, `version_from`, in the
+    /// replica pipe), anti-entropy listings (`range_entry_from`). Each
+    /// refuses a far-future version with INVALID_ARGUMENT naming the field.
+    #[test]
+    fn every_conversion_refuses_a_far_future_version() {
+        let bound = clock::SkewBound::default();
+        let now = clock::Version::new(clock::hlc_of_ms(clock::wall_clock_ms()), 7);
+        for version in far_future() {
+            let refused = version_from(Some(version), bound, "held version").unwrap_err();
+            assert!(matches!(refused, Error::ClockSkew(_) | Error::InvalidArgument(_)), "{refused:?}");
+            assert!(refused.to_string().contains("held version"), "{refused}");
+            let record = Record {
+                version: Some(version),
+                value: bytes::Bytes::from_static(b"v"),
+                ..Default::default()
+            };
+            assert!(record_from(record, bound).is_err());
+            let entry = RangeEntry {
+                key: "k".into(),
+                version: Some(version),
+                ..Default::default()
+            };
+            assert!(range_entry_from(entry, bound).is_err());
+        }
+        // A version of now passes each of them.
+        assert_eq!(version_from(Some(now.into()), bound, "v").unwrap(), now);
+        let entry = RangeEntry {
+            key: "k".into(),
+            version: Some(now.into()),
+            ..Default::default()
+        };
+        assert_eq!(range_entry_from(entry, bound).unwrap().version, now);
+        // A missing version is an error too, not version 0.
+        assert!(version_from(None, bound, "v").is_err());
+    }
+
+    #[test]
+    fn a_tombstone_with_a_value_is_refused() {
+        let now = clock::Version::new(clock::hlc_of_ms(clock::wall_clock_ms()), 7);
+        let record = Record {
+            version: Some(now.into()),
+            tombstone: true,
+            value: bytes::Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        assert!(record_from(record, clock::SkewBound::default()).is_err());
+    }
+
+    #[test]
+    fn get_answers_round_trip_through_the_client_conversion() {
+        let v = clock::Version::new(5 << 16, 9);
+        let value = record::Record::value(v, bytes::Bytes::from_static(b"x"));
+        let back = record_from_get_response(get_response(Some(value.clone()))).unwrap();
+        assert_eq!(back.map(|r| (r.version, r.value)), Some((v, value.value)));
+        let gone = record_from_get_response(get_response(Some(record::Record::tombstone(v))))
+            .unwrap()
+            .expect("tombstone");
+        assert!(gone.is_tombstone());
+        assert_eq!(record_from_get_response(get_response(None)).unwrap(), None);
     }
 }

@@ -91,21 +91,12 @@ impl AntiEntropy {
             .await?
             .entries;
         let listed_count = listed.len();
+        // An entry beyond the skew bound is neither pulled nor answered with
+        // a push: the peer must not spread it.
+        let bound = self.cluster.peers.skew_bound();
         let their_entries: Vec<RangeEntry> = listed
             .into_iter()
-            .filter_map(|e| {
-                // An entry beyond the skew bound is neither pulled nor
-                // answered with a push: the peer must not spread it.
-                let version =
-                    pb::version_from(e.version, self.cluster.peers.skew_bound(), "entry version")
-                        .ok()?;
-                Some(RangeEntry {
-                    key: e.key,
-                    version,
-                    tombstone: e.tombstone,
-                    deleted_at_ms: e.deleted_at_ms,
-                })
-            })
+            .filter_map(|e| pb::range_entry_from(e, bound).ok())
             .collect();
         let my_entries = self
             .replica

@@ -7,7 +7,6 @@ use tonic::{Request, Response, Status};
 use super::Node;
 use crate::error::{Error, Result};
 use crate::pb;
-use crate::record::Record;
 
 /// `dkvs.v1.KeyValue`: client requests, coordinated by this node.
 pub(super) struct KeyValueService(pub(super) Arc<Node>);
@@ -45,7 +44,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         node.limits.check_key(&request.key)?;
         let consistency = pb::read_consistency_from(request.consistency)?;
         let record = node.coordinator.get(&request.key, consistency).await?;
-        Ok(Response::new(get_response(record)))
+        Ok(Response::new(pb::get_response(record)))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
@@ -98,27 +97,3 @@ fn refuse_if_abandoned<T>(request: &Request<T>, operation: &str) -> Result<()> {
     Ok(())
 }
 
-/// The Get answer for the newest record found.
-pub fn get_response(record: Option<Record>) -> pb::GetResponse {
-    match record {
-        Some(Record {
-            version,
-            value: Some(value),
-            ..
-        }) => pb::GetResponse {
-            found: true,
-            value,
-            version: Some(version.into()),
-        },
-        Some(Record {
-            version,
-            value: None,
-            ..
-        }) => pb::GetResponse {
-            found: false,
-            value: Default::default(),
-            version: Some(version.into()),
-        },
-        None => pb::GetResponse::default(),
-    }
-}

@@ -19,7 +19,6 @@ mod kv;
 mod replica;
 mod serve;
 
-pub use kv::get_response;
 pub use serve::{incoming, serve};
 
 use std::sync::Arc;

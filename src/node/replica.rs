@@ -201,12 +201,7 @@ impl pb::replica_server::Replica for ReplicaService {
             .replica
             .range_entries(request.range as usize)?
             .into_iter()
-            .map(|e| pb::RangeEntry {
-                key: e.key,
-                version: Some(e.version.into()),
-                tombstone: e.tombstone,
-                deleted_at_ms: e.deleted_at_ms,
-            })
+            .map(pb::RangeEntry::from)
             .collect();
         Ok(Response::new(pb::RangeEntriesResponse { entries }))
     }
