@@ -17,7 +17,6 @@
 //!   error type, and the protobuf edge.
 
 pub mod antientropy;
-pub mod bench;
 pub mod checker;
 pub mod client;
 pub mod clock;

@@ -18,11 +18,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use dkvs::Error;
-use dkvs::bench::{Distribution, Limit, OpGenerator, Target, Workload, Zipfian, key_name};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::net::Dialer;
 use dkvs::pb;
 use dkvs::quorum::Consistency;
+
+mod bench;
+
+use bench::workload::{Distribution, Limit, OpGenerator, Target, Workload, Zipfian, key_name};
 
 /// The addresses startServers.sh uses.
 const DEFAULT_NODES: &str =
@@ -514,7 +517,10 @@ fn progress_bar(interactive: bool, length: Option<u64>, what: &str) -> indicatif
 }
 
 /// Preloads every key once, then runs the measured closed loop.
-async fn run_bench<T: Target>(target: T, args: &BenchArgs) -> Result<dkvs::bench::Report, Error> {
+async fn run_bench<T: Target>(
+    target: T,
+    args: &BenchArgs,
+) -> Result<bench::workload::Report, Error> {
     let interactive = !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let value = bytes::Bytes::from(vec![b'x'; args.value_size]);
     let zipfian = (args.distribution == Distribution::Zipfian)
@@ -581,7 +587,7 @@ async fn run_bench<T: Target>(target: T, args: &BenchArgs) -> Result<dkvs::bench
         .collect();
     let bar = progress_bar(interactive, args.ops, "bench");
     let shown = bar.clone();
-    let report = dkvs::bench::run(target, generators, value, limit, move |n| {
+    let report = bench::workload::run(target, generators, value, limit, move |n| {
         shown.set_position(n)
     })
     .await;

@@ -1,0 +1,3 @@
+//! `DKVSClient bench`: the workload and its closed-loop runner.
+
+pub mod workload;
