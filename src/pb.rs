@@ -16,12 +16,6 @@
 
 tonic::include_proto!("dkvs.v1");
 
-/// A subset of etcd's KV API, for `DKVSClient bench --etcd` (not served).
-pub mod etcd {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("etcdserverpb");
-}
-
 /// Encoded descriptors of `dkvs.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dkvs_descriptor");
 

@@ -10,6 +10,13 @@ use dkvs::quorum::Consistency;
 
 use super::workload::Target;
 
+/// The subset of etcd's KV API in `proto/etcd/kv.proto`, a client only.
+/// build.rs compiles it with `dkvs.v1`; only this binary includes it.
+mod etcd {
+    #![allow(clippy::all, dead_code, missing_docs)]
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// Nodes in turn, each coordinating the requests it gets.
 pub struct ViaNodeTarget {
     nodes: Vec<pb::key_value_client::KeyValueClient<tonic::transport::Channel>>,
@@ -85,7 +92,7 @@ impl Target for OwnedSmartTarget {
 
 /// etcd's KV API as a benchmark target (each endpoint in turn; linearizable reads).
 pub struct EtcdTarget {
-    nodes: Vec<pb::etcd::kv_client::KvClient<tonic::transport::Channel>>,
+    nodes: Vec<etcd::kv_client::KvClient<tonic::transport::Channel>>,
     next: std::sync::atomic::AtomicUsize,
 }
 
@@ -94,7 +101,7 @@ impl EtcdTarget {
         Ok(Self {
             nodes: channels(addresses)?
                 .into_iter()
-                .map(pb::etcd::kv_client::KvClient::new)
+                .map(etcd::kv_client::KvClient::new)
                 .collect(),
             next: Default::default(),
         })
@@ -104,7 +111,7 @@ impl EtcdTarget {
 impl Target for EtcdTarget {
     async fn read(&self, key: String) -> Result<(), String> {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let request = pb::etcd::RangeRequest {
+        let request = etcd::RangeRequest {
             key: key.into_bytes().into(),
             ..Default::default()
         };
@@ -118,7 +125,7 @@ impl Target for EtcdTarget {
 
     async fn update(&self, key: String, value: bytes::Bytes) -> Result<(), String> {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let request = pb::etcd::PutRequest {
+        let request = etcd::PutRequest {
             key: key.into_bytes().into(),
             value,
             ..Default::default()
