@@ -2,7 +2,7 @@
 //!
 //! This file holds the command line (clap), runs one command or the prompt,
 //! and maps errors to exit codes. The prompt is in [`prompt`], the `status`
-//! table in [`status`], `bench` and its targets in [`bench`].
+//! table in [`status`], `bench` and its targets in [`bench`](mod@bench).
 //!
 //! Exit codes: 0 success; 1 GET of a missing key; 2 usage error or input the
 //! cluster refused (INVALID_ARGUMENT); 3 cluster unavailable (quorum not
