@@ -6,6 +6,8 @@
 //!
 //! `dkvs.v1` is served (and described to reflection); the etcd subset is only
 //! a client, for `DKVSClient bench --etcd`, and stays out of the descriptors.
+//! The library includes `dkvs.v1` (src/pb.rs); only the DKVSClient binary
+//! includes the etcd subset (src/bin/client/bench/targets.rs).
 
 use std::{env, path::PathBuf};
 

@@ -18,7 +18,6 @@
 
 pub mod antientropy;
 pub mod background;
-pub mod bench;
 pub mod checker;
 pub mod client;
 pub mod clock;

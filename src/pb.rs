@@ -16,12 +16,6 @@
 
 tonic::include_proto!("dkvs.v1");
 
-/// A subset of etcd's KV API, for `DKVSClient bench --etcd` (not served).
-pub mod etcd {
-    #![allow(clippy::all, missing_docs)]
-    tonic::include_proto!("etcdserverpb");
-}
-
 /// Encoded descriptors of `dkvs.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dkvs_descriptor");
 
@@ -266,7 +260,10 @@ mod tests {
         let now = clock::Version::new(clock::hlc_of_ms(clock::wall_clock_ms()), 7);
         for version in far_future() {
             let refused = version_from(Some(version), bound, "held version").unwrap_err();
-            assert!(matches!(refused, Error::ClockSkew(_) | Error::InvalidArgument(_)), "{refused:?}");
+            assert!(
+                matches!(refused, Error::ClockSkew(_) | Error::InvalidArgument(_)),
+                "{refused:?}"
+            );
             assert!(refused.to_string().contains("held version"), "{refused}");
             let record = Record {
                 version: Some(version),

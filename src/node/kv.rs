@@ -96,4 +96,3 @@ fn refuse_if_abandoned<T>(request: &Request<T>, operation: &str) -> Result<()> {
     }
     Ok(())
 }
-

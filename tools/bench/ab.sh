@@ -4,14 +4,14 @@
 # p50/p99 and the servers' CPU time per request (from /proc, so it is less
 # sensitive to a noisy machine than throughput).
 #
-#   bench/ab.sh "--worker-threads 1" "--worker-threads 1 --storage-engine fjall"
-#   WORKLOAD=c ROUNDS=3 DURATION=6 bench/ab.sh "" "--worker-threads 1"
+#   tools/bench/ab.sh "--worker-threads 1" "--worker-threads 1 --storage-engine fjall"
+#   WORKLOAD=c ROUNDS=3 DURATION=6 tools/bench/ab.sh "" "--worker-threads 1"
 #
 # Each argument is one configuration (extra DKVSServer flags). Requests go
 # through the nodes (--via-node), 64 in flight, 100-byte values, 10k keys
 # (preloaded before the measured run).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-2}
 WORKLOAD=${WORKLOAD:-w}
 DURATION=${DURATION:-6}

@@ -3,9 +3,9 @@
 # 1M keys, and throughput with 3 vs 5 nodes. Uses ./startServers.sh (ports
 # 7001..), so stop any running local cluster first; data goes to ./data.
 #
-#   bench/scale.sh              # KEYS=1000000 VALUE_SIZE=100 DURATION=10
+#   tools/bench/scale.sh        # KEYS=1000000 VALUE_SIZE=100 DURATION=10
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 KEYS=${KEYS:-1000000}
 VALUE_SIZE=${VALUE_SIZE:-100}
 DURATION=${DURATION:-10}

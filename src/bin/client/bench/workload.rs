@@ -1,4 +1,4 @@
-//! `DKVSClient bench`: a closed-loop, YCSB-style load generator.
+//! The load of `DKVSClient bench`: a closed-loop, YCSB-style generator.
 //!
 //! `concurrency` workers each run one request at a time, back to back, for
 //! `--duration` or until `--ops` requests are done. Every request's latency
@@ -6,9 +6,9 @@
 //! three significant digits however long the run. Workloads follow YCSB:
 //! A = 50% reads / 50% updates, B = 95/5, C = reads only, W = updates only.
 //! Keys are drawn uniformly or from YCSB's scrambled zipfian distribution
-//! (a few hot keys). Requests go through the smart client (PUT to a replica
-//! that coordinates, GET coordinated by the client), or with `--via-node` to
-//! each node in turn, which coordinates both.
+//! (a few hot keys). Requests go to a [`Target`] (see `targets.rs`): the
+//! smart client (PUT to a replica that coordinates, GET coordinated by the
+//! client), or with `--via-node` each node in turn, which coordinates both.
 //!
 //! The key generator and the workload mix are pure and unit-tested; the
 //! runner is a thin async shell.

@@ -6,10 +6,10 @@
 # machine's one-hop ceiling. Prints a table of throughput and p99 with the
 # DKVS/etcd ratio. Installs Debian's etcd-server when etcd is missing.
 #
-#   bench/compare.sh                 # 10 s per round, 64 in flight, 100-byte values
-#   DURATION=20 ROUNDS=3 bench/compare.sh
-#   CONCURRENCY=256 bench/compare.sh
-#   DKVS_SERVER_FLAGS="--storage-engine fjall" bench/compare.sh   # extra DKVSServer flags
+#   tools/bench/compare.sh           # 10 s per round, 64 in flight, 100-byte values
+#   DURATION=20 ROUNDS=3 tools/bench/compare.sh
+#   CONCURRENCY=256 tools/bench/compare.sh
+#   DKVS_SERVER_FLAGS="--storage-engine fjall" tools/bench/compare.sh   # extra DKVSServer flags
 #
 # The 3 DKVS nodes share the machine's cores, so each gets --worker-threads
 # cores/3 (at least 1), as ./startServers.sh does, unless DKVS_SERVER_FLAGS
@@ -20,7 +20,7 @@
 # as etcd requests go to each member in turn. Everything runs on 127.0.0.1
 # with data in a temp dir, and is stopped at the end.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-2}

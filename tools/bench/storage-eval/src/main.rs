@@ -2,7 +2,7 @@
 //!
 //! Standalone crate (see the empty `[workspace]` in Cargo.toml). Run with
 //!
-//!     cargo run --release --manifest-path bench/storage-eval/Cargo.toml -- [options]
+//!     cargo run --release --manifest-path tools/bench/storage-eval/Cargo.toml -- [options]
 //!
 //! Options (all optional):
 //!   --ops N            ops for non-fsync-per-write cases (default 200000)
