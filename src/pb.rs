@@ -116,53 +116,6 @@ impl From<quorum::Consistency> for Consistency {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unknown_consistency_is_invalid_argument() {
-        assert_eq!(consistency_from(0).ok(), Some(quorum::Consistency::Quorum));
-        assert_eq!(consistency_from(1).ok(), Some(quorum::Consistency::One));
-        assert_eq!(consistency_from(3).ok(), Some(quorum::Consistency::All));
-        assert!(matches!(
-            consistency_from(9),
-            Err(Error::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            consistency_from(-1),
-            Err(Error::InvalidArgument(_))
-        ));
-    }
-
-    #[test]
-    fn records_need_a_version_within_the_skew_bound() {
-        let bound = clock::SkewBound::default();
-        let missing = Record {
-            version: None,
-            tombstone: false,
-            value: Default::default(),
-            deleted_at_ms: 0,
-        };
-        assert!(matches!(
-            record_from(missing, bound),
-            Err(Error::InvalidArgument(_))
-        ));
-        let domain = record::Record::value(clock::Version::new(3, 4), &b"v"[..]);
-        assert_eq!(record_from(Record::from(&domain), bound).ok(), Some(domain));
-        for lamport in [1u64 << 62, u64::MAX] {
-            let hostile = record::Record::value(clock::Version::new(lamport, 4), &b"v"[..]);
-            let error = record_from(Record::from(&hostile), bound).expect_err("beyond the bound");
-            assert!(error.to_string().contains("--max-clock-skew-ms"), "{error}");
-        }
-        let near = clock::Version::new(clock::hlc_of_ms(clock::wall_clock_ms() + 1000), 4);
-        assert_eq!(
-            version_from(Some(near.into()), bound, "held").ok(),
-            Some(near)
-        );
-    }
-}
-
 /// The Get answer for the newest record found.
 pub fn get_response(record: Option<record::Record>) -> GetResponse {
     match record {
@@ -313,5 +266,47 @@ mod tests {
             .expect("tombstone");
         assert!(gone.is_tombstone());
         assert_eq!(record_from_get_response(get_response(None)).unwrap(), None);
+    }
+
+    #[test]
+    fn unknown_consistency_is_invalid_argument() {
+        assert_eq!(consistency_from(0).ok(), Some(quorum::Consistency::Quorum));
+        assert_eq!(consistency_from(1).ok(), Some(quorum::Consistency::One));
+        assert_eq!(consistency_from(3).ok(), Some(quorum::Consistency::All));
+        assert!(matches!(
+            consistency_from(9),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            consistency_from(-1),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn records_need_a_version_within_the_skew_bound() {
+        let bound = clock::SkewBound::default();
+        let missing = Record {
+            version: None,
+            tombstone: false,
+            value: Default::default(),
+            deleted_at_ms: 0,
+        };
+        assert!(matches!(
+            record_from(missing, bound),
+            Err(Error::InvalidArgument(_))
+        ));
+        let domain = record::Record::value(clock::Version::new(3, 4), &b"v"[..]);
+        assert_eq!(record_from(Record::from(&domain), bound).ok(), Some(domain));
+        for lamport in [1u64 << 62, u64::MAX] {
+            let hostile = record::Record::value(clock::Version::new(lamport, 4), &b"v"[..]);
+            let error = record_from(Record::from(&hostile), bound).expect_err("beyond the bound");
+            assert!(error.to_string().contains("--max-clock-skew-ms"), "{error}");
+        }
+        let near = clock::Version::new(clock::hlc_of_ms(clock::wall_clock_ms() + 1000), 4);
+        assert_eq!(
+            version_from(Some(near.into()), bound, "held").ok(),
+            Some(near)
+        );
     }
 }
