@@ -29,13 +29,14 @@
 use crate::clock::Version;
 use crate::record::{Record, newest};
 
-/// How many of a key's replicas must answer a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How many of a key's replicas must answer a request (also
+/// `DKVSClient --consistency`, hence clap's `ValueEnum`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Consistency {
     One,
     Quorum,
     All,
-    /// Writes only: one replica, or one stored hint, is enough.
+    /// Writes only: one replica or one stored hint is enough.
     Any,
 }
 

@@ -20,7 +20,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use dkvs::Error;
 use dkvs::client::{Client, ClientOptions};
 use dkvs::quorum::Consistency;
@@ -45,8 +45,8 @@ struct Cli {
     nodes: Vec<String>,
 
     /// How many replicas must answer each request.
-    #[arg(long, value_enum, default_value_t = ConsistencyArg::Quorum)]
-    consistency: ConsistencyArg,
+    #[arg(long, value_enum, default_value_t = Consistency::Quorum)]
+    consistency: Consistency,
 
     /// Deadline of each call to a node, in milliseconds.
     #[arg(long, default_value_t = 3000)]
@@ -54,26 +54,6 @@ struct Cli {
 
     #[command(subcommand)]
     command: Option<Command>,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum ConsistencyArg {
-    One,
-    Quorum,
-    All,
-    /// Writes only: one replica or one stored hint is enough.
-    Any,
-}
-
-impl From<ConsistencyArg> for Consistency {
-    fn from(c: ConsistencyArg) -> Self {
-        match c {
-            ConsistencyArg::One => Consistency::One,
-            ConsistencyArg::Quorum => Consistency::Quorum,
-            ConsistencyArg::All => Consistency::All,
-            ConsistencyArg::Any => Consistency::Any,
-        }
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -137,7 +117,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> ExitCode {
     let options = ClientOptions {
-        consistency: cli.consistency.into(),
+        consistency: cli.consistency,
         rpc_timeout: Duration::from_millis(cli.timeout_ms.max(1)),
         ..ClientOptions::default()
     };
