@@ -546,9 +546,12 @@ pub enum CallError {
     Failed(String),
 }
 
-impl From<CallError> for String {
-    fn from(error: CallError) -> String {
-        error.to_string()
+impl From<CallError> for Error {
+    fn from(error: CallError) -> Error {
+        match error {
+            CallError::TimedOut(_) => Error::DeadlineExceeded(error.to_string()),
+            CallError::Failed(why) => Error::Unavailable(why),
+        }
     }
 }
 

@@ -6,22 +6,22 @@ use std::sync::atomic::Ordering;
 
 use super::{AntiEntropy, MAX_GC_PER_ROUND};
 use crate::clock::wall_clock_ms;
+use crate::error::Result;
 use crate::placement::Placement;
 
 impl AntiEntropy {
     /// Purges tombstones past their grace that every replica of their key
     /// holds (or has already purged).
-    pub async fn collect_tombstones(&self, view: &Placement) -> Result<(), String> {
+    pub async fn collect_tombstones(&self, view: &Placement) -> Result<()> {
         let deadline = wall_clock_ms().saturating_sub(self.grace.as_millis() as u64);
         let cursor = self
             .gc_cursor
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let (candidates, next_cursor) = self
-            .replica
-            .old_tombstones(deadline, &cursor, MAX_GC_PER_ROUND)
-            .map_err(|e| e.to_string())?;
+        let (candidates, next_cursor) =
+            self.replica
+                .old_tombstones(deadline, &cursor, MAX_GC_PER_ROUND)?;
         *self.gc_cursor.lock().unwrap_or_else(|p| p.into_inner()) = next_cursor;
         for (key, version) in candidates {
             let others: Vec<String> = view
@@ -43,11 +43,7 @@ impl AntiEntropy {
             }
             let mut checks = Vec::new();
             for address in &others {
-                let handle = self
-                    .cluster
-                    .peers
-                    .replica_handle(address, None)
-                    .map_err(|e| e.to_string())?;
+                let handle = self.cluster.peers.replica_handle(address, None)?;
                 let key = &key;
                 checks.push(async move { handle.read(key, self.cluster.rpc_timeout).await });
             }
@@ -60,12 +56,7 @@ impl AntiEntropy {
                         Ok(Some(held)) => held.version >= version,
                         Err(_) => false,
                     });
-            if everyone_agrees
-                && self
-                    .replica
-                    .purge_tombstone(&key, version)
-                    .map_err(|e| e.to_string())?
-            {
+            if everyone_agrees && self.replica.purge_tombstone(&key, version)? {
                 self.stats.tombstones_purged.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use super::{AntiEntropy, COPY_CONCURRENCY, MAX_RANGES_PER_ROUND, differing, plan, root};
 use crate::clock::wall_clock_ms;
+use crate::error::{Error, Result};
 use crate::net::call_within;
 use crate::pb;
 use crate::placement::Placement;
@@ -18,14 +19,10 @@ impl AntiEntropy {
     /// Answers how many keys were copied; an error when any part of the
     /// exchange failed (after doing the rest), so only a complete exchange
     /// counts as one.
-    pub async fn sync_with(&self, view: &Placement, peer: &str) -> Result<u64, String> {
+    pub async fn sync_with(&self, view: &Placement, peer: &str) -> Result<u64> {
         self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         let mine = self.leaves_with(view, peer);
-        let mut client = self
-            .cluster
-            .peers
-            .replica_client(peer)
-            .map_err(|e| e.to_string())?;
+        let mut client = self.cluster.peers.replica_client(peer)?;
         let range_count = view.range_count() as u32;
         let request = |leaves| pb::RangeDigestsRequest {
             peer: view.me().to_string(),
@@ -68,9 +65,9 @@ impl AntiEntropy {
             .keys_repaired
             .fetch_add(repaired, Ordering::Relaxed);
         if incomplete > 0 {
-            return Err(format!(
+            return Err(Error::Unavailable(format!(
                 "{incomplete} differing ranges not fully synced ({repaired} keys copied)"
-            ));
+            )));
         }
         Ok(repaired)
     }
@@ -82,7 +79,7 @@ impl AntiEntropy {
         peer: &str,
         range: usize,
         range_count: u32,
-    ) -> Result<u64, String> {
+    ) -> Result<u64> {
         let entries = pb::RangeEntriesRequest {
             range: range as u32,
             range_count,
@@ -98,10 +95,7 @@ impl AntiEntropy {
             .into_iter()
             .filter_map(|e| pb::range_entry_from(e, bound).ok())
             .collect();
-        let my_entries = self
-            .replica
-            .range_entries(range)
-            .map_err(|e| e.to_string())?;
+        let my_entries = self.replica.range_entries(range)?;
         let plan = plan(
             &my_entries,
             &their_entries,
@@ -111,19 +105,15 @@ impl AntiEntropy {
         let refused = listed_count - their_entries.len();
         if refused > 0 {
             // Not a complete exchange: a replacement must not count it.
-            return Err(format!(
+            return Err(Error::Unavailable(format!(
                 "{refused} of the peer's entries were beyond --max-clock-skew-ms and not copied"
-            ));
+            )));
         }
         Ok(copied)
     }
 
-    async fn copy(&self, peer: &str, plan: SyncPlan) -> Result<u64, String> {
-        let remote = self
-            .cluster
-            .peers
-            .replica_handle(peer, None)
-            .map_err(|e| e.to_string())?;
+    async fn copy(&self, peer: &str, plan: SyncPlan) -> Result<u64> {
+        let remote = self.cluster.peers.replica_handle(peer, None)?;
         let mut copied = 0;
         let mut failed: Vec<String> = Vec::new();
         for chunk in plan.pull.chunks(COPY_CONCURRENCY) {
@@ -133,12 +123,7 @@ impl AntiEntropy {
             for (key, result) in chunk.iter().zip(futures::future::join_all(reads).await) {
                 match result {
                     Ok(Some(record)) => {
-                        if self
-                            .replica
-                            .write_if_newer(key, &record)
-                            .map_err(|e| e.to_string())?
-                            .applied
-                        {
+                        if self.replica.write_if_newer(key, &record)?.applied {
                             copied += 1;
                         }
                     }
@@ -150,7 +135,7 @@ impl AntiEntropy {
         for chunk in plan.push.chunks(COPY_CONCURRENCY) {
             let mut writes = Vec::new();
             for key in chunk {
-                if let Some(record) = self.replica.read(key).map_err(|e| e.to_string())? {
+                if let Some(record) = self.replica.read(key)? {
                     let remote = &remote;
                     writes.push(async move {
                         remote.write(key, &record, self.cluster.rpc_timeout).await
@@ -166,10 +151,10 @@ impl AntiEntropy {
             }
         }
         if let Some(first) = failed.first() {
-            return Err(format!(
+            return Err(Error::Unavailable(format!(
                 "{} of the keys to copy failed ({copied} copied), e.g. {first}",
                 failed.len()
-            ));
+            )));
         }
         Ok(copied)
     }

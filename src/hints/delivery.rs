@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::HintStore;
 use crate::clock::{NodeId, wall_clock_ms};
 use crate::cluster::Cluster;
+use crate::error::{Error, Result};
 use crate::net::ReplicaError;
 
 /// Delivers held hints (run by the node every `--hint-delivery-interval-ms`).
@@ -34,11 +35,11 @@ impl HintDelivery {
     /// `--max-value-bytes`) is dropped with a log line, so it does not block
     /// the hints behind it; anti-entropy repairs what it carried. A target
     /// that fails or times out pauses delivery until the next round.
-    async fn deliver(&self, target: NodeId) -> Result<(), String> {
+    async fn deliver(&self, target: NodeId) -> Result<()> {
         let view = self.cluster.placement();
         let Some(member) = view.ring().member(target) else {
             // Not a member any more: nobody to deliver to.
-            let dropped = self.store.drop_target(target).map_err(|e| e.to_string())?;
+            let dropped = self.store.drop_target(target)?;
             tracing::info!(
                 target,
                 dropped,
@@ -49,17 +50,10 @@ impl HintDelivery {
         if !self.cluster.liveness.is_up(&member.address) {
             return Ok(());
         }
-        let replica = self
-            .cluster
-            .peers
-            .replica_handle(&member.address, None)
-            .map_err(|e| e.to_string())?;
+        let replica = self.cluster.peers.replica_handle(&member.address, None)?;
         let timeout = self.cluster.rpc_timeout;
         loop {
-            let batch = self
-                .store
-                .for_target(target, 256, wall_clock_ms())
-                .map_err(|e| e.to_string())?;
+            let batch = self.store.for_target(target, 256, wall_clock_ms())?;
             if batch.is_empty() {
                 return Ok(());
             }
@@ -78,10 +72,9 @@ impl HintDelivery {
                         self.store.remove(&stored, false)
                     }
                     Err(ReplicaError::Failed(why)) => {
-                        return Err(format!("{}: {why}", member.address));
+                        return Err(Error::Unavailable(format!("{}: {why}", member.address)));
                     }
-                }
-                .map_err(|e| e.to_string())?;
+                }?;
             }
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{Hint, HintStore};
 use crate::clock::wall_clock_ms;
 use crate::cluster::Cluster;
+use crate::error::{Error, Result};
 use crate::net::call_within;
 use crate::pb;
 use crate::placement::Placement;
@@ -34,7 +35,7 @@ impl Hinter {
     }
 
     /// Stores a hint for `target` (a replica of `key` that missed `record`).
-    pub async fn send(&self, target: &str, key: &str, record: &Record) -> Result<(), String> {
+    pub async fn send(&self, target: &str, key: &str, record: &Record) -> Result<()> {
         let view = self.cluster.placement();
         let holder = self.holder(&view, key);
         if view.is_me(&holder) {
@@ -44,13 +45,9 @@ impl Hinter {
                 record: record.clone(),
                 created_ms: wall_clock_ms(),
             };
-            return self.local.store(&hint).map_err(|e| e.to_string());
+            return self.local.store(&hint);
         }
-        let mut client = self
-            .cluster
-            .peers
-            .replica_client(&holder)
-            .map_err(|e| e.to_string())?;
+        let mut client = self.cluster.peers.replica_client(&holder)?;
         let request = pb::StoreHintRequest {
             target: target.to_string(),
             key: key.to_string(),
@@ -59,7 +56,7 @@ impl Hinter {
         call_within(self.cluster.rpc_timeout, client.store_hint(request))
             .await
             .map(|_| ())
-            .map_err(|why| format!("{holder}: {why}"))
+            .map_err(|why| Error::Unavailable(format!("{holder}: {why}")))
     }
 
     /// [`Hinter::send`], logging a failure (anti-entropy repairs instead).

@@ -114,7 +114,7 @@ impl Heartbeats {
                     Ok(()) => detector.heartbeat(address, now),
                     Err(why) => {
                         tracing::debug!(peer = %address, %why, "heartbeat failed");
-                        detector.failed(address, why)
+                        detector.failed(address, why.to_string())
                     }
                 }
                 detector.health(address, now)
@@ -130,20 +130,13 @@ impl Heartbeats {
     /// One heartbeat to `address`: carries this node's HLC, merges the
     /// peer's, and measures the peer's clock skew from its wall clock (the
     /// midpoint of the call is taken as the moment it answered).
-    async fn ping(&self, address: &str, timeout: Duration) -> std::result::Result<(), String> {
-        let mut client = self
-            .cluster
-            .peers
-            .replica_client(address)
-            .map_err(|e| e.to_string())?;
+    async fn ping(&self, address: &str, timeout: Duration) -> Result<()> {
+        let mut client = self.cluster.peers.replica_client(address)?;
         let ping = pb::PingRequest {
             from: self.me.address.clone(),
             hlc: self.replica.stats().lamport,
             instance_id: self.me.instance_id,
-            known_instance_id: self
-                .identity
-                .known_instance(address)
-                .map_err(|e| e.to_string())?,
+            known_instance_id: self.identity.known_instance(address)?,
             serves_reads: self.identity.read_refusal().is_none(),
         };
         let sent_ms = wall_clock_ms();
@@ -176,8 +169,7 @@ impl Heartbeats {
         if answer.instance_id != 0 {
             self.identity
                 .learn_peer(address, answer.instance_id, answer.serves_reads)
-                .and_then(|_| self.identity.heard(address, answer.known_instance_id))
-                .map_err(|e| e.to_string())?;
+                .and_then(|_| self.identity.heard(address, answer.known_instance_id))?;
         }
         if !self
             .replica
