@@ -1,38 +1,56 @@
 //! DKVS: a Dynamo-style distributed key-value store.
 //!
-//! Reading order, from the pure core outwards:
+//! Reading order, from the pure core outwards (`docs/ARCHITECTURE.md`
+//! draws the map and follows a PUT and a GET through it):
+//!
+//! The pure core, synchronous and unit-tested:
 //!
 //! * [`ring`] — consistent hashing with virtual nodes; preference lists.
-//! * [`clock`] — versions and the Lamport clock that issues them.
+//! * [`clock`] — versions, the hybrid logical clock, the skew bound.
 //! * [`record`] — one version of a key (value or tombstone), its encoding and
 //!   the merge rule.
-//! * [`quorum`] — quorum arithmetic and the bookkeeping of one quorum call.
-//! * [`storage`] — the storage trait, fjall and in-memory engines.
-//! * [`replica`] — one node's store: write-if-newer, counts, the clock.
-//! * [`net`] — the network seam: dialing peers, calling replicas.
-//! * [`coordinator`] — quorum writes and reads, read repair.
-//! * [`node`] — the gRPC services and the server's life cycle.
+//! * [`quorum`] — quorum arithmetic and the tally of one quorum call.
+//! * `placement` — one swappable snapshot of ring, N and this node.
+//! * `liveness` — the phi accrual detector, and the heartbeats feeding it.
+//! * `antientropy::plan` — hash-tree roots and what to copy.
+//! * [`checker`] — the history checker tests and `DKVSClient` use.
+//!
+//! Storage and the replica:
+//!
+//! * [`storage`] — the engine trait; log, fjall and in-memory engines.
+//! * [`replica`] — one node's store: write-if-newer, counts, digests, clock.
+//! * `identity` — member and instance ids, and the read gate.
+//!
+//! The async shell:
+//!
+//! * [`net`] — dialing peers, the batching replica pipe, call deadlines.
+//! * `cluster` — what the parts below share: placement, peers, liveness.
+//! * `coordinator` — quorum reads and writes, read repair.
+//! * `hints` — hinted handoff: the store, where hints go, delivery.
+//! * `antientropy` — background sync and tombstone collection.
+//! * `background` — the periodic worker runner and bounded background tasks.
+//! * [`node`] — wiring, and the gRPC services and server.
 //! * [`client`] — the smart client.
-//! * [`config`], [`limits`], [`error`], [`pb`] — settings, input limits, the
-//!   error type, and the protobuf edge.
+//! * [`config`], `limits`, [`error`], [`pb`] — settings, input limits, the
+//!   error type, and the protobuf edge (every conversion lives there).
 
-pub mod antientropy;
-pub mod background;
+pub(crate) mod antientropy;
+pub(crate) mod background;
 pub mod checker;
 pub mod client;
 pub mod clock;
-pub mod cluster;
+pub(crate) mod cluster;
 pub mod config;
-pub mod coordinator;
+pub(crate) mod coordinator;
 pub mod error;
-pub mod hints;
-pub mod identity;
-pub mod limits;
-pub mod liveness;
+pub(crate) mod hints;
+pub(crate) mod identity;
+pub(crate) mod limits;
+pub(crate) mod liveness;
 pub mod net;
 pub mod node;
 pub mod pb;
-pub mod placement;
+pub(crate) mod placement;
 pub mod quorum;
 pub mod record;
 pub mod replica;

@@ -136,7 +136,9 @@ impl SharedPlacement {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Makes `placement` the view every later snapshot sees.
+    /// Makes `placement` the view every later snapshot sees (membership
+    /// changes will call it; until then only tests do).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn replace(&self, placement: Placement) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placement);
     }

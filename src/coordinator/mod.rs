@@ -28,7 +28,7 @@
 mod read;
 mod write;
 
-pub use read::{PendingRepair, ReadResult, Repaired, read_quorum};
+pub use read::read_quorum;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -109,10 +109,6 @@ impl Coordinator {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
         }
-    }
-
-    pub fn background(&self) -> &Background {
-        &self.background
     }
 
     /// Reads so far that repaired their answer to W replicas before

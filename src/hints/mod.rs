@@ -27,4 +27,4 @@ mod store;
 
 pub use delivery::HintDelivery;
 pub use hinter::Hinter;
-pub use store::{Hint, HintBounds, HintStore, StoredHint};
+pub use store::{Hint, HintBounds, HintStore};

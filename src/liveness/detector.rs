@@ -205,6 +205,7 @@ impl FailureDetector {
         }
     }
 
+    #[cfg(test)]
     pub fn is_up(&self, address: &str, now: Instant) -> bool {
         self.health(address, now).up
     }

@@ -10,7 +10,7 @@ pub mod heartbeat;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-pub use detector::{FailureDetector, PeerHealth, PhiAccrual};
+pub use detector::{FailureDetector, PeerHealth};
 
 /// The failure detector, shared.
 #[derive(Clone)]
