@@ -10,6 +10,11 @@
 # Each argument is one configuration (extra DKVSServer flags). Requests go
 # through the nodes (--via-node), 64 in flight, 100-byte values, 10k keys
 # (preloaded before the measured run).
+#
+# To compare two builds instead of two settings, name their binary
+# directories in BIN_DIRS, one per configuration, in order:
+#   BIN_DIRS="/tmp/before/release target/release" ROUNDS=5 tools/bench/ab.sh "" ""
+# (then nothing is built).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROUNDS=${ROUNDS:-2}
@@ -18,8 +23,13 @@ DURATION=${DURATION:-6}
 KEYS=${KEYS:-10000}
 CONCURRENCY=${CONCURRENCY:-64}
 BASE=${BASE_PORT:-7400}
-cargo build --release --bins --quiet
-BIN=target/release
+read -r -a BIN_DIRS <<< "${BIN_DIRS:-}"
+if [[ ${#BIN_DIRS[@]} -eq 0 ]]; then
+  cargo build --release --bins --quiet
+elif [[ ${#BIN_DIRS[@]} -ne $# ]]; then
+  echo "BIN_DIRS names ${#BIN_DIRS[@]} directories for $# configurations" >&2
+  exit 2
+fi
 NODES="127.0.0.1:$((BASE+1)),127.0.0.1:$((BASE+2)),127.0.0.1:$((BASE+3))"
 PIDS=()
 WORK=""
@@ -32,7 +42,11 @@ cleanup() {
 trap cleanup EXIT
 cpu_ticks() { local total=0; for pid in "$@"; do total=$((total + $(awk '{print $14+$15}' "/proc/$pid/stat"))); done; echo "$total"; }
 for round in $(seq 1 "$ROUNDS"); do
+  config=0
   for flags in "$@"; do
+    BIN=${BIN_DIRS[$config]:-target/release}
+    label="${BIN_DIRS[$config]:+[$BIN] }$flags"
+    config=$((config + 1))
     WORK=$(mktemp -d)
     PIDS=()
     for i in 1 2 3; do
@@ -52,7 +66,7 @@ import json, sys
 r = json.loads(sys.argv[1])
 us = ($after - $before) * 1e6 / $ticks / max(r['ok'], 1)
 print(f\"round $round  {sys.argv[2] or '(defaults)':<45} {r['ops_per_sec']:>9,.0f} ops/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  errors {r['errors']}  server CPU {us:.1f} us/op\")
-" "$out" "$flags"
+" "$out" "$label"
     cleanup
     PIDS=()
     WORK=""
