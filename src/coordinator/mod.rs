@@ -28,6 +28,9 @@
 mod read;
 mod write;
 
+#[cfg(test)]
+mod tests;
+
 pub use read::{PendingRepair, ReadResult, Repaired, read_quorum};
 
 use std::future::Future;
