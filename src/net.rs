@@ -26,6 +26,9 @@ use crate::pb::replica_client::ReplicaClient;
 use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
 
+#[cfg(test)]
+pub mod fake;
+
 /// Largest gRPC message a node or client accepts: room for the largest value
 /// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
 /// (naming the limit) rather than a transport error.
@@ -84,6 +87,9 @@ pub struct PeerPool {
     max_message_bytes: usize,
     /// Versions in replies further ahead than this are failed replies.
     bound: SkewBound,
+    /// Scripted replicas by address (unit tests: [`PeerPool::with_fakes`]).
+    #[cfg(test)]
+    fakes: HashMap<String, Arc<fake::FakeReplica>>,
 }
 
 impl PeerPool {
@@ -97,6 +103,8 @@ impl PeerPool {
             // run on a host whose clock lags: it refuses only versions no
             // node can have issued. Nodes set their --max-clock-skew-ms.
             bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
+            #[cfg(test)]
+            fakes: HashMap::new(),
         }
     }
 
@@ -170,6 +178,14 @@ impl PeerPool {
         address: &str,
         local: Option<&Arc<ReplicaStore>>,
     ) -> Result<ReplicaHandle> {
+        #[cfg(test)]
+        if let Some(fake) = self.fakes.get(address) {
+            return Ok(ReplicaHandle {
+                address: address.to_string(),
+                target: ReplicaTarget::Fake(fake.clone()),
+                believed_down: None,
+            });
+        }
         let target = match local {
             Some(store) => ReplicaTarget::Local(store.clone()),
             None => ReplicaTarget::Remote(self.pipe(address)?),
@@ -200,6 +216,9 @@ enum ReplicaTarget {
     Local(Arc<ReplicaStore>),
     /// Another node, over the internal Replica service, batched.
     Remote(Arc<ReplicaPipe>),
+    /// A scripted replica (unit tests).
+    #[cfg(test)]
+    Fake(Arc<fake::FakeReplica>),
 }
 
 /// Most items in one `Replica.Batch` call.
@@ -486,6 +505,8 @@ impl ReplicaHandle {
                     Err(_) => Err(ReplicaError::Failed(timed_out(timeout))),
                 }
             }
+            #[cfg(test)]
+            ReplicaTarget::Fake(fake) => fake.read(key, timeout, for_repair).await,
         }
     }
 
@@ -518,6 +539,8 @@ impl ReplicaHandle {
                     Err(_) => Err(ReplicaError::Failed(timed_out(timeout))),
                 }
             }
+            #[cfg(test)]
+            ReplicaTarget::Fake(fake) => fake.write(key, record, timeout).await,
         }
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestCluster, get_request, put_request};
+use common::{TestCluster, eventually, get_request, put_request};
 use dkvs::client::ClientOptions;
 use dkvs::clock::Version;
 use dkvs::pb;
@@ -283,19 +283,16 @@ async fn replica_holds(
 }
 
 async fn wait_until_replica_holds(cluster: &TestCluster, node: usize, key: &str, wanted: Version) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some((version, _)) = replica_holds(cluster, node, key).await
-            && version == wanted
-        {
-            return;
+    eventually(Duration::from_secs(10), async || {
+        match replica_holds(cluster, node, key).await {
+            Some((version, _)) if version == wanted => Ok(()),
+            held => Err(format!(
+                "replica {node} never got {key} at {wanted}: holds {:?}",
+                held.map(|(version, _)| version)
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "replica {node} never got {key} at {wanted}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,18 +498,15 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
         .expect("valid put");
     // The put is acknowledged by two replicas; wait (bounded) until the
     // third has it too, so the counts compared below are settled.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let before = loop {
+    let before = eventually(Duration::from_secs(10), async || {
         let keys = cluster.live_keys_per_node().await;
         if keys.iter().sum::<u64>() == 3 {
-            break keys;
+            Ok(keys)
+        } else {
+            Err(format!("the third replica never got the put: {keys:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the third replica never got the put"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
 
     let long_key = "k".repeat(1025);
     let big_value = vec![7u8; 1024 * 1024 + 1];

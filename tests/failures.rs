@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestCluster;
+use common::{TestCluster, eventually};
 use dkvs::pb;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,37 +135,38 @@ async fn hints_bring_a_restarted_replica_up_to_date_without_reads() {
         }
     }
     assert!(!missed.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while hint_totals(&cluster).await.0 < missed.len() as u64 {
-        assert!(
-            Instant::now() < deadline,
-            "hints were not stored: {:?}",
-            hint_totals(&cluster).await
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cluster.restart(down).await;
-    // No client reads: the hints alone bring the replica up to date.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for (key, version) in &missed {
-        while replica_version(&cluster, down, key).await != Some(*version) {
-            assert!(
-                Instant::now() < deadline,
-                "{key} never reached the restarted replica"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually(Duration::from_secs(10), async || {
+        let totals = hint_totals(&cluster).await;
+        if totals.0 >= missed.len() as u64 {
+            Ok(())
+        } else {
+            Err(format!("hints were not stored: {totals:?}"))
         }
+    })
+    .await;
+    cluster.restart(down).await;
+    // No client reads: the hints alone bring the replica up to date. One
+    // deadline for every key, and for the hints' deletion after.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let left = || deadline.saturating_duration_since(Instant::now());
+    for (key, version) in &missed {
+        eventually(left(), async || {
+            match replica_version(&cluster, down, key).await {
+                Some(held) if held == *version => Ok(()),
+                held => Err(format!(
+                    "{key} never reached the restarted replica: {held:?}"
+                )),
+            }
+        })
+        .await;
     }
     // A hint is deleted once its write was acknowledged, a moment after the
     // replica stored it (or anti-entropy may have got there first).
-    let (pending, delivered) = loop {
-        let totals = hint_totals(&cluster).await;
-        if totals.0 == 0 || Instant::now() >= deadline {
-            break totals;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(pending, 0);
+    let delivered = eventually(left(), async || match hint_totals(&cluster).await {
+        (0, delivered) => Ok(delivered),
+        (pending, _) => Err(format!("{pending} hints still pending")),
+    })
+    .await;
     assert!(
         delivered >= missed.len() as u64,
         "delivered {delivered} of {}",
@@ -227,22 +228,18 @@ async fn consistency_any_accepts_a_hint_when_every_replica_is_down() {
     for &r in &replicas {
         cluster.restart(r).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        // Until the coordinator's detector hears from the restarted
-        // replicas (within a heartbeat), the read may still be refused.
-        if let Ok(got) = kv.get(common::get_request(key)).await
-            && got.get_ref().found
-        {
-            assert_eq!(&got.get_ref().value[..], b"kept-as-hint");
-            break;
+    // Until the coordinator's detector hears from the restarted replicas
+    // (within a heartbeat), the read may still be refused.
+    let got = eventually(Duration::from_secs(15), async || {
+        match kv.get(common::get_request(key)).await {
+            Ok(got) if got.get_ref().found => Ok(got.into_inner()),
+            answer => Err(format!(
+                "the hinted write never reached its replicas: {answer:?}"
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the hinted write never reached its replicas"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(&got.value[..], b"kept-as-hint");
     client.close().await;
 }
 
@@ -277,34 +274,34 @@ async fn anti_entropy_converges_a_replica_that_missed_writes_without_reads() {
     }
     cluster.restart(down).await;
     let restarted = Instant::now();
-    let deadline = restarted + Duration::from_secs(30);
-    while node_stats(&cluster, down).await.live_keys < expected {
-        assert!(
-            Instant::now() < deadline,
-            "replica holds {} of {expected} keys",
-            node_stats(&cluster, down).await.live_keys
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), async || {
+        let held = node_stats(&cluster, down).await.live_keys;
+        if held >= expected {
+            Ok(())
+        } else {
+            Err(format!("replica holds {held} of {expected} keys"))
+        }
+    })
+    .await;
     println!(
         "anti-entropy repaired {expected} keys {:?} after restart",
         restarted.elapsed()
     );
     // Once converged, exchanges end at the root: the in-sync count keeps growing.
     let before = node_stats(&cluster, down).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let now = eventually(Duration::from_secs(10), async || {
         let now = node_stats(&cluster, down).await;
         if now.anti_entropy_in_sync >= before.anti_entropy_in_sync + 4 {
-            assert_eq!(
-                now.anti_entropy_keys_repaired, before.anti_entropy_keys_repaired,
-                "nothing left to copy"
-            );
-            break;
+            Ok(now)
+        } else {
+            Err(format!("no in-sync exchanges: {now:?}"))
         }
-        assert!(Instant::now() < deadline, "no in-sync exchanges: {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        now.anti_entropy_keys_repaired, before.anti_entropy_keys_repaired,
+        "nothing left to copy"
+    );
     let repaired = cluster.sum_stats(|s| s.anti_entropy_keys_repaired).await;
     assert!(repaired >= expected, "anti-entropy copied {repaired} keys");
     let reads = cluster.sum_stats(|s| s.read_repairs).await;
@@ -334,18 +331,15 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
         client.put(key, "old value").await.expect("put");
     }
     // Every replica holds the old values before one of them goes down.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually(Duration::from_secs(10), async || {
         let live = cluster.sum_stats(|s| s.live_keys).await;
         if live == 3 * keys.len() as u64 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("replicas never all held the values ({live})"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "replicas never all held the values ({live})"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let down = 2;
     cluster.kill(down);
     for key in &keys {
@@ -357,15 +351,8 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
     cluster.restart(down).await;
     // The restarted replica held the old values; anti-entropy hands it the
     // tombstones, and only then can every replica purge them.
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        let status = cluster
-            .cluster(0)
-            .await
-            .status(pb::StatusRequest {})
-            .await
-            .expect("status")
-            .into_inner();
+    let purged = eventually(Duration::from_secs(45), async || {
+        let status = cluster.status(0).await;
         let stats: Vec<&pb::NodeStats> = status
             .members
             .iter()
@@ -376,22 +363,28 @@ async fn deleted_keys_never_come_back_after_tombstone_gc() {
             .fold((0, 0), |(l, t), s| (l + s.live_keys, t + s.tombstones));
         let purged: u64 = stats.iter().map(|s| s.tombstones_purged).sum();
         if stats.len() == 5 && live == 0 && tombstones == 0 {
-            assert!(purged >= 3 * keys.len() as u64, "purged {purged}");
-            break;
+            Ok(purged)
+        } else {
+            Err(format!(
+                "not collected: {live} live keys, {tombstones} tombstones, {purged} purged"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "not collected: {live} live keys, {tombstones} tombstones, {purged} purged"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    assert!(purged >= 3 * keys.len() as u64, "purged {purged}");
     // Several more rounds of anti-entropy and GC: nothing comes back.
     let exchanges = node_stats(&cluster, down).await.anti_entropy_exchanges;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while node_stats(&cluster, down).await.anti_entropy_exchanges < exchanges + 8 {
-        assert!(Instant::now() < deadline, "anti-entropy stopped running");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(15), async || {
+        let now = node_stats(&cluster, down).await.anti_entropy_exchanges;
+        if now >= exchanges + 8 {
+            Ok(())
+        } else {
+            Err(format!(
+                "anti-entropy stopped running: {now} exchanges, {exchanges} before"
+            ))
+        }
+    })
+    .await;
     let reader = cluster
         .client_with(dkvs::client::ClientOptions {
             consistency: dkvs::quorum::Consistency::All,
@@ -545,14 +538,17 @@ async fn large_values_repair_and_read_through_batches() {
             .expect("put a large value");
     }
     cluster.restart(2).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node_stats(&cluster, 2).await.live_keys < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "anti-entropy never copied the large values"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), async || {
+        let held = node_stats(&cluster, 2).await.live_keys;
+        if held >= 20 {
+            Ok(())
+        } else {
+            Err(format!(
+                "anti-entropy never copied the large values: {held} of 20"
+            ))
+        }
+    })
+    .await;
     let reads = (0..20).map(|i| {
         let client = &client;
         async move { client.get(&format!("big-{i}")).await }
@@ -651,13 +647,12 @@ async fn a_write_to_a_frozen_coordinator_is_indeterminate_and_not_hedged() {
     drop(frozen);
     // Wait (bounded) until the thawed node answers again, then watch reads
     // for a while: whatever it does with its stale request, y stays.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while replica_value(&cluster, first, key, rpc_timeout)
-        .await
-        .is_err()
-    {
-        assert!(Instant::now() < deadline, "the thawed node never answered");
-    }
+    eventually(Duration::from_secs(15), async || {
+        replica_value(&cluster, first, key, rpc_timeout)
+            .await
+            .map_err(|why| format!("the thawed node never answered: {why}"))
+    })
+    .await;
     let watch_until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < watch_until {
         assert_eq!(
@@ -758,24 +753,21 @@ async fn a_hint_its_target_rejects_does_not_block_the_ones_behind_it() {
     let before = node_stats(&cluster, holder).await;
     assert_eq!(before.hints_pending, 2, "{before:?}");
     cluster.restart(target).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let now = eventually(Duration::from_secs(20), async || {
         let now = node_stats(&cluster, holder).await;
         let delivered = cluster.replica_record(target, "hint-fine").await.is_some();
         if delivered && now.hints_pending == 0 {
-            assert_eq!(
-                now.hints_delivered,
-                before.hints_delivered + 1,
-                "only the valid hint counts as delivered"
-            );
-            break;
+            Ok(now)
+        } else {
+            Err(format!("the valid hint was not delivered: {now:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the valid hint was not delivered within 20 s: {now:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(
+        now.hints_delivered,
+        before.hints_delivered + 1,
+        "only the valid hint counts as delivered"
+    );
     assert_eq!(
         cluster.replica_record(target, "hint-too-big").await,
         None,

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestCluster, get_request};
+use common::{TestCluster, eventually, get_request};
 use dkvs::clock::Version;
 use dkvs::pb;
 
@@ -34,8 +34,7 @@ async fn held_by(cluster: &TestCluster, i: usize, key: &str) -> Option<Version> 
 /// after start); with `--anti-entropy-interval 3600` none runs again during
 /// the test, so only reads can repair replicas.
 async fn wait_first_anti_entropy_rounds(cluster: &TestCluster) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually(Duration::from_secs(20), async || {
         let status = cluster.status(0).await;
         let done = status
             .members
@@ -47,14 +46,12 @@ async fn wait_first_anti_entropy_rounds(cluster: &TestCluster) {
             })
             .count();
         if done == cluster.nodes.len() {
-            return;
+            Ok(())
+        } else {
+            Err(format!("only {done} nodes ran anti-entropy"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {done} nodes ran anti-entropy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

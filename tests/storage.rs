@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{TestCluster, get_request, put_request};
+use common::{TestCluster, eventually, get_request, put_request};
 
 /// The newest segment of the log engine in `data_dir`.
 fn newest_segment(data_dir: &Path) -> PathBuf {
@@ -177,17 +177,12 @@ async fn a_full_disk_refuses_writes_serves_reads_and_loses_nothing_acknowledged(
 
     // Space is back: writes are taken again.
     std::fs::remove_file(&ballast).expect("free space");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match kv.put(put_request("after", &value)).await {
-            Ok(_) => break,
-            Err(status) if std::time::Instant::now() < deadline => {
-                println!("not yet: {status:?}");
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-            Err(status) => panic!("writes not taken after space was freed: {status:?}"),
-        }
-    }
+    eventually(std::time::Duration::from_secs(10), async || {
+        kv.put(put_request("after", &value))
+            .await
+            .map_err(|status| format!("writes not taken after space was freed: {status:?}"))
+    })
+    .await;
     acknowledged.push("after".into());
 
     // SIGKILL and restart: every acknowledged write is there.

@@ -11,9 +11,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{TestCluster, get_request, put_request};
+use common::{TestCluster, eventually, get_request, put_request};
 use dkvs::clock::Version;
 use dkvs::pb;
 
@@ -49,11 +49,17 @@ async fn wait_anti_entropy_rounds(cluster: &TestCluster, node: usize, rounds: u6
             .map_or(0, |s| s.anti_entropy_exchanges)
     };
     let start = exchanges(cluster.status(node).await);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while exchanges(cluster.status(node).await) < start + rounds {
-        assert!(Instant::now() < deadline, "anti-entropy stopped running");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(Duration::from_secs(30), async || {
+        let now = exchanges(cluster.status(node).await);
+        if now >= start + rounds {
+            Ok(())
+        } else {
+            Err(format!(
+                "anti-entropy stopped running: {now} exchanges, {start} before"
+            ))
+        }
+    })
+    .await
 }
 
 /// Indexes of the nodes that replicate `key`, in preference order.
@@ -103,19 +109,18 @@ async fn put_after_purged_delete_survives(key: &str, via_smart_client: bool) {
         .expect("delete version");
     let tombstone = Version::new(deleted.lamport, deleted.node_id);
     // The first two replicas purge the tombstone; the keeper holds it.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), async || {
         let first = held(&cluster, replicas[0], key).await;
         let second = held(&cluster, replicas[1], key).await;
         if first.is_none() && second.is_none() {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "the tombstone was never purged: {first:?} {second:?}"
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the tombstone was never purged: {first:?} {second:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(
         held(&cluster, keeper, key).await,
         Some((tombstone, true)),
@@ -385,22 +390,18 @@ async fn a_replaced_node_answers_no_reads_until_it_caught_up() {
     }
     // Node 1 returns: node 2 syncs with both peers, then answers.
     cluster.restart(1).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let read = cluster
+    eventually(Duration::from_secs(30), async || {
+        cluster
             .replica(2)
             .await
             .read(pb::ReplicaReadRequest {
                 key: keys[0].clone(),
                 ..Default::default()
             })
-            .await;
-        if read.is_ok() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never caught up: {read:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            .await
+            .map_err(|status| format!("never caught up: {status:?}"))
+    })
+    .await;
     for key in &keys {
         let held = held(&cluster, 2, key).await;
         assert!(

@@ -28,6 +28,9 @@
 mod read;
 mod write;
 
+#[cfg(test)]
+mod tests;
+
 pub use read::read_quorum;
 
 use std::future::Future;

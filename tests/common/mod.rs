@@ -276,30 +276,21 @@ impl TestCluster {
         state: pb::MemberState,
         within: Duration,
     ) {
-        let deadline = Instant::now() + within;
-        let address = self.nodes[member].address.clone();
-        loop {
-            let status = self
-                .cluster(observer)
-                .await
-                .status(pb::StatusRequest {})
-                .await
-                .expect("status")
-                .into_inner();
+        let address = &self.nodes[member].address;
+        eventually(within, async || {
+            let status = self.status(observer).await;
             let seen = status
                 .members
                 .iter()
-                .find(|m| m.address == address)
+                .find(|m| m.address == *address)
                 .map(|m| m.state);
             if seen == Some(state as i32) {
-                return;
+                Ok(())
+            } else {
+                Err(format!("{address} not {state:?}: {seen:?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{address} not {state:?} after {within:?}: {seen:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 
     /// Sends SIGTERM to node `i` and waits (bounded) for it to exit.
@@ -419,6 +410,30 @@ impl Drop for Frozen {
         if !matches!(resumed, Ok(status) if status.success()) && !std::thread::panicking() {
             panic!("kill -CONT {} failed: {resumed:?}", self.pid);
         }
+    }
+}
+
+/// How often [`eventually`] polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Polls `check` every [`POLL_INTERVAL`] until it answers `Ok`, and returns
+/// what it answered. Once `within` has passed, panics with the last `Err`:
+/// what `check` saw instead.
+pub async fn eventually<T, E: std::fmt::Display>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        let observed = match check().await {
+            Ok(value) => return value,
+            Err(observed) => observed,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not within {within:?}: {observed}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
