@@ -111,6 +111,8 @@ wait_no_hints() { wait_for no_hints; }
 /// One command of a sample and what README shows it printing.
 #[derive(Debug)]
 struct Step {
+    /// README's line number (from 1) of the command.
+    at: usize,
     /// The command's lines as README has them (`$ ` and continuations).
     lines: Vec<String>,
     /// What README shows it printing, without trailing blank lines.
@@ -222,12 +224,14 @@ fn parse(lines: &[String]) -> Vec<Sample> {
         while i < lines.len() && !lines[i].starts_with("```") {
             let line = &lines[i];
             if line.starts_with("$ ") {
+                let at = i + 1;
                 let mut command = vec![line.clone()];
                 while command.last().is_some_and(|l| l.ends_with('\\')) && i + 1 < lines.len() {
                     i += 1;
                     command.push(lines[i].clone());
                 }
                 sample.steps.push(Step {
+                    at,
                     lines: command,
                     output: Vec::new(),
                     separator: Vec::new(),
@@ -388,7 +392,7 @@ impl Normaliser {
                 .collect(),
             status_row: Regex::new(r"^127\.0\.0\.1:\d+ +[0-9a-f]{16} +(UP|DOWN) ").expect("regex"),
             status_number: Regex::new(r"^[+-]?\d+(\.\d+)?(ms|s)?$").expect("regex"),
-            start_row: Regex::new(r"^(\d+ +127\.0\.0\.1:\d+ +)(\d+|exited)( +)").expect("regex"),
+            start_row: Regex::new(r"^(\d+ +127\.0\.0\.1:\d+ +)(\d+) +").expect("regex"),
             log_line: Regex::new(r"^\d{4}-\d\d-\d\dT\S+ +(TRACE|DEBUG|INFO|WARN|ERROR) ")
                 .expect("regex"),
             log_number: Regex::new(r"=\d+\b").expect("regex"),
@@ -418,7 +422,8 @@ impl Normaliser {
         if self.log_line.is_match(&line) {
             line = self.log_number.replace_all(&line, "=<n>").into_owned();
         }
-        line = self.start_row.replace(&line, "${1}<pid>${3}").into_owned();
+        // A pid and the padding that depends on its width.
+        line = self.start_row.replace(&line, "${1}<pid> ").into_owned();
         if let Some(c) = self.json_number.captures(&line)
             && !self.counted.is_match(&c[2])
         {
@@ -779,12 +784,12 @@ fn diff(expected: &[String], actual: &[String]) -> String {
             out.push_str(&format!("      {}\n", expected[i]));
             i += 1;
             j += 1;
-        } else if j < m && (i == n || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push_str(&format!("    + {}\n", actual[j]));
-            j += 1;
-        } else {
+        } else if i < n && (j == m || lcs[i + 1][j] >= lcs[i][j + 1]) {
             out.push_str(&format!("    - {}\n", expected[i]));
             i += 1;
+        } else {
+            out.push_str(&format!("    + {}\n", actual[j]));
+            j += 1;
         }
     }
     out
@@ -838,7 +843,8 @@ fn readme_samples_match_what_the_commands_print() {
             let (expected, actual) = (normaliser.lines(&step.output), normaliser.lines(&printed));
             if expected != actual {
                 mismatches.push(format!(
-                    "sample {}, command {}: {}\n  (normalised; - README, + this run)\n{}",
+                    "README.md line {}, sample {}, command {}: {}\n  (normalised; - README, + this run)\n{}",
+                    step.at,
                     sample.name,
                     n + 1,
                     step.command(),
