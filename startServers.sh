@@ -288,7 +288,7 @@ start_all() {
       echo "$name already running (pid $(pid_of "$pidfile"))"
       continue
     fi
-    LOG_START[$port]=$(wc -c <"$log" 2>/dev/null || echo 0)
+    LOG_START[$port]=$( { wc -c <"$log"; } 2>/dev/null || echo 0)
     nohup "${cmd[@]}" >>"$log" 2>&1 < /dev/null &
     echo $! >"$pidfile"
     started+=("$port")

@@ -4,106 +4,13 @@
 //! touches neither `./run` nor the ports other tests are given. Every node it
 //! starts is stopped when the test ends, pass or fail.
 
+mod common;
+
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// One cluster directory and port range, and the script run against them.
-struct Script {
-    /// Holds `run/` and `data/`.
-    dir: tempfile::TempDir,
-    /// Nodes listen on base+1, base+2, ...
-    base_port: u16,
-}
-
-impl Script {
-    fn new() -> Self {
-        Script {
-            dir: tempfile::tempdir().expect("tempdir"),
-            base_port: free_base_port(5),
-        }
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("startServers.sh");
-        let bins = Path::new(env!("CARGO_BIN_EXE_DKVSServer"))
-            .parent()
-            .expect("binary dir");
-        let mut command = Command::new("bash");
-        command
-            .arg(script)
-            .args(args)
-            .env("DKVS_BIN_DIR", bins)
-            .env("DKVS_RUN_DIR", self.run_dir())
-            .env("DKVS_DATA_DIR", self.dir.path().join("data"))
-            .env("DKVS_BASE_PORT", self.base_port.to_string())
-            .env_remove("DKVS_SERVER_FLAGS")
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run startServers.sh")
-    }
-
-    fn run_with_flags(&self, args: &[&str], flags: &str) -> Output {
-        self.command(args)
-            .env("DKVS_SERVER_FLAGS", flags)
-            .output()
-            .expect("run startServers.sh")
-    }
-
-    fn port(&self, node: u16) -> u16 {
-        self.base_port + node
-    }
-
-    /// The pids in the run dir's pid files.
-    fn pids(&self) -> Vec<u32> {
-        let Ok(entries) = std::fs::read_dir(self.run_dir()) else {
-            return Vec::new();
-        };
-        entries
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".pid"))
-            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-            .filter_map(|s| s.trim().parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for Script {
-    fn drop(&mut self) {
-        let pids = self.pids();
-        let _ = self.run(&["stop"]);
-        // If the script itself is what failed, kill what it started by pid.
-        for pid in pids {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-/// A base port below the ephemeral range (where the OS picks ports for the
-/// other tests) whose next `count` ports are free now.
-/// Tests in this file run in parallel in one process, so each call starts
-/// its search at a range of its own.
-fn free_base_port(count: u16) -> u16 {
-    static CALLS: AtomicU16 = AtomicU16::new(0);
-    let own = CALLS.fetch_add(1, Ordering::Relaxed);
-    let start = (std::process::id() % 1000) as u16 * 10 + own * 10;
-    (0..1000u16)
-        .map(|i| 20_000 + (start + i * 10) % 10_000)
-        .find(|base| (1..=count).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()))
-        .expect("a free port range")
-}
+use common::script::Script;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod script;
+
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -445,7 +447,8 @@ pub async fn channel(address: &str) -> Channel {
         .connect_lazy()
 }
 
-async fn health_serving(address: &str) -> bool {
+/// Whether the node at `address` answers SERVING on its health service now.
+pub async fn health_serving(address: &str) -> bool {
     let mut client = HealthClient::new(channel(address).await);
     let request = HealthCheckRequest {
         service: String::new(),
