@@ -314,8 +314,9 @@ mod tests {
     use super::*;
     use crate::clock::Version;
     use crate::record::Record;
+    use crate::storage::log::LogStorage;
     use crate::storage::log::tests::value;
-    use crate::storage::log::{LogStorage, segment_path};
+    use crate::storage::log::write::segment_path;
     use crate::storage::{FsyncPolicy, Storage};
 
     /// Format 1, as written before segment headers.
