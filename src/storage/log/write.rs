@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::entry::{Kind, SEGMENT_HEADER, Slot, encode_entry, header_seed};
-use super::{RecordSlot, SEGMENT_BYTES, Segment, Shared, State};
+use super::index::{RecordSlot, Segment, State};
+use super::{SEGMENT_BYTES, Shared};
 use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::storage;
