@@ -10,8 +10,8 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::ScanReport;
 use super::entry::{Entry, Format, Kind, SEGMENT_HEADER, Slot, parse_expected};
+use super::replay::ScanReport;
 use super::write::{Faults, SyncTargets, Undo, WriteError};
 use crate::clock::Version;
 use crate::error::{Error, Result};
