@@ -29,7 +29,14 @@
 //! fsync never happens under the engine's lock: `flush` writes the buffer
 //! and, under `--fsync always`, fsyncs the files afterwards; a sealed segment
 //! is fsynced by the next `sync`/`flush` rather than while rolling over.
+//!
+//! The pieces: `entry.rs` (the on-disk format), `index.rs` (the in-memory
+//! state and index), `write.rs` (buffer, group commit, rollback after a
+//! failed write, fsync), `replay.rs` (start-up), `compaction.rs`; this
+//! file is the engine itself: [`LogStorage`], `open` and the [`Storage`]
+//! implementation.
 
+mod compaction;
 mod entry;
 mod index;
 mod replay;
@@ -37,17 +44,14 @@ mod write;
 
 use std::fs::File;
 use std::ops::Bound;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use self::entry::{Format, HEADER_BYTES, Kind, LEGACY_HEADER_BYTES, Slot, parse_entry};
+use self::entry::{Format, HEADER_BYTES, Kind, LEGACY_HEADER_BYTES};
 use self::index::{Located, RecordSlot, State};
-use self::replay::scan_segment;
-use self::write::{Faults, SyncTargets, WriteError, segment_path, sync_dir};
+use self::write::{Faults, WriteError, sync_dir};
 use super::{FsyncPolicy, Held, Storage};
 use crate::clock::Version;
 use crate::error::{Error, Result};
@@ -56,22 +60,8 @@ use crate::record::Record;
 /// A segment stops growing past this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
 
-/// How often the compaction thread looks for work.
-const COMPACTION_CHECK: Duration = Duration::from_secs(1);
 /// Entries handled per lock acquisition while compacting or scanning.
 const CHUNK: usize = 1024;
-/// Bytes copied per lock acquisition while compacting.
-const CHUNK_BYTES: usize = 1 << 20;
-
-impl State {
-    /// The oldest segment, when dead entries outweigh live ones by more
-    /// than a segment and it is not the one being written.
-    fn compaction_candidate(&self) -> Option<u64> {
-        let total: u64 = self.segments.values().map(|s| s.bytes).sum();
-        let oldest = *self.segments.keys().next()?;
-        (oldest != self.active && total > 2 * self.live_bytes + SEGMENT_BYTES).then_some(oldest)
-    }
-}
 
 struct Shared {
     state: Mutex<State>,
@@ -89,97 +79,6 @@ impl Shared {
         // Every change to the state is completed before the lock is released
         // or fails before touching it, so a poisoned lock is still consistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Copies the live entries of segment `id` to the end of the log, makes
-    /// them durable, and deletes the segment.
-    fn compact(&self, id: u64) -> Result<()> {
-        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
-        let (file, bytes, format, start, known) = {
-            let state = self.lock();
-            let Some(segment) = state.segments.get(&id) else {
-                return Ok(());
-            };
-            let known: Vec<(usize, usize)> = segment.damaged.skipped.clone();
-            let tail = segment.damaged.tail;
-            (
-                segment.file.clone(),
-                segment.bytes,
-                segment.format,
-                segment.start,
-                (known, tail),
-            )
-        };
-        let mut data = vec![0u8; bytes as usize];
-        file.read_exact_at(&mut data, 0)
-            .map_err(|e| Error::Storage(format!("cannot read segment {id} to compact it: {e}")))?;
-        // Where the valid entries are (no lock held while scanning).
-        let mut entries: Vec<(usize, usize)> = Vec::new();
-        let found = scan_segment(&data, id, format, start, &mut |entry, slot| {
-            entries.push((slot.offset as usize, entry.len));
-        });
-        if (found.skipped.clone(), found.tail) != known {
-            // Damaged since replay: keys of the damaged entries are still
-            // indexed here, so the segment must not be deleted.
-            return Err(Error::Storage(format!(
-                "segment {id} has damaged entries replay did not see ({}); not compacting it",
-                found.reasons.join("; ")
-            )));
-        }
-        let mut copied = 0usize;
-        for chunk in entries.chunks(CHUNK) {
-            let mut state = self.lock();
-            let mut chunk_bytes = 0usize;
-            for &(offset, len) in chunk {
-                let Ok(entry) = parse_entry(&data[offset..offset + len], format, id, offset as u64)
-                else {
-                    continue; // Valid a moment ago, in the same bytes.
-                };
-                let slot = Slot {
-                    segment: id,
-                    offset: offset as u64,
-                    len: entry.len as u32,
-                };
-                if state.is_live(&entry, slot) {
-                    let new = state.append(entry.kind, entry.key, entry.value)?;
-                    state.remember(entry.kind, entry.key, None);
-                    state.index(&entry, new);
-                    copied += 1;
-                    chunk_bytes += len;
-                }
-                if chunk_bytes >= CHUNK_BYTES {
-                    state.write_buffer()?;
-                    chunk_bytes = 0;
-                }
-            }
-            state.write_buffer()?;
-        }
-        // The copies must be durable before the originals go; and the
-        // segment leaves the map only once its file is gone for good, so a
-        // failed delete is retried and a newer segment is never compacted
-        // (dropping its delete markers) while this one still exists.
-        self.sync(true)?;
-        let dir = self.lock().dir.clone();
-        let path = segment_path(&dir, id);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(Error::Storage(format!(
-                    "cannot delete {}: {e}",
-                    path.display()
-                )));
-            }
-        }
-        SyncTargets {
-            files: Vec::new(),
-            dir: Some(dir),
-        }
-        .sync(false, &self.faults)
-        .map_err(|why| self.fail(why))?;
-        self.lock().segments.remove(&id);
-        tracing::info!(segment = id, bytes, copied, "compacted a log segment");
-        Ok(())
     }
 }
 
@@ -225,25 +124,7 @@ impl LogStorage {
             syncing: Mutex::new(()),
             faults,
         });
-        let (stop, stopped) = mpsc::channel::<()>();
-        let worker = shared.clone();
-        let compactor = std::thread::Builder::new()
-            .name("dkvs-compactor".into())
-            .spawn(move || {
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(COMPACTION_CHECK)
-                {
-                    loop {
-                        let candidate = worker.lock().compaction_candidate();
-                        let Some(id) = candidate else { break };
-                        if let Err(error) = worker.compact(id) {
-                            tracing::error!(%error, segment = id, "log compaction failed");
-                            break;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::Storage(format!("cannot start the compaction thread: {e}")))?;
+        let (stop, compactor) = compaction::start(&shared)?;
         Ok(Self {
             shared,
             fsync,
@@ -597,8 +478,6 @@ impl Storage for LogStorage {
 
 #[cfg(test)]
 mod tests {
-    use std::fs::OpenOptions;
-
     use super::*;
 
     pub(super) fn value(lamport: u64, text: &str) -> Record {
@@ -666,90 +545,6 @@ mod tests {
             vec![(b"b1".to_vec(), 0)]
         );
         assert_eq!(storage.hint_ids(b"", 1).expect("ids").len(), 1);
-    }
-
-    #[test]
-    fn compaction_keeps_exactly_the_live_entries() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
-        let big = "x".repeat(512 * 1024);
-        // Rewrite 4 keys over and over: ~3 segments of dead entries.
-        for round in 0..400u64 {
-            log.put(
-                format!("k{}", round % 4).as_bytes(),
-                &value(round + 1, &big),
-            )
-            .expect("put");
-            log.flush().expect("flush");
-        }
-        log.put(b"small", &value(1000, "s")).expect("put");
-        log.delete(b"k0").expect("delete");
-        log.put_hint(b"hint", b"h").expect("hint");
-        log.put_meta_durable("m", 7).expect("meta");
-        log.flush().expect("flush");
-        // The background thread may already be compacting; finish the job.
-        loop {
-            let candidate = log.shared.lock().compaction_candidate();
-            let Some(id) = candidate else { break };
-            log.shared.compact(id).expect("compact");
-        }
-        let state = log.shared.lock();
-        let total: u64 = state.segments.values().map(|s| s.bytes).sum();
-        assert!(
-            total <= 2 * state.live_bytes + SEGMENT_BYTES,
-            "total {total}"
-        );
-        assert!(
-            !state.segments.contains_key(&1),
-            "the oldest segment is gone"
-        );
-        assert!(!segment_path(dir.path(), 1).exists());
-        drop(state);
-        let check = |log: &LogStorage| {
-            assert_eq!(log.get(b"k0").expect("get"), None);
-            for k in 1..4u64 {
-                let record = log
-                    .get(format!("k{k}").as_bytes())
-                    .expect("get")
-                    .expect("kept");
-                assert_eq!(record.version.lamport, 396 + k + 1);
-            }
-            assert_eq!(log.get(b"small").expect("get"), Some(value(1000, "s")));
-            assert_eq!(log.hints(b"", 10).expect("hints").len(), 1);
-            assert_eq!(log.get_meta("m").expect("meta"), Some(7));
-        };
-        check(&log);
-        drop(log);
-        check(&LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen"));
-    }
-
-    #[test]
-    fn a_segment_damaged_after_it_was_written_is_not_compacted_away() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
-        let big = "x".repeat(1 << 20);
-        // 70 distinct keys of 1 MiB: segment 1 fills up and rolls over.
-        for i in 0..70u64 {
-            log.put(format!("k{i:02}").as_bytes(), &value(i + 1, &big))
-                .expect("put");
-            log.flush().expect("flush");
-        }
-        assert!(log.shared.lock().segments.len() >= 2);
-        // Damage an entry in the middle of segment 1 behind the engine's back.
-        let path = segment_path(dir.path(), 1);
-        let file = OpenOptions::new().write(true).open(&path).expect("open");
-        file.write_all_at(b"garbage!", 10 << 20).expect("damage");
-        drop(file);
-        let refused = log.shared.compact(1);
-        assert!(
-            matches!(&refused, Err(Error::Storage(why)) if why.contains("damaged")),
-            "{refused:?}"
-        );
-        assert!(path.exists(), "the damaged segment was deleted");
-        assert!(log.shared.lock().segments.contains_key(&1));
-        // Undamaged keys of that segment still read; the damaged one errors.
-        assert!(log.get(b"k00").expect("get").is_some());
-        assert!(log.get(b"k69").expect("get").is_some());
     }
 
     #[test]
