@@ -67,7 +67,7 @@ pub(super) struct State {
     /// Sealed segments not yet fsynced, and whether the directory changed.
     pub(super) unsynced: SyncTargets,
     /// Damaged stretches replay skipped (see
-    /// [`super::LogStorage::damaged_entries_skipped`]).
+    /// [`LogStorage::damaged_entries_skipped`](crate::storage::Storage::damaged_entries_skipped)).
     pub(super) damaged_skipped: u64,
     /// Why an fsync failed, once one has: everything is refused from then
     /// on (see [`storage::fatal`]). Set under this lock, so no write is
