@@ -15,11 +15,11 @@
 #[cfg(test)]
 pub mod conformance;
 mod fjall_engine;
-mod log_engine;
+mod log;
 mod memory;
 
 pub use fjall_engine::FjallStorage;
-pub use log_engine::LogStorage;
+pub use log::LogStorage;
 pub use memory::MemoryStorage;
 
 use std::sync::OnceLock;
