@@ -1,0 +1,297 @@
+//! Node configuration: command-line flags, optionally read from a file.
+//!
+//! Every setting is a `DKVSServer` flag. `--config FILE` reads the same
+//! settings from a TOML file whose keys are the flag names without the
+//! leading dashes (`_` may stand for `-`):
+//!
+//! ```toml
+//! listen = "127.0.0.1:7001"
+//! peers = ["127.0.0.1:7001", "127.0.0.1:7002"]  # or "a,b", as on the command line
+//! replicas = 3
+//! phi-threshold = 8.0
+//! fsync = "always"
+//! ```
+//!
+//! Strings are quoted, numbers are not. Each setting becomes a `--name=value`
+//! argument checked by the flag's own clap parser, so the ranges live in one
+//! place; a problem (TOML syntax, an unknown key, a value of the wrong type or
+//! out of range, a `config` key) is reported with the file and line. Flags
+//! given on the command line replace the file's settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use clap::builder::TypedValueParser;
+
+use crate::storage::{Engine, FsyncPolicy};
+
+mod file;
+
+use file::{config_file_in, file_to_args};
+
+/// Default tokens per node on the ring.
+pub const DEFAULT_VNODES: usize = 256;
+/// Default replication factor N.
+pub const DEFAULT_REPLICAS: usize = 3;
+/// Default key limit, in bytes of UTF-8.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
+/// Default value limit: 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// One DKVS storage node.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "DKVSServer", version, about, long_about = None, args_override_self = true)]
+pub struct ServerConfig {
+    /// Address to listen on, e.g. 127.0.0.1:7001.
+    #[arg(long)]
+    pub listen: SocketAddr,
+
+    /// Address peers and clients reach this node at, exactly as it appears in
+    /// --peers (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+
+    /// Comma-separated addresses of every cluster member; this node's own
+    /// address may be included. Every node must be given the same list.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub peers: Vec<String>,
+
+    /// Directory for this node's data (created if missing).
+    /// Default: ./data/<listen address>.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+
+    /// Replication factor N: replicas per key (capped at the member count).
+    #[arg(long, default_value_t = DEFAULT_REPLICAS, value_parser = clap::value_parser!(u32).range(1..=64).map(|v| v as usize))]
+    pub replicas: usize,
+
+    /// Virtual nodes (ring tokens) per member. Every node must use the same value.
+    #[arg(long, default_value_t = DEFAULT_VNODES, value_parser = clap::value_parser!(u32).range(1..=65536).map(|v| v as usize))]
+    pub vnodes: usize,
+
+    /// Read settings from this TOML file (keys are the flag names, e.g.
+    /// `listen = "127.0.0.1:7001"`); command-line flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// Storage engine: `log` (append-only log, every key indexed in memory;
+    /// fastest) or `fjall` (LSM tree; keys need not fit in memory). A data
+    /// dir keeps the engine it was created with.
+    #[arg(long, value_enum, default_value_t = Engine::Log)]
+    pub storage_engine: Engine,
+
+    /// When writes reach stable storage: `periodic` (handed to the OS before
+    /// the ack, so a crash or SIGKILL loses nothing; fsync every
+    /// --fsync-interval-ms) or `always` (fsync before every ack).
+    #[arg(long, value_enum, default_value_t = FsyncPolicy::Periodic)]
+    pub fsync: FsyncPolicy,
+
+    /// Background fsync interval for --fsync periodic, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub fsync_interval_ms: u64,
+
+    /// Deadline of each node-to-node call, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub rpc_timeout_ms: u64,
+
+    /// Deadline of a whole client request coordinated by this node, in milliseconds.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub request_timeout_ms: u64,
+
+    /// How often each node sends every peer a heartbeat, in milliseconds.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub heartbeat_interval_ms: u64,
+
+    /// Failure-detector threshold: a peer whose phi (suspicion level) reaches
+    /// this is believed down. 8 convicts a silent peer about a second after
+    /// its last heartbeat at the default interval; higher is more tolerant.
+    #[arg(long, default_value_t = 8.0, value_parser = parse_phi_threshold)]
+    pub phi_threshold: f64,
+
+    /// Most hints (writes kept for replicas that are down) this node holds.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_hints: u64,
+
+    /// Most bytes of hints this node holds (besides --max-hints): a hint
+    /// that would exceed it is refused, and anti-entropy repairs its replica.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_hint_bytes: u64,
+
+    /// Hints older than this many seconds are dropped instead of delivered
+    /// (anti-entropy repairs what they carried).
+    #[arg(long, default_value_t = 3 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_hint_age_secs: u64,
+
+    /// How often hints are offered to replicas that are back, in milliseconds.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub hint_delivery_interval_ms: u64,
+
+    /// Seconds between anti-entropy rounds: each node compares its hash tree
+    /// over shared token ranges with every live peer and copies what differs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub anti_entropy_interval: u64,
+
+    /// Seconds a tombstone is kept after its delete before it may be purged
+    /// (only once every replica of the key holds it). Its age comes from the
+    /// physical part of its version. Must exceed --max-hint-age-secs + 2 x
+    /// --max-clock-skew-ms + the heartbeat interval, so that no hint and no
+    /// write that begins after a purge can be stamped below the tombstone,
+    /// whichever node coordinates it.
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tombstone_grace: u64,
+
+    /// Largest clock difference tolerated between nodes, in milliseconds.
+    /// A version whose wall-clock part is further ahead of this node's wall
+    /// clock is refused (so one bad clock or message cannot drag the
+    /// cluster's clocks into the future), and a node whose own clock would
+    /// run that far ahead refuses to stamp writes. Keep hosts in sync with
+    /// NTP; a node warns when a peer's clock is half this far off.
+    #[arg(long, default_value_t = crate::clock::DEFAULT_MAX_CLOCK_SKEW_MS, value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub max_clock_skew_ms: u64,
+
+    /// Threads serving requests (default: one per CPU). 1 runs the whole
+    /// node on one thread (tokio's current-thread runtime): no hand-offs
+    /// between threads, the fastest choice when several nodes share a small
+    /// machine's cores (a local cluster, a benchmark). Disk syncs and
+    /// compaction run on their own threads either way.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024).map(|v| v as usize))]
+    pub worker_threads: Option<usize>,
+
+    /// Longest key accepted, in bytes of UTF-8.
+    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES, value_parser = clap::value_parser!(u32).range(1..=65_536).map(|v| v as usize))]
+    pub max_key_bytes: usize,
+
+    /// Largest value accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::value_parser!(u32).range(1..=(256 << 20)).map(|v| v as usize))]
+    pub max_value_bytes: usize,
+}
+
+impl ServerConfig {
+    /// Parses the process arguments, merging `--config FILE` if given.
+    /// Errors (and `--help`) are clap errors: `error.exit()` prints them and
+    /// exits with clap's codes (2 for usage errors, 0 for help).
+    pub fn from_args() -> Result<Self, clap::Error> {
+        Self::from_arg_list(std::env::args().collect())
+    }
+
+    /// Parses an argument list (program name first), merging `--config FILE`.
+    pub fn from_arg_list(args: Vec<String>) -> Result<Self, clap::Error> {
+        let file_error = |message: String| {
+            clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{message}\n"))
+        };
+        let merged = match config_file_in(&args) {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| file_error(format!("cannot read --config {path}: {e}")))?;
+                let from_file =
+                    file_to_args(&text).map_err(|e| file_error(format!("{path} {e}")))?;
+                // A flag on the command line replaces the file's setting,
+                // a list (--peers) too, which clap would append to.
+                let on_command_line = <Self as clap::CommandFactory>::command()
+                    .ignore_errors(true)
+                    .try_get_matches_from(&args)
+                    .ok();
+                let given = |id: &clap::Id| {
+                    on_command_line.as_ref().is_some_and(|matches| {
+                        matches.value_source(id.as_str())
+                            == Some(clap::parser::ValueSource::CommandLine)
+                    })
+                };
+                // Program name, the file's settings, then the command line.
+                let mut merged = vec![args[0].clone()];
+                merged.extend(
+                    from_file
+                        .into_iter()
+                        .filter(|(id, _)| !given(id))
+                        .map(|(_, argument)| argument),
+                );
+                merged.extend(args.into_iter().skip(1));
+                merged
+            }
+            None => args,
+        };
+        Self::try_parse_from(merged)
+    }
+
+    /// The address this node is known by.
+    pub fn advertised_address(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// Every member's address, this node's included, without duplicates or blanks.
+    pub fn member_addresses(&self) -> Vec<String> {
+        let mut members: Vec<String> = self
+            .peers
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        members.push(self.advertised_address());
+        members.sort();
+        members.dedup();
+        members
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| {
+            PathBuf::from("data").join(self.listen.to_string().replace(':', "_"))
+        })
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.rpc_timeout_ms.max(1))
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.max(10))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.max(1))
+    }
+
+    pub fn skew_bound(&self) -> crate::clock::SkewBound {
+        crate::clock::SkewBound::new(self.max_clock_skew_ms)
+    }
+
+    /// Checks that settings agree with each other. Runs before anything is
+    /// opened, so a usage error appears at once even on a large data dir.
+    pub fn validate(&self) -> Result<(), String> {
+        let floor_ms = self
+            .max_hint_age_secs
+            .saturating_mul(1000)
+            .saturating_add(self.max_clock_skew_ms.saturating_mul(2))
+            .saturating_add(self.heartbeat_interval().as_millis() as u64);
+        if self.tombstone_grace.saturating_mul(1000) <= floor_ms {
+            return Err(format!(
+                "--tombstone-grace ({} s) must exceed --max-hint-age-secs ({} s) + 2 x --max-clock-skew-ms ({} ms) \
+                 + --heartbeat-interval-ms ({} ms) = {floor_ms} ms, or a late hint, or a write coordinated by a node \
+                 whose clock is behind, could be stamped below a purged tombstone and bring the key back",
+                self.tombstone_grace,
+                self.max_hint_age_secs,
+                self.max_clock_skew_ms,
+                self.heartbeat_interval().as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `--phi-threshold`: a positive, finite number.
+fn parse_phi_threshold(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    if value.is_finite() && value > 0.0 && value <= 1e6 {
+        Ok(value)
+    } else {
+        Err(format!("{value} is not in 0 < phi <= 1000000"))
+    }
+}
+
+#[cfg(test)]
+mod tests;
