@@ -40,6 +40,7 @@ use crate::pb;
 use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::ring::{Member, Ring};
+use crate::sync::Locked;
 
 /// How long a node that failed is tried last.
 const DOWN_PENALTY: Duration = Duration::from_secs(2);
@@ -325,10 +326,7 @@ impl Client {
                 order.push(member.address.clone());
             }
         }
-        let down = self
-            .recently_down
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let down = self.recently_down.locked();
         let now = Instant::now();
         let is_down = |a: &String| {
             down.get(a)
@@ -341,16 +339,14 @@ impl Client {
 
     fn is_recently_down(&self, address: &str) -> bool {
         self.recently_down
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .locked()
             .get(address)
             .is_some_and(|t| t.elapsed() < DOWN_PENALTY)
     }
 
     fn mark_down(&self, address: &str) {
         self.recently_down
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .locked()
             .insert(address.to_string(), Instant::now());
     }
 

@@ -34,6 +34,7 @@ use std::sync::Mutex;
 use crate::clock::NodeId;
 use crate::error::Result;
 use crate::storage::Storage;
+use crate::sync::Locked;
 
 /// Metadata: this data dir's instance id.
 const INSTANCE_ID: &str = "instance_id";
@@ -223,7 +224,7 @@ impl Identity {
     }
 
     fn update(&self, change: impl FnOnce(&mut ReadGate, &BTreeSet<String>)) -> Result<()> {
-        let mut gate = self.gate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gate = self.gate.locked();
         let before = gate.code();
         change(&mut gate, &self.peers);
         if gate.code() != before {
@@ -235,10 +236,7 @@ impl Identity {
 
     /// `peer` said it knew instance `known` at this node's address.
     pub fn heard(&self, peer: &str, known: NodeId) -> Result<()> {
-        let unverified = matches!(
-            *self.gate.lock().unwrap_or_else(|p| p.into_inner()),
-            ReadGate::Unverified { .. }
-        );
+        let unverified = matches!(*self.gate.locked(), ReadGate::Unverified { .. });
         if unverified && known != 0 && known != self.instance_id {
             tracing::warn!(
                 peer,
@@ -264,10 +262,7 @@ impl Identity {
 
     /// Why replica reads are refused now, if they are.
     pub fn read_refusal(&self) -> Option<String> {
-        self.gate
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refusal(&self.peers)
+        self.gate.locked().refusal(&self.peers)
     }
 
     /// The instance id this node knows at `address` (0: none yet).

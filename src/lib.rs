@@ -56,6 +56,7 @@ pub mod record;
 pub mod replica;
 pub mod ring;
 pub mod storage;
+pub(crate) mod sync;
 
 pub use error::{Error, Result};
 

@@ -25,6 +25,7 @@ use crate::pb;
 use crate::pb::replica_client::ReplicaClient;
 use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
+use crate::sync::Locked;
 
 #[cfg(test)]
 pub mod fake;
@@ -120,10 +121,7 @@ impl PeerPool {
     }
 
     pub fn channel(&self, address: &str) -> Result<Channel> {
-        let mut channels = self
-            .channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut channels = self.channels.locked();
         if let Some(channel) = channels.get(address) {
             return Ok(channel.clone());
         }
@@ -160,7 +158,7 @@ impl PeerPool {
 
     /// The batching pipe to the replica at `address`.
     fn pipe(&self, address: &str) -> Result<Arc<ReplicaPipe>> {
-        let mut pipes = self.pipes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pipes = self.pipes.locked();
         if let Some(pipe) = pipes.get(address) {
             return Ok(pipe.clone());
         }

@@ -8,21 +8,18 @@ use super::{AntiEntropy, MAX_GC_PER_ROUND};
 use crate::clock::wall_clock_ms;
 use crate::error::Result;
 use crate::placement::Placement;
+use crate::sync::Locked;
 
 impl AntiEntropy {
     /// Purges tombstones past their grace that every replica of their key
     /// holds (or has already purged).
     pub async fn collect_tombstones(&self, view: &Placement) -> Result<()> {
         let deadline = wall_clock_ms().saturating_sub(self.grace.as_millis() as u64);
-        let cursor = self
-            .gc_cursor
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let cursor = self.gc_cursor.locked().clone();
         let (candidates, next_cursor) =
             self.replica
                 .old_tombstones(deadline, &cursor, MAX_GC_PER_ROUND)?;
-        *self.gc_cursor.lock().unwrap_or_else(|p| p.into_inner()) = next_cursor;
+        *self.gc_cursor.locked() = next_cursor;
         for (key, version) in candidates {
             let others: Vec<String> = view
                 .replicas_of(&key)

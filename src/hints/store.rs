@@ -11,6 +11,7 @@ use crate::clock::{NodeId, SkewBound};
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::storage::Storage;
+use crate::sync::Locked;
 
 /// A write kept for a replica that was down.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,7 +198,7 @@ impl HintStore {
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+        self.pending.locked()
     }
 
     /// Hints held in all.

@@ -21,6 +21,7 @@ use crate::identity::Identity;
 use crate::pb;
 use crate::placement::NodeIdentity;
 use crate::replica::ReplicaStore;
+use crate::sync::Locked;
 
 /// What a peer's last answered heartbeat told this node.
 #[derive(Clone, Copy, Debug)]
@@ -79,11 +80,7 @@ impl Heartbeats {
 
     /// What `address`'s last answered heartbeat told, if any.
     pub fn report(&self, address: &str) -> Option<PeerReport> {
-        self.reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(address)
-            .copied()
+        self.reports.locked().get(address).copied()
     }
 
     /// One round: pings every peer at once, then updates the detector and
@@ -106,7 +103,7 @@ impl Heartbeats {
         if let Err(why) = self.identity.settle(&down) {
             tracing::warn!(%why, "cannot record the read gate");
         }
-        let mut logged_up = self.logged_up.lock().unwrap_or_else(|p| p.into_inner());
+        let mut logged_up = self.logged_up.locked();
         for (address, result) in peers.iter().zip(results) {
             let now = Instant::now();
             let health = liveness.update(|detector| {
@@ -150,8 +147,7 @@ impl Heartbeats {
         };
         let was = self
             .reports
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .insert(address.to_string(), report)
             .map(|old| old.clock_skew_ms);
         let half = (bound.max_skew_ms / 2) as i64;
@@ -220,7 +216,7 @@ impl Heartbeats {
     /// this way is still in flight.
     fn ping_back(self: &Arc<Self>, address: &str) {
         {
-            let mut pinging = self.pinging_back.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pinging = self.pinging_back.locked();
             if !pinging.insert(address.to_string()) {
                 return;
             }
@@ -230,11 +226,7 @@ impl Heartbeats {
             if let Err(why) = heartbeats.ping(&address, heartbeats.interval).await {
                 tracing::debug!(peer = %address, %why, "ping back failed");
             }
-            heartbeats
-                .pinging_back
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&address);
+            heartbeats.pinging_back.locked().remove(&address);
         });
     }
 }

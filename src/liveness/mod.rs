@@ -7,6 +7,7 @@
 pub mod detector;
 pub mod heartbeat;
 
+use crate::sync::Locked;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ impl Liveness {
     }
 
     fn lock(&self) -> MutexGuard<'_, FailureDetector> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.locked()
     }
 
     /// How `address` looks now (this node itself and strangers are up).

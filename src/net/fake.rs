@@ -20,6 +20,7 @@ use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
 use crate::ring::{Ring, node_id_for};
 use crate::storage::MemoryStorage;
+use crate::sync::Locked;
 
 /// How a fake answers each call, reads and writes alike.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,14 +80,11 @@ impl FakeReplica {
 
     /// Changes how it answers from now on (calls in progress keep theirs).
     pub fn set_script(&self, script: Script) {
-        *self.script.lock().unwrap_or_else(|p| p.into_inner()) = script;
+        *self.script.locked() = script;
     }
 
     fn script(&self) -> Script {
-        self.script
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.script.locked().clone()
     }
 
     /// Reads it was asked.

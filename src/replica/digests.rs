@@ -5,11 +5,12 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::{ReplicaStore, lock, user_key};
+use super::{ReplicaStore, user_key};
 use crate::clock::Version;
 use crate::error::Result;
 use crate::ring::key_hash;
 use crate::storage::Held;
+use crate::sync::Locked;
 
 /// What anti-entropy compares: a hash of the key and the version held
 /// (and whether it is a tombstone).
@@ -38,7 +39,7 @@ pub struct RangeEntry {
 impl ReplicaStore {
     pub(super) fn update_digest(&self, key: &str, before: Option<Held>, after: Option<Held>) {
         let range = self.ring.range_of(key_hash(key.as_bytes()));
-        let mut digests = lock(&self.digests);
+        let mut digests = self.digests.locked();
         if let Some(slot) = digests.get_mut(range) {
             if let Some(before) = before {
                 *slot ^= record_digest(key, before);
@@ -51,7 +52,7 @@ impl ReplicaStore {
 
     /// The digest of token range `range` (0 when nothing is held there).
     pub fn range_digest(&self, range: usize) -> u64 {
-        lock(&self.digests).get(range).copied().unwrap_or(0)
+        self.digests.locked().get(range).copied().unwrap_or(0)
     }
 
     /// Every key held in token range `range`, with its version.

@@ -43,6 +43,7 @@ use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::ring::{Ring, key_hash};
 use crate::storage::Storage;
+use crate::sync::Locked;
 
 /// Metadata name under which the clock's ceiling is persisted.
 const CLOCK_CEILING: &str = "clock_ceiling";
@@ -115,21 +116,13 @@ fn user_key(storage_key: &[u8]) -> Option<&str> {
 /// background and a synchronous persist may race; the stored value must
 /// never go down).
 fn persist_ceiling(storage: &dyn Storage, persisted: &Mutex<u64>, ceiling: u64) -> Result<()> {
-    let mut persisted = lock(persisted);
+    let mut persisted = persisted.locked();
     if ceiling <= *persisted {
         return Ok(());
     }
     storage.put_meta_durable(CLOCK_CEILING, ceiling)?;
     *persisted = ceiling;
     Ok(())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The guarded state is only ever changed by complete assignments, so a
-    // panic elsewhere cannot leave it half-updated.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl ReplicaStore {
@@ -269,14 +262,14 @@ impl ReplicaStore {
     }
 
     fn stripe(&self, key: &str) -> MutexGuard<'_, ()> {
-        lock(&self.stripes[(xxh3_64(key.as_bytes()) as usize) % STRIPES])
+        self.stripes[(xxh3_64(key.as_bytes()) as usize) % STRIPES].locked()
     }
 
     /// Issues a new version, above every version this node has seen and
     /// at least the wall clock. Fails loudly rather than issue a version
     /// peers would refuse.
     pub fn next_version(&self) -> Result<Version> {
-        let mut clock = lock(&self.clock);
+        let mut clock = self.clock.locked();
         let before = clock.clone();
         let tick = clock
             .tick(wall_clock_ms())
@@ -304,10 +297,10 @@ impl ReplicaStore {
             self.clock.clone(),
         );
         let renew = move || match persist_ceiling(&*storage, &persisted, ceiling) {
-            Ok(()) => lock(&clock).renewed(ceiling),
+            Ok(()) => clock.locked().renewed(ceiling),
             Err(error) => {
                 tracing::warn!(%error, "cannot persist the clock's next ceiling; will retry");
-                lock(&clock).renewal_failed(ceiling);
+                clock.locked().renewal_failed(ceiling);
             }
         };
         match tokio::runtime::Handle::try_current() {
@@ -319,14 +312,14 @@ impl ReplicaStore {
     /// Merges a version seen elsewhere into the clock (ignored, and
     /// answered false, beyond the skew bound).
     pub fn observe(&self, version: Version) -> bool {
-        lock(&self.clock).observe(version, wall_clock_ms())
+        self.clock.locked().observe(version, wall_clock_ms())
     }
 
     pub fn stats(&self) -> LocalStats {
         LocalStats {
             live_keys: self.live_keys.load(Ordering::Relaxed),
             tombstones: self.tombstones.load(Ordering::Relaxed),
-            lamport: lock(&self.clock).now(),
+            lamport: self.clock.locked().now(),
             future_records: self.future_records,
         }
     }

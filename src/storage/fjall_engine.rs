@@ -22,6 +22,7 @@ use super::{FsyncPolicy, Storage};
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::storage;
+use crate::sync::Locked;
 
 pub struct FjallStorage {
     /// The database: owns the journal shared by both keyspaces.
@@ -91,7 +92,7 @@ impl FjallStorage {
 
     /// Runs an fsync with the sync lock held; an error is fatal.
     fn fsync(&self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
-        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.syncing.locked();
         self.check()?;
         #[cfg(test)]
         if self.fail_fsync.load(std::sync::atomic::Ordering::Relaxed) {

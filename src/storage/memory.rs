@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use super::Storage;
 use crate::error::{Error, Result};
 use crate::record::Record;
+use crate::sync::Locked;
 
 /// Data lives only as long as the value; `sync` does nothing.
 #[derive(Debug, Default)]
@@ -25,21 +26,16 @@ impl MemoryStorage {
 
     /// Stores raw bytes under a key, to test how corrupt data is handled.
     pub fn put_raw(&self, key: &[u8], bytes: Vec<u8>) {
-        lock(&self.data).insert(key.to_vec(), bytes);
+        self.data.locked().insert(key.to_vec(), bytes);
     }
 }
 
 // A poisoned lock only means another test thread panicked mid-operation; the
 // map itself is still consistent, so carry on with it.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl Storage for MemoryStorage {
     fn get(&self, key: &[u8]) -> Result<Option<Record>> {
-        lock(&self.data)
+        self.data
+            .locked()
             .get(key)
             .map(|bytes| {
                 Record::decode(bytes).map_err(|e| Error::CorruptRecord {
@@ -51,7 +47,7 @@ impl Storage for MemoryStorage {
     }
 
     fn put(&self, key: &[u8], record: &Record) -> Result<()> {
-        lock(&self.data).insert(key.to_vec(), record.encode());
+        self.data.locked().insert(key.to_vec(), record.encode());
         Ok(())
     }
 
@@ -60,7 +56,7 @@ impl Storage for MemoryStorage {
         visit: &mut dyn FnMut(&[u8], &Record),
         corrupt: &mut dyn FnMut(&[u8], String),
     ) -> Result<()> {
-        for (key, bytes) in lock(&self.data).iter() {
+        for (key, bytes) in self.data.locked().iter() {
             match Record::decode(bytes) {
                 Ok(record) => visit(key, &record),
                 Err(error) => corrupt(key, error.to_string()),
@@ -75,7 +71,7 @@ impl Storage for MemoryStorage {
         to: Option<&[u8]>,
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()> {
-        let data = lock(&self.data);
+        let data = self.data.locked();
         for (key, bytes) in data.range(from.to_vec()..) {
             if to.is_some_and(|to| key.as_slice() >= to) {
                 break;
@@ -88,16 +84,16 @@ impl Storage for MemoryStorage {
     }
 
     fn delete(&self, key: &[u8]) -> Result<()> {
-        lock(&self.data).remove(key);
+        self.data.locked().remove(key);
         Ok(())
     }
 
     fn get_meta(&self, name: &str) -> Result<Option<u64>> {
-        Ok(lock(&self.meta).get(name).copied())
+        Ok(self.meta.locked().get(name).copied())
     }
 
     fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
-        lock(&self.meta).insert(name.to_string(), value);
+        self.meta.locked().insert(name.to_string(), value);
         Ok(())
     }
 
@@ -110,17 +106,19 @@ impl Storage for MemoryStorage {
     }
 
     fn put_hint(&self, id: &[u8], bytes: &[u8]) -> Result<()> {
-        lock(&self.hints).insert(id.to_vec(), bytes.to_vec());
+        self.hints.locked().insert(id.to_vec(), bytes.to_vec());
         Ok(())
     }
 
     fn delete_hint(&self, id: &[u8]) -> Result<()> {
-        lock(&self.hints).remove(id);
+        self.hints.locked().remove(id);
         Ok(())
     }
 
     fn hints(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        Ok(lock(&self.hints)
+        Ok(self
+            .hints
+            .locked()
             .range(prefix.to_vec()..)
             .take_while(|(id, _)| id.starts_with(prefix))
             .take(limit)
@@ -129,7 +127,9 @@ impl Storage for MemoryStorage {
     }
 
     fn hint_ids(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, u64)>> {
-        Ok(lock(&self.hints)
+        Ok(self
+            .hints
+            .locked()
             .range(prefix.to_vec()..)
             .take_while(|(id, _)| id.starts_with(prefix))
             .take(limit)

@@ -14,6 +14,7 @@ use super::replay::scan_segment;
 use super::write::{SyncTargets, segment_path};
 use super::{CHUNK, SEGMENT_BYTES, Shared};
 use crate::error::{Error, Result};
+use crate::sync::Locked;
 
 /// How often the compaction thread looks for work.
 const COMPACTION_CHECK: Duration = Duration::from_secs(1);
@@ -59,7 +60,7 @@ impl Shared {
     /// Copies the live entries of segment `id` to the end of the log, makes
     /// them durable, and deletes the segment.
     fn compact(&self, id: u64) -> Result<()> {
-        let _one_at_a_time = self.compacting.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.compacting.locked();
         let (file, bytes, format, start, known) = {
             let state = self.lock();
             let Some(segment) = state.segments.get(&id) else {

@@ -56,6 +56,7 @@ use super::{FsyncPolicy, Held, Storage};
 use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::record::Record;
+use crate::sync::Locked;
 
 /// A segment stops growing past this size.
 const SEGMENT_BYTES: u64 = 64 << 20;
@@ -78,7 +79,7 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every change to the state is completed before the lock is released
         // or fails before touching it, so a poisoned lock is still consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.locked()
     }
 }
 

@@ -15,6 +15,7 @@ use super::{SEGMENT_BYTES, Shared};
 use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::storage;
+use crate::sync::Locked;
 
 /// Files to fsync, taken under the lock and synced after it is released.
 #[derive(Default)]
@@ -310,7 +311,7 @@ impl Shared {
     /// state lock). A failed fsync is fatal: never retried (it could
     /// "succeed" after the kernel dropped the pages it failed to write).
     pub(super) fn sync(&self, data_only: bool) -> Result<()> {
-        let _one_at_a_time = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = self.syncing.locked();
         let (written, targets) = {
             let mut state = self.lock();
             let written = state.write_buffer();
