@@ -1,0 +1,149 @@
+//! A handle to one replica of a key: this node's own store in-process, a
+//! peer through its pipe, or (in unit tests) a scripted fake. Each call has
+//! its own deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::pipe::{PipeItem, ReplicaPipe};
+use super::timed_out;
+use crate::error::Error;
+use crate::pb;
+use crate::record::Record;
+use crate::replica::{ReplicaStore, WriteOutcome};
+
+/// How to reach one replica of a key.
+#[derive(Clone)]
+pub struct ReplicaHandle {
+    /// The replica's address, for messages.
+    pub address: String,
+    /// In-process or over gRPC.
+    pub(super) target: ReplicaTarget,
+    /// Set when the failure detector believes the replica is down: quorum
+    /// calls then neither send to it nor wait for it, and count it failed.
+    pub believed_down: Option<String>,
+}
+
+#[derive(Clone)]
+pub(super) enum ReplicaTarget {
+    /// This node's own store: no RPC.
+    Local(Arc<ReplicaStore>),
+    /// Another node, over the internal Replica service, batched.
+    Remote(Arc<ReplicaPipe>),
+    /// A scripted replica (unit tests).
+    #[cfg(test)]
+    Fake(Arc<super::fake::FakeReplica>),
+}
+
+/// Why a replica did not answer a read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaError {
+    /// The replica refused the request itself (e.g. a key over its limit):
+    /// asking other replicas will not help.
+    Rejected(String),
+    /// The replica could not be reached, timed out or failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaError::Rejected(why) => write!(f, "rejected: {why}"),
+            ReplicaError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl ReplicaHandle {
+    /// What this replica holds for `key`, or why it could not say in time:
+    /// an answer that counts towards a read quorum.
+    pub async fn read(&self, key: &str, timeout: Duration) -> Result<Option<Record>, ReplicaError> {
+        self.read_with(key, timeout, false).await
+    }
+
+    /// What this replica holds for `key`, to copy by version (anti-entropy):
+    /// answered even by a replica still catching up.
+    pub async fn read_for_repair(
+        &self,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<Record>, ReplicaError> {
+        self.read_with(key, timeout, true).await
+    }
+
+    async fn read_with(
+        &self,
+        key: &str,
+        timeout: Duration,
+        for_repair: bool,
+    ) -> Result<Option<Record>, ReplicaError> {
+        match &self.target {
+            ReplicaTarget::Local(store) => {
+                let read = if for_repair {
+                    store.read(key)
+                } else {
+                    store.read_for_quorum(key)
+                };
+                read.map_err(|e| match e {
+                    Error::InvalidArgument(why) => ReplicaError::Rejected(why),
+                    other => ReplicaError::Failed(other.to_string()),
+                })
+            }
+            ReplicaTarget::Remote(pipe) => {
+                let (answer, answered) = oneshot::channel();
+                let request = pb::ReplicaReadRequest {
+                    key: key.to_string(),
+                    for_repair,
+                };
+                match tokio::time::timeout(
+                    timeout,
+                    pipe.call(PipeItem::Read(request, answer), answered),
+                )
+                .await
+                {
+                    Ok(Some(result)) => result,
+                    Ok(None) => Err(ReplicaError::Failed("replica pipe closed".into())),
+                    Err(_) => Err(ReplicaError::Failed(timed_out(timeout))),
+                }
+            }
+            #[cfg(test)]
+            ReplicaTarget::Fake(fake) => fake.read(key, timeout, for_repair).await,
+        }
+    }
+
+    /// Asks the replica to store `record` if newer; answers what it holds.
+    pub async fn write(
+        &self,
+        key: &str,
+        record: &Record,
+        timeout: Duration,
+    ) -> Result<WriteOutcome, ReplicaError> {
+        match &self.target {
+            ReplicaTarget::Local(store) => store.write_if_newer(key, record).map_err(|e| match e {
+                Error::InvalidArgument(why) => ReplicaError::Rejected(why),
+                other => ReplicaError::Failed(other.to_string()),
+            }),
+            ReplicaTarget::Remote(pipe) => {
+                let (answer, answered) = oneshot::channel();
+                let request = pb::ReplicaWriteRequest {
+                    key: key.to_string(),
+                    record: Some(record.into()),
+                };
+                match tokio::time::timeout(
+                    timeout,
+                    pipe.call(PipeItem::Write(request, answer), answered),
+                )
+                .await
+                {
+                    Ok(Some(result)) => result,
+                    Ok(None) => Err(ReplicaError::Failed("replica pipe closed".into())),
+                    Err(_) => Err(ReplicaError::Failed(timed_out(timeout))),
+                }
+            }
+            #[cfg(test)]
+            ReplicaTarget::Fake(fake) => fake.write(key, record, timeout).await,
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The network seam: how nodes and clients reach each other.
+//!
+//! Everything that dials goes through a [`Dialer`], and everything that calls
+//! a replica goes through a [`ReplicaHandle`]. Production uses [`TcpDialer`];
+//! a deterministic network simulator can supply its own dialer (a tonic
+//! `Endpoint` with a custom connector) without touching the rest of the code.
+//! Likewise the server side takes any stream of connections (see
+//! [`crate::node::serve`]).
+//!
+//! Channels are made once per peer and cloned freely; a tonic channel
+//! reconnects by itself after the peer comes back. HTTP/2 keepalive is on so a
+//! half-dead connection (a peer that vanished without closing its sockets) is
+//! noticed and replaced instead of swallowing requests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::clock::SkewBound;
+use crate::error::{Error, Result};
+use crate::pb;
+use crate::pb::replica_client::ReplicaClient;
+use crate::replica::ReplicaStore;
+use crate::sync::Locked;
+
+#[cfg(test)]
+pub mod fake;
+mod handle;
+mod pipe;
+
+use handle::ReplicaTarget;
+pub use handle::{ReplicaError, ReplicaHandle};
+use pipe::ReplicaPipe;
+
+/// Largest gRPC message a node or client accepts: room for the largest value
+/// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
+/// (naming the limit) rather than a transport error.
+pub fn max_message_bytes(max_value_bytes: usize) -> usize {
+    max_value_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024)
+        .max(4 * 1024 * 1024)
+}
+
+/// Makes channels to peers.
+pub trait Dialer: Send + Sync + 'static {
+    /// A channel to `address` that connects lazily and reconnects on failure.
+    fn dial(&self, address: &str) -> Result<Channel>;
+}
+
+/// Dials plain TCP (HTTP/2 without TLS).
+#[derive(Clone, Debug)]
+pub struct TcpDialer {
+    /// How long to wait for a TCP connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for TcpDialer {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Dialer for TcpDialer {
+    fn dial(&self, address: &str) -> Result<Channel> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
+            Error::InvalidArgument(format!("{address:?} is not a valid HOST:PORT address: {e}"))
+        })?;
+        Ok(endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy())
+    }
+}
+
+/// One channel per peer address, made on first use.
+pub struct PeerPool {
+    /// Makes the channels.
+    dialer: Arc<dyn Dialer>,
+    /// Channels made so far (std mutex: held only for a map lookup).
+    channels: Mutex<HashMap<String, Channel>>,
+    /// Batching pipes to peers' replicas, made on first use.
+    pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
+    /// Message size limit for clients made from these channels.
+    max_message_bytes: usize,
+    /// Versions in replies further ahead than this are failed replies.
+    bound: SkewBound,
+    /// Scripted replicas by address (unit tests: [`PeerPool::with_fakes`]).
+    #[cfg(test)]
+    fakes: HashMap<String, Arc<fake::FakeReplica>>,
+}
+
+impl PeerPool {
+    pub fn new(dialer: Arc<dyn Dialer>, max_message_bytes: usize) -> Self {
+        Self {
+            dialer,
+            channels: Mutex::new(HashMap::new()),
+            pipes: Mutex::new(HashMap::new()),
+            max_message_bytes,
+            // The smart client has no clock of its own to protect and may
+            // run on a host whose clock lags: it refuses only versions no
+            // node can have issued. Nodes set their --max-clock-skew-ms.
+            bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
+            #[cfg(test)]
+            fakes: HashMap::new(),
+        }
+    }
+
+    /// Refuses versions in replies beyond `bound` (`--max-clock-skew-ms`).
+    pub fn with_skew_bound(mut self, bound: SkewBound) -> Self {
+        self.bound = bound;
+        self
+    }
+
+    /// The bound versions in replies are checked against.
+    pub fn skew_bound(&self) -> SkewBound {
+        self.bound
+    }
+
+    pub fn channel(&self, address: &str) -> Result<Channel> {
+        let mut channels = self.channels.locked();
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = self.dialer.dial(address)?;
+        channels.insert(address.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    pub fn replica_client(&self, address: &str) -> Result<ReplicaClient<Channel>> {
+        Ok(ReplicaClient::new(self.channel(address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    pub fn key_value_client(
+        &self,
+        address: &str,
+    ) -> Result<pb::key_value_client::KeyValueClient<Channel>> {
+        Ok(
+            pb::key_value_client::KeyValueClient::new(self.channel(address)?)
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(self.max_message_bytes),
+        )
+    }
+
+    pub fn cluster_client(
+        &self,
+        address: &str,
+    ) -> Result<pb::cluster_client::ClusterClient<Channel>> {
+        Ok(pb::cluster_client::ClusterClient::new(
+            self.channel(address)?,
+        ))
+    }
+
+    /// The batching pipe to the replica at `address`.
+    fn pipe(&self, address: &str) -> Result<Arc<ReplicaPipe>> {
+        let mut pipes = self.pipes.locked();
+        if let Some(pipe) = pipes.get(address) {
+            return Ok(pipe.clone());
+        }
+        let pipe = Arc::new(ReplicaPipe::start(
+            self.replica_client(address)?,
+            self.bound,
+        ));
+        pipes.insert(address.to_string(), pipe.clone());
+        Ok(pipe)
+    }
+
+    /// A handle to the replica at `address`, or to `local` when it is this node.
+    pub fn replica_handle(
+        &self,
+        address: &str,
+        local: Option<&Arc<ReplicaStore>>,
+    ) -> Result<ReplicaHandle> {
+        #[cfg(test)]
+        if let Some(fake) = self.fakes.get(address) {
+            return Ok(ReplicaHandle {
+                address: address.to_string(),
+                target: ReplicaTarget::Fake(fake.clone()),
+                believed_down: None,
+            });
+        }
+        let target = match local {
+            Some(store) => ReplicaTarget::Local(store.clone()),
+            None => ReplicaTarget::Remote(self.pipe(address)?),
+        };
+        Ok(ReplicaHandle {
+            address: address.to_string(),
+            target,
+            believed_down: None,
+        })
+    }
+}
+
+/// Describes a failed call in one short line.
+pub fn describe_status(status: &tonic::Status) -> String {
+    let message = status.message();
+    let message = if message.is_empty() {
+        "no message"
+    } else {
+        message
+    };
+    match status.code() {
+        tonic::Code::Unavailable => format!("unreachable ({message})"),
+        code => format!("{code:?}: {message}"),
+    }
+}
+
+/// Runs one gRPC call with a deadline; a failure becomes a one-line reason.
+pub async fn call_within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(reply)) => Ok(reply.into_inner()),
+        Ok(Err(status)) => Err(CallError::Failed(describe_status(&status))),
+        Err(_) => Err(CallError::TimedOut(timeout)),
+    }
+}
+
+/// Why one call of [`call_within`] gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    /// Nothing came back before the deadline (the peer may be frozen,
+    /// overloaded or cut off).
+    #[error("no answer within {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    /// The peer answered with an error, or could not be reached.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<CallError> for Error {
+    fn from(error: CallError) -> Error {
+        match error {
+            CallError::TimedOut(_) => Error::DeadlineExceeded(error.to_string()),
+            CallError::Failed(why) => Error::Unavailable(why),
+        }
+    }
+}
+
+fn timed_out(timeout: Duration) -> String {
+    format!("timed out after {} ms", timeout.as_millis())
+}

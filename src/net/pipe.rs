@@ -1,0 +1,215 @@
+//! The replica pipe: calls to one peer queue and travel as `Replica.Batch`
+//! RPCs, several in flight, so that under load one RPC carries many writes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
+
+use super::handle::ReplicaError;
+use super::{describe_status, timed_out};
+use crate::clock::SkewBound;
+use crate::pb;
+use crate::pb::replica_client::ReplicaClient;
+use crate::record::Record;
+use crate::replica::WriteOutcome;
+
+/// Most items in one `Replica.Batch` call.
+const MAX_BATCH_ITEMS: usize = 512;
+/// A batch stops growing once its values reach this many bytes.
+const MAX_BATCH_VALUE_BYTES: usize = 1 << 20;
+/// Batches in flight to one peer at once.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+/// Deadline of one batch call (each caller also has its own, shorter one).
+const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests queued for one peer before callers wait.
+const PIPE_CAPACITY: usize = 8192;
+
+/// One request waiting in a pipe, with where its answer goes.
+pub(super) enum PipeItem {
+    Write(
+        pb::ReplicaWriteRequest,
+        oneshot::Sender<Result<WriteOutcome, ReplicaError>>,
+    ),
+    Read(
+        pb::ReplicaReadRequest,
+        oneshot::Sender<Result<Option<Record>, ReplicaError>>,
+    ),
+}
+
+impl PipeItem {
+    /// Bytes of value the request carries.
+    fn value_bytes(&self) -> usize {
+        match self {
+            PipeItem::Write(w, _) => w.record.as_ref().map_or(0, |r| r.value.len()),
+            PipeItem::Read(..) => 0,
+        }
+    }
+
+    /// The caller gave up (timed out): do not send it.
+    fn abandoned(&self) -> bool {
+        match self {
+            PipeItem::Write(_, answer) => answer.is_closed(),
+            PipeItem::Read(_, answer) => answer.is_closed(),
+        }
+    }
+}
+
+/// Replica calls to one peer, batched: requests queue in a bounded channel;
+/// a task sends whatever has queued as one `Replica.Batch` call (up to
+/// [`MAX_BATCHES_IN_FLIGHT`] at once) and hands each answer back. Idle, a
+/// request goes out alone at once; under load, batches form by themselves
+/// while earlier ones are in flight — one RPC carries many writes, which is
+/// what lets a node replicate near the machine's gRPC ceiling. The task ends
+/// when the pipe is dropped.
+pub struct ReplicaPipe {
+    /// Where requests queue.
+    queue: mpsc::Sender<PipeItem>,
+}
+
+impl ReplicaPipe {
+    pub(super) fn start(client: ReplicaClient<Channel>, bound: SkewBound) -> Self {
+        let (queue, mut incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
+        tokio::spawn(async move {
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+            // An item that did not fit in the previous batch starts the next.
+            let mut carried: Option<PipeItem> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(item) => item,
+                    None => match incoming.recv().await {
+                        Some(item) => item,
+                        None => break,
+                    },
+                };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut bytes = first.value_bytes();
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH_ITEMS {
+                    let Ok(item) = incoming.try_recv() else { break };
+                    if item.abandoned() {
+                        continue;
+                    }
+                    if bytes + item.value_bytes() > MAX_BATCH_VALUE_BYTES {
+                        carried = Some(item);
+                        break;
+                    }
+                    bytes += item.value_bytes();
+                    batch.push(item);
+                }
+                batch.retain(|item| !item.abandoned());
+                if batch.is_empty() {
+                    continue;
+                }
+                let mut client = client.clone();
+                tokio::spawn(async move {
+                    send_batch(&mut client, batch, bound).await;
+                    drop(permit);
+                });
+            }
+        });
+        Self { queue }
+    }
+
+    pub(super) async fn call<T>(&self, item: PipeItem, answer: oneshot::Receiver<T>) -> Option<T> {
+        self.queue.send(item).await.ok()?;
+        answer.await.ok()
+    }
+}
+
+/// Sends one batch and distributes the answers (or the failure) to callers.
+///
+/// A record or version in the answer beyond `bound` is that replica's
+/// failed reply: never merged, never repaired onward.
+async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, bound: SkewBound) {
+    let mut request = pb::ReplicaBatchRequest::default();
+    let mut write_answers = Vec::new();
+    let mut read_answers = Vec::new();
+    let mut read_requests = Vec::new();
+    for item in batch {
+        match item {
+            PipeItem::Write(write, answer) => {
+                request.writes.push(write);
+                write_answers.push(answer);
+            }
+            PipeItem::Read(read, answer) => {
+                read_requests.push(read.clone());
+                request.reads.push(read);
+                read_answers.push(answer);
+            }
+        }
+    }
+    let reply = match tokio::time::timeout(BATCH_TIMEOUT, client.batch(request)).await {
+        Ok(Ok(reply)) => reply.into_inner(),
+        Ok(Err(status)) => {
+            let why = describe_status(&status);
+            for answer in write_answers {
+                let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
+            }
+            for answer in read_answers {
+                let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
+            }
+            return;
+        }
+        Err(_) => return, // callers time out on their own
+    };
+    let mut writes = reply.writes.into_iter();
+    for answer in write_answers {
+        let result = match writes.next() {
+            Some(w) if w.rejected => Err(ReplicaError::Rejected(w.error)),
+            Some(w) if !w.error.is_empty() => Err(ReplicaError::Failed(w.error)),
+            Some(w) => match pb::version_from(w.held, bound, "held version") {
+                Ok(held) => Ok(WriteOutcome {
+                    applied: w.applied,
+                    held,
+                }),
+                Err(why) => Err(ReplicaError::Failed(format!("answered badly: {why}"))),
+            },
+            None => Err(ReplicaError::Failed(
+                "the batch answer is missing this write".to_string(),
+            )),
+        };
+        let _ = answer.send(result);
+    }
+    let mut reads = reply.reads.into_iter();
+    for (answer, request) in read_answers.into_iter().zip(read_requests) {
+        if reads.as_slice().first().is_some_and(|r| r.deferred) {
+            // The reply had no room for this one: ask for it on its own.
+            reads.next();
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let result = match tokio::time::timeout(BATCH_TIMEOUT, client.read(request)).await {
+                    Ok(Ok(reply)) => reply
+                        .into_inner()
+                        .record
+                        .map(|r| pb::record_from(r, bound))
+                        .transpose()
+                        .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
+                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                        Err(ReplicaError::Rejected(status.message().to_string()))
+                    }
+                    Ok(Err(status)) => Err(ReplicaError::Failed(describe_status(&status))),
+                    Err(_) => Err(ReplicaError::Failed(timed_out(BATCH_TIMEOUT))),
+                };
+                let _ = answer.send(result);
+            });
+            continue;
+        }
+        let result = match reads.next() {
+            Some(r) if r.rejected => Err(ReplicaError::Rejected(r.error)),
+            Some(r) if !r.error.is_empty() => Err(ReplicaError::Failed(r.error)),
+            Some(r) => r
+                .record
+                .map(|r| pb::record_from(r, bound))
+                .transpose()
+                .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
+            None => Err(ReplicaError::Failed(
+                "the batch answer is missing this read".into(),
+            )),
+        };
+        let _ = answer.send(result);
+    }
+}
