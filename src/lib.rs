@@ -13,7 +13,8 @@
 //! * `placement` — one swappable snapshot of ring, N and this node.
 //! * `liveness` — the phi accrual detector, and the heartbeats feeding it.
 //! * `antientropy::plan` — hash-tree roots and what to copy.
-//! * [`checker`] — the history checker tests and `DKVSClient` use.
+//! * [`checker`] — the history checker tests and `DKVSClient` use, and
+//!   [`workload`], the recorded workload it judges.
 //!
 //! Storage and the replica:
 //!
@@ -57,6 +58,7 @@ pub mod replica;
 pub mod ring;
 pub mod storage;
 pub(crate) mod sync;
+pub mod workload;
 
 pub use error::{Error, Result};
 

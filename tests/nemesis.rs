@@ -14,114 +14,17 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use common::TestCluster;
-use dkvs::checker::{self, Op, ReadOutcome, Tick, WriteOutcome};
-use dkvs::client::{Client, ClientOptions};
-use dkvs::record::Record;
-
-/// What the clients record: the history, and why operations failed.
-#[derive(Default)]
-struct Recorder {
-    /// Every operation, in the order it finished.
-    history: Vec<Op>,
-    /// The error of each failed operation: (op index, error).
-    errors: Vec<(usize, String)>,
-}
-
-/// Ticks for the checker: microseconds since the run began.
-fn tick(t0: Instant) -> Tick {
-    t0.elapsed().as_micros() as Tick
-}
-
-/// A read's outcome from the client's answer.
-fn read_outcome(record: Option<Record>) -> ReadOutcome {
-    match record {
-        None => ReadOutcome::NotFound { version: None },
-        Some(Record {
-            version,
-            value: None,
-            ..
-        }) => ReadOutcome::NotFound {
-            version: Some(version),
-        },
-        Some(Record {
-            version,
-            value: Some(value),
-            ..
-        }) => ReadOutcome::Found {
-            value: value.to_vec(),
-            version: Some(version),
-        },
-    }
-}
-
-/// xorshift64*: a small deterministic generator, seeded per run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use dkvs::checker;
+use dkvs::client::ClientOptions;
+use dkvs::workload::{History, Recorder, Rng, Workload};
+use tokio::time::Instant;
 
 const KEYS: u64 = 16;
 const CLIENTS: usize = 4;
-
-async fn run_client(
-    id: usize,
-    client: Arc<Client>,
-    seed: u64,
-    t0: Instant,
-    until: Instant,
-    recorder: Arc<Mutex<Recorder>>,
-) {
-    let mut rng = Rng(seed | 1);
-    let mut sequence = 0u64;
-    while Instant::now() < until {
-        let key = format!("key-{}", rng.below(KEYS));
-        let roll = rng.below(100);
-        let start = tick(t0);
-        // Every PUT writes a value of its own: the checker tells writes
-        // apart by their values.
-        let (op, error) = if roll < 45 {
-            sequence += 1;
-            let value = format!("c{id}-{sequence}").into_bytes();
-            let (outcome, error) = match client.put(&key, value.clone()).await {
-                Ok(ack) => (WriteOutcome::Acked(ack.version), None),
-                Err(error) => (WriteOutcome::Indeterminate, Some(error.to_string())),
-            };
-            (Op::put(id, key, value, start, tick(t0), outcome), error)
-        } else if roll < 50 {
-            let (outcome, error) = match client.delete(&key).await {
-                Ok(ack) => (WriteOutcome::Acked(ack.version), None),
-                Err(error) => (WriteOutcome::Indeterminate, Some(error.to_string())),
-            };
-            (Op::delete(id, key, start, tick(t0), outcome), error)
-        } else {
-            let (outcome, error) = match client.get_record(&key).await {
-                Ok(record) => (read_outcome(record), None),
-                Err(error) => (ReadOutcome::Failed, Some(error.to_string())),
-            };
-            (Op::get(id, key, start, tick(t0), outcome), error)
-        };
-        let mut recorder = recorder.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(error) = error {
-            let index = recorder.history.len();
-            recorder.errors.push((index, error));
-        }
-        recorder.history.push(op);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_stays_correct_while_a_nemesis_kills_and_pauses_nodes() {
@@ -148,24 +51,23 @@ async fn history_stays_correct_while_a_nemesis_kills_and_pauses_nodes() {
             })
             .await,
     );
-    let recorder = Arc::new(Mutex::new(Recorder::default()));
-    let t0 = Instant::now();
-    let until = t0 + Duration::from_secs(seconds);
+    let recorder = Recorder::new();
+    let workload = Workload::new(KEYS);
+    let until = workload.t0 + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..CLIENTS)
         .map(|id| {
-            tokio::spawn(run_client(
-                id,
-                client.clone(),
-                seed.wrapping_add(id as u64 * 7919),
-                t0,
-                until,
-                recorder.clone(),
-            ))
+            let (client, recorder) = (client.clone(), recorder.clone());
+            let seed = seed.wrapping_add(id as u64 * 7919);
+            tokio::spawn(async move {
+                workload
+                    .run_worker(id, &client, seed, until, &recorder)
+                    .await
+            })
         })
         .collect();
 
     // The nemesis: one node at a time is killed and restarted, or paused and resumed.
-    let mut rng = Rng(seed ^ 0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(seed ^ 0x9E37_79B9_7F4A_7C15);
     let mut faults = Vec::new();
     while Instant::now() + Duration::from_secs(2) < until {
         tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
@@ -186,11 +88,7 @@ async fn history_stays_correct_while_a_nemesis_kills_and_pauses_nodes() {
     for worker in workers {
         worker.await.expect("client task");
     }
-    let Recorder {
-        mut history,
-        errors,
-    } = std::mem::take(&mut *recorder.lock().unwrap_or_else(|p| p.into_inner()));
-    let workload = history.len();
+    let workload_ops = recorder.len();
 
     // Every node is up again: read every key's final state at ALL, into the
     // same history. These reads begin after every write has ended, so a
@@ -201,28 +99,27 @@ async fn history_stays_correct_while_a_nemesis_kills_and_pauses_nodes() {
             ..ClientOptions::default()
         })
         .await;
-    for k in 0..KEYS {
-        let key = format!("key-{k}");
-        let start = tick(t0);
-        let record = final_reader
-            .get_record(&key)
-            .await
-            .expect("final read at ALL");
-        history.push(Op::get(CLIENTS, key, start, tick(t0), read_outcome(record)));
-    }
+    workload
+        .final_reads(CLIENTS, &final_reader, &recorder)
+        .await
+        .expect("final reads at ALL");
+    let History {
+        ops: history,
+        errors,
+    } = recorder.take();
 
     let report = checker::check(&history);
     // Availability of the workload alone (the final reads all succeeded).
-    let workload_ok = report.ok - (history.len() - workload);
-    let availability = workload_ok as f64 / workload.max(1) as f64;
-    let writes = history[..workload]
+    let workload_ok = report.ok - (history.len() - workload_ops);
+    let availability = workload_ok as f64 / workload_ops.max(1) as f64;
+    let writes = history[..workload_ops]
         .iter()
         .filter(|op| !matches!(op.action, checker::Action::Get { .. }))
         .count();
     println!("faults: {}", faults.join("; "));
     println!(
-        "operations: {workload} ({writes} writes, {} reads), failed: {}, indeterminate writes: {}, availability: {:.2}%",
-        workload - writes,
+        "operations: {workload_ops} ({writes} writes, {} reads), failed: {}, indeterminate writes: {}, availability: {:.2}%",
+        workload_ops - writes,
         report.failed,
         report.indeterminate,
         availability * 100.0
@@ -244,8 +141,8 @@ async fn history_stays_correct_while_a_nemesis_kills_and_pauses_nodes() {
             .join("\n")
     );
     assert!(
-        workload > 100,
-        "too few operations ({workload}) to mean anything"
+        workload_ops > 100,
+        "too few operations ({workload_ops}) to mean anything"
     );
     assert!(!faults.is_empty(), "the nemesis injected no fault");
     assert!(
