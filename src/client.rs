@@ -221,17 +221,43 @@ impl Client {
         // they just failed here) are not asked, so neither the read nor the
         // repairs after it wait for them; but only as many as the read can
         // spare. The belief may be stale (a node restarted within the
-        // penalty): asking it costs at most a timeout, skipping it a failed
-        // read when another replica has gone down meanwhile.
+        // penalty): when the read fails without them, it is tried once more
+        // asking every replica, which costs at most a timeout.
         let addresses = self.replicas_of(key);
+        let (replicas, skipped) = self.read_handles(&addresses, true)?;
+        let consistency = self.options.consistency;
+        let timeout = self.options.rpc_timeout;
+        let result = match read_quorum(replicas, key, consistency, timeout).await {
+            Err(Error::QuorumNotReached { .. }) if skipped > 0 => {
+                let (everyone, _) = self.read_handles(&addresses, false)?;
+                read_quorum(everyone, key, consistency, timeout).await?
+            }
+            answered => answered?,
+        };
+        if result.blocking.is_some() {
+            return self.get_through_node(key).await;
+        }
+        result.repair.schedule(&self.background);
+        Ok(result.record)
+    }
+
+    /// Handles to `addresses` for a read, and how many are marked not to be
+    /// asked: with `skip_down`, replicas believed down, as many as the read
+    /// can spare.
+    fn read_handles(
+        &self,
+        addresses: &[String],
+        skip_down: bool,
+    ) -> Result<(Vec<crate::net::ReplicaHandle>, usize)> {
         let needed = self.options.consistency.required(addresses.len());
-        let mut spare = addresses.len().saturating_sub(needed);
-        let replicas = addresses
+        let spare = addresses.len().saturating_sub(needed);
+        let mut skipped = 0;
+        let handles = addresses
             .iter()
             .map(|address| {
                 let mut handle = self.peers.replica_handle(address, None)?;
-                if spare > 0 && self.is_recently_down(address) {
-                    spare -= 1;
+                if skip_down && skipped < spare && self.is_recently_down(address) {
+                    skipped += 1;
                     handle.believed_down = Some(format!(
                         "failed or reported down within the last {} s",
                         DOWN_PENALTY.as_secs()
@@ -240,18 +266,7 @@ impl Client {
                 Ok(handle)
             })
             .collect::<Result<Vec<_>>>()?;
-        let result = read_quorum(
-            replicas,
-            key,
-            self.options.consistency,
-            self.options.rpc_timeout,
-        )
-        .await?;
-        if result.blocking.is_some() {
-            return self.get_through_node(key).await;
-        }
-        result.repair.schedule(&self.background);
-        Ok(result.record)
+        Ok((handles, skipped))
     }
 
     /// Reads `key` through a node's `KeyValue.Get`, which repairs the newest
