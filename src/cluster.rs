@@ -64,12 +64,4 @@ impl Cluster {
             })
             .collect()
     }
-
-    /// Peers under `view` that the detector believes up.
-    pub fn live_peers(&self, view: &Placement) -> Vec<String> {
-        view.peers()
-            .map(|m| m.address.clone())
-            .filter(|address| self.liveness.is_up(address))
-            .collect()
-    }
 }

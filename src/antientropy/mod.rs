@@ -119,7 +119,13 @@ impl AntiEntropy {
     /// all under one placement.
     pub async fn round(&self) {
         let view = self.cluster.placement();
-        for peer in self.cluster.live_peers(&view) {
+        let peers: Vec<String> = view.peers().map(|m| m.address.clone()).collect();
+        for peer in peers {
+            // Asked just before each exchange: a round can be long, and a
+            // peer back meanwhile should not wait for the next one.
+            if !self.cluster.liveness.is_up(&peer) {
+                continue;
+            }
             match self.sync_with(&view, &peer).await {
                 Ok(repaired) => {
                     if repaired > 0 {
