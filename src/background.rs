@@ -92,6 +92,7 @@ impl Background {
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             tokio::select! {
+                biased;
                 () = task => {}
                 () = shutdown.cancelled() => {}
             }

@@ -23,7 +23,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -486,6 +488,7 @@ async fn first_status(
     }
     while !asks.is_empty() {
         let next = tokio::select! {
+            biased;
             next = asks.next() => next,
             () = tokio::time::sleep(SEED_STAGGER), if pending.len() > 0 => {
                 if let Some(address) = pending.next() {

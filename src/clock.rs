@@ -169,12 +169,10 @@ impl SkewBound {
     }
 }
 
-/// Milliseconds since the Unix epoch, by this machine's wall clock.
+/// Milliseconds since the Unix epoch, by this machine's wall clock (or a
+/// simulation's, see [`crate::seams`]).
 pub fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::seams::wall_clock_ms()
 }
 
 /// Why the clock cannot issue a version.

@@ -28,7 +28,6 @@
 //! [`ReadGate`] is the pure state machine; [`Identity`] persists it.
 
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 
 use crate::clock::NodeId;
@@ -146,19 +145,10 @@ impl ReadGate {
     }
 }
 
-/// A random 64-bit id, never 0 (std's per-process random hasher keys,
-/// mixed with the time: no extra crate).
+/// A random 64-bit id, never 0.
 fn random_id() -> NodeId {
     loop {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        hasher.write_u32(std::process::id());
-        let id = hasher.finish();
+        let id = crate::seams::random_u64();
         if id != 0 {
             return id;
         }

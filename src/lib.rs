@@ -56,6 +56,7 @@ pub mod quorum;
 pub mod record;
 pub mod replica;
 pub mod ring;
+pub mod seams;
 pub mod storage;
 pub(crate) mod sync;
 pub mod workload;

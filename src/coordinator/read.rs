@@ -128,6 +128,7 @@ impl PendingRepair {
                 decided => break Some(decided),
             }
             let next = tokio::select! {
+                biased;
                 next = writes.next() => next,
                 () = tokio::time::sleep_until(deadline) => break None,
             };

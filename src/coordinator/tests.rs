@@ -129,7 +129,7 @@ impl Harness {
 /// answered one. Everyone else is unknown to it, hence up.
 fn convicting<'a>(down: impl IntoIterator<Item = &'a str>) -> Liveness {
     let interval = Duration::from_secs(1);
-    let now = std::time::Instant::now();
+    let now = tokio::time::Instant::now();
     let start = now
         .checked_sub(Duration::from_secs(60))
         .expect("the monotonic clock is past one minute");

@@ -199,12 +199,6 @@ impl Coordinator {
 /// A random pause before write round `round + 1`: up to 2^round ms, capped at 64 ms.
 fn restamp_backoff(round: usize, key: &str) -> Duration {
     let cap_ms = 1u64 << round.min(6);
-    let noise = xxhash_rust::xxh3::xxh3_64_with_seed(
-        key.as_bytes(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0),
-    );
+    let noise = xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), crate::seams::random_u64());
     Duration::from_micros(noise % (cap_ms * 1000 + 1))
 }

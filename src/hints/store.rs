@@ -1,7 +1,7 @@
 //! The hint store: hints persisted through the storage engine, bounded in
 //! number, bytes and age, listed per target oldest first.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,7 +128,7 @@ struct Held {
 #[derive(Debug, Default)]
 struct Pending {
     /// Per target.
-    targets: HashMap<NodeId, Held>,
+    targets: BTreeMap<NodeId, Held>,
     /// Sum over all targets.
     total: Held,
 }

@@ -13,7 +13,9 @@
 //! The detector is pure: time is passed in, so tests drive it without clocks.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 /// Recent heartbeat intervals kept per peer.
 const MAX_SAMPLES: usize = 200;

@@ -9,7 +9,7 @@ pub mod heartbeat;
 
 use crate::sync::Locked;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use tokio::time::Instant;
 
 pub use detector::{FailureDetector, PeerHealth};
 

@@ -2,7 +2,7 @@
 //! already knows.
 
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 

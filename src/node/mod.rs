@@ -23,7 +23,9 @@ pub use serve::{incoming, serve};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -401,7 +403,7 @@ impl Node {
                     // A failed fsync is fatal inside the engine (storage::fatal:
                     // DKVSServer exits non-zero; every later write is refused);
                     // other errors, such as a full disk, are only reported here.
-                    match tokio::task::spawn_blocking(move || storage.sync()).await {
+                    match crate::seams::blocking(move || storage.sync()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(error)) => tracing::error!(%error, "periodic sync failed"),
                         Err(error) => tracing::error!(%error, "periodic fsync task failed"),

@@ -126,7 +126,7 @@ where
     }
     serving.abort();
     let storage = node.storage.clone();
-    tokio::task::spawn_blocking(move || storage.sync())
+    crate::seams::blocking(move || storage.sync())
         .await
         .map_err(|e| Error::Internal(format!("final sync task: {e}")))??;
     tracing::info!("stopped");

@@ -303,10 +303,7 @@ impl ReplicaStore {
                 clock.locked().renewal_failed(ceiling);
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(renew)),
-            Err(_) => renew(),
-        }
+        crate::seams::detach_blocking(renew);
     }
 
     /// Merges a version seen elsewhere into the clock (ignored, and

@@ -1,4 +1,6 @@
-//! An in-memory [`Storage`] for unit tests: a `BTreeMap` behind a mutex.
+//! An in-memory [`Storage`] for unit tests and the simulation: `BTreeMap`s
+//! behind mutexes, and what was last synced, so that a simulated crash
+//! ([`MemoryStorage::crash`]) loses exactly what a real disk could.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -8,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::sync::Locked;
 
-/// Data lives only as long as the value; `sync` does nothing.
+/// Data lives only as long as the value.
 #[derive(Debug, Default)]
 pub struct MemoryStorage {
     /// Encoded records, exactly as a disk engine would hold them.
@@ -17,11 +19,30 @@ pub struct MemoryStorage {
     meta: Mutex<BTreeMap<String, u64>>,
     /// Hints by id.
     hints: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Records and hints as of the last `sync` (metadata is durable as it
+    /// is written): what survives [`MemoryStorage::crash`].
+    synced: Mutex<Synced>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Synced {
+    data: BTreeMap<Vec<u8>, Vec<u8>>,
+    meta: BTreeMap<String, u64>,
+    hints: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl MemoryStorage {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Forgets everything written since the last `sync`, as a machine that
+    /// lost power would (the simulation's crash).
+    pub fn crash(&self) {
+        let synced = self.synced.locked().clone();
+        *self.data.locked() = synced.data;
+        *self.meta.locked() = synced.meta;
+        *self.hints.locked() = synced.hints;
     }
 
     /// Stores raw bytes under a key, to test how corrupt data is handled.
@@ -94,10 +115,16 @@ impl Storage for MemoryStorage {
 
     fn put_meta_durable(&self, name: &str, value: u64) -> Result<()> {
         self.meta.locked().insert(name.to_string(), value);
+        self.synced.locked().meta.insert(name.to_string(), value);
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
+        let data = self.data.locked().clone();
+        let hints = self.hints.locked().clone();
+        let mut synced = self.synced.locked();
+        synced.data = data;
+        synced.hints = hints;
         Ok(())
     }
 
