@@ -96,6 +96,9 @@ pub struct Workload {
     pub put_percent: u64,
     /// Ticks (microseconds) are counted from here.
     pub t0: Instant,
+    /// Where ticks come from instead, when workers run on clocks that do
+    /// not agree (a simulation's hosts: its global simulated time).
+    pub clock: Option<fn() -> Tick>,
 }
 
 impl Workload {
@@ -104,12 +107,16 @@ impl Workload {
             keys,
             put_percent: 45,
             t0: Instant::now(),
+            clock: None,
         }
     }
 
     /// Microseconds since `t0`: the checker's clock.
     pub fn tick(&self) -> Tick {
-        self.t0.elapsed().as_micros() as Tick
+        match self.clock {
+            Some(clock) => clock(),
+            None => self.t0.elapsed().as_micros() as Tick,
+        }
     }
 
     pub fn key(&self, k: u64) -> String {
