@@ -89,11 +89,13 @@ enum Command {
     /// Closed-loop YCSB-style load: throughput and latency percentiles.
     #[command(name = "bench")]
     Bench(BenchArgs),
-    /// Jepsen-style check: concurrent workers write and read keys of their
-    /// own while you kill, pause and restart nodes; every operation is
-    /// recorded, every key read at ALL at the end, and the history judged
-    /// (stale, lost, non-monotonic or invented reads). Exit 0 when it holds,
-    /// 1 when it does not.
+    /// Jepsen-style check of a running cluster: a recorded workload and its verdict.
+    ///
+    /// Concurrent workers write and read keys of their own while you kill,
+    /// pause and restart nodes; every operation is recorded, every key is
+    /// read at ALL at the end, and the history is judged (stale, lost,
+    /// non-monotonic or invented reads). Exit 0 when it holds, 1 when it
+    /// does not.
     #[command(name = "check")]
     Check(CheckArgs),
     /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
