@@ -134,22 +134,18 @@ pub async fn run(
         "{}",
         verdict(&history, workload_ops, args.keys, &final_reads, &report)
     );
-    let holds = report.is_valid();
+    // A violation is the verdict, whether or not the final reads were done.
+    if !report.is_valid() {
+        eprintln!("note: the check keys ({prefix}key-*) are kept for inspection");
+        return Ok(Outcome::Violated);
+    }
     match final_reads {
-        FinalReads::GaveUp { .. } if !holds => {
-            eprintln!("note: the check keys ({prefix}key-*) are kept for inspection");
-            Ok(Outcome::Violated)
-        }
         FinalReads::GaveUp { error } => {
             eprintln!(
                 "note: gave up on the final reads at ALL after {} s (--final-wait): without them no verdict on lost writes",
                 args.final_wait
             );
             Err(error)
-        }
-        FinalReads::Done if !holds => {
-            eprintln!("note: the check keys ({prefix}key-*) are kept for inspection");
-            Ok(Outcome::Violated)
         }
         FinalReads::Done => {
             clean_up(client, &workload).await;
