@@ -89,8 +89,12 @@ impl Recorder {
 /// The keys and the mix of one workload.
 #[derive(Clone, Copy, Debug)]
 pub struct Workload {
-    /// Keys `key-0` .. `key-{keys-1}`.
+    /// Keys `{prefix}key-0` .. `{prefix}key-{keys-1}`.
     pub keys: u64,
+    /// Put before every key: empty in tests, whose clusters start empty;
+    /// `DKVSClient check` names its keys after its run, so that it touches
+    /// no key of a cluster's users and no value an earlier run left.
+    pub prefix: &'static str,
     /// Percent of operations that are PUTs; DELETEs are another 5%, the
     /// rest GETs.
     pub put_percent: u64,
@@ -105,6 +109,7 @@ impl Workload {
     pub fn new(keys: u64) -> Self {
         Self {
             keys,
+            prefix: "",
             put_percent: 45,
             t0: Instant::now(),
             clock: None,
@@ -120,7 +125,7 @@ impl Workload {
     }
 
     pub fn key(&self, k: u64) -> String {
-        format!("key-{k}")
+        format!("{}key-{k}", self.prefix)
     }
 
     /// Runs worker `id` until `until`: random operations on random keys,

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::process::{Command, Output, Stdio};
 
 use common::{TestCluster, eventually};
@@ -352,5 +352,287 @@ async fn a_cluster_that_never_answers_is_a_timeout() {
         let stderr = text(&output.stderr);
         assert_eq!(output.status.code(), Some(4), "{args:?}: {stderr}");
         assert!(stderr.contains("no answer within 300 ms"), "{stderr}");
+    }
+}
+
+/// The keys a `check` run used, from its first line: `check-RUN-key-`.
+fn check_prefix(stdout: &str) -> String {
+    let start = stdout.find("(check-").expect("the keys are named") + 1;
+    let end = start + stdout[start..].find("key-").expect("key-") + "key-".len();
+    stdout[start..end].to_string()
+}
+
+/// `DKVSClient check` on a healthy cluster: the verdict holds, exit 0, and
+/// the run's keys are deleted afterwards. A second run with the same seed
+/// (the same values) uses keys of its own, so it does not mistake the first
+/// run's values for invented ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_holds_on_a_healthy_cluster() {
+    let cluster = TestCluster::start(3).await;
+    let check = client(
+        &cluster,
+        &[
+            "check",
+            "--duration",
+            "3",
+            "--keys",
+            "8",
+            "--workers",
+            "3",
+            "--seed",
+            "42",
+        ],
+    );
+    let (stdout, stderr) = (text(&check.stdout), text(&check.stderr));
+    assert_eq!(check.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.starts_with("checking 3 members at QUORUM: 3 workers on 8 keys (check-"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("seed 42 (--seed 42 repeats"), "{stdout}");
+    let operations: usize = stdout
+        .split("operations: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("an operations line");
+    assert!(operations > 100, "{stdout}");
+    assert!(stdout.contains("availability: 100.00%"), "{stdout}");
+    assert!(
+        stdout.contains("final reads at ALL: 8 of 8 keys"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\nviolations: 0\n"), "{stdout}");
+    assert!(stdout.contains("verdict: the history holds"), "{stdout}");
+    // Not a terminal: no progress bar drawn on stderr.
+    assert!(!stderr.contains('\r'), "{stderr}");
+    let prefix = check_prefix(&stdout);
+    for k in 0..8 {
+        let get = client(&cluster, &["GET", &format!("{prefix}{k}")]);
+        assert_eq!(get.status.code(), Some(1), "{prefix}{k} is still there");
+    }
+
+    let again = client(&cluster, &["check", "--duration", "1", "--seed", "42"]);
+    let stdout = text(&again.stdout);
+    assert_eq!(
+        again.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        text(&again.stderr)
+    );
+    assert_ne!(check_prefix(&stdout), prefix, "{stdout}");
+}
+
+/// The final reads at ALL need every replica: with a node down they wait
+/// (`--final-wait`), then give up with the exit code of their error (3);
+/// when the node comes back while they wait, the run ends with a verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_waits_for_every_replica_before_its_final_reads() {
+    let mut cluster = TestCluster::start(3).await;
+    cluster.kill(2);
+    let seeds = cluster.addresses()[..2].join(",");
+    let args = [
+        "--nodes",
+        &seeds,
+        "check",
+        "--duration",
+        "1",
+        "--keys",
+        "4",
+        "--workers",
+        "2",
+    ];
+    let gave_up = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .args(args)
+        .args(["--final-wait", "1"])
+        .output()
+        .expect("run DKVSClient");
+    let (stdout, stderr) = (text(&gave_up.stdout), text(&gave_up.stderr));
+    assert_eq!(gave_up.status.code(), Some(3), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("the final reads at ALL need every replica of each key: waiting up to 1 s"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("gave up on the final reads"), "{stderr}");
+    assert!(
+        stdout.contains("final reads at ALL: 0 of 4 keys; gave up: "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("lost writes are not checked"), "{stdout}");
+
+    // Again, and the node comes back once the final reads are waiting.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn DKVSClient");
+    let stderr = child.stderr.take().expect("stderr");
+    let (waiting_tx, waiting) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("waiting up to") {
+                let _ = waiting_tx.send(());
+            }
+            lines.push(line);
+        }
+        lines.join("\n")
+    });
+    tokio::task::spawn_blocking(move || waiting.recv_timeout(std::time::Duration::from_secs(60)))
+        .await
+        .expect("join")
+        .expect("the final reads wait for the node that is down");
+    cluster.restart(2).await;
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("DKVSClient exits");
+    let stderr = reader.join().expect("stderr reader");
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("every replica answered after"), "{stderr}");
+    assert!(
+        stdout.contains("final reads at ALL: 4 of 4 keys"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("verdict: the history holds"), "{stdout}");
+}
+
+/// Storage that acknowledges every record write and keeps none: a cluster
+/// that loses acknowledged writes, for `check` to catch.
+struct ForgetfulStorage(dkvs::storage::MemoryStorage);
+
+impl dkvs::storage::Storage for ForgetfulStorage {
+    fn get(&self, key: &[u8]) -> dkvs::Result<Option<dkvs::record::Record>> {
+        self.0.get(key)
+    }
+    fn put(&self, _key: &[u8], _record: &dkvs::record::Record) -> dkvs::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> dkvs::Result<()> {
+        self.0.flush()
+    }
+    fn for_each(
+        &self,
+        visit: &mut dyn FnMut(&[u8], &dkvs::record::Record),
+        corrupt: &mut dyn FnMut(&[u8], String),
+    ) -> dkvs::Result<()> {
+        self.0.for_each(visit, corrupt)
+    }
+    fn scan(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &dkvs::record::Record),
+    ) -> dkvs::Result<()> {
+        self.0.scan(from, to, visit)
+    }
+    fn delete(&self, key: &[u8]) -> dkvs::Result<()> {
+        self.0.delete(key)
+    }
+    fn get_meta(&self, name: &str) -> dkvs::Result<Option<u64>> {
+        self.0.get_meta(name)
+    }
+    fn put_meta_durable(&self, name: &str, value: u64) -> dkvs::Result<()> {
+        self.0.put_meta_durable(name, value)
+    }
+    fn sync(&self) -> dkvs::Result<()> {
+        self.0.sync()
+    }
+    fn put_hint(&self, id: &[u8], bytes: &[u8]) -> dkvs::Result<()> {
+        self.0.put_hint(id, bytes)
+    }
+    fn delete_hint(&self, id: &[u8]) -> dkvs::Result<()> {
+        self.0.delete_hint(id)
+    }
+    fn hints(&self, prefix: &[u8], limit: usize) -> dkvs::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        self.0.hints(prefix, limit)
+    }
+}
+
+/// `check` can fail: against three nodes (hosted in this process) whose
+/// storage forgets every write, it reports the lost writes with the
+/// operations involved and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_finds_the_lost_writes_of_a_cluster_that_forgets() {
+    use dkvs::config::ServerConfig;
+    use dkvs::node::{Node, serve};
+    use std::sync::Arc;
+
+    let mut listeners = Vec::new();
+    for _ in 0..3 {
+        listeners.push(
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind port 0"),
+        );
+    }
+    let addresses: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").to_string())
+        .collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut nodes = Vec::new();
+    for (listener, address) in listeners.into_iter().zip(&addresses) {
+        let config = ServerConfig::from_arg_list(vec![
+            "DKVSServer".into(),
+            "--listen".into(),
+            address.clone(),
+            "--peers".into(),
+            addresses.join(","),
+        ])
+        .expect("config");
+        let storage = ForgetfulStorage(dkvs::storage::MemoryStorage::new());
+        let node = Node::with_storage(
+            config,
+            Arc::new(storage),
+            Arc::new(dkvs::net::TcpDialer::default()),
+        )
+        .expect("node");
+        let mut stopped = stopped.clone();
+        nodes.push(tokio::spawn(serve(
+            node,
+            dkvs::node::incoming(listener),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )));
+    }
+
+    let seeds = addresses.join(",");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+            .args(["--nodes", &seeds, "check", "--duration", "1", "--keys", "4"])
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("run DKVSClient");
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert_eq!(output.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("final reads at ALL: 4 of 4 keys"),
+        "{stdout}"
+    );
+    let violations = stdout
+        .lines()
+        .find(|l| l.starts_with("violations: "))
+        .expect("a violations line");
+    assert!(violations.contains("lost write"), "{violations}");
+    // Each violation, then each operation involved on a line of its own.
+    assert!(stdout.contains("\n1. "), "{stdout}");
+    assert!(stdout.contains("\n     #"), "{stdout}");
+    assert!(
+        stdout.contains("verdict: the history does NOT hold"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("kept for inspection"), "{stderr}");
+    let _ = stop.send(true);
+    for node in nodes {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), node).await;
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! This file holds the command line (clap), runs one command or the prompt,
 //! and maps errors to exit codes. The prompt is in [`prompt`], the `status`
-//! table in [`status`], `bench` and its targets in [`bench`](mod@bench).
+//! table in [`status`], `bench` and its targets in [`bench`](mod@bench),
+//! `check` (a recorded workload and its verdict) in [`check`].
 //!
-//! Exit codes: 0 success; 1 GET of a missing key; 2 usage error or input the
+//! Exit codes: 0 success; 1 GET of a missing key, or a `check` whose history
+//! broke a promise; 2 usage error or input the
 //! cluster refused (INVALID_ARGUMENT); 3 cluster unavailable (quorum not
 //! reached, no node answered); 4 timeout, or a PUT/DELETE whose outcome is
 //! indeterminate (it may or may not have been applied, and may take effect
@@ -26,10 +28,12 @@ use dkvs::client::{Client, ClientOptions};
 use dkvs::quorum::Consistency;
 
 mod bench;
+mod check;
 mod prompt;
 mod status;
 
 use bench::BenchArgs;
+use check::CheckArgs;
 
 /// The addresses startServers.sh uses.
 const DEFAULT_NODES: &str =
@@ -85,6 +89,15 @@ enum Command {
     /// Closed-loop YCSB-style load: throughput and latency percentiles.
     #[command(name = "bench")]
     Bench(BenchArgs),
+    /// Jepsen-style check of a running cluster: a recorded workload and its verdict.
+    ///
+    /// Concurrent workers write and read keys of their own while you kill,
+    /// pause and restart nodes; every operation is recorded, every key is
+    /// read at ALL at the end, and the history is judged (stale, lost,
+    /// non-monotonic or invented reads). Exit 0 when it holds, 1 when it
+    /// does not.
+    #[command(name = "check")]
+    Check(CheckArgs),
     /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
     #[command(name = "noop-server", hide = true)]
     NoopServer {
@@ -97,6 +110,8 @@ enum Command {
 enum Outcome {
     Done,
     NotFound,
+    /// `check` found the history broke a promise.
+    Violated,
 }
 
 fn main() -> ExitCode {
@@ -143,17 +158,18 @@ async fn run(cli: Cli) -> ExitCode {
         }
         _ => {}
     }
+    let rpc_timeout = options.rpc_timeout;
     let client = match Client::connect(&nodes, options).await {
         Ok(client) => client,
         Err(error) => return report(&error),
     };
     let code = match cli.command {
-        Some(command) => match execute(&client, command).await {
+        Some(command) => match execute(&client, command, rpc_timeout).await {
             Ok(Outcome::Done) => ExitCode::SUCCESS,
-            Ok(Outcome::NotFound) => ExitCode::from(1),
+            Ok(Outcome::NotFound | Outcome::Violated) => ExitCode::from(1),
             Err(error) => report(&error),
         },
-        None => prompt::prompt(&client).await,
+        None => prompt::prompt(&client, rpc_timeout).await,
     };
     client.close().await;
     code
@@ -182,7 +198,13 @@ fn warn_if_only_hinted(acks: usize) {
     }
 }
 
-async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
+/// Runs one command; `rpc_timeout` is `--timeout-ms` (for the second
+/// client `check` connects).
+async fn execute(
+    client: &Client,
+    command: Command,
+    rpc_timeout: Duration,
+) -> Result<Outcome, Error> {
     let mut out = std::io::stdout().lock();
     match command {
         Command::Put { key, value } => {
@@ -221,6 +243,10 @@ async fn execute(client: &Client, command: Command) -> Result<Outcome, Error> {
         Command::NoopServer { listen } => {
             drop(out);
             bench::noop_server(listen).await?;
+        }
+        Command::Check(args) => {
+            drop(out);
+            return check::run(client, args, rpc_timeout).await;
         }
         Command::Replicas { key } => {
             for (rank, address) in client.replicas_of(&key).iter().enumerate() {

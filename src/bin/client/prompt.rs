@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use dkvs::client::Client;
@@ -18,7 +19,9 @@ struct PromptLine {
 }
 
 /// The interactive prompt: one command per line until EOF, `exit` or `quit`.
-pub async fn prompt(client: &Client) -> ExitCode {
+/// `rpc_timeout` is `--timeout-ms`, for commands that connect a second
+/// client (`check`).
+pub async fn prompt(client: &Client, rpc_timeout: Duration) -> ExitCode {
     let stdin = std::io::stdin();
     let interactive = std::io::IsTerminal::is_terminal(&stdin);
     if interactive {
@@ -56,7 +59,7 @@ pub async fn prompt(client: &Client) -> ExitCode {
             Some(_) => {}
         }
         match PromptLine::try_parse_from(words) {
-            Ok(parsed) => match execute(client, parsed.command).await {
+            Ok(parsed) => match execute(client, parsed.command, rpc_timeout).await {
                 Ok(_) => {}
                 Err(error) => eprintln!("error: {error}"),
             },
