@@ -287,6 +287,19 @@ impl Client {
             let mut client = self.peers.key_value_client(&address)?;
             match tokio::time::timeout(timeout, client.get(request.clone())).await {
                 Ok(Ok(reply)) => return pb::record_from_get_response(reply.into_inner()),
+                // A node that could not reach a quorum from where it stands
+                // (say, on the minority side of a partition) decided nothing:
+                // another node may reach one. A read has no effect to repeat
+                // (its repair writes an existing version, if newer).
+                Ok(Err(status))
+                    if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some()
+                        && matches!(
+                            status.code(),
+                            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+                        ) =>
+                {
+                    failures.push(format!("{address}: {}", describe_status(&status)));
+                }
                 Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
                     return Err(error_from_status(status));
                 }

@@ -47,11 +47,10 @@ impl pb::cluster_server::Cluster for ClusterService {
                         None => (None, 0),
                     }
                 };
-                // A member's last heartbeat may have failed before the
-                // detector convicts it: say why either way.
+                // Why a member is believed down. One that is up but silent
+                // (frozen, not yet convicted) shows in the age of its counts.
                 let (state, error) = if itself || health.up {
-                    let why = health.last_error.clone().unwrap_or_default();
-                    (pb::MemberState::Up, why)
+                    (pb::MemberState::Up, String::new())
                 } else {
                     let why = health
                         .last_error
