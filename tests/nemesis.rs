@@ -32,15 +32,7 @@ async fn history_stays_correct_while_a_nemesis_kills_and_pauses_nodes() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(8);
-    let seed = std::env::var("DKVS_NEMESIS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(7)
-        });
+    let seed = common::seed_from_env("DKVS_NEMESIS_SEED");
     println!("nemesis: {seconds} s, seed {seed} (DKVS_NEMESIS_SEED={seed} to replay the schedule)");
     let mut cluster = TestCluster::start(5).await;
     let client = Arc::new(

@@ -101,15 +101,7 @@ async fn history_stays_correct_across_real_partitions() {
         }
         Err(Setup::Broken(why)) => panic!("network setup failed: {why}"),
     };
-    let seed = std::env::var("DKVS_PARTITION_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(11)
-        });
+    let seed = common::seed_from_env("DKVS_PARTITION_SEED");
     println!(
         "partitions: seed {seed} (DKVS_PARTITION_SEED={seed} replays the schedule); nodes {}",
         lab.addresses().join(" ")

@@ -17,7 +17,6 @@
 //! Not simulated yet: clock skew between hosts (the seam is one wall clock
 //! for the whole simulation).
 
-use std::cell::Cell;
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -63,18 +62,11 @@ fn address(i: usize) -> String {
 thread_local! {
     /// The generator of the seed running on this thread (turmoil runs every
     /// host on the test's thread).
-    static RNG: Cell<u64> = const { Cell::new(1) };
+    static RNG: std::cell::RefCell<Rng> = std::cell::RefCell::new(Rng::new(1));
 }
 
 fn sim_random() -> u64 {
-    RNG.with(|rng| {
-        let mut x = rng.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        rng.set(x);
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    })
+    RNG.with(|rng| rng.borrow_mut().next_u64())
 }
 
 /// 2026-01-01T00:00:00Z, the simulation's epoch.
@@ -242,7 +234,7 @@ enum Fault {
 
 fn run_seed(seed: u64, setting: Setting) -> Run {
     install_seams();
-    RNG.with(|rng| rng.set(seed | 1));
+    RNG.with(|rng| *rng.borrow_mut() = Rng::new(seed));
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(SystemTime::UNIX_EPOCH + Duration::from_millis(EPOCH_MS))

@@ -473,3 +473,18 @@ pub fn get_request(key: &str) -> pb::GetRequest {
         consistency: 0,
     }
 }
+
+/// The seed in environment variable `name` (to replay a run), or a new one
+/// from the clock.
+#[allow(dead_code)] // not every test binary replays a seeded schedule
+pub fn seed_from_env(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(7)
+        })
+}
