@@ -282,8 +282,13 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let timeout = self.options.rpc_timeout;
+        let replicas = self.replicas_of(key);
+        // Nodes that answered without reaching a quorum; at most N of them
+        // are tried, so a failure every node sees alike (ALL with a replica
+        // down) costs N answers, not one per member.
+        let mut undecided = 0;
         let mut failures = Vec::new();
-        for address in self.candidates(&self.replicas_of(key)) {
+        for address in self.candidates(&replicas) {
             let mut client = self.peers.key_value_client(&address)?;
             match tokio::time::timeout(timeout, client.get(request.clone())).await {
                 Ok(Ok(reply)) => return pb::record_from_get_response(reply.into_inner()),
@@ -298,6 +303,10 @@ impl Client {
                             tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
                         ) =>
                 {
+                    undecided += 1;
+                    if undecided >= replicas.len() {
+                        return Err(error_from_status(status));
+                    }
                     failures.push(format!("{address}: {}", describe_status(&status)));
                 }
                 Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
