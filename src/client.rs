@@ -39,6 +39,7 @@ use crate::net::{
     CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
 };
 use crate::pb;
+use crate::placement::{Placement, SharedPlacement};
 use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::ring::{Member, Ring};
@@ -85,10 +86,10 @@ pub struct Client {
     options: ClientOptions,
     /// Channels to members.
     peers: Arc<PeerPool>,
-    /// The cluster's ring, as learned from a node.
-    ring: Ring,
-    /// Replicas per key, N.
-    replicas: usize,
+    /// The cluster's layout as learned from a node: the read ring, N, and
+    /// the layout version reads are placed with (refreshed when a replica
+    /// serves a newer one).
+    placement: SharedPlacement,
     /// Nodes that failed recently, and when.
     recently_down: Mutex<HashMap<String, Instant>>,
     /// Read repairs in flight.
@@ -115,11 +116,7 @@ impl Client {
         ));
         let failures = match first_status(&peers, seeds, options.rpc_timeout).await {
             Ok((status, silent)) => {
-                let members = status
-                    .members
-                    .iter()
-                    .map(|m| Member::new(m.address.clone()));
-                let ring = Ring::new(members, status.vnodes as usize);
+                let placement = placement_of(&status)?;
                 // Members the node believes down are tried last for a while.
                 let now = Instant::now();
                 // So are seeds that were still silent when another answered
@@ -133,8 +130,7 @@ impl Client {
                     .map(|address| (address, now))
                     .collect();
                 return Ok(Self {
-                    replicas: status.replicas as usize,
-                    ring,
+                    placement: SharedPlacement::new(placement),
                     peers,
                     options,
                     recently_down: Mutex::new(down),
@@ -151,12 +147,38 @@ impl Client {
         })
     }
 
-    pub fn ring(&self) -> &Ring {
-        &self.ring
+    /// The read ring of the layout the client knows.
+    pub fn ring(&self) -> Arc<Ring> {
+        self.placement.snapshot().ring().clone()
     }
 
     pub fn replicas(&self) -> usize {
-        self.replicas
+        self.placement.snapshot().replicas()
+    }
+
+    /// The layout version the client places reads with (0: none known).
+    pub fn layout_version(&self) -> u64 {
+        self.placement.snapshot().version()
+    }
+
+    /// Asks the members for the cluster's layout and uses it if it is
+    /// newer than the one known (a replica refused a read placed with an
+    /// older one).
+    pub async fn refresh_layout(&self) -> Result<()> {
+        let view = self.placement.snapshot();
+        let mut addresses: Vec<String> = view.members().iter().map(|m| m.address.clone()).collect();
+        addresses.extend(self.seeds.iter().cloned());
+        addresses.dedup();
+        match first_status(&self.peers, &addresses, self.options.rpc_timeout).await {
+            Ok((status, _)) => {
+                let fresh = placement_of(&status)?;
+                if fresh.version() > self.placement.snapshot().version() {
+                    self.placement.replace(fresh);
+                }
+                Ok(())
+            }
+            Err(failures) => Err(no_node_answered(&failures)),
+        }
     }
 
     pub fn consistency(&self) -> Consistency {
@@ -169,8 +191,9 @@ impl Client {
 
     /// The key's replicas, in preference order.
     pub fn replicas_of(&self, key: &str) -> Vec<String> {
-        self.ring
-            .preference_list(key.as_bytes(), self.replicas)
+        self.placement
+            .snapshot()
+            .replicas_of(key)
             .into_iter()
             .map(|m| m.address.clone())
             .collect()
@@ -225,16 +248,27 @@ impl Client {
         // spare. The belief may be stale (a node restarted within the
         // penalty): when the read fails without them, it is tried once more
         // asking every replica, which costs at most a timeout.
-        let addresses = self.replicas_of(key);
-        let (replicas, skipped) = self.read_handles(&addresses, true)?;
         let consistency = self.options.consistency;
         let timeout = self.options.rpc_timeout;
-        let result = match read_quorum(replicas, key, consistency, timeout).await {
-            Err(Error::QuorumNotReached { .. }) if skipped > 0 => {
-                let (everyone, _) = self.read_handles(&addresses, false)?;
-                read_quorum(everyone, key, consistency, timeout).await?
+        let mut attempts = 0;
+        let result = loop {
+            let addresses = self.replicas_of(key);
+            let (replicas, skipped) = self.read_handles(&addresses, true)?;
+            let read = match read_quorum(replicas, key, consistency, timeout).await {
+                Err(Error::QuorumNotReached { .. }) if skipped > 0 => {
+                    let (everyone, _) = self.read_handles(&addresses, false)?;
+                    read_quorum(everyone, key, consistency, timeout).await
+                }
+                answered => answered,
+            };
+            match read {
+                // Placed with an old layout: learn the new one, read again.
+                Err(Error::StaleLayout { .. }) if attempts < 3 => {
+                    attempts += 1;
+                    self.refresh_layout().await?;
+                }
+                other => break other?,
             }
-            answered => answered?,
         };
         if result.blocking.is_some() {
             return self.get_through_node(key).await;
@@ -254,10 +288,12 @@ impl Client {
         let needed = self.options.consistency.required(addresses.len());
         let spare = addresses.len().saturating_sub(needed);
         let mut skipped = 0;
+        let layout_version = self.layout_version();
         let handles = addresses
             .iter()
             .map(|address| {
                 let mut handle = self.peers.replica_handle(address, None)?;
+                handle.layout_version = layout_version;
                 if skip_down && skipped < spare && self.is_recently_down(address) {
                     skipped += 1;
                     handle.believed_down = Some(format!(
@@ -360,7 +396,7 @@ impl Client {
     /// recently failed nodes last.
     fn candidates(&self, first: &[String]) -> Vec<String> {
         let mut order: Vec<String> = first.to_vec();
-        for member in self.ring.members() {
+        for member in self.placement.snapshot().members() {
             if !order.contains(&member.address) {
                 order.push(member.address.clone());
             }
@@ -587,3 +623,22 @@ fn error_from_status(status: tonic::Status) -> Error {
 #[cfg(test)]
 #[path = "client_tests.rs"]
 mod tests;
+
+/// The placement a `Cluster.Status` answer describes: its layout, or (from
+/// a node without one) a ring of its members.
+fn placement_of(status: &pb::StatusResponse) -> Result<Placement> {
+    if let Some(layout) = status.layout.clone() {
+        let layout = pb::layout_from(layout)
+            .map_err(|why| Error::Unavailable(format!("{} sent a bad layout: {why}", status.address)))?;
+        return Ok(Placement::of_layout(Arc::new(layout), ""));
+    }
+    let members = status
+        .members
+        .iter()
+        .map(|m| Member::new(m.address.clone()));
+    Ok(Placement::new(
+        Arc::new(Ring::new(members, status.vnodes as usize)),
+        status.replicas as usize,
+        "",
+    ))
+}

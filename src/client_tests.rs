@@ -70,8 +70,11 @@ fn client_over(scripts: [Script; 3]) -> (Client, Vec<Arc<FakeReplica>>) {
             ..ClientOptions::default()
         },
         peers: Arc::new(PeerPool::with_fakes(fakes.iter().cloned())),
-        ring,
-        replicas: 3,
+        placement: crate::placement::SharedPlacement::new(crate::placement::Placement::new(
+            Arc::new(ring),
+            3,
+            "",
+        )),
         recently_down: Mutex::new(HashMap::new()),
         background: Background::new(CancellationToken::new()),
         seeds: REPLICAS.map(String::from).to_vec(),

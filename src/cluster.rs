@@ -5,7 +5,7 @@
 //! The coordinator, hinted handoff, anti-entropy and heartbeats each hold
 //! one `Arc<Cluster>` instead of their own copies of these.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::error::Result;
@@ -23,12 +23,90 @@ pub struct Cluster {
     pub liveness: Liveness,
     /// Deadline of each call to a peer (`--rpc-timeout-ms`).
     pub rpc_timeout: Duration,
+    /// Fetches and adopts newer layouts (set once the node is built).
+    pub learner: OnceLock<Weak<dyn LayoutLearner>>,
+}
+
+/// What learns a newer layout when a peer says it serves one.
+pub trait LayoutLearner: Send + Sync {
+    /// Fetches the layout from `from` (which serves `version`) and adopts
+    /// it if it is newer; returns once this node serves at least `version`
+    /// or the attempt failed.
+    fn catch_up(
+        self: Arc<Self>,
+        version: u64,
+        from: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+}
+
+/// A write's replicas: the union of its replica sets, and each set as
+/// indices into it.
+pub struct WriteReplicas {
+    pub handles: Vec<ReplicaHandle>,
+    pub sets: Vec<Vec<usize>>,
 }
 
 impl Cluster {
+    pub fn new(
+        placement: SharedPlacement,
+        peers: Arc<PeerPool>,
+        liveness: Liveness,
+        rpc_timeout: Duration,
+    ) -> Self {
+        Self {
+            placement,
+            peers,
+            liveness,
+            rpc_timeout,
+            learner: OnceLock::new(),
+        }
+    }
+
     /// The placement now (see [`SharedPlacement::snapshot`]).
     pub fn placement(&self) -> Arc<Placement> {
         self.placement.snapshot()
+    }
+
+    /// Makes this node serve at least layout `version`, fetched from
+    /// `from`, before a request placed with an older one is retried.
+    pub async fn catch_up(&self, version: u64, from: &str) {
+        if self.placement().version() >= version {
+            return;
+        }
+        let learner = self.learner.get().and_then(Weak::upgrade);
+        if let Some(learner) = learner {
+            learner.catch_up(version, from.to_string()).await;
+        }
+    }
+
+    /// Handles to every replica a write of `key` must reach under `view`.
+    pub fn write_replicas(
+        &self,
+        view: &Placement,
+        key: &str,
+        local: &Arc<ReplicaStore>,
+    ) -> Result<WriteReplicas> {
+        let sets = view.write_sets(key);
+        let mut union: Vec<&crate::ring::Member> = Vec::new();
+        let mut indices = Vec::with_capacity(sets.len());
+        for set in &sets {
+            let mut own = Vec::with_capacity(set.len());
+            for member in set {
+                let index = match union.iter().position(|m| m.address == member.address) {
+                    Some(index) => index,
+                    None => {
+                        union.push(member);
+                        union.len() - 1
+                    }
+                };
+                own.push(index);
+            }
+            indices.push(own);
+        }
+        Ok(WriteReplicas {
+            handles: self.handles_for(view, union, local)?,
+            sets: indices,
+        })
     }
 
     /// Handles to `key`'s N replicas under `view`, this node's own store
@@ -40,7 +118,15 @@ impl Cluster {
         key: &str,
         local: &Arc<ReplicaStore>,
     ) -> Result<Vec<ReplicaHandle>> {
-        let members = view.replicas_of(key);
+        self.handles_for(view, view.replicas_of(key), local)
+    }
+
+    fn handles_for(
+        &self,
+        view: &Placement,
+        members: Vec<&crate::ring::Member>,
+        local: &Arc<ReplicaStore>,
+    ) -> Result<Vec<ReplicaHandle>> {
         let healths = self
             .liveness
             .healths(members.iter().map(|m| m.address.as_str()));
@@ -50,6 +136,7 @@ impl Cluster {
             .map(|(member, health)| {
                 let local = view.is_me(&member.address).then_some(local);
                 let mut handle = self.peers.replica_handle(&member.address, local)?;
+                handle.layout_version = view.version();
                 if !health.up {
                     handle.believed_down = Some(format!(
                         "believed down by the failure detector (phi {:.1}{})",

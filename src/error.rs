@@ -12,6 +12,23 @@ use tonic::{Code, Status};
 /// another node could help.
 pub const COORDINATOR_ERROR_HEADER: &str = "dkvs-coordinator-error";
 
+/// On a stale-layout refusal: the layout version the refusing node serves.
+pub const LAYOUT_VERSION_HEADER: &str = "dkvs-layout-version";
+
+/// The layout version a FAILED_PRECONDITION stale-layout status carries.
+pub fn stale_layout_of(status: &Status) -> Option<u64> {
+    if status.code() != Code::FailedPrecondition {
+        return None;
+    }
+    status
+        .metadata()
+        .get(LAYOUT_VERSION_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The caller sent something DKVS does not accept.
@@ -108,6 +125,18 @@ pub enum Error {
     /// A bug or an impossible state; the message says which.
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// The caller placed this request with an older layout than the node
+    /// serves: fetch the newer layout (`Replica.GetLayout`) and retry.
+    #[error(
+        "stale layout: the request was placed with layout v{caller}, this node serves v{current}; fetch the newer layout and retry"
+    )]
+    StaleLayout { caller: u64, current: u64 },
+
+    /// The request cannot run in the cluster's current state (a layout
+    /// change refused, say); the message says why.
+    #[error("{0}")]
+    FailedPrecondition(String),
 }
 
 /// The replicas of a failed quorum call by what they did, with addresses,
@@ -158,8 +187,15 @@ impl From<Error> for Status {
             Error::CorruptRecord { .. } => Code::DataLoss,
             Error::DiskFull { .. } => Code::ResourceExhausted,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
+            Error::StaleLayout { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
         };
         let mut status = Status::new(code, error.to_string());
+        if let Error::StaleLayout { current, .. } = &error {
+            status.metadata_mut().insert(
+                LAYOUT_VERSION_HEADER,
+                tonic::metadata::MetadataValue::from(*current),
+            );
+        }
         status.metadata_mut().insert(
             COORDINATOR_ERROR_HEADER,
             tonic::metadata::MetadataValue::from_static("1"),

@@ -46,6 +46,8 @@ pub(crate) mod coordinator;
 pub mod error;
 pub(crate) mod hints;
 pub(crate) mod identity;
+pub mod layout;
+pub mod membership;
 pub(crate) mod limits;
 pub(crate) mod liveness;
 pub mod net;

@@ -310,3 +310,129 @@ mod tests {
         );
     }
 }
+
+// ---- Layouts (membership) ----
+
+impl From<&crate::layout::Layout> for Layout {
+    fn from(l: &crate::layout::Layout) -> Self {
+        Self {
+            version: l.version,
+            replicas: l.replicas as u32,
+            vnodes: l.vnodes as u32,
+            members: l
+                .members
+                .iter()
+                .map(|m| LayoutMember {
+                    address: m.address.clone(),
+                    member_id: m.member_id,
+                    role: match m.role {
+                        crate::layout::Role::Active => LayoutRole::Active,
+                        crate::layout::Role::Joining => LayoutRole::Joining,
+                    } as i32,
+                    tokens: m.tokens.clone(),
+                })
+                .collect(),
+            previous: l.previous.clone(),
+            change: l.change.clone(),
+        }
+    }
+}
+
+/// A layout from the network or disk, checked whole ([`crate::layout::Layout::validate`]).
+pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
+    let members = l
+        .members
+        .into_iter()
+        .map(|m| {
+            let role = match LayoutRole::try_from(m.role) {
+                Ok(LayoutRole::Active) => crate::layout::Role::Active,
+                Ok(LayoutRole::Joining) => crate::layout::Role::Joining,
+                _ => return Err(format!("member {} has no valid role ({})", m.address, m.role)),
+            };
+            Ok(crate::layout::LayoutMember {
+                address: m.address,
+                member_id: m.member_id,
+                role,
+                tokens: m.tokens,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let mut layout = crate::layout::Layout {
+        version: l.version,
+        replicas: l.replicas as usize,
+        vnodes: l.vnodes as usize,
+        members,
+        previous: l.previous,
+        change: l.change,
+    };
+    layout.members.sort_by(|a, b| a.address.cmp(&b.address));
+    layout.validate()?;
+    Ok(layout)
+}
+
+impl From<crate::layout::paxos::Ballot> for Ballot {
+    fn from(b: crate::layout::paxos::Ballot) -> Self {
+        Self {
+            round: b.round,
+            proposer: b.proposer,
+        }
+    }
+}
+
+pub fn ballot_from(b: Option<Ballot>) -> crate::layout::paxos::Ballot {
+    b.map(|b| crate::layout::paxos::Ballot {
+        round: b.round,
+        proposer: b.proposer,
+    })
+    .unwrap_or_default()
+}
+
+impl From<&crate::layout::store::LayoutState> for LayoutState {
+    fn from(s: &crate::layout::store::LayoutState) -> Self {
+        let (accepted_ballot, accepted) = match &s.acceptor.accepted {
+            Some((ballot, layout)) => (Some((*ballot).into()), Some(layout.into())),
+            None => (None, None),
+        };
+        Self {
+            committed: s.committed.as_ref().map(Layout::from),
+            acceptor_version: s.acceptor.version,
+            promised: Some(s.acceptor.promised.into()),
+            accepted_ballot,
+            accepted,
+        }
+    }
+}
+
+pub fn layout_state_from(s: LayoutState) -> Result<crate::layout::store::LayoutState, String> {
+    let accepted = match s.accepted {
+        Some(layout) => Some((ballot_from(s.accepted_ballot), layout_from(layout)?)),
+        None => None,
+    };
+    Ok(crate::layout::store::LayoutState {
+        committed: s.committed.map(layout_from).transpose()?,
+        acceptor: crate::layout::paxos::Acceptor {
+            version: s.acceptor_version,
+            promised: ballot_from(s.promised),
+            accepted,
+        },
+    })
+}
+
+impl From<&crate::membership::MoveProgress> for MoveProgress {
+    fn from(p: &crate::membership::MoveProgress) -> Self {
+        let (keys_remaining, bytes_remaining, eta_ms) = p.remaining().unwrap_or((0, 0, 0));
+        Self {
+            address: String::new(),
+            layout_version: p.layout_version,
+            keys_moved: p.keys_moved,
+            bytes_moved: p.bytes_moved,
+            done_ppm: (p.done_share.clamp(0.0, 1.0) * 1_000_000.0) as u32,
+            keys_remaining,
+            bytes_remaining,
+            eta_ms,
+            ranges_done: p.ranges_done,
+            ranges_total: p.ranges_total,
+            age_ms: 0,
+        }
+    }
+}

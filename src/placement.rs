@@ -6,13 +6,16 @@
 //! a membership change can swap the view ([`SharedPlacement::replace`])
 //! without touching a call site and without a request seeing two rings.
 //!
-//! Today the view is fixed at start (from `--peers`); the membership issue
-//! makes it a layout version the cluster agrees on.
+//! A placement is a view of one [`Layout`] version: reads use its read ring
+//! (active members), writes also go to its extra write rings while data
+//! moves (see [`crate::layout`]), and every placement-dependent call carries
+//! its version so a node serving a newer layout refuses it.
 
 use std::sync::{Arc, RwLock};
 
 use crate::clock::NodeId;
 use crate::error::{Error, Result};
+use crate::layout::Layout;
 use crate::ring::{Member, Ring};
 
 /// Who this node is: its ring position (member id, from its address), the
@@ -29,24 +32,83 @@ pub struct NodeIdentity {
 /// that decides which nodes hold a key.
 #[derive(Debug)]
 pub struct Placement {
+    /// The read ring.
     ring: Arc<Ring>,
     /// N in effect: the requested replication factor capped at the member
     /// count.
     replicas: usize,
+    /// N requested (each ring caps it at its own member count).
+    requested: usize,
     /// This node's advertised address.
     me: String,
+    /// The layout this is a view of (`None`: a bare ring, in unit tests).
+    layout: Option<Arc<Layout>>,
+    /// Rings writes also go to while data moves.
+    extra_write_rings: Vec<Arc<Ring>>,
+    /// Every member, joining ones too.
+    members: Vec<Member>,
 }
 
 impl Placement {
     /// A view of `ring` from the node at `me`, with `requested` replicas per
-    /// key (capped at the member count).
+    /// key (capped at the member count); no layout (version 0).
     pub fn new(ring: Arc<Ring>, requested: usize, me: impl Into<String>) -> Self {
         let replicas = requested.min(ring.members().len());
         Self {
+            members: ring.members().to_vec(),
             ring,
             replicas,
+            requested,
             me: me.into(),
+            layout: None,
+            extra_write_rings: Vec::new(),
         }
+    }
+
+    /// The view of `layout` from the node at `me`.
+    pub fn of_layout(layout: Arc<Layout>, me: impl Into<String>) -> Self {
+        let ring = Arc::new(layout.read_ring());
+        let mut view = Self::new(ring, layout.replicas, me);
+        view.extra_write_rings = layout.extra_write_rings().into_iter().map(Arc::new).collect();
+        view.members = layout
+            .members
+            .iter()
+            .map(|m| Member {
+                address: m.address.clone(),
+                node_id: m.member_id,
+            })
+            .collect();
+        view.layout = Some(layout);
+        view
+    }
+
+    /// The layout version (0: none).
+    pub fn version(&self) -> u64 {
+        self.layout.as_ref().map_or(0, |l| l.version)
+    }
+
+    pub fn layout(&self) -> Option<&Arc<Layout>> {
+        self.layout.as_ref()
+    }
+
+    /// Whether no data is moving (tombstone GC waits otherwise).
+    pub fn is_settled(&self) -> bool {
+        self.layout.as_ref().is_none_or(|l| l.is_settled())
+    }
+
+    /// The replica sets a write to `key` must reach, W acknowledgements in
+    /// each: the read set first, then those of the extra write rings that
+    /// differ from it.
+    pub fn write_sets(&self, key: &str) -> Vec<Vec<&Member>> {
+        let mut sets = vec![self.replicas_of(key)];
+        for ring in &self.extra_write_rings {
+            let n = self.requested.min(ring.members().len());
+            let set = ring.preference_list(key.as_bytes(), n);
+            if !sets.contains(&set) {
+                sets.push(set);
+            }
+        }
+        sets
     }
 
     pub fn ring(&self) -> &Arc<Ring> {
@@ -67,8 +129,9 @@ impl Placement {
         self.me == address
     }
 
+    /// Every member, joining ones too.
     pub fn members(&self) -> &[Member] {
-        self.ring.members()
+        &self.members
     }
 
     pub fn is_member(&self, address: &str) -> bool {
@@ -136,9 +199,7 @@ impl SharedPlacement {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Makes `placement` the view every later snapshot sees (membership
-    /// changes will call it; until then only tests do).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// Makes `placement` the view every later snapshot sees.
     pub fn replace(&self, placement: Placement) {
         *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placement);
     }

@@ -115,6 +115,13 @@ pub struct WriteTally {
     failures: Vec<String>,
     /// Replicas that failed but may have stored the version.
     uncertain: usize,
+    /// While data moves: the replica sets (indices into the replicas the
+    /// round was sent to) that each need their own acknowledgements, and
+    /// how many. Empty: one set of all replicas, `needed`.
+    sets: Vec<(Vec<usize>, usize)>,
+    /// Per replica index: holds the version / answered at all.
+    acked: Vec<bool>,
+    answered_at: Vec<bool>,
 }
 
 impl WriteTally {
@@ -128,7 +135,53 @@ impl WriteTally {
             newer: None,
             failures: Vec::new(),
             uncertain: 0,
+            sets: Vec::new(),
+            acked: vec![false; sent],
+            answered_at: vec![false; sent],
         }
+    }
+
+    /// A round over the union of several replica sets (a layout change in
+    /// progress): acknowledged only when every set has its own `needed`
+    /// acknowledgements. Feed replies with [`WriteTally::record_at`].
+    pub fn in_sets(version: Version, sets: Vec<(Vec<usize>, usize)>, sent: usize) -> Self {
+        let needed = sets.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        let mut tally = Self::new(version, needed, sent);
+        if sets.len() > 1 {
+            tally.sets = sets;
+        }
+        tally
+    }
+
+    /// [`WriteTally::record`] for the replica at `index` of the round.
+    pub fn record_at(&mut self, index: usize, replica: &str, reply: WriteReply) {
+        if let Some(answered) = self.answered_at.get_mut(index) {
+            *answered = true;
+        }
+        if let (WriteReply::Holds(held), Some(acked)) = (&reply, self.acked.get_mut(index)) {
+            *acked = *held == self.version;
+        }
+        self.record(replica, reply);
+    }
+
+    /// Whether every set has its acknowledgements (`Some(true)`), can
+    /// still get them (`Some(false)`), or one cannot (`None`).
+    fn sets_standing(&self) -> Option<bool> {
+        let mut all_met = true;
+        for (members, needed) in &self.sets {
+            let acks = members.iter().filter(|&&i| self.acked.get(i) == Some(&true)).count();
+            let pending = members
+                .iter()
+                .filter(|&&i| self.answered_at.get(i) == Some(&false))
+                .count();
+            if acks < *needed {
+                all_met = false;
+                if acks + pending < *needed {
+                    return None;
+                }
+            }
+        }
+        Some(all_met)
     }
 
     pub fn record(&mut self, replica: &str, reply: WriteReply) {
@@ -159,9 +212,20 @@ impl WriteTally {
 
     pub fn decision(&self) -> WriteDecision {
         let pending = self.sent - self.answered().min(self.sent);
-        if self.acks >= self.needed {
+        let (met, reachable) = if self.sets.is_empty() {
+            (
+                self.acks >= self.needed,
+                self.acks + pending >= self.needed,
+            )
+        } else {
+            match self.sets_standing() {
+                Some(met) => (met, true),
+                None => (false, false),
+            }
+        };
+        if met {
             WriteDecision::Acknowledged { acks: self.acks }
-        } else if self.acks + pending >= self.needed {
+        } else if reachable {
             // Replicas still to answer could complete the quorum: a refusal
             // so far is not yet a reason to start over.
             WriteDecision::Pending

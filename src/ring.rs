@@ -37,6 +37,15 @@ pub fn node_id_for(address: &str) -> NodeId {
     xxh3_64(address.as_bytes())
 }
 
+/// The `vnodes` tokens a member with this id gets: xxh3 of each index,
+/// seeded with the id (how every ring so far was built; a layout stores
+/// them, so a later change of derivation moves nothing).
+pub fn tokens_for(node_id: NodeId, vnodes: usize) -> Vec<u64> {
+    (0..vnodes.max(1) as u64)
+        .map(|v| xxh3_64_with_seed(&v.to_le_bytes(), node_id))
+        .collect()
+}
+
 /// Where a key sits on the ring.
 pub fn key_hash(key: &[u8]) -> u64 {
     xxh3_64(key)
@@ -57,16 +66,29 @@ impl Ring {
     /// Builds the ring for `members` (duplicates removed) with `vnodes`
     /// tokens each (at least one).
     pub fn new(members: impl IntoIterator<Item = Member>, vnodes: usize) -> Self {
-        let mut members: Vec<Member> = members.into_iter().collect();
-        members.sort_by(|a, b| a.address.cmp(&b.address));
-        members.dedup_by(|a, b| a.address == b.address);
+        let vnodes = vnodes.max(1);
+        Self::with_tokens(
+            members.into_iter().map(|m| {
+                let tokens = tokens_for(m.node_id, vnodes);
+                (m, tokens)
+            }),
+            vnodes,
+        )
+    }
+
+    /// Builds the ring from members with their stored tokens (a layout's).
+    pub fn with_tokens(members: impl IntoIterator<Item = (Member, Vec<u64>)>, vnodes: usize) -> Self {
+        let mut members: Vec<(Member, Vec<u64>)> = members.into_iter().collect();
+        members.sort_by(|a, b| a.0.address.cmp(&b.0.address));
+        members.dedup_by(|a, b| a.0.address == b.0.address);
         let vnodes = vnodes.max(1);
         let mut tokens = Vec::with_capacity(members.len() * vnodes);
-        for (index, member) in members.iter().enumerate() {
-            for v in 0..vnodes as u64 {
-                tokens.push((xxh3_64_with_seed(&v.to_le_bytes(), member.node_id), index));
+        for (index, (_, own)) in members.iter().enumerate() {
+            for &token in own {
+                tokens.push((token, index));
             }
         }
+        let members: Vec<Member> = members.into_iter().map(|(m, _)| m).collect();
         // Ties (vanishingly rare) are broken by member order, deterministically.
         tokens.sort_unstable();
         Self {

@@ -569,6 +569,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
                         value: b"x".to_vec().into(),
                         deleted_at_ms: 0,
                     }),
+                    ..Default::default()
                 })
                 .await
                 .expect_err("no version"),
@@ -588,6 +589,7 @@ async fn bad_input_gets_invalid_argument_and_changes_nothing() {
                 value: b"x".to_vec().into(),
                 deleted_at_ms: 0,
             }),
+            ..Default::default()
         })
         .await
         .expect_err("a version at u64::MAX would exhaust every clock");

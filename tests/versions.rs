@@ -183,6 +183,7 @@ fn write_with(key: &str, lamport: u64) -> pb::ReplicaWriteRequest {
             value: b"hostile".to_vec().into(),
             deleted_at_ms: 0,
         }),
+        ..Default::default()
     }
 }
 

@@ -62,6 +62,9 @@ pub struct AntiEntropyStats {
     pub tombstones_purged: AtomicU64,
     /// Tombstone checks skipped because a replica was believed down.
     pub tombstones_skipped: AtomicU64,
+    /// Rounds completed since start (membership waits for a full one
+    /// before old owners drop moved data).
+    pub rounds: Arc<AtomicU64>,
 }
 
 /// One node's side of anti-entropy and tombstone collection.
@@ -98,6 +101,11 @@ impl AntiEntropy {
         }
     }
 
+    /// The counter of completed rounds, shared.
+    pub fn rounds_counter(&self) -> Arc<AtomicU64> {
+        self.stats.rounds.clone()
+    }
+
     /// This node's leaves for the tree it shares with `peer`.
     pub fn leaves_with(&self, view: &Placement, peer: &str) -> Vec<(usize, u64)> {
         view.shared_ranges(peer)
@@ -119,6 +127,10 @@ impl AntiEntropy {
     /// all under one placement.
     pub async fn round(&self) {
         let view = self.cluster.placement();
+        if self.replica.digests_layout_version() != view.version() {
+            // The digests are being recounted for a new layout.
+            return;
+        }
         let peers: Vec<String> = view.peers().map(|m| m.address.clone()).collect();
         for peer in peers {
             // Asked just before each exchange: a round can be long, and a
@@ -138,8 +150,14 @@ impl AntiEntropy {
                 Err(why) => tracing::debug!(peer, %why, "anti-entropy exchange failed"),
             }
         }
-        if let Err(why) = self.collect_tombstones(&view).await {
+        // While data moves, a tombstone's replicas are changing: wait.
+        if view.is_settled()
+            && let Err(why) = self.collect_tombstones(&view).await
+        {
             tracing::debug!(%why, "tombstone collection failed");
         }
+        self.stats
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -24,10 +24,12 @@ impl AntiEntropy {
         let mine = self.leaves_with(view, peer);
         let mut client = self.cluster.peers.replica_client(peer)?;
         let range_count = view.range_count() as u32;
+        let layout_version = view.version();
         let request = |leaves| pb::RangeDigestsRequest {
             peer: view.me().to_string(),
             leaves,
             range_count,
+            layout_version,
         };
         let their_root = call_within(
             self.cluster.rpc_timeout,
@@ -83,6 +85,7 @@ impl AntiEntropy {
         let entries = pb::RangeEntriesRequest {
             range: range as u32,
             range_count,
+            layout_version: self.cluster.placement().version(),
         };
         let listed = call_within(self.cluster.rpc_timeout, client.range_entries(entries))
             .await?

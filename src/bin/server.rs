@@ -56,6 +56,9 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let data_dir = config.data_dir();
+    Node::join_if_needed(&config, Arc::new(TcpDialer::default()))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot join: {e}"))?;
     let node = Node::open(config, Arc::new(TcpDialer::default()))
         .map_err(|e| anyhow::anyhow!("cannot open node (data dir {}): {e}", data_dir.display()))?;
     serve(node, incoming(listener), shutdown_signal()).await?;

@@ -33,6 +33,8 @@ use file::{config_file_in, file_to_args};
 
 /// Default tokens per node on the ring.
 pub const DEFAULT_VNODES: usize = 256;
+/// Default `--stream-rate`: records per second a joining node copies.
+pub const DEFAULT_STREAM_RATE: u64 = 50_000;
 /// Default replication factor N.
 pub const DEFAULT_REPLICAS: usize = 3;
 /// Default key limit, in bytes of UTF-8.
@@ -57,6 +59,17 @@ pub struct ServerConfig {
     /// address may be included. Every node must be given the same list.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub peers: Vec<String>,
+
+    /// Comma-separated addresses of running members: join their cluster
+    /// (used only when the data dir holds no layout yet; a node restarted
+    /// from its data dir rejoins with the layout it holds).
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub join: Vec<String>,
+
+    /// Records per second a joining node copies from the members giving it
+    /// their ranges (0: as fast as it can).
+    #[arg(long, default_value_t = DEFAULT_STREAM_RATE)]
+    pub stream_rate: u64,
 
     /// Directory for this node's data (created if missing).
     /// Default: ./data/<listen address>.
@@ -223,6 +236,15 @@ impl ServerConfig {
     }
 
     /// Every member's address, this node's included, without duplicates or blanks.
+    /// Seeds given with --join (trimmed, without empties).
+    pub fn join_seeds(&self) -> Vec<String> {
+        self.join
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect()
+    }
+
     pub fn member_addresses(&self) -> Vec<String> {
         let mut members: Vec<String> = self
             .peers

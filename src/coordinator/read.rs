@@ -64,7 +64,10 @@ impl PendingRepair {
         while let Some((index, reply)) = self.in_flight.next().await {
             let address = &self.replicas[index].address;
             let reply =
-                reply.map_err(|(ReplicaError::Rejected(why) | ReplicaError::Failed(why))| why);
+                reply.map_err(|e| match e {
+                    ReplicaError::Rejected(why) | ReplicaError::Failed(why) => why,
+                    stale @ ReplicaError::StaleLayout(_) => stale.to_string(),
+                });
             self.tally.record(index, address, reply);
         }
         let Some(RepairPlan { record, stale }) = self.tally.repair_plan() else {
@@ -145,6 +148,9 @@ impl PendingRepair {
                 }
                 Err(ReplicaError::Rejected(why)) => WriteReply::Failed(format!("rejected: {why}")),
                 Err(ReplicaError::Failed(why)) => WriteReply::Failed(why),
+                Err(ReplicaError::StaleLayout(v)) => {
+                    WriteReply::NotSent(format!("refused: it serves newer layout v{v}"))
+                }
             };
             tally.record(address, reply);
         };
@@ -229,6 +235,8 @@ pub async fn read_quorum(
             Box::pin(async move { (index, replica.read(&key, rpc_timeout).await) }) as ReadReply
         })
         .collect();
+    // The newest layout a replica refused the read for.
+    let mut stale: Option<u64> = None;
     loop {
         match tally.decision() {
             ReadDecision::Answer(record) => {
@@ -247,6 +255,12 @@ pub async fn read_quorum(
                 });
             }
             ReadDecision::Failed => {
+                if let Some(current) = stale {
+                    return Err(Error::StaleLayout {
+                        caller: replicas.first().map_or(0, |r| r.layout_version),
+                        current,
+                    });
+                }
                 return Err(Error::QuorumNotReached {
                     operation: "GET",
                     consistency: consistency.name(),
@@ -265,6 +279,10 @@ pub async fn read_quorum(
         let reply = match reply {
             Err(ReplicaError::Rejected(why)) => return Err(Error::InvalidArgument(why)),
             Err(ReplicaError::Failed(why)) => Err(why),
+            Err(ReplicaError::StaleLayout(current)) => {
+                stale = stale.max(Some(current));
+                Err(format!("refused: it serves newer layout v{current}"))
+            }
             Ok(record) => Ok(record),
         };
         standing[index] = if reply.is_ok() {
@@ -288,14 +306,23 @@ impl Coordinator {
     /// that may already be superseded.
     pub async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Record>> {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
-        let view = self.cluster.placement();
+        let mut view = self.cluster.placement();
         let mut blocked = false;
         for _ in 0..MAX_READ_ROUNDS {
             let replicas = self.replicas_for(&view, key)?;
             let read = read_quorum(replicas, key, consistency, self.cluster.rpc_timeout);
-            let mut result = tokio::time::timeout_at(deadline, read)
+            let read = tokio::time::timeout_at(deadline, read)
                 .await
-                .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")))?;
+                .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")));
+            let mut result = match read {
+                Err(Error::StaleLayout { current, .. }) => {
+                    // Placed with an old layout: learn the new one, read again.
+                    self.cluster.catch_up(current, "").await;
+                    view = self.cluster.placement();
+                    continue;
+                }
+                other => other?,
+            };
             if let Some(plan) = result.blocking.take() {
                 if !blocked {
                     blocked = true;

@@ -66,12 +66,12 @@ impl Harness {
             .zip(scripts)
             .map(|(address, script)| FakeReplica::new(address, ring.clone(), script))
             .collect();
-        let cluster = Arc::new(Cluster {
-            placement: SharedPlacement::new(Placement::new(ring.clone(), 3, ME)),
-            peers: Arc::new(PeerPool::with_fakes(replicas.iter().cloned())),
-            liveness: convicting(down.iter().map(|&i| REPLICAS[i])),
-            rpc_timeout: RPC_TIMEOUT,
-        });
+        let cluster = Arc::new(Cluster::new(
+            SharedPlacement::new(Placement::new(ring.clone(), 3, ME)),
+            Arc::new(PeerPool::with_fakes(replicas.iter().cloned())),
+            convicting(down.iter().map(|&i| REPLICAS[i])),
+            RPC_TIMEOUT,
+        ));
         let local = ReplicaStore::open(
             node_id_for(ME),
             Arc::new(MemoryStorage::new()),

@@ -45,18 +45,26 @@ impl Coordinator {
     ) -> Result<WriteAck> {
         let stripe = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize % WRITE_ORDER_STRIPES;
         let _in_order = self.write_order[stripe].lock().await;
-        let view = self.cluster.placement();
-        let replicas = self.replicas_for(&view, key)?;
-        let needed = consistency.required(replicas.len());
+        let mut view = self.cluster.placement();
+        let mut placed = self.cluster.write_replicas(&view, key, &self.local)?;
         let mut version = self.local.next_version()?;
         for round in 0..MAX_WRITE_ROUNDS {
+            let replicas = &placed.handles;
+            let sets: Vec<(Vec<usize>, usize)> = placed
+                .sets
+                .iter()
+                .map(|set| (set.clone(), consistency.required(set.len())))
+                .collect();
+            let needed = sets.first().map_or(0, |(_, needed)| *needed);
             let record = Record::new(version, value.clone(), wall_clock_ms());
-            let mut tally = WriteTally::new(version, needed, replicas.len());
+            let mut tally = WriteTally::in_sets(version, sets, replicas.len());
+            // The newest layout a replica refused this round for, and who.
+            let mut stale: Option<(u64, String)> = None;
             // Replicas that failed this round: they get hints if the write succeeds.
             let mut failed: Vec<usize> = Vec::new();
             for (index, replica) in replicas.iter().enumerate() {
                 if let Some(why) = &replica.believed_down {
-                    tally.record(&replica.address, WriteReply::NotSent(why.clone()));
+                    tally.record_at(index, &replica.address, WriteReply::NotSent(why.clone()));
                     failed.push(index);
                 }
             }
@@ -71,7 +79,7 @@ impl Coordinator {
                         as WriteReplyFuture
                 })
                 .collect();
-            let mut standing = Standing::initial(&replicas);
+            let mut standing = Standing::initial(replicas);
             let decision = loop {
                 match tally.decision() {
                     WriteDecision::Pending => {}
@@ -98,8 +106,17 @@ impl Coordinator {
                         failed.push(index);
                         WriteReply::Failed(why)
                     }
+                    // Refused unapplied: it certainly does not hold it.
+                    Err(ReplicaError::StaleLayout(current)) => {
+                        if stale.as_ref().is_none_or(|(v, _)| current > *v) {
+                            stale = Some((current, replicas[index].address.clone()));
+                        }
+                        WriteReply::NotSent(format!(
+                            "refused: it serves newer layout v{current}"
+                        ))
+                    }
                 };
-                tally.record(&replicas[index].address, reply);
+                tally.record_at(index, &replicas[index].address, reply);
             };
             let succeeded = matches!(decision, WriteDecision::Acknowledged { .. });
             // Let the rest of this round reach its replicas; a replica that
@@ -107,7 +124,7 @@ impl Coordinator {
             if !in_flight.is_empty() {
                 let hinter = self.hinter.clone();
                 let (addresses, key, record) =
-                    (addresses_of(&replicas), key.to_string(), record.clone());
+                    (addresses_of(replicas), key.to_string(), record.clone());
                 self.background.spawn(async move {
                     while let Some((index, reply)) = in_flight.next().await {
                         if succeeded && matches!(reply, Err(ReplicaError::Failed(_))) {
@@ -116,9 +133,24 @@ impl Coordinator {
                     }
                 });
             }
+            if let Some((current, from)) = stale
+                && !matches!(decision, WriteDecision::Acknowledged { .. })
+                && current > view.version()
+            {
+                // Placed with an old layout: learn the new one and send the
+                // same version to the new replica sets.
+                tracing::debug!(key, layout = current, "write placed with a stale layout; retrying");
+                self.cluster.catch_up(current, &from).await;
+                let newer = self.cluster.placement();
+                if newer.version() > view.version() {
+                    view = newer;
+                    placed = self.cluster.write_replicas(&view, key, &self.local)?;
+                    continue;
+                }
+            }
             match decision {
                 WriteDecision::Acknowledged { acks } => {
-                    self.hint_in_background(&replicas, &failed, key, &record);
+                    self.hint_in_background(replicas, &failed, key, &record);
                     return Ok(WriteAck { version, acks });
                 }
                 WriteDecision::Superseded { above } => {
@@ -160,8 +192,8 @@ impl Coordinator {
                         acks: tally.acks(),
                         needed,
                         replicas: replicas.len(),
-                        roll_call: Box::new(roll_call(&replicas, &standing)),
-                        failures: asked_failures(&replicas, tally.failures()),
+                        roll_call: Box::new(roll_call(replicas, &standing)),
+                        failures: asked_failures(replicas, tally.failures()),
                     });
                 }
             }

@@ -37,7 +37,8 @@ impl HintDelivery {
     /// that fails or times out pauses delivery until the next round.
     async fn deliver(&self, target: NodeId) -> Result<()> {
         let view = self.cluster.placement();
-        let Some(member) = view.ring().member(target) else {
+        // Every member, joining ones too (they get writes, so hints).
+        let Some(member) = view.members().iter().find(|m| m.node_id == target).cloned() else {
             // Not a member any more: nobody to deliver to.
             let dropped = self.store.drop_target(target)?;
             tracing::info!(
@@ -59,6 +60,19 @@ impl HintDelivery {
             }
             for stored in batch {
                 let hint = &stored.hint;
+                let view = self.cluster.placement();
+                let still_replica = view
+                    .write_sets(&hint.key)
+                    .iter()
+                    .flatten()
+                    .any(|m| m.address == member.address);
+                if !still_replica {
+                    // The key moved since the hint was written: give it to
+                    // the key's replicas now instead of dropping it.
+                    self.retarget(&view, &hint.key, &hint.record).await?;
+                    self.store.remove(&stored, true)?;
+                    continue;
+                }
                 match replica.write(&hint.key, &hint.record, timeout).await {
                     Ok(_) => self.store.remove(&stored, true),
                     Err(ReplicaError::Rejected(why)) => {
@@ -74,8 +88,32 @@ impl HintDelivery {
                     Err(ReplicaError::Failed(why)) => {
                         return Err(Error::Unavailable(format!("{}: {why}", member.address)));
                     }
+                    Err(ReplicaError::StaleLayout(v)) => {
+                        return Err(Error::Unavailable(format!(
+                            "{} serves newer layout v{v}",
+                            member.address
+                        )));
+                    }
                 }?;
             }
         }
+    }
+
+    /// Writes a hinted record to every replica `key` has under `view`
+    /// (write-if-newer); fails, keeping the hint, unless all of them hold it.
+    async fn retarget(
+        &self,
+        view: &crate::placement::Placement,
+        key: &str,
+        record: &crate::record::Record,
+    ) -> Result<()> {
+        let timeout = self.cluster.rpc_timeout;
+        for member in view.write_sets(key).into_iter().flatten() {
+            let handle = self.cluster.peers.replica_handle(&member.address, None)?;
+            handle.write(key, record, timeout).await.map_err(|why| {
+                Error::Unavailable(format!("re-targeted hint to {}: {why}", member.address))
+            })?;
+        }
+        Ok(())
     }
 }

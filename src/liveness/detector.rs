@@ -170,6 +170,15 @@ impl FailureDetector {
         self.peers.iter_mut().find(|(a, _, _)| a == address)
     }
 
+    /// Starts watching `address` (a member that joined), as if it had
+    /// just answered.
+    pub fn learn(&mut self, address: &str, now: Instant) {
+        if self.peer_mut(address).is_none() {
+            self.peers
+                .push((address.to_string(), PhiAccrual::new(now, self.interval), None));
+        }
+    }
+
     /// A heartbeat from `address` arrived.
     pub fn heartbeat(&mut self, address: &str, now: Instant) {
         if let Some((_, detector, error)) = self.peer_mut(address) {

@@ -26,8 +26,10 @@ use crate::replica::ReplicaStore;
 use crate::sync::Locked;
 
 /// What a peer's last answered heartbeat told this node.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PeerReport {
+    /// The layout version the peer serves.
+    pub layout_version: u64,
     /// The peer's wall clock minus this node's, in ms.
     pub clock_skew_ms: i64,
     /// The peer's counts, and when they arrived (absent from older nodes).
@@ -51,6 +53,11 @@ pub struct Heartbeats {
     pinging_back: Mutex<HashSet<String>>,
     /// Cancelled once the first round has ended.
     first_round: CancellationToken,
+    /// Joining peers' progress, from their pings, and when it arrived.
+    moves: Mutex<HashMap<String, (pb::MoveProgress, Instant)>>,
+    /// This node's membership (its layout version and join progress go
+    /// out with every ping).
+    membership: std::sync::OnceLock<Arc<crate::membership::Membership>>,
 }
 
 impl Heartbeats {
@@ -71,6 +78,33 @@ impl Heartbeats {
             logged_up: Mutex::default(),
             pinging_back: Mutex::default(),
             first_round: CancellationToken::new(),
+            moves: Mutex::default(),
+            membership: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Wires in the node's membership (once, at start).
+    pub fn set_membership(&self, membership: Arc<crate::membership::Membership>) {
+        let _ = self.membership.set(membership);
+    }
+
+    /// Joining peers' progress as their pings last told it, with its age.
+    pub fn moves(&self) -> Vec<(String, pb::MoveProgress, Duration)> {
+        let now = Instant::now();
+        self.moves
+            .locked()
+            .iter()
+            .map(|(address, (progress, at))| {
+                (address.clone(), progress.clone(), now.saturating_duration_since(*at))
+            })
+            .collect()
+    }
+
+    /// A peer serves a newer layout: learn it in the background.
+    fn learn_layout(&self, version: u64, from: &str) {
+        if version > self.cluster.placement().version() {
+            let (cluster, from) = (self.cluster.clone(), from.to_string());
+            tokio::spawn(async move { cluster.catch_up(version, &from).await });
         }
     }
 
@@ -82,7 +116,7 @@ impl Heartbeats {
 
     /// What `address`'s last answered heartbeat told, if any.
     pub fn report(&self, address: &str) -> Option<PeerReport> {
-        self.reports.locked().get(address).copied()
+        self.reports.locked().get(address).cloned()
     }
 
     /// One round: pings every peer at once, then updates the detector and
@@ -137,13 +171,21 @@ impl Heartbeats {
             instance_id: self.me.instance_id,
             known_instance_id: self.identity.known_instance(address)?,
             serves_reads: self.identity.read_refusal().is_none(),
+            layout_version: self.cluster.placement().version(),
+            r#move: self
+                .membership
+                .get()
+                .and_then(|m| m.progress())
+                .map(|p| pb::MoveProgress::from(&p)),
         };
         let sent_ms = wall_clock_ms();
         let answer = crate::net::call_within(timeout, client.ping(ping)).await?;
         let midpoint_ms = sent_ms + wall_clock_ms().saturating_sub(sent_ms) / 2;
         let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
         let bound = self.replica.bound();
+        self.learn_layout(answer.layout_version, address);
         let report = PeerReport {
+            layout_version: answer.layout_version,
             clock_skew_ms: skew_ms,
             stats: answer.stats.map(|stats| (stats, Instant::now())),
         };
@@ -195,6 +237,18 @@ impl Heartbeats {
         // back at once instead (one at a time per member), and learns from
         // the answer of the address it dialled.
         let is_member = self.cluster.placement().is_member(&request.from);
+        self.learn_layout(request.layout_version, &request.from);
+        if is_member {
+            let mut moves = self.moves.locked();
+            match request.r#move.clone() {
+                Some(progress) => {
+                    moves.insert(request.from.clone(), (progress, Instant::now()));
+                }
+                None => {
+                    moves.remove(&request.from);
+                }
+            }
+        }
         if is_member && self.identity.read_refusal().is_some() {
             self.ping_back(&request.from);
         }
@@ -211,6 +265,7 @@ impl Heartbeats {
             known_instance_id: known,
             serves_reads: self.identity.read_refusal().is_none(),
             stats: Some(stats),
+            layout_version: self.cluster.placement().version(),
         })
     }
 

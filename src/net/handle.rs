@@ -24,6 +24,8 @@ pub struct ReplicaHandle {
     /// Set when the failure detector believes the replica is down: quorum
     /// calls then neither send to it nor wait for it, and count it failed.
     pub believed_down: Option<String>,
+    /// The layout version the call was placed with (0: unfenced).
+    pub layout_version: u64,
 }
 
 #[derive(Clone)]
@@ -45,6 +47,9 @@ pub enum ReplicaError {
     Rejected(String),
     /// The replica could not be reached, timed out or failed.
     Failed(String),
+    /// The replica serves a newer layout (this version) and refused the
+    /// call unapplied: place it again with that layout.
+    StaleLayout(u64),
 }
 
 impl std::fmt::Display for ReplicaError {
@@ -52,6 +57,7 @@ impl std::fmt::Display for ReplicaError {
         match self {
             ReplicaError::Rejected(why) => write!(f, "rejected: {why}"),
             ReplicaError::Failed(why) => f.write_str(why),
+            ReplicaError::StaleLayout(v) => write!(f, "refused: it serves newer layout v{v}"),
         }
     }
 }
@@ -81,21 +87,21 @@ impl ReplicaHandle {
     ) -> Result<Option<Record>, ReplicaError> {
         match &self.target {
             ReplicaTarget::Local(store) => {
-                let read = if for_repair {
-                    store.read(key)
-                } else {
-                    store.read_for_quorum(key)
-                };
-                read.map_err(|e| match e {
-                    Error::InvalidArgument(why) => ReplicaError::Rejected(why),
-                    other => ReplicaError::Failed(other.to_string()),
-                })
+                let read = store.fenced(self.layout_version).and_then(|_fence| {
+                    if for_repair {
+                        store.read(key)
+                    } else {
+                        store.read_for_quorum(key)
+                    }
+                });
+                read.map_err(replica_error)
             }
             ReplicaTarget::Remote(pipe) => {
                 let (answer, answered) = oneshot::channel();
                 let request = pb::ReplicaReadRequest {
                     key: key.to_string(),
                     for_repair,
+                    layout_version: self.layout_version,
                 };
                 match tokio::time::timeout(
                     timeout,
@@ -121,15 +127,16 @@ impl ReplicaHandle {
         timeout: Duration,
     ) -> Result<WriteOutcome, ReplicaError> {
         match &self.target {
-            ReplicaTarget::Local(store) => store.write_if_newer(key, record).map_err(|e| match e {
-                Error::InvalidArgument(why) => ReplicaError::Rejected(why),
-                other => ReplicaError::Failed(other.to_string()),
-            }),
+            ReplicaTarget::Local(store) => store
+                .fenced(self.layout_version)
+                .and_then(|_fence| store.write_if_newer(key, record))
+                .map_err(replica_error),
             ReplicaTarget::Remote(pipe) => {
                 let (answer, answered) = oneshot::channel();
                 let request = pb::ReplicaWriteRequest {
                     key: key.to_string(),
                     record: Some(record.into()),
+                    layout_version: self.layout_version,
                 };
                 match tokio::time::timeout(
                     timeout,
@@ -145,5 +152,14 @@ impl ReplicaHandle {
             #[cfg(test)]
             ReplicaTarget::Fake(fake) => fake.write(key, record, timeout).await,
         }
+    }
+}
+
+/// A local replica's error as a reply.
+fn replica_error(error: Error) -> ReplicaError {
+    match error {
+        Error::InvalidArgument(why) => ReplicaError::Rejected(why),
+        Error::StaleLayout { current, .. } => ReplicaError::StaleLayout(current),
+        other => ReplicaError::Failed(other.to_string()),
     }
 }

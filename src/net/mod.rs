@@ -186,6 +186,7 @@ impl PeerPool {
                 address: address.to_string(),
                 target: ReplicaTarget::Fake(fake.clone()),
                 believed_down: None,
+                layout_version: 0,
             });
         }
         let target = match local {
@@ -196,6 +197,7 @@ impl PeerPool {
             address: address.to_string(),
             target,
             believed_down: None,
+            layout_version: 0,
         })
     }
 }

@@ -145,12 +145,15 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
     let reply = match tokio::time::timeout(BATCH_TIMEOUT, client.batch(request)).await {
         Ok(Ok(reply)) => reply.into_inner(),
         Ok(Err(status)) => {
-            let why = describe_status(&status);
+            let failed = match crate::error::stale_layout_of(&status) {
+                Some(current) => ReplicaError::StaleLayout(current),
+                None => ReplicaError::Failed(describe_status(&status)),
+            };
             for answer in write_answers {
-                let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
+                let _ = answer.send(Err(failed.clone()));
             }
             for answer in read_answers {
-                let _ = answer.send(Err(ReplicaError::Failed(why.clone())));
+                let _ = answer.send(Err(failed.clone()));
             }
             return;
         }
@@ -159,6 +162,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
     let mut writes = reply.writes.into_iter();
     for answer in write_answers {
         let result = match writes.next() {
+            Some(w) if w.stale_layout != 0 => Err(ReplicaError::StaleLayout(w.stale_layout)),
             Some(w) if w.rejected => Err(ReplicaError::Rejected(w.error)),
             Some(w) if !w.error.is_empty() => Err(ReplicaError::Failed(w.error)),
             Some(w) => match pb::version_from(w.held, bound, "held version") {
@@ -188,6 +192,9 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
                         .map(|r| pb::record_from(r, bound))
                         .transpose()
                         .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
+                    Ok(Err(status)) if crate::error::stale_layout_of(&status).is_some() => Err(
+                        ReplicaError::StaleLayout(crate::error::stale_layout_of(&status).unwrap_or(0)),
+                    ),
                     Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
                         Err(ReplicaError::Rejected(status.message().to_string()))
                     }
@@ -199,6 +206,7 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
             continue;
         }
         let result = match reads.next() {
+            Some(r) if r.stale_layout != 0 => Err(ReplicaError::StaleLayout(r.stale_layout)),
             Some(r) if r.rejected => Err(ReplicaError::Rejected(r.error)),
             Some(r) if !r.error.is_empty() => Err(ReplicaError::Failed(r.error)),
             Some(r) => r

@@ -39,7 +39,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 let (stats, stats_age_ms) = if itself {
                     (Some(node.local_stats()), 0)
                 } else {
-                    match report.and_then(|r| r.stats) {
+                    match report.as_ref().and_then(|r| r.stats.clone()) {
                         Some((stats, at)) => (
                             Some(stats),
                             now.saturating_duration_since(at).as_millis() as u64,
@@ -49,7 +49,13 @@ impl pb::cluster_server::Cluster for ClusterService {
                 };
                 // Why a member is believed down. One that is up but silent
                 // (frozen, not yet convicted) shows in the age of its counts.
-                let (state, error) = if itself || health.up {
+                let joining = view
+                    .layout()
+                    .and_then(|l| l.member(&member.address))
+                    .is_some_and(|m| m.role == crate::layout::Role::Joining);
+                let (state, error) = if (itself || health.up) && joining {
+                    (pb::MemberState::Joining, String::new())
+                } else if itself || health.up {
                     (pb::MemberState::Up, String::new())
                 } else {
                     let why = health
@@ -70,13 +76,41 @@ impl pb::cluster_server::Cluster for ClusterService {
                     stats,
                     error,
                     phi: health.phi,
-                    clock_skew_ms: report.map_or(0, |r| r.clock_skew_ms),
+                    clock_skew_ms: report.as_ref().map_or(0, |r| r.clock_skew_ms),
                     instance_id,
                     stats_age_ms,
+                    layout_version: if itself {
+                        view.version()
+                    } else {
+                        report.as_ref().map_or(0, |r| r.layout_version)
+                    },
                 }
             })
             .collect();
         let quorum = Consistency::Quorum.required(view.replicas()) as u32;
+        // Data moving: this node's own join, and joining members' last reports.
+        let mut moves = Vec::new();
+        if let Some(progress) = node.membership.progress()
+            && view
+                .layout()
+                .and_then(|l| l.member(&node.me.address))
+                .is_some_and(|m| m.role == crate::layout::Role::Joining)
+        {
+            let mut progress = pb::MoveProgress::from(&progress);
+            progress.address = node.me.address.clone();
+            moves.push(progress);
+        }
+        for (address, mut progress, age) in node.heartbeats.moves() {
+            let joining = view
+                .layout()
+                .and_then(|l| l.member(&address))
+                .is_some_and(|m| m.role == crate::layout::Role::Joining);
+            if joining && address != node.me.address {
+                progress.address = address;
+                progress.age_ms = age.as_millis() as u64;
+                moves.push(progress);
+            }
+        }
         Ok(Response::new(pb::StatusResponse {
             address: node.me.address.clone(),
             node_id: node.me.member_id,
@@ -86,6 +120,8 @@ impl pb::cluster_server::Cluster for ClusterService {
             read_quorum: quorum,
             members,
             instance_id: node.me.instance_id,
+            layout: view.layout().map(|l| pb::Layout::from(l.as_ref())),
+            moves,
         }))
     }
 }

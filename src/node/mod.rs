@@ -45,7 +45,10 @@ use crate::pb;
 use crate::placement::{NodeIdentity, Placement, SharedPlacement};
 use crate::record::Record;
 use crate::replica::ReplicaStore;
-use crate::ring::{Member, Ring};
+use crate::layout::Layout;
+use crate::layout::store::LayoutStore;
+use crate::membership::Membership;
+use crate::ring::Member;
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 
 /// Everything one node runs.
@@ -80,6 +83,8 @@ pub struct Node {
     heartbeats: Arc<Heartbeats>,
     /// The read gate: whether replica reads are answered.
     identity: Arc<Identity>,
+    /// The layout: changes, and the RPCs that agree on them.
+    membership: Arc<Membership>,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -126,13 +131,58 @@ impl Node {
             Engine::Log => Arc::new(LogStorage::open(&log_dir, config.fsync)?),
             Engine::Fjall => Arc::new(FjallStorage::open(&data_dir, config.fsync)?),
         };
-        Self::with_storage(config, storage, dialer)
+        Self::with_parts(config, storage, LayoutStore::in_dir(&data_dir), dialer)
     }
 
-    /// Builds the node over a given storage engine.
+    /// For `--join`: when the data dir holds no layout yet, asks the seeds
+    /// to add this node and stores the layout that has it joining. A node
+    /// restarted from its data dir rejoins with the layout it holds.
+    pub async fn join_if_needed(config: &ServerConfig, dialer: Arc<dyn Dialer>) -> Result<()> {
+        let seeds = config.join_seeds();
+        if seeds.is_empty() {
+            return Ok(());
+        }
+        let data_dir = config.data_dir();
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            Error::Storage(format!("cannot create data dir {}: {e}", data_dir.display()))
+        })?;
+        let store = LayoutStore::in_dir(&data_dir);
+        if store.load()?.is_some_and(|s| s.committed.is_some()) {
+            tracing::info!("the data dir holds a layout: rejoining with it (--join ignored)");
+            return Ok(());
+        }
+        let peers = PeerPool::new(dialer, 64 << 20);
+        let address = config.advertised_address();
+        tracing::info!(%address, seeds = ?seeds, "asking to join the cluster");
+        let layout = crate::membership::request_join(
+            &peers,
+            &seeds,
+            &address,
+            config.request_timeout() * 4,
+        )
+        .await?;
+        tracing::info!(version = layout.version, "added to the layout as joining");
+        store.save(&crate::layout::store::LayoutState {
+            committed: Some(layout),
+            ..Default::default()
+        })
+    }
+
+    /// Builds the node over a given storage engine (its layout kept in
+    /// memory).
     pub fn with_storage(
         config: ServerConfig,
         storage: Arc<dyn Storage>,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<Arc<Self>> {
+        Self::with_parts(config, storage, LayoutStore::in_memory(), dialer)
+    }
+
+    /// Builds the node over a storage engine and a layout store.
+    pub fn with_parts(
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+        layout_store: LayoutStore,
         dialer: Arc<dyn Dialer>,
     ) -> Result<Arc<Self>> {
         config.validate().map_err(Error::InvalidArgument)?;
@@ -157,8 +207,29 @@ impl Node {
                 "two member addresses hash to the same node id; change one of them".into(),
             ));
         }
-        let ring = Arc::new(Ring::new(members, config.vnodes));
-        let placement = Placement::new(ring, config.replicas, address.clone());
+        let layout_state = Membership::load_or_bootstrap(&layout_store, || {
+            Layout::bootstrap(&config.member_addresses(), config.replicas, config.vnodes)
+        })?;
+        let layout = Arc::new(
+            layout_state
+                .committed
+                .clone()
+                .ok_or_else(|| Error::Internal("no layout after bootstrap".into()))?,
+        );
+        if !layout.is_member(&address) {
+            return Err(Error::InvalidArgument(format!(
+                "the stored layout v{} does not name this node's address {address}; start it with the address it joined with (--listen/--advertise)",
+                layout.version
+            )));
+        }
+        if layout.replicas != config.replicas || layout.vnodes != config.vnodes {
+            tracing::warn!(
+                layout_replicas = layout.replicas,
+                layout_vnodes = layout.vnodes,
+                "--replicas/--vnodes differ from the cluster's layout, which was fixed at bootstrap; the layout's apply"
+            );
+        }
+        let placement = Placement::of_layout(layout.clone(), address.clone());
         if placement.replicas() < config.replicas {
             tracing::warn!(
                 requested = config.replicas,
@@ -191,6 +262,9 @@ impl Node {
             placement.ring().clone(),
             bound,
         )?);
+        // Counted over the layout's read ring just now; serve that version.
+        replica.rebuild_digests(placement.ring().clone(), layout.version)?;
+        replica.advance_fence(layout.version);
         replica.set_read_gate(identity.clone());
         tracing::info!(
             member_id = format!("{:016x}", me.member_id),
@@ -206,12 +280,12 @@ impl Node {
             config.heartbeat_interval(),
             config.phi_threshold,
         ));
-        let cluster = Arc::new(Cluster {
-            placement: SharedPlacement::new(placement),
+        let cluster = Arc::new(Cluster::new(
+            SharedPlacement::new(placement),
             peers,
             liveness,
-            rpc_timeout: config.rpc_timeout(),
-        });
+            config.rpc_timeout(),
+        ));
         let shutdown = CancellationToken::new();
         let background = Background::new(shutdown.child_token());
         let hints = Arc::new(HintStore::open(
@@ -250,7 +324,18 @@ impl Node {
             replica.clone(),
             config.heartbeat_interval(),
         ));
+        let membership = Membership::new(
+            me.clone(),
+            cluster.clone(),
+            replica.clone(),
+            layout_store,
+            layout_state,
+            config.stream_rate,
+            anti_entropy.rounds_counter(),
+        );
+        heartbeats.set_membership(membership.clone());
         Ok(Arc::new(Self {
+            membership,
             hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),
             config,
             me,
@@ -307,6 +392,7 @@ impl Node {
         let heartbeats = self.heartbeats.clone();
         let hint_delivery = self.hint_delivery.clone();
         let anti_entropy = self.anti_entropy.clone();
+        let (membership, heartbeats_for_moves) = (self.membership.clone(), self.heartbeats.clone());
         // The first anti-entropy round comes a second after start: a node
         // that was down is the one with the most to catch up.
         let exchange = Duration::from_secs(self.config.anti_entropy_interval.max(1));
@@ -342,12 +428,22 @@ impl Node {
                     async move { anti_entropy.round().await }
                 },
             ),
+            run_periodic(
+                "membership",
+                heartbeat,
+                Duration::from_millis(300),
+                self.shutdown.clone(),
+                move || {
+                    let (membership, heartbeats) = (membership.clone(), heartbeats_for_moves.clone());
+                    async move { membership.round(&heartbeats).await }
+                },
+            ),
         ];
         workers.extend(self.start_periodic_fsync());
         workers
     }
 
-    /// `Replica.Read` on this node's store.
+    /// `Replica.Read` on this node's store (the caller checked the fence).
     fn replica_read(&self, request: pb::ReplicaReadRequest) -> Result<pb::ReplicaReadResponse> {
         self.limits.check_key(&request.key)?;
         let record = if request.for_repair {
@@ -377,6 +473,7 @@ impl Node {
 
     /// `Replica.Write` on this node's store.
     fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
+        let _fence = self.replica.fenced(request.layout_version)?;
         let (key, record) = self.check_write(request)?;
         let outcome = self.replica.write_if_newer(&key, &record)?;
         Ok(pb::ReplicaWriteResponse {

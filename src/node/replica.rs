@@ -27,7 +27,9 @@ impl pb::replica_server::Replica for ReplicaService {
         &self,
         request: Request<pb::ReplicaReadRequest>,
     ) -> Result<Response<pb::ReplicaReadResponse>, Status> {
-        Ok(Response::new(self.0.replica_read(request.into_inner())?))
+        let request = request.into_inner();
+        drop(self.0.replica.fenced(request.layout_version)?);
+        Ok(Response::new(self.0.replica_read(request)?))
     }
 
     async fn write(
@@ -43,11 +45,23 @@ impl pb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<pb::ReplicaBatchResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
-        // Validate every write, apply the valid ones with one flush.
+        // Validate every write, apply the valid ones with one flush, all
+        // under the layout fence: a write placed with an older layout than
+        // this node serves is refused unapplied.
+        let fence = node.replica.fenced(0)?;
+        let serving = *fence;
         let checked: Vec<Result<(String, Record)>> = request
             .writes
             .into_iter()
-            .map(|w| node.check_write(w))
+            .map(|w| {
+                if w.layout_version != 0 && w.layout_version < serving {
+                    return Err(Error::StaleLayout {
+                        caller: w.layout_version,
+                        current: serving,
+                    });
+                }
+                node.check_write(w)
+            })
             .collect();
         let valid: Vec<(&str, &Record)> = checked
             .iter()
@@ -55,6 +69,7 @@ impl pb::replica_server::Replica for ReplicaService {
             .map(|(k, r)| (k.as_str(), r))
             .collect();
         let mut applied = node.replica.write_many(valid).into_iter();
+        drop(fence);
         let writes = checked
             .iter()
             .map(|c| {
@@ -63,9 +78,18 @@ impl pb::replica_server::Replica for ReplicaService {
                         .next()
                         .unwrap_or_else(|| Err(Error::Internal("write result missing".into()))),
                     Err(Error::ClockSkew(why)) => Err(Error::ClockSkew(why.clone())),
+                    Err(Error::StaleLayout { caller, current }) => Err(Error::StaleLayout {
+                        caller: *caller,
+                        current: *current,
+                    }),
                     Err(error) => Err(Error::InvalidArgument(error.to_string())),
                 };
                 match outcome {
+                    Err(Error::StaleLayout { current, .. }) => pb::WriteResult {
+                        stale_layout: current,
+                        error: format!("this node serves newer layout v{current}"),
+                        ..Default::default()
+                    },
                     Ok(o) => pb::WriteResult {
                         applied: o.applied,
                         held: Some(o.held.into()),
@@ -86,7 +110,15 @@ impl pb::replica_server::Replica for ReplicaService {
         let reads = request
             .reads
             .into_iter()
-            .map(|read| match node.replica_read(read) {
+            .map(|read| {
+                if read.layout_version != 0 && read.layout_version < serving {
+                    return pb::ReadResult {
+                        stale_layout: serving,
+                        error: format!("this node serves newer layout v{serving}"),
+                        ..Default::default()
+                    };
+                }
+                match node.replica_read(read) {
                 Ok(reply)
                     if reply_bytes > 0 && reply_bytes + record_size(&reply.record) > budget =>
                 {
@@ -107,7 +139,7 @@ impl pb::replica_server::Replica for ReplicaService {
                     error: error.to_string(),
                     ..Default::default()
                 },
-            })
+            }})
             .collect();
         Ok(Response::new(pb::ReplicaBatchResponse { writes, reads }))
     }
@@ -164,6 +196,7 @@ impl pb::replica_server::Replica for ReplicaService {
         let node = &self.0;
         let view = node.cluster.placement();
         view.check_range_count(request.range_count)?;
+        same_layout(&view, request.layout_version, node.replica.digests_layout_version())?;
         if !view.is_member(&request.peer) {
             return Err(Error::InvalidArgument(format!(
                 "{:?} is not a cluster member",
@@ -194,9 +227,9 @@ impl pb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<pb::RangeEntriesResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
-        node.cluster
-            .placement()
-            .check_range_count(request.range_count)?;
+        let view = node.cluster.placement();
+        view.check_range_count(request.range_count)?;
+        same_layout(&view, request.layout_version, node.replica.digests_layout_version())?;
         let entries = node
             .replica
             .range_entries(request.range as usize)?
@@ -204,6 +237,59 @@ impl pb::replica_server::Replica for ReplicaService {
             .map(pb::RangeEntry::from)
             .collect();
         Ok(Response::new(pb::RangeEntriesResponse { entries }))
+    }
+
+    async fn get_layout(
+        &self,
+        _request: Request<pb::GetLayoutRequest>,
+    ) -> Result<Response<pb::Layout>, Status> {
+        Ok(Response::new(pb::Layout::from(&self.0.membership.layout())))
+    }
+
+    async fn layout_prepare(
+        &self,
+        request: Request<pb::LayoutPrepareRequest>,
+    ) -> Result<Response<pb::LayoutPromise>, Status> {
+        Ok(Response::new(self.0.membership.on_prepare(request.into_inner())?))
+    }
+
+    async fn layout_accept(
+        &self,
+        request: Request<pb::LayoutAcceptRequest>,
+    ) -> Result<Response<pb::LayoutAccepted>, Status> {
+        Ok(Response::new(self.0.membership.on_accept(request.into_inner())?))
+    }
+
+    async fn layout_commit(
+        &self,
+        request: Request<pb::Layout>,
+    ) -> Result<Response<pb::GetLayoutRequest>, Status> {
+        let layout = pb::layout_from(request.into_inner()).map_err(Error::InvalidArgument)?;
+        self.0.membership.adopt(layout)?;
+        Ok(Response::new(pb::GetLayoutRequest {}))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::Layout>, Status> {
+        let layout = self.0.membership.on_join(&request.into_inner().address).await?;
+        Ok(Response::new(pb::Layout::from(&layout)))
+    }
+
+    type StreamRecordsStream = crate::membership::RecordStream;
+
+    async fn stream_records(
+        &self,
+        request: Request<pb::StreamRequest>,
+    ) -> Result<Response<Self::StreamRecordsStream>, Status> {
+        let node = &self.0;
+        let stream = crate::membership::stream_source(
+            node.replica.clone(),
+            node.cluster.clone(),
+            request.into_inner(),
+        )?;
+        Ok(Response::new(stream))
     }
 
     async fn ping(
@@ -216,4 +302,21 @@ impl pb::replica_server::Replica for ReplicaService {
             .answer(request.into_inner(), node.local_stats())?;
         Ok(Response::new(answer))
     }
+}
+
+/// Anti-entropy compares ranges of one layout: both sides must serve the
+/// same version (and this node's digests be counted over it).
+fn same_layout(
+    view: &crate::placement::Placement,
+    asked: u64,
+    digests: u64,
+) -> Result<(), Status> {
+    if asked != view.version() || digests != view.version() {
+        return Err(Error::FailedPrecondition(format!(
+            "anti-entropy between layouts: the caller serves v{asked}, this node v{} (digests v{digests}); retried once both serve the same",
+            view.version()
+        ))
+        .into());
+    }
+    Ok(())
 }

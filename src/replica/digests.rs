@@ -38,9 +38,9 @@ pub struct RangeEntry {
 
 impl ReplicaStore {
     pub(super) fn update_digest(&self, key: &str, before: Option<Held>, after: Option<Held>) {
-        let range = self.ring.range_of(key_hash(key.as_bytes()));
         let mut digests = self.digests.locked();
-        if let Some(slot) = digests.get_mut(range) {
+        let range = digests.ring.range_of(key_hash(key.as_bytes()));
+        if let Some(slot) = digests.per_range.get_mut(range) {
             if let Some(before) = before {
                 *slot ^= record_digest(key, before);
             }
@@ -52,13 +52,29 @@ impl ReplicaStore {
 
     /// The digest of token range `range` (0 when nothing is held there).
     pub fn range_digest(&self, range: usize) -> u64 {
-        self.digests.locked().get(range).copied().unwrap_or(0)
+        self.digests
+            .locked()
+            .per_range
+            .get(range)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The layout version the digests' ring is of (0: none).
+    pub fn digests_layout_version(&self) -> u64 {
+        self.digests.locked().layout_version
+    }
+
+    /// The ring the digests are over.
+    pub(crate) fn digest_ring(&self) -> std::sync::Arc<crate::ring::Ring> {
+        self.digests.locked().ring.clone()
     }
 
     /// Every key held in token range `range`, with its version.
     pub fn range_entries(&self, range: usize) -> Result<Vec<RangeEntry>> {
         let mut entries = Vec::new();
-        for (first, last) in self.ring.range_hashes(range) {
+        let ring = self.digest_ring();
+        for (first, last) in ring.range_hashes(range) {
             let from = first.to_be_bytes();
             let to = last.checked_add(1).map(|end| end.to_be_bytes());
             self.storage.scan(
@@ -79,6 +95,78 @@ impl ReplicaStore {
             )?;
         }
         Ok(entries)
+    }
+
+    /// Up to `limit` records whose key hash is in `first..=last`, in
+    /// storage order, starting after storage key `after` (empty: from the
+    /// start); with the storage key to resume after when more may follow.
+    /// What a joining node streams.
+    pub fn records_in(
+        &self,
+        first: u64,
+        last: u64,
+        after: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(String, crate::record::Record)>, Option<Vec<u8>>)> {
+        let mut bytes = 0usize;
+        let start = first.to_be_bytes();
+        let from: &[u8] = if after > &start[..] { after } else { &start };
+        let to = last.checked_add(1).map(|end| end.to_be_bytes());
+        let mut records = Vec::new();
+        let mut resume = None;
+        self.storage
+            .scan(from, to.as_ref().map(|t| &t[..]), &mut |stored_key, record| {
+                if resume.is_some() || stored_key == after {
+                    return;
+                }
+                if records.len() == limit || bytes >= max_bytes {
+                    resume = records
+                        .last()
+                        .map(|(k, _): &(String, crate::record::Record)| crate::replica::storage_key(k));
+                    return;
+                }
+                if let Some(key) = user_key(stored_key)
+                    && self.check_held(key, record.version).is_ok()
+                {
+                    bytes += key.len() + record.value.as_ref().map_or(0, |v| v.len()) + 32;
+                    records.push((key.to_string(), record.clone()));
+                }
+            })?;
+        Ok((records, resume))
+    }
+
+    /// Removes every record whose key hash `keep` refuses (data of ranges
+    /// this node no longer replicates, after a move settled). Answers how
+    /// many were removed.
+    pub fn drop_unowned(&self, keep: &dyn Fn(u64) -> bool) -> Result<u64> {
+        let mut doomed: Vec<Vec<u8>> = Vec::new();
+        self.storage.for_each_held(
+            &mut |stored_key, _| {
+                if let Some(key) = user_key(stored_key)
+                    && !keep(key_hash(key.as_bytes()))
+                {
+                    doomed.push(stored_key.to_vec());
+                }
+            },
+            &mut |_, _| {},
+        )?;
+        let mut dropped = 0;
+        for stored in doomed {
+            let Some(key) = user_key(&stored) else { continue };
+            let _stripe = self.stripe(key);
+            let Some(held) = self.storage.held(&stored)? else { continue };
+            self.storage.delete(&stored)?;
+            if held.tombstone {
+                self.tombstones.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            } else {
+                self.live_keys.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            self.update_digest(key, Some(held), None);
+            dropped += 1;
+        }
+        self.storage.flush()?;
+        Ok(dropped)
     }
 
     /// Up to `limit` tombstones made at or before `deleted_before_ms` (see
@@ -149,7 +237,7 @@ mod tests {
         replica
             .write_if_newer("k7", &Record::tombstone_at(Version::new(1000, 1), 5))
             .expect("delete");
-        let ranges = replica.ring.range_count();
+        let ranges = replica.digest_ring().range_count();
         let live: Vec<u64> = (0..ranges).map(|r| replica.range_digest(r)).collect();
         let reopened =
             ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
@@ -160,7 +248,7 @@ mod tests {
             .map(|r| reopened.range_entries(r).expect("list").len())
             .sum();
         assert_eq!(listed, 300);
-        let k7 = replica.ring.range_of(key_hash(b"k7"));
+        let k7 = replica.digest_ring().range_of(key_hash(b"k7"));
         let entry = reopened
             .range_entries(k7)
             .expect("list")

@@ -89,11 +89,23 @@ pub struct ReplicaStore {
     live_keys: AtomicU64,
     /// See [`LocalStats::tombstones`].
     tombstones: AtomicU64,
-    /// The ring, to place keys in token ranges.
-    ring: Arc<Ring>,
-    /// Per token range: XOR of [`record_digest`] over the records held
-    /// (std mutex: held for one XOR or one copy). Anti-entropy compares them.
-    digests: Mutex<Vec<u64>>,
+    /// Per token range of the read ring: XOR of [`record_digest`] over the
+    /// records held (std mutex: held for one XOR or one copy; for a whole
+    /// recount when the layout changes). Anti-entropy compares them.
+    digests: Mutex<RangeDigests>,
+    /// The layout version this replica serves: requests placed with an
+    /// older one are refused unapplied. Writes hold it shared from the check
+    /// to the apply, and a new layout takes it exclusively, so once a node
+    /// serves v+1 no write placed with v is still being applied.
+    fence: std::sync::RwLock<u64>,
+}
+
+/// Range digests over one ring.
+pub(crate) struct RangeDigests {
+    /// The layout version the ring is of (0: built without a layout).
+    pub(crate) layout_version: u64,
+    pub(crate) ring: Arc<Ring>,
+    pub(crate) per_range: Vec<u64>,
 }
 
 /// Storage key of `key`: its ring hash (8 bytes, big-endian) then the key,
@@ -211,13 +223,72 @@ impl ReplicaStore {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             live_keys: AtomicU64::new(live_keys),
             tombstones: AtomicU64::new(tombstones),
-            ring,
-            digests: Mutex::new(digests),
+            digests: Mutex::new(RangeDigests {
+                layout_version: 0,
+                ring,
+                per_range: digests,
+            }),
+            fence: std::sync::RwLock::new(0),
         })
     }
 
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// The layout version this replica serves.
+    pub fn layout_version(&self) -> u64 {
+        *self.fence.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses a request placed with a layout older than the one served
+    /// (`tagged` 0: unfenced, a tool's call). Hold the guard until the
+    /// write is applied.
+    pub fn fenced(&self, tagged: u64) -> Result<std::sync::RwLockReadGuard<'_, u64>> {
+        let serving = self.fence.read().unwrap_or_else(|p| p.into_inner());
+        if tagged != 0 && tagged < *serving {
+            return Err(Error::StaleLayout {
+                caller: tagged,
+                current: *serving,
+            });
+        }
+        Ok(serving)
+    }
+
+    /// Serves `version` from now on: waits for writes placed with an older
+    /// layout that already passed the fence, then refuses the rest.
+    pub fn advance_fence(&self, version: u64) {
+        let mut serving = self.fence.write().unwrap_or_else(|p| p.into_inner());
+        *serving = (*serving).max(version);
+    }
+
+    /// Recounts the range digests over `ring` (a new layout's read ring).
+    /// Writes wait meanwhile (every stripe and the digests are held), so
+    /// the recount is exact.
+    pub fn rebuild_digests(&self, ring: Arc<Ring>, layout_version: u64) -> Result<()> {
+        let _stripes: Vec<MutexGuard<'_, ()>> = self.stripes.iter().map(|s| s.locked()).collect();
+        let mut digests = self.digests.locked();
+        if digests.layout_version >= layout_version && digests.layout_version != 0 {
+            return Ok(());
+        }
+        let mut per_range = vec![0u64; ring.range_count().max(1)];
+        let now_ms = wall_clock_ms();
+        self.storage.for_each_held(
+            &mut |stored_key, held| {
+                if let Some(key) = user_key(stored_key)
+                    && self.bound.check_stored(held.version, now_ms).is_ok()
+                {
+                    per_range[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
+                }
+            },
+            &mut |_, _| {},
+        )?;
+        *digests = RangeDigests {
+            layout_version,
+            ring,
+            per_range,
+        };
+        Ok(())
     }
 
     /// The record this replica holds for `key`. A record beyond the skew

@@ -325,7 +325,7 @@ mod tests {
                 .expect("purge"),
             "not a tombstone"
         );
-        let range = replica.ring.range_of(key_hash(b"gone"));
+        let range = replica.digest_ring().range_of(key_hash(b"gone"));
         let before = replica.range_digest(range);
         assert!(
             replica

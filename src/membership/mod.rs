@@ -1,0 +1,531 @@
+//! Membership: the async shell around [`crate::layout`].
+//!
+//! [`Membership`] keeps the layout this node serves and its Paxos acceptor
+//! state on disk, answers the layout RPCs (prepare, accept, commit, get,
+//! join), proposes changes, and adopts newer layouts it hears of. Adopting a
+//! layout stores it, raises the replica's fence (requests placed with an
+//! older layout are refused from then on), swaps the placement, and teaches
+//! the failure detector the new members.
+//!
+//! `driver.rs` moves a join along (stream, finish, settle, clean up) and
+//! `stream.rs` copies a joining node's ranges. See `crate::layout` for why
+//! each step is safe.
+
+mod driver;
+mod stream;
+
+pub use driver::MoveProgress;
+pub use stream::{RecordStream, stream_source};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::cluster::{Cluster, LayoutLearner};
+use crate::error::{Error, Result};
+use crate::layout::paxos::{self, Answer, Ballot};
+use crate::layout::store::{LayoutState, LayoutStore};
+use crate::layout::{Layout, Refusal};
+use crate::net::call_within;
+use crate::pb;
+use crate::placement::{NodeIdentity, Placement};
+use crate::replica::ReplicaStore;
+use crate::sync::Locked;
+
+/// Most attempts of one proposal (each a prepare and an accept round).
+const MAX_PROPOSAL_ATTEMPTS: usize = 30;
+
+pub struct Membership {
+    me: NodeIdentity,
+    cluster: Arc<Cluster>,
+    replica: Arc<ReplicaStore>,
+    store: LayoutStore,
+    /// The committed layout and acceptor (std mutex: held for a check, an
+    /// update and the file write that must precede the answer).
+    state: Mutex<LayoutState>,
+    /// The highest ballot round seen, to propose above it.
+    max_round: AtomicU64,
+    /// One catch-up at a time.
+    fetching: tokio::sync::Mutex<()>,
+    /// `--stream-rate`: records per second a join copies (0: unlimited).
+    stream_rate: u64,
+    /// This node's join progress (while it joins).
+    progress: Mutex<Option<MoveProgress>>,
+    /// The layout version whose streaming finished here.
+    streamed: AtomicU64,
+    /// The layout version whose moved-away data this node dropped.
+    cleaned: AtomicU64,
+    /// Anti-entropy rounds completed (the node's counter), and the value it
+    /// had when this node first saw every member serve a settled layout.
+    ae_rounds: Arc<AtomicU64>,
+    settled_at_round: Mutex<Option<(u64, u64)>>,
+}
+
+impl Membership {
+    /// Loads the stored layout; without one, `bootstrap` is stored as the
+    /// first (a node started with `--peers`). `Err` when the store is
+    /// damaged or a stored layout contradicts the flags.
+    pub fn load_or_bootstrap(store: &LayoutStore, bootstrap: impl FnOnce() -> Layout) -> Result<LayoutState> {
+        match store.load()? {
+            Some(state) if state.committed.is_some() => Ok(state),
+            _ => {
+                let state = LayoutState {
+                    committed: Some(bootstrap()),
+                    ..LayoutState::default()
+                };
+                store.save(&state)?;
+                Ok(state)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: NodeIdentity,
+        cluster: Arc<Cluster>,
+        replica: Arc<ReplicaStore>,
+        store: LayoutStore,
+        state: LayoutState,
+        stream_rate: u64,
+        ae_rounds: Arc<AtomicU64>,
+    ) -> Arc<Self> {
+        let membership = Arc::new(Self {
+            me,
+            cluster,
+            replica,
+            store,
+            state: Mutex::new(state),
+            max_round: AtomicU64::new(0),
+            fetching: tokio::sync::Mutex::new(()),
+            stream_rate,
+            progress: Mutex::new(None),
+            streamed: AtomicU64::new(0),
+            cleaned: AtomicU64::new(0),
+            ae_rounds,
+            settled_at_round: Mutex::new(None),
+        });
+        let learner: Arc<dyn LayoutLearner> = membership.clone();
+        let _ = membership.cluster.learner.set(Arc::downgrade(&learner));
+        membership
+    }
+
+    /// The layout this node serves.
+    pub fn layout(&self) -> Layout {
+        self.state
+            .locked()
+            .committed
+            .clone()
+            .expect("a node always has a layout")
+    }
+
+    pub fn progress(&self) -> Option<MoveProgress> {
+        self.progress.locked().clone()
+    }
+
+    /// Serves `layout` if it is newer than the one served: stores it, raises
+    /// the fence, swaps the placement. Answers whether it was adopted.
+    pub fn adopt(&self, layout: Layout) -> Result<bool> {
+        layout.validate().map_err(Error::InvalidArgument)?;
+        let mut state = self.state.locked();
+        let current = state.committed.as_ref().map_or(0, |l| l.version);
+        if layout.version <= current {
+            return Ok(false);
+        }
+        if let Some(old) = &state.committed
+            && (old.replicas != layout.replicas || old.vnodes != layout.vnodes)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "layout v{} has replicas {} and vnodes {}, this cluster {} and {} (fixed at bootstrap)",
+                layout.version, layout.replicas, layout.vnodes, old.replicas, old.vnodes
+            )));
+        }
+        let mut next = state.clone();
+        next.committed = Some(layout.clone());
+        if next.acceptor.version <= layout.version {
+            next.acceptor = paxos::Acceptor::default();
+        }
+        self.store.save(&next)?;
+        *state = next;
+        self.replica.advance_fence(layout.version);
+        let layout = Arc::new(layout);
+        self.cluster
+            .placement
+            .replace(Placement::of_layout(layout.clone(), self.me.address.clone()));
+        let now = tokio::time::Instant::now();
+        self.cluster.liveness.update(|detector| {
+            for member in &layout.members {
+                if member.address != self.me.address {
+                    detector.learn(&member.address, now);
+                }
+            }
+        });
+        drop(state);
+        tracing::info!(version = layout.version, change = %layout.change, "serving a new layout");
+        let (replica, ring, version) = (
+            self.replica.clone(),
+            Arc::new(layout.read_ring()),
+            layout.version,
+        );
+        crate::seams::detach_blocking(move || {
+            if let Err(why) = replica.rebuild_digests(ring, version) {
+                tracing::error!(%why, "cannot recount the range digests for the new layout");
+            }
+        });
+        Ok(true)
+    }
+
+    /// Fetches the layout from `address` and adopts it if newer.
+    async fn fetch_from(&self, address: &str) -> Result<bool> {
+        let mut client = self.cluster.peers.replica_client(address)?;
+        let layout = call_within(self.cluster.rpc_timeout, client.get_layout(pb::GetLayoutRequest {}))
+            .await?;
+        let layout = pb::layout_from(layout)
+            .map_err(|why| Error::Unavailable(format!("{address} sent a bad layout: {why}")))?;
+        self.adopt(layout)
+    }
+
+    /// Learns layout `version` or newer: from `from` first, then from any
+    /// member (once each).
+    pub async fn catch_up_to(&self, version: u64, from: &str) {
+        let _one = self.fetching.lock().await;
+        let serving = || self.cluster.placement().version();
+        if serving() >= version {
+            return;
+        }
+        if !from.is_empty() {
+            match self.fetch_from(from).await {
+                Ok(_) if serving() >= version => return,
+                Ok(_) => {}
+                Err(why) => tracing::debug!(peer = from, %why, "cannot fetch the layout"),
+            }
+        }
+        let members: Vec<String> = self
+            .cluster
+            .placement()
+            .peers()
+            .map(|m| m.address.clone())
+            .collect();
+        for member in members {
+            if serving() >= version {
+                return;
+            }
+            if let Err(why) = self.fetch_from(&member).await {
+                tracing::debug!(peer = member, %why, "cannot fetch the layout");
+            }
+        }
+    }
+
+    /// `Replica.LayoutPrepare`.
+    pub fn on_prepare(&self, request: pb::LayoutPrepareRequest) -> Result<pb::LayoutPromise> {
+        let ballot = pb::ballot_from(request.ballot);
+        self.note_round(ballot.round);
+        let mut state = self.state.locked();
+        let committed = state.committed.as_ref().map_or(0, |l| l.version);
+        let mut next = state.clone();
+        let answer = next.acceptor.prepare(committed, request.version, ballot);
+        if next != *state {
+            self.store.save(&next)?;
+            *state = next;
+        }
+        let committed_layout = state.committed.as_ref().map(pb::Layout::from);
+        Ok(match answer {
+            Answer::Yes { accepted } => pb::LayoutPromise {
+                promised: true,
+                promised_ballot: Some(ballot.into()),
+                accepted_ballot: accepted.as_ref().map(|(b, _)| (*b).into()),
+                accepted: accepted.as_ref().map(|(_, l)| l.into()),
+                committed: None,
+            },
+            Answer::No { promised } => pb::LayoutPromise {
+                promised_ballot: Some(promised.into()),
+                ..Default::default()
+            },
+            Answer::Committed | Answer::Behind => pb::LayoutPromise {
+                committed: committed_layout,
+                ..Default::default()
+            },
+        })
+    }
+
+    /// `Replica.LayoutAccept`.
+    pub fn on_accept(&self, request: pb::LayoutAcceptRequest) -> Result<pb::LayoutAccepted> {
+        let ballot = pb::ballot_from(request.ballot);
+        self.note_round(ballot.round);
+        let layout = pb::layout_from(
+            request
+                .layout
+                .ok_or_else(|| Error::InvalidArgument("layout is required".into()))?,
+        )
+        .map_err(Error::InvalidArgument)?;
+        let mut state = self.state.locked();
+        let committed = state.committed.as_ref().map_or(0, |l| l.version);
+        let mut next = state.clone();
+        let answer = next.acceptor.accept(committed, &layout, ballot);
+        if next != *state {
+            self.store.save(&next)?;
+            *state = next;
+        }
+        Ok(match answer {
+            Answer::Yes { .. } => pb::LayoutAccepted {
+                accepted: true,
+                promised_ballot: Some(ballot.into()),
+                committed: None,
+            },
+            Answer::No { promised } => pb::LayoutAccepted {
+                promised_ballot: Some(promised.into()),
+                ..Default::default()
+            },
+            Answer::Committed | Answer::Behind => pb::LayoutAccepted {
+                committed: state.committed.as_ref().map(pb::Layout::from),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn note_round(&self, round: u64) {
+        self.max_round.fetch_max(round, Ordering::Relaxed);
+    }
+
+    /// Commits the change `change` makes to the layout served, unless
+    /// `done` says the layout already has it. Paxos over the members of the
+    /// layout it changes; retried with higher ballots while proposals
+    /// collide. A change another one made impossible (one change at a time)
+    /// is refused with FAILED_PRECONDITION naming the change that won.
+    pub async fn propose(
+        &self,
+        change: impl Fn(&Layout) -> std::result::Result<Layout, Refusal>,
+        done: impl Fn(&Layout) -> bool,
+    ) -> Result<Layout> {
+        let mut last_failure = String::from("no attempt");
+        for attempt in 0..MAX_PROPOSAL_ATTEMPTS {
+            let base = self.layout();
+            if done(&base) {
+                return Ok(base);
+            }
+            let own = change(&base).map_err(|refusal| Error::FailedPrecondition(refusal.to_string()))?;
+            let version = own.version;
+            let acceptors: Vec<String> = base.members.iter().map(|m| m.address.clone()).collect();
+            let round = self.max_round.fetch_add(1, Ordering::Relaxed) + 1;
+            let ballot = Ballot {
+                round,
+                proposer: self.me.member_id,
+            };
+            match self.run_round(&acceptors, version, ballot, own).await {
+                Ok(chosen) => {
+                    self.adopt(chosen.clone())?;
+                    self.announce(&chosen);
+                    if done(&chosen) {
+                        return Ok(chosen);
+                    }
+                    // Another value won this version: look again.
+                    continue;
+                }
+                Err(why) => last_failure = why,
+            }
+            // Collided or short of a majority: back off a random while.
+            let pause = 20 + crate::seams::random_u64() % (40 * (attempt as u64 + 1)).min(500);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        Err(Error::Unavailable(format!(
+            "could not commit the layout change after {MAX_PROPOSAL_ATTEMPTS} attempts: {last_failure}"
+        )))
+    }
+
+    /// One prepare and accept round for `version`: the value chosen, or why not.
+    async fn run_round(
+        &self,
+        acceptors: &[String],
+        version: u64,
+        ballot: Ballot,
+        own: Layout,
+    ) -> std::result::Result<Layout, String> {
+        let needed = paxos::majority(acceptors.len());
+        let prepare = pb::LayoutPrepareRequest {
+            version,
+            ballot: Some(ballot.into()),
+        };
+        let promises = futures::future::join_all(acceptors.iter().map(|address| {
+            let request = prepare.clone();
+            async move {
+                if *address == self.me.address {
+                    return self.on_prepare(request).map_err(|e| e.to_string());
+                }
+                let mut client = self.cluster.peers.replica_client(address).map_err(|e| e.to_string())?;
+                call_within(self.cluster.rpc_timeout, client.layout_prepare(request))
+                    .await
+                    .map_err(|e| format!("{address}: {e}"))
+            }
+        }))
+        .await;
+        let mut accepted = Vec::new();
+        let mut yes = 0;
+        let mut failures = Vec::new();
+        for (address, promise) in acceptors.iter().zip(promises) {
+            match promise {
+                Ok(promise) if promise.promised => {
+                    yes += 1;
+                    if let Some(layout) = promise.accepted {
+                        match pb::layout_from(layout) {
+                            Ok(layout) => accepted.push(Some((pb::ballot_from(promise.accepted_ballot), layout))),
+                            Err(why) => failures.push(format!("{address}: bad accepted layout: {why}")),
+                        }
+                    }
+                }
+                Ok(promise) => {
+                    self.note_round(pb::ballot_from(promise.promised_ballot).round);
+                    self.learn_from_answer(address, promise.committed, version).await;
+                    failures.push(format!("{address}: did not promise"));
+                }
+                Err(why) => failures.push(why),
+            }
+        }
+        if self.layout().version >= version {
+            return Err(format!("layout v{version} was committed meanwhile"));
+        }
+        if yes < needed {
+            return Err(format!(
+                "{yes} of {} members promised, {needed} needed ({})",
+                acceptors.len(),
+                failures.join("; ")
+            ));
+        }
+        let value = paxos::choose(accepted, own);
+        let accept = pb::LayoutAcceptRequest {
+            ballot: Some(ballot.into()),
+            layout: Some((&value).into()),
+        };
+        let answers = futures::future::join_all(acceptors.iter().map(|address| {
+            let request = accept.clone();
+            async move {
+                if *address == self.me.address {
+                    return self.on_accept(request).map_err(|e| e.to_string());
+                }
+                let mut client = self.cluster.peers.replica_client(address).map_err(|e| e.to_string())?;
+                call_within(self.cluster.rpc_timeout, client.layout_accept(request))
+                    .await
+                    .map_err(|e| format!("{address}: {e}"))
+            }
+        }))
+        .await;
+        let mut yes = 0;
+        let mut failures = Vec::new();
+        for (address, answer) in acceptors.iter().zip(answers) {
+            match answer {
+                Ok(answer) if answer.accepted => yes += 1,
+                Ok(answer) => {
+                    self.note_round(pb::ballot_from(answer.promised_ballot).round);
+                    self.learn_from_answer(address, answer.committed, version).await;
+                    failures.push(format!("{address}: did not accept"));
+                }
+                Err(why) => failures.push(why),
+            }
+        }
+        if yes >= needed {
+            Ok(value)
+        } else {
+            Err(format!(
+                "{yes} of {} members accepted, {needed} needed ({})",
+                acceptors.len(),
+                failures.join("; ")
+            ))
+        }
+    }
+
+    /// An acceptor answered with its committed layout: adopt it when newer;
+    /// when older (it is behind), send it ours.
+    async fn learn_from_answer(&self, address: &str, committed: Option<pb::Layout>, version: u64) {
+        let Some(committed) = committed.and_then(|l| pb::layout_from(l).ok()) else {
+            return;
+        };
+        if committed.version >= version {
+            if let Err(why) = self.adopt(committed) {
+                tracing::warn!(peer = address, %why, "cannot adopt a committed layout");
+            }
+        } else {
+            let layout = self.layout();
+            if let Ok(mut client) = self.cluster.peers.replica_client(address) {
+                let _ = call_within(self.cluster.rpc_timeout, client.layout_commit(pb::Layout::from(&layout))).await;
+            }
+        }
+    }
+
+    /// Tells every member of `layout` it is committed (in the background;
+    /// heartbeats spread it to any that miss this).
+    fn announce(&self, layout: &Layout) {
+        let message = pb::Layout::from(layout);
+        for member in &layout.members {
+            if member.address == self.me.address {
+                continue;
+            }
+            let Ok(mut client) = self.cluster.peers.replica_client(&member.address) else {
+                continue;
+            };
+            let (message, timeout) = (message.clone(), self.cluster.rpc_timeout);
+            tokio::spawn(async move {
+                let _ = call_within(timeout, client.layout_commit(message)).await;
+            });
+        }
+    }
+
+    /// `Replica.Join`: commits the layout with `address` joining (or
+    /// answers the one that already has it: a joiner retrying).
+    pub async fn on_join(&self, address: &str) -> Result<Layout> {
+        if address.is_empty() || address.len() > 256 {
+            return Err(Error::InvalidArgument("join: the address must be HOST:PORT".into()));
+        }
+        let address = address.to_string();
+        self.propose(|l| l.begin_join(&address), |l| l.is_member(&address))
+            .await
+    }
+}
+
+impl LayoutLearner for Membership {
+    fn catch_up(
+        self: Arc<Self>,
+        version: u64,
+        from: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        Box::pin(async move { self.catch_up_to(version, &from).await })
+    }
+}
+
+/// Asks `seeds` in turn to add `address` to their cluster; answers the
+/// layout that has it joining. What `DKVSServer --join` does first.
+pub async fn request_join(
+    peers: &crate::net::PeerPool,
+    seeds: &[String],
+    address: &str,
+    timeout: Duration,
+) -> Result<Layout> {
+    let mut failures = Vec::new();
+    for seed in seeds {
+        let mut client = match peers.replica_client(seed) {
+            Ok(client) => client,
+            Err(why) => {
+                failures.push(format!("{seed}: {why}"));
+                continue;
+            }
+        };
+        let request = pb::JoinRequest {
+            address: address.to_string(),
+        };
+        match tokio::time::timeout(timeout, client.join(request)).await {
+            Ok(Ok(layout)) => {
+                return pb::layout_from(layout.into_inner())
+                    .map_err(|why| Error::Unavailable(format!("{seed} answered a bad layout: {why}")));
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{seed} refused the join: {}",
+                    status.message()
+                )));
+            }
+            Ok(Err(status)) => failures.push(format!("{seed}: {}", crate::net::describe_status(&status))),
+            Err(_) => failures.push(format!("{seed}: no answer within {} ms", timeout.as_millis())),
+        }
+    }
+    Err(Error::Unavailable(format!(
+        "no seed could add {address} to its cluster: {}",
+        failures.join("; ")
+    )))
+}

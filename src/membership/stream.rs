@@ -1,0 +1,342 @@
+//! Streaming a joining node's ranges.
+//!
+//! The joining node groups the hash intervals it will replicate by their
+//! old replica set, and for each group merges, through write-if-newer, the
+//! records of every reachable old replica — at least N−W+1 of them, so a
+//! write acknowledged by W old replicas is on one it read. A source answers
+//! only once it serves the join's layout version: from then on its fence
+//! refuses writes placed with the layout before, and those that passed the
+//! fence earlier were applied before it moved on, so a scan that starts
+//! after it cannot miss one. Writes placed with the new layout reach the
+//! joining node directly.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::time::Instant;
+
+use super::{Membership, MoveProgress};
+use crate::cluster::Cluster;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::pb;
+use crate::quorum::Consistency;
+use crate::record::Record;
+use crate::replica::ReplicaStore;
+use crate::sync::Locked;
+
+/// Records and bytes in one chunk of a stream.
+const CHUNK_RECORDS: usize = 1024;
+const CHUNK_BYTES: usize = 1 << 20;
+/// Most intervals one request may name.
+const MAX_INTERVALS: usize = 1 << 20;
+
+/// The stream a source answers `Replica.StreamRecords` with.
+pub type RecordStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamChunk, tonic::Status>> + Send>>;
+
+/// `Replica.StreamRecords` on a source: every record in the requested
+/// hash intervals, in chunks, once this node serves the join's layout.
+pub fn stream_source(
+    replica: Arc<ReplicaStore>,
+    cluster: Arc<Cluster>,
+    request: pb::StreamRequest,
+) -> Result<RecordStream> {
+    let serving = replica.layout_version();
+    if serving < request.layout_version {
+        let (cluster, wanted) = (cluster.clone(), request.layout_version);
+        tokio::spawn(async move { cluster.catch_up(wanted, "").await });
+        return Err(Error::Unavailable(format!(
+            "this node serves layout v{serving}, not yet the join's v{}; retry in a moment",
+            request.layout_version
+        )));
+    }
+    if request.intervals.len() > MAX_INTERVALS {
+        return Err(Error::InvalidArgument(format!(
+            "{} intervals in one stream request (at most {MAX_INTERVALS})",
+            request.intervals.len()
+        )));
+    }
+    if let Some(bad) = request.intervals.iter().find(|i| i.first > i.last) {
+        return Err(Error::InvalidArgument(format!(
+            "interval {}..={} is empty (first > last)",
+            bad.first, bad.last
+        )));
+    }
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for (index, interval) in request.intervals.iter().enumerate() {
+            let mut after: Vec<u8> = if index == 0 { request.after.to_vec() } else { Vec::new() };
+            loop {
+                let read = replica.records_in(interval.first, interval.last, &after, CHUNK_RECORDS, CHUNK_BYTES);
+                let (records, resume) = match read {
+                    Ok(read) => read,
+                    Err(error) => {
+                        let _ = sender.send(Err(tonic::Status::from(error))).await;
+                        return;
+                    }
+                };
+                let chunk = pb::StreamChunk {
+                    records: records
+                        .iter()
+                        .map(|(key, record)| pb::StreamedRecord {
+                            key: key.clone(),
+                            record: Some(record.into()),
+                        })
+                        .collect(),
+                    intervals_done: (index + usize::from(resume.is_none())) as u32,
+                };
+                if sender.send(Ok(chunk)).await.is_err() {
+                    return; // the joining node went away
+                }
+                match resume {
+                    Some(key) => after = key,
+                    None => break,
+                }
+            }
+        }
+    });
+    Ok(Box::pin(futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })))
+}
+
+/// The intervals of one old replica set.
+struct Group {
+    sources: Vec<String>,
+    intervals: Vec<(u64, u64)>,
+    /// Fraction of the hash space each interval is.
+    shares: Vec<f64>,
+}
+
+/// Fraction of the 2^64 hash space in `first..=last`.
+fn share(first: u64, last: u64) -> f64 {
+    ((last - first) as f64 + 1.0) / 18_446_744_073_709_551_616.0
+}
+
+/// What this node receives under `layout`, grouped by old replica set.
+fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
+    let read = layout.read_ring();
+    let target = layout.target_ring();
+    let n_read = layout.replicas.min(read.members().len());
+    let n_target = layout.replicas.min(target.members().len());
+    let mut groups: BTreeMap<Vec<String>, Vec<(u64, u64)>> = BTreeMap::new();
+    let mut ranges = 0u32;
+    for range in 0..target.range_count() {
+        if !target.range_replicas(range, n_target).iter().any(|m| m.address == me) {
+            continue;
+        }
+        ranges += 1;
+        for (first, last) in target.range_hashes(range) {
+            let old: Vec<String> = read
+                .range_replicas(read.range_of(last), n_read)
+                .iter()
+                .map(|m| m.address.clone())
+                .filter(|a| a != me)
+                .collect();
+            groups.entry(old).or_default().push((first, last));
+        }
+    }
+    let groups = groups
+        .into_iter()
+        .map(|(sources, mut intervals)| {
+            intervals.sort_unstable();
+            let shares = intervals.iter().map(|&(f, l)| share(f, l)).collect();
+            Group {
+                sources,
+                intervals,
+                shares,
+            }
+        })
+        .collect();
+    (groups, ranges)
+}
+
+/// Paces a join to `--stream-rate` records per second.
+struct Pace {
+    rate: u64,
+    started: Instant,
+    records: u64,
+}
+
+impl Pace {
+    async fn take(&mut self, records: u64) {
+        self.records += records;
+        if self.rate == 0 {
+            return;
+        }
+        let due = self.started + Duration::from_secs_f64(self.records as f64 / self.rate as f64);
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+impl Membership {
+    /// Copies every range this node will replicate under `layout` from the
+    /// old replicas. `Ok` once every group was merged from enough of them.
+    pub(super) async fn stream_all(&self, layout: &Layout) -> Result<()> {
+        let me = self.me.address.clone();
+        let (groups, ranges_total) = plan(layout, &me);
+        let n_read = layout.replicas.min(layout.read_ring().members().len());
+        let needed_sources = n_read - Consistency::Quorum.required(n_read) + 1;
+        let started = Instant::now();
+        *self.progress.locked() = Some(MoveProgress {
+            layout_version: layout.version,
+            ranges_total,
+            started,
+            ..MoveProgress::default()
+        });
+        let pace = tokio::sync::Mutex::new(Pace {
+            rate: self.stream_rate,
+            started,
+            records: 0,
+        });
+        let mut done_share = 0.0;
+        for group in &groups {
+            let outcomes = futures::future::join_all(
+                group
+                    .sources
+                    .iter()
+                    .map(|source| self.stream_group(source, layout.version, group, &pace, done_share)),
+            )
+            .await;
+            let mut merged = 0;
+            let mut failures = Vec::new();
+            for (source, outcome) in group.sources.iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => merged += 1,
+                    Err(why) => failures.push(format!("{source}: {why}")),
+                }
+            }
+            let needed = needed_sources.min(group.sources.len());
+            if merged < needed {
+                return Err(Error::Unavailable(format!(
+                    "streamed a range group from {merged} of its old replicas, {needed} needed (so no acknowledged write is missed): {}",
+                    failures.join("; ")
+                )));
+            }
+            if !failures.is_empty() {
+                tracing::warn!(failures = %failures.join("; "), merged, "some old replicas could not stream; enough others did");
+            }
+            done_share += group.shares.iter().sum::<f64>();
+        }
+        if let Some(progress) = self.progress.locked().as_mut() {
+            progress.done_share = 1.0;
+            progress.ranges_done = ranges_total;
+        }
+        tracing::info!(
+            version = layout.version,
+            seconds = started.elapsed().as_secs_f64(),
+            "joining: every range streamed"
+        );
+        Ok(())
+    }
+
+    /// Merges one group's intervals from `source`.
+    async fn stream_group(
+        &self,
+        source: &str,
+        version: u64,
+        group: &Group,
+        pace: &tokio::sync::Mutex<Pace>,
+        done_before: f64,
+    ) -> Result<()> {
+        let mut client = self.cluster.peers.replica_client(source)?;
+        let request = pb::StreamRequest {
+            layout_version: version,
+            intervals: group
+                .intervals
+                .iter()
+                .map(|&(first, last)| pb::HashInterval { first, last })
+                .collect(),
+            after: Default::default(),
+        };
+        // A source not yet serving the join's layout says so: ask again.
+        let mut stream = loop {
+            match tokio::time::timeout(self.cluster.rpc_timeout * 4, client.stream_records(request.clone())).await {
+                Ok(Ok(stream)) => break stream.into_inner(),
+                Ok(Err(status)) if status.code() == tonic::Code::Unavailable && status.message().contains("not yet the join's") => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Ok(Err(status)) => return Err(Error::Unavailable(crate::net::describe_status(&status))),
+                Err(_) => return Err(Error::Unavailable("no answer to the stream request".into())),
+            }
+        };
+        let bound = self.replica.bound();
+        let idle = self.cluster.rpc_timeout * 10;
+        loop {
+            let chunk = match tokio::time::timeout(idle, stream.message()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => return Err(Error::Unavailable(crate::net::describe_status(&status))),
+                Err(_) => return Err(Error::Unavailable(format!("the stream stalled for {} ms", idle.as_millis()))),
+            };
+            let mut records: Vec<(String, Record)> = Vec::with_capacity(chunk.records.len());
+            for streamed in chunk.records {
+                let record = streamed
+                    .record
+                    .ok_or_else(|| Error::Unavailable("a streamed record has no record".into()))
+                    .and_then(|r| pb::record_from(r, bound))
+                    .map_err(|why| Error::Unavailable(format!("sent a bad record: {why}")))?;
+                if streamed.key.is_empty() {
+                    return Err(Error::Unavailable("sent a record without a key".into()));
+                }
+                records.push((streamed.key, record));
+            }
+            pace.lock().await.take(records.len() as u64).await;
+            let outcomes = self
+                .replica
+                .write_many(records.iter().map(|(k, r)| (k.as_str(), r)));
+            let (mut keys, mut bytes) = (0u64, 0u64);
+            for ((key, record), outcome) in records.iter().zip(outcomes) {
+                if outcome?.applied {
+                    keys += 1;
+                    bytes += (key.len() + record.value.as_ref().map_or(0, |v| v.len())) as u64;
+                }
+            }
+            let finished: f64 = group.shares[..(chunk.intervals_done as usize).min(group.shares.len())]
+                .iter()
+                .sum();
+            if let Some(progress) = self.progress.locked().as_mut() {
+                progress.keys_moved += keys;
+                progress.bytes_moved += bytes;
+                progress.done_share = progress.done_share.max(done_before + finished);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_joiner_receives_about_its_share_from_the_old_replicas() {
+        let addresses: Vec<String> = (1..=4).map(|i| format!("127.0.0.1:700{i}")).collect();
+        let layout = Layout::bootstrap(&addresses, 3, 64)
+            .begin_join("127.0.0.1:7005")
+            .expect("join");
+        let (groups, ranges) = plan(&layout, "127.0.0.1:7005");
+        assert!(ranges > 0);
+        let total: f64 = groups.iter().flat_map(|g| g.shares.iter()).sum();
+        // With N = 3 of 5 members, the newcomer replicates about 3/5.
+        assert!((total - 0.6).abs() < 0.15, "share {total}");
+        for group in &groups {
+            assert_eq!(group.sources.len(), 3, "every old replica is a source");
+            assert!(!group.sources.contains(&"127.0.0.1:7005".to_string()));
+        }
+        // The intervals are exactly the newcomer's: every key hash in them
+        // has it among its replicas in the target ring.
+        let target = layout.target_ring();
+        for group in &groups {
+            for &(first, last) in &group.intervals {
+                for hash in [first, last, first / 2 + last / 2] {
+                    let replicas = target.range_replicas(target.range_of(hash), 3);
+                    assert!(replicas.iter().any(|m| m.address == "127.0.0.1:7005"));
+                }
+            }
+        }
+    }
+}
