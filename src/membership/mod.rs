@@ -345,7 +345,7 @@ impl Membership {
             ballot: Some(ballot.into()),
         };
         let promises = futures::future::join_all(acceptors.iter().map(|address| {
-            let request = prepare.clone();
+            let request = prepare;
             async move {
                 if *address == self.me.address {
                     return self.on_prepare(request).map_err(|e| e.to_string());

@@ -39,7 +39,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                 let (stats, stats_age_ms) = if itself {
                     (Some(node.local_stats()), 0)
                 } else {
-                    match report.as_ref().and_then(|r| r.stats.clone()) {
+                    match report.as_ref().and_then(|r| r.stats) {
                         Some((stats, at)) => (
                             Some(stats),
                             now.saturating_duration_since(at).as_millis() as u64,

@@ -23,6 +23,9 @@ pub fn record_digest(key: &str, held: Held) -> u64 {
     xxh3_64(&bytes)
 }
 
+/// Records of a hash interval, and the storage key to resume after.
+pub type RecordsIn = (Vec<(String, crate::record::Record)>, Option<Vec<u8>>);
+
 /// Where tombstone collection resumes: a storage key (empty: the start).
 pub type GcCursor = Vec<u8>;
 
@@ -108,7 +111,7 @@ impl ReplicaStore {
         after: &[u8],
         limit: usize,
         max_bytes: usize,
-    ) -> Result<(Vec<(String, crate::record::Record)>, Option<Vec<u8>>)> {
+    ) -> Result<RecordsIn> {
         let mut bytes = 0usize;
         let start = first.to_be_bytes();
         let from: &[u8] = if after > &start[..] { after } else { &start };

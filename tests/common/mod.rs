@@ -333,6 +333,45 @@ impl TestCluster {
         }
     }
 
+    /// Starts one more node that joins the cluster through node `seed`
+    /// (`--join`), with `extra` flags; waits until it serves. Answers its
+    /// index.
+    pub async fn join(&mut self, seed: usize, extra: &[&str]) -> usize {
+        let i = self.nodes.len();
+        let address = format!("127.0.0.1:{}", free_ports(1)[0]);
+        let data_dir = self.dir.path().join(format!("node{i}"));
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            address.clone(),
+            "--join".into(),
+            self.nodes[seed].address.clone(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        if let Ok(flags) = std::env::var("DKVS_TEST_SERVER_FLAGS") {
+            args.extend(flags.split_whitespace().map(String::from));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut node = TestNode {
+            address,
+            data_dir,
+            log: self.dir.path().join(format!("node{i}.log")),
+            args,
+            child: None,
+        };
+        node.spawn();
+        self.nodes.push(node);
+        if let Err(error) = self.wait_ready(i).await {
+            panic!("joining node did not start: {error}");
+        }
+        i
+    }
+
+    /// The last lines of node `i`'s log.
+    pub fn log_tail_of(&self, i: usize) -> String {
+        self.nodes[i].log_tail()
+    }
+
     /// A smart client that knows every node.
     pub async fn client(&self) -> Client {
         self.client_with(ClientOptions::default()).await
