@@ -8,7 +8,7 @@
 //! what to do; it is never half-read.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
@@ -32,24 +32,26 @@ pub struct LayoutState {
 }
 
 /// Where the layout state lives: a file in the data dir, or memory (nodes
-/// built over an in-memory engine).
+/// built over an in-memory engine). Clones share the same state, so a
+/// simulation can keep a node's layout across a simulated crash.
+#[derive(Clone)]
 pub struct LayoutStore {
     path: Option<PathBuf>,
-    memory: Mutex<Option<Vec<u8>>>,
+    memory: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl LayoutStore {
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             path: Some(dir.join("layout")),
-            memory: Mutex::new(None),
+            memory: Arc::default(),
         }
     }
 
     pub fn in_memory() -> Self {
         Self {
             path: None,
-            memory: Mutex::new(None),
+            memory: Arc::default(),
         }
     }
 

@@ -24,6 +24,8 @@ pub struct MoveProgress {
     /// Records newly stored here so far, and their bytes.
     pub keys_moved: u64,
     pub bytes_moved: u64,
+    /// Records received from all sources (each key comes from several).
+    pub records_received: u64,
     /// Of the hash space this node receives, the fraction streamed.
     pub done_share: f64,
     pub ranges_done: u32,
@@ -37,6 +39,7 @@ impl Default for MoveProgress {
             layout_version: 0,
             keys_moved: 0,
             bytes_moved: 0,
+            records_received: 0,
             done_share: 0.0,
             ranges_done: 0,
             ranges_total: 0,

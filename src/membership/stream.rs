@@ -221,13 +221,22 @@ impl Membership {
             }
             done_share += group.shares.iter().sum::<f64>();
         }
-        if let Some(progress) = self.progress.locked().as_mut() {
-            progress.done_share = 1.0;
-            progress.ranges_done = ranges_total;
-        }
+        let (keys, records) = match self.progress.locked().as_mut() {
+            Some(progress) => {
+                progress.done_share = 1.0;
+                progress.ranges_done = ranges_total;
+                (progress.keys_moved, progress.records_received)
+            }
+            None => (0, 0),
+        };
+        let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
             version = layout.version,
-            seconds = started.elapsed().as_secs_f64(),
+            seconds,
+            keys,
+            records,
+            keys_per_sec = (keys as f64 / seconds.max(1e-3)) as u64,
+            records_per_sec = (records as f64 / seconds.max(1e-3)) as u64,
             "joining: every range streamed"
         );
         Ok(())
@@ -300,6 +309,7 @@ impl Membership {
                 .sum();
             if let Some(progress) = self.progress.locked().as_mut() {
                 progress.keys_moved += keys;
+                progress.records_received += records.len() as u64;
                 progress.bytes_moved += bytes;
                 progress.done_share = progress.done_share.max(done_before + finished);
             }

@@ -138,15 +138,26 @@ impl Node {
     /// to add this node and stores the layout that has it joining. A node
     /// restarted from its data dir rejoins with the layout it holds.
     pub async fn join_if_needed(config: &ServerConfig, dialer: Arc<dyn Dialer>) -> Result<()> {
-        let seeds = config.join_seeds();
-        if seeds.is_empty() {
+        if config.join_seeds().is_empty() {
             return Ok(());
         }
         let data_dir = config.data_dir();
         std::fs::create_dir_all(&data_dir).map_err(|e| {
             Error::Storage(format!("cannot create data dir {}: {e}", data_dir.display()))
         })?;
-        let store = LayoutStore::in_dir(&data_dir);
+        Self::join_with_store(config, &LayoutStore::in_dir(&data_dir), dialer).await
+    }
+
+    /// [`Node::join_if_needed`] with the layout kept in `store`.
+    pub async fn join_with_store(
+        config: &ServerConfig,
+        store: &LayoutStore,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<()> {
+        let seeds = config.join_seeds();
+        if seeds.is_empty() {
+            return Ok(());
+        }
         if store.load()?.is_some_and(|s| s.committed.is_some()) {
             tracing::info!("the data dir holds a layout: rejoining with it (--join ignored)");
             return Ok(());
