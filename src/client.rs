@@ -249,6 +249,12 @@ impl Client {
         // penalty): when the read fails without them, it is tried once more
         // asking every replica, which costs at most a timeout.
         let consistency = self.options.consistency;
+        // While data moves, a QUORUM or ALL answer must first be held by W
+        // replicas of every replica set: a node does that (the client never
+        // writes to replicas).
+        if self.placement.snapshot().is_moving() && consistency != Consistency::One {
+            return self.get_through_node(key).await;
+        }
         let timeout = self.options.rpc_timeout;
         let mut attempts = 0;
         let result = loop {

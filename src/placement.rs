@@ -45,6 +45,8 @@ pub struct Placement {
     layout: Option<Arc<Layout>>,
     /// Rings writes also go to while data moves.
     extra_write_rings: Vec<Arc<Ring>>,
+    /// The ring of every member, joining ones too: where data is moving to.
+    target_ring: Arc<Ring>,
     /// Every member, joining ones too.
     members: Vec<Member>,
 }
@@ -56,6 +58,7 @@ impl Placement {
         let replicas = requested.min(ring.members().len());
         Self {
             members: ring.members().to_vec(),
+            target_ring: ring.clone(),
             ring,
             replicas,
             requested,
@@ -70,6 +73,7 @@ impl Placement {
         let ring = Arc::new(layout.read_ring());
         let mut view = Self::new(ring, layout.replicas, me);
         view.extra_write_rings = layout.extra_write_rings().into_iter().map(Arc::new).collect();
+        view.target_ring = Arc::new(layout.target_ring());
         view.members = layout
             .members
             .iter()
@@ -94,6 +98,17 @@ impl Placement {
     /// Whether no data is moving (tombstone GC waits otherwise).
     pub fn is_settled(&self) -> bool {
         self.layout.as_ref().is_none_or(|l| l.is_settled())
+    }
+
+    /// Whether writes go to more than the read sets (data is moving).
+    pub fn is_moving(&self) -> bool {
+        !self.extra_write_rings.is_empty()
+    }
+
+    /// The replicas `key` will have once the change in progress is over.
+    pub fn target_replicas_of(&self, key: &str) -> Vec<&Member> {
+        let n = self.requested.min(self.target_ring.members().len());
+        self.target_ring.preference_list(key.as_bytes(), n)
     }
 
     /// The replica sets a write to `key` must reach, W acknowledgements in

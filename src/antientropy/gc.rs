@@ -40,7 +40,9 @@ impl AntiEntropy {
             }
             let mut checks = Vec::new();
             for address in &others {
-                let handle = self.cluster.peers.replica_handle(address, None)?;
+                let mut handle = self.cluster.peers.replica_handle(address, None)?;
+                // A replica serving a newer layout refuses: skip the purge.
+                handle.layout_version = view.version();
                 let key = &key;
                 checks.push(async move { handle.read(key, self.cluster.rpc_timeout).await });
             }

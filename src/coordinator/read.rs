@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::net::{ReplicaError, ReplicaHandle};
 use crate::quorum::{
     BlockingRepair, Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply,
+    WriteTally,
 };
 use crate::record::Record;
 
@@ -357,10 +358,104 @@ impl Coordinator {
                 self.local.observe(record.version);
             }
             result.repair.schedule(&self.background);
+            // While data moves, a reader on the next or the previous layout
+            // reads other replica sets: what this read answers must be held
+            // by W replicas in each of them first.
+            if let Some(record) = &result.record
+                && view.is_moving()
+                && matches!(consistency, Consistency::Quorum | Consistency::All)
+            {
+                let confirmed = tokio::time::timeout_at(
+                    deadline,
+                    self.confirm_in_write_sets(&view, key, record, consistency),
+                )
+                .await
+                .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")));
+                match confirmed {
+                    Ok(None) => {}
+                    Ok(Some(newer)) => {
+                        tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
+                        self.local.observe(newer);
+                        continue;
+                    }
+                    Err(Error::StaleLayout { current, .. }) => {
+                        self.cluster.catch_up(current, "").await;
+                        view = self.cluster.placement();
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
             return Ok(result.record);
         }
         Err(Error::Unavailable(format!(
             "GET of {key:?} gave up after {MAX_READ_ROUNDS} reads: each time, a newer version appeared while the newest one read was being repaired to a quorum (heavy concurrent writing to this key)"
         )))
+    }
+
+    /// Writes `record` (write-if-newer, its own version) to every replica
+    /// set of `key` under `view` until W replicas of each hold it. Answers
+    /// `Some(newer)` when a replica holds a newer version (read again).
+    async fn confirm_in_write_sets(
+        &self,
+        view: &crate::placement::Placement,
+        key: &str,
+        record: &Record,
+        consistency: Consistency,
+    ) -> Result<Option<Version>> {
+        let placed = self.cluster.write_replicas(view, key, &self.local)?;
+        let sets: Vec<(Vec<usize>, usize)> = placed
+            .sets
+            .iter()
+            .map(|set| (set.clone(), consistency.required(set.len())))
+            .collect();
+        let replicas = &placed.handles;
+        let mut tally = WriteTally::in_sets(record.version, sets, replicas.len());
+        let mut stale = None;
+        let mut writes: FuturesUnordered<WriteReplyFuture> = FuturesUnordered::new();
+        for (index, replica) in replicas.iter().enumerate() {
+            if let Some(why) = &replica.believed_down {
+                tally.record_at(index, &replica.address, WriteReply::NotSent(why.clone()));
+                continue;
+            }
+            let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
+            let timeout = self.cluster.rpc_timeout;
+            writes.push(Box::pin(async move { (index, replica.write(&key, &record, timeout).await) }));
+        }
+        loop {
+            match tally.decision() {
+                WriteDecision::Pending => {}
+                WriteDecision::Acknowledged { .. } => return Ok(None),
+                WriteDecision::Restamp { above } | WriteDecision::Superseded { above } => {
+                    return Ok(Some(above));
+                }
+                WriteDecision::Failed => {
+                    if let Some(current) = stale {
+                        return Err(Error::StaleLayout {
+                            caller: view.version(),
+                            current,
+                        });
+                    }
+                    return Err(Error::Unavailable(format!(
+                        "GET of {key:?}: while data moves, the newest version must be held by {} replicas of every replica set before it is answered, and it could not be written to enough of them: {}",
+                        consistency.name(),
+                        tally.failures().join("; ")
+                    )));
+                }
+            }
+            let Some((index, reply)) = writes.next().await else {
+                return Err(Error::Internal("confirmation ended with no decision".into()));
+            };
+            let reply = match reply {
+                Ok(outcome) => WriteReply::Holds(outcome.held),
+                Err(ReplicaError::Rejected(why)) => WriteReply::Failed(format!("rejected: {why}")),
+                Err(ReplicaError::Failed(why)) => WriteReply::Failed(why),
+                Err(ReplicaError::StaleLayout(current)) => {
+                    stale = stale.max(Some(current));
+                    WriteReply::NotSent(format!("refused: it serves newer layout v{current}"))
+                }
+            };
+            tally.record_at(index, &replicas[index].address, reply);
+        }
     }
 }

@@ -61,14 +61,15 @@ impl HintDelivery {
             for stored in batch {
                 let hint = &stored.hint;
                 let view = self.cluster.placement();
-                let still_replica = view
-                    .write_sets(&hint.key)
+                // A target that is not among the replicas the key moves to
+                // (or has) may drop the record once the move settles.
+                let stays = view
+                    .target_replicas_of(&hint.key)
                     .iter()
-                    .flatten()
                     .any(|m| m.address == member.address);
-                if !still_replica {
-                    // The key moved since the hint was written: give it to
-                    // the key's replicas now instead of dropping it.
+                if !stays {
+                    // The key moved, or is moving, away from the target:
+                    // give the record to every replica it has now instead.
                     self.retarget(&view, &hint.key, &hint.record).await?;
                     self.store.remove(&stored, true)?;
                     continue;

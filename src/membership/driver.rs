@@ -112,6 +112,20 @@ impl Membership {
                 tracing::warn!(%why, "joining: streaming incomplete; retrying");
                 return;
             }
+            // What was streamed must survive a crash before this node
+            // claims the ranges (--fsync periodic would leave it in memory).
+            let replica = self.replica.clone();
+            match crate::seams::blocking(move || replica.sync()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    tracing::warn!(%why, "joining: cannot sync the streamed data; retrying");
+                    return;
+                }
+                Err(why) => {
+                    tracing::warn!(%why, "joining: sync task failed; retrying");
+                    return;
+                }
+            }
             self.streamed.store(layout.version, Ordering::Relaxed);
         }
         let me = self.me.address.clone();

@@ -89,13 +89,15 @@ impl Membership {
         stream_rate: u64,
         ae_rounds: Arc<AtomicU64>,
     ) -> Arc<Self> {
+        // Never reuse a ballot promised before a restart.
+        let round = state.acceptor.promised.round;
         let membership = Arc::new(Self {
             me,
             cluster,
             replica,
             store,
             state: Mutex::new(state),
-            max_round: AtomicU64::new(0),
+            max_round: AtomicU64::new(round),
             fetching: tokio::sync::Mutex::new(()),
             stream_rate,
             progress: Mutex::new(None),
@@ -215,11 +217,34 @@ impl Membership {
         }
     }
 
+    /// Whether a proposal for `version` built on the layout hashing to
+    /// `base_hash` changes the layout this node serves (it refuses one built
+    /// on another: say a node bootstrapped with other `--peers`).
+    fn same_base(&self, state: &LayoutState, version: u64, base_hash: u64) -> bool {
+        let Some(committed) = &state.committed else {
+            return true;
+        };
+        if base_hash == 0 || version != committed.version + 1 {
+            return true;
+        }
+        let same = layout_hash(committed) == base_hash;
+        if !same {
+            tracing::warn!(
+                version = committed.version,
+                "refused a layout proposal built on another layout at the same version (were the nodes bootstrapped with different --peers?)"
+            );
+        }
+        same
+    }
+
     /// `Replica.LayoutPrepare`.
     pub fn on_prepare(&self, request: pb::LayoutPrepareRequest) -> Result<pb::LayoutPromise> {
         let ballot = pb::ballot_from(request.ballot);
         self.note_round(ballot.round);
         let mut state = self.state.locked();
+        if !self.same_base(&state, request.version, request.base_hash) {
+            return Ok(pb::LayoutPromise::default());
+        }
         let committed = state.committed.as_ref().map_or(0, |l| l.version);
         let mut next = state.clone();
         let answer = next.acceptor.prepare(committed, request.version, ballot);
@@ -258,6 +283,9 @@ impl Membership {
         )
         .map_err(Error::InvalidArgument)?;
         let mut state = self.state.locked();
+        if !self.same_base(&state, layout.version, request.base_hash) {
+            return Ok(pb::LayoutAccepted::default());
+        }
         let committed = state.committed.as_ref().map_or(0, |l| l.version);
         let mut next = state.clone();
         let answer = next.acceptor.accept(committed, &layout, ballot);
@@ -310,7 +338,7 @@ impl Membership {
                 round,
                 proposer: self.me.member_id,
             };
-            match self.run_round(&acceptors, version, ballot, own).await {
+            match self.run_round(&acceptors, version, ballot, own, layout_hash(&base)).await {
                 Ok(chosen) => {
                     self.adopt(chosen.clone())?;
                     self.announce(&chosen);
@@ -338,11 +366,13 @@ impl Membership {
         version: u64,
         ballot: Ballot,
         own: Layout,
+        base_hash: u64,
     ) -> std::result::Result<Layout, String> {
         let needed = paxos::majority(acceptors.len());
         let prepare = pb::LayoutPrepareRequest {
             version,
             ballot: Some(ballot.into()),
+            base_hash,
         };
         let promises = futures::future::join_all(acceptors.iter().map(|address| {
             let request = prepare;
@@ -393,6 +423,7 @@ impl Membership {
         let accept = pb::LayoutAcceptRequest {
             ballot: Some(ballot.into()),
             layout: Some((&value).into()),
+            base_hash,
         };
         let answers = futures::future::join_all(acceptors.iter().map(|address| {
             let request = accept.clone();
@@ -487,6 +518,12 @@ impl LayoutLearner for Membership {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
         Box::pin(async move { self.catch_up_to(version, &from).await })
     }
+}
+
+/// What a proposal names as the layout it changes.
+pub fn layout_hash(layout: &Layout) -> u64 {
+    use prost::Message;
+    xxhash_rust::xxh3::xxh3_64(&pb::Layout::from(layout).encode_to_vec())
 }
 
 /// Asks `seeds` in turn to add `address` to their cluster; answers the

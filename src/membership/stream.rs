@@ -106,6 +106,11 @@ pub fn stream_source(
 /// The intervals of one old replica set.
 struct Group {
     sources: Vec<String>,
+    /// The one old replica that gives these ranges up, when exactly one
+    /// does: every acknowledged write is on W old replicas, so it is either
+    /// on W that stay, or on the giver and W−1 that stay; streaming from the
+    /// giver alone then leaves it on W new replicas.
+    giver: Option<String>,
     intervals: Vec<(u64, u64)>,
     /// Fraction of the hash space each interval is.
     shares: Vec<f64>,
@@ -122,10 +127,16 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
     let target = layout.target_ring();
     let n_read = layout.replicas.min(read.members().len());
     let n_target = layout.replicas.min(target.members().len());
-    let mut groups: BTreeMap<Vec<String>, Vec<(u64, u64)>> = BTreeMap::new();
+    type Key = (Vec<String>, Option<String>);
+    let mut groups: BTreeMap<Key, Vec<(u64, u64)>> = BTreeMap::new();
     let mut ranges = 0u32;
     for range in 0..target.range_count() {
-        if !target.range_replicas(range, n_target).iter().any(|m| m.address == me) {
+        let new: Vec<String> = target
+            .range_replicas(range, n_target)
+            .iter()
+            .map(|m| m.address.clone())
+            .collect();
+        if !new.iter().any(|a| a == me) {
             continue;
         }
         ranges += 1;
@@ -136,16 +147,22 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
                 .map(|m| m.address.clone())
                 .filter(|a| a != me)
                 .collect();
-            groups.entry(old).or_default().push((first, last));
+            let leaving: Vec<&String> = old.iter().filter(|a| !new.contains(a)).collect();
+            let giver = match leaving.as_slice() {
+                [one] if old.len() == n_read && new.len() == n_read => Some((*one).clone()),
+                _ => None,
+            };
+            groups.entry((old, giver)).or_default().push((first, last));
         }
     }
     let groups = groups
         .into_iter()
-        .map(|(sources, mut intervals)| {
+        .map(|((sources, giver), mut intervals)| {
             intervals.sort_unstable();
             let shares = intervals.iter().map(|&(f, l)| share(f, l)).collect();
             Group {
                 sources,
+                giver,
                 intervals,
                 shares,
             }
@@ -194,6 +211,20 @@ impl Membership {
         });
         let mut done_share = 0.0;
         for group in &groups {
+            if let Some(giver) = &group.giver
+                && self.cluster.liveness.is_up(giver)
+            {
+                match self.stream_group(giver, layout.version, group, &pace, done_share).await {
+                    Ok(()) => {
+                        done_share += group.shares.iter().sum::<f64>();
+                        continue;
+                    }
+                    Err(why) => tracing::warn!(
+                        %giver, %why,
+                        "the replica giving up these ranges could not stream them; streaming from every old replica instead"
+                    ),
+                }
+            }
             let outcomes = futures::future::join_all(
                 group
                     .sources
@@ -274,10 +305,19 @@ impl Membership {
         };
         let bound = self.replica.bound();
         let idle = self.cluster.rpc_timeout * 10;
+        let mut intervals_done = 0usize;
         loop {
             let chunk = match tokio::time::timeout(idle, stream.message()).await {
                 Ok(Ok(Some(chunk))) => chunk,
-                Ok(Ok(None)) => break,
+                // Complete only if the source said it finished every
+                // interval: a stream cut short can also end cleanly.
+                Ok(Ok(None)) if intervals_done == group.intervals.len() => break,
+                Ok(Ok(None)) => {
+                    return Err(Error::Unavailable(format!(
+                        "the stream ended after {intervals_done} of {} intervals",
+                        group.intervals.len()
+                    )));
+                }
                 Ok(Err(status)) => return Err(Error::Unavailable(crate::net::describe_status(&status))),
                 Err(_) => return Err(Error::Unavailable(format!("the stream stalled for {} ms", idle.as_millis()))),
             };
@@ -293,6 +333,7 @@ impl Membership {
                 }
                 records.push((streamed.key, record));
             }
+            intervals_done = intervals_done.max(chunk.intervals_done as usize);
             pace.lock().await.take(records.len() as u64).await;
             let outcomes = self
                 .replica
@@ -336,6 +377,9 @@ mod tests {
         for group in &groups {
             assert_eq!(group.sources.len(), 3, "every old replica is a source");
             assert!(!group.sources.contains(&"127.0.0.1:7005".to_string()));
+            // One new replica in a set of three: exactly one old one leaves.
+            let giver = group.giver.as_ref().expect("one replica gives the range up");
+            assert!(group.sources.contains(giver));
         }
         // The intervals are exactly the newcomer's: every key hash in them
         // has it among its replicas in the target ring.
