@@ -6,8 +6,10 @@
 //! simulation (tests/simulation.rs, turmoil) installs [`Seams`] once per
 //! process before any node starts: a wall clock that follows simulated time,
 //! one seeded generator, and blocking work run inline, so one seed replays
-//! one run exactly. Monotonic time needs no seam: every timer and
-//! `Instant` in DKVS is tokio's, which a simulation drives.
+//! one run exactly. The wall clock is a plain function, so a simulation that
+//! knows which host is running can give each host a skewed clock of its own.
+//! Monotonic time needs no seam: every timer and `Instant` in DKVS is
+//! tokio's, which a simulation drives.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;

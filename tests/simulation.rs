@@ -7,15 +7,20 @@
 //! workload of [`dkvs::workload`] runs; every history goes through
 //! [`dkvs::checker`].
 //!
+//! Every host's wall clock is off by its own offset, up to 300 ms either
+//! way (nodes on both sides of simulated time), and the nemesis steps one
+//! node's clock every few seconds: a jump forward or a step back of up to
+//! 600 ms, which the hybrid logical clock must ride out. The skew stays well
+//! within `--max-clock-skew-ms`; it moves version stamps, client deadlines
+//! as nodes see them, and the clocks of hints and tombstone purging.
+//!
 //! One seed fixes everything: the simulated network, the nemesis, the
-//! workload, every random choice and the wall clock (see [`dkvs::seams`]).
+//! workload, every random choice and every host's wall clock (see
+//! [`dkvs::seams`]).
 //!
 //! * `cargo test --test simulation` runs the default seeds;
 //!   `DKVS_SIM_SEEDS=N` runs N seeds, `DKVS_SIM_SEED=S` replays seed S.
 //! * A failing seed is printed with the command that replays it.
-//!
-//! Not simulated yet: clock skew between hosts (the seam is one wall clock
-//! for the whole simulation).
 
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,10 +77,120 @@ fn sim_random() -> u64 {
 /// 2026-01-01T00:00:00Z, the simulation's epoch.
 const EPOCH_MS: u64 = 1_767_225_600_000;
 
+/// Each host's wall clock: simulated time plus that host's offset.
 fn sim_wall_clock_ms() -> u64 {
-    turmoil::since_epoch()
+    let now = turmoil::since_epoch()
         .map(|d| d.as_millis() as u64)
-        .unwrap_or(EPOCH_MS)
+        .unwrap_or(EPOCH_MS);
+    match RUNNING.get() {
+        Some(slot) => {
+            CLOCK_READS.with_borrow_mut(|reads| reads[slot] += 1);
+            now.saturating_add_signed(OFFSETS.with_borrow(|offsets| offsets[slot]))
+        }
+        None => now,
+    }
+}
+
+// ---- clock skew: which host is running, and how far off its clock is -------
+//
+// turmoil 0.7 has no public way to ask which host is running (its world's
+// `current` is crate-private), and wrapping a host's future would not cover
+// the tasks that host spawns. But around each host's turn `Sim::step` enters
+// a tracing span `node` whose field `name` is the host's name, and every
+// task of that host runs inside it. A subscriber on the simulation's thread
+// that listens to that one span tells the wall clock seam which host asks.
+
+/// The furthest a host's wall clock is from simulated time, either way:
+/// well within `--max-clock-skew-ms` (the default, a minute).
+const MAX_OFFSET_MS: i64 = 300;
+
+/// Hosts with a clock: the nodes, the clients, the final reader.
+const SLOTS: usize = NODES + CLIENTS + 1;
+
+/// The slot of a host's name (see [`SLOTS`]).
+fn slot_of(name: &str) -> Option<usize> {
+    if name == "final" {
+        return Some(NODES + CLIENTS);
+    }
+    if let Some(c) = name.strip_prefix("client") {
+        return c
+            .parse::<usize>()
+            .ok()
+            .filter(|&c| c < CLIENTS)
+            .map(|c| NODES + c);
+    }
+    (0..NODES).find(|&i| host(i) == name)
+}
+
+thread_local! {
+    /// The slot of the host turmoil is running now, if any.
+    static RUNNING: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Each slot's clock offset in ms: the nemesis sets them.
+    static OFFSETS: std::cell::RefCell<[i64; SLOTS]> = const { std::cell::RefCell::new([0; SLOTS]) };
+    /// Wall clock reads per slot: proof that hosts were told apart.
+    static CLOCK_READS: std::cell::RefCell<[u64; SLOTS]> = const { std::cell::RefCell::new([0; SLOTS]) };
+}
+
+/// Tracks turmoil's per-host span into [`RUNNING`]. Every other span and
+/// event stays disabled, as with no subscriber.
+struct HostSpans;
+
+/// Reads the host's name off turmoil's span.
+struct HostName(Option<usize>);
+
+impl tracing::field::Visit for HostName {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "name" {
+            self.0 = slot_of(value);
+        }
+    }
+
+    fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+}
+
+impl tracing::Subscriber for HostSpans {
+    fn register_callsite(
+        &self,
+        metadata: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if self.enabled(metadata) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.is_span() && metadata.name() == "node" && metadata.target() == "turmoil::sim"
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::INFO)
+    }
+
+    /// A span's id is its host's slot + 1 (ids are non-zero), SLOTS + 1 for
+    /// a host without a slot. Ids repeat: harmless, since nothing is kept
+    /// per span and turmoil closes one host's span before the next opens.
+    fn new_span(&self, span: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        let mut name = HostName(None);
+        span.record(&mut name);
+        tracing::span::Id::from_u64(name.0.unwrap_or(SLOTS) as u64 + 1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, _: &tracing::Event<'_>) {}
+
+    fn enter(&self, span: &tracing::span::Id) {
+        let slot = span.into_u64() as usize - 1;
+        RUNNING.set((slot < SLOTS).then_some(slot));
+    }
+
+    fn exit(&self, _: &tracing::span::Id) {
+        RUNNING.set(None);
+    }
 }
 
 /// The checker's clock: simulated time, the same for every host.
@@ -232,9 +347,29 @@ enum Fault {
     Crash(usize),
 }
 
+/// A uniform offset in `-MAX_OFFSET_MS..=MAX_OFFSET_MS`.
+fn random_offset(rng: &mut Rng) -> i64 {
+    rng.below(2 * MAX_OFFSET_MS as u64 + 1) as i64 - MAX_OFFSET_MS
+}
+
 fn run_seed(seed: u64, setting: Setting) -> Run {
     install_seams();
     RNG.with(|rng| *rng.borrow_mut() = Rng::new(seed));
+    let _hosts = tracing::subscriber::set_default(HostSpans);
+    // Every host's clock starts off by its own offset; the nodes' are on
+    // both sides of simulated time (alternating signs from a random start).
+    let mut clock_rng = Rng::new(seed ^ 0xC10C);
+    let flip = clock_rng.below(2) as usize;
+    let offsets: [i64; SLOTS] = std::array::from_fn(|slot| {
+        let offset = random_offset(&mut clock_rng);
+        match slot {
+            s if s < NODES && (s + flip).is_multiple_of(2) => offset.abs(),
+            s if s < NODES => -offset.abs(),
+            _ => offset,
+        }
+    });
+    OFFSETS.set(offsets);
+    CLOCK_READS.set([0; SLOTS]);
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .epoch(SystemTime::UNIX_EPOCH + Duration::from_millis(EPOCH_MS))
@@ -333,10 +468,41 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         schedule.push((at, length, fault));
         at += length + Duration::from_millis(500 + rng.below(1500));
     }
+    // Beside those faults, every 1-4 s a node's clock is stepped to a new
+    // offset: a jump forward or a step back of up to 2 * MAX_OFFSET_MS, which
+    // the hybrid logical clock must ride out.
+    let mut clock_steps: Vec<(Duration, usize, i64)> = Vec::new();
+    let mut at = Duration::from_secs(3);
+    while at < stop_faults {
+        let node = clock_rng.below(NODES as u64) as usize;
+        clock_steps.push((at, node, random_offset(&mut clock_rng)));
+        at += Duration::from_millis(1000 + clock_rng.below(3000));
+    }
+    let described: Vec<String> = offsets
+        .iter()
+        .enumerate()
+        .take(NODES)
+        .map(|(i, offset)| format!("{} {offset:+} ms", host(i)))
+        .collect();
+    faults.push(format!("clocks: {}", described.join(", ")));
+    let mut next_step = 0;
     let mut next = 0;
     let mut active: Option<(Duration, Fault)> = None;
     loop {
         let now = sim.elapsed();
+        if let Some(&(at, node, offset)) = clock_steps.get(next_step)
+            && now >= at
+        {
+            let was =
+                OFFSETS.with_borrow_mut(|offsets| std::mem::replace(&mut offsets[node], offset));
+            faults.push(format!(
+                "{:.1}s clock of {} {:+} ms, to {offset:+} ms",
+                at.as_secs_f64(),
+                host(node),
+                offset - was
+            ));
+            next_step += 1;
+        }
         if let Some((ends, fault)) = active.clone()
             && now >= ends
         {
@@ -364,6 +530,14 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             ),
         }
     }
+
+    // Proof that the clocks differed: every node read its own.
+    let reads = CLOCK_READS.with_borrow(|reads| *reads);
+    assert!(
+        reads[..NODES].iter().all(|&n| n > 0),
+        "seed {seed}: a node never read its own wall clock (reads per host: {reads:?}): \
+         turmoil no longer enters its `node` span around each host?"
+    );
 
     let history = recorder.take();
     // DKVS_SIM_DUMP=FILE writes the history, one operation a line, to
