@@ -80,6 +80,10 @@ impl Default for ClientOptions {
     }
 }
 
+/// How often a client whose layout shows data moving asks whether the
+/// move is over.
+const LAYOUT_RECHECK: Duration = Duration::from_secs(1);
+
 /// A connection to a DKVS cluster.
 pub struct Client {
     /// Settings.
@@ -90,6 +94,8 @@ pub struct Client {
     /// the layout version reads are placed with (refreshed when a replica
     /// serves a newer one).
     placement: SharedPlacement,
+    /// When the client last asked for the layout while data was moving.
+    layout_checked: Mutex<Instant>,
     /// Nodes that failed recently, and when.
     recently_down: Mutex<HashMap<String, Instant>>,
     /// Read repairs in flight.
@@ -131,6 +137,7 @@ impl Client {
                     .collect();
                 return Ok(Self {
                     placement: SharedPlacement::new(placement),
+                    layout_checked: Mutex::new(Instant::now()),
                     peers,
                     options,
                     recently_down: Mutex::new(down),
@@ -253,7 +260,22 @@ impl Client {
         // replicas of every replica set: a node does that (the client never
         // writes to replicas).
         if self.placement.snapshot().is_moving() && consistency != Consistency::One {
-            return self.get_through_node(key).await;
+            // Notice when the move is over (nodes coordinating the reads
+            // never refuse them as stale).
+            let due = {
+                let mut last = self.layout_checked.locked();
+                let due = last.elapsed() >= LAYOUT_RECHECK;
+                if due {
+                    *last = Instant::now();
+                }
+                due
+            };
+            if due {
+                let _ = self.refresh_layout().await;
+            }
+            if self.placement.snapshot().is_moving() {
+                return self.get_through_node(key).await;
+            }
         }
         let timeout = self.options.rpc_timeout;
         let mut attempts = 0;

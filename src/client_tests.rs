@@ -75,6 +75,7 @@ fn client_over(scripts: [Script; 3]) -> (Client, Vec<Arc<FakeReplica>>) {
             3,
             "",
         )),
+        layout_checked: Mutex::new(tokio::time::Instant::now()),
         recently_down: Mutex::new(HashMap::new()),
         background: Background::new(CancellationToken::new()),
         seeds: REPLICAS.map(String::from).to_vec(),

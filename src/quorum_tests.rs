@@ -298,3 +298,48 @@ fn a_replica_heard_from_twice_keeps_the_newer_state() {
     assert_eq!(tally.replies(), 3);
     assert_eq!(tally.repair_plan(), None);
 }
+
+/// While data moves, a write goes to the old set {a, b, c} and the new set
+/// {a, b, j} (indices 0, 1, 2 and 0, 1, 3): W in each.
+fn moving_tally() -> WriteTally {
+    WriteTally::in_sets(V2, vec![(vec![0, 1, 2], 2), (vec![0, 1, 3], 2)], 4)
+}
+
+#[test]
+fn a_write_during_a_move_needs_w_in_every_set() {
+    // a and c hold it: W in the old set, one in the new: not yet.
+    let mut tally = moving_tally();
+    tally.record_at(0, "a", WriteReply::Holds(V2));
+    tally.record_at(2, "c", WriteReply::Holds(V2));
+    assert_eq!(tally.decision(), WriteDecision::Pending);
+    tally.record_at(3, "j", WriteReply::Holds(V2));
+    assert_eq!(tally.decision(), WriteDecision::Acknowledged { acks: 3 });
+
+    // a and b alone are W in both sets.
+    let mut tally = moving_tally();
+    tally.record_at(0, "a", WriteReply::Holds(V2));
+    tally.record_at(1, "b", WriteReply::Holds(V2));
+    assert_eq!(tally.decision(), WriteDecision::Acknowledged { acks: 2 });
+}
+
+#[test]
+fn a_write_during_a_move_fails_when_one_set_cannot_reach_w() {
+    // b and j fail: the new set {a, b, j} can reach at most 1.
+    let mut tally = moving_tally();
+    tally.record_at(1, "b", WriteReply::Failed("down".into()));
+    assert_eq!(tally.decision(), WriteDecision::Pending);
+    tally.record_at(3, "j", WriteReply::NotSent("believed down".into()));
+    assert_eq!(tally.decision(), WriteDecision::Failed);
+    // Even though the old set could still reach W (a and c).
+}
+
+#[test]
+fn one_set_is_the_plain_rule() {
+    let mut tally = WriteTally::in_sets(V2, vec![(vec![0, 1, 2], 2)], 3);
+    tally.record_at(0, "a", WriteReply::Holds(V2));
+    tally.record_at(1, "b", WriteReply::Holds(V1));
+    assert_eq!(tally.decision(), WriteDecision::Pending);
+    tally.record_at(2, "c", WriteReply::Holds(V2));
+    assert_eq!(tally.decision(), WriteDecision::Acknowledged { acks: 2 });
+    let _ = V3;
+}
