@@ -70,7 +70,15 @@ pub fn stream_source(
         for (index, interval) in request.intervals.iter().enumerate() {
             let mut after: Vec<u8> = if index == 0 { request.after.to_vec() } else { Vec::new() };
             loop {
-                let read = replica.records_in(interval.first, interval.last, &after, CHUNK_RECORDS, CHUNK_BYTES);
+                // A scan is storage work: off the async threads.
+                let (scanner, (first, last), from) =
+                    (replica.clone(), (interval.first, interval.last), after.clone());
+                let read = crate::seams::blocking(move || {
+                    scanner.records_in(first, last, &from, CHUNK_RECORDS, CHUNK_BYTES)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("stream scan: {e}")))
+                .and_then(|read| read);
                 let (records, resume) = match read {
                     Ok(read) => read,
                     Err(error) => {
@@ -335,9 +343,15 @@ impl Membership {
             }
             intervals_done = intervals_done.max(chunk.intervals_done as usize);
             pace.lock().await.take(records.len() as u64).await;
-            let outcomes = self
-                .replica
-                .write_many(records.iter().map(|(k, r)| (k.as_str(), r)));
+            // Off the async threads: a node runs its heartbeats and
+            // requests there, and a chunk is a thousand writes.
+            let replica = self.replica.clone();
+            let (records, outcomes) = crate::seams::blocking(move || {
+                let outcomes = replica.write_many(records.iter().map(|(k, r)| (k.as_str(), r)));
+                (records, outcomes)
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("applying a streamed chunk: {e}")))?;
             let (mut keys, mut bytes) = (0u64, 0u64);
             for ((key, record), outcome) in records.iter().zip(outcomes) {
                 if outcome?.applied {

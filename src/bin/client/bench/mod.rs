@@ -128,6 +128,9 @@ pub async fn run(
     };
     if args.json {
         println!("{}", report.json(&label));
+        for error in &report.sample_errors {
+            eprintln!("  error: {error}");
+        }
     } else {
         print!("{}", report.text(&label));
         for error in &report.sample_errors {
