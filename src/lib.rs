@@ -10,7 +10,10 @@
 //! * [`record`] — one version of a key (value or tombstone), its encoding and
 //!   the merge rule.
 //! * [`quorum`] — quorum arithmetic and the tally of one quorum call.
-//! * `placement` — one swappable snapshot of ring, N and this node.
+//! * [`layout`] — the member list the cluster agreed on, version by version;
+//!   the three steps of a join; Paxos's acceptor rules.
+//! * `placement` — one swappable snapshot of a layout version: read ring,
+//!   write rings, N and this node.
 //! * `liveness` — the phi accrual detector, and the heartbeats feeding it.
 //! * `antientropy::plan` — hash-tree roots and what to copy.
 //! * [`checker`] — the history checker tests and `DKVSClient` use, and
@@ -29,6 +32,8 @@
 //! * `coordinator` — quorum reads and writes, read repair.
 //! * `hints` — hinted handoff: the store, where hints go, delivery.
 //! * `antientropy` — background sync and tombstone collection.
+//! * [`membership`] — adopting layouts, proposing changes, joins and their
+//!   streaming.
 //! * `background` — the periodic worker runner and bounded background tasks.
 //! * [`node`] — wiring, and the gRPC services and server.
 //! * [`client`] — the smart client.
