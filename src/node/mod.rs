@@ -274,7 +274,7 @@ impl Node {
             bound,
         )?);
         // Counted over the layout's read ring just now; serve that version.
-        replica.rebuild_digests(placement.ring().clone(), layout.version)?;
+        replica.digests_are_of(layout.version);
         replica.advance_fence(layout.version);
         replica.set_read_gate(identity.clone());
         tracing::info!(

@@ -262,6 +262,12 @@ impl ReplicaStore {
         *serving = (*serving).max(version);
     }
 
+    /// Records that the digests counted at open, over the ring passed to
+    /// [`ReplicaStore::open`], are those of layout `version`.
+    pub fn digests_are_of(&self, version: u64) {
+        self.digests.locked().layout_version = version;
+    }
+
     /// Recounts the range digests over `ring` (a new layout's read ring).
     /// Writes wait meanwhile (every stripe and the digests are held), so
     /// the recount is exact.
