@@ -22,6 +22,11 @@
 //!
 //! One change at a time: a new join is refused while a layout has a
 //! joining member or a `previous` set ([`Layout::in_progress`]).
+//!
+//! What this protects is what QUORUM (or ALL) promises: a write acknowledged
+//! by W replicas, read back at R with R + W > N. A write at ONE is on one old
+//! replica; the joining node streams from every old replica it can reach, so
+//! it usually gets it too, but only N−W+1 of them are required.
 
 pub mod paxos;
 pub mod store;

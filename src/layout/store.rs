@@ -80,8 +80,9 @@ impl LayoutStore {
                 .map_or("the in-memory layout".to_string(), |p| p.display().to_string());
             Error::Storage(format!(
                 "{place} is damaged ({why}); this node cannot know which layout it served. \
-                 Move the file away and restart the node with --join SEED (any live member) \
-                 to fetch the layout from the cluster"
+                 Once no layout change is in progress (DKVSClient cluster wait), move the file \
+                 away and restart the node with --join SEED (any live member) to fetch the \
+                 layout from the cluster"
             ))
         })
     }
