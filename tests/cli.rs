@@ -94,7 +94,8 @@ async fn put_get_delete_status_and_exit_codes() {
         "{table}"
     );
     assert!(
-        table.contains("\nLayout v1, no change in progress (last change: bootstrap from --peers)\n"),
+        table
+            .contains("\nLayout v1, no change in progress (last change: bootstrap from --peers)\n"),
         "{table}"
     );
     let row = table
@@ -760,9 +761,7 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
             .find(|l| l.starts_with(&joiner_address))
             .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>());
         match (row_of(&table, &joiner_address), moving) {
-            (Some(row), Some(moving)) if row[2] == "JOINING" && moving[2] != "0" => {
-                Ok(table)
-            }
+            (Some(row), Some(moving)) if row[2] == "JOINING" && moving[2] != "0" => Ok(table),
             _ => Err(format!("no join with keys moved yet:\n{table}")),
         }
     })

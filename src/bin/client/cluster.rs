@@ -53,11 +53,7 @@ pub struct WaitArgs {
 }
 
 /// Runs a `cluster` command against the members reachable from `seeds`.
-pub async fn run(
-    command: ClusterCommand,
-    seeds: &[String],
-    rpc_timeout: Duration,
-) -> Outcome {
+pub async fn run(command: ClusterCommand, seeds: &[String], rpc_timeout: Duration) -> Outcome {
     match command {
         ClusterCommand::Wait(args) => wait(seeds, rpc_timeout, args).await,
     }
@@ -250,7 +246,9 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             // Unreachable from here: down if every view says so, else
             // what its heartbeats last said.
             _ if !views.is_empty()
-                && views.iter().all(|m| m.state == pb::MemberState::Down as i32) =>
+                && views
+                    .iter()
+                    .all(|m| m.state == pb::MemberState::Down as i32) =>
             {
                 down.push(address.clone());
                 continue;
@@ -272,9 +270,10 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             parts.push(format!("settles once every member serves v{version}"));
         }
         parts.extend(behind);
-        parts.extend(down.iter().map(|address| {
-            format!("{address} is believed down (the change waits for it)")
-        }));
+        parts.extend(
+            down.iter()
+                .map(|address| format!("{address} is believed down (the change waits for it)")),
+        );
         return waiting(parts.join("; "));
     }
     if !behind.is_empty() {
@@ -331,9 +330,9 @@ impl Progress {
     fn new() -> Self {
         let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
             let bar = indicatif::ProgressBar::new_spinner();
-            if let Ok(style) =
-                indicatif::ProgressStyle::with_template("cluster wait {spinner} [{elapsed_precise}] {wide_msg}")
-            {
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "cluster wait {spinner} [{elapsed_precise}] {wide_msg}",
+            ) {
                 bar.set_style(style);
             }
             bar.enable_steady_tick(Duration::from_millis(200));
@@ -349,9 +348,7 @@ impl Progress {
         }
         let due = match self.last {
             None => true,
-            Some((version, at)) => {
-                version != waiting.version || waited >= at + PROGRESS_LINE_EVERY
-            }
+            Some((version, at)) => version != waiting.version || waited >= at + PROGRESS_LINE_EVERY,
         };
         if due {
             eprintln!("cluster wait: {} s: {}", waited.as_secs(), waiting.why);
@@ -438,7 +435,10 @@ mod tests {
         let Verdict::Settled(settled) = judge(&all) else {
             panic!("not settled")
         };
-        assert_eq!(settled.line(), "settled: layout v4 (change 4), served by all 2 members");
+        assert_eq!(
+            settled.line(),
+            "settled: layout v4 (change 4), served by all 2 members"
+        );
     }
 
     #[test]
@@ -473,7 +473,11 @@ mod tests {
             panic!("not settled")
         };
         assert_eq!(settled.down, ["c"]);
-        assert!(settled.line().contains("served by the 2 live members; believed down: c"));
+        assert!(
+            settled
+                .line()
+                .contains("served by the 2 live members; believed down: c")
+        );
     }
 
     #[test]
@@ -497,7 +501,11 @@ mod tests {
             "layout v2, change in progress: change 2; j 40.0% moved (120 keys, ~9s left); b is believed down (the change waits for it)"
         );
         // Finished joining: the old replica sets still get writes.
-        let v3 = layout(3, &[("a", Active), ("b", Active), ("j", Active)], &["a", "b"]);
+        let v3 = layout(
+            3,
+            &[("a", Active), ("b", Active), ("j", Active)],
+            &["a", "b"],
+        );
         let seen = [("a", Up, 3), ("b", Up, 2), ("j", Up, 3)];
         let all = answers(vec![
             ("a", Ok(status("a", &v3, &seen))),

@@ -96,7 +96,10 @@ pub fn status_table(status: &pb::StatusResponse) -> String {
         table.push_str(&moves_table(&status.moves));
     }
     // No blanks after an empty NOTE.
-    table.lines().map(|l| format!("{}\n", l.trim_end())).collect()
+    table
+        .lines()
+        .map(|l| format!("{}\n", l.trim_end()))
+        .collect()
 }
 
 /// The STATE column: UP, DOWN, or JOINING (in the layout as joining and
@@ -152,15 +155,30 @@ pub fn layout_line(layout: &pb::Layout) -> String {
 /// The data moving to joining nodes: done, moved, and estimates of what is
 /// left from the rate so far.
 fn moves_table(moves: &[pb::MoveProgress]) -> String {
-    let mut table = String::from("Data moving to joining nodes (what is left is estimated from the rate so far):\n");
+    let mut table = String::from(
+        "Data moving to joining nodes (what is left is estimated from the rate so far):\n",
+    );
     table.push_str(&format!(
         "{:<22} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10}  {}\n",
-        "JOINING", "DONE", "KEYS MOVED", "BYTES MOVED", "KEYS LEFT", "BYTES LEFT", "TIME LEFT", "NOTE"
+        "JOINING",
+        "DONE",
+        "KEYS MOVED",
+        "BYTES MOVED",
+        "KEYS LEFT",
+        "BYTES LEFT",
+        "TIME LEFT",
+        "NOTE"
     ));
     for progress in moves {
         // Estimates are 0 both when done and when not yet known.
         let known = progress.done_ppm > 0;
-        let estimate = |text: String| if known { format!("~{text}") } else { "?".into() };
+        let estimate = |text: String| {
+            if known {
+                format!("~{text}")
+            } else {
+                "?".into()
+            }
+        };
         let note = if progress.age_ms >= STALE_COUNTS_MS {
             format!("reported {:.1}s ago", progress.age_ms as f64 / 1000.0)
         } else {
