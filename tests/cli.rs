@@ -748,7 +748,7 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
     }
     writer.close().await;
     let started = std::time::Instant::now();
-    let joiner = cluster.join(0, &["--stream-rate", "40"]).await;
+    let joiner = cluster.join(0, &["--stream-rate", "25"]).await;
     let joiner_address = cluster.nodes[joiner].address.clone();
     let seeds = cluster.addresses()[..3].join(",");
 
