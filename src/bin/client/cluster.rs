@@ -34,13 +34,13 @@ const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(10);
 // description in --help.
 #[derive(Debug, clap::Subcommand)]
 pub enum ClusterCommand {
-    /// Wait until no layout change is in progress and every live member
-    /// serves the newest layout: exit 0 then, 3 if --timeout-secs passes first.
+    /// Wait until a layout change is over: exit 0, or 3 at --timeout-secs.
     ///
-    /// Asks every member for its status twice a second. Progress goes to
-    /// stderr, the verdict to stdout. A member believed down does not hold
-    /// up the verdict, but a join does not settle until every member
-    /// serves it.
+    /// Over means no change is in progress and every member that is up
+    /// serves the newest layout. Asks every member for its status twice a
+    /// second. Progress goes to stderr, the verdict to stdout. A member
+    /// believed down does not hold up the verdict, but a join does not
+    /// settle until every member serves it.
     #[command(name = "wait")]
     Wait(WaitArgs),
 }

@@ -85,7 +85,7 @@ enum Command {
         alias = "del"
     )]
     Delete { key: String },
-    /// Show every member, up or down, with key counts (like `nodetool status`).
+    /// Show the layout and every member (up, down, joining) with key counts, and data moving (like `nodetool status`).
     #[command(name = "status", alias = "STATUS")]
     Status,
     /// Show which nodes hold a key, in preference order.
