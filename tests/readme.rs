@@ -19,7 +19,8 @@
 //!   shows but cannot type, such as a kill whose target depends on the
 //!   ring. Besides the cluster's commands they can use the helpers in
 //!   [`HELPERS`]: `replica KEY N` (the address of KEY's Nth replica),
-//!   `pid_of ADDRESS`, `wait_state OBSERVER MEMBER UP|DOWN`, `wait_all_up`,
+//!   `pid_of ADDRESS`, `wait_state OBSERVER MEMBER UP|DOWN`,
+//!   `wait_stats OBSERVER MEMBER` (OBSERVER has MEMBER's counts), `wait_all_up`,
 //!   `wait_no_hints`, `wait_moving ADDRESS` (status shows data moving to
 //!   it, some keys moved already), `wait_layout V` (status shows every
 //!   member on layout vV). Every wait polls with a deadline.
@@ -105,6 +106,10 @@ wait_for() {
 member_state() { DKVSClient --nodes "$1" status | awk -v m="$2" '$1 == m { print $3 }'; }
 is_state() { [[ "$(member_state "$1" "$2")" == "$3" ]]; }
 wait_state() { wait_for is_state "$@"; }
+# OBSERVER has MEMBER's counts and layout version (an answered heartbeat
+# since either restarted), so a status after MEMBER is killed shows them.
+has_stats() { DKVSClient --nodes "$1" status | awk -v m="$2" '$1 == m && $5 != "-" { found = 1 } END { exit !found }'; }
+wait_stats() { wait_for has_stats "$@"; }
 # Every member UP as NODE sees it.
 all_up_from() { local s; s=$(DKVSClient --nodes "$1" status) || return 1; ! grep -q ' DOWN ' <<<"$s"; }
 wait_all_up() { local n; for n in ${DKVS_NODES//,/ }; do wait_for all_up_from "$n"; done; }
