@@ -3,18 +3,24 @@
 #
 #   ./startServers.sh            build (release) and start 5 nodes on 127.0.0.1:7001..7005
 #   ./startServers.sh 3          start 3 nodes instead (1 to 50)
-#   ./startServers.sh stop       stop every node this script started: SIGTERM to all
-#                                at once, SIGKILL to any still running after 10 s
+#   ./startServers.sh add        start one more node that joins the running cluster
+#                                (DKVSServer --join), on the next free port after the
+#                                highest one the script uses; prints its restart command
+#   ./startServers.sh stop       stop every node this script started, added ones too:
+#                                SIGTERM to all at once, SIGKILL to any still running
+#                                after 10 s
 #   ./startServers.sh status     show which nodes are running
 #   ./startServers.sh help       show this text
 #
 # Data lives under ./data/node-<port>, logs and pids under ./run/.
 # Running it again while nodes are up leaves running nodes alone and starts
-# the missing ones. It refuses to start a cluster of another size (or on other
-# ports) while nodes of the running one are up: stop that cluster first.
-# (Growing a running cluster will be `./startServers.sh add` once the cluster
-# has membership changes.) If a node exits while starting, the script shows the
-# end of its log at once and exits 1.
+# the missing ones, added nodes included (./data/added-nodes lists their
+# ports; they belong to that data). It refuses to start a cluster of another
+# size (or on other ports) while nodes of the running one are up: stop that
+# cluster first, or grow it with `add`. `add` first waits (up to 10 minutes,
+# showing progress) for a layout change in progress to end, since the cluster
+# makes one change at a time. If a node exits while starting, the script shows
+# the end of its log at once and exits 1.
 #
 # Binaries are built with `cargo build --release` into cargo's target directory
 # (CARGO_TARGET_DIR or build.target-dir are honoured; the script asks cargo).
@@ -40,8 +46,16 @@ BASE_PORT=${DKVS_BASE_PORT:-7000}
 EXTRA_FLAGS=${DKVS_SERVER_FLAGS:-}
 # The running cluster's size and peer list, written when it starts.
 CLUSTER_FILE="$RUN_DIR/cluster"
+# Ports of the nodes `add` started, one a line: kept with the data (the
+# nodes are members of the layout stored there), so a later start restarts
+# them too.
+ADDED_FILE="$DATA_DIR/added-nodes"
 STOP_GRACE_SECONDS=10
 START_DEADLINE_SECONDS=30
+# How long `add` waits for a joining node to be added and to serve, and for
+# a change in progress to end before it adds one.
+JOIN_DEADLINE_SECONDS=60
+CHANGE_WAIT_SECONDS=600
 
 usage() { # the comment block at the top of this file, however long it grows
   awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
@@ -186,7 +200,7 @@ show_status() {
   if (( running == 0 )); then
     echo "no DKVS node is running (start a cluster with ./startServers.sh)"
   elif [[ -f "$CLUSTER_FILE" ]]; then
-    echo "$running of $(sed -n 's/^nodes=//p' "$CLUSTER_FILE") node(s) running"
+    echo "$running of $(( $(sed -n 's/^nodes=//p' "$CLUSTER_FILE") + $(added_ports | wc -l) )) node(s) running"
   fi
 }
 
@@ -207,6 +221,61 @@ running_peers() {
     tr '\0' '\n' <"/proc/$any/cmdline" | sed -n '/^--peers$/{n;p;q}'
   else
     echo unknown
+  fi
+}
+
+# The ports of the nodes `add` started, one a line, in the order added.
+added_ports() {
+  [[ -f "$ADDED_FILE" ]] || return 0
+  grep -E '^[0-9]+$' "$ADDED_FILE" || true
+}
+
+# The flags every node gets: DKVS_SERVER_FLAGS, and --worker-threads
+# cores/nodes (at least 1) unless those set it.
+node_flags() { # node count
+  local flags="$EXTRA_FLAGS" cores
+  if [[ " $flags " != *" --worker-threads"* ]]; then
+    cores=$(nproc 2>/dev/null || echo 1)
+    flags="--worker-threads $(( cores / $1 > 0 ? cores / $1 : 1 )) $flags"
+  fi
+  printf '%s\n' "$flags"
+}
+
+# Sets CMD to the command line of the node on PORT, and PRINTABLE to it as
+# a shell line that appends to its log and writes its pid file (what the
+# script prints for restarting it by hand). BIN must be set.
+node_command() { # port, --peers or --join, addresses, flags
+  local port=$1 name="node-$1" word
+  # shellcheck disable=SC2206
+  CMD=("$BIN" --listen "$HOST:$port" "$2" "$3" --data-dir "$DATA_DIR/$name" $4)
+  PRINTABLE=""
+  for word in "${CMD[@]}"; do PRINTABLE+="$(quote "$word") "; done
+  PRINTABLE+=">> $(quote "$RUN_DIR/$name.log") 2>&1 & echo \$! > $(quote "$RUN_DIR/$name.pid")"
+}
+
+# Starts CMD in the background for the node on PORT: output appended to its
+# log, its pid in its pid file.
+launch() { # port
+  local log="$RUN_DIR/node-$1.log"
+  LOG_START[$1]=$( { wc -c <"$log"; } 2>/dev/null || echo 0)
+  nohup "${CMD[@]}" >>"$log" 2>&1 < /dev/null &
+  echo $! >"$RUN_DIR/node-$1.pid"
+}
+
+# Builds the release binaries unless DKVS_BIN_DIR names them; sets BIN and
+# CLIENT.
+find_binaries() {
+  if [[ -z "${DKVS_BIN_DIR:-}" ]]; then
+    echo "building release binaries (cargo build --release)..."
+    cargo build --release --bins --quiet
+  fi
+  local bins
+  bins=$(bin_dir)
+  BIN="$bins/DKVSServer"
+  CLIENT="$bins/DKVSClient"
+  if [[ ! -x "$BIN" ]]; then
+    echo "no DKVSServer at $BIN" >&2
+    exit 1
   fi
 }
 
@@ -232,16 +301,26 @@ start_all() {
     {
       echo "a cluster of $size node(s) is already running from $RUN_DIR ($running);"
       echo "refusing to start $count node(s) ($peers): the two would place keys on different rings."
-      echo "Stop it first with ./startServers.sh stop (data is kept), then start the new size."
-      echo "(Growing a running cluster will be ./startServers.sh add once the cluster has membership changes.)"
+      echo "Stop it first with ./startServers.sh stop (data is kept), then start the new size,"
+      echo "or grow the running cluster one node at a time with ./startServers.sh add."
     } >&2
     exit 1
   fi
 
+  # The cluster's own nodes, then the ones `add` started earlier (members of
+  # the layout stored in the data).
+  local ports=() added=() port
+  for i in $(seq 1 "$count"); do ports+=("$((BASE_PORT + i))"); done
+  while read -r port; do
+    if [[ " ${ports[*]} " != *" $port "* ]]; then
+      ports+=("$port")
+      added+=("$port")
+    fi
+  done < <(added_ports)
+
   # A port taken by something else would make a node exit at once.
-  local port name busy=()
-  for i in $(seq 1 "$count"); do
-    port=$((BASE_PORT + i))
+  local name busy=()
+  for port in "${ports[@]}"; do
     is_running "$RUN_DIR/node-$port.pid" && continue
     port_in_use "$port" && busy+=("$HOST:$port")
   done
@@ -251,46 +330,29 @@ start_all() {
     exit 1
   fi
 
-  if [[ -z "${DKVS_BIN_DIR:-}" ]]; then
-    echo "building release binaries (cargo build --release)..."
-    cargo build --release --bins --quiet
-  fi
-  local bins
-  bins=$(bin_dir)
-  local BIN="$bins/DKVSServer" CLIENT="$bins/DKVSClient"
-  if [[ ! -x "$BIN" ]]; then
-    echo "no DKVSServer at $BIN" >&2
-    exit 1
-  fi
+  local BIN CLIENT
+  find_binaries
   mkdir -p "$RUN_DIR" "$DATA_DIR"
   printf 'nodes=%s\npeers=%s\n' "$count" "$peers" >"$CLUSTER_FILE"
 
-  local flags="$EXTRA_FLAGS"
-  if [[ " $flags " != *" --worker-threads"* ]]; then
-    local cores
-    cores=$(nproc 2>/dev/null || echo 1)
-    flags="--worker-threads $(( cores / count > 0 ? cores / count : 1 )) $flags"
-  fi
+  local flags
+  flags=$(node_flags "${#ports[@]}")
 
   local commands=() started=()
-  for i in $(seq 1 "$count"); do
-    port=$((BASE_PORT + i))
+  for port in "${ports[@]}"; do
     name="node-$port"
-    local pidfile="$RUN_DIR/$name.pid"
-    local log="$RUN_DIR/$name.log"
-    # shellcheck disable=SC2206
-    local cmd=("$BIN" --listen "$HOST:$port" --peers "$peers" --data-dir "$DATA_DIR/$name" $flags)
-    local printable="" word
-    for word in "${cmd[@]}"; do printable+="$(quote "$word") "; done
-    printable+=">> $(quote "$log") 2>&1 & echo \$! > $(quote "$pidfile")"
-    commands+=("$printable")
-    if is_running "$pidfile"; then
-      echo "$name already running (pid $(pid_of "$pidfile"))"
+    if [[ " ${added[*]} " == *" $port "* ]]; then
+      # --join is ignored once its data dir holds the layout.
+      node_command "$port" --join "$peers" "$flags"
+    else
+      node_command "$port" --peers "$peers" "$flags"
+    fi
+    commands+=("$PRINTABLE")
+    if is_running "$RUN_DIR/$name.pid"; then
+      echo "$name already running (pid $(pid_of "$RUN_DIR/$name.pid"))"
       continue
     fi
-    LOG_START[$port]=$( { wc -c <"$log"; } 2>/dev/null || echo 0)
-    nohup "${cmd[@]}" >>"$log" 2>&1 < /dev/null &
-    echo $! >"$pidfile"
+    launch "$port"
     started+=("$port")
   done
 
@@ -338,18 +400,23 @@ start_all() {
   fi
 
   echo
-  echo "DKVS cluster: $count node(s), replicas=3 (capped at the node count)"
+  if (( ${#added[@]} )); then
+    echo "DKVS cluster: $count node(s) and ${#added[@]} added with ./startServers.sh add, replicas=3 (capped at the node count)"
+  else
+    echo "DKVS cluster: $count node(s), replicas=3 (capped at the node count)"
+  fi
   printf '%-8s %-18s %-8s %s\n' NODE ADDRESS PID LOG
-  for i in $(seq 1 "$count"); do
-    port=$((BASE_PORT + i))
+  local i
+  for i in "${!ports[@]}"; do
+    port=${ports[$i]}
     pid=$(pid_of "$RUN_DIR/node-$port.pid")
     pid_alive "$pid" || pid=exited
-    printf '%-8s %-18s %-8s %s\n' "$i" "$HOST:$port" "$pid" "${RUN_DIR#"$ROOT"/}/node-$port.log"
+    printf '%-8s %-18s %-8s %s\n' "$((i + 1))" "$HOST:$port" "$pid" "${RUN_DIR#"$ROOT"/}/node-$port.log"
   done
   echo
   echo "Restart a node by hand (after e.g. kill -9 <pid>) with its command:"
-  for i in $(seq 1 "$count"); do
-    echo "  ${commands[$((i - 1))]}"
+  for i in "${!ports[@]}"; do
+    echo "  ${commands[$i]}"
   done
   cat <<USAGE
 
@@ -358,6 +425,8 @@ Try it:
   $CLIENT GET mykey
   $CLIENT status
   grpcurl -plaintext $HOST:$((BASE_PORT + 1)) list
+Grow it by one node:
+  ./startServers.sh add
 Stop the cluster:
   ./startServers.sh stop
 USAGE
@@ -366,14 +435,106 @@ USAGE
   fi
   if (( ${#failed[@]} )); then
     echo >&2
-    echo "${#failed[@]} of $count node(s) failed to start (see above). Fix the cause and run ./startServers.sh $count again to start them, or ./startServers.sh stop." >&2
+    echo "${#failed[@]} of ${#ports[@]} node(s) failed to start (see above). Fix the cause and run ./startServers.sh $count again to start them, or ./startServers.sh stop." >&2
     return 1
   fi
+}
+
+# One more node that joins the running cluster (see the usage at the top).
+add_node() {
+  local peers
+  peers=$(running_peers)
+  if [[ -z "$peers" ]]; then
+    echo "no DKVS cluster is running from $RUN_DIR: start one with ./startServers.sh, then add nodes to it" >&2
+    exit 1
+  fi
+  # The seeds are the nodes running now; the new port is the next free one
+  # after the highest the script uses (pid files, the cluster's peers, nodes
+  # added before).
+  shopt -s nullglob
+  local seeds="" highest=0 port pidfile address running=0
+  for pidfile in "$RUN_DIR"/node-*.pid; do
+    port=${pidfile##*/node-}
+    port=${port%.pid}
+    [[ "$port" =~ ^[0-9]+$ ]] || continue
+    if (( port > highest )); then highest=$port; fi
+    if is_running "$pidfile"; then
+      seeds+="${seeds:+,}$HOST:$port"
+      running=$((running + 1))
+    fi
+  done
+  for address in ${peers//,/ } $(added_ports); do
+    port=${address##*:}
+    if [[ "$port" =~ ^[0-9]+$ ]] && (( port > highest )); then highest=$port; fi
+  done
+  port=$((highest + 1))
+  while port_in_use "$port"; do
+    port=$((port + 1))
+    if (( port > highest + 100 || port > 65535 )); then
+      echo "no free port in the 100 after $highest; nothing added" >&2
+      exit 1
+    fi
+  done
+  local name="node-$port"
+  if [[ -n "$(ls -A "$DATA_DIR/$name" 2>/dev/null)" ]]; then
+    echo "$DATA_DIR/$name already holds data (from an earlier cluster?): a joining node needs an empty data dir. Remove it and run ./startServers.sh add again; nothing added." >&2
+    exit 1
+  fi
+
+  local BIN CLIENT
+  find_binaries
+  # The cluster makes one change at a time: let one in progress end first.
+  if ! "$CLIENT" --nodes "$seeds" cluster wait --timeout-secs 1 >/dev/null 2>&1; then
+    echo "a layout change is in progress (one at a time): waiting up to ${CHANGE_WAIT_SECONDS} s for it to end before adding a node (Ctrl-C gives up)" >&2
+    if ! "$CLIENT" --nodes "$seeds" cluster wait --timeout-secs "$CHANGE_WAIT_SECONDS" >&2; then
+      echo "the change did not end within ${CHANGE_WAIT_SECONDS} s: nothing added. See $CLIENT status" >&2
+      exit 1
+    fi
+  fi
+
+  mkdir -p "$RUN_DIR" "$DATA_DIR"
+  node_command "$port" --join "$seeds" "$(node_flags $((running + 1)))"
+  launch "$port"
+  local pid
+  pid=$(pid_of "$RUN_DIR/$name.pid")
+  # It listens at once, and answers only once the cluster has added it.
+  local deadline=$((SECONDS + JOIN_DEADLINE_SECONDS))
+  until "$CLIENT" --nodes "$HOST:$port" --timeout-ms 1000 status >/dev/null 2>&1; do
+    if ! pid_alive "$pid"; then
+      echo "$name exited while joining (pid $pid); nothing added" >&2
+      log_tail "$port"
+      exit 1
+    fi
+    if (( SECONDS >= deadline )); then
+      echo "$HOST:$port did not answer within ${JOIN_DEADLINE_SECONDS} s of asking to join; it still runs (pid $pid, log $RUN_DIR/$name.log); ./startServers.sh stop stops it" >&2
+      echo "$port" >>"$ADDED_FILE"
+      exit 1
+    fi
+    sleep 0.2
+  done
+  echo "$port" >>"$ADDED_FILE"
+
+  local members
+  members=$(( $(tr ',' '\n' <<<"$peers" | wc -l) + $(added_ports | wc -l) ))
+  echo "$name joins the cluster (through $seeds): it receives the data of the ranges it will own, then serves reads."
+  printf '%-8s %-18s %-8s %s\n' NODE ADDRESS PID LOG
+  printf '%-8s %-18s %-8s %s\n' "$members" "$HOST:$port" "$pid" "${RUN_DIR#"$ROOT"/}/$name.log"
+  echo
+  echo "Restart it by hand (after e.g. kill -9 <pid>) with its command (--join is ignored once its data dir holds the layout):"
+  echo "  $PRINTABLE"
+  cat <<USAGE
+
+Follow the join:
+  $CLIENT status
+  $CLIENT cluster wait      # exits 0 once it is over
+./startServers.sh stop stops it with the others.
+USAGE
 }
 
 case "${1:-5}" in
   stop) stop_all ;;
   status) show_status ;;
+  add) add_node ;;
   -h|--help|help) usage ;;
   *) start_all "${1:-5}" ;;
 esac

@@ -88,15 +88,22 @@ async fn put_get_delete_status_and_exit_codes() {
             "HLC",
             "SKEW",
             "UPTIME",
+            "LAYOUT",
             "NOTE"
         ],
+        "{table}"
+    );
+    assert!(
+        table
+            .contains("\nLayout v1, no change in progress (last change: bootstrap from --peers)\n"),
         "{table}"
     );
     let row = table
         .lines()
         .find(|l| l.contains("(this node)"))
         .expect("own row");
-    assert_eq!(row.split_whitespace().count(), 12, "{table}");
+    assert_eq!(row.split_whitespace().count(), 13, "{table}");
+    assert_eq!(row.split_whitespace().nth(10), Some("v1"), "{table}");
 
     // With two of three nodes down: the status shows them DOWN, and a
     // quorum write fails with exit code 3 and says why.
@@ -635,4 +642,204 @@ async fn check_finds_the_lost_writes_of_a_cluster_that_forgets() {
     for node in nodes {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(10), node).await;
     }
+}
+
+/// The whitespace-separated words of `table`'s row for `address`, if any.
+fn row_of(table: &str, address: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(address))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+}
+
+/// `cluster wait` on a settled cluster exits 0 at once. A join that never
+/// finishes (Replica.Join for an address where nothing listens: it stays
+/// JOINING) keeps it waiting: with `--timeout-secs 1` it gives up after
+/// about a second, says what it waited for, and exits 3; `status` shows
+/// the change and the joining member, which serves no layout yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
+    let cluster = TestCluster::start(3).await;
+    let seeds = cluster.addresses().join(",");
+    let (settled, took) = timed_client(&seeds, &["cluster", "wait", "--timeout-secs", "30"]);
+    let stdout = text(&settled.stdout);
+    assert_eq!(
+        settled.status.code(),
+        Some(0),
+        "{stdout}{}",
+        text(&settled.stderr)
+    );
+    assert!(
+        stdout.starts_with(
+            "settled: layout v1 (bootstrap from --peers), served by all 3 members (waited "
+        ),
+        "{stdout}"
+    );
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+
+    let ghost = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        listener.local_addr().expect("local addr").to_string()
+    };
+    let layout = cluster
+        .replica(0)
+        .await
+        .join(pb::JoinRequest {
+            address: ghost.clone(),
+        })
+        .await
+        .expect("Replica.Join")
+        .into_inner();
+    assert_eq!(layout.version, 2);
+
+    let (stuck, took) = timed_client(&seeds, &["cluster", "wait", "--timeout-secs", "1"]);
+    let (stdout, stderr) = (text(&stuck.stdout), text(&stuck.stderr));
+    assert_eq!(stuck.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with(&format!(
+            "not settled after 1 s (--timeout-secs): layout v2, change in progress: {ghost} joins"
+        )),
+        "{stdout}"
+    );
+    // Not a terminal: a progress line, no redrawn bar.
+    assert!(
+        stderr.starts_with("cluster wait: 0 s: layout v2, change in progress"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\r'), "{stderr}");
+    assert!(
+        took >= std::time::Duration::from_secs(1) && took < std::time::Duration::from_secs(5),
+        "gave up after {took:?}"
+    );
+
+    let status = client(&cluster, &["status"]);
+    let table = text(&status.stdout);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
+    assert!(
+        table.contains(&format!(
+            "\nLayout v2, change in progress: {ghost} joins (streaming its ranges;"
+        )),
+        "{table}"
+    );
+    let row = row_of(&table, &ghost).unwrap_or_else(|| panic!("no row for {ghost}:\n{table}"));
+    // Reachable joining members show JOINING; this one never answers.
+    assert!(["JOINING", "DOWN"].contains(&row[2].as_str()), "{table}");
+    assert_eq!(row[10], "-", "it never answered a heartbeat: {table}");
+    for address in cluster.addresses() {
+        let row = row_of(&table, &address).expect("a row per member");
+        assert_eq!((row[2].as_str(), row[10].as_str()), ("UP", "v2"), "{table}");
+    }
+}
+
+/// While a node joins (slowed by --stream-rate, with keys to copy),
+/// `status` shows the change, the member JOINING, and a row of data moving
+/// with keys moved, estimates and percent done; `cluster wait` returns 0
+/// once the move settled (layout v4: joins, finished joining, move
+/// settled), and `status` then shows every member UP on v4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settled() {
+    let mut cluster = TestCluster::start(3).await;
+    let writer = cluster.client().await;
+    for i in 0..300 {
+        writer
+            .put(&format!("join-{i}"), format!("value {i}"))
+            .await
+            .expect("put");
+    }
+    writer.close().await;
+    let started = std::time::Instant::now();
+    let joiner = cluster.join(0, &["--stream-rate", "25"]).await;
+    let joiner_address = cluster.nodes[joiner].address.clone();
+    let seeds = cluster.addresses()[..3].join(",");
+
+    let table = eventually(std::time::Duration::from_secs(20), async || {
+        let (status, _) = timed_client(&seeds, &["status"]);
+        let table = text(&status.stdout);
+        let moving = table
+            .lines()
+            .skip_while(|l| !l.starts_with("Data moving to joining nodes"))
+            .find(|l| l.starts_with(&joiner_address))
+            .map(|l| l.split_whitespace().map(String::from).collect::<Vec<_>>());
+        match (row_of(&table, &joiner_address), moving) {
+            (Some(row), Some(moving)) if row[2] == "JOINING" && moving[2] != "0" => Ok(table),
+            _ => Err(format!("no join with keys moved yet:\n{table}")),
+        }
+    })
+    .await;
+    eprintln!(
+        "status during the join ({:.1} s after it began):\n{table}",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        table.contains(&format!(
+            "\nLayout v2, change in progress: {joiner_address} joins (streaming its ranges;"
+        )),
+        "{table}"
+    );
+    let header: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("JOINING "))
+        .expect("the header of the moving data")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "JOINING", "DONE", "KEYS", "MOVED", "BYTES", "MOVED", "KEYS", "LEFT", "BYTES", "LEFT",
+            "TIME", "LEFT", "NOTE"
+        ],
+        "{table}"
+    );
+    let moving: Vec<&str> = table
+        .lines()
+        .rev()
+        .find(|l| l.starts_with(&joiner_address))
+        .expect("a moving row")
+        .split_whitespace()
+        .collect();
+    // Address, done, keys moved, bytes moved (2 words), keys left, bytes
+    // left (2 words), time left.
+    assert!(moving[1].ends_with('%'), "{table}");
+    assert!(moving[2].parse::<u64>().is_ok_and(|n| n > 0), "{table}");
+    assert!(moving[5].starts_with('~') || moving[5] == "?", "{table}");
+    for address in &cluster.addresses()[..3] {
+        let row = row_of(&table, address).expect("a row per member");
+        assert_eq!((row[2].as_str(), row[10].as_str()), ("UP", "v2"), "{table}");
+    }
+
+    let (waited, took) = timed_client(&seeds, &["cluster", "wait", "--timeout-secs", "120"]);
+    let (stdout, stderr) = (text(&waited.stdout), text(&waited.stderr));
+    eprintln!(
+        "cluster wait took {took:?} ({:.1} s after the join began):\n{stderr}{stdout}",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(waited.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("settled: layout v4 (move settled), served by all 4 members (waited "),
+        "{stdout}"
+    );
+    assert!(
+        stderr.starts_with("cluster wait: 0 s: layout v"),
+        "it said what it waited for: {stderr}"
+    );
+
+    // Each member's LAYOUT comes from its heartbeats: v4 within a beat or two.
+    let table = eventually(std::time::Duration::from_secs(10), async || {
+        let (status, _) = timed_client(&seeds, &["status"]);
+        let table = text(&status.stdout);
+        let all_v4 = cluster.addresses().iter().all(|address| {
+            row_of(&table, address).is_some_and(|row| row[2] == "UP" && row[10] == "v4")
+        });
+        if all_v4 {
+            Ok(table)
+        } else {
+            Err(format!("not every member UP on v4:\n{table}"))
+        }
+    })
+    .await;
+    assert!(
+        table.contains("\nLayout v4, no change in progress (last change: move settled)\n"),
+        "{table}"
+    );
+    assert!(!table.contains("Data moving"), "{table}");
 }

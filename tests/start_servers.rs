@@ -170,3 +170,133 @@ fn a_zombie_node_counts_as_stopped() {
     assert!(listening(port));
     let _ = child.wait();
 }
+
+/// `DKVSClient cluster wait` against the script's first node: its stdout,
+/// once it exits 0.
+fn settled(script: &Script) -> String {
+    let output = Command::new(Script::bin_dir().join("DKVSClient"))
+        .args(["--nodes", &format!("127.0.0.1:{}", script.port(1))])
+        .args(["cluster", "wait", "--timeout-secs", "60"])
+        .output()
+        .expect("run DKVSClient");
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "cluster wait: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+    text(&output.stdout)
+}
+
+/// `add` needs a running cluster; then each `add` starts one node on the
+/// next port that joins it (`--join` with the running nodes), waiting for
+/// the change before it to end, and prints its restart command. Running
+/// the script again finds every node running; `stop` stops the added
+/// nodes too; a later start restarts them with the others (they are
+/// members of the layout kept in the data).
+#[test]
+fn add_grows_the_running_cluster_and_stop_stops_the_added_nodes_too() {
+    let script = Script::new();
+    let refused = script.run(&["add"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stdout));
+    assert!(
+        text(&refused.stderr).contains("no DKVS cluster is running"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    let started = script.run(&["3"]);
+    assert!(
+        started.status.success(),
+        "{}{}",
+        text(&started.stdout),
+        text(&started.stderr)
+    );
+    assert!(text(&started.stdout).contains("./startServers.sh add"));
+    let seeds: Vec<String> = (1..=3)
+        .map(|i| format!("127.0.0.1:{}", script.port(i)))
+        .collect();
+
+    let added = script.run(&["add"]);
+    let stdout = text(&added.stdout);
+    assert!(added.status.success(), "{stdout}{}", text(&added.stderr));
+    let fourth = script.port(4);
+    assert!(
+        stdout.starts_with(&format!(
+            "node-{fourth} joins the cluster (through {})",
+            seeds.join(",")
+        )),
+        "{stdout}"
+    );
+    let restart = format!(
+        "--listen 127.0.0.1:{fourth} --join {} --data-dir {}",
+        seeds.join(","),
+        script.data_dir().join(format!("node-{fourth}")).display()
+    );
+    assert!(stdout.contains(&restart), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "& echo $! > {}",
+            script
+                .run_dir()
+                .join(format!("node-{fourth}.pid"))
+                .display()
+        )),
+        "{stdout}"
+    );
+    assert!(listening(fourth));
+
+    // At once: `add` waits for the change in progress (this join) itself.
+    let again = script.run(&["add"]);
+    let stdout = text(&again.stdout);
+    assert!(again.status.success(), "{stdout}{}", text(&again.stderr));
+    let fifth = script.port(5);
+    assert!(
+        stdout.starts_with(&format!("node-{fifth} joins")),
+        "{stdout}"
+    );
+    let verdict = settled(&script);
+    assert!(
+        verdict.starts_with("settled: layout v7 (move settled), served by all 5 members"),
+        "{verdict}"
+    );
+
+    let status = text(&script.run(&["status"]).stdout);
+    assert!(status.contains("5 of 5 node(s) running"), "{status}");
+    let again = script.run(&["3"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        text(&again.stdout).matches("already running").count(),
+        5,
+        "{}",
+        text(&again.stdout)
+    );
+
+    let stopped = script.run(&["stop"]);
+    assert!(
+        text(&stopped.stdout).contains("stopped 5 node(s)"),
+        "{}",
+        text(&stopped.stdout)
+    );
+    assert!((1..=5).all(|i| !listening(script.port(i))));
+    assert!(script.pids().is_empty(), "pid files left behind");
+
+    let restarted = script.run(&["3"]);
+    let stdout = text(&restarted.stdout);
+    assert!(
+        restarted.status.success(),
+        "{stdout}{}",
+        text(&restarted.stderr)
+    );
+    assert!(
+        stdout.contains("DKVS cluster: 3 node(s) and 2 added with ./startServers.sh add"),
+        "{stdout}"
+    );
+    assert!((1..=5).all(|i| listening(script.port(i))));
+    let verdict = settled(&script);
+    assert!(
+        verdict.starts_with("settled: layout v7 (move settled), served by all 5 members"),
+        "{verdict}"
+    );
+}

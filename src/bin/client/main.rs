@@ -3,12 +3,15 @@
 //! This file holds the command line (clap), runs one command or the prompt,
 //! and maps errors to exit codes. The prompt is in [`prompt`], the `status`
 //! table in [`status`], `bench` and its targets in [`bench`](mod@bench),
-//! `check` (a recorded workload and its verdict) in [`check`].
+//! `check` (a recorded workload and its verdict) in [`check`], `cluster
+//! wait` in [`cluster`].
 //!
 //! Exit codes: 0 success; 1 GET of a missing key, or a `check` whose history
 //! broke a promise; 2 usage error or input the
 //! cluster refused (INVALID_ARGUMENT); 3 cluster unavailable (quorum not
-//! reached, no node answered); 4 timeout, or a PUT/DELETE whose outcome is
+//! reached, no node answered), or a `cluster wait` whose layout change was
+//! not over by its `--timeout-secs` (the contract's code for it); 4
+//! timeout, or a PUT/DELETE whose outcome is
 //! indeterminate (it may or may not have been applied, and may take effect
 //! later); 5 any other error.
 #![allow(non_snake_case)]
@@ -29,11 +32,13 @@ use dkvs::quorum::Consistency;
 
 mod bench;
 mod check;
+mod cluster;
 mod prompt;
 mod status;
 
 use bench::BenchArgs;
 use check::CheckArgs;
+use cluster::ClusterCommand;
 
 /// The addresses startServers.sh uses.
 const DEFAULT_NODES: &str =
@@ -80,7 +85,7 @@ enum Command {
         alias = "del"
     )]
     Delete { key: String },
-    /// Show every member, up or down, with key counts (like `nodetool status`).
+    /// Show the layout and every member (up, down, joining) with key counts, and data moving (like `nodetool status`).
     #[command(name = "status", alias = "STATUS")]
     Status,
     /// Show which nodes hold a key, in preference order.
@@ -98,6 +103,9 @@ enum Command {
     /// does not.
     #[command(name = "check")]
     Check(CheckArgs),
+    /// Membership: `cluster wait` waits until a layout change (a join) is over.
+    #[command(name = "cluster", subcommand)]
+    Cluster(ClusterCommand),
     /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
     #[command(name = "noop-server", hide = true)]
     NoopServer {
@@ -112,6 +120,18 @@ enum Outcome {
     NotFound,
     /// `check` found the history broke a promise.
     Violated,
+    /// `cluster wait` gave up before the change was over.
+    Unsettled,
+}
+
+impl Outcome {
+    fn exit_code(self) -> ExitCode {
+        match self {
+            Outcome::Done => ExitCode::SUCCESS,
+            Outcome::NotFound | Outcome::Violated => ExitCode::from(1),
+            Outcome::Unsettled => ExitCode::from(3),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -156,6 +176,12 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(error) => report(&error),
             };
         }
+        // It asks every member itself, and keeps asking while none answers.
+        Some(Command::Cluster(command)) => {
+            return cluster::run(command, &nodes, options.rpc_timeout)
+                .await
+                .exit_code();
+        }
         _ => {}
     }
     let rpc_timeout = options.rpc_timeout;
@@ -165,8 +191,7 @@ async fn run(cli: Cli) -> ExitCode {
     };
     let code = match cli.command {
         Some(command) => match execute(&client, command, rpc_timeout).await {
-            Ok(Outcome::Done) => ExitCode::SUCCESS,
-            Ok(Outcome::NotFound | Outcome::Violated) => ExitCode::from(1),
+            Ok(outcome) => outcome.exit_code(),
             Err(error) => report(&error),
         },
         None => prompt::prompt(&client, rpc_timeout).await,
@@ -247,6 +272,17 @@ async fn execute(
         Command::Check(args) => {
             drop(out);
             return check::run(client, args, rpc_timeout).await;
+        }
+        Command::Cluster(command) => {
+            // At the prompt: the members the client knows are the seeds.
+            drop(out);
+            let members: Vec<String> = client
+                .ring()
+                .members()
+                .iter()
+                .map(|m| m.address.clone())
+                .collect();
+            return Ok(cluster::run(command, &members, rpc_timeout).await);
         }
         Command::Replicas { key } => {
             for (rank, address) in client.replicas_of(&key).iter().enumerate() {

@@ -1,5 +1,7 @@
-//! The `status` command's table, like `nodetool status`: every member the
-//! asked node knows, its state, counts, clock and skew.
+//! The `status` command's table, like `nodetool status`: the layout the
+//! asked node serves and the change in progress, then every member it
+//! knows with its state, counts, clock, skew and the layout version it
+//! serves, then, while data moves to a joining node, its progress.
 
 use dkvs::pb;
 
@@ -7,10 +9,11 @@ use dkvs::pb;
 /// heartbeat intervals).
 const STALE_COUNTS_MS: u64 = 2_000;
 
-/// The table: one line per member, up or down.
+/// The whole answer: the header, the layout line, the member table and,
+/// during a join, the table of data moving.
 pub fn status_table(status: &pb::StatusResponse) -> String {
     let mut table = format!(
-        "DKVS cluster as seen by {} — {} members, N={} replicas, W={} R={} (quorum), {} vnodes per node\n\n",
+        "DKVS cluster as seen by {} — {} members, N={} replicas, W={} R={} (quorum), {} vnodes per node\n",
         status.address,
         status.members.len(),
         status.replicas,
@@ -18,8 +21,13 @@ pub fn status_table(status: &pb::StatusResponse) -> String {
         status.read_quorum,
         status.vnodes
     );
+    if let Some(layout) = &status.layout {
+        table.push_str(&layout_line(layout));
+        table.push('\n');
+    }
+    table.push('\n');
     table.push_str(&format!(
-        "{:<22} {:<17} {:<5} {:>5} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9}  {}\n",
+        "{:<22} {:<17} {:<7} {:>5} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9} {:>6}  {}\n",
         "ADDRESS",
         "NODE ID",
         "STATE",
@@ -30,10 +38,10 @@ pub fn status_table(status: &pb::StatusResponse) -> String {
         "HLC",
         "SKEW",
         "UPTIME",
+        "LAYOUT",
         "NOTE"
     ));
     for member in &status.members {
-        let up = member.state == pb::MemberState::Up as i32;
         let (keys, tombstones, hints, lamport, uptime) = match &member.stats {
             Some(s) => (
                 s.live_keys.to_string(),
@@ -68,10 +76,10 @@ pub fn status_table(status: &pb::StatusResponse) -> String {
             format!("{:+}ms", member.clock_skew_ms)
         };
         table.push_str(&format!(
-            "{:<22} {:016x}  {:<5} {:>5.1} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9}  {}\n",
+            "{:<22} {:016x}  {:<7} {:>5.1} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9} {:>6}  {}\n",
             member.address,
             member.node_id,
-            if up { "UP" } else { "DOWN" },
+            state_name(member.state),
             member.phi.min(99.9),
             keys,
             tombstones,
@@ -79,8 +87,286 @@ pub fn status_table(status: &pb::StatusResponse) -> String {
             lamport,
             skew,
             uptime,
+            served_version(member.layout_version),
+            note
+        ));
+    }
+    if !status.moves.is_empty() {
+        table.push('\n');
+        table.push_str(&moves_table(&status.moves));
+    }
+    // No blanks after an empty NOTE.
+    table
+        .lines()
+        .map(|l| format!("{}\n", l.trim_end()))
+        .collect()
+}
+
+/// The STATE column: UP, DOWN, or JOINING (in the layout as joining and
+/// reachable: it takes writes and receives its ranges, answers no read yet).
+pub fn state_name(state: i32) -> &'static str {
+    match pb::MemberState::try_from(state) {
+        Ok(pb::MemberState::Up) => "UP",
+        Ok(pb::MemberState::Joining) => "JOINING",
+        Ok(pb::MemberState::Down) => "DOWN",
+        _ => "?",
+    }
+}
+
+/// The LAYOUT column: the version a member serves as of its last
+/// heartbeat (`-` until one was answered).
+fn served_version(version: u64) -> String {
+    if version == 0 {
+        "-".into()
+    } else {
+        format!("v{version}")
+    }
+}
+
+/// One line on the layout: its version and the change in progress, or the
+/// last change when none is.
+pub fn layout_line(layout: &pb::Layout) -> String {
+    let joining: Vec<&str> = layout
+        .members
+        .iter()
+        .filter(|m| m.role == pb::LayoutRole::Joining as i32)
+        .map(|m| m.address.as_str())
+        .collect();
+    let version = layout.version;
+    if !joining.is_empty() {
+        format!(
+            "Layout v{version}, change in progress: {} (streaming {} ranges; writes go to the old and the new replica sets, reads to the old)",
+            layout.change,
+            if joining.len() == 1 { "its" } else { "their" }
+        )
+    } else if !layout.previous.is_empty() {
+        format!(
+            "Layout v{version}, change in progress: {} (the old replica sets get writes too until every member serves v{version})",
+            layout.change
+        )
+    } else {
+        format!(
+            "Layout v{version}, no change in progress (last change: {})",
+            layout.change
+        )
+    }
+}
+
+/// The data moving to joining nodes: done, moved, and estimates of what is
+/// left from the rate so far.
+fn moves_table(moves: &[pb::MoveProgress]) -> String {
+    let mut table = String::from(
+        "Data moving to joining nodes (what is left is estimated from the rate so far):\n",
+    );
+    table.push_str(&format!(
+        "{:<22} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10}  {}\n",
+        "JOINING",
+        "DONE",
+        "KEYS MOVED",
+        "BYTES MOVED",
+        "KEYS LEFT",
+        "BYTES LEFT",
+        "TIME LEFT",
+        "NOTE"
+    ));
+    for progress in moves {
+        // Estimates are 0 both when done and when not yet known.
+        let known = progress.done_ppm > 0;
+        let estimate = |text: String| {
+            if known {
+                format!("~{text}")
+            } else {
+                "?".into()
+            }
+        };
+        let note = if progress.age_ms >= STALE_COUNTS_MS {
+            format!("reported {:.1}s ago", progress.age_ms as f64 / 1000.0)
+        } else {
+            String::new()
+        };
+        table.push_str(&format!(
+            "{:<22} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10}  {}\n",
+            progress.address,
+            percent(progress.done_ppm),
+            progress.keys_moved,
+            bytes(progress.bytes_moved),
+            estimate(progress.keys_remaining.to_string()),
+            estimate(bytes(progress.bytes_remaining)),
+            estimate(duration(progress.eta_ms)),
             note
         ));
     }
     table
+}
+
+/// Millionths as a percentage with one decimal.
+pub fn percent(ppm: u32) -> String {
+    format!("{:.1}%", f64::from(ppm.min(1_000_000)) / 10_000.0)
+}
+
+/// A byte count in B, KiB, MiB or GiB.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Milliseconds as `45s`, `3m05s` or `2h07m`.
+pub fn duration(ms: u64) -> String {
+    let seconds = ms.div_ceil(1000);
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(address: &str, state: pb::MemberState, layout_version: u64) -> pb::Member {
+        pb::Member {
+            address: address.into(),
+            node_id: 1,
+            state: state as i32,
+            layout_version,
+            ..Default::default()
+        }
+    }
+
+    fn layout_member(address: &str, role: pb::LayoutRole) -> pb::LayoutMember {
+        pb::LayoutMember {
+            address: address.into(),
+            member_id: 1,
+            role: role as i32,
+            tokens: vec![1],
+        }
+    }
+
+    #[test]
+    fn a_join_in_progress_shows_in_the_layout_line_the_rows_and_the_moves() {
+        let status = pb::StatusResponse {
+            address: "a:1".into(),
+            replicas: 3,
+            vnodes: 8,
+            write_quorum: 2,
+            read_quorum: 2,
+            members: vec![
+                member("a:1", pb::MemberState::Up, 2),
+                member("b:1", pb::MemberState::Down, 1),
+                member("c:1", pb::MemberState::Joining, 2),
+                member("d:1", pb::MemberState::Up, 0),
+            ],
+            layout: Some(pb::Layout {
+                version: 2,
+                members: vec![
+                    layout_member("a:1", pb::LayoutRole::Active),
+                    layout_member("c:1", pb::LayoutRole::Joining),
+                ],
+                change: "c:1 joins".into(),
+                ..Default::default()
+            }),
+            moves: vec![
+                pb::MoveProgress {
+                    address: "c:1".into(),
+                    keys_moved: 1200,
+                    bytes_moved: 3 << 20,
+                    done_ppm: 250_000,
+                    keys_remaining: 3600,
+                    bytes_remaining: 9 << 20,
+                    eta_ms: 125_000,
+                    age_ms: 2500,
+                    ..Default::default()
+                },
+                pb::MoveProgress {
+                    address: "e:1".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let table = status_table(&status);
+        assert!(
+            table.contains("Layout v2, change in progress: c:1 joins (streaming its ranges;"),
+            "{table}"
+        );
+        let row = |address: &str| -> Vec<String> {
+            table
+                .lines()
+                .find(|l| l.starts_with(address))
+                .unwrap_or_else(|| panic!("no row for {address}:\n{table}"))
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(row("c:1")[2], "JOINING");
+        assert_eq!(row("b:1")[2], "DOWN");
+        // LAYOUT is the column before NOTE: v2, v1, or - when unknown.
+        assert_eq!(row("a:1")[10], "v2");
+        assert_eq!(row("b:1")[10], "v1");
+        assert_eq!(row("d:1")[10], "-");
+        let moving = table
+            .lines()
+            .skip_while(|l| !l.starts_with("Data moving"))
+            .collect::<Vec<_>>();
+        assert!(moving[1].starts_with("JOINING"), "{table}");
+        assert_eq!(
+            moving[2].split_whitespace().collect::<Vec<_>>(),
+            [
+                "c:1", "25.0%", "1200", "3.0", "MiB", "~3600", "~9.0", "MiB", "~2m05s", "reported",
+                "2.5s", "ago"
+            ]
+        );
+        // Nothing streamed yet: the estimates are not known.
+        assert_eq!(
+            moving[3].split_whitespace().collect::<Vec<_>>(),
+            ["e:1", "0.0%", "0", "0", "B", "?", "?", "?"]
+        );
+    }
+
+    #[test]
+    fn a_finished_join_and_a_settled_layout_say_so() {
+        let mut layout = pb::Layout {
+            version: 3,
+            members: vec![layout_member("a:1", pb::LayoutRole::Active)],
+            previous: vec!["a:1".into()],
+            change: "c:1 finished joining".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            layout_line(&layout),
+            "Layout v3, change in progress: c:1 finished joining (the old replica sets get writes too until every member serves v3)"
+        );
+        layout.version = 4;
+        layout.previous.clear();
+        layout.change = "move settled".into();
+        assert_eq!(
+            layout_line(&layout),
+            "Layout v4, no change in progress (last change: move settled)"
+        );
+    }
+
+    #[test]
+    fn sizes_and_durations_read_well() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(5 << 30), "5.0 GiB");
+        assert_eq!(duration(0), "0s");
+        assert_eq!(duration(1), "1s");
+        assert_eq!(duration(59_000), "59s");
+        assert_eq!(duration(185_000), "3m05s");
+        assert_eq!(duration(7_620_000), "2h07m");
+        assert_eq!(percent(1_000_000), "100.0%");
+        assert_eq!(percent(123_456), "12.3%");
+    }
 }

@@ -1,0 +1,531 @@
+//! `DKVSClient cluster ...`: membership. For now `cluster wait`, which
+//! waits until a layout change is over.
+//!
+//! A change is over when the newest layout any member serves has no change
+//! in progress (no member joining, no old replica sets still written:
+//! [`dkvs::layout::Layout::in_progress`]) and every live member serves it.
+//! Every member is asked for `Cluster.Status` on each poll: the newest
+//! layout is the highest version any of them answers, and what a member
+//! serves is what it answers itself, or, when the client cannot reach it,
+//! what the members it heartbeats with last heard. A member the others
+//! believe down does not hold the verdict up (it learns the layout when it
+//! is back), but it holds up the change itself: a move settles only once
+//! every member serves the finished join.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dkvs::net::{PeerPool, TcpDialer, call_within, max_message_bytes};
+use dkvs::pb;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::time::Instant;
+
+use crate::Outcome;
+use crate::status::{duration, percent};
+
+/// How often the members are asked.
+const POLL: Duration = Duration::from_millis(500);
+/// How often a progress line is printed when stderr is not a terminal
+/// (and whenever the layout version changes).
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(10);
+
+// A plain comment: a doc comment here would replace the subcommand's
+// description in --help.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Wait until a layout change is over: exit 0, or 3 at --timeout-secs.
+    ///
+    /// Over means no change is in progress and every member that is up
+    /// serves the newest layout. Asks every member for its status twice a
+    /// second. Progress goes to stderr, the verdict to stdout. A member
+    /// believed down does not hold up the verdict, but a join does not
+    /// settle until every member serves it.
+    #[command(name = "wait")]
+    Wait(WaitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct WaitArgs {
+    /// Give up after this many seconds (exit 3); 0 waits without limit.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+/// Runs a `cluster` command against the members reachable from `seeds`.
+pub async fn run(command: ClusterCommand, seeds: &[String], rpc_timeout: Duration) -> Outcome {
+    match command {
+        ClusterCommand::Wait(args) => wait(seeds, rpc_timeout, args).await,
+    }
+}
+
+/// `cluster wait`: polls every member until the change is over or the
+/// timeout passes.
+async fn wait(seeds: &[String], rpc_timeout: Duration, args: WaitArgs) -> Outcome {
+    let began = Instant::now();
+    let limit = (args.timeout_secs > 0).then(|| Duration::from_secs(args.timeout_secs));
+    let peers = Arc::new(PeerPool::new(
+        Arc::new(TcpDialer::default()),
+        max_message_bytes(dkvs::config::DEFAULT_MAX_VALUE_BYTES),
+    ));
+    let mut progress = Progress::new();
+    // Whom to ask: the seeds until a layout is known, then its members.
+    let mut asked: Vec<String> = seeds.to_vec();
+    loop {
+        let answers = ask_all(&peers, &asked, rpc_timeout).await;
+        if let Some(layout) = newest_layout(&answers) {
+            asked = layout.members.iter().map(|m| m.address.clone()).collect();
+        }
+        let waited = began.elapsed();
+        match judge(&answers) {
+            Verdict::Settled(settled) => {
+                progress.clear();
+                println!("{} (waited {:.1} s)", settled.line(), waited.as_secs_f64());
+                return Outcome::Done;
+            }
+            Verdict::Waiting(waiting) => {
+                if let Some(limit) = limit
+                    && waited >= limit
+                {
+                    progress.clear();
+                    println!(
+                        "not settled after {} s (--timeout-secs): {}",
+                        limit.as_secs(),
+                        waiting.why
+                    );
+                    return Outcome::Unsettled;
+                }
+                progress.show(waited, &waiting);
+            }
+        }
+        let pause = match limit {
+            Some(limit) => POLL.min(limit.saturating_sub(began.elapsed())),
+            None => POLL,
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Each address's `Cluster.Status`, or why it did not answer; asked at
+/// once, each within `rpc_timeout`.
+async fn ask_all(
+    peers: &Arc<PeerPool>,
+    addresses: &[String],
+    rpc_timeout: Duration,
+) -> BTreeMap<String, Result<pb::StatusResponse, String>> {
+    let mut asks: FuturesUnordered<_> = addresses
+        .iter()
+        .map(|address| {
+            let (peers, address) = (peers.clone(), address.clone());
+            async move {
+                let answer = match peers.cluster_client(&address) {
+                    Ok(mut client) => call_within(rpc_timeout, client.status(pb::StatusRequest {}))
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                (address, answer)
+            }
+        })
+        .collect();
+    let mut answers = BTreeMap::new();
+    while let Some((address, answer)) = asks.next().await {
+        answers.insert(address, answer);
+    }
+    answers
+}
+
+/// The newest layout any answer carries.
+fn newest_layout(
+    answers: &BTreeMap<String, Result<pb::StatusResponse, String>>,
+) -> Option<&pb::Layout> {
+    answers
+        .values()
+        .filter_map(|a| a.as_ref().ok()?.layout.as_ref())
+        .max_by_key(|l| l.version)
+}
+
+/// What one poll's answers say.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Settled(Settled),
+    Waiting(Waiting),
+}
+
+/// No change in progress, and every live member serves `version`.
+#[derive(Debug, PartialEq)]
+struct Settled {
+    version: u64,
+    /// The layout's last change, in words.
+    change: String,
+    /// Members serving it, and members believed down.
+    serving: usize,
+    down: Vec<String>,
+}
+
+impl Settled {
+    fn line(&self) -> String {
+        if self.version == 0 {
+            return format!(
+                "settled: these nodes keep no layout (a fixed member list), served by {} members",
+                self.serving
+            );
+        }
+        let served = if self.down.is_empty() {
+            format!("served by all {} members", self.serving)
+        } else {
+            format!(
+                "served by the {} live members; believed down: {} (a member learns the layout when it is back)",
+                self.serving,
+                self.down.join(", ")
+            )
+        };
+        format!(
+            "settled: layout v{} ({}), {served}",
+            self.version, self.change
+        )
+    }
+}
+
+/// Not over yet, and why, in one line.
+#[derive(Debug, PartialEq)]
+struct Waiting {
+    /// The newest layout version known (0: none).
+    version: u64,
+    why: String,
+}
+
+/// Judges one poll: settled, or what is still waited for.
+fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verdict {
+    let answered: Vec<&pb::StatusResponse> =
+        answers.values().filter_map(|a| a.as_ref().ok()).collect();
+    if answered.is_empty() {
+        let failures: Vec<String> = answers
+            .iter()
+            .filter_map(|(address, a)| a.as_ref().err().map(|why| format!("{address}: {why}")))
+            .collect();
+        return Verdict::Waiting(Waiting {
+            version: 0,
+            why: format!("no node answered: {}", failures.join("; ")),
+        });
+    }
+    let Some(layout) = newest_layout(answers) else {
+        // Nodes from before layouts: the member list cannot change.
+        return Verdict::Settled(Settled {
+            version: 0,
+            change: String::new(),
+            serving: answered.len(),
+            down: Vec::new(),
+        });
+    };
+    let version = layout.version;
+    let waiting = |why: String| Verdict::Waiting(Waiting { version, why });
+    let in_progress = match pb::layout_from(layout.clone()) {
+        Ok(checked) => checked.in_progress().map(str::to_string),
+        Err(why) => return waiting(format!("layout v{version} does not check: {why}")),
+    };
+    // How the members that serve the newest layout see each member.
+    let current: Vec<&pb::StatusResponse> = answered
+        .iter()
+        .copied()
+        .filter(|s| s.layout.as_ref().is_some_and(|l| l.version == version))
+        .collect();
+    let mut serving = 0;
+    let mut behind = Vec::new();
+    let mut down = Vec::new();
+    for member in &layout.members {
+        let address = &member.address;
+        let views: Vec<&pb::Member> = current
+            .iter()
+            .flat_map(|s| s.members.iter())
+            .filter(|m| m.address == *address)
+            .collect();
+        let served = match answers.get(address) {
+            // What it answered itself.
+            Some(Ok(own)) => own.layout.as_ref().map_or(0, |l| l.version),
+            // Unreachable from here: down if every view says so, else
+            // what its heartbeats last said.
+            _ if !views.is_empty()
+                && views
+                    .iter()
+                    .all(|m| m.state == pb::MemberState::Down as i32) =>
+            {
+                down.push(address.clone());
+                continue;
+            }
+            _ => views.iter().map(|m| m.layout_version).max().unwrap_or(0),
+        };
+        if served >= version {
+            serving += 1;
+        } else if served == 0 {
+            behind.push(format!("{address} has not answered"));
+        } else {
+            behind.push(format!("{address} serves v{served}"));
+        }
+    }
+    if let Some(change) = in_progress {
+        let mut parts = vec![format!("layout v{version}, change in progress: {change}")];
+        parts.extend(moves(&current));
+        if !layout.previous.is_empty() {
+            parts.push(format!("settles once every member serves v{version}"));
+        }
+        parts.extend(behind);
+        parts.extend(
+            down.iter()
+                .map(|address| format!("{address} is believed down (the change waits for it)")),
+        );
+        return waiting(parts.join("; "));
+    }
+    if !behind.is_empty() {
+        return waiting(format!(
+            "layout v{version} ({}): {}",
+            layout.change,
+            behind.join(", ")
+        ));
+    }
+    Verdict::Settled(Settled {
+        version,
+        change: layout.change.clone(),
+        serving,
+        down,
+    })
+}
+
+/// Each joining node's progress, freshest report first per node.
+fn moves(current: &[&pb::StatusResponse]) -> Vec<String> {
+    let mut freshest: BTreeMap<&str, &pb::MoveProgress> = BTreeMap::new();
+    for progress in current.iter().flat_map(|s| s.moves.iter()) {
+        let known = freshest.entry(&progress.address).or_insert(progress);
+        if progress.age_ms < known.age_ms {
+            *known = progress;
+        }
+    }
+    freshest
+        .values()
+        .map(|p| {
+            let left = if p.done_ppm > 0 && p.done_ppm < 1_000_000 {
+                format!(", ~{} left", duration(p.eta_ms))
+            } else {
+                String::new()
+            };
+            format!(
+                "{} {} moved ({} keys{left})",
+                p.address,
+                percent(p.done_ppm),
+                p.keys_moved
+            )
+        })
+        .collect()
+}
+
+/// Progress on stderr: a redrawn line on a terminal, else a line when the
+/// layout version changes and every [`PROGRESS_LINE_EVERY`].
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    /// The version and time of the last printed line.
+    last: Option<(u64, Duration)>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "cluster wait {spinner} [{elapsed_precise}] {wide_msg}",
+            ) {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress { bar, last: None }
+    }
+
+    fn show(&mut self, waited: Duration, waiting: &Waiting) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(waiting.why.clone());
+            return;
+        }
+        let due = match self.last {
+            None => true,
+            Some((version, at)) => version != waiting.version || waited >= at + PROGRESS_LINE_EVERY,
+        };
+        if due {
+            eprintln!("cluster wait: {} s: {}", waited.as_secs(), waiting.why);
+            self.last = Some((waiting.version, waited));
+        }
+    }
+
+    fn clear(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(version: u64, members: &[(&str, pb::LayoutRole)], previous: &[&str]) -> pb::Layout {
+        pb::Layout {
+            version,
+            replicas: 3,
+            vnodes: 1,
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, (address, role))| pb::LayoutMember {
+                    address: address.to_string(),
+                    member_id: dkvs::ring::node_id_for(address),
+                    role: *role as i32,
+                    tokens: vec![(i as u64 + 1) << 40],
+                })
+                .collect(),
+            previous: previous.iter().map(|s| s.to_string()).collect(),
+            change: format!("change {version}"),
+        }
+    }
+
+    fn status(
+        address: &str,
+        layout: &pb::Layout,
+        members: &[(&str, pb::MemberState, u64)],
+    ) -> pb::StatusResponse {
+        pb::StatusResponse {
+            address: address.into(),
+            layout: Some(layout.clone()),
+            members: members
+                .iter()
+                .map(|(address, state, layout_version)| pb::Member {
+                    address: address.to_string(),
+                    state: *state as i32,
+                    layout_version: *layout_version,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    use pb::LayoutRole::{Active, Joining};
+    use pb::MemberState::{Down, Up};
+
+    type Answers = BTreeMap<String, Result<pb::StatusResponse, String>>;
+
+    fn answers(list: Vec<(&str, Result<pb::StatusResponse, String>)>) -> Answers {
+        list.into_iter().map(|(a, s)| (a.to_string(), s)).collect()
+    }
+
+    fn why(verdict: Verdict) -> String {
+        match verdict {
+            Verdict::Waiting(waiting) => waiting.why,
+            Verdict::Settled(settled) => panic!("settled: {settled:?}"),
+        }
+    }
+
+    #[test]
+    fn settled_when_every_member_serves_the_newest_layout_without_a_change() {
+        let v4 = layout(4, &[("a", Active), ("b", Active)], &[]);
+        let seen = [("a", Up, 4), ("b", Up, 4)];
+        let all = answers(vec![
+            ("a", Ok(status("a", &v4, &seen))),
+            ("b", Ok(status("b", &v4, &seen))),
+        ]);
+        let Verdict::Settled(settled) = judge(&all) else {
+            panic!("not settled")
+        };
+        assert_eq!(
+            settled.line(),
+            "settled: layout v4 (change 4), served by all 2 members"
+        );
+    }
+
+    #[test]
+    fn a_member_still_on_an_older_layout_is_waited_for() {
+        let v3 = layout(3, &[("a", Active), ("b", Active)], &[]);
+        let v4 = layout(4, &[("a", Active), ("b", Active)], &[]);
+        let all = answers(vec![
+            ("a", Ok(status("a", &v4, &[("a", Up, 4), ("b", Up, 3)]))),
+            ("b", Ok(status("b", &v3, &[("a", Up, 4), ("b", Up, 3)]))),
+        ]);
+        assert_eq!(why(judge(&all)), "layout v4 (change 4): b serves v3");
+    }
+
+    #[test]
+    fn a_member_unreachable_from_the_client_counts_by_what_the_others_heard() {
+        let v4 = layout(4, &[("a", Active), ("b", Active), ("c", Active)], &[]);
+        let seen = [("a", Up, 4), ("b", Up, 4), ("c", Up, 3)];
+        let all = answers(vec![
+            ("a", Ok(status("a", &v4, &seen))),
+            ("b", Ok(status("b", &v4, &seen))),
+            ("c", Err("unreachable".into())),
+        ]);
+        assert_eq!(why(judge(&all)), "layout v4 (change 4): c serves v3");
+        // Believed down by every member that serves v4: not waited for.
+        let seen = [("a", Up, 4), ("b", Up, 4), ("c", Down, 3)];
+        let all = answers(vec![
+            ("a", Ok(status("a", &v4, &seen))),
+            ("b", Ok(status("b", &v4, &seen))),
+            ("c", Err("unreachable".into())),
+        ]);
+        let Verdict::Settled(settled) = judge(&all) else {
+            panic!("not settled")
+        };
+        assert_eq!(settled.down, ["c"]);
+        assert!(
+            settled
+                .line()
+                .contains("served by the 2 live members; believed down: c")
+        );
+    }
+
+    #[test]
+    fn a_join_is_in_progress_until_the_move_settles() {
+        let v2 = layout(2, &[("a", Active), ("b", Active), ("j", Joining)], &[]);
+        let mut seen = status("a", &v2, &[("a", Up, 2), ("b", Down, 1), ("j", Up, 2)]);
+        seen.moves.push(pb::MoveProgress {
+            address: "j".into(),
+            keys_moved: 120,
+            done_ppm: 400_000,
+            eta_ms: 9_000,
+            ..Default::default()
+        });
+        let all = answers(vec![
+            ("a", Ok(seen)),
+            ("b", Err("unreachable".into())),
+            ("j", Ok(status("j", &v2, &[]))),
+        ]);
+        assert_eq!(
+            why(judge(&all)),
+            "layout v2, change in progress: change 2; j 40.0% moved (120 keys, ~9s left); b is believed down (the change waits for it)"
+        );
+        // Finished joining: the old replica sets still get writes.
+        let v3 = layout(
+            3,
+            &[("a", Active), ("b", Active), ("j", Active)],
+            &["a", "b"],
+        );
+        let seen = [("a", Up, 3), ("b", Up, 2), ("j", Up, 3)];
+        let all = answers(vec![
+            ("a", Ok(status("a", &v3, &seen))),
+            ("b", Ok(status("b", &v2, &seen))),
+        ]);
+        assert_eq!(
+            why(judge(&all)),
+            "layout v3, change in progress: change 3; settles once every member serves v3; b serves v2"
+        );
+    }
+
+    #[test]
+    fn no_answer_is_waited_for_and_says_why() {
+        let all = answers(vec![
+            ("a", Err("unreachable (tcp connect error)".into())),
+            ("b", Err("no answer within 3000 ms".into())),
+        ]);
+        assert_eq!(
+            why(judge(&all)),
+            "no node answered: a: unreachable (tcp connect error); b: no answer within 3000 ms"
+        );
+    }
+}
