@@ -28,6 +28,7 @@ pub struct MoveProgress {
     pub records_received: u64,
     /// Of the hash space this node receives, the fraction streamed.
     pub done_share: f64,
+    /// Hash intervals (about one per token range) streamed, and in all.
     pub ranges_done: u32,
     pub ranges_total: u32,
     pub started: Instant,
@@ -52,11 +53,12 @@ impl MoveProgress {
     /// Estimated keys, bytes and milliseconds left, from the rate so far
     /// (`None` until something was streamed).
     pub fn remaining(&self) -> Option<(u64, u64, u64)> {
-        if self.done_share <= 0.0 {
-            return None;
-        }
         if self.done_share >= 1.0 {
             return Some((0, 0, 0));
+        }
+        // Too early to extrapolate: nothing moved yet, or under 1% done.
+        if self.keys_moved == 0 || self.done_share < 0.01 {
+            return None;
         }
         let left = (1.0 - self.done_share) / self.done_share;
         let elapsed = self.started.elapsed().as_millis() as f64;

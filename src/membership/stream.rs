@@ -163,6 +163,8 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
             groups.entry((old, giver)).or_default().push((first, last));
         }
     }
+    let _ = ranges;
+    let intervals_total: usize = groups.values().map(Vec::len).sum();
     let groups = groups
         .into_iter()
         .map(|((sources, giver), mut intervals)| {
@@ -176,7 +178,7 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
             }
         })
         .collect();
-    (groups, ranges)
+    (groups, intervals_total as u32)
 }
 
 /// Paces a join to `--stream-rate` records per second.
@@ -218,13 +220,15 @@ impl Membership {
             records: 0,
         });
         let mut done_share = 0.0;
+        let mut done_intervals = 0usize;
         for group in &groups {
             if let Some(giver) = &group.giver
                 && self.cluster.liveness.is_up(giver)
             {
-                match self.stream_group(giver, layout.version, group, &pace, done_share).await {
+                match self.stream_group(giver, layout.version, group, &pace, done_share, done_intervals).await {
                     Ok(()) => {
                         done_share += group.shares.iter().sum::<f64>();
+                        done_intervals += group.intervals.len();
                         continue;
                     }
                     Err(why) => tracing::warn!(
@@ -237,7 +241,9 @@ impl Membership {
                 group
                     .sources
                     .iter()
-                    .map(|source| self.stream_group(source, layout.version, group, &pace, done_share)),
+                    .map(|source| {
+                        self.stream_group(source, layout.version, group, &pace, done_share, done_intervals)
+                    }),
             )
             .await;
             let mut merged = 0;
@@ -259,6 +265,7 @@ impl Membership {
                 tracing::warn!(failures = %failures.join("; "), merged, "some old replicas could not stream; enough others did");
             }
             done_share += group.shares.iter().sum::<f64>();
+            done_intervals += group.intervals.len();
         }
         let (keys, records) = match self.progress.locked().as_mut() {
             Some(progress) => {
@@ -289,6 +296,7 @@ impl Membership {
         group: &Group,
         pace: &tokio::sync::Mutex<Pace>,
         done_before: f64,
+        intervals_before: usize,
     ) -> Result<()> {
         let mut client = self.cluster.peers.replica_client(source)?;
         let request = pb::StreamRequest {
@@ -367,6 +375,9 @@ impl Membership {
                 progress.records_received += records.len() as u64;
                 progress.bytes_moved += bytes;
                 progress.done_share = progress.done_share.max(done_before + finished);
+                progress.ranges_done = progress
+                    .ranges_done
+                    .max((intervals_before + intervals_done.min(group.intervals.len())) as u32);
             }
         }
         Ok(())
@@ -383,8 +394,8 @@ mod tests {
         let layout = Layout::bootstrap(&addresses, 3, 64)
             .begin_join("127.0.0.1:7005")
             .expect("join");
-        let (groups, ranges) = plan(&layout, "127.0.0.1:7005");
-        assert!(ranges > 0);
+        let (groups, intervals) = plan(&layout, "127.0.0.1:7005");
+        assert_eq!(intervals as usize, groups.iter().map(|g| g.intervals.len()).sum::<usize>());
         let total: f64 = groups.iter().flat_map(|g| g.shares.iter()).sum();
         // With N = 3 of 5 members, the newcomer replicates about 3/5.
         assert!((total - 0.6).abs() < 0.15, "share {total}");

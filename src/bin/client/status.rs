@@ -170,8 +170,10 @@ fn moves_table(moves: &[pb::MoveProgress]) -> String {
         "NOTE"
     ));
     for progress in moves {
-        // Estimates are 0 both when done and when not yet known.
-        let known = progress.done_ppm > 0;
+        // Estimates are 0 both when done and when not yet known (the node
+        // extrapolates only once keys moved and 1% is done).
+        let known = progress.done_ppm >= 1_000_000
+            || (progress.keys_moved > 0 && progress.done_ppm >= 10_000);
         let estimate = |text: String| {
             if known {
                 format!("~{text}")
