@@ -262,6 +262,43 @@ mod tests {
     }
 
     #[test]
+    fn digests_recounted_for_a_new_ring_while_writes_go_on_equal_a_fresh_scan() {
+        let (storage, replica) = store();
+        let replica = std::sync::Arc::new(replica);
+        for i in 0..500 {
+            let record = Record::value(Version::new(i + 1, 1), &b"v"[..]);
+            replica.write_if_newer(&format!("k{i}"), &record).expect("write");
+        }
+        let bigger = std::sync::Arc::new(crate::ring::Ring::new(
+            (1..=4).map(|i| crate::ring::Member::new(format!("127.0.0.1:700{i}"))),
+            8,
+        ));
+        // Writes race the recount.
+        let writer = {
+            let replica = replica.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000u64 {
+                    let record = Record::value(Version::new(1000 + i, 1), &b"w"[..]);
+                    replica.write_if_newer(&format!("k{}", i % 700), &record).expect("write");
+                }
+            })
+        };
+        assert_eq!(replica.digests_layout_version(), 0);
+        replica.rebuild_digests(bigger.clone(), 2).expect("recount");
+        writer.join().expect("writer");
+        assert_eq!(replica.digests_layout_version(), 2);
+        // An older layout's recount arriving late changes nothing.
+        replica.rebuild_digests(ring(), 1).expect("stale recount");
+        assert_eq!(replica.digests_layout_version(), 2);
+        let ranges = bigger.range_count();
+        let live: Vec<u64> = (0..ranges).map(|r| replica.range_digest(r)).collect();
+        let reopened =
+            ReplicaStore::open(1, storage, bigger, SkewBound::default()).expect("reopen");
+        let scanned: Vec<u64> = (0..ranges).map(|r| reopened.range_digest(r)).collect();
+        assert_eq!(live, scanned, "recounted and then updated digests equal a full recount");
+    }
+
+    #[test]
     fn tombstone_collection_walks_with_a_cursor_and_ages_by_version() {
         let (_, replica) = store();
         let t0 = 1_750_000_000_000u64;

@@ -102,8 +102,11 @@ pub struct ReplicaStore {
 
 /// Range digests over one ring.
 pub(crate) struct RangeDigests {
-    /// The layout version the ring is of (0: built without a layout).
+    /// The layout version the ring is of (0: built without a layout, or
+    /// still being counted).
     pub(crate) layout_version: u64,
+    /// The layout version being counted (0: none).
+    pub(crate) rebuilding: u64,
     pub(crate) ring: Arc<Ring>,
     pub(crate) per_range: Vec<u64>,
 }
@@ -225,6 +228,7 @@ impl ReplicaStore {
             tombstones: AtomicU64::new(tombstones),
             digests: Mutex::new(RangeDigests {
                 layout_version: 0,
+                rebuilding: 0,
                 ring,
                 per_range: digests,
             }),
@@ -268,33 +272,56 @@ impl ReplicaStore {
         self.digests.locked().layout_version = version;
     }
 
-    /// Recounts the range digests over `ring` (a new layout's read ring).
-    /// Writes wait meanwhile (every stripe and the digests are held), so
-    /// the recount is exact.
+    /// Recounts the range digests over `ring` (a new layout's read ring),
+    /// one range at a time: each range's count holds every stripe (writes
+    /// wait for about a millisecond), so it is exact, and a write to a range
+    /// already counted keeps it exact. Anti-entropy uses the digests only
+    /// once every range is counted (`digests_layout_version`).
     pub fn rebuild_digests(&self, ring: Arc<Ring>, layout_version: u64) -> Result<()> {
-        let _stripes: Vec<MutexGuard<'_, ()>> = self.stripes.iter().map(|s| s.locked()).collect();
-        let mut digests = self.digests.locked();
-        if digests.layout_version >= layout_version && digests.layout_version != 0 {
-            return Ok(());
+        {
+            let _stripes = self.all_stripes();
+            let mut digests = self.digests.locked();
+            if digests.layout_version.max(digests.rebuilding) >= layout_version {
+                return Ok(());
+            }
+            *digests = RangeDigests {
+                layout_version: 0,
+                rebuilding: layout_version,
+                per_range: vec![0u64; ring.range_count().max(1)],
+                ring: ring.clone(),
+            };
         }
-        let mut per_range = vec![0u64; ring.range_count().max(1)];
-        let now_ms = wall_clock_ms();
-        self.storage.for_each_held(
-            &mut |stored_key, held| {
-                if let Some(key) = user_key(stored_key)
-                    && self.bound.check_stored(held.version, now_ms).is_ok()
-                {
-                    per_range[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
-                }
-            },
-            &mut |_, _| {},
-        )?;
-        *digests = RangeDigests {
-            layout_version,
-            ring,
-            per_range,
-        };
+        for range in 0..ring.range_count() {
+            let _stripes = self.all_stripes();
+            let mut digests = self.digests.locked();
+            if !Arc::ptr_eq(&digests.ring, &ring) {
+                return Ok(()); // a newer layout's recount took over
+            }
+            let now_ms = wall_clock_ms();
+            let mut digest = 0u64;
+            for (first, last) in ring.range_hashes(range) {
+                let from = first.to_be_bytes();
+                let to = last.checked_add(1).map(|end| end.to_be_bytes());
+                self.storage
+                    .scan(&from, to.as_ref().map(|t| &t[..]), &mut |stored_key, record| {
+                        if let Some(key) = user_key(stored_key)
+                            && self.bound.check_stored(record.version, now_ms).is_ok()
+                        {
+                            digest ^= record_digest(key, crate::storage::Held::of(record));
+                        }
+                    })?;
+            }
+            digests.per_range[range] = digest;
+        }
+        let mut digests = self.digests.locked();
+        if Arc::ptr_eq(&digests.ring, &ring) {
+            digests.layout_version = layout_version;
+        }
         Ok(())
+    }
+
+    fn all_stripes(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.stripes.iter().map(|s| s.locked()).collect()
     }
 
     /// The record this replica holds for `key`. A record beyond the skew
