@@ -104,6 +104,14 @@ impl AntiEntropy {
             &their_entries,
             self.collectable(wall_clock_ms()),
         );
+        // Digests differ but the listings agree: this node's digest of the
+        // range is off (a recount raced a write): count it again.
+        if plan.pull.is_empty() && plan.push.is_empty() {
+            let replica = self.replica.clone();
+            crate::seams::blocking(move || replica.recount_range(range))
+                .await
+                .map_err(|e| Error::Internal(format!("range recount: {e}")))??;
+        }
         let copied = self.copy(peer, plan).await?;
         let refused = listed_count - their_entries.len();
         if refused > 0 {

@@ -272,14 +272,17 @@ impl ReplicaStore {
         self.digests.locked().layout_version = version;
     }
 
-    /// Recounts the range digests over `ring` (a new layout's read ring),
-    /// one range at a time: each range's count holds every stripe (writes
-    /// wait for about a millisecond), so it is exact, and a write to a range
-    /// already counted keeps it exact. Anti-entropy uses the digests only
-    /// once every range is counted (`digests_layout_version`).
+    /// Recounts the range digests over `ring` (a new layout's read ring)
+    /// in one pass over the index, without stopping writes: the new ring is
+    /// swapped in first, so writes during the pass add their change to it,
+    /// and the pass's count is added at the end. A key written while the
+    /// pass runs can come out wrong (if the pass saw it after the write);
+    /// anti-entropy then finds its range differing with nothing to copy and
+    /// recounts that range exactly ([`ReplicaStore::recount_range`]).
+    /// Anti-entropy uses the digests once the pass is over
+    /// (`digests_layout_version`).
     pub fn rebuild_digests(&self, ring: Arc<Ring>, layout_version: u64) -> Result<()> {
         {
-            let _stripes = self.all_stripes();
             let mut digests = self.digests.locked();
             if digests.layout_version.max(digests.rebuilding) >= layout_version {
                 return Ok(());
@@ -291,31 +294,49 @@ impl ReplicaStore {
                 ring: ring.clone(),
             };
         }
-        for range in 0..ring.range_count() {
-            let _stripes = self.all_stripes();
-            let mut digests = self.digests.locked();
-            if !Arc::ptr_eq(&digests.ring, &ring) {
-                return Ok(()); // a newer layout's recount took over
-            }
-            let now_ms = wall_clock_ms();
-            let mut digest = 0u64;
-            for (first, last) in ring.range_hashes(range) {
-                let from = first.to_be_bytes();
-                let to = last.checked_add(1).map(|end| end.to_be_bytes());
-                self.storage
-                    .scan(&from, to.as_ref().map(|t| &t[..]), &mut |stored_key, record| {
-                        if let Some(key) = user_key(stored_key)
-                            && self.bound.check_stored(record.version, now_ms).is_ok()
-                        {
-                            digest ^= record_digest(key, crate::storage::Held::of(record));
-                        }
-                    })?;
-            }
-            digests.per_range[range] = digest;
-        }
+        let mut counted = vec![0u64; ring.range_count().max(1)];
+        let now_ms = wall_clock_ms();
+        self.storage.for_each_held(
+            &mut |stored_key, held| {
+                if let Some(key) = user_key(stored_key)
+                    && self.bound.check_stored(held.version, now_ms).is_ok()
+                {
+                    counted[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
+                }
+            },
+            &mut |_, _| {},
+        )?;
         let mut digests = self.digests.locked();
         if Arc::ptr_eq(&digests.ring, &ring) {
+            for (slot, count) in digests.per_range.iter_mut().zip(counted) {
+                *slot ^= count;
+            }
             digests.layout_version = layout_version;
+        }
+        Ok(())
+    }
+
+    /// Recounts one range's digest exactly: writes wait meanwhile (every
+    /// stripe is held for the scan of that one range).
+    pub fn recount_range(&self, range: usize) -> Result<()> {
+        let _stripes = self.all_stripes();
+        let mut digests = self.digests.locked();
+        let now_ms = wall_clock_ms();
+        let mut digest = 0u64;
+        for (first, last) in digests.ring.range_hashes(range) {
+            let from = first.to_be_bytes();
+            let to = last.checked_add(1).map(|end| end.to_be_bytes());
+            self.storage
+                .scan(&from, to.as_ref().map(|t| &t[..]), &mut |stored_key, record| {
+                    if let Some(key) = user_key(stored_key)
+                        && self.bound.check_stored(record.version, now_ms).is_ok()
+                    {
+                        digest ^= record_digest(key, crate::storage::Held::of(record));
+                    }
+                })?;
+        }
+        if let Some(slot) = digests.per_range.get_mut(range) {
+            *slot = digest;
         }
         Ok(())
     }
