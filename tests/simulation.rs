@@ -1,11 +1,24 @@
 //! A deterministic whole-cluster simulation, in the manner of FoundationDB:
-//! five real DKVS nodes (the real tonic services, coordinator, replicas,
-//! heartbeats, hints and anti-entropy) and smart clients run in one process
-//! on turmoil's simulated network and time. A seeded nemesis partitions
-//! links (both ways and one way), holds and delays messages, crashes nodes
-//! (losing what they had not synced) and restarts them, while the recorded
-//! workload of [`dkvs::workload`] runs; every history goes through
-//! [`dkvs::checker`].
+//! real DKVS nodes (the real tonic services, coordinator, replicas,
+//! heartbeats, hints, anti-entropy and membership) and smart clients run in
+//! one process on turmoil's simulated network and time. A seeded nemesis
+//! partitions links (both ways and one way), holds and delays messages,
+//! crashes nodes (losing what they had not synced) and restarts them, while
+//! the recorded workload of [`dkvs::workload`] runs; every history goes
+//! through [`dkvs::checker`].
+//!
+//! The cluster grows while that goes on: three members start with
+//! `--peers`, and the nemesis starts the two other hosts one after the
+//! other, each with `--join` (two members as seeds) and a stream rate of 2
+//! or 5 records per second or unlimited, so that it is still streaming
+//! when, as it often does, the nemesis next crashes the joiner or one of its
+//! sources. A join refused because another change is in progress is asked
+//! again every second. Each host keeps its storage and its layout store
+//! across crashes, as a disk would, so a restarted node serves the layout it
+//! had and a restarted joiner resumes its join. Each seed's summary line
+//! says how far each join got (the layout versions where the joiner became
+//! joining, active, settled) and the layout each host stores at the end; a
+//! join still under way when the run ends is reported, not failed.
 //!
 //! Every host's wall clock is off by its own offset, up to 300 ms either
 //! way (nodes on both sides of simulated time), and the nemesis steps one
@@ -32,6 +45,8 @@ use std::time::{Duration, SystemTime};
 use dkvs::checker::{self, Report};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::config::ServerConfig;
+use dkvs::layout::store::LayoutStore;
+use dkvs::layout::{Layout, Role};
 use dkvs::net::Dialer;
 use dkvs::node::Node;
 use dkvs::quorum::Consistency;
@@ -41,7 +56,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 
+/// Hosts that can run a node: the first [`MEMBERS`] start as the cluster
+/// (`--peers`), the nemesis starts the others, each joining (`--join`).
 const NODES: usize = 5;
+const MEMBERS: usize = 3;
 const PORT: u16 = 7001;
 const CLIENTS: usize = 3;
 const KEYS: u64 = 8;
@@ -285,17 +303,40 @@ impl AsyncWrite for Accepted {
     }
 }
 
-/// Runs node `i` over `storage` until its host is crashed.
-async fn run_node(i: usize, storage: Arc<MemoryStorage>) -> turmoil::Result {
-    let peers: Vec<String> = (0..NODES).map(address).collect();
-    let args: Vec<String> = [
+/// How a host the nemesis starts joins the cluster.
+#[derive(Clone, Debug)]
+struct JoinPlan {
+    /// The members it asks to add it (`--join`).
+    seeds: Vec<usize>,
+    /// Its `--stream-rate` (records per second, 0: unlimited): slow rates
+    /// keep it streaming while the nemesis crashes it or its sources.
+    stream_rate: u64,
+}
+
+thread_local! {
+    /// Hosts whose node was built at least once (they read their clocks).
+    static BUILT: std::cell::RefCell<[bool; NODES]> = const { std::cell::RefCell::new([false; NODES]) };
+    /// Per host, its asks to join that were refused (another change in
+    /// progress) and that failed (no seed answered).
+    static JOIN_ASKS: std::cell::RefCell<[(u32, u32); NODES]> = const { std::cell::RefCell::new([(0, 0); NODES]) };
+}
+
+/// Runs node `i` over `storage` and `layout` (both kept by the simulation
+/// across crashes) until its host is crashed. With `join`, a host that holds
+/// no layout yet first asks the seeds to add it, again every second until one
+/// does (a refusal while another change is in progress is expected).
+async fn run_node(
+    i: usize,
+    storage: Arc<MemoryStorage>,
+    layout: LayoutStore,
+    join: Option<JoinPlan>,
+) -> turmoil::Result {
+    let mut args: Vec<String> = [
         "DKVSServer",
         "--listen",
         &format!("0.0.0.0:{PORT}"),
         "--advertise",
         &address(i),
-        "--peers",
-        &peers.join(","),
         "--rpc-timeout-ms",
         "500",
         "--request-timeout-ms",
@@ -306,11 +347,38 @@ async fn run_node(i: usize, storage: Arc<MemoryStorage>) -> turmoil::Result {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    match &join {
+        None => {
+            let peers: Vec<String> = (0..MEMBERS).map(address).collect();
+            args.extend(["--peers".to_string(), peers.join(",")]);
+        }
+        Some(plan) => {
+            let seeds: Vec<String> = plan.seeds.iter().map(|&s| address(s)).collect();
+            args.extend([
+                "--join".to_string(),
+                seeds.join(","),
+                "--stream-rate".to_string(),
+                plan.stream_rate.to_string(),
+            ]);
+        }
+    }
     let config = ServerConfig::from_arg_list(args).map_err(|e| e.to_string())?;
-    let storage: Arc<dyn Storage> = storage;
-    let node = Node::with_storage(config, storage, Arc::new(SimDialer))?;
+    // As DKVSServer does: listen first, then join, then open the node.
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
     let listener = turmoil::net::TcpListener::bind(bind).await?;
+    if join.is_some() {
+        // Returns at once when the store holds a layout (a restart).
+        while let Err(why) = Node::join_with_store(&config, &layout, Arc::new(SimDialer)).await {
+            JOIN_ASKS.with_borrow_mut(|asks| match why {
+                dkvs::Error::FailedPrecondition(_) => asks[i].0 += 1,
+                _ => asks[i].1 += 1,
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let storage: Arc<dyn Storage> = storage;
+    let node = Node::with_parts(config, storage, layout, Arc::new(SimDialer))?;
+    BUILT.with_borrow_mut(|built| built[i] = true);
     let incoming = futures::stream::unfold(listener, |listener| async move {
         let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
         Some((accepted, listener))
@@ -334,6 +402,8 @@ struct Run {
     /// A hash of the whole history: equal for equal runs.
     trace: u64,
     ops: usize,
+    /// How far each join got, and the layout each host served at the end.
+    joins: String,
 }
 
 /// One fault of the nemesis, applied at a simulated time.
@@ -345,6 +415,121 @@ enum Fault {
     Hold(usize, usize),
     Slow(usize, usize),
     Crash(usize),
+    /// Starts a new host that joins.
+    Join(usize, JoinPlan),
+}
+
+impl Fault {
+    /// In host names (the variants hold host indices).
+    fn describe(&self) -> String {
+        match *self {
+            Fault::Partition(a, b) => format!("partition {} <-> {}", host(a), host(b)),
+            Fault::PartitionOneWay(a, b) => format!("partition {} -> {} one way", host(a), host(b)),
+            Fault::Isolate(a) => format!("isolate {}", host(a)),
+            Fault::Hold(a, b) => format!("hold {} <-> {}", host(a), host(b)),
+            Fault::Slow(a, b) => format!("slow {} <-> {}", host(a), host(b)),
+            Fault::Crash(a) => format!("crash {}", host(a)),
+            Fault::Join(j, ref plan) => {
+                let seeds: Vec<String> = plan.seeds.iter().map(|&s| host(s)).collect();
+                format!(
+                    "{} starts, joining via {} at {} records/s",
+                    host(j),
+                    seeds.join(","),
+                    plan.stream_rate
+                )
+            }
+        }
+    }
+}
+
+/// What the simulation keeps of each host across crashes, as a disk would:
+/// its storage (a crash loses only what was not synced) and its layout
+/// store (every save is durable, as the file's fsync makes it).
+struct Hosts {
+    disks: Vec<Arc<MemoryStorage>>,
+    layouts: Vec<LayoutStore>,
+    /// Hosts started so far, members first, then joiners as they start.
+    started: Vec<usize>,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        Self {
+            disks: (0..NODES).map(|_| Arc::default()).collect(),
+            layouts: (0..NODES).map(|_| LayoutStore::in_memory()).collect(),
+            started: Vec::new(),
+        }
+    }
+
+    /// Starts host `i`: a member, or with `join` a node that joins.
+    fn start(&mut self, sim: &mut turmoil::Sim<'_>, i: usize, join: Option<JoinPlan>) {
+        let (disk, layout) = (self.disks[i].clone(), self.layouts[i].clone());
+        sim.host(host(i), move || {
+            run_node(i, disk.clone(), layout.clone(), join.clone())
+        });
+        self.started.push(i);
+    }
+
+    /// The layout each host stores (`None`: never stored one).
+    fn stored_layouts(&self) -> Vec<Option<Layout>> {
+        self.layouts
+            .iter()
+            .map(|store| {
+                store
+                    .load()
+                    .ok()
+                    .flatten()
+                    .and_then(|state| state.committed)
+            })
+            .collect()
+    }
+}
+
+/// How far one join got: the first layout version seen with the joiner
+/// joining, active, and active in a settled layout.
+#[derive(Clone, Debug, Default)]
+struct JoinStages {
+    started_at: Duration,
+    added: Option<u64>,
+    finished: Option<u64>,
+    settled: Option<u64>,
+}
+
+impl JoinStages {
+    /// Notes what `layout` (the newest any host stores) says of `joiner`.
+    fn observe(&mut self, layout: &Layout, joiner: usize) {
+        let Some(member) = layout.member(&address(joiner)) else {
+            return;
+        };
+        self.added.get_or_insert(layout.version);
+        if member.role == Role::Active {
+            self.finished.get_or_insert(layout.version);
+            if layout.previous.is_empty() {
+                self.settled.get_or_insert(layout.version);
+            }
+        }
+    }
+
+    fn describe(&self, joiner: usize) -> String {
+        let (refused, failed) = JOIN_ASKS.with_borrow(|asks| asks[joiner]);
+        let stage = |name: &str, version: Option<u64>| {
+            version.map_or(String::new(), |v| format!(", {name} v{v}"))
+        };
+        let reached = match (self.added, self.finished, self.settled) {
+            (None, _, _) => "never added".to_string(),
+            (Some(_), None, _) => "still joining".to_string(),
+            (Some(_), Some(_), None) => "finished, not settled".to_string(),
+            (Some(_), Some(_), Some(_)) => "settled".to_string(),
+        };
+        format!(
+            "{} from {:.1}s: {reached}{}{}{} ({refused} asks refused, {failed} failed)",
+            host(joiner),
+            self.started_at.as_secs_f64(),
+            stage("joining", self.added),
+            stage("active", self.finished),
+            stage("settled", self.settled),
+        )
+    }
 }
 
 /// A uniform offset in `-MAX_OFFSET_MS..=MAX_OFFSET_MS`.
@@ -379,10 +564,11 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         .tcp_capacity(4096)
         .build();
 
-    let disks: Vec<Arc<MemoryStorage>> = (0..NODES).map(|_| Arc::default()).collect();
-    for (i, disk) in disks.iter().enumerate() {
-        let disk = disk.clone();
-        sim.host(host(i), move || run_node(i, disk.clone()));
+    BUILT.set([false; NODES]);
+    JOIN_ASKS.set([(0, 0); NODES]);
+    let mut hosts = Hosts::new();
+    for i in 0..MEMBERS {
+        hosts.start(&mut sim, i, None);
     }
 
     let recorder = Recorder::new();
@@ -447,21 +633,60 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         });
     }
 
-    // The nemesis: one fault at a time, 1-4 s each, 0.5-2 s apart.
+    // The nemesis: one fault at a time, 1-4 s each, 0.5-2 s apart, among
+    // the hosts started. Each host beyond the first MEMBERS is started once,
+    // joining (the first 4-12 s in, the next 2-12 s after): 0.3-2 s later,
+    // one time in three the joiner crashes, one in three a source (a host
+    // started before it), while it streams at 2 or 5 records/s or as fast
+    // as it can.
     let mut rng = Rng::new(seed ^ 0x5EED);
     let mut faults = Vec::new();
     let mut at = Duration::from_secs(4);
     let stop_faults = until - Duration::from_secs(5);
+    let mut joins: std::collections::VecDeque<(Duration, usize)> = Default::default();
+    let mut join_at = Duration::from_millis(4000 + rng.below(8000));
+    for j in MEMBERS..NODES {
+        joins.push_back((join_at, j));
+        join_at += Duration::from_millis(2000 + rng.below(10_000));
+    }
+    let mut live: Vec<usize> = (0..MEMBERS).collect();
+    let mut joined_last: Option<usize> = None;
     let mut schedule: Vec<(Duration, Duration, Fault)> = Vec::new();
     while at < stop_faults {
-        let a = rng.below(NODES as u64) as usize;
-        let b = (a + 1 + rng.below(NODES as u64 - 1) as usize) % NODES;
-        let fault = match rng.below(6) {
-            0 => Fault::Partition(a, b),
-            1 => Fault::PartitionOneWay(a, b),
-            2 => Fault::Isolate(a),
-            3 => Fault::Hold(a, b),
-            4 => Fault::Slow(a, b),
+        if let Some(&(when, j)) = joins.front()
+            && at >= when
+        {
+            joins.pop_front();
+            let first = rng.below(live.len() as u64) as usize;
+            let second = (first + 1 + rng.below(live.len() as u64 - 1) as usize) % live.len();
+            let plan = JoinPlan {
+                seeds: vec![live[first], live[second]],
+                stream_rate: [0, 2, 5][rng.below(3) as usize],
+            };
+            let length = Duration::from_millis(300 + rng.below(1700));
+            schedule.push((at, length, Fault::Join(j, plan)));
+            live.push(j);
+            joined_last = Some(j);
+            at += length;
+            continue;
+        }
+        let pick = |rng: &mut Rng, among: &[usize]| among[rng.below(among.len() as u64) as usize];
+        let ia = rng.below(live.len() as u64) as usize;
+        let (a, b) = (
+            live[ia],
+            live[(ia + 1 + rng.below(live.len() as u64 - 1) as usize) % live.len()],
+        );
+        let fault = match (joined_last.take(), rng.below(6)) {
+            (Some(j), 0 | 1) => Fault::Crash(j),
+            (Some(j), 2 | 3) => {
+                let sources: Vec<usize> = live.iter().copied().filter(|&s| s != j).collect();
+                Fault::Crash(pick(&mut rng, &sources))
+            }
+            (_, 0) => Fault::Partition(a, b),
+            (_, 1) => Fault::PartitionOneWay(a, b),
+            (_, 2) => Fault::Isolate(a),
+            (_, 3) => Fault::Hold(a, b),
+            (_, 4) => Fault::Slow(a, b),
             _ => Fault::Crash(a),
         };
         let length = Duration::from_millis(1000 + rng.below(3000));
@@ -488,8 +713,32 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     let mut next_step = 0;
     let mut next = 0;
     let mut active: Option<(Duration, Fault)> = None;
+    // The newest layout any host stores, looked at every 50 ms.
+    let mut newest = 0;
+    let mut looked = Duration::ZERO;
+    let mut stages: Vec<(usize, JoinStages)> = Vec::new();
     loop {
         let now = sim.elapsed();
+        if now >= looked + Duration::from_millis(50) {
+            looked = now;
+            if let Some(layout) = hosts
+                .stored_layouts()
+                .into_iter()
+                .flatten()
+                .max_by_key(|l| l.version)
+                && layout.version > newest
+            {
+                newest = layout.version;
+                faults.push(format!(
+                    "{:.1}s layout v{newest}: {}",
+                    now.as_secs_f64(),
+                    layout.change
+                ));
+                for (joiner, stage) in &mut stages {
+                    stage.observe(&layout, *joiner);
+                }
+            }
+        }
         if let Some(&(at, node, offset)) = clock_steps.get(next_step)
             && now >= at
         {
@@ -506,7 +755,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         if let Some((ends, fault)) = active.clone()
             && now >= ends
         {
-            heal(&mut sim, &fault, &disks);
+            heal(&mut sim, &fault, &hosts);
             active = None;
         }
         if active.is_none()
@@ -514,10 +763,20 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             && now >= start
         {
             faults.push(format!(
-                "{:.1}s {fault:?} for {length:?}",
-                start.as_secs_f64()
+                "{:.1}s {} for {length:?}",
+                start.as_secs_f64(),
+                fault.describe()
             ));
-            inject(&mut sim, &fault, &disks);
+            if let Fault::Join(j, _) = fault {
+                stages.push((
+                    j,
+                    JoinStages {
+                        started_at: start,
+                        ..JoinStages::default()
+                    },
+                ));
+            }
+            inject(&mut sim, &fault, &mut hosts);
             active = Some((start + length, fault));
             next += 1;
         }
@@ -530,11 +789,29 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             ),
         }
     }
+    let stored = hosts.stored_layouts();
+    if let Some(layout) = stored.iter().flatten().max_by_key(|l| l.version) {
+        for (joiner, stage) in &mut stages {
+            stage.observe(layout, *joiner);
+        }
+    }
+    let mut joins: Vec<String> = stages.iter().map(|(j, stage)| stage.describe(*j)).collect();
+    let served: Vec<String> = stored
+        .iter()
+        .enumerate()
+        .filter_map(|(i, layout)| {
+            layout
+                .as_ref()
+                .map(|l| format!("{} v{}", host(i), l.version))
+        })
+        .collect();
+    joins.push(format!("layouts at the end: {}", served.join(" ")));
 
     // Proof that the clocks differed: every node read its own.
     let reads = CLOCK_READS.with_borrow(|reads| *reads);
+    let built = BUILT.with_borrow(|built| *built);
     assert!(
-        reads[..NODES].iter().all(|&n| n > 0),
+        (0..NODES).all(|i| !built[i] || reads[i] > 0),
         "seed {seed}: a node never read its own wall clock (reads per host: {reads:?}): \
          turmoil no longer enters its `node` span around each host?"
     );
@@ -563,6 +840,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         faults,
         trace: hasher.finish(),
         ops: history.ops.len(),
+        joins: joins.join("; "),
     }
 }
 
@@ -581,12 +859,12 @@ async fn connect(
     Err(format!("no node answered: {last}").into())
 }
 
-fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, disks: &[Arc<MemoryStorage>]) {
+fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
     match *fault {
         Fault::Partition(a, b) => sim.partition(host(a), host(b)),
         Fault::PartitionOneWay(a, b) => sim.partition_oneway(host(a), host(b)),
         Fault::Isolate(a) => {
-            for b in (0..NODES).filter(|&b| b != a) {
+            for &b in hosts.started.iter().filter(|&&b| b != a) {
                 sim.partition(host(a), host(b));
             }
             for c in 0..CLIENTS {
@@ -597,17 +875,20 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, disks: &[Arc<MemoryStorage>
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(300)),
         Fault::Crash(a) => {
             sim.crash(host(a));
-            disks[a].crash();
+            hosts.disks[a].crash();
         }
+        Fault::Join(j, ref plan) => hosts.start(sim, j, Some(plan.clone())),
     }
 }
 
-fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, _disks: &[Arc<MemoryStorage>]) {
+/// Ends `fault` (no host starts while another fault is active, so an
+/// isolated host is reconnected to the same hosts it was cut from).
+fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
     match *fault {
         Fault::Partition(a, b) => sim.repair(host(a), host(b)),
         Fault::PartitionOneWay(a, b) => sim.repair_oneway(host(a), host(b)),
         Fault::Isolate(a) => {
-            for b in (0..NODES).filter(|&b| b != a) {
+            for &b in hosts.started.iter().filter(|&&b| b != a) {
                 sim.repair(host(a), host(b));
             }
             for c in 0..CLIENTS {
@@ -617,6 +898,7 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, _disks: &[Arc<MemoryStorage>]
         Fault::Hold(a, b) => sim.release(host(a), host(b)),
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(1)),
         Fault::Crash(a) => sim.bounce(host(a)),
+        Fault::Join(..) => {}
     }
 }
 
@@ -706,6 +988,7 @@ fn seed_child() {
     let run = run_seed(seed, Setting { consistency });
     println!("faults: {}", run.faults.join("; "));
     println!("report: {}", run.report);
+    println!("joins: {}", run.joins);
     for violation in run.report.violations.iter().take(10) {
         println!("violation: {violation}");
     }
@@ -730,8 +1013,13 @@ fn histories_hold_under_partitions_crashes_and_delays() {
             .lines()
             .find(|l| l.starts_with("report: "))
             .unwrap_or("");
+        let joins = run
+            .text
+            .lines()
+            .find(|l| l.starts_with("joins: "))
+            .unwrap_or("");
         println!(
-            "seed {seed}: {} ops, {report}; trace {:016x}",
+            "seed {seed}: {} ops, {report}; trace {:016x}; {joins}",
             run.ops, run.trace
         );
         assert!(
