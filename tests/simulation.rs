@@ -20,6 +20,14 @@
 //! joining, active, settled) and the layout each host stores at the end; a
 //! join still under way when the run ends is reported, not failed.
 //!
+//! Beside the workload's three clients, which rewrite a few keys every few
+//! milliseconds (so a joiner soon holds them whatever it streamed), a
+//! fourth writes sixteen cold keys before the first join and then mostly
+//! reads them: a cold key a join or the cleanup after it loses is read
+//! stale. (Checked by hand: a cleanup that keeps only each range's first
+//! replica is caught by 3 of the first 12 seeds with the cold keys, by none
+//! without them.)
+//!
 //! Every host's wall clock is off by its own offset, up to 300 ms either
 //! way (nodes on both sides of simulated time), and the nemesis steps one
 //! node's clock every few seconds: a jump forward or a step back of up to
@@ -42,7 +50,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use dkvs::checker::{self, Report};
+use dkvs::checker::{self, Op, ReadOutcome, Report, WriteOutcome};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::config::ServerConfig;
 use dkvs::layout::store::LayoutStore;
@@ -63,6 +71,9 @@ const MEMBERS: usize = 3;
 const PORT: u16 = 7001;
 const CLIENTS: usize = 3;
 const KEYS: u64 = 8;
+/// Keys of the cold client (see [`cold_workload`]), and its id in the history.
+const COLD_KEYS: u64 = 16;
+const COLD_CLIENT: usize = CLIENTS + 1;
 /// Simulated seconds of workload per seed (faults stop 5 s before the end).
 const WORKLOAD_SECS: u64 = 30;
 /// Wall time `cargo test` spends starting new seeds by default (CI's
@@ -235,6 +246,62 @@ fn workload() -> Workload {
     Workload {
         clock: Some(sim_tick),
         ..Workload::new(KEYS)
+    }
+}
+
+/// The cold keys: written once before the first join and rarely again,
+/// read all along. The workload's few keys are rewritten every few ms, so
+/// a joiner would soon hold all of them without streaming anything; a cold
+/// key a joiner failed to stream is read stale.
+fn cold_workload() -> Workload {
+    Workload {
+        clock: Some(sim_tick),
+        prefix: "cold-",
+        ..Workload::new(COLD_KEYS)
+    }
+}
+
+/// The cold keys' client: writes every cold key, then until `until` every
+/// 50-250 ms reads one, or one time in 25 writes one (values of its own).
+async fn run_cold_client(
+    client: &Client,
+    seed: u64,
+    until: tokio::time::Instant,
+    recorder: &Recorder,
+) {
+    let workload = cold_workload();
+    let mut rng = Rng::new(seed);
+    let mut sequence = 0u64;
+    let put = |key: String, sequence: &mut u64| {
+        *sequence += 1;
+        let value = format!("cold-{sequence}").into_bytes();
+        async move {
+            let start = workload.tick();
+            let outcome = match client.put(&key, value.clone()).await {
+                Ok(ack) => WriteOutcome::Acked(ack.version),
+                Err(_) => WriteOutcome::Indeterminate,
+            };
+            Op::put(COLD_CLIENT, key, value, start, workload.tick(), outcome)
+        }
+    };
+    for k in 0..COLD_KEYS {
+        let op = put(workload.key(k), &mut sequence).await;
+        recorder.record(op, None);
+    }
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(200))).await;
+        let key = workload.key(rng.below(COLD_KEYS));
+        let op = if rng.below(25) == 0 {
+            put(key, &mut sequence).await
+        } else {
+            let start = workload.tick();
+            let outcome = match client.get_record(&key).await {
+                Ok(record) => dkvs::workload::read_outcome(record),
+                Err(_) => ReadOutcome::Failed,
+            };
+            Op::get(COLD_CLIENT, key, start, workload.tick(), outcome)
+        };
+        recorder.record(op, None);
     }
 }
 
@@ -618,6 +685,18 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             Ok(())
         });
     }
+    {
+        let (recorder, seeds, options) = (recorder.clone(), seeds.clone(), options.clone());
+        sim.client("cold", async move {
+            let began = tokio::time::Instant::now();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let client = connect(&seeds, options).await?;
+            run_cold_client(&client, stream_seed(seed, 0xC01D), began + until, &recorder).await;
+            tokio::time::sleep_until(began + until + Duration::from_secs(3)).await;
+            client.close().await;
+            Ok(())
+        });
+    }
     // Once every fault has healed, each key is read at ALL into the same
     // history: a stale answer then is a lost write.
     {
@@ -633,11 +712,18 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
                 },
             )
             .await?;
-            let workload = workload();
             let mut last = String::new();
             for _ in 0..30 {
                 let attempt = Recorder::new();
-                match workload.final_reads(CLIENTS, &reader, &attempt).await {
+                let read = match workload().final_reads(CLIENTS, &reader, &attempt).await {
+                    Ok(()) => {
+                        cold_workload()
+                            .final_reads(CLIENTS, &reader, &attempt)
+                            .await
+                    }
+                    failed => failed,
+                };
+                match read {
                     Ok(()) => {
                         for op in attempt.take().ops {
                             recorder.record(op, None);
@@ -897,8 +983,8 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
             for &b in hosts.started.iter().filter(|&&b| b != a) {
                 sim.partition(host(a), host(b));
             }
-            for c in 0..CLIENTS {
-                sim.partition(host(a), format!("client{c}"));
+            for client in client_hosts() {
+                sim.partition(host(a), client);
             }
         }
         Fault::Hold(a, b) => sim.hold(host(a), host(b)),
@@ -921,8 +1007,8 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
             for &b in hosts.started.iter().filter(|&&b| b != a) {
                 sim.repair(host(a), host(b));
             }
-            for c in 0..CLIENTS {
-                sim.repair(host(a), format!("client{c}"));
+            for client in client_hosts() {
+                sim.repair(host(a), client);
             }
         }
         Fault::Hold(a, b) => sim.release(host(a), host(b)),
@@ -930,6 +1016,13 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
         Fault::Crash(a) => sim.bounce(host(a)),
         Fault::Join(..) => {}
     }
+}
+
+/// The hosts an isolated node is cut from besides the other nodes.
+fn client_hosts() -> impl Iterator<Item = String> {
+    (0..CLIENTS)
+        .map(|c| format!("client{c}"))
+        .chain(["cold".to_string()])
 }
 
 fn replay(seed: u64) -> String {
