@@ -1,11 +1,32 @@
 //! A deterministic whole-cluster simulation, in the manner of FoundationDB:
-//! five real DKVS nodes (the real tonic services, coordinator, replicas,
-//! heartbeats, hints and anti-entropy) and smart clients run in one process
-//! on turmoil's simulated network and time. A seeded nemesis partitions
-//! links (both ways and one way), holds and delays messages, crashes nodes
-//! (losing what they had not synced) and restarts them, while the recorded
-//! workload of [`dkvs::workload`] runs; every history goes through
-//! [`dkvs::checker`].
+//! real DKVS nodes (the real tonic services, coordinator, replicas,
+//! heartbeats, hints, anti-entropy and membership) and smart clients run in
+//! one process on turmoil's simulated network and time. A seeded nemesis
+//! partitions links (both ways and one way), holds and delays messages,
+//! crashes nodes (losing what they had not synced) and restarts them, while
+//! the recorded workload of [`dkvs::workload`] runs; every history goes
+//! through [`dkvs::checker`].
+//!
+//! The cluster grows while that goes on: three members start with
+//! `--peers`, and the nemesis starts the two other hosts one after the
+//! other, each with `--join` (two members as seeds) and a stream rate of 2
+//! or 5 records per second or unlimited, so that it is still streaming
+//! when, as it often does, the nemesis next crashes the joiner or one of its
+//! sources. A join refused because another change is in progress is asked
+//! again every second. Each host keeps its storage and its layout store
+//! across crashes, as a disk would, so a restarted node serves the layout it
+//! had and a restarted joiner resumes its join. Each seed's summary line
+//! says how far each join got (the layout versions where the joiner became
+//! joining, active, settled) and the layout each host stores at the end; a
+//! join still under way when the run ends is reported, not failed.
+//!
+//! Beside the workload's three clients, which rewrite a few keys every few
+//! milliseconds (so a joiner soon holds them whatever it streamed), a
+//! fourth writes sixteen cold keys before the first join and then mostly
+//! reads them: a cold key a join or the cleanup after it loses is read
+//! stale. (Checked by hand: a cleanup that keeps only each range's first
+//! replica is caught by 3 of the first 12 seeds with the cold keys, by none
+//! without them.)
 //!
 //! Every host's wall clock is off by its own offset, up to 300 ms either
 //! way (nodes on both sides of simulated time), and the nemesis steps one
@@ -29,9 +50,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use dkvs::checker::{self, Report};
+use dkvs::checker::{self, Op, ReadOutcome, Report, WriteOutcome};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::config::ServerConfig;
+use dkvs::layout::store::LayoutStore;
+use dkvs::layout::{Layout, Role};
 use dkvs::net::Dialer;
 use dkvs::node::Node;
 use dkvs::quorum::Consistency;
@@ -41,15 +64,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::transport::{Channel, Endpoint};
 
+/// Hosts that can run a node: the first [`MEMBERS`] start as the cluster
+/// (`--peers`), the nemesis starts the others, each joining (`--join`).
 const NODES: usize = 5;
+const MEMBERS: usize = 3;
 const PORT: u16 = 7001;
 const CLIENTS: usize = 3;
 const KEYS: u64 = 8;
+/// Keys of the cold client (see [`cold_workload`]), and its id in the history.
+const COLD_KEYS: u64 = 16;
+const COLD_CLIENT: usize = CLIENTS + 1;
 /// Simulated seconds of workload per seed (faults stop 5 s before the end).
 const WORKLOAD_SECS: u64 = 30;
 /// Wall time `cargo test` spends starting new seeds by default (CI's
-/// budget for this test is 90 s; a seed takes about 9 s on a 2-core
-/// machine).
+/// budget for this test is 90 s; a seed takes about 10 s on a 2-core
+/// machine in a debug build, 2.3 s in release).
 const DEFAULT_BUDGET: Duration = Duration::from_secs(45);
 /// Seeds the broken-setting test tries at most.
 const BROKEN_SEEDS: u64 = 6;
@@ -72,6 +101,19 @@ thread_local! {
 
 fn sim_random() -> u64 {
     RNG.with(|rng| rng.borrow_mut().next_u64())
+}
+
+/// The seed of one of a run's generators (`stream`: which one), mixed
+/// (splitmix64) from the run's seed. `Rng::new` drops a seed's lowest bit
+/// (it sets it), so seeds 2k and 2k + 1 used directly would draw the same
+/// faults, clocks and workload, told apart only by turmoil's own generator.
+fn stream_seed(seed: u64, stream: u64) -> u64 {
+    let mut z = seed
+        .wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// 2026-01-01T00:00:00Z, the simulation's epoch.
@@ -207,6 +249,62 @@ fn workload() -> Workload {
     }
 }
 
+/// The cold keys: written once before the first join and rarely again,
+/// read all along. The workload's few keys are rewritten every few ms, so
+/// a joiner would soon hold all of them without streaming anything; a cold
+/// key a joiner failed to stream is read stale.
+fn cold_workload() -> Workload {
+    Workload {
+        clock: Some(sim_tick),
+        prefix: "cold-",
+        ..Workload::new(COLD_KEYS)
+    }
+}
+
+/// The cold keys' client: writes every cold key, then until `until` every
+/// 50-250 ms reads one, or one time in 25 writes one (values of its own).
+async fn run_cold_client(
+    client: &Client,
+    seed: u64,
+    until: tokio::time::Instant,
+    recorder: &Recorder,
+) {
+    let workload = cold_workload();
+    let mut rng = Rng::new(seed);
+    let mut sequence = 0u64;
+    let put = |key: String, sequence: &mut u64| {
+        *sequence += 1;
+        let value = format!("cold-{sequence}").into_bytes();
+        async move {
+            let start = workload.tick();
+            let outcome = match client.put(&key, value.clone()).await {
+                Ok(ack) => WriteOutcome::Acked(ack.version),
+                Err(_) => WriteOutcome::Indeterminate,
+            };
+            Op::put(COLD_CLIENT, key, value, start, workload.tick(), outcome)
+        }
+    };
+    for k in 0..COLD_KEYS {
+        let op = put(workload.key(k), &mut sequence).await;
+        recorder.record(op, None);
+    }
+    while tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50 + rng.below(200))).await;
+        let key = workload.key(rng.below(COLD_KEYS));
+        let op = if rng.below(25) == 0 {
+            put(key, &mut sequence).await
+        } else {
+            let start = workload.tick();
+            let outcome = match client.get_record(&key).await {
+                Ok(record) => dkvs::workload::read_outcome(record),
+                Err(_) => ReadOutcome::Failed,
+            };
+            Op::get(COLD_CLIENT, key, start, workload.tick(), outcome)
+        };
+        recorder.record(op, None);
+    }
+}
+
 fn install_seams() {
     dkvs::seams::install(dkvs::seams::Seams {
         wall_clock_ms: sim_wall_clock_ms,
@@ -285,17 +383,40 @@ impl AsyncWrite for Accepted {
     }
 }
 
-/// Runs node `i` over `storage` until its host is crashed.
-async fn run_node(i: usize, storage: Arc<MemoryStorage>) -> turmoil::Result {
-    let peers: Vec<String> = (0..NODES).map(address).collect();
-    let args: Vec<String> = [
+/// How a host the nemesis starts joins the cluster.
+#[derive(Clone, Debug)]
+struct JoinPlan {
+    /// The members it asks to add it (`--join`).
+    seeds: Vec<usize>,
+    /// Its `--stream-rate` (records per second, 0: unlimited): slow rates
+    /// keep it streaming while the nemesis crashes it or its sources.
+    stream_rate: u64,
+}
+
+thread_local! {
+    /// Hosts whose node was built at least once (they read their clocks).
+    static BUILT: std::cell::RefCell<[bool; NODES]> = const { std::cell::RefCell::new([false; NODES]) };
+    /// Per host, its asks to join that were refused (another change in
+    /// progress) and that failed (no seed answered).
+    static JOIN_ASKS: std::cell::RefCell<[(u32, u32); NODES]> = const { std::cell::RefCell::new([(0, 0); NODES]) };
+}
+
+/// Runs node `i` over `storage` and `layout` (both kept by the simulation
+/// across crashes) until its host is crashed. With `join`, a host that holds
+/// no layout yet first asks the seeds to add it, again every second until one
+/// does (a refusal while another change is in progress is expected).
+async fn run_node(
+    i: usize,
+    storage: Arc<MemoryStorage>,
+    layout: LayoutStore,
+    join: Option<JoinPlan>,
+) -> turmoil::Result {
+    let mut args: Vec<String> = [
         "DKVSServer",
         "--listen",
         &format!("0.0.0.0:{PORT}"),
         "--advertise",
         &address(i),
-        "--peers",
-        &peers.join(","),
         "--rpc-timeout-ms",
         "500",
         "--request-timeout-ms",
@@ -306,11 +427,38 @@ async fn run_node(i: usize, storage: Arc<MemoryStorage>) -> turmoil::Result {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    match &join {
+        None => {
+            let peers: Vec<String> = (0..MEMBERS).map(address).collect();
+            args.extend(["--peers".to_string(), peers.join(",")]);
+        }
+        Some(plan) => {
+            let seeds: Vec<String> = plan.seeds.iter().map(|&s| address(s)).collect();
+            args.extend([
+                "--join".to_string(),
+                seeds.join(","),
+                "--stream-rate".to_string(),
+                plan.stream_rate.to_string(),
+            ]);
+        }
+    }
     let config = ServerConfig::from_arg_list(args).map_err(|e| e.to_string())?;
-    let storage: Arc<dyn Storage> = storage;
-    let node = Node::with_storage(config, storage, Arc::new(SimDialer))?;
+    // As DKVSServer does: listen first, then join, then open the node.
     let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
     let listener = turmoil::net::TcpListener::bind(bind).await?;
+    if join.is_some() {
+        // Returns at once when the store holds a layout (a restart).
+        while let Err(why) = Node::join_with_store(&config, &layout, Arc::new(SimDialer)).await {
+            JOIN_ASKS.with_borrow_mut(|asks| match why {
+                dkvs::Error::FailedPrecondition(_) => asks[i].0 += 1,
+                _ => asks[i].1 += 1,
+            });
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+    let storage: Arc<dyn Storage> = storage;
+    let node = Node::with_parts(config, storage, layout, Arc::new(SimDialer))?;
+    BUILT.with_borrow_mut(|built| built[i] = true);
     let incoming = futures::stream::unfold(listener, |listener| async move {
         let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
         Some((accepted, listener))
@@ -334,6 +482,8 @@ struct Run {
     /// A hash of the whole history: equal for equal runs.
     trace: u64,
     ops: usize,
+    /// How far each join got, and the layout each host served at the end.
+    joins: String,
 }
 
 /// One fault of the nemesis, applied at a simulated time.
@@ -345,6 +495,128 @@ enum Fault {
     Hold(usize, usize),
     Slow(usize, usize),
     Crash(usize),
+    /// Starts a new host that joins.
+    Join(usize, JoinPlan),
+}
+
+impl Fault {
+    /// In host names (the variants hold host indices).
+    fn describe(&self) -> String {
+        match *self {
+            Fault::Partition(a, b) => format!("partition {} <-> {}", host(a), host(b)),
+            Fault::PartitionOneWay(a, b) => format!("partition {} -> {} one way", host(a), host(b)),
+            Fault::Isolate(a) => format!("isolate {}", host(a)),
+            Fault::Hold(a, b) => format!("hold {} <-> {}", host(a), host(b)),
+            Fault::Slow(a, b) => format!("slow {} <-> {}", host(a), host(b)),
+            Fault::Crash(a) => format!("crash {}", host(a)),
+            Fault::Join(j, ref plan) => {
+                let seeds: Vec<String> = plan.seeds.iter().map(|&s| host(s)).collect();
+                format!(
+                    "{} starts, joining via {} at {} records/s",
+                    host(j),
+                    seeds.join(","),
+                    plan.stream_rate
+                )
+            }
+        }
+    }
+}
+
+/// What the simulation keeps of each host across crashes, as a disk would:
+/// its storage (a crash loses only what was not synced) and its layout
+/// store (every save is durable, as the file's fsync makes it).
+struct Hosts {
+    disks: Vec<Arc<MemoryStorage>>,
+    layouts: Vec<LayoutStore>,
+    /// Hosts started so far, members first, then joiners as they start.
+    started: Vec<usize>,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        Self {
+            disks: (0..NODES).map(|_| Arc::default()).collect(),
+            layouts: (0..NODES).map(|_| LayoutStore::in_memory()).collect(),
+            started: Vec::new(),
+        }
+    }
+
+    /// Starts host `i`: a member, or with `join` a node that joins.
+    fn start(&mut self, sim: &mut turmoil::Sim<'_>, i: usize, join: Option<JoinPlan>) {
+        let (disk, layout) = (self.disks[i].clone(), self.layouts[i].clone());
+        sim.host(host(i), move || {
+            run_node(i, disk.clone(), layout.clone(), join.clone())
+        });
+        self.started.push(i);
+    }
+
+    /// The layout each host stores (`None`: never stored one).
+    fn stored_layouts(&self) -> Vec<Option<Layout>> {
+        self.layouts
+            .iter()
+            .map(|store| {
+                store
+                    .load()
+                    .ok()
+                    .flatten()
+                    .and_then(|state| state.committed)
+            })
+            .collect()
+    }
+}
+
+/// How far one join got: the first layout version seen with the joiner
+/// joining, active, and active in a settled layout.
+#[derive(Clone, Debug, Default)]
+struct JoinStages {
+    started_at: Duration,
+    added: Option<u64>,
+    finished: Option<u64>,
+    settled: Option<u64>,
+    /// Crashes, before it became active, of the joiner and of hosts
+    /// started before it (its sources).
+    crashes_of_joiner: u32,
+    crashes_of_sources: u32,
+}
+
+impl JoinStages {
+    /// Notes what `layout` (the newest any host stores) says of `joiner`.
+    fn observe(&mut self, layout: &Layout, joiner: usize) {
+        let Some(member) = layout.member(&address(joiner)) else {
+            return;
+        };
+        self.added.get_or_insert(layout.version);
+        if member.role == Role::Active {
+            self.finished.get_or_insert(layout.version);
+            if layout.previous.is_empty() {
+                self.settled.get_or_insert(layout.version);
+            }
+        }
+    }
+
+    fn describe(&self, joiner: usize) -> String {
+        let (refused, failed) = JOIN_ASKS.with_borrow(|asks| asks[joiner]);
+        let stage = |name: &str, version: Option<u64>| {
+            version.map_or(String::new(), |v| format!(", {name} v{v}"))
+        };
+        let reached = match (self.added, self.finished, self.settled) {
+            (None, _, _) => "never added".to_string(),
+            (Some(_), None, _) => "still joining".to_string(),
+            (Some(_), Some(_), None) => "finished, not settled".to_string(),
+            (Some(_), Some(_), Some(_)) => "settled".to_string(),
+        };
+        format!(
+            "{} from {:.1}s: {reached}{}{}{} ({refused} asks refused, {failed} failed; \
+             crashed {} times, its sources {} times, before it was active)",
+            host(joiner),
+            self.started_at.as_secs_f64(),
+            stage("joining", self.added),
+            stage("active", self.finished),
+            stage("settled", self.settled),
+            self.crashes_of_joiner,
+            self.crashes_of_sources,
+        )
+    }
 }
 
 /// A uniform offset in `-MAX_OFFSET_MS..=MAX_OFFSET_MS`.
@@ -354,11 +626,11 @@ fn random_offset(rng: &mut Rng) -> i64 {
 
 fn run_seed(seed: u64, setting: Setting) -> Run {
     install_seams();
-    RNG.with(|rng| *rng.borrow_mut() = Rng::new(seed));
+    RNG.with(|rng| *rng.borrow_mut() = Rng::new(stream_seed(seed, 0)));
     let _hosts = tracing::subscriber::set_default(HostSpans);
     // Every host's clock starts off by its own offset; the nodes' are on
     // both sides of simulated time (alternating signs from a random start).
-    let mut clock_rng = Rng::new(seed ^ 0xC10C);
+    let mut clock_rng = Rng::new(stream_seed(seed, 0xC10C));
     let flip = clock_rng.below(2) as usize;
     let offsets: [i64; SLOTS] = std::array::from_fn(|slot| {
         let offset = random_offset(&mut clock_rng);
@@ -379,10 +651,11 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         .tcp_capacity(4096)
         .build();
 
-    let disks: Vec<Arc<MemoryStorage>> = (0..NODES).map(|_| Arc::default()).collect();
-    for (i, disk) in disks.iter().enumerate() {
-        let disk = disk.clone();
-        sim.host(host(i), move || run_node(i, disk.clone()));
+    BUILT.set([false; NODES]);
+    JOIN_ASKS.set([(0, 0); NODES]);
+    let mut hosts = Hosts::new();
+    for i in 0..MEMBERS {
+        hosts.start(&mut sim, i, None);
     }
 
     let recorder = Recorder::new();
@@ -401,12 +674,24 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             tokio::time::sleep(Duration::from_secs(2)).await;
             let client = connect(&seeds, options).await?;
             let workload = workload();
-            let worker_seed = seed ^ (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let worker_seed = stream_seed(seed, c as u64 + 1);
             workload
                 .run_worker(c, &client, worker_seed, began + until, &recorder)
                 .await;
             // Every client closes at the same simulated moment, after every
             // worker's last operation.
+            tokio::time::sleep_until(began + until + Duration::from_secs(3)).await;
+            client.close().await;
+            Ok(())
+        });
+    }
+    {
+        let (recorder, seeds, options) = (recorder.clone(), seeds.clone(), options.clone());
+        sim.client("cold", async move {
+            let began = tokio::time::Instant::now();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let client = connect(&seeds, options).await?;
+            run_cold_client(&client, stream_seed(seed, 0xC01D), began + until, &recorder).await;
             tokio::time::sleep_until(began + until + Duration::from_secs(3)).await;
             client.close().await;
             Ok(())
@@ -427,11 +712,18 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
                 },
             )
             .await?;
-            let workload = workload();
             let mut last = String::new();
             for _ in 0..30 {
                 let attempt = Recorder::new();
-                match workload.final_reads(CLIENTS, &reader, &attempt).await {
+                let read = match workload().final_reads(CLIENTS, &reader, &attempt).await {
+                    Ok(()) => {
+                        cold_workload()
+                            .final_reads(CLIENTS, &reader, &attempt)
+                            .await
+                    }
+                    failed => failed,
+                };
+                match read {
                     Ok(()) => {
                         for op in attempt.take().ops {
                             recorder.record(op, None);
@@ -447,21 +739,60 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         });
     }
 
-    // The nemesis: one fault at a time, 1-4 s each, 0.5-2 s apart.
-    let mut rng = Rng::new(seed ^ 0x5EED);
+    // The nemesis: one fault at a time, 1-4 s each, 0.5-2 s apart, among
+    // the hosts started. Each host beyond the first MEMBERS is started once,
+    // joining (the first 4-12 s in, the next 2-12 s after): 0.3-2 s later,
+    // one time in three the joiner crashes, one in three a source (a host
+    // started before it), while it streams at 2 or 5 records/s or as fast
+    // as it can.
+    let mut rng = Rng::new(stream_seed(seed, 0x5EED));
     let mut faults = Vec::new();
     let mut at = Duration::from_secs(4);
     let stop_faults = until - Duration::from_secs(5);
+    let mut joins: std::collections::VecDeque<(Duration, usize)> = Default::default();
+    let mut join_at = Duration::from_millis(4000 + rng.below(8000));
+    for j in MEMBERS..NODES {
+        joins.push_back((join_at, j));
+        join_at += Duration::from_millis(2000 + rng.below(10_000));
+    }
+    let mut live: Vec<usize> = (0..MEMBERS).collect();
+    let mut joined_last: Option<usize> = None;
     let mut schedule: Vec<(Duration, Duration, Fault)> = Vec::new();
     while at < stop_faults {
-        let a = rng.below(NODES as u64) as usize;
-        let b = (a + 1 + rng.below(NODES as u64 - 1) as usize) % NODES;
-        let fault = match rng.below(6) {
-            0 => Fault::Partition(a, b),
-            1 => Fault::PartitionOneWay(a, b),
-            2 => Fault::Isolate(a),
-            3 => Fault::Hold(a, b),
-            4 => Fault::Slow(a, b),
+        if let Some(&(when, j)) = joins.front()
+            && at >= when
+        {
+            joins.pop_front();
+            let first = rng.below(live.len() as u64) as usize;
+            let second = (first + 1 + rng.below(live.len() as u64 - 1) as usize) % live.len();
+            let plan = JoinPlan {
+                seeds: vec![live[first], live[second]],
+                stream_rate: [0, 2, 5][rng.below(3) as usize],
+            };
+            let length = Duration::from_millis(300 + rng.below(1700));
+            schedule.push((at, length, Fault::Join(j, plan)));
+            live.push(j);
+            joined_last = Some(j);
+            at += length;
+            continue;
+        }
+        let pick = |rng: &mut Rng, among: &[usize]| among[rng.below(among.len() as u64) as usize];
+        let ia = rng.below(live.len() as u64) as usize;
+        let (a, b) = (
+            live[ia],
+            live[(ia + 1 + rng.below(live.len() as u64 - 1) as usize) % live.len()],
+        );
+        let fault = match (joined_last.take(), rng.below(6)) {
+            (Some(j), 0 | 1) => Fault::Crash(j),
+            (Some(j), 2 | 3) => {
+                let sources: Vec<usize> = live.iter().copied().filter(|&s| s != j).collect();
+                Fault::Crash(pick(&mut rng, &sources))
+            }
+            (_, 0) => Fault::Partition(a, b),
+            (_, 1) => Fault::PartitionOneWay(a, b),
+            (_, 2) => Fault::Isolate(a),
+            (_, 3) => Fault::Hold(a, b),
+            (_, 4) => Fault::Slow(a, b),
             _ => Fault::Crash(a),
         };
         let length = Duration::from_millis(1000 + rng.below(3000));
@@ -488,8 +819,32 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     let mut next_step = 0;
     let mut next = 0;
     let mut active: Option<(Duration, Fault)> = None;
+    // The newest layout any host stores, looked at every 50 ms.
+    let mut newest = 0;
+    let mut looked = Duration::ZERO;
+    let mut stages: Vec<(usize, JoinStages)> = Vec::new();
     loop {
         let now = sim.elapsed();
+        if now >= looked + Duration::from_millis(50) {
+            looked = now;
+            if let Some(layout) = hosts
+                .stored_layouts()
+                .into_iter()
+                .flatten()
+                .max_by_key(|l| l.version)
+                && layout.version > newest
+            {
+                newest = layout.version;
+                faults.push(format!(
+                    "{:.1}s layout v{newest}: {}",
+                    now.as_secs_f64(),
+                    layout.change
+                ));
+                for (joiner, stage) in &mut stages {
+                    stage.observe(&layout, *joiner);
+                }
+            }
+        }
         if let Some(&(at, node, offset)) = clock_steps.get(next_step)
             && now >= at
         {
@@ -506,7 +861,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         if let Some((ends, fault)) = active.clone()
             && now >= ends
         {
-            heal(&mut sim, &fault, &disks);
+            heal(&mut sim, &fault, &hosts);
             active = None;
         }
         if active.is_none()
@@ -514,10 +869,30 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             && now >= start
         {
             faults.push(format!(
-                "{:.1}s {fault:?} for {length:?}",
-                start.as_secs_f64()
+                "{:.1}s {} for {length:?}",
+                start.as_secs_f64(),
+                fault.describe()
             ));
-            inject(&mut sim, &fault, &disks);
+            if let Fault::Crash(a) = fault {
+                let rank = |h: usize| hosts.started.iter().position(|&s| s == h);
+                for (joiner, stage) in stages.iter_mut().filter(|(_, s)| s.finished.is_none()) {
+                    if a == *joiner {
+                        stage.crashes_of_joiner += 1;
+                    } else if rank(a) < rank(*joiner) {
+                        stage.crashes_of_sources += 1;
+                    }
+                }
+            }
+            if let Fault::Join(j, _) = fault {
+                stages.push((
+                    j,
+                    JoinStages {
+                        started_at: start,
+                        ..JoinStages::default()
+                    },
+                ));
+            }
+            inject(&mut sim, &fault, &mut hosts);
             active = Some((start + length, fault));
             next += 1;
         }
@@ -530,11 +905,29 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             ),
         }
     }
+    let stored = hosts.stored_layouts();
+    if let Some(layout) = stored.iter().flatten().max_by_key(|l| l.version) {
+        for (joiner, stage) in &mut stages {
+            stage.observe(layout, *joiner);
+        }
+    }
+    let mut joins: Vec<String> = stages.iter().map(|(j, stage)| stage.describe(*j)).collect();
+    let served: Vec<String> = stored
+        .iter()
+        .enumerate()
+        .filter_map(|(i, layout)| {
+            layout
+                .as_ref()
+                .map(|l| format!("{} v{}", host(i), l.version))
+        })
+        .collect();
+    joins.push(format!("layouts at the end: {}", served.join(" ")));
 
     // Proof that the clocks differed: every node read its own.
     let reads = CLOCK_READS.with_borrow(|reads| *reads);
+    let built = BUILT.with_borrow(|built| *built);
     assert!(
-        reads[..NODES].iter().all(|&n| n > 0),
+        (0..NODES).all(|i| !built[i] || reads[i] > 0),
         "seed {seed}: a node never read its own wall clock (reads per host: {reads:?}): \
          turmoil no longer enters its `node` span around each host?"
     );
@@ -563,6 +956,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         faults,
         trace: hasher.finish(),
         ops: history.ops.len(),
+        joins: joins.join("; "),
     }
 }
 
@@ -581,43 +975,54 @@ async fn connect(
     Err(format!("no node answered: {last}").into())
 }
 
-fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, disks: &[Arc<MemoryStorage>]) {
+fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
     match *fault {
         Fault::Partition(a, b) => sim.partition(host(a), host(b)),
         Fault::PartitionOneWay(a, b) => sim.partition_oneway(host(a), host(b)),
         Fault::Isolate(a) => {
-            for b in (0..NODES).filter(|&b| b != a) {
+            for &b in hosts.started.iter().filter(|&&b| b != a) {
                 sim.partition(host(a), host(b));
             }
-            for c in 0..CLIENTS {
-                sim.partition(host(a), format!("client{c}"));
+            for client in client_hosts() {
+                sim.partition(host(a), client);
             }
         }
         Fault::Hold(a, b) => sim.hold(host(a), host(b)),
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(300)),
         Fault::Crash(a) => {
             sim.crash(host(a));
-            disks[a].crash();
+            hosts.disks[a].crash();
         }
+        Fault::Join(j, ref plan) => hosts.start(sim, j, Some(plan.clone())),
     }
 }
 
-fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, _disks: &[Arc<MemoryStorage>]) {
+/// Ends `fault` (no host starts while another fault is active, so an
+/// isolated host is reconnected to the same hosts it was cut from).
+fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
     match *fault {
         Fault::Partition(a, b) => sim.repair(host(a), host(b)),
         Fault::PartitionOneWay(a, b) => sim.repair_oneway(host(a), host(b)),
         Fault::Isolate(a) => {
-            for b in (0..NODES).filter(|&b| b != a) {
+            for &b in hosts.started.iter().filter(|&&b| b != a) {
                 sim.repair(host(a), host(b));
             }
-            for c in 0..CLIENTS {
-                sim.repair(host(a), format!("client{c}"));
+            for client in client_hosts() {
+                sim.repair(host(a), client);
             }
         }
         Fault::Hold(a, b) => sim.release(host(a), host(b)),
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(1)),
         Fault::Crash(a) => sim.bounce(host(a)),
+        Fault::Join(..) => {}
     }
+}
+
+/// The hosts an isolated node is cut from besides the other nodes.
+fn client_hosts() -> impl Iterator<Item = String> {
+    (0..CLIENTS)
+        .map(|c| format!("client{c}"))
+        .chain(["cold".to_string()])
 }
 
 fn replay(seed: u64) -> String {
@@ -706,6 +1111,7 @@ fn seed_child() {
     let run = run_seed(seed, Setting { consistency });
     println!("faults: {}", run.faults.join("; "));
     println!("report: {}", run.report);
+    println!("joins: {}", run.joins);
     for violation in run.report.violations.iter().take(10) {
         println!("violation: {violation}");
     }
@@ -730,8 +1136,13 @@ fn histories_hold_under_partitions_crashes_and_delays() {
             .lines()
             .find(|l| l.starts_with("report: "))
             .unwrap_or("");
+        let joins = run
+            .text
+            .lines()
+            .find(|l| l.starts_with("joins: "))
+            .unwrap_or("");
         println!(
-            "seed {seed}: {} ops, {report}; trace {:016x}",
+            "seed {seed}: {} ops, {report}; trace {:016x}; {joins}",
             run.ops, run.trace
         );
         assert!(
