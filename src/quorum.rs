@@ -248,6 +248,12 @@ impl WriteTally {
         self.acks
     }
 
+    /// Whether a replica may hold this round's version: one acknowledged
+    /// it, or failed after it may have stored it.
+    pub fn may_be_stored(&self) -> bool {
+        self.acks > 0 || self.uncertain > 0
+    }
+
     pub fn failures(&self) -> &[String] {
         &self.failures
     }

@@ -48,6 +48,11 @@ impl Coordinator {
         let mut view = self.cluster.placement();
         let mut placed = self.cluster.write_replicas(&view, key, &self.local)?;
         let mut version = self.local.next_version()?;
+        // Whether an earlier round of `version` (sent with an older layout)
+        // may have left it on a replica: it must not be re-stamped then.
+        let mut sent_before = false;
+        // Acknowledgements earlier rounds of `version` got (for the error).
+        let mut acks_before = 0;
         for round in 0..MAX_WRITE_ROUNDS {
             let replicas = &placed.handles;
             let sets: Vec<(Vec<usize>, usize)> = placed
@@ -119,6 +124,7 @@ impl Coordinator {
                 tally.record_at(index, &replicas[index].address, reply);
             };
             let succeeded = matches!(decision, WriteDecision::Acknowledged { .. });
+            let unanswered = !in_flight.is_empty();
             // Let the rest of this round reach its replicas; a replica that
             // fails now still gets a hint if the write succeeded.
             if !in_flight.is_empty() {
@@ -143,11 +149,19 @@ impl Coordinator {
                 self.cluster.catch_up(current, &from).await;
                 let newer = self.cluster.placement();
                 if newer.version() > view.version() {
+                    sent_before |= tally.may_be_stored() || unanswered;
+                    acks_before = acks_before.max(tally.acks());
                     view = newer;
                     placed = self.cluster.write_replicas(&view, key, &self.local)?;
                     continue;
                 }
             }
+            // Re-stamping would put a value an earlier round may have left
+            // on a replica under a second version.
+            let decision = match decision {
+                WriteDecision::Restamp { above } if sent_before => WriteDecision::Superseded { above },
+                other => other,
+            };
             match decision {
                 WriteDecision::Acknowledged { acks } => {
                     self.hint_in_background(replicas, &failed, key, &record);
@@ -160,7 +174,7 @@ impl Coordinator {
                         key: key.to_string(),
                         version,
                         above,
-                        acks: tally.acks(),
+                        acks: tally.acks().max(acks_before),
                     });
                 }
                 WriteDecision::Restamp { above } => {
