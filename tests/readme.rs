@@ -439,6 +439,11 @@ impl Normaliser {
                 })
                 .collect::<Vec<_>>()
                 .join(" ");
+            // Whether a member's counts are old enough to say so depends
+            // on timing (how long its conviction took, say).
+            line = line
+                .replace("; counts from # ago", "")
+                .replace(" counts from # ago", "");
         }
         // A joining node's progress: all of it depends on timing.
         line = self
