@@ -21,8 +21,14 @@ use crate::sync::Locked;
 pub struct Rng(u64);
 
 impl Rng {
+    /// A generator for `seed`. The seed goes through splitmix64 first:
+    /// xorshift needs a state that is not zero, and `seed | 1` made seeds
+    /// 2k and 2k+1 one and the same sequence.
     pub fn new(seed: u64) -> Self {
-        Self(seed | 1)
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Self((z ^ (z >> 31)) | 1)
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -215,5 +221,18 @@ pub fn read_outcome(record: Option<Record>) -> ReadOutcome {
             value: value.to_vec(),
             version: Some(version),
         },
+    }
+}
+
+#[cfg(test)]
+mod rng_tests {
+    use super::Rng;
+
+    #[test]
+    fn neighbouring_seeds_give_different_sequences() {
+        for seed in [0u64, 2, 42, 20_000] {
+            let (mut a, mut b) = (Rng::new(seed), Rng::new(seed + 1));
+            assert_ne!(a.next_u64(), b.next_u64(), "seeds {seed} and {}", seed + 1);
+        }
     }
 }

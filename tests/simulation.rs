@@ -104,9 +104,8 @@ fn sim_random() -> u64 {
 }
 
 /// The seed of one of a run's generators (`stream`: which one), mixed
-/// (splitmix64) from the run's seed. `Rng::new` drops a seed's lowest bit
-/// (it sets it), so seeds 2k and 2k + 1 used directly would draw the same
-/// faults, clocks and workload, told apart only by turmoil's own generator.
+/// (splitmix64) from the run's seed, so that the generators of one run
+/// differ from each other.
 fn stream_seed(seed: u64, stream: u64) -> u64 {
     let mut z = seed
         .wrapping_add(stream.wrapping_mul(0x9E37_79B9_7F4A_7C15))
