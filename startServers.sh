@@ -94,6 +94,23 @@ bin_dir() {
 # exited but that its parent has not reaped yet: kill -0 still succeeds on it)
 # and, where /proc says, is a DKVSServer (not an unrelated process that was
 # given a recycled pid).
+# Like pid_alive, for a node this script has just launched: until the
+# forked shell has exec'd DKVSServer, its name is still the script's (a
+# loaded machine can take a while), and that is a node starting, not one
+# that exited.
+pid_starting_or_alive() { # pid
+  local pid=$1 comm
+  pid_alive "$pid" && return 0
+  [[ -r "/proc/$pid/comm" ]] || return 1
+  read -r comm 2>/dev/null <"/proc/$pid/comm" || return 1
+  [[ "$comm" == startServers.sh || "$comm" == bash ]] || return 1
+  local stat state
+  read -r stat 2>/dev/null <"/proc/$pid/stat" || return 1
+  state=${stat##*) }
+  state=${state%% *}
+  [[ "$state" != Z && "$state" != X ]]
+}
+
 pid_alive() { # pid
   local pid=$1 stat state comm
   [[ "$pid" =~ ^[0-9]+$ ]] || return 1
@@ -364,7 +381,7 @@ start_all() {
     next=()
     for port in "${pending[@]}"; do
       pid=$(pid_of "$RUN_DIR/node-$port.pid")
-      if ! pid_alive "$pid"; then
+      if ! pid_starting_or_alive "$pid"; then
         echo "node-$port exited while starting (pid $pid)" >&2
         log_tail "$port"
         failed+=("$port")
