@@ -656,8 +656,9 @@ mod tests;
 /// a node without one) a ring of its members.
 fn placement_of(status: &pb::StatusResponse) -> Result<Placement> {
     if let Some(layout) = status.layout.clone() {
-        let layout = pb::layout_from(layout)
-            .map_err(|why| Error::Unavailable(format!("{} sent a bad layout: {why}", status.address)))?;
+        let layout = pb::layout_from(layout).map_err(|why| {
+            Error::Unavailable(format!("{} sent a bad layout: {why}", status.address))
+        })?;
         return Ok(Placement::of_layout(Arc::new(layout), ""));
     }
     let members = status

@@ -347,7 +347,12 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
             let role = match LayoutRole::try_from(m.role) {
                 Ok(LayoutRole::Active) => crate::layout::Role::Active,
                 Ok(LayoutRole::Joining) => crate::layout::Role::Joining,
-                _ => return Err(format!("member {} has no valid role ({})", m.address, m.role)),
+                _ => {
+                    return Err(format!(
+                        "member {} has no valid role ({})",
+                        m.address, m.role
+                    ));
+                }
             };
             Ok(crate::layout::LayoutMember {
                 address: m.address,

@@ -72,7 +72,11 @@ impl Placement {
     pub fn of_layout(layout: Arc<Layout>, me: impl Into<String>) -> Self {
         let ring = Arc::new(layout.read_ring());
         let mut view = Self::new(ring, layout.replicas, me);
-        view.extra_write_rings = layout.extra_write_rings().into_iter().map(Arc::new).collect();
+        view.extra_write_rings = layout
+            .extra_write_rings()
+            .into_iter()
+            .map(Arc::new)
+            .collect();
         view.target_ring = Arc::new(layout.target_ring());
         view.members = layout
             .members

@@ -169,7 +169,10 @@ impl WriteTally {
     fn sets_standing(&self) -> Option<bool> {
         let mut all_met = true;
         for (members, needed) in &self.sets {
-            let acks = members.iter().filter(|&&i| self.acked.get(i) == Some(&true)).count();
+            let acks = members
+                .iter()
+                .filter(|&&i| self.acked.get(i) == Some(&true))
+                .count();
             let pending = members
                 .iter()
                 .filter(|&&i| self.answered_at.get(i) == Some(&false))
@@ -213,10 +216,7 @@ impl WriteTally {
     pub fn decision(&self) -> WriteDecision {
         let pending = self.sent - self.answered().min(self.sent);
         let (met, reachable) = if self.sets.is_empty() {
-            (
-                self.acks >= self.needed,
-                self.acks + pending >= self.needed,
-            )
+            (self.acks >= self.needed, self.acks + pending >= self.needed)
         } else {
             match self.sets_standing() {
                 Some(met) => (met, true),

@@ -77,7 +77,10 @@ impl Ring {
     }
 
     /// Builds the ring from members with their stored tokens (a layout's).
-    pub fn with_tokens(members: impl IntoIterator<Item = (Member, Vec<u64>)>, vnodes: usize) -> Self {
+    pub fn with_tokens(
+        members: impl IntoIterator<Item = (Member, Vec<u64>)>,
+        vnodes: usize,
+    ) -> Self {
         let mut members: Vec<(Member, Vec<u64>)> = members.into_iter().collect();
         members.sort_by(|a, b| a.0.address.cmp(&b.0.address));
         members.dedup_by(|a, b| a.0.address == b.0.address);

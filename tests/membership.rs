@@ -35,7 +35,10 @@ async fn settled(cluster: &TestCluster, within: Duration) -> pb::Layout {
                 .into_inner();
             let layout = status.layout.ok_or("no layout in Status")?;
             if let Some(change) = in_progress(&layout) {
-                return Err(format!("{} serves v{}: {change}", node.address, layout.version));
+                return Err(format!(
+                    "{} serves v{}: {change}",
+                    node.address, layout.version
+                ));
             }
             match &seen {
                 Some(other) if other.version != layout.version => {
@@ -97,7 +100,11 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
     assert_eq!(won.version, 2);
     assert!(won.members.iter().any(|m| &m.address == winner));
     assert!(!won.members.iter().any(|m| &m.address == loser));
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
     assert!(
         refused.message().contains(&format!("{winner} joins")),
         "the refusal names the change that won: {}",
@@ -123,7 +130,11 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
         .await
         .expect_err("one change at a time");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains(&format!("{winner} joins")), "{}", refused.message());
+    assert!(
+        refused.message().contains(&format!("{winner} joins")),
+        "{}",
+        refused.message()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,7 +194,11 @@ async fn a_cluster_grows_from_three_to_five_under_load_and_loses_nothing() {
                 .get(&format!("preloaded-{i}"))
                 .await
                 .expect("read a preloaded key");
-            assert_eq!(value.as_deref(), Some(format!("v{i}").as_bytes()), "preloaded-{i}");
+            assert_eq!(
+                value.as_deref(),
+                Some(format!("v{i}").as_bytes()),
+                "preloaded-{i}"
+            );
         }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -201,7 +216,10 @@ async fn a_cluster_grows_from_three_to_five_under_load_and_loses_nothing() {
         .final_reads(9, &final_reader, &recorder)
         .await
         .expect("final reads at ALL");
-    let History { ops: history, errors } = recorder.take();
+    let History {
+        ops: history,
+        errors,
+    } = recorder.take();
     let report = checker::check(&history);
     println!("operations: {workload_ops}, {report}");
     for (index, why) in errors.iter().take(5) {
@@ -211,7 +229,13 @@ async fn a_cluster_grows_from_three_to_five_under_load_and_loses_nothing() {
         report.is_valid(),
         "{} violations:\n{}",
         report.violations.len(),
-        report.violations.iter().take(20).map(|v| v.to_string()).collect::<Vec<_>>().join("\n")
+        report
+            .violations
+            .iter()
+            .take(20)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // Every preloaded key, at ALL from the five.
     for i in 0..PRELOADED {
@@ -219,7 +243,11 @@ async fn a_cluster_grows_from_three_to_five_under_load_and_loses_nothing() {
             .get(&format!("preloaded-{i}"))
             .await
             .expect("read at ALL");
-        assert_eq!(value.as_deref(), Some(format!("v{i}").as_bytes()), "preloaded-{i}");
+        assert_eq!(
+            value.as_deref(),
+            Some(format!("v{i}").as_bytes()),
+            "preloaded-{i}"
+        );
     }
     // Old owners drop what moved: each node ends with about 3/5 of the keys.
     let total = (PRELOADED as u64 + KEYS) as f64;
@@ -229,7 +257,10 @@ async fn a_cluster_grows_from_three_to_five_under_load_and_loses_nothing() {
         if counts.len() == 5 && share.iter().all(|s| (s - 0.6).abs() <= 0.6 * 0.25) {
             Ok(counts)
         } else {
-            Err(format!("live keys per node {counts:?} (about {:.0} each expected)", total * 0.6))
+            Err(format!(
+                "live keys per node {counts:?} (about {:.0} each expected)",
+                total * 0.6
+            ))
         }
     })
     .await;
@@ -242,10 +273,18 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
     for i in 0..PRELOADED {
-        client.put(&format!("k{i}"), format!("v{i}")).await.expect("preload");
+        client
+            .put(&format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("preload");
     }
     // Slow streaming so the kill lands mid-join.
-    let joiner = cluster.join(0, &["--anti-entropy-interval", "1", "--stream-rate", "1000"]).await;
+    let joiner = cluster
+        .join(
+            0,
+            &["--anti-entropy-interval", "1", "--stream-rate", "1000"],
+        )
+        .await;
     eventually(Duration::from_secs(30), async || {
         let status = cluster.status(joiner).await;
         match status.moves.first() {
@@ -256,11 +295,17 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
     .await;
     cluster.kill(joiner);
     let layout = cluster.status(0).await.layout.expect("layout");
-    assert!(in_progress(&layout).is_some(), "the join was still in progress when killed");
+    assert!(
+        in_progress(&layout).is_some(),
+        "the join was still in progress when killed"
+    );
     // Writes go on while it is down (they reach the old replicas, and
     // hints for it).
     for i in 0..200 {
-        client.put(&format!("during-{i}"), "x").await.expect("write while the joiner is down");
+        client
+            .put(&format!("during-{i}"), "x")
+            .await
+            .expect("write while the joiner is down");
     }
     cluster.add_flags(joiner, &["--stream-rate", "0"]);
     cluster.restart(joiner).await;
@@ -273,12 +318,20 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
         .await;
     for i in 0..PRELOADED {
         assert_eq!(
-            all.get(&format!("k{i}")).await.expect("read at ALL").as_deref(),
+            all.get(&format!("k{i}"))
+                .await
+                .expect("read at ALL")
+                .as_deref(),
             Some(format!("v{i}").as_bytes())
         );
     }
     for i in 0..200 {
-        assert!(all.get(&format!("during-{i}")).await.expect("read").is_some());
+        assert!(
+            all.get(&format!("during-{i}"))
+                .await
+                .expect("read")
+                .is_some()
+        );
     }
 }
 
@@ -288,9 +341,17 @@ async fn a_source_killed_mid_stream_leaves_the_join_to_the_others() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
     for i in 0..PRELOADED {
-        client.put(&format!("k{i}"), format!("v{i}")).await.expect("preload");
+        client
+            .put(&format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("preload");
     }
-    let joiner = cluster.join(0, &["--anti-entropy-interval", "1", "--stream-rate", "2000"]).await;
+    let joiner = cluster
+        .join(
+            0,
+            &["--anti-entropy-interval", "1", "--stream-rate", "2000"],
+        )
+        .await;
     eventually(Duration::from_secs(30), async || {
         let status = cluster.status(joiner).await;
         match status.moves.first() {
@@ -327,12 +388,18 @@ async fn a_source_killed_mid_stream_leaves_the_join_to_the_others() {
         .await;
     for i in 0..PRELOADED {
         assert_eq!(
-            all.get(&format!("k{i}")).await.expect("read at ALL").as_deref(),
+            all.get(&format!("k{i}"))
+                .await
+                .expect("read at ALL")
+                .as_deref(),
             Some(format!("v{i}").as_bytes())
         );
     }
     // The joiner holds its share itself: read at ONE from it alone.
     let held = cluster.replica_record(joiner, "k1").await;
     let replicas = all.replicas_of("k1");
-    assert_eq!(held.is_some(), replicas.contains(&cluster.nodes[joiner].address));
+    assert_eq!(
+        held.is_some(),
+        replicas.contains(&cluster.nodes[joiner].address)
+    );
 }

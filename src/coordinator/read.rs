@@ -64,11 +64,10 @@ impl PendingRepair {
     pub async fn run(mut self) -> usize {
         while let Some((index, reply)) = self.in_flight.next().await {
             let address = &self.replicas[index].address;
-            let reply =
-                reply.map_err(|e| match e {
-                    ReplicaError::Rejected(why) | ReplicaError::Failed(why) => why,
-                    stale @ ReplicaError::StaleLayout(_) => stale.to_string(),
-                });
+            let reply = reply.map_err(|e| match e {
+                ReplicaError::Rejected(why) | ReplicaError::Failed(why) => why,
+                stale @ ReplicaError::StaleLayout(_) => stale.to_string(),
+            });
             self.tally.record(index, address, reply);
         }
         let Some(RepairPlan { record, stale }) = self.tally.repair_plan() else {
@@ -420,7 +419,9 @@ impl Coordinator {
             }
             let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
             let timeout = self.cluster.rpc_timeout;
-            writes.push(Box::pin(async move { (index, replica.write(&key, &record, timeout).await) }));
+            writes.push(Box::pin(async move {
+                (index, replica.write(&key, &record, timeout).await)
+            }));
         }
         loop {
             match tally.decision() {
@@ -444,7 +445,9 @@ impl Coordinator {
                 }
             }
             let Some((index, reply)) = writes.next().await else {
-                return Err(Error::Internal("confirmation ended with no decision".into()));
+                return Err(Error::Internal(
+                    "confirmation ended with no decision".into(),
+                ));
             };
             let reply = match reply {
                 Ok(outcome) => WriteReply::Holds(outcome.held),

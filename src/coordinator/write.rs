@@ -116,9 +116,7 @@ impl Coordinator {
                         if stale.as_ref().is_none_or(|(v, _)| current > *v) {
                             stale = Some((current, replicas[index].address.clone()));
                         }
-                        WriteReply::NotSent(format!(
-                            "refused: it serves newer layout v{current}"
-                        ))
+                        WriteReply::NotSent(format!("refused: it serves newer layout v{current}"))
                     }
                 };
                 tally.record_at(index, &replicas[index].address, reply);
@@ -145,7 +143,11 @@ impl Coordinator {
             {
                 // Placed with an old layout: learn the new one and send the
                 // same version to the new replica sets.
-                tracing::debug!(key, layout = current, "write placed with a stale layout; retrying");
+                tracing::debug!(
+                    key,
+                    layout = current,
+                    "write placed with a stale layout; retrying"
+                );
                 self.cluster.catch_up(current, &from).await;
                 let newer = self.cluster.placement();
                 if newer.version() > view.version() {
@@ -159,7 +161,9 @@ impl Coordinator {
             // Re-stamping would put a value an earlier round may have left
             // on a replica under a second version.
             let decision = match decision {
-                WriteDecision::Restamp { above } if sent_before => WriteDecision::Superseded { above },
+                WriteDecision::Restamp { above } if sent_before => {
+                    WriteDecision::Superseded { above }
+                }
                 other => other,
             };
             match decision {

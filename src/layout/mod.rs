@@ -171,7 +171,8 @@ impl Layout {
             )));
         }
         let mut next = self.next(format!("{address} joins"));
-        next.members.push(new_member(address, self.vnodes, Role::Joining));
+        next.members
+            .push(new_member(address, self.vnodes, Role::Joining));
         next.members.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(next)
     }
@@ -272,11 +273,18 @@ impl Layout {
             ));
         }
         if self.members.len() > 1024 {
-            return Err(format!("layout v{} has {} members", self.version, self.members.len()));
+            return Err(format!(
+                "layout v{} has {} members",
+                self.version,
+                self.members.len()
+            ));
         }
         for member in &self.members {
             if member.address.is_empty() || member.address.len() > 256 {
-                return Err(format!("layout v{} has a member with a bad address", self.version));
+                return Err(format!(
+                    "layout v{} has a member with a bad address",
+                    self.version
+                ));
             }
             if member.member_id != node_id_for(&member.address) {
                 return Err(format!(

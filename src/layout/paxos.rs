@@ -140,10 +140,15 @@ mod tests {
         );
         assert_eq!(
             acceptor.prepare(1, 2, ballot(1, 3)),
-            Answer::No { promised: ballot(1, 7) }
+            Answer::No {
+                promised: ballot(1, 7)
+            }
         );
         let value = layout(2, "x joins");
-        assert!(matches!(acceptor.accept(1, &value, ballot(1, 7)), Answer::Yes { .. }));
+        assert!(matches!(
+            acceptor.accept(1, &value, ballot(1, 7)),
+            Answer::Yes { .. }
+        ));
         // A later proposer learns the accepted value and must propose it.
         let Answer::Yes { accepted } = acceptor.prepare(1, 2, ballot(2, 3)) else {
             panic!("a higher ballot is promised");
@@ -152,7 +157,9 @@ mod tests {
         // The old proposer's accept under its old ballot is now refused.
         assert_eq!(
             acceptor.accept(1, &layout(2, "y joins"), ballot(1, 7)),
-            Answer::No { promised: ballot(2, 3) }
+            Answer::No {
+                promised: ballot(2, 3)
+            }
         );
         assert_eq!(choose([accepted, None], layout(2, "y joins")), value);
     }
@@ -162,10 +169,20 @@ mod tests {
         let mut acceptor = Acceptor::default();
         assert_eq!(acceptor.prepare(3, 3, ballot(9, 1)), Answer::Committed);
         assert_eq!(acceptor.prepare(3, 5, ballot(9, 1)), Answer::Behind);
-        assert_eq!(acceptor, Acceptor::default(), "no answer but yes changes it");
+        assert_eq!(
+            acceptor,
+            Acceptor::default(),
+            "no answer but yes changes it"
+        );
         // A new version starts from nothing.
-        assert!(matches!(acceptor.prepare(3, 4, ballot(9, 1)), Answer::Yes { .. }));
-        assert!(matches!(acceptor.prepare(4, 5, ballot(1, 1)), Answer::Yes { accepted: None }));
+        assert!(matches!(
+            acceptor.prepare(3, 4, ballot(9, 1)),
+            Answer::Yes { .. }
+        ));
+        assert!(matches!(
+            acceptor.prepare(4, 5, ballot(1, 1)),
+            Answer::Yes { accepted: None }
+        ));
     }
 
     /// Two proposers race over three acceptors in every interleaving of
@@ -175,9 +192,7 @@ mod tests {
         // Each proposer: prepare to all, then accept to all, as 6 steps
         // (one acceptor per step); interleave the 12 steps every way that
         // keeps each proposer's own order (924 ways).
-        let steps: Vec<(usize, usize)> = (0..2)
-            .flat_map(|p| (0..6).map(move |s| (p, s)))
-            .collect();
+        let steps: Vec<(usize, usize)> = (0..2).flat_map(|p| (0..6).map(move |s| (p, s))).collect();
         let mut count = 0;
         for mask in 0u32..(1 << 12) {
             if mask.count_ones() != 6 {
@@ -207,7 +222,10 @@ mod tests {
                     let value = values[p]
                         .get_or_insert_with(|| choose(promises[p].clone(), own[p].clone()))
                         .clone();
-                    if matches!(acceptors[a].accept(1, &value, ballots[p]), Answer::Yes { .. }) {
+                    if matches!(
+                        acceptors[a].accept(1, &value, ballots[p]),
+                        Answer::Yes { .. }
+                    ) {
                         accepted_by[p] += 1;
                     }
                 }
@@ -217,7 +235,10 @@ mod tests {
                 .filter_map(|p| values[p].as_ref())
                 .collect();
             if chosen.len() == 2 {
-                assert_eq!(chosen[0], chosen[1], "two values chosen (interleaving {mask:012b})");
+                assert_eq!(
+                    chosen[0], chosen[1],
+                    "two values chosen (interleaving {mask:012b})"
+                );
             }
         }
         assert_eq!(count, 924);

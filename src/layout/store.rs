@@ -77,7 +77,9 @@ impl LayoutStore {
             let place = self
                 .path
                 .as_ref()
-                .map_or("the in-memory layout".to_string(), |p| p.display().to_string());
+                .map_or("the in-memory layout".to_string(), |p| {
+                    p.display().to_string()
+                });
             Error::Storage(format!(
                 "{place} is damaged ({why}); this node cannot know which layout it served. \
                  Once no layout change is in progress (DKVSClient cluster wait), move the file \
@@ -100,8 +102,7 @@ impl LayoutStore {
         let temporary = path.with_extension("tmp");
         {
             use std::io::Write;
-            let mut file =
-                std::fs::File::create(&temporary).map_err(|e| failed("create", e))?;
+            let mut file = std::fs::File::create(&temporary).map_err(|e| failed("create", e))?;
             file.write_all(&bytes).map_err(|e| failed("write", e))?;
             file.sync_all().map_err(|e| failed("fsync", e))?;
         }
@@ -109,7 +110,8 @@ impl LayoutStore {
         if let Some(dir) = path.parent()
             && let Ok(dir) = std::fs::File::open(dir)
         {
-            dir.sync_all().map_err(|e| failed("fsync the directory of", e))?;
+            dir.sync_all()
+                .map_err(|e| failed("fsync the directory of", e))?;
         }
         Ok(())
     }
@@ -129,7 +131,9 @@ fn decode(bytes: &[u8]) -> std::result::Result<LayoutState, String> {
     let rest = bytes
         .strip_prefix(MAGIC)
         .ok_or("it does not start with DKVSLAYOUT1")?;
-    let (length, rest) = rest.split_at_checked(4).ok_or("it ends inside its header")?;
+    let (length, rest) = rest
+        .split_at_checked(4)
+        .ok_or("it ends inside its header")?;
     let length = u32::from_le_bytes(length.try_into().map_err(|_| "bad length")?) as usize;
     if length > MAX_BYTES {
         return Err(format!("it claims {length} bytes"));
@@ -162,8 +166,17 @@ mod tests {
             committed: Some(layout),
             acceptor: Acceptor {
                 version: 2,
-                promised: Ballot { round: 4, proposer: 9 },
-                accepted: Some((Ballot { round: 3, proposer: 9 }, next)),
+                promised: Ballot {
+                    round: 4,
+                    proposer: 9,
+                },
+                accepted: Some((
+                    Ballot {
+                        round: 3,
+                        proposer: 9,
+                    },
+                    next,
+                )),
             },
         }
     }
@@ -191,7 +204,10 @@ mod tests {
             assert!(decode(&damaged).is_err(), "flipped byte {i} was accepted");
         }
         for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut]).is_err(), "truncation at {cut} was accepted");
+            assert!(
+                decode(&bytes[..cut]).is_err(),
+                "truncation at {cut} was accepted"
+            );
         }
         let store = LayoutStore::in_memory();
         *store.memory.locked() = Some(bytes[..bytes.len() - 1].to_vec());

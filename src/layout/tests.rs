@@ -2,7 +2,11 @@ use super::*;
 
 fn three() -> Layout {
     Layout::bootstrap(
-        &["127.0.0.1:7001".into(), "127.0.0.1:7002".into(), "127.0.0.1:7003".into()],
+        &[
+            "127.0.0.1:7001".into(),
+            "127.0.0.1:7002".into(),
+            "127.0.0.1:7003".into(),
+        ],
         3,
         16,
     )
@@ -31,13 +35,20 @@ fn a_join_reads_old_writes_both_then_settles() {
     let v2 = v1.begin_join("127.0.0.1:7004").expect("join");
     assert_eq!(v2.version, 2);
     assert_eq!(v2.in_progress(), Some("127.0.0.1:7004 joins"));
-    assert_eq!(v2.read_ring().members().len(), 3, "the joiner answers no reads");
+    assert_eq!(
+        v2.read_ring().members().len(),
+        3,
+        "the joiner answers no reads"
+    );
     let extra = v2.extra_write_rings();
     assert_eq!(extra.len(), 1);
     assert_eq!(extra[0].members().len(), 4, "writes reach the joiner");
     // One change at a time.
     let refused = v2.begin_join("127.0.0.1:7005").expect_err("busy");
-    assert!(refused.to_string().contains("127.0.0.1:7004 joins"), "{refused}");
+    assert!(
+        refused.to_string().contains("127.0.0.1:7004 joins"),
+        "{refused}"
+    );
     assert!(matches!(v2.settle(), Err(Refusal::Invalid(_))));
 
     let v3 = v2.finish_join("127.0.0.1:7004").expect("finish");

@@ -174,8 +174,11 @@ impl FailureDetector {
     /// just answered.
     pub fn learn(&mut self, address: &str, now: Instant) {
         if self.peer_mut(address).is_none() {
-            self.peers
-                .push((address.to_string(), PhiAccrual::new(now, self.interval), None));
+            self.peers.push((
+                address.to_string(),
+                PhiAccrual::new(now, self.interval),
+                None,
+            ));
         }
     }
 

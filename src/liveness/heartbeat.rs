@@ -95,7 +95,11 @@ impl Heartbeats {
             .locked()
             .iter()
             .map(|(address, (progress, at))| {
-                (address.clone(), progress.clone(), now.saturating_duration_since(*at))
+                (
+                    address.clone(),
+                    progress.clone(),
+                    now.saturating_duration_since(*at),
+                )
             })
             .collect()
     }

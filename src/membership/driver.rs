@@ -80,17 +80,20 @@ impl Membership {
             return;
         }
         let everyone_serves = |version: u64| {
-            layout
-                .members
-                .iter()
-                .filter(|m| m.address != me)
-                .all(|m| heartbeats.report(&m.address).is_some_and(|r| r.layout_version >= version))
+            layout.members.iter().filter(|m| m.address != me).all(|m| {
+                heartbeats
+                    .report(&m.address)
+                    .is_some_and(|r| r.layout_version >= version)
+            })
         };
         if !layout.previous.is_empty() && layout.joining().next().is_none() {
             if everyone_serves(layout.version) && self.is_first_up(&layout) {
                 let version = layout.version;
                 match self
-                    .propose(|l| l.settle(), |l| l.version > version && l.previous.is_empty())
+                    .propose(
+                        |l| l.settle(),
+                        |l| l.version > version && l.previous.is_empty(),
+                    )
                     .await
                 {
                     Ok(settled) => tracing::info!(version = settled.version, "move settled"),
@@ -103,7 +106,8 @@ impl Membership {
             && layout.version > 1
             && self.cleaned.load(Ordering::Relaxed) < layout.version
         {
-            self.clean_up(&layout, everyone_serves(layout.version)).await;
+            self.clean_up(&layout, everyone_serves(layout.version))
+                .await;
         }
     }
 
@@ -191,7 +195,11 @@ impl Membership {
             Ok(Ok(dropped)) => {
                 self.cleaned.store(layout.version, Ordering::Relaxed);
                 if dropped > 0 {
-                    tracing::info!(dropped, version = layout.version, "dropped the records of ranges moved away");
+                    tracing::info!(
+                        dropped,
+                        version = layout.version,
+                        "dropped the records of ranges moved away"
+                    );
                 }
             }
             Ok(Err(why)) => tracing::warn!(%why, "cannot drop moved records"),

@@ -65,7 +65,10 @@ impl Membership {
     /// Loads the stored layout; without one, `bootstrap` is stored as the
     /// first (a node started with `--peers`). `Err` when the store is
     /// damaged or a stored layout contradicts the flags.
-    pub fn load_or_bootstrap(store: &LayoutStore, bootstrap: impl FnOnce() -> Layout) -> Result<LayoutState> {
+    pub fn load_or_bootstrap(
+        store: &LayoutStore,
+        bootstrap: impl FnOnce() -> Layout,
+    ) -> Result<LayoutState> {
         match store.load()? {
             Some(state) if state.committed.is_some() => Ok(state),
             _ => {
@@ -150,9 +153,10 @@ impl Membership {
         *state = next;
         self.replica.advance_fence(layout.version);
         let layout = Arc::new(layout);
-        self.cluster
-            .placement
-            .replace(Placement::of_layout(layout.clone(), self.me.address.clone()));
+        self.cluster.placement.replace(Placement::of_layout(
+            layout.clone(),
+            self.me.address.clone(),
+        ));
         let now = tokio::time::Instant::now();
         self.cluster.liveness.update(|detector| {
             for member in &layout.members {
@@ -179,8 +183,11 @@ impl Membership {
     /// Fetches the layout from `address` and adopts it if newer.
     async fn fetch_from(&self, address: &str) -> Result<bool> {
         let mut client = self.cluster.peers.replica_client(address)?;
-        let layout = call_within(self.cluster.rpc_timeout, client.get_layout(pb::GetLayoutRequest {}))
-            .await?;
+        let layout = call_within(
+            self.cluster.rpc_timeout,
+            client.get_layout(pb::GetLayoutRequest {}),
+        )
+        .await?;
         let layout = pb::layout_from(layout)
             .map_err(|why| Error::Unavailable(format!("{address} sent a bad layout: {why}")))?;
         self.adopt(layout)
@@ -330,7 +337,8 @@ impl Membership {
             if done(&base) {
                 return Ok(base);
             }
-            let own = change(&base).map_err(|refusal| Error::FailedPrecondition(refusal.to_string()))?;
+            let own =
+                change(&base).map_err(|refusal| Error::FailedPrecondition(refusal.to_string()))?;
             let version = own.version;
             let acceptors: Vec<String> = base.members.iter().map(|m| m.address.clone()).collect();
             let round = self.max_round.fetch_add(1, Ordering::Relaxed) + 1;
@@ -338,7 +346,10 @@ impl Membership {
                 round,
                 proposer: self.me.member_id,
             };
-            match self.run_round(&acceptors, version, ballot, own, layout_hash(&base)).await {
+            match self
+                .run_round(&acceptors, version, ballot, own, layout_hash(&base))
+                .await
+            {
                 Ok(chosen) => {
                     self.adopt(chosen.clone())?;
                     self.announce(&chosen);
@@ -380,7 +391,11 @@ impl Membership {
                 if *address == self.me.address {
                     return self.on_prepare(request).map_err(|e| e.to_string());
                 }
-                let mut client = self.cluster.peers.replica_client(address).map_err(|e| e.to_string())?;
+                let mut client = self
+                    .cluster
+                    .peers
+                    .replica_client(address)
+                    .map_err(|e| e.to_string())?;
                 call_within(self.cluster.rpc_timeout, client.layout_prepare(request))
                     .await
                     .map_err(|e| format!("{address}: {e}"))
@@ -396,14 +411,18 @@ impl Membership {
                     yes += 1;
                     if let Some(layout) = promise.accepted {
                         match pb::layout_from(layout) {
-                            Ok(layout) => accepted.push(Some((pb::ballot_from(promise.accepted_ballot), layout))),
-                            Err(why) => failures.push(format!("{address}: bad accepted layout: {why}")),
+                            Ok(layout) => accepted
+                                .push(Some((pb::ballot_from(promise.accepted_ballot), layout))),
+                            Err(why) => {
+                                failures.push(format!("{address}: bad accepted layout: {why}"))
+                            }
                         }
                     }
                 }
                 Ok(promise) => {
                     self.note_round(pb::ballot_from(promise.promised_ballot).round);
-                    self.learn_from_answer(address, promise.committed, version).await;
+                    self.learn_from_answer(address, promise.committed, version)
+                        .await;
                     failures.push(format!("{address}: did not promise"));
                 }
                 Err(why) => failures.push(why),
@@ -431,7 +450,11 @@ impl Membership {
                 if *address == self.me.address {
                     return self.on_accept(request).map_err(|e| e.to_string());
                 }
-                let mut client = self.cluster.peers.replica_client(address).map_err(|e| e.to_string())?;
+                let mut client = self
+                    .cluster
+                    .peers
+                    .replica_client(address)
+                    .map_err(|e| e.to_string())?;
                 call_within(self.cluster.rpc_timeout, client.layout_accept(request))
                     .await
                     .map_err(|e| format!("{address}: {e}"))
@@ -445,7 +468,8 @@ impl Membership {
                 Ok(answer) if answer.accepted => yes += 1,
                 Ok(answer) => {
                     self.note_round(pb::ballot_from(answer.promised_ballot).round);
-                    self.learn_from_answer(address, answer.committed, version).await;
+                    self.learn_from_answer(address, answer.committed, version)
+                        .await;
                     failures.push(format!("{address}: did not accept"));
                 }
                 Err(why) => failures.push(why),
@@ -475,7 +499,11 @@ impl Membership {
         } else {
             let layout = self.layout();
             if let Ok(mut client) = self.cluster.peers.replica_client(address) {
-                let _ = call_within(self.cluster.rpc_timeout, client.layout_commit(pb::Layout::from(&layout))).await;
+                let _ = call_within(
+                    self.cluster.rpc_timeout,
+                    client.layout_commit(pb::Layout::from(&layout)),
+                )
+                .await;
             }
         }
     }
@@ -502,7 +530,9 @@ impl Membership {
     /// answers the one that already has it: a joiner retrying).
     pub async fn on_join(&self, address: &str) -> Result<Layout> {
         if address.is_empty() || address.len() > 256 {
-            return Err(Error::InvalidArgument("join: the address must be HOST:PORT".into()));
+            return Err(Error::InvalidArgument(
+                "join: the address must be HOST:PORT".into(),
+            ));
         }
         let address = address.to_string();
         self.propose(|l| l.begin_join(&address), |l| l.is_member(&address))
@@ -548,8 +578,9 @@ pub async fn request_join(
         };
         match tokio::time::timeout(timeout, client.join(request)).await {
             Ok(Ok(layout)) => {
-                return pb::layout_from(layout.into_inner())
-                    .map_err(|why| Error::Unavailable(format!("{seed} answered a bad layout: {why}")));
+                return pb::layout_from(layout.into_inner()).map_err(|why| {
+                    Error::Unavailable(format!("{seed} answered a bad layout: {why}"))
+                });
             }
             Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
                 return Err(Error::FailedPrecondition(format!(
@@ -557,8 +588,13 @@ pub async fn request_join(
                     status.message()
                 )));
             }
-            Ok(Err(status)) => failures.push(format!("{seed}: {}", crate::net::describe_status(&status))),
-            Err(_) => failures.push(format!("{seed}: no answer within {} ms", timeout.as_millis())),
+            Ok(Err(status)) => {
+                failures.push(format!("{seed}: {}", crate::net::describe_status(&status)))
+            }
+            Err(_) => failures.push(format!(
+                "{seed}: no answer within {} ms",
+                timeout.as_millis()
+            )),
         }
     }
     Err(Error::Unavailable(format!(

@@ -35,7 +35,8 @@ const CHUNK_BYTES: usize = 1 << 20;
 const MAX_INTERVALS: usize = 1 << 20;
 
 /// The stream a source answers `Replica.StreamRecords` with.
-pub type RecordStream = Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamChunk, tonic::Status>> + Send>>;
+pub type RecordStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamChunk, tonic::Status>> + Send>>;
 
 /// `Replica.StreamRecords` on a source: every record in the requested
 /// hash intervals, in chunks, once this node serves the join's layout.
@@ -68,11 +69,18 @@ pub fn stream_source(
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         for (index, interval) in request.intervals.iter().enumerate() {
-            let mut after: Vec<u8> = if index == 0 { request.after.to_vec() } else { Vec::new() };
+            let mut after: Vec<u8> = if index == 0 {
+                request.after.to_vec()
+            } else {
+                Vec::new()
+            };
             loop {
                 // A scan is storage work: off the async threads.
-                let (scanner, (first, last), from) =
-                    (replica.clone(), (interval.first, interval.last), after.clone());
+                let (scanner, (first, last), from) = (
+                    replica.clone(),
+                    (interval.first, interval.last),
+                    after.clone(),
+                );
                 let read = crate::seams::blocking(move || {
                     scanner.records_in(first, last, &from, CHUNK_RECORDS, CHUNK_BYTES)
                 })
@@ -106,9 +114,10 @@ pub fn stream_source(
             }
         }
     });
-    Ok(Box::pin(futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
-    })))
+    Ok(Box::pin(futures::stream::unfold(
+        receiver,
+        |mut receiver| async move { receiver.recv().await.map(|item| (item, receiver)) },
+    )))
 }
 
 /// The intervals of one old replica set.
@@ -225,7 +234,17 @@ impl Membership {
             if let Some(giver) = &group.giver
                 && self.cluster.liveness.is_up(giver)
             {
-                match self.stream_group(giver, layout.version, group, &pace, done_share, done_intervals).await {
+                match self
+                    .stream_group(
+                        giver,
+                        layout.version,
+                        group,
+                        &pace,
+                        done_share,
+                        done_intervals,
+                    )
+                    .await
+                {
                     Ok(()) => {
                         done_share += group.shares.iter().sum::<f64>();
                         done_intervals += group.intervals.len();
@@ -237,14 +256,16 @@ impl Membership {
                     ),
                 }
             }
-            let outcomes = futures::future::join_all(
-                group
-                    .sources
-                    .iter()
-                    .map(|source| {
-                        self.stream_group(source, layout.version, group, &pace, done_share, done_intervals)
-                    }),
-            )
+            let outcomes = futures::future::join_all(group.sources.iter().map(|source| {
+                self.stream_group(
+                    source,
+                    layout.version,
+                    group,
+                    &pace,
+                    done_share,
+                    done_intervals,
+                )
+            }))
             .await;
             let mut merged = 0;
             let mut failures = Vec::new();
@@ -310,12 +331,22 @@ impl Membership {
         };
         // A source not yet serving the join's layout says so: ask again.
         let mut stream = loop {
-            match tokio::time::timeout(self.cluster.rpc_timeout * 4, client.stream_records(request.clone())).await {
+            match tokio::time::timeout(
+                self.cluster.rpc_timeout * 4,
+                client.stream_records(request.clone()),
+            )
+            .await
+            {
                 Ok(Ok(stream)) => break stream.into_inner(),
-                Ok(Err(status)) if status.code() == tonic::Code::Unavailable && status.message().contains("not yet the join's") => {
+                Ok(Err(status))
+                    if status.code() == tonic::Code::Unavailable
+                        && status.message().contains("not yet the join's") =>
+                {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(Err(status)) => return Err(Error::Unavailable(crate::net::describe_status(&status))),
+                Ok(Err(status)) => {
+                    return Err(Error::Unavailable(crate::net::describe_status(&status)));
+                }
                 Err(_) => return Err(Error::Unavailable("no answer to the stream request".into())),
             }
         };
@@ -334,8 +365,15 @@ impl Membership {
                         group.intervals.len()
                     )));
                 }
-                Ok(Err(status)) => return Err(Error::Unavailable(crate::net::describe_status(&status))),
-                Err(_) => return Err(Error::Unavailable(format!("the stream stalled for {} ms", idle.as_millis()))),
+                Ok(Err(status)) => {
+                    return Err(Error::Unavailable(crate::net::describe_status(&status)));
+                }
+                Err(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "the stream stalled for {} ms",
+                        idle.as_millis()
+                    )));
+                }
             };
             let mut records: Vec<(String, Record)> = Vec::with_capacity(chunk.records.len());
             for streamed in chunk.records {
@@ -367,7 +405,8 @@ impl Membership {
                     bytes += (key.len() + record.value.as_ref().map_or(0, |v| v.len())) as u64;
                 }
             }
-            let finished: f64 = group.shares[..(chunk.intervals_done as usize).min(group.shares.len())]
+            let finished: f64 = group.shares
+                [..(chunk.intervals_done as usize).min(group.shares.len())]
                 .iter()
                 .sum();
             if let Some(progress) = self.progress.locked().as_mut() {
@@ -395,7 +434,10 @@ mod tests {
             .begin_join("127.0.0.1:7005")
             .expect("join");
         let (groups, intervals) = plan(&layout, "127.0.0.1:7005");
-        assert_eq!(intervals as usize, groups.iter().map(|g| g.intervals.len()).sum::<usize>());
+        assert_eq!(
+            intervals as usize,
+            groups.iter().map(|g| g.intervals.len()).sum::<usize>()
+        );
         let total: f64 = groups.iter().flat_map(|g| g.shares.iter()).sum();
         // With N = 3 of 5 members, the newcomer replicates about 3/5.
         assert!((total - 0.6).abs() < 0.15, "share {total}");
@@ -403,7 +445,10 @@ mod tests {
             assert_eq!(group.sources.len(), 3, "every old replica is a source");
             assert!(!group.sources.contains(&"127.0.0.1:7005".to_string()));
             // One new replica in a set of three: exactly one old one leaves.
-            let giver = group.giver.as_ref().expect("one replica gives the range up");
+            let giver = group
+                .giver
+                .as_ref()
+                .expect("one replica gives the range up");
             assert!(group.sources.contains(giver));
         }
         // The intervals are exactly the newcomer's: every key hash in them

@@ -192,9 +192,11 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
                         .map(|r| pb::record_from(r, bound))
                         .transpose()
                         .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
-                    Ok(Err(status)) if crate::error::stale_layout_of(&status).is_some() => Err(
-                        ReplicaError::StaleLayout(crate::error::stale_layout_of(&status).unwrap_or(0)),
-                    ),
+                    Ok(Err(status)) if crate::error::stale_layout_of(&status).is_some() => {
+                        Err(ReplicaError::StaleLayout(
+                            crate::error::stale_layout_of(&status).unwrap_or(0),
+                        ))
+                    }
                     Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
                         Err(ReplicaError::Rejected(status.message().to_string()))
                     }

@@ -37,17 +37,17 @@ use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
 use crate::hints::{HintBounds, HintDelivery, HintStore};
 use crate::identity::Identity;
+use crate::layout::Layout;
+use crate::layout::store::LayoutStore;
 use crate::limits::Limits;
 use crate::liveness::heartbeat::Heartbeats;
 use crate::liveness::{FailureDetector, Liveness};
+use crate::membership::Membership;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
 use crate::placement::{NodeIdentity, Placement, SharedPlacement};
 use crate::record::Record;
 use crate::replica::ReplicaStore;
-use crate::layout::Layout;
-use crate::layout::store::LayoutStore;
-use crate::membership::Membership;
 use crate::ring::Member;
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 
@@ -143,7 +143,10 @@ impl Node {
         }
         let data_dir = config.data_dir();
         std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!("cannot create data dir {}: {e}", data_dir.display()))
+            Error::Storage(format!(
+                "cannot create data dir {}: {e}",
+                data_dir.display()
+            ))
         })?;
         Self::join_with_store(config, &LayoutStore::in_dir(&data_dir), dialer).await
     }
@@ -165,13 +168,9 @@ impl Node {
         let peers = PeerPool::new(dialer, 64 << 20);
         let address = config.advertised_address();
         tracing::info!(%address, seeds = ?seeds, "asking to join the cluster");
-        let layout = crate::membership::request_join(
-            &peers,
-            &seeds,
-            &address,
-            config.request_timeout() * 4,
-        )
-        .await?;
+        let layout =
+            crate::membership::request_join(&peers, &seeds, &address, config.request_timeout() * 4)
+                .await?;
         tracing::info!(version = layout.version, "added to the layout as joining");
         store.save(&crate::layout::store::LayoutState {
             committed: Some(layout),
@@ -445,7 +444,8 @@ impl Node {
                 Duration::from_millis(300),
                 self.shutdown.clone(),
                 move || {
-                    let (membership, heartbeats) = (membership.clone(), heartbeats_for_moves.clone());
+                    let (membership, heartbeats) =
+                        (membership.clone(), heartbeats_for_moves.clone());
                     async move { membership.round(&heartbeats).await }
                 },
             ),

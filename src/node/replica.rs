@@ -119,27 +119,28 @@ impl pb::replica_server::Replica for ReplicaService {
                     };
                 }
                 match node.replica_read(read) {
-                Ok(reply)
-                    if reply_bytes > 0 && reply_bytes + record_size(&reply.record) > budget =>
-                {
-                    pb::ReadResult {
-                        deferred: true,
-                        ..Default::default()
+                    Ok(reply)
+                        if reply_bytes > 0 && reply_bytes + record_size(&reply.record) > budget =>
+                    {
+                        pb::ReadResult {
+                            deferred: true,
+                            ..Default::default()
+                        }
                     }
-                }
-                Ok(reply) => {
-                    reply_bytes += record_size(&reply.record);
-                    pb::ReadResult {
-                        record: reply.record,
-                        ..Default::default()
+                    Ok(reply) => {
+                        reply_bytes += record_size(&reply.record);
+                        pb::ReadResult {
+                            record: reply.record,
+                            ..Default::default()
+                        }
                     }
+                    Err(error) => pb::ReadResult {
+                        rejected: matches!(error, Error::InvalidArgument(_)),
+                        error: error.to_string(),
+                        ..Default::default()
+                    },
                 }
-                Err(error) => pb::ReadResult {
-                    rejected: matches!(error, Error::InvalidArgument(_)),
-                    error: error.to_string(),
-                    ..Default::default()
-                },
-            }})
+            })
             .collect();
         Ok(Response::new(pb::ReplicaBatchResponse { writes, reads }))
     }
@@ -196,7 +197,11 @@ impl pb::replica_server::Replica for ReplicaService {
         let node = &self.0;
         let view = node.cluster.placement();
         view.check_range_count(request.range_count)?;
-        same_layout(&view, request.layout_version, node.replica.digests_layout_version())?;
+        same_layout(
+            &view,
+            request.layout_version,
+            node.replica.digests_layout_version(),
+        )?;
         if !view.is_member(&request.peer) {
             return Err(Error::InvalidArgument(format!(
                 "{:?} is not a cluster member",
@@ -229,7 +234,11 @@ impl pb::replica_server::Replica for ReplicaService {
         let node = &self.0;
         let view = node.cluster.placement();
         view.check_range_count(request.range_count)?;
-        same_layout(&view, request.layout_version, node.replica.digests_layout_version())?;
+        same_layout(
+            &view,
+            request.layout_version,
+            node.replica.digests_layout_version(),
+        )?;
         let entries = node
             .replica
             .range_entries(request.range as usize)?
@@ -250,14 +259,18 @@ impl pb::replica_server::Replica for ReplicaService {
         &self,
         request: Request<pb::LayoutPrepareRequest>,
     ) -> Result<Response<pb::LayoutPromise>, Status> {
-        Ok(Response::new(self.0.membership.on_prepare(request.into_inner())?))
+        Ok(Response::new(
+            self.0.membership.on_prepare(request.into_inner())?,
+        ))
     }
 
     async fn layout_accept(
         &self,
         request: Request<pb::LayoutAcceptRequest>,
     ) -> Result<Response<pb::LayoutAccepted>, Status> {
-        Ok(Response::new(self.0.membership.on_accept(request.into_inner())?))
+        Ok(Response::new(
+            self.0.membership.on_accept(request.into_inner())?,
+        ))
     }
 
     async fn layout_commit(
@@ -273,7 +286,11 @@ impl pb::replica_server::Replica for ReplicaService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::Layout>, Status> {
-        let layout = self.0.membership.on_join(&request.into_inner().address).await?;
+        let layout = self
+            .0
+            .membership
+            .on_join(&request.into_inner().address)
+            .await?;
         Ok(Response::new(pb::Layout::from(&layout)))
     }
 
@@ -306,11 +323,7 @@ impl pb::replica_server::Replica for ReplicaService {
 
 /// Anti-entropy compares ranges of one layout: both sides must serve the
 /// same version (and this node's digests be counted over it).
-fn same_layout(
-    view: &crate::placement::Placement,
-    asked: u64,
-    digests: u64,
-) -> Result<(), Status> {
+fn same_layout(view: &crate::placement::Placement, asked: u64, digests: u64) -> Result<(), Status> {
     if asked != view.version() || digests != view.version() {
         return Err(Error::FailedPrecondition(format!(
             "anti-entropy between layouts: the caller serves v{asked}, this node v{} (digests v{digests}); retried once both serve the same",

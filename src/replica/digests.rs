@@ -118,15 +118,19 @@ impl ReplicaStore {
         let to = last.checked_add(1).map(|end| end.to_be_bytes());
         let mut records = Vec::new();
         let mut resume = None;
-        self.storage
-            .scan(from, to.as_ref().map(|t| &t[..]), &mut |stored_key, record| {
+        self.storage.scan(
+            from,
+            to.as_ref().map(|t| &t[..]),
+            &mut |stored_key, record| {
                 if resume.is_some() || stored_key == after {
                     return;
                 }
                 if records.len() == limit || bytes >= max_bytes {
                     resume = records
                         .last()
-                        .map(|(k, _): &(String, crate::record::Record)| crate::replica::storage_key(k));
+                        .map(|(k, _): &(String, crate::record::Record)| {
+                            crate::replica::storage_key(k)
+                        });
                     return;
                 }
                 if let Some(key) = user_key(stored_key)
@@ -135,7 +139,8 @@ impl ReplicaStore {
                     bytes += key.len() + record.value.as_ref().map_or(0, |v| v.len()) + 32;
                     records.push((key.to_string(), record.clone()));
                 }
-            })?;
+            },
+        )?;
         Ok((records, resume))
     }
 
@@ -156,14 +161,20 @@ impl ReplicaStore {
         )?;
         let mut dropped = 0;
         for stored in doomed {
-            let Some(key) = user_key(&stored) else { continue };
+            let Some(key) = user_key(&stored) else {
+                continue;
+            };
             let _stripe = self.stripe(key);
-            let Some(held) = self.storage.held(&stored)? else { continue };
+            let Some(held) = self.storage.held(&stored)? else {
+                continue;
+            };
             self.storage.delete(&stored)?;
             if held.tombstone {
-                self.tombstones.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.tombstones
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             } else {
-                self.live_keys.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                self.live_keys
+                    .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             }
             self.update_digest(key, Some(held), None);
             dropped += 1;
@@ -267,7 +278,9 @@ mod tests {
         let replica = std::sync::Arc::new(replica);
         for i in 0..500 {
             let record = Record::value(Version::new(i + 1, 1), &b"v"[..]);
-            replica.write_if_newer(&format!("k{i}"), &record).expect("write");
+            replica
+                .write_if_newer(&format!("k{i}"), &record)
+                .expect("write");
         }
         let bigger = std::sync::Arc::new(crate::ring::Ring::new(
             (1..=4).map(|i| crate::ring::Member::new(format!("127.0.0.1:700{i}"))),
@@ -279,7 +292,9 @@ mod tests {
             std::thread::spawn(move || {
                 for i in 0..2000u64 {
                     let record = Record::value(Version::new(1000 + i, 1), &b"w"[..]);
-                    replica.write_if_newer(&format!("k{}", i % 700), &record).expect("write");
+                    replica
+                        .write_if_newer(&format!("k{}", i % 700), &record)
+                        .expect("write");
                 }
             })
         };
@@ -300,23 +315,33 @@ mod tests {
         let reopened =
             ReplicaStore::open(1, storage, bigger, SkewBound::default()).expect("reopen");
         let scanned: Vec<u64> = (0..ranges).map(|r| reopened.range_digest(r)).collect();
-        assert_eq!(live, scanned, "recounted and then updated digests equal a full recount");
+        assert_eq!(
+            live, scanned,
+            "recounted and then updated digests equal a full recount"
+        );
         // Without racing writes, the one-pass recount is exact by itself.
         let (_, quiet) = store();
         for i in 0..300 {
             let record = Record::value(Version::new(i + 1, 1), &b"v"[..]);
-            quiet.write_if_newer(&format!("k{i}"), &record).expect("write");
+            quiet
+                .write_if_newer(&format!("k{i}"), &record)
+                .expect("write");
         }
-        quiet.rebuild_digests(reopened.digest_ring(), 3).expect("recount");
+        quiet
+            .rebuild_digests(reopened.digest_ring(), 3)
+            .expect("recount");
         let fresh: Vec<u64> = (0..ranges).map(|r| quiet.range_digest(r)).collect();
         let expected: Vec<u64> = {
             let (storage, again) = store();
             for i in 0..300 {
                 let record = Record::value(Version::new(i + 1, 1), &b"v"[..]);
-                again.write_if_newer(&format!("k{i}"), &record).expect("write");
+                again
+                    .write_if_newer(&format!("k{i}"), &record)
+                    .expect("write");
             }
-            let reopened = ReplicaStore::open(1, storage, reopened.digest_ring(), SkewBound::default())
-                .expect("reopen");
+            let reopened =
+                ReplicaStore::open(1, storage, reopened.digest_ring(), SkewBound::default())
+                    .expect("reopen");
             (0..ranges).map(|r| reopened.range_digest(r)).collect()
         };
         assert_eq!(fresh, expected);

@@ -326,14 +326,17 @@ impl ReplicaStore {
         for (first, last) in digests.ring.range_hashes(range) {
             let from = first.to_be_bytes();
             let to = last.checked_add(1).map(|end| end.to_be_bytes());
-            self.storage
-                .scan(&from, to.as_ref().map(|t| &t[..]), &mut |stored_key, record| {
+            self.storage.scan(
+                &from,
+                to.as_ref().map(|t| &t[..]),
+                &mut |stored_key, record| {
                     if let Some(key) = user_key(stored_key)
                         && self.bound.check_stored(record.version, now_ms).is_ok()
                     {
                         digest ^= record_digest(key, crate::storage::Held::of(record));
                     }
-                })?;
+                },
+            )?;
         }
         if let Some(slot) = digests.per_range.get_mut(range) {
             *slot = digest;
