@@ -81,6 +81,48 @@ async fn live_keys(cluster: &TestCluster) -> Vec<u64> {
     counts
 }
 
+/// Writes `k0..k{count}` = `v0..`: data for a join to move.
+async fn preload(client: &dkvs::client::Client, count: usize) {
+    for i in 0..count {
+        client
+            .put(&format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("preload");
+    }
+}
+
+/// Waits until the joining node `joiner` reports keys moved.
+async fn streaming(cluster: &TestCluster, joiner: usize) {
+    eventually(Duration::from_secs(30), async || {
+        let status = cluster.status(joiner).await;
+        match status.moves.first() {
+            Some(progress) if progress.keys_moved > 0 => Ok(()),
+            _ => Err(format!("no progress yet: {:?}", status.moves)),
+        }
+    })
+    .await;
+}
+
+/// Checks every preloaded key at ALL; answers the client that read them.
+async fn preloaded_at_all(cluster: &TestCluster, count: usize) -> dkvs::client::Client {
+    let all = cluster
+        .client_with(ClientOptions {
+            consistency: dkvs::quorum::Consistency::All,
+            ..ClientOptions::default()
+        })
+        .await;
+    for i in 0..count {
+        assert_eq!(
+            all.get(&format!("k{i}"))
+                .await
+                .expect("read at ALL")
+                .as_deref(),
+            Some(format!("v{i}").as_bytes())
+        );
+    }
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
     let cluster = TestCluster::start_with(3, FLAGS).await;
@@ -272,12 +314,7 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
     const PRELOADED: usize = 4000;
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
-    for i in 0..PRELOADED {
-        client
-            .put(&format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("preload");
-    }
+    preload(&client, PRELOADED).await;
     // Slow streaming so the kill lands mid-join.
     let joiner = cluster
         .join(
@@ -285,14 +322,7 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
             &["--anti-entropy-interval", "1", "--stream-rate", "1000"],
         )
         .await;
-    eventually(Duration::from_secs(30), async || {
-        let status = cluster.status(joiner).await;
-        match status.moves.first() {
-            Some(progress) if progress.keys_moved > 0 => Ok(()),
-            _ => Err(format!("no progress yet: {:?}", status.moves)),
-        }
-    })
-    .await;
+    streaming(&cluster, joiner).await;
     cluster.kill(joiner);
     let layout = cluster.status(0).await.layout.expect("layout");
     assert!(
@@ -310,21 +340,7 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
     cluster.add_flags(joiner, &["--stream-rate", "0"]);
     cluster.restart(joiner).await;
     settled(&cluster, Duration::from_secs(120)).await;
-    let all = cluster
-        .client_with(ClientOptions {
-            consistency: dkvs::quorum::Consistency::All,
-            ..ClientOptions::default()
-        })
-        .await;
-    for i in 0..PRELOADED {
-        assert_eq!(
-            all.get(&format!("k{i}"))
-                .await
-                .expect("read at ALL")
-                .as_deref(),
-            Some(format!("v{i}").as_bytes())
-        );
-    }
+    let all = preloaded_at_all(&cluster, PRELOADED).await;
     for i in 0..200 {
         assert!(
             all.get(&format!("during-{i}"))
@@ -340,26 +356,14 @@ async fn a_source_killed_mid_stream_leaves_the_join_to_the_others() {
     const PRELOADED: usize = 4000;
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
-    for i in 0..PRELOADED {
-        client
-            .put(&format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("preload");
-    }
+    preload(&client, PRELOADED).await;
     let joiner = cluster
         .join(
             0,
             &["--anti-entropy-interval", "1", "--stream-rate", "2000"],
         )
         .await;
-    eventually(Duration::from_secs(30), async || {
-        let status = cluster.status(joiner).await;
-        match status.moves.first() {
-            Some(progress) if progress.keys_moved > 0 => Ok(()),
-            _ => Err(format!("no progress yet: {:?}", status.moves)),
-        }
-    })
-    .await;
+    streaming(&cluster, joiner).await;
     cluster.kill(2);
     // N - W + 1 = 2 of the 3 old replicas suffice: the join finishes while
     // the source is down.
@@ -380,21 +384,7 @@ async fn a_source_killed_mid_stream_leaves_the_join_to_the_others() {
     // Settling waits for every member to serve the finished join.
     cluster.restart(2).await;
     settled(&cluster, Duration::from_secs(60)).await;
-    let all = cluster
-        .client_with(ClientOptions {
-            consistency: dkvs::quorum::Consistency::All,
-            ..ClientOptions::default()
-        })
-        .await;
-    for i in 0..PRELOADED {
-        assert_eq!(
-            all.get(&format!("k{i}"))
-                .await
-                .expect("read at ALL")
-                .as_deref(),
-            Some(format!("v{i}").as_bytes())
-        );
-    }
+    let all = preloaded_at_all(&cluster, PRELOADED).await;
     // The joiner holds its share itself: read at ONE from it alone.
     let held = cluster.replica_record(joiner, "k1").await;
     let replicas = all.replicas_of("k1");

@@ -146,7 +146,6 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
     let n_target = layout.replicas.min(target.members().len());
     type Key = (Vec<String>, Option<String>);
     let mut groups: BTreeMap<Key, Vec<(u64, u64)>> = BTreeMap::new();
-    let mut ranges = 0u32;
     for range in 0..target.range_count() {
         let new: Vec<String> = target
             .range_replicas(range, n_target)
@@ -156,7 +155,6 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
         if !new.iter().any(|a| a == me) {
             continue;
         }
-        ranges += 1;
         for (first, last) in target.range_hashes(range) {
             let old: Vec<String> = read
                 .range_replicas(read.range_of(last), n_read)
@@ -172,7 +170,6 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
             groups.entry((old, giver)).or_default().push((first, last));
         }
     }
-    let _ = ranges;
     let intervals_total: usize = groups.values().map(Vec::len).sum();
     let groups = groups
         .into_iter()

@@ -85,6 +85,31 @@ fn free_ports(count: usize) -> Vec<u16> {
         .collect()
 }
 
+/// A node's command line: its address, how it finds the cluster
+/// (`--peers` or `--join`), its data dir, then DKVS_TEST_SERVER_FLAGS (the
+/// suite with other settings, e.g. "--worker-threads 1" or
+/// "--storage-engine fjall"), then `extra`.
+fn node_args(
+    address: &str,
+    data_dir: &std::path::Path,
+    (how, whom): (&str, &str),
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        address.into(),
+        how.into(),
+        whom.into(),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+    ];
+    if let Ok(flags) = std::env::var("DKVS_TEST_SERVER_FLAGS") {
+        args.extend(flags.split_whitespace().map(String::from));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 impl TestCluster {
     /// Starts `count` nodes (N = 3 replicas) and waits until all serve.
     pub async fn start(count: usize) -> Self {
@@ -118,20 +143,7 @@ impl TestCluster {
             .enumerate()
             .map(|(i, address)| {
                 let data_dir = dir.path().join(format!("node{i}"));
-                let mut args: Vec<String> = vec![
-                    "--listen".into(),
-                    address.clone(),
-                    "--peers".into(),
-                    peers.clone(),
-                    "--data-dir".into(),
-                    data_dir.display().to_string(),
-                ];
-                // DKVS_TEST_SERVER_FLAGS runs the suite with other settings,
-                // e.g. "--worker-threads 1" or "--storage-engine fjall".
-                if let Ok(flags) = std::env::var("DKVS_TEST_SERVER_FLAGS") {
-                    args.extend(flags.split_whitespace().map(String::from));
-                }
-                args.extend(extra.iter().map(|s| s.to_string()));
+                let args = node_args(address, &data_dir, ("--peers", &peers), extra);
                 let mut node = TestNode {
                     address: address.clone(),
                     data_dir,
@@ -340,18 +352,12 @@ impl TestCluster {
         let i = self.nodes.len();
         let address = format!("127.0.0.1:{}", free_ports(1)[0]);
         let data_dir = self.dir.path().join(format!("node{i}"));
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            address.clone(),
-            "--join".into(),
-            self.nodes[seed].address.clone(),
-            "--data-dir".into(),
-            data_dir.display().to_string(),
-        ];
-        if let Ok(flags) = std::env::var("DKVS_TEST_SERVER_FLAGS") {
-            args.extend(flags.split_whitespace().map(String::from));
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let args = node_args(
+            &address,
+            &data_dir,
+            ("--join", &self.nodes[seed].address),
+            extra,
+        );
         let mut node = TestNode {
             address,
             data_dir,
