@@ -100,6 +100,42 @@ impl Background {
         });
     }
 
+    /// Runs `task` in the background if there is room, else hands it back
+    /// to the caller to run itself (work that must not be dropped: the
+    /// trailing replies of a write round).
+    pub fn try_spawn<F>(&self, task: F) -> Option<F>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Some(task);
+        };
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                () = task => {}
+                () = shutdown.cancelled() => {}
+            }
+            drop(permit);
+        });
+        None
+    }
+
+    /// Runs `task` in the background whatever the limit: only for calls
+    /// already sent whose caller was cancelled (each carries its own RPC
+    /// deadline, so they end soon), which must not be cut short.
+    pub fn spawn_unbounded(&self, task: impl Future<Output = ()> + Send + 'static) {
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                biased;
+                () = task => {}
+                () = shutdown.cancelled() => {}
+            }
+        });
+    }
+
     /// Read repairs sent so far, blocking or not.
     pub fn repairs_sent(&self) -> u64 {
         self.repairs_sent.load(Ordering::Relaxed)

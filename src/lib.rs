@@ -10,6 +10,8 @@
 //! * [`record`] — one version of a key (value or tombstone), its encoding and
 //!   the merge rule.
 //! * [`quorum`] — quorum arithmetic and the tally of one quorum call.
+//! * [`paxos`] — single-decree Paxos for any value: ballots, the proposer
+//!   as a state machine.
 //! * [`layout`] — the member list the cluster agreed on, version by version;
 //!   the three steps of a join; Paxos's acceptor rules.
 //! * `placement` — one swappable snapshot of a layout version: read ring,
@@ -28,6 +30,7 @@
 //! The async shell:
 //!
 //! * [`net`] — dialing peers, the batching replica pipe, call deadlines.
+//! * `fanout` — the one way to ask many nodes: send, tally, stragglers.
 //! * `cluster` — what the parts below share: placement, peers, liveness.
 //! * `coordinator` — quorum reads and writes, read repair.
 //! * `hints` — hinted handoff: the store, where hints go, delivery.
@@ -49,6 +52,7 @@ pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod coordinator;
 pub mod error;
+pub(crate) mod fanout;
 pub(crate) mod hints;
 pub(crate) mod identity;
 pub mod layout;
@@ -57,6 +61,7 @@ pub(crate) mod liveness;
 pub mod membership;
 pub mod net;
 pub mod node;
+pub mod paxos;
 pub mod pb;
 pub(crate) mod placement;
 pub mod quorum;

@@ -384,6 +384,35 @@ impl From<crate::layout::paxos::Ballot> for Ballot {
     }
 }
 
+/// An acceptor's answer to a layout prepare, for the proposer.
+pub fn promise_from(p: LayoutPromise) -> crate::paxos::Promise<crate::layout::Layout> {
+    use crate::paxos::Promise;
+    if p.promised {
+        return match p.accepted.map(layout_from).transpose() {
+            Ok(accepted) => Promise::Yes {
+                accepted: accepted.map(|layout| (ballot_from(p.accepted_ballot), layout)),
+            },
+            Err(why) => Promise::Failed(format!("bad accepted layout: {why}")),
+        };
+    }
+    Promise::No {
+        promised: p.promised_ballot.map(|b| ballot_from(Some(b))),
+        committed: p.committed.and_then(|l| layout_from(l).ok()),
+    }
+}
+
+/// An acceptor's answer to a layout accept, for the proposer.
+pub fn accepted_from(a: LayoutAccepted) -> crate::paxos::Accepted<crate::layout::Layout> {
+    use crate::paxos::Accepted;
+    if a.accepted {
+        return Accepted::Yes;
+    }
+    Accepted::No {
+        promised: a.promised_ballot.map(|b| ballot_from(Some(b))),
+        committed: a.committed.and_then(|l| layout_from(l).ok()),
+    }
+}
+
 pub fn ballot_from(b: Option<Ballot>) -> crate::layout::paxos::Ballot {
     b.map(|b| crate::layout::paxos::Ballot {
         round: b.round,

@@ -39,22 +39,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::background::Background;
-use crate::clock::Version;
 use crate::cluster::Cluster;
-use crate::error::{Error, Result, RollCall};
+use crate::error::{Error, Result};
 use crate::hints::{HintStore, Hinter};
 use crate::net::ReplicaHandle;
 use crate::placement::Placement;
+use crate::quorum::Target;
 use crate::replica::ReplicaStore;
 
-/// A write's outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WriteAck {
-    /// The version the write was stored under.
-    pub version: Version,
-    /// Replicas that held it when the answer was sent.
-    pub acks: usize,
-}
+pub use crate::quorum::WriteAck;
 
 /// Coordinates client requests on a node.
 pub struct Coordinator {
@@ -77,18 +70,6 @@ pub struct Coordinator {
     /// across the write round.
     write_order: Vec<tokio::sync::Mutex<()>>,
 }
-
-/// A reply to one replica write of a quorum call, with the replica's index.
-type WriteReplyFuture = std::pin::Pin<
-    Box<
-        dyn Future<
-                Output = (
-                    usize,
-                    std::result::Result<crate::replica::WriteOutcome, crate::net::ReplicaError>,
-                ),
-            > + Send,
-    >,
->;
 
 /// Stripes of [`Coordinator::write_order`].
 const WRITE_ORDER_STRIPES: usize = 4096;
@@ -144,68 +125,13 @@ impl Coordinator {
     }
 }
 
-/// Where one replica stands in a quorum call.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Standing {
-    /// Not asked: believed down.
-    NotAsked,
-    /// Asked, no answer yet.
-    Waiting,
-    /// Answered (for writes: holds this round's version).
-    Answered,
-    /// Asked, and failed (or, for writes, kept another version).
-    Failed,
-}
-
-impl Standing {
-    fn initial(replicas: &[ReplicaHandle]) -> Vec<Standing> {
-        replicas
-            .iter()
-            .map(|r| {
-                if r.believed_down.is_some() {
-                    Standing::NotAsked
-                } else {
-                    Standing::Waiting
-                }
-            })
-            .collect()
-    }
-}
-
-/// The replicas of a failed quorum call, by what they did.
-fn roll_call(replicas: &[ReplicaHandle], standing: &[Standing]) -> RollCall {
-    let with = |wanted: Standing| -> Vec<String> {
-        replicas
-            .iter()
-            .zip(standing)
-            .filter(|(_, s)| **s == wanted)
-            .map(|(r, _)| r.address.clone())
-            .collect()
-    };
-    RollCall {
-        answered: with(Standing::Answered),
-        not_asked: with(Standing::NotAsked),
-        waiting: with(Standing::Waiting),
-    }
-}
-
-/// The tally's failure lines without those of replicas that were not asked
-/// (the roll call names them).
-fn asked_failures(replicas: &[ReplicaHandle], failures: &[String]) -> Vec<String> {
-    failures
+/// The targets the quorum rules reason about, for these handles.
+fn targets_of(replicas: &[ReplicaHandle]) -> Vec<Target> {
+    replicas
         .iter()
-        .filter(|line| {
-            !replicas.iter().any(|r| {
-                r.believed_down.is_some()
-                    && line
-                        .strip_prefix(r.address.as_str())
-                        .is_some_and(|rest| rest.starts_with(": "))
-            })
+        .map(|r| Target {
+            address: r.address.clone(),
+            believed_down: r.believed_down.clone(),
         })
-        .cloned()
         .collect()
-}
-
-fn addresses_of(replicas: &[ReplicaHandle]) -> Vec<String> {
-    replicas.iter().map(|r| r.address.clone()).collect()
 }

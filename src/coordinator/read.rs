@@ -1,30 +1,30 @@
 //! Quorum reads: answer from the first R replies, repair in the background,
 //! and block on repair only when fewer than W replicas hold the answer.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
-use super::{Coordinator, Standing, WriteReplyFuture, asked_failures, roll_call};
+use super::{Coordinator, targets_of};
 use crate::background::Background;
 use crate::clock::Version;
 use crate::error::{Error, Result};
+use crate::fanout::{Call, Ended, FanOut, Stragglers, Tally};
 use crate::net::{ReplicaError, ReplicaHandle};
 use crate::quorum::{
-    BlockingRepair, Consistency, ReadDecision, ReadTally, RepairPlan, WriteDecision, WriteReply,
-    WriteTally,
+    BlockingRepair, Consistency, Placed, ReadDecision, ReadTally, RepairPlan, Standing, Step,
+    WriteDecision, WriteReply, WriteRound, WriteTally, asked_failures, roll_call,
 };
 use crate::record::Record;
+use crate::replica::WriteOutcome;
 
 /// Most reads of one GET whose blocking repair met a newer version.
 const MAX_READ_ROUNDS: usize = 5;
 
-type ReadReply =
-    Pin<Box<dyn Future<Output = (usize, Result<Option<Record>, ReplicaError>)> + Send>>;
+/// A replica's answer to a quorum read.
+type ReadReply = Result<Option<Record>, ReplicaError>;
 
 /// The outcome of a quorum read: the answer, plus the replies still coming.
 pub struct ReadResult {
@@ -53,8 +53,104 @@ pub struct PendingRepair {
     key: String,
     replicas: Vec<ReplicaHandle>,
     tally: ReadTally,
-    in_flight: FuturesUnordered<ReadReply>,
+    in_flight: FuturesUnordered<Call<ReadReply>>,
     rpc_timeout: Duration,
+}
+
+/// One quorum read's replies, as [`FanOut`] feeds them.
+struct ReadCall<'a> {
+    replicas: &'a [ReplicaHandle],
+    tally: ReadTally,
+    standing: Vec<Standing>,
+    /// The newest layout a replica refused the read for.
+    stale: Option<u64>,
+    /// A replica refused the request itself: other replicas will too.
+    rejected: Option<String>,
+}
+
+/// What a quorum read decided.
+enum ReadVerdict {
+    Answer(Option<Record>),
+    Failed,
+    Rejected(String),
+}
+
+impl Tally<ReadReply> for ReadCall<'_> {
+    type Verdict = ReadVerdict;
+
+    fn record(&mut self, index: usize, reply: ReadReply) {
+        let reply = match reply {
+            Err(ReplicaError::Rejected(why)) => {
+                self.rejected.get_or_insert(why.clone());
+                Err(format!("rejected: {why}"))
+            }
+            Err(ReplicaError::Failed(why)) => Err(why),
+            Err(ReplicaError::StaleLayout(current)) => {
+                self.stale = self.stale.max(Some(current));
+                Err(format!("refused: it serves newer layout v{current}"))
+            }
+            Ok(record) => Ok(record),
+        };
+        if let Some(standing) = self.standing.get_mut(index) {
+            *standing = if reply.is_ok() {
+                Standing::Answered
+            } else {
+                Standing::Failed
+            };
+        }
+        self.tally
+            .record(index, &self.replicas[index].address, reply);
+    }
+
+    fn verdict(&self) -> Option<ReadVerdict> {
+        if let Some(why) = &self.rejected {
+            return Some(ReadVerdict::Rejected(why.clone()));
+        }
+        match self.tally.decision() {
+            ReadDecision::Answer(record) => Some(ReadVerdict::Answer(record)),
+            ReadDecision::Failed => Some(ReadVerdict::Failed),
+            ReadDecision::Pending => None,
+        }
+    }
+}
+
+/// The writes of a blocking repair, counted towards W; a replica they
+/// reach also counts as holding the winner in the read's own tally.
+struct RepairWrites<'a> {
+    writes: WriteTally,
+    read: &'a mut ReadTally,
+    replicas: &'a [ReplicaHandle],
+    winner: &'a Record,
+}
+
+impl Tally<Result<WriteOutcome, ReplicaError>> for RepairWrites<'_> {
+    type Verdict = WriteDecision;
+
+    fn record(&mut self, index: usize, reply: Result<WriteOutcome, ReplicaError>) {
+        let address = &self.replicas[index].address;
+        let reply = match reply {
+            Ok(outcome) => {
+                if outcome.held == self.winner.version {
+                    self.read
+                        .record(index, address, Ok(Some(self.winner.clone())));
+                }
+                WriteReply::Holds(outcome.held)
+            }
+            Err(ReplicaError::Rejected(why)) => WriteReply::Failed(format!("rejected: {why}")),
+            Err(ReplicaError::Failed(why)) => WriteReply::Failed(why),
+            Err(ReplicaError::StaleLayout(v)) => {
+                WriteReply::NotSent(format!("refused: it serves newer layout v{v}"))
+            }
+        };
+        self.writes.record(address, reply);
+    }
+
+    fn verdict(&self) -> Option<WriteDecision> {
+        match self.writes.decision() {
+            WriteDecision::Pending => None,
+            decided => Some(decided),
+        }
+    }
 }
 
 impl PendingRepair {
@@ -105,88 +201,69 @@ impl PendingRepair {
         background: &Background,
     ) -> Result<Repaired> {
         let record = &plan.record;
-        let mut tally = plan.tally();
-        let mut writes: FuturesUnordered<WriteReplyFuture> = plan
-            .targets
-            .iter()
-            .map(|&index| {
-                let (replica, key, record) = (
-                    self.replicas[index].clone(),
-                    self.key.clone(),
-                    record.clone(),
-                );
-                let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
-                Box::pin(async move {
-                    let reply = replica.write(&key, &record, timeout).await;
-                    if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
-                        repairs.fetch_add(1, Ordering::Relaxed);
-                    }
-                    (index, reply)
-                }) as WriteReplyFuture
-            })
-            .collect();
-        let decision = loop {
-            match tally.decision() {
-                WriteDecision::Pending => {}
-                decided => break Some(decided),
-            }
-            let next = tokio::select! {
-                biased;
-                next = writes.next() => next,
-                () = tokio::time::sleep_until(deadline) => break None,
-            };
-            let Some((index, reply)) = next else {
-                break Some(WriteDecision::Failed);
-            };
-            let address = &self.replicas[index].address;
-            let reply = match reply {
-                Ok(outcome) => {
-                    if outcome.held == record.version {
-                        self.tally.record(index, address, Ok(Some(record.clone())));
-                    }
-                    WriteReply::Holds(outcome.held)
+        // Abandon: the writes still in flight are handed to `run` below.
+        let mut writes = FanOut::new(Stragglers::Abandon);
+        for &index in &plan.targets {
+            let (replica, key, record) = (
+                self.replicas[index].clone(),
+                self.key.clone(),
+                record.clone(),
+            );
+            let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
+            writes.send(index, async move {
+                let reply = replica.write(&key, &record, timeout).await;
+                if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
+                    repairs.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(ReplicaError::Rejected(why)) => WriteReply::Failed(format!("rejected: {why}")),
-                Err(ReplicaError::Failed(why)) => WriteReply::Failed(why),
-                Err(ReplicaError::StaleLayout(v)) => {
-                    WriteReply::NotSent(format!("refused: it serves newer layout v{v}"))
-                }
-            };
-            tally.record(address, reply);
+                reply
+            });
+        }
+        let mut tally = RepairWrites {
+            writes: plan.tally(),
+            read: &mut self.tally,
+            replicas: &self.replicas,
+            winner: record,
         };
+        let ended = writes.collect(&mut tally, Some(deadline)).await;
+        let (acks, repair_failures) = (tally.writes.acks(), tally.writes.failures().to_vec());
         // What the remaining writes find out still matters to the
         // asynchronous repair: a replica they reach holds the winner.
         let version = record.version;
         let winner = record.clone();
-        self.in_flight.extend(writes.into_iter().map(|write| {
-            let winner = winner.clone();
-            Box::pin(async move {
-                let (index, reply) = write.await;
-                let reply = match reply {
-                    Ok(outcome) if outcome.held == version => Ok(Some(winner)),
-                    Ok(outcome) => Err(ReplicaError::Failed(format!(
-                        "holds version {} instead of {version}",
-                        outcome.held
-                    ))),
-                    Err(why) => Err(why),
-                };
-                (index, reply)
-            }) as ReadReply
-        }));
-        let holding = plan.holding + tally.acks();
-        let why = match decision {
-            Some(WriteDecision::Acknowledged { .. }) => return Ok(Repaired::Quorum),
+        self.in_flight
+            .extend(writes.into_calls().into_iter().map(|write| {
+                let winner = winner.clone();
+                Box::pin(async move {
+                    let (index, reply) = write.await;
+                    let reply = match reply {
+                        Ok(outcome) if outcome.held == version => Ok(Some(winner)),
+                        Ok(outcome) => Err(ReplicaError::Failed(format!(
+                            "holds version {} instead of {version}",
+                            outcome.held
+                        ))),
+                        Err(why) => Err(why),
+                    };
+                    (index, reply)
+                }) as Call<ReadReply>
+            }));
+        let holding = plan.holding + acks;
+        let why = match ended {
+            Ended::Decided(WriteDecision::Acknowledged { .. }) => return Ok(Repaired::Quorum),
             // A replica holds something newer than the winner: read again.
-            Some(WriteDecision::Restamp { above } | WriteDecision::Superseded { above }) => {
+            Ended::Decided(
+                WriteDecision::Restamp { above } | WriteDecision::Superseded { above },
+            ) => {
                 return Ok(Repaired::Superseded { newer: above });
             }
-            Some(WriteDecision::Failed | WriteDecision::Pending) => {
+            Ended::Decided(WriteDecision::Failed | WriteDecision::Pending) | Ended::Exhausted => {
                 "too few replicas could take it".to_string()
             }
-            None => "the request deadline passed first (--request-timeout-ms)".to_string(),
+            Ended::DeadlinePassed => {
+                "the request deadline passed first (--request-timeout-ms)".to_string()
+            }
         };
         let mut failures = self.tally.failures().to_vec();
-        failures.extend_from_slice(tally.failures());
+        failures.extend(repair_failures);
         Err(Error::Unavailable(format!(
             "GET of {:?}: the newest version {version} is held by {holding} of the {} replicas needed ({} replicas for this key) and {why}; it is not answered, so that no later read can return an older value{}",
             self.key,
@@ -219,78 +296,69 @@ pub async fn read_quorum(
     rpc_timeout: Duration,
 ) -> Result<ReadResult> {
     let needed = consistency.required(replicas.len());
-    let mut tally = ReadTally::new(needed, replicas.len());
-    let mut standing = Standing::initial(&replicas);
+    let targets = targets_of(&replicas);
+    let mut call = ReadCall {
+        replicas: &replicas,
+        tally: ReadTally::new(needed, replicas.len()),
+        standing: Standing::initial(&targets),
+        stale: None,
+        rejected: None,
+    };
+    let mut reads = FanOut::new(Stragglers::Abandon);
     for (index, replica) in replicas.iter().enumerate() {
         if let Some(why) = &replica.believed_down {
-            tally.record(index, &replica.address, Err(why.clone()));
+            call.tally.record(index, &replica.address, Err(why.clone()));
+            continue;
         }
+        let (replica, key) = (replica.clone(), key.to_string());
+        reads.send(index, async move { replica.read(&key, rpc_timeout).await });
     }
-    let mut in_flight: FuturesUnordered<ReadReply> = replicas
-        .iter()
-        .enumerate()
-        .filter(|(_, replica)| replica.believed_down.is_none())
-        .map(|(index, replica)| {
-            let (replica, key) = (replica.clone(), key.to_string());
-            Box::pin(async move { (index, replica.read(&key, rpc_timeout).await) }) as ReadReply
-        })
-        .collect();
-    // The newest layout a replica refused the read for.
-    let mut stale: Option<u64> = None;
-    loop {
-        match tally.decision() {
-            ReadDecision::Answer(record) => {
-                let blocking = tally.blocking_repair(consistency);
-                let repair = PendingRepair {
-                    key: key.to_string(),
-                    replicas,
-                    tally,
-                    in_flight,
-                    rpc_timeout,
-                };
-                return Ok(ReadResult {
-                    record,
-                    blocking,
-                    repair,
-                });
-            }
-            ReadDecision::Failed => {
-                if let Some(current) = stale {
-                    return Err(Error::StaleLayout {
-                        caller: replicas.first().map_or(0, |r| r.layout_version),
-                        current,
-                    });
-                }
-                return Err(Error::QuorumNotReached {
-                    operation: "GET",
-                    consistency: consistency.name(),
-                    acks: tally.replies(),
-                    needed,
-                    replicas: replicas.len(),
-                    roll_call: Box::new(roll_call(&replicas, &standing)),
-                    failures: asked_failures(&replicas, tally.failures()),
-                });
-            }
-            ReadDecision::Pending => {}
-        }
-        let Some((index, reply)) = in_flight.next().await else {
+    let verdict = match reads.collect(&mut call, None).await {
+        Ended::Decided(verdict) => verdict,
+        Ended::Exhausted | Ended::DeadlinePassed => {
             return Err(Error::Internal("read ended with no decision".into()));
-        };
-        let reply = match reply {
-            Err(ReplicaError::Rejected(why)) => return Err(Error::InvalidArgument(why)),
-            Err(ReplicaError::Failed(why)) => Err(why),
-            Err(ReplicaError::StaleLayout(current)) => {
-                stale = stale.max(Some(current));
-                Err(format!("refused: it serves newer layout v{current}"))
+        }
+    };
+    let ReadCall {
+        tally,
+        standing,
+        stale,
+        ..
+    } = call;
+    match verdict {
+        ReadVerdict::Answer(record) => {
+            let blocking = tally.blocking_repair(consistency);
+            let repair = PendingRepair {
+                key: key.to_string(),
+                replicas,
+                tally,
+                in_flight: reads.into_calls(),
+                rpc_timeout,
+            };
+            Ok(ReadResult {
+                record,
+                blocking,
+                repair,
+            })
+        }
+        ReadVerdict::Rejected(why) => Err(Error::InvalidArgument(why)),
+        ReadVerdict::Failed => {
+            if let Some(current) = stale {
+                return Err(Error::StaleLayout {
+                    caller: replicas.first().map_or(0, |r| r.layout_version),
+                    current,
+                });
             }
-            Ok(record) => Ok(record),
-        };
-        standing[index] = if reply.is_ok() {
-            Standing::Answered
-        } else {
-            Standing::Failed
-        };
-        tally.record(index, &replicas[index].address, reply);
+            Err(Error::QuorumNotReached {
+                operation: "GET",
+                consistency: consistency.name(),
+                acks: tally.replies(),
+                needed,
+                replicas: replicas.len(),
+                roll_call: Box::new(roll_call(&targets, &standing)),
+                failures: asked_failures(&targets, tally.failures()),
+            })
+        }
     }
 }
 
@@ -393,8 +461,9 @@ impl Coordinator {
     }
 
     /// Writes `record` (write-if-newer, its own version) to every replica
-    /// set of `key` under `view` until W replicas of each hold it. Answers
-    /// `Some(newer)` when a replica holds a newer version (read again).
+    /// set of `key` under `view` until W replicas of each hold it: one round
+    /// of the write protocol. Answers `Some(newer)` when a replica holds a
+    /// newer version (read again).
     async fn confirm_in_write_sets(
         &self,
         view: &crate::placement::Placement,
@@ -403,62 +472,50 @@ impl Coordinator {
         consistency: Consistency,
     ) -> Result<Option<Version>> {
         let placed = self.cluster.write_replicas(view, key, &self.local)?;
-        let sets: Vec<(Vec<usize>, usize)> = placed
-            .sets
-            .iter()
-            .map(|set| (set.clone(), consistency.required(set.len())))
-            .collect();
-        let replicas = &placed.handles;
-        let mut tally = WriteTally::in_sets(record.version, sets, replicas.len());
-        let mut stale = None;
-        let mut writes: FuturesUnordered<WriteReplyFuture> = FuturesUnordered::new();
-        for (index, replica) in replicas.iter().enumerate() {
-            if let Some(why) = &replica.believed_down {
-                tally.record_at(index, &replica.address, WriteReply::NotSent(why.clone()));
-                continue;
-            }
-            let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
-            let timeout = self.cluster.rpc_timeout;
-            writes.push(Box::pin(async move {
-                (index, replica.write(&key, &record, timeout).await)
-            }));
+        let replicas = placed.handles;
+        let placement = Placed {
+            targets: targets_of(&replicas),
+            sets: placed.sets,
+            layout_version: view.version(),
+        };
+        let mut write = WriteRound::new("GET", key, consistency, record.version, placement);
+        let Step::Send { to, .. } = write.start() else {
+            return Err(Error::Internal("a confirmation round sent nothing".into()));
+        };
+        let mut calls = FanOut::new(Stragglers::Complete(self.background.clone()));
+        let timeout = self.cluster.rpc_timeout;
+        for index in to {
+            let (replica, key, record) = (replicas[index].clone(), key.to_string(), record.clone());
+            calls.send(index, async move {
+                replica
+                    .write(&key, &record, timeout)
+                    .await
+                    .map(|outcome| outcome.held)
+            });
         }
-        loop {
-            match tally.decision() {
-                WriteDecision::Pending => {}
-                WriteDecision::Acknowledged { .. } => return Ok(None),
-                WriteDecision::Restamp { above } | WriteDecision::Superseded { above } => {
-                    return Ok(Some(above));
-                }
-                WriteDecision::Failed => {
-                    if let Some(current) = stale {
-                        return Err(Error::StaleLayout {
-                            caller: view.version(),
-                            current,
-                        });
-                    }
-                    return Err(Error::Unavailable(format!(
-                        "GET of {key:?}: while data moves, the newest version must be held by {} replicas of every replica set before it is answered, and it could not be written to enough of them: {}",
-                        consistency.name(),
-                        tally.failures().join("; ")
-                    )));
-                }
+        calls.collect(&mut write, None).await;
+        let step = write.round_over(calls.pending() > 0);
+        calls.finish(|_, _| async {}).await;
+        match step {
+            Step::Acknowledged { .. } => Ok(None),
+            Step::Restamp { above, .. } | Step::Fail(Error::Superseded { above, .. }) => {
+                Ok(Some(above))
             }
-            let Some((index, reply)) = writes.next().await else {
-                return Err(Error::Internal(
-                    "confirmation ended with no decision".into(),
-                ));
-            };
-            let reply = match reply {
-                Ok(outcome) => WriteReply::Holds(outcome.held),
-                Err(ReplicaError::Rejected(why)) => WriteReply::Failed(format!("rejected: {why}")),
-                Err(ReplicaError::Failed(why)) => WriteReply::Failed(why),
-                Err(ReplicaError::StaleLayout(current)) => {
-                    stale = stale.max(Some(current));
-                    WriteReply::NotSent(format!("refused: it serves newer layout v{current}"))
-                }
-            };
-            tally.record_at(index, &replicas[index].address, reply);
+            Step::CatchUp { layout, .. } => Err(Error::StaleLayout {
+                caller: view.version(),
+                current: layout,
+            }),
+            Step::Fail(Error::QuorumNotReached { failures, .. }) => {
+                Err(Error::Unavailable(format!(
+                    "GET of {key:?}: while data moves, the newest version must be held by {} replicas of every replica set before it is answered, and it could not be written to enough of them: {}",
+                    consistency.name(),
+                    failures.join("; ")
+                )))
+            }
+            Step::Fail(error) => Err(error),
+            Step::Send { .. } | Step::StoreHints { .. } => Err(Error::Internal(
+                "a confirmation round asked for another round".into(),
+            )),
         }
     }
 }

@@ -1,24 +1,19 @@
-//! Quorum writes: stamp, send to all N, answer at W, re-stamp above a newer
-//! version, hint the replicas that missed an acknowledged write.
+//! Quorum writes: the async shell that carries out the steps of
+//! [`WriteRound`] (the protocol itself, pure, is in `quorum::write_round`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 
-use super::{
-    Coordinator, Standing, WRITE_ORDER_STRIPES, WriteAck, WriteReplyFuture, addresses_of,
-    asked_failures, roll_call,
-};
+use super::{Coordinator, WRITE_ORDER_STRIPES, WriteAck, targets_of};
 use crate::clock::wall_clock_ms;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::fanout::{FanOut, Stragglers};
 use crate::net::{ReplicaError, ReplicaHandle};
-use crate::quorum::{Consistency, WriteDecision, WriteReply, WriteTally};
+use crate::placement::Placement;
+use crate::quorum::{Consistency, Placed, Step, WriteRound};
 use crate::record::Record;
-
-/// Most write rounds (re-stamps) before giving up on a hotly contended key.
-const MAX_WRITE_ROUNDS: usize = 10;
 
 impl Coordinator {
     /// Writes `value` under `key`, or a tombstone for `None` (a delete).
@@ -36,6 +31,21 @@ impl Coordinator {
         .await
     }
 
+    /// The key's write replicas under `view`: handles, and the placement
+    /// the protocol reasons about.
+    fn place_write(&self, view: &Placement, key: &str) -> Result<(Vec<ReplicaHandle>, Placed)> {
+        let placed = self.cluster.write_replicas(view, key, &self.local)?;
+        let targets = targets_of(&placed.handles);
+        Ok((
+            placed.handles,
+            Placed {
+                targets,
+                sets: placed.sets,
+                layout_version: view.version(),
+            },
+        ))
+    }
+
     async fn write_rounds(
         &self,
         operation: &'static str,
@@ -45,180 +55,111 @@ impl Coordinator {
     ) -> Result<WriteAck> {
         let stripe = xxhash_rust::xxh3::xxh3_64(key.as_bytes()) as usize % WRITE_ORDER_STRIPES;
         let _in_order = self.write_order[stripe].lock().await;
-        let mut view = self.cluster.placement();
-        let mut placed = self.cluster.write_replicas(&view, key, &self.local)?;
-        let mut version = self.local.next_version()?;
-        // Whether an earlier round of `version` (sent with an older layout)
-        // may have left it on a replica: it must not be re-stamped then.
-        let mut sent_before = false;
-        // Acknowledgements earlier rounds of `version` got (for the error).
-        let mut acks_before = 0;
-        for round in 0..MAX_WRITE_ROUNDS {
-            let replicas = &placed.handles;
-            let sets: Vec<(Vec<usize>, usize)> = placed
-                .sets
-                .iter()
-                .map(|set| (set.clone(), consistency.required(set.len())))
-                .collect();
-            let needed = sets.first().map_or(0, |(_, needed)| *needed);
-            let record = Record::new(version, value.clone(), wall_clock_ms());
-            let mut tally = WriteTally::in_sets(version, sets, replicas.len());
-            // The newest layout a replica refused this round for, and who.
-            let mut stale: Option<(u64, String)> = None;
-            // Replicas that failed this round: they get hints if the write succeeds.
-            let mut failed: Vec<usize> = Vec::new();
-            for (index, replica) in replicas.iter().enumerate() {
-                if let Some(why) = &replica.believed_down {
-                    tally.record_at(index, &replica.address, WriteReply::NotSent(why.clone()));
-                    failed.push(index);
+        let (mut replicas, placed) = self.place_write(&self.cluster.placement(), key)?;
+        let mut write = WriteRound::new(
+            operation,
+            key,
+            consistency,
+            self.local.next_version()?,
+            placed,
+        );
+        let mut record = Record::new(write.version(), value.clone(), wall_clock_ms());
+        let mut step = write.start();
+        loop {
+            step = match step {
+                Step::Send { version, to } => {
+                    record = Record::new(version, value.clone(), wall_clock_ms());
+                    self.send_round(&mut write, &replicas, to, key, &record)
+                        .await
                 }
-            }
-            let mut in_flight: FuturesUnordered<WriteReplyFuture> = replicas
-                .iter()
-                .enumerate()
-                .filter(|(_, replica)| replica.believed_down.is_none())
-                .map(|(index, replica)| {
-                    let (replica, key, record) = (replica.clone(), key.to_string(), record.clone());
-                    let timeout = self.cluster.rpc_timeout;
-                    Box::pin(async move { (index, replica.write(&key, &record, timeout).await) })
-                        as WriteReplyFuture
-                })
-                .collect();
-            let mut standing = Standing::initial(replicas);
-            let decision = loop {
-                match tally.decision() {
-                    WriteDecision::Pending => {}
-                    decided => break decided,
-                }
-                let Some((index, reply)) = in_flight.next().await else {
-                    break WriteDecision::Failed;
-                };
-                standing[index] = match &reply {
-                    Ok(outcome) if outcome.held == version => Standing::Answered,
-                    _ => Standing::Failed,
-                };
-                let reply = match reply {
-                    Ok(outcome) => {
-                        self.local.observe(outcome.held);
-                        WriteReply::Holds(outcome.held)
+                Step::CatchUp { layout, from } => {
+                    tracing::debug!(key, layout, "write placed with a stale layout; retrying");
+                    self.cluster.catch_up(layout, &from).await;
+                    let view = self.cluster.placement();
+                    if view.version() > write.placed().layout_version {
+                        let (handles, placed) = self.place_write(&view, key)?;
+                        replicas = handles;
+                        write.placed_again(Some(placed))
+                    } else {
+                        write.placed_again(None)
                     }
-                    // A replica that refused the write as invalid gets no
-                    // hint: delivering it would fail the same way.
-                    Err(ReplicaError::Rejected(why)) => {
-                        WriteReply::Failed(format!("rejected: {why}"))
-                    }
-                    Err(ReplicaError::Failed(why)) => {
-                        failed.push(index);
-                        WriteReply::Failed(why)
-                    }
-                    // Refused unapplied: it certainly does not hold it.
-                    Err(ReplicaError::StaleLayout(current)) => {
-                        if stale.as_ref().is_none_or(|(v, _)| current > *v) {
-                            stale = Some((current, replicas[index].address.clone()));
-                        }
-                        WriteReply::NotSent(format!("refused: it serves newer layout v{current}"))
-                    }
-                };
-                tally.record_at(index, &replicas[index].address, reply);
-            };
-            let succeeded = matches!(decision, WriteDecision::Acknowledged { .. });
-            let unanswered = !in_flight.is_empty();
-            // Let the rest of this round reach its replicas; a replica that
-            // fails now still gets a hint if the write succeeded.
-            if !in_flight.is_empty() {
-                let hinter = self.hinter.clone();
-                let (addresses, key, record) =
-                    (addresses_of(replicas), key.to_string(), record.clone());
-                self.background.spawn(async move {
-                    while let Some((index, reply)) = in_flight.next().await {
-                        if succeeded && matches!(reply, Err(ReplicaError::Failed(_))) {
-                            hinter.send_logged(&addresses[index], &key, &record).await;
-                        }
-                    }
-                });
-            }
-            if let Some((current, from)) = stale
-                && !matches!(decision, WriteDecision::Acknowledged { .. })
-                && current > view.version()
-            {
-                // Placed with an old layout: learn the new one and send the
-                // same version to the new replica sets.
-                tracing::debug!(
-                    key,
-                    layout = current,
-                    "write placed with a stale layout; retrying"
-                );
-                self.cluster.catch_up(current, &from).await;
-                let newer = self.cluster.placement();
-                if newer.version() > view.version() {
-                    sent_before |= tally.may_be_stored() || unanswered;
-                    acks_before = acks_before.max(tally.acks());
-                    view = newer;
-                    placed = self.cluster.write_replicas(&view, key, &self.local)?;
-                    continue;
                 }
-            }
-            // Re-stamping would put a value an earlier round may have left
-            // on a replica under a second version.
-            let decision = match decision {
-                WriteDecision::Restamp { above } if sent_before => {
-                    WriteDecision::Superseded { above }
-                }
-                other => other,
-            };
-            match decision {
-                WriteDecision::Acknowledged { acks } => {
-                    self.hint_in_background(replicas, &failed, key, &record);
-                    return Ok(WriteAck { version, acks });
-                }
-                WriteDecision::Superseded { above } => {
-                    self.local.observe(above);
-                    return Err(Error::Superseded {
-                        operation,
-                        key: key.to_string(),
-                        version,
-                        above,
-                        acks: tally.acks().max(acks_before),
-                    });
-                }
-                WriteDecision::Restamp { above } => {
-                    tracing::debug!(key, %version, %above, "a replica holds a newer version; re-stamping");
-                    self.local.observe(above);
+                Step::Restamp { above, round } => {
+                    tracing::debug!(key, version = %write.version(), %above, "a replica holds a newer version; re-stamping");
                     // Concurrent writers to one key would otherwise keep
                     // overtaking each other in lock step.
                     tokio::time::sleep(restamp_backoff(round, key)).await;
-                    version = self.local.next_version()?;
+                    write.restamped(self.local.next_version()?)
                 }
-                WriteDecision::Failed | WriteDecision::Pending => {
-                    if consistency == Consistency::Any {
-                        // No replica holds it: a stored hint is enough for ANY.
-                        let sends = failed
-                            .iter()
-                            .map(|&i| self.hinter.send(&replicas[i].address, key, &record));
-                        let stored = futures::future::join_all(sends)
-                            .await
-                            .iter()
-                            .filter(|r| r.is_ok())
-                            .count();
-                        if stored > 0 {
-                            return Ok(WriteAck { version, acks: 0 });
-                        }
-                    }
-                    return Err(Error::QuorumNotReached {
-                        operation,
-                        consistency: consistency.name(),
-                        acks: tally.acks(),
-                        needed,
-                        replicas: replicas.len(),
-                        roll_call: Box::new(roll_call(replicas, &standing)),
-                        failures: asked_failures(replicas, tally.failures()),
-                    });
+                Step::StoreHints { targets } => {
+                    let sends = targets
+                        .iter()
+                        .map(|&i| self.hinter.send(&replicas[i].address, key, &record));
+                    let stored = futures::future::join_all(sends)
+                        .await
+                        .iter()
+                        .filter(|r| r.is_ok())
+                        .count();
+                    write.hints_stored(stored)
                 }
-            }
+                Step::Acknowledged { ack, hint } => {
+                    self.hint_in_background(&replicas, &hint, key, &record);
+                    return Ok(ack);
+                }
+                Step::Fail(error) => return Err(error),
+            };
         }
-        Err(Error::Unavailable(format!(
-            "{operation} of {key:?} gave up after {MAX_WRITE_ROUNDS} rounds: replicas kept reporting newer versions (heavy concurrent writing to this key)"
-        )))
+    }
+
+    /// Sends one round of `write` to the replicas `to` and feeds the
+    /// replies in until the round is decided; the replies still in flight
+    /// then finish in the background (a replica that fails after an
+    /// acknowledged write gets a hint).
+    async fn send_round(
+        &self,
+        write: &mut WriteRound,
+        replicas: &[ReplicaHandle],
+        to: Vec<usize>,
+        key: &str,
+        record: &Record,
+    ) -> Step {
+        let mut calls = FanOut::new(Stragglers::Complete(self.background.clone()));
+        let timeout = self.cluster.rpc_timeout;
+        for index in to {
+            let (replica, key, record) = (replicas[index].clone(), key.to_string(), record.clone());
+            calls.send(index, async move {
+                replica
+                    .write(&key, &record, timeout)
+                    .await
+                    .map(|outcome| outcome.held)
+            });
+        }
+        calls.collect(write, None).await;
+        if let Some(newest) = write.newest_seen() {
+            self.local.observe(newest);
+        }
+        let step = write.round_over(calls.pending() > 0);
+        let acknowledged = matches!(step, Step::Acknowledged { .. });
+        let hinter = self.hinter.clone();
+        let addresses: Arc<Vec<String>> =
+            Arc::new(replicas.iter().map(|r| r.address.clone()).collect());
+        let (key, record) = (key.to_string(), record.clone());
+        calls
+            .finish(move |index, reply| {
+                let (hinter, addresses, key, record) = (
+                    hinter.clone(),
+                    addresses.clone(),
+                    key.clone(),
+                    record.clone(),
+                );
+                async move {
+                    if acknowledged && matches!(reply, Err(ReplicaError::Failed(_))) {
+                        hinter.send_logged(&addresses[index], &key, &record).await;
+                    }
+                }
+            })
+            .await;
+        step
     }
 
     /// Stores hints for the replicas that missed an acknowledged write.

@@ -1,4 +1,5 @@
-//! Single-decree Paxos per layout version: the acceptor's rules, pure.
+//! Single-decree Paxos per layout version: the acceptor's rules, pure (the
+//! proposer, generic over the value, is [`crate::paxos::Proposer`]).
 //!
 //! Each member keeps one [`Acceptor`] for the version after the one it
 //! serves. A proposer picks a ballot above any it has seen, asks a majority
@@ -11,13 +12,7 @@
 //! with. The node persists the acceptor before it answers.
 
 use super::Layout;
-
-/// A proposal number: ordered by round, then by proposer id.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Ballot {
-    pub round: u64,
-    pub proposer: u64,
-}
+pub use crate::paxos::{Ballot, choose, majority};
 
 /// What one member promised and accepted for one layout version.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -98,22 +93,6 @@ impl Acceptor {
             }
         }
     }
-}
-
-/// Members that make a majority of `members`.
-pub fn majority(members: usize) -> usize {
-    members / 2 + 1
-}
-
-/// The value a proposer must propose after a majority promised: the one
-/// accepted under the highest ballot, or its own when none was.
-pub fn choose(promised: impl IntoIterator<Item = Option<(Ballot, Layout)>>, own: Layout) -> Layout {
-    promised
-        .into_iter()
-        .flatten()
-        .max_by_key(|(ballot, _)| *ballot)
-        .map(|(_, layout)| layout)
-        .unwrap_or(own)
 }
 
 #[cfg(test)]

@@ -23,10 +23,12 @@ use std::time::Duration;
 
 use crate::cluster::{Cluster, LayoutLearner};
 use crate::error::{Error, Result};
+use crate::fanout::{Ended, FanOut, Stragglers, Tally};
 use crate::layout::paxos::{self, Answer, Ballot};
 use crate::layout::store::{LayoutState, LayoutStore};
 use crate::layout::{Layout, Refusal};
 use crate::net::call_within;
+use crate::paxos::{Accepted, Promise, Proposer, Verdict};
 use crate::pb;
 use crate::placement::{NodeIdentity, Placement};
 use crate::replica::ReplicaStore;
@@ -370,7 +372,10 @@ impl Membership {
         )))
     }
 
-    /// One prepare and accept round for `version`: the value chosen, or why not.
+    /// One prepare and accept round for `version`: the value chosen, or
+    /// why not. The rules are [`Proposer`]'s; this sends its messages
+    /// (this node's own acceptor answers in place) and learns the
+    /// committed layouts refusals carry.
     async fn run_round(
         &self,
         acceptors: &[String],
@@ -379,119 +384,117 @@ impl Membership {
         own: Layout,
         base_hash: u64,
     ) -> std::result::Result<Layout, String> {
-        let needed = paxos::majority(acceptors.len());
+        let mut proposer = Proposer::new(ballot, own, acceptors.to_vec());
         let prepare = pb::LayoutPrepareRequest {
             version,
             ballot: Some(ballot.into()),
             base_hash,
         };
-        let promises = futures::future::join_all(acceptors.iter().map(|address| {
-            let request = prepare;
-            async move {
-                if *address == self.me.address {
-                    return self.on_prepare(request).map_err(|e| e.to_string());
-                }
-                let mut client = self
-                    .cluster
-                    .peers
-                    .replica_client(address)
-                    .map_err(|e| e.to_string())?;
-                call_within(self.cluster.rpc_timeout, client.layout_prepare(request))
-                    .await
-                    .map_err(|e| format!("{address}: {e}"))
+        let mut promises = FanOut::new(Stragglers::Abandon);
+        for (index, address) in acceptors.iter().enumerate() {
+            if *address == self.me.address {
+                let promise = match self.on_prepare(prepare) {
+                    Ok(promise) => pb::promise_from(promise),
+                    Err(why) => Promise::Failed(format!("{address}: {why}")),
+                };
+                proposer.record(index, promise);
+                continue;
             }
-        }))
-        .await;
-        let mut accepted = Vec::new();
-        let mut yes = 0;
-        let mut failures = Vec::new();
-        for (address, promise) in acceptors.iter().zip(promises) {
-            match promise {
-                Ok(promise) if promise.promised => {
-                    yes += 1;
-                    if let Some(layout) = promise.accepted {
-                        match pb::layout_from(layout) {
-                            Ok(layout) => accepted
-                                .push(Some((pb::ballot_from(promise.accepted_ballot), layout))),
-                            Err(why) => {
-                                failures.push(format!("{address}: bad accepted layout: {why}"))
-                            }
-                        }
-                    }
-                }
-                Ok(promise) => {
-                    self.note_round(pb::ballot_from(promise.promised_ballot).round);
-                    self.learn_from_answer(address, promise.committed, version)
-                        .await;
-                    failures.push(format!("{address}: did not promise"));
-                }
-                Err(why) => failures.push(why),
-            }
+            let call = self.acceptor_call(address, move |mut client| async move {
+                client.layout_prepare(prepare).await
+            });
+            promises.send(index, async move {
+                call.await.map_or_else(Promise::Failed, pb::promise_from)
+            });
         }
+        let ended = promises.collect(&mut proposer, None).await;
+        self.learn_from(acceptors, &mut proposer, version).await;
         if self.layout().version >= version {
             return Err(format!("layout v{version} was committed meanwhile"));
         }
-        if yes < needed {
-            return Err(format!(
-                "{yes} of {} members promised, {needed} needed ({})",
-                acceptors.len(),
-                failures.join("; ")
-            ));
-        }
-        let value = paxos::choose(accepted, own);
+        let value = match ended {
+            Ended::Decided(Verdict::Accept(value)) => value,
+            Ended::Decided(Verdict::Lost(why)) => return Err(why),
+            _ => return Err("the prepare ended with no verdict".into()),
+        };
+        proposer.begin_accept(value.clone());
         let accept = pb::LayoutAcceptRequest {
             ballot: Some(ballot.into()),
             layout: Some((&value).into()),
             base_hash,
         };
-        let answers = futures::future::join_all(acceptors.iter().map(|address| {
+        let mut answers = FanOut::new(Stragglers::Abandon);
+        for (index, address) in acceptors.iter().enumerate() {
+            if *address == self.me.address {
+                let answer = match self.on_accept(accept.clone()) {
+                    Ok(answer) => pb::accepted_from(answer),
+                    Err(why) => Accepted::Failed(format!("{address}: {why}")),
+                };
+                proposer.record(index, answer);
+                continue;
+            }
             let request = accept.clone();
-            async move {
-                if *address == self.me.address {
-                    return self.on_accept(request).map_err(|e| e.to_string());
-                }
-                let mut client = self
-                    .cluster
-                    .peers
-                    .replica_client(address)
-                    .map_err(|e| e.to_string())?;
-                call_within(self.cluster.rpc_timeout, client.layout_accept(request))
-                    .await
-                    .map_err(|e| format!("{address}: {e}"))
-            }
-        }))
-        .await;
-        let mut yes = 0;
-        let mut failures = Vec::new();
-        for (address, answer) in acceptors.iter().zip(answers) {
-            match answer {
-                Ok(answer) if answer.accepted => yes += 1,
-                Ok(answer) => {
-                    self.note_round(pb::ballot_from(answer.promised_ballot).round);
-                    self.learn_from_answer(address, answer.committed, version)
-                        .await;
-                    failures.push(format!("{address}: did not accept"));
-                }
-                Err(why) => failures.push(why),
-            }
+            let call = self.acceptor_call(address, move |mut client| async move {
+                client.layout_accept(request).await
+            });
+            answers.send(index, async move {
+                call.await.map_or_else(Accepted::Failed, pb::accepted_from)
+            });
         }
-        if yes >= needed {
-            Ok(value)
-        } else {
-            Err(format!(
-                "{yes} of {} members accepted, {needed} needed ({})",
-                acceptors.len(),
-                failures.join("; ")
-            ))
+        let ended = answers.collect(&mut proposer, None).await;
+        self.learn_from(acceptors, &mut proposer, version).await;
+        match ended {
+            Ended::Decided(Verdict::Chosen(value)) => Ok(value),
+            Ended::Decided(Verdict::Lost(why)) => Err(why),
+            _ => Err("the accept ended with no verdict".into()),
+        }
+    }
+
+    /// One call to the acceptor at `address`, within the RPC deadline: its
+    /// answer, or why there is none.
+    fn acceptor_call<T, Call, Reply>(
+        &self,
+        address: &str,
+        call: Call,
+    ) -> impl std::future::Future<Output = std::result::Result<T, String>> + Send + 'static
+    where
+        Call: FnOnce(crate::pb::replica_client::ReplicaClient<tonic::transport::Channel>) -> Reply
+            + Send
+            + 'static,
+        Reply: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>
+            + Send,
+        T: Send + 'static,
+    {
+        let client = self.cluster.peers.replica_client(address);
+        let (address, timeout) = (address.to_string(), self.cluster.rpc_timeout);
+        async move {
+            let client = client.map_err(|e| format!("{address}: {e}"))?;
+            call_within(timeout, call(client))
+                .await
+                .map_err(|e| format!("{address}: {e}"))
+        }
+    }
+
+    /// Raises the ballot above any refusal reported, and learns the
+    /// committed layouts refusals carried.
+    async fn learn_from(
+        &self,
+        acceptors: &[String],
+        proposer: &mut Proposer<Layout>,
+        version: u64,
+    ) {
+        if let Some(refused) = proposer.highest_refused() {
+            self.note_round(refused.round);
+        }
+        for (index, committed) in proposer.take_learned() {
+            self.learn_from_answer(&acceptors[index], committed, version)
+                .await;
         }
     }
 
     /// An acceptor answered with its committed layout: adopt it when newer;
     /// when older (it is behind), send it ours.
-    async fn learn_from_answer(&self, address: &str, committed: Option<pb::Layout>, version: u64) {
-        let Some(committed) = committed.and_then(|l| pb::layout_from(l).ok()) else {
-            return;
-        };
+    async fn learn_from_answer(&self, address: &str, committed: Layout, version: u64) {
         if committed.version >= version {
             if let Err(why) = self.adopt(committed) {
                 tracing::warn!(peer = address, %why, "cannot adopt a committed layout");

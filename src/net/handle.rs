@@ -11,6 +11,7 @@ use super::pipe::{PipeItem, ReplicaPipe};
 use super::timed_out;
 use crate::error::Error;
 use crate::pb;
+pub use crate::quorum::ReplicaError;
 use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
 
@@ -37,29 +38,6 @@ pub(super) enum ReplicaTarget {
     /// A scripted replica (unit tests).
     #[cfg(test)]
     Fake(Arc<super::fake::FakeReplica>),
-}
-
-/// Why a replica did not answer a read.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReplicaError {
-    /// The replica refused the request itself (e.g. a key over its limit):
-    /// asking other replicas will not help.
-    Rejected(String),
-    /// The replica could not be reached, timed out or failed.
-    Failed(String),
-    /// The replica serves a newer layout (this version) and refused the
-    /// call unapplied: place it again with that layout.
-    StaleLayout(u64),
-}
-
-impl std::fmt::Display for ReplicaError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ReplicaError::Rejected(why) => write!(f, "rejected: {why}"),
-            ReplicaError::Failed(why) => f.write_str(why),
-            ReplicaError::StaleLayout(v) => write!(f, "refused: it serves newer layout v{v}"),
-        }
-    }
 }
 
 impl ReplicaHandle {

@@ -27,6 +27,7 @@
 //!   makes the coordinator read again (the winner is no longer the newest).
 
 use crate::clock::Version;
+use crate::error::RollCall;
 use crate::record::{Record, newest};
 
 /// How many of a key's replicas must answer a request (also
@@ -64,6 +65,102 @@ impl Consistency {
             Consistency::Any => "ANY",
         }
     }
+}
+
+/// Why a replica did not answer a call (a read or a write).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReplicaError {
+    /// The replica refused the request itself (e.g. a key over its limit):
+    /// asking other replicas will not help.
+    Rejected(String),
+    /// The replica could not be reached, timed out or failed.
+    Failed(String),
+    /// The replica serves a newer layout (this version) and refused the
+    /// call unapplied: place it again with that layout.
+    StaleLayout(u64),
+}
+
+impl std::fmt::Display for ReplicaError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaError::Rejected(why) => write!(f, "rejected: {why}"),
+            ReplicaError::Failed(why) => f.write_str(why),
+            ReplicaError::StaleLayout(v) => write!(f, "refused: it serves newer layout v{v}"),
+        }
+    }
+}
+
+/// A replica a quorum call was placed on, as the rules see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// Its address, for messages.
+    pub address: String,
+    /// Set when the failure detector believes it is down: the call is not
+    /// sent to it, and it counts as failed (certainly not stored).
+    pub believed_down: Option<String>,
+}
+
+/// Where one replica stands in a quorum call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Not asked: believed down.
+    NotAsked,
+    /// Asked, no answer yet.
+    Waiting,
+    /// Answered (for writes: holds the call's version).
+    Answered,
+    /// Asked, and failed (or, for writes, kept another version).
+    Failed,
+}
+
+impl Standing {
+    /// Every target waiting, except those not asked.
+    pub fn initial(targets: &[Target]) -> Vec<Standing> {
+        targets
+            .iter()
+            .map(|t| {
+                if t.believed_down.is_some() {
+                    Standing::NotAsked
+                } else {
+                    Standing::Waiting
+                }
+            })
+            .collect()
+    }
+}
+
+/// The replicas of a failed quorum call, by what they did.
+pub fn roll_call(targets: &[Target], standing: &[Standing]) -> RollCall {
+    let with = |wanted: Standing| -> Vec<String> {
+        targets
+            .iter()
+            .zip(standing)
+            .filter(|(_, s)| **s == wanted)
+            .map(|(t, _)| t.address.clone())
+            .collect()
+    };
+    RollCall {
+        answered: with(Standing::Answered),
+        not_asked: with(Standing::NotAsked),
+        waiting: with(Standing::Waiting),
+    }
+}
+
+/// A tally's failure lines without those of replicas that were not asked
+/// (the roll call names them).
+pub fn asked_failures(targets: &[Target], failures: &[String]) -> Vec<String> {
+    failures
+        .iter()
+        .filter(|line| {
+            !targets.iter().any(|t| {
+                t.believed_down.is_some()
+                    && line
+                        .strip_prefix(t.address.as_str())
+                        .is_some_and(|rest| rest.starts_with(": "))
+            })
+        })
+        .cloned()
+        .collect()
 }
 
 /// What one replica said to a write.
@@ -440,6 +537,9 @@ impl ReadTally {
     }
 }
 
+mod write_round;
+
+pub use write_round::{MAX_WRITE_ROUNDS, Placed, Step, WriteAck, WriteRound};
+
 #[cfg(test)]
-#[path = "quorum_tests.rs"]
 mod tests;
