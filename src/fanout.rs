@@ -73,8 +73,6 @@ pub struct FanOut<R: Send + 'static> {
     in_flight: FuturesUnordered<Call<R>>,
     /// What happens to `in_flight` when the caller stops waiting.
     stragglers: Stragglers,
-    /// Calls made so far.
-    sent: usize,
 }
 
 impl<R: Send + 'static> FanOut<R> {
@@ -82,30 +80,18 @@ impl<R: Send + 'static> FanOut<R> {
         Self {
             in_flight: FuturesUnordered::new(),
             stragglers,
-            sent: 0,
         }
     }
 
     /// Sends `call` to target `index` (it runs once the fan-out is polled).
     pub fn send(&mut self, index: usize, call: impl Future<Output = R> + Send + 'static) {
-        self.sent += 1;
         self.in_flight
             .push(Box::pin(async move { (index, call.await) }));
-    }
-
-    /// Calls made so far.
-    pub fn sent(&self) -> usize {
-        self.sent
     }
 
     /// Calls not answered yet.
     pub fn pending(&self) -> usize {
         self.in_flight.len()
-    }
-
-    /// The next reply, or `None` once every call answered.
-    pub async fn next(&mut self) -> Option<(usize, R)> {
-        self.in_flight.next().await
     }
 
     /// Feeds replies to `tally` until it decides, every call answered, or

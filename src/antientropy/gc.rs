@@ -5,9 +5,12 @@
 use std::sync::atomic::Ordering;
 
 use super::{AntiEntropy, MAX_GC_PER_ROUND};
-use crate::clock::wall_clock_ms;
+use crate::clock::{Version, wall_clock_ms};
 use crate::error::Result;
+use crate::fanout::{Ended, FanOut, Stragglers, Tally};
+use crate::net::ReplicaError;
 use crate::placement::Placement;
+use crate::record::Record;
 use crate::sync::Locked;
 
 impl AntiEntropy {
@@ -38,27 +41,56 @@ impl AntiEntropy {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let mut checks = Vec::new();
-            for address in &others {
+            let mut checks = FanOut::new(Stragglers::Abandon);
+            for (index, address) in others.iter().enumerate() {
                 let mut handle = self.cluster.peers.replica_handle(address, None)?;
                 // A replica serving a newer layout refuses: skip the purge.
                 handle.layout_version = view.version();
-                let key = &key;
-                checks.push(async move { handle.read(key, self.cluster.rpc_timeout).await });
+                let (key, timeout) = (key.clone(), self.cluster.rpc_timeout);
+                checks.send(index, async move { handle.read(&key, timeout).await });
             }
+            let mut check = PurgeCheck {
+                tombstone: version,
+                asked: others.len(),
+                agreed: 0,
+                refused: false,
+            };
             let everyone_agrees =
-                futures::future::join_all(checks)
-                    .await
-                    .into_iter()
-                    .all(|answer| match answer {
-                        Ok(None) => true,
-                        Ok(Some(held)) => held.version >= version,
-                        Err(_) => false,
-                    });
+                matches!(checks.collect(&mut check, None).await, Ended::Decided(true));
             if everyone_agrees && self.replica.purge_tombstone(&key, version)? {
                 self.stats.tombstones_purged.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
+    }
+}
+
+/// Whether every other replica of a tombstone's key holds it (or something
+/// newer, or has purged it): one that does not, or cannot say, keeps it.
+struct PurgeCheck {
+    tombstone: Version,
+    asked: usize,
+    agreed: usize,
+    refused: bool,
+}
+
+impl Tally<Result<Option<Record>, ReplicaError>> for PurgeCheck {
+    type Verdict = bool;
+
+    fn record(&mut self, _index: usize, reply: Result<Option<Record>, ReplicaError>) {
+        match reply {
+            Ok(None) => self.agreed += 1,
+            Ok(Some(held)) if held.version >= self.tombstone => self.agreed += 1,
+            Ok(Some(_)) | Err(_) => self.refused = true,
+        }
+    }
+
+    /// Decided at the first replica that does not agree.
+    fn verdict(&self) -> Option<bool> {
+        if self.refused {
+            Some(false)
+        } else {
+            (self.agreed == self.asked).then_some(true)
+        }
     }
 }

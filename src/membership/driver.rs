@@ -112,7 +112,7 @@ impl Membership {
     }
 
     /// A joining node: stream (once per layout version), then finish.
-    async fn join_step(&self, layout: &Layout) {
+    async fn join_step(self: &Arc<Self>, layout: &Layout) {
         if self.streamed.load(Ordering::Relaxed) < layout.version {
             if let Err(why) = self.stream_all(layout).await {
                 tracing::warn!(%why, "joining: streaming incomplete; retrying");

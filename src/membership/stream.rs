@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::{Membership, MoveProgress};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
+use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::layout::Layout;
 use crate::pb;
 use crate::quorum::Consistency;
@@ -187,6 +188,42 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
     (groups, intervals_total as u32)
 }
 
+/// The old replicas of one group that finished streaming it.
+struct Sources<'a> {
+    names: &'a [String],
+    answered: usize,
+    merged: usize,
+    failures: Vec<String>,
+}
+
+impl<'a> Sources<'a> {
+    fn new(names: &'a [String]) -> Self {
+        Self {
+            names,
+            answered: 0,
+            merged: 0,
+            failures: Vec::new(),
+        }
+    }
+}
+
+impl Tally<Result<()>> for Sources<'_> {
+    type Verdict = ();
+
+    fn record(&mut self, index: usize, reply: Result<()>) {
+        self.answered += 1;
+        match reply {
+            Ok(()) => self.merged += 1,
+            Err(why) => self.failures.push(format!("{}: {why}", self.names[index])),
+        }
+    }
+
+    /// Decided once every source finished, whatever it said.
+    fn verdict(&self) -> Option<()> {
+        (self.answered == self.names.len()).then_some(())
+    }
+}
+
 /// Paces a join to `--stream-rate` records per second.
 struct Pace {
     rate: u64,
@@ -208,7 +245,7 @@ impl Pace {
 impl Membership {
     /// Copies every range this node will replicate under `layout` from the
     /// old replicas. `Ok` once every group was merged from enough of them.
-    pub(super) async fn stream_all(&self, layout: &Layout) -> Result<()> {
+    pub(super) async fn stream_all(self: &Arc<Self>, layout: &Layout) -> Result<()> {
         let me = self.me.address.clone();
         let (groups, ranges_total) = plan(layout, &me);
         let n_read = layout.replicas.min(layout.read_ring().members().len());
@@ -220,28 +257,29 @@ impl Membership {
             started,
             ..MoveProgress::default()
         });
-        let pace = tokio::sync::Mutex::new(Pace {
+        let pace = Arc::new(tokio::sync::Mutex::new(Pace {
             rate: self.stream_rate,
             started,
             records: 0,
-        });
+        }));
         let mut done_share = 0.0;
         let mut done_intervals = 0usize;
-        for group in &groups {
+        for group in groups {
+            let group = Arc::new(group);
+            let stream_from = |source: &String| {
+                self.clone().stream_group(
+                    source.clone(),
+                    layout.version,
+                    group.clone(),
+                    pace.clone(),
+                    done_share,
+                    done_intervals,
+                )
+            };
             if let Some(giver) = &group.giver
                 && self.cluster.liveness.is_up(giver)
             {
-                match self
-                    .stream_group(
-                        giver,
-                        layout.version,
-                        group,
-                        &pace,
-                        done_share,
-                        done_intervals,
-                    )
-                    .await
-                {
+                match stream_from(giver).await {
                     Ok(()) => {
                         done_share += group.shares.iter().sum::<f64>();
                         done_intervals += group.intervals.len();
@@ -253,34 +291,24 @@ impl Membership {
                     ),
                 }
             }
-            let outcomes = futures::future::join_all(group.sources.iter().map(|source| {
-                self.stream_group(
-                    source,
-                    layout.version,
-                    group,
-                    &pace,
-                    done_share,
-                    done_intervals,
-                )
-            }))
-            .await;
-            let mut merged = 0;
-            let mut failures = Vec::new();
-            for (source, outcome) in group.sources.iter().zip(outcomes) {
-                match outcome {
-                    Ok(()) => merged += 1,
-                    Err(why) => failures.push(format!("{source}: {why}")),
-                }
+            // Every old replica streams to the end (each merge is useful);
+            // the group counts once enough of them finished.
+            let mut streams = FanOut::new(Stragglers::Abandon);
+            for (index, source) in group.sources.iter().enumerate() {
+                streams.send(index, stream_from(source));
             }
+            let mut merged = Sources::new(&group.sources);
+            streams.collect(&mut merged, None).await;
             let needed = needed_sources.min(group.sources.len());
-            if merged < needed {
+            if merged.merged < needed {
                 return Err(Error::Unavailable(format!(
-                    "streamed a range group from {merged} of its old replicas, {needed} needed (so no acknowledged write is missed): {}",
-                    failures.join("; ")
+                    "streamed a range group from {} of its old replicas, {needed} needed (so no acknowledged write is missed): {}",
+                    merged.merged,
+                    merged.failures.join("; ")
                 )));
             }
-            if !failures.is_empty() {
-                tracing::warn!(failures = %failures.join("; "), merged, "some old replicas could not stream; enough others did");
+            if !merged.failures.is_empty() {
+                tracing::warn!(failures = %merged.failures.join("; "), merged = merged.merged, "some old replicas could not stream; enough others did");
             }
             done_share += group.shares.iter().sum::<f64>();
             done_intervals += group.intervals.len();
@@ -308,15 +336,15 @@ impl Membership {
 
     /// Merges one group's intervals from `source`.
     async fn stream_group(
-        &self,
-        source: &str,
+        self: Arc<Self>,
+        source: String,
         version: u64,
-        group: &Group,
-        pace: &tokio::sync::Mutex<Pace>,
+        group: Arc<Group>,
+        pace: Arc<tokio::sync::Mutex<Pace>>,
         done_before: f64,
         intervals_before: usize,
     ) -> Result<()> {
-        let mut client = self.cluster.peers.replica_client(source)?;
+        let mut client = self.cluster.peers.replica_client(&source)?;
         let request = pb::StreamRequest {
             layout_version: version,
             intervals: group
