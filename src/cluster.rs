@@ -5,38 +5,26 @@
 //! The coordinator, hinted handoff, anti-entropy and heartbeats each hold
 //! one `Arc<Cluster>` instead of their own copies of these.
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::Result;
 use crate::liveness::Liveness;
 use crate::net::{PeerPool, ReplicaHandle};
-use crate::placement::{Placement, SharedPlacement};
+use crate::placement::Placement;
 use crate::replica::ReplicaStore;
+use crate::serving::LayoutOwner;
 
 pub struct Cluster {
-    /// Where keys live; take one snapshot per request or round.
-    pub placement: SharedPlacement,
+    /// The layout served: where keys live (take one snapshot per request
+    /// or round), and how a newer one is learned.
+    pub layouts: Arc<LayoutOwner>,
     /// Channels to peers.
     pub peers: Arc<PeerPool>,
     /// Which peers are believed down.
     pub liveness: Liveness,
     /// Deadline of each call to a peer (`--rpc-timeout-ms`).
     pub rpc_timeout: Duration,
-    /// Fetches and adopts newer layouts (set once the node is built).
-    pub learner: OnceLock<Weak<dyn LayoutLearner>>,
-}
-
-/// What learns a newer layout when a peer says it serves one.
-pub trait LayoutLearner: Send + Sync {
-    /// Fetches the layout from `from` (which serves `version`) and adopts
-    /// it if it is newer; returns once this node serves at least `version`
-    /// or the attempt failed.
-    fn catch_up(
-        self: Arc<Self>,
-        version: u64,
-        from: String,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
 }
 
 /// A write's replicas: the union of its replica sets, and each set as
@@ -48,35 +36,28 @@ pub struct WriteReplicas {
 
 impl Cluster {
     pub fn new(
-        placement: SharedPlacement,
+        layouts: Arc<LayoutOwner>,
         peers: Arc<PeerPool>,
         liveness: Liveness,
         rpc_timeout: Duration,
     ) -> Self {
         Self {
-            placement,
+            layouts,
             peers,
             liveness,
             rpc_timeout,
-            learner: OnceLock::new(),
         }
     }
 
-    /// The placement now (see [`SharedPlacement::snapshot`]).
+    /// The placement now (see [`LayoutOwner::placement`]).
     pub fn placement(&self) -> Arc<Placement> {
-        self.placement.snapshot()
+        self.layouts.placement()
     }
 
     /// Makes this node serve at least layout `version`, fetched from
     /// `from`, before a request placed with an older one is retried.
     pub async fn catch_up(&self, version: u64, from: &str) {
-        if self.placement().version() >= version {
-            return;
-        }
-        let learner = self.learner.get().and_then(Weak::upgrade);
-        if let Some(learner) = learner {
-            learner.catch_up(version, from.to_string()).await;
-        }
+        self.layouts.catch_up(version, from).await
     }
 
     /// Handles to every replica a write of `key` must reach under `view`.

@@ -31,7 +31,10 @@
 //!
 //! * [`net`] — dialing peers, the batching replica pipe, call deadlines.
 //! * `fanout` — the one way to ask many nodes: send, tally, stragglers.
-//! * `cluster` — what the parts below share: placement, peers, liveness.
+//! * `serving` — the layout this node serves and its one owner: adoption,
+//!   the fence, the placement swap, catching up.
+//! * `cluster` — what the parts below share: the layout owner, peers,
+//!   liveness.
 //! * `coordinator` — quorum reads and writes, read repair.
 //! * `hints` — hinted handoff: the store, where hints go, delivery.
 //! * `antientropy` — background sync and tombstone collection.
@@ -69,6 +72,7 @@ pub mod record;
 pub mod replica;
 pub mod ring;
 pub mod seams;
+pub(crate) mod serving;
 pub mod storage;
 pub(crate) mod sync;
 pub mod workload;

@@ -21,14 +21,17 @@ use crate::clock::{SkewBound, Version, hlc_of_ms, wall_clock_ms};
 use crate::cluster::Cluster;
 use crate::error::{Error, RollCall};
 use crate::hints::{HintBounds, HintStore};
+use crate::layout::Layout;
+use crate::layout::store::{LayoutState, LayoutStore};
 use crate::liveness::{FailureDetector, Liveness};
 use crate::net::PeerPool;
 use crate::net::fake::{FakeReplica, Script};
-use crate::placement::{Placement, SharedPlacement};
+use crate::placement::Placement;
 use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::replica::ReplicaStore;
 use crate::ring::{Member, Ring, node_id_for};
+use crate::serving::LayoutOwner;
 use crate::storage::MemoryStorage;
 
 /// The three replicas of every key.
@@ -66,19 +69,39 @@ impl Harness {
             .zip(scripts)
             .map(|(address, script)| FakeReplica::new(address, ring.clone(), script))
             .collect();
+        let local = Arc::new(
+            ReplicaStore::open(
+                node_id_for(ME),
+                Arc::new(MemoryStorage::new()),
+                ring.clone(),
+                SkewBound::default(),
+            )
+            .expect("open the coordinator's store"),
+        );
+        let peers = Arc::new(PeerPool::with_fakes(replicas.iter().cloned()));
+        let liveness = convicting(down.iter().map(|&i| REPLICAS[i]));
+        // The members' layout, served with the test's ring (the fakes use it).
+        let layout = Layout::bootstrap(&REPLICAS.map(String::from), 3, 16);
+        let layouts = LayoutOwner::new(
+            ME,
+            LayoutStore::in_memory(),
+            LayoutState {
+                committed: Some(layout),
+                ..LayoutState::default()
+            },
+            Placement::new(ring, 3, ME),
+            local.clone(),
+            liveness.clone(),
+            peers.clone(),
+            RPC_TIMEOUT,
+        )
+        .expect("a layout owner");
         let cluster = Arc::new(Cluster::new(
-            SharedPlacement::new(Placement::new(ring.clone(), 3, ME)),
-            Arc::new(PeerPool::with_fakes(replicas.iter().cloned())),
-            convicting(down.iter().map(|&i| REPLICAS[i])),
+            Arc::new(layouts),
+            peers,
+            liveness,
             RPC_TIMEOUT,
         ));
-        let local = ReplicaStore::open(
-            node_id_for(ME),
-            Arc::new(MemoryStorage::new()),
-            ring,
-            SkewBound::default(),
-        )
-        .expect("open the coordinator's store");
         let hints = Arc::new(
             HintStore::open(
                 Arc::new(MemoryStorage::new()),
@@ -92,7 +115,7 @@ impl Harness {
             .expect("open the hint store"),
         );
         let coordinator = Coordinator::new(
-            Arc::new(local),
+            local,
             cluster,
             request_timeout,
             Background::new(CancellationToken::new()),

@@ -20,6 +20,7 @@ use crate::clock::{Version, wall_clock_ms};
 use crate::cluster::Cluster;
 use crate::error::Result;
 use crate::identity::Identity;
+use crate::membership::JoinProgress;
 use crate::pb;
 use crate::placement::NodeIdentity;
 use crate::replica::ReplicaStore;
@@ -55,9 +56,8 @@ pub struct Heartbeats {
     first_round: CancellationToken,
     /// Joining peers' progress, from their pings, and when it arrived.
     moves: Mutex<HashMap<String, (pb::MoveProgress, Instant)>>,
-    /// This node's membership (its layout version and join progress go
-    /// out with every ping).
-    membership: std::sync::OnceLock<Arc<crate::membership::Membership>>,
+    /// This node's join progress: it goes out with every ping.
+    progress: JoinProgress,
 }
 
 impl Heartbeats {
@@ -66,6 +66,7 @@ impl Heartbeats {
         cluster: Arc<Cluster>,
         identity: Arc<Identity>,
         replica: Arc<ReplicaStore>,
+        progress: JoinProgress,
         interval: Duration,
     ) -> Self {
         Self {
@@ -79,13 +80,8 @@ impl Heartbeats {
             pinging_back: Mutex::default(),
             first_round: CancellationToken::new(),
             moves: Mutex::default(),
-            membership: std::sync::OnceLock::new(),
+            progress,
         }
-    }
-
-    /// Wires in the node's membership (once, at start).
-    pub fn set_membership(&self, membership: Arc<crate::membership::Membership>) {
-        let _ = self.membership.set(membership);
     }
 
     /// Joining peers' progress as their pings last told it, with its age.
@@ -176,11 +172,7 @@ impl Heartbeats {
             known_instance_id: self.identity.known_instance(address)?,
             serves_reads: self.identity.read_refusal().is_none(),
             layout_version: self.cluster.placement().version(),
-            r#move: self
-                .membership
-                .get()
-                .and_then(|m| m.progress())
-                .map(|p| pb::MoveProgress::from(&p)),
+            r#move: self.progress.get().map(|p| pb::MoveProgress::from(&p)),
         };
         let sent_ms = wall_clock_ms();
         let answer = crate::net::call_within(timeout, client.ping(ping)).await?;

@@ -17,6 +17,23 @@ use crate::layout::{Layout, Role};
 use crate::liveness::heartbeat::Heartbeats;
 use crate::sync::Locked;
 
+/// A joining node's progress, shared by the streaming that updates it and
+/// the heartbeats and status that report it.
+#[derive(Clone, Default)]
+pub struct JoinProgress(Arc<std::sync::Mutex<Option<MoveProgress>>>);
+
+impl JoinProgress {
+    /// The progress now (`None`: not joining).
+    pub fn get(&self) -> Option<MoveProgress> {
+        self.0.locked().clone()
+    }
+
+    /// The progress, to update in place.
+    pub fn locked(&self) -> std::sync::MutexGuard<'_, Option<MoveProgress>> {
+        self.0.locked()
+    }
+}
+
 /// A joining node's progress.
 #[derive(Clone, Debug)]
 pub struct MoveProgress {

@@ -14,25 +14,25 @@
 mod driver;
 mod stream;
 
-pub use driver::MoveProgress;
+pub use driver::{JoinProgress, MoveProgress};
 pub use stream::{RecordStream, stream_source};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cluster::{Cluster, LayoutLearner};
+use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::fanout::{Ended, FanOut, Stragglers, Tally};
-use crate::layout::paxos::{self, Answer, Ballot};
+use crate::layout::paxos::{Answer, Ballot};
 use crate::layout::store::{LayoutState, LayoutStore};
 use crate::layout::{Layout, Refusal};
 use crate::net::call_within;
 use crate::paxos::{Accepted, Promise, Proposer, Verdict};
 use crate::pb;
-use crate::placement::{NodeIdentity, Placement};
+use crate::placement::NodeIdentity;
 use crate::replica::ReplicaStore;
-use crate::sync::Locked;
+use crate::serving::LayoutOwner;
 
 /// Most attempts of one proposal (each a prepare and an accept round).
 const MAX_PROPOSAL_ATTEMPTS: usize = 30;
@@ -41,18 +41,14 @@ pub struct Membership {
     me: NodeIdentity,
     cluster: Arc<Cluster>,
     replica: Arc<ReplicaStore>,
-    store: LayoutStore,
-    /// The committed layout and acceptor (std mutex: held for a check, an
-    /// update and the file write that must precede the answer).
-    state: Mutex<LayoutState>,
+    /// The layout served and the acceptor state: adoption goes through it.
+    layouts: Arc<LayoutOwner>,
     /// The highest ballot round seen, to propose above it.
     max_round: AtomicU64,
-    /// One catch-up at a time.
-    fetching: tokio::sync::Mutex<()>,
     /// `--stream-rate`: records per second a join copies (0: unlimited).
     stream_rate: u64,
-    /// This node's join progress (while it joins).
-    progress: Mutex<Option<MoveProgress>>,
+    /// This node's join progress (while it joins); heartbeats carry it.
+    progress: JoinProgress,
     /// The layout version whose streaming finished here.
     streamed: AtomicU64,
     /// The layout version whose moved-away data this node dropped.
@@ -89,141 +85,42 @@ impl Membership {
         me: NodeIdentity,
         cluster: Arc<Cluster>,
         replica: Arc<ReplicaStore>,
-        store: LayoutStore,
-        state: LayoutState,
+        layouts: Arc<LayoutOwner>,
+        progress: JoinProgress,
         stream_rate: u64,
         ae_rounds: Arc<AtomicU64>,
     ) -> Arc<Self> {
         // Never reuse a ballot promised before a restart.
-        let round = state.acceptor.promised.round;
-        let membership = Arc::new(Self {
+        let round = layouts
+            .update_acceptor(|state| state.acceptor.promised.round)
+            .map_or(0, |(round, _)| round);
+        Arc::new(Self {
             me,
             cluster,
             replica,
-            store,
-            state: Mutex::new(state),
+            layouts,
             max_round: AtomicU64::new(round),
-            fetching: tokio::sync::Mutex::new(()),
             stream_rate,
-            progress: Mutex::new(None),
+            progress,
             streamed: AtomicU64::new(0),
             cleaned: AtomicU64::new(0),
             ae_rounds,
             settled_at_round: Mutex::new(None),
-        });
-        let learner: Arc<dyn LayoutLearner> = membership.clone();
-        let _ = membership.cluster.learner.set(Arc::downgrade(&learner));
-        membership
+        })
     }
 
     /// The layout this node serves.
     pub fn layout(&self) -> Layout {
-        self.state
-            .locked()
-            .committed
-            .clone()
-            .expect("a node always has a layout")
+        self.layouts.layout()
     }
 
     pub fn progress(&self) -> Option<MoveProgress> {
-        self.progress.locked().clone()
+        self.progress.get()
     }
 
-    /// Serves `layout` if it is newer than the one served: stores it, raises
-    /// the fence, swaps the placement. Answers whether it was adopted.
+    /// Serves `layout` if it is newer (see [`LayoutOwner::adopt`]).
     pub fn adopt(&self, layout: Layout) -> Result<bool> {
-        layout.validate().map_err(Error::InvalidArgument)?;
-        let mut state = self.state.locked();
-        let current = state.committed.as_ref().map_or(0, |l| l.version);
-        if layout.version <= current {
-            return Ok(false);
-        }
-        if let Some(old) = &state.committed
-            && (old.replicas != layout.replicas || old.vnodes != layout.vnodes)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "layout v{} has replicas {} and vnodes {}, this cluster {} and {} (fixed at bootstrap)",
-                layout.version, layout.replicas, layout.vnodes, old.replicas, old.vnodes
-            )));
-        }
-        let mut next = state.clone();
-        next.committed = Some(layout.clone());
-        if next.acceptor.version <= layout.version {
-            next.acceptor = paxos::Acceptor::default();
-        }
-        self.store.save(&next)?;
-        *state = next;
-        self.replica.advance_fence(layout.version);
-        let layout = Arc::new(layout);
-        self.cluster.placement.replace(Placement::of_layout(
-            layout.clone(),
-            self.me.address.clone(),
-        ));
-        let now = tokio::time::Instant::now();
-        self.cluster.liveness.update(|detector| {
-            for member in &layout.members {
-                if member.address != self.me.address {
-                    detector.learn(&member.address, now);
-                }
-            }
-        });
-        drop(state);
-        tracing::info!(version = layout.version, change = %layout.change, "serving a new layout");
-        let (replica, ring, version) = (
-            self.replica.clone(),
-            Arc::new(layout.read_ring()),
-            layout.version,
-        );
-        crate::seams::detach_blocking(move || {
-            if let Err(why) = replica.rebuild_digests(ring, version) {
-                tracing::error!(%why, "cannot recount the range digests for the new layout");
-            }
-        });
-        Ok(true)
-    }
-
-    /// Fetches the layout from `address` and adopts it if newer.
-    async fn fetch_from(&self, address: &str) -> Result<bool> {
-        let mut client = self.cluster.peers.replica_client(address)?;
-        let layout = call_within(
-            self.cluster.rpc_timeout,
-            client.get_layout(pb::GetLayoutRequest {}),
-        )
-        .await?;
-        let layout = pb::layout_from(layout)
-            .map_err(|why| Error::Unavailable(format!("{address} sent a bad layout: {why}")))?;
-        self.adopt(layout)
-    }
-
-    /// Learns layout `version` or newer: from `from` first, then from any
-    /// member (once each).
-    pub async fn catch_up_to(&self, version: u64, from: &str) {
-        let _one = self.fetching.lock().await;
-        let serving = || self.cluster.placement().version();
-        if serving() >= version {
-            return;
-        }
-        if !from.is_empty() {
-            match self.fetch_from(from).await {
-                Ok(_) if serving() >= version => return,
-                Ok(_) => {}
-                Err(why) => tracing::debug!(peer = from, %why, "cannot fetch the layout"),
-            }
-        }
-        let members: Vec<String> = self
-            .cluster
-            .placement()
-            .peers()
-            .map(|m| m.address.clone())
-            .collect();
-        for member in members {
-            if serving() >= version {
-                return;
-            }
-            if let Err(why) = self.fetch_from(&member).await {
-                tracing::debug!(peer = member, %why, "cannot fetch the layout");
-            }
-        }
+        self.layouts.adopt(layout)
     }
 
     /// Whether a proposal for `version` built on the layout hashing to
@@ -250,18 +147,16 @@ impl Membership {
     pub fn on_prepare(&self, request: pb::LayoutPrepareRequest) -> Result<pb::LayoutPromise> {
         let ballot = pb::ballot_from(request.ballot);
         self.note_round(ballot.round);
-        let mut state = self.state.locked();
-        if !self.same_base(&state, request.version, request.base_hash) {
+        let (answer, state) = self.layouts.update_acceptor(|state| {
+            if !self.same_base(state, request.version, request.base_hash) {
+                return None;
+            }
+            let committed = state.committed.as_ref().map_or(0, |l| l.version);
+            Some(state.acceptor.prepare(committed, request.version, ballot))
+        })?;
+        let Some(answer) = answer else {
             return Ok(pb::LayoutPromise::default());
-        }
-        let committed = state.committed.as_ref().map_or(0, |l| l.version);
-        let mut next = state.clone();
-        let answer = next.acceptor.prepare(committed, request.version, ballot);
-        if next != *state {
-            self.store.save(&next)?;
-            *state = next;
-        }
-        let committed_layout = state.committed.as_ref().map(pb::Layout::from);
+        };
         Ok(match answer {
             Answer::Yes { accepted } => pb::LayoutPromise {
                 promised: true,
@@ -275,7 +170,7 @@ impl Membership {
                 ..Default::default()
             },
             Answer::Committed | Answer::Behind => pb::LayoutPromise {
-                committed: committed_layout,
+                committed: state.committed.as_ref().map(pb::Layout::from),
                 ..Default::default()
             },
         })
@@ -291,17 +186,16 @@ impl Membership {
                 .ok_or_else(|| Error::InvalidArgument("layout is required".into()))?,
         )
         .map_err(Error::InvalidArgument)?;
-        let mut state = self.state.locked();
-        if !self.same_base(&state, layout.version, request.base_hash) {
+        let (answer, state) = self.layouts.update_acceptor(|state| {
+            if !self.same_base(state, layout.version, request.base_hash) {
+                return None;
+            }
+            let committed = state.committed.as_ref().map_or(0, |l| l.version);
+            Some(state.acceptor.accept(committed, &layout, ballot))
+        })?;
+        let Some(answer) = answer else {
             return Ok(pb::LayoutAccepted::default());
-        }
-        let committed = state.committed.as_ref().map_or(0, |l| l.version);
-        let mut next = state.clone();
-        let answer = next.acceptor.accept(committed, &layout, ballot);
-        if next != *state {
-            self.store.save(&next)?;
-            *state = next;
-        }
+        };
         Ok(match answer {
             Answer::Yes { .. } => pb::LayoutAccepted {
                 accepted: true,
@@ -540,16 +434,6 @@ impl Membership {
         let address = address.to_string();
         self.propose(|l| l.begin_join(&address), |l| l.is_member(&address))
             .await
-    }
-}
-
-impl LayoutLearner for Membership {
-    fn catch_up(
-        self: Arc<Self>,
-        version: u64,
-        from: String,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
-        Box::pin(async move { self.catch_up_to(version, &from).await })
     }
 }
 

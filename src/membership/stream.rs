@@ -27,7 +27,6 @@ use crate::pb;
 use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::replica::ReplicaStore;
-use crate::sync::Locked;
 
 /// Records and bytes in one chunk of a stream.
 const CHUNK_RECORDS: usize = 1024;

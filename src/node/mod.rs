@@ -42,13 +42,14 @@ use crate::layout::store::LayoutStore;
 use crate::limits::Limits;
 use crate::liveness::heartbeat::Heartbeats;
 use crate::liveness::{FailureDetector, Liveness};
-use crate::membership::Membership;
+use crate::membership::{JoinProgress, Membership};
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
-use crate::placement::{NodeIdentity, Placement, SharedPlacement};
+use crate::placement::{NodeIdentity, Placement};
 use crate::record::Record;
 use crate::replica::ReplicaStore;
 use crate::ring::Member;
+use crate::serving::LayoutOwner;
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 
 /// Everything one node runs.
@@ -266,16 +267,17 @@ impl Node {
             instance_id: identity.instance_id,
             address,
         };
-        let replica = Arc::new(ReplicaStore::open(
-            me.instance_id,
-            storage.clone(),
-            placement.ring().clone(),
-            bound,
-        )?);
+        let replica = Arc::new(
+            ReplicaStore::open(
+                me.instance_id,
+                storage.clone(),
+                placement.ring().clone(),
+                bound,
+            )?
+            .with_read_gate(identity.clone()),
+        );
         // Counted over the layout's read ring just now; serve that version.
         replica.digests_are_of(layout.version);
-        replica.advance_fence(layout.version);
-        replica.set_read_gate(identity.clone());
         tracing::info!(
             member_id = format!("{:016x}", me.member_id),
             instance_id = format!("{:016x}", me.instance_id),
@@ -290,12 +292,23 @@ impl Node {
             config.heartbeat_interval(),
             config.phi_threshold,
         ));
+        let layouts = Arc::new(LayoutOwner::new(
+            &me.address,
+            layout_store,
+            layout_state,
+            placement,
+            replica.clone(),
+            liveness.clone(),
+            peers.clone(),
+            config.rpc_timeout(),
+        )?);
         let cluster = Arc::new(Cluster::new(
-            SharedPlacement::new(placement),
+            layouts.clone(),
             peers,
             liveness,
             config.rpc_timeout(),
         ));
+        let progress = JoinProgress::default();
         let shutdown = CancellationToken::new();
         let background = Background::new(shutdown.child_token());
         let hints = Arc::new(HintStore::open(
@@ -332,18 +345,18 @@ impl Node {
             cluster.clone(),
             identity.clone(),
             replica.clone(),
+            progress.clone(),
             config.heartbeat_interval(),
         ));
         let membership = Membership::new(
             me.clone(),
             cluster.clone(),
             replica.clone(),
-            layout_store,
-            layout_state,
+            layouts,
+            progress,
             config.stream_rate,
             anti_entropy.rounds_counter(),
         );
-        heartbeats.set_membership(membership.clone());
         Ok(Arc::new(Self {
             membership,
             hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::net::max_message_bytes;
 use crate::pb;
 use crate::record::Record;
+use crate::replica::UNFENCED;
 
 /// Bytes a record adds to a reply, roughly.
 fn record_size(record: &Option<pb::Record>) -> usize {
@@ -48,18 +49,13 @@ impl pb::replica_server::Replica for ReplicaService {
         // Validate every write, apply the valid ones with one flush, all
         // under the layout fence: a write placed with an older layout than
         // this node serves is refused unapplied.
-        let fence = node.replica.fenced(0)?;
-        let serving = *fence;
+        let fence = node.replica.fence();
+        let serving = fence.serving();
         let checked: Vec<Result<(String, Record)>> = request
             .writes
             .into_iter()
             .map(|w| {
-                if w.layout_version != 0 && w.layout_version < serving {
-                    return Err(Error::StaleLayout {
-                        caller: w.layout_version,
-                        current: serving,
-                    });
-                }
+                fence.admit(w.layout_version)?;
                 node.check_write(w)
             })
             .collect();
@@ -111,7 +107,7 @@ impl pb::replica_server::Replica for ReplicaService {
             .reads
             .into_iter()
             .map(|read| {
-                if read.layout_version != 0 && read.layout_version < serving {
+                if read.layout_version != UNFENCED && read.layout_version < serving {
                     return pb::ReadResult {
                         stale_layout: serving,
                         error: format!("this node serves newer layout v{serving}"),

@@ -65,6 +65,32 @@ pub struct LocalStats {
     pub future_records: u64,
 }
 
+/// The layout version of a call placed with no layout (a tool's call, or
+/// a replica answering for itself): the fence lets it through.
+pub const UNFENCED: u64 = 0;
+
+/// The fence held at the layout version served (see [`ReplicaStore::fence`]).
+pub struct FenceGuard<'a>(std::sync::RwLockReadGuard<'a, u64>);
+
+impl FenceGuard<'_> {
+    /// The layout version served.
+    pub fn serving(&self) -> u64 {
+        *self.0
+    }
+
+    /// Refuses, unapplied, a request placed with layout `tagged` older than
+    /// the one served ([`UNFENCED`] passes).
+    pub fn admit(&self, tagged: u64) -> Result<()> {
+        if tagged != UNFENCED && tagged < *self.0 {
+            return Err(Error::StaleLayout {
+                caller: tagged,
+                current: *self.0,
+            });
+        }
+        Ok(())
+    }
+}
+
 pub struct ReplicaStore {
     /// This node's id; stamped into the versions it issues.
     node_id: NodeId,
@@ -77,9 +103,9 @@ pub struct ReplicaStore {
     bound: SkewBound,
     /// See [`LocalStats::future_records`].
     future_records: u64,
-    /// Whether this replica may answer quorum reads (set once by the node;
-    /// unset: always).
-    read_gate: std::sync::OnceLock<Arc<crate::identity::Identity>>,
+    /// Whether this replica may answer quorum reads (given by the node when
+    /// it builds the store; none: always).
+    read_gate: Option<Arc<crate::identity::Identity>>,
     /// The highest clock ceiling persisted; held while persisting one, so
     /// the persisted value only ever grows.
     persisted_ceiling: Arc<Mutex<u64>>,
@@ -221,7 +247,7 @@ impl ReplicaStore {
             clock: Arc::new(Mutex::new(clock)),
             bound,
             future_records,
-            read_gate: std::sync::OnceLock::new(),
+            read_gate: None,
             persisted_ceiling: Arc::new(Mutex::new(ceiling)),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             live_keys: AtomicU64::new(live_keys),
@@ -245,18 +271,18 @@ impl ReplicaStore {
         *self.fence.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Refuses a request placed with a layout older than the one served
-    /// (`tagged` 0: unfenced, a tool's call). Hold the guard until the
-    /// write is applied.
-    pub fn fenced(&self, tagged: u64) -> Result<std::sync::RwLockReadGuard<'_, u64>> {
-        let serving = self.fence.read().unwrap_or_else(|p| p.into_inner());
-        if tagged != 0 && tagged < *serving {
-            return Err(Error::StaleLayout {
-                caller: tagged,
-                current: *serving,
-            });
-        }
-        Ok(serving)
+    /// Holds the fence at the layout served: the layout cannot advance
+    /// until the guard is dropped (hold it until the writes are applied).
+    pub fn fence(&self) -> FenceGuard<'_> {
+        FenceGuard(self.fence.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// [`ReplicaStore::fence`], refusing a request placed with a layout
+    /// older than the one served.
+    pub fn fenced(&self, tagged: u64) -> Result<FenceGuard<'_>> {
+        let fence = self.fence();
+        fence.admit(tagged)?;
+        Ok(fence)
     }
 
     /// Serves `version` from now on: waits for writes placed with an older
@@ -360,8 +386,9 @@ impl ReplicaStore {
 
     /// Makes [`ReplicaStore::read_for_quorum`] refuse while `identity`
     /// says this replica must not answer (a new data dir catching up).
-    pub fn set_read_gate(&self, identity: Arc<crate::identity::Identity>) {
-        let _ = self.read_gate.set(identity);
+    pub fn with_read_gate(mut self, identity: Arc<crate::identity::Identity>) -> Self {
+        self.read_gate = Some(identity);
+        self
     }
 
     /// [`ReplicaStore::read`] for a quorum read: refused (UNAVAILABLE)
@@ -369,7 +396,7 @@ impl ReplicaStore {
     /// predecessor acknowledged; an empty answer would count as a replica
     /// that does not hold the key.
     pub fn read_for_quorum(&self, key: &str) -> Result<Option<Record>> {
-        if let Some(why) = self.read_gate.get().and_then(|gate| gate.read_refusal()) {
+        if let Some(why) = self.read_gate.as_ref().and_then(|gate| gate.read_refusal()) {
             return Err(Error::Unavailable(why));
         }
         self.read(key)
