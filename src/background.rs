@@ -100,16 +100,18 @@ impl Background {
         });
     }
 
-    /// Runs `task` in the background if there is room, else hands it back
-    /// to the caller to run itself (work that must not be dropped: the
+    /// Runs the task `make` builds in the background if there is room,
+    /// and answers whether it did; else `make` is not called and the
+    /// caller does the work itself (work that must not be dropped: the
     /// trailing replies of a write round).
-    pub fn try_spawn<F>(&self, task: F) -> Option<F>
+    pub fn try_spawn_with<F>(&self, make: impl FnOnce() -> F) -> bool
     where
         F: Future<Output = ()> + Send + 'static,
     {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            return Some(task);
+            return false;
         };
+        let task = make();
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             tokio::select! {
@@ -119,7 +121,7 @@ impl Background {
             }
             drop(permit);
         });
-        None
+        true
     }
 
     /// Runs `task` in the background whatever the limit: only for calls

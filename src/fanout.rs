@@ -124,21 +124,38 @@ impl<R: Send + 'static> FanOut<R> {
     /// (for writes: hint a replica that failed). Under
     /// [`Stragglers::Abandon`] they are dropped and `each` never runs.
     /// When the background is full the calls are waited for here: a write
-    /// is slowed down, never cut short.
+    /// is slowed down, never cut short (if the caller is cancelled
+    /// meanwhile, what is left still finishes, see `Drop`).
     pub async fn finish<F, Done>(mut self, each: F)
     where
         F: FnMut(usize, R) -> Done + Send + 'static,
         Done: Future<Output = ()> + Send + 'static,
     {
-        let in_flight = std::mem::take(&mut self.in_flight);
-        if in_flight.is_empty() {
+        if self.in_flight.is_empty() {
             return;
         }
-        let Stragglers::Complete(background) = &self.stragglers else {
+        let Stragglers::Complete(background) = self.stragglers.clone() else {
             return;
         };
-        if let Some(rest) = background.try_spawn(drain(in_flight, each)) {
-            rest.await;
+        let mut each = Some(each);
+        let spawned = background.try_spawn_with(|| {
+            let in_flight = std::mem::take(&mut self.in_flight);
+            let mut each = each.take();
+            async move {
+                let mut in_flight = in_flight;
+                while let Some((index, reply)) = in_flight.next().await {
+                    if let Some(each) = each.as_mut() {
+                        each(index, reply).await;
+                    }
+                }
+            }
+        });
+        let Some(mut each) = each.filter(|_| !spawned) else {
+            return;
+        };
+        // Drained in place: the calls stay in `self` until they answer.
+        while let Some((index, reply)) = self.in_flight.next().await {
+            each(index, reply).await;
         }
     }
 
@@ -328,5 +345,29 @@ mod tests {
             "writes are never cut short"
         );
         assert_eq!(reads.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_the_background_full_a_write_is_waited_for_and_still_finishes_if_its_caller_is_cancelled()
+     {
+        let background = Background::new(CancellationToken::new());
+        // Fill the background with work that outlives the test's calls.
+        for _ in 0..2048 {
+            background.spawn(tokio::time::sleep(Duration::from_secs(3600)));
+        }
+        let writes = Arc::new(AtomicUsize::new(0));
+        let mut calls = FanOut::new(Stragglers::Complete(background.clone()));
+        calls.send(0, after(10, true, &writes));
+        calls.send(1, after(1_000, true, &writes));
+        calls.send(2, after(1_000, true, &writes));
+        let mut first = majority(1);
+        first.targets = 3;
+        assert_eq!(calls.collect(&mut first, None).await, Ended::Decided(true));
+        // No room: `finish` waits in place; the caller gives up meanwhile.
+        let cancelled =
+            tokio::time::timeout(Duration::from_millis(100), calls.finish(|_, _| async {})).await;
+        assert!(cancelled.is_err(), "finish waited for the stragglers");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(writes.load(Ordering::SeqCst), 3, "never cut short");
     }
 }

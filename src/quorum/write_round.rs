@@ -258,7 +258,17 @@ impl WriteRound {
 
     /// After [`Step::Restamp`]: the new version, above every one seen.
     pub fn restamped(&mut self, version: Version) -> Step {
-        debug_assert!(self.newest_seen.is_none_or(|seen| version > seen));
+        if let Some(seen) = self.newest_seen
+            && version <= seen
+        {
+            // This node's clock refused to follow a version beyond its
+            // skew bound: every new round would be refused the same way.
+            // Nothing holds this write (a re-stamp needs that).
+            return Step::Fail(Error::Unavailable(format!(
+                "{} of {:?} cannot be ordered after version {seen}, which a replica holds: it is further ahead of this node's clock than --max-clock-skew-ms allows; check the nodes' clocks",
+                self.operation, self.key
+            )));
+        }
         self.version = version;
         self.reset_round();
         self.begin_round()

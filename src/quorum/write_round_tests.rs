@@ -315,3 +315,17 @@ fn a_hot_key_gives_up_after_the_most_rounds() {
         }
     }
 }
+
+#[test]
+fn a_restamp_that_cannot_get_above_the_newest_version_fails_at_once() {
+    let (mut write, _) = put(Consistency::Quorum, three(1));
+    for i in 0..3 {
+        write.record(i, holds(V4));
+    }
+    assert!(matches!(write.round_over(false), Step::Restamp { .. }));
+    // The clock refused to follow V4 (beyond its skew bound).
+    let Step::Fail(Error::Unavailable(why)) = write.restamped(V3) else {
+        panic!("a clear failure, not ten refused rounds");
+    };
+    assert!(why.contains("--max-clock-skew-ms"), "{why}");
+}
