@@ -12,9 +12,12 @@
 //!   reported as [`Error::Indeterminate`] (the write may or may not have been
 //!   applied, and may take effect later).
 //! * GET is coordinated by the client itself: it asks the key's N replicas
-//!   in parallel (internal `Replica.Read`), answers from the first R replies
-//!   with the newest version, and repairs stale replicas in the background.
-//!   [`Client::close`] waits briefly for those repairs, so a short-lived
+//!   in parallel (`ReplicaRead.Batch`, client-facing and read-only), answers
+//!   from the first R replies with the newest version, and when a replica
+//!   answered behind, has a node repair it in the background (a
+//!   `KeyValue.Get` at ONE to the key's first live replica: a node's read
+//!   repairs every replica behind). The client never writes to a replica.
+//!   [`Client::close`] waits briefly for those requests, so a short-lived
 //!   process (the CLI) still sends them. When the newest version is held by
 //!   fewer than W of the replicas that answered (a QUORUM or ALL read), it
 //!   must reach W replicas before it is answered; the client does not write
@@ -33,7 +36,7 @@ use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
 
 use crate::background::Background;
-use crate::coordinator::{WriteAck, read_quorum};
+use crate::coordinator::{PendingRepair, WriteAck, read_quorum};
 use crate::error::{COORDINATOR_ERROR_HEADER, Error, Result};
 use crate::net::{
     CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
@@ -301,8 +304,42 @@ impl Client {
         if result.blocking.is_some() {
             return self.get_through_node(key).await;
         }
-        result.repair.schedule(&self.background);
+        self.repair_through_node(key, result.repair);
         Ok(result.record)
+    }
+
+    /// Once the read's late replies are in, and if a replica answered
+    /// behind, asks a node to repair it (in the background): the key's
+    /// replicas first, live ones before recently failed ones, until one
+    /// answers. The client cannot write to replicas itself.
+    fn repair_through_node(&self, key: &str, repair: PendingRepair) {
+        let replicas = self.replicas_of(key);
+        let mut nodes = self.candidates(&replicas);
+        nodes.truncate(replicas.len().max(1));
+        let (peers, key, timeout) = (
+            self.peers.clone(),
+            key.to_string(),
+            self.options.rpc_timeout,
+        );
+        self.background.spawn(async move {
+            let behind = repair.behind().await;
+            if behind.is_empty() {
+                return;
+            }
+            let mut failures = Vec::new();
+            for node in &nodes {
+                match peers.repair_through_node(node, &key, timeout).await {
+                    Ok(()) => return,
+                    Err(why) => failures.push(format!("{node}: {why}")),
+                }
+            }
+            tracing::debug!(
+                key,
+                ?behind,
+                ?failures,
+                "no node could repair the replicas behind"
+            );
+        });
     }
 
     /// Handles to `addresses` for a read, and how many are marked not to be
@@ -320,7 +357,7 @@ impl Client {
         let handles = addresses
             .iter()
             .map(|address| {
-                let mut handle = self.peers.replica_handle(address, None)?;
+                let mut handle = self.peers.read_handle(address)?;
                 handle.layout_version = layout_version;
                 if skip_down && skipped < spare && self.is_recently_down(address) {
                     skipped += 1;

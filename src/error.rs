@@ -127,7 +127,7 @@ pub enum Error {
     Internal(String),
 
     /// The caller placed this request with an older layout than the node
-    /// serves: fetch the newer layout (`Replica.GetLayout`) and retry.
+    /// serves: fetch the newer layout (`Membership.GetLayout`) and retry.
     #[error(
         "stale layout: the request was placed with layout v{caller}, this node serves v{current}; fetch the newer layout and retry"
     )]

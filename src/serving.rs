@@ -170,7 +170,7 @@ impl LayoutOwner {
 
     /// Fetches the layout from `address` and adopts it if newer.
     async fn fetch_from(&self, address: &str) -> Result<bool> {
-        let mut client = self.peers.replica_client(address)?;
+        let mut client = self.peers.membership_client(address)?;
         let layout =
             call_within(self.rpc_timeout, client.get_layout(pb::GetLayoutRequest {})).await?;
         let layout = pb::layout_from(layout)

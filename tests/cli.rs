@@ -653,7 +653,7 @@ fn row_of(table: &str, address: &str) -> Option<Vec<String>> {
 }
 
 /// `cluster wait` on a settled cluster exits 0 at once. A join that never
-/// finishes (Replica.Join for an address where nothing listens: it stays
+/// finishes (Membership.Join for an address where nothing listens: it stays
 /// JOINING) keeps it waiting: with `--timeout-secs 1` it gives up after
 /// about a second, says what it waited for, and exits 3; `status` shows
 /// the change and the joining member, which serves no layout yet.
@@ -682,13 +682,13 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
         listener.local_addr().expect("local addr").to_string()
     };
     let layout = cluster
-        .replica(0)
+        .membership(0)
         .await
         .join(pb::JoinRequest {
             address: ghost.clone(),
         })
         .await
-        .expect("Replica.Join")
+        .expect("Membership.Join")
         .into_inner();
     assert_eq!(layout.version, 2);
 

@@ -37,7 +37,10 @@ async fn reflection_v1_and_v1alpha_list_every_service() {
     for wanted in [
         "dkvs.v1.KeyValue",
         "dkvs.v1.Cluster",
+        "dkvs.v1.ReplicaRead",
         "dkvs.v1.Replica",
+        "dkvs.v1.Membership",
+        "dkvs.v1.Liveness",
         "grpc.health.v1.Health",
     ] {
         assert!(
@@ -82,7 +85,15 @@ async fn health_reports_each_service_serving() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(
         channel(&cluster.nodes[0].address).await,
     );
-    for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+    for service in [
+        "",
+        "dkvs.v1.KeyValue",
+        "dkvs.v1.Cluster",
+        "dkvs.v1.ReplicaRead",
+        "dkvs.v1.Replica",
+        "dkvs.v1.Membership",
+        "dkvs.v1.Liveness",
+    ] {
         let reply = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: service.into(),

@@ -128,8 +128,8 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
     let cluster = TestCluster::start_with(3, FLAGS).await;
     // Addresses nobody listens on: the changes only have to be agreed.
     let (a, b) = ("127.0.0.1:1".to_string(), "127.0.0.1:2".to_string());
-    let mut first = cluster.replica(0).await;
-    let mut second = cluster.replica(1).await;
+    let mut first = cluster.membership(0).await;
+    let mut second = cluster.membership(1).await;
     let (one, two) = tokio::join!(
         first.join(pb::JoinRequest { address: a.clone() }),
         second.join(pb::JoinRequest { address: b.clone() }),
@@ -164,7 +164,7 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
     })
     .await;
     let refused = cluster
-        .replica(2)
+        .membership(2)
         .await
         .join(pb::JoinRequest {
             address: "127.0.0.1:3".into(),

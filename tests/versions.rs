@@ -249,7 +249,7 @@ async fn one_hostile_version_does_not_stop_the_cluster() {
     assert_eq!(hint.code(), tonic::Code::InvalidArgument);
     // A heartbeat carrying it is not merged.
     cluster
-        .replica(0)
+        .liveness(0)
         .await
         .ping(pb::PingRequest {
             from: cluster.nodes[1].address.clone(),

@@ -31,7 +31,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-pub use read::read_quorum;
+pub use read::{PendingRepair, read_quorum};
 
 use std::future::Future;
 use std::sync::Arc;

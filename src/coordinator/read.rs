@@ -154,10 +154,9 @@ impl Tally<Result<WriteOutcome, ReplicaError>> for RepairWrites<'_> {
 }
 
 impl PendingRepair {
-    /// Waits for the remaining replies, then writes the newest record to
-    /// every replica that answered with an older one (or none). Answers how
-    /// many repairs were sent.
-    pub async fn run(mut self) -> usize {
+    /// Waits for the remaining replies; answers the newest record and the
+    /// replicas that answered with an older one (or none), if any.
+    async fn settle(&mut self) -> Option<RepairPlan> {
         while let Some((index, reply)) = self.in_flight.next().await {
             let address = &self.replicas[index].address;
             let reply = reply.map_err(|e| match e {
@@ -166,7 +165,28 @@ impl PendingRepair {
             });
             self.tally.record(index, address, reply);
         }
-        let Some(RepairPlan { record, stale }) = self.tally.repair_plan() else {
+        self.tally.repair_plan()
+    }
+
+    /// Waits for the remaining replies and answers the addresses of the
+    /// replicas found behind, writing to none: for the smart client, which
+    /// cannot write to replicas and asks a node to repair them.
+    pub async fn behind(mut self) -> Vec<String> {
+        match self.settle().await {
+            Some(plan) => plan
+                .stale
+                .iter()
+                .map(|&index| self.replicas[index].address.clone())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Waits for the remaining replies, then writes the newest record to
+    /// every replica that answered with an older one (or none). Answers how
+    /// many repairs were sent.
+    pub async fn run(mut self) -> usize {
+        let Some(RepairPlan { record, stale }) = self.settle().await else {
             return 0;
         };
         let writes = stale.iter().map(|&index| {

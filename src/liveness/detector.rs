@@ -1,6 +1,6 @@
 //! Failure detection: a phi-accrual detector per peer.
 //!
-//! Every node sends each peer a heartbeat (`Replica.Ping`) every
+//! Every node sends each peer a heartbeat (`Liveness.Ping`) every
 //! `--heartbeat-interval-ms`. The detector keeps the recent intervals between
 //! successful heartbeats and, at any moment, computes *phi*: how unlikely it
 //! is, given those intervals, that the next heartbeat is merely late

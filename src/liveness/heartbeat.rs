@@ -1,5 +1,5 @@
 //! Heartbeats: every `--heartbeat-interval-ms` each node pings every peer
-//! (`Replica.Ping`) and feeds the answers to the failure detector. A peer
+//! (`Liveness.Ping`) and feeds the answers to the failure detector. A peer
 //! believed down keeps being pinged: that is how it is found up again.
 //!
 //! A ping carries the sender's hybrid logical clock and identities both
@@ -164,7 +164,7 @@ impl Heartbeats {
     /// peer's, and measures the peer's clock skew from its wall clock (the
     /// midpoint of the call is taken as the moment it answered).
     async fn ping(&self, address: &str, timeout: Duration) -> Result<()> {
-        let mut client = self.cluster.peers.replica_client(address)?;
+        let mut client = self.cluster.peers.liveness_client(address)?;
         let ping = pb::PingRequest {
             from: self.me.address.clone(),
             hlc: self.replica.stats().lamport,

@@ -143,7 +143,7 @@ impl Membership {
         same
     }
 
-    /// `Replica.LayoutPrepare`.
+    /// `Membership.LayoutPrepare`.
     pub fn on_prepare(&self, request: pb::LayoutPrepareRequest) -> Result<pb::LayoutPromise> {
         let ballot = pb::ballot_from(request.ballot);
         self.note_round(ballot.round);
@@ -176,7 +176,7 @@ impl Membership {
         })
     }
 
-    /// `Replica.LayoutAccept`.
+    /// `Membership.LayoutAccept`.
     pub fn on_accept(&self, request: pb::LayoutAcceptRequest) -> Result<pb::LayoutAccepted> {
         let ballot = pb::ballot_from(request.ballot);
         self.note_round(ballot.round);
@@ -352,14 +352,16 @@ impl Membership {
         call: Call,
     ) -> impl std::future::Future<Output = std::result::Result<T, String>> + Send + 'static
     where
-        Call: FnOnce(crate::pb::replica_client::ReplicaClient<tonic::transport::Channel>) -> Reply
+        Call: FnOnce(
+                crate::pb::membership_client::MembershipClient<tonic::transport::Channel>,
+            ) -> Reply
             + Send
             + 'static,
         Reply: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>
             + Send,
         T: Send + 'static,
     {
-        let client = self.cluster.peers.replica_client(address);
+        let client = self.cluster.peers.membership_client(address);
         let (address, timeout) = (address.to_string(), self.cluster.rpc_timeout);
         async move {
             let client = client.map_err(|e| format!("{address}: {e}"))?;
@@ -395,7 +397,7 @@ impl Membership {
             }
         } else {
             let layout = self.layout();
-            if let Ok(mut client) = self.cluster.peers.replica_client(address) {
+            if let Ok(mut client) = self.cluster.peers.membership_client(address) {
                 let _ = call_within(
                     self.cluster.rpc_timeout,
                     client.layout_commit(pb::Layout::from(&layout)),
@@ -413,7 +415,7 @@ impl Membership {
             if member.address == self.me.address {
                 continue;
             }
-            let Ok(mut client) = self.cluster.peers.replica_client(&member.address) else {
+            let Ok(mut client) = self.cluster.peers.membership_client(&member.address) else {
                 continue;
             };
             let (message, timeout) = (message.clone(), self.cluster.rpc_timeout);
@@ -423,7 +425,7 @@ impl Membership {
         }
     }
 
-    /// `Replica.Join`: commits the layout with `address` joining (or
+    /// `Membership.Join`: commits the layout with `address` joining (or
     /// answers the one that already has it: a joiner retrying).
     pub async fn on_join(&self, address: &str) -> Result<Layout> {
         if address.is_empty() || address.len() > 256 {
@@ -453,7 +455,7 @@ pub async fn request_join(
 ) -> Result<Layout> {
     let mut failures = Vec::new();
     for seed in seeds {
-        let mut client = match peers.replica_client(seed) {
+        let mut client = match peers.membership_client(seed) {
             Ok(client) => client,
             Err(why) => {
                 failures.push(format!("{seed}: {why}"));

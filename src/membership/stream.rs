@@ -34,11 +34,11 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// Most intervals one request may name.
 const MAX_INTERVALS: usize = 1 << 20;
 
-/// The stream a source answers `Replica.StreamRecords` with.
+/// The stream a source answers `Membership.StreamRecords` with.
 pub type RecordStream =
     Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamChunk, tonic::Status>> + Send>>;
 
-/// `Replica.StreamRecords` on a source: every record in the requested
+/// `Membership.StreamRecords` on a source: every record in the requested
 /// hash intervals, in chunks, once this node serves the join's layout.
 pub fn stream_source(
     replica: Arc<ReplicaStore>,
@@ -343,7 +343,7 @@ impl Membership {
         done_before: f64,
         intervals_before: usize,
     ) -> Result<()> {
-        let mut client = self.cluster.peers.replica_client(&source)?;
+        let mut client = self.cluster.peers.membership_client(&source)?;
         let request = pb::StreamRequest {
             layout_version: version,
             intervals: group

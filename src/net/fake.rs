@@ -47,6 +47,8 @@ pub struct FakeReplica {
     reads: AtomicUsize,
     /// Writes it was asked (answered or not).
     writes: AtomicUsize,
+    /// Times it was asked, as a node, to read a key and repair its replicas.
+    repair_requests: AtomicUsize,
 }
 
 impl FakeReplica {
@@ -65,6 +67,7 @@ impl FakeReplica {
             script: Mutex::new(script),
             reads: AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
+            repair_requests: AtomicUsize::new(0),
         })
     }
 
@@ -95,6 +98,11 @@ impl FakeReplica {
     /// Writes it was asked.
     pub fn writes(&self) -> usize {
         self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Times it was asked, as a node, to read a key and repair its replicas.
+    pub fn repair_requests(&self) -> usize {
+        self.repair_requests.load(Ordering::SeqCst)
     }
 
     /// Runs `serve` as the script says, within `timeout`.
@@ -161,6 +169,36 @@ impl FakeReplica {
 }
 
 impl PeerPool {
+    /// What a node asked by [`PeerPool::repair_through_node`] does, over the
+    /// fakes: once `fake` answers (as its script says), the newest record
+    /// any fake holds for `key` is stored on every fake behind.
+    pub(super) async fn fake_repair(
+        &self,
+        fake: &FakeReplica,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<(), ReplicaError> {
+        fake.repair_requests.fetch_add(1, Ordering::SeqCst);
+        let newest = fake
+            .call(timeout, |_| {
+                Ok(self
+                    .fakes
+                    .values()
+                    .filter_map(|f| f.holds(key))
+                    .max_by_key(|r| r.version))
+            })
+            .await?;
+        for other in self.fakes.values() {
+            if let Some(record) = &newest {
+                other
+                    .store
+                    .write_if_newer(key, record)
+                    .map_err(|e| ReplicaError::Failed(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// A pool whose replica handles for the fakes' addresses reach the
     /// fakes (even for this node's own address); other addresses dial as
     /// usual.

@@ -33,7 +33,8 @@ pub struct ReplicaHandle {
 pub(super) enum ReplicaTarget {
     /// This node's own store: no RPC.
     Local(Arc<ReplicaStore>),
-    /// Another node, over the internal Replica service, batched.
+    /// Another node, batched: over `Replica` (nodes), or over `ReplicaRead`
+    /// (the smart client: reads only).
     Remote(Arc<ReplicaPipe>),
     /// A scripted replica (unit tests).
     #[cfg(test)]

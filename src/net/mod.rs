@@ -1,7 +1,12 @@
 //! The network seam: how nodes and clients reach each other.
 //!
 //! Everything that dials goes through a [`Dialer`], and everything that calls
-//! a replica goes through a [`ReplicaHandle`]. Production uses [`TcpDialer`];
+//! a replica goes through a [`ReplicaHandle`]. [`PeerPool`] hands out one
+//! client per gRPC service (`key_value_client`, `cluster_client`: client-
+//! facing; `replica_client`, `membership_client`, `liveness_client`: for
+//! nodes only) and the replica handles: [`PeerPool::replica_handle`] for
+//! nodes, [`PeerPool::read_handle`] (reads only) for the smart client.
+//! Production uses [`TcpDialer`];
 //! a deterministic network simulator can supply its own dialer (a tonic
 //! `Endpoint` with a custom connector) without touching the rest of the code.
 //! Likewise the server side takes any stream of connections (see
@@ -21,7 +26,10 @@ use tonic::transport::{Channel, Endpoint};
 use crate::clock::SkewBound;
 use crate::error::{Error, Result};
 use crate::pb;
+use crate::pb::liveness_client::LivenessClient;
+use crate::pb::membership_client::MembershipClient;
 use crate::pb::replica_client::ReplicaClient;
+use crate::pb::replica_read_client::ReplicaReadClient;
 use crate::replica::ReplicaStore;
 use crate::sync::Locked;
 
@@ -32,7 +40,7 @@ mod pipe;
 
 use handle::ReplicaTarget;
 pub use handle::{ReplicaError, ReplicaHandle};
-use pipe::ReplicaPipe;
+use pipe::{PipeService, ReplicaPipe};
 
 /// Largest gRPC message a node or client accepts: room for the largest value
 /// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
@@ -86,8 +94,10 @@ pub struct PeerPool {
     dialer: Arc<dyn Dialer>,
     /// Channels made so far (std mutex: held only for a map lookup).
     channels: Mutex<HashMap<String, Channel>>,
-    /// Batching pipes to peers' replicas, made on first use.
+    /// Batching pipes to peers' replicas (`Replica.Batch`), made on first use.
     pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
+    /// Read-only batching pipes (`ReplicaRead.Batch`), made on first use.
+    read_pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
     /// Message size limit for clients made from these channels.
     max_message_bytes: usize,
     /// Versions in replies further ahead than this are failed replies.
@@ -103,6 +113,7 @@ impl PeerPool {
             dialer,
             channels: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
+            read_pipes: Mutex::new(HashMap::new()),
             max_message_bytes,
             // The smart client has no clock of its own to protect and may
             // run on a host whose clock lags: it refuses only versions no
@@ -134,10 +145,30 @@ impl PeerPool {
         Ok(channel)
     }
 
+    /// `dkvs.v1.Replica` (nodes only): the data path between replicas.
     pub fn replica_client(&self, address: &str) -> Result<ReplicaClient<Channel>> {
         Ok(ReplicaClient::new(self.channel(address)?)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    /// `dkvs.v1.ReplicaRead` (client-facing): the smart client's replica reads.
+    pub fn replica_read_client(&self, address: &str) -> Result<ReplicaReadClient<Channel>> {
+        Ok(ReplicaReadClient::new(self.channel(address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    /// `dkvs.v1.Membership` (nodes only): layouts, joins, streaming.
+    pub fn membership_client(&self, address: &str) -> Result<MembershipClient<Channel>> {
+        Ok(MembershipClient::new(self.channel(address)?)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes))
+    }
+
+    /// `dkvs.v1.Liveness` (nodes only): heartbeats.
+    pub fn liveness_client(&self, address: &str) -> Result<LivenessClient<Channel>> {
+        Ok(LivenessClient::new(self.channel(address)?))
     }
 
     pub fn key_value_client(
@@ -160,18 +191,73 @@ impl PeerPool {
         ))
     }
 
-    /// The batching pipe to the replica at `address`.
-    fn pipe(&self, address: &str) -> Result<Arc<ReplicaPipe>> {
-        let mut pipes = self.pipes.locked();
+    /// The batching pipe to the replica at `address`: `Replica.Batch`, or
+    /// with `reads_only` `ReplicaRead.Batch`.
+    fn pipe(&self, address: &str, reads_only: bool) -> Result<Arc<ReplicaPipe>> {
+        let mut pipes = if reads_only {
+            self.read_pipes.locked()
+        } else {
+            self.pipes.locked()
+        };
         if let Some(pipe) = pipes.get(address) {
             return Ok(pipe.clone());
         }
-        let pipe = Arc::new(ReplicaPipe::start(
-            self.replica_client(address)?,
-            self.bound,
-        ));
+        let service = if reads_only {
+            PipeService::ReplicaRead(self.replica_read_client(address)?)
+        } else {
+            PipeService::Replica(self.replica_client(address)?)
+        };
+        let pipe = Arc::new(ReplicaPipe::start(service, self.bound));
         pipes.insert(address.to_string(), pipe.clone());
         Ok(pipe)
+    }
+
+    /// A handle to the replica at `address` for the smart client: its reads
+    /// travel through the client-facing `ReplicaRead` service, and a write
+    /// through it is refused without being sent.
+    pub fn read_handle(&self, address: &str) -> Result<ReplicaHandle> {
+        #[cfg(test)]
+        if let Some(fake) = self.fakes.get(address) {
+            return Ok(ReplicaHandle {
+                address: address.to_string(),
+                target: ReplicaTarget::Fake(fake.clone()),
+                believed_down: None,
+                layout_version: 0,
+            });
+        }
+        Ok(ReplicaHandle {
+            address: address.to_string(),
+            target: ReplicaTarget::Remote(self.pipe(address, true)?),
+            believed_down: None,
+            layout_version: 0,
+        })
+    }
+
+    /// Asks the node at `address` to read `key` (`KeyValue.Get` at ONE): a
+    /// node's read asks every replica of the key and repairs those behind.
+    /// How the smart client, which writes to no replica, has them repaired.
+    pub async fn repair_through_node(
+        &self,
+        address: &str,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        #[cfg(test)]
+        if let Some(fake) = self.fakes.get(address) {
+            return self
+                .fake_repair(fake, key, timeout)
+                .await
+                .map_err(|e| e.to_string());
+        }
+        let mut client = self.key_value_client(address).map_err(|e| e.to_string())?;
+        let request = pb::GetRequest {
+            key: key.to_string(),
+            consistency: pb::Consistency::One as i32,
+        };
+        call_within(timeout, client.get(request))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// A handle to the replica at `address`, or to `local` when it is this node.
@@ -191,7 +277,7 @@ impl PeerPool {
         }
         let target = match local {
             Some(store) => ReplicaTarget::Local(store.clone()),
-            None => ReplicaTarget::Remote(self.pipe(address)?),
+            None => ReplicaTarget::Remote(self.pipe(address, false)?),
         };
         Ok(ReplicaHandle {
             address: address.to_string(),

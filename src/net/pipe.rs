@@ -1,5 +1,8 @@
-//! The replica pipe: calls to one peer queue and travel as `Replica.Batch`
-//! RPCs, several in flight, so that under load one RPC carries many writes.
+//! The replica pipe: calls to one peer queue and travel as batch RPCs,
+//! several in flight, so that under load one RPC carries many writes (or
+//! reads). A node's pipe speaks `Replica.Batch` (reads and writes, for nodes
+//! only); the smart client's speaks the client-facing `ReplicaRead.Batch`,
+//! and refuses every write before anything is sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +15,11 @@ use super::{describe_status, timed_out};
 use crate::clock::SkewBound;
 use crate::pb;
 use crate::pb::replica_client::ReplicaClient;
+use crate::pb::replica_read_client::ReplicaReadClient;
 use crate::record::Record;
 use crate::replica::WriteOutcome;
 
-/// Most items in one `Replica.Batch` call.
+/// Most items in one batch call.
 const MAX_BATCH_ITEMS: usize = 512;
 /// A batch stops growing once its values reach this many bytes.
 const MAX_BATCH_VALUE_BYTES: usize = 1 << 20;
@@ -25,6 +29,16 @@ const MAX_BATCHES_IN_FLIGHT: usize = 4;
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests queued for one peer before callers wait.
 const PIPE_CAPACITY: usize = 8192;
+
+/// The service a pipe's batches go to, which decides what they may carry.
+#[derive(Clone)]
+pub(super) enum PipeService {
+    /// Node to node: `Replica.Batch`, reads and writes.
+    Replica(ReplicaClient<Channel>),
+    /// The smart client: `ReplicaRead.Batch`, reads only; a write is
+    /// answered [`ReplicaError::Rejected`] and never sent.
+    ReplicaRead(ReplicaReadClient<Channel>),
+}
 
 /// One request waiting in a pipe, with where its answer goes.
 pub(super) enum PipeItem {
@@ -57,7 +71,7 @@ impl PipeItem {
 }
 
 /// Replica calls to one peer, batched: requests queue in a bounded channel;
-/// a task sends whatever has queued as one `Replica.Batch` call (up to
+/// a task sends whatever has queued as one batch call (up to
 /// [`MAX_BATCHES_IN_FLIGHT`] at once) and hands each answer back. Idle, a
 /// request goes out alone at once; under load, batches form by themselves
 /// while earlier ones are in flight — one RPC carries many writes, which is
@@ -69,7 +83,7 @@ pub struct ReplicaPipe {
 }
 
 impl ReplicaPipe {
-    pub(super) fn start(client: ReplicaClient<Channel>, bound: SkewBound) -> Self {
+    pub(super) fn start(service: PipeService, bound: SkewBound) -> Self {
         let (queue, mut incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
         tokio::spawn(async move {
             let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
@@ -104,9 +118,9 @@ impl ReplicaPipe {
                 if batch.is_empty() {
                     continue;
                 }
-                let mut client = client.clone();
+                let service = service.clone();
                 tokio::spawn(async move {
-                    send_batch(&mut client, batch, bound).await;
+                    send_batch(service, batch, bound).await;
                     drop(permit);
                 });
             }
@@ -124,13 +138,20 @@ impl ReplicaPipe {
 ///
 /// A record or version in the answer beyond `bound` is that replica's
 /// failed reply: never merged, never repaired onward.
-async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, bound: SkewBound) {
+async fn send_batch(service: PipeService, batch: Vec<PipeItem>, bound: SkewBound) {
     let mut request = pb::ReplicaBatchRequest::default();
     let mut write_answers = Vec::new();
     let mut read_answers = Vec::new();
     let mut read_requests = Vec::new();
     for item in batch {
         match item {
+            PipeItem::Write(_, answer) if matches!(service, PipeService::ReplicaRead(_)) => {
+                let _ = answer.send(Err(ReplicaError::Rejected(
+                    "the smart client's replica pipe carries reads only (dkvs.v1.ReplicaRead); \
+                     writes go through a node's KeyValue service"
+                        .into(),
+                )));
+            }
             PipeItem::Write(write, answer) => {
                 request.writes.push(write);
                 write_answers.push(answer);
@@ -142,8 +163,31 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
             }
         }
     }
-    let reply = match tokio::time::timeout(BATCH_TIMEOUT, client.batch(request)).await {
-        Ok(Ok(reply)) => reply.into_inner(),
+    if write_answers.is_empty() && read_answers.is_empty() {
+        return;
+    }
+    let sent = match service.clone() {
+        PipeService::Replica(mut client) => {
+            tokio::time::timeout(BATCH_TIMEOUT, client.batch(request))
+                .await
+                .map(|reply| reply.map(|r| r.into_inner()))
+        }
+        PipeService::ReplicaRead(mut client) => {
+            let reads = pb::ReplicaReadBatchRequest {
+                reads: request.reads,
+            };
+            tokio::time::timeout(BATCH_TIMEOUT, client.batch(reads))
+                .await
+                .map(|reply| {
+                    reply.map(|r| pb::ReplicaBatchResponse {
+                        writes: Vec::new(),
+                        reads: r.into_inner().reads,
+                    })
+                })
+        }
+    };
+    let reply = match sent {
+        Ok(Ok(reply)) => reply,
         Ok(Err(status)) => {
             let failed = match crate::error::stale_layout_of(&status) {
                 Some(current) => ReplicaError::StaleLayout(current),
@@ -183,43 +227,127 @@ async fn send_batch(client: &mut ReplicaClient<Channel>, batch: Vec<PipeItem>, b
         if reads.as_slice().first().is_some_and(|r| r.deferred) {
             // The reply had no room for this one: ask for it on its own.
             reads.next();
-            let mut client = client.clone();
+            let service = service.clone();
             tokio::spawn(async move {
-                let result = match tokio::time::timeout(BATCH_TIMEOUT, client.read(request)).await {
-                    Ok(Ok(reply)) => reply
-                        .into_inner()
-                        .record
-                        .map(|r| pb::record_from(r, bound))
-                        .transpose()
-                        .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
-                    Ok(Err(status)) if crate::error::stale_layout_of(&status).is_some() => {
-                        Err(ReplicaError::StaleLayout(
-                            crate::error::stale_layout_of(&status).unwrap_or(0),
-                        ))
-                    }
-                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                        Err(ReplicaError::Rejected(status.message().to_string()))
-                    }
-                    Ok(Err(status)) => Err(ReplicaError::Failed(describe_status(&status))),
-                    Err(_) => Err(ReplicaError::Failed(timed_out(BATCH_TIMEOUT))),
-                };
-                let _ = answer.send(result);
+                let _ = answer.send(read_alone(service, request, bound).await);
             });
             continue;
         }
         let result = match reads.next() {
-            Some(r) if r.stale_layout != 0 => Err(ReplicaError::StaleLayout(r.stale_layout)),
-            Some(r) if r.rejected => Err(ReplicaError::Rejected(r.error)),
-            Some(r) if !r.error.is_empty() => Err(ReplicaError::Failed(r.error)),
-            Some(r) => r
-                .record
-                .map(|r| pb::record_from(r, bound))
-                .transpose()
-                .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}"))),
+            Some(r) => read_result(r, bound),
             None => Err(ReplicaError::Failed(
                 "the batch answer is missing this read".into(),
             )),
         };
         let _ = answer.send(result);
+    }
+}
+
+/// One read's answer in a batch reply.
+fn read_result(r: pb::ReadResult, bound: SkewBound) -> Result<Option<Record>, ReplicaError> {
+    if r.stale_layout != 0 {
+        return Err(ReplicaError::StaleLayout(r.stale_layout));
+    }
+    if r.rejected {
+        return Err(ReplicaError::Rejected(r.error));
+    }
+    if !r.error.is_empty() {
+        return Err(ReplicaError::Failed(r.error));
+    }
+    if r.deferred {
+        return Err(ReplicaError::Failed(
+            "the replica deferred a read sent on its own".into(),
+        ));
+    }
+    record_of(r.record, bound)
+}
+
+/// A record from a reply, its version within `bound`.
+fn record_of(record: Option<pb::Record>, bound: SkewBound) -> Result<Option<Record>, ReplicaError> {
+    record
+        .map(|r| pb::record_from(r, bound))
+        .transpose()
+        .map_err(|e| ReplicaError::Failed(format!("sent an invalid record: {e}")))
+}
+
+/// A read a batch reply had no room for, asked on its own: `Replica.Read`
+/// for a node, a batch of that one read for the smart client (the first
+/// read of a batch is never deferred).
+async fn read_alone(
+    service: PipeService,
+    request: pb::ReplicaReadRequest,
+    bound: SkewBound,
+) -> Result<Option<Record>, ReplicaError> {
+    let answered = match service {
+        PipeService::Replica(mut client) => {
+            tokio::time::timeout(BATCH_TIMEOUT, client.read(request))
+                .await
+                .map(|reply| reply.map(|r| record_of(r.into_inner().record, bound)))
+        }
+        PipeService::ReplicaRead(mut client) => {
+            let alone = pb::ReplicaReadBatchRequest {
+                reads: vec![request],
+            };
+            tokio::time::timeout(BATCH_TIMEOUT, client.batch(alone))
+                .await
+                .map(|reply| {
+                    reply.map(|r| match r.into_inner().reads.into_iter().next() {
+                        Some(read) => read_result(read, bound),
+                        None => Err(ReplicaError::Failed(
+                            "the batch answer is missing this read".into(),
+                        )),
+                    })
+                })
+        }
+    };
+    match answered {
+        Ok(Ok(result)) => result,
+        Ok(Err(status)) => Err(match crate::error::stale_layout_of(&status) {
+            Some(current) => ReplicaError::StaleLayout(current),
+            None if status.code() == tonic::Code::InvalidArgument => {
+                ReplicaError::Rejected(status.message().to_string())
+            }
+            None => ReplicaError::Failed(describe_status(&status)),
+        }),
+        Err(_) => Err(ReplicaError::Failed(timed_out(BATCH_TIMEOUT))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{PeerPool, TcpDialer};
+    use super::*;
+    use crate::clock::Version;
+
+    /// The smart client's pipe (`ReplicaRead.Batch`) refuses a write without
+    /// sending anything; a node's pipe to the same address sends it.
+    #[tokio::test]
+    async fn the_smart_clients_pipe_refuses_writes_without_sending_them() {
+        // Nothing listens here: a write that were sent would fail as
+        // unreachable, not be refused.
+        let address = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            listener.local_addr().expect("address").to_string()
+        };
+        let pool = PeerPool::new(Arc::new(TcpDialer::default()), 4 << 20);
+        let record = Record::value(Version::new(1 << 16, 1), &b"v"[..]);
+        let timeout = Duration::from_secs(2);
+        let refused = pool
+            .read_handle(&address)
+            .expect("read handle")
+            .write("k", &record, timeout)
+            .await
+            .expect_err("a write through the read-only pipe");
+        assert!(
+            matches!(&refused, ReplicaError::Rejected(why) if why.contains("reads only")),
+            "{refused:?}"
+        );
+        let sent = pool
+            .replica_handle(&address, None)
+            .expect("node handle")
+            .write("k", &record, timeout)
+            .await
+            .expect_err("nobody listens");
+        assert!(matches!(sent, ReplicaError::Failed(_)), "{sent:?}");
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! This module wires the parts together ([`Node::open`]) and starts the
 //! periodic workers; [`serve`] runs the server (`serve.rs`), and each gRPC
-//! service has its own file: `kv.rs`, `replica.rs`, `cluster.rs`.
+//! service has its own file: `kv.rs`, `cluster.rs`, `replica_read.rs`
+//! (client-facing), `replica.rs`, `membership.rs`, `liveness.rs` (for
+//! nodes only).
 //!
 //! [`Node::open`] opens the data directory and builds the parts;
 //! [`serve`] runs the gRPC server over any stream of connections until the
@@ -10,13 +12,19 @@
 //! server stops accepting and finishes in-flight requests, background tasks
 //! (read repair, periodic fsync) stop, and the storage is synced.
 //!
-//! Services on the port: `dkvs.v1.KeyValue` (clients), `dkvs.v1.Cluster`
-//! (status), `dkvs.v1.Replica` (internal: nodes and the smart client only),
-//! `grpc.health.v1.Health`, and server reflection v1 and v1alpha.
+//! Services on the port: client-facing `dkvs.v1.KeyValue`,
+//! `dkvs.v1.Cluster` (status) and `dkvs.v1.ReplicaRead` (the smart client's
+//! replica reads); for nodes only `dkvs.v1.Replica` (the data path),
+//! `dkvs.v1.Membership` (layouts, joins, streaming) and `dkvs.v1.Liveness`
+//! (heartbeats); `grpc.health.v1.Health`, and server reflection v1 and
+//! v1alpha.
 
 mod cluster;
 mod kv;
+mod liveness;
+mod membership;
 mod replica;
+mod replica_read;
 mod serve;
 
 pub use serve::{incoming, serve};
@@ -46,7 +54,6 @@ use crate::membership::{JoinProgress, Membership};
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
 use crate::placement::{NodeIdentity, Placement};
-use crate::record::Record;
 use crate::replica::ReplicaStore;
 use crate::ring::Member;
 use crate::serving::LayoutOwner;
@@ -465,45 +472,6 @@ impl Node {
         ];
         workers.extend(self.start_periodic_fsync());
         workers
-    }
-
-    /// `Replica.Read` on this node's store (the caller checked the fence).
-    fn replica_read(&self, request: pb::ReplicaReadRequest) -> Result<pb::ReplicaReadResponse> {
-        self.limits.check_key(&request.key)?;
-        let record = if request.for_repair {
-            self.replica.read(&request.key)?
-        } else {
-            self.replica.read_for_quorum(&request.key)?
-        };
-        Ok(pb::ReplicaReadResponse {
-            record: record.as_ref().map(pb::Record::from),
-        })
-    }
-
-    /// Validates a replica write: its key, record and value size.
-    fn check_write(&self, request: pb::ReplicaWriteRequest) -> Result<(String, Record)> {
-        self.limits.check_key(&request.key)?;
-        let record = pb::record_from(
-            request
-                .record
-                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?,
-            self.replica.bound(),
-        )?;
-        if let Some(value) = &record.value {
-            self.limits.check_value(value)?;
-        }
-        Ok((request.key, record))
-    }
-
-    /// `Replica.Write` on this node's store.
-    fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
-        let _fence = self.replica.fenced(request.layout_version)?;
-        let (key, record) = self.check_write(request)?;
-        let outcome = self.replica.write_if_newer(&key, &record)?;
-        Ok(pb::ReplicaWriteResponse {
-            applied: outcome.applied,
-            held: Some(outcome.held.into()),
-        })
     }
 
     /// Fsyncs every `--fsync-interval-ms` until shutdown (periodic policy).

@@ -1,6 +1,8 @@
-//! `dkvs.v1.Replica`: this node's own store, for other nodes and the smart
-//! client (bypasses quorums; not for applications): reads, writes, batches,
-//! hints, anti-entropy listings, heartbeats.
+//! `dkvs.v1.Replica`: this node's own store, for other nodes only (it
+//! bypasses quorums and writes any version it is sent): reads, writes,
+//! batches, hints, anti-entropy listings, local statistics. The smart
+//! client's reads come through `dkvs.v1.ReplicaRead` (`replica_read.rs`),
+//! which answers them with [`answer_reads`].
 
 use std::sync::Arc;
 
@@ -18,8 +20,8 @@ fn record_size(record: &Option<pb::Record>) -> usize {
     record.as_ref().map_or(16, |r| r.value.len() + 32)
 }
 
-/// `dkvs.v1.Replica`: this node's local store, for other nodes and the
-/// smart client. Bypasses quorums; not for applications.
+/// `dkvs.v1.Replica`: this node's local store, for other nodes only.
+/// Bypasses quorums; not for applications.
 pub(super) struct ReplicaService(pub(super) Arc<Node>);
 
 #[tonic::async_trait]
@@ -99,45 +101,7 @@ impl pb::replica_server::Replica for ReplicaService {
                 }
             })
             .collect();
-        // Keep the reply well under the message limit: records that do not
-        // fit are deferred, and the caller fetches them one by one.
-        let budget = max_message_bytes(node.limits.max_value_bytes) / 2;
-        let mut reply_bytes = 0usize;
-        let reads = request
-            .reads
-            .into_iter()
-            .map(|read| {
-                if read.layout_version != UNFENCED && read.layout_version < serving {
-                    return pb::ReadResult {
-                        stale_layout: serving,
-                        error: format!("this node serves newer layout v{serving}"),
-                        ..Default::default()
-                    };
-                }
-                match node.replica_read(read) {
-                    Ok(reply)
-                        if reply_bytes > 0 && reply_bytes + record_size(&reply.record) > budget =>
-                    {
-                        pb::ReadResult {
-                            deferred: true,
-                            ..Default::default()
-                        }
-                    }
-                    Ok(reply) => {
-                        reply_bytes += record_size(&reply.record);
-                        pb::ReadResult {
-                            record: reply.record,
-                            ..Default::default()
-                        }
-                    }
-                    Err(error) => pb::ReadResult {
-                        rejected: matches!(error, Error::InvalidArgument(_)),
-                        error: error.to_string(),
-                        ..Default::default()
-                    },
-                }
-            })
-            .collect();
+        let reads = answer_reads(node, request.reads, serving, Reader::Node);
         Ok(Response::new(pb::ReplicaBatchResponse { writes, reads }))
     }
 
@@ -243,78 +207,6 @@ impl pb::replica_server::Replica for ReplicaService {
             .collect();
         Ok(Response::new(pb::RangeEntriesResponse { entries }))
     }
-
-    async fn get_layout(
-        &self,
-        _request: Request<pb::GetLayoutRequest>,
-    ) -> Result<Response<pb::Layout>, Status> {
-        Ok(Response::new(pb::Layout::from(&self.0.membership.layout())))
-    }
-
-    async fn layout_prepare(
-        &self,
-        request: Request<pb::LayoutPrepareRequest>,
-    ) -> Result<Response<pb::LayoutPromise>, Status> {
-        Ok(Response::new(
-            self.0.membership.on_prepare(request.into_inner())?,
-        ))
-    }
-
-    async fn layout_accept(
-        &self,
-        request: Request<pb::LayoutAcceptRequest>,
-    ) -> Result<Response<pb::LayoutAccepted>, Status> {
-        Ok(Response::new(
-            self.0.membership.on_accept(request.into_inner())?,
-        ))
-    }
-
-    async fn layout_commit(
-        &self,
-        request: Request<pb::Layout>,
-    ) -> Result<Response<pb::GetLayoutRequest>, Status> {
-        let layout = pb::layout_from(request.into_inner()).map_err(Error::InvalidArgument)?;
-        self.0.membership.adopt(layout)?;
-        Ok(Response::new(pb::GetLayoutRequest {}))
-    }
-
-    async fn join(
-        &self,
-        request: Request<pb::JoinRequest>,
-    ) -> Result<Response<pb::Layout>, Status> {
-        let layout = self
-            .0
-            .membership
-            .on_join(&request.into_inner().address)
-            .await?;
-        Ok(Response::new(pb::Layout::from(&layout)))
-    }
-
-    type StreamRecordsStream = crate::membership::RecordStream;
-
-    async fn stream_records(
-        &self,
-        request: Request<pb::StreamRequest>,
-    ) -> Result<Response<Self::StreamRecordsStream>, Status> {
-        let node = &self.0;
-        let stream = crate::membership::stream_source(
-            node.replica.clone(),
-            node.cluster.clone(),
-            request.into_inner(),
-        )?;
-        Ok(Response::new(stream))
-    }
-
-    async fn ping(
-        &self,
-        request: Request<pb::PingRequest>,
-    ) -> Result<Response<pb::PingResponse>, Status> {
-        let node = &self.0;
-        let answer = node
-            .heartbeats
-            .answer(request.into_inner(), node.local_stats())?;
-        Ok(Response::new(answer))
-    }
 }
 
 /// Anti-entropy compares ranges of one layout: both sides must serve the
@@ -328,4 +220,114 @@ fn same_layout(view: &crate::placement::Placement, asked: u64, digests: u64) -> 
         .into());
     }
     Ok(())
+}
+
+/// Who sent a batch of replica reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reader {
+    /// Another node (`Replica.Batch`).
+    Node,
+    /// The smart client (`ReplicaRead.Batch`): `for_repair` reads, which a
+    /// replica still catching up answers too, are refused.
+    Client,
+}
+
+/// Answers a batch of replica reads in order, for `Replica.Batch` and
+/// `ReplicaRead.Batch`. `serving` is the layout version this node serves:
+/// a read placed with an older one gets `stale_layout`. The reply is kept
+/// well under the message limit: records that do not fit are deferred (the
+/// first never is), and the caller fetches them one by one.
+pub(super) fn answer_reads(
+    node: &Node,
+    reads: Vec<pb::ReplicaReadRequest>,
+    serving: u64,
+    reader: Reader,
+) -> Vec<pb::ReadResult> {
+    let budget = max_message_bytes(node.limits.max_value_bytes) / 2;
+    let mut reply_bytes = 0usize;
+    reads
+        .into_iter()
+        .map(|read| {
+            if read.for_repair && reader == Reader::Client {
+                return pb::ReadResult {
+                    rejected: true,
+                    error: "for_repair reads are for nodes only (dkvs.v1.Replica)".into(),
+                    ..Default::default()
+                };
+            }
+            if read.layout_version != UNFENCED && read.layout_version < serving {
+                return pb::ReadResult {
+                    stale_layout: serving,
+                    error: format!("this node serves newer layout v{serving}"),
+                    ..Default::default()
+                };
+            }
+            match node.replica_read(read) {
+                Ok(reply)
+                    if reply_bytes > 0 && reply_bytes + record_size(&reply.record) > budget =>
+                {
+                    pb::ReadResult {
+                        deferred: true,
+                        ..Default::default()
+                    }
+                }
+                Ok(reply) => {
+                    reply_bytes += record_size(&reply.record);
+                    pb::ReadResult {
+                        record: reply.record,
+                        ..Default::default()
+                    }
+                }
+                Err(error) => pb::ReadResult {
+                    rejected: matches!(error, Error::InvalidArgument(_)),
+                    error: error.to_string(),
+                    ..Default::default()
+                },
+            }
+        })
+        .collect()
+}
+
+impl Node {
+    /// `Replica.Read` on this node's store (the caller checked the fence).
+    pub(super) fn replica_read(
+        &self,
+        request: pb::ReplicaReadRequest,
+    ) -> Result<pb::ReplicaReadResponse> {
+        self.limits.check_key(&request.key)?;
+        let record = if request.for_repair {
+            self.replica.read(&request.key)?
+        } else {
+            self.replica.read_for_quorum(&request.key)?
+        };
+        Ok(pb::ReplicaReadResponse {
+            record: record.as_ref().map(pb::Record::from),
+        })
+    }
+
+    /// Validates a replica write: its key, record and value size.
+    fn check_write(&self, request: pb::ReplicaWriteRequest) -> Result<(String, Record)> {
+        self.limits.check_key(&request.key)?;
+        let record = pb::record_from(
+            request
+                .record
+                .ok_or_else(|| Error::InvalidArgument("record is required".into()))?,
+            self.replica.bound(),
+        )?;
+        if let Some(value) = &record.value {
+            self.limits.check_value(value)?;
+        }
+        Ok((request.key, record))
+    }
+
+    /// `Replica.Write` on this node's store.
+    fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
+        let _fence = self.replica.fenced(request.layout_version)?;
+        let (key, record) = self.check_write(request)?;
+        let outcome = self.replica.write_if_newer(&key, &record)?;
+        Ok(pb::ReplicaWriteResponse {
+            applied: outcome.applied,
+            held: Some(outcome.held.into()),
+        })
+    }
 }

@@ -15,6 +15,17 @@ use crate::error::{Error, Result};
 use crate::net::max_message_bytes;
 use crate::pb;
 
+/// The DKVS services on a node's port, each with its health status:
+/// client-facing first, then those for nodes only.
+const SERVICES: [&str; 6] = [
+    "dkvs.v1.KeyValue",
+    "dkvs.v1.Cluster",
+    "dkvs.v1.ReplicaRead",
+    "dkvs.v1.Replica",
+    "dkvs.v1.Membership",
+    "dkvs.v1.Liveness",
+];
+
 /// Accepted connections from `listener`, with Nagle's algorithm off (tonic
 /// does not touch sockets it did not accept itself; with Nagle on, a reply's
 /// trailing frames wait ~40 ms for the peer's delayed ACK).
@@ -59,10 +70,22 @@ where
             .max_encoding_message_size(max_message);
     let cluster =
         pb::cluster_server::ClusterServer::new(super::cluster::ClusterService(node.clone()));
+    let replica_read = pb::replica_read_server::ReplicaReadServer::new(
+        super::replica_read::ReplicaReadService(node.clone()),
+    )
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
     let replica =
         pb::replica_server::ReplicaServer::new(super::replica::ReplicaService(node.clone()))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
+    let membership = pb::membership_server::MembershipServer::new(
+        super::membership::MembershipService(node.clone()),
+    )
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let liveness =
+        pb::liveness_server::LivenessServer::new(super::liveness::LivenessService(node.clone()));
 
     let workers = node.start_workers();
     // SERVING once the first heartbeats have told peers who this node is
@@ -74,7 +97,7 @@ where
             let wait = node.config.heartbeat_interval() * 2;
             let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
             if !node.shutdown.is_cancelled() {
-                for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+                for service in std::iter::once("").chain(SERVICES) {
                     health
                         .set_service_status(service, tonic_health::ServingStatus::Serving)
                         .await;
@@ -96,7 +119,7 @@ where
         shutdown.await;
         stop_serving.abort();
         tracing::info!("shutting down: NOT_SERVING, draining requests");
-        for service in ["", "dkvs.v1.KeyValue", "dkvs.v1.Cluster", "dkvs.v1.Replica"] {
+        for service in std::iter::once("").chain(SERVICES) {
             drain_health
                 .set_service_status(service, tonic_health::ServingStatus::NotServing)
                 .await;
@@ -114,7 +137,10 @@ where
         .add_service(reflection_v1alpha)
         .add_service(key_value)
         .add_service(cluster)
+        .add_service(replica_read)
         .add_service(replica)
+        .add_service(membership)
+        .add_service(liveness)
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
 
@@ -220,7 +246,8 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
             tonic::Code::Unimplemented,
             format!(
                 "unknown method {path}: this node serves dkvs.v1.KeyValue, dkvs.v1.Cluster, \
-                 dkvs.v1.Replica (nodes only), grpc.health.v1.Health and server reflection; \
+                 dkvs.v1.ReplicaRead, dkvs.v1.Replica, dkvs.v1.Membership, dkvs.v1.Liveness \
+                 (the last three for nodes only), grpc.health.v1.Health and server reflection; \
                  `grpcurl -plaintext HOST:PORT list` shows them"
             ),
         )),

@@ -396,9 +396,27 @@ impl TestCluster {
             .max_decoding_message_size(8 << 20)
     }
 
-    /// The internal Replica client for node `i`.
+    /// The Replica client (for nodes only: the data path) for node `i`.
     pub async fn replica(&self, i: usize) -> pb::replica_client::ReplicaClient<Channel> {
         pb::replica_client::ReplicaClient::new(channel(&self.nodes[i].address).await)
+    }
+
+    /// The client-facing ReplicaRead client (the smart client's reads) for node `i`.
+    pub async fn replica_read(
+        &self,
+        i: usize,
+    ) -> pb::replica_read_client::ReplicaReadClient<Channel> {
+        pb::replica_read_client::ReplicaReadClient::new(channel(&self.nodes[i].address).await)
+    }
+
+    /// The Membership client (for nodes only: layouts, joins) for node `i`.
+    pub async fn membership(&self, i: usize) -> pb::membership_client::MembershipClient<Channel> {
+        pb::membership_client::MembershipClient::new(channel(&self.nodes[i].address).await)
+    }
+
+    /// The Liveness client (for nodes only: heartbeats) for node `i`.
+    pub async fn liveness(&self, i: usize) -> pb::liveness_client::LivenessClient<Channel> {
+        pb::liveness_client::LivenessClient::new(channel(&self.nodes[i].address).await)
     }
 
     /// What node `i`'s own store holds for `key` (internal `Replica.Read`,

@@ -1,0 +1,78 @@
+//! `dkvs.v1.Membership`: for nodes only. The layout this node serves, the
+//! Paxos rounds that change it, joins, and the bulk copy a joining node
+//! pulls (the work is in [`crate::membership`]).
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::Node;
+use crate::error::Error;
+use crate::pb;
+
+/// `dkvs.v1.Membership`: layout agreement and data moving between nodes.
+pub(super) struct MembershipService(pub(super) Arc<Node>);
+
+#[tonic::async_trait]
+impl pb::membership_server::Membership for MembershipService {
+    async fn get_layout(
+        &self,
+        _request: Request<pb::GetLayoutRequest>,
+    ) -> Result<Response<pb::Layout>, Status> {
+        Ok(Response::new(pb::Layout::from(&self.0.membership.layout())))
+    }
+
+    async fn layout_prepare(
+        &self,
+        request: Request<pb::LayoutPrepareRequest>,
+    ) -> Result<Response<pb::LayoutPromise>, Status> {
+        Ok(Response::new(
+            self.0.membership.on_prepare(request.into_inner())?,
+        ))
+    }
+
+    async fn layout_accept(
+        &self,
+        request: Request<pb::LayoutAcceptRequest>,
+    ) -> Result<Response<pb::LayoutAccepted>, Status> {
+        Ok(Response::new(
+            self.0.membership.on_accept(request.into_inner())?,
+        ))
+    }
+
+    async fn layout_commit(
+        &self,
+        request: Request<pb::Layout>,
+    ) -> Result<Response<pb::GetLayoutRequest>, Status> {
+        let layout = pb::layout_from(request.into_inner()).map_err(Error::InvalidArgument)?;
+        self.0.membership.adopt(layout)?;
+        Ok(Response::new(pb::GetLayoutRequest {}))
+    }
+
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::Layout>, Status> {
+        let layout = self
+            .0
+            .membership
+            .on_join(&request.into_inner().address)
+            .await?;
+        Ok(Response::new(pb::Layout::from(&layout)))
+    }
+
+    type StreamRecordsStream = crate::membership::RecordStream;
+
+    async fn stream_records(
+        &self,
+        request: Request<pb::StreamRequest>,
+    ) -> Result<Response<Self::StreamRecordsStream>, Status> {
+        let node = &self.0;
+        let stream = crate::membership::stream_source(
+            node.replica.clone(),
+            node.cluster.clone(),
+            request.into_inner(),
+        )?;
+        Ok(Response::new(stream))
+    }
+}
