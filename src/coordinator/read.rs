@@ -237,6 +237,8 @@ pub async fn read_quorum(
         .collect();
     // The newest layout a replica refused the read for.
     let mut stale: Option<u64> = None;
+    // Whether any replica was asked (not when too few were believed up).
+    let mut sent = false;
     loop {
         match tally.decision() {
             ReadDecision::Answer(record) => {
@@ -269,10 +271,12 @@ pub async fn read_quorum(
                     replicas: replicas.len(),
                     roll_call: Box::new(roll_call(&replicas, &standing)),
                     failures: asked_failures(&replicas, tally.failures()),
+                    sent,
                 });
             }
             ReadDecision::Pending => {}
         }
+        sent = true;
         let Some((index, reply)) = in_flight.next().await else {
             return Err(Error::Internal("read ended with no decision".into()));
         };

@@ -85,11 +85,15 @@ impl Coordinator {
                 })
                 .collect();
             let mut standing = Standing::initial(replicas);
+            // Whether this round left for any replica: not when too few
+            // were believed up to reach the quorum (then nothing is sent).
+            let mut sent = false;
             let decision = loop {
                 match tally.decision() {
                     WriteDecision::Pending => {}
                     decided => break decided,
                 }
+                sent = true;
                 let Some((index, reply)) = in_flight.next().await else {
                     break WriteDecision::Failed;
                 };
@@ -122,6 +126,9 @@ impl Coordinator {
                 tally.record_at(index, &replicas[index].address, reply);
             };
             let succeeded = matches!(decision, WriteDecision::Acknowledged { .. });
+            if !sent {
+                in_flight.clear();
+            }
             let unanswered = !in_flight.is_empty();
             // Let the rest of this round reach its replicas; a replica that
             // fails now still gets a hint if the write succeeded.
@@ -212,6 +219,7 @@ impl Coordinator {
                         replicas: replicas.len(),
                         roll_call: Box::new(roll_call(replicas, &standing)),
                         failures: asked_failures(replicas, tally.failures()),
+                        sent: sent || sent_before,
                     });
                 }
             }
