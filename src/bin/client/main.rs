@@ -10,7 +10,7 @@
 //! 1 GET of a missing key, or a `check` whose history broke a promise; 2
 //! usage error or input the cluster refused (INVALID_ARGUMENT); 3 not
 //! applied: a write refused before anything reached a replica (too few
-//! replicas up, no node reachable, a change in progress, a quota), a read
+//! replicas up, no node reachable, a change in progress), a read
 //! that could not reach R replicas, or a `cluster wait` whose layout change
 //! was not over by its `--timeout-secs`; 4 outcome unknown: a PUT/DELETE
 //! that failed after it was sent (fewer than W acknowledgements, superseded,
@@ -55,8 +55,8 @@ Exit codes:
   1  GET: the key does not exist; check: the history broke a promise
   2  usage error, or input the cluster refused (INVALID_ARGUMENT)
   3  not applied: refused before anything reached a replica (too few
-     replicas up, no node reachable, a change in progress, a quota);
-     a GET that could not reach enough replicas; cluster wait timed out
+     replicas up, no node reachable, a change in progress); a GET
+     that could not reach enough replicas; cluster wait timed out
   4  outcome unknown: a PUT/DELETE that failed after it was sent (fewer
      than W acknowledgements, superseded, timed out): it may or may not
      have been applied and may still take effect; a GET that timed out
