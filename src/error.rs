@@ -175,9 +175,12 @@ pub enum Error {
     Indeterminate(String),
 
     /// A node could not be reached (smart client side), or refused the
-    /// request before anything reached a replica: nothing took effect.
-    /// A failure after a write was sent is [`Error::QuorumNotReached`]
-    /// with `sent`, [`Error::Superseded`] or [`Error::Indeterminate`].
+    /// request before anything reached a replica: nothing took effect
+    /// (outcome `not-applied`). On the client write path a failure after a
+    /// write was sent is [`Error::QuorumNotReached`] with `sent`,
+    /// [`Error::Superseded`] or [`Error::Indeterminate`] instead. Node-to-node
+    /// paths (hint delivery, anti-entropy, a layout proposal that gave up)
+    /// also use it after sending; no caller reads an outcome there yet.
     #[error("{0}")]
     Unavailable(String),
 
