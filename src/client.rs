@@ -10,7 +10,13 @@
 //!   other member. A write is never hedged or retried once it may have
 //!   reached a coordinator: a timeout or a connection broken mid-request is
 //!   reported as [`Error::Indeterminate`] (the write may or may not have been
-//!   applied, and may take effect later).
+//!   applied, and may take effect later). A coordinator's failure answer
+//!   says itself whether the write took effect (`dkvs-outcome`): a refusal
+//!   before anything reached a replica stays a refusal
+//!   ([`Error::Unavailable`], [`Error::FailedPrecondition`], ...: not
+//!   applied), and a failure after the write was sent (fewer than W
+//!   acknowledgements, superseded, a replica's full disk) becomes
+//!   [`Error::Indeterminate`] too.
 //! * GET is coordinated by the client itself: it asks the key's N replicas
 //!   in parallel (`ReplicaRead.Batch`, client-facing and read-only), answers
 //!   from the first R replies with the newest version, and when a replica
@@ -37,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::background::Background;
 use crate::coordinator::{PendingRepair, WriteAck, read_quorum};
-use crate::error::{COORDINATOR_ERROR_HEADER, Error, Result};
+use crate::error::{COORDINATOR_ERROR_HEADER, Error, Outcome, Result};
 use crate::net::{
     CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
 };
@@ -503,7 +509,9 @@ impl Client {
     /// acknowledged now and overwritten by the abandoned one afterwards (or
     /// overwrite a later write). The node is marked down either way, so the
     /// next request tries the next replica first. An error decided by a
-    /// coordinator (bad input, quorum not reached) is returned as is.
+    /// coordinator (bad input, quorum not reached), or one that says the
+    /// write was not applied (a node refusing it before its handler ran),
+    /// is returned with the outcome it reports ([`error_from_status`]).
     async fn write_on_coordinator<T, F, Fut>(
         &self,
         key: &str,
@@ -521,7 +529,10 @@ impl Client {
             let deadline = crate::clock::wall_clock_ms().saturating_add(timeout.as_millis() as u64);
             let why = match tokio::time::timeout(timeout, call(client, deadline)).await {
                 Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
+                Ok(Err(status))
+                    if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some()
+                        || Outcome::of(status.metadata()) == Some(Outcome::NotApplied) =>
+                {
                     return Err(error_from_status(status));
                 }
                 Ok(Err(status)) if never_sent(&status) => {
@@ -672,16 +683,34 @@ fn no_node_answered(failures: &[(String, CallError)]) -> Error {
     }
 }
 
-/// Turns a coordinator's status back into the error it came from (by code).
+/// Turns a node's failure status back into an error: by its code and, for
+/// a write, the outcome it reports (`dkvs-outcome`), which tells a refusal
+/// (not applied) from a failure after the write was sent (unknown: the
+/// write may still take effect, [`Error::Indeterminate`]). Without an
+/// outcome (a read's failure) the code alone decides.
 fn error_from_status(status: tonic::Status) -> Error {
+    use tonic::Code;
     let message = status.message().to_string();
-    match status.code() {
-        tonic::Code::InvalidArgument => Error::InvalidArgument(message),
-        tonic::Code::Unavailable => Error::Unavailable(message),
-        tonic::Code::DeadlineExceeded => Error::DeadlineExceeded(message),
-        // A superseded write: it may or may not stay visible.
-        tonic::Code::Aborted => Error::Indeterminate(message),
-        _ => Error::Internal(format!("{:?}: {message}", status.code())),
+    let outcome = Outcome::of(status.metadata());
+    match (status.code(), outcome) {
+        (Code::InvalidArgument, _) => Error::InvalidArgument(message),
+        (Code::DeadlineExceeded, _) => Error::DeadlineExceeded(message),
+        // Sent, and failed after: fewer than W acknowledgements, superseded
+        // by a concurrent write, a replica's full disk.
+        (Code::Unavailable | Code::Aborted | Code::ResourceExhausted, Some(Outcome::Unknown)) => {
+            Error::Indeterminate(message)
+        }
+        (Code::Unavailable, _) => Error::Unavailable(message),
+        // A superseded write, from a node that reports no outcome.
+        (Code::Aborted, None) => Error::Indeterminate(message),
+        (Code::FailedPrecondition, None | Some(Outcome::NotApplied)) => {
+            Error::FailedPrecondition(message)
+        }
+        (code, outcome) => Error::Remote {
+            code,
+            message,
+            outcome,
+        },
     }
 }
 

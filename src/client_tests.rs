@@ -203,3 +203,42 @@ async fn a_replica_that_failed_recently_is_not_asked_unless_the_read_needs_it() 
         other => panic!("expected QuorumNotReached, got {other:?}"),
     }
 }
+
+/// A node's failure status, as the client turns it back into an error: the
+/// outcome it reports decides between a refusal and an indeterminate write.
+#[test]
+fn a_coordinators_outcome_decides_refused_or_indeterminate() {
+    let status = |error: Error| tonic::Status::from(error);
+    let quorum = |sent| Error::QuorumNotReached {
+        operation: "PUT",
+        consistency: "QUORUM",
+        acks: 1,
+        needed: 2,
+        replicas: 3,
+        roll_call: Box::default(),
+        failures: vec![],
+        sent,
+    };
+    let unsent = error_from_status(status(quorum(false)));
+    assert!(matches!(unsent, Error::Unavailable(_)), "{unsent:?}");
+    assert_eq!(unsent.outcome(), Outcome::NotApplied);
+    let sent = error_from_status(status(quorum(true)));
+    assert!(matches!(sent, Error::Indeterminate(_)), "{sent:?}");
+    assert_eq!(sent.outcome(), Outcome::Unknown);
+    let full = error_from_status(status(Error::DiskFull {
+        dir: "/d".into(),
+        why: "full".into(),
+    }));
+    assert!(matches!(full, Error::Indeterminate(_)), "{full:?}");
+    let change = error_from_status(status(Error::FailedPrecondition("a join".into())));
+    assert_eq!(change.outcome(), Outcome::NotApplied);
+    // A read's failure carries no outcome: the code decides.
+    let read = error_from_status(quorum(true).into_read_status());
+    assert!(matches!(read, Error::Unavailable(_)), "{read:?}");
+    // Anything else keeps its code and the outcome the node reported.
+    let mut denied = tonic::Status::permission_denied("no");
+    Outcome::NotApplied.set_on(denied.metadata_mut());
+    let denied = error_from_status(denied);
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    assert_eq!(denied.outcome(), Outcome::NotApplied);
+}

@@ -1,10 +1,21 @@
-//! The one error type of DKVS and its mapping to gRPC status codes.
+//! The one error type of DKVS, its mapping to gRPC status codes, and the
+//! outcome of a write-like request it stands for.
 //!
 //! Every failure a caller can see is one of these variants, and
-//! `From<Error> for tonic::Status` is the only place that picks status codes,
-//! so the same failure always reaches the user with the same code and a
-//! message that says what to do about it.
+//! [`Error::code`] and [`Error::outcome`] are the only places that pick
+//! status codes and outcomes (`From<Error> for tonic::Status` puts both on
+//! the wire), so the same failure always reaches the user with the same
+//! code, the same outcome and a message that says what to do about it.
+//!
+//! The outcome answers the one question a caller of a write must get right
+//! before retrying: did it take effect? `not-applied` means certainly not
+//! (retry freely); `unknown` means it may have, or may still, take effect
+//! (read before retrying; never retry blindly). Only what was refused
+//! before anything reached a replica is `not-applied`: once a write left
+//! the coordinator, a replica may hold it even when the coordinator saw it
+//! fail.
 
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Status};
 
 /// Metadata key set on statuses produced by a DKVS coordinator (as opposed
@@ -14,6 +25,59 @@ pub const COORDINATOR_ERROR_HEADER: &str = "dkvs-coordinator-error";
 
 /// On a stale-layout refusal: the layout version the refusing node serves.
 pub const LAYOUT_VERSION_HEADER: &str = "dkvs-layout-version";
+
+/// Metadata key of the outcome of a write-like request: `applied`,
+/// `not-applied` or `unknown` ([`Outcome`]). On a failure it travels with
+/// the status (gRPC trailers); on a successful Put or Delete in the
+/// response headers, because tonic 0.14 sends only `grpc-status` in the
+/// trailers of a successful unary call (a tonic client sees headers and
+/// trailers merged in the response's metadata either way).
+pub const OUTCOME_HEADER: &str = "dkvs-outcome";
+
+/// Whether a write-like request took effect (DESIGN.md, "Outcomes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// It took effect (acknowledged by W replicas).
+    Applied,
+    /// It certainly did not take effect, and will not: retrying is safe.
+    NotApplied,
+    /// It may have taken effect, or may still: read before retrying.
+    Unknown,
+}
+
+impl Outcome {
+    /// The wire name, as in the `dkvs-outcome` metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::NotApplied => "not-applied",
+            Outcome::Unknown => "unknown",
+        }
+    }
+
+    /// The outcome a wire name stands for.
+    pub fn from_name(name: &str) -> Option<Outcome> {
+        [Outcome::Applied, Outcome::NotApplied, Outcome::Unknown]
+            .into_iter()
+            .find(|o| o.name() == name)
+    }
+
+    /// The outcome `metadata` carries, if any (and if it is one of ours).
+    pub fn of(metadata: &MetadataMap) -> Option<Outcome> {
+        Outcome::from_name(metadata.get(OUTCOME_HEADER)?.to_str().ok()?)
+    }
+
+    /// Sets the `dkvs-outcome` entry of `metadata` to this outcome.
+    pub fn set_on(self, metadata: &mut MetadataMap) {
+        metadata.insert(OUTCOME_HEADER, MetadataValue::from_static(self.name()));
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The layout version a FAILED_PRECONDITION stale-layout status carries.
 pub fn stale_layout_of(status: &Status) -> Option<u64> {
@@ -35,11 +99,15 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
-    /// Too few replicas answered for the requested consistency.
+    /// Too few replicas answered for the requested consistency. For a
+    /// write, `sent` tells "refused before anything was sent" (too few
+    /// replicas believed up: not applied) from "sent, and too few
+    /// acknowledged" (a replica may hold it: outcome unknown).
     #[error(
-        "{operation} failed at consistency {consistency}: {acks} of {needed} required replicas answered ({replicas} replicas for this key){}{}",
-        format_roll_call(.roll_call),
-        format_failures(.failures)
+        "{operation} failed at consistency {consistency}: {acks} of {needed} required replicas answered ({replicas} replicas for this key){}{}{}",
+        format_roll_call(.roll_call, .sent),
+        format_failures(.failures),
+        format_write_outcome(.operation, .sent)
     )]
     QuorumNotReached {
         /// PUT, GET or DELETE.
@@ -56,6 +124,10 @@ pub enum Error {
         roll_call: Box<RollCall>,
         /// Why the replicas that were asked and failed did, one line each.
         failures: Vec<String>,
+        /// Whether the request was sent to any replica. A write that was
+        /// not (too few replicas believed up to reach the quorum) was
+        /// refused and is not applied.
+        sent: bool,
     },
 
     /// A concurrent write with a newer version overtook this one after some
@@ -102,7 +174,13 @@ pub enum Error {
     #[error("{0}")]
     Indeterminate(String),
 
-    /// A node could not be reached (smart client side).
+    /// A node could not be reached (smart client side), or refused the
+    /// request before anything reached a replica: nothing took effect
+    /// (outcome `not-applied`). On the client write path a failure after a
+    /// write was sent is [`Error::QuorumNotReached`] with `sent`,
+    /// [`Error::Superseded`] or [`Error::Indeterminate`] instead. Node-to-node
+    /// paths (hint delivery, anti-entropy, a layout proposal that gave up)
+    /// also use it after sending; no caller reads an outcome there yet.
     #[error("{0}")]
     Unavailable(String),
 
@@ -137,6 +215,88 @@ pub enum Error {
     /// change refused, say); the message says why.
     #[error("{0}")]
     FailedPrecondition(String),
+
+    /// A node's failure answer that no variant above stands for, as the
+    /// smart client received it: the status code, its message, and the
+    /// outcome the node reported (`None`: it said none).
+    #[error("{message}")]
+    Remote {
+        /// The status code the node answered.
+        code: Code,
+        /// The status message.
+        message: String,
+        /// The node's `dkvs-outcome`, if it sent one.
+        outcome: Option<Outcome>,
+    },
+}
+
+impl Error {
+    /// The gRPC status code of this error: the one mapping of errors to codes.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::InvalidArgument(_) | Error::ClockSkew(_) => Code::InvalidArgument,
+            Error::QuorumNotReached { .. } | Error::Unavailable(_) => Code::Unavailable,
+            Error::Superseded { .. } => Code::Aborted,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            Error::Indeterminate(_) => Code::Unknown,
+            Error::CorruptRecord { .. } => Code::DataLoss,
+            Error::DiskFull { .. } => Code::ResourceExhausted,
+            Error::Storage(_) | Error::Internal(_) => Code::Internal,
+            Error::StaleLayout { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Remote { code, .. } => *code,
+        }
+    }
+
+    /// Whether the write-like request that failed with this error took
+    /// effect, by DESIGN.md's table: refusals before anything reached a
+    /// replica (bad input, too few replicas believed up, a stale layout or
+    /// a change in progress) are not applied; everything after a write was
+    /// sent (fewer than W acknowledgements, superseded, the deadline, a
+    /// replica's full disk) and everything unexpected is unknown. A read
+    /// has no outcome: its failures are served without one
+    /// ([`Error::into_read_status`]).
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Error::InvalidArgument(_)
+            | Error::ClockSkew(_)
+            | Error::Unavailable(_)
+            | Error::StaleLayout { .. }
+            | Error::FailedPrecondition(_) => Outcome::NotApplied,
+            Error::QuorumNotReached { sent: false, .. } => Outcome::NotApplied,
+            Error::QuorumNotReached { sent: true, .. }
+            | Error::Superseded { .. }
+            | Error::DeadlineExceeded(_)
+            | Error::Indeterminate(_)
+            | Error::DiskFull { .. }
+            | Error::CorruptRecord { .. }
+            | Error::Storage(_)
+            | Error::Internal(_) => Outcome::Unknown,
+            Error::Remote { outcome, .. } => outcome.unwrap_or(Outcome::Unknown),
+        }
+    }
+
+    /// The status for a failed read: code and message as for any error,
+    /// without a `dkvs-outcome` (a read changes nothing; DESIGN's "—").
+    pub fn into_read_status(self) -> Status {
+        self.into_status(None)
+    }
+
+    /// The status for this error, with `outcome` in its metadata if given.
+    fn into_status(self, outcome: Option<Outcome>) -> Status {
+        let mut status = Status::new(self.code(), self.to_string());
+        if let Error::StaleLayout { current, .. } = &self {
+            status
+                .metadata_mut()
+                .insert(LAYOUT_VERSION_HEADER, MetadataValue::from(*current));
+        }
+        status
+            .metadata_mut()
+            .insert(COORDINATOR_ERROR_HEADER, MetadataValue::from_static("1"));
+        if let Some(outcome) = outcome {
+            outcome.set_on(status.metadata_mut());
+        }
+        status
+    }
 }
 
 /// The replicas of a failed quorum call by what they did, with addresses,
@@ -152,12 +312,15 @@ pub struct RollCall {
     pub waiting: Vec<String>,
 }
 
-fn format_roll_call(roll: &RollCall) -> String {
+fn format_roll_call(roll: &RollCall, sent: &bool) -> String {
     let mut out = String::new();
+    // Before anything was sent, the replicas the call would have waited
+    // for were never asked.
+    let waiting = if *sent { "not waited for" } else { "not sent" };
     for (label, list) in [
         ("answered", &roll.answered),
         ("not asked (believed down)", &roll.not_asked),
-        ("not waited for", &roll.waiting),
+        (waiting, &roll.waiting),
     ] {
         if !list.is_empty() {
             out.push_str(&format!("; {label}: {}", list.join(", ")));
@@ -174,33 +337,27 @@ fn format_failures(failures: &[String]) -> String {
     }
 }
 
+/// What a failed write says about its outcome at the end of its message.
+fn format_write_outcome(operation: &str, sent: &bool) -> &'static str {
+    match (operation, *sent) {
+        ("GET", _) => "",
+        (_, false) => {
+            "; nothing was sent to a replica (too few are believed up): not applied, safe to retry"
+        }
+        (_, true) => {
+            "; it was sent, so it may or may not have been applied and may still take effect (outcome unknown: read the key before retrying)"
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The status of a failed request: [`Error::code`], the message, and the
+/// `dkvs-outcome` of [`Error::outcome`] (a trailer on the wire).
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        let code = match &error {
-            Error::InvalidArgument(_) | Error::ClockSkew(_) => Code::InvalidArgument,
-            Error::QuorumNotReached { .. } | Error::Unavailable(_) => Code::Unavailable,
-            Error::Superseded { .. } => Code::Aborted,
-            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            Error::Indeterminate(_) => Code::Unknown,
-            Error::CorruptRecord { .. } => Code::DataLoss,
-            Error::DiskFull { .. } => Code::ResourceExhausted,
-            Error::Storage(_) | Error::Internal(_) => Code::Internal,
-            Error::StaleLayout { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
-        };
-        let mut status = Status::new(code, error.to_string());
-        if let Error::StaleLayout { current, .. } = &error {
-            status.metadata_mut().insert(
-                LAYOUT_VERSION_HEADER,
-                tonic::metadata::MetadataValue::from(*current),
-            );
-        }
-        status.metadata_mut().insert(
-            COORDINATOR_ERROR_HEADER,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
-        status
+        let outcome = error.outcome();
+        error.into_status(Some(outcome))
     }
 }
 
@@ -231,15 +388,176 @@ mod tests {
                 "127.0.0.1:7002: connection refused".into(),
                 "127.0.0.1:7003: timed out after 1000 ms".into(),
             ],
+            sent: true,
         });
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(
             status.message(),
             "PUT failed at consistency QUORUM: 1 of 2 required replicas answered (3 replicas for this key); \
              answered: 127.0.0.1:7001; not asked (believed down): 127.0.0.1:7004; \
-             127.0.0.1:7002: connection refused; 127.0.0.1:7003: timed out after 1000 ms"
+             127.0.0.1:7002: connection refused; 127.0.0.1:7003: timed out after 1000 ms; \
+             it was sent, so it may or may not have been applied and may still take effect \
+             (outcome unknown: read the key before retrying)"
         );
         assert!(status.metadata().get(COORDINATOR_ERROR_HEADER).is_some());
+        assert_eq!(Outcome::of(status.metadata()), Some(Outcome::Unknown));
+    }
+
+    /// A quorum error with `sent`, for `operation`.
+    fn quorum_error(operation: &'static str, sent: bool) -> Error {
+        Error::QuorumNotReached {
+            operation,
+            consistency: "QUORUM",
+            acks: 0,
+            needed: 2,
+            replicas: 3,
+            roll_call: Box::new(RollCall {
+                answered: vec![],
+                not_asked: vec!["127.0.0.1:7002".into(), "127.0.0.1:7003".into()],
+                waiting: vec!["127.0.0.1:7001".into()],
+            }),
+            failures: vec![],
+            sent,
+        }
+    }
+
+    #[test]
+    fn a_write_refused_before_sending_says_it_was_not_applied() {
+        let status = Status::from(quorum_error("PUT", false));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(Outcome::of(status.metadata()), Some(Outcome::NotApplied));
+        assert_eq!(
+            status.message(),
+            "PUT failed at consistency QUORUM: 0 of 2 required replicas answered (3 replicas for this key); \
+             not asked (believed down): 127.0.0.1:7002, 127.0.0.1:7003; not sent: 127.0.0.1:7001; \
+             nothing was sent to a replica (too few are believed up): not applied, safe to retry"
+        );
+        // A read says nothing about an outcome, and is served without one.
+        let read = quorum_error("GET", true);
+        assert!(
+            read.to_string().ends_with("not waited for: 127.0.0.1:7001"),
+            "{read}"
+        );
+        assert_eq!(Outcome::of(read.into_read_status().metadata()), None);
+    }
+
+    /// Every variant's status code and outcome: DESIGN.md's "Outcomes" table.
+    #[test]
+    fn every_error_has_its_code_and_outcome() {
+        use Outcome::{NotApplied, Unknown};
+        let version = crate::clock::Version {
+            lamport: 1,
+            node_id: 1,
+        };
+        let cases = [
+            (
+                Error::InvalidArgument("bad".into()),
+                Code::InvalidArgument,
+                NotApplied,
+            ),
+            (
+                Error::ClockSkew("ahead".into()),
+                Code::InvalidArgument,
+                NotApplied,
+            ),
+            (quorum_error("PUT", false), Code::Unavailable, NotApplied),
+            (quorum_error("DELETE", true), Code::Unavailable, Unknown),
+            (
+                Error::Superseded {
+                    operation: "PUT",
+                    key: "k".into(),
+                    version,
+                    above: version,
+                    acks: 1,
+                },
+                Code::Aborted,
+                Unknown,
+            ),
+            (
+                Error::DeadlineExceeded("late".into()),
+                Code::DeadlineExceeded,
+                Unknown,
+            ),
+            (Error::Indeterminate("maybe".into()), Code::Unknown, Unknown),
+            (
+                Error::Unavailable("refused".into()),
+                Code::Unavailable,
+                NotApplied,
+            ),
+            (Error::Storage("io".into()), Code::Internal, Unknown),
+            (
+                Error::DiskFull {
+                    dir: "/d".into(),
+                    why: "full".into(),
+                },
+                Code::ResourceExhausted,
+                Unknown,
+            ),
+            (
+                Error::CorruptRecord {
+                    key: "k".into(),
+                    why: "crc".into(),
+                },
+                Code::DataLoss,
+                Unknown,
+            ),
+            (Error::Internal("bug".into()), Code::Internal, Unknown),
+            (
+                Error::StaleLayout {
+                    caller: 1,
+                    current: 2,
+                },
+                Code::FailedPrecondition,
+                NotApplied,
+            ),
+            (
+                Error::FailedPrecondition("a join is in progress".into()),
+                Code::FailedPrecondition,
+                NotApplied,
+            ),
+            (
+                Error::Remote {
+                    code: Code::ResourceExhausted,
+                    message: "quota".into(),
+                    outcome: Some(NotApplied),
+                },
+                Code::ResourceExhausted,
+                NotApplied,
+            ),
+            (
+                Error::Remote {
+                    code: Code::PermissionDenied,
+                    message: "no".into(),
+                    outcome: None,
+                },
+                Code::PermissionDenied,
+                Unknown,
+            ),
+        ];
+        for (error, code, outcome) in cases {
+            let what = format!("{error:?}");
+            assert_eq!((error.code(), error.outcome()), (code, outcome), "{what}");
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{what}");
+            let sent = status.metadata().get(OUTCOME_HEADER).map(|v| v.as_bytes());
+            assert_eq!(sent, Some(outcome.name().as_bytes()), "{what}");
+        }
+    }
+
+    #[test]
+    fn outcomes_have_their_wire_names() {
+        for (outcome, name) in [
+            (Outcome::Applied, "applied"),
+            (Outcome::NotApplied, "not-applied"),
+            (Outcome::Unknown, "unknown"),
+        ] {
+            assert_eq!(outcome.name(), name);
+            assert_eq!(Outcome::from_name(name), Some(outcome));
+            let mut metadata = MetadataMap::new();
+            outcome.set_on(&mut metadata);
+            assert_eq!(Outcome::of(&metadata), Some(outcome));
+        }
+        assert_eq!(Outcome::from_name("maybe"), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::checker::{Op, ReadOutcome, Tick, WriteOutcome};
 use crate::client::Client;
+use crate::error::{Error, Outcome};
 use crate::record::Record;
 use crate::sync::Locked;
 
@@ -136,8 +137,9 @@ impl Workload {
 
     /// Runs worker `id` until `until`: random operations on random keys,
     /// every one recorded. Every PUT writes a value of its own (the checker
-    /// tells writes apart by their values); any failed write is
-    /// indeterminate, since it may still take effect.
+    /// tells writes apart by their values). A failed write is what its
+    /// outcome says ([`write_outcome_of`]): known not to have taken effect,
+    /// or indeterminate, since it may still take effect.
     pub async fn run_worker(
         &self,
         id: usize,
@@ -157,13 +159,13 @@ impl Workload {
                 let value = format!("c{id}-{sequence}").into_bytes();
                 let (outcome, error) = match client.put(&key, value.clone()).await {
                     Ok(ack) => (WriteOutcome::Acked(ack.version), None),
-                    Err(error) => (WriteOutcome::Indeterminate, Some(error.to_string())),
+                    Err(error) => (write_outcome_of(&error), Some(error.to_string())),
                 };
                 (Op::put(id, key, value, start, self.tick(), outcome), error)
             } else if roll < self.put_percent + 5 {
                 let (outcome, error) = match client.delete(&key).await {
                     Ok(ack) => (WriteOutcome::Acked(ack.version), None),
-                    Err(error) => (WriteOutcome::Indeterminate, Some(error.to_string())),
+                    Err(error) => (write_outcome_of(&error), Some(error.to_string())),
                 };
                 (Op::delete(id, key, start, self.tick(), outcome), error)
             } else {
@@ -199,6 +201,16 @@ impl Workload {
             }
         }
         Ok(())
+    }
+}
+
+/// How a write that failed with `error` is recorded: failed when its
+/// outcome is `not-applied` (the checker then flags any read of its value
+/// as invented), indeterminate otherwise.
+pub fn write_outcome_of(error: &Error) -> WriteOutcome {
+    match error.outcome() {
+        Outcome::NotApplied => WriteOutcome::Failed,
+        Outcome::Applied | Outcome::Unknown => WriteOutcome::Indeterminate,
     }
 }
 

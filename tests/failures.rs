@@ -434,7 +434,10 @@ async fn with_two_of_five_down_every_write_succeeds_or_fails_fast() {
         );
         match result {
             Ok(_) => succeeded += 1,
-            Err(dkvs::Error::Unavailable(message)) => {
+            // Refused before anything was sent (not applied), or sent to
+            // replicas that then failed (outcome unknown, before the
+            // detector convicts them).
+            Err(dkvs::Error::Unavailable(message) | dkvs::Error::Indeterminate(message)) => {
                 assert!(message.contains("of 2 required replicas"), "{message}");
                 unavailable += 1;
             }
@@ -454,6 +457,10 @@ async fn with_two_of_five_down_every_write_succeeds_or_fails_fast() {
         );
         if let Err(status) = result {
             assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(
+                dkvs::error::Outcome::of(status.metadata()).is_some(),
+                "{status:?}"
+            );
         }
     }
     println!("two of five down: {succeeded} writes succeeded, {unavailable} UNAVAILABLE");

@@ -333,6 +333,8 @@ pub async fn read_quorum(
         let (replica, key) = (replica.clone(), key.to_string());
         reads.send(index, async move { replica.read(&key, rpc_timeout).await });
     }
+    // Nothing is asked when too few replicas are believed up to answer.
+    let sent = call.verdict().is_none() && reads.pending() > 0;
     let verdict = match reads.collect(&mut call, None).await {
         Ended::Decided(verdict) => verdict,
         Ended::Exhausted | Ended::DeadlinePassed => {
@@ -377,6 +379,7 @@ pub async fn read_quorum(
                 replicas: replicas.len(),
                 roll_call: Box::new(roll_call(&targets, &standing)),
                 failures: asked_failures(&targets, tally.failures()),
+                sent,
             })
         }
     }

@@ -507,3 +507,60 @@ async fn a_write_skips_a_replica_believed_down_and_hints_it() {
     assert_eq!(h.hints.len(), 1);
     assert_eq!(h.hints.targets(), vec![node_id_for(REPLICAS[2])]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_write_with_too_few_replicas_believed_up_is_refused_unsent() {
+    let h = Harness::with(
+        [
+            Script::Answer(FAST),
+            Script::Answer(Duration::ZERO),
+            Script::Answer(Duration::ZERO),
+        ],
+        REQUEST_TIMEOUT,
+        &[1, 2],
+    );
+    let started = Instant::now();
+    let error = h
+        .coordinator
+        .write(KEY, put("v"), Consistency::Quorum)
+        .await
+        .expect_err("one replica believed up of two needed");
+    assert_eq!(started.elapsed(), Duration::ZERO, "nothing waited for");
+    assert!(
+        matches!(error, Error::QuorumNotReached { sent: false, .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.outcome(), crate::error::Outcome::NotApplied);
+    h.finish_background().await;
+    for i in 0..3 {
+        assert_eq!(h.replica(i).writes(), 0, "replica {i} was sent the write");
+    }
+    assert!(h.hints.is_empty(), "a refused write leaves no hints");
+
+    // With two believed up it is sent; one stores it, the other fails:
+    // fewer than W acknowledgements, and a replica holds the write.
+    let h = Harness::with(
+        [
+            Script::Answer(FAST),
+            Script::Fail(FAST),
+            Script::Answer(FAST),
+        ],
+        REQUEST_TIMEOUT,
+        &[2],
+    );
+    let error = h
+        .coordinator
+        .write(KEY, put("v"), Consistency::Quorum)
+        .await
+        .expect_err("one of two replicas asked fails");
+    assert!(
+        matches!(error, Error::QuorumNotReached { sent: true, .. }),
+        "{error:?}"
+    );
+    assert_eq!(error.outcome(), crate::error::Outcome::Unknown);
+    h.finish_background().await;
+    assert!(
+        h.replica(0).holds(KEY).is_some(),
+        "a failed write may be stored"
+    );
+}

@@ -1,11 +1,17 @@
 //! `dkvs.v1.KeyValue`: the client API, coordinated by this node.
+//!
+//! Every Put and Delete answer carries a `dkvs-outcome`: `applied` on
+//! success (in the response headers: tonic sends no custom trailers on a
+//! successful unary call), and on failure the outcome [`Error::outcome`]
+//! gives, in the status's trailers. Get failures carry none: a read has no
+//! effect to report.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::Node;
-use crate::error::{Error, Result};
+use crate::error::{Error, Outcome, Result};
 use crate::pb;
 
 /// `dkvs.v1.KeyValue`: client requests, coordinated by this node.
@@ -28,7 +34,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
             .coordinator
             .write(&request.key, Some(request.value), consistency)
             .await?;
-        Ok(Response::new(pb::PutResponse {
+        Ok(applied(pb::PutResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
         }))
@@ -41,9 +47,12 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     ) -> Result<Response<pb::GetResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
-        node.limits.check_key(&request.key)?;
-        let consistency = pb::read_consistency_from(request.consistency)?;
-        let record = node.coordinator.get(&request.key, consistency).await?;
+        let read = async {
+            node.limits.check_key(&request.key)?;
+            let consistency = pb::read_consistency_from(request.consistency)?;
+            node.coordinator.get(&request.key, consistency).await
+        };
+        let record = read.await.map_err(Error::into_read_status)?;
         Ok(Response::new(pb::get_response(record)))
     }
 
@@ -61,11 +70,19 @@ impl pb::key_value_server::KeyValue for KeyValueService {
             .coordinator
             .write(&request.key, None, consistency)
             .await?;
-        Ok(Response::new(pb::DeleteResponse {
+        Ok(applied(pb::DeleteResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
         }))
     }
+}
+
+/// The answer to a write that took effect: `reply` with `dkvs-outcome:
+/// applied`.
+fn applied<T>(reply: T) -> Response<T> {
+    let mut response = Response::new(reply);
+    Outcome::Applied.set_on(response.metadata_mut());
+    response
 }
 
 /// Refuses a client write taken up after the deadline its client set

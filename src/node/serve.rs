@@ -11,7 +11,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Connected;
 
 use super::Node;
-use crate::error::{Error, Result};
+use crate::error::{Error, Outcome, Result};
 use crate::net::max_message_bytes;
 use crate::pb;
 
@@ -168,7 +168,9 @@ where
 /// * a request over the message limit: RESOURCE_EXHAUSTED naming the limit
 ///   and the flag that sets it, instead of OUT_OF_RANGE;
 /// * an unknown service or method: UNIMPLEMENTED naming it and what is
-///   served, instead of an empty message.
+///   served, instead of an empty message;
+/// * a Put or Delete refused before its handler ran (any of the above):
+///   `dkvs-outcome: not-applied`, as every write answer carries an outcome.
 #[derive(Clone, Copy)]
 struct EdgeStatusLayer {
     /// The largest message this node accepts, in bytes.
@@ -260,7 +262,21 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
             headers.insert("grpc-status", http::HeaderValue::from(code as i32));
         }
     }
+    // A handler's failure carries its outcome already; without one, a
+    // write failed before its handler ran, so nothing was done.
+    let failed = status.as_deref().is_some_and(|s| s != b"0");
+    if failed && WRITE_PATHS.contains(&path) && !headers.contains_key(crate::error::OUTCOME_HEADER)
+    {
+        headers.insert(
+            crate::error::OUTCOME_HEADER,
+            http::HeaderValue::from_static(Outcome::NotApplied.name()),
+        );
+    }
 }
+
+/// The write-like methods of `dkvs.v1.KeyValue`, whose answers carry a
+/// `dkvs-outcome`.
+const WRITE_PATHS: [&str; 2] = ["/dkvs.v1.KeyValue/Put", "/dkvs.v1.KeyValue/Delete"];
 
 /// Decodes a percent-encoded `grpc-message`.
 fn percent_decode(bytes: &[u8]) -> String {
@@ -332,6 +348,18 @@ mod tests {
         let undecodable = status_of("13", "failed to decode Protobuf message: key", "/x");
         assert_eq!(undecodable.code(), tonic::Code::InvalidArgument);
         assert!(undecodable.message().contains("key"));
+        // Refused before the handler ran: a write says it was not applied.
+        assert_eq!(Outcome::of(big.metadata()), Some(Outcome::NotApplied));
+        let undecodable_put = status_of(
+            "13",
+            "failed to decode Protobuf message: key",
+            "/dkvs.v1.KeyValue/Put",
+        );
+        assert_eq!(
+            Outcome::of(undecodable_put.metadata()),
+            Some(Outcome::NotApplied)
+        );
+        assert_eq!(Outcome::of(undecodable.metadata()), None);
         // Everything else is left alone.
         let other = status_of("14", "replica down", "/x");
         assert_eq!(

@@ -208,8 +208,11 @@ impl WriteRound {
             )));
         }
         self.rounds += 1;
+        // Too few replicas believed up to reach W: nothing is sent (the
+        // write is refused, certainly not applied).
+        let reachable = matches!(self.tally.decision(), WriteDecision::Pending);
         let to: Vec<usize> = (0..self.placed.targets.len())
-            .filter(|&i| self.placed.targets[i].believed_down.is_none())
+            .filter(|&i| reachable && self.placed.targets[i].believed_down.is_none())
             .collect();
         self.sent_any |= !to.is_empty();
         Step::Send {
@@ -341,6 +344,7 @@ impl WriteRound {
             replicas: self.placed.targets.len(),
             roll_call: Box::new(roll_call(&self.placed.targets, &self.standing)),
             failures: asked_failures(&self.placed.targets, self.tally.failures()),
+            sent: self.sent_any,
         }
     }
 }

@@ -329,3 +329,38 @@ fn a_restamp_that_cannot_get_above_the_newest_version_fails_at_once() {
     };
     assert!(why.contains("--max-clock-skew-ms"), "{why}");
 }
+
+#[test]
+fn with_too_few_replicas_believed_up_nothing_is_sent_and_the_write_is_not_applied() {
+    let placed = Placed {
+        targets: vec![target("a"), down("b"), down("c")],
+        ..three(1)
+    };
+    let (mut write, first) = put(Consistency::Quorum, placed);
+    assert_eq!(
+        first,
+        Step::Send {
+            version: V2,
+            to: vec![]
+        },
+        "a quorum is out of reach before anything is sent"
+    );
+    let Step::Fail(error @ Error::QuorumNotReached { sent: false, .. }) = write.round_over(false)
+    else {
+        panic!("refused unsent");
+    };
+    assert_eq!(error.outcome(), crate::error::Outcome::NotApplied);
+    // At ONE, a, believed up, is enough: it is sent.
+    let placed = Placed {
+        targets: vec![target("a"), down("b"), down("c")],
+        ..three(1)
+    };
+    let (_, first) = put(Consistency::One, placed);
+    assert_eq!(
+        first,
+        Step::Send {
+            version: V2,
+            to: vec![0]
+        }
+    );
+}

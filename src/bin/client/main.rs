@@ -6,14 +6,17 @@
 //! `check` (a recorded workload and its verdict) in [`check`], `cluster
 //! wait` in [`cluster`].
 //!
-//! Exit codes: 0 success; 1 GET of a missing key, or a `check` whose history
-//! broke a promise; 2 usage error or input the
-//! cluster refused (INVALID_ARGUMENT); 3 cluster unavailable (quorum not
-//! reached, no node answered), or a `cluster wait` whose layout change was
-//! not over by its `--timeout-secs` (the contract's code for it); 4
-//! timeout, or a PUT/DELETE whose outcome is
-//! indeterminate (it may or may not have been applied, and may take effect
-//! later); 5 any other error.
+//! Exit codes ([`exit_code`], DESIGN.md's "Outcomes" table): 0 success;
+//! 1 GET of a missing key, or a `check` whose history broke a promise; 2
+//! usage error or input the cluster refused (INVALID_ARGUMENT); 3 not
+//! applied: a write refused before anything reached a replica (too few
+//! replicas up, no node reachable, a change in progress), a read
+//! that could not reach R replicas, or a `cluster wait` whose layout change
+//! was not over by its `--timeout-secs`; 4 outcome unknown: a PUT/DELETE
+//! that failed after it was sent (fewer than W acknowledgements, superseded,
+//! a replica's full disk), a deadline, or an indeterminate write (it may or
+//! may not have been applied, and may take effect later), and a read that
+//! timed out; 5 authentication and any other error.
 #![allow(non_snake_case)]
 
 /// mimalloc: the request path allocates many small buffers; glibc malloc
@@ -28,6 +31,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use dkvs::Error;
 use dkvs::client::{Client, ClientOptions};
+use dkvs::error::Outcome as WriteOutcome;
 use dkvs::quorum::Consistency;
 
 mod bench;
@@ -44,9 +48,23 @@ use cluster::ClusterCommand;
 const DEFAULT_NODES: &str =
     "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003,127.0.0.1:7004,127.0.0.1:7005";
 
+/// Exit codes, as `--help` shows them.
+const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  GET: the key does not exist; check: the history broke a promise
+  2  usage error, or input the cluster refused (INVALID_ARGUMENT)
+  3  not applied: refused before anything reached a replica (too few
+     replicas up, no node reachable, a change in progress); a GET
+     that could not reach enough replicas; cluster wait timed out
+  4  outcome unknown: a PUT/DELETE that failed after it was sent (fewer
+     than W acknowledgements, superseded, timed out): it may or may not
+     have been applied and may still take effect; a GET that timed out
+  5  authentication, or any other error";
+
 /// Talks to a DKVS cluster. With no command, opens an interactive prompt.
 #[derive(Debug, Parser)]
-#[command(name = "DKVSClient", version, about)]
+#[command(name = "DKVSClient", version, about, after_help = EXIT_CODES_HELP)]
 struct Cli {
     /// Comma-separated addresses of cluster nodes to contact first (any one
     /// is enough; the client learns the rest).
@@ -190,25 +208,71 @@ async fn run(cli: Cli) -> ExitCode {
         Err(error) => return report(&error),
     };
     let code = match cli.command {
-        Some(command) => match execute(&client, command, rpc_timeout).await {
-            Ok(outcome) => outcome.exit_code(),
-            Err(error) => report(&error),
-        },
+        Some(command) => {
+            let kind = Kind::of(&command);
+            match execute(&client, command, rpc_timeout).await {
+                Ok(outcome) => outcome.exit_code(),
+                Err(error) => report_as(&error, kind),
+            }
+        }
         None => prompt::prompt(&client, rpc_timeout).await,
     };
     client.close().await;
     code
 }
 
-/// Prints an error and picks the exit code for it.
+/// Whether a failed command had an outcome to report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// PUT or DELETE: it may or may not have taken effect.
+    Write,
+    /// Anything else (GET, status, ...): it changes nothing.
+    Read,
+}
+
+impl Kind {
+    fn of(command: &Command) -> Kind {
+        match command {
+            Command::Put { .. } | Command::Delete { .. } => Kind::Write,
+            _ => Kind::Read,
+        }
+    }
+}
+
+/// Prints an error of a command that changes nothing and picks its exit code.
 fn report(error: &Error) -> ExitCode {
+    report_as(error, Kind::Read)
+}
+
+/// Prints an error of a `kind` command and picks its exit code.
+fn report_as(error: &Error, kind: Kind) -> ExitCode {
     eprintln!("error: {error}");
-    ExitCode::from(match error {
-        Error::InvalidArgument(_) => 2,
-        Error::QuorumNotReached { .. } | Error::Unavailable(_) => 3,
-        Error::DeadlineExceeded(_) | Error::Indeterminate(_) => 4,
+    ExitCode::from(exit_code(error, kind))
+}
+
+/// The exit code of a failed command: DESIGN.md's "Outcomes" table, by
+/// status code and, for a write, its outcome ([`Error::outcome`]; the
+/// coordinator's `dkvs-outcome` as the smart client read it). A read
+/// changes nothing, so it is judged as a write that was not applied.
+fn exit_code(error: &Error, kind: Kind) -> u8 {
+    use tonic::Code;
+    let outcome = match kind {
+        Kind::Write => error.outcome(),
+        Kind::Read => WriteOutcome::NotApplied,
+    };
+    match (error.code(), outcome) {
+        (Code::InvalidArgument, _) => 2,
+        (Code::DeadlineExceeded, _) => 4,
+        (
+            Code::Unavailable | Code::ResourceExhausted | Code::FailedPrecondition | Code::Aborted,
+            WriteOutcome::NotApplied,
+        ) => 3,
+        (
+            Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::Unknown,
+            WriteOutcome::Unknown,
+        ) => 4,
         _ => 5,
-    })
+    }
 }
 
 /// A write at consistency ANY acknowledged with 0 acks is held only as a
@@ -291,4 +355,105 @@ async fn execute(
         }
     }
     Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dkvs::error::RollCall;
+    use tonic::Code;
+
+    fn quorum(operation: &'static str, sent: bool) -> Error {
+        Error::QuorumNotReached {
+            operation,
+            consistency: "QUORUM",
+            acks: 0,
+            needed: 2,
+            replicas: 3,
+            roll_call: Box::new(RollCall::default()),
+            failures: vec![],
+            sent,
+        }
+    }
+
+    fn remote(code: Code, outcome: Option<WriteOutcome>) -> Error {
+        Error::Remote {
+            code,
+            message: "m".into(),
+            outcome,
+        }
+    }
+
+    // One test per row of DESIGN.md's table (0 and 1 are not errors:
+    // `Outcome::exit_code`).
+
+    #[test]
+    fn bad_input_exits_2() {
+        let error = Error::InvalidArgument("key is empty".into());
+        assert_eq!(exit_code(&error, Kind::Write), 2);
+        assert_eq!(exit_code(&error, Kind::Read), 2);
+    }
+
+    #[test]
+    fn a_write_refused_before_sending_exits_3() {
+        // Too few replicas believed up, at the coordinator.
+        let unsent = Error::Unavailable("PUT failed ...: not applied".into());
+        assert_eq!(exit_code(&unsent, Kind::Write), 3);
+        // No node could be reached to coordinate it.
+        let unreached = Error::Unavailable("no node could coordinate it".into());
+        assert_eq!(exit_code(&unreached, Kind::Write), 3);
+        assert_eq!(exit_code(&quorum("PUT", false), Kind::Write), 3);
+        // A quota the coordinator checks.
+        let quota = remote(Code::ResourceExhausted, Some(WriteOutcome::NotApplied));
+        assert_eq!(exit_code(&quota, Kind::Write), 3);
+    }
+
+    #[test]
+    fn a_change_in_progress_exits_3() {
+        let change = Error::FailedPrecondition("a join is in progress".into());
+        assert_eq!(exit_code(&change, Kind::Write), 3);
+        let contention = remote(Code::Aborted, Some(WriteOutcome::NotApplied));
+        assert_eq!(exit_code(&contention, Kind::Write), 3);
+    }
+
+    #[test]
+    fn a_write_that_failed_after_sending_exits_4() {
+        // Quorum missed after sending, superseded: the client's Indeterminate.
+        let indeterminate = Error::Indeterminate("may or may not have been applied".into());
+        assert_eq!(exit_code(&indeterminate, Kind::Write), 4);
+        assert_eq!(exit_code(&quorum("PUT", true), Kind::Write), 4);
+        let deadline = Error::DeadlineExceeded("PUT did not finish within 3000 ms".into());
+        assert_eq!(exit_code(&deadline, Kind::Write), 4);
+        // A replica's full disk or quota.
+        let full = remote(Code::ResourceExhausted, Some(WriteOutcome::Unknown));
+        assert_eq!(exit_code(&full, Kind::Write), 4);
+    }
+
+    #[test]
+    fn a_read_that_could_not_reach_r_exits_3_and_one_that_timed_out_4() {
+        assert_eq!(exit_code(&quorum("GET", true), Kind::Read), 3);
+        let nobody = Error::Unavailable("no DKVS node answered".into());
+        assert_eq!(exit_code(&nobody, Kind::Read), 3);
+        let late = Error::DeadlineExceeded("GET did not finish".into());
+        assert_eq!(exit_code(&late, Kind::Read), 4);
+    }
+
+    #[test]
+    fn authentication_exits_5() {
+        for code in [Code::Unauthenticated, Code::PermissionDenied] {
+            let refused = remote(code, Some(WriteOutcome::NotApplied));
+            assert_eq!(exit_code(&refused, Kind::Write), 5, "{code:?}");
+            assert_eq!(exit_code(&refused, Kind::Read), 5, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn anything_else_exits_5() {
+        assert_eq!(exit_code(&Error::Internal("bug".into()), Kind::Write), 5);
+        assert_eq!(exit_code(&Error::Storage("io".into()), Kind::Read), 5);
+        assert_eq!(
+            exit_code(&remote(Code::Unimplemented, None), Kind::Write),
+            5
+        );
+    }
 }
