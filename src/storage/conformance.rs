@@ -132,10 +132,30 @@ impl Fixture {
     /// Closes the engine and opens it again over the same directory, as a
     /// restarted node would (a volatile engine keeps its handle: there is
     /// nothing to reopen). Both handles are never open at once.
+    ///
+    /// A process this test binary forks meanwhile (another test mounting a
+    /// tmpfs) holds a copy of the engine's LOCK file until it execs, which
+    /// keeps the lock a moment after the engine closed: a reopen refused
+    /// as "in use" is retried for up to two seconds.
     pub fn reopen(&mut self) -> Result<()> {
         if self.subject.persistent {
             self.storage = None;
-            self.storage = Some((self.subject.open)(&self.dir)?);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            loop {
+                match (self.subject.open)(&self.dir) {
+                    Ok(storage) => {
+                        self.storage = Some(storage);
+                        break;
+                    }
+                    Err(error)
+                        if error.to_string().contains("in use by another process")
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
         }
         Ok(())
     }
