@@ -5,7 +5,9 @@
 //! Format: the magic `DKVSLAYOUT1\n`, the length of the protobuf
 //! `LayoutState` (u32, little-endian), the bytes, and their xxh3 (u64,
 //! little-endian). A damaged file stops the node with a message saying
-//! what to do; it is never half-read.
+//! what to do; it is never half-read. The digits before the newline are
+//! the format version: a file of another version (a newer release's) is
+//! refused as such, not as damage.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,8 @@ use crate::pb;
 use crate::sync::Locked;
 
 const MAGIC: &[u8] = b"DKVSLAYOUT1\n";
+/// What every format version's magic starts with.
+const MAGIC_NAME: &[u8] = b"DKVSLAYOUT";
 /// A layout of 1024 members with 4096 tokens each is ~40 MB; refuse more.
 const MAX_BYTES: usize = 64 << 20;
 
@@ -73,13 +77,20 @@ impl LayoutStore {
         let Some(bytes) = bytes else {
             return Ok(None);
         };
+        let place = self
+            .path
+            .as_ref()
+            .map_or("the in-memory layout".to_string(), |p| {
+                p.display().to_string()
+            });
+        if let Some(version) = other_version(&bytes) {
+            return Err(Error::Storage(format!(
+                "{place} is a layout file of format version {version}, and this release reads \
+                 version 1: a newer DKVS release wrote it (downgrades are not supported; run that \
+                 release), or the file is damaged"
+            )));
+        }
         decode(&bytes).map(Some).map_err(|why| {
-            let place = self
-                .path
-                .as_ref()
-                .map_or("the in-memory layout".to_string(), |p| {
-                    p.display().to_string()
-                });
             Error::Storage(format!(
                 "{place} is damaged ({why}); this node cannot know which layout it served. \
                  Once no layout change is in progress (DKVSClient cluster wait), move the file \
@@ -125,6 +136,17 @@ fn encode(state: &LayoutState) -> Vec<u8> {
     out.extend_from_slice(&body);
     out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&body).to_le_bytes());
     out
+}
+
+/// The format version a layout file names, when it names one other than
+/// 1: `DKVSLAYOUT`, up to 8 digits, a newline.
+fn other_version(bytes: &[u8]) -> Option<String> {
+    let rest = bytes.strip_prefix(MAGIC_NAME)?;
+    let end = rest.iter().take(9).position(|&b| b == b'\n')?;
+    let digits = &rest[..end];
+    let known = &MAGIC[MAGIC_NAME.len()..MAGIC.len() - 1];
+    (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit) && digits != known)
+        .then(|| String::from_utf8_lossy(digits).into_owned())
 }
 
 fn decode(bytes: &[u8]) -> std::result::Result<LayoutState, String> {
@@ -213,5 +235,20 @@ mod tests {
         *store.memory.locked() = Some(bytes[..bytes.len() - 1].to_vec());
         let refused = store.load().expect_err("damaged").to_string();
         assert!(refused.contains("--join"), "{refused}");
+    }
+
+    #[test]
+    fn a_layout_of_another_format_version_is_refused_as_such() {
+        let mut bytes = encode(&state());
+        assert_eq!(other_version(&bytes), None);
+        bytes[MAGIC.len() - 2] = b'2';
+        assert_eq!(other_version(&bytes).as_deref(), Some("2"));
+        let mut longer = b"DKVSLAYOUT12\n".to_vec();
+        longer.extend_from_slice(&bytes[MAGIC.len()..]);
+        assert_eq!(other_version(&longer).as_deref(), Some("12"));
+        let store = LayoutStore::in_memory();
+        *store.memory.locked() = Some(bytes);
+        let refused = store.load().expect_err("another version").to_string();
+        assert!(refused.contains("format version 2"), "{refused}");
     }
 }

@@ -50,7 +50,18 @@ pub struct FjallStorage {
 impl FjallStorage {
     /// Opens (or creates) the database in `dir`, replaying its journal.
     pub fn open(dir: &Path, fsync: FsyncPolicy) -> Result<Self> {
-        let db = Database::builder(dir).open()?;
+        let db = Database::builder(dir).open().map_err(|error| match error {
+            // fjall keeps its format version in `<dir>/version`.
+            fjall::Error::InvalidVersion(version) => Error::Storage(format!(
+                "{} names {}, and this release reads fjall's format 3: a newer DKVS release wrote \
+                 it (downgrades are not supported; run that release), or the file is damaged",
+                dir.join("version").display(),
+                version.map_or("no fjall format this release knows".to_string(), |v| {
+                    format!("fjall format {}", u8::from(v))
+                }),
+            )),
+            other => other.into(),
+        })?;
         // Writes buffer in the journal until `flush`: the replica flushes
         // once per batch of writes, before acknowledging any of them.
         let buffered = || KeyspaceCreateOptions::default().manual_journal_persist(true);
@@ -287,6 +298,25 @@ impl Storage for FjallStorage {
 mod tests {
     use super::*;
     use crate::clock::Version;
+
+    #[test]
+    fn a_database_of_another_fjall_format_is_refused_naming_its_version_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(FjallStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open"));
+        let marker = dir.path().join("version");
+        let mut bytes = std::fs::read(&marker).expect("read");
+        assert_eq!(bytes.get(3), Some(&3), "fjall format 3 in {bytes:?}");
+        for (version, said) in [(2, "fjall format 2"), (4, "no fjall format")] {
+            bytes[3] = version;
+            std::fs::write(&marker, &bytes).expect("write");
+            let refused = FjallStorage::open(dir.path(), FsyncPolicy::Periodic)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(refused.contains(&marker.display().to_string()), "{refused}");
+            assert!(refused.contains(said), "{refused}");
+        }
+    }
 
     #[test]
     fn records_and_meta_survive_reopening() {

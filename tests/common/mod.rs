@@ -551,3 +551,54 @@ pub fn seed_from_env(name: &str) -> u64 {
                 .unwrap_or(7)
         })
 }
+
+impl TestCluster {
+    /// Starts one node per `(address, data dir)` — fixed addresses, data
+    /// dirs that already hold a cluster (the upgrade fixture) — with
+    /// `--peers` naming them all and `extra` flags; waits until all serve.
+    /// `dir` holds the data dirs and receives the logs. The flags in
+    /// DKVS_TEST_SERVER_FLAGS are not added: the data dirs fix the engine.
+    pub async fn start_on(
+        dir: tempfile::TempDir,
+        members: &[(String, PathBuf)],
+        extra: &[&str],
+    ) -> Self {
+        let peers = members
+            .iter()
+            .map(|(address, _)| address.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = members
+            .iter()
+            .enumerate()
+            .map(|(i, (address, data_dir))| {
+                let mut args: Vec<String> = [
+                    "--listen",
+                    address,
+                    "--peers",
+                    &peers,
+                    "--data-dir",
+                    &data_dir.display().to_string(),
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(extra.iter().map(|s| s.to_string()));
+                let mut node = TestNode {
+                    address: address.clone(),
+                    data_dir: data_dir.clone(),
+                    log: dir.path().join(format!("node{i}.log")),
+                    args,
+                    child: None,
+                };
+                node.spawn();
+                node
+            })
+            .collect();
+        let mut cluster = Self { dir, nodes };
+        if let Err(error) = cluster.wait_all_ready().await {
+            panic!("cluster did not start: {error}");
+        }
+        cluster
+    }
+}

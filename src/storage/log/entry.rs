@@ -8,10 +8,15 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::error::{Error, Result};
 
+/// The segment format this release writes (and the newest it reads).
+pub(super) const FORMAT_VERSION: u16 = 2;
 /// Opens every segment of format 2: `DKVSLG` and the format version (u16).
 pub(super) const SEGMENT_HEADER: [u8; 8] = [b'D', b'K', b'V', b'S', b'L', b'G', 2, 0];
 /// Starts every entry of format 2, so replay can find the next entry after
-/// a damaged one.
+/// a damaged one. A later format must change it too: a reader tells a
+/// newer segment from one whose version field is damaged by whether its
+/// first entry parses as format 2 (see [`segment_start`]), and releases
+/// before that check read a header one byte off as a damaged format 2.
 const ENTRY_MAGIC: [u8; 4] = [0xD6, 0x4B, 0x56, 0xE5];
 /// magic (4) + header checksum (4) + kind (1) + key length (4) + value
 /// length (4) + payload checksum (8).
@@ -255,7 +260,49 @@ pub(super) struct SegmentStart {
     pub(super) clean: bool,
 }
 
-pub(super) fn segment_start(data: &[u8]) -> SegmentStart {
+/// A segment whose header names a format version this release does not
+/// read, with no format-2 entry after it to show the version field is
+/// merely damaged.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct UnknownVersion(pub(super) u16);
+
+/// How segment `segment`'s `data` starts. A header with an intact `DKVSLG`
+/// and another version is a newer release's segment, unless its first entry
+/// parses as format 2 (then only the version field is damaged, and the
+/// segment is read like one with any other damaged header byte).
+pub(super) fn segment_start(
+    data: &[u8],
+    segment: u64,
+) -> std::result::Result<SegmentStart, UnknownVersion> {
+    if let Some(header) = data.get(..SEGMENT_HEADER.len())
+        && header[..6] == SEGMENT_HEADER[..6]
+    {
+        let version = u16::from_le_bytes([header[6], header[7]]);
+        if version != FORMAT_VERSION {
+            let first = &data[SEGMENT_HEADER.len()..];
+            let seed = header_seed(segment, SEGMENT_HEADER.len() as u64);
+            // A header checksum that matches (payload bad or not) is
+            // evidence enough: it was seeded with this entry's position.
+            let framed = match parse_framed(first, seed) {
+                Ok(_) => true,
+                Err(damage) => damage.trusted_len.is_some(),
+            };
+            if !framed {
+                return Err(UnknownVersion(version));
+            }
+            return Ok(SegmentStart {
+                format: Format::Framed,
+                start: SEGMENT_HEADER.len(),
+                clean: false,
+            });
+        }
+    }
+    Ok(known_segment_start(data))
+}
+
+/// [`segment_start`] once the version field is known not to name another
+/// format.
+fn known_segment_start(data: &[u8]) -> SegmentStart {
     if data.is_empty() {
         // Created, never written (a crash right after a roll-over).
         return SegmentStart {
@@ -401,6 +448,55 @@ mod tests {
         let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("reopen");
         assert_eq!(log.get(b"new").expect("get"), Some(value(100, "new")));
         assert_eq!(log.get(b"key4").expect("get"), Some(value(5, "old")));
+    }
+
+    /// A segment of one record, then its bytes.
+    fn one_record_segment(dir: &std::path::Path) -> Vec<u8> {
+        {
+            let log = LogStorage::open(dir, FsyncPolicy::Periodic).expect("open");
+            log.put(b"key", &value(1, "value")).expect("put");
+            log.flush().expect("flush");
+        }
+        std::fs::read(segment_path(dir, 1)).expect("read")
+    }
+
+    #[test]
+    fn a_damaged_version_field_over_format_2_entries_costs_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = one_record_segment(dir.path());
+        bytes[6..8].copy_from_slice(&3u16.to_le_bytes());
+        std::fs::write(segment_path(dir.path(), 1), &bytes).expect("write");
+        let opening = segment_start(&bytes, 1).expect("read as format 2");
+        assert_eq!((opening.format, opening.clean), (Format::Framed, false));
+        bytes[7] = 0x80; // both bytes of the field: still format 2 after it
+        assert!(segment_start(&bytes, 1).is_ok());
+        let log = LogStorage::open(dir.path(), FsyncPolicy::Periodic).expect("open");
+        assert_eq!(log.get(b"key").expect("get"), Some(value(1, "value")));
+        assert_eq!(log.damaged_entries_skipped(), 1, "the header byte");
+    }
+
+    #[test]
+    fn a_segment_of_a_newer_format_is_refused_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut bytes = one_record_segment(dir.path());
+        // A later format: another version and another entry marker.
+        bytes[6..8].copy_from_slice(&3u16.to_le_bytes());
+        bytes[SEGMENT_HEADER.len()] ^= 0xff;
+        assert_eq!(segment_start(&bytes, 1).err(), Some(UnknownVersion(3)));
+        assert_eq!(
+            segment_start(&bytes[..SEGMENT_HEADER.len()], 1).err(),
+            Some(UnknownVersion(3)),
+            "a newer segment with no entry yet"
+        );
+        let path = segment_path(dir.path(), 1);
+        std::fs::write(&path, &bytes).expect("write");
+        let refused = LogStorage::open(dir.path(), FsyncPolicy::Periodic)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(refused.contains(&path.display().to_string()), "{refused}");
+        assert!(refused.contains("format version 3"), "{refused}");
+        assert_eq!(std::fs::read(&path).expect("read"), bytes, "left as it was");
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::SEGMENT_BYTES;
-use super::entry::{Entry, Format, Slot, parse_entry, resync, segment_start};
+use super::entry::{
+    Entry, FORMAT_VERSION, Format, Slot, UnknownVersion, parse_entry, resync, segment_start,
+};
 use super::index::{Segment, State};
 use super::write::{Faults, SyncTargets, open_segment, segment_path, sync_dir};
 use crate::error::{Error, Result};
@@ -111,7 +113,16 @@ pub(super) fn replay(dir: &Path) -> Result<State> {
         let path = segment_path(dir, id);
         let data = std::fs::read(&path)
             .map_err(|e| Error::Storage(format!("cannot read {}: {e}", path.display())))?;
-        let opening = segment_start(&data);
+        let opening = segment_start(&data, id).map_err(|UnknownVersion(version)| {
+            Error::Storage(format!(
+                "{} is a log segment of format version {version}, and this release reads \
+                 versions 1 and {FORMAT_VERSION}: a newer DKVS release wrote it (downgrades are not \
+                 supported; run that release), or its header is damaged. If no newer release ever \
+                 ran on this data dir, move the file away and restart: the other replicas restore \
+                 its keys by anti-entropy",
+                path.display()
+            ))
+        })?;
         if opening.format == Format::Framed && !opening.clean && !data.is_empty() {
             tracing::error!(segment = %path.display(), "damaged segment header; reading its entries anyway");
             state.damaged_skipped += 1;
