@@ -1,7 +1,6 @@
 //! Quorum writes: the async shell that carries out the steps of
 //! [`WriteRound`] (the protocol itself, pure, is in `quorum::write_round`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -139,22 +138,28 @@ impl Coordinator {
             self.local.observe(newest);
         }
         let step = write.round_over(calls.pending() > 0);
+        if calls.pending() == 0 {
+            return step;
+        }
         let acknowledged = matches!(step, Step::Acknowledged { .. });
         let hinter = self.hinter.clone();
-        let addresses: Arc<Vec<String>> =
-            Arc::new(replicas.iter().map(|r| r.address.clone()).collect());
+        let addresses: Vec<String> = replicas.iter().map(|r| r.address.clone()).collect();
         let (key, record) = (key.to_string(), record.clone());
         calls
             .finish(move |index, reply| {
-                let (hinter, addresses, key, record) = (
-                    hinter.clone(),
-                    addresses.clone(),
-                    key.clone(),
-                    record.clone(),
-                );
+                // A replica that failed after an acknowledged write gets a hint.
+                let hint =
+                    (acknowledged && matches!(reply, Err(ReplicaError::Failed(_)))).then(|| {
+                        (
+                            hinter.clone(),
+                            addresses[index].clone(),
+                            key.clone(),
+                            record.clone(),
+                        )
+                    });
                 async move {
-                    if acknowledged && matches!(reply, Err(ReplicaError::Failed(_))) {
-                        hinter.send_logged(&addresses[index], &key, &record).await;
+                    if let Some((hinter, address, key, record)) = hint {
+                        hinter.send_logged(&address, &key, &record).await;
                     }
                 }
             })
