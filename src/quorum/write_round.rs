@@ -202,6 +202,11 @@ impl WriteRound {
 
     fn begin_round(&mut self) -> Step {
         if self.rounds >= MAX_WRITE_ROUNDS {
+            if self.sent_before {
+                // The version may be on a replica from a round placed with
+                // an older layout: the outcome is unknown, not a refusal.
+                return Step::Fail(self.quorum_not_reached());
+            }
             return Step::Fail(Error::Unavailable(format!(
                 "{} of {:?} gave up after {MAX_WRITE_ROUNDS} rounds: replicas kept reporting newer versions (heavy concurrent writing to this key)",
                 self.operation, self.key
@@ -321,6 +326,9 @@ impl WriteRound {
             },
             WriteDecision::Failed | WriteDecision::Pending => {
                 if self.consistency == Consistency::Any && !self.failed.is_empty() {
+                    // A hint store that fails may still have stored it:
+                    // from here the write's outcome is unknown if it fails.
+                    self.sent_any = true;
                     return Step::StoreHints {
                         targets: self.failed.clone(),
                     };

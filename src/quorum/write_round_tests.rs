@@ -364,3 +364,62 @@ fn with_too_few_replicas_believed_up_nothing_is_sent_and_the_write_is_not_applie
         }
     );
 }
+
+#[test]
+fn at_any_a_failed_hint_store_leaves_the_outcome_unknown() {
+    let placed = Placed {
+        targets: vec![down("a"), down("b"), down("c")],
+        ..three(1)
+    };
+    let (mut write, _) = put(Consistency::Any, placed);
+    assert!(matches!(write.round_over(false), Step::StoreHints { .. }));
+    // The hint stores failed, but one may have landed after all.
+    let Step::Fail(error) = write.hints_stored(0) else {
+        panic!("a failure");
+    };
+    assert_eq!(error.outcome(), crate::error::Outcome::Unknown);
+}
+
+#[test]
+fn running_out_of_rounds_after_a_re_placement_leaves_the_outcome_unknown() {
+    let (mut write, _) = put(Consistency::Quorum, three(1));
+    let mut version = V2;
+    // Eight re-stamps, the ninth round re-placed after one replica stored it.
+    for _ in 0..MAX_WRITE_ROUNDS - 2 {
+        let newer = Version::new(version.lamport + 1, 9);
+        for i in 0..3 {
+            write.record(i, holds(newer));
+        }
+        assert!(matches!(write.round_over(false), Step::Restamp { .. }));
+        version = Version::new(newer.lamport + 1, 1);
+        assert!(matches!(write.restamped(version), Step::Send { .. }));
+    }
+    write.record(0, holds(version));
+    write.record(1, stale(2));
+    write.record(2, stale(2));
+    assert!(matches!(write.round_over(false), Step::CatchUp { .. }));
+    let placed = Placed {
+        layout_version: 2,
+        ..three(2)
+    };
+    assert!(matches!(
+        write.placed_again(Some(placed)),
+        Step::Send { .. }
+    ));
+    for i in 0..3 {
+        write.record(i, stale(3));
+    }
+    assert!(matches!(write.round_over(false), Step::CatchUp { .. }));
+    let placed = Placed {
+        layout_version: 3,
+        ..three(3)
+    };
+    let Step::Fail(error) = write.placed_again(Some(placed)) else {
+        panic!("out of rounds");
+    };
+    assert_eq!(
+        error.outcome(),
+        crate::error::Outcome::Unknown,
+        "replica a holds it: {error}"
+    );
+}

@@ -280,6 +280,16 @@ pub(super) fn segment_start(
         let version = u16::from_le_bytes([header[6], header[7]]);
         if version != FORMAT_VERSION {
             let first = &data[SEGMENT_HEADER.len()..];
+            // Nothing after the header to judge by (a segment just rolled
+            // over, or cut back to its header): a damaged byte costs
+            // nothing here, so it is read as this release's empty segment.
+            if first.len() < HEADER_BYTES {
+                return Ok(SegmentStart {
+                    format: Format::Framed,
+                    start: SEGMENT_HEADER.len(),
+                    clean: false,
+                });
+            }
             let seed = header_seed(segment, SEGMENT_HEADER.len() as u64);
             // A header checksum that matches (payload bad or not) is
             // evidence enough: it was seeded with this entry's position.
@@ -483,10 +493,14 @@ mod tests {
         bytes[6..8].copy_from_slice(&3u16.to_le_bytes());
         bytes[SEGMENT_HEADER.len()] ^= 0xff;
         assert_eq!(segment_start(&bytes, 1).err(), Some(UnknownVersion(3)));
+        // A segment with no entry after its header gives nothing to tell a
+        // newer format from a damaged byte by: read as an empty segment of
+        // this format (a flipped bit must not stop the node; there is
+        // nothing in it to misread).
+        let header_only = segment_start(&bytes[..SEGMENT_HEADER.len()], 1).expect("opens");
         assert_eq!(
-            segment_start(&bytes[..SEGMENT_HEADER.len()], 1).err(),
-            Some(UnknownVersion(3)),
-            "a newer segment with no entry yet"
+            (header_only.format, header_only.clean),
+            (Format::Framed, false)
         );
         let path = segment_path(dir.path(), 1);
         std::fs::write(&path, &bytes).expect("write");

@@ -118,8 +118,10 @@ pub(super) fn replay(dir: &Path) -> Result<State> {
                 "{} is a log segment of format version {version}, and this release reads \
                  versions 1 and {FORMAT_VERSION}: a newer DKVS release wrote it (downgrades are not \
                  supported; run that release), or its header is damaged. If no newer release ever \
-                 ran on this data dir, move the file away and restart: the other replicas restore \
-                 its keys by anti-entropy",
+                 ran on this data dir, wipe the whole data dir and restart the node: it comes back \
+                 as a new instance and answers reads only once it has caught up from the other \
+                 replicas (moving only this file away would let it answer reads without the \
+                 writes the file holds)",
                 path.display()
             ))
         })?;
