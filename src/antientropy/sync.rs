@@ -7,10 +7,14 @@ use std::sync::atomic::Ordering;
 use super::{AntiEntropy, COPY_CONCURRENCY, MAX_RANGES_PER_ROUND, differing, plan, root};
 use crate::clock::wall_clock_ms;
 use crate::error::{Error, Result};
+use crate::fanout::{FanOut, Stragglers, Tally};
+use crate::net::ReplicaError;
 use crate::net::call_within;
 use crate::pb;
 use crate::placement::Placement;
+use crate::record::Record;
 use crate::replica::RangeEntry;
+use crate::replica::WriteOutcome;
 
 use super::SyncPlan;
 
@@ -123,50 +127,124 @@ impl AntiEntropy {
         Ok(copied)
     }
 
+    /// Pulls what the peer holds newer and pushes what this node holds
+    /// newer, [`COPY_CONCURRENCY`] keys at a time, each batch one fan-out.
     async fn copy(&self, peer: &str, plan: SyncPlan) -> Result<u64> {
         let remote = self.cluster.peers.replica_handle(peer, None)?;
-        let mut copied = 0;
-        let mut failed: Vec<String> = Vec::new();
+        let timeout = self.cluster.rpc_timeout;
+        let mut copies = Copies::default();
         for chunk in plan.pull.chunks(COPY_CONCURRENCY) {
-            let reads = chunk
-                .iter()
-                .map(|key| remote.read_for_repair(key, self.cluster.rpc_timeout));
-            for (key, result) in chunk.iter().zip(futures::future::join_all(reads).await) {
-                match result {
-                    Ok(Some(record)) => {
-                        if self.replica.write_if_newer(key, &record)?.applied {
-                            copied += 1;
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(why) => failed.push(format!("{key}: {why}")),
+            let mut reads = FanOut::new(Stragglers::Abandon);
+            for (index, key) in chunk.iter().enumerate() {
+                let (remote, key) = (remote.clone(), key.clone());
+                reads.send(
+                    index,
+                    async move { remote.read_for_repair(&key, timeout).await },
+                );
+            }
+            let mut pulled = Pulled {
+                keys: chunk,
+                records: Vec::new(),
+                failed: &mut copies.failed,
+                asked: chunk.len(),
+                answered: 0,
+            };
+            reads.collect(&mut pulled, None).await;
+            for (key, record) in pulled.records {
+                if self.replica.write_if_newer(key, &record)?.applied {
+                    copies.copied += 1;
                 }
             }
         }
         for chunk in plan.push.chunks(COPY_CONCURRENCY) {
-            let mut writes = Vec::new();
+            // Every write is waited for; only a shutdown stops the batch
+            // early, and a copy left unsent is made again next round.
+            let mut writes = FanOut::new(Stragglers::Abandon);
+            let mut asked = 0;
             for key in chunk {
                 if let Some(record) = self.replica.read(key)? {
-                    let remote = &remote;
-                    writes.push(async move {
-                        remote.write(key, &record, self.cluster.rpc_timeout).await
-                    });
+                    let (remote, key) = (remote.clone(), key.clone());
+                    writes.send(
+                        asked,
+                        async move { remote.write(&key, &record, timeout).await },
+                    );
+                    asked += 1;
                 }
             }
-            for result in futures::future::join_all(writes).await {
-                match result {
-                    Ok(outcome) if outcome.applied => copied += 1,
-                    Ok(_) => {}
-                    Err(why) => failed.push(why.to_string()),
-                }
-            }
+            let mut pushed = Pushed {
+                copies: &mut copies,
+                asked,
+                answered: 0,
+            };
+            writes.collect(&mut pushed, None).await;
         }
-        if let Some(first) = failed.first() {
+        if let Some(first) = copies.failed.first() {
             return Err(Error::Unavailable(format!(
-                "{} of the keys to copy failed ({copied} copied), e.g. {first}",
-                failed.len()
+                "{} of the keys to copy failed ({} copied), e.g. {first}",
+                copies.failed.len(),
+                copies.copied
             )));
         }
-        Ok(copied)
+        Ok(copies.copied)
+    }
+}
+
+/// What one exchange copied, and the keys it could not.
+#[derive(Default)]
+struct Copies {
+    copied: u64,
+    failed: Vec<String>,
+}
+
+/// One batch of reads from the peer: the records to merge here.
+struct Pulled<'a> {
+    keys: &'a [String],
+    records: Vec<(&'a str, Record)>,
+    failed: &'a mut Vec<String>,
+    asked: usize,
+    answered: usize,
+}
+
+impl Tally<Result<Option<Record>, ReplicaError>> for Pulled<'_> {
+    type Verdict = ();
+
+    fn record(&mut self, index: usize, reply: Result<Option<Record>, ReplicaError>) {
+        self.answered += 1;
+        let key = &self.keys[index];
+        match reply {
+            Ok(Some(record)) => self.records.push((key.as_str(), record)),
+            Ok(None) => {}
+            Err(why) => self.failed.push(format!("{key}: {why}")),
+        }
+    }
+
+    /// Every key of the batch answered.
+    fn verdict(&self) -> Option<()> {
+        (self.answered == self.asked).then_some(())
+    }
+}
+
+/// One batch of writes to the peer.
+struct Pushed<'a> {
+    copies: &'a mut Copies,
+    asked: usize,
+    answered: usize,
+}
+
+impl Tally<Result<WriteOutcome, ReplicaError>> for Pushed<'_> {
+    type Verdict = ();
+
+    fn record(&mut self, _index: usize, reply: Result<WriteOutcome, ReplicaError>) {
+        self.answered += 1;
+        match reply {
+            Ok(outcome) if outcome.applied => self.copies.copied += 1,
+            Ok(_) => {}
+            Err(why) => self.copies.failed.push(why.to_string()),
+        }
+    }
+
+    /// Every write of the batch answered.
+    fn verdict(&self) -> Option<()> {
+        (self.answered == self.asked).then_some(())
     }
 }
