@@ -57,7 +57,9 @@ impl Cluster {
     /// Makes this node serve at least layout `version`, fetched from
     /// `from`, before a request placed with an older one is retried.
     pub async fn catch_up(&self, version: u64, from: &str) {
-        self.layouts.catch_up(version, from).await
+        // Boxed: rare, and its fetches would otherwise make every request's
+        // future (which holds it inline) several kilobytes larger.
+        Box::pin(self.layouts.catch_up(version, from)).await
     }
 
     /// Handles to every replica a write of `key` must reach under `view`.

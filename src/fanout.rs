@@ -154,9 +154,14 @@ impl<R: Send + 'static> FanOut<R> {
             return;
         };
         // Drained in place: the calls stay in `self` until they answer.
-        while let Some((index, reply)) = self.in_flight.next().await {
-            each(index, reply).await;
-        }
+        // Boxed: a rare path whose callbacks' futures would otherwise be
+        // held inline in every caller's future.
+        Box::pin(async move {
+            while let Some((index, reply)) = self.in_flight.next().await {
+                each(index, reply).await;
+            }
+        })
+        .await;
     }
 
     /// The calls still in flight, to be awaited elsewhere (read repair

@@ -94,7 +94,7 @@ impl Coordinator {
                     let sends = targets
                         .iter()
                         .map(|&i| self.hinter.send(&replicas[i].address, key, &record));
-                    let stored = futures::future::join_all(sends)
+                    let stored = Box::pin(futures::future::join_all(sends))
                         .await
                         .iter()
                         .filter(|r| r.is_ok())
