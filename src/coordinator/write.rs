@@ -159,7 +159,9 @@ impl Coordinator {
                     });
                 async move {
                     if let Some((hinter, address, key, record)) = hint {
-                        hinter.send_logged(&address, &key, &record).await;
+                        // Boxed: rare, and large (an RPC); inline it would
+                        // be copied into every straggler task spawned.
+                        Box::pin(hinter.send_logged(&address, &key, &record)).await;
                     }
                 }
             })
@@ -186,7 +188,7 @@ impl Coordinator {
         let (key, record) = (key.to_string(), record.clone());
         self.background.spawn(async move {
             for target in targets {
-                hinter.send_logged(&target, &key, &record).await;
+                Box::pin(hinter.send_logged(&target, &key, &record)).await;
             }
         });
     }
