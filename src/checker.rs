@@ -59,7 +59,7 @@
 //! began and is newest?" in `O(log n)`, so a history of `n` ops costs
 //! `O(n log n)`.
 //!
-//! It is one file (past the house limit of about 600 lines, issue 10)
+//! It is one file (past the house limit of about 600 lines)
 //! because it is one concept: the history types, the definitions above and
 //! the per-key index they all share are read together, and each definition
 //! is pinned by a small hand-written history in the tests below.

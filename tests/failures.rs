@@ -599,7 +599,7 @@ async fn replica_value(
     }
 }
 
-/// Issue 8: a write whose coordinator is frozen must not be hedged to another
+/// A write whose coordinator is frozen must not be hedged to another
 /// node and acknowledged — the frozen node would apply its copy when it
 /// thaws, above a later acknowledged write. It is reported indeterminate, the
 /// next write goes to the next replica, and after the thaw the later write

@@ -1,4 +1,4 @@
-//! Real network partitions between real hosts (issue 11, part 2).
+//! Real network partitions between real hosts.
 //!
 //! Five `DKVSServer` processes run in network namespaces of their own, each
 //! a host with its own address, joined by a bridge. The bridge lives in a

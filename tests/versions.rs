@@ -1,5 +1,5 @@
-//! Acknowledged writes and versions: the two ways issue 8 reproduced losing
-//! them, against real DKVSServer processes.
+//! Acknowledged writes and versions: the two ways acknowledged writes were
+//! once lost, against real DKVSServer processes.
 //!
 //! 1. A PUT acknowledged after a DELETE whose tombstone one replica still
 //!    holds (grace periods differ) while the others purged it, coordinated by
@@ -71,7 +71,7 @@ fn replicas_of(cluster: &TestCluster, client: &dkvs::client::Client, key: &str) 
         .collect()
 }
 
-/// Scenario 1 of issue 8, with the final PUT coordinated by `coordinate`:
+/// Scenario 1 (a PUT after a DELETE), with the final PUT coordinated by `coordinate`:
 /// `Some(node)` through that node's KeyValue service, `None` through the
 /// smart client.
 async fn put_after_purged_delete_survives(key: &str, via_smart_client: bool) {

@@ -33,7 +33,7 @@
 //! An engine joins the suite with one module at the bottom of this file.
 //!
 //! This is the one place the behaviour all engines share is tested, and it
-//! stays one file (past the house limit of about 600 lines, issue 10) for
+//! stays one file (past the house limit of about 600 lines) for
 //! that reason: it is one contract, each check written once and run for
 //! every engine, so a check added for one engine holds them all to it.
 //! What belongs to a single engine (the log's damaged-entry handling,
