@@ -89,15 +89,7 @@ impl Background {
             );
             return;
         };
-        let shutdown = self.shutdown.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                biased;
-                () = task => {}
-                () = shutdown.cancelled() => {}
-            }
-            drop(permit);
-        });
+        self.run(task, Some(permit));
     }
 
     /// Runs the task `make` builds in the background if there is room,
@@ -112,6 +104,24 @@ impl Background {
             return false;
         };
         let task = make();
+        self.run(task, Some(permit));
+        true
+    }
+
+    /// Runs `task` in the background whatever the limit: only for calls
+    /// already sent whose caller was cancelled (each carries its own RPC
+    /// deadline, so they end soon), which must not be cut short.
+    pub fn spawn_unbounded(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.run(task, None);
+    }
+
+    /// Runs `task` tracked, until it ends or shutdown cancels it, holding
+    /// `permit` (its place under the limit) while it runs.
+    fn run(
+        &self,
+        task: impl Future<Output = ()> + Send + 'static,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) {
         let shutdown = self.shutdown.clone();
         self.tracker.spawn(async move {
             tokio::select! {
@@ -120,21 +130,6 @@ impl Background {
                 () = shutdown.cancelled() => {}
             }
             drop(permit);
-        });
-        true
-    }
-
-    /// Runs `task` in the background whatever the limit: only for calls
-    /// already sent whose caller was cancelled (each carries its own RPC
-    /// deadline, so they end soon), which must not be cut short.
-    pub fn spawn_unbounded(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let shutdown = self.shutdown.clone();
-        self.tracker.spawn(async move {
-            tokio::select! {
-                biased;
-                () = task => {}
-                () = shutdown.cancelled() => {}
-            }
         });
     }
 

@@ -505,18 +505,9 @@ impl Coordinator {
         let Step::Send { to, .. } = write.start() else {
             return Err(Error::Internal("a confirmation round sent nothing".into()));
         };
-        let mut calls = FanOut::new(Stragglers::Complete(self.background.clone()));
-        let timeout = self.cluster.rpc_timeout;
-        for index in to {
-            let (replica, key, record) = (replicas[index].clone(), key.to_string(), record.clone());
-            calls.send(index, async move {
-                replica
-                    .write(&key, &record, timeout)
-                    .await
-                    .map(|outcome| outcome.held)
-            });
-        }
-        calls.collect(&mut write, None).await;
+        let calls = self
+            .write_round_calls(&mut write, &replicas, to, key, record)
+            .await;
         let step = write.round_over(calls.pending() > 0);
         calls.finish(|_, _| async {}).await;
         match step {

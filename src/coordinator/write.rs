@@ -122,18 +122,9 @@ impl Coordinator {
         key: &str,
         record: &Record,
     ) -> Step {
-        let mut calls = FanOut::new(Stragglers::Complete(self.background.clone()));
-        let timeout = self.cluster.rpc_timeout;
-        for index in to {
-            let (replica, key, record) = (replicas[index].clone(), key.to_string(), record.clone());
-            calls.send(index, async move {
-                replica
-                    .write(&key, &record, timeout)
-                    .await
-                    .map(|outcome| outcome.held)
-            });
-        }
-        calls.collect(write, None).await;
+        let calls = self
+            .write_round_calls(write, replicas, to, key, record)
+            .await;
         if let Some(newest) = write.newest_seen() {
             self.local.observe(newest);
         }
@@ -167,6 +158,31 @@ impl Coordinator {
             })
             .await;
         step
+    }
+
+    /// Sends `record` to the replicas `to` and feeds what each then holds
+    /// to `write` until it has a verdict; answers the calls still in flight.
+    pub(super) async fn write_round_calls(
+        &self,
+        write: &mut WriteRound,
+        replicas: &[ReplicaHandle],
+        to: Vec<usize>,
+        key: &str,
+        record: &Record,
+    ) -> FanOut<std::result::Result<crate::clock::Version, ReplicaError>> {
+        let mut calls = FanOut::new(Stragglers::Complete(self.background.clone()));
+        let timeout = self.cluster.rpc_timeout;
+        for index in to {
+            let (replica, key, record) = (replicas[index].clone(), key.to_string(), record.clone());
+            calls.send(index, async move {
+                replica
+                    .write(&key, &record, timeout)
+                    .await
+                    .map(|outcome| outcome.held)
+            });
+        }
+        calls.collect(write, None).await;
+        calls
     }
 
     /// Stores hints for the replicas that missed an acknowledged write.
