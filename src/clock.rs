@@ -102,6 +102,16 @@ impl Default for SkewBound {
     }
 }
 
+/// Why [`SkewBound::refuse_now`] refused a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No node can have issued it: further ahead than any clock can be.
+    Impossible(String),
+    /// Merely beyond the bound: a peer's clock, or this node's, may be off,
+    /// so retrying later may succeed.
+    BeyondBound(String),
+}
+
 impl SkewBound {
     pub const fn new(max_skew_ms: u64) -> Self {
         Self { max_skew_ms }
@@ -139,18 +149,16 @@ impl SkewBound {
         Ok(())
     }
 
-    /// [`SkewBound::check`] against the wall clock now, as an [`Error`]:
-    /// `InvalidArgument` for a version no node can have issued,
-    /// `ClockSkew` for one merely beyond the bound (a peer's clock, or this
-    /// node's, may be off: retrying later may succeed).
-    pub fn refuse_now(&self, version: Version, what: &str) -> Result<(), crate::error::Error> {
+    /// [`SkewBound::check`] against the wall clock now, as a [`Refusal`]
+    /// (which the error type turns into `InvalidArgument` or `ClockSkew`).
+    pub fn refuse_now(&self, version: Version, what: &str) -> Result<(), Refusal> {
         let now_ms = wall_clock_ms();
         match self.check(version, now_ms) {
             Ok(()) => Ok(()),
             Err(why) if self.check_stored(version, now_ms).is_err() => {
-                Err(crate::error::Error::InvalidArgument(format!("{what}{why}")))
+                Err(Refusal::Impossible(format!("{what}{why}")))
             }
-            Err(why) => Err(crate::error::Error::ClockSkew(format!("{what}{why}"))),
+            Err(why) => Err(Refusal::BeyondBound(format!("{what}{why}"))),
         }
     }
 

@@ -361,6 +361,15 @@ impl From<Error> for Status {
     }
 }
 
+impl From<crate::clock::Refusal> for Error {
+    fn from(refusal: crate::clock::Refusal) -> Self {
+        match refusal {
+            crate::clock::Refusal::Impossible(why) => Error::InvalidArgument(why),
+            crate::clock::Refusal::BeyondBound(why) => Error::ClockSkew(why),
+        }
+    }
+}
+
 impl From<fjall::Error> for Error {
     fn from(error: fjall::Error) -> Self {
         Error::Storage(error.to_string())

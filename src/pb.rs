@@ -20,7 +20,6 @@ tonic::include_proto!("dkvs.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dkvs_descriptor");
 
 use crate::clock;
-use crate::coordinator;
 use crate::error::Error;
 use crate::quorum;
 use crate::record;
@@ -142,9 +141,9 @@ pub fn get_response(record: Option<record::Record>) -> GetResponse {
 }
 
 /// A coordinator's answer to a write, as the smart client reports it.
-pub fn write_ack(version: Option<Version>, acks: u32) -> Result<coordinator::WriteAck, Error> {
+pub fn write_ack(version: Option<Version>, acks: u32) -> Result<quorum::WriteAck, Error> {
     let version = reported_version(version, "a version")?;
-    Ok(coordinator::WriteAck {
+    Ok(quorum::WriteAck {
         version,
         acks: acks as usize,
     })
@@ -452,8 +451,8 @@ pub fn layout_state_from(s: LayoutState) -> Result<crate::layout::store::LayoutS
     })
 }
 
-impl From<&crate::membership::MoveProgress> for MoveProgress {
-    fn from(p: &crate::membership::MoveProgress) -> Self {
+impl From<&crate::layout::progress::MoveProgress> for MoveProgress {
+    fn from(p: &crate::layout::progress::MoveProgress) -> Self {
         let (keys_remaining, bytes_remaining, eta_ms) = p.remaining().unwrap_or((0, 0, 0));
         Self {
             address: String::new(),

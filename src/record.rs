@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 
-use crate::clock::Version;
+use crate::clock::{FIRST_HLC_MS, Version};
 
 /// A version of a key: the value written, or `None` for a delete (tombstone).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +110,17 @@ fn le_u64(bytes: &[u8]) -> u64 {
     let mut buf = [0u8; 8];
     buf.copy_from_slice(bytes);
     u64::from_le_bytes(buf)
+}
+
+/// When a tombstone was made, for its grace: the physical part of its
+/// version; `deleted_at_ms` only for versions from before the HLC.
+pub fn tombstone_time_ms(version: Version, deleted_at_ms: u64) -> u64 {
+    let physical = version.physical_ms();
+    if physical >= FIRST_HLC_MS {
+        physical
+    } else {
+        deleted_at_ms
+    }
 }
 
 /// Merge rule: the record with the higher version wins; `None` loses to anything.

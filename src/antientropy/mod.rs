@@ -39,9 +39,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use plan::{SyncPlan, differing, plan, root, tombstone_time_ms};
+pub use plan::{SyncPlan, differing, plan, root};
 
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::identity::Identity;
 use crate::placement::Placement;
 use crate::replica::{RangeEntry, ReplicaStore};
@@ -72,7 +72,7 @@ pub struct AntiEntropy {
     /// This node's replica.
     replica: Arc<ReplicaStore>,
     /// Placement, peers, liveness, call deadline.
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     /// `--tombstone-grace`.
     grace: Duration,
     /// Counters.
@@ -87,7 +87,7 @@ pub struct AntiEntropy {
 impl AntiEntropy {
     pub fn new(
         replica: Arc<ReplicaStore>,
-        cluster: Arc<Cluster>,
+        cluster: Arc<ClusterView>,
         grace: Duration,
         identity: Arc<Identity>,
     ) -> Self {
@@ -118,7 +118,7 @@ impl AntiEntropy {
         let grace_ms = self.grace.as_millis() as u64;
         move |entry: &RangeEntry| {
             entry.tombstone
-                && tombstone_time_ms(entry.version, entry.deleted_at_ms).saturating_add(grace_ms)
+                && crate::record::tombstone_time_ms(entry.version, entry.deleted_at_ms).saturating_add(grace_ms)
                     <= now_ms
         }
     }

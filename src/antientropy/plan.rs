@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::clock::{FIRST_HLC_MS, Version};
+
 use crate::replica::RangeEntry;
 
 /// The root of a tree whose leaves are `(range, digest)` in range order.
@@ -77,17 +77,6 @@ pub fn plan(
         }
     }
     out
-}
-
-/// When a tombstone was made, for its grace: the physical part of its
-/// version; `deleted_at_ms` only for versions from before the HLC.
-pub fn tombstone_time_ms(version: Version, deleted_at_ms: u64) -> u64 {
-    let physical = version.physical_ms();
-    if physical >= FIRST_HLC_MS {
-        physical
-    } else {
-        deleted_at_ms
-    }
 }
 
 #[cfg(test)]

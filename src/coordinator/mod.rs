@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::background::Background;
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::hints::{HintStore, Hinter};
 use crate::net::ReplicaHandle;
@@ -54,7 +54,7 @@ pub struct Coordinator {
     /// This node's replica: the clock, and the in-process replica.
     local: Arc<ReplicaStore>,
     /// Placement, peers, liveness, call deadline.
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     /// Deadline of a whole client request.
     request_timeout: Duration,
     /// Where read repairs and trailing write replies run.
@@ -77,7 +77,7 @@ const WRITE_ORDER_STRIPES: usize = 4096;
 impl Coordinator {
     pub fn new(
         local: Arc<ReplicaStore>,
-        cluster: Arc<Cluster>,
+        cluster: Arc<ClusterView>,
         request_timeout: Duration,
         background: Background,
         hints: Arc<HintStore>,

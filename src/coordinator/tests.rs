@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::Coordinator;
 use crate::background::Background;
 use crate::clock::{SkewBound, Version, hlc_of_ms, wall_clock_ms};
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::{Error, RollCall};
 use crate::hints::{HintBounds, HintStore};
 use crate::layout::Layout;
@@ -96,7 +96,7 @@ impl Harness {
             RPC_TIMEOUT,
         )
         .expect("a layout owner");
-        let cluster = Arc::new(Cluster::new(
+        let cluster = Arc::new(ClusterView::new(
             Arc::new(layouts),
             peers,
             liveness,

@@ -5,18 +5,18 @@ use std::sync::Arc;
 
 use super::HintStore;
 use crate::clock::{NodeId, wall_clock_ms};
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::net::ReplicaError;
 
 /// Delivers held hints (run by the node every `--hint-delivery-interval-ms`).
 pub struct HintDelivery {
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     store: Arc<HintStore>,
 }
 
 impl HintDelivery {
-    pub fn new(cluster: Arc<Cluster>, store: Arc<HintStore>) -> Self {
+    pub fn new(cluster: Arc<ClusterView>, store: Arc<HintStore>) -> Self {
         Self { cluster, store }
     }
 

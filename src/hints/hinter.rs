@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::{Hint, HintStore};
 use crate::clock::wall_clock_ms;
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::net::call_within;
 use crate::pb;
@@ -16,13 +16,13 @@ use crate::ring::node_id_for;
 /// Stores hints on the right node.
 #[derive(Clone)]
 pub struct Hinter {
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     /// This node's hint store.
     local: Arc<HintStore>,
 }
 
 impl Hinter {
-    pub fn new(cluster: Arc<Cluster>, local: Arc<HintStore>) -> Self {
+    pub fn new(cluster: Arc<ClusterView>, local: Arc<HintStore>) -> Self {
         Self { cluster, local }
     }
 

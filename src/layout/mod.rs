@@ -29,6 +29,7 @@
 //! it usually gets it too, but only N−W+1 of them are required.
 
 pub mod paxos;
+pub mod progress;
 pub mod store;
 
 use std::sync::Arc;

@@ -1,11 +1,10 @@
-//! Which peers are up: the phi accrual detector ([`detector`], pure) and
-//! the heartbeats that feed it ([`heartbeat`]).
+//! Which peers are up: the phi accrual detector ([`detector`], pure),
+//! shared. The heartbeats that feed it are `crate::heartbeat`.
 //!
 //! [`Liveness`] is the detector shared by every part of a node behind one
 //! std mutex, held for one lookup or update and never across an await.
 
 pub mod detector;
-pub mod heartbeat;
 
 use crate::sync::Locked;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -10,82 +10,10 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tokio::time::Instant;
-
 use super::Membership;
 use crate::layout::{Layout, Role};
-use crate::liveness::heartbeat::Heartbeats;
+use crate::heartbeat::Heartbeats;
 use crate::sync::Locked;
-
-/// A joining node's progress, shared by the streaming that updates it and
-/// the heartbeats and status that report it.
-#[derive(Clone, Default)]
-pub struct JoinProgress(Arc<std::sync::Mutex<Option<MoveProgress>>>);
-
-impl JoinProgress {
-    /// The progress now (`None`: not joining).
-    pub fn get(&self) -> Option<MoveProgress> {
-        self.0.locked().clone()
-    }
-
-    /// The progress, to update in place.
-    pub fn locked(&self) -> std::sync::MutexGuard<'_, Option<MoveProgress>> {
-        self.0.locked()
-    }
-}
-
-/// A joining node's progress.
-#[derive(Clone, Debug)]
-pub struct MoveProgress {
-    pub layout_version: u64,
-    /// Records newly stored here so far, and their bytes.
-    pub keys_moved: u64,
-    pub bytes_moved: u64,
-    /// Records received from all sources (each key comes from several).
-    pub records_received: u64,
-    /// Of the hash space this node receives, the fraction streamed.
-    pub done_share: f64,
-    /// Hash intervals (about one per token range) streamed, and in all.
-    pub ranges_done: u32,
-    pub ranges_total: u32,
-    pub started: Instant,
-}
-
-impl Default for MoveProgress {
-    fn default() -> Self {
-        Self {
-            layout_version: 0,
-            keys_moved: 0,
-            bytes_moved: 0,
-            records_received: 0,
-            done_share: 0.0,
-            ranges_done: 0,
-            ranges_total: 0,
-            started: Instant::now(),
-        }
-    }
-}
-
-impl MoveProgress {
-    /// Estimated keys, bytes and milliseconds left, from the rate so far
-    /// (`None` until something was streamed).
-    pub fn remaining(&self) -> Option<(u64, u64, u64)> {
-        if self.done_share >= 1.0 {
-            return Some((0, 0, 0));
-        }
-        // Too early to extrapolate: nothing moved yet, or under 1% done.
-        if self.keys_moved == 0 || self.done_share < 0.01 {
-            return None;
-        }
-        let left = (1.0 - self.done_share) / self.done_share;
-        let elapsed = self.started.elapsed().as_millis() as f64;
-        Some((
-            (self.keys_moved as f64 * left) as u64,
-            (self.bytes_moved as f64 * left) as u64,
-            (elapsed * left) as u64,
-        ))
-    }
-}
 
 impl Membership {
     /// One step of a layout change, if one is due (see the module doc).

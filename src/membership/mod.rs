@@ -14,14 +14,14 @@
 mod driver;
 mod stream;
 
-pub use driver::{JoinProgress, MoveProgress};
+pub use crate::layout::progress::{JoinProgress, MoveProgress};
 pub use stream::{RecordStream, stream_source};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::fanout::{Ended, FanOut, Stragglers, Tally};
 use crate::layout::paxos::{Answer, Ballot};
@@ -39,7 +39,7 @@ const MAX_PROPOSAL_ATTEMPTS: usize = 30;
 
 pub struct Membership {
     me: NodeIdentity,
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     replica: Arc<ReplicaStore>,
     /// The layout served and the acceptor state: adoption goes through it.
     layouts: Arc<LayoutOwner>,
@@ -83,7 +83,7 @@ impl Membership {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         me: NodeIdentity,
-        cluster: Arc<Cluster>,
+        cluster: Arc<ClusterView>,
         replica: Arc<ReplicaStore>,
         layouts: Arc<LayoutOwner>,
         progress: JoinProgress,

@@ -19,7 +19,7 @@ use futures::Stream;
 use tokio::time::Instant;
 
 use super::{Membership, MoveProgress};
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::layout::Layout;
@@ -42,7 +42,7 @@ pub type RecordStream =
 /// hash intervals, in chunks, once this node serves the join's layout.
 pub fn stream_source(
     replica: Arc<ReplicaStore>,
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     request: pb::StreamRequest,
 ) -> Result<RecordStream> {
     let serving = replica.layout_version();

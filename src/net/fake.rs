@@ -4,7 +4,7 @@
 //! write-if-newer and what a read answers are the real rules; only *when*
 //! and *whether* it answers is scripted ([`Script`]). A [`PeerPool`] made with
 //! [`PeerPool::with_fakes`] hands out handles to fakes for their addresses,
-//! so [`crate::cluster::Cluster::replica_handles`], the coordinator and the
+//! so [`crate::serving::ClusterView::replica_handles`], the coordinator and the
 //! smart client run unchanged over them. Like a remote replica, a fake is
 //! bounded by the caller's timeout: a frozen one fails with "timed out"
 //! when it runs out.

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::antientropy::AntiEntropy;
 use crate::background::{Background, run_periodic};
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
@@ -48,9 +48,10 @@ use crate::identity::Identity;
 use crate::layout::Layout;
 use crate::layout::store::LayoutStore;
 use crate::limits::Limits;
-use crate::liveness::heartbeat::Heartbeats;
+use crate::heartbeat::Heartbeats;
 use crate::liveness::{FailureDetector, Liveness};
-use crate::membership::{JoinProgress, Membership};
+use crate::layout::progress::JoinProgress;
+use crate::membership::Membership;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
 use crate::pb;
 use crate::placement::{NodeIdentity, Placement};
@@ -66,7 +67,7 @@ pub struct Node {
     /// Who this node is.
     me: NodeIdentity,
     /// Placement, peers, liveness: what the parts share.
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     /// Input limits.
     limits: Limits,
     /// The storage engine.
@@ -309,7 +310,7 @@ impl Node {
             peers.clone(),
             config.rpc_timeout(),
         )?);
-        let cluster = Arc::new(Cluster::new(
+        let cluster = Arc::new(ClusterView::new(
             layouts.clone(),
             peers,
             liveness,

@@ -184,7 +184,7 @@ impl ReplicaStore {
     }
 
     /// Up to `limit` tombstones made at or before `deleted_before_ms` (see
-    /// [`crate::antientropy::tombstone_time_ms`]), taken in storage-key
+    /// [`crate::record::tombstone_time_ms`]), taken in storage-key
     /// order from just after `cursor`, wrapping around to the start. Also
     /// answers the cursor for the next call (the last key returned), so
     /// tombstones that cannot be purged yet do not hold back the rest.
@@ -201,7 +201,7 @@ impl ReplicaStore {
         let mut after: BinaryHeap<(Vec<u8>, Version)> = BinaryHeap::new();
         let mut before: BinaryHeap<(Vec<u8>, Version)> = BinaryHeap::new();
         self.storage.for_each_tombstone(&mut |stored_key, record| {
-            let made = crate::antientropy::tombstone_time_ms(record.version, record.deleted_at_ms);
+            let made = crate::record::tombstone_time_ms(record.version, record.deleted_at_ms);
             if made > deleted_before_ms || user_key(stored_key).is_none() {
                 return;
             }

@@ -43,6 +43,7 @@ use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::ring::{Ring, key_hash};
 use crate::storage::Storage;
+pub use crate::storage::storage_key;
 use crate::sync::Locked;
 
 /// Metadata name under which the clock's ceiling is persisted.
@@ -135,15 +136,6 @@ pub(crate) struct RangeDigests {
     pub(crate) rebuilding: u64,
     pub(crate) ring: Arc<Ring>,
     pub(crate) per_range: Vec<u64>,
-}
-
-/// Storage key of `key`: its ring hash (8 bytes, big-endian) then the key,
-/// so that storage order is ring order and a token range is a key range.
-pub fn storage_key(key: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + key.len());
-    out.extend_from_slice(&key_hash(key.as_bytes()).to_be_bytes());
-    out.extend_from_slice(key.as_bytes());
-    out
 }
 
 /// The user key inside a storage key.

@@ -21,7 +21,7 @@
 //! - The engine keeps the *last* put per key, whatever its version: write if
 //!   newer is the replica's job, not the engine's.
 //! - Storage keys are never empty (they start with the 8-byte ring hash, see
-//!   [`crate::replica::storage_key`]), so no check puts an empty key — fjall
+//!   [`crate::storage::storage_key`]), so no check puts an empty key — fjall
 //!   would panic on one. Empty values and empty hints are allowed.
 //! - `scan(from, to)` is the half-open range `from..to` of storage keys, in
 //!   key order, tombstones included.
@@ -51,7 +51,7 @@ use super::{FjallStorage, FsyncPolicy, Held, LogStorage, MemoryStorage, Storage}
 use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::record::Record;
-use crate::replica::storage_key;
+use crate::storage::storage_key;
 
 /// An engine under test.
 #[derive(Clone, Copy)]

@@ -113,6 +113,15 @@ pub enum FsyncPolicy {
 }
 
 /// An embedded key → [`Record`] store.
+/// Storage key of `key`: its ring hash (8 bytes, big-endian) then the key,
+/// so that storage order is ring order and a token range is a key range.
+pub fn storage_key(key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&crate::ring::key_hash(key.as_bytes()).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
+    out
+}
+
 pub trait Storage: Send + Sync + 'static {
     /// The record stored under `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Record>>;

@@ -17,10 +17,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Version, wall_clock_ms};
-use crate::cluster::Cluster;
+use crate::serving::ClusterView;
 use crate::error::Result;
 use crate::identity::Identity;
-use crate::membership::JoinProgress;
+use crate::layout::progress::JoinProgress;
 use crate::pb;
 use crate::placement::NodeIdentity;
 use crate::replica::ReplicaStore;
@@ -41,7 +41,7 @@ pub struct PeerReport {
 /// answers told.
 pub struct Heartbeats {
     me: NodeIdentity,
-    cluster: Arc<Cluster>,
+    cluster: Arc<ClusterView>,
     identity: Arc<Identity>,
     replica: Arc<ReplicaStore>,
     interval: Duration,
@@ -63,7 +63,7 @@ pub struct Heartbeats {
 impl Heartbeats {
     pub fn new(
         me: NodeIdentity,
-        cluster: Arc<Cluster>,
+        cluster: Arc<ClusterView>,
         identity: Arc<Identity>,
         replica: Arc<ReplicaStore>,
         progress: JoinProgress,

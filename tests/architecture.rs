@@ -1,0 +1,276 @@
+//! The shape of `src/`: no import cycle among the top-level modules, and the
+//! generated protobuf code only at the edges.
+//!
+//! Reads every non-test source file of the library, follows its `crate::`
+//! paths (in `use` lines and in code; comments and `#[cfg(test)]` items are
+//! left out) and builds the graph of top-level modules. A cycle makes every
+//! module in it impossible to read on its own, so the check names the cycle
+//! and the lines that close it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// The modules that may speak protobuf: the gRPC services and server
+/// (`node`), the smart client, the node-to-node transport (`net`), the
+/// protobuf edge itself, and the layout file's encoding (`layout::store`,
+/// checked separately below).
+const PROTOBUF_EDGES: &[&str] = &["pb", "net", "node", "client"];
+
+type Graph = BTreeMap<String, BTreeMap<String, Vec<String>>>;
+
+#[test]
+fn top_level_modules_import_each_other_without_a_cycle() {
+    let graph = import_graph();
+    let cycles = strongly_connected(&graph);
+    let mut report = String::new();
+    for cycle in &cycles {
+        report.push_str(&format!("cycle among {cycle:?}:\n"));
+        for from in cycle {
+            for (to, lines) in &graph[from] {
+                if cycle.contains(to) {
+                    report.push_str(&format!("  {from} -> {to}: {}\n", lines.join("; ")));
+                }
+            }
+        }
+    }
+    assert!(cycles.is_empty(), "src/ has import cycles:\n{report}");
+}
+
+#[test]
+fn only_the_edges_import_the_generated_protobuf_code() {
+    let graph = import_graph();
+    let mut offenders = Vec::new();
+    for (from, edges) in &graph {
+        if PROTOBUF_EDGES.contains(&from.as_str()) {
+            continue;
+        }
+        if let Some(lines) = edges.get("pb") {
+            let outside_the_layout_file: Vec<_> = lines
+                .iter()
+                .filter(|line| !line.starts_with("layout/store.rs"))
+                .collect();
+            if !outside_the_layout_file.is_empty() {
+                offenders.push(format!("{from}: {outside_the_layout_file:?}"));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "domain modules import crate::pb (convert at the edge instead):\n{}",
+        offenders.join("\n")
+    );
+}
+
+#[test]
+fn the_check_sees_a_cycle_when_there_is_one() {
+    let mut graph = Graph::new();
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")] {
+        graph.entry(from.into()).or_default().insert(to.into(), vec![]);
+        graph.entry(to.into()).or_default();
+    }
+    assert_eq!(strongly_connected(&graph), vec![vec!["a", "b", "c"]]);
+    let refs = crate_references("use crate::{a::X, b::{c, d}, e,\n f};\n// crate::c\nfn f() { crate::d::g() }\n#[cfg(test)]\nmod tests { use crate::e; }\n");
+    assert_eq!(refs, ["a", "b", "e", "f", "d"]);
+}
+
+/// Every top-level module of the library and, per module it imports, the
+/// `file:line` places that import it.
+fn import_graph() -> Graph {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut graph = Graph::new();
+    let mut files = Vec::new();
+    collect_rust_files(&src, &mut files);
+    let modules: BTreeSet<String> = files.iter().filter_map(|f| top_module(&src, f)).collect();
+    for module in &modules {
+        graph.entry(module.clone()).or_default();
+    }
+    for file in &files {
+        let Some(from) = top_module(&src, file) else { continue };
+        let relative = file.strip_prefix(&src).unwrap().display().to_string();
+        if relative.ends_with("_tests.rs") {
+            continue;
+        }
+        let text = fs::read_to_string(file).unwrap();
+        let code = without_test_items(&without_comments(&text));
+        for (offset, to) in crate_references_at(&code) {
+            if to != from && modules.contains(&to) {
+                let line = code[..offset].matches('\n').count() + 1;
+                let at = format!("{relative}:{line}");
+                graph.get_mut(&from).unwrap().entry(to).or_default().push(at);
+            }
+        }
+    }
+    graph
+}
+
+fn collect_rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            collect_rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a library file belongs to (`None` for `lib.rs` and
+/// the binaries).
+fn top_module(src: &Path, file: &Path) -> Option<String> {
+    let relative = file.strip_prefix(src).ok()?;
+    let first = relative.components().next()?.as_os_str().to_str()?;
+    let name = first.strip_suffix(".rs").unwrap_or(first);
+    (name != "lib" && name != "bin" && !name.ends_with("_tests")).then(|| name.to_string())
+}
+
+/// The top-level modules a piece of code names through `crate::`, including
+/// each name of a `use crate::{a, b::{c, d}}` group.
+fn crate_references(code: &str) -> Vec<String> {
+    let code = without_test_items(&without_comments(code));
+    crate_references_at(&code).into_iter().map(|(_, name)| name).collect()
+}
+
+/// Each `crate::` reference in cleaned code, with the byte offset it is at.
+fn crate_references_at(code: &str) -> Vec<(usize, String)> {
+    let identifier = |s: &str| -> String {
+        s.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()
+    };
+    let mut found = Vec::new();
+    for (at, _) in code.match_indices("crate::") {
+        let rest = &code[at + "crate::".len()..];
+        let Some(group) = rest.strip_prefix('{') else {
+            found.push((at, identifier(rest)));
+            continue;
+        };
+        // The group's top-level items: split at commas outside inner braces.
+        let mut depth = 0usize;
+        let mut item_start = 0;
+        for (i, c) in group.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' if depth == 0 => {
+                    found.push((at, identifier(&group[item_start..i])));
+                    break;
+                }
+                '}' => depth -= 1,
+                ',' if depth == 0 => {
+                    found.push((at, identifier(&group[item_start..i])));
+                    item_start = i + 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    found.retain(|(_, name)| !name.is_empty());
+    found
+}
+
+/// The code with `//` comments (doc comments included) blanked out, line
+/// numbers kept.
+fn without_comments(text: &str) -> String {
+    text.lines()
+        .map(|line| match line.find("//") {
+            Some(at) if !line[..at].contains('"') => &line[..at],
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The code with every `#[cfg(test)]` item (a `mod tests { ... }`, a test
+/// helper) blanked out, line numbers kept.
+fn without_test_items(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..at]);
+        let item = &rest[at..];
+        // The item ends at its `;` (a declaration) or its closing brace.
+        let mut depth = 0usize;
+        let mut end = item.len();
+        for (i, c) in item.char_indices().skip("#[cfg(test)]".len()) {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                ';' if depth == 0 => {
+                    end = i + 1;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        out.extend(item[..end].chars().map(|c| if c == '\n' { '\n' } else { ' ' }));
+        rest = &item[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The import cycles: strongly connected components of more than one module
+/// (Tarjan's algorithm), each sorted.
+fn strongly_connected(graph: &Graph) -> Vec<Vec<String>> {
+    struct Walk<'a> {
+        graph: &'a Graph,
+        index: BTreeMap<&'a str, usize>,
+        low: BTreeMap<&'a str, usize>,
+        stack: Vec<&'a str>,
+        on_stack: BTreeSet<&'a str>,
+        found: Vec<Vec<String>>,
+    }
+    impl<'a> Walk<'a> {
+        fn visit(&mut self, v: &'a str) {
+            let n = self.index.len();
+            self.index.insert(v, n);
+            self.low.insert(v, n);
+            self.stack.push(v);
+            self.on_stack.insert(v);
+            for w in self.graph[v].keys() {
+                let w = w.as_str();
+                if !self.index.contains_key(w) {
+                    self.visit(w);
+                    let low = self.low[v].min(self.low[w]);
+                    self.low.insert(v, low);
+                } else if self.on_stack.contains(w) {
+                    let low = self.low[v].min(self.index[w]);
+                    self.low.insert(v, low);
+                }
+            }
+            if self.low[v] == self.index[v] {
+                let mut component = Vec::new();
+                while let Some(w) = self.stack.pop() {
+                    self.on_stack.remove(w);
+                    component.push(w.to_string());
+                    if w == v {
+                        break;
+                    }
+                }
+                if component.len() > 1 {
+                    component.sort();
+                    self.found.push(component);
+                }
+            }
+        }
+    }
+    let mut walk = Walk {
+        graph,
+        index: BTreeMap::new(),
+        low: BTreeMap::new(),
+        stack: Vec::new(),
+        on_stack: BTreeSet::new(),
+        found: Vec::new(),
+    };
+    for v in graph.keys() {
+        if !walk.index.contains_key(v.as_str()) {
+            walk.visit(v);
+        }
+    }
+    walk.found.sort();
+    walk.found
+}
