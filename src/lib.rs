@@ -72,7 +72,7 @@ pub mod record;
 pub mod replica;
 pub mod ring;
 pub mod seams;
-pub(crate) mod serving;
+pub mod serving;
 pub mod storage;
 pub(crate) mod sync;
 pub mod workload;

@@ -420,8 +420,8 @@ pub fn ballot_from(b: Option<Ballot>) -> crate::layout::paxos::Ballot {
     .unwrap_or_default()
 }
 
-impl From<&crate::layout::store::LayoutState> for LayoutState {
-    fn from(s: &crate::layout::store::LayoutState) -> Self {
+impl From<&crate::layout::paxos::LayoutState> for LayoutState {
+    fn from(s: &crate::layout::paxos::LayoutState) -> Self {
         let (accepted_ballot, accepted) = match &s.acceptor.accepted {
             Some((ballot, layout)) => (Some((*ballot).into()), Some(layout.into())),
             None => (None, None),
@@ -436,12 +436,12 @@ impl From<&crate::layout::store::LayoutState> for LayoutState {
     }
 }
 
-pub fn layout_state_from(s: LayoutState) -> Result<crate::layout::store::LayoutState, String> {
+pub fn layout_state_from(s: LayoutState) -> Result<crate::layout::paxos::LayoutState, String> {
     let accepted = match s.accepted {
         Some(layout) => Some((ballot_from(s.accepted_ballot), layout_from(layout)?)),
         None => None,
     };
-    Ok(crate::layout::store::LayoutState {
+    Ok(crate::layout::paxos::LayoutState {
         committed: s.committed.map(layout_from).transpose()?,
         acceptor: crate::layout::paxos::Acceptor {
             version: s.acceptor_version,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 /// The modules that may speak protobuf: the gRPC services and server
 /// (`node`), the smart client, the node-to-node transport (`net`), the
-/// protobuf edge itself, and the layout file's encoding (`layout::store`,
+/// protobuf edge itself, and the layout file's encoding (`serving::layout_file`,
 /// checked separately below).
 const PROTOBUF_EDGES: &[&str] = &["pb", "net", "node", "client"];
 
@@ -48,7 +48,7 @@ fn only_the_edges_import_the_generated_protobuf_code() {
         if let Some(lines) = edges.get("pb") {
             let outside_the_layout_file: Vec<_> = lines
                 .iter()
-                .filter(|line| !line.starts_with("layout/store.rs"))
+                .filter(|line| !line.starts_with("serving/layout_file.rs"))
                 .collect();
             if !outside_the_layout_file.is_empty() {
                 offenders.push(format!("{from}: {outside_the_layout_file:?}"));

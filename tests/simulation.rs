@@ -53,7 +53,7 @@ use std::time::{Duration, SystemTime};
 use dkvs::checker::{self, Op, ReadOutcome, Report, WriteOutcome};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::config::ServerConfig;
-use dkvs::layout::store::LayoutStore;
+use dkvs::serving::layout_file::LayoutStore;
 use dkvs::layout::{Layout, Role};
 use dkvs::net::Dialer;
 use dkvs::node::Node;

@@ -30,7 +30,6 @@
 
 pub mod paxos;
 pub mod progress;
-pub mod store;
 
 use std::sync::Arc;
 

@@ -95,6 +95,15 @@ impl Acceptor {
     }
 }
 
+/// What a node keeps about layouts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayoutState {
+    /// The layout it serves.
+    pub committed: Option<Layout>,
+    /// Its acceptor for the next version.
+    pub acceptor: Acceptor,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

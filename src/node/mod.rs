@@ -46,7 +46,7 @@ use crate::error::{Error, Result};
 use crate::hints::{HintBounds, HintDelivery, HintStore};
 use crate::identity::Identity;
 use crate::layout::Layout;
-use crate::layout::store::LayoutStore;
+use crate::serving::layout_file::LayoutStore;
 use crate::limits::Limits;
 use crate::heartbeat::Heartbeats;
 use crate::liveness::{FailureDetector, Liveness};
@@ -181,7 +181,7 @@ impl Node {
             crate::membership::request_join(&peers, &seeds, &address, config.request_timeout() * 4)
                 .await?;
         tracing::info!(version = layout.version, "added to the layout as joining");
-        store.save(&crate::layout::store::LayoutState {
+        store.save(&crate::layout::paxos::LayoutState {
             committed: Some(layout),
             ..Default::default()
         })

@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
-use super::Layout;
-use super::paxos::Acceptor;
+use crate::layout::paxos::LayoutState;
 use crate::error::{Error, Result};
 use crate::pb;
 use crate::sync::Locked;
@@ -25,15 +24,6 @@ const MAGIC: &[u8] = b"DKVSLAYOUT1\n";
 const MAGIC_NAME: &[u8] = b"DKVSLAYOUT";
 /// A layout of 1024 members with 4096 tokens each is ~40 MB; refuse more.
 const MAX_BYTES: usize = 64 << 20;
-
-/// What a node keeps about layouts.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct LayoutState {
-    /// The layout it serves.
-    pub committed: Option<Layout>,
-    /// Its acceptor for the next version.
-    pub acceptor: Acceptor,
-}
 
 /// Where the layout state lives: a file in the data dir, or memory (nodes
 /// built over an in-memory engine). Clones share the same state, so a
@@ -179,7 +169,8 @@ fn decode(bytes: &[u8]) -> std::result::Result<LayoutState, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::paxos::Ballot;
+    use crate::layout::Layout;
+    use crate::layout::paxos::{Acceptor, Ballot};
 
     fn state() -> LayoutState {
         let layout = Layout::bootstrap(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], 3, 8);

@@ -9,11 +9,14 @@
 //! that fetches a newer layout when a peer says it serves one
 //! ([`LayoutOwner::catch_up`]), and it holds the Paxos acceptor state that
 //! is stored in the same file. It is built before anything that places a
-//! request, so every part of the node gets it at construction.
+//! request, so every part of the node gets it at construction. The file
+//! it is kept in is [`layout_file`].
 //!
 //! [`ClusterView`] is what the parts of a node that talk to other nodes
 //! share: the layout owner, the channels to peers, the failure detector and
 //! the deadline of each node-to-node call.
+
+pub mod layout_file;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +24,8 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::layout::paxos::Acceptor;
-use crate::layout::store::{LayoutState, LayoutStore};
+use crate::layout::paxos::LayoutState;
+use crate::serving::layout_file::LayoutStore;
 use crate::liveness::Liveness;
 use crate::net::{PeerPool, ReplicaHandle, call_within};
 use crate::pb;
