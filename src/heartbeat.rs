@@ -17,13 +17,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Version, wall_clock_ms};
-use crate::serving::ClusterView;
 use crate::error::Result;
 use crate::identity::Identity;
 use crate::layout::progress::JoinProgress;
-use crate::pb;
+use crate::layout::progress::ProgressReport;
+use crate::net::messages::{NodeStats, Ping, Pong};
 use crate::placement::NodeIdentity;
 use crate::replica::ReplicaStore;
+use crate::serving::ClusterView;
 use crate::sync::Locked;
 
 /// What a peer's last answered heartbeat told this node.
@@ -34,7 +35,7 @@ pub struct PeerReport {
     /// The peer's wall clock minus this node's, in ms.
     pub clock_skew_ms: i64,
     /// The peer's counts, and when they arrived (absent from older nodes).
-    pub stats: Option<(pb::NodeStats, Instant)>,
+    pub stats: Option<(NodeStats, Instant)>,
 }
 
 /// One node's heartbeats: sending rounds, answering pings, and what the
@@ -55,7 +56,7 @@ pub struct Heartbeats {
     /// Cancelled once the first round has ended.
     first_round: CancellationToken,
     /// Joining peers' progress, from their pings, and when it arrived.
-    moves: Mutex<HashMap<String, (pb::MoveProgress, Instant)>>,
+    moves: Mutex<HashMap<String, (ProgressReport, Instant)>>,
     /// This node's join progress: it goes out with every ping.
     progress: JoinProgress,
 }
@@ -85,7 +86,7 @@ impl Heartbeats {
     }
 
     /// Joining peers' progress as their pings last told it, with its age.
-    pub fn moves(&self) -> Vec<(String, pb::MoveProgress, Duration)> {
+    pub fn moves(&self) -> Vec<(String, ProgressReport, Duration)> {
         let now = Instant::now();
         self.moves
             .locked()
@@ -164,18 +165,17 @@ impl Heartbeats {
     /// peer's, and measures the peer's clock skew from its wall clock (the
     /// midpoint of the call is taken as the moment it answered).
     async fn ping(&self, address: &str, timeout: Duration) -> Result<()> {
-        let mut client = self.cluster.peers.liveness_client(address)?;
-        let ping = pb::PingRequest {
+        let ping = Ping {
             from: self.me.address.clone(),
             hlc: self.replica.stats().lamport,
             instance_id: self.me.instance_id,
             known_instance_id: self.identity.known_instance(address)?,
             serves_reads: self.identity.read_refusal().is_none(),
             layout_version: self.cluster.placement().version(),
-            r#move: self.progress.get().map(|p| pb::MoveProgress::from(&p)),
+            progress: self.progress.get().map(|p| p.report()),
         };
         let sent_ms = wall_clock_ms();
-        let answer = crate::net::call_within(timeout, client.ping(ping)).await?;
+        let answer = self.cluster.peers.ping(address, timeout, ping).await?;
         let midpoint_ms = sent_ms + wall_clock_ms().saturating_sub(sent_ms) / 2;
         let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
         let bound = self.replica.bound();
@@ -209,7 +209,7 @@ impl Heartbeats {
         }
         if !self
             .replica
-            .observe(Version::new(answer.hlc, answer.node_id))
+            .observe(Version::new(answer.hlc, answer.member_id))
         {
             tracing::warn!(
                 peer = address,
@@ -221,11 +221,7 @@ impl Heartbeats {
     }
 
     /// Answers a peer's ping with this node's clock, identities and `stats`.
-    pub fn answer(
-        self: &Arc<Self>,
-        request: pb::PingRequest,
-        stats: pb::NodeStats,
-    ) -> Result<pb::PingResponse> {
+    pub fn answer(self: &Arc<Self>, request: Ping, stats: NodeStats) -> Result<Pong> {
         // A sender's clock beyond the skew bound is simply not merged.
         self.replica.observe(Version::new(request.hlc, 0));
         // The sender could be anyone claiming a member's address: learn
@@ -236,7 +232,7 @@ impl Heartbeats {
         self.learn_layout(request.layout_version, &request.from);
         if is_member {
             let mut moves = self.moves.locked();
-            match request.r#move.clone() {
+            match request.progress {
                 Some(progress) => {
                     moves.insert(request.from.clone(), (progress, Instant::now()));
                 }
@@ -253,8 +249,8 @@ impl Heartbeats {
         } else {
             0
         };
-        Ok(pb::PingResponse {
-            node_id: self.me.member_id,
+        Ok(Pong {
+            member_id: self.me.member_id,
             hlc: self.replica.stats().lamport,
             wall_ms: wall_clock_ms(),
             instance_id: self.me.instance_id,

@@ -412,6 +412,58 @@ pub fn accepted_from(a: LayoutAccepted) -> crate::paxos::Accepted<crate::layout:
     }
 }
 
+/// An acceptor's promise for `ballot`, on the wire (the inverse of
+/// [`promise_from`]).
+pub fn layout_promise(
+    p: crate::paxos::Promise<crate::layout::Layout>,
+    ballot: crate::layout::paxos::Ballot,
+) -> LayoutPromise {
+    use crate::paxos::Promise;
+    match p {
+        Promise::Yes { accepted } => LayoutPromise {
+            promised: true,
+            promised_ballot: Some(ballot.into()),
+            accepted_ballot: accepted.as_ref().map(|(b, _)| (*b).into()),
+            accepted: accepted.as_ref().map(|(_, l)| l.into()),
+            committed: None,
+        },
+        Promise::No {
+            promised,
+            committed,
+        } => LayoutPromise {
+            promised_ballot: promised.map(Ballot::from),
+            committed: committed.as_ref().map(Layout::from),
+            ..Default::default()
+        },
+        Promise::Failed(_) => LayoutPromise::default(),
+    }
+}
+
+/// An acceptor's answer to an accept for `ballot`, on the wire (the
+/// inverse of [`accepted_from`]).
+pub fn layout_accepted(
+    a: crate::paxos::Accepted<crate::layout::Layout>,
+    ballot: crate::layout::paxos::Ballot,
+) -> LayoutAccepted {
+    use crate::paxos::Accepted;
+    match a {
+        Accepted::Yes => LayoutAccepted {
+            accepted: true,
+            promised_ballot: Some(ballot.into()),
+            committed: None,
+        },
+        Accepted::No {
+            promised,
+            committed,
+        } => LayoutAccepted {
+            promised_ballot: promised.map(Ballot::from),
+            committed: committed.as_ref().map(Layout::from),
+            ..Default::default()
+        },
+        Accepted::Failed(_) => LayoutAccepted::default(),
+    }
+}
+
 pub fn ballot_from(b: Option<Ballot>) -> crate::layout::paxos::Ballot {
     b.map(|b| crate::layout::paxos::Ballot {
         round: b.round,
@@ -451,21 +503,37 @@ pub fn layout_state_from(s: LayoutState) -> Result<crate::layout::paxos::LayoutS
     })
 }
 
-impl From<&crate::layout::progress::MoveProgress> for MoveProgress {
-    fn from(p: &crate::layout::progress::MoveProgress) -> Self {
-        let (keys_remaining, bytes_remaining, eta_ms) = p.remaining().unwrap_or((0, 0, 0));
+impl From<crate::layout::progress::ProgressReport> for MoveProgress {
+    /// `address` and `age_ms` are Status's to fill.
+    fn from(p: crate::layout::progress::ProgressReport) -> Self {
         Self {
             address: String::new(),
             layout_version: p.layout_version,
             keys_moved: p.keys_moved,
             bytes_moved: p.bytes_moved,
-            done_ppm: (p.done_share.clamp(0.0, 1.0) * 1_000_000.0) as u32,
-            keys_remaining,
-            bytes_remaining,
-            eta_ms,
+            done_ppm: p.done_ppm,
+            keys_remaining: p.keys_remaining,
+            bytes_remaining: p.bytes_remaining,
+            eta_ms: p.eta_ms,
             ranges_done: p.ranges_done,
             ranges_total: p.ranges_total,
             age_ms: 0,
+        }
+    }
+}
+
+impl From<MoveProgress> for crate::layout::progress::ProgressReport {
+    fn from(p: MoveProgress) -> Self {
+        Self {
+            layout_version: p.layout_version,
+            keys_moved: p.keys_moved,
+            bytes_moved: p.bytes_moved,
+            done_ppm: p.done_ppm,
+            keys_remaining: p.keys_remaining,
+            bytes_remaining: p.bytes_remaining,
+            eta_ms: p.eta_ms,
+            ranges_done: p.ranges_done,
+            ranges_total: p.ranges_total,
         }
     }
 }

@@ -66,11 +66,16 @@ fn only_the_edges_import_the_generated_protobuf_code() {
 fn the_check_sees_a_cycle_when_there_is_one() {
     let mut graph = Graph::new();
     for (from, to) in [("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")] {
-        graph.entry(from.into()).or_default().insert(to.into(), vec![]);
+        graph
+            .entry(from.into())
+            .or_default()
+            .insert(to.into(), vec![]);
         graph.entry(to.into()).or_default();
     }
     assert_eq!(strongly_connected(&graph), vec![vec!["a", "b", "c"]]);
-    let refs = crate_references("use crate::{a::X, b::{c, d}, e,\n f};\n// crate::c\nfn f() { crate::d::g() }\n#[cfg(test)]\nmod tests { use crate::e; }\n");
+    let refs = crate_references(
+        "use crate::{a::X, b::{c, d}, e,\n f};\n// crate::c\nfn f() { crate::d::g() }\n#[cfg(test)]\nmod tests { use crate::e; }\n",
+    );
     assert_eq!(refs, ["a", "b", "e", "f", "d"]);
 }
 
@@ -86,7 +91,9 @@ fn import_graph() -> Graph {
         graph.entry(module.clone()).or_default();
     }
     for file in &files {
-        let Some(from) = top_module(&src, file) else { continue };
+        let Some(from) = top_module(&src, file) else {
+            continue;
+        };
         let relative = file.strip_prefix(&src).unwrap().display().to_string();
         if relative.ends_with("_tests.rs") {
             continue;
@@ -97,7 +104,12 @@ fn import_graph() -> Graph {
             if to != from && modules.contains(&to) {
                 let line = code[..offset].matches('\n').count() + 1;
                 let at = format!("{relative}:{line}");
-                graph.get_mut(&from).unwrap().entry(to).or_default().push(at);
+                graph
+                    .get_mut(&from)
+                    .unwrap()
+                    .entry(to)
+                    .or_default()
+                    .push(at);
             }
         }
     }
@@ -128,13 +140,19 @@ fn top_module(src: &Path, file: &Path) -> Option<String> {
 /// each name of a `use crate::{a, b::{c, d}}` group.
 fn crate_references(code: &str) -> Vec<String> {
     let code = without_test_items(&without_comments(code));
-    crate_references_at(&code).into_iter().map(|(_, name)| name).collect()
+    crate_references_at(&code)
+        .into_iter()
+        .map(|(_, name)| name)
+        .collect()
 }
 
 /// Each `crate::` reference in cleaned code, with the byte offset it is at.
 fn crate_references_at(code: &str) -> Vec<(usize, String)> {
     let identifier = |s: &str| -> String {
-        s.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect()
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
     };
     let mut found = Vec::new();
     for (at, _) in code.match_indices("crate::") {
@@ -206,7 +224,11 @@ fn without_test_items(text: &str) -> String {
                 _ => {}
             }
         }
-        out.extend(item[..end].chars().map(|c| if c == '\n' { '\n' } else { ' ' }));
+        out.extend(
+            item[..end]
+                .chars()
+                .map(|c| if c == '\n' { '\n' } else { ' ' }),
+        );
         rest = &item[end..];
     }
     out.push_str(rest);

@@ -41,10 +41,10 @@ use std::time::Duration;
 
 pub use plan::{SyncPlan, differing, plan, root};
 
-use crate::serving::ClusterView;
 use crate::identity::Identity;
 use crate::placement::Placement;
 use crate::replica::{RangeEntry, ReplicaStore};
+use crate::serving::ClusterView;
 
 /// Most differing ranges repaired per peer per round.
 const MAX_RANGES_PER_ROUND: usize = 4096;
@@ -118,7 +118,8 @@ impl AntiEntropy {
         let grace_ms = self.grace.as_millis() as u64;
         move |entry: &RangeEntry| {
             entry.tombstone
-                && crate::record::tombstone_time_ms(entry.version, entry.deleted_at_ms).saturating_add(grace_ms)
+                && crate::record::tombstone_time_ms(entry.version, entry.deleted_at_ms)
+                    .saturating_add(grace_ms)
                     <= now_ms
         }
     }

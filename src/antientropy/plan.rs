@@ -5,7 +5,6 @@ use std::collections::HashMap;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-
 use crate::replica::RangeEntry;
 
 /// The root of a tree whose leaves are `(range, digest)` in range order.

@@ -8,12 +8,10 @@ use super::{AntiEntropy, COPY_CONCURRENCY, MAX_RANGES_PER_ROUND, differing, plan
 use crate::clock::wall_clock_ms;
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
+use crate::net::RangeQuery;
 use crate::net::ReplicaError;
-use crate::net::call_within;
-use crate::pb;
 use crate::placement::Placement;
 use crate::record::Record;
-use crate::replica::RangeEntry;
 use crate::replica::WriteOutcome;
 
 use super::SyncPlan;
@@ -26,40 +24,24 @@ impl AntiEntropy {
     pub async fn sync_with(&self, view: &Placement, peer: &str) -> Result<u64> {
         self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         let mine = self.leaves_with(view, peer);
-        let mut client = self.cluster.peers.replica_client(peer)?;
-        let range_count = view.range_count() as u32;
-        let layout_version = view.version();
-        let request = |leaves| pb::RangeDigestsRequest {
-            peer: view.me().to_string(),
-            leaves,
-            range_count,
-            layout_version,
+        let query = RangeQuery {
+            asker: view.me().to_string(),
+            range_count: view.range_count() as u32,
+            layout_version: view.version(),
         };
-        let their_root = call_within(
-            self.cluster.rpc_timeout,
-            client.range_digests(request(false)),
-        )
-        .await?
-        .root;
+        let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout);
+        let (their_root, _) = peers.range_digests(peer, timeout, &query, false).await?;
         if their_root == root(&mine) {
             self.stats.in_sync.fetch_add(1, Ordering::Relaxed);
             return Ok(0);
         }
-        let theirs: Vec<(usize, u64)> = call_within(
-            self.cluster.rpc_timeout,
-            client.range_digests(request(true)),
-        )
-        .await?
-        .leaves
-        .into_iter()
-        .map(|leaf| (leaf.range as usize, leaf.digest))
-        .collect();
+        let (_, theirs) = peers.range_digests(peer, timeout, &query, true).await?;
         let mut repaired = 0;
         let differing = differing(&mine, &theirs);
         let mut incomplete = differing.len().saturating_sub(MAX_RANGES_PER_ROUND);
         for range in differing.into_iter().take(MAX_RANGES_PER_ROUND) {
             // One failing range (too large, timed out) must not stop the others.
-            match self.sync_range(&mut client, peer, range, range_count).await {
+            match self.sync_range(peer, range, &query).await {
                 Ok(copied) => repaired += copied,
                 Err(why) => {
                     incomplete += 1;
@@ -79,29 +61,17 @@ impl AntiEntropy {
     }
 
     /// Lists one differing range on both sides and copies what differs.
-    async fn sync_range(
-        &self,
-        client: &mut pb::replica_client::ReplicaClient<tonic::transport::Channel>,
-        peer: &str,
-        range: usize,
-        range_count: u32,
-    ) -> Result<u64> {
-        let entries = pb::RangeEntriesRequest {
-            range: range as u32,
-            range_count,
+    async fn sync_range(&self, peer: &str, range: usize, query: &RangeQuery) -> Result<u64> {
+        // Listed against this node's layout now, as the digests were.
+        let query = RangeQuery {
             layout_version: self.cluster.placement().version(),
+            ..query.clone()
         };
-        let listed = call_within(self.cluster.rpc_timeout, client.range_entries(entries))
-            .await?
-            .entries;
-        let listed_count = listed.len();
-        // An entry beyond the skew bound is neither pulled nor answered with
-        // a push: the peer must not spread it.
-        let bound = self.cluster.peers.skew_bound();
-        let their_entries: Vec<RangeEntry> = listed
-            .into_iter()
-            .filter_map(|e| pb::range_entry_from(e, bound).ok())
-            .collect();
+        let (listed_count, their_entries) = self
+            .cluster
+            .peers
+            .range_entries(peer, self.cluster.rpc_timeout, &query, range)
+            .await?;
         let my_entries = self.replica.range_entries(range)?;
         let plan = plan(
             &my_entries,

@@ -39,13 +39,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::background::Background;
-use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::hints::{HintStore, Hinter};
 use crate::net::ReplicaHandle;
 use crate::placement::Placement;
 use crate::quorum::Target;
 use crate::replica::ReplicaStore;
+use crate::serving::ClusterView;
 
 pub use crate::quorum::WriteAck;
 

@@ -18,12 +18,10 @@ use tokio_util::sync::CancellationToken;
 use super::Coordinator;
 use crate::background::Background;
 use crate::clock::{SkewBound, Version, hlc_of_ms, wall_clock_ms};
-use crate::serving::ClusterView;
 use crate::error::{Error, RollCall};
 use crate::hints::{HintBounds, HintStore};
 use crate::layout::Layout;
 use crate::layout::paxos::LayoutState;
-use crate::serving::layout_file::LayoutStore;
 use crate::liveness::{FailureDetector, Liveness};
 use crate::net::PeerPool;
 use crate::net::fake::{FakeReplica, Script};
@@ -32,7 +30,9 @@ use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::replica::ReplicaStore;
 use crate::ring::{Member, Ring, node_id_for};
+use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
+use crate::serving::layout_file::LayoutStore;
 use crate::storage::MemoryStorage;
 
 /// The three replicas of every key.

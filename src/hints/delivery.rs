@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use super::HintStore;
 use crate::clock::{NodeId, wall_clock_ms};
-use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::net::ReplicaError;
+use crate::serving::ClusterView;
 
 /// Delivers held hints (run by the node every `--hint-delivery-interval-ms`).
 pub struct HintDelivery {

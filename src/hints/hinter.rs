@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use super::{Hint, HintStore};
 use crate::clock::wall_clock_ms;
-use crate::serving::ClusterView;
-use crate::error::{Error, Result};
-use crate::net::call_within;
-use crate::pb;
+use crate::error::Result;
 use crate::placement::Placement;
 use crate::record::Record;
 use crate::ring::node_id_for;
+use crate::serving::ClusterView;
 
 /// Stores hints on the right node.
 #[derive(Clone)]
@@ -47,16 +45,10 @@ impl Hinter {
             };
             return self.local.store(&hint);
         }
-        let mut client = self.cluster.peers.replica_client(&holder)?;
-        let request = pb::StoreHintRequest {
-            target: target.to_string(),
-            key: key.to_string(),
-            record: Some(record.into()),
-        };
-        call_within(self.cluster.rpc_timeout, client.store_hint(request))
+        self.cluster
+            .peers
+            .store_hint(&holder, self.cluster.rpc_timeout, target, key, record)
             .await
-            .map(|_| ())
-            .map_err(|why| Error::Unavailable(format!("{holder}: {why}")))
     }
 
     /// [`Hinter::send`], logging a failure (anti-entropy repairs instead).

@@ -76,3 +76,38 @@ impl MoveProgress {
         ))
     }
 }
+
+/// A join's progress as reported to others (in heartbeats and
+/// `Cluster.Status`): the counts, and the estimates made when it was sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ProgressReport {
+    pub layout_version: u64,
+    pub keys_moved: u64,
+    pub bytes_moved: u64,
+    /// Of the hash space the node receives, the share done, in millionths.
+    pub done_ppm: u32,
+    /// Estimates from the rate so far (0: not yet known).
+    pub keys_remaining: u64,
+    pub bytes_remaining: u64,
+    pub eta_ms: u64,
+    pub ranges_done: u32,
+    pub ranges_total: u32,
+}
+
+impl MoveProgress {
+    /// The progress as reported now.
+    pub fn report(&self) -> ProgressReport {
+        let (keys_remaining, bytes_remaining, eta_ms) = self.remaining().unwrap_or((0, 0, 0));
+        ProgressReport {
+            layout_version: self.layout_version,
+            keys_moved: self.keys_moved,
+            bytes_moved: self.bytes_moved,
+            done_ppm: (self.done_share.clamp(0.0, 1.0) * 1_000_000.0) as u32,
+            keys_remaining,
+            bytes_remaining,
+            eta_ms,
+            ranges_done: self.ranges_done,
+            ranges_total: self.ranges_total,
+        }
+    }
+}

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::Membership;
-use crate::layout::{Layout, Role};
 use crate::heartbeat::Heartbeats;
+use crate::layout::{Layout, Role};
 use crate::sync::Locked;
 
 impl Membership {

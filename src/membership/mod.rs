@@ -21,19 +21,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::fanout::{Ended, FanOut, Stragglers, Tally};
-use crate::layout::paxos::{Answer, Ballot};
 use crate::layout::paxos::LayoutState;
-use crate::serving::layout_file::LayoutStore;
+use crate::layout::paxos::{Answer, Ballot};
 use crate::layout::{Layout, Refusal};
-use crate::net::call_within;
 use crate::paxos::{Accepted, Promise, Proposer, Verdict};
-use crate::pb;
 use crate::placement::NodeIdentity;
 use crate::replica::ReplicaStore;
+use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
+use crate::serving::layout_file::{LayoutStore, layout_hash};
 
 /// Most attempts of one proposal (each a prepare and an accept round).
 const MAX_PROPOSAL_ATTEMPTS: usize = 30;
@@ -144,72 +142,67 @@ impl Membership {
         same
     }
 
-    /// `Membership.LayoutPrepare`.
-    pub fn on_prepare(&self, request: pb::LayoutPrepareRequest) -> Result<pb::LayoutPromise> {
-        let ballot = pb::ballot_from(request.ballot);
+    /// `Membership.LayoutPrepare`: this node's acceptor's promise.
+    pub fn on_prepare(
+        &self,
+        version: u64,
+        ballot: Ballot,
+        base_hash: u64,
+    ) -> Result<Promise<Layout>> {
         self.note_round(ballot.round);
         let (answer, state) = self.layouts.update_acceptor(|state| {
-            if !self.same_base(state, request.version, request.base_hash) {
+            if !self.same_base(state, version, base_hash) {
                 return None;
             }
             let committed = state.committed.as_ref().map_or(0, |l| l.version);
-            Some(state.acceptor.prepare(committed, request.version, ballot))
+            Some(state.acceptor.prepare(committed, version, ballot))
         })?;
-        let Some(answer) = answer else {
-            return Ok(pb::LayoutPromise::default());
-        };
         Ok(match answer {
-            Answer::Yes { accepted } => pb::LayoutPromise {
-                promised: true,
-                promised_ballot: Some(ballot.into()),
-                accepted_ballot: accepted.as_ref().map(|(b, _)| (*b).into()),
-                accepted: accepted.as_ref().map(|(_, l)| l.into()),
+            // Built on another layout: refused, and nothing to learn.
+            None => Promise::No {
+                promised: None,
                 committed: None,
             },
-            Answer::No { promised } => pb::LayoutPromise {
-                promised_ballot: Some(promised.into()),
-                ..Default::default()
+            Some(Answer::Yes { accepted }) => Promise::Yes { accepted },
+            Some(Answer::No { promised }) => Promise::No {
+                promised: Some(promised),
+                committed: None,
             },
-            Answer::Committed | Answer::Behind => pb::LayoutPromise {
-                committed: state.committed.as_ref().map(pb::Layout::from),
-                ..Default::default()
+            Some(Answer::Committed | Answer::Behind) => Promise::No {
+                promised: None,
+                committed: state.committed,
             },
         })
     }
 
-    /// `Membership.LayoutAccept`.
-    pub fn on_accept(&self, request: pb::LayoutAcceptRequest) -> Result<pb::LayoutAccepted> {
-        let ballot = pb::ballot_from(request.ballot);
+    /// `Membership.LayoutAccept`: this node's acceptor's answer.
+    pub fn on_accept(
+        &self,
+        ballot: Ballot,
+        layout: &Layout,
+        base_hash: u64,
+    ) -> Result<Accepted<Layout>> {
         self.note_round(ballot.round);
-        let layout = pb::layout_from(
-            request
-                .layout
-                .ok_or_else(|| Error::InvalidArgument("layout is required".into()))?,
-        )
-        .map_err(Error::InvalidArgument)?;
         let (answer, state) = self.layouts.update_acceptor(|state| {
-            if !self.same_base(state, layout.version, request.base_hash) {
+            if !self.same_base(state, layout.version, base_hash) {
                 return None;
             }
             let committed = state.committed.as_ref().map_or(0, |l| l.version);
-            Some(state.acceptor.accept(committed, &layout, ballot))
+            Some(state.acceptor.accept(committed, layout, ballot))
         })?;
-        let Some(answer) = answer else {
-            return Ok(pb::LayoutAccepted::default());
-        };
         Ok(match answer {
-            Answer::Yes { .. } => pb::LayoutAccepted {
-                accepted: true,
-                promised_ballot: Some(ballot.into()),
+            None => Accepted::No {
+                promised: None,
                 committed: None,
             },
-            Answer::No { promised } => pb::LayoutAccepted {
-                promised_ballot: Some(promised.into()),
-                ..Default::default()
+            Some(Answer::Yes { .. }) => Accepted::Yes,
+            Some(Answer::No { promised }) => Accepted::No {
+                promised: Some(promised),
+                committed: None,
             },
-            Answer::Committed | Answer::Behind => pb::LayoutAccepted {
-                committed: state.committed.as_ref().map(pb::Layout::from),
-                ..Default::default()
+            Some(Answer::Committed | Answer::Behind) => Accepted::No {
+                promised: None,
+                committed: state.committed,
             },
         })
     }
@@ -280,27 +273,20 @@ impl Membership {
         base_hash: u64,
     ) -> std::result::Result<Layout, String> {
         let mut proposer = Proposer::new(ballot, own, acceptors.to_vec());
-        let prepare = pb::LayoutPrepareRequest {
-            version,
-            ballot: Some(ballot.into()),
-            base_hash,
-        };
+        let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout);
         let mut promises = FanOut::new(Stragglers::Abandon);
         for (index, address) in acceptors.iter().enumerate() {
             if *address == self.me.address {
-                let promise = match self.on_prepare(prepare) {
-                    Ok(promise) => pb::promise_from(promise),
-                    Err(why) => Promise::Failed(format!("{address}: {why}")),
-                };
+                let promise = self
+                    .on_prepare(version, ballot, base_hash)
+                    .unwrap_or_else(|why| Promise::Failed(format!("{address}: {why}")));
                 proposer.record(index, promise);
                 continue;
             }
-            let call = self.acceptor_call(address, move |mut client| async move {
-                client.layout_prepare(prepare).await
-            });
-            promises.send(index, async move {
-                call.await.map_or_else(Promise::Failed, pb::promise_from)
-            });
+            promises.send(
+                index,
+                peers.layout_prepare(address, timeout, version, ballot, base_hash),
+            );
         }
         let ended = promises.collect(&mut proposer, None).await;
         self.learn_from(acceptors, &mut proposer, version).await;
@@ -313,28 +299,19 @@ impl Membership {
             _ => return Err("the prepare ended with no verdict".into()),
         };
         proposer.begin_accept(value.clone());
-        let accept = pb::LayoutAcceptRequest {
-            ballot: Some(ballot.into()),
-            layout: Some((&value).into()),
-            base_hash,
-        };
         let mut answers = FanOut::new(Stragglers::Abandon);
         for (index, address) in acceptors.iter().enumerate() {
             if *address == self.me.address {
-                let answer = match self.on_accept(accept.clone()) {
-                    Ok(answer) => pb::accepted_from(answer),
-                    Err(why) => Accepted::Failed(format!("{address}: {why}")),
-                };
+                let answer = self
+                    .on_accept(ballot, &value, base_hash)
+                    .unwrap_or_else(|why| Accepted::Failed(format!("{address}: {why}")));
                 proposer.record(index, answer);
                 continue;
             }
-            let request = accept.clone();
-            let call = self.acceptor_call(address, move |mut client| async move {
-                client.layout_accept(request).await
-            });
-            answers.send(index, async move {
-                call.await.map_or_else(Accepted::Failed, pb::accepted_from)
-            });
+            answers.send(
+                index,
+                peers.layout_accept(address, timeout, ballot, &value, base_hash),
+            );
         }
         let ended = answers.collect(&mut proposer, None).await;
         self.learn_from(acceptors, &mut proposer, version).await;
@@ -342,33 +319,6 @@ impl Membership {
             Ended::Decided(Verdict::Chosen(value)) => Ok(value),
             Ended::Decided(Verdict::Lost(why)) => Err(why),
             _ => Err("the accept ended with no verdict".into()),
-        }
-    }
-
-    /// One call to the acceptor at `address`, within the RPC deadline: its
-    /// answer, or why there is none.
-    fn acceptor_call<T, Call, Reply>(
-        &self,
-        address: &str,
-        call: Call,
-    ) -> impl std::future::Future<Output = std::result::Result<T, String>> + Send + 'static
-    where
-        Call: FnOnce(
-                crate::pb::membership_client::MembershipClient<tonic::transport::Channel>,
-            ) -> Reply
-            + Send
-            + 'static,
-        Reply: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>
-            + Send,
-        T: Send + 'static,
-    {
-        let client = self.cluster.peers.membership_client(address);
-        let (address, timeout) = (address.to_string(), self.cluster.rpc_timeout);
-        async move {
-            let client = client.map_err(|e| format!("{address}: {e}"))?;
-            call_within(timeout, call(client))
-                .await
-                .map_err(|e| format!("{address}: {e}"))
         }
     }
 
@@ -398,30 +348,22 @@ impl Membership {
             }
         } else {
             let layout = self.layout();
-            if let Ok(mut client) = self.cluster.peers.membership_client(address) {
-                let _ = call_within(
-                    self.cluster.rpc_timeout,
-                    client.layout_commit(pb::Layout::from(&layout)),
-                )
-                .await;
-            }
+            let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout);
+            let _ = peers.layout_commit(address, timeout, &layout).await;
         }
     }
 
     /// Tells every member of `layout` it is committed (in the background;
     /// heartbeats spread it to any that miss this).
     fn announce(&self, layout: &Layout) {
-        let message = pb::Layout::from(layout);
         for member in &layout.members {
             if member.address == self.me.address {
                 continue;
             }
-            let Ok(mut client) = self.cluster.peers.membership_client(&member.address) else {
-                continue;
-            };
-            let (message, timeout) = (message.clone(), self.cluster.rpc_timeout);
+            let (peers, timeout) = (self.cluster.peers.clone(), self.cluster.rpc_timeout);
+            let (address, layout) = (member.address.clone(), layout.clone());
             tokio::spawn(async move {
-                let _ = call_within(timeout, client.layout_commit(message)).await;
+                let _ = peers.layout_commit(&address, timeout, &layout).await;
             });
         }
     }
@@ -440,12 +382,6 @@ impl Membership {
     }
 }
 
-/// What a proposal names as the layout it changes.
-pub fn layout_hash(layout: &Layout) -> u64 {
-    use prost::Message;
-    xxhash_rust::xxh3::xxh3_64(&pb::Layout::from(layout).encode_to_vec())
-}
-
 /// Asks `seeds` in turn to add `address` to their cluster; answers the
 /// layout that has it joining. What `DKVSServer --join` does first.
 pub async fn request_join(
@@ -456,35 +392,10 @@ pub async fn request_join(
 ) -> Result<Layout> {
     let mut failures = Vec::new();
     for seed in seeds {
-        let mut client = match peers.membership_client(seed) {
-            Ok(client) => client,
-            Err(why) => {
-                failures.push(format!("{seed}: {why}"));
-                continue;
-            }
-        };
-        let request = pb::JoinRequest {
-            address: address.to_string(),
-        };
-        match tokio::time::timeout(timeout, client.join(request)).await {
-            Ok(Ok(layout)) => {
-                return pb::layout_from(layout.into_inner()).map_err(|why| {
-                    Error::Unavailable(format!("{seed} answered a bad layout: {why}"))
-                });
-            }
-            Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{seed} refused the join: {}",
-                    status.message()
-                )));
-            }
-            Ok(Err(status)) => {
-                failures.push(format!("{seed}: {}", crate::net::describe_status(&status)))
-            }
-            Err(_) => failures.push(format!(
-                "{seed}: no answer within {} ms",
-                timeout.as_millis()
-            )),
+        match peers.join(seed, timeout, address).await {
+            Ok(layout) => return Ok(layout),
+            Err(refused @ Error::FailedPrecondition(_)) => return Err(refused),
+            Err(why) => failures.push(why.to_string()),
         }
     }
     Err(Error::Unavailable(format!(

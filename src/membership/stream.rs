@@ -19,14 +19,13 @@ use futures::Stream;
 use tokio::time::Instant;
 
 use super::{Membership, MoveProgress};
-use crate::serving::ClusterView;
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::layout::Layout;
-use crate::pb;
+use crate::net::messages::{StreamChunk, StreamRequest};
 use crate::quorum::Consistency;
-use crate::record::Record;
 use crate::replica::ReplicaStore;
+use crate::serving::ClusterView;
 
 /// Records and bytes in one chunk of a stream.
 const CHUNK_RECORDS: usize = 1024;
@@ -35,15 +34,14 @@ const CHUNK_BYTES: usize = 1 << 20;
 const MAX_INTERVALS: usize = 1 << 20;
 
 /// The stream a source answers `Membership.StreamRecords` with.
-pub type RecordStream =
-    Pin<Box<dyn Stream<Item = std::result::Result<pb::StreamChunk, tonic::Status>> + Send>>;
+pub type RecordStream = Pin<Box<dyn Stream<Item = Result<StreamChunk>> + Send>>;
 
 /// `Membership.StreamRecords` on a source: every record in the requested
 /// hash intervals, in chunks, once this node serves the join's layout.
 pub fn stream_source(
     replica: Arc<ReplicaStore>,
     cluster: Arc<ClusterView>,
-    request: pb::StreamRequest,
+    request: StreamRequest,
 ) -> Result<RecordStream> {
     let serving = replica.layout_version();
     if serving < request.layout_version {
@@ -60,15 +58,15 @@ pub fn stream_source(
             request.intervals.len()
         )));
     }
-    if let Some(bad) = request.intervals.iter().find(|i| i.first > i.last) {
+    if let Some(bad) = request.intervals.iter().find(|(first, last)| first > last) {
         return Err(Error::InvalidArgument(format!(
             "interval {}..={} is empty (first > last)",
-            bad.first, bad.last
+            bad.0, bad.1
         )));
     }
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
-        for (index, interval) in request.intervals.iter().enumerate() {
+        for (index, &(first, last)) in request.intervals.iter().enumerate() {
             let mut after: Vec<u8> = if index == 0 {
                 request.after.to_vec()
             } else {
@@ -76,11 +74,7 @@ pub fn stream_source(
             };
             loop {
                 // A scan is storage work: off the async threads.
-                let (scanner, (first, last), from) = (
-                    replica.clone(),
-                    (interval.first, interval.last),
-                    after.clone(),
-                );
+                let (scanner, from) = (replica.clone(), after.clone());
                 let read = crate::seams::blocking(move || {
                     scanner.records_in(first, last, &from, CHUNK_RECORDS, CHUNK_BYTES)
                 })
@@ -90,18 +84,12 @@ pub fn stream_source(
                 let (records, resume) = match read {
                     Ok(read) => read,
                     Err(error) => {
-                        let _ = sender.send(Err(tonic::Status::from(error))).await;
+                        let _ = sender.send(Err(error)).await;
                         return;
                     }
                 };
-                let chunk = pb::StreamChunk {
-                    records: records
-                        .iter()
-                        .map(|(key, record)| pb::StreamedRecord {
-                            key: key.clone(),
-                            record: Some(record.into()),
-                        })
-                        .collect(),
+                let chunk = StreamChunk {
+                    records,
                     intervals_done: (index + usize::from(resume.is_none())) as u32,
                 };
                 if sender.send(Ok(chunk)).await.is_err() {
@@ -343,74 +331,41 @@ impl Membership {
         done_before: f64,
         intervals_before: usize,
     ) -> Result<()> {
-        let mut client = self.cluster.peers.membership_client(&source)?;
-        let request = pb::StreamRequest {
+        let request = StreamRequest {
             layout_version: version,
-            intervals: group
-                .intervals
-                .iter()
-                .map(|&(first, last)| pb::HashInterval { first, last })
-                .collect(),
-            after: Default::default(),
+            intervals: group.intervals.clone(),
+            after: Vec::new(),
         };
         // A source not yet serving the join's layout says so: ask again.
+        let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout * 4);
         let mut stream = loop {
-            match tokio::time::timeout(
-                self.cluster.rpc_timeout * 4,
-                client.stream_records(request.clone()),
-            )
-            .await
+            match peers
+                .stream_records(&source, timeout, request.clone())
+                .await
             {
-                Ok(Ok(stream)) => break stream.into_inner(),
-                Ok(Err(status))
-                    if status.code() == tonic::Code::Unavailable
-                        && status.message().contains("not yet the join's") =>
-                {
+                Ok(stream) => break stream,
+                Err(why) if crate::net::is_not_serving_yet(&why) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Ok(Err(status)) => {
-                    return Err(Error::Unavailable(crate::net::describe_status(&status)));
-                }
-                Err(_) => return Err(Error::Unavailable("no answer to the stream request".into())),
+                Err(why) => return Err(why),
             }
         };
-        let bound = self.replica.bound();
         let idle = self.cluster.rpc_timeout * 10;
         let mut intervals_done = 0usize;
         loop {
-            let chunk = match tokio::time::timeout(idle, stream.message()).await {
-                Ok(Ok(Some(chunk))) => chunk,
+            let chunk = match stream.next(idle).await? {
+                Some(chunk) => chunk,
                 // Complete only if the source said it finished every
                 // interval: a stream cut short can also end cleanly.
-                Ok(Ok(None)) if intervals_done == group.intervals.len() => break,
-                Ok(Ok(None)) => {
+                None if intervals_done == group.intervals.len() => break,
+                None => {
                     return Err(Error::Unavailable(format!(
                         "the stream ended after {intervals_done} of {} intervals",
                         group.intervals.len()
                     )));
                 }
-                Ok(Err(status)) => {
-                    return Err(Error::Unavailable(crate::net::describe_status(&status)));
-                }
-                Err(_) => {
-                    return Err(Error::Unavailable(format!(
-                        "the stream stalled for {} ms",
-                        idle.as_millis()
-                    )));
-                }
             };
-            let mut records: Vec<(String, Record)> = Vec::with_capacity(chunk.records.len());
-            for streamed in chunk.records {
-                let record = streamed
-                    .record
-                    .ok_or_else(|| Error::Unavailable("a streamed record has no record".into()))
-                    .and_then(|r| pb::record_from(r, bound))
-                    .map_err(|why| Error::Unavailable(format!("sent a bad record: {why}")))?;
-                if streamed.key.is_empty() {
-                    return Err(Error::Unavailable("sent a record without a key".into()));
-                }
-                records.push((streamed.key, record));
-            }
+            let records = chunk.records;
             intervals_done = intervals_done.max(chunk.intervals_done as usize);
             pace.lock().await.take(records.len() as u64).await;
             // Off the async threads: a node runs its heartbeats and

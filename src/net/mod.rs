@@ -33,10 +33,14 @@ use crate::pb::replica_read_client::ReplicaReadClient;
 use crate::replica::ReplicaStore;
 use crate::sync::Locked;
 
+mod calls;
 #[cfg(test)]
 pub mod fake;
 mod handle;
+pub mod messages;
 mod pipe;
+
+pub use calls::{RangeQuery, RecordChunks, is_not_serving_yet};
 
 use handle::ReplicaTarget;
 pub use handle::{ReplicaError, ReplicaHandle};

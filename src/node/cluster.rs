@@ -73,7 +73,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     address: member.address.clone(),
                     node_id: member.node_id,
                     state: state as i32,
-                    stats,
+                    stats: stats.map(pb::NodeStats::from),
                     error,
                     phi: health.phi,
                     clock_skew_ms: report.as_ref().map_or(0, |r| r.clock_skew_ms),
@@ -96,11 +96,12 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .and_then(|l| l.member(&node.me.address))
                 .is_some_and(|m| m.role == crate::layout::Role::Joining)
         {
-            let mut progress = pb::MoveProgress::from(&progress);
+            let mut progress = pb::MoveProgress::from(progress.report());
             progress.address = node.me.address.clone();
             moves.push(progress);
         }
-        for (address, mut progress, age) in node.heartbeats.moves() {
+        for (address, progress, age) in node.heartbeats.moves() {
+            let mut progress = pb::MoveProgress::from(progress);
             let joining = view
                 .layout()
                 .and_then(|l| l.member(&address))

@@ -1,6 +1,6 @@
 //! `dkvs.v1.Liveness`: for nodes only. Answers peers' heartbeats (the
 //! failure detector and the clock and layout gossip riding on them live in
-//! [`crate::liveness`]).
+//! [`crate::liveness`] and [`crate::heartbeat`]).
 
 use std::sync::Arc;
 
@@ -19,9 +19,8 @@ impl pb::liveness_server::Liveness for LivenessService {
         request: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
         let node = &self.0;
-        let answer = node
-            .heartbeats
-            .answer(request.into_inner(), node.local_stats())?;
-        Ok(Response::new(answer))
+        let ping = crate::net::messages::Ping::from(request.into_inner());
+        let answer = node.heartbeats.answer(ping, node.local_stats())?;
+        Ok(Response::new(pb::PingResponse::from(answer)))
     }
 }

@@ -26,18 +26,24 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::LayoutPrepareRequest>,
     ) -> Result<Response<pb::LayoutPromise>, Status> {
-        Ok(Response::new(
-            self.0.membership.on_prepare(request.into_inner())?,
-        ))
+        let request = request.into_inner();
+        let ballot = pb::ballot_from(request.ballot);
+        let promise = (self.0.membership).on_prepare(request.version, ballot, request.base_hash)?;
+        Ok(Response::new(pb::layout_promise(promise, ballot)))
     }
 
     async fn layout_accept(
         &self,
         request: Request<pb::LayoutAcceptRequest>,
     ) -> Result<Response<pb::LayoutAccepted>, Status> {
-        Ok(Response::new(
-            self.0.membership.on_accept(request.into_inner())?,
-        ))
+        let request = request.into_inner();
+        let ballot = pb::ballot_from(request.ballot);
+        let layout = request
+            .layout
+            .ok_or_else(|| Error::InvalidArgument("layout is required".into()))
+            .and_then(|layout| pb::layout_from(layout).map_err(Error::InvalidArgument))?;
+        let answer = (self.0.membership).on_accept(ballot, &layout, request.base_hash)?;
+        Ok(Response::new(pb::layout_accepted(answer, ballot)))
     }
 
     async fn layout_commit(
@@ -61,7 +67,8 @@ impl pb::membership_server::Membership for MembershipService {
         Ok(Response::new(pb::Layout::from(&layout)))
     }
 
-    type StreamRecordsStream = crate::membership::RecordStream;
+    type StreamRecordsStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::StreamChunk, Status>> + Send>>;
 
     async fn stream_records(
         &self,
@@ -71,8 +78,13 @@ impl pb::membership_server::Membership for MembershipService {
         let stream = crate::membership::stream_source(
             node.replica.clone(),
             node.cluster.clone(),
-            request.into_inner(),
+            request.into_inner().into(),
         )?;
-        Ok(Response::new(stream))
+        let chunks = futures::StreamExt::map(stream, |chunk| {
+            chunk
+                .map(|chunk| pb::StreamChunk::from(&chunk))
+                .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(chunks)))
     }
 }

@@ -39,25 +39,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::antientropy::AntiEntropy;
 use crate::background::{Background, run_periodic};
-use crate::serving::ClusterView;
 use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
+use crate::heartbeat::Heartbeats;
 use crate::hints::{HintBounds, HintDelivery, HintStore};
 use crate::identity::Identity;
 use crate::layout::Layout;
-use crate::serving::layout_file::LayoutStore;
-use crate::limits::Limits;
-use crate::heartbeat::Heartbeats;
-use crate::liveness::{FailureDetector, Liveness};
 use crate::layout::progress::JoinProgress;
+use crate::limits::Limits;
+use crate::liveness::{FailureDetector, Liveness};
 use crate::membership::Membership;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
-use crate::pb;
 use crate::placement::{NodeIdentity, Placement};
 use crate::replica::ReplicaStore;
 use crate::ring::Member;
+use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
+use crate::serving::layout_file::LayoutStore;
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 
 /// Everything one node runs.
@@ -393,13 +392,13 @@ impl Node {
         &self.replica
     }
 
-    pub(crate) fn local_stats(&self) -> pb::NodeStats {
+    pub(crate) fn local_stats(&self) -> crate::net::messages::NodeStats {
         let stats = self.replica.stats();
         let ae = &self.anti_entropy.stats;
-        pb::NodeStats {
+        crate::net::messages::NodeStats {
             live_keys: stats.live_keys,
             tombstones: stats.tombstones,
-            lamport: stats.lamport,
+            hlc: stats.lamport,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             read_repairs: self.background.repairs_sent(),
             blocking_read_repairs: self.coordinator.blocking_repairs(),

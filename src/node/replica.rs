@@ -109,7 +109,7 @@ impl pb::replica_server::Replica for ReplicaService {
         &self,
         _request: Request<pb::StatsRequest>,
     ) -> Result<Response<pb::NodeStats>, Status> {
-        Ok(Response::new(self.0.local_stats()))
+        Ok(Response::new(self.0.local_stats().into()))
     }
 
     async fn store_hint(

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use prost::Message;
 
-use crate::layout::paxos::LayoutState;
 use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::layout::paxos::LayoutState;
 use crate::pb;
 use crate::sync::Locked;
 
@@ -164,6 +165,13 @@ fn decode(bytes: &[u8]) -> std::result::Result<LayoutState, String> {
     }
     let state = pb::LayoutState::decode(body).map_err(|e| format!("undecodable: {e}"))?;
     pb::layout_state_from(state)
+}
+
+/// What a proposal names as the layout it changes: the xxh3 of the
+/// layout's protobuf encoding (the same on every node and release, so
+/// acceptors of mixed versions agree).
+pub fn layout_hash(layout: &Layout) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&pb::Layout::from(layout).encode_to_vec())
 }
 
 #[cfg(test)]

@@ -25,12 +25,11 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::layout::paxos::Acceptor;
 use crate::layout::paxos::LayoutState;
-use crate::serving::layout_file::LayoutStore;
 use crate::liveness::Liveness;
-use crate::net::{PeerPool, ReplicaHandle, call_within};
-use crate::pb;
+use crate::net::{PeerPool, ReplicaHandle};
 use crate::placement::{Placement, SharedPlacement};
 use crate::replica::ReplicaStore;
+use crate::serving::layout_file::LayoutStore;
 use crate::sync::Locked;
 
 pub struct LayoutOwner {
@@ -178,11 +177,7 @@ impl LayoutOwner {
 
     /// Fetches the layout from `address` and adopts it if newer.
     async fn fetch_from(&self, address: &str) -> Result<bool> {
-        let mut client = self.peers.membership_client(address)?;
-        let layout =
-            call_within(self.rpc_timeout, client.get_layout(pb::GetLayoutRequest {})).await?;
-        let layout = pb::layout_from(layout)
-            .map_err(|why| Error::Unavailable(format!("{address} sent a bad layout: {why}")))?;
+        let layout = self.peers.fetch_layout(address, self.rpc_timeout).await?;
         self.adopt(layout)
     }
 
