@@ -44,6 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::background::Background;
 use crate::coordinator::{PendingRepair, WriteAck, read_quorum};
 use crate::error::{COORDINATOR_ERROR_HEADER, Error, Outcome, Result};
+use crate::locks::Locked;
 use crate::net::{
     CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
 };
@@ -52,7 +53,6 @@ use crate::placement::{Placement, SharedPlacement};
 use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::ring::{Member, Ring};
-use crate::sync::Locked;
 
 /// How long a node that failed is tried last.
 const DOWN_PENALTY: Duration = Duration::from_secs(2);

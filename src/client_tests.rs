@@ -3,7 +3,7 @@
 use super::*;
 use crate::clock::{Version, hlc_of_ms, wall_clock_ms};
 use crate::net::fake::{FakeReplica, Script};
-use crate::ring::node_id_for;
+use crate::ring::member_id_for;
 use tokio::io::AsyncReadExt;
 
 fn pool() -> PeerPool {
@@ -85,7 +85,10 @@ fn client_over(scripts: [Script; 3]) -> (Client, Vec<Arc<FakeReplica>>) {
 
 /// A value stored `ms_ago` milliseconds ago.
 fn record_at(ms_ago: u64, value: &'static str) -> Record {
-    let version = Version::new(hlc_of_ms(wall_clock_ms() - ms_ago), node_id_for("a node"));
+    let version = Version::new(
+        hlc_of_ms(wall_clock_ms() - ms_ago),
+        member_id_for("a node").0,
+    );
     Record::value(version, Bytes::from_static(value.as_bytes()))
 }
 

@@ -37,19 +37,42 @@
 
 use std::fmt;
 
-/// The identity a version carries: the issuing node's instance id.
-pub type NodeId = u64;
+/// A node's instance: random, made with its data dir and kept there (see
+/// `crate::identity`). Versions carry it to break ties between equal
+/// timestamps; a node whose data dir was lost comes back as a new instance,
+/// so it never issues a version its predecessor issued. Not its place on
+/// the ring: that is [`crate::ring::MemberId`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstanceId(pub u64);
+
+impl InstanceId {
+    /// No instance: what a node knows at an address it never heard from,
+    /// and what nodes of releases before instance ids send.
+    pub const NONE: InstanceId = InstanceId(0);
+
+    pub fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+}
+
+impl fmt::Display for InstanceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
 
 /// A write's version; ordered by `lamport`, then by `node_id`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
     /// Hybrid logical timestamp (ms << 16 | counter); the primary sort key.
-    pub lamport: u64,
-    /// The node that issued the version; breaks ties between equal timestamps.
-    pub node_id: NodeId,
+    /// The wire calls it `lamport` (versions began as Lamport pairs).
+    pub hlc: u64,
+    /// The instance that issued the version; breaks ties between equal
+    /// timestamps. The wire calls it `node_id`.
+    pub instance_id: InstanceId,
 }
 
-/// Bits of `lamport` that count within one millisecond.
+/// Bits of an HLC timestamp that count within one millisecond.
 pub const LOGICAL_BITS: u32 = 16;
 
 /// Versions whose physical part is below this (2001-09-09) were issued by a
@@ -57,20 +80,24 @@ pub const LOGICAL_BITS: u32 = 16;
 pub const FIRST_HLC_MS: u64 = 1_000_000_000_000;
 
 impl Version {
-    pub const fn new(lamport: u64, node_id: NodeId) -> Self {
-        Self { lamport, node_id }
+    /// A version from its raw parts, as the wire and the disk carry them.
+    pub const fn new(hlc: u64, instance_id: u64) -> Self {
+        Self {
+            hlc,
+            instance_id: InstanceId(instance_id),
+        }
     }
 
     /// The wall-clock part: milliseconds since the Unix epoch (0-ish for
     /// versions from a plain Lamport counter, see [`FIRST_HLC_MS`]).
     pub const fn physical_ms(&self) -> u64 {
-        self.lamport >> LOGICAL_BITS
+        self.hlc >> LOGICAL_BITS
     }
 }
 
 impl fmt::Display for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{:016x}", self.lamport, self.node_id)
+        write!(f, "{}@{}", self.hlc, self.instance_id)
     }
 }
 
@@ -219,8 +246,8 @@ impl fmt::Display for ClockError {
 /// the wall clock and persists.
 #[derive(Debug, Clone)]
 pub struct HybridClock {
-    /// The node this clock stamps versions for.
-    node_id: NodeId,
+    /// The instance this clock stamps versions for.
+    instance_id: InstanceId,
     /// The last timestamp issued or observed.
     last: u64,
     /// No timestamp above this may be issued until a higher ceiling is persisted.
@@ -250,14 +277,14 @@ impl HybridClock {
     /// ceiling saved (0 if none) and `max_seen` the highest timestamp found in
     /// stored data (within the bound). It will only issue timestamps above both.
     pub fn recover(
-        node_id: NodeId,
+        instance_id: InstanceId,
         persisted_ceiling: u64,
         max_seen: u64,
         bound: SkewBound,
     ) -> Self {
         let start = persisted_ceiling.max(max_seen);
         Self {
-            node_id,
+            instance_id,
             last: start,
             ceiling: start,
             renewing: None,
@@ -282,7 +309,7 @@ impl HybridClock {
         if self.bound.check(seen, now_ms).is_err() {
             return false;
         }
-        self.last = self.last.max(seen.lamport);
+        self.last = self.last.max(seen.hlc);
         true
     }
 
@@ -306,7 +333,10 @@ impl HybridClock {
             .checked_add(1)
             .ok_or(ClockError::Exhausted)?
             .max(hlc_of_ms(now_ms));
-        let version = Version::new(next, self.node_id);
+        let version = Version {
+            hlc: next,
+            instance_id: self.instance_id,
+        };
         if self.bound.check(version, now_ms).is_err() {
             return Err(ClockError::AheadOfWallClock {
                 next,
@@ -363,11 +393,11 @@ mod tests {
     const T0: u64 = 1_750_000_000_000;
 
     fn fresh() -> HybridClock {
-        HybridClock::recover(7, 0, 0, SkewBound::default())
+        HybridClock::recover(InstanceId(7), 0, 0, SkewBound::default())
     }
 
     #[test]
-    fn versions_order_by_lamport_then_node() {
+    fn versions_order_by_hlc_then_instance() {
         assert!(Version::new(2, 1) > Version::new(1, 9));
         assert!(Version::new(2, 2) > Version::new(2, 1));
         assert_eq!(Version::new(3, 3), Version::new(3, 3));
@@ -378,26 +408,20 @@ mod tests {
     fn ticks_follow_wall_time_and_merge_what_they_see() {
         let mut clock = fresh();
         let a = clock.tick(T0).expect("tick").version;
-        assert_eq!(a.lamport, hlc_of_ms(T0));
+        assert_eq!(a.hlc, hlc_of_ms(T0));
         // Same millisecond: the counter moves.
         let b = clock.tick(T0).expect("tick").version;
-        assert_eq!(b.lamport, hlc_of_ms(T0) + 1);
+        assert_eq!(b.hlc, hlc_of_ms(T0) + 1);
         // Time moves: the physical part follows it.
         let c = clock.tick(T0 + 10).expect("tick").version;
-        assert_eq!(c.lamport, hlc_of_ms(T0 + 10));
+        assert_eq!(c.hlc, hlc_of_ms(T0 + 10));
         // A peer slightly ahead: the next tick is above what it saw.
         let seen = Version::new(hlc_of_ms(T0 + 500) + 3, 9);
         assert!(clock.observe(seen, T0 + 10));
-        assert_eq!(
-            clock.tick(T0 + 11).expect("tick").version.lamport,
-            seen.lamport + 1
-        );
+        assert_eq!(clock.tick(T0 + 11).expect("tick").version.hlc, seen.hlc + 1);
         // Something older changes nothing.
         assert!(clock.observe(Version::new(5, 1), T0 + 11));
-        assert_eq!(
-            clock.tick(T0 + 11).expect("tick").version.lamport,
-            seen.lamport + 2
-        );
+        assert_eq!(clock.tick(T0 + 11).expect("tick").version.hlc, seen.hlc + 2);
     }
 
     #[test]
@@ -409,7 +433,7 @@ mod tests {
             d.tick(T0).expect("tick");
         }
         let tombstone = d.tick(T0).expect("tick").version;
-        let mut e = HybridClock::recover(8, 0, 0, SkewBound::default());
+        let mut e = HybridClock::recover(InstanceId(8), 0, 0, SkewBound::default());
         let later = e.tick(T0 + 1000).expect("tick").version;
         assert!(later > tombstone, "{later} must beat {tombstone}");
     }
@@ -430,7 +454,7 @@ mod tests {
             let mut clock = fresh();
             assert!(!clock.observe(Version::new(lamport, 2), T0));
             assert_eq!(
-                clock.tick(T0).expect("still ticks").version.lamport,
+                clock.tick(T0).expect("still ticks").version.hlc,
                 hlc_of_ms(T0)
             );
         }
@@ -439,13 +463,18 @@ mod tests {
     #[test]
     fn the_clock_fails_rather_than_issue_what_peers_refuse() {
         // Recovered above the bound (the wall clock went back a long way).
-        let mut clock = HybridClock::recover(1, 0, hlc_of_ms(T0 + 120_000), SkewBound::default());
+        let mut clock = HybridClock::recover(
+            InstanceId(1),
+            0,
+            hlc_of_ms(T0 + 120_000),
+            SkewBound::default(),
+        );
         let error = clock.tick(T0).expect_err("ahead of wall clock");
         assert!(matches!(error, ClockError::AheadOfWallClock { .. }));
         assert!(error.to_string().contains("--max-clock-skew-ms"), "{error}");
         // Once the wall clock catches up it works again.
         assert!(clock.tick(T0 + 60_001).is_ok());
-        let mut clock = HybridClock::recover(1, 0, u64::MAX, SkewBound::new(u64::MAX));
+        let mut clock = HybridClock::recover(InstanceId(1), 0, u64::MAX, SkewBound::new(u64::MAX));
         assert_eq!(clock.tick(T0), Err(ClockError::Exhausted));
     }
 
@@ -510,15 +539,16 @@ mod tests {
             if let Some(c) = tick.persist_ceiling {
                 durable = c;
             }
-            assert!(tick.version.lamport <= durable);
+            assert!(tick.version.hlc <= durable);
             last = tick.version;
         }
         // Crash: only the ceiling survived; the wall clock went back 1 s.
-        let mut after = HybridClock::recover(7, durable, 0, SkewBound::default());
+        let mut after = HybridClock::recover(InstanceId(7), durable, 0, SkewBound::default());
         assert!(after.tick(T0 - 1000).expect("tick").version > last);
         // Data newer than the ceiling (observed from peers) also counts.
-        let mut after = HybridClock::recover(7, durable, durable + 50, SkewBound::default());
-        assert_eq!(after.tick(T0).expect("tick").version.lamport, durable + 51);
+        let mut after =
+            HybridClock::recover(InstanceId(7), durable, durable + 50, SkewBound::default());
+        assert_eq!(after.tick(T0).expect("tick").version.hlc, durable + 51);
     }
 
     #[test]
@@ -529,7 +559,7 @@ mod tests {
         let mut ceiling = 0;
         for crash in 0..20u64 {
             let now = T0 + crash * 100;
-            let mut clock = HybridClock::recover(1, ceiling, 0, bound);
+            let mut clock = HybridClock::recover(InstanceId(1), ceiling, 0, bound);
             let tick = clock.tick(now).expect("a restarted clock still ticks");
             if let Some(c) = tick.persist_ceiling {
                 ceiling = c;
@@ -545,9 +575,9 @@ mod tests {
     #[test]
     fn old_counter_versions_are_simply_older() {
         // A data dir from before the HLC: its highest version is 150,000.
-        let mut clock = HybridClock::recover(1, 250_000, 150_000, SkewBound::default());
+        let mut clock = HybridClock::recover(InstanceId(1), 250_000, 150_000, SkewBound::default());
         let v = clock.tick(T0).expect("tick").version;
-        assert_eq!(v.lamport, hlc_of_ms(T0));
+        assert_eq!(v.hlc, hlc_of_ms(T0));
         assert!(Version::new(250_000, u64::MAX).physical_ms() < FIRST_HLC_MS);
     }
 }

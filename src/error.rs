@@ -455,8 +455,8 @@ mod tests {
     fn every_error_has_its_code_and_outcome() {
         use Outcome::{NotApplied, Unknown};
         let version = crate::clock::Version {
-            lamport: 1,
-            node_id: 1,
+            hlc: 1,
+            instance_id: crate::clock::InstanceId(1),
         };
         let cases = [
             (

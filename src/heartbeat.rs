@@ -16,16 +16,16 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{Version, wall_clock_ms};
+use crate::clock::{InstanceId, Version, wall_clock_ms};
 use crate::error::Result;
 use crate::identity::Identity;
 use crate::layout::progress::JoinProgress;
 use crate::layout::progress::ProgressReport;
+use crate::locks::Locked;
 use crate::net::messages::{NodeStats, Ping, Pong};
-use crate::placement::NodeIdentity;
+use crate::placement::ThisNode;
 use crate::replica::ReplicaStore;
 use crate::serving::ClusterView;
-use crate::sync::Locked;
 
 /// What a peer's last answered heartbeat told this node.
 #[derive(Clone, Debug)]
@@ -41,7 +41,7 @@ pub struct PeerReport {
 /// One node's heartbeats: sending rounds, answering pings, and what the
 /// answers told.
 pub struct Heartbeats {
-    me: NodeIdentity,
+    me: ThisNode,
     cluster: Arc<ClusterView>,
     identity: Arc<Identity>,
     replica: Arc<ReplicaStore>,
@@ -63,7 +63,7 @@ pub struct Heartbeats {
 
 impl Heartbeats {
     pub fn new(
-        me: NodeIdentity,
+        me: ThisNode,
         cluster: Arc<ClusterView>,
         identity: Arc<Identity>,
         replica: Arc<ReplicaStore>,
@@ -167,7 +167,7 @@ impl Heartbeats {
     async fn ping(&self, address: &str, timeout: Duration) -> Result<()> {
         let ping = Ping {
             from: self.me.address.clone(),
-            hlc: self.replica.stats().lamport,
+            hlc: self.replica.stats().hlc,
             instance_id: self.me.instance_id,
             known_instance_id: self.identity.known_instance(address)?,
             serves_reads: self.identity.read_refusal().is_none(),
@@ -202,15 +202,12 @@ impl Heartbeats {
         }
         // An answer without an instance id (a node of an older version)
         // tells nothing about who was here.
-        if answer.instance_id != 0 {
+        if !answer.instance_id.is_none() {
             self.identity
                 .learn_peer(address, answer.instance_id, answer.serves_reads)
                 .and_then(|_| self.identity.heard(address, answer.known_instance_id))?;
         }
-        if !self
-            .replica
-            .observe(Version::new(answer.hlc, answer.member_id))
-        {
+        if !self.replica.observe(Version::new(answer.hlc, 0)) {
             tracing::warn!(
                 peer = address,
                 hlc = answer.hlc,
@@ -247,11 +244,11 @@ impl Heartbeats {
         let known = if is_member {
             self.identity.known_instance(&request.from)?
         } else {
-            0
+            InstanceId::NONE
         };
         Ok(Pong {
             member_id: self.me.member_id,
-            hlc: self.replica.stats().lamport,
+            hlc: self.replica.stats().hlc,
             wall_ms: wall_clock_ms(),
             instance_id: self.me.instance_id,
             known_instance_id: known,

@@ -30,10 +30,10 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
-use crate::clock::NodeId;
+use crate::clock::InstanceId;
 use crate::error::Result;
+use crate::locks::Locked;
 use crate::storage::Storage;
-use crate::sync::Locked;
 
 /// Metadata: this data dir's instance id.
 const INSTANCE_ID: &str = "instance_id";
@@ -86,9 +86,15 @@ impl ReadGate {
 
     /// `peer` said it knew instance `known` at this address (0: none).
     /// `peers` are those this node shares ranges with.
-    pub fn heard(&mut self, peer: &str, known: NodeId, me: NodeId, peers: &BTreeSet<String>) {
+    pub fn heard(
+        &mut self,
+        peer: &str,
+        known: InstanceId,
+        me: InstanceId,
+        peers: &BTreeSet<String>,
+    ) {
         if let ReadGate::Unverified { heard } = self {
-            if known != 0 && known != me {
+            if !known.is_none() && known != me {
                 *self = ReadGate::CatchingUp {
                     synced: BTreeSet::new(),
                 };
@@ -146,11 +152,11 @@ impl ReadGate {
 }
 
 /// A random 64-bit id, never 0.
-fn random_id() -> NodeId {
+fn random_id() -> InstanceId {
     loop {
         let id = crate::seams::random_u64();
         if id != 0 {
-            return id;
+            return InstanceId(id);
         }
     }
 }
@@ -159,7 +165,7 @@ fn random_id() -> NodeId {
 /// peers' addresses, persisted in the data dir.
 pub struct Identity {
     /// Random, created with the data dir; stamped into versions.
-    pub instance_id: NodeId,
+    pub instance_id: InstanceId,
     /// Peers this node shares token ranges with.
     peers: BTreeSet<String>,
     /// See [`ReadGate`] (std mutex: held for a state change and, rarely, a
@@ -182,7 +188,7 @@ impl Identity {
                 // The gate is written before the id: an id without a gate
                 // means the gate's entry was damaged. Catch up to be safe.
                 let gate = ReadGate::from_code(storage.get_meta(READ_GATE)?.unwrap_or(2));
-                (id, gate)
+                (InstanceId(id), gate)
             }
             None => {
                 let id = random_id();
@@ -194,7 +200,7 @@ impl Identity {
                     ReadGate::Open
                 };
                 storage.put_meta_durable(READ_GATE, gate.code())?;
-                storage.put_meta_durable(INSTANCE_ID, id)?;
+                storage.put_meta_durable(INSTANCE_ID, id.0)?;
                 (id, gate)
             }
         };
@@ -225,13 +231,13 @@ impl Identity {
     }
 
     /// `peer` said it knew instance `known` at this node's address.
-    pub fn heard(&self, peer: &str, known: NodeId) -> Result<()> {
+    pub fn heard(&self, peer: &str, known: InstanceId) -> Result<()> {
         let unverified = matches!(*self.gate.locked(), ReadGate::Unverified { .. });
-        if unverified && known != 0 && known != self.instance_id {
+        if unverified && !known.is_none() && known != self.instance_id {
             tracing::warn!(
                 peer,
-                known = format!("{known:016x}"),
-                me = format!("{:016x}", self.instance_id),
+                %known,
+                me = %self.instance_id,
                 "a peer knew another instance at this address: catching up before answering reads"
             );
         }
@@ -256,11 +262,11 @@ impl Identity {
     }
 
     /// The instance id this node knows at `address` (0: none yet).
-    pub fn known_instance(&self, address: &str) -> Result<NodeId> {
+    pub fn known_instance(&self, address: &str) -> Result<InstanceId> {
         Ok(self
             .storage
             .get_meta(&format!("{PEER_INSTANCE}{address}"))?
-            .unwrap_or(0))
+            .map_or(InstanceId::NONE, InstanceId))
     }
 
     /// `address` says it is instance `instance` and whether it serves
@@ -270,13 +276,13 @@ impl Identity {
     pub fn learn_peer(
         &self,
         address: &str,
-        instance: NodeId,
+        instance: InstanceId,
         serves_reads: bool,
-    ) -> Result<NodeId> {
+    ) -> Result<InstanceId> {
         let known = self.known_instance(address)?;
-        if instance != 0 && known != instance && (known == 0 || serves_reads) {
+        if !instance.is_none() && known != instance && (known.is_none() || serves_reads) {
             self.storage
-                .put_meta_durable(&format!("{PEER_INSTANCE}{address}"), instance)?;
+                .put_meta_durable(&format!("{PEER_INSTANCE}{address}"), instance.0)?;
         }
         Ok(known)
     }
@@ -296,9 +302,9 @@ mod tests {
     fn a_fresh_node_opens_once_every_peer_knew_no_other_instance() {
         let all = peers(&["a", "b"]);
         let mut gate = ReadGate::from_code(1);
-        gate.heard("a", 0, 7, &all);
+        gate.heard("a", InstanceId(0), InstanceId(7), &all);
         assert!(gate.refusal(&all).is_some());
-        gate.heard("b", 7, 7, &all);
+        gate.heard("b", InstanceId(7), InstanceId(7), &all);
         assert_eq!(gate, ReadGate::Open);
     }
 
@@ -306,13 +312,13 @@ mod tests {
     fn a_fresh_node_is_not_held_back_by_a_peer_that_never_starts() {
         let all = peers(&["a", "b", "c", "d"]);
         let mut gate = ReadGate::from_code(1);
-        gate.heard("a", 0, 7, &all);
+        gate.heard("a", InstanceId(0), InstanceId(7), &all);
         gate.settle(&peers(&["b", "c", "d"]), &all);
         assert!(
             gate.refusal(&all).is_some(),
             "one answer of four is too few"
         );
-        gate.heard("b", 0, 7, &all);
+        gate.heard("b", InstanceId(0), InstanceId(7), &all);
         gate.settle(&peers(&["d"]), &all);
         assert!(gate.refusal(&all).is_some(), "c is neither heard nor down");
         gate.settle(&peers(&["c", "d"]), &all);
@@ -328,11 +334,11 @@ mod tests {
     fn a_replacement_catches_up_with_every_peer_before_answering() {
         let all = peers(&["a", "b"]);
         let mut gate = ReadGate::from_code(1);
-        gate.heard("a", 0, 7, &all);
-        gate.heard("b", 5, 7, &all);
+        gate.heard("a", InstanceId(0), InstanceId(7), &all);
+        gate.heard("b", InstanceId(5), InstanceId(7), &all);
         assert!(matches!(gate, ReadGate::CatchingUp { .. }));
         // Hearing more changes nothing; only syncing with both opens it.
-        gate.heard("a", 0, 7, &all);
+        gate.heard("a", InstanceId(0), InstanceId(7), &all);
         gate.synced("a", &all);
         let refusal = gate.refusal(&all).expect("still closed");
         assert!(refusal.contains("1 of 2"), "{refusal}");
@@ -345,9 +351,9 @@ mod tests {
         let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
         let all = peers(&["a"]);
         let first = Identity::open(storage.clone(), all.clone(), true).expect("open");
-        assert_ne!(first.instance_id, 0);
+        assert_ne!(first.instance_id, InstanceId::NONE);
         assert!(first.read_refusal().is_some());
-        first.heard("a", 99).expect("heard");
+        first.heard("a", InstanceId(99)).expect("heard");
         drop(first);
         // Crash during the catch-up: it resumes.
         let again = Identity::open(storage.clone(), all.clone(), false).expect("reopen");
@@ -375,10 +381,23 @@ mod tests {
     fn peers_adopt_a_new_instance_only_once_it_serves_reads() {
         let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
         let me = Identity::open(storage, BTreeSet::new(), true).expect("open");
-        assert_eq!(me.learn_peer("x", 5, false).expect("learn"), 0);
-        assert_eq!(me.learn_peer("x", 6, false).expect("learn"), 5);
-        assert_eq!(me.learn_peer("x", 6, false).expect("learn"), 5, "not yet");
-        assert_eq!(me.learn_peer("x", 6, true).expect("learn"), 5);
-        assert_eq!(me.known_instance("x").expect("known"), 6);
+        assert_eq!(
+            me.learn_peer("x", InstanceId(5), false).expect("learn"),
+            InstanceId(0)
+        );
+        assert_eq!(
+            me.learn_peer("x", InstanceId(6), false).expect("learn"),
+            InstanceId(5)
+        );
+        assert_eq!(
+            me.learn_peer("x", InstanceId(6), false).expect("learn"),
+            InstanceId(5),
+            "not yet"
+        );
+        assert_eq!(
+            me.learn_peer("x", InstanceId(6), true).expect("learn"),
+            InstanceId(5)
+        );
+        assert_eq!(me.known_instance("x").expect("known"), InstanceId(6));
     }
 }

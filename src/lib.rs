@@ -61,6 +61,7 @@ pub(crate) mod identity;
 pub mod layout;
 pub(crate) mod limits;
 pub(crate) mod liveness;
+pub(crate) mod locks;
 pub mod membership;
 pub mod net;
 pub mod node;
@@ -74,7 +75,6 @@ pub mod ring;
 pub mod seams;
 pub mod serving;
 pub mod storage;
-pub(crate) mod sync;
 pub mod workload;
 
 pub use error::{Error, Result};

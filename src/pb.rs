@@ -28,8 +28,8 @@ use crate::replica;
 impl From<clock::Version> for Version {
     fn from(v: clock::Version) -> Self {
         Self {
-            lamport: v.lamport,
-            node_id: v.node_id,
+            lamport: v.hlc,
+            node_id: v.instance_id.0,
         }
     }
 }
@@ -323,7 +323,7 @@ impl From<&crate::layout::Layout> for Layout {
                 .iter()
                 .map(|m| LayoutMember {
                     address: m.address.clone(),
-                    member_id: m.member_id,
+                    member_id: m.member_id.0,
                     role: match m.role {
                         crate::layout::Role::Active => LayoutRole::Active,
                         crate::layout::Role::Joining => LayoutRole::Joining,
@@ -355,7 +355,7 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
             };
             Ok(crate::layout::LayoutMember {
                 address: m.address,
-                member_id: m.member_id,
+                member_id: crate::ring::MemberId(m.member_id),
                 role,
                 tokens: m.tokens,
             })

@@ -13,18 +13,19 @@
 
 use std::sync::{Arc, RwLock};
 
-use crate::clock::NodeId;
+use crate::clock::InstanceId;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::ring::MemberId;
 use crate::ring::{Member, Ring};
 
 /// Who this node is: its ring position (member id, from its address), the
 /// instance created with its data dir (what versions carry), and the address
 /// peers reach it at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeIdentity {
-    pub member_id: NodeId,
-    pub instance_id: NodeId,
+pub struct ThisNode {
+    pub member_id: MemberId,
+    pub instance_id: InstanceId,
     pub address: String,
 }
 
@@ -83,7 +84,7 @@ impl Placement {
             .iter()
             .map(|m| Member {
                 address: m.address.clone(),
-                node_id: m.member_id,
+                member_id: m.member_id,
             })
             .collect();
         view.layout = Some(layout);

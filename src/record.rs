@@ -71,8 +71,8 @@ impl Record {
         let deleted_at = self.deleted_at_ms.to_le_bytes();
         let value = self.value.as_deref().unwrap_or(&deleted_at);
         let mut out = Vec::with_capacity(HEADER_LEN + value.len());
-        out.extend_from_slice(&self.version.lamport.to_le_bytes());
-        out.extend_from_slice(&self.version.node_id.to_le_bytes());
+        out.extend_from_slice(&self.version.hlc.to_le_bytes());
+        out.extend_from_slice(&self.version.instance_id.0.to_le_bytes());
         out.push(if self.value.is_some() {
             KIND_VALUE
         } else {

@@ -13,36 +13,46 @@
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use crate::clock::NodeId;
-
 /// A cluster member as the ring knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
     /// The address peers and clients dial, e.g. `127.0.0.1:7001`.
     pub address: String,
-    /// `node_id_for(address)`.
-    pub node_id: NodeId,
+    /// `member_id_for(address)`.
+    pub member_id: MemberId,
 }
 
 impl Member {
     pub fn new(address: impl Into<String>) -> Self {
         let address = address.into();
-        let node_id = node_id_for(&address);
-        Self { address, node_id }
+        let member_id = member_id_for(&address);
+        Self { address, member_id }
     }
 }
 
-/// A node's identity: the xxh3 hash of the address it is reached at.
-pub fn node_id_for(address: &str) -> NodeId {
-    xxh3_64(address.as_bytes())
+/// A member's place on the ring: the xxh3 of the address it is reached
+/// at. It stays the same when the machine behind the address is replaced
+/// (that is a new [`crate::clock::InstanceId`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MemberId(pub u64);
+
+impl std::fmt::Display for MemberId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// The member id of `address`.
+pub fn member_id_for(address: &str) -> MemberId {
+    MemberId(xxh3_64(address.as_bytes()))
 }
 
 /// The `vnodes` tokens a member with this id gets: xxh3 of each index,
 /// seeded with the id (how every ring so far was built; a layout stores
 /// them, so a later change of derivation moves nothing).
-pub fn tokens_for(node_id: NodeId, vnodes: usize) -> Vec<u64> {
+pub fn tokens_for(member_id: MemberId, vnodes: usize) -> Vec<u64> {
     (0..vnodes.max(1) as u64)
-        .map(|v| xxh3_64_with_seed(&v.to_le_bytes(), node_id))
+        .map(|v| xxh3_64_with_seed(&v.to_le_bytes(), member_id.0))
         .collect()
 }
 
@@ -69,7 +79,7 @@ impl Ring {
         let vnodes = vnodes.max(1);
         Self::with_tokens(
             members.into_iter().map(|m| {
-                let tokens = tokens_for(m.node_id, vnodes);
+                let tokens = tokens_for(m.member_id, vnodes);
                 (m, tokens)
             }),
             vnodes,
@@ -110,8 +120,8 @@ impl Ring {
     }
 
     /// The member with this id, if any.
-    pub fn member(&self, node_id: NodeId) -> Option<&Member> {
-        self.members.iter().find(|m| m.node_id == node_id)
+    pub fn member(&self, member_id: MemberId) -> Option<&Member> {
+        self.members.iter().find(|m| m.member_id == member_id)
     }
 
     /// The first `n` distinct members clockwise from the key's hash (fewer if

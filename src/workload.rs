@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use crate::checker::{Op, ReadOutcome, Tick, WriteOutcome};
 use crate::client::Client;
 use crate::error::{Error, Outcome};
+use crate::locks::Locked;
 use crate::record::Record;
-use crate::sync::Locked;
 
 /// xorshift64*: a small deterministic generator.
 #[derive(Clone, Debug)]

@@ -418,7 +418,7 @@ async fn a_later_write_through_another_coordinator_always_wins() {
     // With the hybrid clock an idle node keeps up through heartbeats and
     // its wall clock; it has not issued or seen `first` itself.
     assert!(
-        slow_stats.lamport < first.lamport,
+        slow_stats.lamport < first.hlc,
         "the slow node has not seen {first}"
     );
     let second = version_of(

@@ -8,10 +8,10 @@ use super::{AntiEntropy, MAX_GC_PER_ROUND};
 use crate::clock::{Version, wall_clock_ms};
 use crate::error::Result;
 use crate::fanout::{Ended, FanOut, Stragglers, Tally};
+use crate::locks::Locked;
 use crate::net::ReplicaError;
 use crate::placement::Placement;
 use crate::record::Record;
-use crate::sync::Locked;
 
 impl AntiEntropy {
     /// Purges tombstones past their grace that every replica of their key

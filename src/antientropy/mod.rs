@@ -31,9 +31,9 @@
 //! tombstones whose replica is down (skipped, retried later) never hold back
 //! the others.
 
+mod exchange;
 mod gc;
 pub mod plan;
-mod sync;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -139,7 +139,7 @@ impl AntiEntropy {
             if !self.cluster.liveness.is_up(&peer) {
                 continue;
             }
-            match self.sync_with(&view, &peer).await {
+            match self.exchange_with(&view, &peer).await {
                 Ok(repaired) => {
                     if repaired > 0 {
                         tracing::info!(peer, repaired, "anti-entropy copied keys");

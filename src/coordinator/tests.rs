@@ -29,7 +29,7 @@ use crate::placement::Placement;
 use crate::quorum::Consistency;
 use crate::record::Record;
 use crate::replica::ReplicaStore;
-use crate::ring::{Member, Ring, node_id_for};
+use crate::ring::{Member, Ring, member_id_for};
 use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
 use crate::serving::layout_file::LayoutStore;
@@ -72,7 +72,7 @@ impl Harness {
             .collect();
         let local = Arc::new(
             ReplicaStore::open(
-                node_id_for(ME),
+                crate::clock::InstanceId(member_id_for(ME).0),
                 Arc::new(MemoryStorage::new()),
                 ring.clone(),
                 SkewBound::default(),
@@ -171,7 +171,7 @@ fn convicting<'a>(down: impl IntoIterator<Item = &'a str>) -> Liveness {
 fn record_at(ms_ago: u64, value: &'static str) -> Record {
     let version = Version::new(
         hlc_of_ms(wall_clock_ms() - ms_ago),
-        node_id_for("elsewhere"),
+        member_id_for("elsewhere").0,
     );
     Record::value(version, Bytes::from_static(value.as_bytes()))
 }
@@ -317,7 +317,7 @@ async fn a_write_answers_at_w_and_hints_the_replica_that_times_out() {
     h.finish_background().await;
     assert_eq!(started.elapsed(), RPC_TIMEOUT);
     assert_eq!(h.hints.len(), 1);
-    assert_eq!(h.hints.targets(), vec![node_id_for(REPLICAS[2])]);
+    assert_eq!(h.hints.targets(), vec![member_id_for(REPLICAS[2])]);
     assert_eq!(h.replica(2).holds(KEY), None);
 }
 
@@ -338,7 +338,7 @@ async fn a_write_hints_a_replica_that_failed_before_the_answer() {
     assert_eq!(ack.acks, 2);
     h.finish_background().await;
     assert_eq!(h.hints.len(), 1);
-    assert_eq!(h.hints.targets(), vec![node_id_for(REPLICAS[2])]);
+    assert_eq!(h.hints.targets(), vec![member_id_for(REPLICAS[2])]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -351,7 +351,7 @@ async fn replicas_holding_a_newer_version_force_a_restamp_above_it() {
     // Written by a coordinator whose clock runs 5 s ahead of this one's.
     let newer = Version::new(
         hlc_of_ms(wall_clock_ms() + 5000),
-        node_id_for("a fast clock"),
+        member_id_for("a fast clock").0,
     );
     for i in 0..3 {
         h.seed(i, &Record::value(newer, Bytes::from_static(b"newer")));
@@ -506,7 +506,7 @@ async fn a_write_skips_a_replica_believed_down_and_hints_it() {
     h.finish_background().await;
     assert_eq!(h.replica(2).writes(), 0, "not sent");
     assert_eq!(h.hints.len(), 1);
-    assert_eq!(h.hints.targets(), vec![node_id_for(REPLICAS[2])]);
+    assert_eq!(h.hints.targets(), vec![member_id_for(REPLICAS[2])]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use super::HintStore;
-use crate::clock::{NodeId, wall_clock_ms};
+use crate::clock::wall_clock_ms;
 use crate::error::{Error, Result};
 use crate::net::ReplicaError;
+use crate::ring::MemberId;
 use crate::serving::ClusterView;
 
 /// Delivers held hints (run by the node every `--hint-delivery-interval-ms`).
@@ -35,14 +36,19 @@ impl HintDelivery {
     /// `--max-value-bytes`) is dropped with a log line, so it does not block
     /// the hints behind it; anti-entropy repairs what it carried. A target
     /// that fails or times out pauses delivery until the next round.
-    async fn deliver(&self, target: NodeId) -> Result<()> {
+    async fn deliver(&self, target: MemberId) -> Result<()> {
         let view = self.cluster.placement();
         // Every member, joining ones too (they get writes, so hints).
-        let Some(member) = view.members().iter().find(|m| m.node_id == target).cloned() else {
+        let Some(member) = view
+            .members()
+            .iter()
+            .find(|m| m.member_id == target)
+            .cloned()
+        else {
             // Not a member any more: nobody to deliver to.
             let dropped = self.store.drop_target(target)?;
             tracing::info!(
-                target,
+                %target,
                 dropped,
                 "dropped the hints of a node that is not a member"
             );

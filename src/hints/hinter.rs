@@ -8,7 +8,7 @@ use crate::clock::wall_clock_ms;
 use crate::error::Result;
 use crate::placement::Placement;
 use crate::record::Record;
-use crate::ring::node_id_for;
+use crate::ring::member_id_for;
 use crate::serving::ClusterView;
 
 /// Stores hints on the right node.
@@ -38,7 +38,7 @@ impl Hinter {
         let holder = self.holder(&view, key);
         if view.is_me(&holder) {
             let hint = Hint {
-                target: node_id_for(target),
+                target: member_id_for(target),
                 key: key.to_string(),
                 record: record.clone(),
                 created_ms: wall_clock_ms(),
@@ -54,7 +54,7 @@ impl Hinter {
     /// [`Hinter::send`], logging a failure (anti-entropy repairs instead).
     pub async fn send_logged(&self, target: &str, key: &str, record: &Record) {
         if let Err(why) = self.send(target, key, record).await {
-            tracing::warn!(target, key, %why, "could not store a hint; anti-entropy will repair the replica");
+            tracing::warn!(%target, key, %why, "could not store a hint; anti-entropy will repair the replica");
         }
     }
 }

@@ -7,17 +7,18 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::clock::{NodeId, SkewBound};
+use crate::clock::SkewBound;
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::record::Record;
+use crate::ring::MemberId;
 use crate::storage::Storage;
-use crate::sync::Locked;
 
 /// A write kept for a replica that was down.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hint {
     /// The replica the write is for.
-    pub target: NodeId,
+    pub target: MemberId,
     /// The key written.
     pub key: String,
     /// The version and value written.
@@ -38,7 +39,7 @@ impl Hint {
         out
     }
 
-    pub fn decode(target: NodeId, bytes: &[u8]) -> Result<Self, String> {
+    pub fn decode(target: MemberId, bytes: &[u8]) -> Result<Self, String> {
         if bytes.len() < 12 {
             return Err(format!(
                 "hint of {} bytes is shorter than its header",
@@ -72,18 +73,18 @@ impl Hint {
 
 /// Storage id of a hint: target (8 bytes BE) then a sequence number (8 bytes
 /// BE), so one target's hints are contiguous and in arrival order.
-fn hint_id(target: NodeId, sequence: u64) -> Vec<u8> {
+fn hint_id(target: MemberId, sequence: u64) -> Vec<u8> {
     let mut id = Vec::with_capacity(16);
-    id.extend_from_slice(&target.to_be_bytes());
+    id.extend_from_slice(&target.0.to_be_bytes());
     id.extend_from_slice(&sequence.to_be_bytes());
     id
 }
 
 /// The target and sequence number in a hint id (`None`: not 16 bytes).
-fn parse_id(id: &[u8]) -> Option<(NodeId, u64)> {
+fn parse_id(id: &[u8]) -> Option<(MemberId, u64)> {
     let target = u64::from_be_bytes(id.get(..8)?.try_into().ok()?);
     let sequence = u64::from_be_bytes(id.get(8..)?.try_into().ok()?);
-    Some((target, sequence))
+    Some((MemberId(target), sequence))
 }
 
 /// What bounds the hints a node holds and delivers.
@@ -128,13 +129,13 @@ struct Held {
 #[derive(Debug, Default)]
 struct Pending {
     /// Per target.
-    targets: BTreeMap<NodeId, Held>,
+    targets: BTreeMap<MemberId, Held>,
     /// Sum over all targets.
     total: Held,
 }
 
 impl Pending {
-    fn add(&mut self, target: NodeId, bytes: u64) {
+    fn add(&mut self, target: MemberId, bytes: u64) {
         let held = self.targets.entry(target).or_default();
         held.hints += 1;
         held.bytes += bytes;
@@ -142,7 +143,7 @@ impl Pending {
         self.total.bytes += bytes;
     }
 
-    fn sub(&mut self, target: NodeId, bytes: u64) {
+    fn sub(&mut self, target: MemberId, bytes: u64) {
         if let Some(held) = self.targets.get_mut(&target) {
             held.hints = held.hints.saturating_sub(1);
             held.bytes = held.bytes.saturating_sub(bytes);
@@ -220,7 +221,7 @@ impl HintStore {
     }
 
     /// Targets with hints waiting.
-    pub fn targets(&self) -> Vec<NodeId> {
+    pub fn targets(&self) -> Vec<MemberId> {
         self.pending().targets.keys().copied().collect()
     }
 
@@ -282,14 +283,19 @@ impl HintStore {
     /// merely beyond the skew bound (the wall clock stepped back since it
     /// was taken) ends the batch: it waits, with those behind it, until the
     /// clock catches up, as it may be a write's only copy.
-    pub fn for_target(&self, target: NodeId, limit: usize, now_ms: u64) -> Result<Vec<StoredHint>> {
+    pub fn for_target(
+        &self,
+        target: MemberId,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<Vec<StoredHint>> {
         let mut hints = Vec::new();
         for (id, size, read) in self.read(target, limit)? {
             let decoded = read.and_then(|bytes| Hint::decode(target, &bytes));
             let hint = match decoded {
                 Ok(hint) => hint,
                 Err(why) => {
-                    tracing::warn!(target, %why, "dropping a corrupt hint");
+                    tracing::warn!(%target, %why, "dropping a corrupt hint");
                     self.delete(&id, target, size, false)?;
                     continue;
                 }
@@ -300,13 +306,13 @@ impl HintStore {
                 hint,
             };
             if stored.hint.expired(now_ms, self.bounds.max_age) {
-                tracing::debug!(target, key = %stored.hint.key, "dropping an expired hint");
+                tracing::debug!(%target, key = %stored.hint.key, "dropping an expired hint");
                 self.remove(&stored, false)?;
                 continue;
             }
             let version = stored.hint.record.version;
             if let Err(why) = self.bounds.skew.check_stored(version, now_ms) {
-                tracing::warn!(target, key = %stored.hint.key, %why, "dropping a hint with an impossible version");
+                tracing::warn!(%target, key = %stored.hint.key, %why, "dropping a hint with an impossible version");
                 self.remove(&stored, false)?;
                 continue;
             }
@@ -315,7 +321,7 @@ impl HintStore {
                 // taken: the target would refuse it now. It (and the hints
                 // behind it) wait until the clock catches up; it may be
                 // the only copy of a write taken at consistency ANY.
-                tracing::warn!(target, key = %stored.hint.key, %why, "holding a hint until the wall clock catches up");
+                tracing::warn!(%target, key = %stored.hint.key, %why, "holding a hint until the wall clock catches up");
                 break;
             }
             hints.push(stored);
@@ -326,8 +332,8 @@ impl HintStore {
     /// Up to `limit` of `target`'s hints as stored: id, size, and bytes or
     /// why they cannot be read. When the engine finds one corrupt, the
     /// listing is read again hint by hint, so the others still come through.
-    fn read(&self, target: NodeId, limit: usize) -> Result<Vec<ReadHint>> {
-        let prefix = target.to_be_bytes();
+    fn read(&self, target: MemberId, limit: usize) -> Result<Vec<ReadHint>> {
+        let prefix = target.0.to_be_bytes();
         match self.storage.hints(&prefix, limit) {
             Ok(listed) => Ok(listed
                 .into_iter()
@@ -354,10 +360,10 @@ impl HintStore {
 
     /// Deletes every hint held for `target` (no longer a cluster member),
     /// without reading them. Answers how many there were.
-    pub fn drop_target(&self, target: NodeId) -> Result<u64> {
+    pub fn drop_target(&self, target: MemberId) -> Result<u64> {
         let mut dropped = 0;
         loop {
-            let ids = self.storage.hint_ids(&target.to_be_bytes(), 1024)?;
+            let ids = self.storage.hint_ids(&target.0.to_be_bytes(), 1024)?;
             if ids.is_empty() {
                 return Ok(dropped);
             }
@@ -373,7 +379,7 @@ impl HintStore {
         self.delete(&stored.id, stored.hint.target, stored.bytes, delivered)
     }
 
-    fn delete(&self, id: &[u8], target: NodeId, size: u64, delivered: bool) -> Result<()> {
+    fn delete(&self, id: &[u8], target: MemberId, size: u64, delivered: bool) -> Result<()> {
         self.storage.delete_hint(id)?;
         self.pending().sub(target, size);
         if delivered {

@@ -4,9 +4,9 @@ use super::*;
 use crate::clock::{DEFAULT_MAX_CLOCK_SKEW_MS as DEFAULT_SKEW, IMPOSSIBLE_AHEAD_MS, Version};
 use crate::storage::MemoryStorage;
 
-fn hint(target: NodeId, key: &str, created_ms: u64) -> Hint {
+fn hint(target: u64, key: &str, created_ms: u64) -> Hint {
     Hint {
-        target,
+        target: MemberId(target),
         key: key.into(),
         record: Record::value(Version::new(3, 4), &b"v"[..]),
         created_ms,
@@ -16,16 +16,19 @@ fn hint(target: NodeId, key: &str, created_ms: u64) -> Hint {
 #[test]
 fn hints_round_trip_and_reject_garbage() {
     let h = hint(9, "kéy", 1234);
-    assert_eq!(Hint::decode(9, &h.encode()), Ok(h.clone()));
+    assert_eq!(Hint::decode(MemberId(9), &h.encode()), Ok(h.clone()));
     let tombstone = Hint {
         record: Record::tombstone(Version::new(1, 1)),
         ..h.clone()
     };
-    assert_eq!(Hint::decode(9, &tombstone.encode()), Ok(tombstone));
-    assert!(Hint::decode(9, &[1, 2, 3]).is_err());
+    assert_eq!(
+        Hint::decode(MemberId(9), &tombstone.encode()),
+        Ok(tombstone)
+    );
+    assert!(Hint::decode(MemberId(9), &[1, 2, 3]).is_err());
     let mut overrun = h.encode();
     overrun[8] = 200;
-    assert!(Hint::decode(9, &overrun).is_err());
+    assert!(Hint::decode(MemberId(9), &overrun).is_err());
 }
 
 /// Bounds loose enough not to matter unless a test sets one.
@@ -54,20 +57,26 @@ fn store_is_bounded_ordered_per_target_and_survives_reopen() {
         "--max-hints reached"
     );
     assert_eq!(store.len(), 3);
-    assert_eq!(keys(&store.for_target(1, 10, 5).expect("list")), ["a", "c"]);
+    assert_eq!(
+        keys(&store.for_target(MemberId(1), 10, 5).expect("list")),
+        ["a", "c"]
+    );
     let reopened = HintStore::open(storage, bounds(3)).expect("reopen");
     assert_eq!(reopened.len(), 3);
     assert_eq!(reopened.bytes(), store.bytes());
-    let first = reopened.for_target(1, 1, 5).expect("list").remove(0);
+    let first = reopened
+        .for_target(MemberId(1), 1, 5)
+        .expect("list")
+        .remove(0);
     reopened.remove(&first, true).expect("remove");
     assert_eq!(reopened.len(), 2);
     assert_eq!(reopened.delivered(), 1);
     reopened.store(&hint(2, "e", 5)).expect("room again");
     let mut targets = reopened.targets();
     targets.sort();
-    assert_eq!(targets, [1, 2]);
-    assert_eq!(reopened.drop_target(2).expect("drop"), 2);
-    assert_eq!(reopened.targets(), [1]);
+    assert_eq!(targets, [MemberId(1), MemberId(2)]);
+    assert_eq!(reopened.drop_target(MemberId(2)).expect("drop"), 2);
+    assert_eq!(reopened.targets(), [MemberId(1)]);
 }
 
 /// A memory engine that can refuse to hand out hint values (opening
@@ -168,9 +177,9 @@ fn open_and_drop_target_read_no_hint() {
         .map(|h| h.encode().len() as u64)
         .sum();
     assert_eq!(reopened.bytes(), expected);
-    assert_eq!(reopened.drop_target(1).expect("drop"), 2);
+    assert_eq!(reopened.drop_target(MemberId(1)).expect("drop"), 2);
     assert_eq!(reopened.len(), 1);
-    assert_eq!(reopened.targets(), [2]);
+    assert_eq!(reopened.targets(), [MemberId(2)]);
 }
 
 #[test]
@@ -195,7 +204,7 @@ fn bytes_are_bounded_by_max_hint_bytes() {
     };
     assert!(store.store(&huge).is_err(), "larger than the whole budget");
     assert_eq!((store.len(), store.bytes()), (2, 2 * size));
-    let first = store.for_target(1, 1, 5).expect("list").remove(0);
+    let first = store.for_target(MemberId(1), 1, 5).expect("list").remove(0);
     store.remove(&first, true).expect("remove");
     assert_eq!(store.bytes(), size);
     store.store(&hint(1, "c", 3)).expect("room again");
@@ -213,8 +222,10 @@ fn corrupt_expired_and_impossible_hints_are_dropped_not_returned() {
     };
     store.store(&fresh("good1", at(now))).expect("store");
     // Undecodable bytes where a hint should be.
-    storage.put_hint(&hint_id(1, 100), b"garbage").expect("raw");
-    store.pending().add(1, 7);
+    storage
+        .put_hint(&hint_id(MemberId(1), 100), b"garbage")
+        .expect("raw");
+    store.pending().add(MemberId(1), 7);
     store.store(&hint(1, "expired", 1)).expect("store");
     // Ahead by more than any node can have issued.
     store
@@ -226,7 +237,7 @@ fn corrupt_expired_and_impossible_hints_are_dropped_not_returned() {
     let ahead = now + DEFAULT_SKEW + 5_000;
     store.store(&fresh("ahead", at(ahead))).expect("store");
     store.store(&fresh("good3", at(now))).expect("store");
-    let listed = store.for_target(1, 100, now).expect("list");
+    let listed = store.for_target(MemberId(1), 100, now).expect("list");
     assert_eq!(keys(&listed), ["good1", "good2"]);
     // Expired and impossible are deleted; the garbage (stored last, at
     // sequence 100) is behind the held hint and not reached yet.
@@ -235,7 +246,9 @@ fn corrupt_expired_and_impossible_hints_are_dropped_not_returned() {
     let reopened = HintStore::open(storage.clone(), bounds(10)).expect("reopen");
     assert_eq!((reopened.len(), reopened.bytes()), (5, store.bytes()));
     // 5 s later the clock has caught up (and nothing has expired).
-    let later = reopened.for_target(1, 100, now + 5_000).expect("list");
+    let later = reopened
+        .for_target(MemberId(1), 100, now + 5_000)
+        .expect("list");
     assert_eq!(keys(&later), ["good1", "good2", "ahead", "good3"]);
     assert_eq!(
         storage.hint_ids(&[], 100).expect("ids").len(),
@@ -248,19 +261,25 @@ fn corrupt_expired_and_impossible_hints_are_dropped_not_returned() {
 fn an_engine_level_corrupt_hint_does_not_hide_the_others() {
     let storage = Arc::new(Probe {
         values_readable: true.into(),
-        corrupt: Some(hint_id(1, 2)),
+        corrupt: Some(hint_id(MemberId(1), 2)),
         ..Probe::default()
     });
     for (sequence, key) in [(1, "a"), (2, "bad"), (3, "c")] {
         storage
-            .put_hint(&hint_id(1, sequence), &hint(1, key, 1).encode())
+            .put_hint(&hint_id(MemberId(1), sequence), &hint(1, key, 1).encode())
             .expect("put");
     }
     let store = HintStore::open(storage.clone(), bounds(10)).expect("open");
     assert_eq!(store.len(), 3);
-    assert_eq!(keys(&store.for_target(1, 10, 5).expect("list")), ["a", "c"]);
+    assert_eq!(
+        keys(&store.for_target(MemberId(1), 10, 5).expect("list")),
+        ["a", "c"]
+    );
     assert_eq!(store.len(), 2, "the corrupt one is deleted");
-    assert_eq!(keys(&store.for_target(1, 10, 5).expect("list")), ["a", "c"]);
+    assert_eq!(
+        keys(&store.for_target(MemberId(1), 10, 5).expect("list")),
+        ["a", "c"]
+    );
 }
 
 #[test]

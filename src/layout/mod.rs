@@ -33,8 +33,8 @@ pub mod progress;
 
 use std::sync::Arc;
 
-use crate::clock::NodeId;
-use crate::ring::{Member, Ring, node_id_for, tokens_for};
+use crate::ring::MemberId;
+use crate::ring::{Member, Ring, member_id_for, tokens_for};
 
 /// A member's role in a layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub enum Role {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayoutMember {
     pub address: String,
-    pub member_id: NodeId,
+    pub member_id: MemberId,
     pub role: Role,
     pub tokens: Vec<u64>,
 }
@@ -59,7 +59,7 @@ impl LayoutMember {
         (
             Member {
                 address: self.address.clone(),
-                node_id: self.member_id,
+                member_id: self.member_id,
             },
             self.tokens.clone(),
         )
@@ -164,7 +164,7 @@ impl Layout {
             )));
         }
         self.refuse_if_busy()?;
-        let id = node_id_for(address);
+        let id = member_id_for(address);
         if self.members.iter().any(|m| m.member_id == id) {
             return Err(Refusal::Invalid(format!(
                 "{address} hashes to the member id of an existing member; use another address"
@@ -286,9 +286,9 @@ impl Layout {
                     self.version
                 ));
             }
-            if member.member_id != node_id_for(&member.address) {
+            if member.member_id != member_id_for(&member.address) {
                 return Err(format!(
-                    "layout v{}: member {} has id {:016x}, not its address's",
+                    "layout v{}: member {} has id {}, not its address's",
                     self.version, member.address, member.member_id
                 ));
             }
@@ -322,7 +322,7 @@ impl Layout {
 }
 
 fn new_member(address: &str, vnodes: usize, role: Role) -> LayoutMember {
-    let member_id = node_id_for(address);
+    let member_id = member_id_for(address);
     LayoutMember {
         address: address.to_string(),
         member_id,

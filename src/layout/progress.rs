@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use crate::sync::Locked;
+use crate::locks::Locked;
 
 /// A joining node's progress, shared by the streaming that updates it and
 /// the heartbeats and status that report it.

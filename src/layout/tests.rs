@@ -77,7 +77,7 @@ fn nonsense_changes_are_refused() {
 fn invalid_layouts_are_refused() {
     let good = three();
     let mut bad = good.clone();
-    bad.members[0].member_id ^= 1;
+    bad.members[0].member_id.0 ^= 1;
     assert!(bad.validate().unwrap_err().contains("not its address's"));
     let mut bad = good.clone();
     bad.members[1].tokens.pop();

@@ -6,7 +6,7 @@
 
 pub mod detector;
 
-use crate::sync::Locked;
+use crate::locks::Locked;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::time::Instant;
 

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use super::Membership;
 use crate::heartbeat::Heartbeats;
 use crate::layout::{Layout, Role};
-use crate::sync::Locked;
+use crate::locks::Locked;
 
 impl Membership {
     /// One step of a layout change, if one is due (see the module doc).

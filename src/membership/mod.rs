@@ -27,7 +27,7 @@ use crate::layout::paxos::LayoutState;
 use crate::layout::paxos::{Answer, Ballot};
 use crate::layout::{Layout, Refusal};
 use crate::paxos::{Accepted, Promise, Proposer, Verdict};
-use crate::placement::NodeIdentity;
+use crate::placement::ThisNode;
 use crate::replica::ReplicaStore;
 use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
@@ -37,7 +37,7 @@ use crate::serving::layout_file::{LayoutStore, layout_hash};
 const MAX_PROPOSAL_ATTEMPTS: usize = 30;
 
 pub struct Membership {
-    me: NodeIdentity,
+    me: ThisNode,
     cluster: Arc<ClusterView>,
     replica: Arc<ReplicaStore>,
     /// The layout served and the acceptor state: adoption goes through it.
@@ -81,7 +81,7 @@ impl Membership {
 
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        me: NodeIdentity,
+        me: ThisNode,
         cluster: Arc<ClusterView>,
         replica: Arc<ReplicaStore>,
         layouts: Arc<LayoutOwner>,
@@ -234,7 +234,7 @@ impl Membership {
             let round = self.max_round.fetch_add(1, Ordering::Relaxed) + 1;
             let ballot = Ballot {
                 round,
-                proposer: self.me.member_id,
+                proposer: self.me.member_id.0,
             };
             match self
                 .run_round(&acceptors, version, ballot, own, layout_hash(&base))

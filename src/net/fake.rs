@@ -16,11 +16,11 @@ use std::time::Duration;
 use super::{PeerPool, ReplicaError, TcpDialer, timed_out};
 use crate::clock::SkewBound;
 use crate::error::Error;
+use crate::locks::Locked;
 use crate::record::Record;
 use crate::replica::{ReplicaStore, WriteOutcome};
-use crate::ring::{Ring, node_id_for};
+use crate::ring::{Ring, member_id_for};
 use crate::storage::MemoryStorage;
-use crate::sync::Locked;
 
 /// How a fake answers each call, reads and writes alike.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,7 +55,7 @@ impl FakeReplica {
     /// An empty replica at `address` of `ring` that answers with `script`.
     pub fn new(address: &str, ring: Arc<Ring>, script: Script) -> Arc<Self> {
         let store = ReplicaStore::open(
-            node_id_for(address),
+            crate::clock::InstanceId(member_id_for(address).0),
             Arc::new(MemoryStorage::new()),
             ring,
             SkewBound::default(),

@@ -5,11 +5,12 @@
 
 use bytes::Bytes;
 
-use crate::clock::SkewBound;
+use crate::clock::{InstanceId, SkewBound};
 use crate::error::{Error, Result};
 use crate::layout::progress::ProgressReport;
 use crate::pb;
 use crate::record::Record;
+use crate::ring::MemberId;
 
 /// A node's counts, as its heartbeats' answers carry them and
 /// `Cluster.Status` shows them (the fields are `NodeStats`'s in the proto).
@@ -38,9 +39,9 @@ pub struct NodeStats {
 pub struct Ping {
     /// The sender's address, as it appears in `--peers`.
     pub from: String,
-    pub instance_id: u64,
+    pub instance_id: InstanceId,
     /// The instance the sender knows at the receiver's address (0: none).
-    pub known_instance_id: u64,
+    pub known_instance_id: InstanceId,
     pub serves_reads: bool,
     pub hlc: u64,
     pub layout_version: u64,
@@ -52,9 +53,9 @@ pub struct Ping {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pong {
     /// The answering node's member id (its ring position).
-    pub member_id: u64,
-    pub instance_id: u64,
-    pub known_instance_id: u64,
+    pub member_id: MemberId,
+    pub instance_id: InstanceId,
+    pub known_instance_id: InstanceId,
     pub serves_reads: bool,
     pub hlc: u64,
     /// Its wall clock (ms since the Unix epoch), for the clock skew.
@@ -129,8 +130,8 @@ impl From<Ping> for pb::PingRequest {
     fn from(p: Ping) -> Self {
         Self {
             from: p.from,
-            instance_id: p.instance_id,
-            known_instance_id: p.known_instance_id,
+            instance_id: p.instance_id.0,
+            known_instance_id: p.known_instance_id.0,
             serves_reads: p.serves_reads,
             hlc: p.hlc,
             layout_version: p.layout_version,
@@ -143,8 +144,8 @@ impl From<pb::PingRequest> for Ping {
     fn from(p: pb::PingRequest) -> Self {
         Self {
             from: p.from,
-            instance_id: p.instance_id,
-            known_instance_id: p.known_instance_id,
+            instance_id: InstanceId(p.instance_id),
+            known_instance_id: InstanceId(p.known_instance_id),
             serves_reads: p.serves_reads,
             hlc: p.hlc,
             layout_version: p.layout_version,
@@ -156,9 +157,9 @@ impl From<pb::PingRequest> for Ping {
 impl From<Pong> for pb::PingResponse {
     fn from(p: Pong) -> Self {
         Self {
-            node_id: p.member_id,
-            instance_id: p.instance_id,
-            known_instance_id: p.known_instance_id,
+            node_id: p.member_id.0,
+            instance_id: p.instance_id.0,
+            known_instance_id: p.known_instance_id.0,
             serves_reads: p.serves_reads,
             hlc: p.hlc,
             wall_ms: p.wall_ms,
@@ -171,9 +172,9 @@ impl From<Pong> for pb::PingResponse {
 impl From<pb::PingResponse> for Pong {
     fn from(p: pb::PingResponse) -> Self {
         Self {
-            member_id: p.node_id,
-            instance_id: p.instance_id,
-            known_instance_id: p.known_instance_id,
+            member_id: MemberId(p.node_id),
+            instance_id: InstanceId(p.instance_id),
+            known_instance_id: InstanceId(p.known_instance_id),
             serves_reads: p.serves_reads,
             hlc: p.hlc,
             wall_ms: p.wall_ms,

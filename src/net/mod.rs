@@ -25,13 +25,13 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::clock::SkewBound;
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::pb;
 use crate::pb::liveness_client::LivenessClient;
 use crate::pb::membership_client::MembershipClient;
 use crate::pb::replica_client::ReplicaClient;
 use crate::pb::replica_read_client::ReplicaReadClient;
 use crate::replica::ReplicaStore;
-use crate::sync::Locked;
 
 mod calls;
 #[cfg(test)]

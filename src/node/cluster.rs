@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::Node;
+use crate::clock::InstanceId;
 use crate::pb;
 use crate::quorum::Consistency;
 
@@ -67,17 +68,17 @@ impl pb::cluster_server::Cluster for ClusterService {
                 let instance_id = if itself {
                     node.me.instance_id
                 } else {
-                    node.identity.known_instance(&member.address).unwrap_or(0)
+                    (node.identity.known_instance(&member.address)).unwrap_or(InstanceId::NONE)
                 };
                 pb::Member {
                     address: member.address.clone(),
-                    node_id: member.node_id,
+                    node_id: member.member_id.0,
                     state: state as i32,
                     stats: stats.map(pb::NodeStats::from),
                     error,
                     phi: health.phi,
                     clock_skew_ms: report.as_ref().map_or(0, |r| r.clock_skew_ms),
-                    instance_id,
+                    instance_id: instance_id.0,
                     stats_age_ms,
                     layout_version: if itself {
                         view.version()
@@ -114,13 +115,13 @@ impl pb::cluster_server::Cluster for ClusterService {
         }
         Ok(Response::new(pb::StatusResponse {
             address: node.me.address.clone(),
-            node_id: node.me.member_id,
+            node_id: node.me.member_id.0,
             replicas: view.replicas() as u32,
             vnodes: view.ring().vnodes() as u32,
             write_quorum: quorum,
             read_quorum: quorum,
             members,
-            instance_id: node.me.instance_id,
+            instance_id: node.me.instance_id.0,
             layout: view.layout().map(|l| pb::Layout::from(l.as_ref())),
             moves,
         }))

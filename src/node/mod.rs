@@ -51,7 +51,7 @@ use crate::limits::Limits;
 use crate::liveness::{FailureDetector, Liveness};
 use crate::membership::Membership;
 use crate::net::{Dialer, PeerPool, max_message_bytes};
-use crate::placement::{NodeIdentity, Placement};
+use crate::placement::{Placement, ThisNode};
 use crate::replica::ReplicaStore;
 use crate::ring::Member;
 use crate::serving::ClusterView;
@@ -64,7 +64,7 @@ pub struct Node {
     /// The settings it was started with.
     config: ServerConfig,
     /// Who this node is.
-    me: NodeIdentity,
+    me: ThisNode,
     /// Placement, peers, liveness: what the parts share.
     cluster: Arc<ClusterView>,
     /// Input limits.
@@ -219,7 +219,7 @@ impl Node {
             .into_iter()
             .map(Member::new)
             .collect();
-        let ids: std::collections::HashSet<_> = members.iter().map(|m| m.node_id).collect();
+        let ids: std::collections::HashSet<_> = members.iter().map(|m| m.member_id).collect();
         if ids.len() != members.len() {
             return Err(Error::InvalidArgument(
                 "two member addresses hash to the same node id; change one of them".into(),
@@ -269,8 +269,8 @@ impl Node {
             sharing,
             is_fresh(&*storage)?,
         )?);
-        let me = NodeIdentity {
-            member_id: crate::ring::node_id_for(&address),
+        let me = ThisNode {
+            member_id: crate::ring::member_id_for(&address),
             instance_id: identity.instance_id,
             address,
         };
@@ -286,8 +286,8 @@ impl Node {
         // Counted over the layout's read ring just now; serve that version.
         replica.digests_are_of(layout.version);
         tracing::info!(
-            member_id = format!("{:016x}", me.member_id),
-            instance_id = format!("{:016x}", me.instance_id),
+            member_id = %me.member_id,
+            instance_id = %me.instance_id,
             "identity"
         );
         let peers = Arc::new(
@@ -398,7 +398,7 @@ impl Node {
         crate::net::messages::NodeStats {
             live_keys: stats.live_keys,
             tombstones: stats.tombstones,
-            hlc: stats.lamport,
+            hlc: stats.hlc,
             uptime_ms: self.started.elapsed().as_millis() as u64,
             read_repairs: self.background.repairs_sent(),
             blocking_read_repairs: self.coordinator.blocking_repairs(),

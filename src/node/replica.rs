@@ -141,7 +141,7 @@ impl pb::replica_server::Replica for ReplicaService {
         }
         node.replica.observe(record.version);
         node.hints.store(&crate::hints::Hint {
-            target: target.node_id,
+            target: target.member_id,
             key: request.key,
             record,
             created_ms: crate::clock::wall_clock_ms(),

@@ -292,7 +292,7 @@ fn a_hot_key_gives_up_after_the_most_rounds() {
     let (mut write, _) = put(Consistency::Quorum, three(1));
     let mut version = V2;
     for round in 0..MAX_WRITE_ROUNDS {
-        let newer = Version::new(version.lamport + 1, 9);
+        let newer = Version::new(version.hlc + 1, 9);
         for i in 0..3 {
             write.record(i, holds(newer));
         }
@@ -303,7 +303,7 @@ fn a_hot_key_gives_up_after_the_most_rounds() {
                 round
             }
         );
-        version = Version::new(newer.lamport + 1, 1);
+        version = Version::new(newer.hlc + 1, 1);
         let step = write.restamped(version);
         if round + 1 == MAX_WRITE_ROUNDS {
             assert!(
@@ -386,12 +386,12 @@ fn running_out_of_rounds_after_a_re_placement_leaves_the_outcome_unknown() {
     let mut version = V2;
     // Eight re-stamps, the ninth round re-placed after one replica stored it.
     for _ in 0..MAX_WRITE_ROUNDS - 2 {
-        let newer = Version::new(version.lamport + 1, 9);
+        let newer = Version::new(version.hlc + 1, 9);
         for i in 0..3 {
             write.record(i, holds(newer));
         }
         assert!(matches!(write.round_over(false), Step::Restamp { .. }));
-        version = Version::new(newer.lamport + 1, 1);
+        version = Version::new(newer.hlc + 1, 1);
         assert!(matches!(write.restamped(version), Step::Send { .. }));
     }
     write.record(0, holds(version));

@@ -8,17 +8,17 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::{ReplicaStore, user_key};
 use crate::clock::Version;
 use crate::error::Result;
+use crate::locks::Locked;
 use crate::ring::key_hash;
 use crate::storage::Held;
-use crate::sync::Locked;
 
 /// What anti-entropy compares: a hash of the key and the version held
 /// (and whether it is a tombstone).
 pub fn record_digest(key: &str, held: Held) -> u64 {
     let mut bytes = Vec::with_capacity(key.len() + 17);
     bytes.extend_from_slice(key.as_bytes());
-    bytes.extend_from_slice(&held.version.lamport.to_le_bytes());
-    bytes.extend_from_slice(&held.version.node_id.to_le_bytes());
+    bytes.extend_from_slice(&held.version.hlc.to_le_bytes());
+    bytes.extend_from_slice(&held.version.instance_id.0.to_le_bytes());
     bytes.push(u8::from(held.tombstone));
     xxh3_64(&bytes)
 }
@@ -235,7 +235,7 @@ impl ReplicaStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::SkewBound;
+    use crate::clock::{InstanceId, SkewBound};
     use crate::record::Record;
     use crate::replica::tests::{ring, store};
 
@@ -253,8 +253,8 @@ mod tests {
             .expect("delete");
         let ranges = replica.digest_ring().range_count();
         let live: Vec<u64> = (0..ranges).map(|r| replica.range_digest(r)).collect();
-        let reopened =
-            ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
+        let reopened = ReplicaStore::open(InstanceId(1), storage, ring(), SkewBound::default())
+            .expect("reopen");
         let scanned: Vec<u64> = (0..ranges).map(|r| reopened.range_digest(r)).collect();
         assert_eq!(live, scanned, "incremental digests equal a full recount");
         // Range listings partition the keys.
@@ -312,8 +312,8 @@ mod tests {
             replica.recount_range(range).expect("recount a range");
         }
         let live: Vec<u64> = (0..ranges).map(|r| replica.range_digest(r)).collect();
-        let reopened =
-            ReplicaStore::open(1, storage, bigger, SkewBound::default()).expect("reopen");
+        let reopened = ReplicaStore::open(InstanceId(1), storage, bigger, SkewBound::default())
+            .expect("reopen");
         let scanned: Vec<u64> = (0..ranges).map(|r| reopened.range_digest(r)).collect();
         assert_eq!(
             live, scanned,
@@ -339,9 +339,13 @@ mod tests {
                     .write_if_newer(&format!("k{i}"), &record)
                     .expect("write");
             }
-            let reopened =
-                ReplicaStore::open(1, storage, reopened.digest_ring(), SkewBound::default())
-                    .expect("reopen");
+            let reopened = ReplicaStore::open(
+                InstanceId(1),
+                storage,
+                reopened.digest_ring(),
+                SkewBound::default(),
+            )
+            .expect("reopen");
             (0..ranges).map(|r| reopened.range_digest(r)).collect()
         };
         assert_eq!(fresh, expected);

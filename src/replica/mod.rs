@@ -38,13 +38,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::clock::{HybridClock, NodeId, SkewBound, Version, wall_clock_ms};
+use crate::clock::{HybridClock, InstanceId, SkewBound, Version, wall_clock_ms};
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::record::Record;
 use crate::ring::{Ring, key_hash};
 use crate::storage::Storage;
 pub use crate::storage::storage_key;
-use crate::sync::Locked;
 
 /// Metadata name under which the clock's ceiling is persisted.
 const CLOCK_CEILING: &str = "clock_ceiling";
@@ -60,7 +60,7 @@ pub struct LocalStats {
     /// Keys whose stored record is a tombstone.
     pub tombstones: u64,
     /// The clock's current timestamp.
-    pub lamport: u64,
+    pub hlc: u64,
     /// Records found at start-up with an impossible version (see
     /// [`SkewBound::check_stored`]).
     pub future_records: u64,
@@ -93,8 +93,8 @@ impl FenceGuard<'_> {
 }
 
 pub struct ReplicaStore {
-    /// This node's id; stamped into the versions it issues.
-    node_id: NodeId,
+    /// This node's instance; stamped into the versions it issues.
+    instance_id: InstanceId,
     /// The engine.
     storage: Arc<dyn Storage>,
     /// The hybrid logical clock (std mutex: held for a tick, plus a rare
@@ -162,7 +162,7 @@ impl ReplicaStore {
     /// Opens the replica over `storage`: counts keys, computes the range
     /// digests and recovers the clock.
     pub fn open(
-        node_id: NodeId,
+        instance_id: InstanceId,
         storage: Arc<dyn Storage>,
         ring: Arc<Ring>,
         bound: SkewBound,
@@ -171,7 +171,7 @@ impl ReplicaStore {
         let mut future_records = 0u64;
         let mut live_keys = 0u64;
         let mut tombstones = 0u64;
-        let mut max_lamport = 0u64;
+        let mut max_hlc = 0u64;
         let mut corrupt_records = 0u64;
         let mut bad_keys = 0u64;
         let mut digests = vec![0u64; ring.range_count().max(1)];
@@ -192,7 +192,7 @@ impl ReplicaStore {
                         tracing::error!(key, %why, "stored record with an impossible version: not merged into the clock; the next write or repair replaces it");
                     }
                 } else {
-                    max_lamport = max_lamport.max(held.version.lamport);
+                    max_hlc = max_hlc.max(held.version.hlc);
                 }
                 digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
             },
@@ -226,15 +226,10 @@ impl ReplicaStore {
             );
             0
         };
-        let clock = HybridClock::recover(node_id, ceiling, max_lamport, bound);
-        tracing::info!(
-            live_keys,
-            tombstones,
-            lamport = clock.now(),
-            "replica opened"
-        );
+        let clock = HybridClock::recover(instance_id, ceiling, max_hlc, bound);
+        tracing::info!(live_keys, tombstones, hlc = clock.now(), "replica opened");
         Ok(Self {
-            node_id,
+            instance_id,
             storage,
             clock: Arc::new(Mutex::new(clock)),
             bound,
@@ -254,8 +249,8 @@ impl ReplicaStore {
         })
     }
 
-    pub fn node_id(&self) -> NodeId {
-        self.node_id
+    pub fn instance_id(&self) -> InstanceId {
+        self.instance_id
     }
 
     /// The layout version this replica serves.
@@ -463,7 +458,7 @@ impl ReplicaStore {
         LocalStats {
             live_keys: self.live_keys.load(Ordering::Relaxed),
             tombstones: self.tombstones.load(Ordering::Relaxed),
-            lamport: self.clock.locked().now(),
+            hlc: self.clock.locked().now(),
             future_records: self.future_records,
         }
     }
@@ -490,7 +485,8 @@ mod tests {
     pub(super) fn store() -> (Arc<MemoryStorage>, ReplicaStore) {
         let storage = Arc::new(MemoryStorage::new());
         let replica =
-            ReplicaStore::open(1, storage.clone(), ring(), SkewBound::default()).expect("open");
+            ReplicaStore::open(InstanceId(1), storage.clone(), ring(), SkewBound::default())
+                .expect("open");
         (storage, replica)
     }
 
@@ -505,7 +501,7 @@ mod tests {
             .expect("write");
         let next = replica.next_version().expect("tick");
         assert!(next > first);
-        assert_eq!(next, Version::new(ahead.lamport + 1, 1));
+        assert_eq!(next, Version::new(ahead.hlc + 1, 1));
     }
 
     #[test]
@@ -515,7 +511,8 @@ mod tests {
         // a version it had issued before.
         let storage = Arc::new(MemoryStorage::new());
         let replica =
-            ReplicaStore::open(1, storage.clone(), ring(), SkewBound::default()).expect("open");
+            ReplicaStore::open(InstanceId(1), storage.clone(), ring(), SkewBound::default())
+                .expect("open");
         let ahead = Version::new(crate::clock::hlc_of_ms(wall_clock_ms() + 55_000), 9);
         assert!(replica.observe(ahead));
         let stored = replica.next_version().expect("tick");
@@ -524,8 +521,8 @@ mod tests {
             .expect("write");
         let unstored = replica.next_version().expect("tick");
         drop(replica);
-        let reopened =
-            ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
+        let reopened = ReplicaStore::open(InstanceId(1), storage, ring(), SkewBound::default())
+            .expect("reopen");
         // It may refuse to stamp until the wall clock catches up, but it
         // never repeats a version.
         if let Ok(next) = reopened.next_version() {
@@ -541,8 +538,9 @@ mod tests {
         storage.put(&storage_key("k"), &poison).expect("put");
         let good = Record::value(Version::new(1, 1), &b"old"[..]);
         storage.put(&storage_key("other"), &good).expect("put");
-        let replica = ReplicaStore::open(1, storage.clone(), ring(), SkewBound::default())
-            .expect("a poisoned data dir opens");
+        let replica =
+            ReplicaStore::open(InstanceId(1), storage.clone(), ring(), SkewBound::default())
+                .expect("a poisoned data dir opens");
         assert_eq!(replica.stats().future_records, 1);
         // Not merged into the clock: versions follow the wall clock.
         let next = replica.next_version().expect("tick");
@@ -583,8 +581,8 @@ mod tests {
         // One issued version that never reached storage.
         let unstored = replica.next_version().expect("tick");
         drop(replica);
-        let reopened =
-            ReplicaStore::open(1, storage, ring(), SkewBound::default()).expect("reopen");
+        let reopened = ReplicaStore::open(InstanceId(1), storage, ring(), SkewBound::default())
+            .expect("reopen");
         assert_eq!(reopened.stats().live_keys, 100);
         let next = reopened.next_version().expect("tick");
         assert!(next > last && next > unstored);
@@ -594,7 +592,7 @@ mod tests {
     fn corrupt_records_are_reported_not_fatal() {
         let storage = Arc::new(MemoryStorage::new());
         storage.put_raw(&storage_key("bad"), vec![1, 2, 3]);
-        let replica = ReplicaStore::open(1, storage, ring(), SkewBound::default())
+        let replica = ReplicaStore::open(InstanceId(1), storage, ring(), SkewBound::default())
             .expect("open despite corruption");
         assert!(matches!(
             replica.read("bad"),

@@ -215,7 +215,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::clock::{SkewBound, wall_clock_ms};
+    use crate::clock::{InstanceId, SkewBound, wall_clock_ms};
     use crate::replica::tests::{ring, store};
     use crate::ring::key_hash;
     use crate::storage::{MemoryStorage, Storage};
@@ -263,7 +263,8 @@ mod tests {
             &b"new"[..],
         );
         storage.put(&storage_key("k"), &newer).expect("put");
-        let replica = ReplicaStore::open(1, storage, ring(), SkewBound::new(1_000)).expect("open");
+        let replica = ReplicaStore::open(InstanceId(1), storage, ring(), SkewBound::new(1_000))
+            .expect("open");
         assert_eq!(replica.stats().future_records, 0);
         let older = Record::value(
             Version::new(crate::clock::hlc_of_ms(wall_clock_ms()), 9),

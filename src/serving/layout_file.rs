@@ -17,8 +17,8 @@ use prost::Message;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::layout::paxos::LayoutState;
+use crate::locks::Locked;
 use crate::pb;
-use crate::sync::Locked;
 
 const MAGIC: &[u8] = b"DKVSLAYOUT1\n";
 /// What every format version's magic starts with.

@@ -26,11 +26,11 @@ use crate::layout::Layout;
 use crate::layout::paxos::Acceptor;
 use crate::layout::paxos::LayoutState;
 use crate::liveness::Liveness;
+use crate::locks::Locked;
 use crate::net::{PeerPool, ReplicaHandle};
 use crate::placement::{Placement, SharedPlacement};
 use crate::replica::ReplicaStore;
 use crate::serving::layout_file::LayoutStore;
-use crate::sync::Locked;
 
 pub struct LayoutOwner {
     /// This node's address.

@@ -20,9 +20,9 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use super::{FsyncPolicy, Storage};
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::record::Record;
 use crate::storage;
-use crate::sync::Locked;
 
 pub struct FjallStorage {
     /// The database: owns the journal shared by both keyspaces.

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use super::Storage;
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::record::Record;
-use crate::sync::Locked;
 
 /// Data lives only as long as the value.
 #[derive(Debug, Default)]

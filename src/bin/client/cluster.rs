@@ -377,7 +377,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, (address, role))| pb::LayoutMember {
                     address: address.to_string(),
-                    member_id: dkvs::ring::node_id_for(address),
+                    member_id: dkvs::ring::member_id_for(address).0,
                     role: *role as i32,
                     tokens: vec![(i as u64 + 1) << 40],
                 })

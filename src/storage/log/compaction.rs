@@ -14,7 +14,7 @@ use super::replay::scan_segment;
 use super::write::{SyncTargets, segment_path};
 use super::{CHUNK, SEGMENT_BYTES, Shared};
 use crate::error::{Error, Result};
-use crate::sync::Locked;
+use crate::locks::Locked;
 
 /// How often the compaction thread looks for work.
 const COMPACTION_CHECK: Duration = Duration::from_secs(1);
@@ -202,7 +202,7 @@ mod tests {
                     .get(format!("k{k}").as_bytes())
                     .expect("get")
                     .expect("kept");
-                assert_eq!(record.version.lamport, 396 + k + 1);
+                assert_eq!(record.version.hlc, 396 + k + 1);
             }
             assert_eq!(log.get(b"small").expect("get"), Some(value(1000, "s")));
             assert_eq!(log.hints(b"", 10).expect("hints").len(), 1);

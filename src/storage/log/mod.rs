@@ -55,8 +55,8 @@ use self::write::{Faults, WriteError, sync_dir};
 use super::{FsyncPolicy, Held, Storage};
 use crate::clock::Version;
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::record::Record;
-use crate::sync::Locked;
 
 /// A segment stops growing past this size.
 const SEGMENT_BYTES: u64 = 64 << 20;

@@ -14,8 +14,8 @@ use super::index::{RecordSlot, Segment, State};
 use super::{SEGMENT_BYTES, Shared};
 use crate::clock::Version;
 use crate::error::{Error, Result};
+use crate::locks::Locked;
 use crate::storage;
-use crate::sync::Locked;
 
 /// Files to fsync, taken under the lock and synced after it is released.
 #[derive(Default)]

@@ -21,7 +21,7 @@ impl AntiEntropy {
     /// Answers how many keys were copied; an error when any part of the
     /// exchange failed (after doing the rest), so only a complete exchange
     /// counts as one.
-    pub async fn sync_with(&self, view: &Placement, peer: &str) -> Result<u64> {
+    pub async fn exchange_with(&self, view: &Placement, peer: &str) -> Result<u64> {
         self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
         let mine = self.leaves_with(view, peer);
         let query = RangeQuery {
@@ -41,7 +41,7 @@ impl AntiEntropy {
         let mut incomplete = differing.len().saturating_sub(MAX_RANGES_PER_ROUND);
         for range in differing.into_iter().take(MAX_RANGES_PER_ROUND) {
             // One failing range (too large, timed out) must not stop the others.
-            match self.sync_range(peer, range, &query).await {
+            match self.exchange_range(peer, range, &query).await {
                 Ok(copied) => repaired += copied,
                 Err(why) => {
                     incomplete += 1;
@@ -61,7 +61,7 @@ impl AntiEntropy {
     }
 
     /// Lists one differing range on both sides and copies what differs.
-    async fn sync_range(&self, peer: &str, range: usize, query: &RangeQuery) -> Result<u64> {
+    async fn exchange_range(&self, peer: &str, range: usize, query: &RangeQuery) -> Result<u64> {
         // Listed against this node's layout now, as the digests were.
         let query = RangeQuery {
             layout_version: self.cluster.placement().version(),
