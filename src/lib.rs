@@ -1,50 +1,65 @@
 //! DKVS: a Dynamo-style distributed key-value store.
 //!
 //! Reading order, from the pure core outwards (`docs/ARCHITECTURE.md`
-//! draws the map and follows a PUT and a GET through it):
+//! draws the map, the layers, and follows a PUT and a GET through it). Each
+//! layer imports only from those above it in this list; `tests/architecture.rs`
+//! fails on an import cycle, and on protobuf outside the edges.
 //!
 //! The pure core, synchronous and unit-tested:
 //!
-//! * [`ring`] — consistent hashing with virtual nodes; preference lists.
-//! * [`clock`] — versions, the hybrid logical clock, the skew bound.
+//! * [`ring`] — consistent hashing with virtual nodes; preference lists;
+//!   member ids.
+//! * [`clock`] — versions, instance ids, the hybrid logical clock, the skew
+//!   bound.
 //! * [`record`] — one version of a key (value or tombstone), its encoding and
 //!   the merge rule.
-//! * [`quorum`] — quorum arithmetic and the tally of one quorum call.
+//! * [`quorum`] — quorum arithmetic, the tallies of quorum calls, and the
+//!   write round as a state machine.
 //! * [`paxos`] — single-decree Paxos for any value: ballots, the proposer
 //!   as a state machine.
+//! * `fanout` — the one way to ask many nodes: send, tally, stragglers.
 //! * [`layout`] — the member list the cluster agreed on, version by version;
-//!   the three steps of a join; Paxos's acceptor rules.
+//!   the three steps of a join and their progress; Paxos's acceptor rules.
 //! * `placement` — one swappable snapshot of a layout version: read ring,
 //!   write rings, N and this node.
-//! * `liveness` — the phi accrual detector, and the heartbeats feeding it.
-//! * `antientropy::plan` — hash-tree roots and what to copy.
+//! * `liveness` — the phi accrual detector, shared.
 //! * [`checker`] — the history checker tests and `DKVSClient` use, and
 //!   [`workload`], the recorded workload it judges.
+//! * [`config`], `limits`, [`error`], `locks` — settings, input limits, the
+//!   error type, the one way a mutex is taken.
 //!
-//! Storage and the replica:
+//! Local state:
 //!
 //! * [`storage`] — the engine trait; log, fjall and in-memory engines.
+//! * `identity` — this node's instance id, the instances it knows at its
+//!   peers' addresses, and the read gate.
 //! * [`replica`] — one node's store: write-if-newer, counts, digests, clock.
-//! * `identity` — member and instance ids, and the read gate.
 //!
-//! The async shell:
+//! The wire:
 //!
-//! * [`net`] — dialing peers, the batching replica pipe, call deadlines.
-//! * `fanout` — the one way to ask many nodes: send, tally, stragglers.
-//! * `serving` — the layout this node serves and its one owner: adoption,
-//!   the fence, the placement swap, catching up.
-//! * `cluster` — what the parts below share: the layout owner, peers,
-//!   liveness.
+//! * [`pb`] — the generated protobuf code and the conversions of the core's
+//!   types.
+//! * [`net`] — dialing peers, the batching replica pipe, call deadlines,
+//!   and every other node-to-node call in Rust types.
+//!
+//! The protocols (Rust types only):
+//!
+//! * [`serving`] — the layout this node serves and its one owner (adoption,
+//!   the fence, the placement swap, catching up), the file it is kept in,
+//!   and `ClusterView`, what the protocols share.
 //! * `coordinator` — quorum reads and writes, read repair.
 //! * `hints` — hinted handoff: the store, where hints go, delivery.
-//! * `antientropy` — background sync and tombstone collection.
+//! * `antientropy` — background exchanges and tombstone collection.
+//! * `heartbeat` — pings, their answers, what peers report.
 //! * [`membership`] — adopting layouts, proposing changes, joins and their
 //!   streaming.
 //! * `background` — the periodic worker runner and bounded background tasks.
-//! * [`node`] — wiring, and the gRPC services and server.
+//!
+//! The edges:
+//!
+//! * [`node`] — wiring, and the gRPC services and server (they convert
+//!   requests and answers).
 //! * [`client`] — the smart client.
-//! * [`config`], `limits`, [`error`], [`pb`] — settings, input limits, the
-//!   error type, and the protobuf edge (every conversion lives there).
 
 pub(crate) mod antientropy;
 pub(crate) mod background;

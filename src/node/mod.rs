@@ -286,8 +286,8 @@ impl Node {
         // Counted over the layout's read ring just now; serve that version.
         replica.digests_are_of(layout.version);
         tracing::info!(
-            member_id = %me.member_id,
-            instance_id = %me.instance_id,
+            member_id = me.member_id.to_string(),
+            instance_id = me.instance_id.to_string(),
             "identity"
         );
         let peers = Arc::new(
