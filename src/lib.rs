@@ -40,7 +40,8 @@
 //! * `antientropy` — background sync and tombstone collection.
 //! * [`membership`] — adopting layouts, proposing changes, joins and their
 //!   streaming.
-//! * `background` — the periodic worker runner and bounded background tasks.
+//! * `background` — bounded background tasks.
+//! * `workers` — the periodic worker runner, and each worker's report.
 //! * [`node`] — wiring, and the gRPC services and server.
 //! * [`client`] — the smart client.
 //! * [`config`], `limits`, [`error`], [`pb`] — settings, input limits, the
@@ -75,6 +76,7 @@ pub mod seams;
 pub(crate) mod serving;
 pub mod storage;
 pub(crate) mod sync;
+pub(crate) mod workers;
 pub mod workload;
 
 pub use error::{Error, Result};

@@ -8,6 +8,7 @@ use crate::clock::{NodeId, wall_clock_ms};
 use crate::cluster::Cluster;
 use crate::error::{Error, Result};
 use crate::net::ReplicaError;
+use crate::workers::{RoundResult, WorkerError, more};
 
 /// Delivers held hints (run by the node every `--hint-delivery-interval-ms`).
 pub struct HintDelivery {
@@ -21,12 +22,25 @@ impl HintDelivery {
     }
 
     /// Offers every target's hints; a target that cannot be reached waits
-    /// for the next round.
-    pub async fn round(&self) {
+    /// for the next round. The round fails when the hint store could not
+    /// be read or written (any error but UNAVAILABLE, which is a target's
+    /// or a replica's: delivery to it just pauses); every target is still
+    /// offered its hints.
+    pub async fn round(&self) -> RoundResult {
+        let mut failed = Vec::new();
         for target in self.store.targets() {
-            if let Err(why) = self.deliver(target).await {
-                tracing::debug!(%why, "hint delivery paused");
+            match self.deliver(target).await {
+                Ok(()) => {}
+                Err(Error::Unavailable(why)) => tracing::debug!(%why, "hint delivery paused"),
+                Err(why) => failed.push(format!("hints for node {target:016x}: {why}")),
             }
+        }
+        match failed.first() {
+            None => Ok(()),
+            Some(first) => Err(WorkerError::new(format!(
+                "{first}{}",
+                more(failed.len() - 1, "target")
+            ))),
         }
     }
 
