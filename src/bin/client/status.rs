@@ -138,12 +138,14 @@ fn failing_line(address: &str, worker: &pb::WorkerStatus, now_ms: u64) -> String
     )
 }
 
-/// `3s ago` for a unix-ms time `now_ms` is 3 s past; `never` for 0.
+/// `2.5s ago` (`3m05s ago` from a minute) for a unix-ms time `now_ms` is
+/// that far past; `never` for 0.
 fn ago(at_ms: u64, now_ms: u64) -> String {
-    if at_ms == 0 {
-        "never".into()
-    } else {
-        format!("{} ago", duration(now_ms.saturating_sub(at_ms)))
+    let age_ms = now_ms.saturating_sub(at_ms);
+    match at_ms {
+        0 => "never".into(),
+        _ if age_ms < 60_000 => format!("{:.1}s ago", age_ms as f64 / 1000.0),
+        _ => format!("{} ago", duration(age_ms)),
     }
 }
 
@@ -500,7 +502,7 @@ mod tests {
             .unwrap_or_else(|| panic!("no failing worker line:\n{table}"));
         assert_eq!(
             lines[failing],
-            "worker heartbeats on a:1 failing: 5 rounds in a row, last error 3s ago: no peer answered a heartbeat (1 asked)"
+            "worker heartbeats on a:1 failing: 5 rounds in a row, last error 3.0s ago: no peer answered a heartbeat (1 asked)"
         );
         assert!(
             lines[failing - 2].starts_with("b:1"),
@@ -535,7 +537,7 @@ mod tests {
         assert_eq!(lines[1][0], "WORKER");
         assert_eq!(
             lines[2],
-            ["heartbeats", "idle", "40", "1", "0", "10s", "ago", "-"]
+            ["heartbeats", "idle", "40", "1", "0", "10.0s", "ago", "-"]
         );
         assert_eq!(
             lines[3][..10],
@@ -546,13 +548,14 @@ mod tests {
                 "40",
                 "5",
                 "4",
-                "10s",
+                "10.0s",
                 "ago",
-                "3s",
+                "3.0s",
                 "ago:"
             ]
         );
         assert!(table.ends_with("(2 tried)\n"), "{table}");
+        assert_eq!(ago(1, 185_001), "3m05s ago");
         status.workers.clear();
         assert!(workers_table(&status, 0).contains("none reported"));
     }
