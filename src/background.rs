@@ -1,10 +1,6 @@
-//! Work that runs beside requests, all of it stopped by one shutdown signal.
-//!
-//! * [`run_periodic`] is the one way a node runs a periodic worker
-//!   (heartbeats, hint delivery, anti-entropy, fsync): a tick, one round of
-//!   work, again, until shutdown cancels the wait or the round.
-//! * [`Background`] runs bounded one-off tasks (read repairs, the trailing
-//!   replies of a write round) that shutdown stops and waits for.
+//! Bounded one-off work beside requests (read repairs, the trailing
+//! replies of a write round), which shutdown stops and waits for. The
+//! periodic workers are in [`crate::workers`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,40 +13,6 @@ use tokio_util::task::TaskTracker;
 
 /// Most read repairs (and trailing write replies) in flight at once.
 const MAX_BACKGROUND_TASKS: usize = 1024;
-
-/// Runs `round` every `every` (the first time after `first`) until
-/// `shutdown` is cancelled, which also abandons a round in progress. A round
-/// that overruns delays the next tick rather than bunching ticks up.
-pub fn run_periodic<Round, F>(
-    name: &'static str,
-    first: Duration,
-    every: Duration,
-    shutdown: CancellationToken,
-    mut round: Round,
-) -> tokio::task::JoinHandle<()>
-where
-    Round: FnMut() -> F + Send + 'static,
-    F: Future<Output = ()> + Send,
-{
-    tokio::spawn(async move {
-        let start = tokio::time::Instant::now() + first;
-        let mut ticker = tokio::time::interval_at(start, every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => break,
-                () = round() => {}
-            }
-        }
-        tracing::debug!(worker = name, "stopped");
-    })
-}
 
 /// Spawns bounded background work that stops on shutdown.
 #[derive(Clone)]
@@ -156,50 +118,6 @@ impl Background {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
-
-    #[tokio::test(start_paused = true)]
-    async fn a_periodic_worker_ticks_on_time_and_stops_on_shutdown() {
-        let rounds = Arc::new(AtomicUsize::new(0));
-        let shutdown = CancellationToken::new();
-        let counted = rounds.clone();
-        let worker = run_periodic(
-            "test",
-            Duration::from_millis(50),
-            Duration::from_millis(100),
-            shutdown.clone(),
-            move || {
-                let counted = counted.clone();
-                async move {
-                    counted.fetch_add(1, Ordering::SeqCst);
-                }
-            },
-        );
-        tokio::time::sleep(Duration::from_millis(40)).await;
-        assert_eq!(rounds.load(Ordering::SeqCst), 0, "not before `first`");
-        tokio::time::sleep(Duration::from_millis(320)).await;
-        // Ticks at 50, 150, 250, 350 ms.
-        assert_eq!(rounds.load(Ordering::SeqCst), 4);
-        shutdown.cancel();
-        worker.await.expect("worker stops");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn shutdown_abandons_a_round_in_progress() {
-        let shutdown = CancellationToken::new();
-        let worker = run_periodic(
-            "stuck",
-            Duration::ZERO,
-            Duration::from_millis(10),
-            shutdown.clone(),
-            std::future::pending::<()>,
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(1), worker)
-            .await
-            .expect("a stuck round does not hold shutdown")
-            .expect("worker ends");
-    }
 
     #[tokio::test(start_paused = true)]
     async fn background_tasks_are_bounded_and_cancelled_after_the_grace() {

@@ -26,6 +26,7 @@ use crate::net::messages::{NodeStats, Ping, Pong};
 use crate::placement::ThisNode;
 use crate::replica::ReplicaStore;
 use crate::serving::ClusterView;
+use crate::workers::{RoundResult, WorkerError};
 
 /// What a peer's last answered heartbeat told this node.
 #[derive(Clone, Debug)]
@@ -121,8 +122,10 @@ impl Heartbeats {
     }
 
     /// One round: pings every peer at once, then updates the detector and
-    /// the read gate with the answers.
-    pub async fn round(self: &Arc<Self>) {
+    /// the read gate with the answers. The round fails when peers exist and
+    /// none answered (this node is cut off, or alone alive); a peer down
+    /// while another answers is the detector's news, not a failure here.
+    pub async fn round(self: &Arc<Self>) -> RoundResult {
         let view = self.cluster.placement();
         let peers: Vec<String> = view.peers().map(|m| m.address.clone()).collect();
         let liveness = &self.cluster.liveness;
@@ -141,7 +144,15 @@ impl Heartbeats {
             tracing::warn!(%why, "cannot record the read gate");
         }
         let mut logged_up = self.logged_up.locked();
+        let (mut answered, mut first_failure) = (0, None);
         for (address, result) in peers.iter().zip(results) {
+            match &result {
+                Ok(()) => answered += 1,
+                Err(why) if first_failure.is_none() => {
+                    first_failure = Some(format!("{address}: {why}"));
+                }
+                Err(_) => {}
+            }
             let now = Instant::now();
             let health = liveness.update(|detector| {
                 match result {
@@ -158,6 +169,13 @@ impl Heartbeats {
             if was_up != health.up {
                 tracing::info!(peer = %address, up = health.up, phi = health.phi, error = ?health.last_error, "peer state changed");
             }
+        }
+        match first_failure {
+            Some(why) if answered == 0 => Err(WorkerError::new(format!(
+                "no peer answered a heartbeat ({} asked); {why}",
+                peers.len()
+            ))),
+            _ => Ok(()),
         }
     }
 

@@ -53,7 +53,8 @@
 //! * `heartbeat` — pings, their answers, what peers report.
 //! * [`membership`] — adopting layouts, proposing changes, joins and their
 //!   streaming.
-//! * `background` — the periodic worker runner and bounded background tasks.
+//! * `background` — bounded background tasks.
+//! * `workers` — the periodic worker runner, and each worker's report.
 //!
 //! The edges:
 //!
@@ -90,6 +91,7 @@ pub mod ring;
 pub mod seams;
 pub mod serving;
 pub mod storage;
+pub(crate) mod workers;
 pub mod workload;
 
 pub use error::{Error, Result};

@@ -45,6 +45,7 @@ use crate::identity::Identity;
 use crate::placement::Placement;
 use crate::replica::{RangeEntry, ReplicaStore};
 use crate::serving::ClusterView;
+use crate::workers::{RoundResult, WorkerError, more};
 
 /// Most differing ranges repaired per peer per round.
 const MAX_RANGES_PER_ROUND: usize = 4096;
@@ -125,20 +126,27 @@ impl AntiEntropy {
     }
 
     /// One round: sync with every live peer, then collect old tombstones,
-    /// all under one placement.
-    pub async fn round(&self) {
+    /// all under one placement. The round fails when it tried exchanges
+    /// and none completed (no replica it needed could be synced with), or
+    /// when tombstone collection failed (it skips keys whose replicas are
+    /// down, so a failure there is this node's own: its storage). Peers
+    /// believed down are not asked, and one failed exchange among others
+    /// that completed is only logged.
+    pub async fn round(&self) -> RoundResult {
         let view = self.cluster.placement();
         if self.replica.digests_layout_version() != view.version() {
             // The digests are being recounted for a new layout.
-            return;
+            return Ok(());
         }
         let peers: Vec<String> = view.peers().map(|m| m.address.clone()).collect();
+        let (mut tried, mut failed) = (0, Vec::new());
         for peer in peers {
             // Asked just before each exchange: a round can be long, and a
             // peer back meanwhile should not wait for the next one.
             if !self.cluster.liveness.is_up(&peer) {
                 continue;
             }
+            tried += 1;
             match self.exchange_with(&view, &peer).await {
                 Ok(repaired) => {
                     if repaired > 0 {
@@ -148,17 +156,28 @@ impl AntiEntropy {
                         tracing::warn!(peer, %why, "cannot record a completed anti-entropy exchange");
                     }
                 }
-                Err(why) => tracing::debug!(peer, %why, "anti-entropy exchange failed"),
+                Err(why) => {
+                    tracing::debug!(peer, %why, "anti-entropy exchange failed");
+                    failed.push(format!("{peer}: {why}"));
+                }
             }
         }
         // While data moves, a tombstone's replicas are changing: wait.
-        if view.is_settled()
-            && let Err(why) = self.collect_tombstones(&view).await
-        {
-            tracing::debug!(%why, "tombstone collection failed");
-        }
+        let collected = if view.is_settled() {
+            self.collect_tombstones(&view).await
+        } else {
+            Ok(())
+        };
         self.stats
             .rounds
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if tried > 0 && failed.len() == tried {
+            return Err(WorkerError::new(format!(
+                "no anti-entropy exchange completed ({tried} tried); {}{}",
+                failed[0],
+                more(tried - 1, "peer")
+            )));
+        }
+        collected.map_err(|why| WorkerError::new(format!("tombstone collection failed: {why}")))
     }
 }

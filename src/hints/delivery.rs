@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::net::ReplicaError;
 use crate::ring::MemberId;
 use crate::serving::ClusterView;
+use crate::workers::{RoundResult, WorkerError, more};
 
 /// Delivers held hints (run by the node every `--hint-delivery-interval-ms`).
 pub struct HintDelivery {
@@ -22,12 +23,25 @@ impl HintDelivery {
     }
 
     /// Offers every target's hints; a target that cannot be reached waits
-    /// for the next round.
-    pub async fn round(&self) {
+    /// for the next round. The round fails when the hint store could not
+    /// be read or written (any error but UNAVAILABLE, which is a target's
+    /// or a replica's: delivery to it just pauses); every target is still
+    /// offered its hints.
+    pub async fn round(&self) -> RoundResult {
+        let mut failed = Vec::new();
         for target in self.store.targets() {
-            if let Err(why) = self.deliver(target).await {
-                tracing::debug!(%why, "hint delivery paused");
+            match self.deliver(target).await {
+                Ok(()) => {}
+                Err(Error::Unavailable(why)) => tracing::debug!(%why, "hint delivery paused"),
+                Err(why) => failed.push(format!("hints for node {target}: {why}")),
             }
+        }
+        match failed.first() {
+            None => Ok(()),
+            Some(first) => Err(WorkerError::new(format!(
+                "{first}{}",
+                more(failed.len() - 1, "target")
+            ))),
         }
     }
 

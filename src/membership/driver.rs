@@ -14,15 +14,18 @@ use super::Membership;
 use crate::heartbeat::Heartbeats;
 use crate::layout::{Layout, Role};
 use crate::locks::Locked;
+use crate::workers::{RoundResult, WorkerError};
 
 impl Membership {
     /// One step of a layout change, if one is due (see the module doc).
-    pub async fn round(self: &Arc<Self>, heartbeats: &Heartbeats) {
+    /// The round fails when its step was due and could not be taken:
+    /// streaming or syncing a join, proposing `finished joining` or `move
+    /// settled`, dropping moved records. Nothing due is a success.
+    pub async fn round(self: &Arc<Self>, heartbeats: &Heartbeats) -> RoundResult {
         let layout = self.layout();
         let me = self.me.address.clone();
         if layout.member(&me).is_some_and(|m| m.role == Role::Joining) {
-            self.join_step(&layout).await;
-            return;
+            return self.join_step(&layout).await;
         }
         let everyone_serves = |version: u64| {
             layout.members.iter().filter(|m| m.address != me).all(|m| {
@@ -42,40 +45,46 @@ impl Membership {
                     .await
                 {
                     Ok(settled) => tracing::info!(version = settled.version, "move settled"),
-                    Err(why) => tracing::info!(%why, "cannot settle the move yet"),
+                    Err(why) => {
+                        return Err(WorkerError::new(format!(
+                            "cannot settle the move yet: {why}"
+                        )));
+                    }
                 }
             }
-            return;
+            return Ok(());
         }
         if layout.is_settled()
             && layout.version > 1
             && self.cleaned.load(Ordering::Relaxed) < layout.version
         {
-            self.clean_up(&layout, everyone_serves(layout.version))
+            return self
+                .clean_up(&layout, everyone_serves(layout.version))
                 .await;
         }
+        Ok(())
     }
 
     /// A joining node: stream (once per layout version), then finish.
-    async fn join_step(self: &Arc<Self>, layout: &Layout) {
+    async fn join_step(self: &Arc<Self>, layout: &Layout) -> RoundResult {
         if self.streamed.load(Ordering::Relaxed) < layout.version {
             if let Err(why) = self.stream_all(layout).await {
-                tracing::warn!(%why, "joining: streaming incomplete; retrying");
-                return;
+                return Err(WorkerError::new(format!(
+                    "joining: streaming incomplete, will retry: {why}"
+                )));
             }
             // What was streamed must survive a crash before this node
             // claims the ranges (--fsync periodic would leave it in memory).
             let replica = self.replica.clone();
-            match crate::seams::blocking(move || replica.sync()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => {
-                    tracing::warn!(%why, "joining: cannot sync the streamed data; retrying");
-                    return;
-                }
-                Err(why) => {
-                    tracing::warn!(%why, "joining: sync task failed; retrying");
-                    return;
-                }
+            let why = match crate::seams::blocking(move || replica.sync()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(why)) => Some(why.to_string()),
+                Err(why) => Some(format!("the sync task failed: {why}")),
+            };
+            if let Some(why) = why {
+                return Err(WorkerError::new(format!(
+                    "joining: cannot sync the streamed data, will retry: {why}"
+                )));
             }
             self.streamed.store(layout.version, Ordering::Relaxed);
         }
@@ -87,8 +96,13 @@ impl Membership {
             )
             .await
         {
-            Ok(layout) => tracing::info!(version = layout.version, "joined: serving reads"),
-            Err(why) => tracing::warn!(%why, "joining: cannot finish yet"),
+            Ok(layout) => {
+                tracing::info!(version = layout.version, "joined: serving reads");
+                Ok(())
+            }
+            Err(why) => Err(WorkerError::new(format!(
+                "joining: cannot finish yet: {why}"
+            ))),
         }
     }
 
@@ -103,24 +117,24 @@ impl Membership {
 
     /// Drops the records of ranges this node no longer replicates, once
     /// every member serves `layout` and a full anti-entropy round ran since.
-    async fn clean_up(&self, layout: &Layout, everyone_serves: bool) {
+    async fn clean_up(&self, layout: &Layout, everyone_serves: bool) -> RoundResult {
         let rounds = self.ae_rounds.load(Ordering::Relaxed);
         {
             let mut since = self.settled_at_round.locked();
             if !everyone_serves {
                 *since = None;
-                return;
+                return Ok(());
             }
             match *since {
                 Some((version, at)) if version == layout.version => {
                     // A round that started after everyone moved on, and ended.
                     if rounds < at + 2 {
-                        return;
+                        return Ok(());
                     }
                 }
                 _ => {
                     *since = Some((layout.version, rounds));
-                    return;
+                    return Ok(());
                 }
             }
         }
@@ -146,9 +160,14 @@ impl Membership {
                         "dropped the records of ranges moved away"
                     );
                 }
+                Ok(())
             }
-            Ok(Err(why)) => tracing::warn!(%why, "cannot drop moved records"),
-            Err(why) => tracing::warn!(%why, "dropping moved records failed"),
+            Ok(Err(why)) => Err(WorkerError::new(format!(
+                "cannot drop moved records: {why}"
+            ))),
+            Err(why) => Err(WorkerError::new(format!(
+                "dropping moved records failed: {why}"
+            ))),
         }
     }
 }

@@ -10,6 +10,7 @@ use super::Node;
 use crate::clock::InstanceId;
 use crate::pb;
 use crate::quorum::Consistency;
+use crate::workers::WorkerReport;
 
 pub(super) struct ClusterService(pub(super) Arc<Node>);
 
@@ -124,6 +125,26 @@ impl pb::cluster_server::Cluster for ClusterService {
             instance_id: node.me.instance_id.0,
             layout: view.layout().map(|l| pb::Layout::from(l.as_ref())),
             moves,
+            workers: node
+                .workers
+                .reports()
+                .into_iter()
+                .map(worker_status)
+                .collect(),
         }))
+    }
+}
+
+/// A worker's report as `Cluster.Status` carries it.
+fn worker_status((name, report): (&'static str, WorkerReport)) -> pb::WorkerStatus {
+    pb::WorkerStatus {
+        name: name.to_string(),
+        rounds: report.rounds,
+        failures: report.failures,
+        consecutive_failures: report.consecutive_failures,
+        last_error: report.last_error.unwrap_or_default(),
+        last_error_unix_ms: report.last_error_unix_ms,
+        last_success_unix_ms: report.last_success_unix_ms,
+        state: report.state.name().to_string(),
     }
 }

@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::antientropy::AntiEntropy;
-use crate::background::{Background, run_periodic};
+use crate::background::Background;
 use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
@@ -58,6 +58,7 @@ use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
 use crate::serving::layout_file::LayoutStore;
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
+use crate::workers::{Schedule, WorkerError, Workers};
 
 /// Everything one node runs.
 pub struct Node {
@@ -93,6 +94,8 @@ pub struct Node {
     identity: Arc<Identity>,
     /// The layout: changes, and the RPCs that agree on them.
     membership: Arc<Membership>,
+    /// The periodic workers' reports (`Cluster.Status` shows them).
+    workers: Workers,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -381,6 +384,7 @@ impl Node {
             anti_entropy,
             heartbeats,
             identity,
+            workers: Workers::new(),
         }))
     }
 
@@ -414,9 +418,11 @@ impl Node {
         }
     }
 
-    /// Starts the periodic workers: heartbeats, hint delivery, anti-entropy
-    /// and (for `--fsync periodic`) fsync. Each stops when the node shuts
-    /// down.
+    /// Starts the periodic workers: heartbeats, hint delivery, anti-entropy,
+    /// membership and (for `--fsync periodic`) fsync. Each reports to
+    /// `self.workers` and stops when the node shuts down. Heartbeats never
+    /// back off: the failure detector takes a late round for this node
+    /// being paused, and a peer back up is found by the next ping.
     fn start_workers(&self) -> Vec<tokio::task::JoinHandle<()>> {
         let heartbeat = self.config.heartbeat_interval();
         let heartbeats = self.heartbeats.clone();
@@ -427,41 +433,38 @@ impl Node {
         // that was down is the one with the most to catch up.
         let exchange = Duration::from_secs(self.config.anti_entropy_interval.max(1));
         let deliver = Duration::from_millis(self.config.hint_delivery_interval_ms.max(10));
-        let mut workers = vec![
-            run_periodic(
+        let workers = &self.workers;
+        let mut started = vec![
+            workers.start(
                 "heartbeats",
-                Duration::ZERO,
-                heartbeat,
+                Schedule::every(Duration::ZERO, heartbeat).without_backoff(),
                 self.shutdown.clone(),
                 move || {
                     let heartbeats = heartbeats.clone();
                     async move { heartbeats.round().await }
                 },
             ),
-            run_periodic(
+            workers.start(
                 "hint delivery",
-                Duration::ZERO,
-                deliver,
+                Schedule::every(Duration::ZERO, deliver),
                 self.shutdown.clone(),
                 move || {
                     let hint_delivery = hint_delivery.clone();
                     async move { hint_delivery.round().await }
                 },
             ),
-            run_periodic(
+            workers.start(
                 "anti-entropy",
-                exchange.min(Duration::from_secs(1)),
-                exchange,
+                Schedule::every(exchange.min(Duration::from_secs(1)), exchange),
                 self.shutdown.clone(),
                 move || {
                     let anti_entropy = anti_entropy.clone();
                     async move { anti_entropy.round().await }
                 },
             ),
-            run_periodic(
+            workers.start(
                 "membership",
-                heartbeat,
-                Duration::from_millis(300),
+                Schedule::every(heartbeat, Duration::from_millis(300)),
                 self.shutdown.clone(),
                 move || {
                     let (membership, heartbeats) =
@@ -470,32 +473,32 @@ impl Node {
                 },
             ),
         ];
-        workers.extend(self.start_periodic_fsync());
-        workers
+        started.extend(self.start_periodic_fsync());
+        started
     }
 
     /// Fsyncs every `--fsync-interval-ms` until shutdown (periodic policy).
+    /// A round fails when the sync does. (A failed fsync is fatal inside
+    /// the engine, `storage::fatal`: DKVSServer exits non-zero and every
+    /// later write is refused; other errors, such as a full disk, are
+    /// reported here, by the runner.)
     fn start_periodic_fsync(&self) -> Option<tokio::task::JoinHandle<()>> {
         if self.config.fsync != FsyncPolicy::Periodic {
             return None;
         }
         let interval = Duration::from_millis(self.config.fsync_interval_ms.max(1));
         let storage = self.storage.clone();
-        Some(run_periodic(
+        Some(self.workers.start(
             "fsync",
-            interval,
-            interval,
+            Schedule::every(interval, interval),
             self.shutdown.clone(),
             move || {
                 let storage = storage.clone();
                 async move {
-                    // A failed fsync is fatal inside the engine (storage::fatal:
-                    // DKVSServer exits non-zero; every later write is refused);
-                    // other errors, such as a full disk, are only reported here.
                     match crate::seams::blocking(move || storage.sync()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(error)) => tracing::error!(%error, "periodic sync failed"),
-                        Err(error) => tracing::error!(%error, "periodic fsync task failed"),
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(error)) => Err(WorkerError::new(format!("sync failed: {error}"))),
+                        Err(error) => Err(WorkerError::new(format!("sync task failed: {error}"))),
                     }
                 }
             },

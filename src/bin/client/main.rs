@@ -104,8 +104,15 @@ enum Command {
     )]
     Delete { key: String },
     /// Show the layout and every member (up, down, joining) with key counts, and data moving (like `nodetool status`).
+    ///
+    /// A periodic worker of the node asked that failed 3 rounds in a row or
+    /// more is named under the member table, with its last error.
     #[command(name = "status", alias = "STATUS")]
-    Status,
+    Status {
+        /// Also list every periodic worker of the node asked, healthy or not.
+        #[arg(long, short = 'v')]
+        workers: bool,
+    },
     /// Show which nodes hold a key, in preference order.
     #[command(name = "replicas", alias = "REPLICAS")]
     Replicas { key: String },
@@ -320,9 +327,13 @@ async fn execute(
             );
             warn_if_only_hinted(ack.acks);
         }
-        Command::Status => {
+        Command::Status { workers } => {
             let status = client.status().await?;
-            let _ = write!(out, "{}", status::status_table(&status));
+            let now_ms = dkvs::clock::wall_clock_ms();
+            let _ = write!(out, "{}", status::status_table(&status, now_ms));
+            if workers {
+                let _ = write!(out, "\n{}", status::workers_table(&status, now_ms));
+            }
         }
         Command::Bench(args) => {
             drop(out);

@@ -1,7 +1,9 @@
 //! The `status` command's table, like `nodetool status`: the layout the
 //! asked node serves and the change in progress, then every member it
 //! knows with its state, counts, clock, skew and the layout version it
-//! serves, then, while data moves to a joining node, its progress.
+//! serves, then a line per worker of the asked node that keeps failing
+//! (nothing when none does), then, while data moves to a joining node, its
+//! progress. `status --workers` adds the table of the asked node's workers.
 
 use dkvs::pb;
 
@@ -9,9 +11,14 @@ use dkvs::pb;
 /// heartbeat intervals).
 const STALE_COUNTS_MS: u64 = 2_000;
 
-/// The whole answer: the header, the layout line, the member table and,
-/// during a join, the table of data moving.
-pub fn status_table(status: &pb::StatusResponse) -> String {
+/// Failed rounds in a row from which `status` names a worker as failing
+/// (one or two may be a blip: a peer restarting, a slow disk).
+const FAILING_ROUNDS_MIN: u32 = 3;
+
+/// The whole answer: the header, the layout line, the member table, the
+/// workers failing and, during a join, the table of data moving. `now_ms`
+/// (unix ms) dates the workers' last errors.
+pub fn status_table(status: &pb::StatusResponse, now_ms: u64) -> String {
     let mut table = format!(
         "DKVS cluster as seen by {} — {} members, N={} replicas, W={} R={} (quorum), {} vnodes per node\n",
         status.address,
@@ -91,15 +98,94 @@ pub fn status_table(status: &pb::StatusResponse) -> String {
             note
         ));
     }
+    let failing: Vec<String> = status
+        .workers
+        .iter()
+        .filter(|w| w.consecutive_failures >= FAILING_ROUNDS_MIN)
+        .map(|w| failing_line(&status.address, w, now_ms))
+        .collect();
+    if !failing.is_empty() {
+        table.push('\n');
+        for line in failing {
+            table.push_str(&line);
+            table.push('\n');
+        }
+    }
     if !status.moves.is_empty() {
         table.push('\n');
         table.push_str(&moves_table(&status.moves));
     }
     // No blanks after an empty NOTE.
-    table
-        .lines()
+    without_trailing_blanks(&table)
+}
+
+/// Each line of `text` without the blanks at its end.
+fn without_trailing_blanks(text: &str) -> String {
+    text.lines()
         .map(|l| format!("{}\n", l.trim_end()))
         .collect()
+}
+
+/// One worker that keeps failing, for the operator: which, where, since
+/// how many rounds, and why.
+fn failing_line(address: &str, worker: &pb::WorkerStatus, now_ms: u64) -> String {
+    format!(
+        "worker {} on {address} failing: {} rounds in a row, last error {}: {}",
+        worker.name,
+        worker.consecutive_failures,
+        ago(worker.last_error_unix_ms, now_ms),
+        worker.last_error
+    )
+}
+
+/// `2.5s ago` (`3m05s ago` from a minute) for a unix-ms time `now_ms` is
+/// that far past; `never` for 0.
+fn ago(at_ms: u64, now_ms: u64) -> String {
+    let age_ms = now_ms.saturating_sub(at_ms);
+    match at_ms {
+        0 => "never".into(),
+        _ if age_ms < 60_000 => format!("{:.1}s ago", age_ms as f64 / 1000.0),
+        _ => format!("{} ago", duration(age_ms)),
+    }
+}
+
+/// `status --workers`: every periodic worker of the node that answered,
+/// with its state, rounds, failures (in all and in a row), last success
+/// and last error.
+pub fn workers_table(status: &pb::StatusResponse, now_ms: u64) -> String {
+    if status.workers.is_empty() {
+        return format!(
+            "Workers on {}: none reported (a node of an older version)\n",
+            status.address
+        );
+    }
+    let mut table = format!("Workers on {}:\n", status.address);
+    table.push_str(&format!(
+        "{:<14} {:<12} {:>8} {:>9} {:>9} {:>13}  {}\n",
+        "WORKER", "STATE", "ROUNDS", "FAILURES", "IN A ROW", "LAST SUCCESS", "LAST ERROR"
+    ));
+    for worker in &status.workers {
+        let last_error = if worker.last_error_unix_ms == 0 {
+            "-".to_string()
+        } else {
+            format!(
+                "{}: {}",
+                ago(worker.last_error_unix_ms, now_ms),
+                worker.last_error
+            )
+        };
+        table.push_str(&format!(
+            "{:<14} {:<12} {:>8} {:>9} {:>9} {:>13}  {}\n",
+            worker.name,
+            worker.state,
+            worker.rounds,
+            worker.failures,
+            worker.consecutive_failures,
+            ago(worker.last_success_unix_ms, now_ms),
+            last_error
+        ));
+    }
+    without_trailing_blanks(&table)
 }
 
 /// The STATE column: UP, DOWN, or JOINING (in the layout as joining and
@@ -296,7 +382,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let table = status_table(&status);
+        let table = status_table(&status, 0);
         assert!(
             table.contains("Layout v2, change in progress: c:1 joins (streaming its ranges;"),
             "{table}"
@@ -355,6 +441,123 @@ mod tests {
             layout_line(&layout),
             "Layout v4, no change in progress (last change: move settled)"
         );
+    }
+
+    fn worker(name: &str, consecutive_failures: u32, last_error: &str) -> pb::WorkerStatus {
+        pb::WorkerStatus {
+            name: name.into(),
+            rounds: 40,
+            failures: u64::from(consecutive_failures) + 1,
+            consecutive_failures,
+            last_error: last_error.into(),
+            last_error_unix_ms: if last_error.is_empty() { 0 } else { 97_000 },
+            last_success_unix_ms: 90_000,
+            state: if consecutive_failures > 1 {
+                "backing off"
+            } else {
+                "idle"
+            }
+            .into(),
+        }
+    }
+
+    fn two_members() -> pb::StatusResponse {
+        pb::StatusResponse {
+            address: "a:1".into(),
+            members: vec![
+                member("a:1", pb::MemberState::Up, 1),
+                member("b:1", pb::MemberState::Down, 1),
+            ],
+            moves: vec![pb::MoveProgress {
+                address: "c:1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn healthy_workers_add_nothing_to_status() {
+        let bare = status_table(&two_members(), 100_000);
+        let mut status = two_members();
+        status.workers = vec![
+            worker("heartbeats", 0, ""),
+            worker("anti-entropy", 2, "no anti-entropy exchange completed"),
+        ];
+        assert_eq!(status_table(&status, 100_000), bare);
+    }
+
+    #[test]
+    fn a_worker_failing_rounds_in_a_row_is_named_after_the_member_table() {
+        let mut status = two_members();
+        status.workers = vec![
+            worker("heartbeats", 5, "no peer answered a heartbeat (1 asked)"),
+            worker("fsync", 1, "sync failed"),
+        ];
+        let table = status_table(&status, 100_000);
+        let lines: Vec<&str> = table.lines().collect();
+        let failing = lines
+            .iter()
+            .position(|l| l.starts_with("worker "))
+            .unwrap_or_else(|| panic!("no failing worker line:\n{table}"));
+        assert_eq!(
+            lines[failing],
+            "worker heartbeats on a:1 failing: 5 rounds in a row, last error 3.0s ago: no peer answered a heartbeat (1 asked)"
+        );
+        assert!(
+            lines[failing - 2].starts_with("b:1"),
+            "after the members:\n{table}"
+        );
+        assert_eq!(lines[failing - 1], "");
+        assert!(lines[failing + 2].starts_with("Data moving"), "{table}");
+        assert_eq!(
+            table.matches("worker ").count(),
+            1,
+            "fsync failed once only"
+        );
+    }
+
+    #[test]
+    fn status_workers_lists_every_worker() {
+        let mut status = two_members();
+        status.workers = vec![
+            worker("heartbeats", 0, ""),
+            worker(
+                "anti-entropy",
+                4,
+                "no anti-entropy exchange completed (2 tried)",
+            ),
+        ];
+        let table = workers_table(&status, 100_000);
+        let lines: Vec<Vec<&str>> = table
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(lines[0], ["Workers", "on", "a:1:"]);
+        assert_eq!(lines[1][0], "WORKER");
+        assert_eq!(
+            lines[2],
+            ["heartbeats", "idle", "40", "1", "0", "10.0s", "ago", "-"]
+        );
+        assert_eq!(
+            lines[3][..10],
+            [
+                "anti-entropy",
+                "backing",
+                "off",
+                "40",
+                "5",
+                "4",
+                "10.0s",
+                "ago",
+                "3.0s",
+                "ago:"
+            ]
+        );
+        assert!(table.ends_with("(2 tried)\n"), "{table}");
+        assert_eq!(ago(1, 185_001), "3m05s ago");
+        status.workers.clear();
+        assert!(workers_table(&status, 0).contains("none reported"));
     }
 
     #[test]
