@@ -329,10 +329,22 @@ impl From<&crate::layout::Layout> for Layout {
                         crate::layout::Role::Joining => LayoutRole::Joining,
                     } as i32,
                     tokens: m.tokens.clone(),
+                    instance_id: m.instance_id.0,
                 })
                 .collect(),
             previous: l.previous.clone(),
             change: l.change.clone(),
+            cluster_id: l.cluster_id,
+            removed: l
+                .removed
+                .iter()
+                .map(|r| RemovedInstance {
+                    address: r.address.clone(),
+                    instance_id: r.instance_id.0,
+                    version: r.version,
+                    why: r.why.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -358,6 +370,7 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
                 member_id: crate::ring::MemberId(m.member_id),
                 role,
                 tokens: m.tokens,
+                instance_id: clock::InstanceId(m.instance_id),
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -368,6 +381,17 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
         members,
         previous: l.previous,
         change: l.change,
+        cluster_id: l.cluster_id,
+        removed: l
+            .removed
+            .into_iter()
+            .map(|r| crate::layout::Removed {
+                address: r.address,
+                instance_id: clock::InstanceId(r.instance_id),
+                version: r.version,
+                why: r.why,
+            })
+            .collect(),
     };
     layout.members.sort_by(|a, b| a.address.cmp(&b.address));
     layout.validate()?;

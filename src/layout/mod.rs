@@ -33,6 +33,7 @@ pub mod progress;
 
 use std::sync::Arc;
 
+use crate::clock::InstanceId;
 use crate::ring::MemberId;
 use crate::ring::{Member, Ring, member_id_for, tokens_for};
 
@@ -52,6 +53,20 @@ pub struct LayoutMember {
     pub member_id: MemberId,
     pub role: Role,
     pub tokens: Vec<u64>,
+    /// The instance (data dir) the member votes with; [`InstanceId::NONE`]
+    /// until a layout names it.
+    pub instance_id: InstanceId,
+}
+
+/// An instance that left, was removed, or whose join was aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Removed {
+    pub address: String,
+    pub instance_id: InstanceId,
+    /// The layout version that removed it.
+    pub version: u64,
+    /// Why, in words ("join aborted").
+    pub why: String,
 }
 
 impl LayoutMember {
@@ -80,6 +95,11 @@ pub struct Layout {
     pub previous: Vec<String>,
     /// What this version changed, in words.
     pub change: String,
+    /// The cluster this layout belongs to (0: none yet, a layout from a
+    /// release before cluster ids).
+    pub cluster_id: u64,
+    /// Instances that left, were removed or whose join was aborted.
+    pub removed: Vec<Removed>,
 }
 
 /// Why a change cannot be made to a layout.
@@ -111,6 +131,8 @@ impl Layout {
             members,
             previous: Vec::new(),
             change: "bootstrap from --peers".into(),
+            cluster_id: 0,
+            removed: Vec::new(),
         }
     }
 
@@ -328,6 +350,7 @@ fn new_member(address: &str, vnodes: usize, role: Role) -> LayoutMember {
         member_id,
         role,
         tokens: tokens_for(member_id, vnodes),
+        instance_id: InstanceId::NONE,
     }
 }
 

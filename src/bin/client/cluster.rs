@@ -380,10 +380,12 @@ mod tests {
                     member_id: dkvs::ring::member_id_for(address).0,
                     role: *role as i32,
                     tokens: vec![(i as u64 + 1) << 40],
+                    ..Default::default()
                 })
                 .collect(),
             previous: previous.iter().map(|s| s.to_string()).collect(),
             change: format!("change {version}"),
+            ..Default::default()
         }
     }
 

@@ -337,6 +337,7 @@ mod tests {
             member_id: 1,
             role: role as i32,
             tokens: vec![1],
+            ..Default::default()
         }
     }
 
