@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates the console samples in README.md from a real run.
+# Regenerates the console samples in README.md and docs/*.md from a real run.
 #
 #   docs/regen-readme.sh           replay every sample on a fresh local cluster
-#                                  and write what its commands print into README.md
-#   docs/regen-readme.sh --check   replay them and fail, with a diff, where README.md
+#                                  and write what its commands print into its file
+#   docs/regen-readme.sh --check   replay them and fail, with a diff, where a file
 #                                  no longer matches (what `cargo test` checks)
 #   docs/regen-readme.sh help      show this text
 #
@@ -12,14 +12,15 @@
 # replay is tests/readme.rs (its top comment has the details): it starts a
 # 5-node cluster with ./startServers.sh in a temp dir, on free ports below
 # the ephemeral range (your ./run, ./data and a cluster on 7001..7005 are left
-# alone), runs the samples' commands in README order, and shows the cluster as
-# if it ran on 127.0.0.1:7001..7005 in a clone at /home/you/dkvs. Comparing
-# ignores what differs from run to run (versions, ids, clocks, times, pids,
-# the numbers in `status` rows). A sample that needs a program that is not
-# installed (grpcurl, jq) is skipped and kept as it is.
+# alone), runs the samples' commands in the order of its SAMPLE_FILES (README.md,
+# docs/USER-GUIDE.md, docs/OPERATIONS.md), and shows the cluster as if it ran
+# on 127.0.0.1:7001..7005 in a clone at /home/you/dkvs. Comparing ignores what
+# differs from run to run (versions, ids, clocks, times, pids, the numbers in
+# `status` rows). A sample that needs a program that is not installed
+# (grpcurl, jq) is skipped and kept as it is.
 #
-# After regenerating, review `git diff README.md`: prose around a sample may
-# have to follow what it now shows.
+# After regenerating, review `git diff README.md docs/`: prose around a sample
+# may have to follow what it now shows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

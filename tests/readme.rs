@@ -1,16 +1,24 @@
-//! README.md's console samples, replayed on a real cluster: the test fails
-//! when a command no longer prints what README shows, volatile parts aside.
+//! The console samples of README.md and the docs, replayed on a real
+//! cluster: the test fails when a command no longer prints what its file
+//! shows, volatile parts aside.
+//!
+//! The files are [`SAMPLE_FILES`], replayed in that order, each with the
+//! number of samples it must hold: a sample that moves to another file is
+//! still replayed, and one that disappears fails the test until the table
+//! says so. A file under `docs/` with a sample but not in the table fails it
+//! too. [`links_resolve`] checks that every relative link between these
+//! files points at a file (and heading) that exists.
 //!
 //! A sample is a fenced block right after a comment `<!-- sample: NAME -->`.
 //! In it, a line starting with `$ ` is a command (a line ending with `\`
 //! continues it on the next line); the lines up to the next command are
 //! what it prints, stdout and stderr together, as a terminal shows them.
-//! Samples run in README order, in one temp dir that stands for the
+//! Samples run in file order, in one temp dir that stands for the
 //! user's clone (it holds `startServers.sh`, linked, and the cluster's
 //! `run/` and `data/`), with `DKVSClient` and `DKVSServer` on `PATH` and
 //! `DKVS_NODES` naming the cluster. Their effects carry over: the first
-//! sample starts the cluster with `./startServers.sh`, later ones kill and
-//! restart its nodes.
+//! sample (README's first) starts the cluster with `./startServers.sh`,
+//! later ones kill and restart its nodes.
 //!
 //! The comment may hold more lines, one setting each:
 //!
@@ -21,7 +29,8 @@
 //!   [`HELPERS`]: `replica KEY N` (the address of KEY's Nth replica),
 //!   `pid_of ADDRESS`, `wait_state OBSERVER MEMBER UP|DOWN`,
 //!   `wait_stats OBSERVER MEMBER` (OBSERVER has MEMBER's counts), `wait_all_up`,
-//!   `wait_no_hints`, `wait_moving ADDRESS` (status shows data moving to
+//!   `wait_no_hints`, `wait_keys N` (status's LIVE KEYS add up to N or
+//!   more), `wait_moving ADDRESS` (status shows data moving to
 //!   it, some keys moved already), `wait_layout V` (status shows every
 //!   member on layout vV). Every wait polls with a deadline.
 //! - `needs: PROGRAM...`: skip the sample (saying so) when a program is not
@@ -43,9 +52,9 @@
 //! binaries' directory as `/home/you/dkvs/target/release`; the line
 //! startServers.sh adds only because the base port is not 7000 is dropped,
 //! and trailing blanks are trimmed. That is what `docs/regen-readme.sh`
-//! (this test with `DKVS_README_REGEN=1`) writes into README.md.
+//! (this test with `DKVS_README_REGEN=1`) writes into each file.
 //!
-//! Comparing README with this run then ignores what differs between runs
+//! Comparing a file with this run then ignores what differs between runs
 //! (see [`Normaliser`]): versions, instance and member ids, other long
 //! numbers (clocks, ids in JSON), times, pids, `--worker-threads` (cores /
 //! nodes), every number in a `status` row and its column padding (key and
@@ -119,19 +128,22 @@ wait_no_hints() { wait_for no_hints; }
 # Status shows data moving to ADDRESS, some keys moved already.
 moving() { DKVSClient status | awk -v a="$1" '$1 == a && $2 ~ /%$/ && $3 > 0 { found = 1 } END { exit !found }'; }
 wait_moving() { wait_for moving "$1"; }
+# The LIVE KEYS column adds up to at least N (counts arrive with heartbeats).
+keys_at_least() { DKVSClient status | awk -v n="$1" '$1 ~ /^127\./ && $5 != "-" { s += $5 } END { exit !(s >= n) }'; }
+wait_keys() { wait_for keys_at_least "$1"; }
 # Every member serves layout vV (the LAYOUT column, from heartbeats).
 on_layout() { DKVSClient status | awk -v v="v$1" '$1 ~ /^127\./ { n++; if ($11 != v) bad = 1 } END { exit bad || !n }'; }
 wait_layout() { wait_for on_layout "$1"; }
 "#;
 
-/// One command of a sample and what README shows it printing.
+/// One command of a sample and what its file shows it printing.
 #[derive(Debug)]
 struct Step {
-    /// README's line number (from 1) of the command.
+    /// The file's line number (from 1) of the command.
     at: usize,
-    /// The command's lines as README has them (`$ ` and continuations).
+    /// The command's lines as the file has them (`$ ` and continuations).
     lines: Vec<String>,
-    /// What README shows it printing, without trailing blank lines.
+    /// What the file shows it printing, without trailing blank lines.
     output: Vec<String>,
     /// The blank lines after the output (kept as they are).
     separator: Vec<String>,
@@ -154,11 +166,11 @@ impl Step {
     }
 }
 
-/// A marked block of README.md.
+/// A marked block of a file.
 #[derive(Debug)]
 struct Sample {
     name: String,
-    /// Index in README's lines of the opening and of the closing fence.
+    /// Index in the file's lines of the opening and of the closing fence.
     open: usize,
     close: usize,
     steps: Vec<Step>,
@@ -168,8 +180,8 @@ struct Sample {
     tty: bool,
 }
 
-/// Finds every marked sample in README's lines.
-fn parse(lines: &[String]) -> Vec<Sample> {
+/// Finds every marked sample in `file`'s lines.
+fn parse(file: &str, lines: &[String]) -> Vec<Sample> {
     let mut samples = Vec::new();
     let mut i = 0;
     while i < lines.len() {
@@ -182,13 +194,13 @@ fn parse(lines: &[String]) -> Vec<Sample> {
         let mut comment = vec![header.trim().trim_end_matches("-->").trim().to_string()];
         while !lines[i].contains("-->") {
             i += 1;
-            assert!(i < lines.len(), "README line {at}: unclosed sample comment");
+            assert!(i < lines.len(), "{file} line {at}: unclosed sample comment");
             comment.push(lines[i].trim().trim_end_matches("-->").trim().to_string());
         }
         let name = comment[0].clone();
         assert!(
             !name.is_empty() && !name.contains(' '),
-            "README line {at}: a sample needs a one-word name, got {name:?}"
+            "{file} line {at}: a sample needs a one-word name, got {name:?}"
         );
         let mut sample = Sample {
             name,
@@ -221,7 +233,7 @@ fn parse(lines: &[String]) -> Vec<Sample> {
                     .push(shell.trim().to_string());
             } else {
                 panic!(
-                    "README line {at}: sample {}: unknown setting {setting:?} (before N:, after:, needs:, tty)",
+                    "{file} line {at}: sample {}: unknown setting {setting:?} (before N:, after:, needs:, tty)",
                     sample.name
                 );
             }
@@ -232,7 +244,7 @@ fn parse(lines: &[String]) -> Vec<Sample> {
         }
         assert!(
             i < lines.len() && lines[i].starts_with("```"),
-            "README line {at}: sample {} is not followed by a fenced block",
+            "{file} line {at}: sample {} is not followed by a fenced block",
             sample.name
         );
         sample.open = i;
@@ -255,7 +267,7 @@ fn parse(lines: &[String]) -> Vec<Sample> {
             } else {
                 let Some(step) = sample.steps.last_mut() else {
                     panic!(
-                        "README line {}: sample {}: output before its first `$ ` command",
+                        "{file} line {}: sample {}: output before its first `$ ` command",
                         i + 1,
                         sample.name
                     );
@@ -264,7 +276,7 @@ fn parse(lines: &[String]) -> Vec<Sample> {
             }
             i += 1;
         }
-        assert!(i < lines.len(), "README line {at}: unclosed fence");
+        assert!(i < lines.len(), "{file} line {at}: unclosed fence");
         sample.close = i;
         for step in &mut sample.steps {
             while step.output.last().is_some_and(|l| l.trim().is_empty()) {
@@ -274,7 +286,7 @@ fn parse(lines: &[String]) -> Vec<Sample> {
         for &n in sample.before.keys() {
             assert!(
                 (1..=sample.steps.len()).contains(&n),
-                "sample {}: `before {n}` but it has {} commands",
+                "{file}: sample {}: `before {n}` but it has {} commands",
                 sample.name,
                 sample.steps.len()
             );
@@ -285,7 +297,7 @@ fn parse(lines: &[String]) -> Vec<Sample> {
     samples
 }
 
-/// Turns what a command printed here into what README shows, and back for
+/// Turns what a command printed here into what the docs show, and back for
 /// the commands.
 struct Display {
     root: PathBuf,
@@ -309,7 +321,7 @@ impl Display {
         }
     }
 
-    /// What README shows for `raw`, this run's output.
+    /// What the docs show for `raw`, this run's output.
     fn show(&self, raw: &str) -> Vec<String> {
         let mut text = raw.replace("\r\n", "\n").replace('\r', "");
         let display_bins = format!("{DISPLAY_ROOT}/target/release");
@@ -345,7 +357,7 @@ impl Display {
         lines
     }
 
-    /// The command to run for `shown`, a command as README shows it.
+    /// The command to run for `shown`, a command as the docs show it.
     fn unshow(&self, shown: &str) -> String {
         let text = shown.replace(
             &format!("{DISPLAY_ROOT}/target/release"),
@@ -560,7 +572,7 @@ fn placement(base: u16, key: &str) -> Vec<usize> {
 
 /// The keys whose replicas the samples name: `replicas KEY` in commands,
 /// `replica KEY N` in hidden steps.
-fn placed_keys(samples: &[Sample]) -> Vec<String> {
+fn placed_keys(samples: &[&Sample]) -> Vec<String> {
     let in_command =
         Regex::new(r"\bDKVSClient\b[^|;&#\n]*\breplicas\s+([A-Za-z0-9_:.-]+)").expect("regex");
     let in_step = Regex::new(r"\breplica\s+([A-Za-z0-9_:.-]+)\s+\d").expect("regex");
@@ -662,7 +674,7 @@ impl Replay {
         );
     }
 
-    /// Runs a command as a user would type it; what it printed, as README
+    /// Runs a command as a user would type it; what it printed, as the docs
     /// would show it.
     fn command(&self, sample: &Sample, step: &Step) -> Vec<String> {
         let command = self.display.unshow(&step.command());
@@ -805,8 +817,8 @@ fn installed(program: &str) -> bool {
     })
 }
 
-/// A line diff of `expected` (README) and `actual` (this run), both
-/// normalised: `-` README only, `+` this run only.
+/// A line diff of `expected` (the file) and `actual` (this run), both
+/// normalised: `-` the file only, `+` this run only.
 fn diff(expected: &[String], actual: &[String]) -> String {
     let (n, m) = (expected.len(), actual.len());
     let mut lcs = vec![vec![0usize; m + 1]; n + 1];
@@ -836,17 +848,104 @@ fn diff(expected: &[String], actual: &[String]) -> String {
     out
 }
 
+/// The files whose console samples are replayed, in the order they are
+/// replayed (the cluster's state carries over from one to the next: the
+/// first sample starts it, and the user guide runs before a node joins, so
+/// that `mykey` keeps its replicas), each with how many samples it holds.
+/// Moving a sample moves a count; removing one must be said here.
+const SAMPLE_FILES: &[(&str, usize)] = &[
+    ("README.md", 5),
+    ("docs/USER-GUIDE.md", 4),
+    ("docs/OPERATIONS.md", 6),
+];
+
+/// A file of [`SAMPLE_FILES`], read and parsed.
+struct SampleFile {
+    /// As named in [`SAMPLE_FILES`], relative to the repository.
+    name: &'static str,
+    path: PathBuf,
+    text: String,
+    lines: Vec<String>,
+    samples: Vec<Sample>,
+}
+
+/// The repository's root.
+fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Reads and parses every file of [`SAMPLE_FILES`], checking its count,
+/// that sample names are unique, and that no other doc holds a sample.
+fn sample_files() -> Vec<SampleFile> {
+    let files: Vec<SampleFile> = SAMPLE_FILES
+        .iter()
+        .map(|&(name, count)| {
+            let path = repo_root().join(name);
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+            let lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let samples = parse(name, &lines);
+            assert_eq!(
+                samples.len(),
+                count,
+                "{name} holds {} marked sample(s), SAMPLE_FILES in tests/readme.rs says {count}: \
+                 a sample that moved must still be replayed, and a removed one must be said there",
+                samples.len()
+            );
+            SampleFile {
+                name,
+                path,
+                text,
+                lines,
+                samples,
+            }
+        })
+        .collect();
+    let mut names: Vec<&str> = files
+        .iter()
+        .flat_map(|f| f.samples.iter().map(|s| s.name.as_str()))
+        .collect();
+    names.sort_unstable();
+    for pair in names.windows(2) {
+        assert_ne!(pair[0], pair[1], "two samples are named {}", pair[0]);
+    }
+    for doc in markdown_files() {
+        let name = doc
+            .strip_prefix(repo_root())
+            .unwrap_or(&doc)
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(&doc).unwrap_or_default();
+        let marked = text.lines().any(|l| l.trim().starts_with("<!-- sample:"));
+        assert!(
+            !marked || SAMPLE_FILES.iter().any(|&(f, _)| f == name),
+            "{name} has a marked sample but is not in SAMPLE_FILES (tests/readme.rs), so it would not be replayed"
+        );
+    }
+    files
+}
+
+/// README.md and every `docs/*.md`.
+fn markdown_files() -> Vec<PathBuf> {
+    let mut files = vec![repo_root().join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("docs"))
+        .expect("read docs/")
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    files
+}
+
 #[test]
 fn readme_samples_match_what_the_commands_print() {
     let began = Instant::now();
     let regenerate = std::env::var_os("DKVS_README_REGEN").is_some_and(|v| v == "1");
-    let readme_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    let readme = std::fs::read_to_string(&readme_path).expect("read README.md");
-    let mut lines: Vec<String> = readme.lines().map(str::to_string).collect();
-    let samples = parse(&lines);
-    assert!(!samples.is_empty(), "README.md has no marked sample");
-
-    let keys = placed_keys(&samples);
+    let mut files = sample_files();
+    let all: Vec<&Sample> = files.iter().flat_map(|f| &f.samples).collect();
+    let keys = placed_keys(&all);
     let replay = Replay::new(&keys);
     eprintln!(
         "readme: cluster on 127.0.0.1:{}.. (shown as 7001..), where {keys:?} have the replicas they have on 7001..7005",
@@ -855,74 +954,95 @@ fn readme_samples_match_what_the_commands_print() {
     let normaliser = Normaliser::new();
     let mut mismatches = Vec::new();
     let mut skipped = Vec::new();
-    // Per sample: the block's new lines, or None to keep it.
-    let mut rewritten: Vec<Option<Vec<String>>> = Vec::new();
-    for sample in &samples {
-        let missing: Vec<&String> = sample.needs.iter().filter(|p| !installed(p)).collect();
-        if !missing.is_empty() {
-            let missing = missing
+    // Per file, per sample: the block's new lines, or None to keep it.
+    let mut rewritten: Vec<Vec<Option<Vec<String>>>> = Vec::new();
+    for file in &files {
+        let mut blocks = Vec::new();
+        let mut replayed = 0;
+        for sample in &file.samples {
+            let missing: Vec<&str> = sample
+                .needs
                 .iter()
+                .filter(|p| !installed(p))
                 .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            eprintln!(
-                "readme: sample {} skipped: {missing} not installed",
-                sample.name
-            );
-            skipped.push(sample.name.clone());
-            rewritten.push(None);
-            continue;
-        }
-        let started = Instant::now();
-        let mut block = Vec::new();
-        for (n, step) in sample.steps.iter().enumerate() {
-            for hidden in sample.before.get(&(n + 1)).into_iter().flatten() {
+                .collect();
+            if !missing.is_empty() {
+                eprintln!(
+                    "readme: {} sample {} skipped: {} not installed",
+                    file.name,
+                    sample.name,
+                    missing.join(", ")
+                );
+                skipped.push(format!("{} {}", file.name, sample.name));
+                blocks.push(None);
+                continue;
+            }
+            let started = Instant::now();
+            let mut block = Vec::new();
+            for (n, step) in sample.steps.iter().enumerate() {
+                for hidden in sample.before.get(&(n + 1)).into_iter().flatten() {
+                    replay.hidden(&sample.name, hidden);
+                }
+                replay.wait_settled();
+                let printed = replay.command(sample, step);
+                let (expected, actual) =
+                    (normaliser.lines(&step.output), normaliser.lines(&printed));
+                if expected != actual {
+                    mismatches.push(format!(
+                        "{} line {}, sample {}, command {}: {}\n  (normalised; - {}, + this run)\n{}",
+                        file.name,
+                        step.at,
+                        sample.name,
+                        n + 1,
+                        step.command(),
+                        file.name,
+                        diff(&expected, &actual)
+                    ));
+                }
+                block.extend(step.lines.iter().cloned());
+                block.extend(printed);
+                block.extend(step.separator.iter().cloned());
+            }
+            for hidden in &sample.after {
                 replay.hidden(&sample.name, hidden);
             }
             replay.wait_settled();
-            let printed = replay.command(sample, step);
-            let (expected, actual) = (normaliser.lines(&step.output), normaliser.lines(&printed));
-            if expected != actual {
-                mismatches.push(format!(
-                    "README.md line {}, sample {}, command {}: {}\n  (normalised; - README, + this run)\n{}",
-                    step.at,
-                    sample.name,
-                    n + 1,
-                    step.command(),
-                    diff(&expected, &actual)
-                ));
-            }
-            block.extend(step.lines.iter().cloned());
-            block.extend(printed);
-            block.extend(step.separator.iter().cloned());
+            eprintln!(
+                "readme: {} sample {} replayed in {:.1} s",
+                file.name,
+                sample.name,
+                started.elapsed().as_secs_f64()
+            );
+            replayed += 1;
+            blocks.push(Some(block));
         }
-        for hidden in &sample.after {
-            replay.hidden(&sample.name, hidden);
-        }
-        replay.wait_settled();
         eprintln!(
-            "readme: sample {} replayed in {:.1} s",
-            sample.name,
-            started.elapsed().as_secs_f64()
+            "readme: {}: {replayed} of {} sample(s) replayed",
+            file.name,
+            file.samples.len()
         );
-        rewritten.push(Some(block));
+        rewritten.push(blocks);
     }
+    let total: usize = files.iter().map(|f| f.samples.len()).sum();
 
     if regenerate {
-        for (sample, block) in samples.iter().zip(rewritten).rev() {
-            if let Some(block) = block {
-                lines.splice(sample.open + 1..sample.close, block);
+        for (file, blocks) in files.iter_mut().zip(rewritten) {
+            for (sample, block) in file.samples.iter().zip(blocks).rev() {
+                if let Some(block) = block {
+                    file.lines.splice(sample.open + 1..sample.close, block);
+                }
             }
-        }
-        let mut text = lines.join("\n");
-        text.push('\n');
-        if text != readme {
-            std::fs::write(&readme_path, text).expect("write README.md");
+            let mut text = file.lines.join("\n");
+            text.push('\n');
+            if text != file.text {
+                std::fs::write(&file.path, text)
+                    .unwrap_or_else(|e| panic!("write {}: {e}", file.path.display()));
+            }
         }
         eprintln!(
             "readme: rewrote {} sample(s) of {} in {:.1} s ({} changed beyond volatile parts){}",
-            samples.len() - skipped.len(),
-            readme_path.display(),
+            total - skipped.len(),
+            files.iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
             began.elapsed().as_secs_f64(),
             mismatches.len(),
             if skipped.is_empty() {
@@ -934,16 +1054,135 @@ fn readme_samples_match_what_the_commands_print() {
         return;
     }
     eprintln!(
-        "readme: {} sample(s) replayed in {:.1} s",
-        samples.len() - skipped.len(),
+        "readme: {} of {total} sample(s) replayed in {:.1} s",
+        total - skipped.len(),
         began.elapsed().as_secs_f64()
     );
     assert!(
         mismatches.is_empty(),
-        "README.md no longer matches what its commands print:\n\n{}\n\
+        "the docs no longer match what their commands print:\n\n{}\n\
          If the new output is right, regenerate the samples with docs/regen-readme.sh \
-         and review the diff of README.md.",
+         and review the diff (git diff README.md docs/).",
         mismatches.join("\n")
+    );
+}
+
+/// Every relative link in README.md and docs/*.md (`[text](target)`)
+/// names a file that exists and, with `#anchor`, a heading in it (as
+/// GitHub spells heading anchors); and no doc names a tracker number.
+#[test]
+fn links_resolve() {
+    let link = Regex::new(r"\]\(([^)\s]+)\)").expect("regex");
+    let tracker = Regex::new(r"(?i)\b(issue|ticket)s?\s+#?\d+").expect("regex");
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for file in markdown_files() {
+        let name = file
+            .strip_prefix(repo_root())
+            .unwrap_or(&file)
+            .display()
+            .to_string();
+        let text = std::fs::read_to_string(&file).expect("read a doc");
+        for (n, line) in prose_lines(&text) {
+            if let Some(m) = tracker.find(line) {
+                broken.push(format!(
+                    "{name} line {n}: a tracker number: {:?}",
+                    m.as_str()
+                ));
+            }
+            for c in link.captures_iter(line) {
+                let target = &c[1];
+                if target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                checked += 1;
+                let (path, anchor) = match target.split_once('#') {
+                    Some((path, anchor)) => (path, Some(anchor)),
+                    None => (target, None),
+                };
+                let resolved = if path.is_empty() {
+                    file.clone()
+                } else {
+                    file.parent().expect("a dir").join(path)
+                };
+                if !resolved.exists() {
+                    broken.push(format!("{name} line {n}: {target}: no such file"));
+                    continue;
+                }
+                if let Some(anchor) = anchor
+                    && resolved.extension().is_some_and(|x| x == "md")
+                {
+                    let target_text = std::fs::read_to_string(&resolved).unwrap_or_default();
+                    if !anchors(&target_text).iter().any(|a| a == anchor) {
+                        broken.push(format!("{name} line {n}: {target}: no such heading"));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("readme: {checked} relative link(s) checked");
+    assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+/// A markdown file's lines outside fenced blocks, with their numbers.
+fn prose_lines(text: &str) -> Vec<(usize, &str)> {
+    let mut fenced = false;
+    let mut lines = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            lines.push((i + 1, line));
+        }
+    }
+    lines
+}
+
+/// The anchors of a markdown file's headings, as GitHub makes them:
+/// lower case, punctuation dropped, spaces as `-`, `-1`, `-2`... for
+/// repeats.
+fn anchors(text: &str) -> Vec<String> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut all = Vec::new();
+    for (_, line) in prose_lines(text) {
+        let Some(heading) = line.strip_prefix('#') else {
+            continue;
+        };
+        let heading = heading.trim_start_matches('#');
+        if !heading.starts_with(' ') {
+            continue;
+        }
+        let slug: String = heading
+            .trim()
+            .to_lowercase()
+            .chars()
+            .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+            .map(|c| if c == ' ' { '-' } else { c })
+            .collect();
+        let count = seen.entry(slug.clone()).or_insert(0);
+        all.push(if *count == 0 {
+            slug.clone()
+        } else {
+            format!("{slug}-{count}")
+        });
+        *count += 1;
+    }
+    all
+}
+
+#[test]
+fn anchors_are_spelled_as_github_spells_them() {
+    let text = "# DKVS\n## What a change guarantees, and how\n```\n# not a heading\n```\n\
+                ## `DKVSServer` — flags\n## Tests\n## Tests\n";
+    assert_eq!(
+        anchors(text),
+        [
+            "dkvs",
+            "what-a-change-guarantees-and-how",
+            "dkvsserver--flags",
+            "tests",
+            "tests-1"
+        ]
     );
 }
 
