@@ -60,6 +60,17 @@ pub struct Heartbeats {
     moves: Mutex<HashMap<String, (ProgressReport, Instant)>>,
     /// This node's join progress: it goes out with every ping.
     progress: JoinProgress,
+    /// Peers found serving another layout at this node's version.
+    forks: Mutex<HashMap<String, LayoutFork>>,
+}
+
+/// A peer serving another layout than this node's at the same version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LayoutFork {
+    pub version: u64,
+    /// The hashes of this node's layout and the peer's.
+    pub mine: u64,
+    pub theirs: u64,
 }
 
 impl Heartbeats {
@@ -83,6 +94,7 @@ impl Heartbeats {
             first_round: CancellationToken::new(),
             moves: Mutex::default(),
             progress,
+            forks: Mutex::default(),
         }
     }
 
@@ -183,13 +195,15 @@ impl Heartbeats {
     /// peer's, and measures the peer's clock skew from its wall clock (the
     /// midpoint of the call is taken as the moment it answered).
     async fn ping(&self, address: &str, timeout: Duration) -> Result<()> {
+        let (layout_version, layout_hash) = self.cluster.layouts.version_and_hash();
         let ping = Ping {
             from: self.me.address.clone(),
             hlc: self.replica.stats().hlc,
             instance_id: self.me.instance_id,
             known_instance_id: self.identity.known_instance(address)?,
             serves_reads: self.identity.read_refusal().is_none(),
-            layout_version: self.cluster.placement().version(),
+            layout_version,
+            layout_hash,
             progress: self.progress.get().map(|p| p.report()),
         };
         let sent_ms = wall_clock_ms();
@@ -198,6 +212,7 @@ impl Heartbeats {
         let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
         let bound = self.replica.bound();
         self.learn_layout(answer.layout_version, address);
+        self.compare_layouts(address, (layout_version, layout_hash), &answer);
         let report = PeerReport {
             layout_version: answer.layout_version,
             clock_skew_ms: skew_ms,
@@ -264,6 +279,7 @@ impl Heartbeats {
         } else {
             InstanceId::NONE
         };
+        let (layout_version, layout_hash) = self.cluster.layouts.version_and_hash();
         Ok(Pong {
             member_id: self.me.member_id,
             hlc: self.replica.stats().hlc,
@@ -272,8 +288,46 @@ impl Heartbeats {
             known_instance_id: known,
             serves_reads: self.identity.read_refusal().is_none(),
             stats: Some(stats),
-            layout_version: self.cluster.placement().version(),
+            layout_version,
+            layout_hash,
         })
+    }
+
+    /// Two members serving different layouts at one version is a fork:
+    /// logged loudly once per peer and version, and shown by
+    /// `Cluster.Status` until the peer answers with this node's layout.
+    fn compare_layouts(&self, address: &str, (version, mine): (u64, u64), answer: &Pong) {
+        let mut forks = self.forks.locked();
+        if answer.layout_version != version || mine == 0 || answer.layout_hash == 0 {
+            return;
+        }
+        if answer.layout_hash == mine {
+            forks.remove(address);
+            return;
+        }
+        let fork = LayoutFork {
+            version,
+            mine,
+            theirs: answer.layout_hash,
+        };
+        if forks.insert(address.to_string(), fork) != Some(fork) {
+            tracing::error!(
+                peer = address,
+                version,
+                mine = format!("{mine:016x}"),
+                theirs = format!("{:016x}", answer.layout_hash),
+                "two different layouts at one version: this node and a peer serve different member lists; the cluster forked (check how the nodes were bootstrapped, and DKVSClient status on each)"
+            );
+        }
+    }
+
+    /// Peers serving another layout at this node's version.
+    pub fn forks(&self) -> Vec<(String, LayoutFork)> {
+        self.forks
+            .locked()
+            .iter()
+            .map(|(address, fork)| (address.clone(), *fork))
+            .collect()
     }
 
     /// Sends `address` a heartbeat now, in the background, unless one sent

@@ -488,6 +488,29 @@ pub fn layout_accepted(
     }
 }
 
+impl From<crate::layout::verify::Vouch> for LayoutVouchResponse {
+    fn from(v: crate::layout::verify::Vouch) -> Self {
+        Self {
+            adopted: v.adopted.is_some(),
+            adopted_hash: v.adopted.unwrap_or(0),
+            accepted: v.accepted.is_some(),
+            accepted_ballot: v.accepted.map(|(b, _)| b.into()),
+            accepted_hash: v.accepted.map_or(0, |(_, h)| h),
+        }
+    }
+}
+
+impl From<LayoutVouchResponse> for crate::layout::verify::Vouch {
+    fn from(v: LayoutVouchResponse) -> Self {
+        Self {
+            adopted: v.adopted.then_some(v.adopted_hash),
+            accepted: v
+                .accepted
+                .then(|| (ballot_from(v.accepted_ballot), v.accepted_hash)),
+        }
+    }
+}
+
 pub fn ballot_from(b: Option<Ballot>) -> crate::layout::paxos::Ballot {
     b.map(|b| crate::layout::paxos::Ballot {
         round: b.round,
@@ -508,6 +531,12 @@ impl From<&crate::layout::paxos::LayoutState> for LayoutState {
             promised: Some(s.acceptor.promised.into()),
             accepted_ballot,
             accepted,
+            adopted: s
+                .adopted
+                .pairs()
+                .iter()
+                .map(|&(version, hash)| LayoutHash { version, hash })
+                .collect(),
         }
     }
 }
@@ -524,6 +553,9 @@ pub fn layout_state_from(s: LayoutState) -> Result<crate::layout::paxos::LayoutS
             promised: ballot_from(s.promised),
             accepted,
         },
+        adopted: crate::layout::verify::AdoptedHashes::from_pairs(
+            s.adopted.into_iter().map(|h| (h.version, h.hash)).collect(),
+        ),
     })
 }
 

@@ -30,6 +30,7 @@
 
 pub mod paxos;
 pub mod progress;
+pub mod verify;
 
 use std::sync::Arc;
 

@@ -102,6 +102,8 @@ pub struct LayoutState {
     pub committed: Option<Layout>,
     /// Its acceptor for the next version.
     pub acceptor: Acceptor,
+    /// The hash of each version it adopted (what it vouches for).
+    pub adopted: super::verify::AdoptedHashes,
 }
 
 #[cfg(test)]

@@ -117,9 +117,17 @@ impl Membership {
         self.progress.get()
     }
 
-    /// Serves `layout` if it is newer (see [`LayoutOwner::adopt`]).
-    pub fn adopt(&self, layout: Layout) -> Result<bool> {
-        self.layouts.adopt(layout)
+    /// Serves `layout`, chosen by this node's own round, if it is newer
+    /// (see [`LayoutOwner::adopt_chosen`]).
+    fn adopt_chosen(&self, layout: Layout) -> Result<bool> {
+        self.layouts.adopt_chosen(layout)
+    }
+
+    /// Serves `layout`, sent by another node, once a majority of the
+    /// active members confirm it was chosen (see
+    /// [`LayoutOwner::adopt_verified`]).
+    pub async fn adopt_verified(&self, layout: Layout) -> Result<bool> {
+        self.layouts.adopt_verified(layout).await
     }
 
     /// Whether a proposal for `version` built on the layout hashing to
@@ -241,7 +249,7 @@ impl Membership {
                 .await
             {
                 Ok(chosen) => {
-                    self.adopt(chosen.clone())?;
+                    self.adopt_chosen(chosen.clone())?;
                     self.announce(&chosen);
                     if done(&chosen) {
                         return Ok(chosen);
@@ -343,7 +351,7 @@ impl Membership {
     /// when older (it is behind), send it ours.
     async fn learn_from_answer(&self, address: &str, committed: Layout, version: u64) {
         if committed.version >= version {
-            if let Err(why) = self.adopt(committed) {
+            if let Err(why) = self.adopt_verified(committed).await {
                 tracing::warn!(peer = address, %why, "cannot adopt a committed layout");
             }
         } else {

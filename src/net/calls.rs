@@ -14,6 +14,7 @@ use crate::clock::SkewBound;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::layout::paxos::Ballot;
+use crate::layout::verify::Vouch;
 use crate::paxos::{Accepted, Promise};
 use crate::pb;
 use crate::record::Record;
@@ -88,6 +89,22 @@ impl PeerPool {
                 Err(why) => Accepted::Failed(why),
             }
         }
+    }
+
+    /// `Membership.LayoutVouch`: what `address` knows about layout
+    /// `version` (a future that owns what it needs, to run in a fan-out).
+    pub fn layout_vouch(
+        &self,
+        address: &str,
+        timeout: Duration,
+        version: u64,
+    ) -> impl std::future::Future<Output = std::result::Result<Vouch, String>> + Send + 'static
+    {
+        let request = pb::LayoutVouchRequest { version };
+        let call = self.membership_call(address, timeout, move |mut c| async move {
+            c.layout_vouch(request).await
+        });
+        async move { call?.await.map(Vouch::from) }
     }
 
     /// `Membership.LayoutCommit`: tells `address` that `layout` is committed.

@@ -45,6 +45,8 @@ pub struct Ping {
     pub serves_reads: bool,
     pub hlc: u64,
     pub layout_version: u64,
+    /// The hash of the layout the sender serves (0: unknown).
+    pub layout_hash: u64,
     /// The sender's join progress, while it is joining.
     pub progress: Option<ProgressReport>,
 }
@@ -62,6 +64,8 @@ pub struct Pong {
     pub wall_ms: u64,
     pub stats: Option<NodeStats>,
     pub layout_version: u64,
+    /// The hash of the layout the answering node serves (0: unknown).
+    pub layout_hash: u64,
 }
 
 /// What a joining node asks a source for (`Membership.StreamRecords`).
@@ -135,6 +139,7 @@ impl From<Ping> for pb::PingRequest {
             serves_reads: p.serves_reads,
             hlc: p.hlc,
             layout_version: p.layout_version,
+            layout_hash: p.layout_hash,
             r#move: p.progress.map(pb::MoveProgress::from),
         }
     }
@@ -149,6 +154,7 @@ impl From<pb::PingRequest> for Ping {
             serves_reads: p.serves_reads,
             hlc: p.hlc,
             layout_version: p.layout_version,
+            layout_hash: p.layout_hash,
             progress: p.r#move.map(ProgressReport::from),
         }
     }
@@ -165,6 +171,7 @@ impl From<Pong> for pb::PingResponse {
             wall_ms: p.wall_ms,
             stats: p.stats.map(pb::NodeStats::from),
             layout_version: p.layout_version,
+            layout_hash: p.layout_hash,
         }
     }
 }
@@ -180,6 +187,7 @@ impl From<pb::PingResponse> for Pong {
             wall_ms: p.wall_ms,
             stats: p.stats.map(NodeStats::from),
             layout_version: p.layout_version,
+            layout_hash: p.layout_hash,
         }
     }
 }

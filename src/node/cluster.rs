@@ -131,6 +131,17 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .into_iter()
                 .map(worker_status)
                 .collect(),
+            layout_forks: node
+                .heartbeats
+                .forks()
+                .into_iter()
+                .map(|(peer, fork)| pb::LayoutFork {
+                    peer,
+                    version: fork.version,
+                    mine: fork.mine,
+                    theirs: fork.theirs,
+                })
+                .collect(),
         }))
     }
 }

@@ -51,8 +51,16 @@ impl pb::membership_server::Membership for MembershipService {
         request: Request<pb::Layout>,
     ) -> Result<Response<pb::GetLayoutRequest>, Status> {
         let layout = pb::layout_from(request.into_inner()).map_err(Error::InvalidArgument)?;
-        self.0.membership.adopt(layout)?;
+        self.0.membership.adopt_verified(layout).await?;
         Ok(Response::new(pb::GetLayoutRequest {}))
+    }
+
+    async fn layout_vouch(
+        &self,
+        request: Request<pb::LayoutVouchRequest>,
+    ) -> Result<Response<pb::LayoutVouchResponse>, Status> {
+        let vouch = self.0.cluster.layouts.vouch(request.into_inner().version);
+        Ok(Response::new(vouch.into()))
     }
 
     async fn join(

@@ -184,6 +184,7 @@ mod tests {
         let layout = Layout::bootstrap(&["127.0.0.1:1".into(), "127.0.0.1:2".into()], 3, 8);
         let next = layout.begin_join("127.0.0.1:3").expect("join");
         LayoutState {
+            adopted: crate::layout::verify::AdoptedHashes::from_pairs(vec![(1, 11), (2, 22)]),
             committed: Some(layout),
             acceptor: Acceptor {
                 version: 2,

@@ -22,15 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::layout::Layout;
+use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::layout::paxos::Acceptor;
 use crate::layout::paxos::LayoutState;
+use crate::layout::verify::{Vouch, cannot_be_chosen, confirmations, contradiction, is_chosen};
+use crate::layout::{Layout, Role};
 use crate::liveness::Liveness;
 use crate::locks::Locked;
 use crate::net::{PeerPool, ReplicaHandle};
 use crate::placement::{Placement, SharedPlacement};
 use crate::replica::ReplicaStore;
-use crate::serving::layout_file::LayoutStore;
+use crate::serving::layout_file::{LayoutStore, layout_hash};
+use tokio::time::Instant;
 
 pub struct LayoutOwner {
     /// This node's address.
@@ -73,6 +76,16 @@ impl LayoutOwner {
             ));
         }
         replica.advance_fence(placement.version());
+        let mut state = state;
+        if let Some(committed) = &state.committed
+            && state.adopted.at(committed.version).is_none()
+        {
+            // A layout file from before adopted hashes were kept: the
+            // layout it serves is the first it vouches for.
+            state
+                .adopted
+                .record(committed.version, layout_hash(committed));
+        }
         Ok(Self {
             me: me.to_string(),
             store,
@@ -122,11 +135,93 @@ impl LayoutOwner {
         Ok((answer, state.clone()))
     }
 
-    /// Serves `layout` if it is newer than the one served: stores it,
-    /// raises the fence, swaps the placement, teaches the failure detector
-    /// its members and recounts the digests over its read ring. Answers
-    /// whether it was adopted.
-    pub fn adopt(&self, layout: Layout) -> Result<bool> {
+    /// The version and hash of the layout served, read together (what
+    /// heartbeats carry).
+    pub fn version_and_hash(&self) -> (u64, u64) {
+        let state = self.state.locked();
+        let version = state.committed.as_ref().map_or(0, |l| l.version);
+        (version, state.adopted.at(version).unwrap_or(0))
+    }
+
+    /// What this node knows about layout `version`, for a node verifying
+    /// a layout (`Membership.LayoutVouch`).
+    pub fn vouch(&self, version: u64) -> Vouch {
+        let state = self.state.locked();
+        let accepted = match &state.acceptor.accepted {
+            Some((ballot, layout)) if state.acceptor.version == version => {
+                Some((*ballot, layout_hash(layout)))
+            }
+            _ => None,
+        };
+        Vouch {
+            adopted: state.adopted.at(version),
+            accepted,
+        }
+    }
+
+    /// Serves `layout` if a majority of the active members of the layout
+    /// served vouch that it was chosen (see [`crate::layout::verify`]);
+    /// anything else is refused, whoever sent it. Answers whether it was
+    /// adopted (false: not newer).
+    pub async fn adopt_verified(&self, layout: Layout) -> Result<bool> {
+        layout.validate().map_err(Error::InvalidArgument)?;
+        let held = self.layout();
+        if layout.version <= held.version {
+            return Ok(false);
+        }
+        let hash = layout_hash(&layout);
+        let voters: Vec<String> = held
+            .members
+            .iter()
+            .filter(|m| m.role == Role::Active)
+            .map(|m| m.address.clone())
+            .collect();
+        let mut tally = VouchTally {
+            hash,
+            answers: vec![None; voters.len()],
+            pending: voters.len(),
+        };
+        let mut asks = FanOut::new(Stragglers::Abandon);
+        for (index, voter) in voters.iter().enumerate() {
+            if *voter == self.me {
+                tally.record(index, Ok(self.vouch(layout.version)));
+            } else {
+                asks.send(
+                    index,
+                    self.peers
+                        .layout_vouch(voter, self.rpc_timeout, layout.version),
+                );
+            }
+        }
+        let deadline = Instant::now() + self.rpc_timeout;
+        asks.collect(&mut tally, Some(deadline)).await;
+        if let Some(other) = contradiction(hash, &tally.answers) {
+            tracing::error!(
+                version = layout.version,
+                offered = format!("{hash:016x}"),
+                adopted = format!("{other:016x}"),
+                "two different layouts at one version: a member adopted another layout than the one offered; not adopting it"
+            );
+        }
+        if !is_chosen(hash, voters.len(), &tally.answers) {
+            return Err(Error::FailedPrecondition(format!(
+                "layout v{} ({hash:016x}, \"{}\") is not confirmed by a majority of the {} active members of layout v{}: {} vouch for it; not adopted",
+                layout.version,
+                layout.change,
+                voters.len(),
+                held.version,
+                confirmations(hash, &tally.answers),
+            )));
+        }
+        self.adopt_chosen(layout)
+    }
+
+    /// Serves `layout`, known to be chosen (this node's own Paxos round
+    /// chose it, or it was verified), if it is newer than the one served:
+    /// stores it, raises the fence, swaps the placement, teaches the
+    /// failure detector its members and recounts the digests over its read
+    /// ring. Answers whether it was adopted.
+    pub fn adopt_chosen(&self, layout: Layout) -> Result<bool> {
         layout.validate().map_err(Error::InvalidArgument)?;
         let mut state = self.state.locked();
         let current = state.committed.as_ref().map_or(0, |l| l.version);
@@ -142,6 +237,7 @@ impl LayoutOwner {
             )));
         }
         let mut next = state.clone();
+        next.adopted.record(layout.version, layout_hash(&layout));
         next.committed = Some(layout.clone());
         if next.acceptor.version <= layout.version {
             next.acceptor = Acceptor::default();
@@ -175,10 +271,14 @@ impl LayoutOwner {
         Ok(true)
     }
 
-    /// Fetches the layout from `address` and adopts it if newer.
+    /// Fetches the layout from `address` and adopts it if newer and
+    /// confirmed by a majority.
     async fn fetch_from(&self, address: &str) -> Result<bool> {
         let layout = self.peers.fetch_layout(address, self.rpc_timeout).await?;
-        self.adopt(layout)
+        if layout.version <= self.version() {
+            return Ok(false);
+        }
+        self.adopt_verified(layout).await
     }
 
     /// Makes this node serve layout `version` or newer before a request
@@ -232,6 +332,37 @@ pub struct ClusterView {
     pub liveness: Liveness,
     /// Deadline of each call to a peer (`--rpc-timeout-ms`).
     pub rpc_timeout: Duration,
+}
+
+/// The answers of a layout's verification: decided once a majority vouch
+/// for the hash, or once too few are left to.
+struct VouchTally {
+    hash: u64,
+    answers: Vec<Option<Vouch>>,
+    pending: usize,
+}
+
+impl Tally<std::result::Result<Vouch, String>> for VouchTally {
+    type Verdict = bool;
+
+    fn record(&mut self, index: usize, reply: std::result::Result<Vouch, String>) {
+        self.pending = self.pending.saturating_sub(1);
+        match reply {
+            Ok(vouch) => self.answers[index] = Some(vouch),
+            Err(why) => tracing::debug!(%why, "no vouch for a layout"),
+        }
+    }
+
+    fn verdict(&self) -> Option<bool> {
+        let asked = self.answers.len();
+        if is_chosen(self.hash, asked, &self.answers) {
+            Some(true)
+        } else if cannot_be_chosen(self.hash, asked, &self.answers, self.pending) {
+            Some(false)
+        } else {
+            None
+        }
+    }
 }
 
 /// A write's replicas: the union of its replica sets, and each set as

@@ -111,6 +111,15 @@ pub fn status_table(status: &pb::StatusResponse, now_ms: u64) -> String {
             table.push('\n');
         }
     }
+    if !status.layout_forks.is_empty() {
+        table.push('\n');
+        for fork in &status.layout_forks {
+            table.push_str(&format!(
+                "LAYOUT FORK: {} serves another layout at v{} ({:016x}) than {} ({:016x}); the cluster has two member lists at one version\n",
+                fork.peer, fork.version, fork.theirs, status.address, fork.mine
+            ));
+        }
+    }
     if !status.moves.is_empty() {
         table.push('\n');
         table.push_str(&moves_table(&status.moves));
