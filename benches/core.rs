@@ -74,8 +74,13 @@ fn storage(c: &mut Criterion) {
     ];
     for (name, engine) in engines {
         let ring = Arc::new(Ring::new(members(5), 256));
-        let replica = ReplicaStore::open(1, engine, ring, dkvs::clock::SkewBound::default())
-            .expect("open replica");
+        let replica = ReplicaStore::open(
+            dkvs::clock::InstanceId(1),
+            engine,
+            ring,
+            dkvs::clock::SkewBound::default(),
+        )
+        .expect("open replica");
         let mut lamport = 0u64;
         c.bench_function(
             &format!("storage/{name} write_if_newer (100 B, flushed to the OS)"),

@@ -128,6 +128,17 @@ impl Heartbeats {
         self.first_round.cancelled().await
     }
 
+    /// The newest layout version a peer's answered heartbeat reported, and
+    /// that peer, when it is newer than `than`.
+    pub fn newest_layout_reported(&self, than: u64) -> Option<(u64, String)> {
+        self.reports
+            .locked()
+            .iter()
+            .filter(|(_, report)| report.layout_version > than)
+            .max_by_key(|(_, report)| report.layout_version)
+            .map(|(address, report)| (report.layout_version, address.clone()))
+    }
+
     /// What `address`'s last answered heartbeat told, if any.
     pub fn report(&self, address: &str) -> Option<PeerReport> {
         self.reports.locked().get(address).cloned()

@@ -168,3 +168,52 @@ async fn a_chosen_layout_reaches_every_member_and_each_vouches_for_it() {
         .into_inner();
     assert!(!vouch.adopted && !vouch.accepted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_settles_without_a_member_that_is_down_and_it_catches_up_before_serving() {
+    let mut cluster = TestCluster::start_with(3, &["--anti-entropy-interval", "1"]).await;
+    let client = cluster.client().await;
+    for i in 0..30 {
+        client
+            .put(&format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("put");
+    }
+    cluster.kill(2);
+    let joined = cluster.join(0, &["--anti-entropy-interval", "1"]).await;
+    // The join finishes and the move settles with node 2 down: settling
+    // waits for the members that are up only.
+    let settled = eventually(Duration::from_secs(40), async || {
+        let layout = layout_of(&cluster, 0).await;
+        let joining = layout
+            .members
+            .iter()
+            .any(|m| m.role != pb::LayoutRole::Active as i32);
+        if layout.members.len() != 4 || joining || !layout.previous.is_empty() {
+            return Err(format!(
+                "node 0 serves v{}: {}",
+                layout.version, layout.change
+            ));
+        }
+        for i in [1, joined] {
+            let other = layout_of(&cluster, i).await;
+            if other.version != layout.version {
+                return Err(format!("node {i} serves v{}", other.version));
+            }
+        }
+        Ok(layout)
+    })
+    .await;
+    // Node 2 comes back with the layout from before the join: it serves
+    // the newest, verified by the others, by the time it says SERVING.
+    cluster.restart(2).await;
+    let layout = layout_of(&cluster, 2).await;
+    assert_eq!(
+        layout.version, settled.version,
+        "a node back from down caught up before serving"
+    );
+    for i in 0..30 {
+        let value = client.get(&format!("k{i}")).await.expect("get");
+        assert_eq!(value.as_deref(), Some(format!("v{i}").as_bytes()));
+    }
+}

@@ -34,8 +34,20 @@ impl Membership {
                     .is_some_and(|r| r.layout_version >= version)
             })
         };
+        // Settling waits for the members believed up, not for one that is
+        // down: a member that comes back serves the newest layout before it
+        // says SERVING, and until it does every replica fences the requests
+        // it places with an older one.
+        let everyone_up_serves = |version: u64| {
+            layout.members.iter().filter(|m| m.address != me).all(|m| {
+                !self.cluster.liveness.is_up(&m.address)
+                    || heartbeats
+                        .report(&m.address)
+                        .is_some_and(|r| r.layout_version >= version)
+            })
+        };
         if !layout.previous.is_empty() && layout.joining().next().is_none() {
-            if everyone_serves(layout.version) && self.is_first_up(&layout) {
+            if everyone_up_serves(layout.version) && self.is_first_up(&layout) {
                 let version = layout.version;
                 match self
                     .propose(

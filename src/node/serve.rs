@@ -96,6 +96,25 @@ where
         tokio::spawn(async move {
             let wait = node.config.heartbeat_interval() * 2;
             let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
+            // A node that was down while the layout changed serves the
+            // newest layout (fetched and verified by a majority) before it
+            // says SERVING; bounded, so a cluster that cannot confirm it
+            // does not keep this node out.
+            let held = node.cluster.placement().version();
+            if let Some((newest, from)) = node.heartbeats.newest_layout_reported(held) {
+                tracing::info!(held, newest, peer = %from, "a peer serves a newer layout: catching up before serving");
+                let catch_up = node.cluster.catch_up(newest, &from);
+                if tokio::time::timeout(node.config.rpc_timeout() * 4, catch_up)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        held,
+                        newest,
+                        "could not catch up with the newest layout in time; serving, requests placed with the old one are fenced"
+                    );
+                }
+            }
             if !node.shutdown.is_cancelled() {
                 for service in std::iter::once("").chain(SERVICES) {
                     health
