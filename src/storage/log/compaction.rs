@@ -57,6 +57,9 @@ impl State {
     }
 }
 
+/// Where entries of a segment are: (offset, length).
+type Spans = Vec<(usize, usize)>;
+
 /// What compaction needs of a segment, copied out under the lock.
 struct ToCompact {
     /// The segment's file.
@@ -180,13 +183,13 @@ impl Shared {
 /// (offset, length), refusing it if it is damaged in ways replay did not
 /// see: the keys of such entries are still indexed here, so the segment
 /// must not be deleted. Returns the data with the entries.
-fn valid_entries(id: u64, segment: &ToCompact) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+fn valid_entries(id: u64, segment: &ToCompact) -> Result<(Vec<u8>, Spans)> {
     let mut data = vec![0u8; segment.bytes as usize];
     segment
         .file
         .read_exact_at(&mut data, 0)
         .map_err(|e| Error::Storage(format!("cannot read segment {id} to compact it: {e}")))?;
-    let mut entries: Vec<(usize, usize)> = Vec::new();
+    let mut entries: Spans = Vec::new();
     let found = scan_segment(
         &data,
         id,
