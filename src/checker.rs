@@ -401,6 +401,47 @@ struct EarlierRead {
     highest_version: Option<(Version, usize)>,
 }
 
+/// The acknowledged writes `acked`, ordered by end, each with the running
+/// maxima up to it.
+fn completed_by_end(history: &[Op], mut acked: Vec<usize>) -> Vec<Completed> {
+    acked.sort_by_key(|&i| history[i].end);
+    let mut completed: Vec<Completed> = Vec::with_capacity(acked.len());
+    for i in acked {
+        let op = &history[i];
+        let version = op.acked_version().unwrap_or_default();
+        let (latest_start, highest_version) = match completed.last() {
+            Some(last) => (
+                last.latest_start.max((op.start, i)),
+                last.highest_version.max((version, i)),
+            ),
+            None => ((op.start, i), (version, i)),
+        };
+        completed.push(Completed {
+            end: op.end,
+            latest_start,
+            highest_version,
+        });
+    }
+    completed
+}
+
+/// The deletes that may have taken effect, ordered by start, each with the
+/// latest effective end up to it.
+fn begun_by_start(history: &[Op], mut deletes: Vec<usize>) -> Vec<Begun> {
+    deletes.sort_by_key(|&i| history[i].start);
+    let mut begun: Vec<Begun> = Vec::with_capacity(deletes.len());
+    for i in deletes {
+        let op = &history[i];
+        let mine = (op.effective_end(), i);
+        let latest_end = begun.last().map_or(mine, |last| last.latest_end.max(mine));
+        begun.push(Begun {
+            start: op.start,
+            latest_end,
+        });
+    }
+    begun
+}
+
 /// The checks for one key.
 struct KeyChecker<'a> {
     /// The whole history; ops are named by their index in it.
@@ -466,35 +507,8 @@ impl<'a> KeyChecker<'a> {
                 deletes.push(i);
             }
         }
-        acked.sort_by_key(|&i| history[i].end);
-        let mut completed: Vec<Completed> = Vec::with_capacity(acked.len());
-        for i in acked {
-            let op = &history[i];
-            let version = op.acked_version().unwrap_or_default();
-            let (latest_start, highest_version) = match completed.last() {
-                Some(last) => (
-                    last.latest_start.max((op.start, i)),
-                    last.highest_version.max((version, i)),
-                ),
-                None => ((op.start, i), (version, i)),
-            };
-            completed.push(Completed {
-                end: op.end,
-                latest_start,
-                highest_version,
-            });
-        }
-        deletes.sort_by_key(|&i| history[i].start);
-        let mut begun: Vec<Begun> = Vec::with_capacity(deletes.len());
-        for i in deletes {
-            let op = &history[i];
-            let mine = (op.effective_end(), i);
-            let latest_end = begun.last().map_or(mine, |last| last.latest_end.max(mine));
-            begun.push(Begun {
-                start: op.start,
-                latest_end,
-            });
-        }
+        let completed = completed_by_end(history, acked);
+        let begun = begun_by_start(history, deletes);
         Self {
             history,
             put_of_value,
@@ -524,103 +538,114 @@ impl<'a> KeyChecker<'a> {
     /// Names what read `r` observed; `None` (after recording why) when no
     /// write explains it.
     fn resolve(&mut self, r: usize) -> Option<Seen> {
-        let history = self.history;
-        let read = &history[r];
-        let Action::Get { outcome } = &read.action else {
+        let Action::Get { outcome } = &self.history[r].action else {
             return None;
         };
         match outcome {
             ReadOutcome::Failed => None,
-            ReadOutcome::Found { value, version } => {
-                let Some(&w) = self.put_of_value.get(value.as_slice()) else {
-                    self.flag(
-                        ViolationKind::Invented,
-                        vec![r],
-                        format!(
-                            "{} returned a value no PUT to its key wrote",
-                            describe(history, r)
-                        ),
-                    );
-                    return None;
-                };
-                let write = &history[w];
-                if write.write_outcome() == Some(WriteOutcome::Failed) {
-                    self.flag(
-                        ViolationKind::Invented,
-                        vec![r, w],
-                        format!(
-                            "{} returned the value of {}, which never took effect",
-                            describe(history, r),
-                            describe(history, w)
-                        ),
-                    );
-                    return None;
-                }
-                if write.start > read.end {
-                    self.flag(
-                        ViolationKind::Invented,
-                        vec![r, w],
-                        format!(
-                            "{} returned the value of {}, which began after the read ended",
-                            describe(history, r),
-                            describe(history, w)
-                        ),
-                    );
-                    return None;
-                }
-                if let Some(version) = *version {
-                    self.check_version(r, w, version);
-                }
-                Some(Seen::Write(w))
-            }
+            ReadOutcome::Found { value, version } => self.resolve_value(r, value, *version),
             ReadOutcome::NotFound { version: None } => Some(Seen::Nothing),
             ReadOutcome::NotFound {
                 version: Some(version),
-            } => match self.write_of_version.get(version).copied() {
-                Some(w) if matches!(history[w].action, Action::Put { .. }) => {
-                    self.flag(
-                        ViolationKind::VersionMismatch,
-                        vec![r, w],
-                        format!(
-                            "{} returned a tombstone at the version {} was acknowledged with",
-                            describe(history, r),
-                            describe(history, w)
-                        ),
-                    );
-                    None
-                }
-                Some(w) if history[w].start > read.end => {
-                    self.flag(
-                        ViolationKind::Invented,
-                        vec![r, w],
-                        format!(
-                            "{} returned the tombstone of {}, which began after the read ended",
-                            describe(history, r),
-                            describe(history, w)
-                        ),
-                    );
-                    None
-                }
-                Some(w) => Some(Seen::Write(w)),
-                // Some indeterminate delete begun in time may carry it.
-                None if self
-                    .latest_delete_begun_before(read.end)
-                    .is_some_and(|(end, _)| end == NEVER) =>
-                {
-                    Some(Seen::Nothing)
-                }
-                None => {
-                    self.flag(
-                        ViolationKind::Invented,
-                        vec![r],
-                        format!(
-                            "{} returned a tombstone no DELETE could have written",
-                            describe(history, r)
-                        ),
-                    );
-                    None
-                }
-            },
+            } => self.resolve_tombstone(r, *version),
+        }
+    }
+
+    /// Names the PUT whose `value` read `r` returned (at `version`, if
+    /// the read reported one).
+    fn resolve_value(&mut self, r: usize, value: &[u8], version: Option<Version>) -> Option<Seen> {
+        let history = self.history;
+        let read = &history[r];
+        let Some(&w) = self.put_of_value.get(value) else {
+            self.flag(
+                ViolationKind::Invented,
+                vec![r],
+                format!(
+                    "{} returned a value no PUT to its key wrote",
+                    describe(history, r)
+                ),
+            );
+            return None;
+        };
+        let write = &history[w];
+        if write.write_outcome() == Some(WriteOutcome::Failed) {
+            self.flag(
+                ViolationKind::Invented,
+                vec![r, w],
+                format!(
+                    "{} returned the value of {}, which never took effect",
+                    describe(history, r),
+                    describe(history, w)
+                ),
+            );
+            return None;
+        }
+        if write.start > read.end {
+            self.flag(
+                ViolationKind::Invented,
+                vec![r, w],
+                format!(
+                    "{} returned the value of {}, which began after the read ended",
+                    describe(history, r),
+                    describe(history, w)
+                ),
+            );
+            return None;
+        }
+        if let Some(version) = version {
+            self.check_version(r, w, version);
+        }
+        Some(Seen::Write(w))
+    }
+
+    /// Names the DELETE whose tombstone read `r` returned at `version`.
+    fn resolve_tombstone(&mut self, r: usize, version: Version) -> Option<Seen> {
+        let history = self.history;
+        let read = &history[r];
+        match self.write_of_version.get(&version).copied() {
+            Some(w) if matches!(history[w].action, Action::Put { .. }) => {
+                self.flag(
+                    ViolationKind::VersionMismatch,
+                    vec![r, w],
+                    format!(
+                        "{} returned a tombstone at the version {} was acknowledged with",
+                        describe(history, r),
+                        describe(history, w)
+                    ),
+                );
+                None
+            }
+            Some(w) if history[w].start > read.end => {
+                self.flag(
+                    ViolationKind::Invented,
+                    vec![r, w],
+                    format!(
+                        "{} returned the tombstone of {}, which began after the read ended",
+                        describe(history, r),
+                        describe(history, w)
+                    ),
+                );
+                None
+            }
+            Some(w) => Some(Seen::Write(w)),
+            // Some indeterminate delete begun in time may carry it.
+            None if self
+                .latest_delete_begun_before(read.end)
+                .is_some_and(|(end, _)| end == NEVER) =>
+            {
+                Some(Seen::Nothing)
+            }
+            None => {
+                self.flag(
+                    ViolationKind::Invented,
+                    vec![r],
+                    format!(
+                        "{} returned a tombstone no DELETE could have written",
+                        describe(history, r)
+                    ),
+                );
+                None
+            }
         }
     }
 

@@ -451,6 +451,9 @@ mod tests {
     }
 
     /// Every variant's status code and outcome: DESIGN.md's "Outcomes" table.
+    ///
+    /// One piece: a table, one row per variant, read side by side with the
+    /// one in DESIGN.md.
     #[test]
     fn every_error_has_its_code_and_outcome() {
         use Outcome::{NotApplied, Unknown};

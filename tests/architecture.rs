@@ -1,5 +1,6 @@
-//! The shape of `src/`: no import cycle among the top-level modules, and the
-//! generated protobuf code only at the edges.
+//! The shape of `src/`: no import cycle among the top-level modules, the
+//! generated protobuf code only at the edges, and no function over a
+//! screen long unless a comment says why it is one piece.
 //!
 //! Reads every non-test source file of the library, follows its `crate::`
 //! paths (in `use` lines and in code; comments and `#[cfg(test)]` items are
@@ -295,4 +296,259 @@ fn strongly_connected(graph: &Graph) -> Vec<Vec<String>> {
     }
     walk.found.sort();
     walk.found
+}
+
+/// A function longer than this many lines (from its `fn` line to its closing
+/// brace) must say why it is one piece.
+const FUNCTION_LINES_MAX: usize = 80;
+
+/// The marker a long function's comment carries when it stays whole.
+const ONE_PIECE_MARKER: &str = "One piece:";
+
+#[test]
+fn every_long_function_says_why_it_is_one_piece() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    collect_rust_files(&src, &mut files);
+    files.sort();
+    let mut offenders = Vec::new();
+    for file in &files {
+        let relative = file.strip_prefix(&src).unwrap().display().to_string();
+        let text = fs::read_to_string(file).unwrap();
+        for long in long_functions_without_marker(&text) {
+            offenders.push(format!("src/{relative}:{long}"));
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "functions over {FUNCTION_LINES_MAX} lines without a \"{ONE_PIECE_MARKER}\" comment \
+         (split them, or say why they stay whole):\n{}",
+        offenders.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_sees_a_long_function() {
+    let body = "    let x = \"}\";\n".repeat(FUNCTION_LINES_MAX);
+    let long = format!("fn long() {{\n{body}}}\n");
+    let found: Vec<String> = long_functions_without_marker(&long)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        found,
+        [format!("1 long ({} lines)", FUNCTION_LINES_MAX + 2)]
+    );
+    let above = format!("/// One piece: a table.\n#[test]\n{long}");
+    assert!(long_functions_without_marker(&above).is_empty());
+    let inside =
+        format!("pub async fn long(\n    x: u8,\n) {{\n    // One piece: a loop.\n{body}}}\n");
+    assert!(long_functions_without_marker(&inside).is_empty());
+    // A one-line function before a long item is short; a body-less trait
+    // method is no function; braces in literals do not count.
+    let short = format!(
+        "fn short() -> char {{ '{{' }}\ntrait T {{ fn f(&self); }}\nconst S: &str = r#\"{{\"#;\nimpl X {{\n{body}}}\n"
+    );
+    assert!(long_functions_without_marker(&short).is_empty());
+}
+
+/// A function over `FUNCTION_LINES_MAX` lines without the marker.
+struct LongFunction {
+    /// The line its `fn` is on (from 1).
+    line: usize,
+    name: String,
+    /// From the `fn` line to the closing brace.
+    lines: usize,
+}
+
+impl std::fmt::Display for LongFunction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({} lines)", self.line, self.name, self.lines)
+    }
+}
+
+/// Each function in `text` longer than `FUNCTION_LINES_MAX` lines whose
+/// comment and attribute lines just above it, or first body lines, lack
+/// the marker.
+fn long_functions_without_marker(text: &str) -> Vec<LongFunction> {
+    let lines: Vec<&str> = text.lines().collect();
+    let depths = brace_depth_per_line(text);
+    let mut found = Vec::new();
+    for (at, line) in lines.iter().enumerate() {
+        let Some(name) = function_name(line) else {
+            continue;
+        };
+        let Some((opens, end)) = function_body(&depths, at) else {
+            continue;
+        };
+        let length = end - at + 1;
+        if length <= FUNCTION_LINES_MAX {
+            continue;
+        }
+        let above = lines[..at]
+            .iter()
+            .rev()
+            .take_while(|l| {
+                let l = l.trim_start();
+                l.starts_with("//") || l.starts_with("#[")
+            })
+            .any(|l| l.contains(ONE_PIECE_MARKER));
+        let first_body = lines[opens..(opens + 4).min(end)]
+            .iter()
+            .any(|l| l.contains(ONE_PIECE_MARKER));
+        if !above && !first_body {
+            found.push(LongFunction {
+                line: at + 1,
+                name: name.to_string(),
+                lines: length,
+            });
+        }
+    }
+    found
+}
+
+/// The name of the function a line declares, if it declares one.
+fn function_name(line: &str) -> Option<&str> {
+    let mut rest = line.trim_start();
+    loop {
+        let before = rest;
+        for qualifier in [
+            "pub(crate) ",
+            "pub(super) ",
+            "pub ",
+            "async ",
+            "const ",
+            "unsafe ",
+        ] {
+            rest = rest.strip_prefix(qualifier).unwrap_or(rest);
+        }
+        if rest == before {
+            break;
+        }
+    }
+    let rest = rest.strip_prefix("fn ")?;
+    let end = rest
+        .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .unwrap_or(rest.len());
+    (end > 0).then(|| &rest[..end])
+}
+
+/// The brace depth over one line of code.
+#[derive(Clone, Copy, Default)]
+struct LineDepth {
+    /// At the line's start.
+    before: usize,
+    /// At its end.
+    after: usize,
+    /// The deepest it went on the line.
+    deepest: usize,
+    /// Whether a `;` sits at the depth the line started at.
+    semicolon: bool,
+}
+
+/// For a function declared on line `start`: the line its body opens on
+/// and the line it closes on (the first where the depth falls back to
+/// where the declaration started). `None` for a declaration without a body
+/// (a trait method).
+fn function_body(depths: &[LineDepth], start: usize) -> Option<(usize, usize)> {
+    let base = depths[start].before;
+    for (i, line) in depths.iter().enumerate().skip(start) {
+        if line.deepest > base {
+            let end = depths
+                .iter()
+                .enumerate()
+                .skip(i)
+                .find(|(_, l)| l.after <= base)
+                .map(|(j, _)| j)?;
+            return Some((i, end));
+        }
+        if line.semicolon {
+            return None;
+        }
+    }
+    None
+}
+
+/// The brace depth of each line of `text`. Braces in `//` comments, in
+/// strings (raw ones too) and in character literals do not count.
+fn brace_depth_per_line(text: &str) -> Vec<LineDepth> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut line = LineDepth::default();
+    let mut depth = 0usize;
+    let end_line = |out: &mut Vec<LineDepth>, line: &mut LineDepth, depth: usize| {
+        line.after = depth;
+        out.push(*line);
+        *line = LineDepth {
+            before: depth,
+            after: depth,
+            deepest: depth,
+            semicolon: false,
+        };
+    };
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '\n' => end_line(&mut out, &mut line, depth),
+            '/' if chars.get(i + 1) == Some(&'/') => {
+                while i + 1 < chars.len() && chars[i + 1] != '\n' {
+                    i += 1;
+                }
+            }
+            '"' => {
+                // A string (a raw one's `r#` prefix was passed as identifier
+                // characters): skip to its closing quote and hashes.
+                let mut hashes = 0;
+                let mut j = i;
+                while j > 0 && chars[j - 1] == '#' {
+                    hashes += 1;
+                    j -= 1;
+                }
+                let raw = j > 0 && chars[j - 1] == 'r';
+                i += 1;
+                while i < chars.len() {
+                    let escape = chars[i] == '\\' && !raw;
+                    if escape {
+                        // Skip the escaped character; a line continuation
+                        // still ends a line.
+                        i += 1;
+                    }
+                    if chars.get(i) == Some(&'\n') {
+                        end_line(&mut out, &mut line, depth);
+                    } else if !escape
+                        && chars[i] == '"'
+                        && (0..hashes).all(|h| chars.get(i + 1 + h) == Some(&'#'))
+                    {
+                        i += hashes;
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            '\'' => {
+                // A character literal ('x', '\n', '\''); a lifetime has no
+                // closing quote right after.
+                if chars.get(i + 1) == Some(&'\\') {
+                    // Past the backslash and the escaped character, to the
+                    // closing quote ('\u{7f}' holds more).
+                    i += 3;
+                    while i < chars.len() && chars[i] != '\'' {
+                        i += 1;
+                    }
+                } else if chars.get(i + 2) == Some(&'\'') {
+                    i += 2;
+                }
+            }
+            '{' => {
+                depth += 1;
+                line.deepest = line.deepest.max(depth);
+            }
+            '}' => depth = depth.saturating_sub(1),
+            ';' if depth == line.before => line.semicolon = true,
+            _ => {}
+        }
+        i += 1;
+    }
+    end_line(&mut out, &mut line, depth);
+    out
 }

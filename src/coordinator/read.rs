@@ -1,6 +1,7 @@
 //! Quorum reads: answer from the first R replies, repair in the background,
 //! and block on repair only when fewer than W replicas hold the answer.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use crate::clock::Version;
 use crate::error::{Error, Result};
 use crate::fanout::{Call, Ended, FanOut, Stragglers, Tally};
 use crate::net::{ReplicaError, ReplicaHandle};
+use crate::placement::Placement;
 use crate::quorum::{
     BlockingRepair, Consistency, Placed, ReadDecision, ReadTally, RepairPlan, Standing, Step,
     WriteDecision, WriteReply, WriteRound, WriteTally, asked_failures, roll_call,
@@ -22,6 +24,14 @@ use crate::replica::WriteOutcome;
 
 /// Most reads of one GET whose blocking repair met a newer version.
 const MAX_READ_ROUNDS: usize = 5;
+
+/// What one read of a GET ended with.
+enum ReadRound {
+    /// The record to answer (`None`: not found).
+    Answer(Option<Record>),
+    /// Read again: a newer version appeared, or the layout moved on.
+    Again,
+}
 
 /// A replica's answer to a quorum read.
 type ReadReply = Result<Option<Record>, ReplicaError>;
@@ -221,23 +231,7 @@ impl PendingRepair {
         background: &Background,
     ) -> Result<Repaired> {
         let record = &plan.record;
-        // Abandon: the writes still in flight are handed to `run` below.
-        let mut writes = FanOut::new(Stragglers::Abandon);
-        for &index in &plan.targets {
-            let (replica, key, record) = (
-                self.replicas[index].clone(),
-                self.key.clone(),
-                record.clone(),
-            );
-            let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
-            writes.send(index, async move {
-                let reply = replica.write(&key, &record, timeout).await;
-                if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
-                    repairs.fetch_add(1, Ordering::Relaxed);
-                }
-                reply
-            });
-        }
+        let mut writes = self.send_repair_writes(plan, background);
         let mut tally = RepairWrites {
             writes: plan.tally(),
             read: &mut self.tally,
@@ -246,26 +240,8 @@ impl PendingRepair {
         };
         let ended = writes.collect(&mut tally, Some(deadline)).await;
         let (acks, repair_failures) = (tally.writes.acks(), tally.writes.failures().to_vec());
-        // What the remaining writes find out still matters to the
-        // asynchronous repair: a replica they reach holds the winner.
+        self.follow_late_repair_writes(writes, record);
         let version = record.version;
-        let winner = record.clone();
-        self.in_flight
-            .extend(writes.into_calls().into_iter().map(|write| {
-                let winner = winner.clone();
-                Box::pin(async move {
-                    let (index, reply) = write.await;
-                    let reply = match reply {
-                        Ok(outcome) if outcome.held == version => Ok(Some(winner)),
-                        Ok(outcome) => Err(ReplicaError::Failed(format!(
-                            "holds version {} instead of {version}",
-                            outcome.held
-                        ))),
-                        Err(why) => Err(why),
-                    };
-                    (index, reply)
-                }) as Call<ReadReply>
-            }));
         let holding = plan.holding + acks;
         let why = match ended {
             Ended::Decided(WriteDecision::Acknowledged { .. }) => return Ok(Repaired::Quorum),
@@ -295,6 +271,62 @@ impl PendingRepair {
                 format!("; {}", failures.join("; "))
             }
         )))
+    }
+
+    /// Sends `plan.record` to each of `plan.targets`; a write that stores
+    /// it counts in `background`'s read repairs.
+    fn send_repair_writes(
+        &self,
+        plan: &BlockingRepair,
+        background: &Background,
+    ) -> FanOut<Result<WriteOutcome, ReplicaError>> {
+        // Abandon: the writes still in flight are handed to `run` (see
+        // `follow_late_repair_writes`).
+        let mut writes = FanOut::new(Stragglers::Abandon);
+        for &index in &plan.targets {
+            let (replica, key, record) = (
+                self.replicas[index].clone(),
+                self.key.clone(),
+                plan.record.clone(),
+            );
+            let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
+            writes.send(index, async move {
+                let reply = replica.write(&key, &record, timeout).await;
+                if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
+                    repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                reply
+            });
+        }
+        writes
+    }
+
+    /// Hands the repair writes still in flight to [`PendingRepair::run`]:
+    /// what they find out still matters to the asynchronous repair, as a
+    /// replica they reach holds the `winner`.
+    fn follow_late_repair_writes(
+        &mut self,
+        writes: FanOut<Result<WriteOutcome, ReplicaError>>,
+        winner: &Record,
+    ) {
+        let version = winner.version;
+        let winner = winner.clone();
+        self.in_flight
+            .extend(writes.into_calls().into_iter().map(|write| {
+                let winner = winner.clone();
+                Box::pin(async move {
+                    let (index, reply) = write.await;
+                    let reply = match reply {
+                        Ok(outcome) if outcome.held == version => Ok(Some(winner)),
+                        Ok(outcome) => Err(ReplicaError::Failed(format!(
+                            "holds version {} instead of {version}",
+                            outcome.held
+                        ))),
+                        Err(why) => Err(why),
+                    };
+                    (index, reply)
+                }) as Call<ReadReply>
+            }));
     }
 
     /// Schedules [`PendingRepair::run`] on `background`.
@@ -400,87 +432,126 @@ impl Coordinator {
         let mut view = self.cluster.placement();
         let mut blocked = false;
         for _ in 0..MAX_READ_ROUNDS {
-            let replicas = self.replicas_for(&view, key)?;
-            let read = read_quorum(replicas, key, consistency, self.cluster.rpc_timeout);
-            let read = tokio::time::timeout_at(deadline, read)
-                .await
-                .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")));
-            let mut result = match read {
-                Err(Error::StaleLayout { current, .. }) => {
-                    // Placed with an old layout: learn the new one, read again.
-                    self.cluster.catch_up(current, "").await;
-                    view = self.cluster.placement();
-                    continue;
-                }
-                other => other?,
-            };
-            if let Some(plan) = result.blocking.take() {
-                if !blocked {
-                    blocked = true;
-                    self.blocking_repairs.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::debug!(
-                    key,
-                    version = %plan.record.version,
-                    holding = plan.holding,
-                    needed = plan.needed,
-                    "newest version held by fewer than W replicas; repairing before answering"
-                );
-                let repaired = result
-                    .repair
-                    .repair_to_quorum(&plan, deadline, &self.background)
-                    .await;
-                match repaired {
-                    Ok(Repaired::Quorum) => {}
-                    Ok(Repaired::Superseded { newer }) => {
-                        tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
-                        self.local.observe(newer);
-                        result.repair.schedule(&self.background);
-                        continue;
-                    }
-                    Err(error) => {
-                        result.repair.schedule(&self.background);
-                        return Err(error);
-                    }
-                }
+            let round = self.read_round(&mut view, key, consistency, deadline, &mut blocked);
+            match round.await? {
+                ReadRound::Answer(record) => return Ok(record),
+                ReadRound::Again => continue,
             }
-            if let Some(record) = &result.record {
-                self.local.observe(record.version);
-            }
-            result.repair.schedule(&self.background);
-            // While data moves, a reader on the next or the previous layout
-            // reads other replica sets: what this read answers must be held
-            // by W replicas in each of them first.
-            if let Some(record) = &result.record
-                && view.is_moving()
-                && matches!(consistency, Consistency::Quorum | Consistency::All)
-            {
-                let confirmed = tokio::time::timeout_at(
-                    deadline,
-                    self.confirm_in_write_sets(&view, key, record, consistency),
-                )
-                .await
-                .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")));
-                match confirmed {
-                    Ok(None) => {}
-                    Ok(Some(newer)) => {
-                        tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
-                        self.local.observe(newer);
-                        continue;
-                    }
-                    Err(Error::StaleLayout { current, .. }) => {
-                        self.cluster.catch_up(current, "").await;
-                        view = self.cluster.placement();
-                        continue;
-                    }
-                    Err(error) => return Err(error),
-                }
-            }
-            return Ok(result.record);
         }
         Err(Error::Unavailable(format!(
             "GET of {key:?} gave up after {MAX_READ_ROUNDS} reads: each time, a newer version appeared while the newest one read was being repaired to a quorum (heavy concurrent writing to this key)"
         )))
+    }
+
+    /// One read of a GET under `view`: a quorum read, the blocking repair
+    /// if the winner is held by fewer than W replicas (counted once per GET
+    /// through `blocked`), background repair, and while data moves the
+    /// confirmation in every write set. A stale layout refreshes `view`.
+    async fn read_round(
+        &self,
+        view: &mut Arc<Placement>,
+        key: &str,
+        consistency: Consistency,
+        deadline: tokio::time::Instant,
+        blocked: &mut bool,
+    ) -> Result<ReadRound> {
+        let replicas = self.replicas_for(view, key)?;
+        let read = read_quorum(replicas, key, consistency, self.cluster.rpc_timeout);
+        let read = tokio::time::timeout_at(deadline, read)
+            .await
+            .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")));
+        let mut result = match read {
+            Err(Error::StaleLayout { current, .. }) => {
+                // Placed with an old layout: learn the new one, read again.
+                self.cluster.catch_up(current, "").await;
+                *view = self.cluster.placement();
+                return Ok(ReadRound::Again);
+            }
+            other => other?,
+        };
+        if let Some(plan) = result.blocking.take() {
+            if !*blocked {
+                *blocked = true;
+                self.blocking_repairs.fetch_add(1, Ordering::Relaxed);
+            }
+            match self
+                .repair_before_answering(key, &plan, result, deadline)
+                .await?
+            {
+                Some(repaired) => result = repaired,
+                None => return Ok(ReadRound::Again),
+            }
+        }
+        if let Some(record) = &result.record {
+            self.local.observe(record.version);
+        }
+        result.repair.schedule(&self.background);
+        // While data moves, a reader on the next or the previous layout
+        // reads other replica sets: what this read answers must be held
+        // by W replicas in each of them first.
+        if let Some(record) = &result.record
+            && view.is_moving()
+            && matches!(consistency, Consistency::Quorum | Consistency::All)
+        {
+            let confirmed = tokio::time::timeout_at(
+                deadline,
+                self.confirm_in_write_sets(view, key, record, consistency),
+            )
+            .await
+            .unwrap_or_else(|_| Err(self.deadline_exceeded("GET")));
+            match confirmed {
+                Ok(None) => {}
+                Ok(Some(newer)) => {
+                    tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
+                    self.local.observe(newer);
+                    return Ok(ReadRound::Again);
+                }
+                Err(Error::StaleLayout { current, .. }) => {
+                    self.cluster.catch_up(current, "").await;
+                    *view = self.cluster.placement();
+                    return Ok(ReadRound::Again);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(ReadRound::Answer(result.record))
+    }
+
+    /// Writes the winner of `result` to W replicas before it is answered
+    /// (see [`PendingRepair::repair_to_quorum`]). Gives the result back to
+    /// answer from, or `None` when a replica holds a newer version (read
+    /// again); unless it is given back, its background repair is scheduled.
+    async fn repair_before_answering(
+        &self,
+        key: &str,
+        plan: &BlockingRepair,
+        mut result: ReadResult,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<ReadResult>> {
+        tracing::debug!(
+            key,
+            version = %plan.record.version,
+            holding = plan.holding,
+            needed = plan.needed,
+            "newest version held by fewer than W replicas; repairing before answering"
+        );
+        let repaired = result
+            .repair
+            .repair_to_quorum(plan, deadline, &self.background)
+            .await;
+        match repaired {
+            Ok(Repaired::Quorum) => Ok(Some(result)),
+            Ok(Repaired::Superseded { newer }) => {
+                tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
+                self.local.observe(newer);
+                result.repair.schedule(&self.background);
+                Ok(None)
+            }
+            Err(error) => {
+                result.repair.schedule(&self.background);
+                Err(error)
+            }
+        }
     }
 
     /// Writes `record` (write-if-newer, its own version) to every replica
@@ -489,7 +560,7 @@ impl Coordinator {
     /// newer version (read again).
     async fn confirm_in_write_sets(
         &self,
-        view: &crate::placement::Placement,
+        view: &Placement,
         key: &str,
         record: &Record,
         consistency: Consistency,

@@ -252,54 +252,76 @@ impl Membership {
         let mut done_share = 0.0;
         let mut done_intervals = 0usize;
         for group in groups {
-            let group = Arc::new(group);
-            let stream_from = |source: &String| {
-                self.clone().stream_group(
-                    source.clone(),
-                    layout.version,
-                    group.clone(),
-                    pace.clone(),
-                    done_share,
-                    done_intervals,
-                )
-            };
-            if let Some(giver) = &group.giver
-                && self.cluster.liveness.is_up(giver)
-            {
-                match stream_from(giver).await {
-                    Ok(()) => {
-                        done_share += group.shares.iter().sum::<f64>();
-                        done_intervals += group.intervals.len();
-                        continue;
-                    }
-                    Err(why) => tracing::warn!(
-                        %giver, %why,
-                        "the replica giving up these ranges could not stream them; streaming from every old replica instead"
-                    ),
-                }
-            }
-            // Every old replica streams to the end (each merge is useful);
-            // the group counts once enough of them finished.
-            let mut streams = FanOut::new(Stragglers::Abandon);
-            for (index, source) in group.sources.iter().enumerate() {
-                streams.send(index, stream_from(source));
-            }
-            let mut merged = Sources::new(&group.sources);
-            streams.collect(&mut merged, None).await;
-            let needed = needed_sources.min(group.sources.len());
-            if merged.merged < needed {
-                return Err(Error::Unavailable(format!(
-                    "streamed a range group from {} of its old replicas, {needed} needed (so no acknowledged write is missed): {}",
-                    merged.merged,
-                    merged.failures.join("; ")
-                )));
-            }
-            if !merged.failures.is_empty() {
-                tracing::warn!(failures = %merged.failures.join("; "), merged = merged.merged, "some old replicas could not stream; enough others did");
-            }
-            done_share += group.shares.iter().sum::<f64>();
-            done_intervals += group.intervals.len();
+            let (share, intervals) = (group.shares.iter().sum::<f64>(), group.intervals.len());
+            let done = (done_share, done_intervals);
+            self.copy_group(layout.version, group, &pace, done, needed_sources)
+                .await?;
+            done_share += share;
+            done_intervals += intervals;
         }
+        self.report_streamed(layout.version, ranges_total, started);
+        Ok(())
+    }
+
+    /// Copies one group of ranges for layout `version`: from the replica
+    /// giving them up when it is up and can, else from every old replica,
+    /// `Ok` once `needed_sources` of them finished. `done` is the share of
+    /// the hash space and the intervals streamed before it.
+    async fn copy_group(
+        self: &Arc<Self>,
+        version: u64,
+        group: Group,
+        pace: &Arc<tokio::sync::Mutex<Pace>>,
+        done: (f64, usize),
+        needed_sources: usize,
+    ) -> Result<()> {
+        let (done_share, done_intervals) = done;
+        let group = Arc::new(group);
+        let stream_from = |source: &String| {
+            self.clone().stream_group(
+                source.clone(),
+                version,
+                group.clone(),
+                pace.clone(),
+                done_share,
+                done_intervals,
+            )
+        };
+        if let Some(giver) = &group.giver
+            && self.cluster.liveness.is_up(giver)
+        {
+            match stream_from(giver).await {
+                Ok(()) => return Ok(()),
+                Err(why) => tracing::warn!(
+                    %giver, %why,
+                    "the replica giving up these ranges could not stream them; streaming from every old replica instead"
+                ),
+            }
+        }
+        // Every old replica streams to the end (each merge is useful);
+        // the group counts once enough of them finished.
+        let mut streams = FanOut::new(Stragglers::Abandon);
+        for (index, source) in group.sources.iter().enumerate() {
+            streams.send(index, stream_from(source));
+        }
+        let mut merged = Sources::new(&group.sources);
+        streams.collect(&mut merged, None).await;
+        let needed = needed_sources.min(group.sources.len());
+        if merged.merged < needed {
+            return Err(Error::Unavailable(format!(
+                "streamed a range group from {} of its old replicas, {needed} needed (so no acknowledged write is missed): {}",
+                merged.merged,
+                merged.failures.join("; ")
+            )));
+        }
+        if !merged.failures.is_empty() {
+            tracing::warn!(failures = %merged.failures.join("; "), merged = merged.merged, "some old replicas could not stream; enough others did");
+        }
+        Ok(())
+    }
+
+    /// Marks the join's progress complete and logs how fast it went.
+    fn report_streamed(&self, version: u64, ranges_total: u32, started: Instant) {
         let (keys, records) = match self.progress.locked().as_mut() {
             Some(progress) => {
                 progress.done_share = 1.0;
@@ -310,7 +332,7 @@ impl Membership {
         };
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
-            version = layout.version,
+            version,
             seconds,
             keys,
             records,
@@ -318,7 +340,6 @@ impl Membership {
             records_per_sec = (records as f64 / seconds.max(1e-3)) as u64,
             "joining: every range streamed"
         );
-        Ok(())
     }
 
     /// Merges one group's intervals from `source`.

@@ -134,59 +134,72 @@ impl ReplicaPipe {
     }
 }
 
+/// Where each answer of a batch goes.
+type WriteAnswer = oneshot::Sender<Result<WriteOutcome, ReplicaError>>;
+type ReadAnswer = oneshot::Sender<Result<Option<Record>, ReplicaError>>;
+
+/// A batch as it is sent: the request, and where each answer goes (in the
+/// request's order).
+struct Outgoing {
+    /// The writes and reads to send.
+    request: pb::ReplicaBatchRequest,
+    /// One per write of the request.
+    write_answers: Vec<WriteAnswer>,
+    /// One per read of the request.
+    read_answers: Vec<ReadAnswer>,
+    /// A copy of each read, to send again alone if the reply defers it.
+    read_requests: Vec<pb::ReplicaReadRequest>,
+}
+
+impl Outgoing {
+    /// Gathers `batch` into one request for `service`, refusing at once
+    /// the writes it may not carry.
+    fn gather(service: &PipeService, batch: Vec<PipeItem>) -> Self {
+        let mut outgoing = Self {
+            request: pb::ReplicaBatchRequest::default(),
+            write_answers: Vec::new(),
+            read_answers: Vec::new(),
+            read_requests: Vec::new(),
+        };
+        for item in batch {
+            match item {
+                PipeItem::Write(_, answer) if matches!(service, PipeService::ReplicaRead(_)) => {
+                    let _ = answer.send(Err(ReplicaError::Rejected(
+                        "the smart client's replica pipe carries reads only (dkvs.v1.ReplicaRead); \
+                         writes go through a node's KeyValue service"
+                            .into(),
+                    )));
+                }
+                PipeItem::Write(write, answer) => {
+                    outgoing.request.writes.push(write);
+                    outgoing.write_answers.push(answer);
+                }
+                PipeItem::Read(read, answer) => {
+                    outgoing.read_requests.push(read.clone());
+                    outgoing.request.reads.push(read);
+                    outgoing.read_answers.push(answer);
+                }
+            }
+        }
+        outgoing
+    }
+}
+
 /// Sends one batch and distributes the answers (or the failure) to callers.
 ///
 /// A record or version in the answer beyond `bound` is that replica's
 /// failed reply: never merged, never repaired onward.
 async fn send_batch(service: PipeService, batch: Vec<PipeItem>, bound: SkewBound) {
-    let mut request = pb::ReplicaBatchRequest::default();
-    let mut write_answers = Vec::new();
-    let mut read_answers = Vec::new();
-    let mut read_requests = Vec::new();
-    for item in batch {
-        match item {
-            PipeItem::Write(_, answer) if matches!(service, PipeService::ReplicaRead(_)) => {
-                let _ = answer.send(Err(ReplicaError::Rejected(
-                    "the smart client's replica pipe carries reads only (dkvs.v1.ReplicaRead); \
-                     writes go through a node's KeyValue service"
-                        .into(),
-                )));
-            }
-            PipeItem::Write(write, answer) => {
-                request.writes.push(write);
-                write_answers.push(answer);
-            }
-            PipeItem::Read(read, answer) => {
-                read_requests.push(read.clone());
-                request.reads.push(read);
-                read_answers.push(answer);
-            }
-        }
-    }
+    let Outgoing {
+        request,
+        write_answers,
+        read_answers,
+        read_requests,
+    } = Outgoing::gather(&service, batch);
     if write_answers.is_empty() && read_answers.is_empty() {
         return;
     }
-    let sent = match service.clone() {
-        PipeService::Replica(mut client) => {
-            tokio::time::timeout(BATCH_TIMEOUT, client.batch(request))
-                .await
-                .map(|reply| reply.map(|r| r.into_inner()))
-        }
-        PipeService::ReplicaRead(mut client) => {
-            let reads = pb::ReplicaReadBatchRequest {
-                reads: request.reads,
-            };
-            tokio::time::timeout(BATCH_TIMEOUT, client.batch(reads))
-                .await
-                .map(|reply| {
-                    reply.map(|r| pb::ReplicaBatchResponse {
-                        writes: Vec::new(),
-                        reads: r.into_inner().reads,
-                    })
-                })
-        }
-    };
-    let reply = match sent {
+    let reply = match exchange(service.clone(), request).await {
         Ok(Ok(reply)) => reply,
         Ok(Err(status)) => {
             let failed = match crate::error::stale_layout_of(&status) {
@@ -205,22 +218,7 @@ async fn send_batch(service: PipeService, batch: Vec<PipeItem>, bound: SkewBound
     };
     let mut writes = reply.writes.into_iter();
     for answer in write_answers {
-        let result = match writes.next() {
-            Some(w) if w.stale_layout != 0 => Err(ReplicaError::StaleLayout(w.stale_layout)),
-            Some(w) if w.rejected => Err(ReplicaError::Rejected(w.error)),
-            Some(w) if !w.error.is_empty() => Err(ReplicaError::Failed(w.error)),
-            Some(w) => match pb::version_from(w.held, bound, "held version") {
-                Ok(held) => Ok(WriteOutcome {
-                    applied: w.applied,
-                    held,
-                }),
-                Err(why) => Err(ReplicaError::Failed(format!("answered badly: {why}"))),
-            },
-            None => Err(ReplicaError::Failed(
-                "the batch answer is missing this write".to_string(),
-            )),
-        };
-        let _ = answer.send(result);
+        let _ = answer.send(write_result(writes.next(), bound));
     }
     let mut reads = reply.reads.into_iter();
     for (answer, request) in read_answers.into_iter().zip(read_requests) {
@@ -240,6 +238,56 @@ async fn send_batch(service: PipeService, batch: Vec<PipeItem>, bound: SkewBound
             )),
         };
         let _ = answer.send(result);
+    }
+}
+
+/// Sends `request` to `service` as one batch call within [`BATCH_TIMEOUT`];
+/// the read-only service's reply comes back as a batch reply without writes.
+async fn exchange(
+    service: PipeService,
+    request: pb::ReplicaBatchRequest,
+) -> Result<Result<pb::ReplicaBatchResponse, tonic::Status>, tokio::time::error::Elapsed> {
+    match service {
+        PipeService::Replica(mut client) => {
+            tokio::time::timeout(BATCH_TIMEOUT, client.batch(request))
+                .await
+                .map(|reply| reply.map(|r| r.into_inner()))
+        }
+        PipeService::ReplicaRead(mut client) => {
+            let reads = pb::ReplicaReadBatchRequest {
+                reads: request.reads,
+            };
+            tokio::time::timeout(BATCH_TIMEOUT, client.batch(reads))
+                .await
+                .map(|reply| {
+                    reply.map(|r| pb::ReplicaBatchResponse {
+                        writes: Vec::new(),
+                        reads: r.into_inner().reads,
+                    })
+                })
+        }
+    }
+}
+
+/// One write's answer in a batch reply (`None`: the reply has none for it).
+fn write_result(
+    w: Option<pb::WriteResult>,
+    bound: SkewBound,
+) -> Result<WriteOutcome, ReplicaError> {
+    match w {
+        Some(w) if w.stale_layout != 0 => Err(ReplicaError::StaleLayout(w.stale_layout)),
+        Some(w) if w.rejected => Err(ReplicaError::Rejected(w.error)),
+        Some(w) if !w.error.is_empty() => Err(ReplicaError::Failed(w.error)),
+        Some(w) => match pb::version_from(w.held, bound, "held version") {
+            Ok(held) => Ok(WriteOutcome {
+                applied: w.applied,
+                held,
+            }),
+            Err(why) => Err(ReplicaError::Failed(format!("answered badly: {why}"))),
+        },
+        None => Err(ReplicaError::Failed(
+            "the batch answer is missing this write".to_string(),
+        )),
     }
 }
 

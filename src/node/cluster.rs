@@ -8,8 +8,11 @@ use tonic::{Request, Response, Status};
 
 use super::Node;
 use crate::clock::InstanceId;
+use crate::liveness::PeerHealth;
 use crate::pb;
+use crate::placement::Placement;
 use crate::quorum::Consistency;
+use crate::ring::Member;
 use crate::workers::WorkerReport;
 
 pub(super) struct ClusterService(pub(super) Arc<Node>);
@@ -35,85 +38,9 @@ impl pb::cluster_server::Cluster for ClusterService {
             .members()
             .iter()
             .zip(healths)
-            .map(|(member, health)| {
-                let itself = view.is_me(&member.address);
-                let report = node.heartbeats.report(&member.address);
-                let (stats, stats_age_ms) = if itself {
-                    (Some(node.local_stats()), 0)
-                } else {
-                    match report.as_ref().and_then(|r| r.stats) {
-                        Some((stats, at)) => (
-                            Some(stats),
-                            now.saturating_duration_since(at).as_millis() as u64,
-                        ),
-                        None => (None, 0),
-                    }
-                };
-                // Why a member is believed down. One that is up but silent
-                // (frozen, not yet convicted) shows in the age of its counts.
-                let joining = view
-                    .layout()
-                    .and_then(|l| l.member(&member.address))
-                    .is_some_and(|m| m.role == crate::layout::Role::Joining);
-                let (state, error) = if (itself || health.up) && joining {
-                    (pb::MemberState::Joining, String::new())
-                } else if itself || health.up {
-                    (pb::MemberState::Up, String::new())
-                } else {
-                    let why = health
-                        .last_error
-                        .clone()
-                        .unwrap_or_else(|| "no heartbeat".into());
-                    (pb::MemberState::Down, why)
-                };
-                let instance_id = if itself {
-                    node.me.instance_id
-                } else {
-                    (node.identity.known_instance(&member.address)).unwrap_or(InstanceId::NONE)
-                };
-                pb::Member {
-                    address: member.address.clone(),
-                    node_id: member.member_id.0,
-                    state: state as i32,
-                    stats: stats.map(pb::NodeStats::from),
-                    error,
-                    phi: health.phi,
-                    clock_skew_ms: report.as_ref().map_or(0, |r| r.clock_skew_ms),
-                    instance_id: instance_id.0,
-                    stats_age_ms,
-                    layout_version: if itself {
-                        view.version()
-                    } else {
-                        report.as_ref().map_or(0, |r| r.layout_version)
-                    },
-                }
-            })
+            .map(|(member, health)| member_status(node, &view, member, health, now))
             .collect();
         let quorum = Consistency::Quorum.required(view.replicas()) as u32;
-        // Data moving: this node's own join, and joining members' last reports.
-        let mut moves = Vec::new();
-        if let Some(progress) = node.membership.progress()
-            && view
-                .layout()
-                .and_then(|l| l.member(&node.me.address))
-                .is_some_and(|m| m.role == crate::layout::Role::Joining)
-        {
-            let mut progress = pb::MoveProgress::from(progress.report());
-            progress.address = node.me.address.clone();
-            moves.push(progress);
-        }
-        for (address, progress, age) in node.heartbeats.moves() {
-            let mut progress = pb::MoveProgress::from(progress);
-            let joining = view
-                .layout()
-                .and_then(|l| l.member(&address))
-                .is_some_and(|m| m.role == crate::layout::Role::Joining);
-            if joining && address != node.me.address {
-                progress.address = address;
-                progress.age_ms = age.as_millis() as u64;
-                moves.push(progress);
-            }
-        }
         Ok(Response::new(pb::StatusResponse {
             address: node.me.address.clone(),
             node_id: node.me.member_id.0,
@@ -124,7 +51,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             members,
             instance_id: node.me.instance_id.0,
             layout: view.layout().map(|l| pb::Layout::from(l.as_ref())),
-            moves,
+            moves: moves(node, &view),
             workers: node
                 .workers
                 .reports()
@@ -144,6 +71,93 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .collect(),
         }))
     }
+}
+
+/// Whether `address` is joining in the layout `view` serves.
+fn is_joining(view: &Placement, address: &str) -> bool {
+    view.layout()
+        .and_then(|l| l.member(address))
+        .is_some_and(|m| m.role == crate::layout::Role::Joining)
+}
+
+/// One member as this node sees it: its state and why, its counts from its
+/// last answered heartbeat (with their age), its clock skew, instance and
+/// layout version.
+fn member_status(
+    node: &Node,
+    view: &Placement,
+    member: &Member,
+    health: PeerHealth,
+    now: Instant,
+) -> pb::Member {
+    let itself = view.is_me(&member.address);
+    let report = node.heartbeats.report(&member.address);
+    let (stats, stats_age_ms) = if itself {
+        (Some(node.local_stats()), 0)
+    } else {
+        match report.as_ref().and_then(|r| r.stats) {
+            Some((stats, at)) => (
+                Some(stats),
+                now.saturating_duration_since(at).as_millis() as u64,
+            ),
+            None => (None, 0),
+        }
+    };
+    // Why a member is believed down. One that is up but silent (frozen,
+    // not yet convicted) shows in the age of its counts.
+    let (state, error) = if (itself || health.up) && is_joining(view, &member.address) {
+        (pb::MemberState::Joining, String::new())
+    } else if itself || health.up {
+        (pb::MemberState::Up, String::new())
+    } else {
+        let why = health
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no heartbeat".into());
+        (pb::MemberState::Down, why)
+    };
+    let instance_id = if itself {
+        node.me.instance_id
+    } else {
+        (node.identity.known_instance(&member.address)).unwrap_or(InstanceId::NONE)
+    };
+    pb::Member {
+        address: member.address.clone(),
+        node_id: member.member_id.0,
+        state: state as i32,
+        stats: stats.map(pb::NodeStats::from),
+        error,
+        phi: health.phi,
+        clock_skew_ms: report.as_ref().map_or(0, |r| r.clock_skew_ms),
+        instance_id: instance_id.0,
+        stats_age_ms,
+        layout_version: if itself {
+            view.version()
+        } else {
+            report.as_ref().map_or(0, |r| r.layout_version)
+        },
+    }
+}
+
+/// Data moving: this node's own join, and joining members' last reports.
+fn moves(node: &Node, view: &Placement) -> Vec<pb::MoveProgress> {
+    let mut moves = Vec::new();
+    if let Some(progress) = node.membership.progress()
+        && is_joining(view, &node.me.address)
+    {
+        let mut progress = pb::MoveProgress::from(progress.report());
+        progress.address = node.me.address.clone();
+        moves.push(progress);
+    }
+    for (address, progress, age) in node.heartbeats.moves() {
+        if is_joining(view, &address) && address != node.me.address {
+            let mut progress = pb::MoveProgress::from(progress);
+            progress.address = address;
+            progress.age_ms = age.as_millis() as u64;
+            moves.push(progress);
+        }
+    }
+    moves
 }
 
 /// A worker's report as `Cluster.Status` carries it.

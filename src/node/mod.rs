@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::antientropy::AntiEntropy;
 use crate::background::Background;
+use crate::clock::SkewBound;
 use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
 use crate::error::{Error, Result};
@@ -46,6 +47,7 @@ use crate::heartbeat::Heartbeats;
 use crate::hints::{HintBounds, HintDelivery, HintStore};
 use crate::identity::Identity;
 use crate::layout::Layout;
+use crate::layout::paxos::LayoutState;
 use crate::layout::progress::JoinProgress;
 use crate::limits::Limits;
 use crate::liveness::{FailureDetector, Liveness};
@@ -200,6 +202,11 @@ impl Node {
     }
 
     /// Builds the node over a storage engine and a layout store.
+    ///
+    /// One piece: after the steps that check or open something (the
+    /// helpers below), what is left is a list of constructors in the order
+    /// the parts depend on each other (the layout owner before anything
+    /// that places a request); split, it would only pass the parts around.
     pub fn with_parts(
         config: ServerConfig,
         storage: Arc<dyn Storage>,
@@ -208,100 +215,16 @@ impl Node {
     ) -> Result<Arc<Self>> {
         config.validate().map_err(Error::InvalidArgument)?;
         let address = config.advertised_address();
-        let listed = config.peers.iter().any(|p| p.trim() == address);
-        let others = config.peers.iter().filter(|p| !p.trim().is_empty()).count();
-        if others > 0 && !listed {
-            tracing::warn!(
-                %address,
-                "this node's address is not in --peers; it joins the ring as an extra member. \
-                 If --peers names it differently (e.g. localhost vs 127.0.0.1), use the same spelling or --advertise"
-            );
-        }
-        let members: Vec<Member> = config
-            .member_addresses()
-            .into_iter()
-            .map(Member::new)
-            .collect();
-        let ids: std::collections::HashSet<_> = members.iter().map(|m| m.member_id).collect();
-        if ids.len() != members.len() {
-            return Err(Error::InvalidArgument(
-                "two member addresses hash to the same node id; change one of them".into(),
-            ));
-        }
-        let layout_state = Membership::load_or_bootstrap(&layout_store, || {
-            Layout::bootstrap(&config.member_addresses(), config.replicas, config.vnodes)
-        })?;
-        let layout = Arc::new(
-            layout_state
-                .committed
-                .clone()
-                .ok_or_else(|| Error::Internal("no layout after bootstrap".into()))?,
-        );
-        if !layout.is_member(&address) {
-            return Err(Error::InvalidArgument(format!(
-                "the stored layout v{} does not name this node's address {address}; start it with the address it joined with (--listen/--advertise)",
-                layout.version
-            )));
-        }
-        if layout.replicas != config.replicas || layout.vnodes != config.vnodes {
-            tracing::warn!(
-                layout_replicas = layout.replicas,
-                layout_vnodes = layout.vnodes,
-                "--replicas/--vnodes differ from the cluster's layout, which was fixed at bootstrap; the layout's apply"
-            );
-        }
-        let placement = Placement::of_layout(layout.clone(), address.clone());
-        if placement.replicas() < config.replicas {
-            tracing::warn!(
-                requested = config.replicas,
-                members = placement.members().len(),
-                "fewer members than --replicas; each key gets one replica per member"
-            );
-        }
+        check_members(&config, &address)?;
+        let (layout_state, layout) = stored_layout(&config, &layout_store, &address)?;
+        let placement = placement_of(&config, layout.clone(), &address);
         let limits = Limits {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
         };
         let bound = config.skew_bound();
-        let sharing = placement
-            .sharing_peers()
-            .map(|m| m.address.clone())
-            .collect();
-        let identity = Arc::new(Identity::open(
-            storage.clone(),
-            sharing,
-            is_fresh(&*storage)?,
-        )?);
-        let me = ThisNode {
-            member_id: crate::ring::member_id_for(&address),
-            instance_id: identity.instance_id,
-            address,
-        };
-        let replica = Arc::new(
-            ReplicaStore::open(
-                me.instance_id,
-                storage.clone(),
-                placement.ring().clone(),
-                bound,
-            )?
-            .with_read_gate(identity.clone()),
-        );
-        // Counted over the layout's read ring just now; serve that version.
-        replica.digests_are_of(layout.version);
-        tracing::info!(
-            member_id = me.member_id.to_string(),
-            instance_id = me.instance_id.to_string(),
-            "identity"
-        );
-        let peers = Arc::new(
-            PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)).with_skew_bound(bound),
-        );
-        let liveness = Liveness::new(FailureDetector::new(
-            placement.peers().map(|m| m.address.clone()),
-            Instant::now(),
-            config.heartbeat_interval(),
-            config.phi_threshold,
-        ));
+        let (identity, me, replica) = open_replica(&storage, &placement, &layout, bound, address)?;
+        let (peers, liveness) = reach_peers(&config, dialer, &placement, &limits, bound);
         let layouts = Arc::new(LayoutOwner::new(
             &me.address,
             layout_store,
@@ -321,22 +244,7 @@ impl Node {
         let progress = JoinProgress::default();
         let shutdown = CancellationToken::new();
         let background = Background::new(shutdown.child_token());
-        let hints = Arc::new(HintStore::open(
-            storage.clone(),
-            HintBounds {
-                max_hints: config.max_hints,
-                max_bytes: config.max_hint_bytes,
-                max_age: Duration::from_secs(config.max_hint_age_secs),
-                skew: replica.bound(),
-            },
-        )?);
-        if !hints.is_empty() {
-            tracing::info!(
-                hints = hints.len(),
-                bytes = hints.bytes(),
-                "hints waiting for delivery"
-            );
-        }
+        let hints = open_hints(&storage, &config, &replica)?;
         let anti_entropy = Arc::new(AntiEntropy::new(
             replica.clone(),
             cluster.clone(),
@@ -504,4 +412,164 @@ impl Node {
             },
         ))
     }
+}
+
+/// Warns when `address` is missing from `--peers` (it then joins the ring
+/// as an extra member) and refuses member addresses whose ids collide.
+fn check_members(config: &ServerConfig, address: &str) -> Result<()> {
+    let listed = config.peers.iter().any(|p| p.trim() == address);
+    let others = config.peers.iter().filter(|p| !p.trim().is_empty()).count();
+    if others > 0 && !listed {
+        tracing::warn!(
+            %address,
+            "this node's address is not in --peers; it joins the ring as an extra member. \
+             If --peers names it differently (e.g. localhost vs 127.0.0.1), use the same spelling or --advertise"
+        );
+    }
+    let members: Vec<Member> = config
+        .member_addresses()
+        .into_iter()
+        .map(Member::new)
+        .collect();
+    let ids: std::collections::HashSet<_> = members.iter().map(|m| m.member_id).collect();
+    if ids.len() != members.len() {
+        return Err(Error::InvalidArgument(
+            "two member addresses hash to the same node id; change one of them".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The layout state in `layout_store` (bootstrapped from the flags if it
+/// holds none) and its committed layout, which must name `address`.
+fn stored_layout(
+    config: &ServerConfig,
+    layout_store: &LayoutStore,
+    address: &str,
+) -> Result<(LayoutState, Arc<Layout>)> {
+    let layout_state = Membership::load_or_bootstrap(layout_store, || {
+        Layout::bootstrap(&config.member_addresses(), config.replicas, config.vnodes)
+    })?;
+    let layout = Arc::new(
+        layout_state
+            .committed
+            .clone()
+            .ok_or_else(|| Error::Internal("no layout after bootstrap".into()))?,
+    );
+    if !layout.is_member(address) {
+        return Err(Error::InvalidArgument(format!(
+            "the stored layout v{} does not name this node's address {address}; start it with the address it joined with (--listen/--advertise)",
+            layout.version
+        )));
+    }
+    if layout.replicas != config.replicas || layout.vnodes != config.vnodes {
+        tracing::warn!(
+            layout_replicas = layout.replicas,
+            layout_vnodes = layout.vnodes,
+            "--replicas/--vnodes differ from the cluster's layout, which was fixed at bootstrap; the layout's apply"
+        );
+    }
+    Ok((layout_state, layout))
+}
+
+/// The placement of `layout` seen from `address`, warning when it has
+/// fewer members than `--replicas`.
+fn placement_of(config: &ServerConfig, layout: Arc<Layout>, address: &str) -> Placement {
+    let placement = Placement::of_layout(layout, address.to_string());
+    if placement.replicas() < config.replicas {
+        tracing::warn!(
+            requested = config.replicas,
+            members = placement.members().len(),
+            "fewer members than --replicas; each key gets one replica per member"
+        );
+    }
+    placement
+}
+
+/// Opens this node's identity and its replica over `storage`, the replica's
+/// digests counted over `layout`'s read ring.
+fn open_replica(
+    storage: &Arc<dyn Storage>,
+    placement: &Placement,
+    layout: &Layout,
+    bound: SkewBound,
+    address: String,
+) -> Result<(Arc<Identity>, ThisNode, Arc<ReplicaStore>)> {
+    let sharing = placement
+        .sharing_peers()
+        .map(|m| m.address.clone())
+        .collect();
+    let identity = Arc::new(Identity::open(
+        storage.clone(),
+        sharing,
+        is_fresh(&**storage)?,
+    )?);
+    let me = ThisNode {
+        member_id: crate::ring::member_id_for(&address),
+        instance_id: identity.instance_id,
+        address,
+    };
+    let replica = Arc::new(
+        ReplicaStore::open(
+            me.instance_id,
+            storage.clone(),
+            placement.ring().clone(),
+            bound,
+        )?
+        .with_read_gate(identity.clone()),
+    );
+    // Counted over the layout's read ring just now; serve that version.
+    replica.digests_are_of(layout.version);
+    tracing::info!(
+        member_id = me.member_id.to_string(),
+        instance_id = me.instance_id.to_string(),
+        "identity"
+    );
+    Ok((identity, me, replica))
+}
+
+/// The pool of connections to the peers of `placement` and the failure
+/// detector watching them.
+fn reach_peers(
+    config: &ServerConfig,
+    dialer: Arc<dyn Dialer>,
+    placement: &Placement,
+    limits: &Limits,
+    bound: SkewBound,
+) -> (Arc<PeerPool>, Liveness) {
+    let peers = Arc::new(
+        PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)).with_skew_bound(bound),
+    );
+    let liveness = Liveness::new(FailureDetector::new(
+        placement.peers().map(|m| m.address.clone()),
+        Instant::now(),
+        config.heartbeat_interval(),
+        config.phi_threshold,
+    ));
+    (peers, liveness)
+}
+
+/// Opens the hint store over `storage`, bounded by the flags.
+fn open_hints(
+    storage: &Arc<dyn Storage>,
+    config: &ServerConfig,
+    replica: &ReplicaStore,
+) -> Result<Arc<HintStore>> {
+    let hints = Arc::new(HintStore::open(
+        storage.clone(),
+        HintBounds {
+            max_hints: config.max_hints,
+            max_bytes: config.max_hint_bytes,
+            max_age: Duration::from_secs(config.max_hint_age_secs),
+            skew: replica.bound(),
+        },
+    )?);
+    if !hints.is_empty() {
+        tracing::info!(
+            hints = hints.len(),
+            bytes = hints.bytes(),
+            "hints waiting for delivery"
+        );
+    }
+    Ok(hints)
 }

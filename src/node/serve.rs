@@ -64,66 +64,9 @@ where
         .build_v1alpha()
         .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
 
-    let key_value =
-        pb::key_value_server::KeyValueServer::new(super::kv::KeyValueService(node.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
-    let cluster =
-        pb::cluster_server::ClusterServer::new(super::cluster::ClusterService(node.clone()));
-    let replica_read = pb::replica_read_server::ReplicaReadServer::new(
-        super::replica_read::ReplicaReadService(node.clone()),
-    )
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
-    let replica =
-        pb::replica_server::ReplicaServer::new(super::replica::ReplicaService(node.clone()))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message);
-    let membership = pb::membership_server::MembershipServer::new(
-        super::membership::MembershipService(node.clone()),
-    )
-    .max_decoding_message_size(max_message)
-    .max_encoding_message_size(max_message);
-    let liveness =
-        pb::liveness_server::LivenessServer::new(super::liveness::LivenessService(node.clone()));
-
+    let services = Services::new(&node, max_message);
     let workers = node.start_workers();
-    // SERVING once the first heartbeats have told peers who this node is
-    // (and this node what they knew at its address), bounded by twice the
-    // heartbeat interval; the server answers meanwhile.
-    let serving = {
-        let (health, node) = (health.clone(), node.clone());
-        tokio::spawn(async move {
-            let wait = node.config.heartbeat_interval() * 2;
-            let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
-            // A node that was down while the layout changed serves the
-            // newest layout (fetched and verified by a majority) before it
-            // says SERVING; bounded, so a cluster that cannot confirm it
-            // does not keep this node out.
-            let held = node.cluster.placement().version();
-            if let Some((newest, from)) = node.heartbeats.newest_layout_reported(held) {
-                tracing::info!(held, newest, peer = %from, "a peer serves a newer layout: catching up before serving");
-                let catch_up = node.cluster.catch_up(newest, &from);
-                if tokio::time::timeout(node.config.rpc_timeout() * 4, catch_up)
-                    .await
-                    .is_err()
-                {
-                    tracing::warn!(
-                        held,
-                        newest,
-                        "could not catch up with the newest layout in time; serving, requests placed with the old one are fenced"
-                    );
-                }
-            }
-            if !node.shutdown.is_cancelled() {
-                for service in std::iter::once("").chain(SERVICES) {
-                    health
-                        .set_service_status(service, tonic_health::ServingStatus::Serving)
-                        .await;
-                }
-            }
-        })
-    };
+    let serving = serve_once_heard(node.clone(), health.clone());
     let view = node.cluster.placement();
     tracing::info!(
         address = node.address(),
@@ -138,11 +81,7 @@ where
         shutdown.await;
         stop_serving.abort();
         tracing::info!("shutting down: NOT_SERVING, draining requests");
-        for service in std::iter::once("").chain(SERVICES) {
-            drain_health
-                .set_service_status(service, tonic_health::ServingStatus::NotServing)
-                .await;
-        }
+        set_every_status(&drain_health, tonic_health::ServingStatus::NotServing).await;
     };
     let served = Server::builder()
         .layer(EdgeStatusLayer {
@@ -154,16 +93,124 @@ where
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(key_value)
-        .add_service(cluster)
-        .add_service(replica_read)
-        .add_service(replica)
-        .add_service(membership)
-        .add_service(liveness)
+        .add_service(services.key_value)
+        .add_service(services.cluster)
+        .add_service(services.replica_read)
+        .add_service(services.replica)
+        .add_service(services.membership)
+        .add_service(services.liveness)
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
 
-    // Stop background work, then make sure everything is on disk.
+    stop(&node, workers, serving).await?;
+    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// The DKVS gRPC services of a node, in [`SERVICES`]' order; those that
+/// carry values take messages up to the limit.
+struct Services {
+    key_value: pb::key_value_server::KeyValueServer<super::kv::KeyValueService>,
+    cluster: pb::cluster_server::ClusterServer<super::cluster::ClusterService>,
+    replica_read:
+        pb::replica_read_server::ReplicaReadServer<super::replica_read::ReplicaReadService>,
+    replica: pb::replica_server::ReplicaServer<super::replica::ReplicaService>,
+    membership: pb::membership_server::MembershipServer<super::membership::MembershipService>,
+    liveness: pb::liveness_server::LivenessServer<super::liveness::LivenessService>,
+}
+
+impl Services {
+    fn new(node: &Arc<Node>, max_message: usize) -> Self {
+        let key_value =
+            pb::key_value_server::KeyValueServer::new(super::kv::KeyValueService(node.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message);
+        let cluster =
+            pb::cluster_server::ClusterServer::new(super::cluster::ClusterService(node.clone()));
+        let replica_read = pb::replica_read_server::ReplicaReadServer::new(
+            super::replica_read::ReplicaReadService(node.clone()),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let replica =
+            pb::replica_server::ReplicaServer::new(super::replica::ReplicaService(node.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message);
+        let membership = pb::membership_server::MembershipServer::new(
+            super::membership::MembershipService(node.clone()),
+        )
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+        let liveness = pb::liveness_server::LivenessServer::new(super::liveness::LivenessService(
+            node.clone(),
+        ));
+        Self {
+            key_value,
+            cluster,
+            replica_read,
+            replica,
+            membership,
+            liveness,
+        }
+    }
+}
+
+/// Sets the overall status ("") and every service's to `status`.
+async fn set_every_status(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    for service in std::iter::once("").chain(SERVICES) {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// SERVING once the first heartbeats have told peers who this node is
+/// (and this node what they knew at its address), bounded by twice the
+/// heartbeat interval; the server answers meanwhile.
+fn serve_once_heard(
+    node: Arc<Node>,
+    health: tonic_health::server::HealthReporter,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let wait = node.config.heartbeat_interval() * 2;
+        let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
+        catch_up_before_serving(&node).await;
+        if !node.shutdown.is_cancelled() {
+            set_every_status(&health, tonic_health::ServingStatus::Serving).await;
+        }
+    })
+}
+
+/// A node that was down while the layout changed serves the newest layout
+/// (fetched and verified by a majority) before it says SERVING; bounded, so
+/// a cluster that cannot confirm it does not keep this node out (requests
+/// placed with the old layout are fenced meanwhile).
+async fn catch_up_before_serving(node: &Node) {
+    let held = node.cluster.placement().version();
+    let Some((newest, from)) = node.heartbeats.newest_layout_reported(held) else {
+        return;
+    };
+    tracing::info!(held, newest, peer = %from, "a peer serves a newer layout: catching up before serving");
+    let catch_up = node.cluster.catch_up(newest, &from);
+    if tokio::time::timeout(node.config.rpc_timeout() * 4, catch_up)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            held,
+            newest,
+            "could not catch up with the newest layout in time; serving, requests placed with the old one are fenced"
+        );
+    }
+}
+
+/// After the server stopped: stops background work, waits for every
+/// worker, then makes sure everything is on disk.
+async fn stop(
+    node: &Node,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    serving: tokio::task::JoinHandle<()>,
+) -> Result<()> {
     node.background.close(Duration::from_secs(2)).await;
     node.shutdown.cancel();
     for worker in workers {
@@ -175,7 +222,7 @@ where
         .await
         .map_err(|e| Error::Internal(format!("final sync task: {e}")))??;
     tracing::info!("stopped");
-    served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+    Ok(())
 }
 
 /// Rewrites the statuses tonic itself produces before a handler runs, so

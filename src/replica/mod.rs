@@ -158,23 +158,34 @@ fn persist_ceiling(storage: &dyn Storage, persisted: &Mutex<u64>, ceiling: u64) 
     Ok(())
 }
 
-impl ReplicaStore {
-    /// Opens the replica over `storage`: counts keys, computes the range
-    /// digests and recovers the clock.
-    pub fn open(
-        instance_id: InstanceId,
-        storage: Arc<dyn Storage>,
-        ring: Arc<Ring>,
-        bound: SkewBound,
-    ) -> Result<Self> {
-        let now_ms = wall_clock_ms();
-        let mut future_records = 0u64;
-        let mut live_keys = 0u64;
-        let mut tombstones = 0u64;
-        let mut max_hlc = 0u64;
+/// What opening a replica learns from one pass over the stored records.
+struct StoredScan {
+    /// Records that are values.
+    live_keys: u64,
+    /// Records that are tombstones.
+    tombstones: u64,
+    /// Records whose version is beyond the skew bound (not merged into the
+    /// clock).
+    future_records: u64,
+    /// The highest hybrid-clock time among the other records.
+    max_hlc: u64,
+    /// The digest of each range of the ring.
+    digests: Vec<u64>,
+}
+
+impl StoredScan {
+    /// Reads every stored record once, at wall-clock time `now_ms`, and
+    /// logs the ones that cannot be read.
+    fn of(storage: &dyn Storage, ring: &Ring, bound: SkewBound, now_ms: u64) -> Result<Self> {
+        let mut scan = Self {
+            live_keys: 0,
+            tombstones: 0,
+            future_records: 0,
+            max_hlc: 0,
+            digests: vec![0u64; ring.range_count().max(1)],
+        };
         let mut corrupt_records = 0u64;
         let mut bad_keys = 0u64;
-        let mut digests = vec![0u64; ring.range_count().max(1)];
         storage.for_each_held(
             &mut |stored_key, held| {
                 let Some(key) = user_key(stored_key) else {
@@ -182,19 +193,19 @@ impl ReplicaStore {
                     return;
                 };
                 if held.tombstone {
-                    tombstones += 1;
+                    scan.tombstones += 1;
                 } else {
-                    live_keys += 1;
+                    scan.live_keys += 1;
                 }
                 if let Err(why) = bound.check_stored(held.version, now_ms) {
-                    future_records += 1;
-                    if future_records <= 10 {
+                    scan.future_records += 1;
+                    if scan.future_records <= 10 {
                         tracing::error!(key, %why, "stored record with an impossible version: not merged into the clock; the next write or repair replaces it");
                     }
                 } else {
-                    max_hlc = max_hlc.max(held.version.hlc);
+                    scan.max_hlc = scan.max_hlc.max(held.version.hlc);
                 }
-                digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
+                scan.digests[ring.range_of(key_hash(key.as_bytes()))] ^= record_digest(key, held);
             },
             &mut |key, why| {
                 corrupt_records += 1;
@@ -208,6 +219,42 @@ impl ReplicaStore {
                 "some stored records could not be read; repair will restore them from other replicas"
             );
         }
+        Ok(scan)
+    }
+}
+
+/// The persisted clock ceiling to recover from: one beyond the bound
+/// (persisted from a poisoned clock) is ignored the same way as a record
+/// beyond it: the wall clock is what versions follow.
+fn usable_ceiling(ceiling: u64, bound: SkewBound, now_ms: u64) -> u64 {
+    if bound.check_stored(Version::new(ceiling, 0), now_ms).is_ok() {
+        ceiling
+    } else {
+        tracing::error!(
+            ceiling,
+            "the persisted clock ceiling is beyond --max-clock-skew-ms; ignoring it"
+        );
+        0
+    }
+}
+
+impl ReplicaStore {
+    /// Opens the replica over `storage`: counts keys, computes the range
+    /// digests and recovers the clock.
+    pub fn open(
+        instance_id: InstanceId,
+        storage: Arc<dyn Storage>,
+        ring: Arc<Ring>,
+        bound: SkewBound,
+    ) -> Result<Self> {
+        let now_ms = wall_clock_ms();
+        let StoredScan {
+            live_keys,
+            tombstones,
+            future_records,
+            max_hlc,
+            digests,
+        } = StoredScan::of(storage.as_ref(), &ring, bound, now_ms)?;
         let ceiling = storage.get_meta(CLOCK_CEILING)?.unwrap_or(0);
         if future_records > 0 {
             tracing::error!(
@@ -215,17 +262,7 @@ impl ReplicaStore {
                 "records with impossible versions were found; they are served as failed reads until replaced"
             );
         }
-        // A ceiling beyond the bound (persisted from a poisoned clock) is
-        // ignored the same way: the wall clock is what versions follow.
-        let ceiling = if bound.check_stored(Version::new(ceiling, 0), now_ms).is_ok() {
-            ceiling
-        } else {
-            tracing::error!(
-                ceiling,
-                "the persisted clock ceiling is beyond --max-clock-skew-ms; ignoring it"
-            );
-            0
-        };
+        let ceiling = usable_ceiling(ceiling, bound, now_ms);
         let clock = HybridClock::recover(instance_id, ceiling, max_hlc, bound);
         tracing::info!(live_keys, tombstones, hlc = clock.now(), "replica opened");
         Ok(Self {

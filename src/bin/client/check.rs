@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use dkvs::Error;
-use dkvs::checker::{self, Action, Report, ViolationKind};
+use dkvs::checker::{self, Action, Op, Report, ViolationKind};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::quorum::Consistency;
 use dkvs::workload::{History, Recorder, Rng, Workload, read_outcome};
@@ -134,21 +134,35 @@ pub async fn run(
         "{}",
         verdict(&history, workload_ops, args.keys, &final_reads, &report)
     );
-    // A violation is the verdict, whether or not the final reads were done.
+    conclude(client, &workload, &report, final_reads, args.final_wait).await
+}
+
+/// What a checked run ends with: a violation is the verdict, whether or not
+/// the final reads were done; without them there is no verdict on lost
+/// writes; after a clean run the check keys are deleted.
+async fn conclude(
+    client: &Client,
+    workload: &Workload,
+    report: &Report,
+    final_reads: FinalReads,
+    final_wait: u64,
+) -> Result<Outcome, Error> {
     if !report.is_valid() {
-        eprintln!("note: the check keys ({prefix}key-*) are kept for inspection");
+        eprintln!(
+            "note: the check keys ({}key-*) are kept for inspection",
+            workload.prefix
+        );
         return Ok(Outcome::Violated);
     }
     match final_reads {
         FinalReads::GaveUp { error } => {
             eprintln!(
-                "note: gave up on the final reads at ALL after {} s (--final-wait): without them no verdict on lost writes",
-                args.final_wait
+                "note: gave up on the final reads at ALL after {final_wait} s (--final-wait): without them no verdict on lost writes",
             );
             Err(error)
         }
         FinalReads::Done => {
-            clean_up(client, &workload).await;
+            clean_up(client, workload).await;
             Ok(Outcome::Done)
         }
     }
@@ -310,13 +324,39 @@ fn verdict(
     let mut out = String::new();
     let ops = &history.ops;
     let workload = &ops[..workload_ops.min(ops.len())];
+    // The final reads recorded are all answered: availability is the
+    // workload's alone.
+    let read_at_end = ops.len() - workload.len();
+    write_figures(&mut out, workload, report, read_at_end);
+    let _ = match final_reads {
+        FinalReads::Done => writeln!(out, "final reads at ALL: {read_at_end} of {keys} keys"),
+        FinalReads::GaveUp { error } => writeln!(
+            out,
+            "final reads at ALL: {read_at_end} of {keys} keys; gave up: {error}"
+        ),
+    };
+    write_failures(&mut out, history);
+    write_violations(&mut out, history, report);
+    let verdict = match final_reads {
+        _ if !report.is_valid() => format!(
+            "the history does NOT hold: {} (operations are numbered in the order they ended; times in µs since the start)",
+            plural(report.violations.len(), "violation")
+        ),
+        FinalReads::Done => "the history holds: no stale, lost, non-monotonic or invented read, no value under a version its write did not get".to_string(),
+        FinalReads::GaveUp { .. } => "no violation in what was recorded, but without the final reads lost writes are not checked".to_string(),
+    };
+    let _ = writeln!(out, "verdict: {verdict}");
+    out
+}
+
+/// The workload's figures: operations, writes and reads, failures,
+/// indeterminate writes and availability (the `read_at_end` final reads,
+/// all answered, left out).
+fn write_figures(out: &mut String, workload: &[Op], report: &Report, read_at_end: usize) {
     let writes = workload
         .iter()
         .filter(|op| !matches!(op.action, Action::Get { .. }))
         .count();
-    // The final reads recorded are all answered: availability is the
-    // workload's alone.
-    let read_at_end = ops.len() - workload.len();
     let workload_ok = report.ok.saturating_sub(read_at_end);
     // In hundredths of a percent, rounded down: 9 failures in 250,000
     // operations read 99.99%, not 100.00%.
@@ -335,13 +375,10 @@ fn verdict(
         availability / 100,
         availability % 100
     );
-    let _ = match final_reads {
-        FinalReads::Done => writeln!(out, "final reads at ALL: {read_at_end} of {keys} keys"),
-        FinalReads::GaveUp { error } => writeln!(
-            out,
-            "final reads at ALL: {read_at_end} of {keys} keys; gave up: {error}"
-        ),
-    };
+}
+
+/// The first few failed operations, with why they failed.
+fn write_failures(out: &mut String, history: &History) {
     const SHOWN_FAILURES: usize = 5;
     if !history.errors.is_empty() {
         let _ = writeln!(
@@ -351,10 +388,41 @@ fn verdict(
             history.errors.len()
         );
         for (index, why) in history.errors.iter().take(SHOWN_FAILURES) {
-            let _ = writeln!(out, "  {}: {why}", checker::describe(ops, *index));
+            let _ = writeln!(out, "  {}: {why}", checker::describe(&history.ops, *index));
         }
     }
-    let kinds = [
+}
+
+/// How many violations of each kind (`2 stale reads`), then every
+/// violation with the operations involved.
+fn write_violations(out: &mut String, history: &History, report: &Report) {
+    let kinds = violation_counts(report);
+    if kinds.is_empty() {
+        let _ = writeln!(out, "violations: 0");
+    } else {
+        let _ = writeln!(
+            out,
+            "violations: {} ({})",
+            report.violations.len(),
+            kinds.join(", ")
+        );
+    }
+    for (n, violation) in report.violations.iter().enumerate() {
+        let _ = writeln!(out, "{}. {violation}", n + 1);
+        for &index in &violation.ops {
+            let _ = write!(out, "     {}", checker::describe(&history.ops, index));
+            if let Some((_, why)) = history.errors.iter().find(|(i, _)| *i == index) {
+                let _ = write!(out, ": {why}");
+            }
+            let _ = writeln!(out);
+        }
+    }
+}
+
+/// Each kind of violation the report has, counted: `1 stale read`,
+/// `2 lost writes`, `3 anomalies`.
+fn violation_counts(report: &Report) -> Vec<String> {
+    [
         ViolationKind::Stale,
         ViolationKind::LostWrite,
         ViolationKind::NonMonotonic,
@@ -374,37 +442,7 @@ fn verdict(
             _ => format!("{n} {name}s"),
         }
     })
-    .collect::<Vec<_>>();
-    if kinds.is_empty() {
-        let _ = writeln!(out, "violations: 0");
-    } else {
-        let _ = writeln!(
-            out,
-            "violations: {} ({})",
-            report.violations.len(),
-            kinds.join(", ")
-        );
-    }
-    for (n, violation) in report.violations.iter().enumerate() {
-        let _ = writeln!(out, "{}. {violation}", n + 1);
-        for &index in &violation.ops {
-            let _ = write!(out, "     {}", checker::describe(ops, index));
-            if let Some((_, why)) = history.errors.iter().find(|(i, _)| *i == index) {
-                let _ = write!(out, ": {why}");
-            }
-            let _ = writeln!(out);
-        }
-    }
-    let verdict = match final_reads {
-        _ if !report.is_valid() => format!(
-            "the history does NOT hold: {} (operations are numbered in the order they ended; times in µs since the start)",
-            plural(report.violations.len(), "violation")
-        ),
-        FinalReads::Done => "the history holds: no stale, lost, non-monotonic or invented read, no value under a version its write did not get".to_string(),
-        FinalReads::GaveUp { .. } => "no violation in what was recorded, but without the final reads lost writes are not checked".to_string(),
-    };
-    let _ = writeln!(out, "verdict: {verdict}");
-    out
+    .collect()
 }
 
 /// `1 violation`, `2 violations`.

@@ -230,6 +230,58 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
         .copied()
         .filter(|s| s.layout.as_ref().is_some_and(|l| l.version == version))
         .collect();
+    let Roll {
+        serving,
+        behind,
+        down,
+    } = roll(layout, answers, &current);
+    if let Some(change) = in_progress {
+        let mut parts = vec![format!("layout v{version}, change in progress: {change}")];
+        parts.extend(moves(&current));
+        if !layout.previous.is_empty() {
+            parts.push(format!("settles once every member serves v{version}"));
+        }
+        parts.extend(behind);
+        parts.extend(
+            down.iter()
+                .map(|address| format!("{address} is believed down (the change waits for it)")),
+        );
+        return waiting(parts.join("; "));
+    }
+    if !behind.is_empty() {
+        return waiting(format!(
+            "layout v{version} ({}): {}",
+            layout.change,
+            behind.join(", ")
+        ));
+    }
+    Verdict::Settled(Settled {
+        version,
+        change: layout.change.clone(),
+        serving,
+        down,
+    })
+}
+
+/// Where each member of the newest layout stands.
+struct Roll {
+    /// Members serving the layout.
+    serving: usize,
+    /// Members behind it, each with what it serves.
+    behind: Vec<String>,
+    /// Members every view believes down.
+    down: Vec<String>,
+}
+
+/// Where each member of `layout` stands: what it answered itself, or for
+/// one unreachable from here, how the `current` answers (those serving
+/// `layout`) see it.
+fn roll(
+    layout: &pb::Layout,
+    answers: &BTreeMap<String, Result<pb::StatusResponse, String>>,
+    current: &[&pb::StatusResponse],
+) -> Roll {
+    let version = layout.version;
     let mut serving = 0;
     let mut behind = Vec::new();
     let mut down = Vec::new();
@@ -263,32 +315,11 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             behind.push(format!("{address} serves v{served}"));
         }
     }
-    if let Some(change) = in_progress {
-        let mut parts = vec![format!("layout v{version}, change in progress: {change}")];
-        parts.extend(moves(&current));
-        if !layout.previous.is_empty() {
-            parts.push(format!("settles once every member serves v{version}"));
-        }
-        parts.extend(behind);
-        parts.extend(
-            down.iter()
-                .map(|address| format!("{address} is believed down (the change waits for it)")),
-        );
-        return waiting(parts.join("; "));
-    }
-    if !behind.is_empty() {
-        return waiting(format!(
-            "layout v{version} ({}): {}",
-            layout.change,
-            behind.join(", ")
-        ));
-    }
-    Verdict::Settled(Settled {
-        version,
-        change: layout.change.clone(),
+    Roll {
         serving,
+        behind,
         down,
-    })
+    }
 }
 
 /// Each joining node's progress, freshest report first per node.

@@ -49,75 +49,12 @@ pub fn status_table(status: &pb::StatusResponse, now_ms: u64) -> String {
         "NOTE"
     ));
     for member in &status.members {
-        let (keys, tombstones, hints, lamport, uptime) = match &member.stats {
-            Some(s) => (
-                s.live_keys.to_string(),
-                s.tombstones.to_string(),
-                s.hints_pending.to_string(),
-                s.lamport.to_string(),
-                format!("{}s", s.uptime_ms / 1000),
-            ),
-            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
-        };
-        let note = if member.address == status.address {
-            "(this node)".to_string()
-        } else {
-            let mut note = member.error.clone();
-            // Counts come from the member's last answered heartbeat: say so
-            // once they are older than a few heartbeats.
-            if member.stats.is_some() && member.stats_age_ms >= STALE_COUNTS_MS {
-                if !note.is_empty() {
-                    note.push_str("; ");
-                }
-                note.push_str(&format!(
-                    "counts from {:.1}s ago",
-                    member.stats_age_ms as f64 / 1000.0
-                ));
-            }
-            note
-        };
-        // The member's clock minus the asked node's, from heartbeats.
-        let skew = if member.address == status.address {
-            "-".to_string()
-        } else {
-            format!("{:+}ms", member.clock_skew_ms)
-        };
-        table.push_str(&format!(
-            "{:<22} {:016x}  {:<7} {:>5.1} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9} {:>6}  {}\n",
-            member.address,
-            member.node_id,
-            state_name(member.state),
-            member.phi.min(99.9),
-            keys,
-            tombstones,
-            hints,
-            lamport,
-            skew,
-            uptime,
-            served_version(member.layout_version),
-            note
-        ));
+        table.push_str(&member_row(&status.address, member));
     }
-    let failing: Vec<String> = status
-        .workers
-        .iter()
-        .filter(|w| w.consecutive_failures >= FAILING_ROUNDS_MIN)
-        .map(|w| failing_line(&status.address, w, now_ms))
-        .collect();
-    if !failing.is_empty() {
-        table.push('\n');
-        for line in failing {
-            table.push_str(&line);
+    for lines in [failing_lines(status, now_ms), fork_lines(status)] {
+        if !lines.is_empty() {
             table.push('\n');
-        }
-    }
-    if !status.layout_forks.is_empty() {
-        table.push('\n');
-        for fork in &status.layout_forks {
-            table.push_str(&format!(
-                "LAYOUT FORK: {} serves another layout at v{} ({:016x}) than {} ({:016x}); the cluster has two member lists at one version\n",
-                fork.peer, fork.version, fork.theirs, status.address, fork.mine
-            ));
+            table.push_str(&lines);
         }
     }
     if !status.moves.is_empty() {
@@ -126,6 +63,85 @@ pub fn status_table(status: &pb::StatusResponse, now_ms: u64) -> String {
     }
     // No blanks after an empty NOTE.
     without_trailing_blanks(&table)
+}
+
+/// One member's row of the table, as `asked` (the answering node) sees it.
+fn member_row(asked: &str, member: &pb::Member) -> String {
+    let (keys, tombstones, hints, hlc, uptime) = match &member.stats {
+        Some(s) => (
+            s.live_keys.to_string(),
+            s.tombstones.to_string(),
+            s.hints_pending.to_string(),
+            s.lamport.to_string(),
+            format!("{}s", s.uptime_ms / 1000),
+        ),
+        None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+    };
+    let itself = member.address == asked;
+    let note = if itself {
+        "(this node)".to_string()
+    } else {
+        let mut note = member.error.clone();
+        // Counts come from the member's last answered heartbeat: say so
+        // once they are older than a few heartbeats.
+        if member.stats.is_some() && member.stats_age_ms >= STALE_COUNTS_MS {
+            if !note.is_empty() {
+                note.push_str("; ");
+            }
+            note.push_str(&format!(
+                "counts from {:.1}s ago",
+                member.stats_age_ms as f64 / 1000.0
+            ));
+        }
+        note
+    };
+    // The member's clock minus the asked node's, from heartbeats.
+    let skew = if itself {
+        "-".to_string()
+    } else {
+        format!("{:+}ms", member.clock_skew_ms)
+    };
+    format!(
+        "{:<22} {:016x}  {:<7} {:>5.1} {:>10} {:>10} {:>7} {:>19} {:>8} {:>9} {:>6}  {}\n",
+        member.address,
+        member.node_id,
+        state_name(member.state),
+        member.phi.min(99.9),
+        keys,
+        tombstones,
+        hints,
+        hlc,
+        skew,
+        uptime,
+        served_version(member.layout_version),
+        note
+    )
+}
+
+/// A line per worker of the asked node that failed rounds in a row (empty
+/// when all are healthy).
+fn failing_lines(status: &pb::StatusResponse, now_ms: u64) -> String {
+    status
+        .workers
+        .iter()
+        .filter(|w| w.consecutive_failures >= FAILING_ROUNDS_MIN)
+        .map(|w| failing_line(&status.address, w, now_ms) + "\n")
+        .collect()
+}
+
+/// A line per peer serving another layout at the asked node's version
+/// (empty when the cluster has one layout, as it must).
+fn fork_lines(status: &pb::StatusResponse) -> String {
+    status
+        .layout_forks
+        .iter()
+        .map(|fork| {
+            format!(
+                "LAYOUT FORK: {} serves another layout at v{} ({:016x}) than {} ({:016x}); the cluster has two member lists at one version\n",
+                fork.peer, fork.version, fork.theirs, status.address, fork.mine
+            )
+        })
+        .collect()
 }
 
 /// Each line of `text` without the blanks at its end.
@@ -495,6 +511,24 @@ mod tests {
             worker("anti-entropy", 2, "no anti-entropy exchange completed"),
         ];
         assert_eq!(status_table(&status, 100_000), bare);
+    }
+
+    #[test]
+    fn a_layout_fork_is_named_after_the_member_table() {
+        let mut status = two_members();
+        status.layout_forks = vec![pb::LayoutFork {
+            peer: "b:2".into(),
+            version: 7,
+            mine: 0xaa,
+            theirs: 0xbb,
+        }];
+        let table = status_table(&status, 100_000);
+        assert!(
+            table.lines().any(|l| l
+                == "LAYOUT FORK: b:2 serves another layout at v7 (00000000000000bb) than a:1 (00000000000000aa); the cluster has two member lists at one version"),
+            "{table}"
+        );
+        assert!(!status_table(&two_members(), 100_000).contains("FORK"));
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! are copied to the end of the log, made durable, and the segment is
 //! deleted (its delete markers can be dropped: no older entry exists).
 
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::entry::{Slot, parse_entry};
+use super::entry::{Format, Slot, parse_entry};
 use super::index::State;
 use super::replay::scan_segment;
 use super::write::{SyncTargets, segment_path};
@@ -56,42 +57,71 @@ impl State {
     }
 }
 
+/// Where entries of a segment are: (offset, length).
+type Spans = Vec<(usize, usize)>;
+
+/// What compaction needs of a segment, copied out under the lock.
+struct ToCompact {
+    /// The segment's file.
+    file: Arc<File>,
+    /// Its length.
+    bytes: u64,
+    /// How its entries are framed.
+    format: Format,
+    /// Where its first entry starts.
+    start: usize,
+    /// The damage replay found: skipped stretches and a damaged tail.
+    known: (Vec<(usize, usize)>, Option<usize>),
+}
+
 impl Shared {
     /// Copies the live entries of segment `id` to the end of the log, makes
     /// them durable, and deletes the segment.
     fn compact(&self, id: u64) -> Result<()> {
         let _one_at_a_time = self.compacting.locked();
-        let (file, bytes, format, start, known) = {
-            let state = self.lock();
-            let Some(segment) = state.segments.get(&id) else {
-                return Ok(());
-            };
-            let known: Vec<(usize, usize)> = segment.damaged.skipped.clone();
-            let tail = segment.damaged.tail;
-            (
-                segment.file.clone(),
-                segment.bytes,
-                segment.format,
-                segment.start,
-                (known, tail),
-            )
+        let Some(segment) = self.to_compact(id) else {
+            return Ok(());
         };
-        let mut data = vec![0u8; bytes as usize];
-        file.read_exact_at(&mut data, 0)
-            .map_err(|e| Error::Storage(format!("cannot read segment {id} to compact it: {e}")))?;
-        // Where the valid entries are (no lock held while scanning).
-        let mut entries: Vec<(usize, usize)> = Vec::new();
-        let found = scan_segment(&data, id, format, start, &mut |entry, slot| {
-            entries.push((slot.offset as usize, entry.len));
-        });
-        if (found.skipped.clone(), found.tail) != known {
-            // Damaged since replay: keys of the damaged entries are still
-            // indexed here, so the segment must not be deleted.
-            return Err(Error::Storage(format!(
-                "segment {id} has damaged entries replay did not see ({}); not compacting it",
-                found.reasons.join("; ")
-            )));
-        }
+        let (data, entries) = valid_entries(id, &segment)?;
+        let copied = self.copy_live(id, segment.format, &data, &entries)?;
+        // The copies must be durable before the originals go; and the
+        // segment leaves the map only once its file is gone for good, so a
+        // failed delete is retried and a newer segment is never compacted
+        // (dropping its delete markers) while this one still exists.
+        self.sync(true)?;
+        self.delete_segment(id)?;
+        tracing::info!(
+            segment = id,
+            bytes = segment.bytes,
+            copied,
+            "compacted a log segment"
+        );
+        Ok(())
+    }
+
+    /// Segment `id` as compaction needs it, or `None` if it is gone.
+    fn to_compact(&self, id: u64) -> Option<ToCompact> {
+        let state = self.lock();
+        let segment = state.segments.get(&id)?;
+        Some(ToCompact {
+            file: segment.file.clone(),
+            bytes: segment.bytes,
+            format: segment.format,
+            start: segment.start,
+            known: (segment.damaged.skipped.clone(), segment.damaged.tail),
+        })
+    }
+
+    /// Appends the entries of segment `id` at `entries` (offset, length in
+    /// `data`) that are still live to the log, a chunk per lock
+    /// acquisition, and re-indexes them there. Returns how many it copied.
+    fn copy_live(
+        &self,
+        id: u64,
+        format: Format,
+        data: &[u8],
+        entries: &[(usize, usize)],
+    ) -> Result<usize> {
         let mut copied = 0usize;
         for chunk in entries.chunks(CHUNK) {
             let mut state = self.lock();
@@ -120,11 +150,12 @@ impl Shared {
             }
             state.write_buffer()?;
         }
-        // The copies must be durable before the originals go; and the
-        // segment leaves the map only once its file is gone for good, so a
-        // failed delete is retried and a newer segment is never compacted
-        // (dropping its delete markers) while this one still exists.
-        self.sync(true)?;
+        Ok(copied)
+    }
+
+    /// Deletes the file of compacted segment `id`, makes the delete durable,
+    /// and only then drops the segment from the map.
+    fn delete_segment(&self, id: u64) -> Result<()> {
         let dir = self.lock().dir.clone();
         let path = segment_path(&dir, id);
         match std::fs::remove_file(&path) {
@@ -144,9 +175,37 @@ impl Shared {
         .sync(false, &self.faults)
         .map_err(|why| self.fail(why))?;
         self.lock().segments.remove(&id);
-        tracing::info!(segment = id, bytes, copied, "compacted a log segment");
         Ok(())
     }
+}
+
+/// Reads segment `id` (no lock held) and finds where its valid entries are
+/// (offset, length), refusing it if it is damaged in ways replay did not
+/// see: the keys of such entries are still indexed here, so the segment
+/// must not be deleted. Returns the data with the entries.
+fn valid_entries(id: u64, segment: &ToCompact) -> Result<(Vec<u8>, Spans)> {
+    let mut data = vec![0u8; segment.bytes as usize];
+    segment
+        .file
+        .read_exact_at(&mut data, 0)
+        .map_err(|e| Error::Storage(format!("cannot read segment {id} to compact it: {e}")))?;
+    let mut entries: Spans = Vec::new();
+    let found = scan_segment(
+        &data,
+        id,
+        segment.format,
+        segment.start,
+        &mut |entry, slot| {
+            entries.push((slot.offset as usize, entry.len));
+        },
+    );
+    if (found.skipped.clone(), found.tail) != segment.known {
+        return Err(Error::Storage(format!(
+            "segment {id} has damaged entries replay did not see ({}); not compacting it",
+            found.reasons.join("; ")
+        )));
+    }
+    Ok((data, entries))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use super::SEGMENT_BYTES;
 use super::entry::{
-    Entry, FORMAT_VERSION, Format, Slot, UnknownVersion, parse_entry, resync, segment_start,
+    Entry, FORMAT_VERSION, Format, SegmentStart, Slot, UnknownVersion, parse_entry, resync,
+    segment_start,
 };
 use super::index::{Segment, State};
 use super::write::{Faults, SyncTargets, open_segment, segment_path, sync_dir};
@@ -75,6 +76,30 @@ pub(super) fn scan_segment(
 
 /// Rebuilds the indexes from the segments in `dir`.
 pub(super) fn replay(dir: &Path) -> Result<State> {
+    let ids = segment_ids(dir)?;
+    let mut state = empty_state(dir);
+    for (position, &id) in ids.iter().enumerate() {
+        let newest = position + 1 == ids.len();
+        replay_segment(&mut state, dir, id, newest)?;
+    }
+    if state.active == 0 {
+        let id = ids.last().map_or(1, |l| l + 1);
+        let file = Arc::new(open_segment(dir, id)?);
+        sync_dir(dir)?;
+        state.start_segment(id, file);
+    }
+    state.live_bytes_written = state.live_bytes;
+    tracing::info!(
+        segments = state.segments.len(),
+        keys = state.records.len(),
+        live_bytes = state.live_bytes,
+        "log replayed"
+    );
+    Ok(state)
+}
+
+/// The ids of the segment files (`<id>.log`) in `dir`, oldest first.
+fn segment_ids(dir: &Path) -> Result<Vec<u64>> {
     let mut ids: Vec<u64> = std::fs::read_dir(dir)
         .map_err(|e| Error::Storage(format!("cannot list {}: {e}", dir.display())))?
         .flatten()
@@ -87,7 +112,12 @@ pub(super) fn replay(dir: &Path) -> Result<State> {
         })
         .collect();
     ids.sort_unstable();
-    let mut state = State {
+    Ok(ids)
+}
+
+/// The state of a log in `dir` before any segment is read.
+fn empty_state(dir: &Path) -> State {
+    State {
         dir: dir.to_path_buf(),
         records: BTreeMap::new(),
         hints: BTreeMap::new(),
@@ -107,104 +137,113 @@ pub(super) fn replay(dir: &Path) -> Result<State> {
         lost: VecDeque::new(),
         last_write_error: None,
         faults: Arc::new(Faults::default()),
-    };
-    for (position, &id) in ids.iter().enumerate() {
-        let newest = position + 1 == ids.len();
-        let path = segment_path(dir, id);
-        let data = std::fs::read(&path)
-            .map_err(|e| Error::Storage(format!("cannot read {}: {e}", path.display())))?;
-        let opening = segment_start(&data, id).map_err(|UnknownVersion(version)| {
-            Error::Storage(format!(
-                "{} is a log segment of format version {version}, and this release reads \
-                 versions 1 and {FORMAT_VERSION}: a newer DKVS release wrote it (downgrades are not \
-                 supported; run that release), or its header is damaged. If no newer release ever \
-                 ran on this data dir, wipe the whole data dir and restart the node: it comes back \
-                 as a new instance and answers reads only once it has caught up from the other \
-                 replicas (moving only this file away would let it answer reads without the \
-                 writes the file holds)",
-                path.display()
-            ))
-        })?;
-        if opening.format == Format::Framed && !opening.clean && !data.is_empty() {
-            tracing::error!(segment = %path.display(), "damaged segment header; reading its entries anyway");
-            state.damaged_skipped += 1;
-        }
-        let mut report = scan_segment(
-            &data,
-            id,
-            opening.format,
-            opening.start,
-            &mut |entry, slot| state.index(entry, slot),
-        );
-        for (&(from, to), why) in report.skipped.iter().zip(&report.reasons) {
-            tracing::error!(
-                segment = %path.display(), from, to, %why,
-                "skipped a damaged stretch of the log (its entries are lost here; other replicas repair them)"
-            );
-        }
-        state.damaged_skipped += report.skipped.len() as u64;
-        let mut bytes = data.len() as u64;
-        if let Some(at) = report.tail {
-            let why = report.reasons.last().map_or("", String::as_str);
-            if newest {
-                // Nothing valid after it: a write cut short by a crash.
-                // Cut it off, so new entries go right after the last valid one.
-                tracing::warn!(
-                    segment = %path.display(), offset = at, %why,
-                    "cutting off a torn entry at the end of the log (a crash mid-write)"
-                );
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_len(at as u64))
-                    .map_err(|e| {
-                        Error::Storage(format!("cannot truncate {}: {e}", path.display()))
-                    })?;
-                bytes = at as u64;
-                report.tail = None;
-            } else {
-                tracing::error!(
-                    segment = %path.display(), offset = at, %why,
-                    "damaged end of a log segment; skipped (other replicas repair it)"
-                );
-                state.damaged_skipped += 1;
-            }
-        }
-        let file = Arc::new(open_segment(dir, id)?);
-        state.segments.insert(
-            id,
-            Segment {
-                file: file.clone(),
-                bytes,
-                format: opening.format,
-                start: opening.start,
-                damaged: report,
-            },
-        );
-        if newest && data.is_empty() {
-            // Created but never written (its header is still to come).
-            state.start_segment(id, file);
-        } else if newest && opening.clean && bytes < SEGMENT_BYTES {
-            // Appended to: only a segment of the current format with an
-            // intact header (older or damaged ones are only read).
-            state.active = id;
-            state.written = bytes;
-        }
     }
-    if state.active == 0 {
-        let id = ids.last().map_or(1, |l| l + 1);
-        let file = Arc::new(open_segment(dir, id)?);
-        sync_dir(dir)?;
-        state.start_segment(id, file);
+}
+
+/// Reads segment `id` into `state`'s indexes, cuts a torn tail off it if it
+/// is the `newest`, registers it, and makes it the active segment if new
+/// entries may be appended to it.
+fn replay_segment(state: &mut State, dir: &Path, id: u64, newest: bool) -> Result<()> {
+    let path = segment_path(dir, id);
+    let data = std::fs::read(&path)
+        .map_err(|e| Error::Storage(format!("cannot read {}: {e}", path.display())))?;
+    let opening = read_opening(&data, id, &path)?;
+    if opening.format == Format::Framed && !opening.clean && !data.is_empty() {
+        tracing::error!(segment = %path.display(), "damaged segment header; reading its entries anyway");
+        state.damaged_skipped += 1;
     }
-    state.live_bytes_written = state.live_bytes;
-    tracing::info!(
-        segments = state.segments.len(),
-        keys = state.records.len(),
-        live_bytes = state.live_bytes,
-        "log replayed"
+    let mut report = scan_segment(
+        &data,
+        id,
+        opening.format,
+        opening.start,
+        &mut |entry, slot| state.index(entry, slot),
     );
-    Ok(state)
+    for (&(from, to), why) in report.skipped.iter().zip(&report.reasons) {
+        tracing::error!(
+            segment = %path.display(), from, to, %why,
+            "skipped a damaged stretch of the log (its entries are lost here; other replicas repair them)"
+        );
+    }
+    state.damaged_skipped += report.skipped.len() as u64;
+    let bytes = settle_damaged_tail(state, &path, &mut report, data.len() as u64, newest)?;
+    let file = Arc::new(open_segment(dir, id)?);
+    state.segments.insert(
+        id,
+        Segment {
+            file: file.clone(),
+            bytes,
+            format: opening.format,
+            start: opening.start,
+            damaged: report,
+        },
+    );
+    if newest && data.is_empty() {
+        // Created but never written (its header is still to come).
+        state.start_segment(id, file);
+    } else if newest && opening.clean && bytes < SEGMENT_BYTES {
+        // Appended to: only a segment of the current format with an
+        // intact header (older or damaged ones are only read).
+        state.active = id;
+        state.written = bytes;
+    }
+    Ok(())
+}
+
+/// The format and first entry offset of segment `id` (read from `path`),
+/// or the error that tells an operator what an unknown format version means.
+fn read_opening(data: &[u8], id: u64, path: &Path) -> Result<SegmentStart> {
+    segment_start(data, id).map_err(|UnknownVersion(version)| {
+        Error::Storage(format!(
+            "{} is a log segment of format version {version}, and this release reads \
+             versions 1 and {FORMAT_VERSION}: a newer DKVS release wrote it (downgrades are not \
+             supported; run that release), or its header is damaged. If no newer release ever \
+             ran on this data dir, wipe the whole data dir and restart the node: it comes back \
+             as a new instance and answers reads only once it has caught up from the other \
+             replicas (moving only this file away would let it answer reads without the \
+             writes the file holds)",
+            path.display()
+        ))
+    })
+}
+
+/// Deals with damage that runs to the end of a segment of `bytes` bytes:
+/// on the `newest` segment it is a write cut short by a crash and is cut
+/// off (the report then has no tail); on an older one it is counted and
+/// skipped. Returns the segment's length afterwards.
+fn settle_damaged_tail(
+    state: &mut State,
+    path: &Path,
+    report: &mut ScanReport,
+    bytes: u64,
+    newest: bool,
+) -> Result<u64> {
+    let Some(at) = report.tail else {
+        return Ok(bytes);
+    };
+    let why = report.reasons.last().map_or("", String::as_str);
+    if newest {
+        // Nothing valid after it: a write cut short by a crash.
+        // Cut it off, so new entries go right after the last valid one.
+        tracing::warn!(
+            segment = %path.display(), offset = at, %why,
+            "cutting off a torn entry at the end of the log (a crash mid-write)"
+        );
+        OpenOptions::new()
+            .write(true)
+            .open(path)
+            .and_then(|f| f.set_len(at as u64))
+            .map_err(|e| Error::Storage(format!("cannot truncate {}: {e}", path.display())))?;
+        report.tail = None;
+        Ok(at as u64)
+    } else {
+        tracing::error!(
+            segment = %path.display(), offset = at, %why,
+            "damaged end of a log segment; skipped (other replicas repair it)"
+        );
+        state.damaged_skipped += 1;
+        Ok(bytes)
+    }
 }
 
 #[cfg(test)]

@@ -248,6 +248,25 @@ pub enum Limit {
     Ops(u64),
 }
 
+/// What the workers of one run share: how many requests they began, when
+/// to stop, and the limit.
+#[derive(Clone)]
+struct Quota {
+    /// Requests begun (counted before each is sent).
+    done: Arc<AtomicU64>,
+    /// Set once the run is over.
+    stop: Arc<AtomicBool>,
+    /// When to stop, for a run of a duration.
+    deadline: Option<Instant>,
+    /// Most requests, for a run of a count (else unbounded).
+    budget: u64,
+}
+
+/// An empty latency histogram: 1 µs to 60 s, three significant digits.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
 /// Runs `concurrency` closed-loop workers against `target`. `progress` is
 /// called about five times a second with the requests done so far.
 pub async fn run<T: Target>(
@@ -257,59 +276,28 @@ pub async fn run<T: Target>(
     limit: Limit,
     progress: impl Fn(u64) + Send + 'static,
 ) -> Report {
-    let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let deadline = match limit {
-        Limit::Duration(d) => Some(started + d),
-        Limit::Ops(_) => None,
-    };
-    let budget = match limit {
-        Limit::Ops(n) => n,
-        Limit::Duration(_) => u64::MAX,
+    let quota = Quota {
+        done: Arc::new(AtomicU64::new(0)),
+        stop: Arc::new(AtomicBool::new(false)),
+        deadline: match limit {
+            Limit::Duration(d) => Some(started + d),
+            Limit::Ops(_) => None,
+        },
+        budget: match limit {
+            Limit::Ops(n) => n,
+            Limit::Duration(_) => u64::MAX,
+        },
     };
     let workers: Vec<_> = generators
         .into_iter()
-        .map(|mut generator| {
-            let (target, value, done, stop) =
-                (target.clone(), value.clone(), done.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut histogram =
-                    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
-                let (mut ok, mut errors, mut sample_errors) = (0u64, 0u64, Vec::new());
-                loop {
-                    if stop.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d)
-                    {
-                        break;
-                    }
-                    if done.fetch_add(1, Ordering::Relaxed) >= budget {
-                        break;
-                    }
-                    let op = generator.next_op();
-                    let begun = Instant::now();
-                    let result = match op {
-                        Op::Read(k) => target.read(key_name(k)).await,
-                        Op::Update(k) => target.update(key_name(k), value.clone()).await,
-                    };
-                    match result {
-                        Ok(()) => {
-                            ok += 1;
-                            let _ = histogram.record((begun.elapsed().as_micros() as u64).max(1));
-                        }
-                        Err(error) => {
-                            errors += 1;
-                            if sample_errors.len() < 3 {
-                                sample_errors.push(error);
-                            }
-                        }
-                    }
-                }
-                (histogram, ok, errors, sample_errors)
-            })
+        .map(|generator| {
+            let (target, value, quota) = (target.clone(), value.clone(), quota.clone());
+            tokio::spawn(closed_loop(target, generator, value, quota))
         })
         .collect();
     let ticker = {
-        let (done, stop) = (done.clone(), stop.clone());
+        let (done, stop, budget) = (quota.done.clone(), quota.stop.clone(), quota.budget);
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 progress(done.load(Ordering::Relaxed).min(budget));
@@ -321,7 +309,7 @@ pub async fn run<T: Target>(
         ok: 0,
         errors: 0,
         elapsed: Duration::ZERO,
-        latency_us: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        latency_us: latency_histogram(),
         sample_errors: Vec::new(),
     };
     for worker in workers {
@@ -337,9 +325,50 @@ pub async fn run<T: Target>(
         }
     }
     report.elapsed = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
+    quota.stop.store(true, Ordering::Relaxed);
     let _ = ticker.await;
     report
+}
+
+/// One worker: sends the requests of `generator` one after another until
+/// the quota is spent. Returns the latencies of the successful requests,
+/// how many succeeded and failed, and the first few errors.
+async fn closed_loop<T: Target>(
+    target: Arc<T>,
+    mut generator: OpGenerator,
+    value: bytes::Bytes,
+    quota: Quota,
+) -> (Histogram<u64>, u64, u64, Vec<String>) {
+    let mut histogram = latency_histogram();
+    let (mut ok, mut errors, mut sample_errors) = (0u64, 0u64, Vec::new());
+    loop {
+        if quota.stop.load(Ordering::Relaxed) || quota.deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        if quota.done.fetch_add(1, Ordering::Relaxed) >= quota.budget {
+            break;
+        }
+        let op = generator.next_op();
+        let begun = Instant::now();
+        let result = match op {
+            Op::Read(k) => target.read(key_name(k)).await,
+            Op::Update(k) => target.update(key_name(k), value.clone()).await,
+        };
+        match result {
+            Ok(()) => {
+                ok += 1;
+                let _ = histogram.record((begun.elapsed().as_micros() as u64).max(1));
+            }
+            Err(error) => {
+                errors += 1;
+                if sample_errors.len() < 3 {
+                    sample_errors.push(error);
+                }
+            }
+        }
+    }
+    (histogram, ok, errors, sample_errors)
 }
 
 #[cfg(test)]
