@@ -32,6 +32,9 @@ const CHUNK_RECORDS: usize = 1024;
 const CHUNK_BYTES: usize = 1 << 20;
 /// Most intervals one request may name.
 const MAX_INTERVALS: usize = 1 << 20;
+/// How long a joining node waits for a source to serve the join's layout
+/// before it streams from the other old replicas instead.
+const SOURCE_CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 
 /// The stream a source answers `Membership.StreamRecords` with.
 pub type RecordStream = Pin<Box<dyn Stream<Item = Result<StreamChunk>> + Send>>;
@@ -50,6 +53,15 @@ pub fn stream_source(
         return Err(Error::Unavailable(format!(
             "this node serves layout v{serving}, not yet the join's v{}; retry in a moment",
             request.layout_version
+        )));
+    }
+    // A replacement still catching up may miss writes its predecessor
+    // acknowledged: handing its partial data to a joiner (or counting it
+    // among the N−W+1 sources) could lose them once the old owners drop
+    // theirs.
+    if let Some(why) = replica.read_refusal() {
+        return Err(Error::Unavailable(format!(
+            "this node cannot be a source for a join yet: {why}"
         )));
     }
     if request.intervals.len() > MAX_INTERVALS {
@@ -357,15 +369,18 @@ impl Membership {
             intervals: group.intervals.clone(),
             after: Vec::new(),
         };
-        // A source not yet serving the join's layout says so: ask again.
+        // A source not yet serving the join's layout says so: ask again,
+        // for a bounded time (one that cannot adopt it, its disk full, must
+        // not stall the join: the other old replicas stream instead).
         let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout * 4);
+        let give_up = Instant::now() + SOURCE_CATCH_UP_WAIT;
         let mut stream = loop {
             match peers
                 .stream_records(&source, timeout, request.clone())
                 .await
             {
                 Ok(stream) => break stream,
-                Err(why) if crate::net::is_not_serving_yet(&why) => {
+                Err(why) if crate::net::is_not_serving_yet(&why) && Instant::now() < give_up => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 Err(why) => return Err(why),

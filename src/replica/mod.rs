@@ -420,10 +420,17 @@ impl ReplicaStore {
     /// predecessor acknowledged; an empty answer would count as a replica
     /// that does not hold the key.
     pub fn read_for_quorum(&self, key: &str) -> Result<Option<Record>> {
-        if let Some(why) = self.read_gate.as_ref().and_then(|gate| gate.read_refusal()) {
+        if let Some(why) = self.read_refusal() {
             return Err(Error::Unavailable(why));
         }
         self.read(key)
+    }
+
+    /// Why this replica must not answer for its data yet (a new data dir
+    /// catching up), if it must not: it is then no source for a joining
+    /// node either.
+    pub fn read_refusal(&self) -> Option<String> {
+        self.read_gate.as_ref().and_then(|gate| gate.read_refusal())
     }
 
     /// The version accepted from outside (`--max-clock-skew-ms`).
