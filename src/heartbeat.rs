@@ -118,7 +118,7 @@ impl Heartbeats {
     fn learn_layout(&self, version: u64, from: &str) {
         if version > self.cluster.placement().version() {
             let (cluster, from) = (self.cluster.clone(), from.to_string());
-            tokio::spawn(async move { cluster.catch_up(version, &from).await });
+            tokio::spawn(async move { cluster.layouts.catch_up_unless_busy(version, &from).await });
         }
     }
 

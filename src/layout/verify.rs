@@ -71,6 +71,22 @@ impl AdoptedHashes {
     }
 }
 
+/// What counts of a member's answer about a layout `ahead` versions past
+/// the one the asking node holds: the held layout's active members voted
+/// on the next version only, so for one further ahead an acceptance proves
+/// nothing (those members were not that version's acceptors) and only an
+/// adoption counts.
+pub fn counted(vouch: Vouch, ahead: u64) -> Vouch {
+    if ahead == 1 {
+        vouch
+    } else {
+        Vouch {
+            adopted: vouch.adopted,
+            accepted: None,
+        }
+    }
+}
+
 /// Whether `answers` (one per asked member, `None` for one that did not
 /// answer) from `asked` active members show `hash` chosen: more than half
 /// of `asked` adopted it, or adopted it or accepted it under one ballot.
@@ -170,6 +186,21 @@ mod tests {
             3,
             &[accepted(2, 8), accepted(2, 8), adopted(7)]
         ));
+    }
+
+    #[test]
+    fn further_ahead_only_adoptions_count() {
+        let answers: Vec<Option<Vouch>> = [accepted(2, 7), accepted(2, 7), adopted(7)]
+            .into_iter()
+            .map(|v| v.map(|v| counted(v, 3)))
+            .collect();
+        assert_eq!(confirmations(7, &answers), 1);
+        assert!(!is_chosen(7, 3, &answers));
+        let next: Vec<Option<Vouch>> = [accepted(2, 7), accepted(2, 7)]
+            .into_iter()
+            .map(|v| v.map(|v| counted(v, 1)))
+            .collect();
+        assert!(is_chosen(7, 3, &next));
     }
 
     #[test]

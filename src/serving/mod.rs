@@ -25,7 +25,9 @@ use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::layout::paxos::Acceptor;
 use crate::layout::paxos::LayoutState;
-use crate::layout::verify::{Vouch, cannot_be_chosen, confirmations, contradiction, is_chosen};
+use crate::layout::verify::{
+    Vouch, cannot_be_chosen, confirmations, contradiction, counted, is_chosen,
+};
 use crate::layout::{Layout, Role};
 use crate::liveness::Liveness;
 use crate::locks::Locked;
@@ -180,11 +182,13 @@ impl LayoutOwner {
             hash,
             answers: vec![None; voters.len()],
             pending: voters.len(),
+            ahead: layout.version - held.version,
         };
         let mut asks = FanOut::new(Stragglers::Abandon);
         for (index, voter) in voters.iter().enumerate() {
             if *voter == self.me {
-                tally.record(index, Ok(self.vouch(layout.version)));
+                let own = self.vouch(layout.version);
+                tally.record(index, Ok(own));
             } else {
                 asks.send(
                     index,
@@ -289,7 +293,29 @@ impl LayoutOwner {
         if self.version() >= version {
             return;
         }
-        let _one = self.fetching.lock().await;
+        let one = self.fetching.lock().await;
+        self.catch_up_holding(version, from, one).await
+    }
+
+    /// [`LayoutOwner::catch_up`] unless one is running already (heartbeats
+    /// ask on every answer from a peer ahead: they must not queue up passes
+    /// over every member while verification keeps failing).
+    pub async fn catch_up_unless_busy(&self, version: u64, from: &str) {
+        if self.version() >= version {
+            return;
+        }
+        let Ok(one) = self.fetching.try_lock() else {
+            return;
+        };
+        self.catch_up_holding(version, from, one).await
+    }
+
+    async fn catch_up_holding(
+        &self,
+        version: u64,
+        from: &str,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+    ) {
         if self.version() >= version {
             return;
         }
@@ -340,6 +366,8 @@ struct VouchTally {
     hash: u64,
     answers: Vec<Option<Vouch>>,
     pending: usize,
+    /// How many versions past the held layout the verified one is.
+    ahead: u64,
 }
 
 impl Tally<std::result::Result<Vouch, String>> for VouchTally {
@@ -348,7 +376,7 @@ impl Tally<std::result::Result<Vouch, String>> for VouchTally {
     fn record(&mut self, index: usize, reply: std::result::Result<Vouch, String>) {
         self.pending = self.pending.saturating_sub(1);
         match reply {
-            Ok(vouch) => self.answers[index] = Some(vouch),
+            Ok(vouch) => self.answers[index] = Some(counted(vouch, self.ahead)),
             Err(why) => tracing::debug!(%why, "no vouch for a layout"),
         }
     }
