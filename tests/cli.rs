@@ -165,7 +165,7 @@ fn a_data_dir_written_by_one_engine_is_not_opened_by_the_other() {
     let data_dir = dir.path().to_str().expect("utf-8 path");
     let server = |engine: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
-            .args(["--listen", "127.0.0.1:0", "--peers", "127.0.0.1:1"])
+            .args(["--listen", "127.0.0.1:0", "--peers", "127.0.0.1:0"])
             .args(["--data-dir", data_dir, "--storage-engine", engine])
             .output()
             .expect("run DKVSServer")

@@ -335,6 +335,7 @@ impl Membership {
             layout_version: version,
             intervals: group.intervals.clone(),
             after: Vec::new(),
+            cluster_id: 0,
         };
         // A source not yet serving the join's layout says so: ask again.
         let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout * 4);

@@ -47,6 +47,8 @@ pub struct Ping {
     pub layout_version: u64,
     /// The sender's join progress, while it is joining.
     pub progress: Option<ProgressReport>,
+    /// The sender's cluster id (0: none yet).
+    pub cluster_id: u64,
 }
 
 /// The answer to a [`Ping`].
@@ -62,6 +64,8 @@ pub struct Pong {
     pub wall_ms: u64,
     pub stats: Option<NodeStats>,
     pub layout_version: u64,
+    /// The answering node's cluster id (0: none yet).
+    pub cluster_id: u64,
 }
 
 /// What a joining node asks a source for (`Membership.StreamRecords`).
@@ -73,6 +77,8 @@ pub struct StreamRequest {
     pub intervals: Vec<(u64, u64)>,
     /// Resume after this storage key (empty: from the start).
     pub after: Vec<u8>,
+    /// The asking node's cluster id (stamped by the peer pool when 0).
+    pub cluster_id: u64,
 }
 
 /// One chunk of a stream: records, and the intervals finished so far.
@@ -136,6 +142,7 @@ impl From<Ping> for pb::PingRequest {
             hlc: p.hlc,
             layout_version: p.layout_version,
             r#move: p.progress.map(pb::MoveProgress::from),
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -150,6 +157,7 @@ impl From<pb::PingRequest> for Ping {
             hlc: p.hlc,
             layout_version: p.layout_version,
             progress: p.r#move.map(ProgressReport::from),
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -165,6 +173,7 @@ impl From<Pong> for pb::PingResponse {
             wall_ms: p.wall_ms,
             stats: p.stats.map(pb::NodeStats::from),
             layout_version: p.layout_version,
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -180,6 +189,7 @@ impl From<pb::PingResponse> for Pong {
             wall_ms: p.wall_ms,
             stats: p.stats.map(NodeStats::from),
             layout_version: p.layout_version,
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -194,6 +204,7 @@ impl From<StreamRequest> for pb::StreamRequest {
                 .map(|(first, last)| pb::HashInterval { first, last })
                 .collect(),
             after: Bytes::from(r.after),
+            cluster_id: r.cluster_id,
         }
     }
 }
@@ -204,6 +215,7 @@ impl From<pb::StreamRequest> for StreamRequest {
             layout_version: r.layout_version,
             intervals: r.intervals.into_iter().map(|i| (i.first, i.last)).collect(),
             after: r.after.to_vec(),
+            cluster_id: r.cluster_id,
         }
     }
 }

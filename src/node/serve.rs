@@ -96,6 +96,9 @@ where
         tokio::spawn(async move {
             let wait = node.config.heartbeat_interval() * 2;
             let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
+            // Not before a majority of the first members agree on the
+            // cluster id (crate::membership's cluster_id): no deadline.
+            node.membership.agreed().await;
             if !node.shutdown.is_cancelled() {
                 for service in std::iter::once("").chain(SERVICES) {
                     health
