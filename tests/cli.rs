@@ -610,6 +610,17 @@ async fn check_finds_the_lost_writes_of_a_cluster_that_forgets() {
         )));
     }
 
+    // Clients are served once the nodes agree on their cluster id.
+    for address in &addresses {
+        eventually(Duration::from_secs(30), async || {
+            if common::health_serving(address).await {
+                Ok(())
+            } else {
+                Err(format!("{address} not SERVING"))
+            }
+        })
+        .await;
+    }
     let seeds = addresses.join(",");
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
@@ -686,6 +697,7 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
         .await
         .join(pb::JoinRequest {
             address: ghost.clone(),
+            ..Default::default()
         })
         .await
         .expect("Membership.Join")
