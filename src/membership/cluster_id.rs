@@ -64,7 +64,7 @@ impl Agreement {
             .1
             .is_none_or(|at| now.saturating_duration_since(at) >= WAITING_LOG_EVERY);
         if due || waiting.0 != why {
-            tracing::info!("not serving clients yet: {why}");
+            tracing::info!("not answering clients yet: {why}");
             waiting.1 = Some(now);
         }
         waiting.0 = why;
@@ -75,7 +75,7 @@ impl Agreement {
             tracing::info!(
                 cluster_id = show(layout.cluster_id),
                 version = layout.version,
-                "the cluster id is agreed: serving clients"
+                "the cluster id is agreed: answering clients"
             );
             self.agreed.send_replace(true);
         }
