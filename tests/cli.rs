@@ -612,7 +612,7 @@ async fn check_finds_the_lost_writes_of_a_cluster_that_forgets() {
 
     // Clients are served once the nodes agree on their cluster id.
     for address in &addresses {
-        eventually(Duration::from_secs(30), async || {
+        eventually(std::time::Duration::from_secs(30), async || {
             if common::health_serving(address).await {
                 Ok(())
             } else {

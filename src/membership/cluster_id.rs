@@ -15,11 +15,13 @@
 //!   of the same cluster. It never waits for more than a majority.
 //!
 //! Any later version with an id was committed by a majority, so a node
-//! restarted with one is agreed at once. Until agreed, health is
-//! NOT_SERVING and client requests are refused with UNAVAILABLE.
+//! restarted with one is agreed at once; so is a node that confirmed its
+//! first layout before a restart (it keeps the id it agreed on in its
+//! data dir, [`AGREED_META`]). Until agreed, health is NOT_SERVING and
+//! client requests are refused with UNAVAILABLE.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,6 +32,10 @@ use crate::layout::Layout;
 use crate::layout::cluster_id::{random_id, show};
 use crate::locks::Locked;
 use crate::serving::layout_file::layout_hash;
+use crate::storage::Storage;
+
+/// The storage meta entry holding the cluster id this node agreed on.
+pub const AGREED_META: &str = "cluster_id_agreed";
 
 /// How often a node still waiting says so in its log.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(5);
@@ -44,6 +50,8 @@ pub struct Agreement {
     /// What this node waits for, and when that was last logged (std mutex:
     /// one update).
     waiting: Mutex<(String, Option<Instant>)>,
+    /// Where the agreed id is kept across restarts (none: in memory only).
+    kept_in: std::sync::OnceLock<Arc<dyn Storage>>,
 }
 
 impl Default for Agreement {
@@ -52,6 +60,7 @@ impl Default for Agreement {
             agreed: tokio::sync::watch::Sender::new(false),
             wish: AtomicU64::new(0),
             waiting: Mutex::new((String::new(), None)),
+            kept_in: std::sync::OnceLock::new(),
         }
     }
 }
@@ -72,6 +81,11 @@ impl Agreement {
 
     fn agree(&self, layout: &Layout) {
         if !*self.agreed.borrow() {
+            if let Some(storage) = self.kept_in.get()
+                && let Err(why) = storage.put_meta_durable(AGREED_META, layout.cluster_id)
+            {
+                tracing::warn!(%why, "cannot record the agreed cluster id; a restart confirms it again");
+            }
             tracing::info!(
                 cluster_id = show(layout.cluster_id),
                 version = layout.version,
@@ -86,6 +100,19 @@ impl Membership {
     /// Sets the id to assign when the layout has none (--cluster-token's).
     pub fn wish_cluster_id(&self, id: u64) {
         self.agreement.wish.store(id, Ordering::Relaxed);
+    }
+
+    /// Keeps the agreed cluster id in `storage` from now on; agreed at once
+    /// when `storage` holds the id of the layout served (agreed before a
+    /// restart).
+    pub fn keep_agreement_in(&self, storage: Arc<dyn Storage>) -> Result<()> {
+        let kept = storage.get_meta(AGREED_META)?;
+        let layout = self.layout();
+        let _ = self.agreement.kept_in.set(storage);
+        if layout.cluster_id != 0 && kept == Some(layout.cluster_id) {
+            self.agreement.agree(&layout);
+        }
+        Ok(())
     }
 
     /// Whether this node's cluster id is agreed (it serves clients).

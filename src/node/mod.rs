@@ -391,6 +391,7 @@ impl Node {
             anti_entropy.rounds_counter(),
         );
         membership.wish_cluster_id(config.cluster_token_id());
+        membership.keep_agreement_in(storage.clone())?;
         Ok(Arc::new(Self {
             membership,
             hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),
