@@ -98,15 +98,15 @@ bin_dir() {
 # and, where /proc says, is a DKVSServer (not an unrelated process that was
 # given a recycled pid).
 # Like pid_alive, for a node this script has just launched: until the
-# forked shell has exec'd DKVSServer, its name is still the script's (a
-# loaded machine can take a while), and that is a node starting, not one
-# that exited.
+# forked shell has exec'd DKVSServer, its name is still the script's, or
+# nohup's in between (a loaded machine can take a while), and that is a
+# node starting, not one that exited.
 pid_starting_or_alive() { # pid
   local pid=$1 comm
   pid_alive "$pid" && return 0
   [[ -r "/proc/$pid/comm" ]] || return 1
   read -r comm 2>/dev/null <"/proc/$pid/comm" || return 1
-  [[ "$comm" == startServers.sh || "$comm" == bash ]] || return 1
+  [[ "$comm" == startServers.sh || "$comm" == bash || "$comm" == nohup ]] || return 1
   local stat state
   read -r stat 2>/dev/null <"/proc/$pid/stat" || return 1
   state=${stat##*) }
