@@ -109,7 +109,8 @@ impl Membership {
         let kept = storage.get_meta(AGREED_META)?;
         let layout = self.layout();
         let _ = self.agreement.kept_in.set(storage);
-        if layout.cluster_id != 0 && kept == Some(layout.cluster_id) {
+        // Agreed before a restart, or a layout a majority committed.
+        if layout.cluster_id != 0 && (kept == Some(layout.cluster_id) || layout.version > 1) {
             self.agreement.agree(&layout);
         }
         Ok(())
