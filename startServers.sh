@@ -50,6 +50,9 @@ CLUSTER_FILE="$RUN_DIR/cluster"
 # nodes are members of the layout stored there), so a later start restarts
 # them too.
 ADDED_FILE="$DATA_DIR/added-nodes"
+# The cluster token (--cluster-token): made for each fresh cluster, kept
+# here so that restarts reuse it.
+TOKEN_FILE="$RUN_DIR/cluster-token"
 STOP_GRACE_SECONDS=10
 START_DEADLINE_SECONDS=30
 # How long `add` waits for a joining node to be added and to serve, and for
@@ -95,15 +98,15 @@ bin_dir() {
 # and, where /proc says, is a DKVSServer (not an unrelated process that was
 # given a recycled pid).
 # Like pid_alive, for a node this script has just launched: until the
-# forked shell has exec'd DKVSServer, its name is still the script's (a
-# loaded machine can take a while), and that is a node starting, not one
-# that exited.
+# forked shell has exec'd DKVSServer, its name is still the script's, or
+# nohup's in between (a loaded machine can take a while), and that is a
+# node starting, not one that exited.
 pid_starting_or_alive() { # pid
   local pid=$1 comm
   pid_alive "$pid" && return 0
   [[ -r "/proc/$pid/comm" ]] || return 1
   read -r comm 2>/dev/null <"/proc/$pid/comm" || return 1
-  [[ "$comm" == startServers.sh || "$comm" == bash ]] || return 1
+  [[ "$comm" == startServers.sh || "$comm" == bash || "$comm" == nohup ]] || return 1
   local stat state
   read -r stat 2>/dev/null <"/proc/$pid/stat" || return 1
   state=${stat##*) }
@@ -247,6 +250,27 @@ added_ports() {
   grep -E '^[0-9]+$' "$ADDED_FILE" || true
 }
 
+# Prints the --cluster-token flag for the cluster on PORTS: a new random
+# token when none of their data dirs holds a layout yet (a fresh cluster:
+# so a wiped cluster never shares its id with a node left from the old
+# one), else the one kept in $TOKEN_FILE. Data dirs without a kept token
+# (made by an older script) get none: their nodes agree on a random id.
+cluster_token_flag() { # ports...
+  local port fresh=1 token
+  for port in "$@"; do
+    [[ -e "$DATA_DIR/node-$port/layout" ]] && fresh=0
+  done
+  if (( fresh )); then
+    token=$(od -An -N8 -tx8 /dev/urandom | tr -d ' \n')
+    printf '%s\n' "$token" >"$TOKEN_FILE"
+  elif [[ -s "$TOKEN_FILE" ]]; then
+    token=$(head -n1 "$TOKEN_FILE")
+  else
+    return 0
+  fi
+  printf -- '--cluster-token %s\n' "$token"
+}
+
 # The flags every node gets: DKVS_SERVER_FLAGS, and --worker-threads
 # cores/nodes (at least 1) unless those set it.
 node_flags() { # node count
@@ -352,8 +376,10 @@ start_all() {
   mkdir -p "$RUN_DIR" "$DATA_DIR"
   printf 'nodes=%s\npeers=%s\n' "$count" "$peers" >"$CLUSTER_FILE"
 
-  local flags
+  local flags first_ports=()
   flags=$(node_flags "${#ports[@]}")
+  for i in $(seq 1 "$count"); do first_ports+=("$((BASE_PORT + i))"); done
+  flags="$flags $(cluster_token_flag "${first_ports[@]}")"
 
   local commands=() started=()
   for port in "${ports[@]}"; do
@@ -510,7 +536,13 @@ add_node() {
   fi
 
   mkdir -p "$RUN_DIR" "$DATA_DIR"
-  node_command "$port" --join "$seeds" "$(node_flags $((running + 1)))"
+  local flags
+  flags=$(node_flags $((running + 1)))
+  # The joiner names the cluster it joins (a seed of another refuses).
+  if [[ -s "$TOKEN_FILE" ]]; then
+    flags="$flags --cluster-token $(head -n1 "$TOKEN_FILE")"
+  fi
+  node_command "$port" --join "$seeds" "$flags"
   launch "$port"
   local pid
   pid=$(pid_of "$RUN_DIR/$name.pid")

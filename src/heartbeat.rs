@@ -216,9 +216,20 @@ impl Heartbeats {
             layout_version,
             layout_hash,
             progress: self.progress.get().map(|p| p.report()),
+            cluster_id: self.cluster.layouts.cluster_id(),
         };
         let sent_ms = wall_clock_ms();
-        let answer = self.cluster.peers.ping(address, timeout, ping).await?;
+        let answer = match self.cluster.peers.ping(address, timeout, ping).await {
+            Ok(answer) => answer,
+            Err(why) => {
+                self.cluster.layouts.note_refusal(address, &why.to_string());
+                return Err(why);
+            }
+        };
+        // Another cluster's answer marks nothing up and teaches nothing.
+        self.cluster
+            .layouts
+            .check_sender(answer.cluster_id, address)?;
         let midpoint_ms = sent_ms + wall_clock_ms().saturating_sub(sent_ms) / 2;
         let skew_ms = answer.wall_ms as i64 - midpoint_ms as i64;
         let bound = self.replica.bound();
@@ -301,6 +312,7 @@ impl Heartbeats {
             stats: Some(stats),
             layout_version,
             layout_hash,
+            cluster_id: self.cluster.layouts.cluster_id(),
         })
     }
 

@@ -165,7 +165,7 @@ fn a_data_dir_written_by_one_engine_is_not_opened_by_the_other() {
     let data_dir = dir.path().to_str().expect("utf-8 path");
     let server = |engine: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
-            .args(["--listen", "127.0.0.1:0", "--peers", "127.0.0.1:1"])
+            .args(["--listen", "127.0.0.1:0", "--peers", "127.0.0.1:0"])
             .args(["--data-dir", data_dir, "--storage-engine", engine])
             .output()
             .expect("run DKVSServer")
@@ -610,6 +610,17 @@ async fn check_finds_the_lost_writes_of_a_cluster_that_forgets() {
         )));
     }
 
+    // Clients are served once the nodes agree on their cluster id.
+    for address in &addresses {
+        eventually(std::time::Duration::from_secs(30), async || {
+            if common::health_serving(address).await {
+                Ok(())
+            } else {
+                Err(format!("{address} not SERVING"))
+            }
+        })
+        .await;
+    }
     let seeds = addresses.join(",");
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
@@ -686,6 +697,7 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
         .await
         .join(pb::JoinRequest {
             address: ghost.clone(),
+            ..Default::default()
         })
         .await
         .expect("Membership.Join")

@@ -20,6 +20,34 @@ struct InProcessNode {
     task: tokio::task::JoinHandle<dkvs::Result<()>>,
 }
 
+/// Waits until every node at `addresses` reports SERVING (once its cluster
+/// id is agreed), within 30 s.
+async fn wait_serving(addresses: &[String]) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for address in addresses {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("valid address")
+            .connect_lazy();
+        let mut health = HealthClient::new(channel);
+        loop {
+            let request = HealthCheckRequest {
+                service: String::new(),
+            };
+            if let Ok(reply) = health.check(request).await
+                && reply.into_inner().status == 1
+            {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{address} not SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 async fn start_cluster(count: usize) -> (Vec<String>, Vec<InProcessNode>) {
     let mut listeners = Vec::new();
     for _ in 0..count {
@@ -55,14 +83,15 @@ async fn start_cluster(count: usize) -> (Vec<String>, Vec<InProcessNode>) {
             task,
         });
     }
+    wait_serving(&addresses).await;
     (addresses, nodes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_process_nodes_serve_and_stop_on_their_shutdown_signal() {
     let (addresses, mut nodes) = start_cluster(3).await;
-    // Listeners were bound before the servers started: connecting succeeds
-    // at once; Status answers as soon as the server loop runs.
+    // Listeners were bound before the servers started, and every node
+    // serves (its cluster id agreed) once start_cluster returns.
     let client = Client::connect(&addresses, ClientOptions::default())
         .await
         .expect("connect");

@@ -359,6 +359,19 @@ impl Display {
 
     /// The command to run for `shown`, a command as the docs show it.
     fn unshow(&self, shown: &str) -> String {
+        // The cluster token the docs show is another run's: this cluster's
+        // is the one startServers.sh keeps in its run dir.
+        let token = std::fs::read_to_string(self.root.join("run").join("cluster-token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let shown = if token.is_empty() {
+            shown.to_string()
+        } else {
+            Regex::new(r"--cluster-token [0-9a-f]{16}\b")
+                .expect("regex")
+                .replace_all(shown, format!("--cluster-token {token}").as_str())
+                .into_owned()
+        };
         let text = shown.replace(
             &format!("{DISPLAY_ROOT}/target/release"),
             &self.bins.display().to_string(),

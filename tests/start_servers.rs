@@ -300,3 +300,40 @@ fn add_grows_the_running_cluster_and_stop_stops_the_added_nodes_too() {
         "{verdict}"
     );
 }
+
+/// A fresh cluster gets a new random --cluster-token, kept in the run dir:
+/// a restart on the same data reuses it, a start on wiped data dirs makes
+/// another (a new cluster, which a node left from the old one cannot join).
+#[test]
+fn each_fresh_cluster_gets_its_own_token() {
+    let script = Script::new();
+    let token_file = script.run_dir().join("cluster-token");
+    let token = || {
+        std::fs::read_to_string(&token_file)
+            .expect("run/cluster-token")
+            .trim()
+            .to_string()
+    };
+    let started = script.run(&["1"]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let first = token();
+    assert!(
+        first.len() == 16 && first.chars().all(|c| c.is_ascii_hexdigit()),
+        "{first:?}"
+    );
+    assert!(
+        text(&started.stdout).contains(&format!("--cluster-token {first}")),
+        "{}",
+        text(&started.stdout)
+    );
+    assert!(script.run(&["stop"]).status.success());
+    let again = script.run(&["1"]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(token(), first, "a restart reuses the token");
+    assert!(script.run(&["stop"]).status.success());
+    std::fs::remove_dir_all(script.data_dir()).expect("wipe the data");
+    let fresh = script.run(&["1"]);
+    assert!(fresh.status.success(), "{}", text(&fresh.stderr));
+    assert_ne!(token(), first, "wiped data dirs make a new cluster");
+    assert!(script.run(&["stop"]).status.success());
+}

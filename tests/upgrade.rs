@@ -139,6 +139,34 @@ async fn replica_mismatches(cluster: &TestCluster, i: usize, expected: &Expected
     wrong
 }
 
+/// The layout node `i` serves.
+async fn layout_of(cluster: &TestCluster, i: usize) -> dkvs::pb::Layout {
+    cluster
+        .membership(i)
+        .await
+        .get_layout(dkvs::pb::GetLayoutRequest {})
+        .await
+        .expect("GetLayout")
+        .into_inner()
+}
+
+/// The cluster id every node of `cluster` serves, once they all serve the
+/// same non-zero one.
+async fn agreed_cluster_id(cluster: &TestCluster) -> u64 {
+    eventually(Duration::from_secs(20), async || {
+        let mut ids = Vec::new();
+        for i in 0..cluster.nodes.len() {
+            ids.push(layout_of(cluster, i).await.cluster_id);
+        }
+        if ids[0] != 0 && ids.iter().all(|&id| id == ids[0]) {
+            Ok(ids[0])
+        } else {
+            Err(format!("cluster ids {ids:x?}"))
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_previous_releases_data_dirs_open_and_serve() {
     check_addresses_free();
@@ -147,6 +175,16 @@ async fn the_previous_releases_data_dirs_open_and_serve() {
     let mut extra = vec!["--worker-threads", "1"];
     extra.extend_from_slice(HINT_AGE);
     let mut cluster = TestCluster::start_on(dir, &members, &extra).await;
+    // The old release's layout has no cluster id: one layout change gives
+    // every node the same one, without the operator doing anything.
+    let cluster_id = agreed_cluster_id(&cluster).await;
+    let assigned = layout_of(&cluster, 0).await;
+    assert!(
+        assigned.change == "cluster id assigned" && assigned.members.len() == 3,
+        "v{}: {}",
+        assigned.version,
+        assigned.change
+    );
     let mut expected = manifest();
     assert!(
         expected.len() > 300,
@@ -207,6 +245,11 @@ async fn the_previous_releases_data_dirs_open_and_serve() {
     // everything: the old release's entries and the new ones.
     cluster.kill(0);
     cluster.restart(0).await;
+    assert_eq!(
+        agreed_cluster_id(&cluster).await,
+        cluster_id,
+        "the id survives a restart"
+    );
     let wrong = replica_mismatches(&cluster, 0, &expected).await;
     assert!(
         wrong.is_empty(),

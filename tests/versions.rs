@@ -247,13 +247,22 @@ async fn one_hostile_version_does_not_stop_the_cluster() {
         .await
         .expect_err("hint with a hostile version");
     assert_eq!(hint.code(), tonic::Code::InvalidArgument);
-    // A heartbeat carrying it is not merged.
+    // A heartbeat carrying it (and this cluster's id) is not merged.
+    let cluster_id = cluster
+        .membership(0)
+        .await
+        .get_layout(pb::GetLayoutRequest {})
+        .await
+        .expect("layout")
+        .into_inner()
+        .cluster_id;
     cluster
         .liveness(0)
         .await
         .ping(pb::PingRequest {
             from: cluster.nodes[1].address.clone(),
             hlc: 1 << 62,
+            cluster_id,
             ..Default::default()
         })
         .await

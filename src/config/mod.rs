@@ -55,10 +55,19 @@ pub struct ServerConfig {
     #[arg(long)]
     pub advertise: Option<String>,
 
-    /// Comma-separated addresses of every cluster member; this node's own
-    /// address may be included. Every node must be given the same list.
+    /// Comma-separated addresses of the first members of a new cluster,
+    /// this node's own address included (as --advertise or --listen spells
+    /// it). Every first member must be given the same list; a node that is
+    /// not one of them joins with --join.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub peers: Vec<String>,
+
+    /// A token naming the cluster, the same on every --peers node (like
+    /// etcd's --initial-cluster-token): the cluster id is its hash, so two
+    /// clusters started with different tokens never take each other's
+    /// messages. Without one, the first members agree on a random id.
+    #[arg(long)]
+    pub cluster_token: Option<String>,
 
     /// Comma-separated addresses of running members: join their cluster
     /// (used only when the data dir holds no layout yet; a node restarted
@@ -283,6 +292,7 @@ impl ServerConfig {
     /// Checks that settings agree with each other. Runs before anything is
     /// opened, so a usage error appears at once even on a large data dir.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_peers()?;
         let floor_ms = self
             .max_hint_age_secs
             .saturating_mul(1000)
@@ -300,6 +310,36 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+}
+
+impl ServerConfig {
+    /// A bootstrapping node (--peers without --join) must be in its own
+    /// --peers: every first member then builds the same first layout.
+    fn validate_peers(&self) -> Result<(), String> {
+        let peers: Vec<&str> = self
+            .peers
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let address = self.advertised_address();
+        if peers.is_empty() || !self.join_seeds().is_empty() || peers.contains(&address.as_str()) {
+            return Ok(());
+        }
+        Err(format!(
+            "{address} is not in --peers ({}): a node that is not one of the first members joins \
+             with --join SEED; a first member lists its own address in --peers, spelled as \
+             --advertise (or --listen) gives it",
+            peers.join(",")
+        ))
+    }
+
+    /// The cluster id `--cluster-token` gives (0: none given).
+    pub fn cluster_token_id(&self) -> u64 {
+        self.cluster_token
+            .as_deref()
+            .map_or(0, crate::layout::cluster_id::id_of_token)
     }
 }
 

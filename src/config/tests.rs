@@ -281,3 +281,53 @@ fn zero_replicas_is_rejected() {
     .expect_err("zero replicas");
     assert!(error.to_string().contains("replicas"), "{error}");
 }
+
+#[test]
+fn a_bootstrapping_node_must_be_in_its_own_peers() {
+    let parse = |list: &[&str]| {
+        let mut all = vec!["DKVSServer", "--listen", "127.0.0.1:7001"];
+        all.extend_from_slice(list);
+        ServerConfig::from_arg_list(args(&all)).expect("parse")
+    };
+    let missing = parse(&["--peers", "127.0.0.1:7002,127.0.0.1:7003"])
+        .validate()
+        .expect_err("refused");
+    assert!(
+        missing.starts_with("127.0.0.1:7001 is not in --peers")
+            && missing.contains("joins with --join SEED"),
+        "{missing}"
+    );
+    parse(&["--peers", "127.0.0.1:7002,127.0.0.1:7001"])
+        .validate()
+        .expect("listed");
+    // Spelled as --advertise gives it; a lone node; a joiner.
+    parse(&["--advertise", "n1:7001", "--peers", "n1:7001,n2:7001"])
+        .validate()
+        .expect("advertised");
+    parse(&[]).validate().expect("alone");
+    parse(&["--join", "127.0.0.1:7002"])
+        .validate()
+        .expect("joins");
+}
+
+#[test]
+fn the_cluster_token_is_a_flag_and_a_setting() {
+    let config = with_file(
+        "listen = \"127.0.0.1:7001\"\ncluster-token = \"blue\"\n",
+        &[],
+    )
+    .expect("parse");
+    assert_eq!(config.cluster_token.as_deref(), Some("blue"));
+    assert_eq!(
+        config.cluster_token_id(),
+        crate::layout::cluster_id::id_of_token("blue")
+    );
+    let flag = with_file(
+        "cluster-token = \"blue\"\n",
+        &["--listen", "127.0.0.1:7001", "--cluster-token", "red"],
+    )
+    .expect("parse");
+    assert_eq!(flag.cluster_token.as_deref(), Some("red"));
+    let none = with_file("listen = \"127.0.0.1:7001\"\n", &[]).expect("parse");
+    assert_eq!(none.cluster_token_id(), 0);
+}

@@ -28,6 +28,7 @@
 //! replica; the joining node streams from every old replica it can reach, so
 //! it usually gets it too, but only N−W+1 of them are required.
 
+pub mod cluster_id;
 pub mod paxos;
 pub mod progress;
 pub mod verify;

@@ -22,6 +22,7 @@ impl Membership {
     /// streaming or syncing a join, proposing `finished joining` or `move
     /// settled`, dropping moved records. Nothing due is a success.
     pub async fn round(self: &Arc<Self>, heartbeats: &Heartbeats) -> RoundResult {
+        self.cluster_id_step().await;
         let layout = self.layout();
         let me = self.me.address.clone();
         if layout.member(&me).is_some_and(|m| m.role == Role::Joining) {
@@ -119,7 +120,7 @@ impl Membership {
     }
 
     /// Whether this node is the first member by address it believes up.
-    fn is_first_up(&self, layout: &Layout) -> bool {
+    pub(super) fn is_first_up(&self, layout: &Layout) -> bool {
         layout
             .members
             .iter()

@@ -11,6 +11,7 @@
 //! `stream.rs` copies a joining node's ranges. See `crate::layout` for why
 //! each step is safe.
 
+mod cluster_id;
 mod driver;
 mod stream;
 
@@ -56,6 +57,8 @@ pub struct Membership {
     /// had when this node first saw every member serve a settled layout.
     ae_rounds: Arc<AtomicU64>,
     settled_at_round: Mutex<Option<(u64, u64)>>,
+    /// Whether the cluster id is agreed (clients are served once it is).
+    agreement: cluster_id::Agreement,
 }
 
 impl Membership {
@@ -105,6 +108,7 @@ impl Membership {
             cleaned: AtomicU64::new(0),
             ae_rounds,
             settled_at_round: Mutex::new(None),
+            agreement: cluster_id::Agreement::default(),
         })
     }
 

@@ -368,6 +368,7 @@ impl Membership {
             layout_version: version,
             intervals: group.intervals.clone(),
             after: Vec::new(),
+            cluster_id: 0,
         };
         // A source not yet serving the join's layout says so: ask again,
         // for a bounded time (one that cannot adopt it, its disk full, must

@@ -31,6 +31,18 @@ pub struct RangeQuery {
 }
 
 impl PeerPool {
+    /// The cluster id node-to-node calls carry (0: none yet).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the cluster id node-to-node calls carry: the layout owner's,
+    /// or a joiner's --cluster-token.
+    pub fn set_cluster_id(&self, id: u64) {
+        self.cluster_id
+            .store(id, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// `Membership.GetLayout`: the layout `address` serves, checked whole.
     pub async fn fetch_layout(&self, address: &str, timeout: Duration) -> Result<Layout> {
         let mut client = self.membership_client(address)?;
@@ -53,6 +65,7 @@ impl PeerPool {
             version,
             ballot: Some(ballot.into()),
             base_hash,
+            cluster_id: self.cluster_id(),
         };
         let call = self.membership_call(address, timeout, move |mut c| async move {
             c.layout_prepare(request).await
@@ -79,6 +92,7 @@ impl PeerPool {
             ballot: Some(ballot.into()),
             layout: Some(layout.into()),
             base_hash,
+            cluster_id: self.cluster_id(),
         };
         let call = self.membership_call(address, timeout, move |mut c| async move {
             c.layout_accept(request).await
@@ -126,6 +140,7 @@ impl PeerPool {
         let mut client = self.membership_client(seed)?;
         let request = pb::JoinRequest {
             address: address.to_string(),
+            cluster_id: self.cluster_id(),
         };
         match tokio::time::timeout(timeout, client.join(request)).await {
             Ok(Ok(layout)) => pb::layout_from(layout.into_inner())
@@ -151,9 +166,12 @@ impl PeerPool {
         &self,
         source: &str,
         timeout: Duration,
-        request: StreamRequest,
+        mut request: StreamRequest,
     ) -> Result<RecordChunks> {
         let mut client = self.membership_client(source)?;
+        if request.cluster_id == 0 {
+            request.cluster_id = self.cluster_id();
+        }
         match tokio::time::timeout(
             timeout,
             client.stream_records(pb::StreamRequest::from(request)),
@@ -170,8 +188,11 @@ impl PeerPool {
     }
 
     /// `Liveness.Ping`: one heartbeat and its answer.
-    pub async fn ping(&self, address: &str, timeout: Duration, ping: Ping) -> Result<Pong> {
+    pub async fn ping(&self, address: &str, timeout: Duration, mut ping: Ping) -> Result<Pong> {
         let mut client = self.liveness_client(address)?;
+        if ping.cluster_id == 0 {
+            ping.cluster_id = self.cluster_id();
+        }
         let answer = call_within(timeout, client.ping(pb::PingRequest::from(ping))).await?;
         Ok(Pong::from(answer))
     }

@@ -49,6 +49,8 @@ pub struct Ping {
     pub layout_hash: u64,
     /// The sender's join progress, while it is joining.
     pub progress: Option<ProgressReport>,
+    /// The sender's cluster id (0: none yet).
+    pub cluster_id: u64,
 }
 
 /// The answer to a [`Ping`].
@@ -66,6 +68,8 @@ pub struct Pong {
     pub layout_version: u64,
     /// The hash of the layout the answering node serves (0: unknown).
     pub layout_hash: u64,
+    /// The answering node's cluster id (0: none yet).
+    pub cluster_id: u64,
 }
 
 /// What a joining node asks a source for (`Membership.StreamRecords`).
@@ -77,6 +81,8 @@ pub struct StreamRequest {
     pub intervals: Vec<(u64, u64)>,
     /// Resume after this storage key (empty: from the start).
     pub after: Vec<u8>,
+    /// The asking node's cluster id (stamped by the peer pool when 0).
+    pub cluster_id: u64,
 }
 
 /// One chunk of a stream: records, and the intervals finished so far.
@@ -141,6 +147,7 @@ impl From<Ping> for pb::PingRequest {
             layout_version: p.layout_version,
             layout_hash: p.layout_hash,
             r#move: p.progress.map(pb::MoveProgress::from),
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -156,6 +163,7 @@ impl From<pb::PingRequest> for Ping {
             layout_version: p.layout_version,
             layout_hash: p.layout_hash,
             progress: p.r#move.map(ProgressReport::from),
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -172,6 +180,7 @@ impl From<Pong> for pb::PingResponse {
             stats: p.stats.map(pb::NodeStats::from),
             layout_version: p.layout_version,
             layout_hash: p.layout_hash,
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -188,6 +197,7 @@ impl From<pb::PingResponse> for Pong {
             stats: p.stats.map(NodeStats::from),
             layout_version: p.layout_version,
             layout_hash: p.layout_hash,
+            cluster_id: p.cluster_id,
         }
     }
 }
@@ -202,6 +212,7 @@ impl From<StreamRequest> for pb::StreamRequest {
                 .map(|(first, last)| pb::HashInterval { first, last })
                 .collect(),
             after: Bytes::from(r.after),
+            cluster_id: r.cluster_id,
         }
     }
 }
@@ -212,6 +223,7 @@ impl From<pb::StreamRequest> for StreamRequest {
             layout_version: r.layout_version,
             intervals: r.intervals.into_iter().map(|i| (i.first, i.last)).collect(),
             after: r.after.to_vec(),
+            cluster_id: r.cluster_id,
         }
     }
 }

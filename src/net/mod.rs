@@ -106,6 +106,9 @@ pub struct PeerPool {
     max_message_bytes: usize,
     /// Versions in replies further ahead than this are failed replies.
     bound: SkewBound,
+    /// The cluster id node-to-node calls carry: the layout served's (its
+    /// owner sets it), or --cluster-token's for a joiner (0: none).
+    cluster_id: std::sync::atomic::AtomicU64,
     /// Scripted replicas by address (unit tests: [`PeerPool::with_fakes`]).
     #[cfg(test)]
     fakes: HashMap<String, Arc<fake::FakeReplica>>,
@@ -123,6 +126,7 @@ impl PeerPool {
             // run on a host whose clock lags: it refuses only versions no
             // node can have issued. Nodes set their --max-clock-skew-ms.
             bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
+            cluster_id: std::sync::atomic::AtomicU64::new(0),
             #[cfg(test)]
             fakes: HashMap::new(),
         }

@@ -25,6 +25,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         refuse_if_abandoned(&request, "PUT")?;
+        self.0.membership.refuse_until_agreed()?;
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;
@@ -48,6 +49,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         let request = request.into_inner();
         let node = &self.0;
         let read = async {
+            node.membership.refuse_until_agreed()?;
             node.limits.check_key(&request.key)?;
             let consistency = pb::read_consistency_from(request.consistency)?;
             node.coordinator.get(&request.key, consistency).await
@@ -62,6 +64,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         refuse_if_abandoned(&request, "DELETE")?;
+        self.0.membership.refuse_until_agreed()?;
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;

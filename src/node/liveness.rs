@@ -20,6 +20,7 @@ impl pb::liveness_server::Liveness for LivenessService {
     ) -> Result<Response<pb::PingResponse>, Status> {
         let node = &self.0;
         let ping = crate::net::messages::Ping::from(request.into_inner());
+        (node.cluster.layouts).check_sender(ping.cluster_id, &ping.from)?;
         let answer = node.heartbeats.answer(ping, node.local_stats())?;
         Ok(Response::new(pb::PingResponse::from(answer)))
     }

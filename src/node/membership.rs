@@ -10,6 +10,15 @@ use super::Node;
 use crate::error::Error;
 use crate::pb;
 
+/// Who sent `request`, as far as a log line can tell (the caller's IP; its
+/// port is a connection's).
+fn sender_of<T>(request: &Request<T>, what: &str) -> String {
+    match request.remote_addr() {
+        Some(address) => format!("{what} at {}", address.ip()),
+        None => what.to_string(),
+    }
+}
+
 /// `dkvs.v1.Membership`: layout agreement and data moving between nodes.
 pub(super) struct MembershipService(pub(super) Arc<Node>);
 
@@ -26,7 +35,9 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::LayoutPrepareRequest>,
     ) -> Result<Response<pb::LayoutPromise>, Status> {
+        let sender = sender_of(&request, "a layout proposer");
         let request = request.into_inner();
+        (self.0.cluster.layouts).check_sender(request.cluster_id, &sender)?;
         let ballot = pb::ballot_from(request.ballot);
         let promise = (self.0.membership).on_prepare(request.version, ballot, request.base_hash)?;
         Ok(Response::new(pb::layout_promise(promise, ballot)))
@@ -36,7 +47,9 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::LayoutAcceptRequest>,
     ) -> Result<Response<pb::LayoutAccepted>, Status> {
+        let sender = sender_of(&request, "a layout proposer");
         let request = request.into_inner();
+        (self.0.cluster.layouts).check_sender(request.cluster_id, &sender)?;
         let ballot = pb::ballot_from(request.ballot);
         let layout = request
             .layout
@@ -50,7 +63,10 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::Layout>,
     ) -> Result<Response<pb::GetLayoutRequest>, Status> {
+        let sender = sender_of(&request, "a layout committer");
         let layout = pb::layout_from(request.into_inner()).map_err(Error::InvalidArgument)?;
+        // The layout carries its cluster's id; adopting checks it as well.
+        (self.0.cluster.layouts).check_sender(layout.cluster_id, &sender)?;
         self.0.membership.adopt_verified(layout).await?;
         Ok(Response::new(pb::GetLayoutRequest {}))
     }
@@ -67,11 +83,14 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::Layout>, Status> {
-        let layout = self
-            .0
-            .membership
-            .on_join(&request.into_inner().address)
-            .await?;
+        let request = request.into_inner();
+        // A new node has no cluster id yet (0): only one naming another
+        // cluster is refused.
+        if request.cluster_id != 0 {
+            let sender = format!("joiner {}", request.address);
+            (self.0.cluster.layouts).check_sender(request.cluster_id, &sender)?;
+        }
+        let layout = self.0.membership.on_join(&request.address).await?;
         Ok(Response::new(pb::Layout::from(&layout)))
     }
 
@@ -83,6 +102,8 @@ impl pb::membership_server::Membership for MembershipService {
         request: Request<pb::StreamRequest>,
     ) -> Result<Response<Self::StreamRecordsStream>, Status> {
         let node = &self.0;
+        let sender = sender_of(&request, "a joiner streaming");
+        (node.cluster.layouts).check_sender(request.get_ref().cluster_id, &sender)?;
         let stream = crate::membership::stream_source(
             node.replica.clone(),
             node.cluster.clone(),

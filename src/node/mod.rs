@@ -112,6 +112,23 @@ fn is_fresh(storage: &dyn Storage) -> Result<bool> {
     Ok(!held.get() && storage.hint_ids(&[], 1)?.is_empty())
 }
 
+/// A data dir whose layout belongs to another cluster than
+/// `--cluster-token` names is refused (one without an id gets the token's
+/// through a layout change).
+fn check_cluster_token(config: &ServerConfig, layout: &Layout) -> Result<()> {
+    let wanted = config.cluster_token_id();
+    if wanted == 0 || layout.cluster_id == 0 || layout.cluster_id == wanted {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "the data dir's layout v{} belongs to cluster {}, but --cluster-token gives {}: start it with \
+         the token its cluster was started with, or wipe the data dir to start a new cluster",
+        layout.version,
+        crate::layout::cluster_id::show(layout.cluster_id),
+        crate::layout::cluster_id::show(wanted)
+    )))
+}
+
 impl Node {
     /// Opens the node's data directory with the configured engine and
     /// builds the node.
@@ -179,6 +196,8 @@ impl Node {
             return Ok(());
         }
         let peers = PeerPool::new(dialer, 64 << 20);
+        // A joiner given --cluster-token joins only that cluster.
+        peers.set_cluster_id(config.cluster_token_id());
         let address = config.advertised_address();
         tracing::info!(%address, seeds = ?seeds, "asking to join the cluster");
         let layout =
@@ -275,6 +294,8 @@ impl Node {
             config.stream_rate,
             anti_entropy.rounds_counter(),
         );
+        membership.wish_cluster_id(config.cluster_token_id());
+        membership.keep_agreement_in(storage.clone())?;
         Ok(Arc::new(Self {
             membership,
             hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),
@@ -448,7 +469,10 @@ fn stored_layout(
     address: &str,
 ) -> Result<(LayoutState, Arc<Layout>)> {
     let layout_state = Membership::load_or_bootstrap(layout_store, || {
-        Layout::bootstrap(&config.member_addresses(), config.replicas, config.vnodes)
+        let mut first =
+            Layout::bootstrap(&config.member_addresses(), config.replicas, config.vnodes);
+        first.cluster_id = config.cluster_token_id();
+        first
     })?;
     let layout = Arc::new(
         layout_state
@@ -462,6 +486,7 @@ fn stored_layout(
             layout.version
         )));
     }
+    check_cluster_token(config, &layout)?;
     if layout.replicas != config.replicas || layout.vnodes != config.vnodes {
         tracing::warn!(
             layout_replicas = layout.replicas,

@@ -175,6 +175,9 @@ fn serve_once_heard(
         let wait = node.config.heartbeat_interval() * 2;
         let _ = tokio::time::timeout(wait, node.heartbeats.first_round_done()).await;
         catch_up_before_serving(&node).await;
+        // Not before a majority of the first members agree on the cluster
+        // id (crate::membership's cluster_id): no deadline.
+        node.membership.agreed().await;
         if !node.shutdown.is_cancelled() {
             set_every_status(&health, tonic_health::ServingStatus::Serving).await;
         }

@@ -16,6 +16,7 @@
 //! share: the layout owner, the channels to peers, the failure detector and
 //! the deadline of each node-to-node call.
 
+mod cluster_check;
 pub mod layout_file;
 
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,9 @@ pub struct LayoutOwner {
     rpc_timeout: Duration,
     /// One catch-up at a time.
     fetching: tokio::sync::Mutex<()>,
+    /// Senders from another cluster already logged, with the id they
+    /// carried (std mutex: one set operation; bounded, see cluster_check).
+    foreign_logged: Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 impl LayoutOwner {
@@ -88,6 +92,7 @@ impl LayoutOwner {
                 .adopted
                 .record(committed.version, layout_hash(committed));
         }
+        peers.set_cluster_id(state.committed.as_ref().map_or(0, |l| l.cluster_id));
         Ok(Self {
             me: me.to_string(),
             store,
@@ -98,6 +103,7 @@ impl LayoutOwner {
             peers,
             rpc_timeout,
             fetching: tokio::sync::Mutex::new(()),
+            foreign_logged: Mutex::default(),
         })
     }
 
@@ -232,6 +238,10 @@ impl LayoutOwner {
         if layout.version <= current {
             return Ok(false);
         }
+        if let Some(old) = &state.committed {
+            crate::layout::cluster_id::may_adopt(old, &layout)
+                .map_err(Error::FailedPrecondition)?;
+        }
         if let Some(old) = &state.committed
             && (old.replicas != layout.replicas || old.vnodes != layout.vnodes)
         {
@@ -248,6 +258,7 @@ impl LayoutOwner {
         }
         self.store.save(&next)?;
         *state = next;
+        self.peers.set_cluster_id(layout.cluster_id);
         self.replica.advance_fence(layout.version);
         let layout = Arc::new(layout);
         self.placement

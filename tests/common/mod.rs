@@ -138,12 +138,16 @@ impl TestCluster {
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         let peers = addresses.join(",");
+        // One token per cluster, as startServers.sh gives each fresh one.
+        let token = format!("test-{}", addresses.join("-"));
         let nodes = addresses
             .iter()
             .enumerate()
             .map(|(i, address)| {
                 let data_dir = dir.path().join(format!("node{i}"));
-                let args = node_args(address, &data_dir, ("--peers", &peers), extra);
+                let mut with_token = vec!["--cluster-token", &token];
+                with_token.extend_from_slice(extra);
+                let args = node_args(address, &data_dir, ("--peers", &peers), &with_token);
                 let mut node = TestNode {
                     address: address.clone(),
                     data_dir,
@@ -334,6 +338,35 @@ impl TestCluster {
         self.nodes[i]
             .args
             .extend(flags.iter().map(|s| s.to_string()));
+    }
+
+    /// Removes `flag` and its value from node `i`'s command line, for its
+    /// next start.
+    pub fn drop_flag(&mut self, i: usize, flag: &str) {
+        let args = &mut self.nodes[i].args;
+        while let Some(at) = args.iter().position(|a| a == flag) {
+            args.drain(at..(at + 2).min(args.len()));
+        }
+    }
+
+    /// Starts stopped node `i` without waiting for it.
+    pub fn spawn_only(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is still running");
+        self.nodes[i].spawn();
+    }
+
+    /// Starts the stopped nodes `which` at once (first members wait for
+    /// each other), then waits until each is ready.
+    pub async fn restart_all(&mut self, which: &[usize]) {
+        for &i in which {
+            assert!(self.nodes[i].child.is_none(), "node {i} is still running");
+            self.nodes[i].spawn();
+        }
+        for &i in which {
+            if let Err(error) = self.wait_ready(i).await {
+                panic!("restart failed: {error}");
+            }
+        }
     }
 
     /// Restarts node `i` with the same flags and data dir; waits until ready.
