@@ -22,6 +22,7 @@ use super::{Membership, MoveProgress};
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::layout::Layout;
+use crate::net::RecordChunks;
 use crate::net::messages::{StreamChunk, StreamRequest};
 use crate::quorum::Consistency;
 use crate::replica::ReplicaStore;
@@ -354,6 +355,24 @@ impl Membership {
         );
     }
 
+    /// Opens `source`'s stream of `request`. A source not yet serving the
+    /// join's layout says so: ask again, for a bounded time (one that
+    /// cannot adopt it, its disk full, must not stall the join: the other
+    /// old replicas stream instead).
+    async fn open_stream(&self, source: &str, request: StreamRequest) -> Result<RecordChunks> {
+        let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout * 4);
+        let give_up = Instant::now() + SOURCE_CATCH_UP_WAIT;
+        loop {
+            match peers.stream_records(source, timeout, request.clone()).await {
+                Ok(stream) => return Ok(stream),
+                Err(why) if crate::net::is_not_serving_yet(&why) && Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(why) => return Err(why),
+            }
+        }
+    }
+
     /// Merges one group's intervals from `source`.
     async fn stream_group(
         self: Arc<Self>,
@@ -370,23 +389,7 @@ impl Membership {
             after: Vec::new(),
             cluster_id: 0,
         };
-        // A source not yet serving the join's layout says so: ask again,
-        // for a bounded time (one that cannot adopt it, its disk full, must
-        // not stall the join: the other old replicas stream instead).
-        let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout * 4);
-        let give_up = Instant::now() + SOURCE_CATCH_UP_WAIT;
-        let mut stream = loop {
-            match peers
-                .stream_records(&source, timeout, request.clone())
-                .await
-            {
-                Ok(stream) => break stream,
-                Err(why) if crate::net::is_not_serving_yet(&why) && Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(why) => return Err(why),
-            }
-        };
+        let mut stream = self.open_stream(&source, request).await?;
         let idle = self.cluster.rpc_timeout * 10;
         let mut intervals_done = 0usize;
         loop {
