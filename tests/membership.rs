@@ -131,8 +131,14 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
     let mut first = cluster.membership(0).await;
     let mut second = cluster.membership(1).await;
     let (one, two) = tokio::join!(
-        first.join(pb::JoinRequest { address: a.clone() }),
-        second.join(pb::JoinRequest { address: b.clone() }),
+        first.join(pb::JoinRequest {
+            address: a.clone(),
+            ..Default::default()
+        }),
+        second.join(pb::JoinRequest {
+            address: b.clone(),
+            ..Default::default()
+        }),
     );
     let (won, refused, winner, loser) = match (one, two) {
         (Ok(won), Err(refused)) => (won.into_inner(), refused, &a, &b),
@@ -168,6 +174,7 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
         .await
         .join(pb::JoinRequest {
             address: "127.0.0.1:3".into(),
+            ..Default::default()
         })
         .await
         .expect_err("one change at a time");

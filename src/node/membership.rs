@@ -59,10 +59,10 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::Layout>, Status> {
-        let layout = self
-            .0
-            .membership
-            .on_join(&request.into_inner().address)
+        let request = request.into_inner();
+        let instance = crate::clock::InstanceId(request.instance_id);
+        let layout = (self.0.membership)
+            .on_join_as(&request.address, instance)
             .await?;
         Ok(Response::new(pb::Layout::from(&layout)))
     }

@@ -17,6 +17,7 @@
 //! the deadline of each node-to-node call.
 
 pub mod layout_file;
+pub mod removal;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,7 @@ use crate::net::{PeerPool, ReplicaHandle};
 use crate::placement::{Placement, SharedPlacement};
 use crate::replica::ReplicaStore;
 use crate::serving::layout_file::LayoutStore;
+use crate::serving::removal::Removal;
 
 pub struct LayoutOwner {
     /// This node's address.
@@ -51,6 +53,8 @@ pub struct LayoutOwner {
     rpc_timeout: Duration,
     /// One catch-up at a time.
     fetching: tokio::sync::Mutex<()>,
+    /// Finds this node's instance on a layout's removed list.
+    removal: Option<Arc<Removal>>,
 }
 
 impl LayoutOwner {
@@ -83,7 +87,18 @@ impl LayoutOwner {
             peers,
             rpc_timeout,
             fetching: tokio::sync::Mutex::new(()),
+            removal: None,
         })
+    }
+
+    /// Watches every layout this owner holds or is given for this node's
+    /// own removal (see [`removal`]), starting with the one it holds.
+    pub fn with_removal(mut self, removal: Arc<Removal>) -> Self {
+        if let Some(layout) = &self.state.locked().committed {
+            removal.check(layout);
+        }
+        self.removal = Some(removal);
+        self
     }
 
     /// The placement now; keep it for the whole request or round.
@@ -128,6 +143,10 @@ impl LayoutOwner {
     /// whether it was adopted.
     pub fn adopt(&self, layout: Layout) -> Result<bool> {
         layout.validate().map_err(Error::InvalidArgument)?;
+        // A layout that removed this instance is not served: the node stops.
+        if let Some(notice) = self.removal.as_ref().and_then(|r| r.check(&layout)) {
+            return Err(Error::FailedPrecondition(notice));
+        }
         let mut state = self.state.locked();
         let current = state.committed.as_ref().map_or(0, |l| l.version);
         if layout.version <= current {

@@ -128,7 +128,8 @@ enum Command {
     /// does not.
     #[command(name = "check")]
     Check(CheckArgs),
-    /// Membership: `cluster wait` waits until a layout change (a join) is over.
+    /// Membership: `cluster wait` waits until a layout change (a join) is
+    /// over; `cluster abort` undoes a join in progress.
     #[command(name = "cluster", subcommand)]
     Cluster(ClusterCommand),
     /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
@@ -147,6 +148,8 @@ enum Outcome {
     Violated,
     /// `cluster wait` gave up before the change was over.
     Unsettled,
+    /// A command that failed with this exit code (DESIGN's "Outcomes").
+    Failed(u8),
 }
 
 impl Outcome {
@@ -155,6 +158,7 @@ impl Outcome {
             Outcome::Done => ExitCode::SUCCESS,
             Outcome::NotFound | Outcome::Violated => ExitCode::from(1),
             Outcome::Unsettled => ExitCode::from(3),
+            Outcome::Failed(code) => ExitCode::from(code),
         }
     }
 }
