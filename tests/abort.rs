@@ -151,9 +151,9 @@ impl Load {
 
     /// Stops the workers, reads every key at ALL, and checks the history:
     /// no acknowledged write lost, no stale or invented read.
-    async fn check(self, cluster: &TestCluster) {
+    async fn check(mut self, cluster: &TestCluster) {
         self.stop.store(true, Ordering::Relaxed);
-        for worker in self.workers {
+        for worker in std::mem::take(&mut self.workers) {
             worker.await.expect("worker");
         }
         let reader = cluster
@@ -186,6 +186,15 @@ impl Load {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+}
+
+/// A test that fails stops the workers too: against a cluster already
+/// killed, their calls can fail without ever yielding, and the runtime
+/// could not shut down.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
