@@ -387,6 +387,23 @@ mod tests {
     }
 
     #[test]
+    fn a_joiner_names_the_instance_its_data_dir_then_opens_with() {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let reserved = reserve_instance_id(&*storage, true).expect("reserve");
+        assert_eq!(
+            reserve_instance_id(&*storage, true).expect("again"),
+            reserved,
+            "kept: a joiner that retries names the same instance"
+        );
+        let identity = Identity::open(storage, peers(&["a"]), false).expect("open");
+        assert_eq!(identity.instance_id, reserved);
+        assert!(
+            identity.read_refusal().is_some(),
+            "a fresh data dir still verifies its identity before answering reads"
+        );
+    }
+
+    #[test]
     fn old_data_dirs_and_single_nodes_answer_at_once() {
         let old: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
         let identity = Identity::open(old, peers(&["a"]), false).expect("open");

@@ -66,3 +66,26 @@ impl Removal {
         self.stop.cancelled().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_this_instance_on_the_removed_list_stops_the_node() {
+        let layout = Layout::bootstrap(&["a:1".into(), "b:1".into(), "c:1".into()], 3, 4)
+            .begin_join_as("d:1", InstanceId(7))
+            .and_then(|l| l.abort())
+            .expect("aborted");
+        let other = Removal::new("d:1", InstanceId(8));
+        assert_eq!(other.check(&layout), None, "a new instance at the address");
+        assert_eq!(other.notice(), None);
+        let removed = Removal::new("d:1", InstanceId(7));
+        assert_eq!(
+            removed.check(&layout).as_deref(),
+            Some("this node's join was aborted (layout v3); wipe its data dir and --join again")
+        );
+        assert!(removed.notice().is_some());
+        assert!(removed.stop.is_cancelled());
+    }
+}
