@@ -686,6 +686,7 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
         .await
         .join(pb::JoinRequest {
             address: ghost.clone(),
+            ..Default::default()
         })
         .await
         .expect("Membership.Join")

@@ -77,27 +77,27 @@ impl Layout {
     }
 
     /// Whether this layout has `address` as a member as far as a join by
-    /// `instance` is concerned: the same instance, or either unnamed. A
-    /// member at the address with another instance is [`Refusal`]: a join
-    /// whose node lost its data dir must be aborted first.
+    /// `instance` is concerned. An active member always is: one whose data
+    /// dir was lost comes back through its read gate (see
+    /// `crate::identity`). A joining member is when it is the same
+    /// instance or either is unnamed; another instance at a joining
+    /// address (the joiner lost its data dir) is a [`Refusal`]: the join
+    /// must be aborted first, so that the layout never names an instance
+    /// that is gone.
     pub fn has_joiner(&self, address: &str, instance: InstanceId) -> Result<bool, Refusal> {
         let Some(member) = self.member(address) else {
             return Ok(false);
         };
-        if instance.is_none() || member.instance_id.is_none() || member.instance_id == instance {
+        if member.role == Role::Active
+            || instance.is_none()
+            || member.instance_id.is_none()
+            || member.instance_id == instance
+        {
             return Ok(true);
         }
-        let state = match member.role {
-            Role::Joining => "joining",
-            Role::Active => "a member",
-        };
-        let what = if member.role == Role::Joining {
-            "run `DKVSClient cluster abort`, then --join again"
-        } else {
-            "wipe its data dir and start it with the layout's instance, or wait for it to be removed"
-        };
         Err(Refusal::Invalid(format!(
-            "{address} is already {state} as instance {} (layout v{}), and this is instance {instance} (a new data dir): if the old instance is gone, {what}",
+            "{address} is already joining as instance {} (layout v{}), and this is instance {instance} (a new data dir): \
+             if the old instance is gone, run `DKVSClient cluster abort`, then --join again",
             member.instance_id, self.version
         )))
     }

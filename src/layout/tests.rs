@@ -134,6 +134,10 @@ fn the_join_names_the_joiners_instance() {
         .has_joiner("127.0.0.1:7004", InstanceId(45))
         .expect_err("another instance at the joiner's address");
     assert!(other.to_string().contains("cluster abort"), "{other}");
+    // Once active, a new instance at the address comes back behind its
+    // read gate.
+    let v3 = v2.finish_join("127.0.0.1:7004").expect("finish");
+    assert_eq!(v3.has_joiner("127.0.0.1:7004", InstanceId(45)), Ok(true));
     // A joiner of an older release names none.
     let old = three()
         .begin_join_as("127.0.0.1:7004", InstanceId::NONE)
