@@ -36,7 +36,8 @@ impl Node {
         }
         if !held && !config.join_seeds().is_empty() {
             let instance = reserve_instance_id(&*storage, is_fresh(&*storage)?)?;
-            Self::join_with_store_as(&config, &store, dialer.clone(), instance).await?;
+            let retry_for = crate::membership::JOIN_RETRY_FOR;
+            Self::join_with_store_as(&config, &store, dialer.clone(), instance, retry_for).await?;
         }
         let node = Self::with_parts(config, storage, store, dialer)?;
         if held {

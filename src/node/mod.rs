@@ -189,16 +189,18 @@ impl Node {
             tracing::info!("the data dir holds a layout: rejoining with it (--join ignored)");
             return Ok(());
         }
-        Self::join_with_store_as(config, store, dialer, InstanceId::NONE).await
+        Self::join_with_store_as(config, store, dialer, InstanceId::NONE, Duration::ZERO).await
     }
 
     /// [`Node::join_with_store`] as instance `instance` (the data dir's),
-    /// which the layout then names.
+    /// which the layout then names, retrying while no seed answers for
+    /// `retry_for` (see [`crate::membership::request_join`]).
     pub async fn join_with_store_as(
         config: &ServerConfig,
         store: &LayoutStore,
         dialer: Arc<dyn Dialer>,
         instance: InstanceId,
+        retry_for: Duration,
     ) -> Result<()> {
         let seeds = config.join_seeds();
         if seeds.is_empty() || store.load()?.is_some_and(|s| s.committed.is_some()) {
@@ -213,7 +215,7 @@ impl Node {
             &address,
             instance,
             config.request_timeout() * 4,
-            crate::membership::JOIN_RETRY_FOR,
+            retry_for,
         )
         .await?;
         tracing::info!(version = layout.version, "added to the layout as joining");
