@@ -12,7 +12,8 @@
 //! applied: a write refused before anything reached a replica (too few
 //! replicas up, no node reachable, a change in progress), a read
 //! that could not reach R replicas, or a `cluster wait` whose layout change
-//! was not over by its `--timeout-secs`; 4 outcome unknown: a PUT/DELETE
+//! was not over by its `--timeout-secs`, or a refused `cluster abort`; 4
+//! outcome unknown (also a `cluster abort` that gave up): a PUT/DELETE
 //! that failed after it was sent (fewer than W acknowledgements, superseded,
 //! a replica's full disk), a deadline, or an indeterminate write (it may or
 //! may not have been applied, and may take effect later), and a read that
@@ -56,10 +57,12 @@ Exit codes:
   2  usage error, or input the cluster refused (INVALID_ARGUMENT)
   3  not applied: refused before anything reached a replica (too few
      replicas up, no node reachable, a change in progress); a GET
-     that could not reach enough replicas; cluster wait timed out
+     that could not reach enough replicas; cluster wait timed out;
+     cluster abort refused
   4  outcome unknown: a PUT/DELETE that failed after it was sent (fewer
      than W acknowledgements, superseded, timed out): it may or may not
-     have been applied and may still take effect; a GET that timed out
+     have been applied and may still take effect; a GET that timed out;
+     a cluster abort that gave up
   5  authentication, or any other error";
 
 /// Talks to a DKVS cluster. With no command, opens an interactive prompt.
