@@ -161,6 +161,25 @@ fn random_id() -> InstanceId {
     }
 }
 
+/// The data dir's instance id, created now if it has none, as
+/// [`Identity::open`] would create it (the gate first, then the id; a
+/// fresh data dir's gate unverified), so that a node can name its instance
+/// in the request that makes it a member, before the node is built.
+pub fn reserve_instance_id(storage: &dyn Storage, data_dir_is_fresh: bool) -> Result<InstanceId> {
+    if let Some(id) = storage.get_meta(INSTANCE_ID)? {
+        return Ok(InstanceId(id));
+    }
+    let id = random_id();
+    let gate = if data_dir_is_fresh {
+        ReadGate::from_code(1)
+    } else {
+        ReadGate::Open
+    };
+    storage.put_meta_durable(READ_GATE, gate.code())?;
+    storage.put_meta_durable(INSTANCE_ID, id.0)?;
+    Ok(id)
+}
+
 /// This node's identities, its read gate and the instances it knows at its
 /// peers' addresses, persisted in the data dir.
 pub struct Identity {
@@ -365,6 +384,23 @@ mod tests {
         drop(again);
         let last = Identity::open(storage, all, false).expect("reopen");
         assert_eq!((last.instance_id, last.read_refusal()), (id, None));
+    }
+
+    #[test]
+    fn a_joiner_names_the_instance_its_data_dir_then_opens_with() {
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let reserved = reserve_instance_id(&*storage, true).expect("reserve");
+        assert_eq!(
+            reserve_instance_id(&*storage, true).expect("again"),
+            reserved,
+            "kept: a joiner that retries names the same instance"
+        );
+        let identity = Identity::open(storage, peers(&["a"]), false).expect("open");
+        assert_eq!(identity.instance_id, reserved);
+        assert!(
+            identity.read_refusal().is_some(),
+            "a fresh data dir still verifies its identity before answering reads"
+        );
     }
 
     #[test]

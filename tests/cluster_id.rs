@@ -178,6 +178,7 @@ async fn two_clusters_with_different_tokens_never_merge() {
             }),
             base_hash: 0,
             cluster_id: layout_b.cluster_id,
+            ..Default::default()
         })
         .await
         .expect_err("another cluster's proposal");
@@ -189,6 +190,7 @@ async fn two_clusters_with_different_tokens_never_merge() {
         .join(pb::JoinRequest {
             address: "127.0.0.1:9".into(),
             cluster_id: layout_b.cluster_id,
+            ..Default::default()
         })
         .await
         .expect_err("a joiner of another cluster");

@@ -42,6 +42,13 @@ impl pb::cluster_server::Cluster for ReadsOnlyNode {
             ..Default::default()
         }))
     }
+
+    async fn abort(
+        &self,
+        _request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        Err(Status::unimplemented("a stand-in node changes no layout"))
+    }
 }
 
 #[tonic::async_trait]

@@ -56,12 +56,23 @@ async fn run(config: ServerConfig) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let data_dir = config.data_dir();
-    Node::join_if_needed(&config, Arc::new(TcpDialer::default()))
+    let joining = !config.join_seeds().is_empty();
+    let node = Node::open_joining(config, Arc::new(TcpDialer::default()))
         .await
-        .map_err(|e| anyhow::anyhow!("cannot join: {e}"))?;
-    let node = Node::open(config, Arc::new(TcpDialer::default()))
-        .map_err(|e| anyhow::anyhow!("cannot open node (data dir {}): {e}", data_dir.display()))?;
-    serve(node, incoming(listener), shutdown_signal()).await?;
+        .map_err(|e| {
+            let doing = if joining {
+                "cannot join or open node"
+            } else {
+                "cannot open node"
+            };
+            anyhow::anyhow!("{doing} (data dir {}): {e}", data_dir.display())
+        })?;
+    serve(node.clone(), incoming(listener), shutdown_signal()).await?;
+    // A removed instance stops with exit 0 (restart-on-failure leaves it
+    // down), saying why.
+    if let Some(notice) = node.removal_notice() {
+        eprintln!("DKVSServer: {notice}");
+    }
     Ok(())
 }
 

@@ -3,7 +3,8 @@
 //! Pure and synchronous. A [`Layout`] names every member with its ring
 //! tokens and role, N and vnodes (fixed at bootstrap), and the change in
 //! progress, if any. Versions only grow; a change commits as version v+1
-//! only when a majority of v's members accepted it ([`paxos`]).
+//! only when a majority of v's *active* members accepted it ([`paxos`]);
+//! joiners are learners ([`Layout::acceptors`]).
 //!
 //! A join takes three versions, each proposed only when the one before
 //! allows it, so that no acknowledged write can be missed on the way:
@@ -23,15 +24,24 @@
 //! One change at a time: a new join is refused while a layout has a
 //! joining member or a `previous` set ([`Layout::in_progress`]).
 //!
+//! A join can be undone until step 2 ([`Layout::abort`], in `abort.rs`):
+//! writes during step 1 were acknowledged by W replicas of the old set
+//! *and* of the new one, so the old sets, which serve reads until then,
+//! hold every acknowledged write, and dropping the joiner loses none. After
+//! step 2 reads use the new sets, and the move can only go on to settle.
+//!
 //! What this protects is what QUORUM (or ALL) promises: a write acknowledged
 //! by W replicas, read back at R with R + W > N. A write at ONE is on one old
 //! replica; the joining node streams from every old replica it can reach, so
 //! it usually gets it too, but only N−W+1 of them are required.
 
+mod abort;
 pub mod cluster_id;
 pub mod paxos;
 pub mod progress;
 pub mod verify;
+
+pub use abort::JOIN_ABORTED;
 
 use std::sync::Arc;
 

@@ -1,4 +1,5 @@
 use super::*;
+use crate::clock::InstanceId;
 
 fn three() -> Layout {
     Layout::bootstrap(
@@ -94,4 +95,134 @@ fn invalid_layouts_are_refused() {
     let mut bad = good;
     bad.members.clear();
     assert!(bad.validate().is_err());
+}
+
+#[test]
+fn joiners_are_learners_not_acceptors() {
+    let v1 = three();
+    assert_eq!(v1.acceptors().len(), 3);
+    let v2 = v1
+        .begin_join_as("127.0.0.1:7004", InstanceId(44))
+        .expect("join");
+    assert_eq!(
+        v2.acceptors(),
+        ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"],
+        "the joiner does not vote on the next version"
+    );
+    assert!(!v2.votes("127.0.0.1:7004") && v2.votes("127.0.0.1:7001"));
+    // Three members, one down, a dead joiner: 2 of the 3 acceptors are a
+    // majority (of 4 voters they would not be).
+    assert_eq!(crate::paxos::majority(v2.acceptors().len()), 2);
+    let v3 = v2.finish_join("127.0.0.1:7004").expect("finish");
+    assert_eq!(v3.acceptors().len(), 4, "once joined, it votes");
+}
+
+#[test]
+fn the_join_names_the_joiners_instance() {
+    let v2 = three()
+        .begin_join_as("127.0.0.1:7004", InstanceId(44))
+        .expect("join");
+    let joiner = v2.member("127.0.0.1:7004").expect("member");
+    assert_eq!(
+        (joiner.role, joiner.instance_id),
+        (Role::Joining, InstanceId(44))
+    );
+    assert_eq!(v2.has_joiner("127.0.0.1:7004", InstanceId(44)), Ok(true));
+    assert_eq!(v2.has_joiner("127.0.0.1:7004", InstanceId::NONE), Ok(true));
+    assert_eq!(v2.has_joiner("127.0.0.1:7005", InstanceId(44)), Ok(false));
+    let other = v2
+        .has_joiner("127.0.0.1:7004", InstanceId(45))
+        .expect_err("another instance at the joiner's address");
+    assert!(other.to_string().contains("cluster abort"), "{other}");
+    // Once active, a new instance at the address comes back behind its
+    // read gate.
+    let v3 = v2.finish_join("127.0.0.1:7004").expect("finish");
+    assert_eq!(v3.has_joiner("127.0.0.1:7004", InstanceId(45)), Ok(true));
+    // A joiner of an older release names none.
+    let old = three()
+        .begin_join_as("127.0.0.1:7004", InstanceId::NONE)
+        .expect("join");
+    assert!(
+        old.member("127.0.0.1:7004")
+            .expect("member")
+            .instance_id
+            .is_none()
+    );
+}
+
+#[test]
+fn an_abort_drops_the_joiner_and_remembers_its_instance() {
+    let v1 = three();
+    let v2 = v1
+        .begin_join_as("127.0.0.1:7004", InstanceId(44))
+        .expect("join");
+    let v3 = v2.abort().expect("abort while joining");
+    assert_eq!(v3.version, 3);
+    assert!(v3.is_settled() && v3.extra_write_rings().is_empty());
+    assert!(!v3.is_member("127.0.0.1:7004"));
+    assert_eq!(v3.change, "127.0.0.1:7004 join aborted");
+    assert_eq!(
+        v3.removed,
+        [Removed {
+            address: "127.0.0.1:7004".into(),
+            instance_id: InstanceId(44),
+            version: 3,
+            why: JOIN_ABORTED.into(),
+        }]
+    );
+    v3.validate().expect("valid");
+    // Reads and writes go where they went before the join.
+    for i in 0..500 {
+        let key = format!("key-{i}");
+        assert_eq!(
+            v1.read_ring().preference_list(key.as_bytes(), 3),
+            v3.read_ring().preference_list(key.as_bytes(), 3)
+        );
+    }
+    let removed = v3
+        .removed_instance("127.0.0.1:7004", InstanceId(44))
+        .expect("on the removed list");
+    assert_eq!(removed.notice(), "this node's join was aborted (layout v3)");
+    // That instance may not join again; a new one at the address may.
+    let refused = v3
+        .begin_join_as("127.0.0.1:7004", InstanceId(44))
+        .expect_err("the aborted instance");
+    assert!(
+        refused.to_string().contains("wipe its data dir"),
+        "{refused}"
+    );
+    assert!(
+        v3.removed_instance("127.0.0.1:7004", InstanceId(45))
+            .is_none()
+    );
+    let v4 = v3
+        .begin_join_as("127.0.0.1:7004", InstanceId(45))
+        .expect("a new instance joins");
+    assert_eq!(v4.removed.len(), 1, "the removed list is kept");
+}
+
+#[test]
+fn abort_refuses_once_reads_moved_and_when_nothing_is_in_progress() {
+    let v1 = three();
+    let refused = v1.abort().expect_err("nothing to abort");
+    assert!(
+        refused.to_string().contains("nothing to abort"),
+        "{refused}"
+    );
+    let v3 = v1
+        .begin_join("127.0.0.1:7004")
+        .and_then(|v2| v2.finish_join("127.0.0.1:7004"))
+        .expect("joined");
+    let refused = v3.abort().expect_err("reads moved");
+    assert!(
+        refused.to_string().contains("cluster wait"),
+        "says what to run instead: {refused}"
+    );
+    let v4 = v3.settle().expect("settle");
+    assert!(
+        v4.abort()
+            .expect_err("settled")
+            .to_string()
+            .contains("nothing to abort")
+    );
 }

@@ -11,6 +11,7 @@
 //! `stream.rs` copies a joining node's ranges. See `crate::layout` for why
 //! each step is safe.
 
+mod abort;
 mod cluster_id;
 mod driver;
 mod stream;
@@ -163,14 +164,15 @@ impl Membership {
     ) -> Result<Promise<Layout>> {
         self.note_round(ballot.round);
         let (answer, state) = self.layouts.update_acceptor(|state| {
-            if !self.same_base(state, version, base_hash) {
+            if !self.same_base(state, version, base_hash) || self.is_learner(state, version) {
                 return None;
             }
             let committed = state.committed.as_ref().map_or(0, |l| l.version);
             Some(state.acceptor.prepare(committed, version, ballot))
         })?;
         Ok(match answer {
-            // Built on another layout: refused, and nothing to learn.
+            // Built on another layout, or this node is a learner: refused,
+            // and nothing to learn.
             None => Promise::No {
                 promised: None,
                 committed: None,
@@ -196,7 +198,9 @@ impl Membership {
     ) -> Result<Accepted<Layout>> {
         self.note_round(ballot.round);
         let (answer, state) = self.layouts.update_acceptor(|state| {
-            if !self.same_base(state, layout.version, base_hash) {
+            if !self.same_base(state, layout.version, base_hash)
+                || self.is_learner(state, layout.version)
+            {
                 return None;
             }
             let committed = state.committed.as_ref().map_or(0, |l| l.version);
@@ -224,8 +228,8 @@ impl Membership {
     }
 
     /// Commits the change `change` makes to the layout served, unless
-    /// `done` says the layout already has it. Paxos over the members of the
-    /// layout it changes; retried with higher ballots while proposals
+    /// `done` says the layout already has it. Paxos over the active members
+    /// of the layout it changes; retried with higher ballots while proposals
     /// collide. A change another one made impossible (one change at a time)
     /// is refused with FAILED_PRECONDITION naming the change that won.
     pub async fn propose(
@@ -242,7 +246,8 @@ impl Membership {
             let own =
                 change(&base).map_err(|refusal| Error::FailedPrecondition(refusal.to_string()))?;
             let version = own.version;
-            let acceptors: Vec<String> = base.members.iter().map(|m| m.address.clone()).collect();
+            // The active members vote; joiners are learners.
+            let acceptors = base.acceptors();
             let round = self.max_round.fetch_add(1, Ordering::Relaxed) + 1;
             let ballot = Ballot {
                 round,
@@ -380,38 +385,59 @@ impl Membership {
         }
     }
 
-    /// `Membership.Join`: commits the layout with `address` joining (or
-    /// answers the one that already has it: a joiner retrying).
+    /// `Membership.Join` from a joiner that names no instance (see
+    /// [`Membership::on_join_as`]).
     pub async fn on_join(&self, address: &str) -> Result<Layout> {
-        if address.is_empty() || address.len() > 256 {
-            return Err(Error::InvalidArgument(
-                "join: the address must be HOST:PORT".into(),
-            ));
-        }
-        let address = address.to_string();
-        self.propose(|l| l.begin_join(&address), |l| l.is_member(&address))
+        self.on_join_as(address, crate::clock::InstanceId::NONE)
             .await
     }
 }
 
-/// Asks `seeds` in turn to add `address` to their cluster; answers the
-/// layout that has it joining. What `DKVSServer --join` does first.
+/// How long `--join` keeps asking before it gives up.
+pub const JOIN_RETRY_FOR: Duration = Duration::from_secs(60);
+
+/// Asks `seeds` in turn to add `address` (instance `instance`) to their
+/// cluster; answers the layout that has it joining. What `DKVSServer
+/// --join` does first. A round in which no seed answered is retried (the
+/// Join RPC is idempotent: a seed answers the layout that already has this
+/// instance joining, so a join that committed after its caller gave up is
+/// picked up, not left behind) until `retry_for` has passed; a refusal
+/// ends it at once.
 pub async fn request_join(
     peers: &crate::net::PeerPool,
     seeds: &[String],
     address: &str,
+    instance: crate::clock::InstanceId,
     timeout: Duration,
+    retry_for: Duration,
 ) -> Result<Layout> {
+    let began = tokio::time::Instant::now();
     let mut failures = Vec::new();
-    for seed in seeds {
-        match peers.join(seed, timeout, address).await {
-            Ok(layout) => return Ok(layout),
-            Err(refused @ Error::FailedPrecondition(_)) => return Err(refused),
-            Err(why) => failures.push(why.to_string()),
+    for round in 0u32.. {
+        failures.clear();
+        for seed in seeds {
+            match peers.join_as(seed, timeout, address, instance).await {
+                Ok(layout) => return Ok(layout),
+                Err(refused @ Error::FailedPrecondition(_)) => return Err(refused),
+                Err(why) => failures.push(why.to_string()),
+            }
         }
+        if began.elapsed() >= retry_for {
+            break;
+        }
+        let pause = Duration::from_millis(500 * u64::from(round.min(3) + 1));
+        tracing::warn!(
+            %address,
+            failures = %failures.join("; "),
+            "no seed could add this node yet; retrying"
+        );
+        tokio::time::sleep(pause.min(retry_for.saturating_sub(began.elapsed()))).await;
     }
     Err(Error::Unavailable(format!(
-        "no seed could add {address} to its cluster: {}",
+        "no seed could add {address} to its cluster within {} s: {}. A join that timed out may still have committed: \
+         if `DKVSClient status` shows {address} joining, start this node again with the same data dir and --join \
+         (it resumes the join), or run `DKVSClient cluster abort` to drop it",
+        retry_for.as_secs(),
         failures.join("; ")
     )))
 }

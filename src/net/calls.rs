@@ -10,7 +10,7 @@ use tonic::transport::Channel;
 
 use super::messages::{Ping, Pong, StreamChunk, StreamRequest, stream_chunk_from};
 use super::{PeerPool, call_within, describe_status};
-use crate::clock::SkewBound;
+use crate::clock::{InstanceId, SkewBound};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::layout::paxos::Ballot;
@@ -137,10 +137,23 @@ impl PeerPool {
     /// it joining. A seed that refuses (a change in progress) answers
     /// `FailedPrecondition`.
     pub async fn join(&self, seed: &str, timeout: Duration, address: &str) -> Result<Layout> {
+        self.join_as(seed, timeout, address, InstanceId::NONE).await
+    }
+
+    /// [`PeerPool::join`] naming the joiner's instance (its data dir), which
+    /// the layout records.
+    pub async fn join_as(
+        &self,
+        seed: &str,
+        timeout: Duration,
+        address: &str,
+        instance: InstanceId,
+    ) -> Result<Layout> {
         let mut client = self.membership_client(seed)?;
         let request = pb::JoinRequest {
             address: address.to_string(),
             cluster_id: self.cluster_id(),
+            instance_id: instance.0,
         };
         match tokio::time::timeout(timeout, client.join(request)).await {
             Ok(Ok(layout)) => pb::layout_from(layout.into_inner())

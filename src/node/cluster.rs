@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::Node;
 use crate::clock::InstanceId;
+use crate::error::Outcome;
 use crate::liveness::PeerHealth;
 use crate::pb;
 use crate::placement::Placement;
@@ -71,6 +72,25 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .collect(),
         }))
     }
+
+    /// Undoes the join in progress (see [`crate::membership::Membership::abort`]).
+    async fn abort(
+        &self,
+        _request: Request<pb::AbortRequest>,
+    ) -> Result<Response<pb::AbortResponse>, Status> {
+        abort(&self.0).await
+    }
+}
+
+/// `Cluster.Abort`'s answer: the layout without the change, `applied`.
+async fn abort(node: &Node) -> Result<Response<pb::AbortResponse>, Status> {
+    let layout = node.membership.abort().await?;
+    tracing::info!(version = layout.version, change = %layout.change, "aborted the change in progress");
+    let mut response = Response::new(pb::AbortResponse {
+        layout: Some(pb::Layout::from(&layout)),
+    });
+    Outcome::Applied.set_on(response.metadata_mut());
+    Ok(response)
 }
 
 /// Whether `address` is joining in the layout `view` serves.

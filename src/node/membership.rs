@@ -90,7 +90,10 @@ impl pb::membership_server::Membership for MembershipService {
             let sender = format!("joiner {}", request.address);
             (self.0.cluster.layouts).check_sender(request.cluster_id, &sender)?;
         }
-        let layout = self.0.membership.on_join(&request.address).await?;
+        let instance = crate::clock::InstanceId(request.instance_id);
+        let layout = (self.0.membership)
+            .on_join_as(&request.address, instance)
+            .await?;
         Ok(Response::new(pb::Layout::from(&layout)))
     }
 

@@ -20,6 +20,7 @@
 //! v1alpha.
 
 mod cluster;
+mod join;
 mod kv;
 mod liveness;
 mod membership;
@@ -39,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::antientropy::AntiEntropy;
 use crate::background::Background;
+use crate::clock::InstanceId;
 use crate::clock::SkewBound;
 use crate::config::ServerConfig;
 use crate::coordinator::Coordinator;
@@ -59,6 +61,7 @@ use crate::ring::Member;
 use crate::serving::ClusterView;
 use crate::serving::LayoutOwner;
 use crate::serving::layout_file::LayoutStore;
+use crate::serving::removal::Removal;
 use crate::storage::{Engine, FjallStorage, FsyncPolicy, LogStorage, Storage};
 use crate::workers::{Schedule, WorkerError, Workers};
 
@@ -98,6 +101,8 @@ pub struct Node {
     membership: Arc<Membership>,
     /// The periodic workers' reports (`Cluster.Status` shows them).
     workers: Workers,
+    /// Stops the node once a layout names its instance as removed.
+    removal: Arc<Removal>,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -142,6 +147,14 @@ impl Node {
                 data_dir.display()
             ))
         })?;
+        let storage = Self::open_storage(&config)?;
+        Self::with_parts(config, storage, LayoutStore::in_dir(&data_dir), dialer)
+    }
+
+    /// Opens the storage engine `config` names in its data dir (created
+    /// before), refusing a data dir of the other engine.
+    fn open_storage(config: &ServerConfig) -> Result<Arc<dyn Storage>> {
+        let data_dir = config.data_dir();
         // The log engine lives in <data-dir>/log, fjall in <data-dir> itself.
         let log_dir = data_dir.join("log");
         let holds_fjall = data_dir.join("keyspaces").exists();
@@ -161,7 +174,7 @@ impl Node {
             Engine::Log => Arc::new(LogStorage::open(&log_dir, config.fsync)?),
             Engine::Fjall => Arc::new(FjallStorage::open(&data_dir, config.fsync)?),
         };
-        Self::with_parts(config, storage, LayoutStore::in_dir(&data_dir), dialer)
+        Ok(storage)
     }
 
     /// For `--join`: when the data dir holds no layout yet, asks the seeds
@@ -195,14 +208,37 @@ impl Node {
             tracing::info!("the data dir holds a layout: rejoining with it (--join ignored)");
             return Ok(());
         }
+        Self::join_with_store_as(config, store, dialer, InstanceId::NONE, Duration::ZERO).await
+    }
+
+    /// [`Node::join_with_store`] as instance `instance` (the data dir's),
+    /// which the layout then names, retrying while no seed answers for
+    /// `retry_for` (see [`crate::membership::request_join`]).
+    pub async fn join_with_store_as(
+        config: &ServerConfig,
+        store: &LayoutStore,
+        dialer: Arc<dyn Dialer>,
+        instance: InstanceId,
+        retry_for: Duration,
+    ) -> Result<()> {
+        let seeds = config.join_seeds();
+        if seeds.is_empty() || store.load()?.is_some_and(|s| s.committed.is_some()) {
+            return Ok(());
+        }
         let peers = PeerPool::new(dialer, 64 << 20);
         // A joiner given --cluster-token joins only that cluster.
         peers.set_cluster_id(config.cluster_token_id());
         let address = config.advertised_address();
-        tracing::info!(%address, seeds = ?seeds, "asking to join the cluster");
-        let layout =
-            crate::membership::request_join(&peers, &seeds, &address, config.request_timeout() * 4)
-                .await?;
+        tracing::info!(%address, %instance, seeds = ?seeds, "asking to join the cluster");
+        let layout = crate::membership::request_join(
+            &peers,
+            &seeds,
+            &address,
+            instance,
+            config.request_timeout() * 4,
+            retry_for,
+        )
+        .await?;
         tracing::info!(version = layout.version, "added to the layout as joining");
         store.save(&crate::layout::paxos::LayoutState {
             committed: Some(layout),
@@ -244,16 +280,20 @@ impl Node {
         let bound = config.skew_bound();
         let (identity, me, replica) = open_replica(&storage, &placement, &layout, bound, address)?;
         let (peers, liveness) = reach_peers(&config, dialer, &placement, &limits, bound);
-        let layouts = Arc::new(LayoutOwner::new(
-            &me.address,
-            layout_store,
-            layout_state,
-            placement,
-            replica.clone(),
-            liveness.clone(),
-            peers.clone(),
-            config.rpc_timeout(),
-        )?);
+        let removal = Arc::new(Removal::new(&me.address, me.instance_id));
+        let layouts = Arc::new(
+            LayoutOwner::new(
+                &me.address,
+                layout_store,
+                layout_state,
+                placement,
+                replica.clone(),
+                liveness.clone(),
+                peers.clone(),
+                config.rpc_timeout(),
+            )?
+            .with_removal(removal.clone()),
+        );
         let cluster = Arc::new(ClusterView::new(
             layouts.clone(),
             peers,
@@ -314,6 +354,7 @@ impl Node {
             heartbeats,
             identity,
             workers: Workers::new(),
+            removal,
         }))
     }
 

@@ -77,8 +77,13 @@ where
 
     let drain_health = health.clone();
     let stop_serving = serving.abort_handle();
+    let removal = node.removal.clone();
     let signal = async move {
-        shutdown.await;
+        // A clean stop, or this instance learned it was removed.
+        tokio::select! {
+            _ = shutdown => {}
+            _ = removal.stopped() => {}
+        }
         stop_serving.abort();
         tracing::info!("shutting down: NOT_SERVING, draining requests");
         set_every_status(&drain_health, tonic_health::ServingStatus::NotServing).await;

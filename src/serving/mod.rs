@@ -18,6 +18,7 @@
 
 mod cluster_check;
 pub mod layout_file;
+pub mod removal;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +37,7 @@ use crate::net::{PeerPool, ReplicaHandle};
 use crate::placement::{Placement, SharedPlacement};
 use crate::replica::ReplicaStore;
 use crate::serving::layout_file::{LayoutStore, layout_hash};
+use crate::serving::removal::Removal;
 use tokio::time::Instant;
 
 pub struct LayoutOwner {
@@ -60,6 +62,8 @@ pub struct LayoutOwner {
     /// Senders from another cluster already logged, with the id they
     /// carried (std mutex: one set operation; bounded, see cluster_check).
     foreign_logged: Mutex<std::collections::HashSet<(String, u64)>>,
+    /// Finds this node's instance on a layout's removed list.
+    removal: Option<Arc<Removal>>,
 }
 
 impl LayoutOwner {
@@ -104,7 +108,18 @@ impl LayoutOwner {
             rpc_timeout,
             fetching: tokio::sync::Mutex::new(()),
             foreign_logged: Mutex::default(),
+            removal: None,
         })
+    }
+
+    /// Watches every layout this owner holds or is given for this node's
+    /// own removal (see [`removal`]), starting with the one it holds.
+    pub fn with_removal(mut self, removal: Arc<Removal>) -> Self {
+        if let Some(layout) = &self.state.locked().committed {
+            removal.check(layout);
+        }
+        self.removal = Some(removal);
+        self
     }
 
     /// The placement now; keep it for the whole request or round.
@@ -233,6 +248,10 @@ impl LayoutOwner {
     /// ring. Answers whether it was adopted.
     pub fn adopt_chosen(&self, layout: Layout) -> Result<bool> {
         layout.validate().map_err(Error::InvalidArgument)?;
+        // A layout that removed this instance is not served: the node stops.
+        if let Some(notice) = self.removal.as_ref().and_then(|r| r.check(&layout)) {
+            return Err(Error::FailedPrecondition(notice));
+        }
         let mut state = self.state.locked();
         let current = state.committed.as_ref().map_or(0, |l| l.version);
         if layout.version <= current {

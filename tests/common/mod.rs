@@ -378,6 +378,43 @@ impl TestCluster {
         }
     }
 
+    /// Starts node `i` again with the same flags and data dir, without
+    /// waiting for it to serve (it may be meant to stop by itself).
+    pub fn start_only(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is still running");
+        self.nodes[i].spawn();
+    }
+
+    /// Waits (bounded by `within`) for node `i` to exit by itself and
+    /// answers how it exited; panics with its log when it does not.
+    pub async fn wait_exit(&mut self, i: usize, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let child = self.nodes[i].child.as_mut().expect("node is running");
+            if let Some(status) = child.try_wait().expect("wait node") {
+                self.nodes[i].child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "node {} did not exit within {within:?}:\n{}",
+                    self.nodes[i].address,
+                    self.nodes[i].log_tail()
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Deletes node `i`'s data dir (the node must be stopped): it comes
+    /// back as a new instance.
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.nodes[i].child.is_none(), "node {i} is still running");
+        if self.nodes[i].data_dir.exists() {
+            std::fs::remove_dir_all(&self.nodes[i].data_dir).expect("delete the data dir");
+        }
+    }
+
     /// Starts one more node that joins the cluster through node `seed`
     /// (`--join`), with `extra` flags; waits until it serves. Answers its
     /// index.

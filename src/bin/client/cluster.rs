@@ -1,5 +1,5 @@
-//! `DKVSClient cluster ...`: membership. For now `cluster wait`, which
-//! waits until a layout change is over.
+//! `DKVSClient cluster ...`: membership. `cluster wait` waits until a
+//! layout change is over; `cluster abort` undoes a join in progress.
 //!
 //! A change is over when the newest layout any member serves has no change
 //! in progress (no member joining, no old replica sets still written:
@@ -43,6 +43,16 @@ pub enum ClusterCommand {
     /// settle until every member serves it.
     #[command(name = "wait")]
     Wait(WaitArgs),
+    /// Undo the change in progress (a join) while reads have not moved.
+    ///
+    /// Allowed while a node is still joining, also when it is dead, wiped
+    /// or never came up: the layout drops it and lists its instance as
+    /// removed (if it comes back, it stops). Once it finished joining,
+    /// refused: run `cluster wait` for the move to settle. Exit 0 when
+    /// aborted; 3 when refused (nothing to abort, reads moved) or no node
+    /// answered; 4 when the outcome is unknown.
+    #[command(name = "abort")]
+    Abort,
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,7 +66,83 @@ pub struct WaitArgs {
 pub async fn run(command: ClusterCommand, seeds: &[String], rpc_timeout: Duration) -> Outcome {
     match command {
         ClusterCommand::Wait(args) => wait(seeds, rpc_timeout, args).await,
+        ClusterCommand::Abort => abort(seeds, rpc_timeout).await,
     }
+}
+
+/// How long the node asked to abort may take to commit it (its Paxos
+/// rounds retry while proposals collide or members are slow).
+const ABORT_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `cluster abort`: learns the layout from the first seed that answers,
+/// then asks its active members in turn (a joiner does not vote) until one
+/// answers the abort; transport failures move on to the next.
+async fn abort(seeds: &[String], rpc_timeout: Duration) -> Outcome {
+    let peers = Arc::new(PeerPool::new(
+        Arc::new(TcpDialer::default()),
+        max_message_bytes(dkvs::config::DEFAULT_MAX_VALUE_BYTES),
+    ));
+    let answers = ask_all(&peers, seeds, rpc_timeout).await;
+    let asked: Vec<String> = match newest_layout(&answers) {
+        Some(layout) => layout
+            .members
+            .iter()
+            .filter(|m| m.role == pb::LayoutRole::Active as i32)
+            .map(|m| m.address.clone())
+            .collect(),
+        None => seeds.to_vec(),
+    };
+    let mut failures = Vec::new();
+    for address in &asked {
+        let mut client = match peers.cluster_client(address) {
+            Ok(client) => client,
+            Err(why) => {
+                failures.push(format!("{address}: {why}"));
+                continue;
+            }
+        };
+        let status = match tokio::time::timeout(ABORT_DEADLINE, client.abort(pb::AbortRequest {}))
+            .await
+        {
+            Ok(Ok(response)) => {
+                let layout = response.into_inner().layout.unwrap_or_default();
+                println!(
+                    "aborted: {} (layout v{}, committed by {address})",
+                    layout.change, layout.version
+                );
+                return Outcome::Done;
+            }
+            Ok(Err(status)) => status,
+            Err(_) => {
+                eprintln!(
+                    "error: {address} did not answer within {} s: the abort may or may not have committed (outcome unknown); check `DKVSClient status`",
+                    ABORT_DEADLINE.as_secs()
+                );
+                return Outcome::Failed(4);
+            }
+        };
+        // Not answered by DKVS (the node is down or unreachable): next.
+        let from_dkvs = status
+            .metadata()
+            .get(dkvs::error::COORDINATOR_ERROR_HEADER)
+            .is_some();
+        if status.code() == tonic::Code::Unavailable && !from_dkvs {
+            failures.push(format!("{address}: {}", status.message()));
+            continue;
+        }
+        let error = dkvs::Error::Remote {
+            code: status.code(),
+            message: status.message().to_string(),
+            outcome: dkvs::error::Outcome::of(status.metadata()),
+        };
+        eprintln!("error: {error}");
+        return Outcome::Failed(crate::exit_code(&error, crate::Kind::Write));
+    }
+    eprintln!(
+        "error: no node could be asked to abort (nothing changed): {}",
+        failures.join("; ")
+    );
+    Outcome::Failed(3)
 }
 
 /// `cluster wait`: polls every member until the change is over or the

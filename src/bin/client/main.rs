@@ -12,7 +12,8 @@
 //! applied: a write refused before anything reached a replica (too few
 //! replicas up, no node reachable, a change in progress), a read
 //! that could not reach R replicas, or a `cluster wait` whose layout change
-//! was not over by its `--timeout-secs`; 4 outcome unknown: a PUT/DELETE
+//! was not over by its `--timeout-secs`, or a refused `cluster abort`; 4
+//! outcome unknown (also a `cluster abort` that gave up): a PUT/DELETE
 //! that failed after it was sent (fewer than W acknowledgements, superseded,
 //! a replica's full disk), a deadline, or an indeterminate write (it may or
 //! may not have been applied, and may take effect later), and a read that
@@ -56,10 +57,12 @@ Exit codes:
   2  usage error, or input the cluster refused (INVALID_ARGUMENT)
   3  not applied: refused before anything reached a replica (too few
      replicas up, no node reachable, a change in progress); a GET
-     that could not reach enough replicas; cluster wait timed out
+     that could not reach enough replicas; cluster wait timed out;
+     cluster abort refused
   4  outcome unknown: a PUT/DELETE that failed after it was sent (fewer
      than W acknowledgements, superseded, timed out): it may or may not
-     have been applied and may still take effect; a GET that timed out
+     have been applied and may still take effect; a GET that timed out;
+     a cluster abort that gave up
   5  authentication, or any other error";
 
 /// Talks to a DKVS cluster. With no command, opens an interactive prompt.
@@ -128,7 +131,8 @@ enum Command {
     /// does not.
     #[command(name = "check")]
     Check(CheckArgs),
-    /// Membership: `cluster wait` waits until a layout change (a join) is over.
+    /// Membership: `cluster wait` waits until a layout change (a join) is
+    /// over; `cluster abort` undoes a join in progress.
     #[command(name = "cluster", subcommand)]
     Cluster(ClusterCommand),
     /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
@@ -147,6 +151,8 @@ enum Outcome {
     Violated,
     /// `cluster wait` gave up before the change was over.
     Unsettled,
+    /// A command that failed with this exit code (DESIGN's "Outcomes").
+    Failed(u8),
 }
 
 impl Outcome {
@@ -155,6 +161,7 @@ impl Outcome {
             Outcome::Done => ExitCode::SUCCESS,
             Outcome::NotFound | Outcome::Violated => ExitCode::from(1),
             Outcome::Unsettled => ExitCode::from(3),
+            Outcome::Failed(code) => ExitCode::from(code),
         }
     }
 }

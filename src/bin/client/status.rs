@@ -31,6 +31,16 @@ pub fn status_table(status: &pb::StatusResponse, now_ms: u64) -> String {
     if let Some(layout) = &status.layout {
         table.push_str(&layout_line(layout));
         table.push('\n');
+        // Instances that may not come back (they stop if they do).
+        for removed in &layout.removed {
+            table.push_str(&format!(
+                "removed: {} (instance {}, v{}: {})\n",
+                removed.address,
+                dkvs::clock::InstanceId(removed.instance_id),
+                removed.version,
+                removed.why
+            ));
+        }
     }
     table.push('\n');
     table.push_str(&format!(
