@@ -343,3 +343,69 @@ async fn an_old_node_does_not_take_over_a_new_cluster_with_a_token() {
 async fn an_old_node_does_not_take_over_a_new_cluster_with_a_random_id() {
     an_old_node_does_not_take_over_a_new_cluster(None).await;
 }
+
+/// A cluster started without a token gets its id through one change; a
+/// member wiped after that and one more change, restarted with its usual
+/// `--peers`, bootstraps a first layout without an id. It must still catch
+/// up (the layout a majority vouches for is this cluster's) and serve,
+/// instead of refusing every newer layout as "not the assignment of mine".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_wiped_after_the_id_assignment_catches_up_and_serves() {
+    let mut cluster = TestCluster::start(3).await;
+    for i in 0..3 {
+        cluster.kill(i);
+        cluster.wipe(i);
+        cluster.drop_flag(i, "--cluster-token");
+    }
+    cluster.restart_all(&[0, 1, 2]).await;
+    eventually(Duration::from_secs(20), async || {
+        let layout = layout_of(&cluster, 0).await;
+        if layout.cluster_id != 0 {
+            Ok(())
+        } else {
+            Err(format!("v{}: {}", layout.version, layout.change))
+        }
+    })
+    .await;
+    let joined = cluster.join(0, &[]).await;
+    let settled = eventually(Duration::from_secs(30), async || {
+        let layout = layout_of(&cluster, 0).await;
+        let active = layout
+            .members
+            .iter()
+            .all(|m| m.role == pb::LayoutRole::Active as i32);
+        if layout.members.len() == 4 && active && layout.previous.is_empty() {
+            Ok(layout)
+        } else {
+            Err(format!("v{}: {}", layout.version, layout.change))
+        }
+    })
+    .await;
+    assert!(
+        settled.version >= 3,
+        "the assignment and the join's changes"
+    );
+
+    cluster.kill(2);
+    cluster.wipe(2);
+    cluster.restart(2).await; // waits for SERVING: never, before the fix
+    eventually(Duration::from_secs(20), async || {
+        let layout = layout_of(&cluster, 2).await;
+        if layout == settled {
+            Ok(())
+        } else {
+            Err(format!(
+                "node 2 serves v{}: {}",
+                layout.version, layout.change
+            ))
+        }
+    })
+    .await;
+    let client = cluster.client().await;
+    client.put("after", "wipe").await.expect("put");
+    assert_eq!(
+        client.get("after").await.expect("get").as_deref(),
+        Some(&b"wipe"[..])
+    );
+    let _ = joined;
+}

@@ -18,7 +18,9 @@
 //! had and a restarted joiner resumes its join. Each seed's summary line
 //! says how far each join got (the layout versions where the joiner became
 //! joining, active, settled) and the layout each host stores at the end; a
-//! join still under way when the run ends is reported, not failed.
+//! join still under way when the run ends is reported, not failed. Every
+//! host keeps the hash of each layout version it adopted: two hosts with
+//! different hashes at one version (a fork) fail the seed.
 //!
 //! Beside the workload's three clients, which rewrite a few keys every few
 //! milliseconds (so a joiner soon holds them whatever it streamed), a
@@ -549,6 +551,32 @@ impl Hosts {
         self.started.push(i);
     }
 
+    /// Versions at which two hosts adopted different layouts (by the hashes
+    /// each keeps of every version it adopted): a fork, which must never be.
+    fn forks(&self) -> Vec<String> {
+        let mut seen: std::collections::BTreeMap<u64, (usize, u64)> = Default::default();
+        let mut forks = Vec::new();
+        for (i, store) in self.layouts.iter().enumerate() {
+            let Some(state) = store.load().ok().flatten() else {
+                continue;
+            };
+            for &(version, hash) in state.adopted.pairs() {
+                match seen.get(&version) {
+                    Some(&(first, other)) if other != hash => forks.push(format!(
+                        "v{version}: {} adopted {other:016x}, {} adopted {hash:016x}",
+                        host(first),
+                        host(i)
+                    )),
+                    Some(_) => {}
+                    None => {
+                        seen.insert(version, (i, hash));
+                    }
+                }
+            }
+        }
+        forks
+    }
+
     /// The layout each host stores (`None`: never stored one).
     fn stored_layouts(&self) -> Vec<Option<Layout>> {
         self.layouts
@@ -904,6 +932,13 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             ),
         }
     }
+    let forks = hosts.forks();
+    assert!(
+        forks.is_empty(),
+        "seed {seed}: hosts adopted different layouts at one version: {}\n{}",
+        forks.join("; "),
+        replay(seed)
+    );
     let stored = hosts.stored_layouts();
     if let Some(layout) = stored.iter().flatten().max_by_key(|l| l.version) {
         for (joiner, stage) in &mut stages {

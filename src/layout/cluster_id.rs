@@ -98,6 +98,18 @@ pub fn may_adopt(current: &Layout, next: &Layout) -> Result<(), String> {
     ))
 }
 
+/// [`may_adopt`] for a layout a majority of the held layout's active
+/// members vouched for: while `current` has no id, any id (the vouchers
+/// adopted it in this cluster's lineage, so it is this cluster's: a node
+/// that was down through the id assignment and a change after it catches
+/// up); once it has one, only the same.
+pub fn may_adopt_verified(current: &Layout, next: &Layout) -> Result<(), String> {
+    if current.cluster_id == 0 {
+        return Ok(());
+    }
+    may_adopt(current, next)
+}
+
 /// Whether a message carrying cluster id `theirs` is accepted by a node
 /// whose layout has cluster id `own`: always while `own` is 0 (the upgrade
 /// window), then only the same id. The refusal says what happened.
@@ -193,6 +205,14 @@ mod tests {
         // The upgrade window: layouts without ids, as before.
         let joined = v1.begin_join("127.0.0.1:7004").expect("join");
         assert!(may_adopt(&v1, &joined).is_ok());
+        // A layout a majority vouched for is this cluster's, however far
+        // past the assignment: a node down through it catches up.
+        assert!(may_adopt_verified(&v1, &old).is_ok());
+        let ours = v1.assign_cluster_id(3).expect("assign");
+        assert!(
+            may_adopt_verified(&ours, &old).is_err(),
+            "another id, once we have one"
+        );
     }
 
     #[test]

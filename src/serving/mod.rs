@@ -238,7 +238,7 @@ impl LayoutOwner {
                 confirmations(hash, &tally.answers),
             )));
         }
-        self.adopt_chosen(layout)
+        self.adopt(layout, Verified::ByMajority)
     }
 
     /// Serves `layout`, known to be chosen (this node's own Paxos round
@@ -247,6 +247,10 @@ impl LayoutOwner {
     /// failure detector its members and recounts the digests over its read
     /// ring. Answers whether it was adopted.
     pub fn adopt_chosen(&self, layout: Layout) -> Result<bool> {
+        self.adopt(layout, Verified::OwnRound)
+    }
+
+    fn adopt(&self, layout: Layout, verified: Verified) -> Result<bool> {
         layout.validate().map_err(Error::InvalidArgument)?;
         // A layout that removed this instance is not served: the node stops.
         if let Some(notice) = self.removal.as_ref().and_then(|r| r.check(&layout)) {
@@ -258,8 +262,11 @@ impl LayoutOwner {
             return Ok(false);
         }
         if let Some(old) = &state.committed {
-            crate::layout::cluster_id::may_adopt(old, &layout)
-                .map_err(Error::FailedPrecondition)?;
+            match verified {
+                Verified::OwnRound => crate::layout::cluster_id::may_adopt(old, &layout),
+                Verified::ByMajority => crate::layout::cluster_id::may_adopt_verified(old, &layout),
+            }
+            .map_err(Error::FailedPrecondition)?;
         }
         if let Some(old) = &state.committed
             && (old.replicas != layout.replicas || old.vnodes != layout.vnodes)
@@ -388,6 +395,15 @@ pub struct ClusterView {
     pub liveness: Liveness,
     /// Deadline of each call to a peer (`--rpc-timeout-ms`).
     pub rpc_timeout: Duration,
+}
+
+/// How a layout to adopt is known to be chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verified {
+    /// This node's own Paxos round chose it.
+    OwnRound,
+    /// A majority of the held layout's active members vouched for it.
+    ByMajority,
 }
 
 /// The answers of a layout's verification: decided once a majority vouch
