@@ -48,6 +48,17 @@ impl Layout {
         self.member(address).is_some_and(|m| m.role == Role::Active)
     }
 
+    /// Whether instance `instance` at `address` may vote on the version
+    /// after this one: an active member, and the instance the layout names
+    /// for it when it names one (a member that lost its data dir comes
+    /// back as a new instance with an empty acceptor: it must not vote
+    /// until a layout names it).
+    pub fn votes_as(&self, address: &str, instance: InstanceId) -> bool {
+        self.member(address).is_some_and(|m| {
+            m.role == Role::Active && (m.instance_id.is_none() || m.instance_id == instance)
+        })
+    }
+
     /// The entry of the removed list naming `address` *and* `instance`.
     pub fn removed_instance(&self, address: &str, instance: InstanceId) -> Option<&Removed> {
         if instance.is_none() {

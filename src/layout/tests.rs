@@ -118,6 +118,26 @@ fn joiners_are_learners_not_acceptors() {
 }
 
 #[test]
+fn a_member_votes_only_as_the_instance_the_layout_names() {
+    let v2 = three()
+        .begin_join_as("127.0.0.1:7004", InstanceId(44))
+        .expect("join");
+    let v3 = v2.finish_join("127.0.0.1:7004").expect("finish");
+    assert!(v3.votes_as("127.0.0.1:7004", InstanceId(44)));
+    assert!(
+        !v3.votes_as("127.0.0.1:7004", InstanceId(45)),
+        "a new instance (a lost data dir) does not vote with the old one's name"
+    );
+    // Members a layout names no instance for (bootstrapped, or from a
+    // release before instance ids) vote as any instance.
+    assert!(v3.votes_as("127.0.0.1:7001", InstanceId(7)));
+    assert!(
+        !v2.votes_as("127.0.0.1:7004", InstanceId(44)),
+        "joiners never"
+    );
+}
+
+#[test]
 fn the_join_names_the_joiners_instance() {
     let v2 = three()
         .begin_join_as("127.0.0.1:7004", InstanceId(44))

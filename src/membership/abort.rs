@@ -10,16 +10,18 @@ use crate::layout::{JOIN_ABORTED, Layout, Refusal};
 impl Membership {
     /// Whether this node must refuse to vote on `version`: it is a learner
     /// (joining, or not a member) in the layout it holds, the one the
-    /// proposal changes.
+    /// proposal changes, or another instance than the one that layout
+    /// names for it (it lost its data dir, and with it its promises).
     pub(super) fn is_learner(&self, state: &LayoutState, version: u64) -> bool {
         let Some(committed) = &state.committed else {
             return false;
         };
-        let learner = version == committed.version + 1 && !committed.votes(&self.me.address);
+        let learner = version == committed.version + 1
+            && !committed.votes_as(&self.me.address, self.me.instance_id);
         if learner {
             tracing::debug!(
                 version,
-                "refused to vote on a layout: this node is not an active member of v{} (joiners are learners)",
+                "refused to vote on a layout: this node is not an active member of v{} as this instance (joiners are learners; a member that lost its data dir votes once a layout names its new instance)",
                 committed.version
             );
         }
