@@ -133,6 +133,20 @@ impl ReadGate {
         }
     }
 
+    /// The peers this node shares ranges with changed to `peers`: a gate
+    /// whose peers have all answered (or synced) opens; one with new peers
+    /// waits for them too.
+    pub fn reconsider(&mut self, peers: &BTreeSet<String>) {
+        let done = match self {
+            ReadGate::Open => return,
+            ReadGate::Unverified { heard } => peers.is_subset(heard),
+            ReadGate::CatchingUp { synced } => peers.is_subset(synced),
+        };
+        if done {
+            *self = ReadGate::Open;
+        }
+    }
+
     /// Why replica reads are refused, or `None` when they are answered.
     pub fn refusal(&self, peers: &BTreeSet<String>) -> Option<String> {
         match self {
@@ -185,8 +199,9 @@ pub fn reserve_instance_id(storage: &dyn Storage, data_dir_is_fresh: bool) -> Re
 pub struct Identity {
     /// Random, created with the data dir; stamped into versions.
     pub instance_id: InstanceId,
-    /// Peers this node shares token ranges with.
-    peers: BTreeSet<String>,
+    /// Peers this node shares token ranges with, under the layout served
+    /// (std mutex: read or replaced whole).
+    peers: Mutex<BTreeSet<String>>,
     /// See [`ReadGate`] (std mutex: held for a state change and, rarely, a
     /// durable metadata write).
     gate: Mutex<ReadGate>,
@@ -225,7 +240,7 @@ impl Identity {
         };
         let identity = Self {
             instance_id,
-            peers,
+            peers: Mutex::new(peers),
             gate: Mutex::new(gate),
             storage,
         };
@@ -241,7 +256,8 @@ impl Identity {
     fn update(&self, change: impl FnOnce(&mut ReadGate, &BTreeSet<String>)) -> Result<()> {
         let mut gate = self.gate.locked();
         let before = gate.code();
-        change(&mut gate, &self.peers);
+        let peers = self.peers.locked().clone();
+        change(&mut gate, &peers);
         if gate.code() != before {
             tracing::info!(state = ?*gate, "read gate changed");
             self.storage.put_meta_durable(READ_GATE, gate.code())?;
@@ -275,9 +291,19 @@ impl Identity {
         self.update(|gate, peers| gate.synced(peer, peers))
     }
 
+    /// The layout served changed: the peers this node shares ranges with
+    /// are now `peers` (a wiped member restarted with `--peers` starts from
+    /// the first layout's members, and learns the later ones here: each may
+    /// hold the only other copy of a write).
+    pub fn follow_layout(&self, peers: BTreeSet<String>) -> Result<()> {
+        *self.peers.locked() = peers;
+        self.update(|gate, peers| gate.reconsider(peers))
+    }
+
     /// Why replica reads are refused now, if they are.
     pub fn read_refusal(&self) -> Option<String> {
-        self.gate.locked().refusal(&self.peers)
+        let peers = self.peers.locked().clone();
+        self.gate.locked().refusal(&peers)
     }
 
     /// The instance id this node knows at `address` (0: none yet).
@@ -363,6 +389,33 @@ mod tests {
         assert!(refusal.contains("1 of 2"), "{refusal}");
         gate.synced("b", &all);
         assert_eq!(gate, ReadGate::Open);
+    }
+
+    #[test]
+    fn the_gate_follows_the_layout_peers() {
+        // A wiped member restarted with --peers knows the first members
+        // only; the layout it catches up to adds a member it shares
+        // ranges with, which may hold the only other copy of a write.
+        let first = peers(&["a", "b"]);
+        let later = peers(&["a", "b", "d"]);
+        let mut gate = ReadGate::from_code(2);
+        gate.synced("a", &first);
+        gate.reconsider(&later);
+        gate.synced("b", &later);
+        assert!(gate.refusal(&later).is_some(), "still waits for d");
+        gate.synced("d", &later);
+        assert_eq!(gate, ReadGate::Open);
+        // Peers that no longer share ranges are not waited for.
+        let mut gate = ReadGate::from_code(2);
+        gate.synced("a", &first);
+        gate.reconsider(&peers(&["a"]));
+        assert_eq!(gate, ReadGate::Open);
+
+        let storage: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        let identity = Identity::open(storage, first, true).expect("open");
+        identity.follow_layout(later).expect("follow");
+        let refusal = identity.read_refusal().expect("closed");
+        assert!(refusal.contains("of the 3 peers"), "{refusal}");
     }
 
     #[test]

@@ -426,6 +426,15 @@ impl ReplicaStore {
         self.read(key)
     }
 
+    /// The layout served changed: the read gate waits for the peers this
+    /// node shares ranges with under it.
+    pub fn follow_layout(&self, sharing: std::collections::BTreeSet<String>) -> Result<()> {
+        match &self.read_gate {
+            Some(gate) => gate.follow_layout(sharing),
+            None => Ok(()),
+        }
+    }
+
     /// Why this replica must not answer for its data yet (a new data dir
     /// catching up), if it must not: it is then no source for a joining
     /// node either.

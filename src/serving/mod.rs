@@ -287,8 +287,15 @@ impl LayoutOwner {
         self.peers.set_cluster_id(layout.cluster_id);
         self.replica.advance_fence(layout.version);
         let layout = Arc::new(layout);
-        self.placement
-            .replace(Placement::of_layout(layout.clone(), self.me.clone()));
+        let placement = Placement::of_layout(layout.clone(), self.me.clone());
+        let sharing = placement
+            .sharing_peers()
+            .map(|m| m.address.clone())
+            .collect();
+        self.placement.replace(placement);
+        if let Err(why) = self.replica.follow_layout(sharing) {
+            tracing::error!(%why, "cannot record the read gate's peers for the new layout");
+        }
         let now = tokio::time::Instant::now();
         self.liveness.update(|detector| {
             for member in &layout.members {
