@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::{TestCluster, eventually};
 use dkvs::checker;
-use dkvs::client::{Client, ClientOptions};
+use dkvs::client::ClientOptions;
 use dkvs::pb;
 use dkvs::workload::{History, Recorder, Workload};
 
@@ -46,36 +46,6 @@ async fn dkvs_client(cluster: &TestCluster, args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Writes `k0..` = `v0..`.
-async fn preload(client: &Client) {
-    for i in 0..PRELOADED {
-        client
-            .put(&format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("preload");
-    }
-}
-
-/// Every preloaded key, read at ALL from the running members.
-async fn preloaded_readable(cluster: &TestCluster) {
-    let all = cluster
-        .client_with(ClientOptions {
-            consistency: dkvs::quorum::Consistency::All,
-            ..ClientOptions::default()
-        })
-        .await;
-    for i in 0..PRELOADED {
-        assert_eq!(
-            all.get(&format!("k{i}"))
-                .await
-                .expect("read at ALL")
-                .as_deref(),
-            Some(format!("v{i}").as_bytes()),
-            "k{i}"
-        );
-    }
 }
 
 /// Waits until the joining node `joiner` reports keys moved.
@@ -174,18 +144,7 @@ impl Load {
             operations > 50,
             "the workload ran ({operations} operations)"
         );
-        assert!(
-            report.is_valid(),
-            "{} violations:\n{}",
-            report.violations.len(),
-            report
-                .violations
-                .iter()
-                .take(20)
-                .map(|v| v.to_string())
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        common::assert_no_violations(&report);
     }
 }
 
@@ -206,7 +165,7 @@ impl Drop for Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
-    preload(&cluster.client().await).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
     let load = Load::start(&cluster).await;
     let joiner = cluster.join(0, SLOW_JOINER).await;
     let address = cluster.nodes[joiner].address.clone();
@@ -299,7 +258,7 @@ async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
     assert_eq!(member.role, pb::LayoutRole::Active as i32);
     assert_ne!(member.instance_id, instance, "as a new instance");
     load.check(&cluster).await;
-    preloaded_readable(&cluster).await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
 }
 
 /// The aborted instance: alive, it learns the abort and exits 0; restarted
@@ -308,7 +267,7 @@ async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_aborted_instance_stops_with_exit_0_and_says_why() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
-    preload(&cluster.client().await).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
     let joiner = cluster.join(0, SLOW_JOINER).await;
     streaming(&cluster, joiner).await;
     let aborted = cluster
@@ -364,7 +323,7 @@ async fn abort_is_refused_once_reads_moved_and_when_nothing_is_in_progress() {
         "{}",
         refused.message()
     );
-    preload(&cluster.client().await).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
     cluster.kill(2);
     let joiner = cluster.join(0, FLAGS).await;
     let address = cluster.nodes[joiner].address.clone();
@@ -394,7 +353,7 @@ async fn abort_is_refused_once_reads_moved_and_when_nothing_is_in_progress() {
     cluster.restart(2).await;
     let wait = dkvs_client(&cluster, &["cluster", "wait", "--timeout-secs", "40"]).await;
     assert_eq!(wait.status.code(), Some(0), "{}", text(&wait.stdout));
-    preloaded_readable(&cluster).await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
 }
 
 /// Finding 6: three members, one of them down, and a dead joiner. Were
@@ -404,7 +363,7 @@ async fn abort_is_refused_once_reads_moved_and_when_nothing_is_in_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_commits_with_a_member_down_and_a_dead_joiner() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
-    preload(&cluster.client().await).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
     let load = Load::start(&cluster).await;
     let joiner = cluster.join(0, SLOW_JOINER).await;
     let address = cluster.nodes[joiner].address.clone();
@@ -434,5 +393,5 @@ async fn an_abort_commits_with_a_member_down_and_a_dead_joiner() {
     let wait = dkvs_client(&cluster, &["cluster", "wait", "--timeout-secs", "30"]).await;
     assert_eq!(wait.status.code(), Some(0), "{}", text(&wait.stdout));
     load.check(&cluster).await;
-    preloaded_readable(&cluster).await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
 }

@@ -242,18 +242,7 @@ async fn workload_holds(client: Client, final_reader: Client, duration: Duration
     for (index, why) in errors.iter().take(5) {
         println!("  {}: {why}", checker::describe(&ops, *index));
     }
-    assert!(
-        report.is_valid(),
-        "{} violations:\n{}",
-        report.violations.len(),
-        report
-            .violations
-            .iter()
-            .take(20)
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    common::assert_no_violations(&report);
 }
 
 /// The takeover: a cluster grown to four is stopped, the first three data

@@ -81,16 +81,6 @@ async fn live_keys(cluster: &TestCluster) -> Vec<u64> {
     counts
 }
 
-/// Writes `k0..k{count}` = `v0..`: data for a join to move.
-async fn preload(client: &dkvs::client::Client, count: usize) {
-    for i in 0..count {
-        client
-            .put(&format!("k{i}"), format!("v{i}"))
-            .await
-            .expect("preload");
-    }
-}
-
 /// Waits until the joining node `joiner` reports keys moved.
 async fn streaming(cluster: &TestCluster, joiner: usize) {
     eventually(Duration::from_secs(30), async || {
@@ -101,26 +91,6 @@ async fn streaming(cluster: &TestCluster, joiner: usize) {
         }
     })
     .await;
-}
-
-/// Checks every preloaded key at ALL; answers the client that read them.
-async fn preloaded_at_all(cluster: &TestCluster, count: usize) -> dkvs::client::Client {
-    let all = cluster
-        .client_with(ClientOptions {
-            consistency: dkvs::quorum::Consistency::All,
-            ..ClientOptions::default()
-        })
-        .await;
-    for i in 0..count {
-        assert_eq!(
-            all.get(&format!("k{i}"))
-                .await
-                .expect("read at ALL")
-                .as_deref(),
-            Some(format!("v{i}").as_bytes())
-        );
-    }
-    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,18 +244,7 @@ async fn a_cluster_grows_from_three_to_five_under_load_and_loses_nothing() {
     for (index, why) in errors.iter().take(5) {
         println!("  {}: {why}", checker::describe(&history, *index));
     }
-    assert!(
-        report.is_valid(),
-        "{} violations:\n{}",
-        report.violations.len(),
-        report
-            .violations
-            .iter()
-            .take(20)
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    common::assert_no_violations(&report);
     // Every preloaded key, at ALL from the five.
     for i in 0..PRELOADED {
         let value = final_reader
@@ -321,7 +280,7 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
     const PRELOADED: usize = 4000;
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
-    preload(&client, PRELOADED).await;
+    common::preload(&client, PRELOADED).await;
     // Slow streaming so the kill lands mid-join.
     let joiner = cluster
         .join(
@@ -347,7 +306,7 @@ async fn a_joining_node_killed_mid_join_resumes_when_restarted() {
     cluster.add_flags(joiner, &["--stream-rate", "0"]);
     cluster.restart(joiner).await;
     settled(&cluster, Duration::from_secs(120)).await;
-    let all = preloaded_at_all(&cluster, PRELOADED).await;
+    let all = common::preloaded_at_all(&cluster, PRELOADED).await;
     for i in 0..200 {
         assert!(
             all.get(&format!("during-{i}"))
@@ -363,7 +322,7 @@ async fn a_source_killed_mid_stream_leaves_the_join_to_the_others() {
     const PRELOADED: usize = 4000;
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
-    preload(&client, PRELOADED).await;
+    common::preload(&client, PRELOADED).await;
     let joiner = cluster
         .join(
             0,
@@ -391,7 +350,7 @@ async fn a_source_killed_mid_stream_leaves_the_join_to_the_others() {
     // Settling waits for every member to serve the finished join.
     cluster.restart(2).await;
     settled(&cluster, Duration::from_secs(60)).await;
-    let all = preloaded_at_all(&cluster, PRELOADED).await;
+    let all = common::preloaded_at_all(&cluster, PRELOADED).await;
     // The joiner holds its share itself: read at ONE from it alone.
     let held = cluster.replica_record(joiner, "k1").await;
     let replicas = all.replicas_of("k1");

@@ -672,3 +672,51 @@ impl TestCluster {
         cluster
     }
 }
+
+/// Writes `k0..k{count}` = `v0..`: data for a layout change to move.
+pub async fn preload(client: &Client, count: usize) {
+    for i in 0..count {
+        client
+            .put(&format!("k{i}"), format!("v{i}"))
+            .await
+            .expect("preload");
+    }
+}
+
+/// Checks every key [`preload`] wrote, read at ALL from the running
+/// members; answers the client that read them.
+pub async fn preloaded_at_all(cluster: &TestCluster, count: usize) -> Client {
+    let all = cluster
+        .client_with(ClientOptions {
+            consistency: dkvs::quorum::Consistency::All,
+            ..ClientOptions::default()
+        })
+        .await;
+    for i in 0..count {
+        assert_eq!(
+            all.get(&format!("k{i}"))
+                .await
+                .expect("read at ALL")
+                .as_deref(),
+            Some(format!("v{i}").as_bytes()),
+            "k{i}"
+        );
+    }
+    all
+}
+
+/// Fails, naming the first twenty, when the checker found violations.
+pub fn assert_no_violations(report: &dkvs::checker::Report) {
+    assert!(
+        report.is_valid(),
+        "{} violations:\n{}",
+        report.violations.len(),
+        report
+            .violations
+            .iter()
+            .take(20)
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
