@@ -144,6 +144,14 @@ impl Heartbeats {
         self.reports.locked().get(address).cloned()
     }
 
+    /// The instance this node knows at `address` (NONE: none yet, or the
+    /// data dir cannot say).
+    pub fn known_instance(&self, address: &str) -> InstanceId {
+        self.identity
+            .known_instance(address)
+            .unwrap_or(InstanceId::NONE)
+    }
+
     /// One round: pings every peer at once, then updates the detector and
     /// the read gate with the answers. The round fails when peers exist and
     /// none answered (this node is cut off, or alone alive); a peer down

@@ -36,6 +36,7 @@
 //! it usually gets it too, but only N−W+1 of them are required.
 
 mod abort;
+pub mod naming;
 pub mod cluster_id;
 pub mod paxos;
 pub mod progress;

@@ -14,6 +14,7 @@
 mod abort;
 mod cluster_id;
 mod driver;
+mod naming;
 mod stream;
 
 pub use crate::layout::progress::{JoinProgress, MoveProgress};
@@ -60,6 +61,8 @@ pub struct Membership {
     settled_at_round: Mutex<Option<(u64, u64)>>,
     /// Whether the cluster id is agreed (clients are served once it is).
     agreement: cluster_id::Agreement,
+    /// When the first naming may stop waiting for unseen members.
+    naming: naming::Naming,
 }
 
 impl Membership {
@@ -110,6 +113,7 @@ impl Membership {
             ae_rounds,
             settled_at_round: Mutex::new(None),
             agreement: cluster_id::Agreement::default(),
+            naming: naming::Naming::default(),
         })
     }
 
