@@ -37,6 +37,10 @@ pub struct PeerReport {
     pub clock_skew_ms: i64,
     /// The peer's counts, and when they arrived (absent from older nodes).
     pub stats: Option<(NodeStats, Instant)>,
+    /// The instance that answered (NONE: a node of an older release), and
+    /// whether it served reads (its read gate was open).
+    pub instance_id: InstanceId,
+    pub serves_reads: bool,
 }
 
 /// One node's heartbeats: sending rounds, answering pings, and what the
@@ -144,12 +148,16 @@ impl Heartbeats {
         self.reports.locked().get(address).cloned()
     }
 
-    /// The instance this node knows at `address` (NONE: none yet, or the
-    /// data dir cannot say).
-    pub fn known_instance(&self, address: &str) -> InstanceId {
-        self.identity
-            .known_instance(address)
-            .unwrap_or(InstanceId::NONE)
+    /// The instance that last answered this process's heartbeats from
+    /// `address` while serving reads (NONE: none did yet). Only an answer
+    /// counts, not the instance recorded in the data dir, which may be one
+    /// replaced while this node was down.
+    pub fn serving_instance(&self, address: &str) -> InstanceId {
+        self.reports
+            .locked()
+            .get(address)
+            .filter(|report| report.serves_reads)
+            .map_or(InstanceId::NONE, |report| report.instance_id)
     }
 
     /// One round: pings every peer at once, then updates the detector and
@@ -247,6 +255,8 @@ impl Heartbeats {
             layout_version: answer.layout_version,
             clock_skew_ms: skew_ms,
             stats: answer.stats.map(|stats| (stats, Instant::now())),
+            instance_id: answer.instance_id,
+            serves_reads: answer.serves_reads,
         };
         let was = self
             .reports

@@ -36,8 +36,8 @@
 //! it usually gets it too, but only N−W+1 of them are required.
 
 mod abort;
-pub mod naming;
 pub mod cluster_id;
+pub mod naming;
 pub mod paxos;
 pub mod progress;
 pub mod verify;

@@ -56,8 +56,10 @@ impl Layout {
             .filter_map(|m| {
                 let instance = seen_of(&m.address);
                 let rename = !m.instance_id.is_none();
+                // An instance once replaced never comes back.
                 let due = instance != m.instance_id
                     && !instance.is_none()
+                    && self.removed_instance(&m.address, instance).is_none()
                     && (rename || every_unnamed_seen || grace_over);
                 due.then(|| (m.address.clone(), instance))
             })

@@ -268,7 +268,10 @@ fn the_first_naming_waits_for_every_member_or_the_grace_period() {
     let names = v1.instances_to_name(&all, false);
     assert_eq!(names, all);
     let v2 = v1.name_instances(&names).expect("name");
-    assert_eq!((v2.version, v2.change.as_str()), (2, naming::INSTANCES_NAMED));
+    assert_eq!(
+        (v2.version, v2.change.as_str()),
+        (2, naming::INSTANCES_NAMED)
+    );
     assert!(v2.names_every_instance() && v2.removed.is_empty());
     assert!(v2.instances_to_name(&all, false).is_empty(), "nothing left");
     assert!(
@@ -300,7 +303,10 @@ fn a_replaced_instance_is_renamed_and_its_old_one_removed() {
     let removed = v3
         .removed_instance("127.0.0.1:7003", InstanceId(3))
         .expect("the old instance is on the removed list");
-    assert_eq!((removed.version, removed.why.as_str()), (3, naming::INSTANCE_REPLACED));
+    assert_eq!(
+        (removed.version, removed.why.as_str()),
+        (3, naming::INSTANCE_REPLACED)
+    );
     // A member not seen yet keeps its name; one never seen is not renamed.
     let unseen = seen(&[("127.0.0.1:7001", 1)]);
     assert!(v3.instances_to_name(&unseen, true).is_empty());
@@ -325,4 +331,21 @@ fn naming_waits_for_a_settled_layout_and_names_only_active_members() {
         three().name_instances(&seen(&[("127.0.0.1:7009", 9)])),
         Err(Refusal::Invalid(_))
     ));
+}
+
+#[test]
+fn a_replaced_instance_is_never_named_again() {
+    let v2 = three()
+        .name_instances(&seen(&[
+            ("127.0.0.1:7001", 1),
+            ("127.0.0.1:7002", 2),
+            ("127.0.0.1:7003", 3),
+        ]))
+        .expect("name");
+    let v3 = v2
+        .name_instances(&seen(&[("127.0.0.1:7003", 33)]))
+        .expect("rename");
+    // A node that was down through the rename still remembers instance 3.
+    let stale = seen(&[("127.0.0.1:7003", 3)]);
+    assert!(v3.instances_to_name(&stale, true).is_empty());
 }

@@ -3,7 +3,10 @@
 //! Every node runs [`Membership::naming_step`] each membership round. The
 //! first member by address that this node believes up, and that votes as
 //! the instance it is, proposes; a member whose own instance is not the
-//! one the layout names never proposes its own naming.
+//! one the layout names never proposes its own naming. A peer's instance
+//! is the one that answered this process's heartbeats with its read gate
+//! open: a replacement is named once it has caught up, and an instance
+//! recorded before a restart (perhaps replaced since) is never named.
 
 use std::time::Duration;
 
@@ -53,7 +56,7 @@ impl Membership {
                 let instance = if m.address == me.address {
                     me.instance_id
                 } else {
-                    heartbeats.known_instance(&m.address)
+                    heartbeats.serving_instance(&m.address)
                 };
                 (m.address.clone(), instance)
             })
@@ -69,7 +72,11 @@ impl Membership {
             .members
             .iter()
             .filter(|m| m.role == Role::Active)
-            .filter(|m| !names.iter().any(|(a, _)| *a == m.address && !m.instance_id.is_none()))
+            .filter(|m| {
+                !names
+                    .iter()
+                    .any(|(a, _)| *a == m.address && !m.instance_id.is_none())
+            })
             .find(|m| m.address == me.address || self.cluster.liveness.is_up(&m.address));
         if proposer.is_none_or(|m| m.address != me.address) {
             return;
