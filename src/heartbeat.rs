@@ -41,6 +41,8 @@ pub struct PeerReport {
     /// whether it served reads (its read gate was open).
     pub instance_id: InstanceId,
     pub serves_reads: bool,
+    /// When the answer arrived.
+    pub answered_at: Instant,
 }
 
 /// One node's heartbeats: sending rounds, answering pings, and what the
@@ -148,16 +150,22 @@ impl Heartbeats {
         self.reports.locked().get(address).cloned()
     }
 
-    /// The instance that last answered this process's heartbeats from
-    /// `address` while serving reads (NONE: none did yet). Only an answer
-    /// counts, not the instance recorded in the data dir, which may be one
-    /// replaced while this node was down.
-    pub fn serving_instance(&self, address: &str) -> InstanceId {
+    /// The instance that answered this process's heartbeats from `address`
+    /// within `max_age` (NONE: none did). Only a recent answer counts: not
+    /// the instance recorded in the data dir, nor an answer from before the
+    /// peer stopped answering, either of which may be an instance replaced
+    /// since.
+    pub fn answering_instance(&self, address: &str, max_age: Duration) -> InstanceId {
         self.reports
             .locked()
             .get(address)
-            .filter(|report| report.serves_reads)
+            .filter(|report| report.answered_at.elapsed() <= max_age)
             .map_or(InstanceId::NONE, |report| report.instance_id)
+    }
+
+    /// The heartbeat interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 
     /// One round: pings every peer at once, then updates the detector and
@@ -257,6 +265,7 @@ impl Heartbeats {
             stats: answer.stats.map(|stats| (stats, Instant::now())),
             instance_id: answer.instance_id,
             serves_reads: answer.serves_reads,
+            answered_at: Instant::now(),
         };
         let was = self
             .reports

@@ -85,6 +85,12 @@ impl Layout {
                     "cannot name {address}: an instance id is never 0"
                 )));
             }
+            if let Some(removed) = self.removed_instance(address, *instance) {
+                return Err(Refusal::Invalid(format!(
+                    "cannot name {address} instance {instance}: it was removed in layout v{} ({})",
+                    removed.version, removed.why
+                )));
+            }
             let Some(member) = next
                 .members
                 .iter_mut()

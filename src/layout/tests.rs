@@ -348,4 +348,8 @@ fn a_replaced_instance_is_never_named_again() {
     // A node that was down through the rename still remembers instance 3.
     let stale = seen(&[("127.0.0.1:7003", 3)]);
     assert!(v3.instances_to_name(&stale, true).is_empty());
+    assert!(matches!(
+        v3.name_instances(&stale),
+        Err(Refusal::Invalid(why)) if why.contains("removed in layout v3")
+    ));
 }

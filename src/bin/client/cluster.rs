@@ -341,10 +341,22 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             behind.join(", ")
         ));
     }
+    let catching_up: Vec<&str> = answered
+        .iter()
+        .filter(|s| s.catching_up)
+        .map(|s| s.address.as_str())
+        .collect();
+    if !catching_up.is_empty() {
+        return waiting(format!(
+            "layout v{version} ({}): {} catching up (a new data dir: no replica reads until it has synced with its peers)",
+            layout.change,
+            catching_up.join(", ")
+        ));
+    }
     let unnamed = unnamed_instances(layout, answers);
     if !unnamed.is_empty() {
         return waiting(format!(
-            "layout v{version} ({}): the instance of {} is not named yet (the first members are named once all are seen; a member that lost its data dir, once it has caught up)",
+            "layout v{version} ({}): the instance of {} is not named yet (the first members are named once all are seen; a member that lost its data dir, once it answers)",
             layout.change,
             unnamed.join(", ")
         ));
@@ -598,6 +610,20 @@ mod tests {
         assert!(
             why(judge(&all))
                 .starts_with("layout v4 (change 4): the instance of b is not named yet"),
+            "{}",
+            why(judge(&all))
+        );
+    }
+
+    #[test]
+    fn a_member_still_catching_up_is_waited_for() {
+        let v4 = layout(4, &[("a", Active), ("b", Active)], &[]);
+        let seen = [("a", Up, 4), ("b", Up, 4)];
+        let mut b = status("b", &v4, &seen);
+        b.catching_up = true;
+        let all = answers(vec![("a", Ok(status("a", &v4, &seen))), ("b", Ok(b))]);
+        assert!(
+            why(judge(&all)).starts_with("layout v4 (change 4): b catching up"),
             "{}",
             why(judge(&all))
         );
