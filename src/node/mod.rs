@@ -20,6 +20,7 @@
 //! v1alpha.
 
 mod cluster;
+mod cluster_gate;
 mod join;
 mod kv;
 mod liveness;
