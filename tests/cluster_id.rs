@@ -402,13 +402,18 @@ async fn a_member_wiped_after_the_id_assignment_catches_up_and_serves() {
 /// The metadata every node-to-node call carries: the sender's cluster id.
 const CLUSTER_ID_METADATA: &str = "dkvs-cluster-id";
 
-/// `message` as a call from a node of cluster `id` (`None`: a node of the
-/// release before the data path carried it).
+/// The address a stamped call names as its sender (for the refuser's log).
+const SENDER: &str = "127.0.0.1:7004";
+
+/// `message` as a call from the node at [`SENDER`] of cluster `id` (`None`:
+/// a node of the release before the data path carried it).
 fn from_cluster<T>(id: Option<u64>, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Some(id) = id {
         let value = format!("{id:016x}").parse().expect("ascii metadata");
         request.metadata_mut().insert(CLUSTER_ID_METADATA, value);
+        let sender = SENDER.parse().expect("ascii metadata");
+        request.metadata_mut().insert("dkvs-sender", sender);
     }
     request
 }
@@ -551,12 +556,13 @@ async fn another_clusters_data_path_calls_are_refused() {
             "node {i}"
         );
     }
-    // Refused calls from one sender are logged once.
+    // Refused calls from one sender are logged once, naming it.
     let logged = eventually(Duration::from_secs(10), async || {
         let log = log_of(&cluster, 0);
         let lines = log
             .lines()
             .filter(|l| l.contains("refused: message from another cluster"))
+            .inspect(|l| assert!(l.contains(&format!("sender=\"{SENDER}\"")), "{l}"))
             .count();
         if lines > 0 {
             Ok(lines)

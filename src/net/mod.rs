@@ -51,7 +51,9 @@ pub use calls::{RangeQuery, RecordChunks, is_not_serving_yet};
 use handle::ReplicaTarget;
 pub use handle::{ReplicaError, ReplicaHandle};
 use pipe::{PipeService, ReplicaPipe};
-pub use stamp::{CLUSTER_ID_METADATA, ClusterStamp, PeerChannel, cluster_id_in};
+pub use stamp::{
+    CLUSTER_ID_METADATA, ClusterStamp, PeerChannel, SENDER_METADATA, cluster_id_in, sender_in,
+};
 
 /// Largest gRPC message a node or client accepts: room for the largest value
 /// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
@@ -117,6 +119,9 @@ pub struct PeerPool {
     /// owner sets it), or --cluster-token's for a joiner (0: none). Shared
     /// with the [`ClusterStamp`] of every node-to-node client.
     cluster_id: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's address, which node-to-node calls name as their sender
+    /// (for the receivers' logs; none: not named).
+    sender: Option<tonic::metadata::AsciiMetadataValue>,
     /// Scripted replicas by address (unit tests: [`PeerPool::with_fakes`]).
     #[cfg(test)]
     fakes: HashMap<String, Arc<fake::FakeReplica>>,
@@ -135,6 +140,7 @@ impl PeerPool {
             // node can have issued. Nodes set their --max-clock-skew-ms.
             bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
             cluster_id: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            sender: None,
             #[cfg(test)]
             fakes: HashMap::new(),
         }
@@ -143,6 +149,13 @@ impl PeerPool {
     /// Refuses versions in replies beyond `bound` (`--max-clock-skew-ms`).
     pub fn with_skew_bound(mut self, bound: SkewBound) -> Self {
         self.bound = bound;
+        self
+    }
+
+    /// Names `address` (this node's) as the sender of node-to-node calls,
+    /// so that a node refusing them can say which one to stop.
+    pub fn with_sender(mut self, address: &str) -> Self {
+        self.sender = stamp::sender_value(address);
         self
     }
 
@@ -165,7 +178,10 @@ impl PeerPool {
     /// node's cluster id (see [`stamp`]). The one way a node-only client is
     /// made.
     fn peer_channel(&self, address: &str) -> Result<PeerChannel> {
-        let stamp = ClusterStamp(self.cluster_id.clone());
+        let stamp = ClusterStamp {
+            id: self.cluster_id.clone(),
+            sender: self.sender.clone(),
+        };
         Ok(InterceptedService::new(self.channel(address)?, stamp))
     }
 

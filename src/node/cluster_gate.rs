@@ -9,7 +9,8 @@
 //! cluster — an old cluster's node restarted beside a new one, a node
 //! started with another `--cluster-token` — is refused with
 //! FAILED_PRECONDITION naming both ids and what to do, and logged once per
-//! sender host and id. So the data path (writes, reads, hints,
+//! sender and id (the address the call names as its sender, else its
+//! host). So the data path (writes, reads, hints,
 //! anti-entropy) refuses such a node by itself, not only because its
 //! heartbeats are refused.
 //!
@@ -79,18 +80,27 @@ impl<S> ClusterGate<S> {
         if theirs == 0 {
             return Ok(());
         }
-        let sender = request
-            .extensions()
-            .get::<tonic::transport::server::TcpConnectInfo>()
-            .and_then(|info| info.remote_addr())
-            .map_or_else(
-                || "a node at an unknown address".to_string(),
-                |address| format!("a node at {}", address.ip()),
-            );
+        let sender = sender_of(request);
         (self.layouts)
             .check_caller(theirs, &sender)
             .map_err(tonic::Status::from)
     }
+}
+
+/// Who sent `request`, for the log: the address it names (`dkvs-sender`:
+/// a label, not trusted), else the host it came from.
+fn sender_of<B>(request: &http::Request<B>) -> String {
+    if let Some(named) = crate::net::sender_in(request.headers()) {
+        return named.to_string();
+    }
+    request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map_or_else(
+            || "a node at an unknown address".to_string(),
+            |address| format!("a node at {}", address.ip()),
+        )
 }
 
 /// Whether calls to `path` are checked.
