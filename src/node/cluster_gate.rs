@@ -14,14 +14,18 @@
 //! anti-entropy) refuses such a node by itself, not only because its
 //! heartbeats are refused.
 //!
-//! Accepted as before: a call without the metadata (a node of the release
-//! before the data path carried it; the layout calls and pings still carry
-//! the id in their messages, checked by their handlers), and any call while
-//! this node has no cluster id yet. Not checked: the client-facing services
-//! (`KeyValue`, `Cluster`, `ReplicaRead`, health, reflection), and
-//! `Membership.GetLayout`, which changes nothing and whose answer names its
-//! cluster: the asker judges it, and says in its own log which node holds
-//! another cluster's layout.
+//! Once this node has a cluster id, a call without the metadata is refused
+//! too (DESIGN, Upgrades: the upgrade policy is stop all, upgrade, start,
+//! so every node of the cluster sends it), saying the sender holds no
+//! layout of this cluster; any call is accepted while this node has no
+//! cluster id yet. Not checked: the client-facing services (`KeyValue`,
+//! `Cluster`, `ReplicaRead`, health, reflection); `Membership.GetLayout`
+//! and `Membership.LayoutVouch`, which change nothing: a layout names its
+//! cluster, and the asker judges it (a member that lost its data dir has no
+//! cluster id until it has fetched and verified the layout through them);
+//! and `Membership.Join`, sent by a node that has no layout yet
+//! (the request carries the cluster id the joiner knows, if any, and its
+//! handler judges it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,7 +43,11 @@ const CHECKED_SERVICES: [&str; 3] = [
 ];
 
 /// Node-to-node methods that are not checked (see the module doc).
-const UNCHECKED_METHODS: [&str; 1] = ["/dkvs.v1.Membership/GetLayout"];
+const UNCHECKED_METHODS: [&str; 3] = [
+    "/dkvs.v1.Membership/GetLayout",
+    "/dkvs.v1.Membership/LayoutVouch",
+    "/dkvs.v1.Membership/Join",
+];
 
 /// Refuses node-to-node calls from another cluster (see the module doc).
 #[derive(Clone)]
@@ -77,9 +85,6 @@ impl<S> ClusterGate<S> {
         }
         let theirs = crate::net::cluster_id_in(request.headers())
             .map_err(tonic::Status::invalid_argument)?;
-        if theirs == 0 {
-            return Ok(());
-        }
         let sender = sender_of(request);
         (self.layouts)
             .check_caller(theirs, &sender)
@@ -144,7 +149,6 @@ mod tests {
             "/dkvs.v1.Replica/Batch",
             "/dkvs.v1.Replica/RangeEntries",
             "/dkvs.v1.Membership/LayoutCommit",
-            "/dkvs.v1.Membership/Join",
             "/dkvs.v1.Liveness/Ping",
         ] {
             assert!(is_checked(path), "{path}");
@@ -156,6 +160,8 @@ mod tests {
             "/grpc.health.v1.Health/Check",
             "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
             "/dkvs.v1.Membership/GetLayout",
+            "/dkvs.v1.Membership/LayoutVouch",
+            "/dkvs.v1.Membership/Join",
         ] {
             assert!(!is_checked(path), "{path}");
         }

@@ -507,8 +507,23 @@ impl TestCluster {
     }
 
     /// The Replica client (for nodes only: the data path) for node `i`.
-    pub async fn replica(&self, i: usize) -> pb::replica_client::ReplicaClient<Channel> {
-        pb::replica_client::ReplicaClient::new(channel(&self.nodes[i].address).await)
+    pub async fn replica(&self, i: usize) -> pb::replica_client::ReplicaClient<NodeChannel> {
+        pb::replica_client::ReplicaClient::new(self.node_channel(i).await)
+    }
+
+    /// A channel to node `i` whose calls carry its cluster id, as a
+    /// member's do (the node-only services refuse calls without it). A
+    /// call that already names an id keeps it.
+    pub async fn node_channel(&self, i: usize) -> NodeChannel {
+        let address = &self.nodes[i].address;
+        let status = pb::cluster_client::ClusterClient::new(channel(address).await)
+            .status(pb::StatusRequest {})
+            .await;
+        let id = status
+            .ok()
+            .and_then(|s| s.into_inner().layout)
+            .map_or(0, |l| l.cluster_id);
+        tonic::service::interceptor::InterceptedService::new(channel(address).await, Stamp(id))
     }
 
     /// The client-facing ReplicaRead client (the smart client's reads) for node `i`.
@@ -520,13 +535,16 @@ impl TestCluster {
     }
 
     /// The Membership client (for nodes only: layouts, joins) for node `i`.
-    pub async fn membership(&self, i: usize) -> pb::membership_client::MembershipClient<Channel> {
-        pb::membership_client::MembershipClient::new(channel(&self.nodes[i].address).await)
+    pub async fn membership(
+        &self,
+        i: usize,
+    ) -> pb::membership_client::MembershipClient<NodeChannel> {
+        pb::membership_client::MembershipClient::new(self.node_channel(i).await)
     }
 
     /// The Liveness client (for nodes only: heartbeats) for node `i`.
-    pub async fn liveness(&self, i: usize) -> pb::liveness_client::LivenessClient<Channel> {
-        pb::liveness_client::LivenessClient::new(channel(&self.nodes[i].address).await)
+    pub async fn liveness(&self, i: usize) -> pb::liveness_client::LivenessClient<NodeChannel> {
+        pb::liveness_client::LivenessClient::new(self.node_channel(i).await)
     }
 
     /// What node `i`'s own store holds for `key` (internal `Replica.Read`,
@@ -842,5 +860,26 @@ impl Load {
 impl Drop for Load {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A channel whose calls carry a cluster id (see [`TestCluster::node_channel`]).
+pub type NodeChannel = tonic::service::interceptor::InterceptedService<Channel, Stamp>;
+
+/// Puts a cluster id in `dkvs-cluster-id`, unless the call names one.
+#[derive(Clone, Copy)]
+pub struct Stamp(pub u64);
+
+impl tonic::service::Interceptor for Stamp {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let key = dkvs::net::CLUSTER_ID_METADATA;
+        if self.0 != 0 && request.metadata().get(key).is_none() {
+            let value = format!("{:016x}", self.0).parse().expect("ascii metadata");
+            request.metadata_mut().insert(key, value);
+        }
+        Ok(request)
     }
 }
