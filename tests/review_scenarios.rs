@@ -151,14 +151,16 @@ async fn settled_with(
 }
 
 /// A replacement behind its read gate must not hand a joiner its partial
-/// data. Five members, N = 3, no hints, anti-entropy only once after each
-/// start (a one-hour interval): while member B is down, every key is
-/// written, so a key whose replicas are {A, B, C} is on A and C only. C
-/// is then wiped and restarted while A is down: its catch-up syncs with
-/// every peer but A, so it never gets those keys and its gate stays
-/// closed. A sixth node joins; for the ranges C gives up to it, C is the
-/// giver. Were C a source, the joiner would copy nothing for those keys,
-/// and with A down a QUORUM read from {B, joiner} would miss them.
+/// data. Five members, N = 3, no hints, and anti-entropy only in the
+/// first second after each start (a one-hour interval). While member B is
+/// down, every key is written, so a key whose replicas are {A, B, C} is on
+/// A and C only. C is then wiped, and B and C restarted while A is frozen:
+/// their first anti-entropy rounds miss A, so neither gets those keys,
+/// and C's gate stays closed. A sixth node joins (paced, so that its own
+/// first round comes while it still owns nothing); for the ranges C gives
+/// up to it, C is the giver. Were C a source, the joiner would copy
+/// nothing for those keys, and with A down a QUORUM read from {B, joiner}
+/// would miss them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replacement_behind_its_read_gate_is_no_streaming_source() {
     const KEYS: usize = 1000;
@@ -182,25 +184,30 @@ async fn a_replacement_behind_its_read_gate_is_no_streaming_source() {
 
     cluster.kill(c);
     cluster.wipe(c);
-    cluster.kill(a);
+    let frozen = cluster.pause_until_dropped(a);
     cluster.restart(b).await;
     cluster.restart(c).await;
-    // C's first anti-entropy round (a second after start) synced with the
-    // peers that are up; A is down, so the gate stays closed for good.
-    let refusal = eventually(Duration::from_secs(30), async || {
-        let why = gate_refusal(&cluster, c).await;
-        match why.as_deref().and_then(peers_synced) {
-            Some((synced, of)) if synced > 0 && synced < of => Ok(why),
-            _ => Err(format!("node C's gate: {why:?}")),
-        }
-    })
-    .await;
+    for node in [b, c] {
+        first_anti_entropy_round(&cluster, node).await;
+    }
+    let refusal = gate_refusal(&cluster, c).await;
+    let synced = refusal.as_deref().and_then(peers_synced);
+    assert!(
+        synced.is_some_and(|(synced, of)| synced < of),
+        "node C catches up, A not synced: {refusal:?}"
+    );
     println!("node C: {refusal:?}");
-    cluster.restart(a).await;
+    drop(frozen);
 
     let before = layout_of(&cluster, b).await.version;
-    let joiner = cluster.join(b, &flags).await;
+    let joiner_flags = [&flags[..], &["--stream-rate", "200"]].concat();
+    let joiner = cluster.join(b, &joiner_flags).await;
     settled_with(&cluster, b, joiner, before, Duration::from_secs(120)).await;
+    let joiner_log = std::fs::read_to_string(&cluster.nodes[joiner].log).expect("joiner's log");
+    assert!(
+        joiner_log.contains("cannot be a source for a join yet"),
+        "C refused to be the giver"
+    );
     assert!(
         gate_refusal(&cluster, c).await.is_some(),
         "node C still catches up (it never synced with A)"
@@ -221,6 +228,19 @@ async fn a_replacement_behind_its_read_gate_is_no_streaming_source() {
         ops.get(3, &client, &format!("k{i}")).await;
     }
     ops.check();
+}
+
+/// Waits until node `i` completed its first anti-entropy round.
+async fn first_anti_entropy_round(cluster: &TestCluster, i: usize) {
+    eventually(Duration::from_secs(30), async || {
+        let status = cluster.status(i).await;
+        let worker = status.workers.iter().find(|w| w.name == "anti-entropy");
+        match worker {
+            Some(worker) if worker.rounds + worker.failures > 0 => Ok(()),
+            other => Err(format!("node {i}'s anti-entropy: {other:?}")),
+        }
+    })
+    .await
 }
 
 /// A source that cannot adopt the join's layout (its layout file cannot
