@@ -73,6 +73,17 @@ impl Recorded {
         let history = self.recorder.take();
         let report = checker::check(&history.ops);
         println!("operations: {}, {report}", history.ops.len());
+        // Why operations failed, most common first (up to the first colon).
+        let mut why_counts = std::collections::BTreeMap::<String, usize>::new();
+        for (_, why) in &history.errors {
+            let head = why.split(": ").take(2).collect::<Vec<_>>().join(": ");
+            *why_counts.entry(head).or_default() += 1;
+        }
+        let mut why_counts: Vec<_> = why_counts.into_iter().collect();
+        why_counts.sort_by(|x, y| y.1.cmp(&x.1));
+        for (why, count) in why_counts.iter().take(5) {
+            println!("  {count} failed: {why}");
+        }
         for violation in report.violations.iter().take(5) {
             println!("  {violation}");
         }
