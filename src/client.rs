@@ -181,20 +181,40 @@ impl Client {
     /// newer than the one known (a replica refused a read placed with an
     /// older one).
     pub async fn refresh_layout(&self) -> Result<()> {
+        self.refresh_layout_to(0).await
+    }
+
+    /// [`Client::refresh_layout`], then, while the layout learned is older
+    /// than `wanted` (what a replica that refused a read serves), asks the
+    /// other members in turn: the first to answer may itself be behind (a
+    /// member that cannot save its layout file stays behind for good, and
+    /// every read would be refused as stale).
+    async fn refresh_layout_to(&self, wanted: u64) -> Result<()> {
         let view = self.placement.snapshot();
         let mut addresses: Vec<String> = view.members().iter().map(|m| m.address.clone()).collect();
         addresses.extend(self.seeds.iter().cloned());
         addresses.dedup();
-        match first_status(&self.peers, &addresses, self.options.rpc_timeout).await {
-            Ok((status, _)) => {
-                let fresh = placement_of(&status)?;
-                if fresh.version() > self.placement.snapshot().version() {
-                    self.placement.replace(fresh);
-                }
-                Ok(())
+        let (status, _) = first_status(&self.peers, &addresses, self.options.rpc_timeout)
+            .await
+            .map_err(|failures| no_node_answered(&failures))?;
+        let mut fresh = placement_of(&status)?;
+        for address in addresses.iter().filter(|a| **a != status.address) {
+            if fresh.version() >= wanted {
+                break;
             }
-            Err(failures) => Err(no_node_answered(&failures)),
+            let asked = fetch_status(&self.peers, address, self.options.rpc_timeout).await;
+            if let Ok(newer) = asked
+                .map_err(|e| e.to_string())
+                .and_then(|status| placement_of(&status).map_err(|e| e.to_string()))
+                && newer.version() > fresh.version()
+            {
+                fresh = newer;
+            }
         }
+        if fresh.version() > self.placement.snapshot().version() {
+            self.placement.replace(fresh);
+        }
+        Ok(())
     }
 
     pub fn consistency(&self) -> Consistency {
@@ -300,9 +320,9 @@ impl Client {
             };
             match read {
                 // Placed with an old layout: learn the new one, read again.
-                Err(Error::StaleLayout { .. }) if attempts < 3 => {
+                Err(Error::StaleLayout { current, .. }) if attempts < 3 => {
                     attempts += 1;
-                    self.refresh_layout().await?;
+                    self.refresh_layout_to(current).await?;
                 }
                 other => break other?,
             }

@@ -11,6 +11,19 @@ use crate::layout::Role;
 use crate::net::Dialer;
 use crate::serving::layout_file::LayoutStore;
 
+/// How long `--join` asks its seeds: [`crate::membership::JOIN_RETRY_FOR`],
+/// or the whole seconds in the environment variable DKVS_JOIN_RETRY_SECS
+/// (not a flag: tests shorten it; an operator has no reason to).
+fn join_retry_for() -> std::time::Duration {
+    std::env::var("DKVS_JOIN_RETRY_SECS")
+        .ok()
+        .and_then(|secs| secs.trim().parse().ok())
+        .map_or(
+            crate::membership::JOIN_RETRY_FOR,
+            std::time::Duration::from_secs,
+        )
+}
+
 impl Node {
     /// [`Node::open`] for `DKVSServer`: with `--join` and a data dir that
     /// holds no layout yet, the data dir's instance id is created first and
@@ -36,7 +49,7 @@ impl Node {
         }
         if !held && !config.join_seeds().is_empty() {
             let instance = reserve_instance_id(&*storage, is_fresh(&*storage)?)?;
-            let retry_for = crate::membership::JOIN_RETRY_FOR;
+            let retry_for = join_retry_for();
             Self::join_with_store_as(&config, &store, dialer.clone(), instance, retry_for).await?;
         }
         let node = Self::with_parts(config, storage, store, dialer)?;
