@@ -37,6 +37,12 @@ pub struct PeerReport {
     pub clock_skew_ms: i64,
     /// The peer's counts, and when they arrived (absent from older nodes).
     pub stats: Option<(NodeStats, Instant)>,
+    /// The instance that answered (NONE: a node of an older release), and
+    /// whether it served reads (its read gate was open).
+    pub instance_id: InstanceId,
+    pub serves_reads: bool,
+    /// When the answer arrived.
+    pub answered_at: Instant,
 }
 
 /// One node's heartbeats: sending rounds, answering pings, and what the
@@ -144,6 +150,24 @@ impl Heartbeats {
         self.reports.locked().get(address).cloned()
     }
 
+    /// The instance that answered this process's heartbeats from `address`
+    /// within `max_age` (NONE: none did). Only a recent answer counts: not
+    /// the instance recorded in the data dir, nor an answer from before the
+    /// peer stopped answering, either of which may be an instance replaced
+    /// since.
+    pub fn answering_instance(&self, address: &str, max_age: Duration) -> InstanceId {
+        self.reports
+            .locked()
+            .get(address)
+            .filter(|report| report.answered_at.elapsed() <= max_age)
+            .map_or(InstanceId::NONE, |report| report.instance_id)
+    }
+
+    /// The heartbeat interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
     /// One round: pings every peer at once, then updates the detector and
     /// the read gate with the answers. The round fails when peers exist and
     /// none answered (this node is cut off, or alone alive); a peer down
@@ -239,6 +263,9 @@ impl Heartbeats {
             layout_version: answer.layout_version,
             clock_skew_ms: skew_ms,
             stats: answer.stats.map(|stats| (stats, Instant::now())),
+            instance_id: answer.instance_id,
+            serves_reads: answer.serves_reads,
+            answered_at: Instant::now(),
         };
         let was = self
             .reports

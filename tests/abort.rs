@@ -8,15 +8,10 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{TestCluster, eventually};
-use dkvs::checker;
-use dkvs::client::ClientOptions;
 use dkvs::pb;
-use dkvs::workload::{History, Recorder, Workload};
 
 /// Quick anti-entropy, as in the membership tests.
 const FLAGS: &[&str] = &["--anti-entropy-interval", "1"];
@@ -73,90 +68,6 @@ fn role_of(layout: &pb::Layout, address: &str) -> Option<i32> {
         .map(|m| m.role)
 }
 
-/// Writers and readers on keys of their own, every operation recorded,
-/// until [`Load::check`].
-struct Load {
-    workload: Workload,
-    recorder: Recorder,
-    stop: Arc<AtomicBool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    async fn start(cluster: &TestCluster) -> Self {
-        let client = Arc::new(
-            cluster
-                .client_with(ClientOptions {
-                    rpc_timeout: Duration::from_secs(2),
-                    ..ClientOptions::default()
-                })
-                .await,
-        );
-        let (workload, recorder) = (Workload::new(100), Recorder::new());
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..2)
-            .map(|id| {
-                let (client, recorder, stop) = (client.clone(), recorder.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut round = 0usize;
-                    while !stop.load(Ordering::Relaxed) {
-                        // A new client id each round keeps values unique.
-                        let until = tokio::time::Instant::now() + Duration::from_millis(500);
-                        let worker = 10 + 2 * round + id;
-                        workload
-                            .run_worker(worker, &client, worker as u64, until, &recorder)
-                            .await;
-                        round += 1;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            workload,
-            recorder,
-            stop,
-            workers,
-        }
-    }
-
-    /// Stops the workers, reads every key at ALL, and checks the history:
-    /// no acknowledged write lost, no stale or invented read.
-    async fn check(mut self, cluster: &TestCluster) {
-        self.stop.store(true, Ordering::Relaxed);
-        for worker in std::mem::take(&mut self.workers) {
-            worker.await.expect("worker");
-        }
-        let reader = cluster
-            .client_with(ClientOptions {
-                consistency: dkvs::quorum::Consistency::All,
-                ..ClientOptions::default()
-            })
-            .await;
-        self.workload
-            .final_reads(9, &reader, &self.recorder)
-            .await
-            .expect("final reads at ALL");
-        let operations = self.recorder.len();
-        let History { ops, .. } = self.recorder.take();
-        let report = checker::check(&ops);
-        println!("operations: {operations}, {report}");
-        assert!(
-            operations > 50,
-            "the workload ran ({operations} operations)"
-        );
-        common::assert_no_violations(&report);
-    }
-}
-
-/// A test that fails stops the workers too: against a cluster already
-/// killed, their calls can fail without ever yielding, and the runtime
-/// could not shut down.
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 /// The reproduction: a joiner killed with -9 while JOINING and its data
 /// dir deleted. Before abort existed the change could not be undone:
 /// `cluster wait` never returned 0 and every later join was refused. Now
@@ -166,7 +77,7 @@ impl Drop for Load {
 async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     common::preload(&cluster.client().await, PRELOADED).await;
-    let load = Load::start(&cluster).await;
+    let load = common::Load::start(&cluster).await;
     let joiner = cluster.join(0, SLOW_JOINER).await;
     let address = cluster.nodes[joiner].address.clone();
     streaming(&cluster, joiner).await;
@@ -364,7 +275,7 @@ async fn abort_is_refused_once_reads_moved_and_when_nothing_is_in_progress() {
 async fn an_abort_commits_with_a_member_down_and_a_dead_joiner() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     common::preload(&cluster.client().await, PRELOADED).await;
-    let load = Load::start(&cluster).await;
+    let load = common::Load::start(&cluster).await;
     let joiner = cluster.join(0, SLOW_JOINER).await;
     let address = cluster.nodes[joiner].address.clone();
     streaming(&cluster, joiner).await;

@@ -94,8 +94,7 @@ async fn put_get_delete_status_and_exit_codes() {
         "{table}"
     );
     assert!(
-        table
-            .contains("\nLayout v1, no change in progress (last change: bootstrap from --peers)\n"),
+        table.contains("\nLayout v2, no change in progress (last change: instances named)\n"),
         "{table}"
     );
     let row = table
@@ -103,7 +102,7 @@ async fn put_get_delete_status_and_exit_codes() {
         .find(|l| l.contains("(this node)"))
         .expect("own row");
     assert_eq!(row.split_whitespace().count(), 13, "{table}");
-    assert_eq!(row.split_whitespace().nth(10), Some("v1"), "{table}");
+    assert_eq!(row.split_whitespace().nth(10), Some("v2"), "{table}");
 
     // With two of three nodes down: the status shows them DOWN, and a
     // quorum write fails with exit code 3 and says why.
@@ -681,9 +680,8 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
         text(&settled.stderr)
     );
     assert!(
-        stdout.starts_with(
-            "settled: layout v1 (bootstrap from --peers), served by all 3 members (waited "
-        ),
+        stdout
+            .starts_with("settled: layout v2 (instances named), served by all 3 members (waited "),
         "{stdout}"
     );
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
@@ -702,20 +700,20 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
         .await
         .expect("Membership.Join")
         .into_inner();
-    assert_eq!(layout.version, 2);
+    assert_eq!(layout.version, 3);
 
     let (stuck, took) = timed_client(&seeds, &["cluster", "wait", "--timeout-secs", "1"]);
     let (stdout, stderr) = (text(&stuck.stdout), text(&stuck.stderr));
     assert_eq!(stuck.status.code(), Some(3), "{stdout}{stderr}");
     assert!(
         stdout.starts_with(&format!(
-            "not settled after 1 s (--timeout-secs): layout v2, change in progress: {ghost} joins"
+            "not settled after 1 s (--timeout-secs): layout v3, change in progress: {ghost} joins"
         )),
         "{stdout}"
     );
     // Not a terminal: a progress line, no redrawn bar.
     assert!(
-        stderr.starts_with("cluster wait: 0 s: layout v2, change in progress"),
+        stderr.starts_with("cluster wait: 0 s: layout v3, change in progress"),
         "{stderr}"
     );
     assert!(!stderr.contains('\r'), "{stderr}");
@@ -729,7 +727,7 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
     assert_eq!(status.status.code(), Some(0), "{}", text(&status.stderr));
     assert!(
         table.contains(&format!(
-            "\nLayout v2, change in progress: {ghost} joins (streaming its ranges;"
+            "\nLayout v3, change in progress: {ghost} joins (streaming its ranges;"
         )),
         "{table}"
     );
@@ -739,15 +737,16 @@ async fn cluster_wait_exits_0_when_settled_and_3_while_a_join_never_finishes() {
     assert_eq!(row[10], "-", "it never answered a heartbeat: {table}");
     for address in cluster.addresses() {
         let row = row_of(&table, &address).expect("a row per member");
-        assert_eq!((row[2].as_str(), row[10].as_str()), ("UP", "v2"), "{table}");
+        assert_eq!((row[2].as_str(), row[10].as_str()), ("UP", "v3"), "{table}");
     }
 }
 
 /// While a node joins (slowed by --stream-rate, with keys to copy),
 /// `status` shows the change, the member JOINING, and a row of data moving
 /// with keys moved, estimates and percent done; `cluster wait` returns 0
-/// once the move settled (layout v4: joins, finished joining, move
-/// settled), and `status` then shows every member UP on v4.
+/// once the move settled (layout v5: joins, finished joining, move
+/// settled, after v2 named the instances), and `status` then shows every
+/// member UP on v5.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settled() {
     let mut cluster = TestCluster::start(3).await;
@@ -784,7 +783,7 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
     );
     assert!(
         table.contains(&format!(
-            "\nLayout v2, change in progress: {joiner_address} joins (streaming its ranges;"
+            "\nLayout v3, change in progress: {joiner_address} joins (streaming its ranges;"
         )),
         "{table}"
     );
@@ -816,7 +815,7 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
     assert!(moving[5].starts_with('~') || moving[5] == "?", "{table}");
     for address in &cluster.addresses()[..3] {
         let row = row_of(&table, address).expect("a row per member");
-        assert_eq!((row[2].as_str(), row[10].as_str()), ("UP", "v2"), "{table}");
+        assert_eq!((row[2].as_str(), row[10].as_str()), ("UP", "v3"), "{table}");
     }
 
     let (waited, took) = timed_client(&seeds, &["cluster", "wait", "--timeout-secs", "120"]);
@@ -827,7 +826,7 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
     );
     assert_eq!(waited.status.code(), Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.starts_with("settled: layout v4 (move settled), served by all 4 members (waited "),
+        stdout.starts_with("settled: layout v5 (move settled), served by all 4 members (waited "),
         "{stdout}"
     );
     assert!(
@@ -835,22 +834,22 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
         "it said what it waited for: {stderr}"
     );
 
-    // Each member's LAYOUT comes from its heartbeats: v4 within a beat or two.
+    // Each member's LAYOUT comes from its heartbeats: v5 within a beat or two.
     let table = eventually(std::time::Duration::from_secs(10), async || {
         let (status, _) = timed_client(&seeds, &["status"]);
         let table = text(&status.stdout);
-        let all_v4 = cluster.addresses().iter().all(|address| {
-            row_of(&table, address).is_some_and(|row| row[2] == "UP" && row[10] == "v4")
+        let all_v5 = cluster.addresses().iter().all(|address| {
+            row_of(&table, address).is_some_and(|row| row[2] == "UP" && row[10] == "v5")
         });
-        if all_v4 {
+        if all_v5 {
             Ok(table)
         } else {
-            Err(format!("not every member UP on v4:\n{table}"))
+            Err(format!("not every member UP on v5:\n{table}"))
         }
     })
     .await;
     assert!(
-        table.contains("\nLayout v4, no change in progress (last change: move settled)\n"),
+        table.contains("\nLayout v5, no change in progress (last change: move settled)\n"),
         "{table}"
     );
     assert!(!table.contains("Data moving"), "{table}");

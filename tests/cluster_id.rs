@@ -398,3 +398,211 @@ async fn a_member_wiped_after_the_id_assignment_catches_up_and_serves() {
     );
     let _ = joined;
 }
+
+/// The metadata every node-to-node call carries: the sender's cluster id.
+const CLUSTER_ID_METADATA: &str = "dkvs-cluster-id";
+
+/// The address a stamped call names as its sender (for the refuser's log).
+const SENDER: &str = "127.0.0.1:7004";
+
+/// `message` as a call from the node at [`SENDER`] of cluster `id` (`None`:
+/// a node of the release before the data path carried it).
+fn from_cluster<T>(id: Option<u64>, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(id) = id {
+        let value = format!("{id:016x}").parse().expect("ascii metadata");
+        request.metadata_mut().insert(CLUSTER_ID_METADATA, value);
+        let sender = SENDER.parse().expect("ascii metadata");
+        request.metadata_mut().insert("dkvs-sender", sender);
+    }
+    request
+}
+
+/// The data path takes calls from this cluster's nodes only: a replica
+/// write, a batch, a hint and anti-entropy calls sent by another cluster's
+/// node are refused before anything is done (FAILED_PRECONDITION naming
+/// both ids, logged once), and nothing is stored; the same calls without
+/// the metadata (a node of the previous release) are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clusters_data_path_calls_are_refused() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client().await;
+    common::preload(&client, 5).await;
+    let layout = layout_of(&cluster, 0).await;
+    let own = layout.cluster_id;
+    assert_ne!(own, 0);
+    let foreign = Some(!own);
+    // A version newer than k0's and k1's: a write the store would apply.
+    let held = cluster
+        .replica_record(0, "k0")
+        .await
+        .and_then(|r| r.version)
+        .expect("k0's version");
+    let newer = |value: &str| pb::Record {
+        version: Some(pb::Version {
+            lamport: held.lamport + 1_000,
+            node_id: held.node_id,
+        }),
+        value: value.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    let write = |key: &str, value: &str| pb::ReplicaWriteRequest {
+        key: key.into(),
+        record: Some(newer(value)),
+        ..Default::default()
+    };
+    let range_count = layout.members.iter().map(|m| m.tokens.len()).sum::<usize>() as u32;
+    let entries = pb::RangeEntriesRequest {
+        range: 0,
+        range_count,
+        layout_version: layout.version,
+    };
+
+    let refusals = vec![
+        (
+            "write",
+            cluster
+                .replica(0)
+                .await
+                .write(from_cluster(foreign, write("foreign", "b")))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "batch",
+            cluster
+                .replica(0)
+                .await
+                .batch(from_cluster(
+                    foreign,
+                    pb::ReplicaBatchRequest {
+                        writes: vec![write("k0", "b"), write("k1", "b")],
+                        reads: vec![],
+                    },
+                ))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "hint",
+            cluster
+                .replica(0)
+                .await
+                .store_hint(from_cluster(
+                    foreign,
+                    pb::StoreHintRequest {
+                        target: cluster.nodes[1].address.clone(),
+                        key: "k2".into(),
+                        record: Some(newer("b")),
+                    },
+                ))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "range digests",
+            cluster
+                .replica(0)
+                .await
+                .range_digests(from_cluster(
+                    foreign,
+                    pb::RangeDigestsRequest {
+                        peer: cluster.nodes[1].address.clone(),
+                        leaves: true,
+                        range_count,
+                        layout_version: layout.version,
+                    },
+                ))
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "range entries",
+            cluster
+                .replica(0)
+                .await
+                .range_entries(from_cluster(foreign, entries))
+                .await
+                .map(|_| ()),
+        ),
+    ];
+    for (call, answer) in refusals {
+        let status = answer.expect_err(call);
+        assert_eq!(
+            status.code(),
+            tonic::Code::FailedPrecondition,
+            "{call}: {status:?}"
+        );
+        assert!(
+            status.message().contains(&format!("{:016x}", !own))
+                && status.message().contains(&format!("{own:016x}")),
+            "{call}: {}",
+            status.message()
+        );
+        assert!(
+            status.message().contains("--cluster-token"),
+            "{}",
+            status.message()
+        );
+    }
+
+    // Nothing stored: every preloaded key keeps its value at ALL, and no
+    // replica holds the foreign key.
+    let all = common::preloaded_at_all(&cluster, 5).await;
+    assert_eq!(all.get("foreign").await.expect("read at ALL"), None);
+    for i in 0..3 {
+        assert!(
+            cluster.replica_record(i, "foreign").await.is_none(),
+            "node {i}"
+        );
+    }
+    // Refused calls from one sender are logged once, naming it.
+    let logged = eventually(Duration::from_secs(10), async || {
+        let log = log_of(&cluster, 0);
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("refused: message from another cluster"))
+            .inspect(|l| assert!(l.contains(&format!("sender=\"{SENDER}\"")), "{l}"))
+            .count();
+        if lines > 0 {
+            Ok(lines)
+        } else {
+            Err("not logged yet".to_string())
+        }
+    })
+    .await;
+    assert_eq!(logged, 1, "{}", cluster.log_tail_of(0));
+
+    // The upgrade rule: without the metadata, and with this cluster's own
+    // id, the same calls are accepted.
+    for id in [None, Some(own)] {
+        cluster
+            .replica(0)
+            .await
+            .write(from_cluster(id, write(&format!("from-{id:?}"), "ok")))
+            .await
+            .expect("a write from this cluster");
+        assert!(
+            cluster
+                .replica_record(0, &format!("from-{id:?}"))
+                .await
+                .is_some()
+        );
+        eventually(Duration::from_secs(20), async || {
+            let layout = layout_of(&cluster, 0).await;
+            let request = pb::RangeEntriesRequest {
+                range: 0,
+                range_count: layout.members.iter().map(|m| m.tokens.len()).sum::<usize>() as u32,
+                layout_version: layout.version,
+            };
+            cluster
+                .replica(0)
+                .await
+                .range_entries(from_cluster(id, request))
+                .await
+                .map(|_| ())
+                .map_err(|status| format!("{status:?}"))
+        })
+        .await;
+    }
+}

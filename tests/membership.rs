@@ -115,7 +115,7 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
         (Err(refused), Ok(won)) => (won.into_inner(), refused, &b, &a),
         (one, two) => panic!("exactly one change must commit: {one:?} / {two:?}"),
     };
-    assert_eq!(won.version, 2);
+    assert_eq!(won.version, 3, "v2 named the first members' instances");
     assert!(won.members.iter().any(|m| &m.address == winner));
     assert!(!won.members.iter().any(|m| &m.address == loser));
     assert_eq!(
@@ -132,7 +132,7 @@ async fn two_changes_at_once_one_commits_and_the_other_is_refused_naming_it() {
     eventually(Duration::from_secs(10), async || {
         for i in 0..3 {
             let layout = cluster.status(i).await.layout.ok_or("no layout")?;
-            if layout.version != 2 {
+            if layout.version != 3 {
                 return Err(format!("node {i} serves v{}", layout.version));
             }
         }

@@ -258,7 +258,7 @@ fn add_grows_the_running_cluster_and_stop_stops_the_added_nodes_too() {
     );
     let verdict = settled(&script);
     assert!(
-        verdict.starts_with("settled: layout v7 (move settled), served by all 5 members"),
+        verdict.starts_with("settled: layout v8 (move settled), served by all 5 members"),
         "{verdict}"
     );
 
@@ -296,7 +296,7 @@ fn add_grows_the_running_cluster_and_stop_stops_the_added_nodes_too() {
     assert!((1..=5).all(|i| listening(script.port(i))));
     let verdict = settled(&script);
     assert!(
-        verdict.starts_with("settled: layout v7 (move settled), served by all 5 members"),
+        verdict.starts_with("settled: layout v8 (move settled), served by all 5 members"),
         "{verdict}"
     );
 }

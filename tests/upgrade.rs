@@ -175,12 +175,16 @@ async fn the_previous_releases_data_dirs_open_and_serve() {
     let mut extra = vec!["--worker-threads", "1"];
     extra.extend_from_slice(HINT_AGE);
     let mut cluster = TestCluster::start_on(dir, &members, &extra).await;
-    // The old release's layout has no cluster id: one layout change gives
-    // every node the same one, without the operator doing anything.
+    // The old release's layout has no cluster id and names no instance:
+    // one layout change gives every node the same id, and the next names
+    // every member's instance, without the operator doing anything (the
+    // cluster is started once every member is named).
     let cluster_id = agreed_cluster_id(&cluster).await;
     let assigned = layout_of(&cluster, 0).await;
     assert!(
-        assigned.change == "cluster id assigned" && assigned.members.len() == 3,
+        assigned.change == "instances named"
+            && assigned.members.len() == 3
+            && assigned.members.iter().all(|m| m.instance_id != 0),
         "v{}: {}",
         assigned.version,
         assigned.change

@@ -127,7 +127,8 @@ pub fn check_sender(own: u64, theirs: u64) -> Result<(), String> {
     }
     Err(format!(
         "message from another cluster (id {}, this cluster {}): the sender's data dir belongs to \
-         another cluster (cluster id mismatch); stop it, or wipe its data dir and start it with --join",
+         another cluster (cluster id mismatch): was it started with another --cluster-token, or is \
+         it an old cluster's node? Stop it, or wipe its data dir and start it with --join",
         show(theirs),
         show(own)
     ))

@@ -37,6 +37,7 @@
 
 mod abort;
 pub mod cluster_id;
+pub mod naming;
 pub mod paxos;
 pub mod progress;
 pub mod verify;

@@ -246,3 +246,110 @@ fn abort_refuses_once_reads_moved_and_when_nothing_is_in_progress() {
             .contains("nothing to abort")
     );
 }
+
+fn seen(pairs: &[(&str, u64)]) -> Vec<(String, InstanceId)> {
+    pairs
+        .iter()
+        .map(|(a, i)| (a.to_string(), InstanceId(*i)))
+        .collect()
+}
+
+#[test]
+fn the_first_naming_waits_for_every_member_or_the_grace_period() {
+    let v1 = three();
+    let two = seen(&[("127.0.0.1:7001", 1), ("127.0.0.1:7002", 2)]);
+    assert!(v1.instances_to_name(&two, false).is_empty(), "one unseen");
+    assert_eq!(v1.instances_to_name(&two, true), two, "named once late");
+    let all = seen(&[
+        ("127.0.0.1:7001", 1),
+        ("127.0.0.1:7002", 2),
+        ("127.0.0.1:7003", 3),
+    ]);
+    let names = v1.instances_to_name(&all, false);
+    assert_eq!(names, all);
+    let v2 = v1.name_instances(&names).expect("name");
+    assert_eq!(
+        (v2.version, v2.change.as_str()),
+        (2, naming::INSTANCES_NAMED)
+    );
+    assert!(v2.names_every_instance() && v2.removed.is_empty());
+    assert!(v2.instances_to_name(&all, false).is_empty(), "nothing left");
+    assert!(
+        !v2.votes_as("127.0.0.1:7003", InstanceId(33)),
+        "a wiped first member no longer votes with an empty acceptor"
+    );
+    assert_eq!(v2.read_ring().members(), v1.read_ring().members());
+}
+
+#[test]
+fn a_replaced_instance_is_renamed_and_its_old_one_removed() {
+    let all = seen(&[
+        ("127.0.0.1:7001", 1),
+        ("127.0.0.1:7002", 2),
+        ("127.0.0.1:7003", 3),
+    ]);
+    let v1 = three();
+    let v2 = v1.name_instances(&all).expect("name");
+    let wiped = seen(&[
+        ("127.0.0.1:7001", 1),
+        ("127.0.0.1:7002", 2),
+        ("127.0.0.1:7003", 33),
+    ]);
+    let names = v2.instances_to_name(&wiped, false);
+    assert_eq!(names, seen(&[("127.0.0.1:7003", 33)]));
+    let v3 = v2.name_instances(&names).expect("rename");
+    assert!(v3.votes_as("127.0.0.1:7003", InstanceId(33)));
+    assert!(!v3.votes_as("127.0.0.1:7003", InstanceId(3)));
+    let removed = v3
+        .removed_instance("127.0.0.1:7003", InstanceId(3))
+        .expect("the old instance is on the removed list");
+    assert_eq!(
+        (removed.version, removed.why.as_str()),
+        (3, naming::INSTANCE_REPLACED)
+    );
+    // A member not seen yet keeps its name; one never seen is not renamed.
+    let unseen = seen(&[("127.0.0.1:7001", 1)]);
+    assert!(v3.instances_to_name(&unseen, true).is_empty());
+}
+
+#[test]
+fn naming_waits_for_a_settled_layout_and_names_only_active_members() {
+    let v2 = three()
+        .begin_join_as("127.0.0.1:7004", InstanceId(44))
+        .expect("join");
+    let names = seen(&[("127.0.0.1:7001", 1)]);
+    assert!(matches!(
+        v2.name_instances(&names),
+        Err(Refusal::InProgress { .. })
+    ));
+    assert!(
+        v2.instances_to_name(&seen(&[("127.0.0.1:7004", 45)]), true)
+            .is_empty(),
+        "a joiner is named by its join, never renamed"
+    );
+    assert!(matches!(
+        three().name_instances(&seen(&[("127.0.0.1:7009", 9)])),
+        Err(Refusal::Invalid(_))
+    ));
+}
+
+#[test]
+fn a_replaced_instance_is_never_named_again() {
+    let v2 = three()
+        .name_instances(&seen(&[
+            ("127.0.0.1:7001", 1),
+            ("127.0.0.1:7002", 2),
+            ("127.0.0.1:7003", 3),
+        ]))
+        .expect("name");
+    let v3 = v2
+        .name_instances(&seen(&[("127.0.0.1:7003", 33)]))
+        .expect("rename");
+    // A node that was down through the rename still remembers instance 3.
+    let stale = seen(&[("127.0.0.1:7003", 3)]);
+    assert!(v3.instances_to_name(&stale, true).is_empty());
+    assert!(matches!(
+        v3.name_instances(&stale),
+        Err(Refusal::Invalid(why)) if why.contains("removed in layout v3")
+    ));
+}

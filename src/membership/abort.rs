@@ -16,8 +16,14 @@ impl Membership {
         let Some(committed) = &state.committed else {
             return false;
         };
+        // An unnamed member (the first layout's) that is catching up may
+        // be a first member that lost its data dir: no vote either.
+        let unnamed_catching_up = committed
+            .member(&self.me.address)
+            .is_some_and(|m| m.instance_id.is_none())
+            && self.replica.read_refusal().is_some();
         let learner = version == committed.version + 1
-            && !committed.votes_as(&self.me.address, self.me.instance_id);
+            && (!committed.votes_as(&self.me.address, self.me.instance_id) || unnamed_catching_up);
         if learner {
             tracing::debug!(
                 version,

@@ -22,6 +22,7 @@ impl Membership {
     /// settled`, dropping moved records. Nothing due is a success.
     pub async fn round(self: &Arc<Self>, heartbeats: &Heartbeats) -> RoundResult {
         self.cluster_id_step().await;
+        self.naming_step(heartbeats).await;
         let layout = self.layout();
         let me = self.me.address.clone();
         if layout.member(&me).is_some_and(|m| m.role == Role::Joining) {

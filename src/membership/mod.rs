@@ -16,6 +16,7 @@ mod abort;
 mod cleanup;
 mod cluster_id;
 mod driver;
+mod naming;
 mod stream;
 
 pub use crate::layout::progress::{JoinProgress, MoveProgress};
@@ -61,6 +62,8 @@ pub struct Membership {
     anti_entropy: Arc<AntiEntropy>,
     /// Whether the cluster id is agreed (clients are served once it is).
     agreement: cluster_id::Agreement,
+    /// When the first naming may stop waiting for unseen members.
+    naming: naming::Naming,
 }
 
 impl Membership {
@@ -110,6 +113,7 @@ impl Membership {
             cleaned: AtomicU64::new(0),
             anti_entropy,
             agreement: cluster_id::Agreement::default(),
+            naming: naming::Naming::default(),
         })
     }
 

@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use tonic::transport::Channel;
-
 use super::messages::{Ping, Pong, StreamChunk, StreamRequest, stream_chunk_from};
-use super::{PeerPool, call_within, describe_status};
+use super::{PeerChannel, PeerPool, call_within, describe_status};
 use crate::clock::{InstanceId, SkewBound};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -299,7 +297,8 @@ impl PeerPool {
         String,
     >
     where
-        Call: FnOnce(pb::membership_client::MembershipClient<Channel>) -> Reply + Send + 'static,
+        Call:
+            FnOnce(pb::membership_client::MembershipClient<PeerChannel>) -> Reply + Send + 'static,
         Reply: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>
             + Send,
         T: Send + 'static,

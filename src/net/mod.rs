@@ -16,11 +16,16 @@
 //! reconnects by itself after the peer comes back. HTTP/2 keepalive is on so a
 //! half-dead connection (a peer that vanished without closing its sockets) is
 //! noticed and replaced instead of swallowing requests.
+//!
+//! The node-only clients are made over a [`PeerChannel`], so every
+//! node-to-node call carries this node's cluster id in its metadata
+//! ([`CLUSTER_ID_METADATA`]); the client-facing ones carry none.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::clock::SkewBound;
@@ -39,12 +44,16 @@ pub mod fake;
 mod handle;
 pub mod messages;
 mod pipe;
+mod stamp;
 
 pub use calls::{RangeQuery, RecordChunks, is_not_serving_yet};
 
 use handle::ReplicaTarget;
 pub use handle::{ReplicaError, ReplicaHandle};
 use pipe::{PipeService, ReplicaPipe};
+pub use stamp::{
+    CLUSTER_ID_METADATA, ClusterStamp, PeerChannel, SENDER_METADATA, cluster_id_in, sender_in,
+};
 
 /// Largest gRPC message a node or client accepts: room for the largest value
 /// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
@@ -107,8 +116,12 @@ pub struct PeerPool {
     /// Versions in replies further ahead than this are failed replies.
     bound: SkewBound,
     /// The cluster id node-to-node calls carry: the layout served's (its
-    /// owner sets it), or --cluster-token's for a joiner (0: none).
-    cluster_id: std::sync::atomic::AtomicU64,
+    /// owner sets it), or --cluster-token's for a joiner (0: none). Shared
+    /// with the [`ClusterStamp`] of every node-to-node client.
+    cluster_id: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's address, which node-to-node calls name as their sender
+    /// (for the receivers' logs; none: not named).
+    sender: Option<tonic::metadata::AsciiMetadataValue>,
     /// Scripted replicas by address (unit tests: [`PeerPool::with_fakes`]).
     #[cfg(test)]
     fakes: HashMap<String, Arc<fake::FakeReplica>>,
@@ -126,7 +139,8 @@ impl PeerPool {
             // run on a host whose clock lags: it refuses only versions no
             // node can have issued. Nodes set their --max-clock-skew-ms.
             bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
-            cluster_id: std::sync::atomic::AtomicU64::new(0),
+            cluster_id: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            sender: None,
             #[cfg(test)]
             fakes: HashMap::new(),
         }
@@ -135,6 +149,13 @@ impl PeerPool {
     /// Refuses versions in replies beyond `bound` (`--max-clock-skew-ms`).
     pub fn with_skew_bound(mut self, bound: SkewBound) -> Self {
         self.bound = bound;
+        self
+    }
+
+    /// Names `address` (this node's) as the sender of node-to-node calls,
+    /// so that a node refusing them can say which one to stop.
+    pub fn with_sender(mut self, address: &str) -> Self {
+        self.sender = stamp::sender_value(address);
         self
     }
 
@@ -153,9 +174,20 @@ impl PeerPool {
         Ok(channel)
     }
 
+    /// The channel to `address` for node-to-node calls: each carries this
+    /// node's cluster id (see [`stamp`]). The one way a node-only client is
+    /// made.
+    fn peer_channel(&self, address: &str) -> Result<PeerChannel> {
+        let stamp = ClusterStamp {
+            id: self.cluster_id.clone(),
+            sender: self.sender.clone(),
+        };
+        Ok(InterceptedService::new(self.channel(address)?, stamp))
+    }
+
     /// `dkvs.v1.Replica` (nodes only): the data path between replicas.
-    pub fn replica_client(&self, address: &str) -> Result<ReplicaClient<Channel>> {
-        Ok(ReplicaClient::new(self.channel(address)?)
+    pub fn replica_client(&self, address: &str) -> Result<ReplicaClient<PeerChannel>> {
+        Ok(ReplicaClient::new(self.peer_channel(address)?)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes))
     }
@@ -168,15 +200,15 @@ impl PeerPool {
     }
 
     /// `dkvs.v1.Membership` (nodes only): layouts, joins, streaming.
-    pub fn membership_client(&self, address: &str) -> Result<MembershipClient<Channel>> {
-        Ok(MembershipClient::new(self.channel(address)?)
+    pub fn membership_client(&self, address: &str) -> Result<MembershipClient<PeerChannel>> {
+        Ok(MembershipClient::new(self.peer_channel(address)?)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes))
     }
 
     /// `dkvs.v1.Liveness` (nodes only): heartbeats.
-    pub fn liveness_client(&self, address: &str) -> Result<LivenessClient<Channel>> {
-        Ok(LivenessClient::new(self.channel(address)?))
+    pub fn liveness_client(&self, address: &str) -> Result<LivenessClient<PeerChannel>> {
+        Ok(LivenessClient::new(self.peer_channel(address)?))
     }
 
     pub fn key_value_client(

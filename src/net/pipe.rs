@@ -34,7 +34,7 @@ const PIPE_CAPACITY: usize = 8192;
 #[derive(Clone)]
 pub(super) enum PipeService {
     /// Node to node: `Replica.Batch`, reads and writes.
-    Replica(ReplicaClient<Channel>),
+    Replica(ReplicaClient<super::PeerChannel>),
     /// The smart client: `ReplicaRead.Batch`, reads only; a write is
     /// answered [`ReplicaError::Rejected`] and never sent.
     ReplicaRead(ReplicaReadClient<Channel>),

@@ -70,6 +70,7 @@ impl pb::cluster_server::Cluster for ClusterService {
                     theirs: fork.theirs,
                 })
                 .collect(),
+            catching_up: node.replica.read_refusal().is_some(),
         }))
     }
 

@@ -20,6 +20,7 @@
 //! v1alpha.
 
 mod cluster;
+mod cluster_gate;
 mod join;
 mod kv;
 mod liveness;
@@ -604,7 +605,9 @@ fn reach_peers(
     bound: SkewBound,
 ) -> (Arc<PeerPool>, Liveness) {
     let peers = Arc::new(
-        PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes)).with_skew_bound(bound),
+        PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes))
+            .with_skew_bound(bound)
+            .with_sender(placement.me()),
     );
     let liveness = Liveness::new(FailureDetector::new(
         placement.peers().map(|m| m.address.clone()),

@@ -92,6 +92,9 @@ where
         .layer(EdgeStatusLayer {
             max_message: max_message_bytes(node.limits.max_value_bytes),
         })
+        .layer(super::cluster_gate::ClusterGateLayer {
+            layouts: node.cluster.layouts.clone(),
+        })
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -26,7 +26,20 @@ impl LayoutOwner {
     /// FAILED_PRECONDITION saying whose it is; a refusal is logged once per
     /// sender and id.
     pub fn check_sender(&self, theirs: u64, sender: &str) -> Result<()> {
-        let own = self.cluster_id();
+        self.check_sender_against(self.cluster_id(), theirs, sender)
+    }
+
+    /// [`LayoutOwner::check_sender`] against the cluster id of the
+    /// placement served: it takes no lock a layout save holds, so every
+    /// node-to-node call can be checked (the placement is swapped right
+    /// after the layout is adopted).
+    pub fn check_caller(&self, theirs: u64, sender: &str) -> Result<()> {
+        let placement = self.placement();
+        let own = placement.layout().map_or(0, |l| l.cluster_id);
+        self.check_sender_against(own, theirs, sender)
+    }
+
+    fn check_sender_against(&self, own: u64, theirs: u64, sender: &str) -> Result<()> {
         let Err(why) = crate::layout::cluster_id::check_sender(own, theirs) else {
             return Ok(());
         };

@@ -11,10 +11,13 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dkvs::client::{Client, ClientOptions};
 use dkvs::pb;
+use dkvs::workload::{History, Recorder, Workload};
 use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -166,7 +169,44 @@ impl TestCluster {
         for i in 0..self.nodes.len() {
             self.wait_ready(i).await?;
         }
+        for i in 0..self.nodes.len() {
+            self.wait_named(i).await?;
+        }
         Ok(())
+    }
+
+    /// Polls node `i`'s layout until it names every member's instance
+    /// (the `instances named` change that follows the first layout), so
+    /// that tests start from one known version.
+    pub async fn wait_named(&self, i: usize) -> Result<(), String> {
+        let deadline = Instant::now() + READY_DEADLINE;
+        let address = &self.nodes[i].address;
+        let mut last = String::from("no answer");
+        while Instant::now() < deadline {
+            let asked = self
+                .membership(i)
+                .await
+                .get_layout(pb::GetLayoutRequest {})
+                .await;
+            match asked {
+                Ok(layout) => {
+                    let layout = layout.into_inner();
+                    if layout.members.iter().all(|m| m.instance_id != 0) {
+                        return Ok(());
+                    }
+                    last = format!(
+                        "layout v{} names no instance for some members",
+                        layout.version
+                    );
+                }
+                Err(status) => last = status.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "node {address}: instances not named after {READY_DEADLINE:?} ({last}):\n{}",
+            self.nodes[i].log_tail()
+        ))
     }
 
     /// Polls node `i`'s health service until SERVING, or fails when the
@@ -719,4 +759,88 @@ pub fn assert_no_violations(report: &dkvs::checker::Report) {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Writers and readers on keys of their own, every operation recorded,
+/// until [`Load::check`].
+pub struct Load {
+    workload: Workload,
+    recorder: Recorder,
+    stop: Arc<AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    pub async fn start(cluster: &TestCluster) -> Self {
+        let client = Arc::new(
+            cluster
+                .client_with(ClientOptions {
+                    rpc_timeout: Duration::from_secs(2),
+                    ..ClientOptions::default()
+                })
+                .await,
+        );
+        let (workload, recorder) = (Workload::new(100), Recorder::new());
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = (0..2)
+            .map(|id| {
+                let (client, recorder, stop) = (client.clone(), recorder.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut round = 0usize;
+                    while !stop.load(Ordering::Relaxed) {
+                        // A new client id each round keeps values unique.
+                        let until = tokio::time::Instant::now() + Duration::from_millis(500);
+                        let worker = 10 + 2 * round + id;
+                        workload
+                            .run_worker(worker, &client, worker as u64, until, &recorder)
+                            .await;
+                        round += 1;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            workload,
+            recorder,
+            stop,
+            workers,
+        }
+    }
+
+    /// Stops the workers, reads every key at ALL, and checks the history:
+    /// no acknowledged write lost, no stale or invented read.
+    pub async fn check(mut self, cluster: &TestCluster) {
+        self.stop.store(true, Ordering::Relaxed);
+        for worker in std::mem::take(&mut self.workers) {
+            worker.await.expect("worker");
+        }
+        let reader = cluster
+            .client_with(ClientOptions {
+                consistency: dkvs::quorum::Consistency::All,
+                ..ClientOptions::default()
+            })
+            .await;
+        self.workload
+            .final_reads(9, &reader, &self.recorder)
+            .await
+            .expect("final reads at ALL");
+        let operations = self.recorder.len();
+        let History { ops, .. } = self.recorder.take();
+        let report = dkvs::checker::check(&ops);
+        println!("operations: {operations}, {report}");
+        assert!(
+            operations > 50,
+            "the workload ran ({operations} operations)"
+        );
+        assert_no_violations(&report);
+    }
+}
+
+/// A test that fails stops the workers too: against a cluster already
+/// killed, their calls can fail without ever yielding, and the runtime
+/// could not shut down.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

@@ -341,12 +341,52 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             behind.join(", ")
         ));
     }
+    let catching_up: Vec<&str> = answered
+        .iter()
+        .filter(|s| s.catching_up)
+        .map(|s| s.address.as_str())
+        .collect();
+    if !catching_up.is_empty() {
+        return waiting(format!(
+            "layout v{version} ({}): {} catching up (a new data dir: no replica reads until it has synced with its peers)",
+            layout.change,
+            catching_up.join(", ")
+        ));
+    }
+    let unnamed = unnamed_instances(layout, answers);
+    if !unnamed.is_empty() {
+        return waiting(format!(
+            "layout v{version} ({}): the instance of {} is not named yet (the first members are named once all are seen; a member that lost its data dir, once it answers)",
+            layout.change,
+            unnamed.join(", ")
+        ));
+    }
     Verdict::Settled(Settled {
         version,
         change: layout.change.clone(),
         serving,
         down,
     })
+}
+
+/// The members that answered as another instance than the one `layout`
+/// names for them (none yet, or a lost data dir): they do not vote until
+/// the `instances named` change the others propose.
+fn unnamed_instances(
+    layout: &pb::Layout,
+    answers: &BTreeMap<String, Result<pb::StatusResponse, String>>,
+) -> Vec<String> {
+    layout
+        .members
+        .iter()
+        .filter(|member| {
+            answers
+                .get(&member.address)
+                .and_then(|answer| answer.as_ref().ok())
+                .is_some_and(|own| own.instance_id != 0 && own.instance_id != member.instance_id)
+        })
+        .map(|member| member.address.clone())
+        .collect()
 }
 
 /// Where each member of the newest layout stands.
@@ -557,6 +597,35 @@ mod tests {
         assert_eq!(
             settled.line(),
             "settled: layout v4 (change 4), served by all 2 members"
+        );
+    }
+
+    #[test]
+    fn a_member_the_layout_does_not_name_as_its_instance_is_waited_for() {
+        let v4 = layout(4, &[("a", Active), ("b", Active)], &[]);
+        let seen = [("a", Up, 4), ("b", Up, 4)];
+        let mut b = status("b", &v4, &seen);
+        b.instance_id = 7;
+        let all = answers(vec![("a", Ok(status("a", &v4, &seen))), ("b", Ok(b))]);
+        assert!(
+            why(judge(&all))
+                .starts_with("layout v4 (change 4): the instance of b is not named yet"),
+            "{}",
+            why(judge(&all))
+        );
+    }
+
+    #[test]
+    fn a_member_still_catching_up_is_waited_for() {
+        let v4 = layout(4, &[("a", Active), ("b", Active)], &[]);
+        let seen = [("a", Up, 4), ("b", Up, 4)];
+        let mut b = status("b", &v4, &seen);
+        b.catching_up = true;
+        let all = answers(vec![("a", Ok(status("a", &v4, &seen))), ("b", Ok(b))]);
+        assert!(
+            why(judge(&all)).starts_with("layout v4 (change 4): b catching up"),
+            "{}",
+            why(judge(&all))
         );
     }
 

@@ -1,0 +1,163 @@
+//! The node-to-node services take calls from this cluster's nodes only.
+//!
+//! Every node-to-node call carries its sender's cluster id in its metadata
+//! (`dkvs-cluster-id`, put there by the peer channel: see
+//! [`crate::net::PeerChannel`]). [`ClusterGateLayer`], around the whole
+//! server, checks it for `dkvs.v1.Replica`, `dkvs.v1.Membership` and
+//! `dkvs.v1.Liveness` before any handler runs, with the layout owner's rule
+//! ([`crate::serving::LayoutOwner::check_caller`]): a call from another
+//! cluster — an old cluster's node restarted beside a new one, a node
+//! started with another `--cluster-token` — is refused with
+//! FAILED_PRECONDITION naming both ids and what to do, and logged once per
+//! sender and id (the address the call names as its sender, else its
+//! host). So the data path (writes, reads, hints,
+//! anti-entropy) refuses such a node by itself, not only because its
+//! heartbeats are refused.
+//!
+//! Accepted as before: a call without the metadata (a node of the release
+//! before the data path carried it; the layout calls and pings still carry
+//! the id in their messages, checked by their handlers), and any call while
+//! this node has no cluster id yet. Not checked: the client-facing services
+//! (`KeyValue`, `Cluster`, `ReplicaRead`, health, reflection), and
+//! `Membership.GetLayout`, which changes nothing and whose answer names its
+//! cluster: the asker judges it, and says in its own log which node holds
+//! another cluster's layout.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::serving::LayoutOwner;
+
+/// The services whose calls are checked: those for nodes only (paths as
+/// gRPC sends them, `/package.Service/`).
+const CHECKED_SERVICES: [&str; 3] = [
+    "/dkvs.v1.Replica/",
+    "/dkvs.v1.Membership/",
+    "/dkvs.v1.Liveness/",
+];
+
+/// Node-to-node methods that are not checked (see the module doc).
+const UNCHECKED_METHODS: [&str; 1] = ["/dkvs.v1.Membership/GetLayout"];
+
+/// Refuses node-to-node calls from another cluster (see the module doc).
+#[derive(Clone)]
+pub(super) struct ClusterGateLayer {
+    /// Knows this node's cluster id and logs each foreign sender once.
+    pub(super) layouts: Arc<LayoutOwner>,
+}
+
+impl<S> tower::Layer<S> for ClusterGateLayer {
+    type Service = ClusterGate<S>;
+
+    fn layer(&self, inner: S) -> ClusterGate<S> {
+        ClusterGate {
+            inner,
+            layouts: self.layouts.clone(),
+        }
+    }
+}
+
+/// The service [`ClusterGateLayer`] wraps around the router.
+#[derive(Clone)]
+pub(super) struct ClusterGate<S> {
+    /// The router.
+    inner: S,
+    /// See [`ClusterGateLayer::layouts`].
+    layouts: Arc<LayoutOwner>,
+}
+
+impl<S> ClusterGate<S> {
+    /// Whether `request` may reach its handler; the status to answer if not.
+    fn admit<B>(&self, request: &http::Request<B>) -> Result<(), tonic::Status> {
+        let path = request.uri().path();
+        if !is_checked(path) {
+            return Ok(());
+        }
+        let theirs = crate::net::cluster_id_in(request.headers())
+            .map_err(tonic::Status::invalid_argument)?;
+        if theirs == 0 {
+            return Ok(());
+        }
+        let sender = sender_of(request);
+        (self.layouts)
+            .check_caller(theirs, &sender)
+            .map_err(tonic::Status::from)
+    }
+}
+
+/// Who sent `request`, for the log: the address it names (`dkvs-sender`:
+/// a label, not trusted), else the host it came from.
+fn sender_of<B>(request: &http::Request<B>) -> String {
+    if let Some(named) = crate::net::sender_in(request.headers()) {
+        return named.to_string();
+    }
+    request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|info| info.remote_addr())
+        .map_or_else(
+            || "a node at an unknown address".to_string(),
+            |address| format!("a node at {}", address.ip()),
+        )
+}
+
+/// Whether calls to `path` are checked.
+fn is_checked(path: &str) -> bool {
+    CHECKED_SERVICES.iter().any(|s| path.starts_with(s)) && !UNCHECKED_METHODS.contains(&path)
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for ClusterGate<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        match self.admit(&request) {
+            Ok(()) => Box::pin(self.inner.call(request)),
+            Err(refusal) => {
+                let response = refusal.into_http::<ResBody>();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_node_to_node_services_are_checked() {
+        for path in [
+            "/dkvs.v1.Replica/Write",
+            "/dkvs.v1.Replica/Batch",
+            "/dkvs.v1.Replica/RangeEntries",
+            "/dkvs.v1.Membership/LayoutCommit",
+            "/dkvs.v1.Membership/Join",
+            "/dkvs.v1.Liveness/Ping",
+        ] {
+            assert!(is_checked(path), "{path}");
+        }
+        for path in [
+            "/dkvs.v1.KeyValue/Put",
+            "/dkvs.v1.Cluster/Status",
+            "/dkvs.v1.ReplicaRead/Batch",
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/dkvs.v1.Membership/GetLayout",
+        ] {
+            assert!(!is_checked(path), "{path}");
+        }
+    }
+}
