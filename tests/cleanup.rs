@@ -6,15 +6,11 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestCluster, eventually};
-use dkvs::checker;
-use dkvs::client::{Client, ClientOptions};
+use dkvs::client::ClientOptions;
 use dkvs::pb;
-use dkvs::workload::{History, Recorder, Workload};
 
 /// Quick anti-entropy, so that moved data would be dropped soon after a
 /// move settles.
@@ -74,89 +70,13 @@ async fn everyone_serves_a_settled_layout(cluster: &TestCluster, after: u64) -> 
     .await
 }
 
-/// A recorded workload on its own keys, running until stopped (also when
-/// the test fails: its workers must not outlive the cluster).
-struct Background {
-    recorder: Recorder,
-    workload: Workload,
-    stop: Arc<AtomicBool>,
-    workers: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Background {
-    fn start(client: Arc<Client>, keys: u64) -> Self {
-        let recorder = Recorder::new();
-        let workload = Workload::new(keys);
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..2)
-            .map(|id| {
-                let (client, recorder, stop) = (client.clone(), recorder.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut round = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        // A new client id per round keeps values unique.
-                        let until = tokio::time::Instant::now() + Duration::from_millis(500);
-                        let worker = 10 + 2 * round as usize + id;
-                        workload
-                            .run_worker(worker, &client, worker as u64, until, &recorder)
-                            .await;
-                        round += 1;
-                    }
-                })
-            })
-            .collect();
-        Self {
-            recorder,
-            workload,
-            stop,
-            workers,
-        }
-    }
-
-    /// Stops the workers, reads every key at ALL, and checks the history.
-    async fn check(mut self, cluster: &TestCluster) {
-        self.stop.store(true, Ordering::Relaxed);
-        for worker in std::mem::take(&mut self.workers) {
-            worker.await.expect("worker");
-        }
-        let all = cluster
-            .client_with(ClientOptions {
-                consistency: dkvs::quorum::Consistency::All,
-                ..ClientOptions::default()
-            })
-            .await;
-        self.workload
-            .final_reads(9, &all, &self.recorder)
-            .await
-            .expect("final reads at ALL");
-        let History { ops, .. } = self.recorder.take();
-        let report = checker::check(&ops);
-        println!("operations: {}, {report}", ops.len());
-        common::assert_no_violations(&report);
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_owners_keep_moved_data_until_the_new_owner_confirms_holding_it() {
     const PRELOADED: usize = 1500;
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
     let client = cluster.client().await;
     common::preload(&client, PRELOADED).await;
-    let writer = Arc::new(
-        cluster
-            .client_with(ClientOptions {
-                rpc_timeout: Duration::from_secs(2),
-                ..ClientOptions::default()
-            })
-            .await,
-    );
-    let background = Background::start(writer, 100);
+    let load = common::Load::start(&cluster).await;
     let before = layout_of(&cluster, 0).await.version;
     // With three members and N=3 every old node holds every key; the
     // fourth takes about a quarter of the ranges from each.
@@ -221,7 +141,7 @@ async fn old_owners_keep_moved_data_until_the_new_owner_confirms_holding_it() {
         }
     })
     .await;
-    background.check(&cluster).await;
+    load.check(&cluster).await;
     common::preloaded_at_all(&cluster, PRELOADED).await;
 }
 
