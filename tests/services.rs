@@ -165,6 +165,7 @@ async fn replica_read_refuses_anything_that_is_not_a_read() {
             ..Default::default()
         }),
         layout_version: 0,
+        copy: false,
     };
     let smuggled = pb::ReplicaBatchRequest {
         writes: vec![write("kept"), write("new")],

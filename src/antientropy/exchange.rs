@@ -1,15 +1,17 @@
 //! One anti-entropy exchange with a peer: compare roots, then leaves, then
 //! list each differing range on both sides and copy what differs, through
-//! write-if-newer.
+//! write-if-newer. Copies both ways are fenced by the layout version the
+//! ranges were listed at: the side storing one refuses it unless it
+//! replicates the key at the layout it serves (`replica/fence.rs`).
 
 use std::sync::atomic::Ordering;
 
 use super::{AntiEntropy, COPY_CONCURRENCY, MAX_RANGES_PER_ROUND, differing, plan, root};
-use crate::clock::wall_clock_ms;
+use crate::clock::{Version, wall_clock_ms};
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
 use crate::net::RangeQuery;
-use crate::net::ReplicaError;
+use crate::net::{ReplicaError, ReplicaHandle};
 use crate::placement::Placement;
 use crate::record::Record;
 use crate::replica::WriteOutcome;
@@ -86,7 +88,7 @@ impl AntiEntropy {
                 .await
                 .map_err(|e| Error::Internal(format!("range recount: {e}")))??;
         }
-        let copied = self.copy(peer, plan).await?;
+        let copied = self.copy(peer, plan, query.layout_version).await?;
         let refused = listed_count - their_entries.len();
         if refused > 0 {
             // Not a complete exchange: a replacement must not count it.
@@ -98,8 +100,9 @@ impl AntiEntropy {
     }
 
     /// Pulls what the peer holds newer and pushes what this node holds
-    /// newer, [`COPY_CONCURRENCY`] keys at a time, each batch one fan-out.
-    async fn copy(&self, peer: &str, plan: SyncPlan) -> Result<u64> {
+    /// newer, [`COPY_CONCURRENCY`] keys at a time, each batch one fan-out;
+    /// every copy placed with layout `layout_version`.
+    async fn copy(&self, peer: &str, plan: SyncPlan, layout_version: u64) -> Result<u64> {
         let remote = self.cluster.peers.replica_handle(peer, None)?;
         let timeout = self.cluster.rpc_timeout;
         let mut copies = Copies::default();
@@ -121,33 +124,20 @@ impl AntiEntropy {
             };
             reads.collect(&mut pulled, None).await;
             for (key, record) in pulled.records {
-                if self.replica.write_if_newer(key, &record)?.applied {
+                // Against the layout served now: it may have moved on.
+                let view = self.cluster.placement();
+                if self
+                    .replica
+                    .write_copy(layout_version, &view, key, &record)?
+                    .applied
+                {
                     copies.copied += 1;
                 }
             }
         }
-        for chunk in plan.push.chunks(COPY_CONCURRENCY) {
-            // Every write is waited for; only a shutdown stops the batch
-            // early, and a copy left unsent is made again next round.
-            let mut writes = FanOut::new(Stragglers::Abandon);
-            let mut asked = 0;
-            for key in chunk {
-                if let Some(record) = self.replica.read(key)? {
-                    let (remote, key) = (remote.clone(), key.clone());
-                    writes.send(
-                        asked,
-                        async move { remote.write(&key, &record, timeout).await },
-                    );
-                    asked += 1;
-                }
-            }
-            let mut pushed = Pushed {
-                copies: &mut copies,
-                asked,
-                answered: 0,
-            };
-            writes.collect(&mut pushed, None).await;
-        }
+        let pushed = self.push(&remote, layout_version, &plan.push).await?;
+        copies.copied += pushed.copied;
+        copies.failed.extend(pushed.failed);
         if let Some(first) = copies.failed.first() {
             return Err(Error::Unavailable(format!(
                 "{} of the keys to copy failed ({} copied), e.g. {first}",
@@ -159,11 +149,51 @@ impl AntiEntropy {
     }
 }
 
+impl AntiEntropy {
+    /// Pushes this node's records of `keys` to the peer `remote`, as copies
+    /// placed with layout `layout_version`, [`COPY_CONCURRENCY`] at a time.
+    /// Answers how many the peer stored, and each key it did not confirm
+    /// holding at the pushed version or a newer one.
+    pub(super) async fn push(
+        &self,
+        remote: &ReplicaHandle,
+        layout_version: u64,
+        keys: &[String],
+    ) -> Result<Copies> {
+        let mut remote = remote.clone();
+        remote.layout_version = layout_version;
+        let timeout = self.cluster.rpc_timeout;
+        let mut copies = Copies::default();
+        for chunk in keys.chunks(COPY_CONCURRENCY) {
+            // Every write is waited for; only a shutdown stops the batch
+            // early, and a copy left unsent is made again next round.
+            let mut writes = FanOut::new(Stragglers::Abandon);
+            let mut versions = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                if let Some(record) = self.replica.read(key)? {
+                    let (remote, key) = (remote.clone(), key.clone());
+                    versions.push(record.version);
+                    writes.send(versions.len() - 1, async move {
+                        remote.write_copy(&key, &record, timeout).await
+                    });
+                }
+            }
+            let mut pushed = Pushed {
+                copies: &mut copies,
+                versions: &versions,
+                answered: 0,
+            };
+            writes.collect(&mut pushed, None).await;
+        }
+        Ok(copies)
+    }
+}
+
 /// What one exchange copied, and the keys it could not.
 #[derive(Default)]
-struct Copies {
-    copied: u64,
-    failed: Vec<String>,
+pub(super) struct Copies {
+    pub(super) copied: u64,
+    pub(super) failed: Vec<String>,
 }
 
 /// One batch of reads from the peer: the records to merge here.
@@ -197,24 +227,31 @@ impl Tally<Result<Option<Record>, ReplicaError>> for Pulled<'_> {
 /// One batch of writes to the peer.
 struct Pushed<'a> {
     copies: &'a mut Copies,
-    asked: usize,
+    /// The version pushed, per write.
+    versions: &'a [Version],
     answered: usize,
 }
 
 impl Tally<Result<WriteOutcome, ReplicaError>> for Pushed<'_> {
     type Verdict = ();
 
-    fn record(&mut self, _index: usize, reply: Result<WriteOutcome, ReplicaError>) {
+    fn record(&mut self, index: usize, reply: Result<WriteOutcome, ReplicaError>) {
         self.answered += 1;
+        let pushed = self.versions.get(index).copied().unwrap_or_default();
         match reply {
             Ok(outcome) if outcome.applied => self.copies.copied += 1,
-            Ok(_) => {}
+            // Not stored because it holds the version, or a newer one.
+            Ok(outcome) if outcome.held >= pushed => {}
+            Ok(outcome) => self.copies.failed.push(format!(
+                "it answered holding {} below the {pushed} pushed",
+                outcome.held
+            )),
             Err(why) => self.copies.failed.push(why.to_string()),
         }
     }
 
     /// Every write of the batch answered.
     fn verdict(&self) -> Option<()> {
-        (self.answered == self.asked).then_some(())
+        (self.answered == self.versions.len()).then_some(())
     }
 }

@@ -30,9 +30,17 @@
 //! only for what it holds. Collection walks tombstones with a cursor, so
 //! tombstones whose replica is down (skipped, retried later) never hold back
 //! the others.
+//!
+//! Every copy is fenced: it carries the layout version its ranges were
+//! listed at, and the side storing it refuses it unless it replicates the
+//! key at the layout it serves, so no copy lands on a node that dropped
+//! the range after a move. The same listing and push hand a range that
+//! moved away to its new owners before the old owner drops it
+//! (`handoff.rs`).
 
 mod exchange;
 mod gc;
+pub mod handoff;
 pub mod plan;
 
 use std::sync::atomic::AtomicU64;
@@ -63,8 +71,7 @@ pub struct AntiEntropyStats {
     pub tombstones_purged: AtomicU64,
     /// Tombstone checks skipped because a replica was believed down.
     pub tombstones_skipped: AtomicU64,
-    /// Rounds completed since start (membership waits for a full one
-    /// before old owners drop moved data).
+    /// Rounds completed since start.
     pub rounds: Arc<AtomicU64>,
 }
 
@@ -100,11 +107,6 @@ impl AntiEntropy {
             gc_cursor: Mutex::default(),
             identity,
         }
-    }
-
-    /// The counter of completed rounds, shared.
-    pub fn rounds_counter(&self) -> Arc<AtomicU64> {
-        self.stats.rounds.clone()
     }
 
     /// This node's leaves for the tree it shares with `peer`.

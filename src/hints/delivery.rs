@@ -1,5 +1,13 @@
 //! Hint delivery: each round offers every target's hints, oldest first, to
 //! targets the failure detector sees up.
+//!
+//! A hint is delivered as a copy placed with the layout this node serves:
+//! the target refuses it if it serves a newer layout (this node then
+//! catches up, and the hint waits for the next round) or does not
+//! replicate the key at its layout. A hint whose key moved away from its
+//! target goes to every replica the key has now instead; until all of
+//! them hold it, it is kept. So a hint never lands on a node that dropped
+//! the key's range after a move.
 
 use std::sync::Arc;
 
@@ -94,7 +102,9 @@ impl HintDelivery {
                     self.store.remove(&stored, true)?;
                     continue;
                 }
-                match replica.write(&hint.key, &hint.record, timeout).await {
+                let mut replica = replica.clone();
+                replica.layout_version = view.version();
+                match replica.write_copy(&hint.key, &hint.record, timeout).await {
                     Ok(_) => self.store.remove(&stored, true),
                     Err(ReplicaError::Rejected(why)) => {
                         tracing::warn!(
@@ -110,6 +120,7 @@ impl HintDelivery {
                         return Err(Error::Unavailable(format!("{}: {why}", member.address)));
                     }
                     Err(ReplicaError::StaleLayout(v)) => {
+                        self.cluster.catch_up(v, &member.address).await;
                         return Err(Error::Unavailable(format!(
                             "{} serves newer layout v{v}",
                             member.address
@@ -121,7 +132,8 @@ impl HintDelivery {
     }
 
     /// Writes a hinted record to every replica `key` has under `view`
-    /// (write-if-newer); fails, keeping the hint, unless all of them hold it.
+    /// (write-if-newer, as copies placed with `view`); fails, keeping the
+    /// hint, unless all of them hold it.
     async fn retarget(
         &self,
         view: &crate::placement::Placement,
@@ -130,10 +142,20 @@ impl HintDelivery {
     ) -> Result<()> {
         let timeout = self.cluster.rpc_timeout;
         for member in view.write_sets(key).into_iter().flatten() {
-            let handle = self.cluster.peers.replica_handle(&member.address, None)?;
-            handle.write(key, record, timeout).await.map_err(|why| {
-                Error::Unavailable(format!("re-targeted hint to {}: {why}", member.address))
-            })?;
+            let mut handle = self.cluster.peers.replica_handle(&member.address, None)?;
+            handle.layout_version = view.version();
+            match handle.write_copy(key, record, timeout).await {
+                Ok(_) => {}
+                Err(why) => {
+                    if let ReplicaError::StaleLayout(v) = &why {
+                        self.cluster.catch_up(*v, &member.address).await;
+                    }
+                    return Err(Error::Unavailable(format!(
+                        "re-targeted hint to {}: {why}",
+                        member.address
+                    )));
+                }
+            }
         }
         Ok(())
     }

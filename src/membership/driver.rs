@@ -3,9 +3,9 @@
 //! * a **joining** node streams its ranges, then proposes `finished joining`;
 //! * once every member serves a finished join, the first member (by
 //!   address) this node believes up proposes `move settled`;
-//! * once every member serves a settled layout and a full anti-entropy
-//!   round has run since, each node drops the records of ranges it no
-//!   longer replicates.
+//! * once a layout is settled, each node hands the ranges it no longer
+//!   replicates to their new owners and drops each once they all confirmed
+//!   holding its records (`cleanup.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use super::Membership;
 use crate::heartbeat::Heartbeats;
 use crate::layout::{Layout, Role};
-use crate::locks::Locked;
 use crate::workers::{RoundResult, WorkerError};
 
 impl Membership {
@@ -29,13 +28,6 @@ impl Membership {
         if layout.member(&me).is_some_and(|m| m.role == Role::Joining) {
             return self.join_step(&layout).await;
         }
-        let everyone_serves = |version: u64| {
-            layout.members.iter().filter(|m| m.address != me).all(|m| {
-                heartbeats
-                    .report(&m.address)
-                    .is_some_and(|r| r.layout_version >= version)
-            })
-        };
         // Settling waits for the members believed up, not for one that is
         // down: a member that comes back serves the newest layout before it
         // says SERVING, and until it does every replica fences the requests
@@ -72,9 +64,7 @@ impl Membership {
             && layout.version > 1
             && self.cleaned.load(Ordering::Relaxed) < layout.version
         {
-            return self
-                .clean_up(&layout, everyone_serves(layout.version))
-                .await;
+            return self.clean_up(&layout, heartbeats).await;
         }
         Ok(())
     }
@@ -127,61 +117,5 @@ impl Membership {
             .iter()
             .find(|m| m.address == self.me.address || self.cluster.liveness.is_up(&m.address))
             .is_some_and(|m| m.address == self.me.address)
-    }
-
-    /// Drops the records of ranges this node no longer replicates, once
-    /// every member serves `layout` and a full anti-entropy round ran since.
-    async fn clean_up(&self, layout: &Layout, everyone_serves: bool) -> RoundResult {
-        let rounds = self.ae_rounds.load(Ordering::Relaxed);
-        {
-            let mut since = self.settled_at_round.locked();
-            if !everyone_serves {
-                *since = None;
-                return Ok(());
-            }
-            match *since {
-                Some((version, at)) if version == layout.version => {
-                    // A round that started after everyone moved on, and ended.
-                    if rounds < at + 2 {
-                        return Ok(());
-                    }
-                }
-                _ => {
-                    *since = Some((layout.version, rounds));
-                    return Ok(());
-                }
-            }
-        }
-        let ring = layout.read_ring();
-        let n = layout.replicas.min(ring.members().len());
-        let me = self.me.address.clone();
-        let replica = self.replica.clone();
-        let dropped = crate::seams::blocking(move || {
-            replica.drop_unowned(&|hash| {
-                ring.range_replicas(ring.range_of(hash), n)
-                    .iter()
-                    .any(|m| m.address == me)
-            })
-        })
-        .await;
-        match dropped {
-            Ok(Ok(dropped)) => {
-                self.cleaned.store(layout.version, Ordering::Relaxed);
-                if dropped > 0 {
-                    tracing::info!(
-                        dropped,
-                        version = layout.version,
-                        "dropped the records of ranges moved away"
-                    );
-                }
-                Ok(())
-            }
-            Ok(Err(why)) => Err(WorkerError::new(format!(
-                "cannot drop moved records: {why}"
-            ))),
-            Err(why) => Err(WorkerError::new(format!(
-                "dropping moved records failed: {why}"
-            ))),
-        }
     }
 }

@@ -7,11 +7,13 @@
 //! older layout are refused from then on), swaps the placement, and teaches
 //! the failure detector the new members.
 //!
-//! `driver.rs` moves a join along (stream, finish, settle, clean up) and
-//! `stream.rs` copies a joining node's ranges. See `crate::layout` for why
+//! `driver.rs` moves a join along (stream, finish, settle, clean up),
+//! `stream.rs` copies a joining node's ranges, and `cleanup.rs` drops what
+//! moved away once its new owners confirmed holding it. See `crate::layout` for why
 //! each step is safe.
 
 mod abort;
+mod cleanup;
 mod cluster_id;
 mod driver;
 mod naming;
@@ -20,10 +22,11 @@ mod stream;
 pub use crate::layout::progress::{JoinProgress, MoveProgress};
 pub use stream::{RecordStream, stream_source};
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::antientropy::AntiEntropy;
 use crate::error::{Error, Result};
 use crate::fanout::{Ended, FanOut, Stragglers, Tally};
 use crate::layout::paxos::LayoutState;
@@ -55,10 +58,8 @@ pub struct Membership {
     streamed: AtomicU64,
     /// The layout version whose moved-away data this node dropped.
     cleaned: AtomicU64,
-    /// Anti-entropy rounds completed (the node's counter), and the value it
-    /// had when this node first saw every member serve a settled layout.
-    ae_rounds: Arc<AtomicU64>,
-    settled_at_round: Mutex<Option<(u64, u64)>>,
+    /// Hands moved-away ranges to their new owners before they are dropped.
+    anti_entropy: Arc<AntiEntropy>,
     /// Whether the cluster id is agreed (clients are served once it is).
     agreement: cluster_id::Agreement,
     /// When the first naming may stop waiting for unseen members.
@@ -94,7 +95,7 @@ impl Membership {
         layouts: Arc<LayoutOwner>,
         progress: JoinProgress,
         stream_rate: u64,
-        ae_rounds: Arc<AtomicU64>,
+        anti_entropy: Arc<AntiEntropy>,
     ) -> Arc<Self> {
         // Never reuse a ballot promised before a restart.
         let round = layouts
@@ -110,8 +111,7 @@ impl Membership {
             progress,
             streamed: AtomicU64::new(0),
             cleaned: AtomicU64::new(0),
-            ae_rounds,
-            settled_at_round: Mutex::new(None),
+            anti_entropy,
             agreement: cluster_id::Agreement::default(),
             naming: naming::Naming::default(),
         })

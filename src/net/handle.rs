@@ -105,7 +105,35 @@ impl ReplicaHandle {
         record: &Record,
         timeout: Duration,
     ) -> Result<WriteOutcome, ReplicaError> {
+        self.write_with(key, record, timeout, false).await
+    }
+
+    /// [`ReplicaHandle::write`] for a copy made in the background (an
+    /// anti-entropy push, a hint delivered, moved data handed off): the
+    /// replica refuses it unless it replicates `key` at the layout it
+    /// serves (see `replica/fence.rs`). Place it with a layout version.
+    pub async fn write_copy(
+        &self,
+        key: &str,
+        record: &Record,
+        timeout: Duration,
+    ) -> Result<WriteOutcome, ReplicaError> {
+        self.write_with(key, record, timeout, true).await
+    }
+
+    async fn write_with(
+        &self,
+        key: &str,
+        record: &Record,
+        timeout: Duration,
+        copy: bool,
+    ) -> Result<WriteOutcome, ReplicaError> {
         match &self.target {
+            // Copies go to peers; this node's own copies are checked by
+            // their makers (`ReplicaStore::write_copy`).
+            ReplicaTarget::Local(_) if copy => Err(ReplicaError::Failed(
+                "a copy is made to a peer, not to this node".into(),
+            )),
             ReplicaTarget::Local(store) => store
                 .fenced(self.layout_version)
                 .and_then(|_fence| store.write_if_newer(key, record))
@@ -116,6 +144,7 @@ impl ReplicaHandle {
                     key: key.to_string(),
                     record: Some(record.into()),
                     layout_version: self.layout_version,
+                    copy,
                 };
                 match tokio::time::timeout(
                     timeout,

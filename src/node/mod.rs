@@ -333,7 +333,7 @@ impl Node {
             layouts,
             progress,
             config.stream_rate,
-            anti_entropy.rounds_counter(),
+            anti_entropy.clone(),
         );
         membership.wish_cluster_id(config.cluster_token_id());
         membership.keep_agreement_in(storage.clone())?;

@@ -53,12 +53,19 @@ impl pb::replica_server::Replica for ReplicaService {
         // this node serves is refused unapplied.
         let fence = node.replica.fence();
         let serving = fence.serving();
+        // Copies are stored only where their key is replicated.
+        let view = node.cluster.placement();
         let checked: Vec<Result<(String, Record)>> = request
             .writes
             .into_iter()
             .map(|w| {
                 fence.admit(w.layout_version)?;
-                node.check_write(w)
+                let (tagged, copy) = (w.layout_version, w.copy);
+                let (key, record) = node.check_write(w)?;
+                if copy {
+                    fence.admit_copy(tagged, &view, &key)?;
+                }
+                Ok((key, record))
             })
             .collect();
         let valid: Vec<(&str, &Record)> = checked
@@ -80,6 +87,10 @@ impl pb::replica_server::Replica for ReplicaService {
                         caller: *caller,
                         current: *current,
                     }),
+                    // A copy this node does not take: not invalid input.
+                    Err(Error::FailedPrecondition(why)) => {
+                        Err(Error::FailedPrecondition(why.clone()))
+                    }
                     Err(error) => Err(Error::InvalidArgument(error.to_string())),
                 };
                 match outcome {
@@ -322,8 +333,12 @@ impl Node {
 
     /// `Replica.Write` on this node's store.
     fn replica_write(&self, request: pb::ReplicaWriteRequest) -> Result<pb::ReplicaWriteResponse> {
-        let _fence = self.replica.fenced(request.layout_version)?;
+        let fence = self.replica.fenced(request.layout_version)?;
+        let (tagged, copy) = (request.layout_version, request.copy);
         let (key, record) = self.check_write(request)?;
+        if copy {
+            fence.admit_copy(tagged, &self.cluster.placement(), &key)?;
+        }
         let outcome = self.replica.write_if_newer(&key, &record)?;
         Ok(pb::ReplicaWriteResponse {
             applied: outcome.applied,

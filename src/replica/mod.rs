@@ -25,12 +25,16 @@
 //! catches up, rather than issue a version twice).
 //!
 //! The write path is in `write.rs`; the range digests and the listings
-//! anti-entropy and tombstone collection read are in `digests.rs`.
+//! anti-entropy and tombstone collection read are in `digests.rs`; the
+//! fence for copies made in the background, and dropping what moved away
+//! once its new owners hold it, in `fence.rs`.
 
 mod digests;
+mod fence;
 mod write;
 
 pub use digests::{GcCursor, RangeEntry, record_digest};
+pub use fence::replicates;
 pub use write::WriteOutcome;
 
 use std::sync::atomic::{AtomicU64, Ordering};
