@@ -341,31 +341,42 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             behind.join(", ")
         ));
     }
-    let catching_up: Vec<&str> = answered
-        .iter()
-        .filter(|s| s.catching_up)
-        .map(|s| s.address.as_str())
-        .collect();
-    if !catching_up.is_empty() {
-        return waiting(format!(
-            "layout v{version} ({}): {} catching up (a new data dir: no replica reads until it has synced with its peers)",
-            layout.change,
-            catching_up.join(", ")
-        ));
-    }
-    let unnamed = unnamed_instances(layout, answers);
-    if !unnamed.is_empty() {
-        return waiting(format!(
-            "layout v{version} ({}): the instance of {} is not named yet (the first members are named once all are seen; a member that lost its data dir, once it answers)",
-            layout.change,
-            unnamed.join(", ")
-        ));
+    if let Some(why) = members_not_settled(layout, answers) {
+        return waiting(format!("layout v{version} ({}): {why}", layout.change));
     }
     Verdict::Settled(Settled {
         version,
         change: layout.change.clone(),
         serving,
         down,
+    })
+}
+
+/// What members that serve the newest layout still wait for: a read gate
+/// still closed (a new data dir catching up), or an instance the layout
+/// does not name yet.
+fn members_not_settled(
+    layout: &pb::Layout,
+    answers: &BTreeMap<String, Result<pb::StatusResponse, String>>,
+) -> Option<String> {
+    let catching_up: Vec<&str> = answers
+        .values()
+        .filter_map(|a| a.as_ref().ok())
+        .filter(|s| s.catching_up)
+        .map(|s| s.address.as_str())
+        .collect();
+    if !catching_up.is_empty() {
+        return Some(format!(
+            "{} catching up (a new data dir: no replica reads until it has synced with its peers)",
+            catching_up.join(", ")
+        ));
+    }
+    let unnamed = unnamed_instances(layout, answers);
+    (!unnamed.is_empty()).then(|| {
+        format!(
+            "the instance of {} is not named yet (the first members are named once all are seen; a member that lost its data dir, once it answers)",
+            unnamed.join(", ")
+        )
     })
 }
 
