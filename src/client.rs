@@ -198,6 +198,10 @@ impl Client {
             .await
             .map_err(|failures| no_node_answered(&failures))?;
         let mut fresh = placement_of(&status)?;
+        // Only a layout of the cluster this client already knows: a node of
+        // another cluster at a seed's address must not take it over.
+        let cluster_of = |p: &Placement| p.layout().map_or(0, |l| l.cluster_id);
+        let own_cluster = cluster_of(&view);
         for address in addresses.iter().filter(|a| **a != status.address) {
             if fresh.version() >= wanted {
                 break;
@@ -207,6 +211,7 @@ impl Client {
                 .map_err(|e| e.to_string())
                 .and_then(|status| placement_of(&status).map_err(|e| e.to_string()))
                 && newer.version() > fresh.version()
+                && (own_cluster == 0 || cluster_of(&newer) == own_cluster)
             {
                 fresh = newer;
             }

@@ -322,3 +322,105 @@ async fn a_copy_is_refused_by_a_node_that_does_not_replicate_its_key() {
         assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
     }
 }
+
+/// An old owner down through a join and longer than the tombstone grace
+/// comes back holding values of a range that moved away, deleted since
+/// and their tombstones purged on every new owner (their purge does not
+/// ask old owners). Its clean-up must drop those values, not hand them to
+/// the new owners: the deleted keys would come back on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_owner_back_after_the_grace_does_not_bring_deleted_keys_back() {
+    const GC_FLAGS: &[&str] = &[
+        "--anti-entropy-interval",
+        "1",
+        "--tombstone-grace",
+        "3",
+        "--max-hint-age-secs",
+        "1",
+        "--max-clock-skew-ms",
+        "500",
+    ];
+    let mut cluster = TestCluster::start_with(3, GC_FLAGS).await;
+    let client = cluster.client().await;
+    let keys: Vec<String> = (0..200).map(|i| format!("gone-{i}")).collect();
+    for key in &keys {
+        client.put(key, "deleted later").await.expect("put");
+    }
+    // Every member holds every key (N = 3 of 3) before one goes down.
+    eventually(Duration::from_secs(20), async || {
+        let live = cluster.sum_stats(|s| s.live_keys).await;
+        if live == 3 * keys.len() as u64 {
+            Ok(())
+        } else {
+            Err(format!("{live} copies"))
+        }
+    })
+    .await;
+    let old = 2;
+    let old_address = cluster.nodes[old].address.clone();
+    cluster.kill(old);
+    let before = layout_of(&cluster, 0).await.version;
+    let joiner = cluster.join(0, GC_FLAGS).await;
+    running_nodes_serve_a_settled_layout(&cluster, before).await;
+    // The keys whose replicas no longer include the old owner.
+    let fresh = cluster.client().await;
+    let moved: Vec<&String> = keys
+        .iter()
+        .filter(|k| !fresh.replicas_of(k).contains(&old_address))
+        .collect();
+    assert!(moved.len() > 20, "{} keys moved away", moved.len());
+    for key in &moved {
+        fresh.delete(key).await.expect("delete");
+    }
+    // The tombstones are purged on every new owner (the old owner is no
+    // replica of these keys any more, so it holds nothing up).
+    let running = [0, 1, joiner];
+    eventually(Duration::from_secs(60), async || {
+        let mut tombstones = 0;
+        for &i in &running {
+            let mut replica = cluster.replica(i).await;
+            let stats = replica
+                .stats(pb::StatsRequest {})
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            tombstones += stats.tombstones;
+        }
+        if tombstones == 0 {
+            Ok(())
+        } else {
+            Err(format!("{tombstones} tombstones left"))
+        }
+    })
+    .await;
+    // The old owner comes back, catches up and cleans up its moved ranges.
+    cluster.restart(old).await;
+    eventually(Duration::from_secs(90), async || {
+        let mut replica = cluster.replica(old).await;
+        let stats = replica
+            .stats(pb::StatsRequest {})
+            .await
+            .map_err(|s| s.to_string())?
+            .into_inner();
+        let holds = stats.live_keys;
+        if holds <= (keys.len() - moved.len()) as u64 {
+            Ok(())
+        } else {
+            Err(format!("the old owner still holds {holds} keys"))
+        }
+    })
+    .await;
+    let all = cluster
+        .client_with(ClientOptions {
+            consistency: dkvs::quorum::Consistency::All,
+            ..ClientOptions::default()
+        })
+        .await;
+    let mut back = Vec::new();
+    for key in &moved {
+        if all.get(key).await.expect("get at ALL").is_some() {
+            back.push(key.as_str());
+        }
+    }
+    assert!(back.is_empty(), "deleted keys came back: {back:?}");
+}

@@ -10,6 +10,7 @@ use crate::clock::{Version, wall_clock_ms};
 use crate::error::{Error, Result};
 use crate::net::RangeQuery;
 use crate::placement::Placement;
+use crate::replica::RangeEntry;
 
 /// Records (key, version) an owner confirmed holding, at that version or a
 /// newer one.
@@ -41,7 +42,17 @@ impl AntiEntropy {
         // counted its digests over it).
         let (_, theirs) = peers.range_entries(owner, timeout, &query, range).await?;
         let mine = self.replica.range_entries(range)?;
-        let plan = plan(&mine, &theirs, self.collectable(wall_clock_ms()));
+        let now_ms = wall_clock_ms();
+        let mut plan = plan(&mine, &theirs, self.collectable(now_ms));
+        let held: std::collections::HashSet<&str> = theirs.iter().map(|e| e.key.as_str()).collect();
+        let grace_ms = self.grace.as_millis() as u64;
+        let by_key: std::collections::HashMap<&str, &RangeEntry> =
+            mine.iter().map(|e| (e.key.as_str(), e)).collect();
+        plan.push.retain(|key| {
+            by_key.get(key.as_str()).is_some_and(|mine| {
+                worth_handing(mine, held.contains(key.as_str()), now_ms, grace_ms)
+            })
+        });
         let remote = self.cluster.peers.replica_handle(owner, None)?;
         let copies = self.push(&remote, view.version(), &plan.push).await?;
         if let Some(first) = copies.failed.first() {
@@ -54,6 +65,21 @@ impl AntiEntropy {
         }
         Ok(mine.into_iter().map(|e| (e.key, e.version)).collect())
     }
+}
+
+/// Whether a record of this node's listing is pushed to a new owner that
+/// lacks it or holds it older. A value the owner does not hold at all and
+/// that is older than the tombstone grace is not: a tombstone newer than
+/// it may have been purged on every new owner already (their purge never
+/// asks an old owner), and pushing it would bring the deleted key back. It
+/// is dropped unpushed, as before hand-offs existed; every acknowledged
+/// write reached the new owners during the move (W in each replica set,
+/// then streaming and anti-entropy), so only a write at ONE that no
+/// repair reached within the grace is not handed off. Tombstones, and
+/// values younger than the grace (no newer tombstone can be purged yet),
+/// are pushed.
+fn worth_handing(mine: &RangeEntry, owner_holds_it: bool, now_ms: u64, grace_ms: u64) -> bool {
+    owner_holds_it || mine.tombstone || mine.version.physical_ms().saturating_add(grace_ms) > now_ms
 }
 
 /// The records every owner confirmed: those of one set found in every other
@@ -78,6 +104,29 @@ mod tests {
 
     fn pair(key: &str, hlc: u64) -> (String, Version) {
         (key.to_string(), Version::new(hlc, 1))
+    }
+
+    #[test]
+    fn a_value_older_than_the_grace_is_not_handed_to_an_owner_without_it() {
+        let hlc_at = |ms: u64| Version::new(ms << crate::clock::LOGICAL_BITS, 1);
+        let value = |ms: u64| RangeEntry {
+            key: "k".into(),
+            version: hlc_at(ms),
+            tombstone: false,
+            deleted_at_ms: 0,
+        };
+        let (now, grace) = (crate::clock::FIRST_HLC_MS + 10_000, 1_000);
+        // Its tombstone may be purged already: it would come back.
+        assert!(!worth_handing(&value(now - 5_000), false, now, grace));
+        // The owner holds an older version: no tombstone of it was purged.
+        assert!(worth_handing(&value(now - 5_000), true, now, grace));
+        // Younger than the grace: no newer tombstone can be gone yet.
+        assert!(worth_handing(&value(now - 500), false, now, grace));
+        let tombstone = RangeEntry {
+            tombstone: true,
+            ..value(now - 5_000)
+        };
+        assert!(worth_handing(&tombstone, false, now, grace));
     }
 
     #[test]
