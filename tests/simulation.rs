@@ -22,6 +22,22 @@
 //! host keeps the hash of each layout version it adopted: two hosts with
 //! different hashes at one version (a fork) fail the seed.
 //!
+//! Membership faults beside those: one join in four is abandoned (its
+//! joiner crashed, its data dir wiped one time in two, and a member asked
+//! through `Cluster.Abort`, as `DKVSClient cluster abort` asks); aborts
+//! come at random moments too, and in one seed in two as soon as a join
+//! has finished, where they must be refused. In one seed in three both
+//! hosts join at once, each through a seed on its own side of a
+//! partition (one member alone with one joiner, the majority with the
+//! other). In two seeds in three one active member's data dir is wiped:
+//! it comes back as a new instance behind its read gate. An instance that
+//! learns it was removed stops, and its host does what the notice says:
+//! wipe, `--join` again. Beside the checker's verdict, a seed fails (see
+//! `membership_findings`) when an abort that committed undid a join seen
+//! finished or dropped no joiner, when an abort never got an answer, or
+//! when at the end a started host is not a member of the newest layout or
+//! stores an older one.
+//!
 //! Beside the workload's three clients, which rewrite a few keys every few
 //! milliseconds (so a joiner soon holds them whatever it streamed), a
 //! fourth writes sixteen cold keys before the first join and then mostly
