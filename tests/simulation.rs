@@ -632,7 +632,7 @@ impl Fault {
                 join(joins[1].0, &joins[1].1)
             ),
             Fault::AbortJoin { joiner, wipe, via } => format!(
-                "crash {}{}, abort its join via {}",
+                "crash {}{}, abort the join in progress via {}",
                 host(joiner),
                 if wipe { " and wipe its data dir" } else { "" },
                 host(via)
@@ -865,8 +865,12 @@ async fn run_abort(asked: &[usize]) -> AbortOutcome {
                 .get(dkvs::error::COORDINATOR_ERROR_HEADER)
                 .is_some();
             last = format!("{}: {:?} {}", host(node), status.code(), status.message());
+            // Not answered by DKVS (down, cut off, or a host still waiting
+            // to be added, listening but not serving yet): the next one.
+            if !from_dkvs {
+                continue;
+            }
             match status.code() {
-                tonic::Code::Unavailable if !from_dkvs => continue,
                 tonic::Code::Unknown | tonic::Code::Unavailable => break,
                 _ => return AbortOutcome::Refused(last),
             }
@@ -1288,7 +1292,11 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             Ok(true) => break,
             Ok(false) => {}
             Err(error) => panic!(
-                "seed {seed}: the simulation failed: {error}\n{}",
+                "seed {seed}: the simulation failed: {error}\nfaults: {}\naborts: {:?}\n\
+                 instances that learned they were removed, per host: {:?}\n{}",
+                faults.join("; "),
+                ABORTS.take(),
+                REMOVALS.with_borrow(|removals| *removals),
                 replay(seed)
             ),
         }
@@ -1706,6 +1714,22 @@ fn one_seed_twice_gives_the_same_trace() {
         first.text,
         second.text
     );
+}
+
+/// Seed 41 wipes n2's data dir, then isolates n1 while n2 (a new
+/// instance) is still behind its read gate. Naming the new instance
+/// commits (the old one removed); then n3, believing n1 down and still
+/// knowing n2's *old* instance (a peer adopts a new instance only once it
+/// serves reads), proposes naming the old one back, removing the new one,
+/// and n1 and n3 flip it back and forth (v7 to v12). The live instance
+/// learns it was removed and stops for good: the final reads at ALL never
+/// reach it, and the layout names an instance that is on its own removed
+/// list. Naming must never name an instance the removed list holds.
+#[test]
+#[ignore = "naming renames a wiped member back to its removed instance and stops the live one (a bug in src/layout/naming.rs, not in the simulation)"]
+fn a_wiped_member_is_never_renamed_back() {
+    let run = run_in_child(41, "quorum");
+    assert!(run.valid, "seed 41 failed:\n{}\n{}", run.text, replay(41));
 }
 
 /// The simulator can fail: with reads and writes at ONE (W=1, R=1 with
