@@ -36,7 +36,7 @@
 //! `membership_findings`) when an abort that committed undid a join seen
 //! finished or dropped no joiner, when an abort never got an answer, or
 //! when at the end a started host is not a member of the newest layout or
-//! stores an older one.
+//! still stores an older one 30 s after the clients are done.
 //!
 //! Beside the workload's three clients, which rewrite a few keys every few
 //! milliseconds (so a joiner soon holds them whatever it streamed), a
@@ -727,6 +727,17 @@ impl Hosts {
         forks
     }
 
+    /// Whether every host started stores a layout, all of one version.
+    fn agree(&self) -> bool {
+        let stored = self.stored_layouts();
+        let mut versions = self
+            .started
+            .iter()
+            .map(|&h| stored[h].as_ref().map(|l| l.version));
+        let first = versions.next().flatten();
+        first.is_some() && versions.all(|v| v == first)
+    }
+
     /// The layout each host stores (`None`: never stored one).
     fn stored_layouts(&self) -> Vec<Option<Layout>> {
         self.disks
@@ -744,11 +755,8 @@ impl Hosts {
 
     /// `fault` with its target chosen when it starts: a wipe hits an active
     /// member of the newest layout (`a`, or the next one started that is):
-    /// a wiped joiner is the abort fault's.
+    /// a wiped joiner is the abort fault's, and only while it is joining.
     fn resolve(&self, fault: Fault) -> Fault {
-        let Fault::Wipe(a) = fault else {
-            return fault;
-        };
         let newest = self
             .stored_layouts()
             .into_iter()
@@ -759,6 +767,16 @@ impl Hosts {
                 .as_ref()
                 .and_then(|l| l.member(&address(h)))
                 .is_some_and(|m| m.role == Role::Active)
+        };
+        // An abort wipes a joiner only while it is not yet active: a
+        // second active member wiped before the first is named again
+        // would leave too few acceptors (two of four) for any change.
+        if let Fault::AbortJoin { joiner, wipe, via } = fault {
+            let wipe = wipe && !active(joiner);
+            return Fault::AbortJoin { joiner, wipe, via };
+        }
+        let Fault::Wipe(a) = fault else {
+            return fault;
         };
         let from = self.started.iter().position(|&h| h == a).unwrap_or(0);
         let count = self.started.len();
@@ -1199,6 +1217,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     // Per instance (address, id), the first layout version seen with it
     // active, in any host's store: an abort must never remove it after.
     let mut active_since: std::collections::BTreeMap<(String, u64), u64> = Default::default();
+    let mut clients_done_at: Option<Duration> = None;
     loop {
         let now = sim.elapsed();
         if now >= looked + Duration::from_millis(50) {
@@ -1289,7 +1308,15 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             next += 1;
         }
         match sim.step() {
-            Ok(true) => break,
+            // The clients are done; the nodes run on (up to 30 s) until
+            // every host stores one layout: a change that committed in the
+            // last moments reaches the others.
+            Ok(true) => {
+                let done = *clients_done_at.get_or_insert(now);
+                if hosts.agree() || now >= done + Duration::from_secs(30) {
+                    break;
+                }
+            }
             Ok(false) => {}
             Err(error) => panic!(
                 "seed {seed}: the simulation failed: {error}\nfaults: {}\naborts: {:?}\n\
@@ -1379,7 +1406,8 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
 /// - every host started is a member of the newest layout at the end (each
 ///   join ended, the one refused while another change was in progress and
 ///   asked again, and those aborted, wiped and asked again, too), and
-///   every member stores that layout (all hosts agree).
+///   every member stores that layout (all hosts agree) within 30 s of the
+///   clients' end.
 fn membership_findings(
     hosts: &Hosts,
     stored: &[Option<Layout>],
@@ -1730,6 +1758,25 @@ fn one_seed_twice_gives_the_same_trace() {
 fn a_wiped_member_is_never_renamed_back() {
     let run = run_in_child(41, "quorum");
     assert!(run.valid, "seed 41 failed:\n{}\n{}", run.text, replay(41));
+}
+
+/// Seed 10164 (a release build): n5's first instance is crashed and wiped
+/// before its join got in (the abort asked then is refused: nothing of it
+/// is in progress); its new instance joins at v7 and is still joining when
+/// the run ends, so the final reads at ALL keep failing ("while data
+/// moves, the newest version must be held by ALL replicas of every
+/// replica set"). Not diagnosed yet; replays of a seed can differ in a few
+/// operations between runs, so this one may need a few tries.
+#[test]
+#[ignore = "undiagnosed: a join after a wiped joiner stays joining to the end of the run"]
+fn a_join_after_a_wiped_joiner_finishes() {
+    let run = run_in_child(10164, "quorum");
+    assert!(
+        run.valid,
+        "seed 10164 failed:\n{}\n{}",
+        run.text,
+        replay(10164)
+    );
 }
 
 /// The simulator can fail: with reads and writes at ONE (W=1, R=1 with
