@@ -22,6 +22,22 @@
 //! host keeps the hash of each layout version it adopted: two hosts with
 //! different hashes at one version (a fork) fail the seed.
 //!
+//! Membership faults beside those: one join in four is abandoned (its
+//! joiner crashed, its data dir wiped one time in two, and a member asked
+//! through `Cluster.Abort`, as `DKVSClient cluster abort` asks); aborts
+//! come at random moments too, and in one seed in two as soon as a join
+//! has finished, where they must be refused. In one seed in three both
+//! hosts join at once, each through a seed on its own side of a
+//! partition (one member alone with one joiner, the majority with the
+//! other). In two seeds in three one active member's data dir is wiped:
+//! it comes back as a new instance behind its read gate. An instance that
+//! learns it was removed stops, and its host does what the notice says:
+//! wipe, `--join` again. Beside the checker's verdict, a seed fails (see
+//! `membership_findings`) when an abort that committed undid a join seen
+//! finished or dropped no joiner, when an abort never got an answer, or
+//! when at the end a started host is not a member of the newest layout or
+//! still stores an older one 30 s after the clients are done.
+//!
 //! Beside the workload's three clients, which rewrite a few keys every few
 //! milliseconds (so a joiner soon holds them whatever it streamed), a
 //! fourth writes sixteen cold keys before the first join and then mostly
@@ -55,7 +71,7 @@ use std::time::{Duration, SystemTime};
 use dkvs::checker::{self, Op, ReadOutcome, Report, WriteOutcome};
 use dkvs::client::{Client, ClientOptions};
 use dkvs::config::ServerConfig;
-use dkvs::layout::{Layout, Role};
+use dkvs::layout::{JOIN_ABORTED, Layout, Role};
 use dkvs::net::Dialer;
 use dkvs::node::Node;
 use dkvs::quorum::Consistency;
@@ -400,18 +416,57 @@ thread_local! {
     /// Per host, its asks to join that were refused (another change in
     /// progress) and that failed (no seed answered).
     static JOIN_ASKS: std::cell::RefCell<[(u32, u32); NODES]> = const { std::cell::RefCell::new([(0, 0); NODES]) };
+    /// Per host, how often its instance learned it was removed (its join
+    /// aborted) and stopped.
+    static REMOVALS: std::cell::RefCell<[u32; NODES]> = const { std::cell::RefCell::new([0; NODES]) };
 }
 
-/// Runs node `i` over `storage` and `layout` (both kept by the simulation
-/// across crashes) until its host is crashed. With `join`, a host that holds
-/// no layout yet first asks the seeds to add it, again every second until one
-/// does (a refusal while another change is in progress is expected).
-async fn run_node(
-    i: usize,
+/// One host's data dir, as the simulation keeps it across crashes: its
+/// storage (a crash loses only what was not synced) and its layout store
+/// (every save is durable, as the file's fsync makes it).
+struct Disk {
     storage: Arc<MemoryStorage>,
     layout: LayoutStore,
-    join: Option<JoinPlan>,
-) -> turmoil::Result {
+    /// The layout stores of the data dirs wiped before this one: the
+    /// hashes they adopted still count in the fork check.
+    wiped: Vec<LayoutStore>,
+}
+
+/// A host's disk, shared by the nemesis (crash, wipe) and the host's node.
+type DiskSlot = Arc<std::sync::Mutex<Disk>>;
+
+impl Disk {
+    fn slot() -> DiskSlot {
+        Arc::new(std::sync::Mutex::new(Disk {
+            storage: Arc::default(),
+            layout: LayoutStore::in_memory(),
+            wiped: Vec::new(),
+        }))
+    }
+
+    /// A new, empty data dir (the host must be down).
+    fn wipe(&mut self) {
+        let old = std::mem::replace(&mut self.layout, LayoutStore::in_memory());
+        self.wiped.push(old);
+        self.storage = Arc::default();
+    }
+}
+
+fn disk(slot: &DiskSlot) -> std::sync::MutexGuard<'_, Disk> {
+    // The simulation runs on one thread: a poisoned lock is a panic already
+    // under way.
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs node `i` over the data dir in `slot` until its host is crashed,
+/// as DKVSServer does (listen, then [`Node::open_joining_with`], then
+/// serve). With `join`, a host that holds no layout yet first asks the
+/// seeds to add it, again every second until one does (a refusal while
+/// another change is in progress is expected). An instance that learns it
+/// was removed (its join aborted) stops, as DKVSServer exits 0; the
+/// simulation then does what the notice tells the operator: wipe the data
+/// dir and `--join` again.
+async fn run_node(i: usize, slot: DiskSlot, join: Option<JoinPlan>) -> turmoil::Result {
     let mut args: Vec<String> = [
         "DKVSServer",
         "--listen",
@@ -444,28 +499,53 @@ async fn run_node(
         }
     }
     let config = ServerConfig::from_arg_list(args).map_err(|e| e.to_string())?;
-    // As DKVSServer does: listen first, then join, then open the node.
-    let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
-    let listener = turmoil::net::TcpListener::bind(bind).await?;
-    if join.is_some() {
-        // Returns at once when the store holds a layout (a restart).
-        while let Err(why) = Node::join_with_store(&config, &layout, Arc::new(SimDialer)).await {
-            JOIN_ASKS.with_borrow_mut(|asks| match why {
-                dkvs::Error::FailedPrecondition(_) => asks[i].0 += 1,
-                _ => asks[i].1 += 1,
-            });
-            tokio::time::sleep(Duration::from_secs(1)).await;
+    loop {
+        let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
+        let listener = turmoil::net::TcpListener::bind(bind).await?;
+        let (storage, layout) = {
+            let disk = disk(&slot);
+            (disk.storage.clone(), disk.layout.clone())
+        };
+        let node = loop {
+            let storage: Arc<dyn Storage> = storage.clone();
+            let opened = Node::open_joining_with(
+                config.clone(),
+                storage,
+                layout.clone(),
+                Arc::new(SimDialer),
+            )
+            .await;
+            match opened {
+                Ok(node) => break node,
+                Err(why) if join.is_some() => {
+                    JOIN_ASKS.with_borrow_mut(|asks| match why {
+                        dkvs::Error::FailedPrecondition(_) => asks[i].0 += 1,
+                        _ => asks[i].1 += 1,
+                    });
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(why) => return Err(why.into()),
+            }
+        };
+        BUILT.with_borrow_mut(|built| built[i] = true);
+        let incoming = futures::stream::unfold(listener, |listener| async move {
+            let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
+            Some((accepted, listener))
+        });
+        dkvs::node::serve(node.clone(), incoming, std::future::pending()).await?;
+        if node.removal_notice().is_none() {
+            return Ok(());
         }
+        REMOVALS.with_borrow_mut(|removals| removals[i] += 1);
+        if join.is_none() {
+            // A member of the first layout is never aborted: the end of
+            // the run finds it missing from the layout.
+            return Ok(());
+        }
+        drop(node);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        disk(&slot).wipe();
     }
-    let storage: Arc<dyn Storage> = storage;
-    let node = Node::with_parts(config, storage, layout, Arc::new(SimDialer))?;
-    BUILT.with_borrow_mut(|built| built[i] = true);
-    let incoming = futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| Accepted(stream));
-        Some((accepted, listener))
-    });
-    dkvs::node::serve(node, incoming, std::future::pending()).await?;
-    Ok(())
 }
 
 // ---- one seed ----------------------------------------------------------------
@@ -483,8 +563,11 @@ struct Run {
     /// A hash of the whole history: equal for equal runs.
     trace: u64,
     ops: usize,
-    /// How far each join got, and the layout each host served at the end.
+    /// How far each join got, the layout each host served at the end, and
+    /// what each abort got.
     joins: String,
+    /// What went wrong with membership (see [`membership_findings`]).
+    findings: Vec<String>,
 }
 
 /// One fault of the nemesis, applied at a simulated time.
@@ -496,13 +579,42 @@ enum Fault {
     Hold(usize, usize),
     Slow(usize, usize),
     Crash(usize),
+    /// Crashes a member and wipes its data dir: it restarts as a new
+    /// instance (behind its read gate). The target is one of the layout's
+    /// active members, chosen when the fault starts.
+    Wipe(usize),
     /// Starts a new host that joins.
     Join(usize, JoinPlan),
+    /// Two new hosts join at once, each through a seed on its own side of
+    /// a partition (`sides`, each holding its joiner), healed at the end.
+    SplitJoin([(usize, JoinPlan); 2], [Vec<usize>; 2]),
+    /// Crashes a joiner (with `wipe`, its data dir wiped too) and asks a
+    /// member (`via` first) to abort the join, as `DKVSClient cluster
+    /// abort` does; the joiner restarts at the end of the fault.
+    AbortJoin {
+        joiner: usize,
+        wipe: bool,
+        via: usize,
+    },
+    /// Asks member `via` (then the others) to abort whatever is in
+    /// progress: it commits only while a join has not finished.
+    Abort(usize),
 }
 
 impl Fault {
     /// In host names (the variants hold host indices).
     fn describe(&self) -> String {
+        let names = |hosts: &[usize]| -> String {
+            hosts.iter().map(|&h| host(h)).collect::<Vec<_>>().join(",")
+        };
+        let join = |j: usize, plan: &JoinPlan| {
+            format!(
+                "{} starts, joining via {} at {} records/s",
+                host(j),
+                names(&plan.seeds),
+                plan.stream_rate
+            )
+        };
         match *self {
             Fault::Partition(a, b) => format!("partition {} <-> {}", host(a), host(b)),
             Fault::PartitionOneWay(a, b) => format!("partition {} -> {} one way", host(a), host(b)),
@@ -510,53 +622,91 @@ impl Fault {
             Fault::Hold(a, b) => format!("hold {} <-> {}", host(a), host(b)),
             Fault::Slow(a, b) => format!("slow {} <-> {}", host(a), host(b)),
             Fault::Crash(a) => format!("crash {}", host(a)),
-            Fault::Join(j, ref plan) => {
-                let seeds: Vec<String> = plan.seeds.iter().map(|&s| host(s)).collect();
-                format!(
-                    "{} starts, joining via {} at {} records/s",
-                    host(j),
-                    seeds.join(","),
-                    plan.stream_rate
-                )
-            }
+            Fault::Wipe(a) => format!("crash {} and wipe its data dir", host(a)),
+            Fault::Join(j, ref plan) => join(j, plan),
+            Fault::SplitJoin(ref joins, ref sides) => format!(
+                "partition {} | {}; {}; {}",
+                names(&sides[0]),
+                names(&sides[1]),
+                join(joins[0].0, &joins[0].1),
+                join(joins[1].0, &joins[1].1)
+            ),
+            Fault::AbortJoin { joiner, wipe, via } => format!(
+                "crash {}{}, abort the join in progress via {}",
+                host(joiner),
+                if wipe { " and wipe its data dir" } else { "" },
+                host(via)
+            ),
+            Fault::Abort(via) => format!("abort via {}", host(via)),
         }
     }
 }
 
-/// What the simulation keeps of each host across crashes, as a disk would:
-/// its storage (a crash loses only what was not synced) and its layout
-/// store (every save is durable, as the file's fsync makes it).
+/// What the simulation keeps of each host across crashes: its data dir.
 struct Hosts {
-    disks: Vec<Arc<MemoryStorage>>,
-    layouts: Vec<LayoutStore>,
+    disks: Vec<DiskSlot>,
     /// Hosts started so far, members first, then joiners as they start.
     started: Vec<usize>,
+    /// Abort clients started so far (each a client host of its own).
+    aborts: usize,
 }
 
 impl Hosts {
     fn new() -> Self {
         Self {
-            disks: (0..NODES).map(|_| Arc::default()).collect(),
-            layouts: (0..NODES).map(|_| LayoutStore::in_memory()).collect(),
+            disks: (0..NODES).map(|_| Disk::slot()).collect(),
             started: Vec::new(),
+            aborts: 0,
         }
     }
 
     /// Starts host `i`: a member, or with `join` a node that joins.
     fn start(&mut self, sim: &mut turmoil::Sim<'_>, i: usize, join: Option<JoinPlan>) {
-        let (disk, layout) = (self.disks[i].clone(), self.layouts[i].clone());
-        sim.host(host(i), move || {
-            run_node(i, disk.clone(), layout.clone(), join.clone())
-        });
+        let slot = self.disks[i].clone();
+        sim.host(host(i), move || run_node(i, slot.clone(), join.clone()));
         self.started.push(i);
     }
 
+    /// Starts a client that asks `via`, then the other members, to abort
+    /// the change in progress (`why` says what the nemesis meant).
+    fn abort(&mut self, sim: &mut turmoil::Sim<'_>, via: usize, why: &'static str) {
+        self.aborts += 1;
+        let mut asked = vec![via];
+        asked.extend(self.started.iter().copied().filter(|&h| h != via));
+        let at = sim.elapsed();
+        sim.client(format!("abort{}", self.aborts), async move {
+            let outcome = run_abort(&asked).await;
+            ABORTS.with_borrow_mut(|aborts| {
+                aborts.push(AbortRecord {
+                    at,
+                    via,
+                    why,
+                    outcome,
+                })
+            });
+            Ok(())
+        });
+    }
+
+    /// Every layout store a host has had (its data dir's and those wiped).
+    fn every_store(&self) -> Vec<(usize, LayoutStore)> {
+        let mut stores = Vec::new();
+        for (i, slot) in self.disks.iter().enumerate() {
+            let disk = disk(slot);
+            for store in disk.wiped.iter().chain([&disk.layout]) {
+                stores.push((i, store.clone()));
+            }
+        }
+        stores
+    }
+
     /// Versions at which two hosts adopted different layouts (by the hashes
-    /// each keeps of every version it adopted): a fork, which must never be.
+    /// each keeps of every version it adopted, in every data dir it had): a
+    /// fork, which must never be.
     fn forks(&self) -> Vec<String> {
         let mut seen: std::collections::BTreeMap<u64, (usize, u64)> = Default::default();
         let mut forks = Vec::new();
-        for (i, store) in self.layouts.iter().enumerate() {
+        for (i, store) in self.every_store() {
             let Some(state) = store.load().ok().flatten() else {
                 continue;
             };
@@ -577,12 +727,24 @@ impl Hosts {
         forks
     }
 
+    /// Whether every host started stores a layout, all of one version.
+    fn agree(&self) -> bool {
+        let stored = self.stored_layouts();
+        let mut versions = self
+            .started
+            .iter()
+            .map(|&h| stored[h].as_ref().map(|l| l.version));
+        let first = versions.next().flatten();
+        first.is_some() && versions.all(|v| v == first)
+    }
+
     /// The layout each host stores (`None`: never stored one).
     fn stored_layouts(&self) -> Vec<Option<Layout>> {
-        self.layouts
+        self.disks
             .iter()
-            .map(|store| {
-                store
+            .map(|slot| {
+                disk(slot)
+                    .layout
                     .load()
                     .ok()
                     .flatten()
@@ -590,6 +752,150 @@ impl Hosts {
             })
             .collect()
     }
+
+    /// `fault` with its target chosen when it starts: a wipe hits an active
+    /// member of the newest layout (`a`, or the next one started that is):
+    /// a wiped joiner is the abort fault's, and only while it is joining.
+    fn resolve(&self, fault: Fault) -> Fault {
+        let newest = self
+            .stored_layouts()
+            .into_iter()
+            .flatten()
+            .max_by_key(|l| l.version);
+        let active = |h: usize| {
+            newest
+                .as_ref()
+                .and_then(|l| l.member(&address(h)))
+                .is_some_and(|m| m.role == Role::Active)
+        };
+        // An abort wipes a joiner only while it is not yet active: a
+        // second active member wiped before the first is named again
+        // would leave too few acceptors (two of four) for any change.
+        if let Fault::AbortJoin { joiner, wipe, via } = fault {
+            let wipe = wipe && !active(joiner);
+            return Fault::AbortJoin { joiner, wipe, via };
+        }
+        let Fault::Wipe(a) = fault else {
+            return fault;
+        };
+        let from = self.started.iter().position(|&h| h == a).unwrap_or(0);
+        let count = self.started.len();
+        (0..count)
+            .map(|k| self.started[(from + k) % count])
+            .find(|&h| active(h))
+            .map_or(Fault::Crash(a), Fault::Wipe)
+    }
+}
+
+// ---- aborts ------------------------------------------------------------------
+
+/// What one abort client got.
+#[derive(Clone, Debug)]
+enum AbortOutcome {
+    /// Committed: the layout without the join.
+    Committed(dkvs::pb::Layout),
+    /// Refused by a node, with its reason (nothing changed).
+    Refused(String),
+    /// No answer that says what happened, after every retry.
+    Unknown(String),
+}
+
+/// One abort the nemesis asked for.
+#[derive(Clone, Debug)]
+struct AbortRecord {
+    at: Duration,
+    via: usize,
+    /// What the nemesis meant: a crashed joiner, a random moment, a join
+    /// that has finished.
+    why: &'static str,
+    outcome: AbortOutcome,
+}
+
+impl AbortRecord {
+    fn describe(&self) -> String {
+        let outcome = match &self.outcome {
+            AbortOutcome::Committed(layout) => {
+                let removed: Vec<&str> = layout
+                    .removed
+                    .iter()
+                    .filter(|r| r.version == layout.version)
+                    .map(|r| r.address.as_str())
+                    .collect();
+                format!(
+                    "committed v{} ({} dropped)",
+                    layout.version,
+                    removed.join(",")
+                )
+            }
+            AbortOutcome::Refused(why) => format!("refused ({why})"),
+            AbortOutcome::Unknown(why) => format!("no answer ({why})"),
+        };
+        format!(
+            "{:.1}s via {} ({}): {outcome}",
+            self.at.as_secs_f64(),
+            host(self.via),
+            self.why
+        )
+    }
+}
+
+thread_local! {
+    /// Every abort of the run, as its client finished.
+    static ABORTS: std::cell::RefCell<Vec<AbortRecord>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// How long a node asked to abort may take to answer (its Paxos rounds
+/// retry while proposals collide or members are slow).
+const ABORT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Asks `asked` in turn to abort the change in progress, as `DKVSClient
+/// cluster abort` does: a node that does not answer (down, cut off) is
+/// passed over; a refusal or a committed abort is the answer. An answer
+/// that leaves the outcome unknown is asked again, as an operator would
+/// run the command again (it says so if nothing is left to abort).
+async fn run_abort(asked: &[usize]) -> AbortOutcome {
+    let peers = dkvs::net::PeerPool::new(Arc::new(SimDialer), 64 << 20);
+    let mut last = String::new();
+    for _ in 0..4 {
+        for &node in asked {
+            let mut client = match peers.cluster_client(&address(node)) {
+                Ok(client) => client,
+                Err(why) => {
+                    last = format!("{}: {why}", host(node));
+                    continue;
+                }
+            };
+            let call = client.abort(dkvs::pb::AbortRequest {});
+            let status = match tokio::time::timeout(ABORT_DEADLINE, call).await {
+                Ok(Ok(response)) => {
+                    return AbortOutcome::Committed(
+                        response.into_inner().layout.unwrap_or_default(),
+                    );
+                }
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    last = format!("{} did not answer within {ABORT_DEADLINE:?}", host(node));
+                    break;
+                }
+            };
+            let from_dkvs = status
+                .metadata()
+                .get(dkvs::error::COORDINATOR_ERROR_HEADER)
+                .is_some();
+            last = format!("{}: {:?} {}", host(node), status.code(), status.message());
+            // Not answered by DKVS (down, cut off, or a host still waiting
+            // to be added, listening but not serving yet): the next one.
+            if !from_dkvs {
+                continue;
+            }
+            match status.code() {
+                tonic::Code::Unknown | tonic::Code::Unavailable => break,
+                _ => return AbortOutcome::Refused(last),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    AbortOutcome::Unknown(last)
 }
 
 /// How far one join got: the first layout version seen with the joiner
@@ -623,6 +929,11 @@ impl JoinStages {
 
     fn describe(&self, joiner: usize) -> String {
         let (refused, failed) = JOIN_ASKS.with_borrow(|asks| asks[joiner]);
+        let removed = REMOVALS.with_borrow(|removals| removals[joiner]);
+        let removed = match removed {
+            0 => String::new(),
+            n => format!("; removed {n} times, then wiped and joined again"),
+        };
         let stage = |name: &str, version: Option<u64>| {
             version.map_or(String::new(), |v| format!(", {name} v{v}"))
         };
@@ -634,7 +945,7 @@ impl JoinStages {
         };
         format!(
             "{} from {:.1}s: {reached}{}{}{} ({refused} asks refused, {failed} failed; \
-             crashed {} times, its sources {} times, before it was active)",
+             crashed {} times, its sources {} times, before it was active{removed})",
             host(joiner),
             self.started_at.as_secs_f64(),
             stage("joining", self.added),
@@ -680,6 +991,8 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
 
     BUILT.set([false; NODES]);
     JOIN_ASKS.set([(0, 0); NODES]);
+    REMOVALS.set([0; NODES]);
+    ABORTS.take();
     let mut hosts = Hosts::new();
     for i in 0..MEMBERS {
         hosts.start(&mut sim, i, None);
@@ -769,9 +1082,15 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     // The nemesis: one fault at a time, 1-4 s each, 0.5-2 s apart, among
     // the hosts started. Each host beyond the first MEMBERS is started once,
     // joining (the first 4-12 s in, the next 2-12 s after): 0.3-2 s later,
-    // one time in three the joiner crashes, one in three a source (a host
-    // started before it), while it streams at 2 or 5 records/s or as fast
-    // as it can.
+    // one time in four the joiner crashes, one in four a source (a host
+    // started before it), one in four the joiner crashes (its data dir
+    // wiped one time in two) and a member is asked to abort its join, while
+    // it streams at 2 or 5 records/s or as fast as it can. In one seed in
+    // three both join at once instead, each through a seed on its own side
+    // of a partition. In two seeds in three one member's data dir is wiped
+    // once. Among the other faults, one in seven asks a member to abort
+    // whatever is in progress; in one seed in two, an abort is also asked
+    // as soon as a join has finished, and must be refused.
     let mut rng = Rng::new(stream_seed(seed, 0x5EED));
     let mut faults = Vec::new();
     let mut at = Duration::from_secs(4);
@@ -782,10 +1101,43 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         joins.push_back((join_at, j));
         join_at += Duration::from_millis(2000 + rng.below(10_000));
     }
+    let split_joins = rng.below(3) == 0;
+    let mut wipe_at = (rng.below(3) != 0).then(|| {
+        let window = stop_faults - Duration::from_secs(8);
+        Duration::from_secs(6) + Duration::from_millis(rng.below(window.as_millis() as u64))
+    });
+    let mut abort_when_finished = rng.below(2) == 0;
     let mut live: Vec<usize> = (0..MEMBERS).collect();
     let mut joined_last: Option<usize> = None;
     let mut schedule: Vec<(Duration, Duration, Fault)> = Vec::new();
     while at < stop_faults {
+        let pick = |rng: &mut Rng, among: &[usize]| among[rng.below(among.len() as u64) as usize];
+        if split_joins
+            && let Some(&(when, _)) = joins.front()
+            && at >= when
+        {
+            // The minority side: one member and the joiner it seeds.
+            let joiners: Vec<usize> = joins.drain(..).map(|(_, j)| j).collect();
+            let alone = pick(&mut rng, &live);
+            let others: Vec<usize> = live.iter().copied().filter(|&h| h != alone).collect();
+            let flip = rng.below(2) as usize;
+            let (small, large) = (joiners[flip], joiners[1 - flip]);
+            let plan = |seed: usize| JoinPlan {
+                seeds: vec![seed],
+                stream_rate: 0,
+            };
+            let mut majority = others.clone();
+            majority.push(large);
+            let fault = Fault::SplitJoin(
+                [(small, plan(alone)), (large, plan(pick(&mut rng, &others)))],
+                [vec![alone, small], majority],
+            );
+            let length = Duration::from_millis(2000 + rng.below(2000));
+            schedule.push((at, length, fault));
+            live.extend([small, large]);
+            at += length + Duration::from_millis(500 + rng.below(1500));
+            continue;
+        }
         if let Some(&(when, j)) = joins.front()
             && at >= when
         {
@@ -803,24 +1155,36 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             at += length;
             continue;
         }
-        let pick = |rng: &mut Rng, among: &[usize]| among[rng.below(among.len() as u64) as usize];
         let ia = rng.below(live.len() as u64) as usize;
         let (a, b) = (
             live[ia],
             live[(ia + 1 + rng.below(live.len() as u64 - 1) as usize) % live.len()],
         );
-        let fault = match (joined_last.take(), rng.below(6)) {
+        let members: Vec<usize> = (0..MEMBERS).collect();
+        let fault = match (joined_last.take(), rng.below(8)) {
             (Some(j), 0 | 1) => Fault::Crash(j),
             (Some(j), 2 | 3) => {
                 let sources: Vec<usize> = live.iter().copied().filter(|&s| s != j).collect();
                 Fault::Crash(pick(&mut rng, &sources))
             }
-            (_, 0) => Fault::Partition(a, b),
-            (_, 1) => Fault::PartitionOneWay(a, b),
-            (_, 2) => Fault::Isolate(a),
-            (_, 3) => Fault::Hold(a, b),
-            (_, 4) => Fault::Slow(a, b),
-            _ => Fault::Crash(a),
+            (Some(j), 4 | 5) => Fault::AbortJoin {
+                joiner: j,
+                wipe: rng.below(2) == 0,
+                via: pick(&mut rng, &members),
+            },
+            _ if wipe_at.is_some_and(|w| at >= w) => {
+                wipe_at = None;
+                Fault::Wipe(a)
+            }
+            _ => match rng.below(7) {
+                0 => Fault::Partition(a, b),
+                1 => Fault::PartitionOneWay(a, b),
+                2 => Fault::Isolate(a),
+                3 => Fault::Hold(a, b),
+                4 => Fault::Slow(a, b),
+                5 => Fault::Crash(a),
+                _ => Fault::Abort(a),
+            },
         };
         let length = Duration::from_millis(1000 + rng.below(3000));
         schedule.push((at, length, fault));
@@ -850,17 +1214,31 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     let mut newest = 0;
     let mut looked = Duration::ZERO;
     let mut stages: Vec<(usize, JoinStages)> = Vec::new();
+    // Per instance (address, id), the first layout version seen with it
+    // active, in any host's store: an abort must never remove it after.
+    let mut active_since: std::collections::BTreeMap<(String, u64), u64> = Default::default();
+    let mut clients_done_at: Option<Duration> = None;
     loop {
         let now = sim.elapsed();
         if now >= looked + Duration::from_millis(50) {
             looked = now;
-            if let Some(layout) = hosts
-                .stored_layouts()
-                .into_iter()
-                .flatten()
-                .max_by_key(|l| l.version)
+            let stored = hosts.stored_layouts();
+            for layout in stored.iter().flatten() {
+                for member in layout.members.iter().filter(|m| m.role == Role::Active) {
+                    let since = active_since
+                        .entry((member.address.clone(), member.instance_id.0))
+                        .or_insert(layout.version);
+                    *since = (*since).min(layout.version);
+                }
+            }
+            if let Some(layout) = stored.into_iter().flatten().max_by_key(|l| l.version)
                 && layout.version > newest
             {
+                if abort_when_finished && !layout.previous.is_empty() {
+                    abort_when_finished = false;
+                    let via = (layout.version as usize) % MEMBERS;
+                    hosts.abort(&mut sim, via, "once a join finished");
+                }
                 newest = layout.version;
                 faults.push(format!(
                     "{:.1}s layout v{newest}: {}",
@@ -895,12 +1273,13 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             && let Some((start, length, fault)) = schedule.get(next).cloned()
             && now >= start
         {
+            let fault = hosts.resolve(fault);
             faults.push(format!(
                 "{:.1}s {} for {length:?}",
                 start.as_secs_f64(),
                 fault.describe()
             ));
-            if let Fault::Crash(a) = fault {
+            if let Fault::Crash(a) | Fault::Wipe(a) | Fault::AbortJoin { joiner: a, .. } = fault {
                 let rank = |h: usize| hosts.started.iter().position(|&s| s == h);
                 for (joiner, stage) in stages.iter_mut().filter(|(_, s)| s.finished.is_none()) {
                     if a == *joiner {
@@ -910,7 +1289,12 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
                     }
                 }
             }
-            if let Fault::Join(j, _) = fault {
+            let started: Vec<usize> = match fault {
+                Fault::Join(j, _) => vec![j],
+                Fault::SplitJoin(ref joins, _) => joins.iter().map(|(j, _)| *j).collect(),
+                _ => Vec::new(),
+            };
+            for j in started {
                 stages.push((
                     j,
                     JoinStages {
@@ -924,10 +1308,22 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             next += 1;
         }
         match sim.step() {
-            Ok(true) => break,
+            // The clients are done; the nodes run on (up to 30 s) until
+            // every host stores one layout: a change that committed in the
+            // last moments reaches the others.
+            Ok(true) => {
+                let done = *clients_done_at.get_or_insert(now);
+                if hosts.agree() || now >= done + Duration::from_secs(30) {
+                    break;
+                }
+            }
             Ok(false) => {}
             Err(error) => panic!(
-                "seed {seed}: the simulation failed: {error}\n{}",
+                "seed {seed}: the simulation failed: {error}\nfaults: {}\naborts: {:?}\n\
+                 instances that learned they were removed, per host: {:?}\n{}",
+                faults.join("; "),
+                ABORTS.take(),
+                REMOVALS.with_borrow(|removals| *removals),
                 replay(seed)
             ),
         }
@@ -940,6 +1336,8 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         replay(seed)
     );
     let stored = hosts.stored_layouts();
+    let aborts = ABORTS.take();
+    let findings = membership_findings(&hosts, &stored, &aborts, &active_since);
     if let Some(layout) = stored.iter().flatten().max_by_key(|l| l.version) {
         for (joiner, stage) in &mut stages {
             stage.observe(layout, *joiner);
@@ -956,6 +1354,10 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         })
         .collect();
     joins.push(format!("layouts at the end: {}", served.join(" ")));
+    if !aborts.is_empty() {
+        let described: Vec<String> = aborts.iter().map(AbortRecord::describe).collect();
+        joins.push(format!("aborts: {}", described.join(" | ")));
+    }
 
     // Proof that the clocks differed: every node read its own.
     let reads = CLOCK_READS.with_borrow(|reads| *reads);
@@ -991,7 +1393,100 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         trace: hasher.finish(),
         ops: history.ops.len(),
         joins: joins.join("; "),
+        findings,
     }
+}
+
+/// What the membership changes of a run must have come to, beside the
+/// checker's verdict on the data (each finding fails the seed):
+/// - an abort that committed put the joiner it dropped on the removed
+///   list, and never one seen active before (a join that finished cannot
+///   be undone: it must be refused);
+/// - every abort got an answer (the cluster is never wedged);
+/// - every host started is a member of the newest layout at the end (each
+///   join ended, the one refused while another change was in progress and
+///   asked again, and those aborted, wiped and asked again, too), and
+///   every member stores that layout (all hosts agree) within 30 s of the
+///   clients' end.
+fn membership_findings(
+    hosts: &Hosts,
+    stored: &[Option<Layout>],
+    aborts: &[AbortRecord],
+    active_since: &std::collections::BTreeMap<(String, u64), u64>,
+) -> Vec<String> {
+    let mut findings = Vec::new();
+    for record in aborts {
+        let layout = match &record.outcome {
+            AbortOutcome::Committed(layout) => layout,
+            AbortOutcome::Unknown(why) => {
+                findings.push(format!(
+                    "the abort at {:.1}s never got an answer: {why}",
+                    record.at.as_secs_f64()
+                ));
+                continue;
+            }
+            AbortOutcome::Refused(_) => continue,
+        };
+        let dropped: Vec<&dkvs::pb::RemovedInstance> = layout
+            .removed
+            .iter()
+            .filter(|r| r.why == JOIN_ABORTED && r.version == layout.version)
+            .collect();
+        if dropped.is_empty() {
+            findings.push(format!(
+                "the abort at {:.1}s committed v{} without a joiner on the removed list",
+                record.at.as_secs_f64(),
+                layout.version
+            ));
+        }
+        for removed in dropped {
+            let key = (removed.address.clone(), removed.instance_id);
+            if let Some(&since) = active_since.get(&key)
+                && since < removed.version
+            {
+                findings.push(format!(
+                    "the abort at {:.1}s removed {} (instance {:016x}) at v{}, active since v{since}: a finished join was undone",
+                    record.at.as_secs_f64(),
+                    removed.address,
+                    removed.instance_id,
+                    removed.version
+                ));
+            }
+            if layout
+                .members
+                .iter()
+                .any(|m| m.address == removed.address && m.instance_id == removed.instance_id)
+            {
+                findings.push(format!(
+                    "the abort's layout v{} both removes and keeps {}",
+                    layout.version, removed.address
+                ));
+            }
+        }
+    }
+    let Some(newest) = stored.iter().flatten().max_by_key(|l| l.version) else {
+        findings.push("no host stores a layout".to_string());
+        return findings;
+    };
+    for &h in &hosts.started {
+        if newest.member(&address(h)).is_none() {
+            findings.push(format!(
+                "{} is not a member of the newest layout (v{}) at the end: its join never ended",
+                host(h),
+                newest.version
+            ));
+        } else if stored[h].as_ref().map(|l| l.version) != Some(newest.version) {
+            findings.push(format!(
+                "{} stores {} at the end, the newest layout is v{}",
+                host(h),
+                stored[h]
+                    .as_ref()
+                    .map_or("no layout".to_string(), |l| format!("v{}", l.version)),
+                newest.version
+            ));
+        }
+    }
+    findings
 }
 
 async fn connect(
@@ -1025,9 +1520,35 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(300)),
         Fault::Crash(a) => {
             sim.crash(host(a));
-            hosts.disks[a].crash();
+            disk(&hosts.disks[a]).storage.crash();
+        }
+        Fault::Wipe(a) => {
+            sim.crash(host(a));
+            disk(&hosts.disks[a]).wipe();
         }
         Fault::Join(j, ref plan) => hosts.start(sim, j, Some(plan.clone())),
+        Fault::SplitJoin(ref joins, ref sides) => {
+            for (j, plan) in joins {
+                hosts.start(sim, *j, Some(plan.clone()));
+            }
+            for &a in &sides[0] {
+                for &b in &sides[1] {
+                    sim.partition(host(a), host(b));
+                }
+            }
+        }
+        Fault::AbortJoin { joiner, wipe, via } => {
+            sim.crash(host(joiner));
+            let mut disk = disk(&hosts.disks[joiner]);
+            if wipe {
+                disk.wipe();
+            } else {
+                disk.storage.crash();
+            }
+            drop(disk);
+            hosts.abort(sim, via, "its joiner crashed");
+        }
+        Fault::Abort(via) => hosts.abort(sim, via, "at a random moment"),
     }
 }
 
@@ -1047,8 +1568,16 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
         }
         Fault::Hold(a, b) => sim.release(host(a), host(b)),
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(1)),
-        Fault::Crash(a) => sim.bounce(host(a)),
-        Fault::Join(..) => {}
+        Fault::Crash(a) | Fault::Wipe(a) => sim.bounce(host(a)),
+        Fault::AbortJoin { joiner, .. } => sim.bounce(host(joiner)),
+        Fault::SplitJoin(_, ref sides) => {
+            for &a in &sides[0] {
+                for &b in &sides[1] {
+                    sim.repair(host(a), host(b));
+                }
+            }
+        }
+        Fault::Join(..) | Fault::Abort(_) => {}
     }
 }
 
@@ -1149,9 +1678,12 @@ fn seed_child() {
     for violation in run.report.violations.iter().take(10) {
         println!("violation: {violation}");
     }
+    for finding in &run.findings {
+        println!("finding: {finding}");
+    }
     println!("OPS {}", run.ops);
     println!("TRACE {:016x}", run.trace);
-    println!("VALID {}", run.report.is_valid());
+    println!("VALID {}", run.report.is_valid() && run.findings.is_empty());
 }
 
 #[test]
@@ -1209,6 +1741,41 @@ fn one_seed_twice_gives_the_same_trace() {
         "seed 42 ran differently:\n{}\n---\n{}",
         first.text,
         second.text
+    );
+}
+
+/// Seed 41 wipes n2's data dir, then isolates n1 while n2 (a new
+/// instance) is still behind its read gate. Naming the new instance
+/// commits (the old one removed); then n3, believing n1 down and still
+/// knowing n2's *old* instance (a peer adopts a new instance only once it
+/// serves reads), proposes naming the old one back, removing the new one,
+/// and n1 and n3 flip it back and forth (v7 to v12). The live instance
+/// learns it was removed and stops for good: the final reads at ALL never
+/// reach it, and the layout names an instance that is on its own removed
+/// list. Naming must never name an instance the removed list holds.
+#[test]
+#[ignore = "naming renames a wiped member back to its removed instance and stops the live one (a bug in src/layout/naming.rs, not in the simulation)"]
+fn a_wiped_member_is_never_renamed_back() {
+    let run = run_in_child(41, "quorum");
+    assert!(run.valid, "seed 41 failed:\n{}\n{}", run.text, replay(41));
+}
+
+/// Seed 10164 (a release build): n5's first instance is crashed and wiped
+/// before its join got in (the abort asked then is refused: nothing of it
+/// is in progress); its new instance joins at v7 and is still joining when
+/// the run ends, so the final reads at ALL keep failing ("while data
+/// moves, the newest version must be held by ALL replicas of every
+/// replica set"). Not diagnosed yet; replays of a seed can differ in a few
+/// operations between runs, so this one may need a few tries.
+#[test]
+#[ignore = "undiagnosed: a join after a wiped joiner stays joining to the end of the run"]
+fn a_join_after_a_wiped_joiner_finishes() {
+    let run = run_in_child(10164, "quorum");
+    assert!(
+        run.valid,
+        "seed 10164 failed:\n{}\n{}",
+        run.text,
+        replay(10164)
     );
 }
 

@@ -10,6 +10,7 @@ use crate::identity::reserve_instance_id;
 use crate::layout::Role;
 use crate::net::Dialer;
 use crate::serving::layout_file::LayoutStore;
+use crate::storage::Storage;
 
 /// How long `--join` asks its seeds: [`crate::membership::JOIN_RETRY_FOR`],
 /// or the whole seconds in the environment variable DKVS_JOIN_RETRY_SECS
@@ -43,6 +44,17 @@ impl Node {
         })?;
         let storage = Self::open_storage(&config)?;
         let store = LayoutStore::in_dir(&data_dir);
+        Self::open_joining_with(config, storage, store, dialer).await
+    }
+
+    /// [`Node::open_joining`] over storage and a layout store already open
+    /// (a simulation's, kept across its crashes).
+    pub async fn open_joining_with(
+        config: ServerConfig,
+        storage: Arc<dyn Storage>,
+        store: LayoutStore,
+        dialer: Arc<dyn Dialer>,
+    ) -> Result<Arc<Self>> {
         let held = store.load()?.is_some_and(|s| s.committed.is_some());
         if held && !config.join_seeds().is_empty() {
             tracing::info!("the data dir holds a layout: rejoining with it (--join ignored)");
