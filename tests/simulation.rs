@@ -1266,7 +1266,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
         if let Some((ends, fault)) = active.clone()
             && now >= ends
         {
-            heal(&mut sim, &fault, &hosts);
+            heal(&mut sim, &fault, &mut hosts);
             active = None;
         }
         if active.is_none()
@@ -1554,7 +1554,7 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
 
 /// Ends `fault` (no host starts while another fault is active, so an
 /// isolated host is reconnected to the same hosts it was cut from).
-fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
+fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
     match *fault {
         Fault::Partition(a, b) => sim.repair(host(a), host(b)),
         Fault::PartitionOneWay(a, b) => sim.repair_oneway(host(a), host(b)),
@@ -1569,7 +1569,16 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &Hosts) {
         Fault::Hold(a, b) => sim.release(host(a), host(b)),
         Fault::Slow(a, b) => sim.set_link_latency(host(a), host(b), Duration::from_millis(1)),
         Fault::Crash(a) | Fault::Wipe(a) => sim.bounce(host(a)),
-        Fault::AbortJoin { joiner, .. } => sim.bounce(host(joiner)),
+        Fault::AbortJoin { joiner, wipe, via } => {
+            // The abort may have come before the join committed, or to a
+            // member still behind: the wiped joiner's new instance would
+            // then be refused ("already joining as instance ...: run
+            // cluster abort"). As an operator would, abort once more.
+            if wipe {
+                hosts.abort(sim, via, "its wiped joiner is back");
+            }
+            sim.bounce(host(joiner))
+        }
         Fault::SplitJoin(_, ref sides) => {
             for &a in &sides[0] {
                 for &b in &sides[1] {
@@ -1746,29 +1755,25 @@ fn one_seed_twice_gives_the_same_trace() {
 
 /// Seed 41 wipes n2's data dir, then isolates n1 while n2 (a new
 /// instance) is still behind its read gate. Naming the new instance
-/// commits (the old one removed); then n3, believing n1 down and still
-/// knowing n2's *old* instance (a peer adopts a new instance only once it
-/// serves reads), proposes naming the old one back, removing the new one,
-/// and n1 and n3 flip it back and forth (v7 to v12). The live instance
-/// learns it was removed and stops for good: the final reads at ALL never
-/// reach it, and the layout names an instance that is on its own removed
-/// list. Naming must never name an instance the removed list holds.
+/// commits (the old one removed). A first version of naming then let n3,
+/// believing n1 down and still knowing n2's *old* instance, propose naming
+/// the old one back, removing the live one, which stopped for good (n1
+/// and n3 flipped it v7 to v12). Naming never names an instance the
+/// removed list holds, and names only instances that answered lately.
 #[test]
-#[ignore = "naming renames a wiped member back to its removed instance and stops the live one (a bug in src/layout/naming.rs, not in the simulation)"]
 fn a_wiped_member_is_never_renamed_back() {
     let run = run_in_child(41, "quorum");
     assert!(run.valid, "seed 41 failed:\n{}\n{}", run.text, replay(41));
 }
 
-/// Seed 10164 (a release build): n5's first instance is crashed and wiped
-/// before its join got in (the abort asked then is refused: nothing of it
-/// is in progress); its new instance joins at v7 and is still joining when
-/// the run ends, so the final reads at ALL keep failing ("while data
-/// moves, the newest version must be held by ALL replicas of every
-/// replica set"). Not diagnosed yet; replays of a seed can differ in a few
-/// operations between runs, so this one may need a few tries.
+/// Seed 10164: n5's first instance is crashed and wiped just as its join
+/// commits, and the abort asked then is refused (it reached a member still
+/// on the settled layout before, or no join was in progress yet); the
+/// join of the dead instance stays in progress, and the new instance is
+/// refused ("already joining as instance ...: run cluster abort"). As an
+/// operator would, the nemesis aborts once more when the wiped joiner
+/// comes back, and the new instance then joins.
 #[test]
-#[ignore = "undiagnosed: a join after a wiped joiner stays joining to the end of the run"]
 fn a_join_after_a_wiped_joiner_finishes() {
     let run = run_in_child(10164, "quorum");
     assert!(
