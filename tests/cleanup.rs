@@ -33,6 +33,14 @@ fn is_settled(layout: &pb::Layout) -> bool {
 /// `after` and sees every member serving it (their heartbeats said so):
 /// from then on, old owners may drop what moved. Answers its version.
 async fn everyone_serves_a_settled_layout(cluster: &TestCluster, after: u64) -> u64 {
+    settled_layout_served(cluster, after, true).await
+}
+
+/// Waits until every running node serves one settled layout newer than
+/// `after` and, with `seen_by_all`, sees every member serving it too
+/// (members that are down may still serve an older one otherwise).
+/// Answers its version.
+async fn settled_layout_served(cluster: &TestCluster, after: u64, seen_by_all: bool) -> u64 {
     eventually(Duration::from_secs(120), async || {
         let mut version = None;
         for (i, node) in cluster.nodes.iter().enumerate() {
@@ -54,11 +62,9 @@ async fn everyone_serves_a_settled_layout(cluster: &TestCluster, after: u64) -> 
                 ));
             }
             version = Some(layout.version);
-            if let Some(behind) = status
-                .members
-                .iter()
-                .find(|m| m.address != node.address && m.layout_version < layout.version)
-            {
+            if let Some(behind) = status.members.iter().find(|m| {
+                seen_by_all && m.address != node.address && m.layout_version < layout.version
+            }) {
                 return Err(format!(
                     "{} sees {} at v{}",
                     node.address, behind.address, behind.layout_version
@@ -149,30 +155,7 @@ async fn old_owners_keep_moved_data_until_the_new_owner_confirms_holding_it() {
 /// `after` (members that are down may still serve an older one); answers
 /// its version.
 async fn running_nodes_serve_a_settled_layout(cluster: &TestCluster, after: u64) -> u64 {
-    eventually(Duration::from_secs(120), async || {
-        let mut version = None;
-        for (i, node) in cluster.nodes.iter().enumerate() {
-            if !node.is_running() {
-                continue;
-            }
-            let layout = layout_of(cluster, i).await;
-            if layout.version <= after || !is_settled(&layout) {
-                return Err(format!(
-                    "{} serves v{} ({})",
-                    node.address, layout.version, layout.change
-                ));
-            }
-            if version.is_some_and(|v| v != layout.version) {
-                return Err(format!(
-                    "versions differ: v{} and {version:?}",
-                    layout.version
-                ));
-            }
-            version = Some(layout.version);
-        }
-        version.ok_or_else(|| "no node running".to_string())
-    })
-    .await
+    settled_layout_served(cluster, after, false).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

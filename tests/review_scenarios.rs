@@ -184,17 +184,7 @@ async fn a_replacement_behind_its_read_gate_is_no_streaming_source() {
     let ops = Recorded::new();
     cluster.kill(b);
     let client = cluster.client().await;
-    let mut acked = 0;
-    for i in 0..KEYS {
-        acked += usize::from(
-            ops.put(1, &client, &format!("k{i}"), &format!("v{i}"))
-                .await,
-        );
-    }
-    assert!(
-        acked > KEYS * 9 / 10,
-        "{acked} of {KEYS} writes acknowledged"
-    );
+    write_most_of(&ops, &client, KEYS).await;
 
     cluster.kill(c);
     cluster.wipe(c);
@@ -456,17 +446,7 @@ async fn a_wiped_member_waits_for_members_that_joined_later_before_serving_reads
     let ops = Recorded::new();
     cluster.kill(y);
     let client = cluster.client().await;
-    let mut acked = 0;
-    for i in 0..KEYS {
-        acked += usize::from(
-            ops.put(1, &client, &format!("k{i}"), &format!("v{i}"))
-                .await,
-        );
-    }
-    assert!(
-        acked > KEYS * 9 / 10,
-        "{acked} of {KEYS} writes acknowledged"
-    );
+    write_most_of(&ops, &client, KEYS).await;
 
     cluster.kill(d);
     cluster.kill(x);
@@ -510,4 +490,17 @@ async fn a_wiped_member_waits_for_members_that_joined_later_before_serving_reads
         ops.get(3, &all, &format!("k{i}")).await;
     }
     ops.check();
+}
+
+/// Writes `k0..k{keys}` = `v0..` through `client`, recorded; at least 90%
+/// must be acknowledged (a node is down, so some may not be).
+async fn write_most_of(ops: &Recorded, client: &dkvs::client::Client, keys: usize) {
+    let mut acked = 0;
+    for i in 0..keys {
+        acked += usize::from(ops.put(1, client, &format!("k{i}"), &format!("v{i}")).await);
+    }
+    assert!(
+        acked > keys * 9 / 10,
+        "{acked} of {keys} writes acknowledged"
+    );
 }
