@@ -89,6 +89,7 @@ pub mod record;
 pub mod replica;
 pub mod ring;
 pub mod seams;
+pub mod security;
 pub mod serving;
 pub mod storage;
 pub(crate) mod workers;
