@@ -77,6 +77,27 @@ pub struct ClientOptions {
     pub rpc_timeout: Duration,
     /// Largest value the client will send or receive.
     pub max_value_bytes: usize,
+    /// The token every call carries (none by default).
+    pub bearer: crate::net::BearerStamp,
+    /// TLS, with the CA the nodes' certificates chain to (none: plaintext).
+    pub tls: Option<crate::security::tls::ClientTls>,
+}
+
+impl ClientOptions {
+    /// What dials nodes: TLS when `tls` is set, else plain TCP.
+    pub fn dialer(&self) -> Arc<dyn Dialer> {
+        match &self.tls {
+            Some(tls) => Arc::new(crate::net::TlsDialer::new(tls.clone())),
+            None => Arc::new(TcpDialer::default()),
+        }
+    }
+
+    /// A pool of channels to nodes with these options' dialer, token and
+    /// message limit.
+    pub fn peer_pool(&self) -> PeerPool {
+        PeerPool::new(self.dialer(), max_message_bytes(self.max_value_bytes))
+            .with_bearer(self.bearer.clone())
+    }
 }
 
 impl Default for ClientOptions {
@@ -85,6 +106,8 @@ impl Default for ClientOptions {
             consistency: Consistency::Quorum,
             rpc_timeout: Duration::from_secs(3),
             max_value_bytes: crate::config::DEFAULT_MAX_VALUE_BYTES,
+            bearer: crate::net::BearerStamp::default(),
+            tls: None,
         }
     }
 }
@@ -114,9 +137,16 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects over TCP, learning the cluster from the first of `seeds` that answers.
+    /// Connects over TCP (or TLS, when the options say so), learning the
+    /// cluster from the first of `seeds` that answers.
     pub async fn connect(seeds: &[String], options: ClientOptions) -> Result<Self> {
-        Self::connect_with(seeds, options, Arc::new(TcpDialer::default())).await
+        let dialer = options.dialer();
+        Self::connect_with(seeds, options, dialer).await
+    }
+
+    /// The options the client was made with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
     }
 
     /// Connects with a custom [`Dialer`].
@@ -125,10 +155,10 @@ impl Client {
         options: ClientOptions,
         dialer: Arc<dyn Dialer>,
     ) -> Result<Self> {
-        let peers = Arc::new(PeerPool::new(
-            dialer,
-            max_message_bytes(options.max_value_bytes),
-        ));
+        let peers = Arc::new(
+            PeerPool::new(dialer, max_message_bytes(options.max_value_bytes))
+                .with_bearer(options.bearer.clone()),
+        );
         let failures = match first_status(&peers, seeds, options.rpc_timeout).await {
             Ok((status, silent)) => {
                 let placement = placement_of(&status)?;
@@ -544,7 +574,7 @@ impl Client {
         call: F,
     ) -> Result<T>
     where
-        F: Fn(pb::key_value_client::KeyValueClient<tonic::transport::Channel>, u64) -> Fut,
+        F: Fn(pb::key_value_client::KeyValueClient<crate::net::ClientChannel>, u64) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let timeout = self.options.rpc_timeout;
@@ -697,7 +727,31 @@ fn no_node_answered(failures: &[(String, CallError)]) -> Error {
         .map(|(seed, why)| format!("{seed}: {why}"))
         .collect::<Vec<_>>()
         .join("; ");
-    let message = format!("no DKVS node answered: {listed}");
+    let mut message = format!("no DKVS node answered: {listed}");
+    if [
+        "transport error",
+        "h2 protocol error",
+        "InvalidContentType",
+        "corrupt message",
+    ]
+    .iter()
+    .any(|sign| listed.contains(sign))
+    {
+        message.push_str(
+            " (a node serving TLS refuses plaintext, and a plaintext node refuses TLS: \
+             pass --tls-ca (DKVS_TLS_CA) exactly when the nodes run with --tls-cert)",
+        );
+    } else if listed.contains("invalid peer certificate") {
+        message.push_str(" (the node's certificate does not chain to --tls-ca, or does not name the address dialed)");
+    }
+    // Credentials that a node refused would be refused by every node.
+    for (_, why) in failures {
+        match why {
+            CallError::Unauthenticated(why) => return Error::Unauthenticated(why.clone()),
+            CallError::PermissionDenied(why) => return Error::PermissionDenied(why.clone()),
+            _ => {}
+        }
+    }
     let all_silent = failures
         .iter()
         .all(|(_, why)| matches!(why, CallError::TimedOut(_)));

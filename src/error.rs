@@ -216,6 +216,16 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// The caller did not say who it is, or what it said is not known here
+    /// (no token, an unknown one, no node certificate where one is needed).
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    /// The caller is known but may not do this (a token's role too weak, a
+    /// node certificate naming an address that is not a member).
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// A node's failure answer that no variant above stands for, as the
     /// smart client received it: the status code, its message, and the
     /// outcome the node reported (`None`: it said none).
@@ -243,6 +253,8 @@ impl Error {
             Error::DiskFull { .. } => Code::ResourceExhausted,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
             Error::StaleLayout { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::Remote { code, .. } => *code,
         }
     }
@@ -261,7 +273,9 @@ impl Error {
             | Error::ClockSkew(_)
             | Error::Unavailable(_)
             | Error::StaleLayout { .. }
-            | Error::FailedPrecondition(_) => Outcome::NotApplied,
+            | Error::FailedPrecondition(_)
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_) => Outcome::NotApplied,
             Error::QuorumNotReached { sent: false, .. } => Outcome::NotApplied,
             Error::QuorumNotReached { sent: true, .. }
             | Error::Superseded { .. }

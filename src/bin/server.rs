@@ -10,8 +10,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use dkvs::config::ServerConfig;
-use dkvs::net::TcpDialer;
-use dkvs::node::{Node, incoming, serve};
+use dkvs::net::{Dialer, TcpDialer, TlsDialer};
+use dkvs::node::{Guard, Node, incoming, serve_guarded, tls_incoming};
+use dkvs::security::auth::AuthFile;
+use dkvs::security::tls::{ClientTls, NodeTls};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +34,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let guard = match load_guard(&config) {
+        Ok(guard) => guard,
+        Err(why) => {
+            eprintln!("DKVSServer: {why}");
+            return ExitCode::from(2);
+        }
+    };
     // A failed fsync stops the process (docs/STORAGE.md, "Failed fsyncs").
     dkvs::storage::set_fatal_handler(dkvs::storage::exit_on_fatal);
     let runtime = match dkvs::runtime(config.worker_threads) {
@@ -41,7 +50,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, guard)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // Once: logs and this message both go to stderr.
@@ -51,23 +60,65 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: ServerConfig) -> anyhow::Result<()> {
+/// The certificates and tokens the flags name, loaded and checked.
+fn load_guard(config: &ServerConfig) -> Result<Guard, String> {
+    let tls = match config.tls_files() {
+        Some(files) => {
+            let tls = NodeTls::load(files)?;
+            let address = config.advertised_address();
+            match tls.node_name() {
+                Some(named) if named == address => {}
+                named => {
+                    return Err(format!(
+                        "--tls-cert {} must name this node as the SAN URI dkvs-node:{address} \
+                         (its address as peers know it: --advertise, else --listen), so peers \
+                         accept it; it names {}",
+                        tls.files().cert.display(),
+                        named.map_or("no node".to_string(), |n| format!("dkvs-node:{n}"))
+                    ));
+                }
+            }
+            Some(Arc::new(tls))
+        }
+        None => None,
+    };
+    let auth = match &config.auth_file {
+        Some(path) => Some(Arc::new(AuthFile::load(path)?)),
+        None => None,
+    };
+    if auth.is_some() && tls.is_none() {
+        tracing::warn!(
+            "--insecure-plaintext-auth: tokens travel in clear text and node-to-node calls are not authenticated"
+        );
+    }
+    Ok(Guard { tls, auth })
+}
+
+async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let data_dir = config.data_dir();
     let joining = !config.join_seeds().is_empty();
-    let node = Node::open_joining(config, Arc::new(TcpDialer::default()))
-        .await
-        .map_err(|e| {
-            let doing = if joining {
-                "cannot join or open node"
-            } else {
-                "cannot open node"
-            };
-            anyhow::anyhow!("{doing} (data dir {}): {e}", data_dir.display())
-        })?;
-    serve(node.clone(), incoming(listener), shutdown_signal()).await?;
+    let dialer: Arc<dyn Dialer> = match &guard.tls {
+        Some(tls) => Arc::new(TlsDialer::new(ClientTls::Node(tls.clone()))),
+        None => Arc::new(TcpDialer::default()),
+    };
+    let node = Node::open_joining(config, dialer).await.map_err(|e| {
+        let doing = if joining {
+            "cannot join or open node"
+        } else {
+            "cannot open node"
+        };
+        anyhow::anyhow!("{doing} (data dir {}): {e}", data_dir.display())
+    })?;
+    match guard.tls.clone() {
+        Some(tls) => {
+            let connections = tls_incoming(listener, tls);
+            serve_guarded(node.clone(), connections, guard, shutdown_signal()).await?
+        }
+        None => serve_guarded(node.clone(), incoming(listener), guard, shutdown_signal()).await?,
+    }
     // A removed instance stops with exit 0 (restart-on-failure leaves it
     // down), saying why.
     if let Some(notice) = node.removal_notice() {

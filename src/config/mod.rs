@@ -185,6 +185,37 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES, value_parser = clap::value_parser!(u32).range(1..=65_536).map(|v| v as usize))]
     pub max_key_bytes: usize,
 
+    /// This node's certificate chain (PEM, its own certificate first). With
+    /// --tls-key and --tls-ca the node serves TLS only, and talks to its
+    /// peers over mutual TLS: the certificate must name the node as a SAN
+    /// URI `dkvs-node:<address>` (its --advertise, else --listen) and its
+    /// host (an IP or DNS SAN). Reloaded when the file changes and on SIGHUP.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA certificates (PEM) that peers' node certificates chain to;
+    /// also the CA clients check this node's certificate with.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Client tokens: one `<token> <role>` per line (roles read, readwrite,
+    /// admin; a token may be written `sha256:<hex>`). Clients then send
+    /// `authorization: Bearer <token>`. Needs TLS (tokens would travel in
+    /// clear text) unless --insecure-plaintext-auth. Reloaded when the file
+    /// changes and on SIGHUP.
+    #[arg(long)]
+    pub auth_file: Option<PathBuf>,
+
+    /// Allow --auth-file without TLS: tokens travel in clear text and the
+    /// node-to-node services cannot tell nodes from others (only for a
+    /// network every host of which is trusted).
+    #[arg(long)]
+    pub insecure_plaintext_auth: bool,
+
     /// Largest value accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::value_parser!(u32).range(1..=(256 << 20)).map(|v| v as usize))]
     pub max_value_bytes: usize,
@@ -293,6 +324,14 @@ impl ServerConfig {
     /// opened, so a usage error appears at once even on a large data dir.
     pub fn validate(&self) -> Result<(), String> {
         self.validate_peers()?;
+        if self.auth_file.is_some() && self.tls_files().is_none() && !self.insecure_plaintext_auth {
+            return Err(
+                "--auth-file without TLS would send every token in clear text: add --tls-cert, \
+                 --tls-key and --tls-ca, or --insecure-plaintext-auth if every host on the \
+                 network is trusted"
+                    .into(),
+            );
+        }
         let floor_ms = self
             .max_hint_age_secs
             .saturating_mul(1000)
@@ -333,6 +372,15 @@ impl ServerConfig {
              --advertise (or --listen) gives it",
             peers.join(",")
         ))
+    }
+
+    /// The TLS files, when all three are given.
+    pub fn tls_files(&self) -> Option<crate::security::tls::TlsFiles> {
+        Some(crate::security::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ca: self.tls_ca.clone()?,
+        })
     }
 
     /// The cluster id `--cluster-token` gives (0: none given).

@@ -45,14 +45,17 @@ mod handle;
 pub mod messages;
 mod pipe;
 mod stamp;
+mod tls;
 
 pub use calls::{RangeQuery, RecordChunks, is_not_serving_yet};
+pub use tls::TlsDialer;
 
 use handle::ReplicaTarget;
 pub use handle::{ReplicaError, ReplicaHandle};
 use pipe::{PipeService, ReplicaPipe};
 pub use stamp::{
-    CLUSTER_ID_METADATA, ClusterStamp, PeerChannel, SENDER_METADATA, cluster_id_in, sender_in,
+    BearerStamp, CLUSTER_ID_METADATA, ClientChannel, ClusterStamp, PeerChannel, SENDER_METADATA,
+    cluster_id_in, sender_in,
 };
 
 /// Largest gRPC message a node or client accepts: room for the largest value
@@ -91,14 +94,19 @@ impl Dialer for TcpDialer {
         let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| {
             Error::InvalidArgument(format!("{address:?} is not a valid HOST:PORT address: {e}"))
         })?;
-        Ok(endpoint
+        Ok(with_keepalive(endpoint)
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
             .connect_lazy())
     }
+}
+
+/// HTTP/2 keepalive, so a half-dead connection is noticed and replaced.
+fn with_keepalive(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
 }
 
 /// One channel per peer address, made on first use.
@@ -122,6 +130,8 @@ pub struct PeerPool {
     /// This node's address, which node-to-node calls name as their sender
     /// (for the receivers' logs; none: not named).
     sender: Option<tonic::metadata::AsciiMetadataValue>,
+    /// The token client-facing calls carry (`--token-file`; none: none).
+    bearer: BearerStamp,
     /// Scripted replicas by address (unit tests: [`PeerPool::with_fakes`]).
     #[cfg(test)]
     fakes: HashMap<String, Arc<fake::FakeReplica>>,
@@ -141,6 +151,7 @@ impl PeerPool {
             bound: SkewBound::new(crate::clock::IMPOSSIBLE_AHEAD_MS),
             cluster_id: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             sender: None,
+            bearer: BearerStamp::default(),
             #[cfg(test)]
             fakes: HashMap::new(),
         }
@@ -156,6 +167,12 @@ impl PeerPool {
     /// so that a node refusing them can say which one to stop.
     pub fn with_sender(mut self, address: &str) -> Self {
         self.sender = stamp::sender_value(address);
+        self
+    }
+
+    /// Client-facing calls carry `bearer`'s token.
+    pub fn with_bearer(mut self, bearer: BearerStamp) -> Self {
+        self.bearer = bearer;
         self
     }
 
@@ -185,6 +202,15 @@ impl PeerPool {
         Ok(InterceptedService::new(self.channel(address)?, stamp))
     }
 
+    /// The channel to `address` for client-facing calls: each carries the
+    /// client's token, if any.
+    fn client_channel(&self, address: &str) -> Result<ClientChannel> {
+        Ok(InterceptedService::new(
+            self.channel(address)?,
+            self.bearer.clone(),
+        ))
+    }
+
     /// `dkvs.v1.Replica` (nodes only): the data path between replicas.
     pub fn replica_client(&self, address: &str) -> Result<ReplicaClient<PeerChannel>> {
         Ok(ReplicaClient::new(self.peer_channel(address)?)
@@ -193,8 +219,8 @@ impl PeerPool {
     }
 
     /// `dkvs.v1.ReplicaRead` (client-facing): the smart client's replica reads.
-    pub fn replica_read_client(&self, address: &str) -> Result<ReplicaReadClient<Channel>> {
-        Ok(ReplicaReadClient::new(self.channel(address)?)
+    pub fn replica_read_client(&self, address: &str) -> Result<ReplicaReadClient<ClientChannel>> {
+        Ok(ReplicaReadClient::new(self.client_channel(address)?)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes))
     }
@@ -214,9 +240,9 @@ impl PeerPool {
     pub fn key_value_client(
         &self,
         address: &str,
-    ) -> Result<pb::key_value_client::KeyValueClient<Channel>> {
+    ) -> Result<pb::key_value_client::KeyValueClient<ClientChannel>> {
         Ok(
-            pb::key_value_client::KeyValueClient::new(self.channel(address)?)
+            pb::key_value_client::KeyValueClient::new(self.client_channel(address)?)
                 .max_decoding_message_size(self.max_message_bytes)
                 .max_encoding_message_size(self.max_message_bytes),
         )
@@ -225,9 +251,9 @@ impl PeerPool {
     pub fn cluster_client(
         &self,
         address: &str,
-    ) -> Result<pb::cluster_client::ClusterClient<Channel>> {
+    ) -> Result<pb::cluster_client::ClusterClient<ClientChannel>> {
         Ok(pb::cluster_client::ClusterClient::new(
-            self.channel(address)?,
+            self.client_channel(address)?,
         ))
     }
 
@@ -349,7 +375,15 @@ pub async fn call_within<T>(
 ) -> Result<T, CallError> {
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(reply)) => Ok(reply.into_inner()),
-        Ok(Err(status)) => Err(CallError::Failed(describe_status(&status))),
+        Ok(Err(status)) => match status.code() {
+            tonic::Code::Unauthenticated => {
+                Err(CallError::Unauthenticated(describe_status(&status)))
+            }
+            tonic::Code::PermissionDenied => {
+                Err(CallError::PermissionDenied(describe_status(&status)))
+            }
+            _ => Err(CallError::Failed(describe_status(&status))),
+        },
         Err(_) => Err(CallError::TimedOut(timeout)),
     }
 }
@@ -364,6 +398,12 @@ pub enum CallError {
     /// The peer answered with an error, or could not be reached.
     #[error("{0}")]
     Failed(String),
+    /// The peer does not know who is calling (no token, an unknown one).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The peer knows the caller, who may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 impl From<CallError> for Error {
@@ -371,6 +411,8 @@ impl From<CallError> for Error {
         match error {
             CallError::TimedOut(_) => Error::DeadlineExceeded(error.to_string()),
             CallError::Failed(why) => Error::Unavailable(why),
+            CallError::Unauthenticated(why) => Error::Unauthenticated(why),
+            CallError::PermissionDenied(why) => Error::PermissionDenied(why),
         }
     }
 }

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::Channel;
 
 use super::handle::ReplicaError;
 use super::{describe_status, timed_out};
@@ -37,7 +36,7 @@ pub(super) enum PipeService {
     Replica(ReplicaClient<super::PeerChannel>),
     /// The smart client: `ReplicaRead.Batch`, reads only; a write is
     /// answered [`ReplicaError::Rejected`] and never sent.
-    ReplicaRead(ReplicaReadClient<Channel>),
+    ReplicaRead(ReplicaReadClient<super::ClientChannel>),
 }
 
 /// One request waiting in a pipe, with where its answer goes.

@@ -140,3 +140,56 @@ mod tests {
         }
     }
 }
+
+/// A channel to a node's client-facing services whose every call carries
+/// the client's token, if it has one (`authorization: Bearer <token>`).
+pub type ClientChannel = InterceptedService<Channel, BearerStamp>;
+
+/// Puts the client's token in each call's `authorization` metadata.
+#[derive(Clone, Default)]
+pub struct BearerStamp {
+    /// `Bearer <token>`, marked sensitive (none: the client has no token).
+    pub(super) authorization: Option<AsciiMetadataValue>,
+}
+
+impl std::fmt::Debug for BearerStamp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token.
+        f.debug_struct("BearerStamp")
+            .field("token", &self.authorization.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl BearerStamp {
+    /// The stamp for `token`; an error when it cannot travel in a header.
+    pub fn new(token: Option<&str>) -> Result<BearerStamp, String> {
+        let Some(token) = token.map(str::trim) else {
+            return Ok(BearerStamp::default());
+        };
+        if token.is_empty() {
+            return Err("the token is empty".into());
+        }
+        let mut value: AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "the token has characters a header cannot carry (use printable ASCII)")?;
+        value.set_sensitive(true);
+        Ok(BearerStamp {
+            authorization: Some(value),
+        })
+    }
+}
+
+impl tonic::service::Interceptor for BearerStamp {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}

@@ -83,7 +83,23 @@ impl pb::membership_server::Membership for MembershipService {
         &self,
         request: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::Layout>, Status> {
+        // Under mutual TLS a node joins only as the address its certificate
+        // names (the access gate passed it on, verified).
+        let certified = request
+            .extensions()
+            .get::<super::VerifiedNode>()
+            .map(|node| node.0.clone());
         let request = request.into_inner();
+        if let Some(certified) = certified
+            && certified != request.address
+        {
+            return Err(crate::error::Error::PermissionDenied(format!(
+                "a node may join only as the address its certificate names: the certificate \
+                 names {certified}, the join asks for {}",
+                request.address
+            ))
+            .into());
+        }
         // A new node has no cluster id yet (0): only one naming another
         // cluster is refused.
         if request.cluster_id != 0 {

@@ -19,6 +19,7 @@
 //! (heartbeats); `grpc.health.v1.Health`, and server reflection v1 and
 //! v1alpha.
 
+mod access_gate;
 mod cluster;
 mod cluster_gate;
 mod join;
@@ -27,9 +28,12 @@ mod liveness;
 mod membership;
 mod replica;
 mod replica_read;
+mod secure;
 mod serve;
 
-pub use serve::{incoming, serve};
+pub use access_gate::{Guard, VerifiedNode};
+pub use secure::tls_incoming;
+pub use serve::{incoming, serve, serve_guarded};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

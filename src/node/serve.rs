@@ -11,6 +11,7 @@ use tonic::transport::Server;
 use tonic::transport::server::Connected;
 
 use super::Node;
+use super::access_gate::{AccessGateLayer, Guard};
 use crate::error::{Error, Outcome, Result};
 use crate::net::max_message_bytes;
 use crate::pb;
@@ -34,10 +35,28 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
 }
 
 /// Serves `node` over `incoming` until `shutdown` completes, then drains.
-/// For TCP, pass [`incoming`]`(listener)`.
+/// For TCP, pass [`incoming`]`(listener)`. Every caller is admitted (no TLS,
+/// no tokens): see [`serve_guarded`].
 pub async fn serve<I, IO, IE>(
     node: Arc<Node>,
     incoming: I,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()>
+where
+    I: Stream<Item = std::result::Result<IO, IE>> + Send,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_guarded(node, incoming, Guard::default(), shutdown).await
+}
+
+/// [`serve`], admitting callers by `guard` (TLS: pass
+/// [`tls_incoming`]`(listener, tls)` as `incoming`).
+pub async fn serve_guarded<I, IO, IE>(
+    node: Arc<Node>,
+    incoming: I,
+    guard: Guard,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()>
 where
@@ -53,18 +72,10 @@ where
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let services = Services::new(&node, max_message);
+    let reloader = super::secure::spawn_reloader(&guard, node.shutdown.clone());
     let workers = node.start_workers();
     let serving = serve_once_heard(node.clone(), health.clone());
     let view = node.cluster.placement();
@@ -92,6 +103,10 @@ where
         .layer(EdgeStatusLayer {
             max_message: max_message_bytes(node.limits.max_value_bytes),
         })
+        .layer(AccessGateLayer {
+            guard,
+            layouts: node.cluster.layouts.clone(),
+        })
         .layer(super::cluster_gate::ClusterGateLayer {
             layouts: node.cluster.layouts.clone(),
         })
@@ -111,7 +126,32 @@ where
         .await;
 
     stop(&node, workers, serving).await?;
+    if let Some(reloader) = reloader {
+        let _ = reloader.await;
+    }
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// Server reflection, v1 and v1alpha (many clients still ask v1alpha).
+fn reflection() -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Internal(format!("reflection: {e}")))?;
+    Ok((v1, v1alpha))
 }
 
 /// The DKVS gRPC services of a node, in [`SERVICES`]' order; those that

@@ -111,7 +111,7 @@ pub async fn run(
     let reader_options = ClientOptions {
         consistency: Consistency::All,
         rpc_timeout,
-        ..ClientOptions::default()
+        ..client.options().clone()
     };
     let wait = Duration::from_secs(args.final_wait);
     let final_reads = match final_reads(

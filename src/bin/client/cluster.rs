@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dkvs::net::{PeerPool, TcpDialer, call_within, max_message_bytes};
+use dkvs::client::ClientOptions;
+use dkvs::net::{PeerPool, call_within};
 use dkvs::pb;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
@@ -63,10 +64,12 @@ pub struct WaitArgs {
 }
 
 /// Runs a `cluster` command against the members reachable from `seeds`.
-pub async fn run(command: ClusterCommand, seeds: &[String], rpc_timeout: Duration) -> Outcome {
+pub async fn run(command: ClusterCommand, seeds: &[String], options: &ClientOptions) -> Outcome {
+    let rpc_timeout = options.rpc_timeout;
+    let peers = Arc::new(options.peer_pool());
     match command {
-        ClusterCommand::Wait(args) => wait(seeds, rpc_timeout, args).await,
-        ClusterCommand::Abort => abort(seeds, rpc_timeout).await,
+        ClusterCommand::Wait(args) => wait(&peers, seeds, rpc_timeout, args).await,
+        ClusterCommand::Abort => abort(&peers, seeds, rpc_timeout).await,
     }
 }
 
@@ -77,12 +80,8 @@ const ABORT_DEADLINE: Duration = Duration::from_secs(60);
 /// `cluster abort`: learns the layout from the first seed that answers,
 /// then asks its active members in turn (a joiner does not vote) until one
 /// answers the abort; transport failures move on to the next.
-async fn abort(seeds: &[String], rpc_timeout: Duration) -> Outcome {
-    let peers = Arc::new(PeerPool::new(
-        Arc::new(TcpDialer::default()),
-        max_message_bytes(dkvs::config::DEFAULT_MAX_VALUE_BYTES),
-    ));
-    let answers = ask_all(&peers, seeds, rpc_timeout).await;
+async fn abort(peers: &Arc<PeerPool>, seeds: &[String], rpc_timeout: Duration) -> Outcome {
+    let answers = ask_all(peers, seeds, rpc_timeout).await;
     let asked: Vec<String> = match newest_layout(&answers) {
         Some(layout) => layout
             .members
@@ -147,13 +146,14 @@ async fn abort(seeds: &[String], rpc_timeout: Duration) -> Outcome {
 
 /// `cluster wait`: polls every member until the change is over or the
 /// timeout passes.
-async fn wait(seeds: &[String], rpc_timeout: Duration, args: WaitArgs) -> Outcome {
+async fn wait(
+    peers: &Arc<PeerPool>,
+    seeds: &[String],
+    rpc_timeout: Duration,
+    args: WaitArgs,
+) -> Outcome {
     let began = Instant::now();
     let limit = (args.timeout_secs > 0).then(|| Duration::from_secs(args.timeout_secs));
-    let peers = Arc::new(PeerPool::new(
-        Arc::new(TcpDialer::default()),
-        max_message_bytes(dkvs::config::DEFAULT_MAX_VALUE_BYTES),
-    ));
     let mut progress = Progress::new();
     // Whom to ask: the seeds until a layout is known, then its members.
     let mut asked: Vec<String> = seeds.to_vec();

@@ -84,6 +84,20 @@ struct Cli {
     #[arg(long, default_value_t = 3000)]
     timeout_ms: u64,
 
+    /// Connect over TLS, trusting the nodes' certificates that chain to
+    /// this CA certificate (PEM).
+    #[arg(long, env = "DKVS_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// Send the token in this file (its first line) with every request.
+    #[arg(long, env = "DKVS_TOKEN_FILE")]
+    token_file: Option<std::path::PathBuf>,
+
+    /// Send this token with every request. It shows in `ps`: prefer
+    /// --token-file or the DKVS_TOKEN variable.
+    #[arg(long, env = "DKVS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -193,9 +207,18 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    let (bearer, tls) = match security_options(&cli) {
+        Ok(security) => security,
+        Err(why) => {
+            eprintln!("DKVSClient: {why}");
+            return ExitCode::from(2);
+        }
+    };
     let options = ClientOptions {
         consistency: cli.consistency,
         rpc_timeout: Duration::from_millis(cli.timeout_ms.max(1)),
+        bearer,
+        tls,
         ..ClientOptions::default()
     };
     let nodes: Vec<String> = cli
@@ -207,7 +230,7 @@ async fn run(cli: Cli) -> ExitCode {
     // Commands that do not talk to a DKVS cluster.
     match cli.command {
         Some(Command::Bench(args)) if args.etcd || args.noop => {
-            return match bench::run(None, &nodes, options.consistency, args).await {
+            return match bench::run(None, &nodes, &options, args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => report(&error),
             };
@@ -221,9 +244,7 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Certs(args)) => return certs::run(&args).exit_code(),
         // It asks every member itself, and keeps asking while none answers.
         Some(Command::Cluster(command)) => {
-            return cluster::run(command, &nodes, options.rpc_timeout)
-                .await
-                .exit_code();
+            return cluster::run(command, &nodes, &options).await.exit_code();
         }
         _ => {}
     }
@@ -244,6 +265,44 @@ async fn run(cli: Cli) -> ExitCode {
     };
     client.close().await;
     code
+}
+
+/// The token and TLS settings the flags (or DKVS_TOKEN, DKVS_TOKEN_FILE,
+/// DKVS_TLS_CA) give.
+fn security_options(
+    cli: &Cli,
+) -> Result<
+    (
+        dkvs::net::BearerStamp,
+        Option<dkvs::security::tls::ClientTls>,
+    ),
+    String,
+> {
+    let from_file = match &cli.token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?;
+            let token = text.lines().next().unwrap_or("").trim().to_string();
+            if token.is_empty() {
+                return Err(format!("--token-file {} is empty", path.display()));
+            }
+            Some(token)
+        }
+        None => None,
+    };
+    let on_command_line = std::env::args().any(|a| a == "--token" || a.starts_with("--token="));
+    if on_command_line {
+        eprintln!(
+            "DKVSClient: warning: --token shows in `ps` to every user of this machine; prefer --token-file or DKVS_TOKEN"
+        );
+    }
+    let token = from_file.or_else(|| cli.token.clone());
+    let bearer = dkvs::net::BearerStamp::new(token.as_deref())?;
+    let tls = match &cli.tls_ca {
+        Some(ca) => Some(dkvs::security::tls::ClientTls::for_ca(ca)?),
+        None => None,
+    };
+    Ok((bearer, tls))
 }
 
 /// Whether a failed command had an outcome to report.
@@ -355,8 +414,7 @@ async fn execute(
         }
         Command::Bench(args) => {
             drop(out);
-            let consistency = client.consistency();
-            bench::run(Some(client), &[], consistency, args).await?;
+            bench::run(Some(client), &[], client.options(), args).await?;
         }
         Command::NoopServer { listen } => {
             drop(out);
@@ -375,7 +433,7 @@ async fn execute(
                 .iter()
                 .map(|m| m.address.clone())
                 .collect();
-            return Ok(cluster::run(command, &members, rpc_timeout).await);
+            return Ok(cluster::run(command, &members, client.options()).await);
         }
         Command::Certs(args) => {
             drop(out);

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use dkvs::Error;
 use dkvs::client::Client;
-use dkvs::quorum::Consistency;
 
 mod targets;
 mod workload;
@@ -77,9 +76,10 @@ pub struct BenchArgs {
 pub async fn run(
     client: Option<&Client>,
     nodes: &[String],
-    consistency: Consistency,
+    options: &dkvs::client::ClientOptions,
     args: BenchArgs,
 ) -> Result<(), Error> {
+    let consistency = options.consistency;
     let system = if args.etcd {
         "etcd"
     } else if args.noop {
@@ -100,7 +100,7 @@ pub async fn run(
     );
     let report = match client {
         _ if args.etcd => run_bench(EtcdTarget::new(nodes)?, &args).await?,
-        _ if args.noop => run_bench(ViaNodeTarget::new(nodes, consistency)?, &args).await?,
+        _ if args.noop => run_bench(ViaNodeTarget::new(nodes, options)?, &args).await?,
         Some(client) if args.via_node => {
             let addresses: Vec<String> = client
                 .ring()
@@ -108,13 +108,10 @@ pub async fn run(
                 .iter()
                 .map(|m| m.address.clone())
                 .collect();
-            run_bench(ViaNodeTarget::new(&addresses, consistency)?, &args).await?
+            run_bench(ViaNodeTarget::new(&addresses, options)?, &args).await?
         }
         Some(client) => {
-            let options = dkvs::client::ClientOptions {
-                consistency,
-                ..Default::default()
-            };
+            let options = options.clone();
             let addresses: Vec<String> = client
                 .ring()
                 .members()

@@ -6,7 +6,6 @@ use dkvs::Error;
 use dkvs::client::Client;
 use dkvs::net::Dialer;
 use dkvs::pb;
-use dkvs::quorum::Consistency;
 
 use super::workload::Target;
 
@@ -19,24 +18,26 @@ mod etcd {
 
 /// Nodes in turn, each coordinating the requests it gets.
 pub struct ViaNodeTarget {
-    nodes: Vec<pb::key_value_client::KeyValueClient<tonic::transport::Channel>>,
+    nodes: Vec<pb::key_value_client::KeyValueClient<dkvs::net::ClientChannel>>,
     next: std::sync::atomic::AtomicUsize,
     consistency: i32,
 }
 
 impl ViaNodeTarget {
-    pub fn new(addresses: &[String], consistency: Consistency) -> Result<Self, Error> {
+    /// Over `options`' dialer (TCP or TLS), with its token.
+    pub fn new(addresses: &[String], options: &dkvs::client::ClientOptions) -> Result<Self, Error> {
+        let pool = options.peer_pool();
         Ok(Self {
-            nodes: channels(addresses)?
-                .into_iter()
-                .map(pb::key_value_client::KeyValueClient::new)
-                .collect(),
+            nodes: addresses
+                .iter()
+                .map(|address| pool.key_value_client(address))
+                .collect::<Result<_, _>>()?,
             next: Default::default(),
-            consistency: pb::Consistency::from(consistency) as i32,
+            consistency: pb::Consistency::from(options.consistency) as i32,
         })
     }
 
-    fn node(&self) -> pb::key_value_client::KeyValueClient<tonic::transport::Channel> {
+    fn node(&self) -> pb::key_value_client::KeyValueClient<dkvs::net::ClientChannel> {
         let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.nodes[i % self.nodes.len()].clone()
     }

@@ -1,0 +1,183 @@
+//! The async shell of a secured node: accepting TLS connections, and
+//! reloading certificates and tokens when their files change or on SIGHUP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+use super::access_gate::Guard;
+use crate::security::tls::NodeTls;
+
+/// Longest a TLS handshake may take: a client that opens a connection and
+/// says nothing holds a task this long, never the accept loop.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections finished handshaking, waiting for the server to take them.
+const ACCEPTED_BACKLOG: usize = 64;
+
+/// Most handshakes in progress at once; past it, accepting waits for one
+/// to end (a flood of silent connections costs memory for this many only).
+const MAX_HANDSHAKES: usize = 1024;
+
+/// How often the certificate and token files are checked for changes.
+pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// TLS connections accepted on `listener`, with Nagle's algorithm off. Each
+/// handshake runs in its own task with a deadline, so a slow or silent
+/// client delays only itself; a failed one is logged (at debug: a port
+/// scanner or a plaintext client) and dropped. Each handshake takes the
+/// server config current when the connection arrived. The accept loop ends
+/// when the server drops the stream.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<NodeTls>,
+) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
+    let (ready, taken) = tokio::sync::mpsc::channel(ACCEPTED_BACKLOG);
+    tokio::spawn(accept_loop(listener, tls, ready));
+    futures::stream::unfold(taken, |mut taken| async move {
+        let connection = taken.recv().await?;
+        Some((Ok(connection), taken))
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<NodeTls>,
+    ready: tokio::sync::mpsc::Sender<TlsStream<TcpStream>>,
+) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let permit = tokio::select! {
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = ready.closed() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = ready.closed() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, say: back off instead of spinning.
+                tracing::warn!(%error, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(connection)) => {
+                    let _ = ready.send(connection).await;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer, %error, "TLS handshake failed");
+                }
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Rereads the certificate and token files every
+/// [`RELOAD_CHECK_INTERVAL`] and on SIGHUP, until `shutdown`; a file that
+/// changed and loads is used for new connections and requests from then on;
+/// one that does not load is reported and the old one kept.
+pub fn spawn_reloader(
+    guard: &Guard,
+    shutdown: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if !guard.is_on() {
+        return None;
+    }
+    let guard = guard.clone();
+    Some(tokio::spawn(async move {
+        let mut hangups = hangup_signals();
+        loop {
+            let hangup = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(RELOAD_CHECK_INTERVAL) => false,
+                _ = next_hangup(&mut hangups) => true,
+            };
+            if hangup {
+                tracing::info!("SIGHUP: rereading certificates and tokens");
+            }
+            reload(&guard);
+        }
+    }))
+}
+
+fn reload(guard: &Guard) {
+    if let Some(tls) = &guard.tls {
+        match tls.reload_if_changed() {
+            Ok(true) => tracing::info!(
+                cert = %tls.files().cert.display(),
+                "TLS certificates reloaded: new connections use them"
+            ),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "TLS files changed but do not load; keeping the old ones")
+            }
+        }
+    }
+    if let Some(auth) = &guard.auth {
+        match auth.reload_if_changed() {
+            Ok(true) => tracing::info!(
+                file = %auth.path().display(),
+                tokens = auth.tokens().len(),
+                "auth file reloaded"
+            ),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(%error, "the auth file changed but does not load; keeping the old tokens")
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = ();
+
+#[cfg(unix)]
+fn hangup_signals() -> Hangups {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::hangup()) {
+        Ok(signals) => Some(signals),
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP; files are still checked for changes");
+            None
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn hangup_signals() -> Hangups {}
+
+#[cfg(unix)]
+async fn next_hangup(hangups: &mut Hangups) {
+    match hangups {
+        Some(signals) => {
+            if signals.recv().await.is_none() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn next_hangup(_: &mut Hangups) {
+    std::future::pending::<()>().await
+}
