@@ -4,7 +4,8 @@
 //! A node dials its peers by the addresses in its layout and checks each
 //! peer's certificate against that host; it also presents its own
 //! certificate as a TLS client certificate, and a peer takes it for a node
-//! only if it chains to the CA and names `dkvs-node:<its --listen address>`.
+//! only if it chains to the CA and names `dkvs-node:<its address>` (its
+//! `--advertise`, else `--listen`, as the peer lists spell it).
 //! So a node certificate carries that URI, the host as an IP or DNS name
 //! (plus `localhost` and 127.0.0.1 for a loopback host, so local tools can
 //! dial it either way), and both the serverAuth and clientAuth usages.
@@ -48,10 +49,10 @@ Files written in DIR:
 Keys are written with mode 0600. A new CA is valid for 10 years (or --days
 if longer); node certificates for --days, at most as long as the CA.
 
-Each node certificate names dkvs-node:HOST:PORT (exactly the node's --listen
-address), HOST as an IP address or DNS name (plus localhost and 127.0.0.1
-for a loopback HOST), and may serve TLS and act as a TLS client. Start the
-node with:
+Each node certificate names dkvs-node:HOST:PORT (exactly the node's address
+as its peers know it: --advertise, else --listen), HOST as an IP address or
+DNS name (plus localhost and 127.0.0.1 for a loopback HOST), and may serve
+TLS and act as a TLS client. Start the node with:
   DKVSServer --listen HOST:PORT --tls-cert DIR/node-HOST-PORT.pem \\
     --tls-key DIR/node-HOST-PORT-key.pem --tls-ca DIR/ca.pem ...
 and give clients DIR/ca.pem (--tls-ca or DKVS_TLS_CA).
@@ -68,7 +69,7 @@ pub struct CertsArgs {
     /// Directory for the CA and the certificates (made, mode 0700, if missing).
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
-    /// A node's listen address to make a certificate for: 127.0.0.1:7001,
+    /// A node's address (--advertise, else --listen) to make a certificate for: 127.0.0.1:7001,
     /// [::1]:7001, db1.example.com:7001. Repeat for several nodes.
     #[arg(long = "node", value_name = "HOST:PORT")]
     pub nodes: Vec<String>,
@@ -177,7 +178,7 @@ fn refuse_existing(dir: &Path, nodes: &[NodeAddress]) -> Result<(), CertsError> 
     Ok(())
 }
 
-/// A node's `--listen` address, as given, and its parts.
+/// A node's address (`--advertise`, else `--listen`), as given, and its parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeAddress {
     /// Exactly as given: the certificate names `dkvs-node:<text>`.

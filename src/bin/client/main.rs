@@ -207,6 +207,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    // Talks to no cluster, so needs no CA or token (nor fails on theirs).
+    if let Some(Command::Certs(args)) = &cli.command {
+        return certs::run(args).exit_code();
+    }
     let (bearer, tls) = match security_options(&cli) {
         Ok(security) => security,
         Err(why) => {
@@ -241,7 +245,6 @@ async fn run(cli: Cli) -> ExitCode {
                 Err(error) => report(&error),
             };
         }
-        Some(Command::Certs(args)) => return certs::run(&args).exit_code(),
         // It asks every member itself, and keeps asking while none answers.
         Some(Command::Cluster(command)) => {
             return cluster::run(command, &nodes, &options).await.exit_code();
