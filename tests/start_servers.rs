@@ -360,6 +360,23 @@ fn secure_client(script: &Script, role: Option<&str>, args: &[&str]) -> std::pro
     command.args(args).output().expect("run DKVSClient")
 }
 
+/// `DKVSClient cluster wait` with the admin token, until it exits 0: the
+/// nodes listen at once, and serve clients once they agree on the cluster.
+fn settled_secure(script: &Script) {
+    let wait = secure_client(
+        script,
+        Some("admin"),
+        &["cluster", "wait", "--timeout-secs", "60"],
+    );
+    assert_eq!(
+        wait.status.code(),
+        Some(0),
+        "cluster wait: {}{}",
+        text(&wait.stdout),
+        text(&wait.stderr)
+    );
+}
+
 /// `--secure`: a CA, a certificate per node and a token per role under
 /// run/secure; every node serves TLS and checks tokens (none refused with
 /// UNAUTHENTICATED, too weak a role with PERMISSION_DENIED); the printed
@@ -416,6 +433,7 @@ fn a_secure_cluster_serves_tls_and_tokens_and_stays_secure() {
     );
     assert!(!stdout.contains("-plaintext"), "{stdout}");
 
+    settled_secure(&script);
     let put = secure_client(&script, Some("readwrite"), &["PUT", "k", "v"]);
     assert!(put.status.success(), "PUT: {}", text(&put.stderr));
     let get = secure_client(&script, Some("readwrite"), &["GET", "k"]);
@@ -454,18 +472,7 @@ fn a_secure_cluster_serves_tls_and_tokens_and_stays_secure() {
         )),
         "{stdout}"
     );
-    let wait = secure_client(
-        &script,
-        Some("admin"),
-        &["cluster", "wait", "--timeout-secs", "60"],
-    );
-    assert_eq!(
-        wait.status.code(),
-        Some(0),
-        "cluster wait: {}{}",
-        text(&wait.stdout),
-        text(&wait.stderr)
-    );
+    settled_secure(&script);
     let status = text(&script.run(&["status"]).stdout);
     assert!(status.contains("4 of 4 node(s) running"), "{status}");
     assert!(status.contains("secure"), "{status}");
@@ -484,6 +491,7 @@ fn a_secure_cluster_serves_tls_and_tokens_and_stays_secure() {
     let stdout = text(&again.stdout);
     assert!(again.status.success(), "{stdout}{}", text(&again.stderr));
     assert!(stdout.contains("--tls-ca"), "{stdout}");
+    settled_secure(&script);
     let get = secure_client(&script, Some("read"), &["GET", "k"]);
     assert!(
         get.status.success(),

@@ -564,7 +564,7 @@ fn write_node(
     write_file(&cert_path, &cert.pem(), false)?;
     let names: Vec<String> = node.names().iter().map(Name::describe).collect();
     let capped = if not_after < now + Duration::days(i64::from(days)) {
-        " (the CA's end)"
+        ", the CA's end"
     } else {
         ""
     };
@@ -691,6 +691,46 @@ mod tests {
         assert_eq!(cert.issuer().as_raw(), ca.subject().as_raw());
         cert.verify_signature(Some(ca.public_key()))
             .expect("signed by the CA");
+    }
+
+    /// What a node and a client check, with the code they check it with:
+    /// webpki chains it to the CA for both TLS roles, it is valid for the
+    /// addresses a client dials, and the server reads its node name.
+    #[test]
+    fn a_node_certificate_passes_the_checks_tls_makes() {
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let dir = tempfile::tempdir().expect("tempdir");
+        make(&args(dir.path(), &["127.0.0.1:7001"]), now()).expect("certs");
+        let ca = CertificateDer::from(read_der(&dir.path().join(CA_CERT_FILE)));
+        let anchors = [webpki::anchor_from_trusted_cert(&ca).expect("CA as anchor")];
+        let node = CertificateDer::from(read_der(&dir.path().join("node-127.0.0.1-7001.pem")));
+        let cert = webpki::EndEntityCert::try_from(&node).expect("end-entity certificate");
+        for usage in [
+            webpki::KeyUsage::server_auth(),
+            webpki::KeyUsage::client_auth(),
+        ] {
+            cert.verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &[],
+                UnixTime::now(),
+                usage,
+                None,
+                None,
+            )
+            .expect("chains to the CA");
+        }
+        for name in ["127.0.0.1", "localhost"] {
+            let name = ServerName::try_from(name).expect("server name");
+            cert.verify_is_valid_for_subject_name(&name)
+                .expect("valid for the dialled host");
+        }
+        let other = ServerName::try_from("10.0.0.7").expect("server name");
+        assert!(cert.verify_is_valid_for_subject_name(&other).is_err());
+        assert_eq!(
+            dkvs::security::tls::node_named_in(&node).as_deref(),
+            Some("127.0.0.1:7001")
+        );
     }
 
     #[test]
