@@ -455,6 +455,8 @@ fn a_secure_cluster_serves_tls_and_tokens_and_stays_secure() {
         "{stderr}"
     );
 
+    grpcurl_as_printed(&text(&started.stdout));
+
     // `add` signs the new node's certificate and starts it with TLS.
     let added = script.run(&["add"]);
     let stdout = text(&added.stdout);
@@ -506,6 +508,66 @@ fn a_secure_cluster_serves_tls_and_tokens_and_stays_secure() {
         text(&stopped.stdout)
     );
     assert!(script.pids().is_empty(), "pid files left behind");
+}
+
+/// grpcurl, if this machine has it (CI installs it and sets
+/// DKVS_REQUIRE_GRPCURL=1, which makes its absence a failure).
+fn grpcurl() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("grpcurl"))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() && std::env::var_os("DKVS_REQUIRE_GRPCURL").is_some() {
+        panic!("DKVS_REQUIRE_GRPCURL is set but grpcurl is not on PATH");
+    }
+    found
+}
+
+/// The grpcurl commands `--secure` printed work as printed: `list` without
+/// a token, a Get with the readwrite token (the key `k` holds `v`).
+fn grpcurl_as_printed(printed: &str) {
+    let Some(grpcurl) = grpcurl() else {
+        eprintln!("grpcurl not installed: its commands are not tried (CI tries them)");
+        return;
+    };
+    let dir = grpcurl.parent().expect("a directory").to_path_buf();
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let line = |needle: &str| {
+        printed
+            .lines()
+            .map(str::trim)
+            .find(|line| line.starts_with("grpcurl --cacert") && line.contains(needle))
+            .unwrap_or_else(|| panic!("no grpcurl line with {needle:?} in:\n{printed}"))
+            .to_string()
+    };
+    let run = |command: &str| {
+        std::process::Command::new("bash")
+            .arg("-c")
+            .arg(command)
+            .env("PATH", &path)
+            .output()
+            .expect("bash runs")
+    };
+    let list = run(&line(" list"));
+    assert!(
+        list.status.success() && text(&list.stdout).contains("dkvs.v1.KeyValue"),
+        "{}{}",
+        text(&list.stdout),
+        text(&list.stderr)
+    );
+    let get = run(&line("KeyValue/Get").replace("mykey", "k"));
+    let answer = text(&get.stdout);
+    // Bytes come back base64-encoded in grpcurl's JSON: "v" is "dg==".
+    assert!(
+        get.status.success() && answer.contains("dg=="),
+        "{answer}{}",
+        text(&get.stderr)
+    );
 }
 
 /// `--secure` over the data of a plaintext cluster, or `add --secure` to a
