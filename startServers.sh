@@ -3,6 +3,16 @@
 #
 #   ./startServers.sh            build (release) and start 5 nodes on 127.0.0.1:7001..7005
 #   ./startServers.sh 3          start 3 nodes instead (1 to 50)
+#   ./startServers.sh --secure   (or 3 --secure) start a secure cluster: TLS between
+#                                everyone and client tokens. Makes, under ./run/secure/,
+#                                a CA (ca.pem), one certificate per node (DKVSClient
+#                                certs), three tokens (read.token, readwrite.token,
+#                                admin.token) and the auth file `tokens` every node
+#                                gets; prints the DKVSClient and grpcurl commands that
+#                                work against it. The data remembers it: later runs
+#                                and `add` keep TLS (and make the added node's
+#                                certificate). To go back to plaintext, stop the
+#                                cluster and remove its data.
 #   ./startServers.sh add        start one more node that joins the running cluster
 #                                (DKVSServer --join), on the next free port after the
 #                                highest one the script uses; prints its restart command
@@ -53,6 +63,16 @@ ADDED_FILE="$DATA_DIR/added-nodes"
 # The cluster token (--cluster-token): made for each fresh cluster, kept
 # here so that restarts reuse it.
 TOKEN_FILE="$RUN_DIR/cluster-token"
+# A secure cluster's CA, node certificates, tokens and auth file.
+SECURE_DIR="$RUN_DIR/secure"
+# Kept with the data: its cluster was started with --secure, so every later
+# start and `add` uses TLS and tokens too (a plaintext node could not talk
+# to the others).
+SECURE_MARKER="$DATA_DIR/secure-cluster"
+# 1 once this run serves the cluster with TLS and tokens; SECURE_ASKED is
+# whether --secure was given.
+SECURE=0
+SECURE_ASKED=0
 STOP_GRACE_SECONDS=10
 START_DEADLINE_SECONDS=30
 # How long `add` waits for a joining node to be added and to serve, and for
@@ -222,6 +242,9 @@ show_status() {
   elif [[ -f "$CLUSTER_FILE" ]]; then
     echo "$running of $(( $(sed -n 's/^nodes=//p' "$CLUSTER_FILE") + $(added_ports | wc -l) )) node(s) running"
   fi
+  if (( running )) && [[ -f "$SECURE_MARKER" ]]; then
+    echo "secure: TLS and tokens (CA and tokens in $SECURE_DIR)"
+  fi
 }
 
 # The peer list of the cluster whose nodes are running from $RUN_DIR, or
@@ -271,6 +294,95 @@ cluster_token_flag() { # ports...
   printf -- '--cluster-token %s\n' "$token"
 }
 
+# Whether any of the data dirs of PORTS holds a layout (a cluster ran there).
+has_layout() { # ports...
+  local port
+  for port in "$@"; do
+    [[ -e "$DATA_DIR/node-$port/layout" ]] && return 0
+  done
+  return 1
+}
+
+# Sets SECURE for a start of the cluster on PORTS: the data's choice when it
+# has one (the marker), else --secure. Refuses --secure over the data of a
+# plaintext cluster: its nodes would not talk to TLS ones.
+choose_security() { # count, ports...
+  local count=$1
+  shift
+  if [[ -f "$SECURE_MARKER" ]]; then
+    SECURE=1
+  elif (( SECURE_ASKED )); then
+    if has_layout "$@" || [[ -n "$(running_peers)" ]]; then
+      {
+        echo "the data in $DATA_DIR belongs to a plaintext cluster (started without --secure): nothing started."
+        echo "Start it as it is with ./startServers.sh $count, or for a secure cluster stop it"
+        echo "(./startServers.sh stop), remove $DATA_DIR, and run ./startServers.sh $count --secure."
+      } >&2
+      exit 1
+    fi
+    SECURE=1
+  fi
+}
+
+# The certificate of the node on PORT (SUFFIX -key: its key), as
+# `DKVSClient certs` names it.
+node_cert() { # port [suffix]
+  printf '%s\n' "$SECURE_DIR/node-$HOST-$1${2:-}.pem"
+}
+
+# Makes what a secure cluster on PORTS needs and does not have yet in
+# SECURE_DIR: the CA, each node's certificate (DKVSClient certs), the three
+# tokens (32 random hex digits each, one per role) and the auth file. A new
+# CA gets new node certificates too: the old ones would not chain to it.
+# CLIENT must be set.
+ensure_secure_files() { # ports...
+  (umask 077 && mkdir -p "$SECURE_DIR")
+  local port nodes=() force=()
+  [[ -f "$SECURE_DIR/ca.pem" ]] || force=(--force)
+  for port in "$@"; do
+    if (( ${#force[@]} )) || [[ ! -f "$(node_cert "$port")" || ! -f "$(node_cert "$port" -key)" ]]; then
+      nodes+=(--node "$HOST:$port")
+    fi
+  done
+  if [[ ! -f "$SECURE_DIR/ca.pem" ]] || (( ${#nodes[@]} )); then
+    if ! "$CLIENT" certs --dir "$SECURE_DIR" "${nodes[@]}" "${force[@]}" | sed 's/^/  /'; then
+      echo "could not make the certificates in $SECURE_DIR (see above); nothing started" >&2
+      exit 1
+    fi
+  fi
+  local role made=0
+  for role in read readwrite admin; do
+    if [[ ! -s "$SECURE_DIR/$role.token" ]]; then
+      (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$SECURE_DIR/$role.token" &&
+        echo >>"$SECURE_DIR/$role.token")
+      made=1
+    fi
+  done
+  if (( made )) || [[ ! -s "$SECURE_DIR/tokens" ]]; then
+    # Written next to it and renamed: nodes reread it while they run.
+    (
+      umask 077
+      {
+        echo "# <token> <role>: the tokens of the cluster ./startServers.sh --secure started"
+        for role in read readwrite admin; do
+          printf '%s %s\n' "$(head -n1 "$SECURE_DIR/$role.token")" "$role"
+        done
+      } >"$SECURE_DIR/tokens.new" && mv -f "$SECURE_DIR/tokens.new" "$SECURE_DIR/tokens"
+    )
+  fi
+}
+
+# Runs DKVSClient against this cluster: with its CA and the admin token
+# when it is secure, and never with the caller's DKVS_TLS_CA or DKVS_TOKEN*
+# (meant for some other cluster).
+client() { # DKVSClient arguments...
+  local security=()
+  if (( SECURE )); then
+    security=(--tls-ca "$SECURE_DIR/ca.pem" --token-file "$SECURE_DIR/admin.token")
+  fi
+  env -u DKVS_TLS_CA -u DKVS_TOKEN -u DKVS_TOKEN_FILE "$CLIENT" "${security[@]}" "$@"
+}
+
 # The flags every node gets: DKVS_SERVER_FLAGS, and --worker-threads
 # cores/nodes (at least 1) unless those set it.
 node_flags() { # node count
@@ -289,6 +401,10 @@ node_command() { # port, --peers or --join, addresses, flags
   local port=$1 name="node-$1" word
   # shellcheck disable=SC2206
   CMD=("$BIN" --listen "$HOST:$port" "$2" "$3" --data-dir "$DATA_DIR/$name" $4)
+  if (( SECURE )); then
+    CMD+=(--tls-cert "$(node_cert "$port")" --tls-key "$(node_cert "$port" -key)"
+      --tls-ca "$SECURE_DIR/ca.pem" --auth-file "$SECURE_DIR/tokens")
+  fi
   PRINTABLE=""
   for word in "${CMD[@]}"; do PRINTABLE+="$(quote "$word") "; done
   PRINTABLE+=">> $(quote "$RUN_DIR/$name.log") 2>&1 & echo \$! > $(quote "$RUN_DIR/$name.pid")"
@@ -371,9 +487,15 @@ start_all() {
     exit 1
   fi
 
+  choose_security "$count" "${ports[@]}"
+
   local BIN CLIENT
   find_binaries
   mkdir -p "$RUN_DIR" "$DATA_DIR"
+  if (( SECURE )); then
+    ensure_secure_files "${ports[@]}"
+    printf '%s\n' "This data belongs to a cluster started with ./startServers.sh --secure: its nodes use TLS and tokens (files in $SECURE_DIR). Remove this data to go back to plaintext." >"$SECURE_MARKER"
+  fi
   printf 'nodes=%s\npeers=%s\n' "$count" "$peers" >"$CLUSTER_FILE"
 
   local flags first_ports=()
@@ -461,7 +583,10 @@ start_all() {
   for i in "${!ports[@]}"; do
     echo "  ${commands[$i]}"
   done
-  cat <<USAGE
+  if (( SECURE )); then
+    secure_usage
+  else
+    cat <<USAGE
 
 Try it:
   $CLIENT PUT mykey "Hello Distributed World"
@@ -473,6 +598,7 @@ Grow it by one node:
 Stop the cluster:
   ./startServers.sh stop
 USAGE
+  fi
   if [[ "$BASE_PORT" != 7000 || "$count" != 5 ]]; then
     echo "(DKVSClient defaults to 127.0.0.1:7001..7005; it learns the rest from any node that answers, or set DKVS_NODES=$peers)"
   fi
@@ -481,6 +607,29 @@ USAGE
     echo "${#failed[@]} of ${#ports[@]} node(s) failed to start (see above). Fix the cause and run ./startServers.sh $count again to start them, or ./startServers.sh stop." >&2
     return 1
   fi
+}
+
+# How to use a secure cluster: the commands with its CA and tokens.
+secure_usage() {
+  local ca token env address=$HOST:$((BASE_PORT + 1))
+  ca=$(quote "$SECURE_DIR/ca.pem")
+  token=$(quote "$SECURE_DIR/readwrite.token")
+  env="DKVS_TLS_CA=$ca DKVS_TOKEN_FILE=$token $(quote "$CLIENT")"
+  cat <<USAGE
+
+Secure: TLS with the CA $ca, and a token per role in $(quote "$SECURE_DIR")/
+(read.token, readwrite.token, admin.token; the nodes' auth file is tokens there).
+Try it (the readwrite token; membership changes need admin.token):
+  $env PUT mykey "Hello Distributed World"
+  $env GET mykey
+  $env status
+  grpcurl --cacert $ca $address list
+  grpcurl --cacert $ca -H "authorization: Bearer \$(cat $token)" -d '{"key":"mykey"}' $address dkvs.v1.KeyValue/Get
+Grow it by one node (with its own certificate):
+  ./startServers.sh add
+Stop the cluster:
+  ./startServers.sh stop
+USAGE
 }
 
 # One more node that joins the running cluster (see the usage at the top).
@@ -524,18 +673,30 @@ add_node() {
     exit 1
   fi
 
+  if [[ -f "$SECURE_MARKER" ]]; then
+    SECURE=1
+    if [[ ! -f "$SECURE_DIR/ca.pem" || ! -f "$SECURE_DIR/ca-key.pem" ]]; then
+      echo "the running cluster is secure but its CA is missing from $SECURE_DIR: a new node's certificate cannot be signed. Nothing added; restore it, or stop the cluster and start it again (new certificates and tokens)." >&2
+      exit 1
+    fi
+  elif (( SECURE_ASKED )); then
+    echo "the running cluster is plaintext (started without --secure): a secure node could not join it. Nothing added; run ./startServers.sh add without --secure." >&2
+    exit 1
+  fi
+
   local BIN CLIENT
   find_binaries
   # The cluster makes one change at a time: let one in progress end first.
-  if ! "$CLIENT" --nodes "$seeds" cluster wait --timeout-secs 1 >/dev/null 2>&1; then
+  if ! client --nodes "$seeds" cluster wait --timeout-secs 1 >/dev/null 2>&1; then
     echo "a layout change is in progress (one at a time): waiting up to ${CHANGE_WAIT_SECONDS} s for it to end before adding a node (Ctrl-C gives up)" >&2
-    if ! "$CLIENT" --nodes "$seeds" cluster wait --timeout-secs "$CHANGE_WAIT_SECONDS" >&2; then
+    if ! client --nodes "$seeds" cluster wait --timeout-secs "$CHANGE_WAIT_SECONDS" >&2; then
       echo "the change did not end within ${CHANGE_WAIT_SECONDS} s: nothing added. See $CLIENT status" >&2
       exit 1
     fi
   fi
 
   mkdir -p "$RUN_DIR" "$DATA_DIR"
+  if (( SECURE )); then ensure_secure_files "$port"; fi
   local flags
   flags=$(node_flags $((running + 1)))
   # The joiner names the cluster it joins (a seed of another refuses).
@@ -548,7 +709,7 @@ add_node() {
   pid=$(pid_of "$RUN_DIR/$name.pid")
   # It listens at once, and answers only once the cluster has added it.
   local deadline=$((SECONDS + JOIN_DEADLINE_SECONDS))
-  until "$CLIENT" --nodes "$HOST:$port" --timeout-ms 1000 status >/dev/null 2>&1; do
+  until client --nodes "$HOST:$port" --timeout-ms 1000 status >/dev/null 2>&1; do
     if ! pid_alive "$pid"; then
       echo "$name exited while joining (pid $pid); nothing added" >&2
       log_tail "$port"
@@ -571,19 +732,32 @@ add_node() {
   echo
   echo "Restart it by hand (after e.g. kill -9 <pid>) with its command (--join is ignored once its data dir holds the layout):"
   echo "  $PRINTABLE"
+  local client_line=$CLIENT
+  if (( SECURE )); then
+    client_line="DKVS_TLS_CA=$(quote "$SECURE_DIR/ca.pem") DKVS_TOKEN_FILE=$(quote "$SECURE_DIR/admin.token") $(quote "$CLIENT")"
+  fi
   cat <<USAGE
 
 Follow the join:
-  $CLIENT status
-  $CLIENT cluster wait      # exits 0 once it is over
+  $client_line status
+  $client_line cluster wait      # exits 0 once it is over
 ./startServers.sh stop stops it with the others.
 USAGE
 }
 
-case "${1:-5}" in
+# --secure may come before or after the command.
+ARGS=()
+for arg in "$@"; do
+  if [[ "$arg" == --secure ]]; then SECURE_ASKED=1; else ARGS+=("$arg"); fi
+done
+if (( ${#ARGS[@]} > 1 )); then
+  echo "unexpected argument '${ARGS[1]}' (see ./startServers.sh help)" >&2
+  exit 2
+fi
+case "${ARGS[0]:-5}" in
   stop) stop_all ;;
   status) show_status ;;
   add) add_node ;;
   -h|--help|help) usage ;;
-  *) start_all "${1:-5}" ;;
+  *) start_all "${ARGS[0]:-5}" ;;
 esac

@@ -247,6 +247,13 @@ impl Heartbeats {
             Ok(answer) => answer,
             Err(why) => {
                 self.cluster.layouts.note_refusal(address, &why.to_string());
+                // Under mutual TLS a peer refuses the pings of a node its
+                // layout does not name: one that was removed, or whose
+                // join was aborted. Its layout (the read-only fetch stays
+                // open to any node certificate) tells this node so.
+                if matches!(why, crate::error::Error::PermissionDenied(_)) {
+                    self.learn_layout(self.cluster.placement().version() + 1, address);
+                }
                 return Err(why);
             }
         };

@@ -25,6 +25,8 @@
 //! * `liveness` — the phi accrual detector, shared.
 //! * [`checker`] — the history checker tests and `DKVSClient` use, and
 //!   [`workload`], the recorded workload it judges.
+//! * [`security`] — who may call what (the doors), client tokens and
+//!   roles, TLS material from PEM files and its reloading.
 //! * [`config`], `limits`, [`error`], `locks` — settings, input limits, the
 //!   error type, the one way a mutex is taken.
 //!

@@ -337,3 +337,202 @@ fn each_fresh_cluster_gets_its_own_token() {
     assert_ne!(token(), first, "wiped data dirs make a new cluster");
     assert!(script.run(&["stop"]).status.success());
 }
+
+/// Runs the test build's `DKVSClient` against the first node of `script`'s
+/// cluster with the CA of its secure dir and, when given, the token file
+/// `<role>.token` from it; none of the caller's own DKVS_* settings.
+fn secure_client(script: &Script, role: Option<&str>, args: &[&str]) -> std::process::Output {
+    let secure = script.run_dir().join("secure");
+    let mut command = Command::new(Script::bin_dir().join("DKVSClient"));
+    command
+        .env_remove("DKVS_TLS_CA")
+        .env_remove("DKVS_TOKEN")
+        .env_remove("DKVS_TOKEN_FILE")
+        .env_remove("DKVS_NODES")
+        .args(["--nodes", &format!("127.0.0.1:{}", script.port(1))])
+        .arg("--tls-ca")
+        .arg(secure.join("ca.pem"));
+    if let Some(role) = role {
+        command
+            .arg("--token-file")
+            .arg(secure.join(format!("{role}.token")));
+    }
+    command.args(args).output().expect("run DKVSClient")
+}
+
+/// `DKVSClient cluster wait` with the admin token, until it exits 0: the
+/// nodes listen at once, and serve clients once they agree on the cluster.
+fn settled_secure(script: &Script) {
+    let wait = secure_client(
+        script,
+        Some("admin"),
+        &["cluster", "wait", "--timeout-secs", "60"],
+    );
+    assert_eq!(
+        wait.status.code(),
+        Some(0),
+        "cluster wait: {}{}",
+        text(&wait.stdout),
+        text(&wait.stderr)
+    );
+}
+
+/// `--secure`: a CA, a certificate per node and a token per role under
+/// run/secure; every node serves TLS and checks tokens (none refused with
+/// UNAUTHENTICATED, too weak a role with PERMISSION_DENIED); the printed
+/// commands name those files; `add` and a later plain start keep TLS, since
+/// the data remembers it; `stop` stops it all.
+#[test]
+fn a_secure_cluster_serves_tls_and_tokens_and_stays_secure() {
+    use std::os::unix::fs::PermissionsExt;
+    let script = Script::new();
+    let started = script.run(&["3", "--secure"]);
+    let stdout = text(&started.stdout);
+    assert!(
+        started.status.success(),
+        "start 3 --secure failed: {stdout}{}",
+        text(&started.stderr)
+    );
+    let secure = script.run_dir().join("secure");
+    for i in 1..=3 {
+        let node = format!("node-127.0.0.1-{}", script.port(i));
+        assert!(secure.join(format!("{node}.pem")).is_file(), "{node}");
+        assert!(
+            stdout.contains(&format!(
+                "--tls-cert {}",
+                secure.join(format!("{node}.pem")).display()
+            )),
+            "{stdout}"
+        );
+    }
+    for role in ["read", "readwrite", "admin"] {
+        let path = secure.join(format!("{role}.token"));
+        let token = std::fs::read_to_string(&path).expect("token file");
+        let token = token.trim();
+        assert!(
+            token.len() == 32 && token.chars().all(|c| c.is_ascii_hexdigit()),
+            "{token:?}"
+        );
+        let mode = std::fs::metadata(&path)
+            .expect("token")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{role}.token");
+    }
+    let ca = secure.join("ca.pem").display().to_string();
+    assert!(
+        stdout.contains(&format!(
+            "DKVS_TLS_CA={ca} DKVS_TOKEN_FILE={}",
+            secure.join("readwrite.token").display()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("grpcurl --cacert {ca}")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("-plaintext"), "{stdout}");
+
+    settled_secure(&script);
+    let put = secure_client(&script, Some("readwrite"), &["PUT", "k", "v"]);
+    assert!(put.status.success(), "PUT: {}", text(&put.stderr));
+    let get = secure_client(&script, Some("readwrite"), &["GET", "k"]);
+    assert!(get.status.success(), "GET: {}", text(&get.stderr));
+    assert_eq!(text(&get.stdout).trim(), "v");
+
+    let anonymous = secure_client(&script, None, &["GET", "k"]);
+    assert!(!anonymous.status.success(), "a GET without a token worked");
+    let stderr = text(&anonymous.stderr).to_lowercase();
+    assert!(
+        stderr.contains("unauthenticated") || stderr.contains("requires a token"),
+        "{stderr}"
+    );
+    let reader = secure_client(&script, Some("read"), &["PUT", "k", "w"]);
+    assert!(!reader.status.success(), "a PUT with the read token worked");
+    let stderr = text(&reader.stderr).to_lowercase();
+    assert!(
+        stderr.contains("permission denied") || stderr.contains("needs the readwrite role"),
+        "{stderr}"
+    );
+
+    // `add` signs the new node's certificate and starts it with TLS.
+    let added = script.run(&["add"]);
+    let stdout = text(&added.stdout);
+    assert!(
+        added.status.success(),
+        "add: {stdout}{}",
+        text(&added.stderr)
+    );
+    let fourth = format!("node-127.0.0.1-{}", script.port(4));
+    assert!(secure.join(format!("{fourth}.pem")).is_file());
+    assert!(
+        stdout.contains(&format!(
+            "--tls-cert {}",
+            secure.join(format!("{fourth}.pem")).display()
+        )),
+        "{stdout}"
+    );
+    settled_secure(&script);
+    let status = text(&script.run(&["status"]).stdout);
+    assert!(status.contains("4 of 4 node(s) running"), "{status}");
+    assert!(status.contains("secure"), "{status}");
+
+    // Stopped and started again without --secure: still TLS (its data says
+    // so), with the same CA and tokens.
+    let stopped = script.run(&["stop"]);
+    assert!(
+        text(&stopped.stdout).contains("stopped 4 node(s)"),
+        "{}",
+        text(&stopped.stdout)
+    );
+    assert!((1..=4).all(|i| !listening(script.port(i))));
+    assert!(script.pids().is_empty(), "pid files left behind");
+    let again = script.run(&["3"]);
+    let stdout = text(&again.stdout);
+    assert!(again.status.success(), "{stdout}{}", text(&again.stderr));
+    assert!(stdout.contains("--tls-ca"), "{stdout}");
+    settled_secure(&script);
+    let get = secure_client(&script, Some("read"), &["GET", "k"]);
+    assert!(
+        get.status.success(),
+        "GET after restart: {}",
+        text(&get.stderr)
+    );
+    assert_eq!(text(&get.stdout).trim(), "v");
+    let stopped = script.run(&["stop"]);
+    assert!(
+        text(&stopped.stdout).contains("stopped 4 node(s)"),
+        "{}",
+        text(&stopped.stdout)
+    );
+    assert!(script.pids().is_empty(), "pid files left behind");
+}
+
+/// `--secure` over the data of a plaintext cluster, or `add --secure` to a
+/// running plaintext one, says what to do and starts nothing.
+#[test]
+fn secure_over_a_plaintext_cluster_is_refused_with_what_to_do() {
+    let script = Script::new();
+    let started = script.run(&["1"]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    let add = script.run(&["add", "--secure"]);
+    assert_eq!(add.status.code(), Some(1), "{}", text(&add.stdout));
+    assert!(
+        text(&add.stderr).contains("the running cluster is plaintext"),
+        "{}",
+        text(&add.stderr)
+    );
+    assert!(!listening(script.port(2)));
+    assert!(script.run(&["stop"]).status.success());
+
+    let refused = script.run(&["1", "--secure"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stdout));
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("belongs to a plaintext cluster"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("./startServers.sh 1 --secure"), "{stderr}");
+    assert!(!listening(script.port(1)));
+    assert!(!script.run_dir().join("secure").exists());
+}

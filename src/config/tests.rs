@@ -331,3 +331,56 @@ fn the_cluster_token_is_a_flag_and_a_setting() {
     let none = with_file("listen = \"127.0.0.1:7001\"\n", &[]).expect("parse");
     assert_eq!(none.cluster_token_id(), 0);
 }
+
+#[test]
+fn tokens_need_tls_unless_plaintext_is_asked_for_and_tls_needs_all_three_files() {
+    let parse = |list: &[&str]| {
+        let mut all = vec!["DKVSServer", "--listen", "127.0.0.1:7001"];
+        all.extend_from_slice(list);
+        ServerConfig::from_arg_list(args(&all)).expect("parse")
+    };
+    let tls = [
+        "--tls-cert",
+        "n.pem",
+        "--tls-key",
+        "n-key.pem",
+        "--tls-ca",
+        "ca.pem",
+    ];
+    let error = parse(&["--auth-file", "tokens"])
+        .validate()
+        .expect_err("no TLS");
+    assert!(error.contains("--insecure-plaintext-auth"), "{error}");
+    parse(&["--auth-file", "tokens", "--insecure-plaintext-auth"])
+        .validate()
+        .expect("asked for");
+    let mut secured = vec!["--auth-file", "tokens"];
+    secured.extend(tls);
+    let config = parse(&secured);
+    config.validate().expect("TLS");
+    assert_eq!(
+        config.tls_files().map(|f| f.ca),
+        Some(std::path::PathBuf::from("ca.pem"))
+    );
+    assert!(parse(&[]).tls_files().is_none());
+    // One TLS file without the others is a usage error.
+    assert!(
+        ServerConfig::try_parse_from([
+            "DKVSServer",
+            "--listen",
+            "127.0.0.1:7001",
+            "--tls-cert",
+            "n.pem"
+        ])
+        .is_err()
+    );
+    // The config file takes them too, the switch as a boolean.
+    let from_file = with_file(
+        "listen = \"127.0.0.1:7001\"\nauth-file = \"tokens\"\ninsecure-plaintext-auth = true\n",
+        &[],
+    )
+    .expect("parse");
+    from_file
+        .validate()
+        .expect("plaintext asked for in the file");
+}

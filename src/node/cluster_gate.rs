@@ -98,9 +98,16 @@ fn sender_of<B>(request: &http::Request<B>) -> String {
     if let Some(named) = crate::net::sender_in(request.headers()) {
         return named.to_string();
     }
-    request
-        .extensions()
+    let extensions = request.extensions();
+    extensions
         .get::<tonic::transport::server::TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<
+                    tonic::transport::server::TcpConnectInfo,
+                >>()
+                .map(|tls| tls.get_ref())
+        })
         .and_then(|info| info.remote_addr())
         .map_or_else(
             || "a node at an unknown address".to_string(),

@@ -8,7 +8,7 @@
 //! | open | health, reflection | anyone |
 //! | client(role) | `KeyValue`, `Cluster`, `ReplicaRead` | a token of that role or stronger (when `--auth-file` is set), or a member node |
 //! | node | `Replica`, `Membership`, `Liveness` | a member's or joiner's node certificate (when TLS is on) |
-//! | node door | `Membership.Join`, `Membership.GetLayout` | any node certificate (a joiner, or a removed node learning it was removed) |
+//! | any node | `Membership.Join`, `Membership.GetLayout`, `Membership.LayoutVouch` | any node certificate (a joiner, or a removed node learning it was removed: it fetches the layout and verifies it with the members' vouches, both read-only) |
 //!
 //! Tokens never open the node-to-node services, whatever their role: only a
 //! certificate that chains to the CA and names a node (`dkvs-node:ADDR`)
@@ -27,7 +27,8 @@ pub enum Door {
     Client(Role),
     /// A node-to-node RPC: members and joiners only.
     Node,
-    /// A node-to-node RPC any node may use (join, the read-only layout fetch).
+    /// A node-to-node RPC any node may use (join, and the read-only layout
+    /// fetch and vouches).
     AnyNode,
 }
 
@@ -50,7 +51,9 @@ pub fn door_of(path: &str) -> Door {
             _ => Door::Client(Role::Admin),
         },
         "dkvs.v1.ReplicaRead" => Door::Client(Role::Read),
-        "dkvs.v1.Membership" if matches!(method, "Join" | "GetLayout") => Door::AnyNode,
+        "dkvs.v1.Membership" if matches!(method, "Join" | "GetLayout" | "LayoutVouch") => {
+            Door::AnyNode
+        }
         _ => Door::Node,
     }
 }
@@ -162,7 +165,7 @@ mod tests {
             ("/dkvs.v1.Replica/Write", Door::Node),
             ("/dkvs.v1.Replica/RangeEntries", Door::Node),
             ("/dkvs.v1.Membership/LayoutCommit", Door::Node),
-            ("/dkvs.v1.Membership/LayoutVouch", Door::Node),
+            ("/dkvs.v1.Membership/LayoutVouch", Door::AnyNode),
             ("/dkvs.v1.Membership/StreamRecords", Door::Node),
             ("/dkvs.v1.Membership/Join", Door::AnyNode),
             ("/dkvs.v1.Membership/GetLayout", Door::AnyNode),

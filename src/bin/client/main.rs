@@ -4,7 +4,7 @@
 //! and maps errors to exit codes. The prompt is in [`prompt`], the `status`
 //! table in [`status`], `bench` and its targets in [`bench`](mod@bench),
 //! `check` (a recorded workload and its verdict) in [`check`], `cluster
-//! wait` in [`cluster`].
+//! wait` in [`cluster`], `certs` (a CA and node certificates) in [`certs`].
 //!
 //! Exit codes ([`exit_code`], DESIGN.md's "Outcomes" table): 0 success;
 //! 1 GET of a missing key, or a `check` whose history broke a promise; 2
@@ -36,12 +36,14 @@ use dkvs::error::Outcome as WriteOutcome;
 use dkvs::quorum::Consistency;
 
 mod bench;
+mod certs;
 mod check;
 mod cluster;
 mod prompt;
 mod status;
 
 use bench::BenchArgs;
+use certs::CertsArgs;
 use check::CheckArgs;
 use cluster::ClusterCommand;
 
@@ -149,6 +151,14 @@ enum Command {
     /// over; `cluster abort` undoes a join in progress.
     #[command(name = "cluster", subcommand)]
     Cluster(ClusterCommand),
+    /// Make a CA and node certificates for a secure cluster (no cluster needed).
+    ///
+    /// DKVSClient certs --dir DIR [--node HOST:PORT]... [--days N] [--force]
+    ///
+    /// Makes the CA in DIR (ca.pem, ca-key.pem) unless DIR holds one, then
+    /// signs a certificate for each --node with it.
+    #[command(name = "certs")]
+    Certs(CertsArgs),
     /// Serve a do-nothing dkvs.v1.KeyValue (for `bench --noop`).
     #[command(name = "noop-server", hide = true)]
     NoopServer {
@@ -197,6 +207,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    // Talks to no cluster, so needs no CA or token (nor fails on theirs).
+    if let Some(Command::Certs(args)) = &cli.command {
+        return certs::run(args).exit_code();
+    }
     let (bearer, tls) = match security_options(&cli) {
         Ok(security) => security,
         Err(why) => {
@@ -423,6 +437,10 @@ async fn execute(
                 .map(|m| m.address.clone())
                 .collect();
             return Ok(cluster::run(command, &members, client.options()).await);
+        }
+        Command::Certs(args) => {
+            drop(out);
+            return Ok(certs::run(&args));
         }
         Command::Replicas { key } => {
             for (rank, address) in client.replicas_of(&key).iter().enumerate() {
