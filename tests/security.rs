@@ -29,6 +29,12 @@ const READ: &str = "read-token";
 const READ_WRITE: &str = "rw-token";
 const ADMIN: &str = "admin-token";
 
+/// What a node logs when a TLS handshake fails (at debug level).
+const HANDSHAKE_FAILED: &str = "TLS handshake failed";
+
+/// What a joining node logs each time no seed admitted it.
+const JOIN_RETRY: &str = "no seed could add this node yet";
+
 /// How long a certificate or token reload may take to show (the files are
 /// checked every 2 s; the machine is shared and slow).
 const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
@@ -36,14 +42,15 @@ const RELOAD_DEADLINE: Duration = Duration::from_secs(20);
 /// Makes a CA in `dir` (or reuses the one there) and a node certificate
 /// for each address, with `DKVSClient certs`.
 fn make_certs(dir: &Path, addresses: &[&str]) {
-    let output = Command::new("/tmp/mkcerts.sh")
-        .arg(dir)
-        .args(addresses)
-        .output()
-        .expect("run the certificate maker");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_DKVSClient"));
+    command.arg("certs").arg("--dir").arg(dir);
+    for address in addresses {
+        command.args(["--node", address]);
+    }
+    let output = command.output().expect("run DKVSClient certs");
     assert!(
         output.status.success(),
-        "making certificates failed: {}",
+        "DKVSClient certs failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }
@@ -338,7 +345,7 @@ async fn clients_need_tls_and_a_token_of_the_right_role() {
         "PUT with a read token",
     );
     let output = secured.client(&["PUT", "read-put", "v"], &[("DKVS_TOKEN", READ)]);
-    assert_exit(&output, 5, "", "DKVSClient PUT with a read token");
+    assert_exit(&output, 5, "readwrite role", "DKVSClient PUT with a read token");
     assert!(
         !secured.found(1, "read-put").await,
         "a read token's PUT wrote"
@@ -626,26 +633,32 @@ async fn node_to_node_services_refuse_all_but_member_certificates() {
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut secured = secured;
+    let refused_before = secured.cluster.log_of(0).matches(HANDSHAKE_FAILED).count();
     let joiner = secured.cluster.spawn_joiner(0, outsider.clone(), &flags);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut exited = None;
-    while Instant::now() < deadline && exited.is_none() {
-        exited = secured.cluster.exited(joiner);
+    // Refused: the seed logs a failed handshake, and the joiner retries
+    // (or gives up); all the while it never serves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
         assert!(
             !common::health_serving_tls(&both, &outsider).await,
             "the foreign node serves:\n{}",
             secured.cluster.log_tail_of(joiner)
         );
-        let log = secured.cluster.log_of(joiner);
-        if log.contains("certificate") {
+        let exited = secured.cluster.exited(joiner);
+        let seed_refused = secured.cluster.log_of(0).matches(HANDSHAKE_FAILED).count();
+        let retries = secured.cluster.log_of(joiner).matches(JOIN_RETRY).count();
+        if seed_refused > refused_before && (retries >= 2 || exited.is_some()) {
             break;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the foreign node was not seen refused: the seed logged {} more failed \
+             handshakes; the joiner retried {retries} times, exited {exited:?}:\n{}",
+            seed_refused - refused_before,
+            secured.cluster.log_tail_of(joiner)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!(
-        "foreign node: exited {exited:?}; log:\n{}",
-        secured.cluster.log_tail_of(joiner)
-    );
     for i in 0..3 {
         let members = secured.status(i).await.members;
         assert!(
