@@ -345,7 +345,12 @@ async fn clients_need_tls_and_a_token_of_the_right_role() {
         "PUT with a read token",
     );
     let output = secured.client(&["PUT", "read-put", "v"], &[("DKVS_TOKEN", READ)]);
-    assert_exit(&output, 5, "readwrite role", "DKVSClient PUT with a read token");
+    assert_exit(
+        &output,
+        5,
+        "readwrite role",
+        "DKVSClient PUT with a read token",
+    );
     assert!(
         !secured.found(1, "read-put").await,
         "a read token's PUT wrote"
@@ -497,7 +502,7 @@ async fn node_to_node_calls(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_to_node_services_refuse_all_but_member_certificates() {
-    let secured = Secured::start(3).await;
+    let mut secured = Secured::start(3).await;
     let status = secured.status(0).await;
     let layout = status.layout.clone().expect("a layout");
     let version = layout.version;
@@ -632,7 +637,6 @@ async fn node_to_node_services_refuse_all_but_member_certificates() {
         secured.root().join("tokens").display().to_string(),
     ];
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let mut secured = secured;
     let refused_before = secured.cluster.log_of(0).matches(HANDSHAKE_FAILED).count();
     let joiner = secured.cluster.spawn_joiner(0, outsider.clone(), &flags);
     // Refused: the seed logs a failed handshake, and the joiner retries
