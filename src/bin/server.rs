@@ -64,21 +64,9 @@ fn main() -> ExitCode {
 fn load_guard(config: &ServerConfig) -> Result<Guard, String> {
     let tls = match config.tls_files() {
         Some(files) => {
-            let tls = NodeTls::load(files)?;
+            warn_if_others_can_read(&files.key, "--tls-key");
             let address = config.advertised_address();
-            match tls.node_name() {
-                Some(named) if named == address => {}
-                named => {
-                    return Err(format!(
-                        "--tls-cert {} must name this node as the SAN URI dkvs-node:{address} \
-                         (its address as peers know it: --advertise, else --listen), so peers \
-                         accept it; it names {}",
-                        tls.files().cert.display(),
-                        named.map_or("no node".to_string(), |n| format!("dkvs-node:{n}"))
-                    ));
-                }
-            }
-            Some(Arc::new(tls))
+            Some(Arc::new(NodeTls::load_for_node(files, &address)?))
         }
         None => None,
     };
@@ -86,15 +74,50 @@ fn load_guard(config: &ServerConfig) -> Result<Guard, String> {
         Some(path) => Some(Arc::new(AuthFile::load(path)?)),
         None => None,
     };
-    if auth.is_some() && tls.is_none() {
-        tracing::warn!(
-            "--insecure-plaintext-auth: tokens travel in clear text and node-to-node calls are not authenticated"
-        );
+    if let Some(auth) = &auth {
+        warn_if_others_can_read(auth.path(), "--auth-file");
+    }
+    match (&tls, &auth) {
+        (None, Some(_)) => tracing::warn!(
+            "--insecure-plaintext-auth: tokens travel in clear text, and the node-to-node \
+             services take anyone's calls, so tokens do not protect the data: anyone who \
+             reaches the port can read and write every key through them"
+        ),
+        (Some(_), None) => tracing::warn!(
+            "TLS without --auth-file: the node-to-node services are closed to all but the \
+             cluster's nodes, but any client that trusts the CA may read, write and change \
+             membership"
+        ),
+        _ => {}
     }
     Ok(Guard { tls, auth })
 }
 
+/// Warns when users other than the owner may read a secret file.
+fn warn_if_others_can_read(path: &std::path::Path, flag: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "{flag} is readable by other users of this machine: chmod 600 it"
+            );
+        }
+    }
+}
+
 async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
+    // From now on SIGHUP rereads certificates and tokens instead of ending
+    // the process (tokio keeps its handler once one is registered), also
+    // while the node is still opening or joining.
+    #[cfg(unix)]
+    if guard.is_on() {
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

@@ -1,6 +1,8 @@
 //! Dialing over TLS: tonic channels whose connections are TCP, then a
 //! rustls handshake that checks the peer's certificate against the dialed
-//! host (an IP SAN for an address, a DNS SAN for a name). Each connection
+//! host (an IP SAN for an address, a DNS SAN for a name), then that the
+//! certificate names the node dialed (`dkvs-node:HOST:PORT`), so a node
+//! cannot answer for another on its host. Each connection
 //! takes the client config current when it is made, so a node's rotated
 //! certificate is presented from its next connection on.
 
@@ -12,7 +14,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::Dialer;
 use crate::error::{Error, Result};
-use crate::security::tls::ClientTls;
+use crate::security::tls::{ClientTls, node_named_in};
 
 /// Dials HTTP/2 over TLS.
 #[derive(Clone)]
@@ -67,7 +69,26 @@ async fn connect(
         .map_err(|e| invalid(format!("{bare:?} is not a host name TLS can check: {e}")))?;
     let tcp = tokio::net::TcpStream::connect((bare, port)).await?;
     tcp.set_nodelay(true)?;
-    tokio_rustls::TlsConnector::from(tls.config())
+    let stream = tokio_rustls::TlsConnector::from(tls.config())
         .connect(name, tcp)
-        .await
+        .await?;
+    // The CA signs every node's certificate, and several nodes may share a
+    // host: the one answering must be the node dialed, by name.
+    let dialed = format!("{host}:{port}");
+    let named = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(node_named_in);
+    if named.as_deref() != Some(dialed.as_str()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "the node at {dialed} presents a certificate for {}, not dkvs-node:{dialed}: dial nodes by the address their certificates (and the cluster) know them by",
+                named.map_or("no node".to_string(), |n| format!("dkvs-node:{n}"))
+            ),
+        ));
+    }
+    Ok(stream)
 }

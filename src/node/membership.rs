@@ -90,6 +90,14 @@ impl pb::membership_server::Membership for MembershipService {
             .get::<super::VerifiedNode>()
             .map(|node| node.0.clone());
         let request = request.into_inner();
+        if certified.is_some() && request.instance_id == 0 {
+            // NONE is for joiners of a release before instance ids, which
+            // had no TLS: it would also escape the removed list.
+            return Err(crate::error::Error::PermissionDenied(
+                "a joiner under TLS must name its instance id".into(),
+            )
+            .into());
+        }
         if let Some(certified) = certified
             && certified != request.address
         {

@@ -1,6 +1,7 @@
 //! The async shell of a secured node: accepting TLS connections, and
 //! reloading certificates and tokens when their files change or on SIGHUP.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,18 +11,22 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::access_gate::Guard;
+use crate::locks::Locked;
 use crate::security::tls::NodeTls;
 
 /// Longest a TLS handshake may take: a client that opens a connection and
-/// says nothing holds a task this long, never the accept loop.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// says nothing holds a slot this long, never the accept loop.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connections finished handshaking, waiting for the server to take them.
 const ACCEPTED_BACKLOG: usize = 64;
 
-/// Most handshakes in progress at once; past it, accepting waits for one
-/// to end (a flood of silent connections costs memory for this many only).
+/// Most handshakes in progress at once, and from one host. Past either, a
+/// new connection is closed at once (the accept loop never waits), so
+/// silent connections from one host cannot keep others out, and a flood
+/// from many costs this many tasks at most.
 const MAX_HANDSHAKES: usize = 1024;
+const MAX_HANDSHAKES_PER_HOST: usize = 64;
 
 /// How often the certificate and token files are checked for changes.
 pub const RELOAD_CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -50,14 +55,8 @@ async fn accept_loop(
     ready: tokio::sync::mpsc::Sender<TlsStream<TcpStream>>,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let per_host = HostSlots::default();
     loop {
-        let permit = tokio::select! {
-            permit = handshakes.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = ready.closed() => return,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = ready.closed() => return,
@@ -71,11 +70,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        let (Ok(permit), Some(slot)) = (
+            handshakes.clone().try_acquire_owned(),
+            per_host.claim(peer.ip()),
+        ) else {
+            tracing::debug!(%peer, "too many TLS handshakes in progress: connection closed");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
         let ready = ready.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(connection)) => {
                     let _ = ready.send(connection).await;
@@ -86,6 +92,44 @@ async fn accept_loop(
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// Handshakes in progress per host.
+#[derive(Clone, Default)]
+struct HostSlots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+/// One handshake's place in [`HostSlots`], given back when dropped.
+struct HostSlot {
+    slots: HostSlots,
+    host: IpAddr,
+}
+
+impl HostSlots {
+    /// A slot for one more handshake from `host`, unless it has too many.
+    fn claim(&self, host: IpAddr) -> Option<HostSlot> {
+        let mut counts = self.0.locked();
+        let count = counts.entry(host).or_default();
+        if *count >= MAX_HANDSHAKES_PER_HOST {
+            return None;
+        }
+        *count += 1;
+        Some(HostSlot {
+            slots: self.clone(),
+            host,
+        })
+    }
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.0.locked();
+        if let Some(count) = counts.get_mut(&self.host) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.host);
+            }
+        }
     }
 }
 
@@ -142,6 +186,26 @@ fn reload(guard: &Guard) {
                 tracing::warn!(%error, "the auth file changed but does not load; keeping the old tokens")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_host_gets_a_bounded_number_of_handshakes_and_slots_come_back() {
+        let slots = HostSlots::default();
+        let host: IpAddr = [10, 0, 0, 1].into();
+        let other: IpAddr = [10, 0, 0, 2].into();
+        let held: Vec<HostSlot> = (0..MAX_HANDSHAKES_PER_HOST)
+            .map(|_| slots.claim(host).expect("under the limit"))
+            .collect();
+        assert!(slots.claim(host).is_none());
+        assert!(slots.claim(other).is_some());
+        drop(held);
+        assert!(slots.claim(host).is_some());
+        assert!(slots.0.locked().is_empty());
     }
 }
 

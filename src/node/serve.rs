@@ -27,6 +27,9 @@ const SERVICES: [&str; 6] = [
     "dkvs.v1.Liveness",
 ];
 
+/// The longest a TLS connection serves (see [`serve_guarded`]).
+const MAX_TLS_CONNECTION_AGE: Duration = Duration::from_secs(3600);
+
 /// Accepted connections from `listener`, with Nagle's algorithm off (tonic
 /// does not touch sockets it did not accept itself; with Nagle on, a reply's
 /// trailing frames wait ~40 ms for the peer's delayed ACK).
@@ -86,20 +89,8 @@ where
         "serving"
     );
 
-    let drain_health = health.clone();
-    let stop_serving = serving.abort_handle();
-    let removal = node.removal.clone();
-    let signal = async move {
-        // A clean stop, or this instance learned it was removed.
-        tokio::select! {
-            _ = shutdown => {}
-            _ = removal.stopped() => {}
-        }
-        stop_serving.abort();
-        tracing::info!("shutting down: NOT_SERVING, draining requests");
-        set_every_status(&drain_health, tonic_health::ServingStatus::NotServing).await;
-    };
-    let served = Server::builder()
+    let signal = drain_signal(&node, &health, &serving, shutdown);
+    let served = server_builder(&guard)
         .layer(EdgeStatusLayer {
             max_message: max_message_bytes(node.limits.max_value_bytes),
         })
@@ -130,6 +121,42 @@ where
         let _ = reloader.await;
     }
     served.map_err(|e| Error::Internal(format!("gRPC server: {e}")))
+}
+
+/// Completes when the node should stop serving (`shutdown`, or this
+/// instance learned it was removed), after turning health NOT_SERVING.
+fn drain_signal(
+    node: &Node,
+    health: &tonic_health::server::HealthReporter,
+    serving: &tokio::task::JoinHandle<()>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> impl Future<Output = ()> + Send {
+    let drain_health = health.clone();
+    let stop_serving = serving.abort_handle();
+    let removal = node.removal.clone();
+    async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = removal.stopped() => {}
+        }
+        stop_serving.abort();
+        tracing::info!("shutting down: NOT_SERVING, draining requests");
+        set_every_status(&drain_health, tonic_health::ServingStatus::NotServing).await;
+    }
+}
+
+/// The server's settings. Under TLS, who a caller is was checked at its
+/// handshake: connections end after an hour (gracefully; the peer
+/// reconnects at once), so a CA or certificate dropped from the files
+/// stops opening doors.
+fn server_builder(guard: &Guard) -> Server {
+    let builder = Server::builder();
+    if guard.tls.is_none() {
+        return builder;
+    }
+    builder
+        .max_connection_age(MAX_TLS_CONNECTION_AGE)
+        .max_connection_age_grace(Duration::from_secs(60))
 }
 
 /// Server reflection, v1 and v1alpha (many clients still ask v1alpha).

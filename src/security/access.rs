@@ -6,7 +6,7 @@
 //! | door | paths | who passes |
 //! |---|---|---|
 //! | open | health, reflection | anyone |
-//! | client(role) | `KeyValue`, `Cluster`, `ReplicaRead` | a token of that role or stronger (when `--auth-file` is set), or a member node |
+//! | client(role) | `KeyValue`, `Cluster`, `ReplicaRead` | a token of that role or stronger (when `--auth-file` is set) |
 //! | node | `Replica`, `Membership`, `Liveness` | a member's or joiner's node certificate (when TLS is on) |
 //! | any node | `Membership.Join`, `Membership.GetLayout`, `Membership.LayoutVouch` | any node certificate (a joiner, or a removed node learning it was removed: it fetches the layout and verifies it with the members' vouches, both read-only) |
 //!
@@ -105,7 +105,6 @@ pub fn admit(door: Door, caller: Caller<'_>, policy: Policy<'_>) -> Result<(), R
             ))),
             None => Err(no_node_certificate()),
         },
-        Door::Client(_) if caller.node.is_some() && caller.node_is_member => Ok(()),
         Door::Client(needed) => {
             let Some(tokens) = policy.tokens else {
                 return Ok(());
@@ -213,15 +212,13 @@ mod tests {
             Err(Refused::PermissionDenied(_))
         ));
         assert_eq!(admit(Door::AnyNode, removed, secured), Ok(()));
-        // A member node reaches the client doors without a token; a
-        // removed one needs a token like anyone else.
-        assert_eq!(admit(Door::Client(Role::Admin), member, secured), Ok(()));
+        // A node certificate opens no client door: nodes never call them,
+        // and a token's role is the one thing that does.
+        assert!(matches!(
+            admit(Door::Client(Role::Read), member, secured),
+            Err(Refused::Unauthenticated(_))
+        ));
         assert_eq!(admit(Door::Client(Role::Admin), removed, secured), Ok(()));
-        let removed_without_token = Caller {
-            token: None,
-            ..removed
-        };
-        assert!(admit(Door::Client(Role::Read), removed_without_token, secured).is_err());
         assert_eq!(admit(Door::Open, Caller::default(), secured), Ok(()));
     }
 

@@ -68,6 +68,8 @@ impl Tokens {
     /// Parses an auth file's text; an error names the line (never the token).
     pub fn parse(text: &str) -> Result<Tokens, String> {
         let mut entries: Vec<(Digest, Role)> = Vec::new();
+        // A byte-order mark (some editors write one) is not part of a token.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (index, line) in text.lines().enumerate() {
             let number = index + 1;
             let line = line.split('#').next().unwrap_or("").trim();
@@ -81,8 +83,12 @@ impl Tokens {
                     fields.len()
                 ));
             };
+            // Not echoed: a line written role first would show its token.
             let role = Role::parse(role).ok_or_else(|| {
-                format!("line {number}: unknown role {role:?} (roles: read, readwrite, admin)")
+                format!(
+                    "line {number}: the second field must be a role: read, readwrite or admin \
+                     (`<token> <role>`)"
+                )
             })?;
             let digest = match token.strip_prefix("sha256:") {
                 Some(hex) => parse_hex_digest(hex).ok_or_else(|| {
@@ -160,6 +166,8 @@ pub struct AuthFile {
     current: RwLock<Arc<Tokens>>,
     /// The bytes `current` was parsed from.
     loaded: Mutex<Vec<u8>>,
+    /// Contents a reload refused (reported once while they stay).
+    refused: Mutex<Option<Vec<u8>>>,
 }
 
 impl AuthFile {
@@ -171,6 +179,7 @@ impl AuthFile {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(tokens)),
             loaded: Mutex::new(bytes),
+            refused: Mutex::new(None),
         })
     }
 
@@ -191,10 +200,16 @@ impl AuthFile {
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let bytes = read_auth_file(&self.path)?;
         let mut loaded = self.loaded.locked();
-        if *loaded == bytes {
+        if *loaded == bytes || self.refused.locked().as_ref() == Some(&bytes) {
             return Ok(false);
         }
-        let tokens = parse_auth_bytes(&self.path, &bytes)?;
+        let tokens = match parse_auth_bytes(&self.path, &bytes) {
+            Ok(tokens) => tokens,
+            Err(why) => {
+                *self.refused.locked() = Some(bytes);
+                return Err(why);
+            }
+        };
         match self.current.write() {
             Ok(mut current) => *current = Arc::new(tokens),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(tokens),
@@ -246,6 +261,8 @@ mod tests {
         assert_eq!(tokens.role_of("hashed-secret"), Some(Role::Admin));
         assert_eq!(tokens.role_of(&format!("sha256:{hex}")), None);
         assert_eq!(tokens.role_of("reader-secreT"), None);
+        let with_bom = Tokens::parse("\u{feff}bom-token read\r\n").expect("parses");
+        assert_eq!(with_bom.role_of("bom-token"), Some(Role::Read));
         assert_eq!(tokens.role_of(""), None);
         assert!(Role::Read < Role::ReadWrite && Role::ReadWrite < Role::Admin);
     }
@@ -256,7 +273,11 @@ mod tests {
             ("ok-token read\nsecret-one\n", "line 2: expected"),
             (
                 "secret-two superuser\n",
-                "line 1: unknown role \"superuser\"",
+                "line 1: the second field must be a role",
+            ),
+            (
+                "admin secret-four\n",
+                "line 1: the second field must be a role",
             ),
             ("sha256:abc read\n", "line 1: sha256:"),
             (
@@ -296,6 +317,8 @@ mod tests {
         assert_eq!(file.tokens().role_of("second-token"), Some(Role::Admin));
         std::fs::write(&path, "half-written\n").expect("write");
         assert!(file.reload_if_changed().is_err());
+        // Reported once while the file stays the same.
+        assert_eq!(file.reload_if_changed(), Ok(false));
         assert_eq!(file.tokens().role_of("second-token"), Some(Role::Admin));
         std::fs::write(&path, "# nobody\n").expect("write");
         assert!(

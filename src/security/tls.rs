@@ -66,6 +66,11 @@ pub struct NodeTls {
     current: RwLock<Arc<Configs>>,
     /// What `current` was built from.
     loaded: Mutex<Loaded>,
+    /// Contents a reload refused, so the refusal is reported once, not at
+    /// every check while the files stay the same.
+    refused: Mutex<Option<Loaded>>,
+    /// The node address every certificate loaded must name (none: any).
+    node_name: Option<String>,
 }
 
 impl NodeTls {
@@ -77,19 +82,25 @@ impl NodeTls {
             files,
             current: RwLock::new(Arc::new(configs)),
             loaded: Mutex::new(loaded),
+            refused: Mutex::new(None),
+            node_name: None,
         })
+    }
+
+    /// Loads the files for the node at `address`: the certificate must name
+    /// it (`dkvs-node:ADDRESS`), now and at every reload, or peers would
+    /// refuse it (or take it for another node).
+    pub fn load_for_node(files: TlsFiles, address: &str) -> Result<NodeTls, String> {
+        let mut tls = NodeTls::load(files)?;
+        let loaded = tls.loaded.locked().clone();
+        check_names(&tls.files, &loaded, address)?;
+        tls.node_name = Some(address.to_string());
+        Ok(tls)
     }
 
     /// The files this TLS comes from.
     pub fn files(&self) -> &TlsFiles {
         &self.files
-    }
-
-    /// The node address the current certificate names (`dkvs-node:`), if any.
-    pub fn node_name(&self) -> Option<String> {
-        let loaded = self.loaded.locked();
-        let chain = certificates(&loaded.cert, &self.files.cert).ok()?;
-        node_named_in(chain.first()?)
     }
 
     /// The configs for a connection starting now.
@@ -116,10 +127,20 @@ impl NodeTls {
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let fresh = read_files(&self.files)?;
         let mut loaded = self.loaded.locked();
-        if *loaded == fresh {
+        if *loaded == fresh || self.refused.locked().as_ref() == Some(&fresh) {
             return Ok(false);
         }
-        let configs = build(&self.files, &fresh)?;
+        let built = build(&self.files, &fresh).and_then(|configs| match &self.node_name {
+            Some(address) => check_names(&self.files, &fresh, address).map(|()| configs),
+            None => Ok(configs),
+        });
+        let configs = match built {
+            Ok(configs) => configs,
+            Err(why) => {
+                *self.refused.locked() = Some(fresh);
+                return Err(why);
+            }
+        };
         match self.current.write() {
             Ok(mut current) => *current = Arc::new(configs),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(configs),
@@ -179,6 +200,21 @@ pub fn node_named_in(certificate: &CertificateDer<'_>) -> Option<String> {
         .find_map(|uri| uri.strip_prefix(NODE_NAME_PREFIX))
         .filter(|address| !address.is_empty())
         .map(str::to_string)
+}
+
+/// Whether the certificate in `loaded` names the node at `address`.
+fn check_names(files: &TlsFiles, loaded: &Loaded, address: &str) -> Result<(), String> {
+    let chain = certificates(&loaded.cert, &files.cert)?;
+    let named = chain.first().and_then(node_named_in);
+    if named.as_deref() == Some(address) {
+        return Ok(());
+    }
+    Err(format!(
+        "--tls-cert {} must name this node as the SAN URI dkvs-node:{address} (its address as \
+         peers know it: --advertise, else --listen), so peers accept it; it names {}",
+        files.cert.display(),
+        named.map_or("no node".to_string(), |n| format!("dkvs-node:{n}"))
+    ))
 }
 
 /// The one crypto provider: ring (the lightest build, and the only backend

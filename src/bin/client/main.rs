@@ -98,6 +98,11 @@ struct Cli {
     #[arg(long, env = "DKVS_TOKEN", hide_env_values = true)]
     token: Option<String>,
 
+    /// Send the token even without --tls-ca, in clear text (for nodes run
+    /// with --insecure-plaintext-auth).
+    #[arg(long)]
+    insecure_plaintext_auth: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -305,6 +310,13 @@ fn security_options(
         Some(ca) => Some(dkvs::security::tls::ClientTls::for_ca(ca)?),
         None => None,
     };
+    if token.is_some() && tls.is_none() && !cli.insecure_plaintext_auth {
+        return Err(
+            "a token without --tls-ca (DKVS_TLS_CA) would travel in clear text: pass the \
+             cluster's CA, or --insecure-plaintext-auth for nodes run that way"
+                .into(),
+        );
+    }
     Ok((bearer, tls))
 }
 
