@@ -298,12 +298,20 @@ async fn clients_need_tls_and_a_token_of_the_right_role() {
         .get(request(common::get_request("k"), Some(READ_WRITE)))
         .await;
     assert!(plaintext.is_err(), "plaintext GET answered: {plaintext:?}");
-    let output = secured.client_plain(&["--token", READ_WRITE, "GET", "k"], &[]);
+    let output = secured.client_plain(&["GET", "k"], &[]);
     assert!(!output.status.success(), "plaintext DKVSClient succeeded");
     assert!(
         stderr(&output).contains("pass --tls-ca"),
         "DKVSClient without --tls-ca should say to pass it: {}",
         stderr(&output)
+    );
+    // With a token it does not even try: the token would travel in clear.
+    let output = secured.client_plain(&["GET", "k"], &[("DKVS_TOKEN", READ_WRITE)]);
+    assert_exit(
+        &output,
+        2,
+        "--tls-ca",
+        "DKVSClient with a token, without --tls-ca",
     );
 
     // 2. No token, or one the nodes do not know: UNAUTHENTICATED.
