@@ -225,11 +225,6 @@ impl TestCluster {
         panic!("secured cluster did not start: {last_error}");
     }
 
-    /// The directory holding the nodes' data dirs and logs.
-    pub fn dir(&self) -> &std::path::Path {
-        self.dir.path()
-    }
-
     async fn wait_all_ready(&mut self) -> Result<(), String> {
         for i in 0..self.nodes.len() {
             self.wait_ready(i).await?;
