@@ -345,7 +345,18 @@ fn report(error: &Error) -> ExitCode {
 
 /// Prints an error of a `kind` command and picks its exit code.
 fn report_as(error: &Error, kind: Kind) -> ExitCode {
-    eprintln!("error: {error}");
+    // A refusal of credentials says so first, whichever way it came.
+    let said = error.to_string();
+    let label = match error.code() {
+        tonic::Code::Unauthenticated => "unauthenticated",
+        tonic::Code::PermissionDenied => "permission denied",
+        _ => "",
+    };
+    if label.is_empty() || said.to_lowercase().starts_with(label) {
+        eprintln!("error: {said}");
+    } else {
+        eprintln!("error: {label}: {said}");
+    }
     ExitCode::from(exit_code(error, kind))
 }
 
