@@ -262,14 +262,16 @@ fn roots(bytes: &[u8], path: &Path) -> Result<RootCertStore, String> {
 }
 
 fn build(files: &TlsFiles, loaded: &Loaded) -> Result<Configs, String> {
-    let chain = certificates(&loaded.cert, &files.cert)?;
+    // Each error names the flag too: the path alone does not say which
+    // of the three files an operator mixed up.
+    let chain = certificates(&loaded.cert, &files.cert).map_err(|e| format!("--tls-cert: {e}"))?;
     let key = PrivateKeyDer::from_pem_slice(&loaded.key).map_err(|e| {
         format!(
-            "{} is not a PEM private key (PKCS#8, SEC1 or PKCS#1): {e}",
+            "--tls-key: {} is not a PEM private key (PKCS#8, SEC1 or PKCS#1): {e}",
             files.key.display()
         )
     })?;
-    let roots = Arc::new(roots(&loaded.ca, &files.ca)?);
+    let roots = Arc::new(roots(&loaded.ca, &files.ca).map_err(|e| format!("--tls-ca: {e}"))?);
     let mismatch = |e: rustls::Error| {
         format!(
             "the key {} does not go with the certificate {}: {e}",

@@ -75,6 +75,31 @@ pub struct TestCluster {
     /// Holds every node's data and logs; removed on drop.
     dir: tempfile::TempDir,
     pub nodes: Vec<TestNode>,
+    /// How the harness reaches nodes that serve TLS (none: plaintext).
+    access: Option<TlsAccess>,
+}
+
+/// How the harness itself reaches a cluster that serves TLS with
+/// `--auth-file`: the CA it trusts, and a token for `Cluster.Status`.
+#[derive(Clone, Debug)]
+pub struct TlsAccess {
+    /// A PEM file of the CA certificates the nodes' certificates chain to.
+    pub ca: PathBuf,
+    /// A token of at least the `read` role.
+    pub token: String,
+}
+
+/// An address on 127.0.0.1 whose port the OS picked as free just now.
+pub fn free_address() -> String {
+    format!("127.0.0.1:{}", free_ports(1)[0])
+}
+
+/// `count` addresses on 127.0.0.1 with ports the OS picked as free.
+fn free_addresses(count: usize) -> Vec<String> {
+    free_ports(count)
+        .into_iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect()
 }
 
 /// Ports the OS picked as free: bind port 0, note the port, release it.
@@ -136,20 +161,30 @@ impl TestCluster {
 
     fn spawn_all(count: usize, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let addresses: Vec<String> = free_ports(count)
-            .into_iter()
-            .map(|p| format!("127.0.0.1:{p}"))
-            .collect();
+        let addresses = free_addresses(count);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::spawn_each(dir, &addresses, vec![extra; count], None)
+    }
+
+    /// Spawns one node per address, each with its own extra flags, without
+    /// waiting for them.
+    fn spawn_each(
+        dir: tempfile::TempDir,
+        addresses: &[String],
+        extra: Vec<Vec<String>>,
+        access: Option<TlsAccess>,
+    ) -> Self {
         let peers = addresses.join(",");
         // One token per cluster, as startServers.sh gives each fresh one.
         let token = format!("test-{}", addresses.join("-"));
         let nodes = addresses
             .iter()
+            .zip(extra)
             .enumerate()
-            .map(|(i, address)| {
+            .map(|(i, (address, extra))| {
                 let data_dir = dir.path().join(format!("node{i}"));
                 let mut with_token = vec!["--cluster-token", &token];
-                with_token.extend_from_slice(extra);
+                with_token.extend(extra.iter().map(String::as_str));
                 let args = node_args(address, &data_dir, ("--peers", &peers), &with_token);
                 let mut node = TestNode {
                     address: address.clone(),
@@ -162,7 +197,32 @@ impl TestCluster {
                 node
             })
             .collect();
-        Self { dir, nodes }
+        Self { dir, nodes, access }
+    }
+
+    /// Starts `count` nodes that serve TLS (N = 3 replicas) and waits until
+    /// all serve, polled over TLS with `access`. The addresses are picked
+    /// first: `flags_for(dir, addresses)` (`dir` holds the nodes' data and
+    /// logs) makes what the nodes need — certificates naming those exact
+    /// addresses, say — and answers each node's extra flags.
+    pub async fn start_secured(
+        count: usize,
+        access: TlsAccess,
+        flags_for: impl Fn(&std::path::Path, &[String]) -> Vec<Vec<String>>,
+    ) -> Self {
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let addresses = free_addresses(count);
+            let extra = flags_for(dir.path(), &addresses);
+            assert_eq!(extra.len(), count, "flags for every node");
+            let mut cluster = Self::spawn_each(dir, &addresses, extra, Some(access.clone()));
+            match cluster.wait_all_ready().await {
+                Ok(()) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("secured cluster did not start: {last_error}");
     }
 
     async fn wait_all_ready(&mut self) -> Result<(), String> {
@@ -183,11 +243,15 @@ impl TestCluster {
         let address = &self.nodes[i].address;
         let mut last = String::from("no answer");
         while Instant::now() < deadline {
-            let asked = self
-                .membership(i)
-                .await
-                .get_layout(pb::GetLayoutRequest {})
-                .await;
+            let asked = match &self.access {
+                None => {
+                    self.membership(i)
+                        .await
+                        .get_layout(pb::GetLayoutRequest {})
+                        .await
+                }
+                Some(access) => secured_layout(access, address).await,
+            };
             match asked {
                 Ok(layout) => {
                     let layout = layout.into_inner();
@@ -224,7 +288,11 @@ impl TestCluster {
                     self.nodes[i].log_tail()
                 ));
             }
-            if health_serving(&address).await {
+            let serving = match &self.access {
+                None => health_serving(&address).await,
+                Some(access) => health_serving_tls(&access.ca, &address).await,
+            };
+            if serving {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -459,8 +527,24 @@ impl TestCluster {
     /// (`--join`), with `extra` flags; waits until it serves. Answers its
     /// index.
     pub async fn join(&mut self, seed: usize, extra: &[&str]) -> usize {
+        self.join_at(seed, free_address(), extra).await
+    }
+
+    /// Like [`TestCluster::join`], at `address` (e.g. one a certificate
+    /// names: see [`free_address`]).
+    pub async fn join_at(&mut self, seed: usize, address: String, extra: &[&str]) -> usize {
+        let i = self.spawn_joiner(seed, address, extra);
+        if let Err(error) = self.wait_ready(i).await {
+            panic!("joining node did not start: {error}");
+        }
+        i
+    }
+
+    /// Starts one more node at `address` that joins through node `seed`
+    /// (`--join`), with `extra` flags, without waiting for it (it may be
+    /// meant to fail). Answers its index.
+    pub fn spawn_joiner(&mut self, seed: usize, address: String, extra: &[&str]) -> usize {
         let i = self.nodes.len();
-        let address = format!("127.0.0.1:{}", free_ports(1)[0]);
         let data_dir = self.dir.path().join(format!("node{i}"));
         let args = node_args(
             &address,
@@ -477,10 +561,20 @@ impl TestCluster {
         };
         node.spawn();
         self.nodes.push(node);
-        if let Err(error) = self.wait_ready(i).await {
-            panic!("joining node did not start: {error}");
-        }
         i
+    }
+
+    /// Node `i`'s whole log so far.
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// How node `i` exited, if it has (it is then no longer running).
+    pub fn exited(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        let child = self.nodes[i].child.as_mut()?;
+        let status = child.try_wait().expect("wait node")?;
+        self.nodes[i].child = None;
+        Some(status)
     }
 
     /// The last lines of node `i`'s log.
@@ -638,6 +732,52 @@ pub async fn channel(address: &str) -> Channel {
         .connect_lazy()
 }
 
+/// A channel to `address` over TLS, trusting the CA certificates in `ca`
+/// and presenting no certificate.
+pub fn tls_channel(ca: &std::path::Path, address: &str) -> Channel {
+    use dkvs::net::Dialer;
+    let tls = dkvs::security::tls::ClientTls::for_ca(ca).expect("load the CA file");
+    dkvs::net::TlsDialer::new(tls)
+        .dial(address)
+        .expect("valid address")
+}
+
+/// Whether the node at `address` answers SERVING on its health service
+/// now, asked over TLS (trusting `ca`).
+pub async fn health_serving_tls(ca: &std::path::Path, address: &str) -> bool {
+    let mut client = HealthClient::new(tls_channel(ca, address));
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    match tokio::time::timeout(Duration::from_secs(1), client.check(request)).await {
+        Ok(Ok(reply)) => reply.into_inner().status == 1, // SERVING
+        _ => false,
+    }
+}
+
+/// The layout the node at `address` serves, from `Cluster.Status` over TLS
+/// with `access`'s token (the node-to-node `GetLayout` needs a node
+/// certificate).
+async fn secured_layout(
+    access: &TlsAccess,
+    address: &str,
+) -> Result<tonic::Response<pb::Layout>, tonic::Status> {
+    let mut request = tonic::Request::new(pb::StatusRequest {});
+    request.set_timeout(Duration::from_secs(2));
+    let bearer = format!("Bearer {}", access.token)
+        .parse()
+        .map_err(|_| tonic::Status::invalid_argument("the token is not ASCII"))?;
+    request.metadata_mut().insert("authorization", bearer);
+    let status = pb::cluster_client::ClusterClient::new(tls_channel(&access.ca, address))
+        .status(request)
+        .await?
+        .into_inner();
+    status
+        .layout
+        .map(tonic::Response::new)
+        .ok_or_else(|| tonic::Status::unavailable("no layout yet"))
+}
+
 /// Whether the node at `address` answers SERVING on its health service now.
 pub async fn health_serving(address: &str) -> bool {
     let mut client = HealthClient::new(channel(address).await);
@@ -723,7 +863,11 @@ impl TestCluster {
                 node
             })
             .collect();
-        let mut cluster = Self { dir, nodes };
+        let mut cluster = Self {
+            dir,
+            nodes,
+            access: None,
+        };
         if let Err(error) = cluster.wait_all_ready().await {
             panic!("cluster did not start: {error}");
         }
