@@ -747,6 +747,59 @@ async fn a_node_with_its_own_certificate_joins_under_tls() {
     assert!(secured.found(0, "through-joiner").await);
 }
 
+/// Under mutual TLS a node whose join was aborted is refused by every
+/// member's node doors, yet still learns it was removed (the layout fetch
+/// and its vouches stay open to any node certificate) and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_joiner_learns_it_under_tls_and_exits_0() {
+    let mut secured = Secured::start(3).await;
+    for i in 0..300 {
+        secured
+            .put(0, &format!("key-{i}"), READ_WRITE)
+            .await
+            .expect("preload PUT");
+    }
+    let address = free_address();
+    make_certs(&secured.ca1(), &[&address]);
+    let live = secured.root().join("live");
+    let (cert, key) = node_files(&secured.ca1(), &address);
+    replace_file(&live.join("node3.pem"), &read_bytes(&cert));
+    replace_file(&live.join("node3-key.pem"), &read_bytes(&key));
+    let mut flags = Secured::flags(secured.root(), 3);
+    // Slow streaming: the join stays in progress while it is aborted.
+    flags.extend(["--stream-rate".to_string(), "20".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let joiner = secured.cluster.spawn_joiner(0, address.clone(), &flags);
+    eventually(Duration::from_secs(30), async || {
+        let layout = secured.status(1).await.layout.unwrap_or_default();
+        if layout.members.iter().any(|m| m.address == address) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{address} not joining yet (layout v{})",
+                layout.version
+            ))
+        }
+    })
+    .await;
+    let aborted = pb::cluster_client::ClusterClient::new(secured.channel(1))
+        .abort(request(pb::AbortRequest {}, Some(ADMIN)))
+        .await
+        .expect("abort with the admin token");
+    let version = aborted.into_inner().layout.expect("layout").version;
+    let exited = secured
+        .cluster
+        .wait_exit(joiner, Duration::from_secs(30))
+        .await;
+    let log = secured.cluster.log_tail_of(joiner);
+    assert_eq!(exited.code(), Some(0), "{log}");
+    assert!(
+        log.contains(&format!("this node's join was aborted (layout v{version})")),
+        "{log}"
+    );
+    assert!(secured.found(0, "key-7").await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_and_tokens_rotate_without_a_restart() {
     let secured = Secured::start(3).await;
