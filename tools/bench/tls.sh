@@ -55,8 +55,13 @@ bench_round() { # round mode(plain|tls)
   done
   client=("$BIN/DKVSClient" --nodes "$NODES")
   [[ $mode == tls ]] && client+=(--tls-ca "$PKI/ca.pem" --token-file "$PKI/readwrite.token")
-  for _ in $(seq 1 100); do "${client[@]}" PUT warmup ok >/dev/null 2>&1 && break; sleep 0.1; done
-  "${client[@]}" bench --workload w --ops 1 --concurrency 1 --keys "$KEYS" --json >/dev/null
+  for _ in $(seq 1 300); do "${client[@]}" PUT warmup ok >/dev/null 2>&1 && break; sleep 0.1; done
+  "${client[@]}" cluster wait --timeout-secs 60 >/dev/null
+  # Preload every key (retried while the last node comes to serve clients).
+  for _ in $(seq 1 30); do
+    "${client[@]}" bench --workload w --ops 1 --concurrency 1 --keys "$KEYS" --json >/dev/null 2>&1 && break
+    sleep 1
+  done
   for path in smart via-node; do
     for workload in w c; do
       local via=()
