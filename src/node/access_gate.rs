@@ -10,10 +10,7 @@
 //! on to the handler as a [`VerifiedNode`] extension (`Membership.Join`
 //! checks the joiner joins as the address its certificate names).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
@@ -43,34 +40,18 @@ impl Guard {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VerifiedNode(pub String);
 
-/// Applies the doors (see the module doc).
+/// Applies the doors (see the module doc); a [`super::gate::Admit`] rule.
 #[derive(Clone)]
-pub(super) struct AccessGateLayer {
+pub(super) struct AccessRule {
     pub(super) guard: Guard,
     pub(super) layouts: Arc<LayoutOwner>,
 }
 
-impl<S> tower::Layer<S> for AccessGateLayer {
-    type Service = AccessGate<S>;
-
-    fn layer(&self, inner: S) -> AccessGate<S> {
-        AccessGate {
-            inner,
-            gate: self.clone(),
-        }
-    }
-}
-
-/// The service [`AccessGateLayer`] wraps around the router.
-#[derive(Clone)]
-pub(super) struct AccessGate<S> {
-    inner: S,
-    gate: AccessGateLayer,
-}
-
-impl AccessGateLayer {
+impl super::gate::Admit for AccessRule {
     /// Admits `request` (tagging it with the verified node), or refuses it.
     fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
+        // A caller cannot bring its own verified name.
+        request.extensions_mut().remove::<VerifiedNode>();
         if !self.guard.is_on() {
             return Ok(());
         }
@@ -121,31 +102,4 @@ fn verified_node<B>(request: &http::Request<B>) -> Option<String> {
         .get::<TlsConnectInfo<TcpConnectInfo>>()?;
     let certs = info.peer_certs()?;
     node_named_in(certs.first()?)
-}
-
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for AccessGate<S>
-where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
-        // A caller cannot bring its own verified name.
-        request.extensions_mut().remove::<VerifiedNode>();
-        match self.gate.admit(&mut request) {
-            Ok(()) => Box::pin(self.inner.call(request)),
-            Err(refusal) => {
-                let response = refusal.into_http::<ResBody>();
-                Box::pin(async move { Ok(response) })
-            }
-        }
-    }
 }

@@ -2,7 +2,7 @@
 //!
 //! Every node-to-node call carries its sender's cluster id in its metadata
 //! (`dkvs-cluster-id`, put there by the peer channel: see
-//! [`crate::net::PeerChannel`]). [`ClusterGateLayer`], around the whole
+//! [`crate::net::PeerChannel`]). [`ClusterRule`], around the whole
 //! server, checks it for `dkvs.v1.Replica`, `dkvs.v1.Membership` and
 //! `dkvs.v1.Liveness` before any handler runs, with the layout owner's rule
 //! ([`crate::serving::LayoutOwner::check_caller`]): a call from another
@@ -27,10 +27,7 @@
 //! (the request carries the cluster id the joiner knows, if any, and its
 //! handler judges it).
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use crate::serving::LayoutOwner;
 
@@ -49,36 +46,17 @@ const UNCHECKED_METHODS: [&str; 3] = [
     "/dkvs.v1.Membership/Join",
 ];
 
-/// Refuses node-to-node calls from another cluster (see the module doc).
+/// Refuses node-to-node calls from another cluster (see the module doc);
+/// a [`super::gate::Admit`] rule.
 #[derive(Clone)]
-pub(super) struct ClusterGateLayer {
+pub(super) struct ClusterRule {
     /// Knows this node's cluster id and logs each foreign sender once.
     pub(super) layouts: Arc<LayoutOwner>,
 }
 
-impl<S> tower::Layer<S> for ClusterGateLayer {
-    type Service = ClusterGate<S>;
-
-    fn layer(&self, inner: S) -> ClusterGate<S> {
-        ClusterGate {
-            inner,
-            layouts: self.layouts.clone(),
-        }
-    }
-}
-
-/// The service [`ClusterGateLayer`] wraps around the router.
-#[derive(Clone)]
-pub(super) struct ClusterGate<S> {
-    /// The router.
-    inner: S,
-    /// See [`ClusterGateLayer::layouts`].
-    layouts: Arc<LayoutOwner>,
-}
-
-impl<S> ClusterGate<S> {
+impl super::gate::Admit for ClusterRule {
     /// Whether `request` may reach its handler; the status to answer if not.
-    fn admit<B>(&self, request: &http::Request<B>) -> Result<(), tonic::Status> {
+    fn admit<B>(&self, request: &mut http::Request<B>) -> Result<(), tonic::Status> {
         let path = request.uri().path();
         if !is_checked(path) {
             return Ok(());
@@ -118,31 +96,6 @@ fn sender_of<B>(request: &http::Request<B>) -> String {
 /// Whether calls to `path` are checked.
 fn is_checked(path: &str) -> bool {
     CHECKED_SERVICES.iter().any(|s| path.starts_with(s)) && !UNCHECKED_METHODS.contains(&path)
-}
-
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for ClusterGate<S>
-where
-    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
-    S::Future: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        match self.admit(&request) {
-            Ok(()) => Box::pin(self.inner.call(request)),
-            Err(refusal) => {
-                let response = refusal.into_http::<ResBody>();
-                Box::pin(async move { Ok(response) })
-            }
-        }
-    }
 }
 
 #[cfg(test)]

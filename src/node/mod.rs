@@ -22,6 +22,7 @@
 mod access_gate;
 mod cluster;
 mod cluster_gate;
+mod gate;
 mod join;
 mod kv;
 mod liveness;

@@ -11,7 +11,8 @@ use tonic::transport::Server;
 use tonic::transport::server::Connected;
 
 use super::Node;
-use super::access_gate::{AccessGateLayer, Guard};
+use super::access_gate::{AccessRule, Guard};
+use super::gate::GateLayer;
 use crate::error::{Error, Outcome, Result};
 use crate::net::max_message_bytes;
 use crate::pb;
@@ -94,13 +95,13 @@ where
         .layer(EdgeStatusLayer {
             max_message: max_message_bytes(node.limits.max_value_bytes),
         })
-        .layer(AccessGateLayer {
+        .layer(GateLayer(AccessRule {
             guard,
             layouts: node.cluster.layouts.clone(),
-        })
-        .layer(super::cluster_gate::ClusterGateLayer {
+        }))
+        .layer(GateLayer(super::cluster_gate::ClusterRule {
             layouts: node.cluster.layouts.clone(),
-        })
+        }))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

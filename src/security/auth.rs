@@ -9,11 +9,11 @@
 //! or shown in errors: a problem in the file names its line, not its token.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use subtle::ConstantTimeEq;
 
-use crate::locks::Locked;
+use super::reload::Reloadable;
 
 /// What a token may do; each role may do what the roles before it may.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -163,11 +163,7 @@ pub fn bearer_token(header: Option<&http::HeaderValue>) -> Result<Option<&str>, 
 /// and when its contents change.
 pub struct AuthFile {
     path: PathBuf,
-    current: RwLock<Arc<Tokens>>,
-    /// The bytes `current` was parsed from.
-    loaded: Mutex<Vec<u8>>,
-    /// Contents a reload refused (reported once while they stay).
-    refused: Mutex<Option<Vec<u8>>>,
+    tokens: Reloadable<Tokens, Vec<u8>>,
 }
 
 impl AuthFile {
@@ -177,9 +173,7 @@ impl AuthFile {
         let tokens = parse_auth_bytes(path, &bytes)?;
         Ok(AuthFile {
             path: path.to_path_buf(),
-            current: RwLock::new(Arc::new(tokens)),
-            loaded: Mutex::new(bytes),
-            refused: Mutex::new(None),
+            tokens: Reloadable::new(tokens, bytes),
         })
     }
 
@@ -189,33 +183,15 @@ impl AuthFile {
 
     /// The tokens of the last good load.
     pub fn tokens(&self) -> Arc<Tokens> {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.tokens.current()
     }
 
     /// Rereads the file; swaps in its tokens if it changed and parses.
-    /// `Ok(true)`: swapped; an error keeps the tokens in place.
+    /// `Ok(true)`: swapped; an error (reported once) keeps the tokens.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let bytes = read_auth_file(&self.path)?;
-        let mut loaded = self.loaded.locked();
-        if *loaded == bytes || self.refused.locked().as_ref() == Some(&bytes) {
-            return Ok(false);
-        }
-        let tokens = match parse_auth_bytes(&self.path, &bytes) {
-            Ok(tokens) => tokens,
-            Err(why) => {
-                *self.refused.locked() = Some(bytes);
-                return Err(why);
-            }
-        };
-        match self.current.write() {
-            Ok(mut current) => *current = Arc::new(tokens),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(tokens),
-        }
-        *loaded = bytes;
-        Ok(true)
+        self.tokens
+            .offer(bytes, |bytes| parse_auth_bytes(&self.path, bytes))
     }
 }
 

@@ -14,4 +14,5 @@
 
 pub mod access;
 pub mod auth;
+pub mod reload;
 pub mod tls;

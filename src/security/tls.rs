@@ -16,14 +16,14 @@
 //! old configs in place, and the error says which file and why.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::locks::Locked;
+use super::reload::Reloadable;
 
 /// The scheme of the SAN URI that names a node in its certificate:
 /// `dkvs-node:HOST:PORT`, the address it serves at (as its layout names it).
@@ -62,13 +62,8 @@ pub struct Configs {
 /// A node's TLS: the configs of the files' current contents.
 pub struct NodeTls {
     files: TlsFiles,
-    /// The configs new connections take (std lock: held for a clone).
-    current: RwLock<Arc<Configs>>,
-    /// What `current` was built from.
-    loaded: Mutex<Loaded>,
-    /// Contents a reload refused, so the refusal is reported once, not at
-    /// every check while the files stay the same.
-    refused: Mutex<Option<Loaded>>,
+    /// The configs new connections take, and the contents they came from.
+    configs: Reloadable<Configs, Loaded>,
     /// The node address every certificate loaded must name (none: any).
     node_name: Option<String>,
 }
@@ -80,9 +75,7 @@ impl NodeTls {
         let configs = build(&files, &loaded)?;
         Ok(NodeTls {
             files,
-            current: RwLock::new(Arc::new(configs)),
-            loaded: Mutex::new(loaded),
-            refused: Mutex::new(None),
+            configs: Reloadable::new(configs, loaded),
             node_name: None,
         })
     }
@@ -92,8 +85,8 @@ impl NodeTls {
     /// refuse it (or take it for another node).
     pub fn load_for_node(files: TlsFiles, address: &str) -> Result<NodeTls, String> {
         let mut tls = NodeTls::load(files)?;
-        let loaded = tls.loaded.locked().clone();
-        check_names(&tls.files, &loaded, address)?;
+        tls.configs
+            .with_loaded(|loaded| check_names(&tls.files, loaded, address))?;
         tls.node_name = Some(address.to_string());
         Ok(tls)
     }
@@ -105,10 +98,7 @@ impl NodeTls {
 
     /// The configs for a connection starting now.
     pub fn current(&self) -> Arc<Configs> {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.configs.current()
     }
 
     /// The server config for a connection accepted now.
@@ -122,31 +112,17 @@ impl NodeTls {
     }
 
     /// Rereads the files and swaps in new configs if their contents changed.
-    /// `Ok(true)`: swapped; `Ok(false)`: unchanged; an error leaves the
-    /// current configs in place.
+    /// `Ok(true)`: swapped; `Ok(false)`: unchanged (or refused before); an
+    /// error leaves the current configs in place.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let fresh = read_files(&self.files)?;
-        let mut loaded = self.loaded.locked();
-        if *loaded == fresh || self.refused.locked().as_ref() == Some(&fresh) {
-            return Ok(false);
-        }
-        let built = build(&self.files, &fresh).and_then(|configs| match &self.node_name {
-            Some(address) => check_names(&self.files, &fresh, address).map(|()| configs),
-            None => Ok(configs),
-        });
-        let configs = match built {
-            Ok(configs) => configs,
-            Err(why) => {
-                *self.refused.locked() = Some(fresh);
-                return Err(why);
+        self.configs.offer(fresh, |fresh| {
+            let configs = build(&self.files, fresh)?;
+            if let Some(address) = &self.node_name {
+                check_names(&self.files, fresh, address)?;
             }
-        };
-        match self.current.write() {
-            Ok(mut current) => *current = Arc::new(configs),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(configs),
-        }
-        *loaded = fresh;
-        Ok(true)
+            Ok(configs)
+        })
     }
 }
 
