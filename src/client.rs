@@ -279,7 +279,7 @@ impl Client {
         };
         let reply = self
             .write_on_coordinator(key, "PUT", |mut client, deadline| {
-                let request = with_deadline(request.clone(), deadline);
+                let request = with_deadline(request.clone(), deadline, self.options.rpc_timeout);
                 async move { client.put(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -294,7 +294,7 @@ impl Client {
         };
         let reply = self
             .write_on_coordinator(key, "DELETE", |mut client, deadline| {
-                let request = with_deadline(request.clone(), deadline);
+                let request = with_deadline(request.clone(), deadline, self.options.rpc_timeout);
                 async move { client.delete(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -581,8 +581,25 @@ impl Client {
         let mut refused = Vec::new();
         for address in self.candidates(&self.replicas_of(key)) {
             let client = self.peers.key_value_client(&address)?;
-            let deadline = crate::clock::wall_clock_ms().saturating_add(timeout.as_millis() as u64);
-            let why = match tokio::time::timeout(timeout, call(client, deadline)).await {
+            // A write the node shed (not applied, with a retry hint) is
+            // sent again after the hint, jittered, within the timeout.
+            let started = Instant::now();
+            let answer = loop {
+                let deadline =
+                    crate::clock::wall_clock_ms().saturating_add(timeout.as_millis() as u64);
+                let answer = tokio::time::timeout(timeout, call(client.clone(), deadline)).await;
+                let wait = match &answer {
+                    Ok(Err(status)) => crate::net::shed::shed_wait(status),
+                    _ => None,
+                };
+                match wait.map(crate::net::shed::jittered) {
+                    Some(wait) if started.elapsed() + wait < timeout => {
+                        tokio::time::sleep(wait).await;
+                    }
+                    _ => break answer,
+                }
+            };
+            let why = match answer {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(status))
                     if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some()
@@ -616,9 +633,13 @@ impl Client {
     }
 }
 
-/// `message` as a request carrying `deadline` (Unix ms) in [`DEADLINE_HEADER`].
-fn with_deadline<T>(message: T, deadline: u64) -> tonic::Request<T> {
+/// `message` as a request carrying `deadline` (Unix ms) in [`DEADLINE_HEADER`]
+/// and `timeout` in `grpc-timeout`: the node bounds its work by the relative
+/// timeout, and tells a request its client gave up on by comparing send
+/// times, never by comparing its clock with the client's.
+fn with_deadline<T>(message: T, deadline: u64, timeout: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
     request.metadata_mut().insert(
         DEADLINE_HEADER,
         tonic::metadata::MetadataValue::from(deadline),

@@ -554,6 +554,9 @@ async fn run_node(i: usize, slot: DiskSlot, join: Option<JoinPlan>) -> turmoil::
 #[derive(Clone, Copy, Debug)]
 struct Setting {
     consistency: Consistency,
+    /// The furthest a host's clock starts from simulated time, either way
+    /// (a node's clock steps stay within twice that).
+    max_offset_ms: i64,
 }
 
 /// What one seed did.
@@ -957,9 +960,9 @@ impl JoinStages {
     }
 }
 
-/// A uniform offset in `-MAX_OFFSET_MS..=MAX_OFFSET_MS`.
-fn random_offset(rng: &mut Rng) -> i64 {
-    rng.below(2 * MAX_OFFSET_MS as u64 + 1) as i64 - MAX_OFFSET_MS
+/// A uniform offset in `-max..=max`.
+fn random_offset(rng: &mut Rng, max: i64) -> i64 {
+    rng.below(2 * max as u64 + 1) as i64 - max
 }
 
 fn run_seed(seed: u64, setting: Setting) -> Run {
@@ -971,7 +974,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     let mut clock_rng = Rng::new(stream_seed(seed, 0xC10C));
     let flip = clock_rng.below(2) as usize;
     let offsets: [i64; SLOTS] = std::array::from_fn(|slot| {
-        let offset = random_offset(&mut clock_rng);
+        let offset = random_offset(&mut clock_rng, setting.max_offset_ms);
         match slot {
             s if s < NODES && (s + flip).is_multiple_of(2) => offset.abs(),
             s if s < NODES => -offset.abs(),
@@ -1197,7 +1200,11 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     let mut at = Duration::from_secs(3);
     while at < stop_faults {
         let node = clock_rng.below(NODES as u64) as usize;
-        clock_steps.push((at, node, random_offset(&mut clock_rng)));
+        clock_steps.push((
+            at,
+            node,
+            random_offset(&mut clock_rng, setting.max_offset_ms),
+        ));
         at += Duration::from_millis(1000 + clock_rng.below(3000));
     }
     let described: Vec<String> = offsets
@@ -1630,6 +1637,11 @@ struct Outcome {
 /// simulation left in process-wide state (libraries keep some) changes it,
 /// and a seed run alone replays exactly.
 fn run_in_child(seed: u64, consistency: &str) -> Outcome {
+    run_in_child_with(seed, consistency, MAX_OFFSET_MS)
+}
+
+/// [`run_in_child`] with clocks up to `max_offset_ms` off simulated time.
+fn run_in_child_with(seed: u64, consistency: &str, max_offset_ms: i64) -> Outcome {
     let exe = std::env::current_exe().expect("the test binary");
     let output = std::process::Command::new(exe)
         .args([
@@ -1641,6 +1653,7 @@ fn run_in_child(seed: u64, consistency: &str) -> Outcome {
         ])
         .env("DKVS_SIM_CHILD_SEED", seed.to_string())
         .env("DKVS_SIM_CHILD_CONSISTENCY", consistency)
+        .env("DKVS_SIM_CHILD_MAX_OFFSET_MS", max_offset_ms.to_string())
         .output()
         .expect("run the seed's child process");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -1680,7 +1693,17 @@ fn seed_child() {
         Ok("one") => Consistency::One,
         _ => Consistency::Quorum,
     };
-    let run = run_seed(seed, Setting { consistency });
+    let max_offset_ms = std::env::var("DKVS_SIM_CHILD_MAX_OFFSET_MS")
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or(MAX_OFFSET_MS);
+    let run = run_seed(
+        seed,
+        Setting {
+            consistency,
+            max_offset_ms,
+        },
+    );
     println!("faults: {}", run.faults.join("; "));
     println!("report: {}", run.report);
     println!("joins: {}", run.joins);
@@ -1737,6 +1760,51 @@ fn histories_hold_under_partitions_crashes_and_delays() {
         "{ran} seeds in {:.1} s ({:.2} s per seed); DKVS_SIM_SEEDS=N runs more",
         took.as_secs_f64(),
         took.as_secs_f64() / ran as f64
+    );
+}
+
+/// Clients and nodes whose clocks are seconds apart (more than the
+/// clients' 1 s timeout) are served as well as clocks a few hundred ms
+/// apart: a node judges whether a client gave up on a write by comparing
+/// send times from the same client clock, never its clock with the
+/// client's. (Shown failing when nodes compared the client's deadline with
+/// their own clock: 18% of writes indeterminate at 2 s.)
+#[test]
+fn clocks_seconds_apart_do_not_make_writes_indeterminate() {
+    let indeterminate = |text: &str| -> usize {
+        let report = text
+            .lines()
+            .find_map(|l| l.strip_prefix("report: "))
+            .unwrap_or("");
+        report
+            .split_once(" indeterminate")
+            .and_then(|(before, _)| before.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no indeterminate count in {report:?}"))
+    };
+    let (mut near, mut far, mut ops) = (0, 0, 0);
+    for seed in [3, 8] {
+        let close = run_in_child_with(seed, "quorum", MAX_OFFSET_MS);
+        let apart = run_in_child_with(seed, "quorum", 2_000);
+        assert!(
+            close.valid && apart.valid,
+            "seed {seed}:\n{}\n---\n{}",
+            close.text,
+            apart.text
+        );
+        let (a, b) = (indeterminate(&close.text), indeterminate(&apart.text));
+        println!(
+            "seed {seed}: clocks within {MAX_OFFSET_MS} ms: {a} of {} writes and reads indeterminate; \
+             within 2000 ms: {b} of {}",
+            close.ops, apart.ops
+        );
+        near += a;
+        far += b;
+        ops += apart.ops;
+    }
+    assert!(
+        far <= near + near / 2 + ops / 100,
+        "clocks 2 s apart made {far} operations indeterminate, against {near} with clocks 300 ms apart"
     );
 }
 

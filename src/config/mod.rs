@@ -41,6 +41,12 @@ pub const DEFAULT_REPLICAS: usize = 3;
 pub const DEFAULT_MAX_KEY_BYTES: usize = 1024;
 /// Default value limit: 1 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Defaults of the request limits (see docs/OPERATIONS.md, "Limits").
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: usize = 128;
+pub const DEFAULT_MAX_CLIENT_REQUESTS: usize = 1024;
+pub const DEFAULT_MAX_NODE_REQUESTS: usize = 2048;
 
 /// One DKVS storage node.
 #[derive(Clone, Debug, Parser)]
@@ -219,6 +225,32 @@ pub struct ServerConfig {
     /// Largest value accepted, in bytes.
     #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::value_parser!(u32).range(1..=(256 << 20)).map(|v| v as usize))]
     pub max_value_bytes: usize,
+
+    /// Most connections served at once; past it a new connection is closed
+    /// at once (the client tries another node).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
+    pub max_connections: usize,
+
+    /// Most concurrent HTTP/2 streams (calls) a client may open on one
+    /// connection; the client queues past it.
+    #[arg(long, default_value_t = DEFAULT_MAX_STREAMS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_streams_per_connection: u32,
+
+    /// Most requests in progress from one connection; past it a request is
+    /// refused at once (UNAVAILABLE, not applied, with a retry-after-ms hint).
+    #[arg(long, default_value_t = DEFAULT_MAX_REQUESTS_PER_CONNECTION, value_parser = clap::value_parser!(u32).range(1..=65_536).map(|v| v as usize))]
+    pub max_requests_per_connection: usize,
+
+    /// Most client requests (KeyValue, Cluster, ReplicaRead) in progress on
+    /// this node; past it a client request is refused at once, like above.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLIENT_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
+    pub max_client_requests: usize,
+
+    /// Most node-to-node requests (replication, heartbeats, membership) in
+    /// progress on this node: their own budget, so a client flood cannot
+    /// starve them.
+    #[arg(long, default_value_t = DEFAULT_MAX_NODE_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
+    pub max_node_requests: usize,
 }
 
 impl ServerConfig {

@@ -32,6 +32,10 @@ pub struct NodeStats {
     pub future_records: u64,
     pub tombstone_gc_skipped: u64,
     pub damaged_entries_skipped: u64,
+    /// Requests refused because a budget was spent, since start.
+    pub requests_shed: u64,
+    /// Connections closed as they arrived (`--max-connections`), since start.
+    pub connections_refused: u64,
 }
 
 /// A heartbeat (`Liveness.Ping`): who sends it, what it knows, its clock.
@@ -110,6 +114,8 @@ impl From<NodeStats> for pb::NodeStats {
             future_records: s.future_records,
             tombstone_gc_skipped: s.tombstone_gc_skipped,
             damaged_entries_skipped: s.damaged_entries_skipped,
+            requests_shed: s.requests_shed,
+            connections_refused: s.connections_refused,
         }
     }
 }
@@ -132,6 +138,8 @@ impl From<pb::NodeStats> for NodeStats {
             future_records: s.future_records,
             tombstone_gc_skipped: s.tombstone_gc_skipped,
             damaged_entries_skipped: s.damaged_entries_skipped,
+            requests_shed: s.requests_shed,
+            connections_refused: s.connections_refused,
         }
     }
 }

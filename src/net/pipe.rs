@@ -198,7 +198,29 @@ async fn send_batch(service: PipeService, batch: Vec<PipeItem>, bound: SkewBound
     if write_answers.is_empty() && read_answers.is_empty() {
         return;
     }
-    let reply = match exchange(service.clone(), request).await {
+    // A read-only batch a node shed is sent again after its hint, while
+    // anyone still waits (writes are not copied for this: node-to-node
+    // writes have their own budget).
+    let mut request = request;
+    let mut started = None;
+    let sent = loop {
+        let retry_copy = write_answers.is_empty().then(|| request.clone());
+        let sent = exchange(service.clone(), request).await;
+        let wait = match &sent {
+            Ok(Err(status)) => super::shed::shed_wait(status),
+            _ => None,
+        };
+        let waiting = read_answers.iter().any(|answer| !answer.is_closed());
+        let started = *started.get_or_insert_with(tokio::time::Instant::now);
+        match (wait, retry_copy) {
+            (Some(wait), Some(copy)) if waiting && started.elapsed() + wait < BATCH_TIMEOUT => {
+                tokio::time::sleep(super::shed::jittered(wait)).await;
+                request = copy;
+            }
+            _ => break sent,
+        }
+    };
+    let reply = match sent {
         Ok(Ok(reply)) => reply,
         Ok(Err(status)) => {
             let failed = match crate::error::stale_layout_of(&status) {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Node;
+use super::lateness::Verdict;
 use crate::error::{Error, Outcome, Result};
 use crate::pb;
 
@@ -24,7 +25,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        refuse_if_abandoned(&request, "PUT")?;
+        refuse_if_abandoned(&self.0, &request, "PUT")?;
         self.0.membership.refuse_until_agreed()?;
         let request = request.into_inner();
         let node = &self.0;
@@ -63,7 +64,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        refuse_if_abandoned(&request, "DELETE")?;
+        refuse_if_abandoned(&self.0, &request, "DELETE")?;
         self.0.membership.refuse_until_agreed()?;
         let request = request.into_inner();
         let node = &self.0;
@@ -88,12 +89,18 @@ fn applied<T>(reply: T) -> Response<T> {
     response
 }
 
-/// Refuses a client write taken up after the deadline its client set
-/// ([`crate::client::DEADLINE_HEADER`]), before any work: the client has
-/// given up and reported the write indeterminate, so applying it now (say,
-/// after this node was frozen) could overwrite writes acknowledged since.
-fn refuse_if_abandoned<T>(request: &Request<T>, operation: &str) -> Result<()> {
-    let Some(deadline) = request.metadata().get(crate::client::DEADLINE_HEADER) else {
+/// Refuses a client write that reached this node after its client gave
+/// up, before any work: the client has reported the write indeterminate,
+/// so applying it now (say, after this node was frozen, or a network held
+/// it) could overwrite writes acknowledged since. Judged without trusting
+/// the client's wall clock to agree with this node's ([`super::lateness`]):
+/// from the send time the request carries
+/// ([`crate::client::DEADLINE_HEADER`] minus `grpc-timeout`) against the
+/// quickest recent request from the same client clock. A request without
+/// both headers (grpcurl, say) is not judged.
+fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) -> Result<()> {
+    let metadata = request.metadata();
+    let Some(deadline) = metadata.get(crate::client::DEADLINE_HEADER) else {
         return Ok(());
     };
     let deadline: u64 = deadline
@@ -106,13 +113,27 @@ fn refuse_if_abandoned<T>(request: &Request<T>, operation: &str) -> Result<()> {
                 crate::client::DEADLINE_HEADER
             ))
         })?;
-    let now = crate::clock::wall_clock_ms();
-    if now > deadline {
-        return Err(Error::DeadlineExceeded(format!(
-            "{operation} refused and not applied: it reached the node {} ms after its client's \
-             deadline (by the node's clock; if this repeats, client and node clocks disagree)",
-            now - deadline
-        )));
+    let timeout = metadata
+        .get("grpc-timeout")
+        .and_then(|t| t.to_str().ok())
+        .and_then(super::lateness::parse_grpc_timeout);
+    let (Some(timeout), Some(source)) = (timeout, request.remote_addr()) else {
+        return Ok(());
+    };
+    let sent = deadline.saturating_sub(timeout.as_millis() as u64);
+    match node.arrivals.judge(source, sent, timeout) {
+        Verdict::InTime => Ok(()),
+        Verdict::Late { late_ms } => Err(Error::DeadlineExceeded(format!(
+            "{operation} refused and not applied: it reached the node at least {late_ms} ms later \
+             than the quickest recent request from its client, and its client waited {} ms; \
+             the client has given up on it (measured without comparing clocks)",
+            timeout.as_millis()
+        ))),
+        Verdict::Unknown => Err(Error::Unavailable(format!(
+            "{operation} refused and not applied: this node was stalled (frozen, or starved of \
+             CPU) moments ago and has not heard from {} before, so it cannot tell whether the \
+             request waited out its client's deadline; retry",
+            source.ip()
+        ))),
     }
-    Ok(())
 }

@@ -25,7 +25,9 @@ mod cluster_gate;
 mod gate;
 mod join;
 mod kv;
+mod lateness;
 mod liveness;
+mod load;
 mod membership;
 mod replica;
 mod replica_read;
@@ -109,6 +111,10 @@ pub struct Node {
     workers: Workers,
     /// Stops the node once a layout names its instance as removed.
     removal: Arc<Removal>,
+    /// Judges whether a client write arrived after its client gave up.
+    arrivals: Arc<lateness::Arrivals>,
+    /// Request and connection budgets.
+    load: Arc<load::Load>,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -342,6 +348,12 @@ impl Node {
         );
         membership.wish_cluster_id(config.cluster_token_id());
         membership.keep_agreement_in(storage.clone())?;
+        let load = load::Load::new(load::LoadLimits {
+            per_connection: config.max_requests_per_connection,
+            client_requests: config.max_client_requests,
+            node_requests: config.max_node_requests,
+            connections: config.max_connections,
+        });
         Ok(Arc::new(Self {
             membership,
             hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),
@@ -361,6 +373,8 @@ impl Node {
             identity,
             workers: Workers::new(),
             removal,
+            arrivals: lateness::Arrivals::new(),
+            load,
         }))
     }
 
@@ -391,6 +405,8 @@ impl Node {
             future_records: stats.future_records,
             tombstone_gc_skipped: ae.tombstones_skipped.load(Ordering::Relaxed),
             damaged_entries_skipped: self.storage.damaged_entries_skipped(),
+            requests_shed: self.load.requests_shed(),
+            connections_refused: self.load.connections_refused(),
         }
     }
 
@@ -450,6 +466,9 @@ impl Node {
             ),
         ];
         started.extend(self.start_periodic_fsync());
+        started.push(tokio::spawn(
+            self.arrivals.clone().watch_stalls(self.shutdown.clone()),
+        ));
         started
     }
 

@@ -91,6 +91,7 @@ where
     );
 
     let signal = drain_signal(&node, &health, &serving, shutdown);
+    let incoming = super::load::limit_connections(incoming, node.load.clone());
     let served = server_builder(&guard)
         .layer(EdgeStatusLayer {
             max_message: max_message_bytes(node.limits.max_value_bytes),
@@ -102,6 +103,8 @@ where
         .layer(GateLayer(super::cluster_gate::ClusterRule {
             layouts: node.cluster.layouts.clone(),
         }))
+        .layer(super::load::LoadLayer(node.load.clone()))
+        .max_concurrent_streams(node.config.max_streams_per_connection)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -389,6 +392,15 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
                  (twice --max-value-bytes plus 64 KiB, at least 4 MiB); send smaller values ({message})"
             ),
         )),
+        // tonic's own deadline (the caller's `grpc-timeout`) ran out while
+        // a handler worked: for a write, anything may have been sent.
+        Some(b"1") if message == "Timeout expired" => Some((
+            tonic::Code::DeadlineExceeded,
+            format!(
+                "{path}: the caller's deadline (grpc-timeout) passed before this node finished; \
+                 a write may or may not have been applied"
+            ),
+        )),
         Some(b"12") if message.is_empty() => Some((
             tonic::Code::Unimplemented,
             format!(
@@ -400,6 +412,7 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
         )),
         _ => None,
     };
+    let deadline_passed = matches!(rewritten, Some((tonic::Code::DeadlineExceeded, _)));
     if let Some((code, message)) = rewritten {
         let status = tonic::Status::new(code, message);
         // Status::add_header writes grpc-status and a percent-encoded grpc-message.
@@ -412,9 +425,14 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
     let failed = status.as_deref().is_some_and(|s| s != b"0");
     if failed && WRITE_PATHS.contains(&path) && !headers.contains_key(crate::error::OUTCOME_HEADER)
     {
+        let outcome = if deadline_passed {
+            Outcome::Unknown
+        } else {
+            Outcome::NotApplied
+        };
         headers.insert(
             crate::error::OUTCOME_HEADER,
-            http::HeaderValue::from_static(Outcome::NotApplied.name()),
+            http::HeaderValue::from_static(outcome.name()),
         );
     }
 }

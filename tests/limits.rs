@@ -1,0 +1,227 @@
+//! Limits with real processes: a node past a request budget refuses at
+//! once (UNAVAILABLE, not applied, a retry hint) instead of queueing, stays
+//! healthy and unconvicted, and keeps serving the clients who behave; past
+//! its connection limit it closes new connections and serves the old ones.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestCluster, channel, health_serving, put_request};
+use dkvs::error::Outcome;
+use dkvs::pb;
+
+/// The p99 of `latencies`.
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
+
+/// 10,000 concurrent streams from one client connection against a node
+/// whose budgets are small: every answer is either done or refused at once
+/// with a retry hint and `not-applied` (none queued until it timed out),
+/// while a second client, on its own connection, is served throughout and
+/// the node stays SERVING and UP in its peers' eyes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flood_of_streams_is_shed_and_the_node_serves_the_others() {
+    let cluster = TestCluster::start_with(
+        3,
+        &[
+            "--max-requests-per-connection",
+            "16",
+            "--max-client-requests",
+            "48",
+        ],
+    )
+    .await;
+    let address = cluster.addresses()[0].clone();
+    let flooder = pb::key_value_client::KeyValueClient::new(channel(&address).await);
+
+    let flood = tokio::spawn(async move {
+        let calls = (0..10_000).map(|i| {
+            let mut client = flooder.clone();
+            async move {
+                client
+                    .put(put_request(&format!("flood-{}", i % 500), "x"))
+                    .await
+            }
+        });
+        futures::future::join_all(calls).await
+    });
+
+    // A client that behaves: one request at a time, on its own connection.
+    let mut polite = pb::key_value_client::KeyValueClient::new(channel(&address).await);
+    let mut latencies = Vec::new();
+    let mut serving_checks = 0;
+    let started = Instant::now();
+    while !flood.is_finished() && started.elapsed() < Duration::from_secs(60) {
+        let began = Instant::now();
+        let answer = polite
+            .put(put_request(&format!("polite-{}", latencies.len()), "v"))
+            .await;
+        // Refusals carry a hint; the smart client would wait and retry.
+        match answer {
+            Ok(_) => latencies.push(began.elapsed()),
+            Err(status) => assert!(
+                dkvs::net::shed::shed_wait(&status).is_some(),
+                "the polite client got {status:?}"
+            ),
+        }
+        if latencies.len() % 20 == 0 {
+            assert!(
+                health_serving(&address).await,
+                "the flooded node stopped serving"
+            );
+            serving_checks += 1;
+        }
+    }
+    let answers = flood.await.expect("the flood");
+    let (mut done, mut shed) = (0, 0);
+    for answer in &answers {
+        match answer {
+            Ok(_) => done += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert_eq!(
+                    Outcome::of(status.metadata()),
+                    Some(Outcome::NotApplied),
+                    "{status:?}"
+                );
+                assert!(
+                    status.message().contains("--max-"),
+                    "the refusal names its flag: {}",
+                    status.message()
+                );
+                assert!(dkvs::net::shed::shed_wait(status).is_some(), "{status:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert!(shed > 0, "a flood past the budgets was never shed");
+    assert!(done > 0, "nothing of the flood was served");
+    assert!(
+        latencies.len() >= 10,
+        "the polite client was served {} times",
+        latencies.len()
+    );
+    println!(
+        "flood of 10000 streams: {done} done, {shed} shed in {:.1} s; polite client: {} writes, \
+         p99 {:?}; health checked {serving_checks} times",
+        started.elapsed().as_secs_f64(),
+        latencies.len(),
+        p99(&mut latencies)
+    );
+
+    // Its peers never convicted it, and its status counts what it shed.
+    for observer in [1, 2] {
+        let status = cluster.status(observer).await;
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.address == address)
+            .expect("the flooded node is a member");
+        assert_eq!(
+            member.state,
+            pb::MemberState::Up as i32,
+            "node {observer} sees the flooded node {:?}",
+            member.state
+        );
+    }
+    let own = cluster.status(0).await;
+    let stats = own
+        .members
+        .iter()
+        .find(|m| m.address == address)
+        .and_then(|m| m.stats)
+        .expect("own stats");
+    assert!(stats.requests_shed >= shed as u64, "{stats:?}");
+    assert!(
+        cluster.log_of(0).contains("shedding load"),
+        "the node says in its log that it sheds"
+    );
+}
+
+/// The smart client honours the hint: with a budget of 4 client requests
+/// and 64 writes at once, every write is done (the refused ones waited and
+/// were sent again), none indeterminate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_smart_client_waits_out_a_shed_and_succeeds() {
+    let cluster = TestCluster::start_with(1, &["--max-client-requests", "4"]).await;
+    let client = cluster.client().await;
+    let client = &client;
+    let writes = (0..64).map(|i| async move { client.put(&format!("k{i}"), "v").await });
+    let answers = futures::future::join_all(writes).await;
+    let failed: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let stats = cluster
+        .status(0)
+        .await
+        .members
+        .first()
+        .and_then(|m| m.stats)
+        .expect("stats");
+    assert!(
+        stats.requests_shed > 0,
+        "64 writes at once past a budget of 4 were never shed"
+    );
+}
+
+/// Past `--max-connections` a new connection is closed at once; those
+/// already open are served, and once they close a new one is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_are_closed_and_the_others_served() {
+    use tokio::io::AsyncReadExt;
+    // Peers hold a connection each way and clients come and go: 12 leaves
+    // room for them and for the test's own client.
+    let cluster = TestCluster::start_with(1, &["--max-connections", "12"]).await;
+    let address = cluster.addresses()[0].clone();
+    let mut kv = pb::key_value_client::KeyValueClient::new(channel(&address).await);
+    kv.put(put_request("before", "v")).await.expect("served");
+
+    // Fill the node with idle connections until one is closed at once.
+    let mut held = Vec::new();
+    let mut closed_at_once = false;
+    for _ in 0..40 {
+        let mut stream = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect");
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(300), stream.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed_at_once = true;
+                break;
+            }
+            _ => held.push(stream),
+        }
+    }
+    assert!(
+        closed_at_once,
+        "40 connections past a limit of 12 were all kept"
+    );
+    // The open connection is still served.
+    kv.put(put_request("during", "v"))
+        .await
+        .expect("still served");
+    drop(held);
+    common::eventually(Duration::from_secs(10), async || {
+        let mut kv = pb::key_value_client::KeyValueClient::new(channel(&address).await);
+        kv.put(put_request("after", "v"))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    let stats = cluster
+        .status(0)
+        .await
+        .members
+        .first()
+        .and_then(|m| m.stats)
+        .expect("stats");
+    assert!(stats.connections_refused > 0, "{stats:?}");
+}
