@@ -675,6 +675,14 @@ async fn a_write_to_a_frozen_coordinator_is_indeterminate_and_not_hedged() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // It took the stale request up and refused it: the request arrived a
+    // freeze later than the quickest from the same client (no clock
+    // comparison involved).
+    let log = cluster.log_of(first);
+    assert!(
+        log.contains("arrived after its client gave up on it"),
+        "the thawed node did not refuse the abandoned write:\n{log}"
+    );
     let mut all = cluster
         .client_with(dkvs::client::ClientOptions {
             rpc_timeout,

@@ -123,12 +123,20 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
     let sent = deadline.saturating_sub(timeout.as_millis() as u64);
     match node.arrivals.judge(source, sent, timeout) {
         Verdict::InTime => Ok(()),
-        Verdict::Late { late_ms } => Err(Error::DeadlineExceeded(format!(
-            "{operation} refused and not applied: it reached the node at least {late_ms} ms later \
+        Verdict::Late { late_ms } => {
+            tracing::warn!(
+                %source,
+                late_ms,
+                "a {operation} arrived after its client gave up on it (a stall or a slow network \
+                 held it): refused, not applied"
+            );
+            Err(Error::DeadlineExceeded(format!(
+                "{operation} refused and not applied: it reached the node at least {late_ms} ms later \
              than the quickest recent request from its client, and its client waited {} ms; \
              the client has given up on it (measured without comparing clocks)",
-            timeout.as_millis()
-        ))),
+                timeout.as_millis()
+            )))
+        }
         Verdict::Unknown => Err(Error::Unavailable(format!(
             "{operation} refused and not applied: this node was stalled (frozen, or starved of \
              CPU) moments ago and has not heard from {} before, so it cannot tell whether the \

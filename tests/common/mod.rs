@@ -376,9 +376,31 @@ impl TestCluster {
         assert!(status.success(), "kill {signal} {pid} failed");
     }
 
-    /// Freezes node `i` (SIGSTOP): its sockets stay open but it answers nothing.
+    /// Freezes node `i` (SIGSTOP): its sockets stay open but it answers
+    /// nothing. Returns once every thread has stopped (a thread busy in user
+    /// space stops only at its next interrupt: it could still serve a
+    /// request sent right after `kill` returned).
     pub fn pause(&self, i: usize) {
         self.signal(i, "-STOP");
+        let pid = self.nodes[i].pid().expect("node is running");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|dir| dir.flatten().map(|t| t.path()).collect::<Vec<_>>())
+                .unwrap_or_default();
+            let stopped = |task: &std::path::PathBuf| {
+                std::fs::read_to_string(task.join("stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next())
+                        .is_some_and(|state| matches!(state, 'T' | 't'))
+                })
+            };
+            if !tasks.is_empty() && tasks.iter().all(stopped) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("node {i} (pid {pid}) did not stop within 5 s of SIGSTOP");
     }
 
     /// Unfreezes node `i` (SIGCONT).
