@@ -195,6 +195,11 @@ pub enum Error {
     )]
     DiskFull { dir: String, why: String },
 
+    /// The node's data dir is at or over `--max-data-bytes`: a new value
+    /// was refused (deletes still work); taken again once it is below.
+    #[error("data quota reached: {0}")]
+    QuotaReached(String),
+
     /// A stored record could not be decoded; another replica's copy will
     /// replace it on the next write or repair.
     #[error("corrupt record for key {key:?}: {why}")]
@@ -250,7 +255,7 @@ impl Error {
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Indeterminate(_) => Code::Unknown,
             Error::CorruptRecord { .. } => Code::DataLoss,
-            Error::DiskFull { .. } => Code::ResourceExhausted,
+            Error::DiskFull { .. } | Error::QuotaReached(_) => Code::ResourceExhausted,
             Error::Storage(_) | Error::Internal(_) => Code::Internal,
             Error::StaleLayout { .. } | Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
@@ -275,7 +280,8 @@ impl Error {
             | Error::StaleLayout { .. }
             | Error::FailedPrecondition(_)
             | Error::Unauthenticated(_)
-            | Error::PermissionDenied(_) => Outcome::NotApplied,
+            | Error::PermissionDenied(_)
+            | Error::QuotaReached(_) => Outcome::NotApplied,
             Error::QuorumNotReached { sent: false, .. } => Outcome::NotApplied,
             Error::QuorumNotReached { sent: true, .. }
             | Error::Superseded { .. }

@@ -225,3 +225,98 @@ async fn connections_past_the_limit_are_closed_and_the_others_served() {
         .expect("stats");
     assert!(stats.connections_refused > 0, "{stats:?}");
 }
+
+/// `--max-data-bytes`: past the quota a new value is refused before
+/// anything is sent (RESOURCE_EXHAUSTED naming the flag, not applied),
+/// deletes still work, status and log say so, and once deletes and
+/// compaction bring the data dir below the quota, writes resume by
+/// themselves. A replica past its quota refuses a coordinator's new value
+/// but takes copies of existing data (repair, hints, moves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_quota_refuses_values_takes_deletes_and_resumes_by_itself() {
+    // Over one 64 MiB log segment, so deleting the data lets compaction
+    // drop a whole segment.
+    let quota: u64 = 72 << 20;
+    let cluster = TestCluster::start_with(1, &["--max-data-bytes", &quota.to_string()]).await;
+    let client = cluster.client().await;
+    let value = vec![7u8; 1_000_000];
+    let mut written = Vec::new();
+    let refusal = loop {
+        assert!(written.len() < 200, "200 MB written past a quota of 72 MiB");
+        let key = format!("big-{}", written.len());
+        match client.put(&key, value.clone()).await {
+            Ok(_) => written.push(key),
+            Err(error) => break error,
+        }
+        // The node measures its data dir every second: give it a moment
+        // once past the quota.
+        if written.len() as u64 * 1_000_000 > quota {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert_eq!(refusal.code(), tonic::Code::ResourceExhausted, "{refusal}");
+    assert_eq!(refusal.outcome(), Outcome::NotApplied, "{refusal}");
+    assert!(
+        refusal.to_string().contains("--max-data-bytes"),
+        "{refusal}"
+    );
+    let stats = cluster
+        .status(0)
+        .await
+        .members
+        .first()
+        .and_then(|m| m.stats)
+        .expect("stats");
+    assert!(
+        stats.data_quota_reached && stats.data_bytes >= quota,
+        "{stats:?}"
+    );
+    assert!(cluster.log_of(0).contains("data quota reached"));
+
+    // A replica past its quota: a coordinator's new value is refused, a
+    // copy of existing data is taken.
+    let record = cluster.replica_record(0, &written[0]).await.expect("held");
+    let mut replica = cluster.replica(0).await;
+    let write = |key: &str, copy: bool| pb::ReplicaWriteRequest {
+        key: key.into(),
+        record: Some(record.clone()),
+        copy,
+        ..Default::default()
+    };
+    let refused = replica
+        .write(write("fresh", false))
+        .await
+        .expect_err("a new value past the quota");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    replica
+        .write(write(&written[0], true))
+        .await
+        .expect("a copy of existing data is taken");
+
+    // Deletes still work; then compaction frees the space and writes
+    // resume without a restart.
+    for key in &written {
+        client.delete(key).await.expect("a delete past the quota");
+    }
+    let deleted = Instant::now();
+    common::eventually(Duration::from_secs(30), async || {
+        client
+            .put("after", "v")
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    assert!(cluster.log_of(0).contains("below the data quota again"));
+    println!(
+        "quota {quota} bytes: {} values of 1 MB taken, the next refused; {} deletes taken; \
+         writes taken again {:.1} s after the last delete",
+        written.len(),
+        written.len(),
+        deleted.elapsed().as_secs_f64()
+    );
+}

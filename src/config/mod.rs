@@ -246,6 +246,12 @@ pub struct ServerConfig {
     #[arg(long, default_value_t = DEFAULT_MAX_CLIENT_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
     pub max_client_requests: usize,
 
+    /// Most bytes this node's data dir may hold (0: no quota). At or past
+    /// it, new values are refused (RESOURCE_EXHAUSTED); deletes still work,
+    /// and writes are taken again once it is below.
+    #[arg(long, default_value_t = 0)]
+    pub max_data_bytes: u64,
+
     /// Most node-to-node requests (replication, heartbeats, membership) in
     /// progress on this node: their own budget, so a client flood cannot
     /// starve them.

@@ -36,6 +36,10 @@ pub struct NodeStats {
     pub requests_shed: u64,
     /// Connections closed as they arrived (`--max-connections`), since start.
     pub connections_refused: u64,
+    /// Bytes in the data dir (measured with a quota only), and whether the
+    /// quota is reached.
+    pub data_bytes: u64,
+    pub data_quota_reached: bool,
 }
 
 /// A heartbeat (`Liveness.Ping`): who sends it, what it knows, its clock.
@@ -116,6 +120,8 @@ impl From<NodeStats> for pb::NodeStats {
             damaged_entries_skipped: s.damaged_entries_skipped,
             requests_shed: s.requests_shed,
             connections_refused: s.connections_refused,
+            data_bytes: s.data_bytes,
+            data_quota_reached: s.data_quota_reached,
         }
     }
 }
@@ -140,6 +146,8 @@ impl From<pb::NodeStats> for NodeStats {
             damaged_entries_skipped: s.damaged_entries_skipped,
             requests_shed: s.requests_shed,
             connections_refused: s.connections_refused,
+            data_bytes: s.data_bytes,
+            data_quota_reached: s.data_quota_reached,
         }
     }
 }

@@ -14,6 +14,7 @@ use super::Node;
 use super::lateness::Verdict;
 use crate::error::{Error, Outcome, Result};
 use crate::pb;
+use crate::quorum::Consistency;
 
 /// `dkvs.v1.KeyValue`: client requests, coordinated by this node.
 pub(super) struct KeyValueService(pub(super) Arc<Node>);
@@ -32,6 +33,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         node.limits.check_key(&request.key)?;
         node.limits.check_value(&request.value)?;
         let consistency = pb::consistency_from(request.consistency)?;
+        refuse_without_room(node, &request.key, consistency)?;
         let ack = node
             .coordinator
             .write(&request.key, Some(request.value), consistency)
@@ -144,4 +146,44 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
             source.ip()
         ))),
     }
+}
+
+/// Refuses a new value before anything is sent when fewer than W of the
+/// key's replicas (in any of its replica sets, while data moves) have room
+/// under their `--max-data-bytes`, as far as this node knows: its own
+/// measure, and each peer's from its last heartbeat. Not applied.
+fn refuse_without_room(node: &Node, key: &str, consistency: Consistency) -> Result<()> {
+    if consistency == Consistency::Any {
+        return Ok(());
+    }
+    let view = node.cluster.placement();
+    let has_room = |address: &str| {
+        if view.is_me(address) {
+            return !node.quota.is_full();
+        }
+        !node
+            .heartbeats
+            .report(address)
+            .and_then(|report| report.stats)
+            .is_some_and(|(stats, _)| stats.data_quota_reached)
+    };
+    for set in view.write_sets(key) {
+        let needed = consistency.required(set.len());
+        let full: Vec<&str> = set
+            .iter()
+            .map(|m| m.address.as_str())
+            .filter(|a| !has_room(a))
+            .collect();
+        if set.len() - full.len() < needed {
+            return Err(Error::QuotaReached(format!(
+                "PUT of {key:?} refused before anything was sent, not applied: {} of the key's {} \
+                 replicas ({}) are at their --max-data-bytes, and {needed} must store it; delete \
+                 data or raise the quota (deletes still work)",
+                full.len(),
+                set.len(),
+                full.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }

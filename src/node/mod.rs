@@ -29,6 +29,7 @@ mod lateness;
 mod liveness;
 mod load;
 mod membership;
+mod quota;
 mod replica;
 mod replica_read;
 mod secure;
@@ -115,6 +116,8 @@ pub struct Node {
     arrivals: Arc<lateness::Arrivals>,
     /// Request and connection budgets.
     load: Arc<load::Load>,
+    /// `--max-data-bytes` and the data dir's last measure.
+    quota: Arc<quota::DataQuota>,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -354,6 +357,7 @@ impl Node {
             node_requests: config.max_node_requests,
             connections: config.max_connections,
         });
+        let quota = Arc::new(quota::DataQuota::new(config.max_data_bytes));
         Ok(Arc::new(Self {
             membership,
             hint_delivery: Arc::new(HintDelivery::new(cluster.clone(), hints.clone())),
@@ -375,6 +379,7 @@ impl Node {
             removal,
             arrivals: lateness::Arrivals::new(),
             load,
+            quota,
         }))
     }
 
@@ -407,6 +412,8 @@ impl Node {
             damaged_entries_skipped: self.storage.damaged_entries_skipped(),
             requests_shed: self.load.requests_shed(),
             connections_refused: self.load.connections_refused(),
+            data_bytes: self.quota.bytes(),
+            data_quota_reached: self.quota.is_full(),
         }
     }
 
@@ -468,6 +475,11 @@ impl Node {
         started.extend(self.start_periodic_fsync());
         started.push(tokio::spawn(
             self.arrivals.clone().watch_stalls(self.shutdown.clone()),
+        ));
+        started.push(tokio::spawn(
+            self.quota
+                .clone()
+                .watch(self.config.data_dir(), self.shutdown.clone()),
         ));
         started
     }

@@ -91,6 +91,7 @@ impl pb::replica_server::Replica for ReplicaService {
                     Err(Error::FailedPrecondition(why)) => {
                         Err(Error::FailedPrecondition(why.clone()))
                     }
+                    Err(Error::QuotaReached(why)) => Err(Error::QuotaReached(why.clone())),
                     Err(error) => Err(Error::InvalidArgument(error.to_string())),
                 };
                 match outcome {
@@ -319,6 +320,7 @@ impl Node {
     /// Validates a replica write: its key, record and value size.
     fn check_write(&self, request: pb::ReplicaWriteRequest) -> Result<(String, Record)> {
         self.limits.check_key(&request.key)?;
+        let copy = request.copy;
         let record = pb::record_from(
             request
                 .record
@@ -327,6 +329,11 @@ impl Node {
         )?;
         if let Some(value) = &record.value {
             self.limits.check_value(value)?;
+            // A new value past the quota is refused; copies of data the
+            // cluster holds (repair, hints, moves) and deletes are taken.
+            if !copy {
+                self.quota.check_room()?;
+            }
         }
         Ok((request.key, record))
     }

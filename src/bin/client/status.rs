@@ -105,6 +105,17 @@ fn member_row(asked: &str, member: &pb::Member) -> String {
         }
         note
     };
+    // What a member refuses, whoever it is.
+    let mut notes: Vec<String> = vec![note].into_iter().filter(|n| !n.is_empty()).collect();
+    if let Some(stats) = member.stats.as_ref() {
+        if stats.data_quota_reached {
+            notes.push("DATA QUOTA REACHED: new values refused".into());
+        }
+        if stats.requests_shed > 0 {
+            notes.push(format!("{} requests shed since start", stats.requests_shed));
+        }
+    }
+    let note = notes.join("; ");
     // The member's clock minus the asked node's, from heartbeats.
     let skew = if itself {
         "-".to_string()
