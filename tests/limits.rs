@@ -11,6 +11,38 @@ use common::{TestCluster, channel, health_serving, put_request};
 use dkvs::error::Outcome;
 use dkvs::pb;
 
+/// `count` writes one at a time to `address` on a connection of their
+/// own, each done or refused with a retry hint; the p99 of those done.
+async fn polite_p99(address: &str, count: usize) -> (usize, Duration) {
+    let mut polite = pb::key_value_client::KeyValueClient::new(channel(address).await);
+    let mut latencies = Vec::new();
+    for i in 0..count {
+        let began = Instant::now();
+        match polite.put(put_request(&format!("polite-{i}"), "v")).await {
+            Ok(_) => latencies.push(began.elapsed()),
+            Err(status) => assert!(
+                dkvs::net::shed::shed_wait(&status).is_some(),
+                "the polite client got {status:?}"
+            ),
+        }
+    }
+    assert!(!latencies.is_empty(), "the polite client was never served");
+    (latencies.len(), p99(&mut latencies))
+}
+
+/// Node `i`'s own counts, as it reports them.
+async fn own_stats(cluster: &TestCluster, i: usize) -> pb::NodeStats {
+    let address = &cluster.addresses()[i];
+    cluster
+        .status(i)
+        .await
+        .members
+        .iter()
+        .find(|m| &m.address == address)
+        .and_then(|m| m.stats)
+        .expect("its own stats")
+}
+
 /// The p99 of `latencies`.
 fn p99(latencies: &mut [Duration]) -> Duration {
     latencies.sort();
@@ -127,13 +159,7 @@ async fn a_flood_of_streams_is_shed_and_the_node_serves_the_others() {
             member.state
         );
     }
-    let own = cluster.status(0).await;
-    let stats = own
-        .members
-        .iter()
-        .find(|m| m.address == address)
-        .and_then(|m| m.stats)
-        .expect("own stats");
+    let stats = own_stats(&cluster, 0).await;
     assert!(stats.requests_shed >= shed as u64, "{stats:?}");
     assert!(
         cluster.log_of(0).contains("shedding load"),
@@ -158,27 +184,72 @@ async fn the_smart_client_waits_out_a_shed_and_succeeds() {
         failed.len(),
         failed.first()
     );
-    let stats = cluster
-        .status(0)
-        .await
-        .members
-        .first()
-        .and_then(|m| m.stats)
-        .expect("stats");
+    let stats = own_stats(&cluster, 0).await;
     assert!(
         stats.requests_shed > 0,
         "64 writes at once past a budget of 4 were never shed"
     );
 }
 
+/// Node-to-node requests have their own budget: a flood of them past
+/// `--max-node-requests` is refused at once with a hint, while client
+/// requests keep being served and the node stays SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_requests_past_their_budget_are_shed_and_clients_served() {
+    let cluster = TestCluster::start_with(3, &["--max-node-requests", "8"]).await;
+    let address = cluster.addresses()[0].clone();
+    let replica = cluster.replica(0).await;
+    let flood = tokio::spawn(async move {
+        let calls = (0..5_000).map(|i| {
+            let mut replica = replica.clone();
+            async move {
+                replica
+                    .read(pb::ReplicaReadRequest {
+                        key: format!("k{}", i % 100),
+                        ..Default::default()
+                    })
+                    .await
+            }
+        });
+        futures::future::join_all(calls).await
+    });
+    let (served, p99) = polite_p99(&address, 100).await;
+    assert!(health_serving(&address).await, "the node stopped serving");
+    let answers = flood.await.expect("the flood");
+    let shed = answers
+        .iter()
+        .filter(|a| {
+            a.as_ref().err().is_some_and(|status| {
+                status.message().contains("--max-node-requests")
+                    && dkvs::net::shed::shed_wait(status).is_some()
+            })
+        })
+        .count();
+    let other: Vec<_> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().err())
+        .filter(|s| dkvs::net::shed::shed_wait(s).is_none())
+        .collect();
+    assert!(other.is_empty(), "{:?}", other.first());
+    assert!(
+        shed > 0,
+        "5000 node requests past a budget of 8 were never shed"
+    );
+    println!(
+        "node-request flood of 5000: {shed} shed; a client beside it: {served} of 100 writes \
+         done, p99 {p99:?}"
+    );
+}
+
 /// Past `--max-connections` a new connection is closed at once; those
-/// already open are served, and once they close a new one is served again.
+/// already open are served, the node stays SERVING and UP for its peers,
+/// and once the extra connections close a new one is served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_limit_are_closed_and_the_others_served() {
     use tokio::io::AsyncReadExt;
-    // Peers hold a connection each way and clients come and go: 12 leaves
-    // room for them and for the test's own client.
-    let cluster = TestCluster::start_with(1, &["--max-connections", "12"]).await;
+    // Peers hold connections to it and clients come and go: 16 leaves room
+    // for them and for the test's own client.
+    let cluster = TestCluster::start_with(3, &["--max-connections", "16"]).await;
     let address = cluster.addresses()[0].clone();
     let mut kv = pb::key_value_client::KeyValueClient::new(channel(&address).await);
     kv.put(put_request("before", "v")).await.expect("served");
@@ -201,12 +272,27 @@ async fn connections_past_the_limit_are_closed_and_the_others_served() {
     }
     assert!(
         closed_at_once,
-        "40 connections past a limit of 12 were all kept"
+        "40 connections past a limit of 16 were all kept"
     );
-    // The open connection is still served.
+    // The open connection is still served, and peers keep the node UP.
+    let began = Instant::now();
     kv.put(put_request("during", "v"))
         .await
         .expect("still served");
+    println!(
+        "{} idle connections held, the next closed at once; a write on an open one took {:?}",
+        held.len(),
+        began.elapsed()
+    );
+    for observer in [1, 2] {
+        let status = cluster.status(observer).await;
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.address == address)
+            .expect("a member");
+        assert_eq!(member.state, pb::MemberState::Up as i32, "{member:?}");
+    }
     drop(held);
     common::eventually(Duration::from_secs(10), async || {
         let mut kv = pb::key_value_client::KeyValueClient::new(channel(&address).await);
@@ -216,13 +302,7 @@ async fn connections_past_the_limit_are_closed_and_the_others_served() {
             .map_err(|e| e.to_string())
     })
     .await;
-    let stats = cluster
-        .status(0)
-        .await
-        .members
-        .first()
-        .and_then(|m| m.stats)
-        .expect("stats");
+    let stats = own_stats(&cluster, 0).await;
     assert!(stats.connections_refused > 0, "{stats:?}");
 }
 
@@ -260,13 +340,7 @@ async fn the_data_quota_refuses_values_takes_deletes_and_resumes_by_itself() {
         refusal.to_string().contains("--max-data-bytes"),
         "{refusal}"
     );
-    let stats = cluster
-        .status(0)
-        .await
-        .members
-        .first()
-        .and_then(|m| m.stats)
-        .expect("stats");
+    let stats = own_stats(&cluster, 0).await;
     assert!(
         stats.data_quota_reached && stats.data_bytes >= quota,
         "{stats:?}"
