@@ -68,7 +68,14 @@ pub struct Heartbeats {
     progress: JoinProgress,
     /// Peers found serving another layout at this node's version.
     forks: Mutex<HashMap<String, LayoutFork>>,
+    /// When a refused ping last sent this node to look for a newer layout.
+    refused_catch_up: Mutex<Option<Instant>>,
 }
+
+/// How often a refused ping may send this node looking for a newer layout
+/// (a peer that lags behind a join refuses every ping until it catches up:
+/// one look per this period is enough).
+const REFUSED_CATCH_UP_EVERY: Duration = Duration::from_secs(5);
 
 /// A peer serving another layout than this node's at the same version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +108,7 @@ impl Heartbeats {
             moves: Mutex::default(),
             progress,
             forks: Mutex::default(),
+            refused_catch_up: Mutex::default(),
         }
     }
 
@@ -126,6 +134,17 @@ impl Heartbeats {
             let (cluster, from) = (self.cluster.clone(), from.to_string());
             tokio::spawn(async move { cluster.layouts.catch_up_unless_busy(version, &from).await });
         }
+    }
+
+    /// Whether a refused ping may send this node looking for a newer layout
+    /// now (at most once per [`REFUSED_CATCH_UP_EVERY`]).
+    fn may_look_again(&self) -> bool {
+        let mut last = self.refused_catch_up.locked();
+        if last.is_some_and(|at| at.elapsed() < REFUSED_CATCH_UP_EVERY) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        true
     }
 
     /// Completes once the first round has ended: peers have heard who this
@@ -251,8 +270,10 @@ impl Heartbeats {
                 // layout does not name: one that was removed, or whose
                 // join was aborted. Its layout (the read-only fetch stays
                 // open to any node certificate) tells this node so.
-                if matches!(why, crate::error::Error::PermissionDenied(_)) {
-                    self.learn_layout(self.cluster.placement().version() + 1, address);
+                if matches!(why, crate::error::Error::PermissionDenied(_)) && self.may_look_again()
+                {
+                    let next = self.cluster.placement().version().saturating_add(1);
+                    self.learn_layout(next, address);
                 }
                 return Err(why);
             }

@@ -193,6 +193,15 @@ impl PeerPool {
                 stream: stream.into_inner(),
                 bound: self.skew_bound(),
             }),
+            // Under mutual TLS a source whose layout does not name this
+            // joiner yet refuses it at the door: like a source that has not
+            // caught up, it is waited for (see `is_not_serving_yet`).
+            Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
+                Err(Error::Unavailable(format!(
+                    "{source} is not yet the join's source: it refused this node ({})",
+                    describe_status(&status)
+                )))
+            }
             Ok(Err(status)) => Err(Error::Unavailable(describe_status(&status))),
             Err(_) => Err(Error::Unavailable("no answer to the stream request".into())),
         }

@@ -1,8 +1,8 @@
 //! Dialing over TLS: tonic channels whose connections are TCP, then a
 //! rustls handshake that checks the peer's certificate against the dialed
-//! host (an IP SAN for an address, a DNS SAN for a name), then that the
-//! certificate names the node dialed (`dkvs-node:HOST:PORT`), so a node
-//! cannot answer for another on its host. Each connection
+//! host (an IP SAN for an address, a DNS SAN for a name), then, when a
+//! node dials, that the certificate names the node dialed
+//! (`dkvs-node:HOST:PORT`), so a node cannot answer for another on its host. Each connection
 //! takes the client config current when it is made, so a node's rotated
 //! certificate is presented from its next connection on.
 
@@ -69,11 +69,18 @@ async fn connect(
         .map_err(|e| invalid(format!("{bare:?} is not a host name TLS can check: {e}")))?;
     let tcp = tokio::net::TcpStream::connect((bare, port)).await?;
     tcp.set_nodelay(true)?;
+    let as_node = matches!(tls, ClientTls::Node(_));
     let stream = tokio_rustls::TlsConnector::from(tls.config())
         .connect(name, tcp)
         .await?;
     // The CA signs every node's certificate, and several nodes may share a
-    // host: the one answering must be the node dialed, by name.
+    // host: to a node, the one answering must be the node dialed, by name.
+    // A client trusts any node (every node coordinates every key), so it
+    // may dial a node by any name its certificate carries (a DNS name,
+    // `localhost`, a load balancer's).
+    if !as_node {
+        return Ok(stream);
+    }
     let dialed = format!("{host}:{port}");
     let named = stream
         .get_ref()

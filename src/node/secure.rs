@@ -64,9 +64,17 @@ async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors, say: back off instead of spinning.
-                tracing::warn!(%error, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A connection that went away before it was taken costs
+                // nothing; out of file descriptors, say: back off instead
+                // of spinning.
+                use std::io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
+                if !matches!(
+                    error.kind(),
+                    ConnectionAborted | ConnectionReset | Interrupted
+                ) {
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 continue;
             }
         };

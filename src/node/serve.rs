@@ -150,17 +150,17 @@ fn drain_signal(
 }
 
 /// The server's settings. Under TLS, who a caller is was checked at its
-/// handshake: connections end after an hour (gracefully; the peer
-/// reconnects at once), so a CA or certificate dropped from the files
-/// stops opening doors.
+/// handshake: connections are asked to end after an hour (gracefully: an
+/// HTTP/2 GOAWAY, calls in progress finish, the peer reconnects at once),
+/// so a CA or certificate dropped from the files stops opening doors. (No
+/// grace period: tonic then cuts the connection at age plus grace without
+/// a GOAWAY, which would break a join's hour-long record stream.)
 fn server_builder(guard: &Guard) -> Server {
     let builder = Server::builder();
     if guard.tls.is_none() {
         return builder;
     }
-    builder
-        .max_connection_age(MAX_TLS_CONNECTION_AGE)
-        .max_connection_age_grace(Duration::from_secs(60))
+    builder.max_connection_age(MAX_TLS_CONNECTION_AGE)
 }
 
 /// Server reflection, v1 and v1alpha (many clients still ask v1alpha).
