@@ -394,3 +394,47 @@ async fn the_data_quota_refuses_values_takes_deletes_and_resumes_by_itself() {
         deleted.elapsed().as_secs_f64()
     );
 }
+
+/// A node bounds a write by the caller's `grpc-timeout` (relative, no
+/// clock involved) and answers with an outcome: one that leaves no time is
+/// refused unapplied; one that runs out while replicas are asked is
+/// DEADLINE_EXCEEDED with outcome `unknown` (never tonic's bare CANCELLED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_by_its_grpc_timeout_answers_with_its_outcome() {
+    let cluster = TestCluster::start(3).await;
+    let address = cluster.addresses()[0].clone();
+    let endpoint =
+        tonic::transport::Endpoint::from_shared(format!("http://{address}")).expect("an address");
+    let mut kv = pb::key_value_client::KeyValueClient::new(endpoint.connect_lazy());
+
+    let mut too_short = tonic::Request::new(put_request("k", "v"));
+    too_short.set_timeout(Duration::from_millis(3));
+    let refused = kv.put(too_short).await.expect_err("no time to coordinate");
+    assert_eq!(
+        Outcome::of(refused.metadata()),
+        Some(Outcome::NotApplied),
+        "{refused:?}"
+    );
+
+    // With N=3 every node replicates every key: freeze the two others, so
+    // no quorum comes within the caller's 300 ms (they are not convicted
+    // that soon).
+    let _one = cluster.pause_until_dropped(1);
+    let _two = cluster.pause_until_dropped(2);
+    let mut request = tonic::Request::new(put_request("k", "v"));
+    request.set_timeout(Duration::from_millis(300));
+    let began = Instant::now();
+    let cut = kv.put(request).await.expect_err("no quorum in 300 ms");
+    assert_eq!(cut.code(), tonic::Code::DeadlineExceeded, "{cut:?}");
+    assert_eq!(
+        Outcome::of(cut.metadata()),
+        Some(Outcome::Unknown),
+        "{cut:?}"
+    );
+    assert!(cut.message().contains("grpc-timeout"), "{}", cut.message());
+    assert!(
+        began.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        began.elapsed()
+    );
+}

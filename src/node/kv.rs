@@ -6,7 +6,9 @@
 //! gives, in the status's trailers. Get failures carry none: a read has no
 //! effect to report.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -28,16 +30,17 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         refuse_if_abandoned(&self.0, &request, "PUT")?;
         self.0.membership.refuse_until_agreed()?;
+        let timeout = callers_timeout(&request);
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;
         node.limits.check_value(&request.value)?;
         let consistency = pb::consistency_from(request.consistency)?;
         refuse_without_room(node, &request.key, consistency)?;
-        let ack = node
+        let write = node
             .coordinator
-            .write(&request.key, Some(request.value), consistency)
-            .await?;
+            .write(&request.key, Some(request.value), consistency);
+        let ack = within_callers_deadline(timeout, "PUT", write).await?;
         Ok(applied(pb::PutResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -68,14 +71,13 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         refuse_if_abandoned(&self.0, &request, "DELETE")?;
         self.0.membership.refuse_until_agreed()?;
+        let timeout = callers_timeout(&request);
         let request = request.into_inner();
         let node = &self.0;
         node.limits.check_key(&request.key)?;
         let consistency = pb::consistency_from(request.consistency)?;
-        let ack = node
-            .coordinator
-            .write(&request.key, None, consistency)
-            .await?;
+        let write = node.coordinator.write(&request.key, None, consistency);
+        let ack = within_callers_deadline(timeout, "DELETE", write).await?;
         Ok(applied(pb::DeleteResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -115,16 +117,21 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
                 crate::client::DEADLINE_HEADER
             ))
         })?;
-    let timeout = metadata
-        .get("grpc-timeout")
-        .and_then(|t| t.to_str().ok())
-        .and_then(super::lateness::parse_grpc_timeout);
-    let (Some(timeout), Some(source)) = (timeout, request.remote_addr()) else {
+    let (Some(timeout), Some(source)) = (callers_timeout(request), request.remote_addr()) else {
         return Ok(());
     };
-    let sent = deadline.saturating_sub(timeout.as_millis() as u64);
-    match node.arrivals.judge(source, sent, timeout) {
+    match node.arrivals.judge(source, deadline, timeout) {
         Verdict::InTime => Ok(()),
+        Verdict::Relearned { late_ms } => {
+            tracing::warn!(
+                %source,
+                late_ms,
+                "every write from {} has looked {late_ms} ms late for a minute while this node ran: \
+                 taking its clock to have moved, and judging it from now on",
+                source.ip()
+            );
+            Ok(())
+        }
         Verdict::Late { late_ms } => {
             tracing::warn!(
                 %source,
@@ -132,10 +139,10 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
                 "a {operation} arrived after its client gave up on it (a stall or a slow network \
                  held it): refused, not applied"
             );
-            Err(Error::DeadlineExceeded(format!(
+            Err(Error::Unavailable(format!(
                 "{operation} refused and not applied: it reached the node at least {late_ms} ms later \
-             than the quickest recent request from its client, and its client waited {} ms; \
-             the client has given up on it (measured without comparing clocks)",
+                 than the quickest recent request from its client, and its client waited {} ms, so \
+                 the client has given up on it (measured without comparing clocks)",
                 timeout.as_millis()
             )))
         }
@@ -146,6 +153,44 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
             source.ip()
         ))),
     }
+}
+
+/// The caller's `grpc-timeout`, if it sent one (and it parses).
+fn callers_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|t| t.to_str().ok())
+        .and_then(super::lateness::parse_grpc_timeout)
+}
+
+/// Bounds a write by its caller's `grpc-timeout`, a little inside it: this
+/// answer, DEADLINE_EXCEEDED with outcome `unknown` (replicas may hold the
+/// write), goes out before tonic's own timeout would answer CANCELLED with
+/// no outcome. A timeout too short to start in refuses the write unapplied.
+async fn within_callers_deadline<T>(
+    timeout: Option<Duration>,
+    operation: &str,
+    write: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    let Some(timeout) = timeout else {
+        return write.await;
+    };
+    let margin = (timeout / 100).max(Duration::from_millis(5));
+    let Some(budget) = timeout.checked_sub(margin).filter(|b| !b.is_zero()) else {
+        return Err(Error::InvalidArgument(format!(
+            "{operation} refused and not applied: a grpc-timeout of {} ms leaves no time to \
+             coordinate it; allow at least 10 ms",
+            timeout.as_millis()
+        )));
+    };
+    tokio::time::timeout(budget, write).await.map_err(|_| {
+        Error::DeadlineExceeded(format!(
+            "{operation} did not finish within its caller's deadline (grpc-timeout {} ms): it may or \
+             may not have been applied",
+            timeout.as_millis()
+        ))
+    })?
 }
 
 /// Refuses a new value before anything is sent when fewer than W of the

@@ -16,15 +16,23 @@
 //! clock (the same connection, else the same host) has the smallest offset;
 //! a request whose offset exceeds that by its own timeout or more spent at
 //! least its timeout on the way: its client had given up. Clocks seconds
-//! apart cancel out. A node that has heard nothing yet from a request's
-//! host has nothing to compare with and takes the request, unless the node
-//! itself was just stalled (frozen, or starved of CPU), when its queue may
-//! hold requests from before the stall: then it refuses (not applied; the
-//! client may retry).
+//! apart cancel out. Only requests taken in time are recorded, so a
+//! backlog of late ones (a thawed node's) is judged, to its end, against
+//! the quickest request from before it.
 //!
-//! The tables are bounded ([`MAX_SOURCES`]); baselines forget, generation by
-//! generation, so a client whose clock was stepped back is judged by its new
-//! clock after at most two generations.
+//! A host never heard from (this node just started, or forgot it) has
+//! nothing to compare with: its request is judged by comparing clocks, with
+//! a margin of [`WALL_MARGIN_MS`] for clocks that disagree; and just after
+//! this node itself stalled (frozen, starved of CPU, or the machine
+//! suspended: the wall clock jumped past the monotonic one), when its
+//! queue may hold requests from before the stall, it is refused (not
+//! applied; the client may retry). A host whose every request looks late
+//! for [`RELEARN_MS`] while this node runs had its clock moved (stepped
+//! back, or a second process with another clock): it is judged afresh from
+//! then on.
+//!
+//! The tables are bounded ([`MAX_SOURCES`]); baselines forget generation
+//! by generation, so they follow a client's clock as it drifts.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -89,10 +97,41 @@ pub enum Verdict {
     /// Its client was still waiting (or there is no sign it was not).
     InTime,
     /// It arrived at least this many ms later than the quickest recent
-    /// request from the same clock, which is at least its timeout.
+    /// request from the same clock, which is at least its timeout (or, from
+    /// a host never heard from, its deadline had passed by this node's
+    /// clock by more than [`WALL_MARGIN_MS`]).
     Late { late_ms: u64 },
+    /// Every request from its host has been late for [`RELEARN_MS`] while
+    /// this node ran: the host's clock moved, not its requests. Its
+    /// baselines start again from this request, which is taken.
+    Relearned { late_ms: u64 },
     /// Nothing to compare with, just after this node stalled.
     Unknown,
+}
+
+/// How far past its deadline, by this node's clock, a request from a host
+/// never heard from may arrive: only clocks further apart than this (less
+/// the client's timeout) are misjudged, and then for [`RELEARN_MS`].
+pub const WALL_MARGIN_MS: i64 = 5_000;
+/// How long every request from a host must be late, while this node runs,
+/// before its clock is taken to have moved.
+pub const RELEARN_MS: u64 = 60_000;
+
+/// One request's arrival, as [`Baselines::judge`] weighs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    pub source: SocketAddr,
+    /// Node monotonic ms minus the client's send time in its wall-clock ms.
+    pub offset: i64,
+    /// How long its client waits.
+    pub timeout_ms: u64,
+    /// Node monotonic ms now.
+    pub now_ms: u64,
+    /// Whether this node was just stalled.
+    pub stalled: bool,
+    /// This node's wall clock minus the client's deadline (ms): the old,
+    /// clock-comparing measure, used only for hosts never heard from.
+    pub past_deadline_ms: i64,
 }
 
 /// Baselines by connection and by host: the pure core of [`Arrivals`].
@@ -100,37 +139,55 @@ pub enum Verdict {
 pub struct Baselines {
     connections: HashMap<SocketAddr, Baseline>,
     hosts: HashMap<IpAddr, Baseline>,
+    /// Hosts whose every request has been late since this node time.
+    late_since: HashMap<IpAddr, u64>,
 }
 
 impl Baselines {
-    /// Judges a request from `source` whose offset (node monotonic ms minus
-    /// the client's send time in its wall-clock ms) is `offset`, with a
-    /// client timeout of `timeout_ms`, at node time `now_ms`; `stalled`
-    /// says whether this node was just stalled. Records the sample.
-    pub fn judge(
-        &mut self,
-        source: SocketAddr,
-        offset: i64,
-        timeout_ms: u64,
-        now_ms: u64,
-        stalled: bool,
-    ) -> Verdict {
+    /// Judges a request. Only requests taken in time are recorded: a late
+    /// one (a thawed node's backlog, a held network) never moves a
+    /// baseline, so the rest of a backlog is judged against the quickest
+    /// request from before it.
+    pub fn judge(&mut self, arrival: Arrival) -> Verdict {
+        let Arrival {
+            source,
+            offset,
+            timeout_ms,
+            now_ms,
+            stalled,
+            past_deadline_ms,
+        } = arrival;
         let baseline = self
             .connections
             .get(&source)
             .or_else(|| self.hosts.get(&source.ip()))
             .map(Baseline::least);
-        let verdict = match baseline {
+        let late_ms = match baseline {
             Some(least) => {
                 let late_ms = offset.saturating_sub(least).max(0) as u64;
-                if late_ms >= timeout_ms {
-                    Verdict::Late { late_ms }
-                } else {
-                    Verdict::InTime
-                }
+                (late_ms >= timeout_ms).then_some(late_ms)
             }
-            None if stalled => Verdict::Unknown,
-            None => Verdict::InTime,
+            None if stalled => return Verdict::Unknown,
+            None => (past_deadline_ms > WALL_MARGIN_MS).then_some(past_deadline_ms as u64),
+        };
+        let verdict = match late_ms {
+            None => {
+                self.late_since.remove(&source.ip());
+                Verdict::InTime
+            }
+            Some(late_ms) => {
+                if self.late_since.len() >= MAX_SOURCES {
+                    self.late_since.clear();
+                }
+                let since = *self.late_since.entry(source.ip()).or_insert(now_ms);
+                if stalled || now_ms.saturating_sub(since) < RELEARN_MS {
+                    return Verdict::Late { late_ms };
+                }
+                self.late_since.remove(&source.ip());
+                self.connections.remove(&source);
+                self.hosts.remove(&source.ip());
+                Verdict::Relearned { late_ms }
+            }
         };
         record(&mut self.connections, source, offset, now_ms);
         record(&mut self.hosts, source.ip(), offset, now_ms);
@@ -204,21 +261,28 @@ impl Arrivals {
             || (last_stall_end > 0 && now_ms.saturating_sub(last_stall_end) < AFTER_STALL_MS)
     }
 
-    /// Judges a request from `source` sent at `sent_ms` (its client's wall
-    /// clock) whose client waits `timeout`.
-    pub fn judge(&self, source: SocketAddr, sent_ms: u64, timeout: Duration) -> Verdict {
+    /// Judges a request from `source` whose client set `deadline_ms` (its
+    /// wall clock) and waits `timeout`.
+    pub fn judge(&self, source: SocketAddr, deadline_ms: u64, timeout: Duration) -> Verdict {
         let now_ms = self.now_ms();
-        let offset = (now_ms as i64).saturating_sub(sent_ms.min(i64::MAX as u64) as i64);
-        let stalled = self.stalled(now_ms);
-        self.baselines
-            .locked()
-            .judge(source, offset, timeout.as_millis() as u64, now_ms, stalled)
+        let timeout_ms = timeout.as_millis().min(u64::MAX as u128) as u64;
+        let sent_ms = deadline_ms.saturating_sub(timeout_ms).min(i64::MAX as u64) as i64;
+        let wall_ms = crate::clock::wall_clock_ms().min(i64::MAX as u64) as i64;
+        self.baselines.locked().judge(Arrival {
+            source,
+            offset: (now_ms as i64).saturating_sub(sent_ms),
+            timeout_ms,
+            now_ms,
+            stalled: self.stalled(now_ms),
+            past_deadline_ms: wall_ms.saturating_sub(deadline_ms.min(i64::MAX as u64) as i64),
+        })
     }
 
     /// Ticks until `shutdown`, noting stalls (logged).
     pub async fn watch_stalls(self: Arc<Self>, shutdown: CancellationToken) {
         let mut ticks = tokio::time::interval(STALL_TICK);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_wall = crate::clock::wall_clock_ms();
         loop {
             tokio::select! {
                 _ = ticks.tick() => {}
@@ -226,7 +290,13 @@ impl Arrivals {
             }
             let now_ms = self.now_ms().max(1);
             let last = self.last_tick_ms.swap(now_ms, Ordering::Relaxed);
-            let gap = now_ms.saturating_sub(last);
+            // The monotonic clock stands still while the machine is
+            // suspended; the wall clock does not: a wall-clock jump past the
+            // monotonic gap counts as a stall too.
+            let wall = crate::clock::wall_clock_ms();
+            let wall_gap = wall.saturating_sub(last_wall);
+            last_wall = wall;
+            let gap = now_ms.saturating_sub(last).max(wall_gap);
             if last > 0 && gap > STALL_GAP_MS {
                 self.last_stall_end_ms.store(now_ms, Ordering::Relaxed);
                 tracing::warn!(
@@ -268,13 +338,25 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    /// A request from `source` with `offset`, a 3 s timeout, at `now_ms`.
+    fn arrival(source: SocketAddr, offset: i64, now_ms: u64) -> Arrival {
+        Arrival {
+            source,
+            offset,
+            timeout_ms: 3_000,
+            now_ms,
+            stalled: false,
+            past_deadline_ms: -3_000,
+        }
+    }
+
     #[test]
     fn clocks_seconds_apart_cancel_out() {
         for skew in [-5_000i64, 0, 2_000, 3_600_000] {
             let mut baselines = Baselines::default();
             // Transit times of 1-40 ms, with the client's clock `skew` off.
             for (i, transit) in [5, 1, 40, 3, 12, 2].into_iter().enumerate() {
-                let verdict = baselines.judge(at(1000), transit + skew, 3_000, i as u64, false);
+                let verdict = baselines.judge(arrival(at(1000), transit + skew, i as u64));
                 assert_eq!(verdict, Verdict::InTime, "skew {skew}");
             }
         }
@@ -283,13 +365,13 @@ mod tests {
     #[test]
     fn a_request_that_waited_out_its_timeout_is_late() {
         let mut baselines = Baselines::default();
-        baselines.judge(at(1000), 10_000 + 2, 3_000, 0, false);
+        baselines.judge(arrival(at(1000), 10_000 + 2, 0));
         assert_eq!(
-            baselines.judge(at(1000), 10_000 + 2_999, 3_000, 10, false),
+            baselines.judge(arrival(at(1000), 10_000 + 2_999, 10)),
             Verdict::InTime
         );
         assert_eq!(
-            baselines.judge(at(1000), 10_000 + 5_002, 3_000, 20, false),
+            baselines.judge(arrival(at(1000), 10_000 + 5_002, 20)),
             Verdict::Late { late_ms: 5_000 }
         );
     }
@@ -297,63 +379,117 @@ mod tests {
     #[test]
     fn a_new_connection_is_judged_by_its_host() {
         let mut baselines = Baselines::default();
-        baselines.judge(at(1000), 500, 3_000, 0, false);
+        baselines.judge(arrival(at(1000), 500, 0));
         // Another process on the same host (same clock), after a freeze.
         assert_eq!(
-            baselines.judge(at(1001), 500 + 4_000, 3_000, 10, false),
+            baselines.judge(arrival(at(1001), 500 + 4_000, 10)),
             Verdict::Late { late_ms: 4_000 }
         );
-        // A host never heard from: nothing to compare with.
+        // A host never heard from: judged by the clocks, with a margin.
         let elsewhere = SocketAddr::from(([10, 0, 0, 9], 1000));
         assert_eq!(
-            baselines.judge(elsewhere, 99_999, 3_000, 10, false),
+            baselines.judge(arrival(elsewhere, 99_999, 10)),
             Verdict::InTime
         );
-        let unknown = SocketAddr::from(([10, 0, 0, 8], 1000));
+        let held = SocketAddr::from(([10, 0, 0, 7], 1000));
+        let mut late = arrival(held, 99_999, 10);
+        late.past_deadline_ms = WALL_MARGIN_MS + 1;
         assert_eq!(
-            baselines.judge(unknown, 99_999, 3_000, 10, true),
-            Verdict::Unknown
+            baselines.judge(late),
+            Verdict::Late {
+                late_ms: WALL_MARGIN_MS as u64 + 1
+            }
         );
+        // Just after this node stalled: nothing to go by.
+        let unknown = SocketAddr::from(([10, 0, 0, 8], 1000));
+        let mut stalled = arrival(unknown, 99_999, 10);
+        stalled.stalled = true;
+        assert_eq!(baselines.judge(stalled), Verdict::Unknown);
+        assert_eq!(baselines.judge(stalled), Verdict::Unknown, "not recorded");
     }
 
+    /// Two processes on one host whose clocks are further apart than their
+    /// timeout (libfaketime, time namespaces): the second is judged by the
+    /// host's quickest, refused, and relearned after a minute; from then on
+    /// its connection has its own baseline.
     #[test]
-    fn a_connection_keeps_its_own_clock_beside_others_on_its_host() {
+    fn a_second_clock_on_one_host_is_learned_after_a_minute() {
         let mut baselines = Baselines::default();
-        // A process on this host whose clock runs 5 s behind the others.
-        baselines.judge(at(1000), 10, 3_000, 0, false);
-        baselines.judge(at(2000), 5_010, 3_000, 0, false);
-        for now in 1..10 {
+        baselines.judge(arrival(at(1000), 10, 0));
+        assert!(matches!(
+            baselines.judge(arrival(at(2000), 5_010, 1)),
+            Verdict::Late { .. }
+        ));
+        assert!(matches!(
+            baselines.judge(arrival(at(2000), 5_010, RELEARN_MS + 1)),
+            Verdict::Relearned { .. }
+        ));
+        for now in 2..10 {
             assert_eq!(
-                baselines.judge(at(2000), 5_010 + now as i64, 3_000, now, false),
+                baselines.judge(arrival(at(2000), 5_010 + now as i64, RELEARN_MS + now)),
+                Verdict::InTime
+            );
+            assert_eq!(
+                baselines.judge(arrival(at(1000), 10 + now as i64, RELEARN_MS + now)),
                 Verdict::InTime
             );
         }
     }
 
+    /// A thawed node's backlog: requests sent during a 40 s freeze, oldest
+    /// first (each later one has a smaller offset). Every one that waited
+    /// out its timeout is refused, however many there are: late requests
+    /// never move a baseline.
     #[test]
-    fn a_client_clock_stepped_back_is_learned_after_two_generations() {
+    fn a_whole_backlog_is_judged_against_the_quickest_request_before_it() {
         let mut baselines = Baselines::default();
-        baselines.judge(at(1000), 0, 3_000, 0, false);
-        let stepped = 10_000;
+        for i in 0..100 {
+            baselines.judge(arrival(at(1000), 0, i));
+        }
+        let thaw = 40_000;
         let mut late = 0;
-        for i in 0..(2 * SAMPLES_PER_GENERATION as u64 + 2) {
-            if baselines.judge(at(1000), stepped, 3_000, i, false) != Verdict::InTime {
-                late += 1;
+        for sent in 0..400u64 {
+            // Sent at 100 ms steps during the freeze; handled at the thaw.
+            let sent_at = 100 + sent * 100;
+            let offset = (thaw - sent_at) as i64;
+            match baselines.judge(arrival(at(1000), offset, thaw + sent)) {
+                Verdict::Late { .. } => late += 1,
+                Verdict::InTime => assert!(offset < 3_000, "a request {offset} ms late taken"),
+                other => panic!("{other:?}"),
             }
         }
-        assert!(late <= 2 * SAMPLES_PER_GENERATION, "{late}");
+        assert_eq!(late, 400 - 30, "all but the last 3 s of the freeze refused");
+    }
+
+    #[test]
+    fn a_client_clock_stepped_back_is_relearned_after_a_minute_of_refusals() {
+        let mut baselines = Baselines::default();
+        baselines.judge(arrival(at(1000), 0, 0));
+        let stepped = 10_000;
         assert_eq!(
-            baselines.judge(at(1000), stepped, 3_000, 1_000, false),
+            baselines.judge(arrival(at(1000), stepped, 1)),
+            Verdict::Late { late_ms: 10_000 }
+        );
+        assert_eq!(
+            baselines.judge(arrival(at(1000), stepped, RELEARN_MS - 1)),
+            Verdict::Late { late_ms: 10_000 }
+        );
+        assert_eq!(
+            baselines.judge(arrival(at(1000), stepped, RELEARN_MS + 1)),
+            Verdict::Relearned { late_ms: 10_000 }
+        );
+        assert_eq!(
+            baselines.judge(arrival(at(1000), stepped + 5, RELEARN_MS + 2)),
             Verdict::InTime
         );
-        // Or by time: two generations of GENERATION_MS.
+        // A request in time in between starts the minute again.
         let mut baselines = Baselines::default();
-        baselines.judge(at(1000), 0, 3_000, 0, false);
-        baselines.judge(at(1000), stepped, 3_000, GENERATION_MS, false);
-        baselines.judge(at(1000), stepped, 3_000, 2 * GENERATION_MS, false);
+        baselines.judge(arrival(at(1000), 0, 0));
+        baselines.judge(arrival(at(1000), stepped, 1));
+        baselines.judge(arrival(at(1000), 1, 2));
         assert_eq!(
-            baselines.judge(at(1000), stepped, 3_000, 2 * GENERATION_MS + 1, false),
-            Verdict::InTime
+            baselines.judge(arrival(at(1000), stepped, RELEARN_MS + 1)),
+            Verdict::Late { late_ms: 10_000 }
         );
     }
 
@@ -361,12 +497,12 @@ mod tests {
     fn a_baseline_survives_a_long_freeze() {
         let mut baselines = Baselines::default();
         for i in 0..10 {
-            baselines.judge(at(1000), 100, 3_000, i, false);
+            baselines.judge(arrival(at(1000), 100, i));
         }
         // Frozen for five minutes: the first request after it was sent
         // before the freeze began.
         assert_eq!(
-            baselines.judge(at(1000), 100 + 300_000, 3_000, 300_000, false),
+            baselines.judge(arrival(at(1000), 100 + 300_000, 300_000)),
             Verdict::Late { late_ms: 300_000 }
         );
     }
@@ -376,7 +512,7 @@ mod tests {
         let mut baselines = Baselines::default();
         for i in 0..(MAX_SOURCES as u32 + 100) {
             let source = SocketAddr::from((std::net::Ipv4Addr::from(i), 7));
-            baselines.judge(source, 0, 3_000, i as u64, false);
+            baselines.judge(arrival(source, 0, i as u64));
         }
         assert_eq!(baselines.connections.len(), MAX_SOURCES);
         assert_eq!(baselines.hosts.len(), MAX_SOURCES);

@@ -392,15 +392,6 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
                  (twice --max-value-bytes plus 64 KiB, at least 4 MiB); send smaller values ({message})"
             ),
         )),
-        // tonic's own deadline (the caller's `grpc-timeout`) ran out while
-        // a handler worked: for a write, anything may have been sent.
-        Some(b"1") if message == "Timeout expired" => Some((
-            tonic::Code::DeadlineExceeded,
-            format!(
-                "{path}: the caller's deadline (grpc-timeout) passed before this node finished; \
-                 a write may or may not have been applied"
-            ),
-        )),
         Some(b"12") if message.is_empty() => Some((
             tonic::Code::Unimplemented,
             format!(
@@ -412,7 +403,6 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
         )),
         _ => None,
     };
-    let deadline_passed = matches!(rewritten, Some((tonic::Code::DeadlineExceeded, _)));
     if let Some((code, message)) = rewritten {
         let status = tonic::Status::new(code, message);
         // Status::add_header writes grpc-status and a percent-encoded grpc-message.
@@ -425,14 +415,9 @@ fn rewrite_edge_status(headers: &mut http::HeaderMap, path: &str, max_message: u
     let failed = status.as_deref().is_some_and(|s| s != b"0");
     if failed && WRITE_PATHS.contains(&path) && !headers.contains_key(crate::error::OUTCOME_HEADER)
     {
-        let outcome = if deadline_passed {
-            Outcome::Unknown
-        } else {
-            Outcome::NotApplied
-        };
         headers.insert(
             crate::error::OUTCOME_HEADER,
-            http::HeaderValue::from_static(outcome.name()),
+            http::HeaderValue::from_static(Outcome::NotApplied.name()),
         );
     }
 }
