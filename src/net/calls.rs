@@ -256,9 +256,11 @@ impl PeerPool {
     }
 
     /// `Replica.RangeEntries`: every key of one range on `peer` with its
-    /// version: how many were listed, and those whose version is within
-    /// the skew bound (the others are neither pulled nor answered with a
-    /// push: the peer must not spread them).
+    /// version, page after page (each within `timeout`): how many were
+    /// listed, and those whose version is within the skew bound (the
+    /// others are neither pulled nor answered with a push: the peer must
+    /// not spread them). A peer of an earlier release answers the whole
+    /// range in one page without a cursor, which ends the loop.
     pub async fn range_entries(
         &self,
         peer: &str,
@@ -267,21 +269,36 @@ impl PeerPool {
         range: usize,
     ) -> Result<(usize, Vec<RangeEntry>)> {
         let mut client = self.replica_client(peer)?;
-        let request = pb::RangeEntriesRequest {
-            range: range as u32,
-            range_count: query.range_count,
-            layout_version: query.layout_version,
-        };
-        let listed = call_within(timeout, client.range_entries(request))
-            .await?
-            .entries;
-        let count = listed.len();
         let bound = self.skew_bound();
-        let entries = listed
-            .into_iter()
-            .filter_map(|e| pb::range_entry_from(e, bound).ok())
-            .collect();
-        Ok((count, entries))
+        let (mut count, mut entries) = (0, Vec::new());
+        let mut after = bytes::Bytes::new();
+        loop {
+            let request = pb::RangeEntriesRequest {
+                range: range as u32,
+                range_count: query.range_count,
+                layout_version: query.layout_version,
+                after: after.clone(),
+                // The peer's --max-page-entries.
+                page_size: 0,
+            };
+            let page = call_within(timeout, client.range_entries(request)).await?;
+            count += page.entries.len();
+            entries.extend(
+                page.entries
+                    .into_iter()
+                    .filter_map(|e| pb::range_entry_from(e, bound).ok()),
+            );
+            if page.next_after.is_empty() {
+                return Ok((count, entries));
+            }
+            // Each page must move on, or the listing would never end.
+            if page.next_after <= after {
+                return Err(Error::Unavailable(format!(
+                    "{peer}: its range listing did not advance past its cursor"
+                )));
+            }
+            after = page.next_after;
+        }
     }
 
     /// One `Membership` call to `address` within `timeout`, as a future

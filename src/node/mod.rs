@@ -282,6 +282,8 @@ impl Node {
         let limits = Limits {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
+            max_batch_items: config.max_batch_items,
+            max_page_entries: config.max_page_entries,
         };
         let bound = config.skew_bound();
         let (identity, me, replica) = open_replica(&storage, &placement, &layout, bound, address)?;
