@@ -31,6 +31,7 @@ mod replica;
 mod replica_read;
 mod secure;
 mod serve;
+mod slow_body;
 
 pub use access_gate::{Guard, VerifiedNode};
 pub use secure::tls_incoming;

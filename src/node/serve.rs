@@ -92,6 +92,9 @@ where
 
     let signal = drain_signal(&node, &health, &serving, shutdown);
     let served = server_builder(&guard)
+        .layer(super::slow_body::SlowBodyLayer {
+            timeout: Duration::from_millis(node.config.request_body_timeout_ms),
+        })
         .layer(EdgeStatusLayer {
             max_message: max_message_bytes(node.limits.max_value_bytes),
         })
