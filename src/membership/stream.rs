@@ -463,7 +463,7 @@ mod tests {
             intervals as usize > 4 * INTERVALS_PER_REQUEST,
             "{intervals}"
         );
-        assert!(INTERVALS_PER_REQUEST <= crate::config::MIN_MAX_BATCH_ITEMS);
+        const { assert!(INTERVALS_PER_REQUEST <= crate::config::MIN_MAX_BATCH_ITEMS) };
         for group in &groups {
             assert!(group.intervals.len() <= INTERVALS_PER_REQUEST);
             assert_eq!(group.intervals.len(), group.shares.len());
