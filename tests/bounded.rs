@@ -193,9 +193,10 @@ async fn ranges_larger_than_a_page_are_listed_and_repaired_whole() {
     client.close().await;
 }
 
-/// A gRPC `KeyValue.Get` whose body announces 100 bytes and then sends one
-/// byte every 100 ms. Answers the call's grpc-status and grpc-message.
-async fn trickle_a_get(address: &str) -> (String, String) {
+/// A gRPC `KeyValue.Put` whose body announces 100 bytes and then sends one
+/// byte every 100 ms. Answers the call's grpc-status, grpc-message and
+/// dkvs-outcome.
+async fn trickle_a_put(address: &str) -> (String, String, String) {
     let tcp = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
@@ -206,7 +207,7 @@ async fn trickle_a_get(address: &str) -> (String, String) {
     let mut h2 = h2.ready().await.expect("h2 ready");
     let request = http::Request::builder()
         .method("POST")
-        .uri(format!("http://{address}/dkvs.v1.KeyValue/Get"))
+        .uri(format!("http://{address}/dkvs.v1.KeyValue/Put"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
@@ -247,7 +248,11 @@ async fn trickle_a_get(address: &str) -> (String, String) {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).to_string())
             .unwrap_or_default()
     };
-    (field("grpc-status"), field("grpc-message"))
+    (
+        field("grpc-status"),
+        field("grpc-message"),
+        field("dkvs-outcome"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,7 +264,7 @@ async fn a_trickled_request_body_is_dropped_and_the_node_stays_healthy() {
     let started = Instant::now();
     let trickled = tokio::spawn({
         let address = address.clone();
-        async move { trickle_a_get(&address).await }
+        async move { trickle_a_put(&address).await }
     });
     // Other callers are served while the trickle goes on.
     let mut served = 0;
@@ -268,7 +273,7 @@ async fn a_trickled_request_body_is_dropped_and_the_node_stays_healthy() {
         served += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, message) = trickled.await.expect("trickle task");
+    let (status, message, outcome) = trickled.await.expect("trickle task");
     let took = started.elapsed();
     assert_eq!(status, "4", "DEADLINE_EXCEEDED: {message}");
     assert!(
@@ -279,6 +284,7 @@ async fn a_trickled_request_body_is_dropped_and_the_node_stays_healthy() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "dropped after about 1 s, not {took:?}"
     );
+    assert_eq!(outcome, "not-applied", "no handler ran");
     assert!(served > 0, "no other call was served meanwhile");
     assert!(health_serving(&address).await);
     client.put("after", "the trickle").await.expect("put after");
