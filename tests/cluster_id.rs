@@ -461,6 +461,7 @@ async fn another_clusters_data_path_calls_are_refused() {
         range: 0,
         range_count,
         layout_version: layout.version,
+        ..Default::default()
     };
 
     let refusals = vec![
@@ -612,6 +613,7 @@ async fn another_clusters_data_path_calls_are_refused() {
                 range: 0,
                 range_count: layout.members.iter().map(|m| m.tokens.len()).sum::<usize>() as u32,
                 layout_version: layout.version,
+                ..Default::default()
             };
             cluster
                 .replica(0)

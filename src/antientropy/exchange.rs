@@ -6,7 +6,9 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{AntiEntropy, COPY_CONCURRENCY, MAX_RANGES_PER_ROUND, differing, plan, root};
+use super::{
+    AntiEntropy, COPY_CONCURRENCY, MAX_RANGES_PER_ROUND, differing, plan, root, window_end,
+};
 use crate::clock::{Version, wall_clock_ms};
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
@@ -14,7 +16,11 @@ use crate::net::RangeQuery;
 use crate::net::{ReplicaError, ReplicaHandle};
 use crate::placement::Placement;
 use crate::record::Record;
-use crate::replica::WriteOutcome;
+use crate::replica::{RangeEntry, WriteOutcome, storage_key};
+
+/// Keys of this node's own listing per window (the peer's pages are its
+/// --max-page-entries).
+const MY_PAGE_ENTRIES: usize = crate::config::DEFAULT_MAX_PAGE_ENTRIES;
 
 use super::SyncPlan;
 
@@ -62,34 +68,56 @@ impl AntiEntropy {
         Ok(repaired)
     }
 
-    /// Lists one differing range on both sides and copies what differs.
+    /// Lists one differing range on both sides and copies what differs,
+    /// one window at a time: a page of each side's listing, cut where the
+    /// nearer page ends, so neither listing is ever held whole.
     async fn exchange_range(&self, peer: &str, range: usize, query: &RangeQuery) -> Result<u64> {
         // Listed against this node's layout now, as the digests were.
         let query = RangeQuery {
             layout_version: self.cluster.placement().version(),
             ..query.clone()
         };
-        let (listed_count, their_entries) = self
-            .cluster
-            .peers
-            .range_entries(peer, self.cluster.rpc_timeout, &query, range)
-            .await?;
-        let my_entries = self.replica.range_entries(range)?;
-        let plan = plan(
-            &my_entries,
-            &their_entries,
-            self.collectable(wall_clock_ms()),
-        );
+        let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout);
+        let (mut after, mut copied, mut refused, mut differed) = (Vec::new(), 0, 0, false);
+        loop {
+            let theirs = peers
+                .range_entries_page(peer, timeout, &query, range, &after)
+                .await?;
+            let (mine, mine_next) =
+                self.replica
+                    .range_entries_page(range, &after, MY_PAGE_ENTRIES, usize::MAX)?;
+            let end = window_end(mine_next.as_deref(), theirs.next.as_deref());
+            let within = |key: &str| end.as_ref().is_none_or(|end| storage_key(key) <= *end);
+            let mine: Vec<RangeEntry> = mine.into_iter().filter(|e| within(&e.key)).collect();
+            let their_entries: Vec<RangeEntry> = theirs
+                .entries
+                .into_iter()
+                .filter(|e| within(&e.key))
+                .collect();
+            refused += theirs.refused.iter().filter(|key| within(key)).count();
+            let plan = plan(&mine, &their_entries, self.collectable(wall_clock_ms()));
+            if !plan.pull.is_empty() || !plan.push.is_empty() {
+                differed = true;
+                copied += self.copy(peer, plan, query.layout_version).await?;
+            }
+            match end {
+                Some(end) if end > after => after = end,
+                Some(_) => {
+                    return Err(Error::Unavailable(format!(
+                        "{peer}: the listing of range {range} did not advance"
+                    )));
+                }
+                None => break,
+            }
+        }
         // Digests differ but the listings agree: this node's digest of the
         // range is off (a recount raced a write): count it again.
-        if plan.pull.is_empty() && plan.push.is_empty() {
+        if !differed {
             let replica = self.replica.clone();
             crate::seams::blocking(move || replica.recount_range(range))
                 .await
                 .map_err(|e| Error::Internal(format!("range recount: {e}")))??;
         }
-        let copied = self.copy(peer, plan, query.layout_version).await?;
-        let refused = listed_count - their_entries.len();
         if refused > 0 {
             // Not a complete exchange: a replacement must not count it.
             return Err(Error::Unavailable(format!(

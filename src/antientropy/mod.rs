@@ -47,7 +47,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use plan::{SyncPlan, differing, plan, root};
+pub use plan::{SyncPlan, differing, plan, root, window_end};
 
 use crate::identity::Identity;
 use crate::placement::Placement;

@@ -37,6 +37,19 @@ pub fn differing(mine: &[(usize, u64)], theirs: &[(usize, u64)]) -> Vec<usize> {
     ranges
 }
 
+/// Where the next window of a paged comparison ends, given where each
+/// side's page ends (`None`: that side's listing is done): at the nearer of
+/// the two, so both listings are complete up to it; `None` when both are
+/// done (the window runs to the range's end). What lies past the window
+/// on the longer page is listed again with the next window.
+pub fn window_end(mine_next: Option<&[u8]>, theirs_next: Option<&[u8]>) -> Option<Vec<u8>> {
+    match (mine_next, theirs_next) {
+        (Some(mine), Some(theirs)) => Some(mine.min(theirs).to_vec()),
+        (Some(one), None) | (None, Some(one)) => Some(one.to_vec()),
+        (None, None) => None,
+    }
+}
+
 /// Keys to copy between two replicas of one range.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncPlan {
@@ -89,6 +102,85 @@ mod tests {
             version: Version::new(lamport, 1),
             tombstone,
             deleted_at_ms,
+        }
+    }
+
+    /// One page of `listing` (sorted by storage key) after `after`.
+    fn page_of(
+        listing: &[RangeEntry],
+        after: &[u8],
+        size: usize,
+    ) -> (Vec<RangeEntry>, Option<Vec<u8>>) {
+        let rest: Vec<RangeEntry> = listing
+            .iter()
+            .filter(|e| crate::replica::storage_key(&e.key)[..] > *after)
+            .cloned()
+            .collect();
+        let page: Vec<RangeEntry> = rest.iter().take(size).cloned().collect();
+        let next = (rest.len() > size).then(|| crate::replica::storage_key(&page[size - 1].key));
+        (page, next)
+    }
+
+    #[test]
+    fn windows_of_paged_listings_plan_what_the_whole_listings_do() {
+        let by_storage_key = |mut v: Vec<RangeEntry>| {
+            v.sort_by_key(|e| crate::replica::storage_key(&e.key));
+            v
+        };
+        // Each side holds keys the other lacks, and some at other versions.
+        let mine = by_storage_key(
+            (0..60)
+                .filter(|i| i % 3 != 0)
+                .map(|i| entry(&format!("k{i}"), 1 + (i % 2), false, 0))
+                .collect(),
+        );
+        let theirs = by_storage_key(
+            (0..60)
+                .filter(|i| i % 5 != 0)
+                .map(|i| entry(&format!("k{i}"), 1 + (i % 4 == 1) as u64, false, 0))
+                .collect(),
+        );
+        let whole = plan(&mine, &theirs, |_| false);
+        for (my_size, their_size) in [(1, 1), (2, 7), (7, 2), (100, 3), (3, 100)] {
+            let (mut windowed, mut after, mut windows) = (SyncPlan::default(), Vec::new(), 0);
+            loop {
+                let (my_page, my_next) = page_of(&mine, &after, my_size);
+                let (their_page, their_next) = page_of(&theirs, &after, their_size);
+                let end = window_end(my_next.as_deref(), their_next.as_deref());
+                let within = |e: &&RangeEntry| {
+                    end.as_ref()
+                        .is_none_or(|end| crate::replica::storage_key(&e.key) <= *end)
+                };
+                let my_window: Vec<RangeEntry> = my_page.iter().filter(within).cloned().collect();
+                let their_window: Vec<RangeEntry> =
+                    their_page.iter().filter(within).cloned().collect();
+                let part = plan(&my_window, &their_window, |_| false);
+                windowed.pull.extend(part.pull);
+                windowed.push.extend(part.push);
+                windows += 1;
+                match end {
+                    Some(end) => {
+                        assert!(end > after, "every window moves on");
+                        after = end;
+                    }
+                    None => break,
+                }
+            }
+            assert!(windows <= 120);
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            assert_eq!(
+                sorted(windowed.pull),
+                sorted(whole.pull.clone()),
+                "{my_size}/{their_size}"
+            );
+            assert_eq!(
+                sorted(windowed.push),
+                sorted(whole.push.clone()),
+                "{my_size}/{their_size}"
+            );
         }
     }
 

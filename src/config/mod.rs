@@ -48,6 +48,18 @@ pub const DEFAULT_MAX_REQUESTS_PER_CONNECTION: usize = 128;
 pub const DEFAULT_MAX_CLIENT_REQUESTS: usize = 1024;
 pub const DEFAULT_MAX_NODE_REQUESTS: usize = 2048;
 
+/// Default `--max-batch-items`: eight times the most any DKVS sender puts
+/// in one call (a node's or the smart client's batch pipe sends at most
+/// 512 items, a joining node at most 1024 intervals per stream request).
+pub const DEFAULT_MAX_BATCH_ITEMS: usize = 4096;
+/// Smallest `--max-batch-items`: what DKVS's own senders need.
+pub const MIN_MAX_BATCH_ITEMS: usize = 1024;
+/// Default `--max-page-entries`: keys in one page of a range listing.
+pub const DEFAULT_MAX_PAGE_ENTRIES: usize = 1024;
+/// Default `--request-body-timeout-ms`: the longest deadline any DKVS
+/// caller sets on one call (a node's batch call, 10 s).
+pub const DEFAULT_REQUEST_BODY_TIMEOUT_MS: u64 = 10_000;
+
 /// One DKVS storage node.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "DKVSServer", version, about, long_about = None, args_override_self = true)]
@@ -257,6 +269,23 @@ pub struct ServerConfig {
     /// starve them.
     #[arg(long, default_value_t = DEFAULT_MAX_NODE_REQUESTS, value_parser = clap::value_parser!(u32).range(1..=1_000_000).map(|v| v as usize))]
     pub max_node_requests: usize,
+
+    /// Most items (reads, writes, intervals) one node-to-node or replica
+    /// batch call may carry; a call with more is refused with
+    /// INVALID_ARGUMENT. At least 1024, what DKVS's own senders need.
+    #[arg(long, default_value_t = DEFAULT_MAX_BATCH_ITEMS, value_parser = clap::value_parser!(u32).range(MIN_MAX_BATCH_ITEMS as i64..=1_000_000).map(|v| v as usize))]
+    pub max_batch_items: usize,
+
+    /// Most keys in one page of a range listing (anti-entropy and hand-offs
+    /// page through a range with this many keys per answer).
+    #[arg(long, default_value_t = DEFAULT_MAX_PAGE_ENTRIES, value_parser = clap::value_parser!(u32).range(1..=65_536).map(|v| v as usize))]
+    pub max_page_entries: usize,
+
+    /// Longest a request's body may take to arrive, in milliseconds, counted
+    /// from its headers; a slower one is refused (DEADLINE_EXCEEDED) and its
+    /// stream reset.
+    #[arg(long, default_value_t = DEFAULT_REQUEST_BODY_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub request_body_timeout_ms: u64,
 }
 
 impl ServerConfig {

@@ -33,6 +33,10 @@ const CHUNK_RECORDS: usize = 1024;
 const CHUNK_BYTES: usize = 1 << 20;
 /// Most intervals one request may name.
 const MAX_INTERVALS: usize = 1 << 20;
+/// Most intervals a joining node names in one request: a group with more
+/// is streamed as several (sources refuse more than --max-batch-items,
+/// at least 1024).
+const INTERVALS_PER_REQUEST: usize = 1024;
 /// How long a joining node waits for a source to serve the join's layout
 /// before it streams from the other old replicas instead.
 const SOURCE_CATCH_UP_WAIT: Duration = Duration::from_secs(10);
@@ -174,15 +178,17 @@ fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
     let intervals_total: usize = groups.values().map(Vec::len).sum();
     let groups = groups
         .into_iter()
-        .map(|((sources, giver), mut intervals)| {
+        .flat_map(|((sources, giver), mut intervals)| {
             intervals.sort_unstable();
-            let shares = intervals.iter().map(|&(f, l)| share(f, l)).collect();
-            Group {
-                sources,
-                giver,
-                intervals,
-                shares,
-            }
+            intervals
+                .chunks(INTERVALS_PER_REQUEST)
+                .map(|intervals| Group {
+                    sources: sources.clone(),
+                    giver: giver.clone(),
+                    intervals: intervals.to_vec(),
+                    shares: intervals.iter().map(|&(f, l)| share(f, l)).collect(),
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     (groups, intervals_total as u32)
@@ -445,6 +451,28 @@ impl Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_stream_request_names_more_intervals_than_any_source_accepts() {
+        let addresses: Vec<String> = (1..=4).map(|i| format!("127.0.0.1:700{i}")).collect();
+        let layout = Layout::bootstrap(&addresses, 3, 4096)
+            .begin_join("127.0.0.1:7005")
+            .expect("join");
+        let (groups, intervals) = plan(&layout, "127.0.0.1:7005");
+        assert!(
+            intervals as usize > 4 * INTERVALS_PER_REQUEST,
+            "{intervals}"
+        );
+        const { assert!(INTERVALS_PER_REQUEST <= crate::config::MIN_MAX_BATCH_ITEMS) };
+        for group in &groups {
+            assert!(group.intervals.len() <= INTERVALS_PER_REQUEST);
+            assert_eq!(group.intervals.len(), group.shares.len());
+        }
+        assert_eq!(
+            intervals as usize,
+            groups.iter().map(|g| g.intervals.len()).sum::<usize>()
+        );
+    }
 
     #[test]
     fn a_joiner_receives_about_its_share_from_the_old_replicas() {

@@ -28,6 +28,17 @@ pub struct RangeQuery {
     pub layout_version: u64,
 }
 
+/// One page of a peer's range listing.
+#[derive(Debug, Default)]
+pub struct RangeEntriesPage {
+    /// The entries whose version is within the skew bound.
+    pub entries: Vec<RangeEntry>,
+    /// The keys of the others (neither pulled nor answered with a push).
+    pub refused: Vec<String>,
+    /// The storage key the next page starts after (`None`: the range is done).
+    pub next: Option<Vec<u8>>,
+}
+
 impl PeerPool {
     /// The cluster id node-to-node calls carry (0: none yet).
     pub fn cluster_id(&self) -> u64 {
@@ -265,9 +276,10 @@ impl PeerPool {
     }
 
     /// `Replica.RangeEntries`: every key of one range on `peer` with its
-    /// version: how many were listed, and those whose version is within
-    /// the skew bound (the others are neither pulled nor answered with a
-    /// push: the peer must not spread them).
+    /// version, page after page (each within `timeout`): how many were
+    /// listed, and those whose version is within the skew bound (the
+    /// others are neither pulled nor answered with a push: the peer must
+    /// not spread them).
     pub async fn range_entries(
         &self,
         peer: &str,
@@ -275,22 +287,62 @@ impl PeerPool {
         query: &RangeQuery,
         range: usize,
     ) -> Result<(usize, Vec<RangeEntry>)> {
+        let (mut count, mut entries) = (0, Vec::new());
+        let mut after = Vec::new();
+        loop {
+            let page = self
+                .range_entries_page(peer, timeout, query, range, &after)
+                .await?;
+            count += page.entries.len() + page.refused.len();
+            entries.extend(page.entries);
+            match page.next {
+                Some(next) => after = next,
+                None => return Ok((count, entries)),
+            }
+        }
+    }
+
+    /// One page of `Replica.RangeEntries` on `peer`: the keys of `range`
+    /// after storage key `after` (empty: from the start), as many as the
+    /// peer's `--max-page-entries`. A peer of an earlier release answers
+    /// the whole range without a cursor: one page.
+    pub async fn range_entries_page(
+        &self,
+        peer: &str,
+        timeout: Duration,
+        query: &RangeQuery,
+        range: usize,
+        after: &[u8],
+    ) -> Result<RangeEntriesPage> {
         let mut client = self.replica_client(peer)?;
         let request = pb::RangeEntriesRequest {
             range: range as u32,
             range_count: query.range_count,
             layout_version: query.layout_version,
+            after: bytes::Bytes::copy_from_slice(after),
+            // The peer's --max-page-entries.
+            page_size: 0,
         };
-        let listed = call_within(timeout, client.range_entries(request))
-            .await?
-            .entries;
-        let count = listed.len();
+        let answer = call_within(timeout, client.range_entries(request)).await?;
         let bound = self.skew_bound();
-        let entries = listed
-            .into_iter()
-            .filter_map(|e| pb::range_entry_from(e, bound).ok())
-            .collect();
-        Ok((count, entries))
+        let mut page = RangeEntriesPage::default();
+        for entry in answer.entries {
+            let key = entry.key.clone();
+            match pb::range_entry_from(entry, bound) {
+                Ok(entry) => page.entries.push(entry),
+                Err(_) => page.refused.push(key),
+            }
+        }
+        if !answer.next_after.is_empty() {
+            // Each page must move on, or the listing would never end.
+            if answer.next_after[..] <= *after {
+                return Err(Error::Unavailable(format!(
+                    "{peer}: its range listing did not advance past its cursor"
+                )));
+            }
+            page.next = Some(answer.next_after.to_vec());
+        }
+        Ok(page)
     }
 
     /// One `Membership` call to `address` within `timeout`, as a future

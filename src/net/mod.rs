@@ -48,7 +48,7 @@ pub mod shed;
 mod stamp;
 mod tls;
 
-pub use calls::{RangeQuery, RecordChunks, is_not_serving_yet};
+pub use calls::{RangeEntriesPage, RangeQuery, RecordChunks, is_not_serving_yet};
 pub use tls::TlsDialer;
 
 use handle::ReplicaTarget;

@@ -20,6 +20,8 @@ use crate::replica::WriteOutcome;
 
 /// Most items in one batch call.
 const MAX_BATCH_ITEMS: usize = 512;
+// Receivers refuse more than --max-batch-items, which is never below this.
+const _: () = assert!(MAX_BATCH_ITEMS <= crate::config::MIN_MAX_BATCH_ITEMS);
 /// A batch stops growing once its values reach this many bytes.
 const MAX_BATCH_VALUE_BYTES: usize = 1 << 20;
 /// Batches in flight to one peer at once.

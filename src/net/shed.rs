@@ -1,7 +1,10 @@
 //! Honouring a node's load shedding: a request it refused because a budget
 //! was spent (UNAVAILABLE, `not-applied`, a `retry-after-ms` hint) did
 //! nothing, so it is sent again after the hint, jittered, while its caller
-//! still waits.
+//! still waits. So is one HTTP/2 itself refused (REFUSED_STREAM: the
+//! server had more streams open than it allows, which happens when a
+//! client opens a stream just as the server's count of an answered one has
+//! not yet dropped): by the protocol, no work was done.
 
 use std::time::Duration;
 
@@ -13,8 +16,14 @@ pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
 /// The longest wait a hint can ask for.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
+/// The wait after an HTTP/2 REFUSED_STREAM.
+const REFUSED_STREAM_WAIT: Duration = Duration::from_millis(10);
+
 /// The wait a node asked for when it shed this request, if it did.
 pub fn shed_wait(status: &tonic::Status) -> Option<Duration> {
+    if refused_stream(status) {
+        return Some(REFUSED_STREAM_WAIT);
+    }
     if status.code() != tonic::Code::Unavailable
         || Outcome::of(status.metadata()) != Some(Outcome::NotApplied)
     {
@@ -28,6 +37,19 @@ pub fn shed_wait(status: &tonic::Status) -> Option<Duration> {
         .parse()
         .ok()?;
     Some(Duration::from_millis(ms).min(MAX_WAIT))
+}
+
+/// Whether HTTP/2 refused the call's stream before any work
+/// (REFUSED_STREAM from the server).
+pub fn refused_stream(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = source {
+        if let Some(h2) = error.downcast_ref::<h2::Error>() {
+            return h2.is_remote() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// `wait`, jittered to between half and one and a half of it, so callers

@@ -284,6 +284,7 @@ impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for Shed<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
+    ReqBody: http_body::Body + Send + 'static,
     ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
@@ -309,10 +310,41 @@ where
             }
             Err(spent) => {
                 let response = self.load.refusal(spent).into_http::<ResBody>();
-                Box::pin(async move { Ok(response) })
+                let body = request.into_body();
+                Box::pin(async move {
+                    drain(body).await;
+                    Ok(response)
+                })
             }
         }
     }
+}
+
+/// Most of a refused request's body read before answering, in bytes and time.
+const DRAIN_BYTES: usize = 64 << 10;
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+
+/// Reads a refused request's body to its end (a little, briefly) before the
+/// refusal goes out. Answered before its body has arrived, a stream must be
+/// reset, and HTTP/2 closes a connection (GOAWAY ENHANCE_YOUR_CALM) after
+/// 1024 such resets: a shedding node would cut off the connections it
+/// sheds, failing the calls in flight on them.
+async fn drain<B: http_body::Body>(body: B) {
+    let mut body = std::pin::pin!(body);
+    let mut read = 0;
+    let reading = async {
+        while read <= DRAIN_BYTES {
+            match futures::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+                Some(Ok(frame)) => {
+                    read += frame
+                        .data_ref()
+                        .map_or(0, |data| bytes::Buf::remaining(data));
+                }
+                _ => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, reading).await;
 }
 
 /// `incoming` with at most `--max-connections` connections served at once:

@@ -131,6 +131,7 @@ impl pb::membership_server::Membership for MembershipService {
         let node = &self.0;
         let sender = sender_of(&request, "a joiner streaming");
         (node.cluster.layouts).check_sender(request.get_ref().cluster_id, &sender)?;
+        (node.limits).check_batch(request.get_ref().intervals.len(), "intervals")?;
         let stream = crate::membership::stream_source(
             node.replica.clone(),
             node.cluster.clone(),

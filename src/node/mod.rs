@@ -34,6 +34,7 @@ mod replica;
 mod replica_read;
 mod secure;
 mod serve;
+mod slow_body;
 
 pub use access_gate::{Guard, VerifiedNode};
 pub use secure::tls_incoming;
@@ -291,6 +292,8 @@ impl Node {
         let limits = Limits {
             max_key_bytes: config.max_key_bytes,
             max_value_bytes: config.max_value_bytes,
+            max_batch_items: config.max_batch_items,
+            max_page_entries: config.max_page_entries,
         };
         let bound = config.skew_bound();
         let (identity, me, replica) = open_replica(&storage, &placement, &layout, bound, address)?;

@@ -48,6 +48,8 @@ impl pb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<pb::ReplicaBatchResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
+        let items = request.writes.len() + request.reads.len();
+        node.limits.check_batch(items, "reads and writes")?;
         // Validate every write, apply the valid ones with one flush, all
         // under the layout fence: a write placed with an older layout than
         // this node serves is refused unapplied.
@@ -211,13 +213,19 @@ impl pb::replica_server::Replica for ReplicaService {
             request.layout_version,
             node.replica.digests_layout_version(),
         )?;
-        let entries = node
-            .replica
-            .range_entries(request.range as usize)?
-            .into_iter()
-            .map(pb::RangeEntry::from)
-            .collect();
-        Ok(Response::new(pb::RangeEntriesResponse { entries }))
+        // One page, from the index: a range of any size costs one page.
+        let page_entries = node.limits.page_entries(request.page_size);
+        let page_bytes = max_message_bytes(node.limits.max_value_bytes) / 2;
+        let (entries, next) = node.replica.range_entries_page(
+            request.range as usize,
+            &request.after,
+            page_entries,
+            page_bytes,
+        )?;
+        Ok(Response::new(pb::RangeEntriesResponse {
+            entries: entries.into_iter().map(pb::RangeEntry::from).collect(),
+            next_after: next.unwrap_or_default().into(),
+        }))
     }
 }
 

@@ -22,8 +22,10 @@ impl pb::replica_read_server::ReplicaRead for ReplicaReadService {
         request: Request<pb::ReplicaReadBatchRequest>,
     ) -> Result<Response<pb::ReplicaReadBatchResponse>, Status> {
         let node = &self.0;
+        let reads = request.into_inner().reads;
+        node.limits.check_batch(reads.len(), "reads")?;
         let serving = node.replica.fence().serving();
-        let reads = answer_reads(node, request.into_inner().reads, serving, Reader::Client);
+        let reads = answer_reads(node, reads, serving, Reader::Client);
         Ok(Response::new(pb::ReplicaReadBatchResponse { reads }))
     }
 }

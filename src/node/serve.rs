@@ -104,6 +104,10 @@ where
             layouts: node.cluster.layouts.clone(),
         }))
         .layer(super::load::LoadLayer(node.load.clone()))
+        // Innermost: only an admitted request's body is timed.
+        .layer(super::slow_body::SlowBodyLayer {
+            timeout: Duration::from_millis(node.config.request_body_timeout_ms),
+        })
         .max_concurrent_streams(node.config.max_streams_per_connection)
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

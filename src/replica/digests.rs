@@ -26,6 +26,10 @@ pub fn record_digest(key: &str, held: Held) -> u64 {
 /// Records of a hash interval, and the storage key to resume after.
 pub type RecordsIn = (Vec<(String, crate::record::Record)>, Option<Vec<u8>>);
 
+/// One page of a range listing, and the storage key to resume after
+/// (`None`: the range is done).
+pub type RangePage = (Vec<RangeEntry>, Option<Vec<u8>>);
+
 /// Where tombstone collection resumes: a storage key (empty: the start).
 pub type GcCursor = Vec<u8>;
 
@@ -100,6 +104,64 @@ impl ReplicaStore {
         Ok(entries)
     }
 
+    /// Up to `limit` keys of token range `range` (at least one, and fewer
+    /// once their keys reach `max_bytes`), in storage order, starting after
+    /// storage key `after` (empty: from the start); with the storage key
+    /// to resume after when more may follow. The scan stops at the page's
+    /// end: a page costs its own size, never the range's.
+    pub fn range_entries_page(
+        &self,
+        range: usize,
+        after: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<RangePage> {
+        let limit = limit.max(1);
+        let mut intervals = self.digest_ring().range_hashes(range);
+        intervals.sort_unstable();
+        let (mut entries, mut bytes) = (Vec::new(), 0usize);
+        let mut last_key: Vec<u8> = Vec::new();
+        let mut resume = None;
+        for (first, last) in intervals {
+            let start = first.to_be_bytes();
+            let to = last.checked_add(1).map(|end| end.to_be_bytes());
+            if to.is_some_and(|to| after >= &to[..]) {
+                continue; // the cursor is past this interval
+            }
+            let from: &[u8] = if after > &start[..] { after } else { &start };
+            self.storage.scan_while(
+                from,
+                to.as_ref().map(|t| &t[..]),
+                &mut |stored_key, record| {
+                    if stored_key == after {
+                        return true;
+                    }
+                    if entries.len() == limit || bytes >= max_bytes {
+                        resume = Some(last_key.clone());
+                        return false;
+                    }
+                    if let Some(key) = user_key(stored_key)
+                        && self.check_held(key, record.version).is_ok()
+                    {
+                        bytes += key.len() + 40;
+                        last_key = stored_key.to_vec();
+                        entries.push(RangeEntry {
+                            key: key.to_string(),
+                            version: record.version,
+                            tombstone: record.is_tombstone(),
+                            deleted_at_ms: record.deleted_at_ms,
+                        });
+                    }
+                    true
+                },
+            )?;
+            if resume.is_some() {
+                break;
+            }
+        }
+        Ok((entries, resume))
+    }
+
     /// Up to `limit` records whose key hash is in `first..=last`, in
     /// storage order, starting after storage key `after` (empty: from the
     /// start); with the storage key to resume after when more may follow.
@@ -118,12 +180,12 @@ impl ReplicaStore {
         let to = last.checked_add(1).map(|end| end.to_be_bytes());
         let mut records = Vec::new();
         let mut resume = None;
-        self.storage.scan(
+        self.storage.scan_while(
             from,
             to.as_ref().map(|t| &t[..]),
             &mut |stored_key, record| {
-                if resume.is_some() || stored_key == after {
-                    return;
+                if stored_key == after {
+                    return true;
                 }
                 if records.len() == limit || bytes >= max_bytes {
                     resume = records
@@ -131,7 +193,7 @@ impl ReplicaStore {
                         .map(|(k, _): &(String, crate::record::Record)| {
                             crate::replica::storage_key(k)
                         });
-                    return;
+                    return false;
                 }
                 if let Some(key) = user_key(stored_key)
                     && self.check_held(key, record.version).is_ok()
@@ -139,6 +201,7 @@ impl ReplicaStore {
                     bytes += key.len() + record.value.as_ref().map_or(0, |v| v.len()) + 32;
                     records.push((key.to_string(), record.clone()));
                 }
+                true
             },
         )?;
         Ok((records, resume))
@@ -238,6 +301,53 @@ mod tests {
     use crate::clock::{InstanceId, SkewBound};
     use crate::record::Record;
     use crate::replica::tests::{ring, store};
+
+    #[test]
+    fn pages_of_a_range_list_it_whole_in_order_and_stop_at_their_size() {
+        let (_storage, replica) = store();
+        for i in 0..500 {
+            let record = Record::value(Version::new(i + 1, 1), &b"v"[..]);
+            replica
+                .write_if_newer(&format!("k{i}"), &record)
+                .expect("write");
+        }
+        let ring = replica.digest_ring();
+        // The range that wraps around zero has two intervals: a cursor
+        // must carry across them.
+        for range in [0, 1, ring.range_count() - 1] {
+            let whole = replica.range_entries(range).expect("list");
+            for (limit, max_bytes) in [
+                (1, usize::MAX),
+                (3, usize::MAX),
+                (1000, usize::MAX),
+                (1000, 50),
+            ] {
+                let (mut paged, mut after, mut pages) = (Vec::new(), Vec::new(), 0);
+                loop {
+                    let (page, next) = replica
+                        .range_entries_page(range, &after, limit, max_bytes)
+                        .expect("page");
+                    assert!(page.len() <= limit, "a page holds at most its limit");
+                    pages += 1;
+                    paged.extend(page);
+                    match next {
+                        Some(next) => {
+                            assert!(next > after, "the cursor advances");
+                            after = next;
+                        }
+                        None => break,
+                    }
+                    assert!(pages <= whole.len() + 1, "paging ends");
+                }
+                let mut sorted = whole.clone();
+                sorted.sort_by_key(|e| crate::replica::storage_key(&e.key));
+                assert_eq!(
+                    paged, sorted,
+                    "range {range}, pages of {limit} / {max_bytes} B"
+                );
+            }
+        }
+    }
 
     #[test]
     fn range_digests_track_writes_and_match_a_fresh_scan() {

@@ -294,6 +294,48 @@ impl Model {
     }
 }
 
+/// `scan_while` visits what `scan` does, in the same order, and stops at
+/// the first record its visitor answers `false` for: that record is the
+/// last one visited. A page of a listing costs the page, not the range.
+pub fn scan_while_stops_where_the_visitor_says(subject: Subject) {
+    let mut fx = Fixture::new(subject);
+    let mut model = Model::default();
+    for i in 0..2_500u64 {
+        model.put(
+            &*fx,
+            &storage_key(&format!("key-{i}")),
+            value(i + 1, vec![7; 8]),
+        );
+    }
+    let keys: Vec<Vec<u8>> = model.records.keys().cloned().collect();
+    for round in ["before reopen", "after reopen"] {
+        for (from, stop_after) in [
+            (0usize, 0usize),
+            (0, 1),
+            (10, 99),
+            (100, 2_000),
+            (2_400, 500),
+        ] {
+            let expected = model.range(&keys[from], None);
+            let mut visited = Vec::new();
+            fx.scan_while(&keys[from], None, &mut |key, record| {
+                visited.push((key.to_vec(), record.clone()));
+                visited.len() <= stop_after
+            })
+            .expect("scan_while");
+            let wanted = (stop_after + 1).min(expected.len());
+            assert!(
+                visited[..] == expected[..wanted],
+                "{}: {round}: scan_while from key {from} stopping after {stop_after} visited {} records, expected {wanted}",
+                subject.name,
+                visited.len()
+            );
+        }
+        fx.flush().expect("flush");
+        fx.restart();
+    }
+}
+
 /// What `scan(from, to)` visits, in visiting order.
 fn scan(storage: &dyn Storage, from: &[u8], to: Option<&[u8]>) -> Vec<(Vec<u8>, Record)> {
     let mut out = Vec::new();
@@ -1128,6 +1170,7 @@ macro_rules! every_engine_checks {
             last_put_wins_whatever_its_version,
             delete_removes_a_key_for_good,
             scan_visits_a_half_open_range_in_key_order,
+            scan_while_stops_where_the_visitor_says,
             visits_see_exactly_the_live_records,
             metadata_is_kept_and_durable_on_its_own,
             hints_come_back_by_prefix_in_id_order_up_to_the_limit,

@@ -219,6 +219,28 @@ impl Storage for FjallStorage {
         Ok(())
     }
 
+    fn scan_while(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record) -> bool,
+    ) -> Result<()> {
+        self.check()?;
+        let iter = match to {
+            Some(to) => self.records.range(from.to_vec()..to.to_vec()),
+            None => self.records.range(from.to_vec()..),
+        };
+        for item in iter {
+            let (key, bytes) = item.into_inner()?;
+            if let Ok(record) = Record::decode(&bytes)
+                && !visit(&key, &record)
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn delete(&self, key: &[u8]) -> Result<()> {
         self.check()?;
         self.written(self.records.remove(key))

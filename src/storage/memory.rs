@@ -104,6 +104,26 @@ impl Storage for MemoryStorage {
         Ok(())
     }
 
+    fn scan_while(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record) -> bool,
+    ) -> Result<()> {
+        let data = self.data.locked();
+        for (key, bytes) in data.range(from.to_vec()..) {
+            if to.is_some_and(|to| key.as_slice() >= to) {
+                break;
+            }
+            if let Ok(record) = Record::decode(bytes)
+                && !visit(key, &record)
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn delete(&self, key: &[u8]) -> Result<()> {
         self.data.locked().remove(key);
         Ok(())

@@ -160,6 +160,26 @@ pub trait Storage: Send + Sync + 'static {
         visit: &mut dyn FnMut(&[u8], &Record),
     ) -> Result<()>;
 
+    /// Like [`Storage::scan`], but `visit` answers whether to go on: once it
+    /// answers `false` the scan stops and reads no further records. What a
+    /// bounded listing (one page of a range) uses, so its cost follows the
+    /// page, not the range.
+    fn scan_while(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record) -> bool,
+    ) -> Result<()> {
+        // Correct for any engine, but reads the whole range: every engine
+        // here overrides it.
+        let mut going = true;
+        self.scan(from, to, &mut |key, record| {
+            if going {
+                going = visit(key, record);
+            }
+        })
+    }
+
     /// Visits what each stored record holds — all that start-up needs for
     /// key counts, range digests and the clock. An engine that keeps
     /// versions in memory answers without reading any value.

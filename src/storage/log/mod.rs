@@ -84,7 +84,8 @@ impl Shared {
 }
 
 /// Receives each key with its record, or why the record could not be read.
-type RecordVisitor<'a> = dyn FnMut(&[u8], std::result::Result<Record, String>) + 'a;
+/// Visits one record (or why it could not be read); answers whether to go on.
+type RecordVisitor<'a> = dyn FnMut(&[u8], std::result::Result<Record, String>) -> bool + 'a;
 
 /// The log-structured engine; see the module documentation.
 pub struct LogStorage {
@@ -179,7 +180,9 @@ impl LogStorage {
                 let record = located
                     .read(Kind::Put, &key)?
                     .and_then(|v| Record::decode(v.get()).map_err(|e| e.0));
-                visit(&key, record);
+                if !visit(&key, record) {
+                    return Ok(());
+                }
             }
         }
     }
@@ -276,15 +279,13 @@ impl Storage for LogStorage {
         visit: &mut dyn FnMut(&[u8], &Record),
         corrupt: &mut dyn FnMut(&[u8], String),
     ) -> Result<()> {
-        self.visit_records(
-            Bound::Unbounded,
-            None,
-            |_| true,
-            &mut |key, record| match record {
+        self.visit_records(Bound::Unbounded, None, |_| true, &mut |key, record| {
+            match record {
                 Ok(record) => visit(key, &record),
                 Err(why) => corrupt(key, why),
-            },
-        )
+            }
+            true
+        })
     }
 
     fn for_each_held(
@@ -311,6 +312,7 @@ impl Storage for LogStorage {
             if let Ok(record) = record {
                 visit(key, &record);
             }
+            true
         })
     }
 
@@ -328,6 +330,24 @@ impl Storage for LogStorage {
                 if let Ok(record) = record {
                     visit(key, &record);
                 }
+                true
+            },
+        )
+    }
+
+    fn scan_while(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        visit: &mut dyn FnMut(&[u8], &Record) -> bool,
+    ) -> Result<()> {
+        self.visit_records(
+            Bound::Included(from.to_vec()),
+            to,
+            |_| true,
+            &mut |key, record| match record {
+                Ok(record) => visit(key, &record),
+                Err(_) => true,
             },
         )
     }
