@@ -27,6 +27,8 @@ fn main() -> ExitCode {
         eprintln!("DKVSServer: {why}");
         return ExitCode::from(2);
     }
+    // Files and dirs the node creates are its owner's only (0600, 0700).
+    dkvs::storage::data_dir::restrict_new_files();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),

@@ -147,12 +147,7 @@ impl Node {
         // Flags that contradict each other are refused before anything opens.
         config.validate().map_err(Error::InvalidArgument)?;
         let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        crate::storage::data_dir::prepare(&data_dir)?;
         let storage = Self::open_storage(&config)?;
         Self::with_parts(config, storage, LayoutStore::in_dir(&data_dir), dialer)
     }
@@ -191,12 +186,7 @@ impl Node {
             return Ok(());
         }
         let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        crate::storage::data_dir::prepare(&data_dir)?;
         Self::join_with_store(config, &LayoutStore::in_dir(&data_dir), dialer).await
     }
 
