@@ -289,3 +289,51 @@ async fn a_new_data_dir_and_its_files_are_the_owners_only() {
         assert_eq!(not_private(data_dir), [], "{engine}");
     }
 }
+
+/// A joiner learns N and vnodes from the cluster, so other flags only make
+/// it warn while it joins; once it is a full member, a start with them is
+/// refused like any member's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_with_other_replicas_warns_then_is_refused_once_a_member() {
+    let mut cluster = TestCluster::start(1).await;
+    let joiner = cluster.spawn_joiner(0, free_address(), &["--replicas", "2"]);
+    let address = cluster.nodes[joiner].address.clone();
+    let member = common::eventually(Duration::from_secs(60), async || {
+        let layout = cluster
+            .membership(0)
+            .await
+            .get_layout(dkvs::pb::GetLayoutRequest {})
+            .await
+            .map_err(|status| status.to_string())?
+            .into_inner();
+        let active = layout
+            .members
+            .iter()
+            .any(|m| m.address == address && m.role == dkvs::pb::LayoutRole::Active as i32);
+        if active && layout.previous.is_empty() {
+            Ok(layout)
+        } else {
+            Err(format!(
+                "not a settled member yet: layout v{}",
+                layout.version
+            ))
+        }
+    })
+    .await;
+    assert_eq!(member.replicas, 3);
+    let log = cluster.log_of(joiner);
+    assert!(
+        log.contains("--replicas 2 differs") && log.contains("This node is joining"),
+        "{log}"
+    );
+    assert!(
+        cluster.exited(joiner).is_none(),
+        "the joiner stopped: {log}"
+    );
+    cluster.kill(joiner);
+    cluster.start_only(joiner);
+    let status = cluster.wait_exit(joiner, Duration::from_secs(20)).await;
+    let log = cluster.log_of(joiner);
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("which uses --replicas 3"), "{log}");
+}
