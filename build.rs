@@ -7,7 +7,8 @@
 //! `dkvs.v1` is served (and described to reflection); the etcd subset is only
 //! a client, for `DKVSClient bench --etcd`, and stays out of the descriptors.
 //! The library includes `dkvs.v1` (src/pb.rs); only the DKVSClient binary
-//! includes the etcd subset (src/bin/client/bench/targets.rs).
+//! includes the etcd subset (src/bin/client/bench/targets.rs), and only with
+//! the `bench` feature.
 
 use std::{env, path::PathBuf};
 
@@ -30,8 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("dkvs_descriptor.bin"))
         .compile_with_config(prost_config()?, &["proto/dkvs/v1/dkvs.proto"], &["proto"])?;
-    tonic_prost_build::configure()
-        .build_server(false)
-        .compile_with_config(prost_config()?, &["proto/etcd/kv.proto"], &["proto"])?;
+    // Only `DKVSClient bench --etcd` uses it (the `bench` feature).
+    if env::var_os("CARGO_FEATURE_BENCH").is_some() {
+        tonic_prost_build::configure()
+            .build_server(false)
+            .compile_with_config(prost_config()?, &["proto/etcd/kv.proto"], &["proto"])?;
+    }
     Ok(())
 }

@@ -27,6 +27,8 @@ fn main() -> ExitCode {
         eprintln!("DKVSServer: {why}");
         return ExitCode::from(2);
     }
+    // Files and dirs the node creates are its owner's only (0600, 0700).
+    dkvs::storage::data_dir::restrict_new_files();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -52,6 +54,10 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(config, guard)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<BadSetup>() => {
+            eprintln!("DKVSServer: {error}");
+            ExitCode::from(2)
+        }
         Err(error) => {
             // Once: logs and this message both go to stderr.
             eprintln!("DKVSServer: {error:#}");
@@ -59,6 +65,18 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A setup the data dir refuses (exit 2, as a usage error).
+#[derive(Debug)]
+struct BadSetup(String);
+
+impl std::fmt::Display for BadSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadSetup {}
 
 /// The certificates and tokens the flags name, loaded and checked.
 fn load_guard(config: &ServerConfig) -> Result<Guard, String> {
@@ -133,7 +151,14 @@ async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
         } else {
             "cannot open node"
         };
-        anyhow::anyhow!("{doing} (data dir {}): {e}", data_dir.display())
+        let said = format!("{doing} (data dir {}): {e}", data_dir.display());
+        // Flags that do not fit the data dir (its engine, cluster, N or
+        // vnodes, a dir that is not DKVS's): a usage error, like the
+        // checks before it.
+        match e {
+            dkvs::Error::InvalidArgument(_) => anyhow::Error::new(BadSetup(said)),
+            _ => anyhow::anyhow!(said),
+        }
     })?;
     match guard.tls.clone() {
         Some(tls) => {

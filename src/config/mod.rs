@@ -27,6 +27,7 @@ use clap::builder::TypedValueParser;
 
 use crate::storage::{Engine, FsyncPolicy};
 
+pub mod checks;
 mod file;
 
 use file::{config_file_in, file_to_args};
@@ -234,8 +235,9 @@ pub struct ServerConfig {
     #[arg(long)]
     pub insecure_plaintext_auth: bool,
 
-    /// Largest value accepted, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::value_parser!(u32).range(1..=(256 << 20)).map(|v| v as usize))]
+    /// Largest value accepted, in bytes (at most 256 MiB: a value travels
+    /// whole in one gRPC message).
+    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES, value_parser = clap::value_parser!(u32).range(1..).map(|v| v as usize))]
     pub max_value_bytes: usize,
 
     /// Most connections served at once; past it a new connection is closed
@@ -390,6 +392,7 @@ impl ServerConfig {
     /// Checks that settings agree with each other. Runs before anything is
     /// opened, so a usage error appears at once even on a large data dir.
     pub fn validate(&self) -> Result<(), String> {
+        checks::check(self)?;
         self.validate_peers()?;
         if self.auth_file.is_some() && self.tls_files().is_none() && !self.insecure_plaintext_auth {
             return Err(

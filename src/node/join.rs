@@ -36,12 +36,7 @@ impl Node {
     pub async fn open_joining(config: ServerConfig, dialer: Arc<dyn Dialer>) -> Result<Arc<Self>> {
         config.validate().map_err(Error::InvalidArgument)?;
         let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        crate::storage::data_dir::prepare(&data_dir)?;
         let storage = Self::open_storage(&config)?;
         let store = LayoutStore::in_dir(&data_dir);
         Self::open_joining_with(config, storage, store, dialer).await

@@ -157,12 +157,7 @@ impl Node {
         // Flags that contradict each other are refused before anything opens.
         config.validate().map_err(Error::InvalidArgument)?;
         let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        crate::storage::data_dir::prepare(&data_dir)?;
         let storage = Self::open_storage(&config)?;
         Self::with_parts(config, storage, LayoutStore::in_dir(&data_dir), dialer)
     }
@@ -201,12 +196,7 @@ impl Node {
             return Ok(());
         }
         let data_dir = config.data_dir();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
-            Error::Storage(format!(
-                "cannot create data dir {}: {e}",
-                data_dir.display()
-            ))
-        })?;
+        crate::storage::data_dir::prepare(&data_dir)?;
         Self::join_with_store(config, &LayoutStore::in_dir(&data_dir), dialer).await
     }
 
@@ -568,11 +558,21 @@ fn stored_layout(
         )));
     }
     check_cluster_token(config, &layout)?;
-    if layout.replicas != config.replicas || layout.vnodes != config.vnodes {
+    let fixed =
+        crate::config::checks::layout_flags(config, layout.version, layout.replicas, layout.vnodes);
+    if let Err(why) = fixed {
+        // A joiner learns N and vnodes from the cluster it joins, so its
+        // flags could not be checked before: it goes on with the cluster's,
+        // and is refused at a start once it is a full member.
+        let joining = layout
+            .member(address)
+            .is_some_and(|m| m.role == crate::layout::Role::Joining);
+        if !joining {
+            return Err(Error::InvalidArgument(why));
+        }
         tracing::warn!(
-            layout_replicas = layout.replicas,
-            layout_vnodes = layout.vnodes,
-            "--replicas/--vnodes differ from the cluster's layout, which was fixed at bootstrap; the layout's apply"
+            "{why}. This node is joining and uses the cluster's values; once it has joined, a start \
+             with these flags is refused"
         );
     }
     Ok((layout_state, layout))

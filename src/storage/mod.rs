@@ -14,6 +14,7 @@
 
 #[cfg(test)]
 pub mod conformance;
+pub mod data_dir;
 mod fjall_engine;
 mod log;
 mod memory;

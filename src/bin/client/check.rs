@@ -184,18 +184,10 @@ async fn run_workers(
         workload.run_worker(id, client, seed, until, recorder)
     }));
     tokio::pin!(workers);
-    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let bar = if interactive {
-        let bar = indicatif::ProgressBar::new(args.duration);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "check {spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} s  {msg}",
-        ) {
-            bar.set_style(style);
-        }
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::progress::Bar::on_terminal(
+        "check {spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} s  {msg}",
+        Some(args.duration),
+    );
     let mut next_line = PROGRESS_LINE_EVERY;
     let mut redraw = tokio::time::interval(REDRAW);
     loop {
@@ -205,7 +197,7 @@ async fn run_workers(
                 let elapsed = workload.t0.elapsed();
                 let (ops, failed) = (recorder.len(), recorder.failures());
                 let finishing = if elapsed >= duration { ", finishing the operations in flight" } else { "" };
-                if interactive {
+                if let Some(bar) = &bar {
                     bar.set_position(elapsed.as_secs().min(args.duration));
                     bar.set_message(format!("{ops} ops, {failed} failed{finishing}"));
                 } else if elapsed >= next_line && (elapsed < duration || elapsed >= duration + Duration::from_secs(1)) {
@@ -218,7 +210,9 @@ async fn run_workers(
             }
         }
     }
-    bar.finish_and_clear();
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
 }
 
 /// Reads every key once at ALL through a client of its own, into the

@@ -489,23 +489,20 @@ fn moves(current: &[&pb::StatusResponse]) -> Vec<String> {
 /// Progress on stderr: a redrawn line on a terminal, else a line when the
 /// layout version changes and every [`PROGRESS_LINE_EVERY`].
 struct Progress {
-    bar: Option<indicatif::ProgressBar>,
+    bar: Option<crate::progress::Bar>,
     /// The version and time of the last printed line.
     last: Option<(u64, Duration)>,
 }
 
 impl Progress {
     fn new() -> Self {
-        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-            let bar = indicatif::ProgressBar::new_spinner();
-            if let Ok(style) = indicatif::ProgressStyle::with_template(
-                "cluster wait {spinner} [{elapsed_precise}] {wide_msg}",
-            ) {
-                bar.set_style(style);
-            }
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        });
+        let bar = crate::progress::Bar::on_terminal(
+            "cluster wait {spinner} [{elapsed_precise}] {wide_msg}",
+            None,
+        );
+        if let Some(bar) = &bar {
+            bar.tick_every(Duration::from_millis(200));
+        }
         Progress { bar, last: None }
     }
 

@@ -35,10 +35,13 @@ use dkvs::client::{Client, ClientOptions};
 use dkvs::error::Outcome as WriteOutcome;
 use dkvs::quorum::Consistency;
 
+// Without the `bench` feature `bench` only says it was left out.
+#[cfg_attr(not(feature = "bench"), path = "no_bench.rs")]
 mod bench;
 mod certs;
 mod check;
 mod cluster;
+mod progress;
 mod prompt;
 mod status;
 
