@@ -612,6 +612,14 @@ impl Client {
                     refused.push(format!("{address}: {}", describe_status(&status)));
                     continue;
                 }
+                // tonic's own timer for the call's grpc-timeout, which
+                // races with this one.
+                Ok(Err(status))
+                    if status.code() == tonic::Code::Cancelled
+                        && status.message() == "Timeout expired" =>
+                {
+                    format!("no answer within {} ms", timeout.as_millis())
+                }
                 Ok(Err(status)) => describe_status(&status),
                 Err(_) => format!("no answer within {} ms", timeout.as_millis()),
             };
