@@ -30,6 +30,24 @@ async fn polite_p99(address: &str, count: usize) -> (usize, Duration) {
     (latencies.len(), p99(&mut latencies))
 }
 
+/// Asserts nodes 1 and 2 see `address` UP (they never convicted it).
+async fn assert_up_for_peers(cluster: &TestCluster, address: &str) {
+    for observer in [1, 2] {
+        let status = cluster.status(observer).await;
+        let member = status
+            .members
+            .iter()
+            .find(|m| m.address == address)
+            .expect("a member");
+        assert_eq!(
+            member.state,
+            pb::MemberState::Up as i32,
+            "node {observer} sees {address} as {:?}",
+            member.state
+        );
+    }
+}
+
 /// Node `i`'s own counts, as it reports them.
 async fn own_stats(cluster: &TestCluster, i: usize) -> pb::NodeStats {
     let address = &cluster.addresses()[i];
@@ -158,20 +176,7 @@ async fn a_flood_of_streams_is_shed_and_the_node_serves_the_others() {
     );
 
     // Its peers never convicted it, and its status counts what it shed.
-    for observer in [1, 2] {
-        let status = cluster.status(observer).await;
-        let member = status
-            .members
-            .iter()
-            .find(|m| m.address == address)
-            .expect("the flooded node is a member");
-        assert_eq!(
-            member.state,
-            pb::MemberState::Up as i32,
-            "node {observer} sees the flooded node {:?}",
-            member.state
-        );
-    }
+    assert_up_for_peers(&cluster, &address).await;
     let stats = own_stats(&cluster, 0).await;
     assert!(stats.requests_shed >= shed as u64, "{stats:?}");
     assert!(
@@ -299,15 +304,7 @@ async fn connections_past_the_limit_are_closed_and_the_others_served() {
         held.len(),
         began.elapsed()
     );
-    for observer in [1, 2] {
-        let status = cluster.status(observer).await;
-        let member = status
-            .members
-            .iter()
-            .find(|m| m.address == address)
-            .expect("a member");
-        assert_eq!(member.state, pb::MemberState::Up as i32, "{member:?}");
-    }
+    assert_up_for_peers(&cluster, &address).await;
     drop(held);
     common::eventually(Duration::from_secs(10), async || {
         let mut kv = pb::key_value_client::KeyValueClient::new(channel(&address).await);

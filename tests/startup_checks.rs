@@ -22,33 +22,9 @@ const FIXTURE_ADDRESSES: &str = "127.77.0.1:7001,127.77.0.2:7001,127.77.0.3:7001
 const MARKER: &str = "DKVS-DATA-DIR";
 
 /// Runs DKVSServer with `args` and `--data-dir data_dir`, expecting it to
-/// exit by itself within 20 s: its exit code and what it printed.
+/// exit by itself: its exit code and what it printed.
 fn run_to_exit(args: &[&str], data_dir: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
-        .args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn DKVSServer");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "DKVSServer {args:?} did not refuse to start:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().expect("output");
-    let text = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    (output.status.code(), text)
+    common::run_server_to_exit(args, data_dir)
 }
 
 /// Expects `args` refused with exit 2 and every one of `said` in the message.

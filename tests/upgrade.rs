@@ -14,8 +14,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::{TestCluster, eventually};
 use dkvs::client::ClientOptions;
@@ -281,32 +281,18 @@ async fn the_previous_releases_data_dirs_open_and_serve() {
 /// Runs `DKVSServer` on the fixture copy `data_dir` (as node1, on a port
 /// the OS picks) and answers its exit code and output once it exits.
 fn refused_start(data_dir: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
-        .args(["--listen", "127.0.0.1:0", "--advertise", ADDRESSES[0]])
-        .args(["--peers", &ADDRESSES.join(",")])
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn DKVSServer");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let output = child.wait_with_output().expect("output");
-            panic!(
-                "DKVSServer started on a data dir it must refuse:\n{}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().expect("output");
-    let text = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    (output.status.code(), text)
+    let peers = ADDRESSES.join(",");
+    common::run_server_to_exit(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--advertise",
+            ADDRESSES[0],
+            "--peers",
+            &peers,
+        ],
+        data_dir,
+    )
 }
 
 #[test]

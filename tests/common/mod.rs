@@ -1049,3 +1049,34 @@ impl tonic::service::Interceptor for Stamp {
         Ok(request)
     }
 }
+
+/// Runs `DKVSServer` with `args` (and `--data-dir data_dir`), expecting it
+/// to exit by itself within 20 s (a start it must refuse, say): its exit
+/// code and what it printed. Panics, killing it, if it keeps running.
+pub fn run_server_to_exit(args: &[&str], data_dir: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn DKVSServer");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("output");
+            panic!(
+                "DKVSServer {args:?} kept running where it should have exited:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    (output.status.code(), text)
+}
