@@ -9,6 +9,7 @@
 //! [`crate::identity`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +46,15 @@ pub struct PeerReport {
     pub answered_at: Instant,
 }
 
+impl PeerReport {
+    /// Whether the peer said it is at its data quota (`--max-data-bytes`).
+    fn at_data_quota(&self) -> bool {
+        self.stats
+            .as_ref()
+            .is_some_and(|(stats, _)| stats.data_quota_reached)
+    }
+}
+
 /// One node's heartbeats: sending rounds, answering pings, and what the
 /// answers told.
 pub struct Heartbeats {
@@ -70,6 +80,8 @@ pub struct Heartbeats {
     forks: Mutex<HashMap<String, LayoutFork>>,
     /// When a refused ping last sent this node to look for a newer layout.
     refused_catch_up: Mutex<Option<Instant>>,
+    /// Whether any peer's last answer said it is at its data quota.
+    a_peer_at_data_quota: AtomicBool,
 }
 
 /// How often a refused ping may send this node looking for a newer layout
@@ -109,6 +121,7 @@ impl Heartbeats {
             progress,
             forks: Mutex::default(),
             refused_catch_up: Mutex::default(),
+            a_peer_at_data_quota: Default::default(),
         }
     }
 
@@ -167,6 +180,22 @@ impl Heartbeats {
     /// What `address`'s last answered heartbeat told, if any.
     pub fn report(&self, address: &str) -> Option<PeerReport> {
         self.reports.locked().get(address).cloned()
+    }
+
+    /// Whether any peer's last answer said it is at its data quota.
+    pub fn any_peer_at_data_quota(&self) -> bool {
+        self.a_peer_at_data_quota.load(Ordering::Relaxed)
+    }
+
+    /// Whether `address`'s last answer said it is at its data quota (one
+    /// atomic load when no peer is).
+    pub fn is_at_data_quota(&self, address: &str) -> bool {
+        self.a_peer_at_data_quota.load(Ordering::Relaxed)
+            && self
+                .reports
+                .locked()
+                .get(address)
+                .is_some_and(PeerReport::at_data_quota)
     }
 
     /// The instance that answered this process's heartbeats from `address`
@@ -295,11 +324,15 @@ impl Heartbeats {
             serves_reads: answer.serves_reads,
             answered_at: Instant::now(),
         };
-        let was = self
-            .reports
-            .locked()
-            .insert(address.to_string(), report)
-            .map(|old| old.clock_skew_ms);
+        let was = {
+            let mut reports = self.reports.locked();
+            let was = reports
+                .insert(address.to_string(), report)
+                .map(|old| old.clock_skew_ms);
+            let any_full = reports.values().any(PeerReport::at_data_quota);
+            self.a_peer_at_data_quota.store(any_full, Ordering::Relaxed);
+            was
+        };
         let half = (bound.max_skew_ms / 2) as i64;
         let far = |skew: i64| skew.abs() > half;
         if far(skew_ms) && !was.is_some_and(far) {

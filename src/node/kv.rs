@@ -201,16 +201,16 @@ fn refuse_without_room(node: &Node, key: &str, consistency: Consistency) -> Resu
     if consistency == Consistency::Any {
         return Ok(());
     }
+    // No replica could be at its quota: nothing to look up.
+    if !node.quota.is_full() && !node.heartbeats.any_peer_at_data_quota() {
+        return Ok(());
+    }
     let view = node.cluster.placement();
     let has_room = |address: &str| {
         if view.is_me(address) {
             return !node.quota.is_full();
         }
-        !node
-            .heartbeats
-            .report(address)
-            .and_then(|report| report.stats)
-            .is_some_and(|(stats, _)| stats.data_quota_reached)
+        !node.heartbeats.is_at_data_quota(address)
     };
     for set in view.write_sets(key) {
         let needed = consistency.required(set.len());
