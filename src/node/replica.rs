@@ -215,7 +215,9 @@ impl pb::replica_server::Replica for ReplicaService {
         )?;
         // One page, from the index: a range of any size costs one page.
         let page_entries = node.limits.page_entries(request.page_size);
-        let page_bytes = max_message_bytes(node.limits.max_value_bytes) / 2;
+        // Half the smallest message limit any node has (callers decode
+        // with their own, which may be lower than this node's).
+        let page_bytes = max_message_bytes(0) / 2;
         let (entries, next) = node.replica.range_entries_page(
             request.range as usize,
             &request.after,

@@ -36,14 +36,16 @@ const LOST_AND_FOUND: &str = "lost+found";
 
 /// Whether a name in the data dir is one DKVS writes there: the log
 /// engine's dir, the layout file (and its temporary), fjall's dirs and
-/// files, and the marker.
+/// files, and the marker (and its temporary: a node stopped while it wrote
+/// the marker must still find its data its own).
 fn written_by_dkvs(name: &str) -> bool {
     matches!(
         name,
         "log" | "layout" | "layout.tmp" | "keyspaces" | "lock" | "version" | MARKER
-    ) || name
-        .strip_suffix(".jnl")
-        .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+    ) || name == format!("{MARKER}.tmp")
+        || name
+            .strip_suffix(".jnl")
+            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// What a dir without the marker holds, by name.
@@ -256,6 +258,11 @@ mod tests {
         assert_eq!(classify([]), Contents::Empty);
         assert_eq!(classify(["lost+found"]), Contents::Empty);
         assert_eq!(classify(["log", "layout"]), Contents::Dkvs);
+        // Stopped while writing the marker of an adopted dir.
+        assert_eq!(
+            classify(["log", "layout", "DKVS-DATA-DIR.tmp"]),
+            Contents::Dkvs
+        );
         assert_eq!(
             classify([
                 "keyspaces",
