@@ -182,6 +182,18 @@ impl Heartbeats {
         self.reports.locked().get(address).cloned()
     }
 
+    /// Keeps `report` as `address`'s last answer; answers the clock skew
+    /// the previous one measured, if any.
+    fn keep_report(&self, address: &str, report: PeerReport) -> Option<i64> {
+        let mut reports = self.reports.locked();
+        let was = reports
+            .insert(address.to_string(), report)
+            .map(|old| old.clock_skew_ms);
+        let any_full = reports.values().any(PeerReport::at_data_quota);
+        self.a_peer_at_data_quota.store(any_full, Ordering::Relaxed);
+        was
+    }
+
     /// Whether any peer's last answer said it is at its data quota.
     pub fn any_peer_at_data_quota(&self) -> bool {
         self.a_peer_at_data_quota.load(Ordering::Relaxed)
@@ -324,15 +336,7 @@ impl Heartbeats {
             serves_reads: answer.serves_reads,
             answered_at: Instant::now(),
         };
-        let was = {
-            let mut reports = self.reports.locked();
-            let was = reports
-                .insert(address.to_string(), report)
-                .map(|old| old.clock_skew_ms);
-            let any_full = reports.values().any(PeerReport::at_data_quota);
-            self.a_peer_at_data_quota.store(any_full, Ordering::Relaxed);
-            was
-        };
+        let was = self.keep_report(address, report);
         let half = (bound.max_skew_ms / 2) as i64;
         let far = |skew: i64| skew.abs() > half;
         if far(skew_ms) && !was.is_some_and(far) {

@@ -55,6 +55,8 @@ pub const DEFAULT_MAX_NODE_REQUESTS: usize = 2048;
 pub const DEFAULT_MAX_BATCH_ITEMS: usize = 4096;
 /// Smallest `--max-batch-items`: what DKVS's own senders need.
 pub const MIN_MAX_BATCH_ITEMS: usize = 1024;
+// Nodes' own batches never reach a receiver's cap.
+const _: () = assert!(crate::net::MAX_BATCH_ITEMS <= MIN_MAX_BATCH_ITEMS);
 /// Default `--max-page-entries`: keys in one page of a range listing.
 pub const DEFAULT_MAX_PAGE_ENTRIES: usize = 1024;
 /// Default `--request-body-timeout-ms`: the longest deadline any DKVS

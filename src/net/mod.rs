@@ -44,6 +44,7 @@ pub mod fake;
 mod handle;
 pub mod messages;
 mod pipe;
+pub(crate) use pipe::MAX_BATCH_ITEMS;
 pub mod shed;
 mod stamp;
 mod tls;

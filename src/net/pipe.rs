@@ -18,10 +18,9 @@ use crate::pb::replica_read_client::ReplicaReadClient;
 use crate::record::Record;
 use crate::replica::WriteOutcome;
 
-/// Most items in one batch call.
-const MAX_BATCH_ITEMS: usize = 512;
-// Receivers refuse more than --max-batch-items, which is never below this.
-const _: () = assert!(MAX_BATCH_ITEMS <= crate::config::MIN_MAX_BATCH_ITEMS);
+/// Most items in one batch call (receivers refuse more than
+/// --max-batch-items, which `config` keeps at or above this).
+pub(crate) const MAX_BATCH_ITEMS: usize = 512;
 /// A batch stops growing once its values reach this many bytes.
 const MAX_BATCH_VALUE_BYTES: usize = 1 << 20;
 /// Batches in flight to one peer at once.
