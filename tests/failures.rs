@@ -456,7 +456,17 @@ async fn with_two_of_five_down_every_write_succeeds_or_fails_fast() {
             started.elapsed()
         );
         if let Err(status) = result {
-            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            // ABORTED: the client's write of this key, coordinated by
+            // another node in the same millisecond, may win the version
+            // tie (two doors to one key: the known race of writes that
+            // enter at different nodes, not a failure's).
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Aborted
+                ),
+                "{status:?}"
+            );
             assert!(
                 dkvs::error::Outcome::of(status.metadata()).is_some(),
                 "{status:?}"
