@@ -203,7 +203,7 @@ impl PendingRepair {
             let replica = &self.replicas[index];
             let (key, record, timeout) = (&self.key, &record, self.rpc_timeout);
             async move {
-                let result = replica.write_copy(key, record, timeout).await;
+                let result = replica.write(key, record, timeout).await;
                 if let Err(why) = &result {
                     tracing::debug!(replica = %replica.address, key, %why, "read repair failed");
                 }
@@ -291,7 +291,7 @@ impl PendingRepair {
             );
             let (timeout, repairs) = (self.rpc_timeout, background.repairs_sent.clone());
             writes.send(index, async move {
-                let reply = replica.write_copy(&key, &record, timeout).await;
+                let reply = replica.write(&key, &record, timeout).await;
                 if reply.as_ref().is_ok_and(|outcome| outcome.applied) {
                     repairs.fetch_add(1, Ordering::Relaxed);
                 }

@@ -1,6 +1,6 @@
 //! The data quota (`--max-data-bytes`): like etcd's NOSPACE alarm, a node
 //! whose data dir holds more than the quota refuses new values, still takes
-//! deletes, copies of existing data (repair, hints, moves) and everything
+//! deletes, copies of existing data (anti-entropy, hints, moves) and everything
 //! else, says so in its status and log, and takes writes again by itself
 //! once it is below the quota (deletes, then compaction, free the space).
 //!

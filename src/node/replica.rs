@@ -340,7 +340,8 @@ impl Node {
         if let Some(value) = &record.value {
             self.limits.check_value(value)?;
             // A new value past the quota is refused; copies of data the
-            // cluster holds (repair, hints, moves) and deletes are taken.
+            // cluster holds (anti-entropy, hints, moves) and deletes are
+            // taken; a read repair counts as a new value.
             if !copy {
                 self.quota.check_room()?;
             }
