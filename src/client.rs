@@ -47,6 +47,7 @@ use crate::error::{COORDINATOR_ERROR_HEADER, Error, Outcome, Result};
 use crate::locks::Locked;
 use crate::net::{
     CallError, Dialer, PeerPool, TcpDialer, call_within, describe_status, max_message_bytes,
+    never_sent,
 };
 use crate::pb;
 use crate::placement::{Placement, SharedPlacement};
@@ -278,8 +279,8 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let reply = self
-            .write_on_coordinator(key, "PUT", |mut client, deadline| {
-                let request = with_deadline(request.clone(), deadline, self.options.rpc_timeout);
+            .write_on_coordinator(key, "PUT", |mut client, deadline, timeout| {
+                let request = with_deadline(request.clone(), deadline, timeout);
                 async move { client.put(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -293,8 +294,8 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let reply = self
-            .write_on_coordinator(key, "DELETE", |mut client, deadline| {
-                let request = with_deadline(request.clone(), deadline, self.options.rpc_timeout);
+            .write_on_coordinator(key, "DELETE", |mut client, deadline, timeout| {
+                let request = with_deadline(request.clone(), deadline, timeout);
                 async move { client.delete(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -574,7 +575,11 @@ impl Client {
         call: F,
     ) -> Result<T>
     where
-        F: Fn(pb::key_value_client::KeyValueClient<crate::net::ClientChannel>, u64) -> Fut,
+        F: Fn(
+            pb::key_value_client::KeyValueClient<crate::net::ClientChannel>,
+            u64,
+            Duration,
+        ) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let timeout = self.options.rpc_timeout;
@@ -583,22 +588,13 @@ impl Client {
             let client = self.peers.key_value_client(&address)?;
             // A write the node shed (not applied, with a retry hint) is
             // sent again after the hint, jittered, within the timeout.
-            let started = Instant::now();
-            let answer = loop {
+            let answer = crate::net::shed::call_until_not_shed(timeout, |left| {
                 let deadline =
-                    crate::clock::wall_clock_ms().saturating_add(timeout.as_millis() as u64);
-                let answer = tokio::time::timeout(timeout, call(client.clone(), deadline)).await;
-                let wait = match &answer {
-                    Ok(Err(status)) => crate::net::shed::shed_wait(status),
-                    _ => None,
-                };
-                match wait.map(crate::net::shed::jittered) {
-                    Some(wait) if started.elapsed() + wait < timeout => {
-                        tokio::time::sleep(wait).await;
-                    }
-                    _ => break answer,
-                }
-            };
+                    crate::clock::wall_clock_ms().saturating_add(left.as_millis() as u64);
+                call(client.clone(), deadline, left)
+            })
+            .await
+            .ok_or(());
             let why = match answer {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(status))
@@ -653,27 +649,6 @@ fn with_deadline<T>(message: T, deadline: u64, timeout: Duration) -> tonic::Requ
         tonic::metadata::MetadataValue::from(deadline),
     );
     request
-}
-
-/// Whether a failed call provably never reached the node: the connection
-/// could not be made (refused, no route, connect timeout; tonic marks those
-/// with [`tonic::ConnectError`] in the status's source chain), or hyper
-/// canceled the request before dispatching it because the connection had
-/// closed (the first request on a connection to a node that was just
-/// killed): no request left this process.
-fn never_sent(status: &tonic::Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
-    while let Some(error) = source {
-        if error.is::<tonic::ConnectError>()
-            || error
-                .downcast_ref::<hyper::Error>()
-                .is_some_and(hyper::Error::is_canceled)
-        {
-            return true;
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// Asks `addresses` for `Cluster.Status` in turn, each [`SEED_STAGGER`]

@@ -95,6 +95,11 @@ impl Coordinator {
         }
     }
 
+    /// The deadline of a whole client request (`--request-timeout-ms`).
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Reads so far that repaired their answer to W replicas before
     /// answering (successfully or not).
     pub fn blocking_repairs(&self) -> u64 {

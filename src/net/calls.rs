@@ -403,3 +403,103 @@ impl RecordChunks {
         }
     }
 }
+
+/// A client write one node hands to the key's first live replica
+/// (`Replica.ForwardWrite`).
+#[derive(Clone, Debug)]
+pub struct ForwardedWrite {
+    pub key: String,
+    /// `None` for a delete.
+    pub value: Option<bytes::Bytes>,
+    pub consistency: crate::quorum::Consistency,
+    /// The layout version the forwarder placed the key with.
+    pub layout_version: u64,
+}
+
+/// Why a forwarded write has no acknowledgement.
+#[derive(Debug)]
+pub enum ForwardFailure {
+    /// Provably not applied by the receiver, nor ever to be: the request
+    /// never left this node, or the receiver refused it before any handler
+    /// ran (it does not know the call, or does not admit this node). The
+    /// forwarder may coordinate the write itself.
+    NotTaken(String),
+    /// The receiver's answer, with the outcome it reported (unknown when it
+    /// reported none), or no answer in time (unknown): the forwarder's
+    /// answer to its client.
+    Answered(Error),
+}
+
+impl PeerPool {
+    /// `Replica.ForwardWrite`: asks `to` to coordinate `write`, within
+    /// `budget` (sent as the call's `grpc-timeout`); sent again after a
+    /// shed refusal while the budget lasts.
+    pub async fn forward_write(
+        &self,
+        to: &str,
+        write: &ForwardedWrite,
+        budget: Duration,
+    ) -> std::result::Result<crate::quorum::WriteAck, ForwardFailure> {
+        let client = self
+            .replica_client(to)
+            .map_err(|e| ForwardFailure::NotTaken(e.to_string()))?;
+        let message = pb::ForwardedWrite {
+            key: write.key.clone(),
+            value: write.value.clone(),
+            consistency: pb::Consistency::from(write.consistency) as i32,
+            layout_version: write.layout_version,
+        };
+        let answer = super::shed::call_until_not_shed(budget, |left| {
+            let mut client = client.clone();
+            let mut request = tonic::Request::new(message.clone());
+            request.set_timeout(left);
+            async move { client.forward_write(request).await }
+        })
+        .await;
+        let status = match answer {
+            Some(Ok(reply)) => {
+                let reply = reply.into_inner();
+                return pb::write_ack(reply.version, reply.acks).map_err(|e| {
+                    ForwardFailure::Answered(Error::Indeterminate(format!(
+                        "{to}, which coordinated it, acknowledged it with a bad answer: {e}"
+                    )))
+                });
+            }
+            Some(Err(status)) => status,
+            None => {
+                return Err(ForwardFailure::Answered(Error::DeadlineExceeded(format!(
+                    "no answer within {} ms from {to}, the key's first replica, which this node \
+                     forwarded it to: it may or may not have been applied",
+                    budget.as_millis()
+                ))));
+            }
+        };
+        if super::never_sent(&status) || refused_before_any_handler(&status) {
+            return Err(ForwardFailure::NotTaken(format!(
+                "{to}: {}",
+                describe_status(&status)
+            )));
+        }
+        let outcome = crate::error::Outcome::of(status.metadata());
+        Err(ForwardFailure::Answered(Error::Remote {
+            code: status.code(),
+            message: format!("{} (coordinated by {to})", status.message()),
+            outcome: Some(outcome.unwrap_or(crate::error::Outcome::Unknown)),
+        }))
+    }
+}
+
+/// Whether a node refused a call before any handler ran: it has no such
+/// method (an older release), or its gate does not admit this node.
+fn refused_before_any_handler(status: &tonic::Status) -> bool {
+    let not_applied =
+        crate::error::Outcome::of(status.metadata()) == Some(crate::error::Outcome::NotApplied);
+    match status.code() {
+        tonic::Code::Unimplemented => status
+            .metadata()
+            .get(crate::error::COORDINATOR_ERROR_HEADER)
+            .is_none(),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => not_applied,
+        _ => false,
+    }
+}

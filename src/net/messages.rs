@@ -40,6 +40,10 @@ pub struct NodeStats {
     /// quota is reached.
     pub data_bytes: u64,
     pub data_quota_reached: bool,
+    /// Client writes forwarded to their key's first live replica, and
+    /// writes coordinated for a node that forwarded them, since start.
+    pub writes_forwarded: u64,
+    pub forwarded_writes_coordinated: u64,
 }
 
 /// A heartbeat (`Liveness.Ping`): who sends it, what it knows, its clock.
@@ -122,6 +126,8 @@ impl From<NodeStats> for pb::NodeStats {
             connections_refused: s.connections_refused,
             data_bytes: s.data_bytes,
             data_quota_reached: s.data_quota_reached,
+            writes_forwarded: s.writes_forwarded,
+            forwarded_writes_coordinated: s.forwarded_writes_coordinated,
         }
     }
 }
@@ -148,6 +154,8 @@ impl From<pb::NodeStats> for NodeStats {
             connections_refused: s.connections_refused,
             data_bytes: s.data_bytes,
             data_quota_reached: s.data_quota_reached,
+            writes_forwarded: s.writes_forwarded,
+            forwarded_writes_coordinated: s.forwarded_writes_coordinated,
         }
     }
 }

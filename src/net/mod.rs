@@ -49,7 +49,9 @@ pub mod shed;
 mod stamp;
 mod tls;
 
-pub use calls::{RangeEntriesPage, RangeQuery, RecordChunks, is_not_serving_yet};
+pub use calls::{
+    ForwardFailure, ForwardedWrite, RangeEntriesPage, RangeQuery, RecordChunks, is_not_serving_yet,
+};
 pub use tls::TlsDialer;
 
 use handle::ReplicaTarget;
@@ -368,6 +370,27 @@ pub fn describe_status(status: &tonic::Status) -> String {
         tonic::Code::Unavailable => format!("unreachable ({message})"),
         code => format!("{code:?}: {message}"),
     }
+}
+
+/// Whether a failed call provably never reached the node: the connection
+/// could not be made (refused, no route, connect timeout; tonic marks those
+/// with [`tonic::ConnectError`] in the status's source chain), or hyper
+/// canceled the request before dispatching it because the connection had
+/// closed (the first request on a connection to a node that was just
+/// killed): no request left this process.
+pub fn never_sent(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(error) = source {
+        if error.is::<tonic::ConnectError>()
+            || error
+                .downcast_ref::<hyper::Error>()
+                .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// Runs one gRPC call with a deadline; a failure becomes a one-line reason.

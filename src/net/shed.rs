@@ -52,6 +52,39 @@ pub fn refused_stream(status: &tonic::Status) -> bool {
     false
 }
 
+/// The least time worth sending a request again with after a shed
+/// refusal: a node refuses a write whose `grpc-timeout` leaves it no time.
+const MIN_ATTEMPT: Duration = Duration::from_millis(20);
+
+/// Sends a request by `call` until it is answered with anything but a
+/// shed refusal, within `budget` in all: each attempt is given what is
+/// left of it (the argument), and the pause a refusal asks for (jittered)
+/// comes out of it too. `None`: no answer within the budget.
+pub async fn call_until_not_shed<T, F, Fut>(
+    budget: Duration,
+    mut call: F,
+) -> Option<Result<T, tonic::Status>>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = tokio::time::Instant::now();
+    loop {
+        let left = budget.saturating_sub(started.elapsed());
+        let answer = tokio::time::timeout(left, call(left)).await.ok()?;
+        let wait = match &answer {
+            Err(status) => shed_wait(status).map(jittered),
+            Ok(_) => None,
+        };
+        match wait {
+            Some(wait) if started.elapsed() + wait + MIN_ATTEMPT < budget => {
+                tokio::time::sleep(wait).await;
+            }
+            _ => return Some(answer),
+        }
+    }
+}
+
 /// `wait`, jittered to between half and one and a half of it, so callers
 /// refused together do not come back together.
 pub fn jittered(wait: Duration) -> Duration {

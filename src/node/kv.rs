@@ -6,7 +6,6 @@
 //! gives, in the status's trailers. Get failures carry none: a read has no
 //! effect to report.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,9 +13,9 @@ use tonic::{Request, Response, Status};
 
 use super::Node;
 use super::lateness::Verdict;
+use super::writes::{ClientWrite, Entry};
 use crate::error::{Error, Outcome, Result};
 use crate::pb;
-use crate::quorum::Consistency;
 
 /// `dkvs.v1.KeyValue`: client requests, coordinated by this node.
 pub(super) struct KeyValueService(pub(super) Arc<Node>);
@@ -29,18 +28,15 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
         refuse_if_abandoned(&self.0, &request, "PUT")?;
-        self.0.membership.refuse_until_agreed()?;
         let timeout = callers_timeout(&request);
         let request = request.into_inner();
-        let node = &self.0;
-        node.limits.check_key(&request.key)?;
-        node.limits.check_value(&request.value)?;
-        let consistency = pb::consistency_from(request.consistency)?;
-        refuse_without_room(node, &request.key, consistency)?;
-        let write = node
-            .coordinator
-            .write(&request.key, Some(request.value), consistency);
-        let ack = within_callers_deadline(timeout, "PUT", write).await?;
+        let write = ClientWrite {
+            consistency: pb::consistency_from(request.consistency)?,
+            key: request.key,
+            value: Some(request.value),
+            timeout,
+        };
+        let ack = self.0.write(write, Entry::Client).await?;
         Ok(applied(pb::PutResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -70,14 +66,15 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         refuse_if_abandoned(&self.0, &request, "DELETE")?;
-        self.0.membership.refuse_until_agreed()?;
         let timeout = callers_timeout(&request);
         let request = request.into_inner();
-        let node = &self.0;
-        node.limits.check_key(&request.key)?;
-        let consistency = pb::consistency_from(request.consistency)?;
-        let write = node.coordinator.write(&request.key, None, consistency);
-        let ack = within_callers_deadline(timeout, "DELETE", write).await?;
+        let write = ClientWrite {
+            consistency: pb::consistency_from(request.consistency)?,
+            key: request.key,
+            value: None,
+            timeout,
+        };
+        let ack = self.0.write(write, Entry::Client).await?;
         Ok(applied(pb::DeleteResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -87,7 +84,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
 
 /// The answer to a write that took effect: `reply` with `dkvs-outcome:
 /// applied`.
-fn applied<T>(reply: T) -> Response<T> {
+pub(super) fn applied<T>(reply: T) -> Response<T> {
     let mut response = Response::new(reply);
     Outcome::Applied.set_on(response.metadata_mut());
     response
@@ -156,79 +153,10 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
 }
 
 /// The caller's `grpc-timeout`, if it sent one (and it parses).
-fn callers_timeout<T>(request: &Request<T>) -> Option<Duration> {
+pub(super) fn callers_timeout<T>(request: &Request<T>) -> Option<Duration> {
     request
         .metadata()
         .get("grpc-timeout")
         .and_then(|t| t.to_str().ok())
         .and_then(super::lateness::parse_grpc_timeout)
-}
-
-/// Bounds a write by its caller's `grpc-timeout`, a little inside it: this
-/// answer, DEADLINE_EXCEEDED with outcome `unknown` (replicas may hold the
-/// write), goes out before tonic's own timeout would answer CANCELLED with
-/// no outcome. A timeout too short to start in refuses the write unapplied.
-async fn within_callers_deadline<T>(
-    timeout: Option<Duration>,
-    operation: &str,
-    write: impl Future<Output = Result<T>>,
-) -> Result<T> {
-    let Some(timeout) = timeout else {
-        return write.await;
-    };
-    let margin = (timeout / 100).max(Duration::from_millis(5));
-    let Some(budget) = timeout.checked_sub(margin).filter(|b| !b.is_zero()) else {
-        return Err(Error::InvalidArgument(format!(
-            "{operation} refused and not applied: a grpc-timeout of {} ms leaves no time to \
-             coordinate it; allow at least 10 ms",
-            timeout.as_millis()
-        )));
-    };
-    tokio::time::timeout(budget, write).await.map_err(|_| {
-        Error::DeadlineExceeded(format!(
-            "{operation} did not finish within its caller's deadline (grpc-timeout {} ms): it may or \
-             may not have been applied",
-            timeout.as_millis()
-        ))
-    })?
-}
-
-/// Refuses a new value before anything is sent when fewer than W of the
-/// key's replicas (in any of its replica sets, while data moves) have room
-/// under their `--max-data-bytes`, as far as this node knows: its own
-/// measure, and each peer's from its last heartbeat. Not applied.
-fn refuse_without_room(node: &Node, key: &str, consistency: Consistency) -> Result<()> {
-    if consistency == Consistency::Any {
-        return Ok(());
-    }
-    // No replica could be at its quota: nothing to look up.
-    if !node.quota.is_full() && !node.heartbeats.any_peer_at_data_quota() {
-        return Ok(());
-    }
-    let view = node.cluster.placement();
-    let has_room = |address: &str| {
-        if view.is_me(address) {
-            return !node.quota.is_full();
-        }
-        !node.heartbeats.is_at_data_quota(address)
-    };
-    for set in view.write_sets(key) {
-        let needed = consistency.required(set.len());
-        let full: Vec<&str> = set
-            .iter()
-            .map(|m| m.address.as_str())
-            .filter(|a| !has_room(a))
-            .collect();
-        if set.len() - full.len() < needed {
-            return Err(Error::QuotaReached(format!(
-                "PUT of {key:?} refused before anything was sent, not applied: {} of the key's {} \
-                 replicas ({}) are at their --max-data-bytes, and {needed} must store it; delete \
-                 data or raise the quota (deletes still work)",
-                full.len(),
-                set.len(),
-                full.join(", ")
-            )));
-        }
-    }
-    Ok(())
 }

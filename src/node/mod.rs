@@ -35,6 +35,7 @@ mod replica_read;
 mod secure;
 mod serve;
 mod slow_body;
+mod writes;
 
 pub use access_gate::{Guard, VerifiedNode};
 pub use secure::tls_incoming;
@@ -119,6 +120,8 @@ pub struct Node {
     load: Arc<load::Load>,
     /// `--max-data-bytes` and the data dir's last measure.
     quota: Arc<quota::DataQuota>,
+    /// Writes forwarded to, and coordinated for, other nodes.
+    forward_counts: writes::ForwardCounts,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -373,6 +376,7 @@ impl Node {
             arrivals: lateness::Arrivals::new(),
             load,
             quota,
+            forward_counts: writes::ForwardCounts::default(),
         }))
     }
 
@@ -407,6 +411,8 @@ impl Node {
             connections_refused: self.load.connections_refused(),
             data_bytes: self.quota.bytes(),
             data_quota_reached: self.quota.is_full(),
+            writes_forwarded: self.forward_counts.forwarded(),
+            forwarded_writes_coordinated: self.forward_counts.coordinated(),
         }
     }
 

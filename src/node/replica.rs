@@ -9,6 +9,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Node;
+use super::writes::{ClientWrite, Entry};
 use crate::error::{Error, Result};
 use crate::net::max_message_bytes;
 use crate::pb;
@@ -40,6 +41,30 @@ impl pb::replica_server::Replica for ReplicaService {
         request: Request<pb::ReplicaWriteRequest>,
     ) -> Result<Response<pb::ReplicaWriteResponse>, Status> {
         Ok(Response::new(self.0.replica_write(request.into_inner())?))
+    }
+
+    async fn forward_write(
+        &self,
+        request: Request<pb::ForwardedWrite>,
+    ) -> Result<Response<pb::ForwardedWriteAck>, Status> {
+        let timeout = super::kv::callers_timeout(&request);
+        let sender = crate::net::sender_in(request.metadata().as_ref()).map(str::to_string);
+        let request = request.into_inner();
+        let write = ClientWrite {
+            consistency: pb::consistency_from(request.consistency)?,
+            key: request.key,
+            value: request.value,
+            timeout,
+        };
+        let entry = Entry::Forwarded {
+            layout_version: request.layout_version,
+            sender: sender.as_deref(),
+        };
+        let ack = self.0.write(write, entry).await?;
+        Ok(super::kv::applied(pb::ForwardedWriteAck {
+            version: Some(ack.version.into()),
+            acks: ack.acks as u32,
+        }))
     }
 
     async fn batch(
