@@ -69,6 +69,12 @@ const SEED_STAGGER: Duration = Duration::from_millis(100);
 /// clocks must agree to well within `rpc_timeout`.
 pub const DEADLINE_HEADER: &str = "dkvs-deadline-unix-ms";
 
+/// Set on a write the client sends to a node other than the key's first
+/// replica because that one did not answer or was believed down: the node
+/// coordinates it instead of forwarding it to that replica (which, before
+/// its failure detector convicts a frozen node, it would still believe up).
+pub const COORDINATE_HERE_HEADER: &str = "dkvs-coordinate-here";
+
 /// Client settings.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
@@ -279,8 +285,8 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let reply = self
-            .write_on_coordinator(key, "PUT", |mut client, deadline, timeout| {
-                let request = with_deadline(request.clone(), deadline, timeout);
+            .write_on_coordinator(key, "PUT", |mut client, deadline, timeout, here| {
+                let request = with_deadline(request.clone(), deadline, timeout, here);
                 async move { client.put(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -294,8 +300,8 @@ impl Client {
             consistency: pb::Consistency::from(self.options.consistency) as i32,
         };
         let reply = self
-            .write_on_coordinator(key, "DELETE", |mut client, deadline, timeout| {
-                let request = with_deadline(request.clone(), deadline, timeout);
+            .write_on_coordinator(key, "DELETE", |mut client, deadline, timeout, here| {
+                let request = with_deadline(request.clone(), deadline, timeout, here);
                 async move { client.delete(request).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -555,7 +561,10 @@ impl Client {
     /// Sends a write to the key's first replica that can take it (then to
     /// any other member) and returns its reply.
     ///
-    /// `call` gets the attempt's deadline for [`DEADLINE_HEADER`]. A write
+    /// `call` gets the attempt's deadline for [`DEADLINE_HEADER`], its
+    /// timeout, and whether the node is asked to coordinate the write
+    /// itself ([`COORDINATE_HERE_HEADER`]: it is not the key's first
+    /// replica, which this client found down). A write
     /// goes to a second coordinator only when the attempt provably never
     /// reached the first: the connection could not be made. Anything
     /// else that is not a coordinator's answer — no reply within
@@ -579,19 +588,22 @@ impl Client {
             pb::key_value_client::KeyValueClient<crate::net::ClientChannel>,
             u64,
             Duration,
+            bool,
         ) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
     {
         let timeout = self.options.rpc_timeout;
         let mut refused = Vec::new();
-        for address in self.candidates(&self.replicas_of(key)) {
+        let replicas = self.replicas_of(key);
+        for address in self.candidates(&replicas) {
             let client = self.peers.key_value_client(&address)?;
+            let failover = replicas.first() != Some(&address);
             // A write the node shed (not applied, with a retry hint) is
             // sent again after the hint, jittered, within the timeout.
             let answer = crate::net::shed::call_until_not_shed(timeout, |left| {
                 let deadline =
                     crate::clock::wall_clock_ms().saturating_add(left.as_millis() as u64);
-                call(client.clone(), deadline, left)
+                call(client.clone(), deadline, left, failover)
             })
             .await
             .ok_or(());
@@ -641,13 +653,25 @@ impl Client {
 /// and `timeout` in `grpc-timeout`: the node bounds its work by the relative
 /// timeout, and tells a request its client gave up on by comparing send
 /// times, never by comparing its clock with the client's.
-fn with_deadline<T>(message: T, deadline: u64, timeout: Duration) -> tonic::Request<T> {
+fn with_deadline<T>(
+    message: T,
+    deadline: u64,
+    timeout: Duration,
+    coordinate_here: bool,
+) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(timeout);
-    request.metadata_mut().insert(
+    let metadata = request.metadata_mut();
+    metadata.insert(
         DEADLINE_HEADER,
         tonic::metadata::MetadataValue::from(deadline),
     );
+    if coordinate_here {
+        metadata.insert(
+            COORDINATE_HERE_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+    }
     request
 }
 

@@ -29,6 +29,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     ) -> Result<Response<pb::PutResponse>, Status> {
         refuse_if_abandoned(&self.0, &request, "PUT")?;
         let timeout = callers_timeout(&request);
+        let entry = client_entry(&request);
         let request = request.into_inner();
         let write = ClientWrite {
             consistency: pb::consistency_from(request.consistency)?,
@@ -36,7 +37,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
             value: Some(request.value),
             timeout,
         };
-        let ack = self.0.write(write, Entry::Client).await?;
+        let ack = self.0.write(write, entry).await?;
         Ok(applied(pb::PutResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -67,6 +68,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         refuse_if_abandoned(&self.0, &request, "DELETE")?;
         let timeout = callers_timeout(&request);
+        let entry = client_entry(&request);
         let request = request.into_inner();
         let write = ClientWrite {
             consistency: pb::consistency_from(request.consistency)?,
@@ -74,7 +76,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
             value: None,
             timeout,
         };
-        let ack = self.0.write(write, Entry::Client).await?;
+        let ack = self.0.write(write, entry).await?;
         Ok(applied(pb::DeleteResponse {
             version: Some(ack.version.into()),
             acks: ack.acks as u32,
@@ -150,6 +152,17 @@ fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) ->
             source.ip()
         ))),
     }
+}
+
+/// How a client write entered: forwarded to its key's first live replica
+/// unless the client asked this node to coordinate it
+/// ([`crate::client::COORDINATE_HERE_HEADER`]).
+fn client_entry<T>(request: &Request<T>) -> Entry<'static> {
+    let here = request
+        .metadata()
+        .get(crate::client::COORDINATE_HERE_HEADER)
+        .is_some();
+    Entry::Client { forward: !here }
 }
 
 /// The caller's `grpc-timeout`, if it sent one (and it parses).

@@ -57,9 +57,10 @@ impl ClientWrite {
 /// Where a write came from.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Entry<'a> {
-    /// A client, through any front end: forwarded when this node is not
-    /// the key's first live replica.
-    Client,
+    /// A client, through any front end: with `forward`, forwarded when
+    /// this node is not the key's first live replica (a client that found
+    /// that replica down asks for the write to be coordinated here).
+    Client { forward: bool },
     /// Another node, which placed it with `layout_version` and named
     /// itself `sender`: coordinated here.
     Forwarded {
@@ -101,10 +102,8 @@ impl Node {
         }
         let operation = write.operation();
         let timeout = write.timeout;
-        match entry {
-            Entry::Client => {
-                within_callers_deadline(timeout, operation, self.forward_or_coordinate(write)).await
-            }
+        let forward = match entry {
+            Entry::Client { forward } => forward,
             Entry::Forwarded {
                 layout_version,
                 sender,
@@ -113,12 +112,19 @@ impl Node {
                     .coordinated
                     .fetch_add(1, Ordering::Relaxed);
                 self.learn_forwarders_layout(layout_version, sender).await;
-                let coordinate = self
-                    .coordinator
-                    .write(&write.key, write.value, write.consistency);
-                within_callers_deadline(timeout, operation, coordinate).await
+                false
             }
-        }
+        };
+        let take = async {
+            if forward {
+                self.forward_or_coordinate(write).await
+            } else {
+                self.coordinator
+                    .write(&write.key, write.value, write.consistency)
+                    .await
+            }
+        };
+        within_callers_deadline(timeout, operation, take).await
     }
 
     /// Forwards `write` to the key's first live replica when that is
