@@ -60,14 +60,7 @@ const DOWN_PENALTY: Duration = Duration::from_secs(2);
 /// How long the client waits for a seed's answer before also asking the next.
 const SEED_STAGGER: Duration = Duration::from_millis(100);
 
-/// Metadata key on the client's PUT/DELETE: when the client gives up on the
-/// attempt, in milliseconds since the Unix epoch. A node that takes the
-/// request up only after that (it was frozen, or the request sat in a
-/// buffer) refuses it before doing any work, so a write the client reported
-/// indeterminate cannot take effect long afterwards, above writes
-/// acknowledged since. It is compared with the node's clock: client and node
-/// clocks must agree to well within `rpc_timeout`.
-pub const DEADLINE_HEADER: &str = "dkvs-deadline-unix-ms";
+pub use crate::net::DEADLINE_HEADER;
 
 /// Set on a write the client sends to a node other than the key's first
 /// replica because that one did not answer or was believed down: the node
@@ -622,10 +615,7 @@ impl Client {
                 }
                 // tonic's own timer for the call's grpc-timeout, which
                 // races with this one.
-                Ok(Err(status))
-                    if status.code() == tonic::Code::Cancelled
-                        && status.message() == "Timeout expired" =>
-                {
+                Ok(Err(status)) if crate::net::is_tonic_timeout(&status) => {
                     format!("no answer within {} ms", timeout.as_millis())
                 }
                 Ok(Err(status)) => describe_status(&status),

@@ -141,3 +141,69 @@ async fn a_write_whose_first_replica_just_died_is_coordinated_where_it_entered()
         .await
         .expect("a write after conviction is coordinated by the next replica");
 }
+
+/// A forward that reaches its receiver only after the forwarder gave up on
+/// it (the receiver was frozen with the request in its socket buffer) is
+/// refused there, not coordinated above the writes acknowledged since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_that_arrives_after_its_sender_gave_up_is_refused() {
+    let cluster = TestCluster::start(3).await;
+    let client = cluster.client().await;
+    let addresses = cluster.addresses();
+    let key = (0..)
+        .map(|i| format!("late-forward-{i}"))
+        .find(|k| client.replicas_of(k)[0] == addresses[0])
+        .expect("a key");
+    client.close().await;
+    let mut kv = cluster.kv(1).await;
+    kv.put(put_request(&key, "v0")).await.expect("put");
+    let put_within = |value: &str, timeout: Duration| {
+        let mut request = tonic::Request::new(put_request(&key, value));
+        request.set_timeout(timeout);
+        request
+    };
+
+    let frozen = cluster.pause_until_dropped(0);
+    // Node 1 still believes node 0 up: the forward waits out the deadline.
+    let late = kv
+        .put(put_within("late", Duration::from_millis(500)))
+        .await
+        .expect_err("node 0 is frozen");
+    assert_eq!(
+        Outcome::of(late.metadata()),
+        Some(Outcome::Unknown),
+        "{late:?}"
+    );
+    cluster
+        .wait_member_state(1, 0, pb::MemberState::Down, Duration::from_secs(15))
+        .await;
+    kv.put(put_within("acknowledged", Duration::from_secs(2)))
+        .await
+        .expect("coordinated by node 1 once node 0 is convicted");
+    drop(frozen);
+
+    // Node 0 takes the buffered forward up and refuses it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .log_of(0)
+        .contains("arrived after its client gave up on it")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node 0 never refused the late forward: {}",
+            cluster.log_tail_of(0)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut get = common::get_request(&key);
+    get.consistency = pb::Consistency::All as i32;
+    let got = common::eventually(Duration::from_secs(10), async || {
+        kv.get(get.clone()).await.map(|r| r.into_inner())
+    })
+    .await;
+    assert_eq!(
+        got.value,
+        &b"acknowledged"[..],
+        "the acknowledged write stays"
+    );
+}

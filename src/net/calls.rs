@@ -451,11 +451,21 @@ impl PeerPool {
         };
         let answer = super::shed::call_until_not_shed(budget, |left| {
             let mut client = client.clone();
+            // Sent as a client's write is (`client::with_deadline`), so the
+            // receiver refuses it if it arrives after this node gave up.
             let mut request = tonic::Request::new(message.clone());
             request.set_timeout(left);
+            let deadline = crate::clock::wall_clock_ms().saturating_add(left.as_millis() as u64);
+            request.metadata_mut().insert(
+                super::DEADLINE_HEADER,
+                tonic::metadata::MetadataValue::from(deadline),
+            );
             async move { client.forward_write(request).await }
         })
         .await;
+        // tonic's own timer for the call's grpc-timeout fires with this
+        // one's: no answer in time either way.
+        let answer = answer.filter(|a| !matches!(a, Err(s) if super::is_tonic_timeout(s)));
         let status = match answer {
             Some(Ok(reply)) => {
                 let reply = reply.into_inner();

@@ -62,6 +62,15 @@ pub use stamp::{
     cluster_id_in, sender_in,
 };
 
+/// Metadata key on a client's PUT/DELETE (and a node's forward of one):
+/// when its sender gives up on the attempt, in milliseconds since the Unix
+/// epoch. A node that takes the request up only after that (it was frozen,
+/// or the request sat in a buffer) refuses it before doing any work, so a
+/// write reported indeterminate cannot take effect long afterwards, above
+/// writes acknowledged since. Judged without comparing clocks (see
+/// `node::lateness`).
+pub const DEADLINE_HEADER: &str = "dkvs-deadline-unix-ms";
+
 /// Largest gRPC message a node or client accepts: room for the largest value
 /// plus headroom, so an oversized value gets DKVS's own INVALID_ARGUMENT
 /// (naming the limit) rather than a transport error.
@@ -440,6 +449,12 @@ impl From<CallError> for Error {
             CallError::PermissionDenied(why) => Error::PermissionDenied(why),
         }
     }
+}
+
+/// Whether a call failed because tonic's own timer for its `grpc-timeout`
+/// fired (CANCELLED, "Timeout expired"): no answer came in time.
+pub fn is_tonic_timeout(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired"
 }
 
 fn timed_out(timeout: Duration) -> String {

@@ -101,7 +101,11 @@ pub(super) fn applied<T>(reply: T) -> Response<T> {
 /// ([`crate::client::DEADLINE_HEADER`] minus `grpc-timeout`) against the
 /// quickest recent request from the same client clock. A request without
 /// both headers (grpcurl, say) is not judged.
-fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) -> Result<()> {
+pub(super) fn refuse_if_abandoned<T>(
+    node: &Node,
+    request: &Request<T>,
+    operation: &str,
+) -> Result<()> {
     let metadata = request.metadata();
     let Some(deadline) = metadata.get(crate::client::DEADLINE_HEADER) else {
         return Ok(());

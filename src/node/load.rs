@@ -46,6 +46,11 @@ pub struct LoadLimits {
 pub enum Budget {
     Connection,
     Clients,
+    /// Client writes another node forwarded (`Replica.ForwardWrite`):
+    /// client requests, from the clients' budget, but on a node's
+    /// connection (no per-connection budget), so that a flood of clients
+    /// entering at other nodes cannot starve heartbeats either.
+    Forwarded,
     Nodes,
 }
 
@@ -53,7 +58,7 @@ impl Budget {
     fn flag(self) -> &'static str {
         match self {
             Budget::Connection => "--max-requests-per-connection",
-            Budget::Clients => "--max-client-requests",
+            Budget::Clients | Budget::Forwarded => "--max-client-requests",
             Budget::Nodes => "--max-node-requests",
         }
     }
@@ -61,7 +66,7 @@ impl Budget {
     fn what(self) -> &'static str {
         match self {
             Budget::Connection => "requests in progress on this connection",
-            Budget::Clients => "client requests in progress on this node",
+            Budget::Clients | Budget::Forwarded => "client requests in progress on this node",
             Budget::Nodes => "node-to-node requests in progress on this node",
         }
     }
@@ -73,7 +78,7 @@ impl Budget {
 pub fn retry_after(budget: Budget, refused_lately: u64) -> Duration {
     let base = match budget {
         Budget::Connection => 20,
-        Budget::Clients | Budget::Nodes => 50,
+        Budget::Clients | Budget::Forwarded | Budget::Nodes => 50,
     };
     Duration::from_millis(base * (1 + refused_lately.min(1_000) / 100))
 }
@@ -217,7 +222,7 @@ impl Load {
     fn refusal(&self, budget: Budget) -> tonic::Status {
         let limit = match budget {
             Budget::Connection => self.limits.per_connection,
-            Budget::Clients => self.limits.client_requests,
+            Budget::Clients | Budget::Forwarded => self.limits.client_requests,
             Budget::Nodes => self.limits.node_requests,
         };
         let wait = retry_after(budget, self.refused_since_warning.load(Ordering::Relaxed));
@@ -236,11 +241,15 @@ impl Load {
     }
 }
 
+/// The path of `Replica.ForwardWrite`.
+const FORWARD_WRITE_PATH: &str = "/dkvs.v1.Replica/ForwardWrite";
+
 /// The budget a path takes from, if any (health and reflection take none).
 fn budget_of(path: &str) -> Option<Budget> {
     match access::door_of(path) {
         Door::Open => None,
         Door::Client(_) => Some(Budget::Clients),
+        Door::Node if path == FORWARD_WRITE_PATH => Some(Budget::Forwarded),
         Door::Node | Door::AnyNode => Some(Budget::Nodes),
     }
 }
@@ -524,6 +533,10 @@ mod tests {
         assert_eq!(budget_of("/dkvs.v1.KeyValue/Put"), Some(Budget::Clients));
         assert_eq!(budget_of("/dkvs.v1.Liveness/Ping"), Some(Budget::Nodes));
         assert_eq!(budget_of("/dkvs.v1.Replica/Write"), Some(Budget::Nodes));
+        assert_eq!(
+            budget_of("/dkvs.v1.Replica/ForwardWrite"),
+            Some(Budget::Forwarded)
+        );
         assert_eq!(budget_of("nonsense"), Some(Budget::Nodes));
     }
 

@@ -47,6 +47,15 @@ impl pb::replica_server::Replica for ReplicaService {
         &self,
         request: Request<pb::ForwardedWrite>,
     ) -> Result<Response<pb::ForwardedWriteAck>, Status> {
+        // A forward held up (a frozen receiver, a slow network) past its
+        // sender's wait must not be coordinated afterwards, above writes
+        // acknowledged since: judged as a client's write is.
+        let operation = if request.get_ref().value.is_some() {
+            "PUT"
+        } else {
+            "DELETE"
+        };
+        super::kv::refuse_if_abandoned(&self.0, &request, operation)?;
         let timeout = super::kv::callers_timeout(&request);
         let sender = crate::net::sender_in(request.metadata().as_ref()).map(str::to_string);
         let request = request.into_inner();

@@ -8,8 +8,10 @@
 #   WORKLOAD=c ROUNDS=3 DURATION=6 tools/bench/ab.sh "" "--worker-threads 1"
 #
 # Each argument is one configuration (extra DKVSServer flags). Requests go
-# through the nodes (--via-node), 64 in flight, 100-byte values, 10k keys
-# (preloaded before the measured run).
+# through the nodes, each node in turn (--via-node: any-node routing), 64 in
+# flight, 100-byte values, 10k keys (preloaded before the measured run).
+# ROUTE=smart sends them through the smart client instead;
+# DISTRIBUTION=zipfian draws keys from a zipfian distribution (θ = 0.99).
 #
 # To compare two builds instead of two settings, name their binary
 # directories in BIN_DIRS, one per configuration, in order:
@@ -21,6 +23,12 @@ ROUNDS=${ROUNDS:-2}
 WORKLOAD=${WORKLOAD:-w}
 DURATION=${DURATION:-6}
 KEYS=${KEYS:-10000}
+DISTRIBUTION=${DISTRIBUTION:-uniform}
+case ${ROUTE:-via-node} in
+  via-node) ROUTE_FLAG=--via-node ;;
+  smart) ROUTE_FLAG="" ;;
+  *) echo "ROUTE is via-node or smart" >&2; exit 2 ;;
+esac
 CONCURRENCY=${CONCURRENCY:-64}
 BASE=${BASE_PORT:-7400}
 read -r -a BIN_DIRS <<< "${BIN_DIRS:-}"
@@ -57,8 +65,9 @@ for round in $(seq 1 "$ROUNDS"); do
     for _ in $(seq 1 100); do "$BIN/DKVSClient" --nodes "$NODES" PUT warmup ok >/dev/null 2>&1 && break; sleep 0.1; done
     "$BIN/DKVSClient" --nodes "$NODES" bench --via-node --workload "$WORKLOAD" --ops 1 --concurrency 1 --keys "$KEYS" --json >/dev/null
     before=$(cpu_ticks "${PIDS[@]}")
-    out=$("$BIN/DKVSClient" --nodes "$NODES" bench --no-preload --via-node --workload "$WORKLOAD" \
-      --duration "$DURATION" --concurrency "$CONCURRENCY" --keys "$KEYS" --json)
+    # shellcheck disable=SC2086
+    out=$("$BIN/DKVSClient" --nodes "$NODES" bench --no-preload $ROUTE_FLAG --workload "$WORKLOAD" \
+      --distribution "$DISTRIBUTION" --duration "$DURATION" --concurrency "$CONCURRENCY" --keys "$KEYS" --json)
     after=$(cpu_ticks "${PIDS[@]}")
     ticks=$(getconf CLK_TCK)
     python3 -c "
