@@ -12,6 +12,9 @@ use common::{TestCluster, put_request};
 use dkvs::error::Outcome;
 use dkvs::pb;
 
+/// A version as (lamport, node id).
+type Version = (u64, u64);
+
 /// Many writers hammer a few keys, each writer through its own node (as a
 /// raw gRPC client or a load balancer would): every write is applied, no
 /// two acknowledged writes of one key share a version, and the last one
@@ -50,7 +53,7 @@ async fn writes_to_hot_keys_entering_at_every_node_all_succeed() {
             acks
         }));
     }
-    let mut by_key: HashMap<String, Vec<((u64, u64), String)>> = HashMap::new();
+    let mut by_key: HashMap<String, Vec<(Version, String)>> = HashMap::new();
     for task in tasks {
         for (key, version, value) in task.await.expect("writer") {
             by_key.entry(key).or_default().push((version, value));

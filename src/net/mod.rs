@@ -41,6 +41,7 @@ use crate::replica::ReplicaStore;
 mod calls;
 #[cfg(test)]
 pub mod fake;
+mod forward;
 mod handle;
 pub mod messages;
 mod pipe;
@@ -49,9 +50,8 @@ pub mod shed;
 mod stamp;
 mod tls;
 
-pub use calls::{
-    ForwardFailure, ForwardedWrite, RangeEntriesPage, RangeQuery, RecordChunks, is_not_serving_yet,
-};
+pub use calls::{RangeEntriesPage, RangeQuery, RecordChunks, is_not_serving_yet};
+pub use forward::{ForwardFailure, ForwardedWrite};
 pub use tls::TlsDialer;
 
 use handle::ReplicaTarget;
@@ -132,6 +132,9 @@ pub struct PeerPool {
     pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
     /// Read-only batching pipes (`ReplicaRead.Batch`), made on first use.
     read_pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
+    /// Batching pipes of forwarded client writes (`Replica.ForwardWrites`),
+    /// made on first use.
+    forward_pipes: Mutex<HashMap<String, Arc<forward::ForwardPipe>>>,
     /// Message size limit for clients made from these channels.
     max_message_bytes: usize,
     /// Versions in replies further ahead than this are failed replies.
@@ -157,6 +160,7 @@ impl PeerPool {
             channels: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
             read_pipes: Mutex::new(HashMap::new()),
+            forward_pipes: Mutex::new(HashMap::new()),
             max_message_bytes,
             // The smart client has no clock of its own to protect and may
             // run on a host whose clock lags: it refuses only versions no
@@ -289,6 +293,32 @@ impl PeerPool {
         let pipe = Arc::new(ReplicaPipe::start(service, self.bound));
         pipes.insert(address.to_string(), pipe.clone());
         Ok(pipe)
+    }
+
+    /// Forwards a client write to `to`, its key's first live replica, which
+    /// coordinates it, and waits at most `budget` for the answer (see
+    /// [`forward`]).
+    pub async fn forward_write(
+        &self,
+        to: &str,
+        write: &ForwardedWrite,
+        budget: Duration,
+    ) -> std::result::Result<crate::quorum::WriteAck, ForwardFailure> {
+        let pipe = {
+            let mut pipes = self.forward_pipes.locked();
+            match pipes.get(to) {
+                Some(pipe) => pipe.clone(),
+                None => {
+                    let client = self
+                        .replica_client(to)
+                        .map_err(|e| ForwardFailure::NotTaken(e.to_string()))?;
+                    let pipe = Arc::new(forward::ForwardPipe::start(client, to));
+                    pipes.insert(to.to_string(), pipe.clone());
+                    pipe
+                }
+            }
+        };
+        pipe.forward(write, budget).await
     }
 
     /// A handle to the replica at `address` for the smart client: its reads

@@ -28,7 +28,7 @@ const MAX_BATCHES_IN_FLIGHT: usize = 4;
 /// Deadline of one batch call (each caller also has its own, shorter one).
 const BATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Requests queued for one peer before callers wait.
-const PIPE_CAPACITY: usize = 8192;
+pub(super) const PIPE_CAPACITY: usize = 8192;
 
 /// The service a pipe's batches go to, which decides what they may carry.
 #[derive(Clone)]
@@ -52,8 +52,16 @@ pub(super) enum PipeItem {
     ),
 }
 
-impl PipeItem {
+/// What a batching pipe carries: requests that know their size, and
+/// whether their caller still waits.
+pub(super) trait Batched: Send + 'static {
     /// Bytes of value the request carries.
+    fn value_bytes(&self) -> usize;
+    /// The caller gave up (timed out): do not send it.
+    fn abandoned(&self) -> bool;
+}
+
+impl Batched for PipeItem {
     fn value_bytes(&self) -> usize {
         match self {
             PipeItem::Write(w, _) => w.record.as_ref().map_or(0, |r| r.value.len()),
@@ -61,12 +69,65 @@ impl PipeItem {
         }
     }
 
-    /// The caller gave up (timed out): do not send it.
     fn abandoned(&self) -> bool {
         match self {
             PipeItem::Write(_, answer) => answer.is_closed(),
             PipeItem::Read(_, answer) => answer.is_closed(),
         }
+    }
+}
+
+/// The batching loop of a pipe: takes whatever has queued in `incoming`
+/// (up to [`MAX_BATCH_ITEMS`] and [`MAX_BATCH_VALUE_BYTES`]) and hands it
+/// to `send` as one batch, at most `max_in_flight` at once. Idle, a request
+/// goes out alone at once; under load, batches form by themselves while
+/// earlier ones are in flight. Ends when every sender is dropped.
+pub(super) async fn run_batches<I, F, Fut>(
+    mut incoming: mpsc::Receiver<I>,
+    max_in_flight: usize,
+    send: F,
+) where
+    I: Batched,
+    F: Fn(Vec<I>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(max_in_flight));
+    // An item that did not fit in the previous batch starts the next.
+    let mut carried: Option<I> = None;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None => match incoming.recv().await {
+                Some(item) => item,
+                None => break,
+            },
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut bytes = first.value_bytes();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_ITEMS {
+            let Ok(item) = incoming.try_recv() else { break };
+            if item.abandoned() {
+                continue;
+            }
+            if bytes + item.value_bytes() > MAX_BATCH_VALUE_BYTES {
+                carried = Some(item);
+                break;
+            }
+            bytes += item.value_bytes();
+            batch.push(item);
+        }
+        batch.retain(|item| !item.abandoned());
+        if batch.is_empty() {
+            continue;
+        }
+        let sent = send(batch);
+        tokio::spawn(async move {
+            sent.await;
+            drop(permit);
+        });
     }
 }
 
@@ -84,47 +145,10 @@ pub struct ReplicaPipe {
 
 impl ReplicaPipe {
     pub(super) fn start(service: PipeService, bound: SkewBound) -> Self {
-        let (queue, mut incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
-        tokio::spawn(async move {
-            let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_BATCHES_IN_FLIGHT));
-            // An item that did not fit in the previous batch starts the next.
-            let mut carried: Option<PipeItem> = None;
-            loop {
-                let first = match carried.take() {
-                    Some(item) => item,
-                    None => match incoming.recv().await {
-                        Some(item) => item,
-                        None => break,
-                    },
-                };
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let mut bytes = first.value_bytes();
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH_ITEMS {
-                    let Ok(item) = incoming.try_recv() else { break };
-                    if item.abandoned() {
-                        continue;
-                    }
-                    if bytes + item.value_bytes() > MAX_BATCH_VALUE_BYTES {
-                        carried = Some(item);
-                        break;
-                    }
-                    bytes += item.value_bytes();
-                    batch.push(item);
-                }
-                batch.retain(|item| !item.abandoned());
-                if batch.is_empty() {
-                    continue;
-                }
-                let service = service.clone();
-                tokio::spawn(async move {
-                    send_batch(service, batch, bound).await;
-                    drop(permit);
-                });
-            }
-        });
+        let (queue, incoming) = mpsc::channel::<PipeItem>(PIPE_CAPACITY);
+        tokio::spawn(run_batches(incoming, MAX_BATCHES_IN_FLIGHT, move |batch| {
+            send_batch(service.clone(), batch, bound)
+        }));
         Self { queue }
     }
 

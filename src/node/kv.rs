@@ -120,7 +120,25 @@ pub(super) fn refuse_if_abandoned<T>(
                 crate::client::DEADLINE_HEADER
             ))
         })?;
-    let (Some(timeout), Some(source)) = (callers_timeout(request), request.remote_addr()) else {
+    refuse_if_late(
+        node,
+        request.remote_addr(),
+        deadline,
+        callers_timeout(request),
+        operation,
+    )
+}
+
+/// [`refuse_if_abandoned`] for a write sent at `deadline` minus `timeout`
+/// (by its sender's clock) that arrived from `source`.
+pub(super) fn refuse_if_late(
+    node: &Node,
+    source: Option<std::net::SocketAddr>,
+    deadline: u64,
+    timeout: Option<Duration>,
+    operation: &str,
+) -> Result<()> {
+    let (Some(timeout), Some(source)) = (timeout, source) else {
         return Ok(());
     };
     match node.arrivals.judge(source, deadline, timeout) {

@@ -46,7 +46,7 @@ pub struct LoadLimits {
 pub enum Budget {
     Connection,
     Clients,
-    /// Client writes another node forwarded (`Replica.ForwardWrite`):
+    /// Client writes another node forwarded (`Replica.ForwardWrites`):
     /// client requests, from the clients' budget, but on a node's
     /// connection (no per-connection budget), so that a flood of clients
     /// entering at other nodes cannot starve heartbeats either.
@@ -241,8 +241,8 @@ impl Load {
     }
 }
 
-/// The path of `Replica.ForwardWrite`.
-const FORWARD_WRITE_PATH: &str = "/dkvs.v1.Replica/ForwardWrite";
+/// The path of `Replica.ForwardWrites`.
+const FORWARD_WRITE_PATH: &str = "/dkvs.v1.Replica/ForwardWrites";
 
 /// The budget a path takes from, if any (health and reflection take none).
 fn budget_of(path: &str) -> Option<Budget> {
@@ -534,7 +534,7 @@ mod tests {
         assert_eq!(budget_of("/dkvs.v1.Liveness/Ping"), Some(Budget::Nodes));
         assert_eq!(budget_of("/dkvs.v1.Replica/Write"), Some(Budget::Nodes));
         assert_eq!(
-            budget_of("/dkvs.v1.Replica/ForwardWrite"),
+            budget_of("/dkvs.v1.Replica/ForwardWrites"),
             Some(Budget::Forwarded)
         );
         assert_eq!(budget_of("nonsense"), Some(Budget::Nodes));

@@ -5,6 +5,7 @@
 //! which answers them with [`answer_reads`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -19,6 +20,59 @@ use crate::replica::UNFENCED;
 /// Bytes a record adds to a reply, roughly.
 fn record_size(record: &Option<pb::Record>) -> usize {
     record.as_ref().map_or(16, |r| r.value.len() + 32)
+}
+
+/// Coordinates one write another node forwarded (from `source`, naming
+/// itself `sender`): refused unapplied when it arrives after its forwarder
+/// gave up on it (judged as a client's write is), else taken as a write
+/// that entered here.
+async fn forwarded_write(
+    node: &Node,
+    write: pb::ForwardedWrite,
+    source: Option<std::net::SocketAddr>,
+    sender: Option<&str>,
+) -> pb::ForwardedWriteResult {
+    let operation = if write.value.is_some() {
+        "PUT"
+    } else {
+        "DELETE"
+    };
+    let timeout = Duration::from_millis(u64::from(write.timeout_ms));
+    let taken = async {
+        super::kv::refuse_if_late(
+            node,
+            source,
+            write.deadline_unix_ms,
+            Some(timeout),
+            operation,
+        )?;
+        let client_write = ClientWrite {
+            consistency: pb::consistency_from(write.consistency)?,
+            key: write.key,
+            value: write.value,
+            timeout: Some(timeout),
+        };
+        let entry = Entry::Forwarded {
+            layout_version: write.layout_version,
+            sender,
+        };
+        node.write(client_write, entry).await
+    };
+    match taken.await {
+        Ok(ack) => pb::ForwardedWriteResult {
+            ack: Some(pb::ForwardedWriteAck {
+                version: Some(ack.version.into()),
+                acks: ack.acks as u32,
+            }),
+            ..Default::default()
+        },
+        Err(error) => pb::ForwardedWriteResult {
+            ack: None,
+            code: error.code() as i32,
+            outcome: error.outcome().name().to_string(),
+            message: error.to_string(),
+        },
+    }
 }
 
 /// `dkvs.v1.Replica`: this node's local store, for other nodes only.
@@ -43,37 +97,20 @@ impl pb::replica_server::Replica for ReplicaService {
         Ok(Response::new(self.0.replica_write(request.into_inner())?))
     }
 
-    async fn forward_write(
+    async fn forward_writes(
         &self,
-        request: Request<pb::ForwardedWrite>,
-    ) -> Result<Response<pb::ForwardedWriteAck>, Status> {
-        // A forward held up (a frozen receiver, a slow network) past its
-        // sender's wait must not be coordinated afterwards, above writes
-        // acknowledged since: judged as a client's write is.
-        let operation = if request.get_ref().value.is_some() {
-            "PUT"
-        } else {
-            "DELETE"
-        };
-        super::kv::refuse_if_abandoned(&self.0, &request, operation)?;
-        let timeout = super::kv::callers_timeout(&request);
+        request: Request<pb::ForwardWritesRequest>,
+    ) -> Result<Response<pb::ForwardWritesResponse>, Status> {
+        let node = &self.0;
+        let source = request.remote_addr();
         let sender = crate::net::sender_in(request.metadata().as_ref()).map(str::to_string);
-        let request = request.into_inner();
-        let write = ClientWrite {
-            consistency: pb::consistency_from(request.consistency)?,
-            key: request.key,
-            value: request.value,
-            timeout,
-        };
-        let entry = Entry::Forwarded {
-            layout_version: request.layout_version,
-            sender: sender.as_deref(),
-        };
-        let ack = self.0.write(write, entry).await?;
-        Ok(super::kv::applied(pb::ForwardedWriteAck {
-            version: Some(ack.version.into()),
-            acks: ack.acks as u32,
-        }))
+        let writes = request.into_inner().writes;
+        node.limits.check_batch(writes.len(), "forwarded writes")?;
+        let each = writes
+            .into_iter()
+            .map(|write| forwarded_write(node, write, source, sender.as_deref()));
+        let results = futures::future::join_all(each).await;
+        Ok(Response::new(pb::ForwardWritesResponse { results }))
     }
 
     async fn batch(

@@ -10,7 +10,8 @@
 //! enters at a node that is not the key's first live replica (in that
 //! node's view: the first of its N replicas the failure detector believes
 //! up) is forwarded to it, once: the receiver coordinates a forwarded write
-//! whatever its own view (`Replica.ForwardWrite` never forwards again), within
+//! whatever its own view (`Replica.ForwardWrites`, batched per peer, never
+//! forwards again), within
 //! the deadline left, after learning a newer layout the forwarder names.
 //! Superseded writes so remain only for failover races (views that differ
 //! for a moment while a node fails or the layout changes).
