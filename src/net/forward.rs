@@ -114,7 +114,9 @@ impl ForwardPipe {
                 self.to
             )));
         }
-        match tokio::time::timeout_at(deadline, answered).await {
+        // The receiver answers within the deadline; the caller's own timer
+        // for it (which says more) goes off first.
+        match tokio::time::timeout_at(deadline + ANSWER_SLACK, answered).await {
             Ok(Ok(result)) => result,
             // The batch's task ended without answering (the node stops).
             Ok(Err(_)) => Err(ForwardFailure::Answered(Error::Indeterminate(format!(
@@ -189,6 +191,10 @@ async fn send_forwards(
         let _ = answer.send(result_of(results.next(), &to));
     }
 }
+
+/// How much longer than a forward's deadline its caller's answer is
+/// waited for.
+const ANSWER_SLACK: Duration = Duration::from_millis(20);
 
 /// Less time than this left for a forward: not sent (the caller is about to
 /// give up).

@@ -141,7 +141,19 @@ pub(super) fn refuse_if_late(
     let (Some(timeout), Some(source)) = (timeout, source) else {
         return Ok(());
     };
-    match node.arrivals.judge(source, deadline, timeout) {
+    let verdict = node.arrivals.judge(source, deadline, timeout);
+    answer_verdict(verdict, source, timeout, operation)
+}
+
+/// Refuses (unapplied) a write from `source` that waited `timeout` and was
+/// judged `verdict`.
+pub(super) fn answer_verdict(
+    verdict: Verdict,
+    source: std::net::SocketAddr,
+    timeout: Duration,
+    operation: &str,
+) -> Result<()> {
+    match verdict {
         Verdict::InTime => Ok(()),
         Verdict::Relearned { late_ms } => {
             tracing::warn!(

@@ -109,6 +109,18 @@ pub enum Verdict {
     Unknown,
 }
 
+impl Verdict {
+    /// The verdict for a request sent with this one (the same send time,
+    /// so as late) that waits `timeout_ms`: late only if it waited less
+    /// than it is late.
+    pub fn for_timeout(self, timeout_ms: u32) -> Verdict {
+        match self {
+            Verdict::Late { late_ms } if late_ms < u64::from(timeout_ms) => Verdict::InTime,
+            other => other,
+        }
+    }
+}
+
 /// How far past its deadline, by this node's clock, a request from a host
 /// never heard from may arrive: only clocks further apart than this (less
 /// the client's timeout) are misjudged, and then for [`RELEARN_MS`].

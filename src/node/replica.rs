@@ -10,6 +10,7 @@ use std::time::Duration;
 use tonic::{Request, Response, Status};
 
 use super::Node;
+use super::lateness::Verdict;
 use super::writes::{ClientWrite, Entry};
 use crate::error::{Error, Result};
 use crate::net::max_message_bytes;
@@ -22,14 +23,34 @@ fn record_size(record: &Option<pb::Record>) -> usize {
     record.as_ref().map_or(16, |r| r.value.len() + 32)
 }
 
-/// Coordinates one write another node forwarded (from `source`, naming
-/// itself `sender`): refused unapplied when it arrives after its forwarder
-/// gave up on it (judged as a client's write is), else taken as a write
-/// that entered here.
+/// Judges a batch of forwarded writes once: they were sent together (one
+/// send time), so one verdict, for the one with the least time, says how
+/// late the batch is, and recording one sample per batch keeps a delayed
+/// batch from making itself the baseline ([`Verdict::for_timeout`] then
+/// says which of its writes still are in time). `None`: not judged (no
+/// source address, an empty batch).
+fn batch_lateness(
+    node: &Node,
+    source: Option<std::net::SocketAddr>,
+    writes: &[pb::ForwardedWrite],
+) -> Option<(std::net::SocketAddr, Verdict)> {
+    let source = source?;
+    let strictest = writes.iter().min_by_key(|w| w.timeout_ms)?;
+    let timeout = Duration::from_millis(u64::from(strictest.timeout_ms));
+    let verdict = node
+        .arrivals
+        .judge(source, strictest.deadline_unix_ms, timeout);
+    Some((source, verdict))
+}
+
+/// Coordinates one write another node forwarded (naming itself `sender`):
+/// refused unapplied when its batch arrived after its forwarder gave up on
+/// it (`judged`: where from and the verdict for its timeout), else taken as
+/// a write that entered here.
 async fn forwarded_write(
     node: &Node,
     write: pb::ForwardedWrite,
-    source: Option<std::net::SocketAddr>,
+    judged: Option<(std::net::SocketAddr, Verdict)>,
     sender: Option<&str>,
 ) -> pb::ForwardedWriteResult {
     let operation = if write.value.is_some() {
@@ -39,13 +60,9 @@ async fn forwarded_write(
     };
     let timeout = Duration::from_millis(u64::from(write.timeout_ms));
     let taken = async {
-        super::kv::refuse_if_late(
-            node,
-            source,
-            write.deadline_unix_ms,
-            Some(timeout),
-            operation,
-        )?;
+        if let Some((source, verdict)) = judged {
+            super::kv::answer_verdict(verdict, source, timeout, operation)?;
+        }
         let client_write = ClientWrite {
             consistency: pb::consistency_from(write.consistency)?,
             key: write.key,
@@ -106,9 +123,12 @@ impl pb::replica_server::Replica for ReplicaService {
         let sender = crate::net::sender_in(request.metadata().as_ref()).map(str::to_string);
         let writes = request.into_inner().writes;
         node.limits.check_batch(writes.len(), "forwarded writes")?;
-        let each = writes
-            .into_iter()
-            .map(|write| forwarded_write(node, write, source, sender.as_deref()));
+        let lateness = batch_lateness(node, source, &writes);
+        let each = writes.into_iter().map(|write| {
+            let judged =
+                lateness.map(|(source, verdict)| (source, verdict.for_timeout(write.timeout_ms)));
+            forwarded_write(node, write, judged, sender.as_deref())
+        });
         let results = futures::future::join_all(each).await;
         Ok(Response::new(pb::ForwardWritesResponse { results }))
     }

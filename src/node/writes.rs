@@ -103,20 +103,22 @@ impl Node {
         }
         let operation = write.operation();
         let timeout = write.timeout;
-        let forward = match entry {
-            Entry::Client { forward } => forward,
-            Entry::Forwarded {
-                layout_version,
-                sender,
-            } => {
-                self.forward_counts
-                    .coordinated
-                    .fetch_add(1, Ordering::Relaxed);
-                self.learn_forwarders_layout(layout_version, sender).await;
-                false
-            }
-        };
+        // Everything from here, learning a forwarder's layout too, within
+        // the caller's deadline.
         let take = async {
+            let forward = match entry {
+                Entry::Client { forward } => forward,
+                Entry::Forwarded {
+                    layout_version,
+                    sender,
+                } => {
+                    self.forward_counts
+                        .coordinated
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.learn_forwarders_layout(layout_version, sender).await;
+                    false
+                }
+            };
             if forward {
                 self.forward_or_coordinate(write).await
             } else {

@@ -16,8 +16,11 @@
 # sets it. etcd members keep Go's default (GOMAXPROCS = cores); set
 # ETCD_GOMAXPROCS to change that.
 #
-# DKVS requests go to each node in turn, which coordinates them (--via-node),
-# as etcd requests go to each member in turn. Everything runs on 127.0.0.1
+# DKVS requests go to each node in turn (--via-node, "dkvs": any-node
+# routing; a write is forwarded to its key's first live replica), as etcd
+# requests go to each member in turn, and through the smart client
+# ("smart": writes to the key's first replica, reads straight from the
+# replicas). Everything runs on 127.0.0.1
 # with data in a temp dir, and is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -105,6 +108,7 @@ run() { # system workload
   local system=$1 workload=$2 out
   case $system in
     dkvs) out=$("$BIN/DKVSClient" --nodes "$DKVS_NODES_LIST" bench --via-node --workload "$workload" "${COMMON[@]}") ;;
+    smart) out=$("$BIN/DKVSClient" --nodes "$DKVS_NODES_LIST" bench --workload "$workload" "${COMMON[@]}") ;;
     etcd) out=$("$BIN/DKVSClient" --nodes "$ETCD_ENDPOINTS" bench --etcd --workload "$workload" "${COMMON[@]}") ;;
     noop) out=$("$BIN/DKVSClient" --nodes "127.0.0.1:$((BASE+30))" bench --noop --workload "$workload" "${COMMON[@]}") ;;
   esac
@@ -114,10 +118,12 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round of $ROUNDS" >&2
   for workload in w c; do
     run dkvs "$workload"
+    run smart "$workload"
     run etcd "$workload"
   done
 done
 run noop w
+run noop c
 
 python3 - "$RESULTS" "$ROUNDS" <<'PY'
 import json, sys
@@ -128,17 +134,21 @@ for line in open(sys.argv[1]):
 def mean(xs): return sum(xs) / len(xs)
 names = {"w": "Put (100% writes)", "c": "Get/Range (100% reads)"}
 print()
-print(f"{'workload':<24} {'system':<6} {'ops/s (each round)':<28} {'mean ops/s':>10} {'p99 ms (mean)':>14}")
+print(f"{'workload':<24} {'system':<6} {'ops/s (each round)':<28} {'mean ops/s':>10} {'p99 ms (mean)':>14} {'errors':>7} {'/ceiling':>9}")
+ceiling = {w: mean([r["ops_per_sec"] for r in rows[("noop", w)]]) for w in ["w", "c"] if ("noop", w) in rows}
 for workload in ["w", "c"]:
     means = {}
-    for system in ["dkvs", "etcd"]:
+    for system in ["dkvs", "smart", "etcd"]:
         runs = rows.get((system, workload), [])
         if not runs: continue
         tput = [r["ops_per_sec"] for r in runs]
         means[system] = mean(tput)
-        print(f"{names[workload]:<24} {system:<6} {', '.join(f'{t:,.0f}' for t in tput):<28} {mean(tput):>10,.0f} {mean([r['p99_ms'] for r in runs]):>14.2f}")
-    if "dkvs" in means and "etcd" in means:
-        print(f"{'':<24} {'ratio':<6} {'DKVS / etcd':<28} {means['dkvs']/means['etcd']:>10.2f}x")
-for r in rows.get(("noop", "w"), []):
-    print(f"{'one-hop ceiling (noop)':<24} {'grpc':<6} {'':<28} {r['ops_per_sec']:>10,.0f} {r['p99_ms']:>14.2f}")
+        share = f"{mean(tput) / ceiling[workload]:.2f}" if workload in ceiling else ""
+        print(f"{names[workload]:<24} {system:<6} {', '.join(f'{t:,.0f}' for t in tput):<28} {mean(tput):>10,.0f} {mean([r['p99_ms'] for r in runs]):>14.2f} {sum(r['errors'] for r in runs):>7} {share:>9}")
+    for system in ["dkvs", "smart"]:
+        if system in means and "etcd" in means:
+            print(f"{'':<24} {'ratio':<6} {system + ' / etcd':<28} {means[system]/means['etcd']:>10.2f}x")
+for workload in ["w", "c"]:
+    for r in rows.get(("noop", workload), []):
+        print(f"{'one-hop ceiling (noop) ' + workload:<24} {'grpc':<6} {'':<28} {r['ops_per_sec']:>10,.0f} {r['p99_ms']:>14.2f}")
 PY
