@@ -129,7 +129,12 @@ impl pb::replica_server::Replica for ReplicaService {
                 lateness.map(|(source, verdict)| (source, verdict.for_timeout(write.timeout_ms)));
             forwarded_write(node, write, judged, sender.as_deref())
         });
-        let results = futures::future::join_all(each).await;
+        // Ordered, and polled only when woken (join_all polls every write
+        // of a small batch on every wake-up of any of them).
+        let results: Vec<pb::ForwardedWriteResult> = futures::stream::StreamExt::collect(
+            each.collect::<futures::stream::FuturesOrdered<_>>(),
+        )
+        .await;
         Ok(Response::new(pb::ForwardWritesResponse { results }))
     }
 
