@@ -168,9 +168,12 @@ async fn send_forwards(
     if answers.is_empty() {
         return;
     }
+    // Each write's deadline is its own (the receiver bounds each by it);
+    // the batch as a whole waits a little longer, so that a caller's own
+    // timer, which says more, answers a write that ran out.
     let mut request = tonic::Request::new(pb::ForwardWritesRequest { writes });
-    request.set_timeout(longest);
-    let sent = tokio::time::timeout(longest, client.forward_writes(request)).await;
+    request.set_timeout(longest + ANSWER_SLACK);
+    let sent = tokio::time::timeout(longest + ANSWER_SLACK, client.forward_writes(request)).await;
     let reply = match sent {
         Ok(Ok(reply)) => reply.into_inner(),
         Ok(Err(status)) => {
