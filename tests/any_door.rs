@@ -93,6 +93,18 @@ async fn writes_to_hot_keys_entering_at_every_node_all_succeed() {
     assert_eq!(forwarded, coordinated, "every forward was coordinated once");
 }
 
+/// A key named `prefix-N` whose first replica is node `node`.
+async fn key_first_on(cluster: &TestCluster, node: usize, prefix: &str) -> String {
+    let client = cluster.client().await;
+    let first = cluster.addresses()[node].clone();
+    let key = (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|k| client.replicas_of(k)[0] == first)
+        .expect("a key");
+    client.close().await;
+    key
+}
+
 /// A key's first replica is killed: a write entering at another node,
 /// before the failure detector convicts it, finds the forward refused (it
 /// never left) and is coordinated where it entered, as it is once the
@@ -100,13 +112,7 @@ async fn writes_to_hot_keys_entering_at_every_node_all_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_whose_first_replica_just_died_is_coordinated_where_it_entered() {
     let mut cluster = TestCluster::start(3).await;
-    let client = cluster.client().await;
-    let addresses = cluster.addresses();
-    let key = (0..)
-        .map(|i| format!("first-on-0-{i}"))
-        .find(|k| client.replicas_of(k)[0] == addresses[0])
-        .expect("a key");
-    client.close().await;
+    let key = key_first_on(&cluster, 0, "first-on-0").await;
     let mut kv = cluster.kv(1).await;
     // Node 1 has a connection to node 0 in use before the kill.
     kv.put(put_request(&key, "before")).await.expect("put");
@@ -151,13 +157,7 @@ async fn a_write_whose_first_replica_just_died_is_coordinated_where_it_entered()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_that_arrives_after_its_sender_gave_up_is_refused() {
     let cluster = TestCluster::start(3).await;
-    let client = cluster.client().await;
-    let addresses = cluster.addresses();
-    let key = (0..)
-        .map(|i| format!("late-forward-{i}"))
-        .find(|k| client.replicas_of(k)[0] == addresses[0])
-        .expect("a key");
-    client.close().await;
+    let key = key_first_on(&cluster, 0, "late-forward").await;
     let mut kv = cluster.kv(1).await;
     kv.put(put_request(&key, "v0")).await.expect("put");
     let put_within = |value: &str, timeout: Duration| {

@@ -98,13 +98,13 @@ impl ForwardPipe {
     /// Forwards `write`, waiting at most `budget` for its answer.
     pub(super) async fn forward(
         &self,
-        write: &ForwardedWrite,
+        write: ForwardedWrite,
         budget: Duration,
     ) -> Result<WriteAck, ForwardFailure> {
         let deadline = Instant::now() + budget;
         let (answer, answered) = oneshot::channel();
         let item = ForwardItem {
-            write: write.clone(),
+            write,
             deadline,
             answer,
         };

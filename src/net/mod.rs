@@ -277,22 +277,19 @@ impl PeerPool {
     /// The batching pipe to the replica at `address`: `Replica.Batch`, or
     /// with `reads_only` `ReplicaRead.Batch`.
     fn pipe(&self, address: &str, reads_only: bool) -> Result<Arc<ReplicaPipe>> {
-        let mut pipes = if reads_only {
-            self.read_pipes.locked()
+        let pipes = if reads_only {
+            &self.read_pipes
         } else {
-            self.pipes.locked()
+            &self.pipes
         };
-        if let Some(pipe) = pipes.get(address) {
-            return Ok(pipe.clone());
-        }
-        let service = if reads_only {
-            PipeService::ReplicaRead(self.replica_read_client(address)?)
-        } else {
-            PipeService::Replica(self.replica_client(address)?)
-        };
-        let pipe = Arc::new(ReplicaPipe::start(service, self.bound));
-        pipes.insert(address.to_string(), pipe.clone());
-        Ok(pipe)
+        started_for(pipes, address, || {
+            let service = if reads_only {
+                PipeService::ReplicaRead(self.replica_read_client(address)?)
+            } else {
+                PipeService::Replica(self.replica_client(address)?)
+            };
+            Ok(ReplicaPipe::start(service, self.bound))
+        })
     }
 
     /// Forwards a client write to `to`, its key's first live replica, which
@@ -301,23 +298,14 @@ impl PeerPool {
     pub async fn forward_write(
         &self,
         to: &str,
-        write: &ForwardedWrite,
+        write: ForwardedWrite,
         budget: Duration,
     ) -> std::result::Result<crate::quorum::WriteAck, ForwardFailure> {
-        let pipe = {
-            let mut pipes = self.forward_pipes.locked();
-            match pipes.get(to) {
-                Some(pipe) => pipe.clone(),
-                None => {
-                    let client = self
-                        .replica_client(to)
-                        .map_err(|e| ForwardFailure::NotTaken(e.to_string()))?;
-                    let pipe = Arc::new(forward::ForwardPipe::start(client, to));
-                    pipes.insert(to.to_string(), pipe.clone());
-                    pipe
-                }
-            }
-        };
+        let pipe = started_for(&self.forward_pipes, to, || {
+            let client = self.replica_client(to)?;
+            Ok(forward::ForwardPipe::start(client, to))
+        })
+        .map_err(|e| ForwardFailure::NotTaken(e.to_string()))?;
         pipe.forward(write, budget).await
     }
 
@@ -395,6 +383,21 @@ impl PeerPool {
             layout_version: 0,
         })
     }
+}
+
+/// The pipe to `address` in `pipes`, started by `start` on first use.
+fn started_for<P>(
+    pipes: &Mutex<HashMap<String, Arc<P>>>,
+    address: &str,
+    start: impl FnOnce() -> Result<P>,
+) -> Result<Arc<P>> {
+    let mut pipes = pipes.locked();
+    if let Some(pipe) = pipes.get(address) {
+        return Ok(pipe.clone());
+    }
+    let pipe = Arc::new(start()?);
+    pipes.insert(address.to_string(), pipe.clone());
+    Ok(pipe)
 }
 
 /// Describes a failed call in one short line.

@@ -86,7 +86,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
 
 /// The answer to a write that took effect: `reply` with `dkvs-outcome:
 /// applied`.
-pub(super) fn applied<T>(reply: T) -> Response<T> {
+fn applied<T>(reply: T) -> Response<T> {
     let mut response = Response::new(reply);
     Outcome::Applied.set_on(response.metadata_mut());
     response
@@ -101,11 +101,7 @@ pub(super) fn applied<T>(reply: T) -> Response<T> {
 /// ([`crate::client::DEADLINE_HEADER`] minus `grpc-timeout`) against the
 /// quickest recent request from the same client clock. A request without
 /// both headers (grpcurl, say) is not judged.
-pub(super) fn refuse_if_abandoned<T>(
-    node: &Node,
-    request: &Request<T>,
-    operation: &str,
-) -> Result<()> {
+fn refuse_if_abandoned<T>(node: &Node, request: &Request<T>, operation: &str) -> Result<()> {
     let metadata = request.metadata();
     let Some(deadline) = metadata.get(crate::client::DEADLINE_HEADER) else {
         return Ok(());
@@ -120,25 +116,7 @@ pub(super) fn refuse_if_abandoned<T>(
                 crate::client::DEADLINE_HEADER
             ))
         })?;
-    refuse_if_late(
-        node,
-        request.remote_addr(),
-        deadline,
-        callers_timeout(request),
-        operation,
-    )
-}
-
-/// [`refuse_if_abandoned`] for a write sent at `deadline` minus `timeout`
-/// (by its sender's clock) that arrived from `source`.
-pub(super) fn refuse_if_late(
-    node: &Node,
-    source: Option<std::net::SocketAddr>,
-    deadline: u64,
-    timeout: Option<Duration>,
-    operation: &str,
-) -> Result<()> {
-    let (Some(timeout), Some(source)) = (timeout, source) else {
+    let (Some(timeout), Some(source)) = (callers_timeout(request), request.remote_addr()) else {
         return Ok(());
     };
     let verdict = node.arrivals.judge(source, deadline, timeout);
@@ -200,7 +178,7 @@ fn client_entry<T>(request: &Request<T>) -> Entry<'static> {
 }
 
 /// The caller's `grpc-timeout`, if it sent one (and it parses).
-pub(super) fn callers_timeout<T>(request: &Request<T>) -> Option<Duration> {
+fn callers_timeout<T>(request: &Request<T>) -> Option<Duration> {
     request
         .metadata()
         .get("grpc-timeout")

@@ -159,7 +159,7 @@ impl Node {
             match self
                 .cluster
                 .peers
-                .forward_write(first, &forwarded, budget)
+                .forward_write(first, forwarded, budget)
                 .await
             {
                 Ok(ack) => return Ok(ack),
