@@ -41,6 +41,9 @@
 #                      --worker-threads cores/nodes (at least 1) unless these
 #                      flags set it.
 #   DKVS_BASE_PORT     nodes listen on base+1, base+2, ... (default 7000)
+#   DKVS_HTTP_OFFSET   each node also serves HTTP (/metrics, /health/live,
+#                      /health/ready) on its port plus this: 7001 -> 8001
+#                      (default 1000; 0 turns HTTP off)
 #   DKVS_RUN_DIR       pid files and logs (default ./run)
 #   DKVS_DATA_DIR      node data directories (default ./data)
 #   DKVS_BIN_DIR       use DKVSServer and DKVSClient from this directory and
@@ -54,6 +57,7 @@ DATA_DIR=${DKVS_DATA_DIR:-$ROOT/data}
 HOST=127.0.0.1
 BASE_PORT=${DKVS_BASE_PORT:-7000}
 EXTRA_FLAGS=${DKVS_SERVER_FLAGS:-}
+HTTP_OFFSET=${DKVS_HTTP_OFFSET:-1000}
 # The running cluster's size and peer list, written when it starts.
 CLUSTER_FILE="$RUN_DIR/cluster"
 # Ports of the nodes `add` started, one a line: kept with the data (the
@@ -401,6 +405,9 @@ node_command() { # port, --peers or --join, addresses, flags
   local port=$1 name="node-$1" word
   # shellcheck disable=SC2206
   CMD=("$BIN" --listen "$HOST:$port" "$2" "$3" --data-dir "$DATA_DIR/$name" $4)
+  if (( HTTP_OFFSET > 0 )); then
+    CMD+=(--http-listen "$HOST:$((port + HTTP_OFFSET))")
+  fi
   if (( SECURE )); then
     CMD+=(--tls-cert "$(node_cert "$port")" --tls-key "$(node_cert "$port" -key)"
       --tls-ca "$SECURE_DIR/ca.pem" --auth-file "$SECURE_DIR/tokens")

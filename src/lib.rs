@@ -29,6 +29,9 @@
 //!   roles, TLS material from PEM files and its reloading.
 //! * [`config`], `limits`, [`error`], `locks` — settings, input limits, the
 //!   error type, the one way a mutex is taken.
+//! * [`logs`] — `--log-format json`, one object per line.
+//! * [`metrics`] — what a node counts for Prometheus: lock-free request and
+//!   node-to-node call series, and the encoders of scrape-time values.
 //!
 //! Local state:
 //!
@@ -80,7 +83,9 @@ pub mod layout;
 pub(crate) mod limits;
 pub(crate) mod liveness;
 pub(crate) mod locks;
+pub mod logs;
 pub mod membership;
+pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod paxos;

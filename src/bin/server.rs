@@ -9,7 +9,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use dkvs::config::ServerConfig;
+use dkvs::config::{LogFormat, ServerConfig};
+use dkvs::logs::JsonLines;
 use dkvs::net::{Dialer, TcpDialer, TlsDialer};
 use dkvs::node::{Guard, Node, incoming, serve_guarded, tls_incoming};
 use dkvs::security::auth::AuthFile;
@@ -29,13 +30,22 @@ fn main() -> ExitCode {
     }
     // Files and dirs the node creates are its owner's only (0600, 0700).
     dkvs::storage::data_dir::restrict_new_files();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .with_ansi(false)
+            .event_format(JsonLines {
+                node: config.advertised_address().into(),
+            })
+            .init(),
+    }
     let guard = match load_guard(&config) {
         Ok(guard) => guard,
         Err(why) => {

@@ -290,6 +290,25 @@ pub struct ServerConfig {
     /// stream reset.
     #[arg(long, default_value_t = DEFAULT_REQUEST_BODY_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub request_body_timeout_ms: u64,
+
+    /// Also serve HTTP on this address, e.g. 127.0.0.1:8001: `/metrics`
+    /// (Prometheus), `/health/live` and `/health/ready` (load balancers).
+    /// With the node's TLS and tokens when it has them (`/metrics` needs a
+    /// read token; health stays open). Off by default.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for
+    /// log collectors).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl ServerConfig {

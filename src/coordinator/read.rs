@@ -205,7 +205,7 @@ impl PendingRepair {
             async move {
                 let result = replica.write(key, record, timeout).await;
                 if let Err(why) = &result {
-                    tracing::debug!(replica = %replica.address, key, %why, "read repair failed");
+                    tracing::debug!(replica = %replica.address, key_hash = %crate::metrics::key_hash(key), %why, "read repair failed");
                 }
                 result.is_ok()
             }
@@ -213,7 +213,7 @@ impl PendingRepair {
         let sent = futures::future::join_all(writes).await;
         let repaired = sent.into_iter().filter(|ok| *ok).count();
         if repaired > 0 {
-            tracing::debug!(key = %self.key, version = %record.version, repaired, "read repair");
+            tracing::debug!(key_hash = %crate::metrics::key_hash(&self.key), version = %record.version, repaired, "read repair");
         }
         repaired
     }
@@ -502,7 +502,7 @@ impl Coordinator {
             match confirmed {
                 Ok(None) => {}
                 Ok(Some(newer)) => {
-                    tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
+                    tracing::debug!(key_hash = %crate::metrics::key_hash(key), %newer, "a replica holds a newer version; reading again");
                     self.local.observe(newer);
                     return Ok(ReadRound::Again);
                 }
@@ -542,7 +542,7 @@ impl Coordinator {
         match repaired {
             Ok(Repaired::Quorum) => Ok(Some(result)),
             Ok(Repaired::Superseded { newer }) => {
-                tracing::debug!(key, %newer, "a replica holds a newer version; reading again");
+                tracing::debug!(key_hash = %crate::metrics::key_hash(key), %newer, "a replica holds a newer version; reading again");
                 self.local.observe(newer);
                 result.repair.schedule(&self.background);
                 Ok(None)

@@ -72,7 +72,7 @@ impl Coordinator {
                         .await
                 }
                 Step::CatchUp { layout, from } => {
-                    tracing::debug!(key, layout, "write placed with a stale layout; retrying");
+                    tracing::debug!(key_hash = %crate::metrics::key_hash(key), layout, "write placed with a stale layout; retrying");
                     self.cluster.catch_up(layout, &from).await;
                     let view = self.cluster.placement();
                     if view.version() > write.placed().layout_version {
@@ -84,7 +84,7 @@ impl Coordinator {
                     }
                 }
                 Step::Restamp { above, round } => {
-                    tracing::debug!(key, version = %write.version(), %above, "a replica holds a newer version; re-stamping");
+                    tracing::debug!(key_hash = %crate::metrics::key_hash(key), version = %write.version(), %above, "a replica holds a newer version; re-stamping");
                     // Concurrent writers to one key would otherwise keep
                     // overtaking each other in lock step.
                     tokio::time::sleep(restamp_backoff(round, key)).await;

@@ -169,6 +169,11 @@ pub struct HintStore {
     bounds: HintBounds,
     /// Hints delivered since start.
     delivered: AtomicU64,
+    /// Hints stored since start.
+    stored: AtomicU64,
+    /// Hints given up on since start: deleted undelivered (expired,
+    /// corrupt, their target gone) or refused because the store was full.
+    dropped: AtomicU64,
 }
 
 impl HintStore {
@@ -195,6 +200,8 @@ impl HintStore {
             pending: Mutex::new(pending),
             bounds,
             delivered: AtomicU64::new(0),
+            stored: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         })
     }
 
@@ -220,6 +227,16 @@ impl HintStore {
         self.delivered.load(Ordering::Relaxed)
     }
 
+    /// Hints stored since start.
+    pub fn stored(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Hints given up on since start (see the field).
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Targets with hints waiting.
     pub fn targets(&self) -> Vec<MemberId> {
         self.pending().targets.keys().copied().collect()
@@ -232,6 +249,11 @@ impl HintStore {
         let size = bytes.len() as u64;
         {
             let mut pending = self.pending();
+            let full = pending.total.hints >= self.bounds.max_hints
+                || pending.total.bytes.saturating_add(size) > self.bounds.max_bytes;
+            if full {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
             if pending.total.hints >= self.bounds.max_hints {
                 return Err(Error::Unavailable(format!(
                     "hint store full ({} hints, --max-hints)",
@@ -271,8 +293,10 @@ impl HintStore {
             });
         if let Err(error) = stored {
             self.pending().sub(hint.target, size);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return Err(error);
         }
+        self.stored.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -306,13 +330,13 @@ impl HintStore {
                 hint,
             };
             if stored.hint.expired(now_ms, self.bounds.max_age) {
-                tracing::debug!(%target, key = %stored.hint.key, "dropping an expired hint");
+                tracing::debug!(%target, key_hash = %crate::metrics::key_hash(&stored.hint.key), "dropping an expired hint");
                 self.remove(&stored, false)?;
                 continue;
             }
             let version = stored.hint.record.version;
             if let Err(why) = self.bounds.skew.check_stored(version, now_ms) {
-                tracing::warn!(%target, key = %stored.hint.key, %why, "dropping a hint with an impossible version");
+                tracing::warn!(%target, key_hash = %crate::metrics::key_hash(&stored.hint.key), %why, "dropping a hint with an impossible version");
                 self.remove(&stored, false)?;
                 continue;
             }
@@ -321,7 +345,7 @@ impl HintStore {
                 // taken: the target would refuse it now. It (and the hints
                 // behind it) wait until the clock catches up; it may be
                 // the only copy of a write taken at consistency ANY.
-                tracing::warn!(%target, key = %stored.hint.key, %why, "holding a hint until the wall clock catches up");
+                tracing::warn!(%target, key_hash = %crate::metrics::key_hash(&stored.hint.key), %why, "holding a hint until the wall clock catches up");
                 break;
             }
             hints.push(stored);
@@ -382,9 +406,12 @@ impl HintStore {
     fn delete(&self, id: &[u8], target: MemberId, size: u64, delivered: bool) -> Result<()> {
         self.storage.delete_hint(id)?;
         self.pending().sub(target, size);
-        if delivered {
-            self.delivered.fetch_add(1, Ordering::Relaxed);
-        }
+        let count = if delivered {
+            &self.delivered
+        } else {
+            &self.dropped
+        };
+        count.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

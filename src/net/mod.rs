@@ -48,6 +48,7 @@ mod pipe;
 pub(crate) use pipe::MAX_BATCH_ITEMS;
 pub mod shed;
 mod stamp;
+mod timed;
 mod tls;
 
 pub use calls::{RangeEntriesPage, RangeQuery, RecordChunks, is_not_serving_yet};
@@ -128,6 +129,10 @@ pub struct PeerPool {
     dialer: Arc<dyn Dialer>,
     /// Channels made so far (std mutex: held only for a map lookup).
     channels: Mutex<HashMap<String, Channel>>,
+    /// Where node-to-node calls are timed (none: not timed), and each
+    /// peer's series, made with its first node-only client.
+    call_metrics: Option<Arc<crate::metrics::CallMetrics>>,
+    peer_calls: Mutex<HashMap<String, Arc<crate::metrics::PeerCalls>>>,
     /// Batching pipes to peers' replicas (`Replica.Batch`), made on first use.
     pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
     /// Read-only batching pipes (`ReplicaRead.Batch`), made on first use.
@@ -158,6 +163,8 @@ impl PeerPool {
         Self {
             dialer,
             channels: Mutex::new(HashMap::new()),
+            call_metrics: None,
+            peer_calls: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
             read_pipes: Mutex::new(HashMap::new()),
             forward_pipes: Mutex::new(HashMap::new()),
@@ -184,6 +191,12 @@ impl PeerPool {
     /// so that a node refusing them can say which one to stop.
     pub fn with_sender(mut self, address: &str) -> Self {
         self.sender = stamp::sender_value(address);
+        self
+    }
+
+    /// Times node-to-node calls in `metrics`, per peer and call.
+    pub fn with_call_metrics(mut self, metrics: Arc<crate::metrics::CallMetrics>) -> Self {
+        self.call_metrics = Some(metrics);
         self
     }
 
@@ -216,7 +229,18 @@ impl PeerPool {
             id: self.cluster_id.clone(),
             sender: self.sender.clone(),
         };
-        Ok(InterceptedService::new(self.channel(address)?, stamp))
+        let calls = self.call_metrics.as_ref().map(|metrics| {
+            self.peer_calls
+                .locked()
+                .entry(address.to_string())
+                .or_insert_with(|| metrics.for_peer(address))
+                .clone()
+        });
+        let timed = timed::TimedChannel {
+            inner: self.channel(address)?,
+            calls,
+        };
+        Ok(InterceptedService::new(timed, stamp))
     }
 
     /// The channel to `address` for client-facing calls: each carries the

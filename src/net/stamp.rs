@@ -31,7 +31,7 @@ pub const SENDER_METADATA: &str = "dkvs-sender";
 const SENDER_BYTES_MAX: usize = 256;
 
 /// A channel to a peer whose every call carries this node's cluster id.
-pub type PeerChannel = InterceptedService<Channel, ClusterStamp>;
+pub type PeerChannel = InterceptedService<super::timed::TimedChannel, ClusterStamp>;
 
 /// Puts the cluster id it shares with its [`super::PeerPool`] in each
 /// call's metadata (none while it is 0), and the sender's address.

@@ -28,50 +28,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        let node = &self.0;
-        let view = node.cluster.placement();
-        let healths = node
-            .cluster
-            .liveness
-            .healths(view.members().iter().map(|m| m.address.as_str()));
-        let now = Instant::now();
-        let members = view
-            .members()
-            .iter()
-            .zip(healths)
-            .map(|(member, health)| member_status(node, &view, member, health, now))
-            .collect();
-        let quorum = Consistency::Quorum.required(view.replicas()) as u32;
-        Ok(Response::new(pb::StatusResponse {
-            address: node.me.address.clone(),
-            node_id: node.me.member_id.0,
-            replicas: view.replicas() as u32,
-            vnodes: view.ring().vnodes() as u32,
-            write_quorum: quorum,
-            read_quorum: quorum,
-            members,
-            instance_id: node.me.instance_id.0,
-            layout: view.layout().map(|l| pb::Layout::from(l.as_ref())),
-            moves: moves(node, &view),
-            workers: node
-                .workers
-                .reports()
-                .into_iter()
-                .map(worker_status)
-                .collect(),
-            layout_forks: node
-                .heartbeats
-                .forks()
-                .into_iter()
-                .map(|(peer, fork)| pb::LayoutFork {
-                    peer,
-                    version: fork.version,
-                    mine: fork.mine,
-                    theirs: fork.theirs,
-                })
-                .collect(),
-            catching_up: node.replica.read_refusal().is_some(),
-        }))
+        Ok(Response::new(status_of(&self.0)))
     }
 
     /// Undoes the join in progress (see [`crate::membership::Membership::abort`]).
@@ -80,6 +37,54 @@ impl pb::cluster_server::Cluster for ClusterService {
         _request: Request<pb::AbortRequest>,
     ) -> Result<Response<pb::AbortResponse>, Status> {
         abort(&self.0).await
+    }
+}
+
+/// What `Cluster.Status` answers (and `/metrics` shows): this node's view
+/// of the cluster now.
+pub(super) fn status_of(node: &Node) -> pb::StatusResponse {
+    let view = node.cluster.placement();
+    let healths = node
+        .cluster
+        .liveness
+        .healths(view.members().iter().map(|m| m.address.as_str()));
+    let now = Instant::now();
+    let members = view
+        .members()
+        .iter()
+        .zip(healths)
+        .map(|(member, health)| member_status(node, &view, member, health, now))
+        .collect();
+    let quorum = Consistency::Quorum.required(view.replicas()) as u32;
+    pb::StatusResponse {
+        address: node.me.address.clone(),
+        node_id: node.me.member_id.0,
+        replicas: view.replicas() as u32,
+        vnodes: view.ring().vnodes() as u32,
+        write_quorum: quorum,
+        read_quorum: quorum,
+        members,
+        instance_id: node.me.instance_id.0,
+        layout: view.layout().map(|l| pb::Layout::from(l.as_ref())),
+        moves: moves(node, &view),
+        workers: node
+            .workers
+            .reports()
+            .into_iter()
+            .map(worker_status)
+            .collect(),
+        layout_forks: node
+            .heartbeats
+            .forks()
+            .into_iter()
+            .map(|(peer, fork)| pb::LayoutFork {
+                peer,
+                version: fork.version,
+                mine: fork.mine,
+                theirs: fork.theirs,
+            })
+            .collect(),
+        catching_up: node.replica.read_refusal().is_some(),
     }
 }
 

@@ -9,12 +9,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::Node;
 use super::lateness::Verdict;
 use super::writes::{ClientWrite, Entry};
 use crate::error::{Error, Outcome, Result};
+use crate::metrics::Operation;
 use crate::pb;
 
 /// `dkvs.v1.KeyValue`: client requests, coordinated by this node.
@@ -22,66 +24,103 @@ pub(super) struct KeyValueService(pub(super) Arc<Node>);
 
 #[tonic::async_trait]
 impl pb::key_value_server::KeyValue for KeyValueService {
-    #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
+    #[tracing::instrument(level = "debug", skip_all, fields(key_hash = %crate::metrics::key_hash(&request.get_ref().key)))]
     async fn put(
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        refuse_if_abandoned(&self.0, &request, "PUT")?;
-        let timeout = callers_timeout(&request);
-        let entry = client_entry(&request);
-        let request = request.into_inner();
-        let write = ClientWrite {
-            consistency: pb::consistency_from(request.consistency)?,
-            key: request.key,
-            value: Some(request.value),
-            timeout,
-        };
-        let ack = self.0.write(write, entry).await?;
-        Ok(applied(pb::PutResponse {
-            version: Some(ack.version.into()),
-            acks: ack.acks as u32,
-        }))
+        let started = Instant::now();
+        let consistency = super::metrics::consistency_label(request.get_ref().consistency);
+        let answer = put(&self.0, request).await;
+        super::metrics::record(&self.0, Operation::Put, consistency, started, &answer);
+        answer
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
+    #[tracing::instrument(level = "debug", skip_all, fields(key_hash = %crate::metrics::key_hash(&request.get_ref().key)))]
     async fn get(
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let request = request.into_inner();
-        let node = &self.0;
-        let read = async {
-            node.membership.refuse_until_agreed()?;
-            node.limits.check_key(&request.key)?;
-            let consistency = pb::read_consistency_from(request.consistency)?;
-            node.coordinator.get(&request.key, consistency).await
-        };
-        let record = read.await.map_err(Error::into_read_status)?;
-        Ok(Response::new(pb::get_response(record)))
+        let started = Instant::now();
+        let consistency = super::metrics::consistency_label(request.get_ref().consistency);
+        let answer = get(&self.0, request).await;
+        super::metrics::record(&self.0, Operation::Get, consistency, started, &answer);
+        answer
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(key = %request.get_ref().key))]
+    #[tracing::instrument(level = "debug", skip_all, fields(key_hash = %crate::metrics::key_hash(&request.get_ref().key)))]
     async fn delete(
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        refuse_if_abandoned(&self.0, &request, "DELETE")?;
-        let timeout = callers_timeout(&request);
-        let entry = client_entry(&request);
-        let request = request.into_inner();
-        let write = ClientWrite {
-            consistency: pb::consistency_from(request.consistency)?,
-            key: request.key,
-            value: None,
-            timeout,
-        };
-        let ack = self.0.write(write, entry).await?;
-        Ok(applied(pb::DeleteResponse {
-            version: Some(ack.version.into()),
-            acks: ack.acks as u32,
-        }))
+        let started = Instant::now();
+        let consistency = super::metrics::consistency_label(request.get_ref().consistency);
+        let answer = delete(&self.0, request).await;
+        super::metrics::record(&self.0, Operation::Delete, consistency, started, &answer);
+        answer
     }
+}
+
+async fn put(
+    node: &Arc<Node>,
+    request: Request<pb::PutRequest>,
+) -> Result<Response<pb::PutResponse>, Status> {
+    let ack = client_write(node, request, "PUT", |r| {
+        (r.key, Some(r.value), r.consistency)
+    })
+    .await?;
+    Ok(applied(pb::PutResponse {
+        version: Some(ack.version.into()),
+        acks: ack.acks as u32,
+    }))
+}
+
+async fn get(
+    node: &Arc<Node>,
+    request: Request<pb::GetRequest>,
+) -> Result<Response<pb::GetResponse>, Status> {
+    let request = request.into_inner();
+    let read = async {
+        node.membership.refuse_until_agreed()?;
+        node.limits.check_key(&request.key)?;
+        let consistency = pb::read_consistency_from(request.consistency)?;
+        node.coordinator.get(&request.key, consistency).await
+    };
+    let record = read.await.map_err(Error::into_read_status)?;
+    Ok(Response::new(pb::get_response(record)))
+}
+
+async fn delete(
+    node: &Arc<Node>,
+    request: Request<pb::DeleteRequest>,
+) -> Result<Response<pb::DeleteResponse>, Status> {
+    let ack = client_write(node, request, "DELETE", |r| (r.key, None, r.consistency)).await?;
+    Ok(applied(pb::DeleteResponse {
+        version: Some(ack.version.into()),
+        acks: ack.acks as u32,
+    }))
+}
+
+/// A client's PUT or DELETE (`parts` gives its key, value — none for a
+/// delete — and consistency): refused if it arrived after its client gave
+/// up, else through the one write entry point.
+async fn client_write<T>(
+    node: &Arc<Node>,
+    request: Request<T>,
+    operation: &str,
+    parts: impl FnOnce(T) -> (String, Option<bytes::Bytes>, i32),
+) -> Result<crate::quorum::WriteAck, Status> {
+    refuse_if_abandoned(node, &request, operation)?;
+    let timeout = callers_timeout(&request);
+    let entry = client_entry(&request);
+    let (key, value, consistency) = parts(request.into_inner());
+    let write = ClientWrite {
+        consistency: pb::consistency_from(consistency)?,
+        key,
+        value,
+        timeout,
+    };
+    Ok(node.write(write, entry).await?)
 }
 
 /// The answer to a write that took effect: `reply` with `dkvs-outcome:

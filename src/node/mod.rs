@@ -23,12 +23,14 @@ mod access_gate;
 mod cluster;
 mod cluster_gate;
 mod gate;
+mod http;
 mod join;
 mod kv;
 mod lateness;
 mod liveness;
 mod load;
 mod membership;
+mod metrics;
 mod quota;
 mod replica;
 mod replica_read;
@@ -122,6 +124,11 @@ pub struct Node {
     quota: Arc<quota::DataQuota>,
     /// Writes forwarded to, and coordinated for, other nodes.
     forward_counts: writes::ForwardCounts,
+    /// Client requests and node-to-node calls, counted for Prometheus.
+    metrics: metrics::NodeMetrics,
+    /// Whether the node said SERVING (heard from its peers, caught up with
+    /// the newest layout, agreed on the cluster id) and is not draining.
+    serving: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -290,7 +297,8 @@ impl Node {
         };
         let bound = config.skew_bound();
         let (identity, me, replica) = open_replica(&storage, &placement, &layout, bound, address)?;
-        let (peers, liveness) = reach_peers(&config, dialer, &placement, &limits, bound);
+        let metrics = metrics::NodeMetrics::default();
+        let (peers, liveness) = reach_peers(&config, dialer, &placement, &limits, bound, &metrics);
         let removal = Arc::new(Removal::new(&me.address, me.instance_id));
         let layouts = Arc::new(
             LayoutOwner::new(
@@ -377,11 +385,18 @@ impl Node {
             load,
             quota,
             forward_counts: writes::ForwardCounts::default(),
+            metrics,
+            serving: Arc::default(),
         }))
     }
 
     pub fn address(&self) -> &str {
         &self.me.address
+    }
+
+    /// Whether the node serves: it said SERVING and is not draining.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
     }
 
     pub fn replica(&self) -> &Arc<ReplicaStore> {
@@ -648,9 +663,11 @@ fn reach_peers(
     placement: &Placement,
     limits: &Limits,
     bound: SkewBound,
+    metrics: &metrics::NodeMetrics,
 ) -> (Arc<PeerPool>, Liveness) {
     let peers = Arc::new(
         PeerPool::new(dialer, max_message_bytes(limits.max_value_bytes))
+            .with_call_metrics(metrics.calls.clone())
             .with_skew_bound(bound)
             .with_sender(placement.me()),
     );

@@ -78,6 +78,7 @@ where
         .await;
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
+    let http = super::http::HttpDoor::open(&node, &guard).await?;
     let services = Services::new(&node, max_message);
     let reloader = super::secure::spawn_reloader(&guard, node.shutdown.clone());
     let workers = node.start_workers();
@@ -124,7 +125,11 @@ where
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
 
-    stop(&node, workers, serving).await?;
+    let stopped = stop(&node, workers, serving).await;
+    if let Some(http) = http {
+        http.close().await;
+    }
+    stopped?;
     if let Some(reloader) = reloader {
         let _ = reloader.await;
     }
@@ -142,12 +147,14 @@ fn drain_signal(
     let drain_health = health.clone();
     let stop_serving = serving.abort_handle();
     let removal = node.removal.clone();
+    let node_serving = node.serving.clone();
     async move {
         tokio::select! {
             _ = shutdown => {}
             _ = removal.stopped() => {}
         }
         stop_serving.abort();
+        node_serving.store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: NOT_SERVING, draining requests");
         set_every_status(&drain_health, tonic_health::ServingStatus::NotServing).await;
     }
@@ -263,6 +270,8 @@ fn serve_once_heard(
         node.membership.agreed().await;
         if !node.shutdown.is_cancelled() {
             set_every_status(&health, tonic_health::ServingStatus::Serving).await;
+            node.serving
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     })
 }

@@ -204,7 +204,7 @@ impl StoredScan {
                 if let Err(why) = bound.check_stored(held.version, now_ms) {
                     scan.future_records += 1;
                     if scan.future_records <= 10 {
-                        tracing::error!(key, %why, "stored record with an impossible version: not merged into the clock; the next write or repair replaces it");
+                        tracing::error!(key_hash = %crate::metrics::key_hash(key), %why, "stored record with an impossible version: not merged into the clock; the next write or repair replaces it");
                     }
                 } else {
                     scan.max_hlc = scan.max_hlc.max(held.version.hlc);
@@ -213,7 +213,7 @@ impl StoredScan {
             },
             &mut |key, why| {
                 corrupt_records += 1;
-                tracing::error!(key = %String::from_utf8_lossy(key), %why, "skipping corrupt record");
+                tracing::error!(key_hash = %crate::metrics::key_hash(&String::from_utf8_lossy(key)), %why, "skipping corrupt record");
             },
         )?;
         corrupt_records += bad_keys;

@@ -125,11 +125,11 @@ impl ReplicaStore {
         let stored = storage_key(key);
         let held = match self.storage.held(&stored) {
             Err(Error::CorruptRecord { why, .. }) => {
-                tracing::warn!(key, %why, "overwriting a corrupt record");
+                tracing::warn!(key_hash = %crate::metrics::key_hash(key), %why, "overwriting a corrupt record");
                 None
             }
             Ok(Some(held)) if self.check_held(key, held.version).is_err() => {
-                tracing::warn!(key, version = %held.version, "overwriting a record with an impossible version");
+                tracing::warn!(key_hash = %crate::metrics::key_hash(key), version = %held.version, "overwriting a record with an impossible version");
                 // Its digest contribution must still be removed.
                 return self.replace_future_record(key, &stored, held, record);
             }

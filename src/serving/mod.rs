@@ -86,6 +86,8 @@ impl LayoutOwner {
             ));
         }
         replica.advance_fence(placement.version());
+        crate::logs::LAYOUT_VERSION
+            .store(placement.version(), std::sync::atomic::Ordering::Relaxed);
         let mut state = state;
         if let Some(committed) = &state.committed
             && state.adopted.at(committed.version).is_none()
@@ -292,6 +294,8 @@ impl LayoutOwner {
             .sharing_peers()
             .map(|m| m.address.clone())
             .collect();
+        crate::logs::LAYOUT_VERSION
+            .store(placement.version(), std::sync::atomic::Ordering::Relaxed);
         self.placement.replace(placement);
         if let Err(why) = self.replica.follow_layout(sharing) {
             tracing::error!(%why, "cannot record the read gate's peers for the new layout");
