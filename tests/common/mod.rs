@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod http;
 pub mod script;
 
 use std::fs::File;
@@ -198,6 +199,40 @@ impl TestCluster {
             })
             .collect();
         Self { dir, nodes, access }
+    }
+
+    /// Starts `count` nodes that also serve HTTP (`--http-listen`, each on
+    /// a port of its own: see [`TestCluster::http_address`]), with `extra`
+    /// flags, and waits until all serve.
+    pub async fn start_with_http(count: usize, extra: &[&str]) -> Self {
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let addresses = free_addresses(count + count);
+            let (grpc, http) = addresses.split_at(count);
+            let flags = http
+                .iter()
+                .map(|h| {
+                    let mut flags = vec!["--http-listen".to_string(), h.clone()];
+                    flags.extend(extra.iter().map(|s| s.to_string()));
+                    flags
+                })
+                .collect();
+            let mut cluster = Self::spawn_each(dir, grpc, flags, None);
+            match cluster.wait_all_ready().await {
+                Ok(()) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("cluster did not start: {last_error}");
+    }
+
+    /// The `--http-listen` address of node `i`, if it has one.
+    pub fn http_address(&self, i: usize) -> Option<String> {
+        let args = &self.nodes[i].args;
+        args.iter()
+            .position(|a| a == "--http-listen")
+            .and_then(|at| args.get(at + 1).cloned())
     }
 
     /// Starts `count` nodes that serve TLS (N = 3 replicas) and waits until
