@@ -21,7 +21,9 @@ use dkvs::pb;
 /// Prometheus text format: its content type, our own parse, and promtool's.
 async fn scrape(cluster: &TestCluster, i: usize) -> Vec<Sample> {
     let address = cluster.http_address(i).expect("node serves HTTP");
-    let answer = http::get(&address, "/metrics", &[]).await.expect("GET /metrics");
+    let answer = http::get(&address, "/metrics", &[])
+        .await
+        .expect("GET /metrics");
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(
         answer.header("content-type"),
@@ -101,12 +103,22 @@ async fn metrics_pass_promtool_and_move_with_traffic_and_never_name_a_key() {
     };
     bad.consistency = 99;
     let refused = cluster.kv(0).await.put(bad).await;
-    assert_eq!(refused.expect_err("refused").code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.expect_err("refused").code(),
+        tonic::Code::InvalidArgument
+    );
 
     // The smart client sends each key's writes to its first replica: every
     // write is counted once, by the node that answered it.
-    assert_eq!(cluster_sum(&cluster, requests, &ok_puts).await - puts_before, 40.0);
-    let deletes = [("operation", "delete"), ("code", "OK"), ("outcome", "applied")];
+    assert_eq!(
+        cluster_sum(&cluster, requests, &ok_puts).await - puts_before,
+        40.0
+    );
+    let deletes = [
+        ("operation", "delete"),
+        ("code", "OK"),
+        ("outcome", "applied"),
+    ];
     assert_eq!(cluster_sum(&cluster, requests, &deletes).await, 10.0);
     let replica_reads = [("operation", "replica_read"), ("code", "OK")];
     assert!(cluster_sum(&cluster, requests, &replica_reads).await >= 10.0);
@@ -116,7 +128,10 @@ async fn metrics_pass_promtool_and_move_with_traffic_and_never_name_a_key() {
         ("code", "INVALID_ARGUMENT"),
         ("outcome", "not_applied"),
     ];
-    assert_eq!(http::sum(&scrape(&cluster, 0).await, requests, &invalid), 1.0);
+    assert_eq!(
+        http::sum(&scrape(&cluster, 0).await, requests, &invalid),
+        1.0
+    );
     let durations = [("operation", "put")];
     let duration_count = "dkvs_client_request_duration_seconds_count";
     assert!(cluster_sum(&cluster, duration_count, &durations).await >= 41.0);
@@ -139,7 +154,9 @@ async fn metrics_pass_promtool_and_move_with_traffic_and_never_name_a_key() {
     assert!(http::sum(&node0, "dkvs_layout_version", &[]) >= 1.0);
     assert!(http::sum(&node0, "process_resident_memory_bytes", &[]) > 0.0);
     assert!(http::sum(&node0, "dkvs_disk_size_bytes", &[]) > 0.0);
-    let workers = node0.iter().filter(|s| s.name == "dkvs_worker_rounds_total");
+    let workers = node0
+        .iter()
+        .filter(|s| s.name == "dkvs_worker_rounds_total");
     assert!(workers.count() >= 4, "every periodic worker is listed");
 
     // A node that goes down: its peers see it and the ranges it holds lose
@@ -165,13 +182,19 @@ async fn metrics_pass_promtool_and_move_with_traffic_and_never_name_a_key() {
     assert!(!text.contains("observe-secret-key"), "a key in the metrics");
     for i in 0..3 {
         let log = cluster.log_of(i);
-        assert!(!log.contains("observe-secret-key"), "a key in node {i}'s log");
+        assert!(
+            !log.contains("observe-secret-key"),
+            "a key in node {i}'s log"
+        );
         let mut lines = 0;
         for line in log.lines().filter(|l| l.starts_with('{')) {
             let parsed: serde_json::Value =
                 serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
             assert_eq!(parsed["node"], cluster.addresses()[i].as_str(), "{line}");
-            assert!(parsed["level"].is_string() && parsed["message"].is_string(), "{line}");
+            assert!(
+                parsed["level"].is_string() && parsed["message"].is_string(),
+                "{line}"
+            );
             lines += 1;
         }
         assert!(lines > 5, "node {i} logged JSON lines");
@@ -184,9 +207,15 @@ async fn health_is_open_live_and_ready_says_why_not_while_a_node_joins() {
     let http0 = cluster.http_address(0).expect("http");
     let live = http::get(&http0, "/health/live", &[]).await.expect("live");
     assert_eq!((live.status, live.body.as_str()), (200, "live\n"));
-    let ready = http::get(&http0, "/health/ready?verbose", &[]).await.expect("ready");
+    let ready = http::get(&http0, "/health/ready?verbose", &[])
+        .await
+        .expect("ready");
     assert_eq!(ready.status, 200, "{}", ready.body);
-    assert!(ready.body.starts_with("ready\n[+] started ok\n"), "{}", ready.body);
+    assert!(
+        ready.body.starts_with("ready\n[+] started ok\n"),
+        "{}",
+        ready.body
+    );
     let missing = http::get(&http0, "/nothing", &[]).await.expect("404");
     assert_eq!(missing.status, 404);
 
@@ -216,10 +245,11 @@ async fn health_is_open_live_and_ready_says_why_not_while_a_node_joins() {
     .await;
     assert!(ready.body.starts_with("ready\n"), "{}", ready.body);
     assert!(
-        saw.iter().any(|r| r.starts_with("not ready: joining: receiving its ranges")),
+        saw.iter()
+            .any(|r| r.starts_with("not ready: joining: receiving its ranges")),
         "the joiner said it was receiving its ranges while it did; it said {saw:?}"
     );
-    assert!(!cluster.exited(joiner).is_some_and(|s| !s.success()));
+    assert!(cluster.exited(joiner).is_none_or(|s| s.success()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,18 +258,26 @@ async fn metrics_need_a_token_when_tokens_are_on_and_health_stays_open() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "read-token read\nrw-token readwrite\n").expect("auth file");
     let tokens = tokens.display().to_string();
-    let cluster = TestCluster::start_with_http(
-        1,
-        &["--auth-file", &tokens, "--insecure-plaintext-auth"],
-    )
-    .await;
+    let cluster =
+        TestCluster::start_with_http(1, &["--auth-file", &tokens, "--insecure-plaintext-auth"])
+            .await;
     let address = cluster.http_address(0).expect("http");
     let refused = http::get(&address, "/metrics", &[]).await.expect("answer");
     assert_eq!(refused.status, 401, "{}", refused.body);
     assert_eq!(refused.header("www-authenticate"), Some("Bearer"));
-    assert!(refused.body.contains("Authorization: Bearer"), "{}", refused.body);
+    assert!(
+        refused.body.contains("Authorization: Bearer"),
+        "{}",
+        refused.body
+    );
     let unknown = [("Authorization", "Bearer nobody")];
-    assert_eq!(http::get(&address, "/metrics", &unknown).await.expect("answer").status, 401);
+    assert_eq!(
+        http::get(&address, "/metrics", &unknown)
+            .await
+            .expect("answer")
+            .status,
+        401
+    );
     for token in ["read-token", "rw-token"] {
         let bearer = format!("Bearer {token}");
         let answer = http::get(&address, "/metrics", &[("Authorization", &bearer)])
@@ -249,7 +287,11 @@ async fn metrics_need_a_token_when_tokens_are_on_and_health_stays_open() {
         assert!(answer.body.contains("dkvs_build_info"));
     }
     for path in ["/health/live", "/health/ready"] {
-        assert_eq!(http::get(&address, path, &[]).await.expect(path).status, 200, "{path}");
+        assert_eq!(
+            http::get(&address, path, &[]).await.expect(path).status,
+            200,
+            "{path}"
+        );
     }
 }
 
@@ -270,7 +312,11 @@ async fn the_http_door_speaks_tls_when_the_node_does() {
             .args(["--node", &addresses[0]])
             .output()
             .expect("DKVSClient certs");
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         let name = format!("node-{}", addresses[0].replace(':', "-"));
         let file = |suffix: &str| root.join(format!("{name}{suffix}")).display().to_string();
         vec![vec![
@@ -288,15 +334,194 @@ async fn the_http_door_speaks_tls_when_the_node_does() {
     })
     .await;
     let ca = pki.path().join("ca.pem");
-    let ready = http::get_tls(&ca, &http_address, "/health/ready", &[]).await.expect("https");
+    let ready = http::get_tls(&ca, &http_address, "/health/ready", &[])
+        .await
+        .expect("https");
     assert_eq!((ready.status, ready.body.as_str()), (200, "ready\n"));
     let bearer = [("Authorization", "Bearer read-token")];
-    let metrics = http::get_tls(&ca, &http_address, "/metrics", &bearer).await.expect("https");
+    let metrics = http::get_tls(&ca, &http_address, "/metrics", &bearer)
+        .await
+        .expect("https");
     assert_eq!(metrics.status, 200, "{}", metrics.body);
     // Plain HTTP on the TLS door gets nothing.
     assert!(
-        http::get(&http_address, "/health/live", &[]).await.is_err_and(|e| !e.is_empty())
-            || http::get(&http_address, "/health/live", &[]).await.is_ok_and(|a| a.status != 200)
+        http::get(&http_address, "/health/live", &[])
+            .await
+            .is_err_and(|e| !e.is_empty())
+            || http::get(&http_address, "/health/live", &[])
+                .await
+                .is_ok_and(|a| a.status != 200)
     );
     drop(cluster);
+}
+
+/// Runs `tool args` for the checks of `deploy/prometheus/`; `None` when
+/// the tool is missing and not required (see the module doc).
+fn run_prometheus_tool(tool: &str, args: &[&str]) -> Option<std::process::Output> {
+    run_prometheus_tool_in(tool, args, ".")
+}
+
+/// [`run_prometheus_tool`] in the directory `dir`.
+fn run_prometheus_tool_in(tool: &str, args: &[&str], dir: &str) -> Option<std::process::Output> {
+    match Command::new(tool).args(args).current_dir(dir).output() {
+        Ok(output) => Some(output),
+        Err(error) => {
+            assert!(
+                std::env::var_os("DKVS_REQUIRE_PROMTOOL").is_none(),
+                "{tool} is required (DKVS_REQUIRE_PROMTOOL) but cannot run: {error}"
+            );
+            eprintln!("{tool} not found ({error}): skipping");
+            None
+        }
+    }
+}
+
+#[test]
+fn the_shipped_scrape_config_and_alert_rules_pass_promtool_and_their_unit_tests() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    for args in [
+        ["check", "config", "prometheus.yml"],
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let Some(output) = run_prometheus_tool_in("promtool", &args, dir) else {
+            return;
+        };
+        assert!(
+            output.status.success(),
+            "promtool {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// A process killed (and reaped) when dropped, even when a test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `deploy/prometheus/prometheus.yml` pointed at `targets`, scraping and
+/// evaluating every second, with the shipped alert rules.
+fn shipped_config_for(targets: &[String]) -> String {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    let shipped = std::fs::read_to_string(format!("{dir}/prometheus.yml")).expect("read config");
+    let local: String = (1..=5)
+        .map(|i| format!("          - 127.0.0.1:800{i}\n"))
+        .collect();
+    let ours: String = targets
+        .iter()
+        .map(|t| format!("          - {t}\n"))
+        .collect();
+    let mut config = shipped.clone();
+    for (from, to) in [
+        (local.as_str(), ours.as_str()),
+        ("scrape_interval: 5s", "scrape_interval: 1s"),
+        ("evaluation_interval: 5s", "evaluation_interval: 1s"),
+        ("  - alerts.yml", &format!("  - {dir}/alerts.yml")),
+    ] {
+        assert!(
+            config.contains(from),
+            "the shipped prometheus.yml no longer has {from:?}: update this test"
+        );
+        config = config.replace(from, to);
+    }
+    config
+}
+
+/// `GET /api/v1/...` on Prometheus at `address`, its `data` as JSON.
+async fn prometheus_api(address: &str, path: &str) -> Result<serde_json::Value, String> {
+    let answer = http::get(address, &format!("/api/v1/{path}"), &[]).await?;
+    let body: serde_json::Value =
+        serde_json::from_str(&answer.body).map_err(|e| format!("{path}: {e}: {}", answer.body))?;
+    match body["status"].as_str() {
+        Some("success") => Ok(body["data"].clone()),
+        _ => Err(format!("{path}: {}", answer.body)),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_cluster_with_the_shipped_config_and_rules() {
+    if run_prometheus_tool("prometheus", &["--version"]).is_none() {
+        return;
+    }
+    let cluster = TestCluster::start_with_http(3, &[]).await;
+    let targets: Vec<String> = (0..3)
+        .map(|i| cluster.http_address(i).expect("http"))
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(&config, shipped_config_for(&targets)).expect("write config");
+    let web = common::free_address();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
+    let prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start prometheus");
+    let _prometheus = KillOnDrop(prometheus);
+
+    // Every node scraped and up.
+    eventually(Duration::from_secs(60), async || {
+        let up = prometheus_api(&web, "query?query=up").await?;
+        let ups: Vec<&str> = up["result"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["value"][1].as_str())
+            .collect();
+        match ups.as_slice() {
+            ["1", "1", "1"] => Ok(()),
+            _ => Err(format!("up: {up}")),
+        }
+    })
+    .await;
+    // The node's own series arrived: each of 3 nodes sees 3 members up.
+    eventually(Duration::from_secs(30), async || {
+        let query = "query?query=sum(dkvs_members%7Bstate%3D%22up%22%7D)";
+        let members = prometheus_api(&web, query).await?;
+        match members["result"][0]["value"][1].as_str() {
+            Some("9") => Ok(()),
+            _ => Err(format!("members up: {members}")),
+        }
+    })
+    .await;
+    // The shipped rules loaded and evaluate cleanly, and nothing fires on
+    // a healthy cluster.
+    let rules = eventually(Duration::from_secs(30), async || {
+        let rules = prometheus_api(&web, "rules").await?;
+        let all: Vec<serde_json::Value> = rules["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let evaluated = all.iter().all(|r| {
+            r["lastEvaluation"]
+                .as_str()
+                .is_some_and(|t| !t.starts_with("0001"))
+        });
+        if all.len() >= 10 && evaluated {
+            Ok(all)
+        } else {
+            Err(format!("rules not all evaluated yet: {rules}"))
+        }
+    })
+    .await;
+    for rule in &rules {
+        assert_eq!(rule["health"], "ok", "{rule}");
+        assert_ne!(rule["state"], "firing", "{rule}");
+    }
 }

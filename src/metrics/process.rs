@@ -142,10 +142,16 @@ pub fn disk_space(path: &std::path::Path) -> Option<(u64, u64)> {
         }
         // SAFETY: statvfs returned 0, so it filled `stat`.
         let stat = unsafe { stat.assume_init() };
-        let block = stat.f_frsize as u64;
+        // The fields are C unsigned longs: u64 here, u32 on 32-bit targets.
+        #[allow(clippy::useless_conversion)]
+        let (block, available, blocks) = (
+            u64::from(stat.f_frsize),
+            u64::from(stat.f_bavail),
+            u64::from(stat.f_blocks),
+        );
         Some((
-            (stat.f_bavail as u64).saturating_mul(block),
-            (stat.f_blocks as u64).saturating_mul(block),
+            available.saturating_mul(block),
+            blocks.saturating_mul(block),
         ))
     }
     #[cfg(not(unix))]

@@ -347,7 +347,7 @@ async fn drain<B: http_body::Body>(body: B) {
                 Some(Ok(frame)) => {
                     read += frame
                         .data_ref()
-                        .map_or(0, |data| bytes::Buf::remaining(data));
+                        .map_or(0, bytes::Buf::remaining);
                 }
                 _ => return,
             }

@@ -51,10 +51,13 @@ pub async fn get_tls(
 }
 
 async fn connect(address: &str) -> Result<tokio::net::TcpStream, String> {
-    tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(address))
-        .await
-        .map_err(|_| format!("connecting to {address} timed out"))?
-        .map_err(|e| format!("connecting to {address}: {e}"))
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .map_err(|_| format!("connecting to {address} timed out"))?
+    .map_err(|e| format!("connecting to {address}: {e}"))
 }
 
 async fn exchange(
@@ -86,15 +89,43 @@ async fn exchange(
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("no status line in {head:?}"))?;
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|line| line.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
     Ok(Answer {
         status,
         headers,
-        body: body.to_string(),
+        body,
     })
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer.
+fn dechunk(mut rest: &str) -> Result<String, String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest
+            .split_once("\r\n")
+            .ok_or("a chunk without its size line")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(body);
+        }
+        let chunk = after.get(..size).ok_or("a chunk shorter than its size")?;
+        body.push_str(chunk);
+        rest = after[size..]
+            .strip_prefix("\r\n")
+            .ok_or("a chunk without its CRLF")?;
+    }
 }
 
 /// One sample of the Prometheus text format: name, labels, value.
