@@ -162,7 +162,11 @@ pub fn free_base_port(count: u16) -> u16 {
         .expect("a free port range")
 }
 
-/// Whether ports base+1 ..= base+count of 127.0.0.1 are free now.
+/// Whether ports base+1 ..= base+count of 127.0.0.1 are free now, and the
+/// HTTP ports `startServers.sh` gives those nodes (each port plus 1000).
 pub fn ports_free(base: u16, count: u16) -> bool {
-    (1..=count).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+    (1..=count).all(|i| {
+        TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+            && TcpListener::bind(("127.0.0.1", base + 1000 + i)).is_ok()
+    })
 }
