@@ -487,10 +487,11 @@ start_all() {
   for port in "${ports[@]}"; do
     is_running "$RUN_DIR/node-$port.pid" && continue
     port_in_use "$port" && busy+=("$HOST:$port")
+    (( HTTP_OFFSET > 0 )) && port_in_use "$((port + HTTP_OFFSET))" && busy+=("$HOST:$((port + HTTP_OFFSET)) (HTTP)")
   done
   if (( ${#busy[@]} )); then
     echo "port(s) already in use by another process: ${busy[*]}; nothing started." >&2
-    echo "Free them or choose other ports with DKVS_BASE_PORT." >&2
+    echo "Free them or choose other ports with DKVS_BASE_PORT (and DKVS_HTTP_OFFSET)." >&2
     exit 1
   fi
 
@@ -600,6 +601,11 @@ Try it:
   $CLIENT GET mykey
   $CLIENT status
   grpcurl -plaintext $HOST:$((BASE_PORT + 1)) list
+USAGE
+    if (( HTTP_OFFSET > 0 )); then
+      echo "  curl $HOST:$((BASE_PORT + 1 + HTTP_OFFSET))/metrics    (and /health/ready; deploy/prometheus/ scrapes them all)"
+    fi
+    cat <<USAGE
 Grow it by one node:
   ./startServers.sh add
 Stop the cluster:

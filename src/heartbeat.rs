@@ -169,10 +169,20 @@ impl Heartbeats {
     /// The newest layout version a peer's answered heartbeat reported, and
     /// that peer, when it is newer than `than`.
     pub fn newest_layout_reported(&self, than: u64) -> Option<(u64, String)> {
+        self.newest_layout_reported_by(than, |_| true)
+    }
+
+    /// [`Heartbeats::newest_layout_reported`], among the peers `counted`
+    /// says to count (say, those believed up).
+    pub fn newest_layout_reported_by(
+        &self,
+        than: u64,
+        counted: impl Fn(&str) -> bool,
+    ) -> Option<(u64, String)> {
         self.reports
             .locked()
             .iter()
-            .filter(|(_, report)| report.layout_version > than)
+            .filter(|(address, report)| report.layout_version > than && counted(address))
             .max_by_key(|(_, report)| report.layout_version)
             .map(|(address, report)| (report.layout_version, address.clone()))
     }

@@ -78,32 +78,53 @@ where
     }
 }
 
+/// The keys every line has; an event field of one of these names is kept
+/// as `field_<name>` (say, a `target` peer).
+const RESERVED: [&str; 6] = [
+    "timestamp",
+    "level",
+    "target",
+    "node",
+    "layout_version",
+    "spans",
+];
+
 /// Records an event's fields into a JSON object (`message` as given).
 struct Fields<'a>(&'a mut Map<String, Value>);
 
+impl Fields<'_> {
+    fn insert(&mut self, field: &Field, value: Value) {
+        let name = field.name();
+        let key = if RESERVED.contains(&name) {
+            format!("field_{name}")
+        } else {
+            name.to_string()
+        };
+        self.0.insert(key, value);
+    }
+}
+
 impl Visit for Fields<'_> {
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.insert(field, Value::from(value));
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.insert(field, Value::from(value));
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.insert(field, Value::from(value));
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.insert(field, Value::from(value));
     }
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().into(), Value::from(value));
+        self.insert(field, Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.0
-            .insert(field.name().into(), Value::String(value.to_string()));
+        self.insert(field, Value::String(value.to_string()));
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.0
-            .insert(field.name().into(), Value::String(format!("{value:?}")));
+        self.insert(field, Value::String(format!("{value:?}")));
     }
 }
 
@@ -151,6 +172,7 @@ mod tests {
             let _entered = span.enter();
             tracing::warn!(
                 peer = "127.0.0.1:7002",
+                node = "x",
                 late_ms = 12u64,
                 ok = false,
                 "a \"quoted\"\nline"
@@ -165,6 +187,9 @@ mod tests {
         assert_eq!(line["node"], "127.0.0.1:7001");
         assert_eq!(line["peer"], "127.0.0.1:7002");
         assert_eq!(line["late_ms"], 12);
+        // A field named as a reserved key does not replace it.
+        assert_eq!(line["field_node"], "x", "{line}");
+        assert_eq!(line["level"], "WARN");
         assert_eq!(line["ok"], false);
         assert_eq!(line["message"], "a \"quoted\"\nline");
         assert!(line["layout_version"].is_u64());

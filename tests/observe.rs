@@ -355,6 +355,53 @@ async fn the_http_door_speaks_tls_when_the_node_does() {
     drop(cluster);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_door_opens_before_the_node_and_bounds_connections_per_host() {
+    // A node that cannot join (its seed is down) keeps retrying: its door
+    // is open meanwhile, live but not ready.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http_address = common::free_address();
+    let log = std::fs::File::create(dir.path().join("node.log")).expect("log");
+    let node = Command::new(env!("CARGO_BIN_EXE_DKVSServer"))
+        .args(["--listen", &common::free_address(), "--join", &common::free_address()])
+        .args(["--http-listen", &http_address, "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("DKVS_JOIN_RETRY_SECS", "60")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start DKVSServer");
+    let _node = KillOnDrop(node);
+    let live = eventually(Duration::from_secs(20), async || {
+        http::get(&http_address, "/health/live", &[]).await
+    })
+    .await;
+    assert_eq!((live.status, live.body.as_str()), (200, "live\n"));
+    let ready = http::get(&http_address, "/health/ready", &[]).await.expect("ready");
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.starts_with("not ready: opening:"), "{}", ready.body);
+    let metrics = http::get(&http_address, "/metrics", &[]).await.expect("metrics");
+    assert_eq!(metrics.status, 503, "{}", metrics.body);
+
+    // One host holds at most 32 connections: the next is closed at once,
+    // and once they go, it is served again.
+    let mut idle = Vec::new();
+    for _ in 0..32 {
+        idle.push(tokio::net::TcpStream::connect(&http_address).await.expect("connect"));
+    }
+    let refused = http::get(&http_address, "/health/live", &[]).await;
+    assert!(
+        refused.is_err(),
+        "a 33rd connection from one host is closed: {refused:?}"
+    );
+    drop(idle);
+    eventually(Duration::from_secs(10), async || {
+        http::get(&http_address, "/health/live", &[]).await
+    })
+    .await;
+}
+
 /// Runs `tool args` for the checks of `deploy/prometheus/`; `None` when
 /// the tool is missing and not required (see the module doc).
 fn run_prometheus_tool(tool: &str, args: &[&str]) -> Option<std::process::Output> {

@@ -90,6 +90,9 @@ const DISPLAY_BASE_PORT: u16 = 7000;
 /// Ports base+1 ..= base+PORTS are translated; the cluster has 5 nodes and
 /// a sample may name a port where nothing listens (7009).
 const PORTS: u16 = 9;
+/// startServers.sh gives each node an HTTP port this far above its own
+/// (`DKVS_HTTP_OFFSET`): 7001 is shown with 8001.
+const HTTP_OFFSET: u16 = 1000;
 /// Longest any one command or hidden step may run.
 const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 /// Longest a node may take to answer SERVING.
@@ -315,7 +318,7 @@ impl Display {
             bins: bins.to_path_buf(),
             base_port,
             port: Regex::new(r"(127\.0\.0\.1:|node-)(\d+)( *)").expect("regex"),
-            display_port: Regex::new(r"(127\.0\.0\.1:|node-)(70\d\d)\b").expect("regex"),
+            display_port: Regex::new(r"(127\.0\.0\.1:|node-)([78]0\d\d)\b").expect("regex"),
             defaults_note: Regex::new(r"^\(DKVSClient defaults to 127\.0\.0\.1:7001\.\.7005;")
                 .expect("regex"),
         }
@@ -334,8 +337,18 @@ impl Display {
         let text = self.port.replace_all(&text, |c: &Captures| {
             let port: u32 = c[2].parse().unwrap_or(0);
             let base = u32::from(self.base_port);
-            if port > base && port <= base + u32::from(PORTS) {
-                let shown = (port - base + u32::from(DISPLAY_BASE_PORT)).to_string();
+            // A node's port, or its HTTP port (startServers.sh: plus 1000).
+            let http = u32::from(HTTP_OFFSET);
+            let node = if port > base + http && port <= base + http + u32::from(PORTS) {
+                Some(port - http)
+            } else if port > base && port <= base + u32::from(PORTS) {
+                Some(port)
+            } else {
+                None
+            };
+            if let Some(node) = node {
+                let offset = port - node;
+                let shown = (node - base + u32::from(DISPLAY_BASE_PORT) + offset).to_string();
                 // Padding after it (a table column) keeps the width.
                 let mut pad = c[3].to_string();
                 if pad.len() >= 2 {
@@ -380,8 +393,18 @@ impl Display {
         self.display_port
             .replace_all(&text, |c: &Captures| {
                 let port: u16 = c[2].parse().unwrap_or(0);
-                if port > DISPLAY_BASE_PORT && port <= DISPLAY_BASE_PORT + PORTS {
-                    format!("{}{}", &c[1], port - DISPLAY_BASE_PORT + self.base_port)
+                let offset = if port > DISPLAY_BASE_PORT + HTTP_OFFSET {
+                    HTTP_OFFSET
+                } else {
+                    0
+                };
+                let node = port - offset;
+                if node > DISPLAY_BASE_PORT && node <= DISPLAY_BASE_PORT + PORTS {
+                    format!(
+                        "{}{}",
+                        &c[1],
+                        node - DISPLAY_BASE_PORT + self.base_port + offset
+                    )
                 } else {
                     c[0].to_string()
                 }

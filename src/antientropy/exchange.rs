@@ -242,7 +242,9 @@ impl Tally<Result<Option<Record>, ReplicaError>> for Pulled<'_> {
         match reply {
             Ok(Some(record)) => self.records.push((key.as_str(), record)),
             Ok(None) => {}
-            Err(why) => self.failed.push(format!("{key}: {why}")),
+            Err(why) => self
+                .failed
+                .push(format!("key {}: {why}", crate::metrics::key_hash(key))),
         }
     }
 

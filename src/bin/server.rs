@@ -12,7 +12,7 @@ use std::sync::Arc;
 use dkvs::config::{LogFormat, ServerConfig};
 use dkvs::logs::JsonLines;
 use dkvs::net::{Dialer, TcpDialer, TlsDialer};
-use dkvs::node::{Guard, Node, incoming, serve_guarded, tls_incoming};
+use dkvs::node::{Guard, HttpDoor, Node, incoming, serve_guarded, tls_incoming};
 use dkvs::security::auth::AuthFile;
 use dkvs::security::tls::{ClientTls, NodeTls};
 use tokio::net::TcpListener;
@@ -149,6 +149,12 @@ async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    // The HTTP door opens first: a liveness probe passes while the node
+    // opens a large data dir or joins (readiness says "opening").
+    let http = match config.http_listen {
+        Some(address) => Some(HttpDoor::open(address, &guard).await?),
+        None => None,
+    };
     let data_dir = config.data_dir();
     let joining = !config.join_seeds().is_empty();
     let dialer: Arc<dyn Dialer> = match &guard.tls {
@@ -170,12 +176,18 @@ async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
             _ => anyhow::anyhow!(said),
         }
     })?;
+    if let Some(http) = &http {
+        http.attach(&node);
+    }
     match guard.tls.clone() {
         Some(tls) => {
             let connections = tls_incoming(listener, tls);
             serve_guarded(node.clone(), connections, guard, shutdown_signal()).await?
         }
         None => serve_guarded(node.clone(), incoming(listener), guard, shutdown_signal()).await?,
+    }
+    if let Some(http) = http {
+        http.close().await;
     }
     // A removed instance stops with exit 0 (restart-on-failure leaves it
     // down), saying why.

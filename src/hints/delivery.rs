@@ -70,7 +70,7 @@ impl HintDelivery {
             // Not a member any more: nobody to deliver to.
             let dropped = self.store.drop_target(target)?;
             tracing::info!(
-                %target,
+                replica_id = %target,
                 dropped,
                 "dropped the hints of a node that is not a member"
             );
@@ -109,7 +109,7 @@ impl HintDelivery {
                     Err(ReplicaError::Rejected(why)) => {
                         tracing::warn!(
                             replica = %member.address,
-                            key = %hint.key,
+                            key_hash = %crate::metrics::key_hash(&hint.key),
                             version = %hint.record.version,
                             %why,
                             "dropping a hint its replica rejects; anti-entropy will repair the replica"

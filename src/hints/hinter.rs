@@ -54,7 +54,7 @@ impl Hinter {
     /// [`Hinter::send`], logging a failure (anti-entropy repairs instead).
     pub async fn send_logged(&self, target: &str, key: &str, record: &Record) {
         if let Err(why) = self.send(target, key, record).await {
-            tracing::warn!(%target, key_hash = %crate::metrics::key_hash(key), %why, "could not store a hint; anti-entropy will repair the replica");
+            tracing::warn!(replica_id = %target, key_hash = %crate::metrics::key_hash(key), %why, "could not store a hint; anti-entropy will repair the replica");
         }
     }
 }

@@ -319,7 +319,7 @@ impl HintStore {
             let hint = match decoded {
                 Ok(hint) => hint,
                 Err(why) => {
-                    tracing::warn!(%target, %why, "dropping a corrupt hint");
+                    tracing::warn!(replica_id = %target, %why, "dropping a corrupt hint");
                     self.delete(&id, target, size, false)?;
                     continue;
                 }
@@ -330,13 +330,13 @@ impl HintStore {
                 hint,
             };
             if stored.hint.expired(now_ms, self.bounds.max_age) {
-                tracing::debug!(%target, key_hash = %crate::metrics::key_hash(&stored.hint.key), "dropping an expired hint");
+                tracing::debug!(replica_id = %target, key_hash = %crate::metrics::key_hash(&stored.hint.key), "dropping an expired hint");
                 self.remove(&stored, false)?;
                 continue;
             }
             let version = stored.hint.record.version;
             if let Err(why) = self.bounds.skew.check_stored(version, now_ms) {
-                tracing::warn!(%target, key_hash = %crate::metrics::key_hash(&stored.hint.key), %why, "dropping a hint with an impossible version");
+                tracing::warn!(replica_id = %target, key_hash = %crate::metrics::key_hash(&stored.hint.key), %why, "dropping a hint with an impossible version");
                 self.remove(&stored, false)?;
                 continue;
             }
@@ -345,7 +345,7 @@ impl HintStore {
                 // taken: the target would refuse it now. It (and the hints
                 // behind it) wait until the clock catches up; it may be
                 // the only copy of a write taken at consistency ANY.
-                tracing::warn!(%target, key_hash = %crate::metrics::key_hash(&stored.hint.key), %why, "holding a hint until the wall clock catches up");
+                tracing::warn!(replica_id = %target, key_hash = %crate::metrics::key_hash(&stored.hint.key), %why, "holding a hint until the wall clock catches up");
                 break;
             }
             hints.push(stored);

@@ -376,10 +376,21 @@ impl CallMetrics {
     }
 }
 
-impl Collector for CallMetrics {
-    /// Only calls made at least once are listed.
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let peers = self.peers.locked().clone();
+impl CallMetrics {
+    /// Encodes the calls to the peers `shown` says to show (those still
+    /// members); only calls made at least once are listed.
+    pub fn encode_peers(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        shown: impl Fn(&str) -> bool,
+    ) -> Result<(), std::fmt::Error> {
+        let peers: Vec<Arc<PeerCalls>> = self
+            .peers
+            .locked()
+            .iter()
+            .filter(|p| shown(&p.peer))
+            .cloned()
+            .collect();
         let mut durations = encoder.encode_descriptor(
             "dkvs_peer_call_duration_seconds",
             "Node-to-node calls this node made, by peer and call: time to the answer's headers.",

@@ -78,7 +78,7 @@ impl Collector for ProcessCollector {
             &mut encoder,
             "process_resident_memory_bytes",
             "Resident memory size in bytes.",
-            (stat.resident_pages * page) as f64,
+            stat.resident_pages.saturating_mul(page) as f64,
         )?;
         gauge(
             &mut encoder,

@@ -81,6 +81,21 @@ fn requests_are_counted_by_code_and_outcome_and_idle_series_are_left_out() {
     assert!(text.contains("# TYPE dkvs_client_requests_total counter"));
 }
 
+/// Shows the calls to peers other than 127.0.0.1:7009, as a node whose
+/// layout no longer has that one.
+#[derive(Debug)]
+struct Members(std::sync::Arc<CallMetrics>);
+
+impl prometheus_client::collector::Collector for Members {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        self.0
+            .encode_peers(&mut encoder, |peer| peer != "127.0.0.1:7009")
+    }
+}
+
 #[test]
 fn peer_calls_are_named_by_their_method_and_listed_once_made() {
     assert_eq!(CALLS[call_index("/dkvs.v1.Replica/Batch")], "Replica/Batch");
@@ -96,12 +111,19 @@ fn peer_calls_are_named_by_their_method_and_listed_once_made() {
     ping.duration.observe(Duration::from_millis(2));
     ping.failed
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    calls
+        .for_peer("127.0.0.1:7009")
+        .call("/dkvs.v1.Liveness/Ping")
+        .duration
+        .observe(Duration::from_millis(1));
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(calls));
+    registry.register_collector(Box::new(Members(calls)));
     let text = render(&registry);
     assert!(text.contains(
         r#"dkvs_peer_call_duration_seconds_count{peer="127.0.0.1:7002",call="Liveness/Ping"} 1"#
     ));
+    // A peer that is no longer a member is not shown.
+    assert!(!text.contains("7009"), "{text}");
     assert!(
         text.contains(
             r#"dkvs_peer_calls_failed_total{peer="127.0.0.1:7002",call="Liveness/Ping"} 1"#

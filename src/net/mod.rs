@@ -123,16 +123,22 @@ fn with_keepalive(endpoint: Endpoint) -> Endpoint {
         .keep_alive_while_idle(true)
 }
 
+/// A peer's channel, and the series its node-to-node calls are timed in.
+#[derive(Clone)]
+struct Dialed {
+    channel: Channel,
+    calls: Option<Arc<crate::metrics::PeerCalls>>,
+}
+
 /// One channel per peer address, made on first use.
 pub struct PeerPool {
     /// Makes the channels.
     dialer: Arc<dyn Dialer>,
-    /// Channels made so far (std mutex: held only for a map lookup).
-    channels: Mutex<HashMap<String, Channel>>,
-    /// Where node-to-node calls are timed (none: not timed), and each
-    /// peer's series, made with its first node-only client.
+    /// Channels made so far, each with the series its node-to-node calls
+    /// are timed in (std mutex: held only for a map lookup).
+    channels: Mutex<HashMap<String, Dialed>>,
+    /// Where node-to-node calls are timed (none: not timed).
     call_metrics: Option<Arc<crate::metrics::CallMetrics>>,
-    peer_calls: Mutex<HashMap<String, Arc<crate::metrics::PeerCalls>>>,
     /// Batching pipes to peers' replicas (`Replica.Batch`), made on first use.
     pipes: Mutex<HashMap<String, Arc<ReplicaPipe>>>,
     /// Read-only batching pipes (`ReplicaRead.Batch`), made on first use.
@@ -164,7 +170,6 @@ impl PeerPool {
             dialer,
             channels: Mutex::new(HashMap::new()),
             call_metrics: None,
-            peer_calls: Mutex::new(HashMap::new()),
             pipes: Mutex::new(HashMap::new()),
             read_pipes: Mutex::new(HashMap::new()),
             forward_pipes: Mutex::new(HashMap::new()),
@@ -212,33 +217,35 @@ impl PeerPool {
     }
 
     pub fn channel(&self, address: &str) -> Result<Channel> {
+        Ok(self.dialed(address)?.channel)
+    }
+
+    /// The channel to `address` and its call series, made on first use.
+    fn dialed(&self, address: &str) -> Result<Dialed> {
         let mut channels = self.channels.locked();
-        if let Some(channel) = channels.get(address) {
-            return Ok(channel.clone());
+        if let Some(dialed) = channels.get(address) {
+            return Ok(dialed.clone());
         }
-        let channel = self.dialer.dial(address)?;
-        channels.insert(address.to_string(), channel.clone());
-        Ok(channel)
+        let dialed = Dialed {
+            channel: self.dialer.dial(address)?,
+            calls: self.call_metrics.as_ref().map(|m| m.for_peer(address)),
+        };
+        channels.insert(address.to_string(), dialed.clone());
+        Ok(dialed)
     }
 
     /// The channel to `address` for node-to-node calls: each carries this
-    /// node's cluster id (see [`stamp`]). The one way a node-only client is
-    /// made.
+    /// node's cluster id (see [`stamp`]) and is timed per peer and call
+    /// (see [`timed`]). The one way a node-only client is made.
     fn peer_channel(&self, address: &str) -> Result<PeerChannel> {
         let stamp = ClusterStamp {
             id: self.cluster_id.clone(),
             sender: self.sender.clone(),
         };
-        let calls = self.call_metrics.as_ref().map(|metrics| {
-            self.peer_calls
-                .locked()
-                .entry(address.to_string())
-                .or_insert_with(|| metrics.for_peer(address))
-                .clone()
-        });
+        let dialed = self.dialed(address)?;
         let timed = timed::TimedChannel {
-            inner: self.channel(address)?,
-            calls,
+            inner: dialed.channel,
+            calls: dialed.calls,
         };
         Ok(InterceptedService::new(timed, stamp))
     }

@@ -4,8 +4,9 @@
 //! [`TimedChannel`] sits under every node-only client (see
 //! [`super::PeerChannel`]): it starts a clock when a call is sent and stops
 //! it when the answer's headers arrive (for a stream, its first headers),
-//! counting a call failed when no answer came or the headers carry a gRPC
-//! status other than OK (an error answered before any message). The
+//! counting a call failed when no answer came (also when the call was
+//! dropped first: its deadline ran out) or the headers carry a gRPC status
+//! other than OK (an error answered before any message). The
 //! series were made with the channel, once per peer: a call only finds its
 //! slot by its path among a fixed list, and adds to atomics.
 
@@ -69,6 +70,18 @@ impl Timing {
 pub struct Timed<F> {
     inner: F,
     timing: Option<Timing>,
+}
+
+impl<F> Drop for Timed<F> {
+    /// A call dropped before its answer (its deadline ran out, or its
+    /// caller gave up) counts as failed, with the time it took.
+    fn drop(&mut self) {
+        if let Some(timing) = self.timing.take() {
+            let stats = timing.stats();
+            stats.duration.observe(timing.started.elapsed());
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<F> Future for Timed<F>

@@ -9,12 +9,18 @@
 //!   check. Load shedding does not make a node unready: a load balancer
 //!   that took busy nodes out would push their load onto the rest.
 //!
-//! Served with the node's TLS when it has one (same certificates, same
-//! reloading), on hyper's HTTP/1.1 and HTTP/2 with a deadline for a
-//! request's headers and a bound on open connections, so a slow or
-//! flooding client costs little. Stops with the node.
+//! The door opens before the node opens its data dir or joins (so a
+//! liveness probe passes while a large data dir is scanned; readiness says
+//! "opening"), and closes after the node has drained. Served with the
+//! node's TLS when it has one (same certificates, same reloading; ALPN
+//! offers HTTP/1.1 beside h2), on hyper's HTTP/1.1 and HTTP/2, with a
+//! deadline for a request's headers, a bound on connections in all and per
+//! host, and a longest life per connection, so a slow, silent or flooding
+//! client costs little. Scrapes are rendered one at a time, off the async
+//! threads, and an answer is reused for a second.
 
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
@@ -35,8 +41,22 @@ use crate::security::auth::{Role, bearer_token};
 /// Longest a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Most HTTP connections open at once; past it a new one is closed at once.
+/// Most HTTP connections open at once, and from one host; past either a
+/// new one is closed at once.
 const MAX_HTTP_CONNECTIONS: usize = 256;
+const MAX_HTTP_CONNECTIONS_PER_HOST: usize = 32;
+
+/// Longest an HTTP connection serves: then it is asked to close (requests
+/// in progress finish, for [`CLOSE_GRACE`] at most). A client that says
+/// nothing holds a slot no longer than this.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Most requests in progress on one HTTP/2 connection.
+const MAX_STREAMS: u32 = 16;
+
+/// How long a rendered `/metrics` answer is reused.
+const SCRAPE_REUSE: Duration = Duration::from_secs(1);
 
 /// One readiness check: its name, and why it fails (none: it passes).
 pub(super) struct Check {
@@ -65,19 +85,27 @@ pub(super) fn readiness(node: &Node) -> Readiness {
         .layout()
         .and_then(|l| l.member(&node.me.address))
         .is_some_and(|m| m.role == crate::layout::Role::Joining);
-    let newer = node.heartbeats.newest_layout_reported(held);
+    // Only peers believed up count: a peer that told of a newer layout
+    // and died must not hold every node unready.
+    let newer = node.heartbeats.newest_layout_reported_by(held, |peer| {
+        node.cluster
+            .liveness
+            .healths([peer])
+            .first()
+            .is_some_and(|h| h.up)
+    });
     Readiness(vec![
-        Check {
-            name: "started",
-            failing: (!node.is_serving())
-                .then(|| "starting: waiting to hear from its peers and agree on the layout".into()),
-        },
         Check {
             name: "not stopping",
             failing: stopping.then(|| match node.removal.notice() {
                 Some(notice) => format!("stopping: {notice}"),
                 None => "stopping: draining requests".into(),
             }),
+        },
+        Check {
+            name: "started",
+            failing: (!node.is_serving() && !stopping)
+                .then(|| "starting: waiting to hear from its peers and agree on the layout".into()),
         },
         Check {
             name: "caught up",
@@ -94,20 +122,32 @@ pub(super) fn readiness(node: &Node) -> Readiness {
     ])
 }
 
+/// The readiness of a door whose node is not open yet.
+fn opening() -> Readiness {
+    Readiness(vec![Check {
+        name: "opened",
+        failing: Some("opening: the node is opening its data dir or joining the cluster".into()),
+    }])
+}
+
 /// What the HTTP door's handlers share.
 struct Door {
-    node: Arc<Node>,
     guard: Guard,
+    /// The node, once it is open.
+    node: OnceLock<Attached>,
+    /// The last `/metrics` text and when it was rendered; held while one
+    /// renders, so scrapes render one at a time.
+    scraped: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<str>)>>,
+}
+
+/// An open node and its metrics.
+struct Attached {
+    node: Arc<Node>,
     registry: prometheus_client::registry::Registry,
 }
 
 /// The router of the HTTP door.
-fn router(node: Arc<Node>, guard: Guard) -> Router {
-    let door = Arc::new(Door {
-        registry: super::metrics::registry(&node),
-        node,
-        guard,
-    });
+fn router(door: Arc<Door>) -> Router {
     Router::new()
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(ready))
@@ -126,7 +166,10 @@ async fn ready(State(door): State<Arc<Door>>, request: Request) -> Response {
         q.split('&')
             .any(|p| p == "verbose" || p.starts_with("verbose="))
     });
-    let readiness = readiness(&door.node);
+    let readiness = match door.node.get() {
+        Some(attached) => readiness(&attached.node),
+        None => opening(),
+    };
     let status = if readiness.is_ready() {
         StatusCode::OK
     } else {
@@ -152,13 +195,43 @@ async fn metrics(State(door): State<Arc<Door>>, request: Request) -> Response {
     if let Some(refused) = refuse_without_read_token(&door.guard, &request) {
         return refused;
     }
-    let mut response = crate::metrics::render(&door.registry).into_response();
+    if door.node.get().is_none() {
+        let opening = "the node is opening its data dir or joining the cluster; no metrics yet\n";
+        return (StatusCode::SERVICE_UNAVAILABLE, opening).into_response();
+    }
+    let text = scrape(door).await;
+    let mut response = text.to_string().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
     );
     response
 }
+
+/// The `/metrics` text: rendered on the blocking pool (it reads files),
+/// one scrape at a time, reused for [`SCRAPE_REUSE`].
+async fn scrape(door: Arc<Door>) -> Arc<str> {
+    let mut scraped = door.scraped.lock().await;
+    if let Some((at, text)) = scraped.as_ref()
+        && at.elapsed() < SCRAPE_REUSE
+    {
+        return text.clone();
+    }
+    let rendering = door.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        rendering
+            .node
+            .get()
+            .map(|attached| crate::metrics::render(&attached.registry))
+            .unwrap_or_default()
+    })
+    .await
+    .unwrap_or_default();
+    let text: Arc<str> = rendered.into();
+    *scraped = Some((tokio::time::Instant::now(), text.clone()));
+    text
+}
+
 /// With `--auth-file`: 401 unless the request carries a known token (every
 /// role may read metrics).
 fn refuse_without_read_token(guard: &Guard, request: &Request) -> Option<Response> {
@@ -182,58 +255,92 @@ fn refuse_without_read_token(guard: &Guard, request: &Request) -> Option<Respons
     }
 }
 
-/// The HTTP door while it serves.
-pub(super) struct HttpDoor {
+/// The HTTP door (`--http-listen`) while it serves.
+pub struct HttpDoor {
+    door: Arc<Door>,
     serving: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
 impl HttpDoor {
-    /// Serves the HTTP door of `node` if `--http-listen` asks for one; the
-    /// error names the flag when its address cannot be listened on.
-    pub(super) async fn open(
-        node: &Arc<Node>,
-        guard: &Guard,
-    ) -> crate::error::Result<Option<Self>> {
-        let Some(address) = node.config.http_listen else {
-            return Ok(None);
-        };
+    /// Listens on `address` and serves, with `guard`'s TLS and tokens:
+    /// until [`HttpDoor::attach`] gives it the node, `/health/live` answers
+    /// and the rest says the node is opening. The error names the flag.
+    pub async fn open(address: SocketAddr, guard: &Guard) -> crate::error::Result<Self> {
         let listener = TcpListener::bind(address).await.map_err(|e| {
             crate::error::Error::InvalidArgument(format!(
                 "--http-listen {address}: cannot listen: {e}"
             ))
         })?;
+        let door = Arc::new(Door {
+            guard: guard.clone(),
+            node: OnceLock::new(),
+            scraped: tokio::sync::Mutex::new(None),
+        });
         let stop = CancellationToken::new();
-        let serving = tokio::spawn(serve(node.clone(), listener, guard.clone(), stop.clone()));
-        Ok(Some(Self { serving, stop }))
+        let serving = tokio::spawn(serve(door.clone(), listener, stop.clone()));
+        Ok(Self {
+            door,
+            serving,
+            stop,
+        })
+    }
+
+    /// From now on the door answers for `node`.
+    pub fn attach(&self, node: &Arc<Node>) {
+        let attached = Attached {
+            registry: super::metrics::registry(node),
+            node: node.clone(),
+        };
+        let _ = self.door.node.set(attached);
     }
 
     /// Stops taking connections, lets requests in progress finish (a few
     /// seconds at most), and waits for that.
-    pub(super) async fn close(self) {
+    pub async fn close(self) {
         self.stop.cancel();
-        let _ = self.serving.await;
+        let _ = (&mut { self }.serving).await;
     }
 }
 
-/// Serves the HTTP door on `listener` until `stop` is cancelled (TLS when
-/// the guard has it), then lets requests in progress finish.
-async fn serve(node: Arc<Node>, listener: TcpListener, guard: Guard, stop: CancellationToken) {
+impl Drop for HttpDoor {
+    /// A door dropped without [`HttpDoor::close`] (its server's future was
+    /// dropped) stops too.
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Serves the door on `listener` until `stop` is cancelled (TLS when the
+/// guard has it, with HTTP/1.1 beside h2 in ALPN), then lets requests in
+/// progress finish.
+async fn serve(door: Arc<Door>, listener: TcpListener, stop: CancellationToken) {
     let address = listener.local_addr().ok();
-    tracing::info!(address = ?address, tls = guard.tls.is_some(), "serving HTTP: /metrics, /health/live, /health/ready");
-    let app = router(node, guard.clone());
-    match guard.tls.clone() {
+    let tls = door.guard.tls.clone();
+    tracing::info!(address = ?address, tls = tls.is_some(), "serving HTTP: /metrics, /health/live, /health/ready");
+    let app = router(door);
+    match tls {
         Some(tls) => {
-            let connections = super::secure::tls_incoming(listener, tls);
-            accept_loop(connections.filter_map(|c| async { c.ok() }), app, stop).await
+            let config = move || {
+                let mut config = (*tls.server_config()).clone();
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                Arc::new(config)
+            };
+            let connections = super::secure::tls_incoming_with(listener, config);
+            let with_hosts = connections.filter_map(|c| async {
+                let c = c.ok()?;
+                let host = c.get_ref().0.peer_addr().ok()?.ip();
+                Some((c, host))
+            });
+            accept_loop(with_hosts, app, stop).await
         }
         None => {
             let connections = futures::stream::unfold(listener, |listener| async move {
                 loop {
                     match listener.accept().await {
-                        Ok((stream, _)) => {
+                        Ok((stream, peer)) => {
                             let _ = stream.set_nodelay(true);
-                            return Some((stream, listener));
+                            return Some(((stream, peer.ip()), listener));
                         }
                         Err(error) => {
                             tracing::debug!(%error, "cannot accept an HTTP connection");
@@ -250,13 +357,14 @@ async fn serve(node: Arc<Node>, listener: TcpListener, guard: Guard, stop: Cance
 /// Serves each connection in its own task, at most
 /// [`MAX_HTTP_CONNECTIONS`] at once, until `stop`.
 async fn accept_loop<IO>(
-    connections: impl futures::Stream<Item = IO> + Send,
+    connections: impl futures::Stream<Item = (IO, IpAddr)> + Send,
     app: Router,
     stop: CancellationToken,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS));
+    let per_host = super::secure::HostSlots::new(MAX_HTTP_CONNECTIONS_PER_HOST);
     let tasks = tokio_util::task::TaskTracker::new();
     let mut connections = std::pin::pin!(connections);
     loop {
@@ -267,29 +375,37 @@ async fn accept_loop<IO>(
                 None => break,
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let (connection, host) = connection;
+        let (Ok(slot), Some(host_slot)) = (slots.clone().try_acquire_owned(), per_host.claim(host))
+        else {
             continue; // dropped: closed at once
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let stop = stop.clone();
         tasks.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, host_slot);
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS)
+                .keep_alive_interval(Some(Duration::from_secs(10)))
+                .keep_alive_timeout(Duration::from_secs(10));
             let serving = builder.serve_connection(TokioIo::new(connection), service);
             let mut serving = std::pin::pin!(serving);
             tokio::select! {
-                _ = serving.as_mut() => {}
-                _ = stop.cancelled() => {
-                    serving.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
-                }
+                _ = serving.as_mut() => return,
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
             }
+            serving.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, serving).await;
         });
     }
     tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(6), tasks.wait()).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE + Duration::from_secs(1), tasks.wait()).await;
 }

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::Node;
 use super::lateness::Verdict;
+use super::metrics::Recording;
 use super::writes::{ClientWrite, Entry};
 use crate::error::{Error, Outcome, Result};
 use crate::metrics::Operation;
@@ -29,10 +29,10 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::PutRequest>,
     ) -> Result<Response<pb::PutResponse>, Status> {
-        let started = Instant::now();
         let consistency = super::metrics::consistency_label(request.get_ref().consistency);
+        let recording = Recording::start(&self.0, Operation::Put, consistency);
         let answer = put(&self.0, request).await;
-        super::metrics::record(&self.0, Operation::Put, consistency, started, &answer);
+        recording.answered(&answer);
         answer
     }
 
@@ -41,10 +41,10 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let started = Instant::now();
         let consistency = super::metrics::consistency_label(request.get_ref().consistency);
+        let recording = Recording::start(&self.0, Operation::Get, consistency);
         let answer = get(&self.0, request).await;
-        super::metrics::record(&self.0, Operation::Get, consistency, started, &answer);
+        recording.answered(&answer);
         answer
     }
 
@@ -53,10 +53,10 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         &self,
         request: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let started = Instant::now();
         let consistency = super::metrics::consistency_label(request.get_ref().consistency);
+        let recording = Recording::start(&self.0, Operation::Delete, consistency);
         let answer = delete(&self.0, request).await;
-        super::metrics::record(&self.0, Operation::Delete, consistency, started, &answer);
+        recording.answered(&answer);
         answer
     }
 }

@@ -345,9 +345,7 @@ async fn drain<B: http_body::Body>(body: B) {
         while read <= DRAIN_BYTES {
             match futures::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
                 Some(Ok(frame)) => {
-                    read += frame
-                        .data_ref()
-                        .map_or(0, bytes::Buf::remaining);
+                    read += frame.data_ref().map_or(0, bytes::Buf::remaining);
                 }
                 _ => return,
             }

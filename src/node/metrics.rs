@@ -28,7 +28,6 @@ pub(super) struct NodeMetrics {
 pub(super) fn registry(node: &Arc<Node>) -> Registry {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(node.metrics.requests.clone()));
-    registry.register_collector(Box::new(node.metrics.calls.clone()));
     registry.register_collector(Box::new(NodeCollector(Arc::downgrade(node))));
     registry.register_collector(Box::new(crate::metrics::process::ProcessCollector));
     registry
@@ -46,34 +45,76 @@ pub(super) fn consistency_label(raw: i32) -> usize {
     }
 }
 
-/// Counts a client request answered `answer` after `started`.
-pub(super) fn record<T>(
-    node: &Node,
+/// Counts one client request when it is answered ([`Recording::answered`])
+/// or, if its future is dropped first (the caller cancelled, or its
+/// `grpc-timeout` ran out in tonic), as CANCELLED with an `unknown`
+/// outcome for a write: slow requests are counted too.
+pub(super) struct Recording<'a> {
+    node: &'a Node,
     operation: Operation,
     consistency: usize,
     started: Instant,
-    answer: &Result<tonic::Response<T>, tonic::Status>,
-) {
-    let writes = matches!(operation, Operation::Put | Operation::Delete);
-    let (code, outcome) = match answer {
-        Ok(_) => (0, if writes { 1 } else { 0 }),
-        Err(status) => {
-            let outcome = match crate::error::Outcome::of(status.metadata()) {
-                Some(crate::error::Outcome::Applied) => 1,
-                Some(crate::error::Outcome::NotApplied) => 2,
-                Some(crate::error::Outcome::Unknown) => 3,
-                None => 0,
-            };
-            (status.code() as i32, outcome)
+    done: bool,
+}
+
+impl<'a> Recording<'a> {
+    pub(super) fn start(node: &'a Node, operation: Operation, consistency: usize) -> Self {
+        Self {
+            node,
+            operation,
+            consistency,
+            started: Instant::now(),
+            done: false,
         }
-    };
-    let answered = Answered {
-        operation,
-        consistency,
-        code,
-        outcome,
-    };
-    node.metrics.requests.record(answered, started.elapsed());
+    }
+
+    /// Counts the request answered `answer`.
+    pub(super) fn answered<T>(mut self, answer: &Result<tonic::Response<T>, tonic::Status>) {
+        let (code, outcome) = match answer {
+            Ok(_) => (0, self.success_outcome()),
+            Err(status) => {
+                let outcome = match crate::error::Outcome::of(status.metadata()) {
+                    Some(crate::error::Outcome::Applied) => 1,
+                    Some(crate::error::Outcome::NotApplied) => 2,
+                    Some(crate::error::Outcome::Unknown) => 3,
+                    None => 0,
+                };
+                (status.code() as i32, outcome)
+            }
+        };
+        self.count(code, outcome);
+    }
+
+    fn writes(&self) -> bool {
+        matches!(self.operation, Operation::Put | Operation::Delete)
+    }
+
+    fn success_outcome(&self) -> usize {
+        if self.writes() { 1 } else { 0 }
+    }
+
+    fn count(&mut self, code: i32, outcome: usize) {
+        self.done = true;
+        let answered = Answered {
+            operation: self.operation,
+            consistency: self.consistency,
+            code,
+            outcome,
+        };
+        self.node
+            .metrics
+            .requests
+            .record(answered, self.started.elapsed());
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let outcome = if self.writes() { 3 } else { 0 };
+            self.count(tonic::Code::Cancelled as i32, outcome);
+        }
+    }
 }
 
 /// Encodes, at each scrape, what the node keeps for `Cluster.Status`.
@@ -87,6 +128,12 @@ impl Collector for NodeCollector {
             return Ok(());
         };
         let status = super::cluster::status_of(&node);
+        // Calls to addresses no longer members are kept but not shown, so
+        // the series do not grow with every address a peer ever had.
+        let view = node.cluster.placement();
+        node.metrics
+            .calls
+            .encode_peers(&mut encoder, |peer| view.is_member(peer))?;
         build_and_config(&node, &mut encoder)?;
         local_counts(&node, &mut encoder)?;
         members(&node, &status, &mut encoder)?;
@@ -185,6 +232,18 @@ fn local_counts(node: &Node, e: &mut DescriptorEncoder) -> Result<(), std::fmt::
             size as f64,
         )?;
     }
+    local_counters(node, &stats, e)
+}
+
+/// This node's own counters since it started.
+///
+/// One piece: a table, one metric (name, help, value) per entry; split, it
+/// would only be two tables.
+fn local_counters(
+    node: &Node,
+    stats: &crate::net::messages::NodeStats,
+    e: &mut DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
     let counters: [(&str, &str, u64); 15] = [
         (
             "dkvs_read_repair_writes",

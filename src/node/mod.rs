@@ -40,6 +40,7 @@ mod slow_body;
 mod writes;
 
 pub use access_gate::{Guard, VerifiedNode};
+pub use http::HttpDoor;
 pub use secure::tls_incoming;
 pub use serve::{incoming, serve, serve_guarded};
 

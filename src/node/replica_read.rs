@@ -23,7 +23,10 @@ impl pb::replica_read_server::ReplicaRead for ReplicaReadService {
         request: Request<pb::ReplicaReadBatchRequest>,
     ) -> Result<Response<pb::ReplicaReadBatchResponse>, Status> {
         let node = &self.0;
-        let started = tokio::time::Instant::now();
+        // The smart client says no consistency here (it tallies replies
+        // itself): counted as ONE, one replica's answer.
+        let one = 0;
+        let recording = super::metrics::Recording::start(node, Operation::ReplicaRead, one);
         let reads = request.into_inner().reads;
         let answer = node
             .limits
@@ -34,10 +37,7 @@ impl pb::replica_read_server::ReplicaRead for ReplicaReadService {
                 let reads = answer_reads(node, reads, serving, Reader::Client);
                 Response::new(pb::ReplicaReadBatchResponse { reads })
             });
-        // The smart client says no consistency here (it tallies replies
-        // itself): counted as ONE, one replica's answer.
-        let one = 0;
-        super::metrics::record(node, Operation::ReplicaRead, one, started, &answer);
+        recording.answered(&answer);
         answer
     }
 }

@@ -41,8 +41,17 @@ pub fn tls_incoming(
     listener: TcpListener,
     tls: Arc<NodeTls>,
 ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
+    tls_incoming_with(listener, move || tls.server_config())
+}
+
+/// [`tls_incoming`], each handshake with the config `config` gives then
+/// (the HTTP door: the node's, with HTTP/1.1 beside h2 in its ALPN).
+pub(super) fn tls_incoming_with(
+    listener: TcpListener,
+    config: impl Fn() -> Arc<rustls::ServerConfig> + Send + 'static,
+) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
     let (ready, taken) = tokio::sync::mpsc::channel(ACCEPTED_BACKLOG);
-    tokio::spawn(accept_loop(listener, tls, ready));
+    tokio::spawn(accept_loop(listener, config, ready));
     futures::stream::unfold(taken, |mut taken| async move {
         let connection = taken.recv().await?;
         Some((Ok(connection), taken))
@@ -51,11 +60,11 @@ pub fn tls_incoming(
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Arc<NodeTls>,
+    config: impl Fn() -> Arc<rustls::ServerConfig>,
     ready: tokio::sync::mpsc::Sender<TlsStream<TcpStream>>,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-    let per_host = HostSlots::default();
+    let per_host = HostSlots::new(MAX_HANDSHAKES_PER_HOST);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -86,7 +95,7 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+        let acceptor = tokio_rustls::TlsAcceptor::from(config());
         let ready = ready.clone();
         tokio::spawn(async move {
             let _held = (permit, slot);
@@ -103,22 +112,32 @@ async fn accept_loop(
     }
 }
 
-/// Handshakes in progress per host.
-#[derive(Clone, Default)]
-struct HostSlots(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+/// Handshakes (or connections) in progress per host, at most `max` each.
+#[derive(Clone)]
+pub(super) struct HostSlots {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    max: usize,
+}
 
 /// One handshake's place in [`HostSlots`], given back when dropped.
-struct HostSlot {
+pub(super) struct HostSlot {
     slots: HostSlots,
     host: IpAddr,
 }
 
 impl HostSlots {
-    /// A slot for one more handshake from `host`, unless it has too many.
-    fn claim(&self, host: IpAddr) -> Option<HostSlot> {
-        let mut counts = self.0.locked();
+    pub(super) fn new(max: usize) -> Self {
+        Self {
+            counts: Arc::default(),
+            max,
+        }
+    }
+
+    /// A slot for one more from `host`, unless it has `max` already.
+    pub(super) fn claim(&self, host: IpAddr) -> Option<HostSlot> {
+        let mut counts = self.counts.locked();
         let count = counts.entry(host).or_default();
-        if *count >= MAX_HANDSHAKES_PER_HOST {
+        if *count >= self.max {
             return None;
         }
         *count += 1;
@@ -131,7 +150,7 @@ impl HostSlots {
 
 impl Drop for HostSlot {
     fn drop(&mut self) {
-        let mut counts = self.slots.0.locked();
+        let mut counts = self.slots.counts.locked();
         if let Some(count) = counts.get_mut(&self.host) {
             *count -= 1;
             if *count == 0 {
@@ -203,7 +222,7 @@ mod tests {
 
     #[test]
     fn one_host_gets_a_bounded_number_of_handshakes_and_slots_come_back() {
-        let slots = HostSlots::default();
+        let slots = HostSlots::new(MAX_HANDSHAKES_PER_HOST);
         let host: IpAddr = [10, 0, 0, 1].into();
         let other: IpAddr = [10, 0, 0, 2].into();
         let held: Vec<HostSlot> = (0..MAX_HANDSHAKES_PER_HOST)
@@ -213,7 +232,7 @@ mod tests {
         assert!(slots.claim(other).is_some());
         drop(held);
         assert!(slots.claim(host).is_some());
-        assert!(slots.0.locked().is_empty());
+        assert!(slots.counts.locked().is_empty());
     }
 }
 

@@ -78,7 +78,6 @@ where
         .await;
     let (reflection_v1, reflection_v1alpha) = reflection()?;
 
-    let http = super::http::HttpDoor::open(&node, &guard).await?;
     let services = Services::new(&node, max_message);
     let reloader = super::secure::spawn_reloader(&guard, node.shutdown.clone());
     let workers = node.start_workers();
@@ -125,11 +124,7 @@ where
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
 
-    let stopped = stop(&node, workers, serving).await;
-    if let Some(http) = http {
-        http.close().await;
-    }
-    stopped?;
+    stop(&node, workers, serving).await?;
     if let Some(reloader) = reloader {
         let _ = reloader.await;
     }

@@ -166,7 +166,7 @@ impl Node {
                 Err(ForwardFailure::Answered(error)) => return Err(error),
                 Err(ForwardFailure::NotTaken(why)) => {
                     tracing::debug!(
-                        key = write.key,
+                        key_hash = %crate::metrics::key_hash(&write.key),
                         "forward to {first} not taken ({why}); coordinating the write here"
                     );
                 }

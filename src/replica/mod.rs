@@ -213,7 +213,7 @@ impl StoredScan {
             },
             &mut |key, why| {
                 corrupt_records += 1;
-                tracing::error!(key_hash = %crate::metrics::key_hash(&String::from_utf8_lossy(key)), %why, "skipping corrupt record");
+                tracing::error!(key_hash = %user_key(key).map(crate::metrics::key_hash).unwrap_or_else(|| "(not UTF-8)".into()), %why, "skipping corrupt record");
             },
         )?;
         corrupt_records += bad_keys;

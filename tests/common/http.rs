@@ -29,14 +29,18 @@ pub async fn get(address: &str, path: &str, headers: &[(&str, &str)]) -> Result<
     exchange(stream, address, path, headers).await
 }
 
-/// `GET path` on `address` over TLS, trusting the CA certificates in `ca`.
+/// `GET path` on `address` over TLS, trusting the CA certificates in `ca`,
+/// offering only HTTP/1.1 in ALPN.
 pub async fn get_tls(
     ca: &std::path::Path,
     address: &str,
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Answer, String> {
-    let config = dkvs::security::tls::ClientTls::for_ca(ca)?.config();
+    let mut config = (*dkvs::security::tls::ClientTls::for_ca(ca)?.config()).clone();
+    // As curl --http1.1, Python's urllib3 and most health checkers offer.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = std::sync::Arc::new(config);
     let stream = connect(address).await?;
     let ip: std::net::IpAddr = address
         .rsplit_once(':')
