@@ -462,21 +462,17 @@ fn layout_and_moves(
             .map(move |m| (vec![("member", m.address.clone())], value(m)))
             .collect::<Vec<_>>()
     };
-    labelled_counters(
+    labelled_gauges(
         e,
         "dkvs_move_keys",
-        "Keys a joining member has received in the change in progress.",
-        per_move(|m| m.keys_moved as f64)
-            .into_iter()
-            .map(|(l, v)| (l, v as u64)),
+        "Keys a joining member has received in the change in progress (gone once it ends).",
+        per_move(|m| m.keys_moved as f64),
     )?;
-    labelled_counters(
+    labelled_gauges(
         e,
         "dkvs_move_bytes",
-        "Bytes a joining member has received in the change in progress.",
-        per_move(|m| m.bytes_moved as f64)
-            .into_iter()
-            .map(|(l, v)| (l, v as u64)),
+        "Bytes a joining member has received in the change in progress (gone once it ends).",
+        per_move(|m| m.bytes_moved as f64),
     )?;
     labelled_gauges(
         e,
