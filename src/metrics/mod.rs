@@ -164,6 +164,15 @@ const CODES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
+/// The name of gRPC code `code` (UNKNOWN for a number no code has).
+pub fn code_name(code: i32) -> &'static str {
+    usize::try_from(code)
+        .ok()
+        .and_then(|c| CODES.get(c))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
 const OPERATIONS: usize = Operation::ALL.len();
 const ANSWERS: usize = CODES.len() * OUTCOMES.len();
 

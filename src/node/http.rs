@@ -152,10 +152,12 @@ fn router(door: Arc<Door>) -> Router {
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/v1/kv/", axum::routing::any(kv))
+        .route("/v1/kv/{*key}", axum::routing::any(kv))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                "not found: this node serves /metrics, /health/live and /health/ready\n",
+                "not found: this node serves /v1/kv/{key}, /metrics, /health/live and /health/ready\n",
             )
         })
         .with_state(door)
@@ -188,6 +190,22 @@ async fn ready(State(door): State<Arc<Door>>, request: Request) -> Response {
         }
     }
     (status, body).into_response()
+}
+
+/// `/v1/kv/{key}` ([`super::http_kv`]), once the node is open.
+async fn kv(State(door): State<Arc<Door>>, request: Request) -> Response {
+    match door.node.get() {
+        Some(attached) => super::http_kv::kv(&attached.node, &door.guard, request).await,
+        None => {
+            let opening =
+                "the node is opening its data dir or joining the cluster; retry shortly\n";
+            let mut response = (StatusCode::SERVICE_UNAVAILABLE, opening).into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
 }
 
 /// `GET /metrics`: the text format, for a caller the guard admits.

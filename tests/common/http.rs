@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// An answer: status code, headers (names lowercased), body.
+/// An answer: status code, headers (names lowercased), body (as text,
+/// lossily, and as bytes).
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
+    pub bytes: Vec<u8>,
 }
 
 impl Answer {
@@ -25,8 +27,20 @@ impl Answer {
 
 /// `GET path` on `address` (plain HTTP), with extra `headers`.
 pub async fn get(address: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer, String> {
+    request(address, "GET", path, headers, b"").await
+}
+
+/// `method path` on `address` (plain HTTP), with extra `headers` and
+/// `body` (sent with its Content-Length when not empty).
+pub async fn request(
+    address: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Answer, String> {
     let stream = connect(address).await?;
-    exchange(stream, address, path, headers).await
+    exchange(stream, address, method, path, headers, body).await
 }
 
 /// `GET path` on `address` over TLS, trusting the CA certificates in `ca`,
@@ -51,7 +65,7 @@ pub async fn get_tls(
         .connect(name, stream)
         .await
         .map_err(|e| format!("TLS handshake with {address}: {e}"))?;
-    exchange(stream, address, path, headers).await
+    exchange(stream, address, "GET", path, headers, b"").await
 }
 
 async fn connect(address: &str) -> Result<tokio::net::TcpStream, String> {
@@ -67,26 +81,37 @@ async fn connect(address: &str) -> Result<tokio::net::TcpStream, String> {
 async fn exchange(
     mut stream: impl AsyncRead + AsyncWrite + Unpin,
     address: &str,
+    method: &str,
     path: &str,
     headers: &[(&str, &str)],
+    body: &[u8],
 ) -> Result<Answer, String> {
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     request.push_str("\r\n");
     let exchange = async {
         stream.write_all(request.as_bytes()).await?;
+        stream.write_all(body).await?;
         let mut bytes = Vec::new();
         stream.read_to_end(&mut bytes).await?;
         Ok::<_, std::io::Error>(bytes)
     };
-    let bytes = tokio::time::timeout(Duration::from_secs(10), exchange)
+    let bytes = tokio::time::timeout(Duration::from_secs(20), exchange)
         .await
-        .map_err(|_| format!("GET {path} on {address} timed out"))?
-        .map_err(|e| format!("GET {path} on {address}: {e}"))?;
-    let text = String::from_utf8(bytes).map_err(|e| format!("not UTF-8: {e}"))?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of headers")?;
+        .map_err(|_| format!("{method} {path} on {address} timed out"))?
+        .map_err(|e| format!("{method} {path} on {address}: {e}"))?;
+    let end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = std::str::from_utf8(&bytes[..end]).map_err(|e| format!("headers not UTF-8: {e}"))?;
+    let body = &bytes[end + 4..];
     let mut lines = head.lines();
     let status = lines
         .next()
@@ -100,34 +125,38 @@ async fn exchange(
     let chunked = headers
         .iter()
         .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked {
+    let bytes = if chunked {
         dechunk(body)?
     } else {
-        body.to_string()
+        body.to_vec()
     };
     Ok(Answer {
         status,
         headers,
-        body,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
     })
 }
 
 /// The body of a `Transfer-Encoding: chunked` answer.
-fn dechunk(mut rest: &str) -> Result<String, String> {
-    let mut body = String::new();
+fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
     loop {
-        let (size, after) = rest
-            .split_once("\r\n")
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
             .ok_or("a chunk without its size line")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        let size_line = std::str::from_utf8(&rest[..line_end]).map_err(|e| e.to_string())?;
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| format!("chunk size {size_line:?}: {e}"))?;
+        let after = &rest[line_end + 2..];
         if size == 0 {
             return Ok(body);
         }
         let chunk = after.get(..size).ok_or("a chunk shorter than its size")?;
-        body.push_str(chunk);
+        body.extend_from_slice(chunk);
         rest = after[size..]
-            .strip_prefix("\r\n")
+            .strip_prefix(b"\r\n")
             .ok_or("a chunk without its CRLF")?;
     }
 }

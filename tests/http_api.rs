@@ -1,0 +1,178 @@
+//! The key-value API over HTTP (`/v1/kv/{key}`, DESIGN "HTTP"), driven as
+//! curl drives it: raw bodies, keys with `/` and spaces, binary values of
+//! the size limit, a value over it, bad keys and consistencies, tokens;
+//! on real `DKVSServer` processes, each request to a node in turn.
+
+mod common;
+
+use common::TestCluster;
+use common::http::{self, Answer};
+
+/// A percent-encoded path for `key` under `/v1/kv/` (what curl sends for a
+/// URL typed with %-escapes).
+fn kv_path(key: &str) -> String {
+    let mut path = String::from("/v1/kv/");
+    for byte in key.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                path.push(byte as char)
+            }
+            other => path.push_str(&format!("%{other:02X}")),
+        }
+    }
+    path
+}
+
+fn json(answer: &Answer) -> serde_json::Value {
+    serde_json::from_str(&answer.body).unwrap_or_else(|e| panic!("{e}: {}", answer.body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_values_round_trip_through_any_node_as_curl_sends_them() {
+    let limit = 1 << 20;
+    let cluster = TestCluster::start_with_http(3, &["--max-value-bytes", "1048576"]).await;
+    let door = |i: usize| cluster.http_address(i % 3).expect("http");
+
+    // A key with slashes, spaces and non-ASCII; a binary value of exactly
+    // the limit, written through node 0, read through nodes 1 and 2.
+    let key = "users/42/profile photo é";
+    let value: Vec<u8> = (0..limit).map(|i| (i * 7 % 251) as u8).collect();
+    let put = http::request(&door(0), "PUT", &kv_path(key), &[], &value)
+        .await
+        .expect("PUT");
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.header("x-dkvs-outcome"), Some("applied"));
+    let written = json(&put);
+    let version = written["version"].as_str().expect("version").to_string();
+    assert!(
+        written["acks"].as_u64().is_some_and(|a| a >= 2),
+        "{written}"
+    );
+    assert_eq!(put.header("x-dkvs-version"), Some(version.as_str()));
+    assert_eq!(put.header("etag"), Some(format!("\"{version}\"").as_str()));
+    for i in 1..3 {
+        let got = http::get(&door(i), &kv_path(key), &[]).await.expect("GET");
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert!(
+            got.bytes == value,
+            "node {i} answered other bytes ({})",
+            got.bytes.len()
+        );
+        assert_eq!(got.header("x-dkvs-version"), Some(version.as_str()));
+        assert_eq!(got.header("etag"), Some(format!("\"{version}\"").as_str()));
+    }
+    // The same key, written by the smart client, is the same key.
+    let client = cluster.client().await;
+    let read = client.get(key).await.expect("smart GET").expect("found");
+    assert!(read.as_ref() == value.as_slice());
+    // Consistency from the query; ALL through node 2.
+    let all = http::get(&door(2), &format!("{}?consistency=all", kv_path(key)), &[])
+        .await
+        .expect("GET ALL");
+    assert_eq!(all.status, 200);
+
+    // Over the limit: 413 from Content-Length, before the body is read,
+    // and nothing written.
+    let big = vec![1u8; limit + 1];
+    let refused = http::request(&door(1), "PUT", &kv_path("too-big"), &[], &big)
+        .await
+        .expect("PUT too big");
+    assert_eq!(refused.status, 413, "{}", refused.body);
+    assert_eq!(refused.header("x-dkvs-outcome"), Some("not-applied"));
+    assert_eq!(json(&refused)["outcome"], "not-applied");
+    let missing = http::get(&door(2), &kv_path("too-big"), &[])
+        .await
+        .expect("GET");
+    assert_eq!(missing.status, 404);
+    assert_eq!(json(&missing)["code"], "NOT_FOUND");
+
+    // DELETE, then 404 everywhere.
+    let deleted = http::request(&door(2), "DELETE", &kv_path(key), &[], b"")
+        .await
+        .expect("DELETE");
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert_eq!(deleted.header("x-dkvs-outcome"), Some("applied"));
+    for i in 0..3 {
+        let gone = http::get(&door(i), &kv_path(key), &[]).await.expect("GET");
+        assert_eq!(gone.status, 404, "node {i}: {}", gone.body);
+    }
+
+    // Bad input: 400 with a JSON error that says what to do; a write's
+    // says not-applied.
+    for (method, path, what) in [
+        ("GET", "/v1/kv/%FF%FE".to_string(), "UTF-8"),
+        ("PUT", "/v1/kv/".to_string(), "no key"),
+        (
+            "PUT",
+            format!("{}?consistency=most", kv_path("k")),
+            "consistency",
+        ),
+        (
+            "GET",
+            format!("{}?consistency=any", kv_path("k")),
+            "consistency",
+        ),
+        ("GET", format!("/v1/kv/{}", "k".repeat(2000)), "key"),
+    ] {
+        let answer = http::request(&door(0), method, &path, &[], b"v")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 400, "{method} {path}: {}", answer.body);
+        let error = json(&answer);
+        assert_eq!(error["code"], "INVALID_ARGUMENT");
+        assert!(
+            error["error"].as_str().is_some_and(|e| e.contains(what)),
+            "{method} {path}: {error}"
+        );
+        if method == "PUT" {
+            assert_eq!(answer.header("x-dkvs-outcome"), Some("not-applied"));
+        }
+    }
+    let post = http::request(&door(0), "POST", &kv_path("k"), &[], b"v")
+        .await
+        .expect("POST");
+    assert_eq!(post.status, 405);
+    assert_eq!(post.header("allow"), Some("GET, HEAD, PUT, DELETE"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_need_a_read_token_and_writes_a_readwrite_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "read-token read\nrw-token readwrite\n").expect("auth file");
+    let tokens = tokens.display().to_string();
+    let cluster =
+        TestCluster::start_with_http(1, &["--auth-file", &tokens, "--insecure-plaintext-auth"])
+            .await;
+    let door = cluster.http_address(0).expect("http");
+    let read = [("Authorization", "Bearer read-token")];
+    let write = [("Authorization", "Bearer rw-token")];
+
+    let anonymous = http::request(&door, "PUT", "/v1/kv/k", &[], b"v")
+        .await
+        .expect("PUT");
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    assert_eq!(anonymous.header("x-dkvs-outcome"), Some("not-applied"));
+    let weak = http::request(&door, "PUT", "/v1/kv/k", &read, b"v")
+        .await
+        .expect("PUT");
+    assert_eq!(weak.status, 403, "{}", weak.body);
+    assert_eq!(json(&weak)["code"], "PERMISSION_DENIED");
+    assert_eq!(
+        http::get(&door, "/v1/kv/k", &read)
+            .await
+            .expect("GET")
+            .status,
+        404
+    );
+    let put = http::request(&door, "PUT", "/v1/kv/k", &write, b"v")
+        .await
+        .expect("PUT");
+    assert_eq!(put.status, 200, "{}", put.body);
+    let got = http::get(&door, "/v1/kv/k", &read).await.expect("GET");
+    assert_eq!((got.status, got.body.as_str()), (200, "v"));
+    assert_eq!(
+        http::get(&door, "/v1/kv/k", &[]).await.expect("GET").status,
+        401
+    );
+}
