@@ -113,6 +113,16 @@ async fn keys_and_values_round_trip_through_any_node_as_curl_sends_them() {
             "consistency",
         ),
         ("GET", format!("/v1/kv/{}", "k".repeat(2000)), "key"),
+        (
+            "PUT",
+            format!("{}?consistency=one&consistency=all", kv_path("k")),
+            "twice",
+        ),
+        (
+            "PUT",
+            format!("{}?consistancy=all", kv_path("k")),
+            "unknown query parameter",
+        ),
     ] {
         let answer = http::request(&door(0), method, &path, &[], b"v")
             .await
@@ -174,5 +184,63 @@ async fn reads_need_a_read_token_and_writes_a_readwrite_one() {
     assert_eq!(
         http::get(&door, "/v1/kv/k", &[]).await.expect("GET").status,
         401
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_take_client_slots_and_a_slow_body_times_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = TestCluster::start_with_http(
+        1,
+        &[
+            "--max-client-requests",
+            "1",
+            "--request-body-timeout-ms",
+            "1000",
+        ],
+    )
+    .await;
+    let door = cluster.http_address(0).expect("http");
+    // A PUT whose body never comes holds the one client slot...
+    let mut slow = tokio::net::TcpStream::connect(&door)
+        .await
+        .expect("connect");
+    let head = format!("PUT /v1/kv/slow HTTP/1.1\r\nHost: {door}\r\nContent-Length: 10\r\n\r\n");
+    slow.write_all(head.as_bytes()).await.expect("send headers");
+    // ...so another request is shed, not applied, with Retry-After.
+    let shed = common::eventually(std::time::Duration::from_secs(5), async || {
+        let answer = http::request(&door, "PUT", "/v1/kv/other", &[], b"v").await?;
+        match answer.status {
+            503 => Ok(answer),
+            other => Err(format!("{other}: {}", answer.body)),
+        }
+    })
+    .await;
+    assert_eq!(shed.header("x-dkvs-outcome"), Some("not-applied"));
+    assert!(shed.header("retry-after").is_some());
+    assert!(shed.body.contains("--max-client-requests"), "{}", shed.body);
+    // The slow body is given up after --request-body-timeout-ms: 408, not
+    // applied, and its slot comes back.
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        slow.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered in time")
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("x-dkvs-outcome: not-applied"), "{answer}");
+    let put = http::request(&door, "PUT", "/v1/kv/other", &[], b"v")
+        .await
+        .expect("PUT");
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(
+        http::get(&door, "/v1/kv/slow", &[])
+            .await
+            .expect("GET")
+            .status,
+        404
     );
 }

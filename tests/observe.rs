@@ -396,6 +396,11 @@ async fn the_door_opens_before_the_node_and_bounds_connections_per_host() {
         "{}",
         ready.body
     );
+    let put = http::request(&http_address, "PUT", "/v1/kv/k", &[], b"v")
+        .await
+        .expect("PUT");
+    assert_eq!(put.status, 503, "{}", put.body);
+    assert_eq!(put.header("x-dkvs-outcome"), Some("not-applied"));
     let metrics = http::get(&http_address, "/metrics", &[])
         .await
         .expect("metrics");

@@ -197,12 +197,17 @@ async fn kv(State(door): State<Arc<Door>>, request: Request) -> Response {
     match door.node.get() {
         Some(attached) => super::http_kv::kv(&attached.node, &door.guard, request).await,
         None => {
-            let opening =
-                "the node is opening its data dir or joining the cluster; retry shortly\n";
-            let mut response = (StatusCode::SERVICE_UNAVAILABLE, opening).into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            let writes = matches!(
+                *request.method(),
+                axum::http::Method::PUT | axum::http::Method::DELETE
+            );
+            let mut response = super::http_kv::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the node is opening its data dir or joining the cluster; retry shortly",
+                tonic::Code::Unavailable,
+                writes.then_some(crate::error::Outcome::NotApplied),
+            );
+            super::http_kv::retry_after(&mut response, 1);
             response
         }
     }

@@ -37,6 +37,16 @@ pub(super) const KV_PREFIX: &str = "/v1/kv/";
 /// `outcome` (DESIGN "Outcomes").
 pub(super) fn http_status(code: Code, outcome: Option<Outcome>) -> StatusCode {
     let after_sending = outcome == Some(Outcome::Unknown);
+    if after_sending
+        && !matches!(
+            code,
+            Code::Unavailable | Code::Aborted | Code::ResourceExhausted | Code::DeadlineExceeded
+        )
+    {
+        // An unknown outcome is never a client error (4xx): the write may
+        // have applied (say, a forwarded write's answer that named none).
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
     match code {
         Code::Ok => StatusCode::OK,
         Code::NotFound => StatusCode::NOT_FOUND,
@@ -80,6 +90,32 @@ pub(super) async fn kv(node: &Arc<Node>, guard: &Guard, request: Request) -> Res
     if let Some(refused) = refuse_caller(guard, &request, role, not_applied) {
         return refused;
     }
+    if node.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut refused = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is stopping; send the request to another node",
+            Code::Unavailable,
+            not_applied,
+        );
+        retry_after(&mut refused, 1);
+        return refused;
+    }
+    // A slot of --max-client-requests, as a gRPC request takes, held until
+    // the answer: the HTTP door is no way around the node's budget.
+    let _slot = match node.load.admit(super::load::Budget::Clients, None) {
+        Ok(slot) => slot,
+        Err(budget) => {
+            let status = node.load.refusal(budget);
+            let mut refused = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status.message(),
+                Code::Unavailable,
+                not_applied,
+            );
+            retry_after(&mut refused, 1);
+            return refused;
+        }
+    };
     let parsed = key_of(request.uri().path())
         .and_then(|key| Ok((key, consistency_of(request.uri().query(), writes)?)));
     let (key, consistency) = match parsed {
@@ -89,7 +125,8 @@ pub(super) async fn kv(node: &Arc<Node>, guard: &Guard, request: Request) -> Res
     match *request.method() {
         Method::GET | Method::HEAD => get(node, &key, consistency).await,
         Method::PUT => {
-            let value = match body_within(request, node.limits.max_value_bytes).await {
+            let timeout = std::time::Duration::from_millis(node.config.request_body_timeout_ms);
+            let value = match body_within(request, node.limits.max_value_bytes, timeout).await {
                 Ok(value) => value,
                 Err(refused) => return refused,
             };
@@ -186,12 +223,26 @@ pub(super) fn key_of(path: &str) -> Result<String, String> {
         .map_err(|_| "the key is not UTF-8 once percent-decoded; a key must be UTF-8".into())
 }
 
-/// The `consistency` query parameter (QUORUM when absent).
+/// The `consistency` query parameter (QUORUM when absent). Any other
+/// parameter, a repeated or an empty one is refused, so a misspelt one
+/// never silently means QUORUM.
 pub(super) fn consistency_of(query: Option<&str>, writes: bool) -> Result<Consistency, String> {
-    let asked = query
+    let mut asked = None;
+    for pair in query
         .unwrap_or_default()
         .split('&')
-        .find_map(|pair| pair.strip_prefix("consistency="));
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("consistency", value)) if asked.is_none() => asked = Some(value),
+            Some(("consistency", _)) => return Err("consistency is given twice".into()),
+            _ => {
+                return Err(format!(
+                    "unknown query parameter {pair:?}: /v1/kv/{{key}} takes only consistency=one|quorum|all"
+                ));
+            }
+        }
+    }
     match asked.map(|c| c.to_ascii_lowercase()).as_deref() {
         None | Some("quorum") => Ok(Consistency::Quorum),
         Some("one") => Ok(Consistency::One),
@@ -204,15 +255,22 @@ pub(super) fn consistency_of(query: Option<&str>, writes: bool) -> Result<Consis
     }
 }
 
-/// The request's body, at most `limit` bytes; 413 (not applied) past it,
-/// from `Content-Length` before reading anything when it is given.
-async fn body_within(request: Request, limit: usize) -> Result<Bytes, Response> {
-    let too_large = |size: String| {
-        error(
+/// The request's body, at most `limit` bytes, arrived within `timeout`:
+/// 413 past the limit (from `Content-Length` before reading anything when
+/// it is given), 408 when it is too slow, 400 when it breaks off; all not
+/// applied.
+async fn body_within(
+    request: Request,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, Response> {
+    use http_body_util::BodyExt;
+    let refused = |status, why: &str, code| error(status, why, code, Some(Outcome::NotApplied));
+    let too_large = |size: &str| {
+        refused(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("the value is {size} bytes; the limit is {limit} bytes (--max-value-bytes)"),
             Code::InvalidArgument,
-            Some(Outcome::NotApplied),
         )
     };
     let declared = request
@@ -223,11 +281,33 @@ async fn body_within(request: Request, limit: usize) -> Result<Bytes, Response> 
     if let Some(declared) = declared
         && declared > limit as u64
     {
-        return Err(too_large(declared.to_string()));
+        return Err(too_large(&declared.to_string()));
     }
-    axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| too_large("more than".into()))
+    let limited = http_body_util::Limited::new(request.into_body(), limit);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(why)) if why.is::<http_body_util::LengthLimitError>() => Err(too_large("more than")),
+        Ok(Err(why)) => Err(refused(
+            StatusCode::BAD_REQUEST,
+            &format!("the request body broke off: {why}"),
+            Code::InvalidArgument,
+        )),
+        Err(_) => Err(refused(
+            StatusCode::REQUEST_TIMEOUT,
+            &format!(
+                "the request body did not arrive within {} ms (--request-body-timeout-ms)",
+                timeout.as_millis()
+            ),
+            Code::DeadlineExceeded,
+        )),
+    }
+}
+
+/// Adds `Retry-After: seconds`.
+pub(super) fn retry_after(response: &mut Response, seconds: u32) {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
 }
 
 /// With `--auth-file`: 401 without a known token, 403 for a role below
@@ -284,15 +364,18 @@ fn failure(why: &Error, outcome: Option<Outcome>) -> Response {
     let code = why.code();
     let mut response = error(http_status(code, outcome), &why.to_string(), code, outcome);
     if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        retry_after(&mut response, 1);
     }
     response
 }
 
 /// A JSON error answer; a write's carries `X-DKVS-Outcome`.
-fn error(status: StatusCode, why: &str, code: Code, outcome: Option<Outcome>) -> Response {
+pub(super) fn error(
+    status: StatusCode,
+    why: &str,
+    code: Code,
+    outcome: Option<Outcome>,
+) -> Response {
     let body = serde_json::json!({
         "error": why,
         "code": crate::metrics::code_name(code as i32),
@@ -337,6 +420,9 @@ mod tests {
             (Code::Unauthenticated, not_applied, 401),
             (Code::PermissionDenied, not_applied, 403),
             (Code::Internal, unknown, 500),
+            (Code::InvalidArgument, unknown, 500),
+            (Code::FailedPrecondition, unknown, 500),
+            (Code::NotFound, unknown, 500),
             (Code::Unimplemented, unknown, 500),
         ] {
             assert_eq!(
@@ -361,7 +447,7 @@ mod tests {
     fn consistency_comes_from_the_query_and_any_is_for_writes() {
         assert_eq!(consistency_of(None, false), Ok(Consistency::Quorum));
         assert_eq!(
-            consistency_of(Some("x=1&consistency=ONE"), false),
+            consistency_of(Some("consistency=ONE"), false),
             Ok(Consistency::One)
         );
         assert_eq!(
@@ -374,5 +460,9 @@ mod tests {
         );
         assert!(consistency_of(Some("consistency=any"), false).is_err());
         assert!(consistency_of(Some("consistency=most"), true).is_err());
+        assert!(consistency_of(Some("consistency=one&consistency=all"), false).is_err());
+        assert!(consistency_of(Some("consistancy=all"), true).is_err());
+        assert!(consistency_of(Some("consistency"), true).is_err());
+        assert!(consistency_of(Some("consistency="), true).is_err());
     }
 }

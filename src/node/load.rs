@@ -219,7 +219,7 @@ impl Load {
     }
 
     /// The refusal for `budget`: UNAVAILABLE, not applied, with a hint.
-    fn refusal(&self, budget: Budget) -> tonic::Status {
+    pub(super) fn refusal(&self, budget: Budget) -> tonic::Status {
         let limit = match budget {
             Budget::Connection => self.limits.per_connection,
             Budget::Clients | Budget::Forwarded => self.limits.client_requests,

@@ -131,6 +131,9 @@ pub struct Node {
     /// Whether the node said SERVING (heard from its peers, caught up with
     /// the newest layout, agreed on the cluster id) and is not draining.
     serving: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the node starts draining (SIGTERM, or its instance was
+    /// removed): the HTTP door then refuses new reads and writes.
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Whether `storage` is a data dir that never held anything: no clock
@@ -389,6 +392,7 @@ impl Node {
             forward_counts: writes::ForwardCounts::default(),
             metrics,
             serving: Arc::default(),
+            draining: Arc::default(),
         }))
     }
 

@@ -143,6 +143,7 @@ fn drain_signal(
     let stop_serving = serving.abort_handle();
     let removal = node.removal.clone();
     let node_serving = node.serving.clone();
+    let draining = node.draining.clone();
     async move {
         tokio::select! {
             _ = shutdown => {}
@@ -150,6 +151,7 @@ fn drain_signal(
         }
         stop_serving.abort();
         node_serving.store(false, std::sync::atomic::Ordering::Relaxed);
+        draining.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down: NOT_SERVING, draining requests");
         set_every_status(&drain_health, tonic_health::ServingStatus::NotServing).await;
     }
