@@ -71,6 +71,57 @@ async fn keys_and_values_round_trip_through_any_node_as_curl_sends_them() {
         .expect("GET ALL");
     assert_eq!(all.status, 200);
 
+    // Its replicas, each asked, hold that version (the third may lag a
+    // moment behind the two that acknowledged).
+    let replicas_path = kv_path(key).replacen("/v1/kv/", "/v1/replicas/", 1);
+    let held = common::eventually(std::time::Duration::from_secs(10), async || {
+        let answer = http::get(&door(1), &replicas_path, &[]).await?;
+        let held = json(&answer);
+        let versions: Vec<&str> = held["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["version"].as_str())
+            .collect();
+        if versions.len() == 3 && versions.iter().all(|v| *v == version) {
+            Ok(held)
+        } else {
+            Err(format!("replicas: {held}"))
+        }
+    })
+    .await;
+    assert_eq!(held["key"], key);
+    let mut addresses: Vec<String> = held["replicas"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["address"].as_str().map(String::from))
+        .collect();
+    addresses.sort();
+    let mut members = cluster.addresses();
+    members.sort();
+    assert_eq!(
+        addresses, members,
+        "N=3 of 3 nodes: every node is a replica"
+    );
+    // The cluster as `DKVSClient status` shows it.
+    let status = json(
+        &http::get(&door(2), "/v1/cluster", &[])
+            .await
+            .expect("cluster"),
+    );
+    assert_eq!(status["address"], cluster.addresses()[2].as_str());
+    assert_eq!(status["replicas"], 3);
+    let states: Vec<&str> = status["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["state"].as_str())
+        .collect();
+    assert_eq!(states, ["UP", "UP", "UP"], "{status}");
+    assert!(status["layout"]["version"].as_u64().is_some_and(|v| v >= 1));
+    assert_eq!(status["node_id"].as_str().map(str::len), Some(16));
+
     // Over the limit: 413 from Content-Length, before the body is read,
     // and nothing written.
     let big = vec![1u8; limit + 1];
@@ -185,6 +236,12 @@ async fn reads_need_a_read_token_and_writes_a_readwrite_one() {
         http::get(&door, "/v1/kv/k", &[]).await.expect("GET").status,
         401
     );
+    for path in ["/v1/cluster", "/v1/replicas/k"] {
+        let anonymous = http::get(&door, path, &[]).await.expect(path);
+        assert_eq!(anonymous.status, 401, "{path}");
+        let reader = http::get(&door, path, &read).await.expect(path);
+        assert_eq!(reader.status, 200, "{path}: {}", reader.body);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,7 +253,7 @@ async fn http_requests_take_client_slots_and_a_slow_body_times_out() {
             "--max-client-requests",
             "1",
             "--request-body-timeout-ms",
-            "1000",
+            "5000",
         ],
     )
     .await;
@@ -208,7 +265,8 @@ async fn http_requests_take_client_slots_and_a_slow_body_times_out() {
     let head = format!("PUT /v1/kv/slow HTTP/1.1\r\nHost: {door}\r\nContent-Length: 10\r\n\r\n");
     slow.write_all(head.as_bytes()).await.expect("send headers");
     // ...so another request is shed, not applied, with Retry-After.
-    let shed = common::eventually(std::time::Duration::from_secs(5), async || {
+    // (Under 5 s: until then the slow body holds the slot.)
+    let shed = common::eventually(std::time::Duration::from_secs(4), async || {
         let answer = http::request(&door, "PUT", "/v1/kv/other", &[], b"v").await?;
         match answer.status {
             503 => Ok(answer),

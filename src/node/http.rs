@@ -152,12 +152,14 @@ fn router(door: Arc<Door>) -> Router {
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/replicas/{*key}", get(replicas))
         .route("/v1/kv/", axum::routing::any(kv))
         .route("/v1/kv/{*key}", axum::routing::any(kv))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                "not found: this node serves /v1/kv/{key}, /metrics, /health/live and /health/ready\n",
+                "not found: this node serves /v1/kv/{key}, /v1/replicas/{key}, /v1/cluster, /metrics, /health/live and /health/ready\n",
             )
         })
         .with_state(door)
@@ -196,21 +198,40 @@ async fn ready(State(door): State<Arc<Door>>, request: Request) -> Response {
 async fn kv(State(door): State<Arc<Door>>, request: Request) -> Response {
     match door.node.get() {
         Some(attached) => super::http_kv::kv(&attached.node, &door.guard, request).await,
-        None => {
-            let writes = matches!(
-                *request.method(),
-                axum::http::Method::PUT | axum::http::Method::DELETE
-            );
-            let mut response = super::http_kv::error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the node is opening its data dir or joining the cluster; retry shortly",
-                tonic::Code::Unavailable,
-                writes.then_some(crate::error::Outcome::NotApplied),
-            );
-            super::http_kv::retry_after(&mut response, 1);
-            response
-        }
+        None => opening_answer(matches!(
+            *request.method(),
+            axum::http::Method::PUT | axum::http::Method::DELETE
+        )),
     }
+}
+
+/// `GET /v1/cluster` ([`super::http_kv::cluster`]), once the node is open.
+async fn cluster(State(door): State<Arc<Door>>, request: Request) -> Response {
+    match door.node.get() {
+        Some(attached) => super::http_kv::cluster(&attached.node, &door.guard, &request),
+        None => opening_answer(false),
+    }
+}
+
+/// `GET /v1/replicas/{key}` ([`super::http_kv::replicas`]), once the node
+/// is open.
+async fn replicas(State(door): State<Arc<Door>>, request: Request) -> Response {
+    match door.node.get() {
+        Some(attached) => super::http_kv::replicas(&attached.node, &door.guard, request).await,
+        None => opening_answer(false),
+    }
+}
+
+/// The answer while the node opens: 503, and not applied for a write.
+fn opening_answer(writes: bool) -> Response {
+    let mut response = super::http_kv::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the node is opening its data dir or joining the cluster; retry shortly",
+        tonic::Code::Unavailable,
+        writes.then_some(crate::error::Outcome::NotApplied),
+    );
+    super::http_kv::retry_after(&mut response, 1);
+    response
 }
 
 /// `GET /metrics`: the text format, for a caller the guard admits.

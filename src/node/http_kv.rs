@@ -200,6 +200,78 @@ async fn write(
     }
 }
 
+/// `GET /v1/cluster`: this node's view of the cluster, as
+/// `DKVSClient status` shows it, in JSON.
+pub(super) fn cluster(node: &Node, guard: &Guard, request: &Request) -> Response {
+    if let Some(refused) = refuse_caller(guard, request, Role::Read, None) {
+        return refused;
+    }
+    let status = super::cluster::status_of(node);
+    json_answer(StatusCode::OK, &super::http_json::cluster(&status))
+}
+
+/// `GET /v1/replicas/{key}`: the key's replicas and the version each holds
+/// (asked directly, one call each, none waiting on another), as JSON.
+pub(super) async fn replicas(node: &Node, guard: &Guard, request: Request) -> Response {
+    if let Some(refused) = refuse_caller(guard, &request, Role::Read, None) {
+        return refused;
+    }
+    let path = request.uri().path().replacen("/v1/replicas/", KV_PREFIX, 1);
+    drop(request);
+    let key = match key_of(&path) {
+        Ok(key) => key,
+        Err(why) => return failure(&Error::InvalidArgument(why), None),
+    };
+    if let Err(why) = node.limits.check_key(&key) {
+        return failure(&why, None);
+    }
+    let view = node.cluster.placement();
+    let handles = match node.cluster.replica_handles(&view, &key, &node.replica) {
+        Ok(handles) => handles,
+        Err(why) => return failure(&why, None),
+    };
+    let timeout = node.config.rpc_timeout();
+    let reads = handles.iter().map(|h| h.read(&key, timeout));
+    let held = futures::future::join_all(reads).await;
+    let replicas: Vec<serde_json::Value> = handles
+        .iter()
+        .zip(held)
+        .map(|(handle, held)| {
+            let (version, deleted, error) = match held {
+                Ok(Some(record)) => (
+                    Some(record.version.to_string()),
+                    record.value.is_none(),
+                    None,
+                ),
+                Ok(None) => (None, false, None),
+                Err(why) => (None, false, Some(format!("{why:?}"))),
+            };
+            serde_json::json!({
+                "address": handle.address,
+                "version": version,
+                "deleted": deleted,
+                "error": error,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "key": key,
+        "layout_version": view.version(),
+        "replicas": replicas,
+    });
+    json_answer(StatusCode::OK, &body)
+}
+
+/// `body` as a JSON answer with `status`.
+fn json_answer(status: StatusCode, body: &serde_json::Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{body}\n"),
+    )
+        .into_response()
+}
+
 /// Puts `version` in `ETag` (quoted) and `X-DKVS-Version`.
 fn versioned(headers: &mut axum::http::HeaderMap, version: &str) {
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{version}\"")) {

@@ -24,6 +24,7 @@ mod cluster;
 mod cluster_gate;
 mod gate;
 mod http;
+mod http_json;
 mod http_kv;
 mod join;
 mod kv;
