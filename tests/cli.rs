@@ -854,3 +854,53 @@ async fn status_shows_a_join_in_progress_and_cluster_wait_returns_once_it_settle
     );
     assert!(!table.contains("Data moving"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_takes_a_binary_value_from_stdin_or_a_file() {
+    use std::io::Write;
+    let cluster = TestCluster::start(3).await;
+    let value: Vec<u8> = (0..70_000u32).map(|i| (i % 256) as u8).collect();
+
+    // PUT k - : stdin, byte for byte (NULs, newlines and all).
+    let mut put = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .arg("--nodes")
+        .arg(cluster.addresses().join(","))
+        .args(["PUT", "from-stdin", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run DKVSClient");
+    put.stdin
+        .take()
+        .expect("stdin")
+        .write_all(&value)
+        .expect("feed stdin");
+    let put = put.wait_with_output().expect("DKVSClient ran");
+    assert_eq!(put.status.code(), Some(0), "{}", text(&put.stderr));
+
+    // PUT k --file F.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("value.bin");
+    std::fs::write(&file, &value[..1000]).expect("write value");
+    let file = file.display().to_string();
+    let put = client(&cluster, &["PUT", "from-file", "--file", &file]);
+    assert_eq!(put.status.code(), Some(0), "{}", text(&put.stderr));
+
+    let smart = cluster.client().await;
+    let read = smart.get("from-stdin").await.expect("GET").expect("found");
+    assert!(read.as_ref() == value.as_slice(), "stdin value changed");
+    let read = smart.get("from-file").await.expect("GET").expect("found");
+    assert!(read.as_ref() == &value[..1000], "file value changed");
+
+    // A missing file is a usage error naming the flag, and nothing is
+    // written.
+    let missing = client(&cluster, &["PUT", "k", "--file", "/nonexistent/dkvs"]);
+    assert_eq!(missing.status.code(), Some(2), "{}", text(&missing.stderr));
+    assert!(
+        text(&missing.stderr).contains("--file"),
+        "{}",
+        text(&missing.stderr)
+    );
+    assert_eq!(client(&cluster, &["GET", "k"]).status.code(), Some(1));
+}

@@ -112,12 +112,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Store a value: PUT <key> <value> (several words are joined with spaces).
+    /// Store a value: PUT <key> <value> (several words are joined with
+    /// spaces); PUT <key> - reads the value from stdin, PUT <key> --file F
+    /// from a file (both byte for byte; --file right after the key: after
+    /// a value word it is one more word).
     #[command(name = "PUT", visible_alias = "put")]
     Put {
         key: String,
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        #[arg(
+            required_unless_present = "file",
+            num_args = 1..,
+            allow_hyphen_values = true
+        )]
         value: Vec<String>,
+        /// Read the value from this file (binary-safe).
+        #[arg(long, conflicts_with = "value")]
+        file: Option<std::path::PathBuf>,
     },
     /// Print a key's value; exit code 1 when the key does not exist.
     #[command(name = "GET", visible_alias = "get")]
@@ -402,6 +412,37 @@ fn warn_if_only_hinted(acks: usize) {
 
 /// Runs one command; `rpc_timeout` is `--timeout-ms` (for the second
 /// client `check` connects).
+/// Largest value read from stdin or a file: the largest any node takes
+/// (`--max-value-bytes` at most 256 MiB); the node checks its own limit.
+const MAX_VALUE_READ: u64 = 256 << 20;
+
+/// The value of a PUT: its words joined with spaces, stdin for `-`, or the
+/// file's bytes.
+fn value_to_put(words: Vec<String>, file: Option<std::path::PathBuf>) -> Result<Vec<u8>, Error> {
+    use std::io::Read;
+    let (mut source, named): (Box<dyn Read>, String) = match (&file, words.as_slice()) {
+        (Some(path), _) => {
+            let opened = std::fs::File::open(path)
+                .map_err(|e| Error::InvalidArgument(format!("--file {}: {e}", path.display())))?;
+            (Box::new(opened), format!("--file {}", path.display()))
+        }
+        (None, [dash]) if dash == "-" => (Box::new(std::io::stdin().lock()), "stdin".into()),
+        (None, _) => return Ok(words.join(" ").into_bytes()),
+    };
+    let mut value = Vec::new();
+    source
+        .by_ref()
+        .take(MAX_VALUE_READ + 1)
+        .read_to_end(&mut value)
+        .map_err(|e| Error::InvalidArgument(format!("reading the value from {named}: {e}")))?;
+    if value.len() as u64 > MAX_VALUE_READ {
+        return Err(Error::InvalidArgument(format!(
+            "the value from {named} is over {MAX_VALUE_READ} bytes, more than any node takes"
+        )));
+    }
+    Ok(value)
+}
+
 async fn execute(
     client: &Client,
     command: Command,
@@ -409,8 +450,9 @@ async fn execute(
 ) -> Result<Outcome, Error> {
     let mut out = std::io::stdout().lock();
     match command {
-        Command::Put { key, value } => {
-            let ack = client.put(&key, value.join(" ")).await?;
+        Command::Put { key, value, file } => {
+            let value = value_to_put(value, file)?;
+            let ack = client.put(&key, value).await?;
             let _ = writeln!(out, "OK (version {}, {} acks)", ack.version, ack.acks);
             warn_if_only_hinted(ack.acks);
         }
