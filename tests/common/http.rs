@@ -96,11 +96,20 @@ async fn exchange(
     }
     request.push_str("\r\n");
     let exchange = async {
-        stream.write_all(request.as_bytes()).await?;
-        stream.write_all(body).await?;
+        // A server may answer before it has read the body (413 from
+        // Content-Length) and close: as curl does, read the answer even
+        // when sending the rest failed.
+        let sent = match stream.write_all(request.as_bytes()).await {
+            Ok(()) => stream.write_all(body).await,
+            Err(error) => Err(error),
+        };
         let mut bytes = Vec::new();
-        stream.read_to_end(&mut bytes).await?;
-        Ok::<_, std::io::Error>(bytes)
+        let read = stream.read_to_end(&mut bytes).await;
+        match (sent, read) {
+            (_, Ok(_)) if !bytes.is_empty() => Ok(bytes),
+            (Err(error), _) | (Ok(()), Err(error)) => Err(error),
+            (Ok(()), Ok(_)) => Ok(bytes),
+        }
     };
     let bytes = tokio::time::timeout(Duration::from_secs(20), exchange)
         .await
