@@ -327,6 +327,8 @@ impl From<&crate::layout::Layout> for Layout {
                     role: match m.role {
                         crate::layout::Role::Active => LayoutRole::Active,
                         crate::layout::Role::Joining => LayoutRole::Joining,
+                        crate::layout::Role::Leaving => LayoutRole::Leaving,
+                        crate::layout::Role::Removing => LayoutRole::Removing,
                     } as i32,
                     tokens: m.tokens.clone(),
                     instance_id: m.instance_id.0,
@@ -345,6 +347,8 @@ impl From<&crate::layout::Layout> for Layout {
                     why: r.why.clone(),
                 })
                 .collect(),
+            streamed: l.streamed.clone(),
+            allow_data_loss: l.allow_data_loss,
         }
     }
 }
@@ -358,6 +362,8 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
             let role = match LayoutRole::try_from(m.role) {
                 Ok(LayoutRole::Active) => crate::layout::Role::Active,
                 Ok(LayoutRole::Joining) => crate::layout::Role::Joining,
+                Ok(LayoutRole::Leaving) => crate::layout::Role::Leaving,
+                Ok(LayoutRole::Removing) => crate::layout::Role::Removing,
                 _ => {
                     return Err(format!(
                         "member {} has no valid role ({})",
@@ -392,6 +398,8 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
                 why: r.why,
             })
             .collect(),
+        streamed: l.streamed,
+        allow_data_loss: l.allow_data_loss,
     };
     layout.members.sort_by(|a, b| a.address.cmp(&b.address));
     layout.validate()?;

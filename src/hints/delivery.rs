@@ -7,7 +7,8 @@
 //! replicate the key at its layout. A hint whose key moved away from its
 //! target goes to every replica the key has now instead; until all of
 //! them hold it, it is kept. So a hint never lands on a node that dropped
-//! the key's range after a move.
+//! the key's range after a move. The hints of a node that left or was
+//! removed go the same way.
 
 use std::sync::Arc;
 
@@ -67,14 +68,9 @@ impl HintDelivery {
             .find(|m| m.member_id == target)
             .cloned()
         else {
-            // Not a member any more: nobody to deliver to.
-            let dropped = self.store.drop_target(target)?;
-            tracing::info!(
-                replica_id = %target,
-                dropped,
-                "dropped the hints of a node that is not a member"
-            );
-            return Ok(());
+            // Not a member any more (it left or was removed): its hints go
+            // to the replicas their keys have now.
+            return self.hand_over(target).await;
         };
         if !self.cluster.liveness.is_up(&member.address) {
             return Ok(());
@@ -129,6 +125,33 @@ impl HintDelivery {
                 }?;
             }
         }
+    }
+
+    /// Gives the hints of `target`, no longer a member, to every replica
+    /// each key has now; a hint is kept until they all hold it.
+    async fn hand_over(&self, target: MemberId) -> Result<()> {
+        let mut handed = 0u64;
+        loop {
+            let batch = self.store.for_target(target, 256, wall_clock_ms())?;
+            if batch.is_empty() {
+                break;
+            }
+            for stored in batch {
+                let view = self.cluster.placement();
+                self.retarget(&view, &stored.hint.key, &stored.hint.record)
+                    .await?;
+                self.store.remove(&stored, true)?;
+                handed += 1;
+            }
+        }
+        if handed > 0 {
+            tracing::info!(
+                replica_id = %target,
+                handed,
+                "gave the hints of a node that is no longer a member to the replicas its keys have now"
+            );
+        }
+        Ok(())
     }
 
     /// Writes a hinted record to every replica `key` has under `view`

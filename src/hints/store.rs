@@ -384,6 +384,7 @@ impl HintStore {
 
     /// Deletes every hint held for `target` (no longer a cluster member),
     /// without reading them. Answers how many there were.
+    #[cfg(test)]
     pub fn drop_target(&self, target: MemberId) -> Result<u64> {
         let mut dropped = 0;
         loop {

@@ -38,14 +38,14 @@ impl Layout {
     pub fn acceptors(&self) -> Vec<String> {
         self.members
             .iter()
-            .filter(|m| m.role == Role::Active)
+            .filter(|m| m.role.votes())
             .map(|m| m.address.clone())
             .collect()
     }
 
     /// Whether `address` may vote on the version after this one.
     pub fn votes(&self, address: &str) -> bool {
-        self.member(address).is_some_and(|m| m.role == Role::Active)
+        self.member(address).is_some_and(|m| m.role.votes())
     }
 
     /// Whether instance `instance` at `address` may vote on the version
@@ -55,7 +55,7 @@ impl Layout {
     /// until a layout names it).
     pub fn votes_as(&self, address: &str, instance: InstanceId) -> bool {
         self.member(address).is_some_and(|m| {
-            m.role == Role::Active && (m.instance_id.is_none() || m.instance_id == instance)
+            m.role.votes() && (m.instance_id.is_none() || m.instance_id == instance)
         })
     }
 
@@ -99,7 +99,7 @@ impl Layout {
         let Some(member) = self.member(address) else {
             return Ok(false);
         };
-        if member.role == Role::Active
+        if member.role != Role::Joining
             || instance.is_none()
             || member.instance_id.is_none()
             || member.instance_id == instance
@@ -119,8 +119,8 @@ impl Layout {
     /// is in progress.
     pub fn abort(&self) -> Result<Layout, Refusal> {
         let joiners: Vec<_> = self.joining().collect();
-        if joiners.is_empty() {
-            if !self.previous.is_empty() {
+        if self.reads_moved() || self.in_progress().is_none() {
+            if self.reads_moved() {
                 return Err(Refusal::Invalid(format!(
                     "cannot abort: {} (layout v{}) and reads already use the new replica sets; \
                      the change can no longer be undone. Run `DKVSClient cluster wait` for the move to settle \
@@ -135,7 +135,19 @@ impl Layout {
         }
         let version = self.version + 1;
         let addresses: Vec<String> = joiners.iter().map(|m| m.address.clone()).collect();
-        let mut next = self.next(format!("{} {JOIN_ABORTED}", addresses.join(", ")));
+        let mut next = self.next(if addresses.is_empty() {
+            format!("{} aborted", self.change_name())
+        } else {
+            format!("{} {JOIN_ABORTED}", addresses.join(", "))
+        });
+        // Members leaving or being removed stay: back to active.
+        for member in &mut next.members {
+            if matches!(member.role, Role::Leaving | Role::Removing) {
+                member.role = Role::Active;
+            }
+        }
+        next.streamed.clear();
+        next.allow_data_loss = false;
         for joiner in joiners {
             next.removed.push(Removed {
                 address: joiner.address.clone(),
@@ -154,6 +166,11 @@ impl Removed {
     pub fn notice(&self) -> String {
         if self.why == JOIN_ABORTED {
             format!("this node's join was aborted (layout v{})", self.version)
+        } else if self.why == super::change::LEFT {
+            format!(
+                "this node left the cluster (layout v{}); its ranges moved to the other members",
+                self.version
+            )
         } else {
             format!(
                 "this node's instance was removed from the cluster (layout v{}: {})",

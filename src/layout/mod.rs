@@ -36,6 +36,7 @@
 //! it usually gets it too, but only N−W+1 of them are required.
 
 mod abort;
+pub mod change;
 pub mod cluster_id;
 pub mod naming;
 pub mod paxos;
@@ -57,6 +58,43 @@ pub enum Role {
     Active,
     /// Gets writes and its ranges' data; answers no quorum read yet.
     Joining,
+    /// Leaving (`cluster leave`): keeps its ranges for reads until they
+    /// moved, gets writes until the move settles, then is removed.
+    Leaving,
+    /// Being removed while down (`cluster remove`): as leaving, but no
+    /// vote, no stream from it, nobody waits for it.
+    Removing,
+}
+
+impl Role {
+    /// Whether the member is in the old replica sets of a change: the ones
+    /// reads use until they move.
+    pub fn holds_before(self) -> bool {
+        self != Role::Joining
+    }
+
+    /// Whether the member is in the target replica sets of a change.
+    pub fn holds_after(self) -> bool {
+        matches!(self, Role::Active | Role::Joining)
+    }
+
+    /// Whether the member votes on the next version: active and leaving
+    /// members (a leaver is alive and keeps a majority reachable while
+    /// its data moves); joiners are learners, and a member being removed
+    /// is dead.
+    pub fn votes(self) -> bool {
+        matches!(self, Role::Active | Role::Leaving)
+    }
+
+    /// The role as status and logs name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Active => "active",
+            Role::Joining => "joining",
+            Role::Leaving => "leaving",
+            Role::Removing => "removing",
+        }
+    }
 }
 
 /// One member of a layout.
@@ -113,6 +151,12 @@ pub struct Layout {
     pub cluster_id: u64,
     /// Instances that left, were removed or whose join was aborted.
     pub removed: Vec<Removed>,
+    /// Before reads move: the gaining members that streamed their ranges
+    /// (see `change.rs`).
+    pub streamed: Vec<String>,
+    /// The change in progress may rebuild a range from fewer than N−W+1
+    /// old replicas (`cluster remove --allow-data-loss`).
+    pub allow_data_loss: bool,
 }
 
 /// Why a change cannot be made to a layout.
@@ -146,6 +190,8 @@ impl Layout {
             change: "bootstrap from --peers".into(),
             cluster_id: 0,
             removed: Vec::new(),
+            streamed: Vec::new(),
+            allow_data_loss: false,
         }
     }
 
@@ -161,11 +207,18 @@ impl Layout {
         self.members.iter().filter(|m| m.role == Role::Joining)
     }
 
-    /// The change in progress, if one is: a member still joining, or a
-    /// finished join whose old replica sets still get writes.
+    /// The change in progress, if one is: a member joining, leaving or
+    /// being removed, or a finished move whose old replica sets still get
+    /// writes.
     pub fn in_progress(&self) -> Option<&str> {
-        (self.joining().next().is_some() || !self.previous.is_empty())
+        (self.members.iter().any(|m| m.role != Role::Active) || !self.previous.is_empty())
             .then_some(self.change.as_str())
+    }
+
+    /// Whether reads use the target replica sets while the old ones still
+    /// get writes (the second step of a change).
+    pub fn reads_moved(&self) -> bool {
+        !self.previous.is_empty()
     }
 
     /// Whether data is moving: tombstone GC and cleanup wait.
@@ -216,32 +269,18 @@ impl Layout {
     /// sets keep getting writes until [`Layout::settle`].
     pub fn finish_join(&self, address: &str) -> Result<Layout, Refusal> {
         match self.member(address) {
-            Some(m) if m.role == Role::Joining => {}
-            _ => {
-                return Err(Refusal::Invalid(format!(
-                    "{address} is not joining in layout v{}",
-                    self.version
-                )));
-            }
+            Some(m) if m.role == Role::Joining => self.finish(),
+            _ => Err(Refusal::Invalid(format!(
+                "{address} is not joining in layout v{}",
+                self.version
+            ))),
         }
-        let mut next = self.next(format!("{address} finished joining"));
-        next.previous = self
-            .members
-            .iter()
-            .filter(|m| m.role == Role::Active)
-            .map(|m| m.address.clone())
-            .collect();
-        for member in &mut next.members {
-            if member.address == address {
-                member.role = Role::Active;
-            }
-        }
-        Ok(next)
     }
 
-    /// v+1 without the old replica sets: the move is over.
+    /// v+1 without the old replica sets: the move is over. Members that
+    /// left or were removed go on the removed list.
     pub fn settle(&self) -> Result<Layout, Refusal> {
-        if self.previous.is_empty() || self.joining().next().is_some() {
+        if !self.reads_moved() || self.joining().next().is_some() {
             return Err(Refusal::Invalid(format!(
                 "layout v{} has no finished move to settle",
                 self.version
@@ -249,31 +288,58 @@ impl Layout {
         }
         let mut next = self.next("move settled".into());
         next.previous.clear();
+        let version = next.version;
+        let gone: Vec<&LayoutMember> = self
+            .members
+            .iter()
+            .filter(|m| !m.role.holds_after())
+            .collect();
+        if !gone.is_empty() {
+            let names: Vec<String> = gone
+                .iter()
+                .map(|m| format!("{} {}", m.address, change::gone_why(m.role)))
+                .collect();
+            next.change = format!("move settled: {}", names.join(", "));
+        }
+        for member in gone {
+            next.removed.push(Removed {
+                address: member.address.clone(),
+                instance_id: member.instance_id,
+                version,
+                why: change::gone_why(member.role).into(),
+            });
+        }
+        next.members.retain(|m| m.role.holds_after());
         Ok(next)
     }
 
-    /// The ring reads use: the active members.
+    /// The ring reads use: the old replica sets until reads move (active
+    /// members and those leaving), then the target ones.
     pub fn read_ring(&self) -> Ring {
+        let moved = self.reads_moved();
         Ring::with_tokens(
             self.members
                 .iter()
-                .filter(|m| m.role == Role::Active)
+                .filter(|m| {
+                    if moved {
+                        m.role.holds_after()
+                    } else {
+                        m.role.holds_before()
+                    }
+                })
                 .map(LayoutMember::ring_entry),
             self.vnodes,
         )
     }
 
-    /// Every ring writes go to besides the read ring: with the joining
-    /// members, and the previous members' ring.
+    /// Every ring writes go to besides the read ring: the target ring
+    /// while a change streams, the previous members' ring once reads moved.
     pub fn extra_write_rings(&self) -> Vec<Ring> {
         let mut rings = Vec::new();
-        if self.joining().next().is_some() {
-            rings.push(Ring::with_tokens(
-                self.members.iter().map(LayoutMember::ring_entry),
-                self.vnodes,
-            ));
+        if !self.reads_moved() && self.members.iter().any(|m| m.role != Role::Active) {
+            rings.push(self.target_ring());
         }
-        if !self.previous.is_empty() {
+        if self.reads_moved() {
             rings.push(Ring::with_tokens(
                 self.members
                     .iter()
@@ -285,10 +351,13 @@ impl Layout {
         rings
     }
 
-    /// The ring with every member, joining ones too: where data will live.
+    /// The ring of the members data will live on: active and joining ones.
     pub fn target_ring(&self) -> Ring {
         Ring::with_tokens(
-            self.members.iter().map(LayoutMember::ring_entry),
+            self.members
+                .iter()
+                .filter(|m| m.role.holds_after())
+                .map(LayoutMember::ring_entry),
             self.vnodes,
         )
     }
@@ -346,6 +415,12 @@ impl Layout {
         if !self.members.iter().any(|m| m.role == Role::Active) {
             return Err(format!("layout v{} has no active member", self.version));
         }
+        if let Some(stranger) = self.streamed.iter().find(|p| !self.is_member(p)) {
+            return Err(format!(
+                "layout v{}: streamed member {stranger} is not a member",
+                self.version
+            ));
+        }
         if let Some(stranger) = self.previous.iter().find(|p| !self.is_member(p)) {
             return Err(format!(
                 "layout v{}: previous member {stranger} is not a member",
@@ -372,3 +447,5 @@ pub type SharedLayout = Arc<Layout>;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod change_tests;

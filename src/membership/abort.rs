@@ -76,12 +76,9 @@ impl Membership {
             .joining()
             .map(|m| (m.address.clone(), m.instance_id))
             .collect();
+        let aborting = base.change_name();
         let change = |l: &Layout| {
-            let joiners: Vec<(String, InstanceId)> = l
-                .joining()
-                .map(|m| (m.address.clone(), m.instance_id))
-                .collect();
-            if !joiners.is_empty() && joiners != target {
+            if l.in_progress().is_some() && !l.reads_moved() && l.change_name() != aborting {
                 return Err(Refusal::Invalid(format!(
                     "the change in progress is now {} (layout v{}), not the one this abort was asked for: run `cluster abort` again to abort it",
                     l.change, l.version
@@ -90,15 +87,20 @@ impl Membership {
             l.abort()
         };
         let done = |l: &Layout| {
-            !target.is_empty()
-                && target.iter().all(|(address, instance)| {
-                    l.removed.iter().any(|r| {
-                        r.address == *address
-                            && r.instance_id == *instance
-                            && r.why == JOIN_ABORTED
-                            && r.version > base.version
-                    })
+            if target.is_empty() {
+                // A leave or remove: undone once its members are active again.
+                return l.version > base.version
+                    && l.change.ends_with(" aborted")
+                    && l.in_progress().is_none();
+            }
+            target.iter().all(|(address, instance)| {
+                l.removed.iter().any(|r| {
+                    r.address == *address
+                        && r.instance_id == *instance
+                        && r.why == JOIN_ABORTED
+                        && r.version > base.version
                 })
+            })
         };
         match self.propose(change, done).await {
             Err(Error::Unavailable(why)) => Err(Error::Indeterminate(format!(

@@ -1,8 +1,12 @@
-//! Moving a join along, one step per round (every node runs it):
+//! Moving a change along, one step per round (every node runs it):
 //!
-//! * a **joining** node streams its ranges, then proposes `finished joining`;
-//! * once every member serves a finished join, the first member (by
-//!   address) this node believes up proposes `move settled`;
+//! * a node that **gains** ranges (a joiner, or a member taking a leaver's
+//!   or a removed member's ranges) streams them, then records so; the last
+//!   gainer's record moves the reads (`crate::layout::change`). A change
+//!   with nothing to stream has its reads moved by the first member (by
+//!   address) this node believes up;
+//! * once every member serves a change whose reads moved, the first member
+//!   this node believes up proposes `move settled`;
 //! * once a layout is settled, each node hands the ranges it no longer
 //!   replicates to their new owners and drops each once they all confirmed
 //!   holding its records (`cleanup.rs`).
@@ -25,8 +29,15 @@ impl Membership {
         self.naming_step(heartbeats).await;
         let layout = self.layout();
         let me = self.me.address.clone();
-        if layout.member(&me).is_some_and(|m| m.role == Role::Joining) {
-            return self.join_step(&layout).await;
+        if layout.in_progress().is_some() && !layout.reads_moved() {
+            let waiting = layout.waiting_for_streams();
+            if waiting.contains(&me) {
+                return self.gain_step(&layout).await;
+            }
+            if waiting.is_empty() && self.is_first_up(&layout) {
+                return self.move_reads(&layout).await;
+            }
+            return Ok(());
         }
         // Settling waits for the members believed up, not for one that is
         // down: a member that comes back serves the newest layout before it
@@ -40,7 +51,7 @@ impl Membership {
                         .is_some_and(|r| r.layout_version >= version)
             })
         };
-        if !layout.previous.is_empty() && layout.joining().next().is_none() {
+        if layout.reads_moved() && layout.joining().next().is_none() {
             if everyone_up_serves(layout.version) && self.is_first_up(&layout) {
                 let version = layout.version;
                 match self
@@ -69,12 +80,47 @@ impl Membership {
         Ok(())
     }
 
-    /// A joining node: stream (once per layout version), then finish.
-    async fn join_step(self: &Arc<Self>, layout: &Layout) -> RoundResult {
-        if self.streamed.load(Ordering::Relaxed) < layout.version {
+    /// A change with nothing to stream: move the reads.
+    async fn move_reads(self: &Arc<Self>, layout: &Layout) -> RoundResult {
+        let key = layout.move_key();
+        match self
+            .propose(
+                |l| {
+                    if l.move_key() != key {
+                        return Err(crate::layout::Refusal::Invalid(format!(
+                            "the change is now {} (layout v{})",
+                            l.change, l.version
+                        )));
+                    }
+                    l.finish()
+                },
+                |l| l.move_key() != key || l.reads_moved(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(why) => Err(WorkerError::new(format!(
+                "cannot move the reads of {} yet: {why}",
+                layout.change_name()
+            ))),
+        }
+    }
+
+    /// A gaining node: stream (once per change), then record it.
+    async fn gain_step(self: &Arc<Self>, layout: &Layout) -> RoundResult {
+        let key = layout.move_key();
+        let what = if layout
+            .member(&self.me.address)
+            .is_some_and(|m| m.role == Role::Joining)
+        {
+            "joining".to_string()
+        } else {
+            format!("taking ranges for {}", layout.change_name())
+        };
+        if self.streamed.load(Ordering::Relaxed) != key {
             if let Err(why) = self.stream_all(layout).await {
                 return Err(WorkerError::new(format!(
-                    "joining: streaming incomplete, will retry: {why}"
+                    "{what}: streaming incomplete, will retry: {why}"
                 )));
             }
             // What was streamed must survive a crash before this node
@@ -87,25 +133,29 @@ impl Membership {
             };
             if let Some(why) = why {
                 return Err(WorkerError::new(format!(
-                    "joining: cannot sync the streamed data, will retry: {why}"
+                    "{what}: cannot sync the streamed data, will retry: {why}"
                 )));
             }
-            self.streamed.store(layout.version, Ordering::Relaxed);
+            self.streamed.store(key, Ordering::Relaxed);
         }
         let me = self.me.address.clone();
         match self
             .propose(
-                |l| l.finish_join(&me),
-                |l| l.member(&me).is_some_and(|m| m.role == Role::Active),
+                |l| l.record_streamed(&me, key),
+                |l| l.move_key() != key || l.reads_moved() || l.streamed.contains(&me),
             )
             .await
         {
+            Ok(layout) if layout.reads_moved() => {
+                tracing::info!(version = layout.version, change = %layout.change, "{what}: streamed; reads moved");
+                Ok(())
+            }
             Ok(layout) => {
-                tracing::info!(version = layout.version, "joined: serving reads");
+                tracing::info!(version = layout.version, waiting_for = ?layout.waiting_for_streams(), "{what}: streamed; waiting for the other gainers");
                 Ok(())
             }
             Err(why) => Err(WorkerError::new(format!(
-                "joining: cannot finish yet: {why}"
+                "{what}: cannot record the stream yet: {why}"
             ))),
         }
     }

@@ -17,6 +17,7 @@ mod cleanup;
 mod cluster_id;
 mod driver;
 mod naming;
+mod shrink;
 mod stream;
 
 pub use crate::layout::progress::{JoinProgress, MoveProgress};
@@ -54,7 +55,8 @@ pub struct Membership {
     stream_rate: u64,
     /// This node's join progress (while it joins); heartbeats carry it.
     progress: JoinProgress,
-    /// The layout version whose streaming finished here.
+    /// The change ([`Layout::move_key`]) whose streaming finished here (0:
+    /// none).
     streamed: AtomicU64,
     /// The layout version whose moved-away data this node dropped.
     cleaned: AtomicU64,

@@ -143,37 +143,38 @@ fn share(first: u64, last: u64) -> f64 {
     ((last - first) as f64 + 1.0) / 18_446_744_073_709_551_616.0
 }
 
-/// What this node receives under `layout`, grouped by old replica set.
+/// What this node gains under `layout` (the slices whose target set has
+/// it and whose old set does not), grouped by old replica set. Members
+/// being removed are no source: they are down.
 fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
-    let read = layout.read_ring();
-    let target = layout.target_ring();
-    let n_read = layout.replicas.min(read.members().len());
-    let n_target = layout.replicas.min(target.members().len());
+    let (n_old, n_new) = layout.n_old_new();
+    let removing = |a: &str| {
+        layout
+            .member(a)
+            .is_some_and(|m| m.role == crate::layout::Role::Removing)
+    };
     type Key = (Vec<String>, Option<String>);
     let mut groups: BTreeMap<Key, Vec<(u64, u64)>> = BTreeMap::new();
-    for range in 0..target.range_count() {
-        let new: Vec<String> = target
-            .range_replicas(range, n_target)
-            .iter()
-            .map(|m| m.address.clone())
-            .collect();
-        if !new.iter().any(|a| a == me) {
+    for slice in layout.slices() {
+        if !slice.new.iter().any(|a| a == me) || slice.old.iter().any(|a| a == me) {
             continue;
         }
-        for (first, last) in target.range_hashes(range) {
-            let old: Vec<String> = read
-                .range_replicas(read.range_of(last), n_read)
-                .iter()
-                .map(|m| m.address.clone())
-                .filter(|a| a != me)
-                .collect();
-            let leaving: Vec<&String> = old.iter().filter(|a| !new.contains(a)).collect();
-            let giver = match leaving.as_slice() {
-                [one] if old.len() == n_read && new.len() == n_read => Some((*one).clone()),
-                _ => None,
-            };
-            groups.entry((old, giver)).or_default().push((first, last));
-        }
+        let leaving: Vec<&String> = slice
+            .old
+            .iter()
+            .filter(|a| !slice.new.contains(a))
+            .collect();
+        let giver = match leaving.as_slice() {
+            [one] if slice.old.len() == n_old && slice.new.len() == n_new && !removing(one) => {
+                Some((*one).clone())
+            }
+            _ => None,
+        };
+        let sources: Vec<String> = slice.old.into_iter().filter(|a| !removing(a)).collect();
+        groups
+            .entry((sources, giver))
+            .or_default()
+            .extend(slice.intervals);
     }
     let intervals_total: usize = groups.values().map(Vec::len).sum();
     let groups = groups
@@ -254,8 +255,9 @@ impl Membership {
     pub(super) async fn stream_all(self: &Arc<Self>, layout: &Layout) -> Result<()> {
         let me = self.me.address.clone();
         let (groups, ranges_total) = plan(layout, &me);
-        let n_read = layout.replicas.min(layout.read_ring().members().len());
-        let needed_sources = n_read - Consistency::Quorum.required(n_read) + 1;
+        let (n_old, _) = layout.n_old_new();
+        let needed_sources = n_old - Consistency::Quorum.required(n_old) + 1;
+        let allow_data_loss = layout.allow_data_loss;
         let started = Instant::now();
         *self.progress.locked() = Some(MoveProgress {
             layout_version: layout.version,
@@ -273,7 +275,19 @@ impl Membership {
         for group in groups {
             let (share, intervals) = (group.shares.iter().sum::<f64>(), group.intervals.len());
             let done = (done_share, done_intervals);
-            self.copy_group(layout.version, group, &pace, done, needed_sources)
+            let needed = if allow_data_loss {
+                // Rebuilt from whichever old replicas are up (at least
+                // one, when any is).
+                let up = group
+                    .sources
+                    .iter()
+                    .filter(|s| self.cluster.liveness.is_up(s))
+                    .count();
+                needed_sources.min(up.max(1))
+            } else {
+                needed_sources
+            };
+            self.copy_group(layout.version, group, &pace, done, needed)
                 .await?;
             done_share += share;
             done_intervals += intervals;

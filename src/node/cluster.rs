@@ -38,6 +38,52 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::AbortResponse>, Status> {
         abort(&self.0).await
     }
+
+    /// Decommissions a live member (see [`crate::membership::Membership::leave`]).
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let request = request.into_inner();
+        let address = change_address(&request.address)?;
+        let layout = self.0.membership.leave(address, request.force).await?;
+        Ok(changed(layout))
+    }
+
+    /// Drops a dead member (see [`crate::membership::Membership::remove`]).
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        let request = request.into_inner();
+        let address = change_address(&request.address)?;
+        let layout = self
+            .0
+            .membership
+            .remove(address, request.force, request.allow_data_loss)
+            .await?;
+        Ok(changed(layout))
+    }
+}
+
+/// The member address a leave or remove names.
+fn change_address(address: &str) -> Result<&str, Status> {
+    if address.is_empty() || address.len() > 256 {
+        return Err(Status::invalid_argument(
+            "name the member as HOST:PORT, as `DKVSClient status` lists it",
+        ));
+    }
+    Ok(address)
+}
+
+/// A committed change's answer, `applied`.
+fn changed(layout: crate::layout::Layout) -> Response<pb::ChangeResponse> {
+    tracing::info!(version = layout.version, change = %layout.change, "committed a membership change");
+    let mut response = Response::new(pb::ChangeResponse {
+        layout: Some(pb::Layout::from(&layout)),
+    });
+    Outcome::Applied.set_on(response.metadata_mut());
+    response
 }
 
 /// What `Cluster.Status` answers (and `/metrics` shows): this node's view
@@ -99,11 +145,16 @@ async fn abort(node: &Node) -> Result<Response<pb::AbortResponse>, Status> {
     Ok(response)
 }
 
-/// Whether `address` is joining in the layout `view` serves.
-fn is_joining(view: &Placement, address: &str) -> bool {
+/// `address`'s role in the layout `view` serves.
+fn role_of(view: &Placement, address: &str) -> Option<crate::layout::Role> {
     view.layout()
-        .and_then(|l| l.member(address))
-        .is_some_and(|m| m.role == crate::layout::Role::Joining)
+        .and_then(|l| l.member(address).map(|m| m.role))
+}
+
+/// Whether `address` streams ranges it gains in the change `view` serves.
+fn is_gaining(view: &Placement, address: &str) -> bool {
+    view.layout()
+        .is_some_and(|l| l.gainers().iter().any(|g| g == address))
 }
 
 /// One member as this node sees it: its state and why, its counts from its
@@ -131,8 +182,16 @@ fn member_status(
     };
     // Why a member is believed down. One that is up but silent (frozen,
     // not yet convicted) shows in the age of its counts.
-    let (state, error) = if (itself || health.up) && is_joining(view, &member.address) {
+    let role = role_of(view, &member.address);
+    let (state, error) = if (itself || health.up) && role == Some(crate::layout::Role::Joining) {
         (pb::MemberState::Joining, String::new())
+    } else if (itself || health.up)
+        && matches!(
+            role,
+            Some(crate::layout::Role::Leaving | crate::layout::Role::Removing)
+        )
+    {
+        (pb::MemberState::Leaving, String::new())
     } else if itself || health.up {
         (pb::MemberState::Up, String::new())
     } else {
@@ -165,18 +224,19 @@ fn member_status(
     }
 }
 
-/// Data moving: this node's own join, and joining members' last reports.
+/// Data moving: this node's own streaming, and the last reports of the
+/// other members that gain ranges.
 fn moves(node: &Node, view: &Placement) -> Vec<pb::MoveProgress> {
     let mut moves = Vec::new();
     if let Some(progress) = node.membership.progress()
-        && is_joining(view, &node.me.address)
+        && is_gaining(view, &node.me.address)
     {
         let mut progress = pb::MoveProgress::from(progress.report());
         progress.address = node.me.address.clone();
         moves.push(progress);
     }
     for (address, progress, age) in node.heartbeats.moves() {
-        if is_joining(view, &address) && address != node.me.address {
+        if is_gaining(view, &address) && address != node.me.address {
             let mut progress = pb::MoveProgress::from(progress);
             progress.address = address;
             progress.age_ms = age.as_millis() as u64;

@@ -25,12 +25,12 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::fanout::{FanOut, Stragglers, Tally};
+use crate::layout::Layout;
 use crate::layout::paxos::Acceptor;
 use crate::layout::paxos::LayoutState;
 use crate::layout::verify::{
     Vouch, cannot_be_chosen, confirmations, contradiction, counted, is_chosen,
 };
-use crate::layout::{Layout, Role};
 use crate::liveness::Liveness;
 use crate::locks::Locked;
 use crate::net::{PeerPool, ReplicaHandle};
@@ -195,12 +195,8 @@ impl LayoutOwner {
             return Ok(false);
         }
         let hash = layout_hash(&layout);
-        let voters: Vec<String> = held
-            .members
-            .iter()
-            .filter(|m| m.role == Role::Active)
-            .map(|m| m.address.clone())
-            .collect();
+        // The members whose votes decided the next version.
+        let voters: Vec<String> = held.acceptors();
         let mut tally = VouchTally {
             hash,
             answers: vec![None; voters.len()],

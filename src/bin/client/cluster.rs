@@ -54,6 +54,60 @@ pub enum ClusterCommand {
     /// answered; 4 when the outcome is unknown.
     #[command(name = "abort")]
     Abort,
+    /// Decommission a live member: its ranges move to the others, then it
+    /// exits 0.
+    ///
+    /// The member becomes LEAVING; every member that takes one of its
+    /// ranges streams it; reads move; once every member serves the move it
+    /// settles, the member goes on the removed list and exits 0 by itself
+    /// (restart-on-failure policies leave it down). Returns once the change
+    /// is committed (--wait: once the member exited). Refused (exit 3) when
+    /// fewer than N members would be left (--force to run with fewer
+    /// copies), when another change is in progress, and when the member is
+    /// believed down (use `cluster remove`). 4 when the outcome is unknown.
+    #[command(name = "leave")]
+    Leave(LeaveArgs),
+    /// Drop a dead member: the survivors rebuild its ranges.
+    ///
+    /// Each range it held is streamed to the members that take it from at
+    /// least N-W+1 surviving replicas (so no acknowledged write is lost);
+    /// when fewer survive the remove is refused naming the ranges, unless
+    /// --allow-data-loss. A member believed up is refused (use `cluster
+    /// leave`) unless --force. Accepted while another change is in
+    /// progress (it goes on without the member); removing a member still
+    /// joining aborts its join. Exit 0 once committed, 3 when refused, 4
+    /// when the outcome is unknown.
+    #[command(name = "remove")]
+    Remove(RemoveArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LeaveArgs {
+    /// The member, HOST:PORT as `DKVSClient status` lists it.
+    address: String,
+    /// Leave even when fewer than N members are left, or when the member
+    /// is believed down.
+    #[arg(long)]
+    force: bool,
+    /// Wait until the member has exited (its data moved and settled).
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this many seconds (exit 3).
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RemoveArgs {
+    /// The member, HOST:PORT as `DKVSClient status` lists it.
+    address: String,
+    /// Remove it even when it is believed up.
+    #[arg(long)]
+    force: bool,
+    /// Rebuild ranges from fewer than N-W+1 surviving copies: writes
+    /// acknowledged only by the lost replicas are gone for good.
+    #[arg(long)]
+    allow_data_loss: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,28 +123,179 @@ pub async fn run(command: ClusterCommand, seeds: &[String], options: &ClientOpti
     let peers = Arc::new(options.peer_pool());
     match command {
         ClusterCommand::Wait(args) => wait(&peers, seeds, rpc_timeout, args).await,
-        ClusterCommand::Abort => abort(&peers, seeds, rpc_timeout).await,
+        ClusterCommand::Abort => change(&peers, seeds, rpc_timeout, Change::Abort).await,
+        ClusterCommand::Leave(args) => {
+            let address = args.address.clone();
+            let outcome = change(
+                &peers,
+                seeds,
+                rpc_timeout,
+                Change::Leave {
+                    address: args.address,
+                    force: args.force,
+                },
+            )
+            .await;
+            if !matches!(outcome, Outcome::Done) || !args.wait {
+                return outcome;
+            }
+            wait_gone(&peers, seeds, rpc_timeout, &address, args.timeout_secs).await
+        }
+        ClusterCommand::Remove(args) => {
+            let change_asked = Change::Remove {
+                address: args.address,
+                force: args.force,
+                allow_data_loss: args.allow_data_loss,
+            };
+            change(&peers, seeds, rpc_timeout, change_asked).await
+        }
     }
 }
 
-/// How long the node asked to abort may take to commit it (its Paxos
-/// rounds retry while proposals collide or members are slow).
-const ABORT_DEADLINE: Duration = Duration::from_secs(60);
+/// A membership change the client asks a member to commit.
+enum Change {
+    Abort,
+    Leave {
+        address: String,
+        force: bool,
+    },
+    Remove {
+        address: String,
+        force: bool,
+        allow_data_loss: bool,
+    },
+}
 
-/// `cluster abort`: learns the layout from the first seed that answers,
-/// then asks its active members in turn (a joiner does not vote) until one
-/// answers the abort; transport failures move on to the next.
-async fn abort(peers: &Arc<PeerPool>, seeds: &[String], rpc_timeout: Duration) -> Outcome {
+impl Change {
+    fn name(&self) -> &'static str {
+        match self {
+            Change::Abort => "abort",
+            Change::Leave { .. } => "leave",
+            Change::Remove { .. } => "remove",
+        }
+    }
+
+    /// The member the change is about (not asked to commit a remove of
+    /// itself).
+    fn subject(&self) -> Option<&str> {
+        match self {
+            Change::Abort => None,
+            Change::Leave { address, .. } | Change::Remove { address, .. } => Some(address),
+        }
+    }
+
+    /// Asks `client`'s node to commit the change: the layout it committed.
+    async fn ask(
+        &self,
+        client: &mut pb::cluster_client::ClusterClient<dkvs::net::ClientChannel>,
+    ) -> Result<pb::Layout, tonic::Status> {
+        let layout = match self {
+            Change::Abort => client.abort(pb::AbortRequest {}).await?.into_inner().layout,
+            Change::Leave { address, force } => {
+                client
+                    .leave(pb::LeaveRequest {
+                        address: address.clone(),
+                        force: *force,
+                    })
+                    .await?
+                    .into_inner()
+                    .layout
+            }
+            Change::Remove {
+                address,
+                force,
+                allow_data_loss,
+            } => {
+                client
+                    .remove(pb::RemoveRequest {
+                        address: address.clone(),
+                        force: *force,
+                        allow_data_loss: *allow_data_loss,
+                    })
+                    .await?
+                    .into_inner()
+                    .layout
+            }
+        };
+        Ok(layout.unwrap_or_default())
+    }
+}
+
+/// `cluster leave --wait`: polls until the newest layout lists `address`
+/// as removed and it no longer answers (it exited).
+async fn wait_gone(
+    peers: &Arc<PeerPool>,
+    seeds: &[String],
+    rpc_timeout: Duration,
+    address: &str,
+    timeout_secs: u64,
+) -> Outcome {
+    let began = Instant::now();
+    let limit = Duration::from_secs(timeout_secs.max(1));
+    let mut asked: Vec<String> = seeds.to_vec();
+    asked.push(address.to_string());
+    loop {
+        let answers = ask_all(peers, &asked, rpc_timeout).await;
+        let newest = newest_layout(&answers).cloned();
+        if let Some(layout) = &newest {
+            asked = layout.members.iter().map(|m| m.address.clone()).collect();
+            asked.push(address.to_string());
+            let removed = layout.removed.iter().any(|r| r.address == address);
+            let answering = answers.get(address).is_some_and(|a| a.is_ok());
+            if removed && !answering {
+                println!(
+                    "{address} left: its ranges moved and it exited (layout v{}, waited {:.1} s)",
+                    layout.version,
+                    began.elapsed().as_secs_f64()
+                );
+                return Outcome::Done;
+            }
+        }
+        if began.elapsed() >= limit {
+            let why = newest.map_or("no layout known".to_string(), |l| {
+                format!("layout v{}: {}", l.version, l.change)
+            });
+            println!("{address} has not left after {timeout_secs} s (--timeout-secs): {why}");
+            return Outcome::Unsettled;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// How long the node asked to change the layout may take to commit it
+/// (its Paxos rounds retry while proposals collide or members are slow).
+const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `cluster abort|leave|remove`: learns the layout from the seeds, then
+/// asks its voting members in turn (a joiner does not vote; the member a
+/// change is about last) until one answers; transport failures move on to
+/// the next.
+async fn change(
+    peers: &Arc<PeerPool>,
+    seeds: &[String],
+    rpc_timeout: Duration,
+    change: Change,
+) -> Outcome {
     let answers = ask_all(peers, seeds, rpc_timeout).await;
-    let asked: Vec<String> = match newest_layout(&answers) {
+    let mut asked: Vec<String> = match newest_layout(&answers) {
         Some(layout) => layout
             .members
             .iter()
-            .filter(|m| m.role == pb::LayoutRole::Active as i32)
+            .filter(|m| {
+                m.role == pb::LayoutRole::Active as i32 || m.role == pb::LayoutRole::Leaving as i32
+            })
             .map(|m| m.address.clone())
             .collect(),
         None => seeds.to_vec(),
     };
+    if let Some(subject) = change.subject() {
+        // Ask the others first: a remove is refused by its subject, and a
+        // leaver is as good as any but may be on its way out.
+        asked.sort_by_key(|a| a == subject);
+        if matches!(change, Change::Remove { .. }) {
+            asked.retain(|a| a != subject);
+        }
+    }
     let mut failures = Vec::new();
     for address in &asked {
         let mut client = match peers.cluster_client(address) {
@@ -100,13 +305,15 @@ async fn abort(peers: &Arc<PeerPool>, seeds: &[String], rpc_timeout: Duration) -
                 continue;
             }
         };
-        let status = match tokio::time::timeout(ABORT_DEADLINE, client.abort(pb::AbortRequest {}))
-            .await
-        {
-            Ok(Ok(response)) => {
-                let layout = response.into_inner().layout.unwrap_or_default();
+        let status = match tokio::time::timeout(CHANGE_DEADLINE, change.ask(&mut client)).await {
+            Ok(Ok(layout)) => {
+                let done = match change {
+                    Change::Abort => "aborted",
+                    Change::Leave { .. } => "leaving",
+                    Change::Remove { .. } => "removing",
+                };
                 println!(
-                    "aborted: {} (layout v{}, committed by {address})",
+                    "{done}: {} (layout v{}, committed by {address})",
                     layout.change, layout.version
                 );
                 return Outcome::Done;
@@ -114,8 +321,9 @@ async fn abort(peers: &Arc<PeerPool>, seeds: &[String], rpc_timeout: Duration) -
             Ok(Err(status)) => status,
             Err(_) => {
                 eprintln!(
-                    "error: {address} did not answer within {} s: the abort may or may not have committed (outcome unknown); check `DKVSClient status`",
-                    ABORT_DEADLINE.as_secs()
+                    "error: {address} did not answer within {} s: the {} may or may not have committed (outcome unknown); check `DKVSClient status`",
+                    CHANGE_DEADLINE.as_secs(),
+                    change.name()
                 );
                 return Outcome::Failed(4);
             }
@@ -138,7 +346,8 @@ async fn abort(peers: &Arc<PeerPool>, seeds: &[String], rpc_timeout: Duration) -
         return Outcome::Failed(crate::exit_code(&error, crate::Kind::Write));
     }
     eprintln!(
-        "error: no node could be asked to abort (nothing changed): {}",
+        "error: no node could be asked to {} (nothing changed): {}",
+        change.name(),
         failures.join("; ")
     );
     Outcome::Failed(3)
@@ -326,6 +535,16 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
         parts.extend(moves(&current));
         if !layout.previous.is_empty() {
             parts.push(format!("settles once every member serves v{version}"));
+        } else if let Ok(checked) = pb::layout_from(layout.clone()) {
+            let waiting = checked.waiting_for_streams();
+            // A join's streaming shows in its progress line already.
+            let shrinking = checked.members.iter().any(|m| !m.role.holds_after());
+            if shrinking && !waiting.is_empty() {
+                parts.push(format!(
+                    "waiting for {} to stream the ranges they take",
+                    waiting.join(", ")
+                ));
+            }
         }
         parts.extend(behind);
         parts.extend(

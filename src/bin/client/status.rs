@@ -68,8 +68,14 @@ pub fn status_table(status: &pb::StatusResponse, now_ms: u64) -> String {
         }
     }
     if !status.moves.is_empty() {
+        let joining = status.layout.as_ref().is_some_and(|l| {
+            l.members.iter().all(|m| {
+                m.role != pb::LayoutRole::Leaving as i32
+                    && m.role != pb::LayoutRole::Removing as i32
+            })
+        });
         table.push('\n');
-        table.push_str(&moves_table(&status.moves));
+        table.push_str(&moves_table(&status.moves, joining));
     }
     // No blanks after an empty NOTE.
     without_trailing_blanks(&table)
@@ -240,6 +246,7 @@ pub fn state_name(state: i32) -> &'static str {
     match pb::MemberState::try_from(state) {
         Ok(pb::MemberState::Up) => "UP",
         Ok(pb::MemberState::Joining) => "JOINING",
+        Ok(pb::MemberState::Leaving) => "LEAVING",
         Ok(pb::MemberState::Down) => "DOWN",
         _ => "?",
     }
@@ -265,7 +272,27 @@ pub fn layout_line(layout: &pb::Layout) -> String {
         .map(|m| m.address.as_str())
         .collect();
     let version = layout.version;
-    if !joining.is_empty() {
+    let leaving = layout.members.iter().any(|m| {
+        m.role == pb::LayoutRole::Leaving as i32 || m.role == pb::LayoutRole::Removing as i32
+    });
+    if leaving && layout.previous.is_empty() {
+        // Which members still have to stream (the pure rules say).
+        let waiting = dkvs::pb::layout_from(layout.clone())
+            .map(|l| l.waiting_for_streams())
+            .unwrap_or_default();
+        let why = if waiting.is_empty() {
+            "reads move next".to_string()
+        } else {
+            format!(
+                "waiting for {} to stream the ranges they take",
+                waiting.join(", ")
+            )
+        };
+        format!(
+            "Layout v{version}, change in progress: {} ({why}; writes go to the old and the new replica sets, reads to the old)",
+            layout.change
+        )
+    } else if !joining.is_empty() {
         format!(
             "Layout v{version}, change in progress: {} (streaming {} ranges; writes go to the old and the new replica sets, reads to the old)",
             layout.change,
@@ -286,13 +313,15 @@ pub fn layout_line(layout: &pb::Layout) -> String {
 
 /// The data moving to joining nodes: done, moved, and estimates of what is
 /// left from the rate so far.
-fn moves_table(moves: &[pb::MoveProgress]) -> String {
-    let mut table = String::from(
-        "Data moving to joining nodes (what is left is estimated from the rate so far):\n",
-    );
+fn moves_table(moves: &[pb::MoveProgress], joining: bool) -> String {
+    let mut table = String::from(if joining {
+        "Data moving to joining nodes (what is left is estimated from the rate so far):\n"
+    } else {
+        "Data moving to the members taking ranges (what is left is estimated from the rate so far):\n"
+    });
     table.push_str(&format!(
         "{:<22} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10}  {}\n",
-        "JOINING",
+        if joining { "JOINING" } else { "TAKING" },
         "DONE",
         "KEYS MOVED",
         "BYTES MOVED",
