@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use common::{TestCluster, eventually};
@@ -23,20 +23,9 @@ const SLOW_JOINER: &[&str] = &["--anti-entropy-interval", "1", "--stream-rate", 
 /// Keys written before a join: data for it to move.
 const PRELOADED: usize = 600;
 
-/// Runs `DKVSClient --nodes <running nodes> args...` (off the async
-/// runtime: it blocks).
+/// Runs `DKVSClient --nodes <running nodes> args...`.
 async fn dkvs_client(cluster: &TestCluster, args: &[&str]) -> Output {
-    let nodes: Vec<String> = cluster
-        .nodes
-        .iter()
-        .filter(|n| n.is_running())
-        .map(|n| n.address.clone())
-        .collect();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_DKVSClient"));
-    command.arg("--nodes").arg(nodes.join(",")).args(args);
-    tokio::task::spawn_blocking(move || command.output().expect("run DKVSClient"))
-        .await
-        .expect("the client task")
+    cluster.run_client(args).await
 }
 
 fn text(bytes: &[u8]) -> String {

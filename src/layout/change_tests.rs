@@ -25,7 +25,10 @@ fn all_up(_: &str) -> bool {
 fn stream_all(mut layout: Layout) -> Layout {
     let key = layout.move_key();
     for gainer in layout.gainers() {
-        assert!(!layout.reads_moved(), "reads moved before {gainer} streamed");
+        assert!(
+            !layout.reads_moved(),
+            "reads moved before {gainer} streamed"
+        );
         layout = layout.record_streamed(&gainer, key).expect("record");
         layout.validate().expect("valid");
     }
@@ -76,7 +79,11 @@ fn a_leave_streams_to_every_gainer_then_moves_reads_then_settles() {
         .removed_instance(D, InstanceId(103))
         .expect("on the removed list");
     assert_eq!(gone.why, LEFT);
-    assert!(gone.notice().contains("left the cluster"), "{}", gone.notice());
+    assert!(
+        gone.notice().contains("left the cluster"),
+        "{}",
+        gone.notice()
+    );
     assert_eq!(settled.read_ring().members().len(), 3);
 }
 
@@ -84,7 +91,10 @@ fn a_leave_streams_to_every_gainer_then_moves_reads_then_settles() {
 fn a_leave_below_n_is_refused_unless_forced() {
     let v1 = members(3);
     let refused = v1.begin_leave(C, false).expect_err("below N");
-    assert!(refused.to_string().contains("fewer than N = 3"), "{refused}");
+    assert!(
+        refused.to_string().contains("fewer than N = 3"),
+        "{refused}"
+    );
     let forced = v1.begin_leave(C, true).expect("forced");
     // Every survivor already holds every key (N = members): nothing to
     // stream, the reads move at once.
@@ -94,7 +104,10 @@ fn a_leave_below_n_is_refused_unless_forced() {
     let settled = moved.settle().expect("settle");
     assert_eq!(settled.members.len(), 2);
     assert!(members(1).begin_leave(A, true).is_err(), "the last member");
-    assert!(v1.begin_leave("127.0.0.1:9", false).is_err(), "not a member");
+    assert!(
+        v1.begin_leave("127.0.0.1:9", false).is_err(),
+        "not a member"
+    );
 }
 
 #[test]
@@ -119,11 +132,17 @@ fn a_remove_rebuilds_from_survivors_and_refuses_too_few_copies() {
     let two_dead = |a: &str| a != E && a != D;
     let refused = v1.begin_remove(E, false, two_dead).expect_err("too few");
     let why = refused.to_string();
-    assert!(why.contains("--allow-data-loss") && why.contains("1 copy up"), "{why}");
+    assert!(
+        why.contains("--allow-data-loss") && why.contains("1 copy up"),
+        "{why}"
+    );
     let lossy = v1.begin_remove(E, true, two_dead).expect("allowed");
     assert!(lossy.allow_data_loss);
     let moved = stream_all(lossy);
-    assert!(!moved.allow_data_loss, "only for the change it was given to");
+    assert!(
+        !moved.allow_data_loss,
+        "only for the change it was given to"
+    );
 }
 
 #[test]
@@ -200,6 +219,9 @@ fn the_stream_slices_cover_the_hash_space_once() {
         assert_eq!((slice.old.len(), slice.new.len()), (3, 3));
         assert!(!slice.new.contains(&C.to_string()));
         let gained: Vec<&String> = slice.gainers().collect();
-        assert_eq!(gained.len(), usize::from(slice.old.contains(&C.to_string())));
+        assert_eq!(
+            gained.len(),
+            usize::from(slice.old.contains(&C.to_string()))
+        );
     }
 }

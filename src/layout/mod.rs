@@ -446,6 +446,6 @@ fn new_member(address: &str, vnodes: usize, role: Role) -> LayoutMember {
 pub type SharedLayout = Arc<Layout>;
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod change_tests;
+#[cfg(test)]
+mod tests;

@@ -571,6 +571,22 @@ impl TestCluster {
         }
     }
 
+    /// Runs `DKVSClient --nodes <running nodes> args...` (off the async
+    /// runtime: it blocks).
+    pub async fn run_client(&self, args: &[&str]) -> std::process::Output {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.address.clone())
+            .collect();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_DKVSClient"));
+        command.arg("--nodes").arg(nodes.join(",")).args(args);
+        tokio::task::spawn_blocking(move || command.output().expect("run DKVSClient"))
+            .await
+            .expect("the client task")
+    }
+
     /// Deletes node `i`'s data dir (the node must be stopped): it comes
     /// back as a new instance.
     pub fn wipe(&mut self, i: usize) {

@@ -1,0 +1,302 @@
+//! Shrinking and healing a cluster, with real processes under a recorded
+//! workload: `DKVSClient cluster leave` of a live member (its data moves,
+//! then it exits 0 by itself), `cluster remove` of a dead one (the
+//! survivors rebuild its ranges), the refusals (below N, a member up or
+//! down, too few surviving copies) and a remove while a leave is stalled on
+//! the member removed. Every run is checked with the value checker: no
+//! acknowledged write lost, no stale read.
+
+mod common;
+
+use std::process::Output;
+use std::time::Duration;
+
+use common::{TestCluster, eventually};
+use dkvs::pb;
+
+/// Quick anti-entropy, as in the membership tests.
+const FLAGS: &[&str] = &["--anti-entropy-interval", "1"];
+
+/// Members that stream slowly, so that a leave is still streaming when the
+/// test acts.
+const SLOW: &[&str] = &["--anti-entropy-interval", "1", "--stream-rate", "60"];
+
+/// Keys written before a change: data for it to move.
+const PRELOADED: usize = 400;
+
+fn text(output: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// The layout node `observer` serves.
+async fn layout(cluster: &TestCluster, observer: usize) -> pb::Layout {
+    cluster.status(observer).await.layout.expect("a layout")
+}
+
+fn why_removed(layout: &pb::Layout, address: &str) -> Option<String> {
+    layout
+        .removed
+        .iter()
+        .find(|r| r.address == address)
+        .map(|r| r.why.clone())
+}
+
+/// `cluster wait` exits 0 within `secs`.
+async fn settles(cluster: &TestCluster, secs: u64) {
+    let secs = secs.to_string();
+    let wait = cluster
+        .run_client(&["cluster", "wait", "--timeout-secs", &secs])
+        .await;
+    assert_eq!(wait.status.code(), Some(0), "{}", text(&wait));
+}
+
+/// Node `i`, restarted from its data dir after it left or was removed,
+/// learns so, says what to do and exits 0.
+async fn stays_gone(cluster: &mut TestCluster, i: usize, says: &str) {
+    cluster.start_only(i);
+    let exited = cluster.wait_exit(i, Duration::from_secs(30)).await;
+    let log = cluster.log_tail_of(i);
+    assert_eq!(exited.code(), Some(0), "{log}");
+    assert!(log.contains(says), "{log}");
+    assert!(log.contains("wipe its data dir and --join again"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_leaves_under_load_its_data_moves_and_it_exits_0() {
+    let mut cluster = TestCluster::start_with(4, FLAGS).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
+    let load = common::Load::start(&cluster).await;
+    let leaver = 3;
+    let address = cluster.nodes[leaver].address.clone();
+
+    let leave = cluster
+        .run_client(&[
+            "cluster",
+            "leave",
+            &address,
+            "--wait",
+            "--timeout-secs",
+            "90",
+        ])
+        .await;
+    assert_eq!(leave.status.code(), Some(0), "{}", text(&leave));
+    let said = text(&leave);
+    assert!(
+        said.contains(&format!("leaving: {address} leaves")),
+        "{said}"
+    );
+    assert!(said.contains(&format!("{address} left")), "{said}");
+
+    // It exited by itself, with 0 and a message.
+    let exited = cluster.wait_exit(leaver, Duration::from_secs(30)).await;
+    let log = cluster.log_tail_of(leaver);
+    assert_eq!(exited.code(), Some(0), "{log}");
+    assert!(log.contains("this node left the cluster"), "{log}");
+
+    settles(&cluster, 60).await;
+    let shrunk = layout(&cluster, 0).await;
+    assert!(shrunk.members.iter().all(|m| m.address != address));
+    assert_eq!(shrunk.members.len(), 3);
+    assert_eq!(why_removed(&shrunk, &address).as_deref(), Some("left"));
+    let status = cluster.run_client(&["status"]).await;
+    assert!(
+        text(&status).contains(&format!("removed: {address}")),
+        "{}",
+        text(&status)
+    );
+
+    load.check(&cluster).await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
+    stays_gone(&mut cluster, leaver, "this node left the cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_below_n_or_of_a_dead_member_and_a_remove_of_a_live_one_are_refused() {
+    let mut cluster = TestCluster::start_with(3, FLAGS).await;
+    let before = layout(&cluster, 0).await;
+    let third = cluster.nodes[2].address.clone();
+
+    let below_n = cluster.run_client(&["cluster", "leave", &third]).await;
+    assert_eq!(below_n.status.code(), Some(3), "{}", text(&below_n));
+    assert!(
+        text(&below_n).contains("fewer than N = 3"),
+        "{}",
+        text(&below_n)
+    );
+
+    let live = cluster.run_client(&["cluster", "remove", &third]).await;
+    assert_eq!(live.status.code(), Some(3), "{}", text(&live));
+    assert!(
+        text(&live).contains("use `DKVSClient cluster leave"),
+        "{}",
+        text(&live)
+    );
+
+    cluster.kill(2);
+    cluster
+        .wait_member_state(0, 2, pb::MemberState::Down, Duration::from_secs(30))
+        .await;
+    let dead = cluster
+        .run_client(&["cluster", "leave", &third, "--force"])
+        .await;
+    // --force takes it past both N and its being down; abort undoes it.
+    assert_eq!(dead.status.code(), Some(0), "{}", text(&dead));
+    let abort = cluster.run_client(&["cluster", "abort"]).await;
+    assert_eq!(abort.status.code(), Some(0), "{}", text(&abort));
+    let after = layout(&cluster, 0).await;
+    assert_eq!(after.members.len(), before.members.len());
+    assert!(after.removed.is_empty());
+    let unforced = cluster.run_client(&["cluster", "leave", &third]).await;
+    assert_eq!(unforced.status.code(), Some(3), "{}", text(&unforced));
+    assert!(
+        text(&unforced).contains("use `DKVSClient cluster remove"),
+        "{}",
+        text(&unforced)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_is_removed_and_its_ranges_rebuilt_under_load() {
+    let mut cluster = TestCluster::start_with(4, FLAGS).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
+    let load = common::Load::start(&cluster).await;
+    let dead = 3;
+    let address = cluster.nodes[dead].address.clone();
+    cluster.kill(dead);
+    cluster
+        .wait_member_state(0, dead, pb::MemberState::Down, Duration::from_secs(30))
+        .await;
+
+    let remove = cluster.run_client(&["cluster", "remove", &address]).await;
+    assert_eq!(remove.status.code(), Some(0), "{}", text(&remove));
+    assert!(
+        text(&remove).contains(&format!("removing: {address} is removed")),
+        "{}",
+        text(&remove)
+    );
+    settles(&cluster, 90).await;
+    let healed = layout(&cluster, 0).await;
+    assert_eq!(healed.members.len(), 3);
+    assert_eq!(why_removed(&healed, &address).as_deref(), Some("removed"));
+
+    load.check(&cluster).await;
+    // Every key is on all three survivors again: readable at ALL.
+    common::preloaded_at_all(&cluster, PRELOADED).await;
+    stays_gone(&mut cluster, dead, "was removed from the cluster").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remove_with_too_few_surviving_copies_is_refused_unless_data_loss_is_allowed() {
+    let mut cluster = TestCluster::start_with(5, FLAGS).await;
+    common::preload(&cluster.client().await, 100).await;
+    for i in [3, 4] {
+        cluster.kill(i);
+    }
+    for i in [3, 4] {
+        cluster
+            .wait_member_state(0, i, pb::MemberState::Down, Duration::from_secs(30))
+            .await;
+    }
+    let address = cluster.nodes[4].address.clone();
+    let before = layout(&cluster, 0).await.version;
+    let refused = cluster.run_client(&["cluster", "remove", &address]).await;
+    assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
+    let said = text(&refused);
+    assert!(
+        said.contains("fewer than the 2 surviving copies") && said.contains("--allow-data-loss"),
+        "{said}"
+    );
+    assert_eq!(layout(&cluster, 0).await.version, before, "nothing changed");
+
+    let lossy = cluster
+        .run_client(&["cluster", "remove", &address, "--allow-data-loss"])
+        .await;
+    assert_eq!(lossy.status.code(), Some(0), "{}", text(&lossy));
+    // The other dead member takes ranges in that change and cannot stream
+    // them: the change says it waits for it, and removing it too (during
+    // the change) lets it finish.
+    let stuck = cluster
+        .run_client(&["cluster", "wait", "--timeout-secs", "3"])
+        .await;
+    let other = cluster.nodes[3].address.clone();
+    assert!(
+        text(&stuck).contains(&format!("waiting for {other} to stream")),
+        "{}",
+        text(&stuck)
+    );
+    let second = cluster
+        .run_client(&["cluster", "remove", &other, "--allow-data-loss"])
+        .await;
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    settles(&cluster, 90).await;
+    let after = layout(&cluster, 0).await;
+    assert_eq!(after.members.len(), 3);
+    assert_eq!(why_removed(&after, &address).as_deref(), Some("removed"));
+    assert_eq!(why_removed(&after, &other).as_deref(), Some("removed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remove_while_a_leave_is_stalled_on_the_removed_member() {
+    let mut cluster = TestCluster::start_with(5, SLOW).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
+    let load = common::Load::start(&cluster).await;
+    let (leaver, stalled) = (4, 3);
+    let leaver_address = cluster.nodes[leaver].address.clone();
+    let stalled_address = cluster.nodes[stalled].address.clone();
+
+    let leave = cluster
+        .run_client(&["cluster", "leave", &leaver_address])
+        .await;
+    assert_eq!(leave.status.code(), Some(0), "{}", text(&leave));
+    // A member taking some of the leaver's ranges dies before it streamed
+    // them: the leave cannot move the reads.
+    let waiting = layout(&cluster, 0).await;
+    let checked = dkvs::pb::layout_from(waiting).expect("valid");
+    assert!(
+        checked.waiting_for_streams().contains(&stalled_address),
+        "{:?}",
+        checked.waiting_for_streams()
+    );
+    cluster.kill(stalled);
+    cluster
+        .wait_member_state(0, stalled, pb::MemberState::Down, Duration::from_secs(30))
+        .await;
+    let stuck = cluster
+        .run_client(&["cluster", "wait", "--timeout-secs", "2"])
+        .await;
+    assert_eq!(stuck.status.code(), Some(3), "{}", text(&stuck));
+
+    let remove = cluster
+        .run_client(&["cluster", "remove", &stalled_address])
+        .await;
+    assert_eq!(remove.status.code(), Some(0), "{}", text(&remove));
+    let both = layout(&cluster, 0).await;
+    let exited = cluster.wait_exit(leaver, Duration::from_secs(120)).await;
+    assert_eq!(exited.code(), Some(0), "{}", cluster.log_tail_of(leaver));
+    settles(&cluster, 60).await;
+    let after = layout(&cluster, 0).await;
+    assert_eq!(after.members.len(), 3, "{both:?}");
+    assert_eq!(
+        why_removed(&after, &leaver_address).as_deref(),
+        Some("left")
+    );
+    assert_eq!(
+        why_removed(&after, &stalled_address).as_deref(),
+        Some("removed")
+    );
+    load.check(&cluster).await;
+    eventually(Duration::from_secs(30), async || {
+        let client = cluster.client().await;
+        match client.get("k0").await {
+            Ok(Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
+}
