@@ -181,9 +181,7 @@ impl Layout {
             recorded.streamed.sort();
         }
         if recorded.waiting_for_streams().is_empty() {
-            let mut next = recorded.finish()?;
-            next.change = format!("{}: reads moved", self.change_name());
-            return Ok(next);
+            return recorded.finish();
         }
         let mut next = self.next(format!(
             "{}: {address} streamed its ranges",
