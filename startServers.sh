@@ -32,6 +32,11 @@
 # makes one change at a time. If a node exits while starting, the script shows
 # the end of its log at once and exits 1.
 #
+# A node that left (DKVSClient cluster leave) or was removed (cluster remove)
+# exits 0 and says so; the script then lists its port in ./data/gone-nodes
+# and neither starts it again nor counts it as failed (`status` shows it as
+# gone). To bring that machine back, grow the cluster with `add`.
+#
 # Binaries are built with `cargo build --release` into cargo's target directory
 # (CARGO_TARGET_DIR or build.target-dir are honoured; the script asks cargo).
 #
@@ -64,6 +69,9 @@ CLUSTER_FILE="$RUN_DIR/cluster"
 # nodes are members of the layout stored there), so a later start restarts
 # them too.
 ADDED_FILE="$DATA_DIR/added-nodes"
+# Ports of the nodes that left or were removed from the cluster, one a line:
+# kept with the data (their data dirs must not serve again).
+GONE_FILE="$DATA_DIR/gone-nodes"
 # The cluster token (--cluster-token): made for each fresh cluster, kept
 # here so that restarts reuse it.
 TOKEN_FILE="$RUN_DIR/cluster-token"
@@ -185,6 +193,21 @@ log_tail() { # port -> the end of what the node logged since this start
   echo "---" >&2
 }
 
+# What a node that left or was removed logged when it stopped ("this node
+# left the cluster ..."), or nothing.
+gone_notice() { # port
+  tail -n 40 "$RUN_DIR/node-$1.log" 2>/dev/null \
+    | grep -o "this node[^\"]*wipe its data dir and --join again" | tail -n 1 || true
+}
+
+is_gone() { # port
+  [[ -f "$GONE_FILE" ]] && grep -qx "$1" "$GONE_FILE"
+}
+
+mark_gone() { # port
+  is_gone "$1" || echo "$1" >>"$GONE_FILE"
+}
+
 stop_all() {
   shopt -s nullglob
   local pidfiles=() pids=() names=() pidfile pid
@@ -235,6 +258,8 @@ show_status() {
     if pid_alive "$pid"; then
       echo "$name running, pid $pid"
       running=$((running + 1))
+    elif [[ -n "$(gone_notice "${name#node-}")" ]] || is_gone "${name#node-}"; then
+      echo "$name gone: it left or was removed from the cluster (not started again)"
     elif is_zombie "$pid"; then
       echo "$name not running (pid $pid exited; its parent has not reaped it)"
     else
@@ -244,7 +269,9 @@ show_status() {
   if (( running == 0 )); then
     echo "no DKVS node is running (start a cluster with ./startServers.sh)"
   elif [[ -f "$CLUSTER_FILE" ]]; then
-    echo "$running of $(( $(sed -n 's/^nodes=//p' "$CLUSTER_FILE") + $(added_ports | wc -l) )) node(s) running"
+    local gone=0
+    [[ -f "$GONE_FILE" ]] && gone=$(grep -cE '^[0-9]+$' "$GONE_FILE" || true)
+    echo "$running of $(( $(sed -n 's/^nodes=//p' "$CLUSTER_FILE") + $(added_ports | wc -l) - gone )) node(s) running$( (( gone )) && echo " ($gone gone: left or removed)")"
   fi
   if (( running )) && [[ -f "$SECURE_MARKER" ]]; then
     echo "secure: TLS and tokens (CA and tokens in $SECURE_DIR)"
@@ -521,6 +548,12 @@ start_all() {
       node_command "$port" --peers "$peers" "$flags"
     fi
     commands+=("$PRINTABLE")
+    if ! is_running "$RUN_DIR/$name.pid" && [[ -d "$DATA_DIR/$name" ]] \
+      && { is_gone "$port" || [[ -n "$(gone_notice "$port")" ]]; }; then
+      mark_gone "$port"
+      echo "$name left or was removed from the cluster: not started (grow the cluster with ./startServers.sh add instead)"
+      continue
+    fi
     if is_running "$RUN_DIR/$name.pid"; then
       echo "$name already running (pid $(pid_of "$RUN_DIR/$name.pid"))"
       continue
@@ -537,7 +570,10 @@ start_all() {
     next=()
     for port in "${pending[@]}"; do
       pid=$(pid_of "$RUN_DIR/node-$port.pid")
-      if ! pid_starting_or_alive "$pid"; then
+      if ! pid_starting_or_alive "$pid" && [[ -n "$(gone_notice "$port")" ]]; then
+        mark_gone "$port"
+        echo "node-$port exited: $(gone_notice "$port")"
+      elif ! pid_starting_or_alive "$pid"; then
         echo "node-$port exited while starting (pid $pid)" >&2
         log_tail "$port"
         failed+=("$port")
@@ -563,8 +599,12 @@ start_all() {
     sleep 0.2
     for port in "${started[@]}"; do
       [[ " ${failed[*]} " == *" $port "* ]] && continue
+      is_gone "$port" && continue
       pid=$(pid_of "$RUN_DIR/node-$port.pid")
-      if ! pid_alive "$pid"; then
+      if ! pid_alive "$pid" && [[ -n "$(gone_notice "$port")" ]]; then
+        mark_gone "$port"
+        echo "node-$port exited: $(gone_notice "$port")"
+      elif ! pid_alive "$pid"; then
         echo "node-$port exited while starting (pid $pid)" >&2
         log_tail "$port"
         failed+=("$port")
@@ -584,6 +624,7 @@ start_all() {
     port=${ports[$i]}
     pid=$(pid_of "$RUN_DIR/node-$port.pid")
     pid_alive "$pid" || pid=exited
+    is_gone "$port" && pid=gone
     printf '%-8s %-18s %-8s %s\n' "$((i + 1))" "$HOST:$port" "$pid" "${RUN_DIR#"$ROOT"/}/node-$port.log"
   done
   echo
