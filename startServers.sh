@@ -259,6 +259,7 @@ show_status() {
       echo "$name running, pid $pid"
       running=$((running + 1))
     elif [[ -n "$(gone_notice "${name#node-}")" ]] || is_gone "${name#node-}"; then
+      [[ -d "$DATA_DIR" ]] && mark_gone "${name#node-}"
       echo "$name gone: it left or was removed from the cluster (not started again)"
     elif is_zombie "$pid"; then
       echo "$name not running (pid $pid exited; its parent has not reaped it)"

@@ -598,3 +598,93 @@ fn secure_over_a_plaintext_cluster_is_refused_with_what_to_do() {
     assert!(!listening(script.port(1)));
     assert!(!script.run_dir().join("secure").exists());
 }
+
+/// `DKVSClient` against the script's first node.
+fn client(script: &Script, args: &[&str]) -> std::process::Output {
+    Command::new(Script::bin_dir().join("DKVSClient"))
+        .args(["--nodes", &format!("127.0.0.1:{}", script.port(1))])
+        .args(args)
+        .output()
+        .expect("run DKVSClient")
+}
+
+/// A node that left (`cluster leave`) or was removed (`cluster remove`)
+/// exits 0; the script then shows it gone, does not start it again and
+/// does not count it as failed, and the rest of the cluster restarts as
+/// before.
+#[test]
+fn nodes_that_left_or_were_removed_are_not_started_again() {
+    let script = Script::new();
+    let started = script.run(&["5"]);
+    assert!(started.status.success(), "{}", text(&started.stderr));
+    settled(&script);
+    let (fourth, fifth) = (script.port(4), script.port(5));
+
+    let leave = client(
+        &script,
+        &["cluster", "leave", &format!("127.0.0.1:{fifth}"), "--wait"],
+    );
+    assert_eq!(leave.status.code(), Some(0), "{}", text(&leave.stderr));
+    let status = text(&script.run(&["status"]).stdout);
+    assert!(
+        status.contains(&format!("node-{fifth} gone: it left or was removed")),
+        "{status}"
+    );
+    assert!(
+        status.contains("4 of 4 node(s) running (1 gone: left or removed)"),
+        "{status}"
+    );
+
+    // A dead node removed, then the script run again: it starts the dead
+    // node, which learns it was removed and exits 0.
+    let pid = script
+        .pids()
+        .into_iter()
+        .find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.contains(&format!("127.0.0.1:{fourth}")))
+        })
+        .expect("the fourth node's pid");
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    // Removed once the others believe it down (a bounded poll).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let remove = client(
+            &script,
+            &["cluster", "remove", &format!("127.0.0.1:{fourth}")],
+        );
+        if remove.status.success() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", text(&remove.stderr));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    settled(&script);
+    let again = script.run(&["5"]);
+    let stdout = text(&again.stdout);
+    assert!(again.status.success(), "{stdout}{}", text(&again.stderr));
+    assert!(
+        stdout.contains(&format!(
+            "node-{fourth} exited: this node's instance was removed"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "node-{fifth} left or was removed from the cluster: not started"
+        )),
+        "{stdout}"
+    );
+
+    let stopped = script.run(&["stop"]);
+    assert!(
+        text(&stopped.stdout).contains("stopped 3 node(s)"),
+        "{}",
+        text(&stopped.stdout)
+    );
+    let restarted = script.run(&["5"]);
+    assert!(restarted.status.success(), "{}", text(&restarted.stderr));
+    assert!(!listening(fourth) && !listening(fifth));
+    let verdict = settled(&script);
+    assert!(verdict.contains("served by all 3 members"), "{verdict}");
+}

@@ -549,9 +549,10 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
         parts.extend(behind);
         // A member being removed is down by design: nothing waits for it.
         let removing = |address: &str| {
-            layout.members.iter().any(|m| {
-                m.address == address && m.role == pb::LayoutRole::Removing as i32
-            })
+            layout
+                .members
+                .iter()
+                .any(|m| m.address == address && m.role == pb::LayoutRole::Removing as i32)
         };
         parts.extend(
             down.iter()
