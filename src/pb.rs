@@ -348,7 +348,8 @@ impl From<&crate::layout::Layout> for Layout {
                 })
                 .collect(),
             streamed: l.streamed.clone(),
-            allow_data_loss: l.allow_data_loss,
+            written_off: l.written_off.clone(),
+            target_since: l.target_since,
         }
     }
 }
@@ -399,7 +400,8 @@ pub fn layout_from(l: Layout) -> Result<crate::layout::Layout, String> {
             })
             .collect(),
         streamed: l.streamed,
-        allow_data_loss: l.allow_data_loss,
+        written_off: l.written_off,
+        target_since: l.target_since,
     };
     layout.members.sort_by(|a, b| a.address.cmp(&b.address));
     layout.validate()?;

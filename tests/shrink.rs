@@ -46,6 +46,17 @@ fn why_removed(layout: &pb::Layout, address: &str) -> Option<String> {
         .map(|r| r.why.clone())
 }
 
+/// Waits until every running member believes node `i` down.
+async fn down_everywhere(cluster: &TestCluster, i: usize) {
+    for observer in 0..cluster.nodes.len() {
+        if observer != i && cluster.nodes[observer].is_running() {
+            cluster
+                .wait_member_state(observer, i, pb::MemberState::Down, Duration::from_secs(30))
+                .await;
+        }
+    }
+}
+
 /// `cluster wait` exits 0 within `secs`.
 async fn settles(cluster: &TestCluster, secs: u64) {
     let secs = secs.to_string();
@@ -138,9 +149,7 @@ async fn a_leave_below_n_or_of_a_dead_member_and_a_remove_of_a_live_one_are_refu
     );
 
     cluster.kill(2);
-    cluster
-        .wait_member_state(0, 2, pb::MemberState::Down, Duration::from_secs(30))
-        .await;
+    down_everywhere(&cluster, 2).await;
     let dead = cluster
         .run_client(&["cluster", "leave", &third, "--force"])
         .await;
@@ -168,9 +177,7 @@ async fn a_dead_member_is_removed_and_its_ranges_rebuilt_under_load() {
     let dead = 3;
     let address = cluster.nodes[dead].address.clone();
     cluster.kill(dead);
-    cluster
-        .wait_member_state(0, dead, pb::MemberState::Down, Duration::from_secs(30))
-        .await;
+    down_everywhere(&cluster, dead).await;
 
     let remove = cluster.run_client(&["cluster", "remove", &address]).await;
     assert_eq!(remove.status.code(), Some(0), "{}", text(&remove));
@@ -198,9 +205,7 @@ async fn a_remove_with_too_few_surviving_copies_is_refused_unless_data_loss_is_a
         cluster.kill(i);
     }
     for i in [3, 4] {
-        cluster
-            .wait_member_state(0, i, pb::MemberState::Down, Duration::from_secs(30))
-            .await;
+        down_everywhere(&cluster, i).await;
     }
     let address = cluster.nodes[4].address.clone();
     let before = layout(&cluster, 0).await.version;
@@ -242,7 +247,9 @@ async fn a_remove_with_too_few_surviving_copies_is_refused_unless_data_loss_is_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remove_while_a_leave_is_stalled_on_the_removed_member() {
-    let mut cluster = TestCluster::start_with(5, SLOW).await;
+    // About sixty records for each member to take: four seconds or more.
+    let mut cluster =
+        TestCluster::start_with(5, &["--anti-entropy-interval", "1", "--stream-rate", "15"]).await;
     common::preload(&cluster.client().await, PRELOADED).await;
     let load = common::Load::start(&cluster).await;
     let (leaver, stalled) = (4, 3);
@@ -255,17 +262,19 @@ async fn a_remove_while_a_leave_is_stalled_on_the_removed_member() {
     assert_eq!(leave.status.code(), Some(0), "{}", text(&leave));
     // A member taking some of the leaver's ranges dies before it streamed
     // them: the leave cannot move the reads.
-    let waiting = layout(&cluster, 0).await;
-    let checked = dkvs::pb::layout_from(waiting).expect("valid");
-    assert!(
-        checked.waiting_for_streams().contains(&stalled_address),
-        "{:?}",
-        checked.waiting_for_streams()
-    );
+    eventually(Duration::from_secs(10), async || {
+        let waiting = layout(&cluster, 0).await;
+        let checked = dkvs::pb::layout_from(waiting).expect("valid");
+        let waiting = checked.waiting_for_streams();
+        if waiting.contains(&stalled_address) {
+            Ok(())
+        } else {
+            Err(format!("v{}: waiting for {waiting:?}", checked.version))
+        }
+    })
+    .await;
     cluster.kill(stalled);
-    cluster
-        .wait_member_state(0, stalled, pb::MemberState::Down, Duration::from_secs(30))
-        .await;
+    down_everywhere(&cluster, stalled).await;
     let stuck = cluster
         .run_client(&["cluster", "wait", "--timeout-secs", "2"])
         .await;
@@ -299,4 +308,55 @@ async fn a_remove_while_a_leave_is_stalled_on_the_removed_member() {
     })
     .await;
     common::preloaded_at_all(&cluster, PRELOADED).await;
+}
+
+/// A member frozen while another leaves misses the end of the move and the
+/// leaver's exit. The leaver can no longer vouch for the layouts it voted
+/// on, yet the frozen member, thawed, still verifies and adopts the newest
+/// one (the others that stayed vouch), and the next change goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_a_departure_catches_up_and_the_next_change_runs() {
+    let mut cluster = TestCluster::start_with(4, SLOW).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
+    let (leaver, frozen) = (3, 2);
+    let leaver_address = cluster.nodes[leaver].address.clone();
+    let frozen_address = cluster.nodes[frozen].address.clone();
+    let leave = cluster
+        .run_client(&["cluster", "leave", &leaver_address])
+        .await;
+    assert_eq!(leave.status.code(), Some(0), "{}", text(&leave));
+    // Frozen once it streamed its part: the others finish without it.
+    eventually(Duration::from_secs(60), async || {
+        let layout = layout(&cluster, 0).await;
+        if layout.streamed.contains(&frozen_address) || !layout.previous.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("v{}: {}", layout.version, layout.change))
+        }
+    })
+    .await;
+    cluster.pause(frozen);
+    let exited = cluster.wait_exit(leaver, Duration::from_secs(90)).await;
+    assert_eq!(exited.code(), Some(0), "{}", cluster.log_tail_of(leaver));
+    let settled = layout(&cluster, 0).await;
+    assert!(settled.removed.iter().any(|r| r.address == leaver_address));
+
+    cluster.resume(frozen);
+    eventually(Duration::from_secs(30), async || {
+        let held = layout(&cluster, frozen).await;
+        if held.version >= settled.version {
+            Ok(())
+        } else {
+            Err(format!(
+                "{frozen_address} holds v{}, not v{}",
+                held.version, settled.version
+            ))
+        }
+    })
+    .await;
+    settles(&cluster, 60).await;
+    // Not wedged: a join goes through.
+    cluster.join(0, FLAGS).await;
+    settles(&cluster, 90).await;
+    assert_eq!(layout(&cluster, 1).await.members.len(), 4);
 }

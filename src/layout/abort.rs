@@ -147,7 +147,7 @@ impl Layout {
             }
         }
         next.streamed.clear();
-        next.allow_data_loss = false;
+        next.written_off.clear();
         for joiner in joiners {
             next.removed.push(Removed {
                 address: joiner.address.clone(),

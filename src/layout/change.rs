@@ -150,12 +150,13 @@ impl Layout {
             .collect()
     }
 
-    /// Names the old and target member sets of the change: what a
-    /// gainer's stream is for. It changes when a remove shrinks the target
-    /// mid-change (every gainer then streams again), not when another
-    /// gainer records its stream.
+    /// Names the change and its target sets: what a gainer's stream is
+    /// for. It changes when a remove shrinks the target mid-change (every
+    /// gainer then streams again), not when another gainer records its
+    /// stream; two changes with the same members and roles (a leave, its
+    /// abort, the same leave again) differ by the version that began them.
     pub fn move_key(&self) -> u64 {
-        let mut text = String::new();
+        let mut text = format!("{};", self.target_since);
         for member in &self.members {
             text.push_str(&member.address);
             text.push(':');
@@ -220,7 +221,7 @@ impl Layout {
             }
         }
         next.streamed.clear();
-        next.allow_data_loss = false;
+        next.written_off.clear();
         Ok(next)
     }
 
@@ -274,6 +275,7 @@ impl Layout {
             )));
         }
         let mut next = self.next(format!("{address} leaves"));
+        next.target_since = next.version;
         for m in &mut next.members {
             if m.address == address {
                 m.role = Role::Leaving;
@@ -343,7 +345,19 @@ impl Layout {
             )));
         }
         next.streamed.clear();
-        next.allow_data_loss = self.allow_data_loss || (allow_data_loss && !short.is_empty());
+        next.target_since = next.version;
+        // Only the copies of the members down now are written off, and
+        // only for the ranges they hold: every other range still needs
+        // N−W+1 sources.
+        for (slice, _) in &short {
+            for member in &slice.old {
+                let role = next.member(member).map(|m| m.role);
+                if role != Some(Role::Removing) && !up(member) && !has(&next.written_off, member) {
+                    next.written_off.push(member.clone());
+                }
+            }
+        }
+        next.written_off.sort();
         next.change = if next.in_progress().is_some() {
             next.change_name()
         } else {

@@ -119,7 +119,7 @@ fn a_remove_rebuilds_from_survivors_and_refuses_too_few_copies() {
     assert_eq!(v2.member(E).map(|m| m.role), Some(Role::Removing));
     assert!(!v2.acceptors().contains(&E.to_string()), "dead: no vote");
     assert!(!v2.gainers().contains(&E.to_string()));
-    assert!(!v2.allow_data_loss);
+    assert!(v2.written_off.is_empty());
     let settled = stream_all(v2).settle().expect("settle");
     assert_eq!(
         settled
@@ -137,10 +137,12 @@ fn a_remove_rebuilds_from_survivors_and_refuses_too_few_copies() {
         "{why}"
     );
     let lossy = v1.begin_remove(E, true, two_dead).expect("allowed");
-    assert!(lossy.allow_data_loss);
+    // Only the other dead member's copies are written off: a range it
+    // does not hold still needs two sources.
+    assert_eq!(lossy.written_off, vec![D.to_string()]);
     let moved = stream_all(lossy);
     assert!(
-        !moved.allow_data_loss,
+        moved.written_off.is_empty(),
         "only for the change it was given to"
     );
 }
@@ -193,6 +195,12 @@ fn removing_a_joiner_aborts_its_join_and_a_leave_can_be_aborted() {
     assert!(undone.is_settled());
     assert_eq!(undone.members, v4.members);
     assert!(undone.removed.is_empty());
+    // The same leave again is another change: a stream made for the first
+    // one does not count for it.
+    let again = undone.begin_leave(B, false).expect("leave again");
+    assert_ne!(again.move_key(), leaving.move_key());
+    let gainer = leaving.gainers()[0].clone();
+    assert!(again.record_streamed(&gainer, leaving.move_key()).is_err());
     // Removes are refused once reads moved (the move settles by itself).
     let moved = stream_all(leaving);
     assert!(matches!(

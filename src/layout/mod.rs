@@ -154,9 +154,11 @@ pub struct Layout {
     /// Before reads move: the gaining members that streamed their ranges
     /// (see `change.rs`).
     pub streamed: Vec<String>,
-    /// The change in progress may rebuild a range from fewer than N−W+1
-    /// old replicas (`cluster remove --allow-data-loss`).
-    pub allow_data_loss: bool,
+    /// `cluster remove --allow-data-loss`: the members believed down when
+    /// it was approved, whose copies gainers do not wait for.
+    pub written_off: Vec<String>,
+    /// The version that set the change's target sets (0: none).
+    pub target_since: u64,
 }
 
 /// Why a change cannot be made to a layout.
@@ -191,7 +193,8 @@ impl Layout {
             cluster_id: 0,
             removed: Vec::new(),
             streamed: Vec::new(),
-            allow_data_loss: false,
+            written_off: Vec::new(),
+            target_since: 0,
         }
     }
 
@@ -259,6 +262,7 @@ impl Layout {
             )));
         }
         let mut next = self.next(format!("{address} joins"));
+        next.target_since = next.version;
         next.members
             .push(new_member(address, self.vnodes, Role::Joining));
         next.members.sort_by(|a, b| a.address.cmp(&b.address));

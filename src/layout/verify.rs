@@ -94,6 +94,30 @@ pub fn is_chosen(hash: u64, asked: usize, answers: &[Option<Vouch>]) -> bool {
     confirmations(hash, answers) > asked / 2
 }
 
+/// Whether `hash` is chosen although some of the `asked` members have
+/// left or been removed since (`departed` of them, as the offered layout
+/// says): those can no longer vouch, and a node that was down while a
+/// member left would otherwise never catch up. Only adoptions count
+/// (members adopt only what was chosen); they must be at least half of
+/// the members asked *and* more than half of those still members, so one
+/// member alone, even one claiming the others left, never suffices.
+pub fn is_chosen_after_departures(
+    hash: u64,
+    asked: usize,
+    answers: &[Option<Vouch>],
+    departed: usize,
+) -> bool {
+    let adopted = answers
+        .iter()
+        .flatten()
+        .filter(|v| v.adopted == Some(hash))
+        .count();
+    departed > 0
+        && adopted >= 2
+        && adopted * 2 >= asked
+        && adopted * 2 > asked.saturating_sub(departed)
+}
+
 /// How many answers vouch for `hash`: those that adopted it, plus the
 /// largest group that accepted it under one ballot.
 pub fn confirmations(hash: u64, answers: &[Option<Vouch>]) -> usize {
@@ -174,6 +198,28 @@ mod tests {
         assert!(!is_chosen(7, 3, &[adopted(7), adopted(8), NOTHING]));
         assert!(is_chosen(7, 1, &[adopted(7)]));
         assert!(!is_chosen(7, 4, &[adopted(7), adopted(7), None, None]));
+    }
+
+    #[test]
+    fn a_node_behind_a_departure_catches_up_but_one_member_never_suffices() {
+        // Four voters held; one left since; the asking node did not adopt.
+        let answers = [adopted(7), adopted(7), NOTHING, None];
+        assert!(!is_chosen(7, 4, &answers));
+        assert!(is_chosen_after_departures(7, 4, &answers, 1));
+        assert!(!is_chosen_after_departures(7, 4, &answers, 0));
+        // One member claiming the others left: never enough.
+        let alone = [adopted(7), NOTHING, NOTHING, None];
+        assert!(!is_chosen_after_departures(7, 4, &alone, 3));
+        // Acceptances prove nothing here.
+        let accepted_only = [accepted(2, 7), accepted(2, 7), NOTHING, None];
+        assert!(!is_chosen_after_departures(7, 4, &accepted_only, 1));
+        // Five voters, one departed: two adoptions are not half of five.
+        assert!(!is_chosen_after_departures(
+            7,
+            5,
+            &[adopted(7), adopted(7), NOTHING, NOTHING, None],
+            1
+        ));
     }
 
     #[test]

@@ -160,11 +160,14 @@ impl Membership {
         }
     }
 
-    /// Whether this node is the first member by address it believes up.
+    /// Whether this node is the first member by address it believes up,
+    /// among those that stay (a leaver that settled its own leave would
+    /// stop before anyone else learned it).
     pub(super) fn is_first_up(&self, layout: &Layout) -> bool {
         layout
             .members
             .iter()
+            .filter(|m| m.role.holds_after())
             .find(|m| m.address == self.me.address || self.cluster.liveness.is_up(&m.address))
             .is_some_and(|m| m.address == self.me.address)
     }

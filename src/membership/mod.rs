@@ -264,8 +264,10 @@ impl Membership {
                 .await
             {
                 Ok(chosen) => {
-                    self.adopt_chosen(chosen.clone())?;
+                    // Told first: a node that this layout removes stops
+                    // on adopting it, and the others must still learn it.
                     self.announce(&chosen);
+                    self.adopt_chosen(chosen.clone())?;
                     if done(&chosen) {
                         return Ok(chosen);
                     }
@@ -379,12 +381,24 @@ impl Membership {
     /// Tells every member of `layout` it is committed (in the background;
     /// heartbeats spread it to any that miss this).
     fn announce(&self, layout: &Layout) {
-        for member in &layout.members {
-            if member.address == self.me.address {
+        // The members, and those this version removed (they stop).
+        let just_removed = layout
+            .removed
+            .iter()
+            .filter(|r| r.version == layout.version)
+            .map(|r| r.address.as_str());
+        let addresses: Vec<&str> = layout
+            .members
+            .iter()
+            .map(|m| m.address.as_str())
+            .chain(just_removed)
+            .collect();
+        for address in addresses {
+            if address == self.me.address {
                 continue;
             }
             let (peers, timeout) = (self.cluster.peers.clone(), self.cluster.rpc_timeout);
-            let (address, layout) = (member.address.clone(), layout.clone());
+            let (address, layout) = (address.to_string(), layout.clone());
             tokio::spawn(async move {
                 let _ = peers.layout_commit(&address, timeout, &layout).await;
             });

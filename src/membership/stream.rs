@@ -257,7 +257,7 @@ impl Membership {
         let (groups, ranges_total) = plan(layout, &me);
         let (n_old, _) = layout.n_old_new();
         let needed_sources = n_old - Consistency::Quorum.required(n_old) + 1;
-        let allow_data_loss = layout.allow_data_loss;
+        let written_off = &layout.written_off;
         let started = Instant::now();
         *self.progress.locked() = Some(MoveProgress {
             layout_version: layout.version,
@@ -275,15 +275,16 @@ impl Membership {
         for group in groups {
             let (share, intervals) = (group.shares.iter().sum::<f64>(), group.intervals.len());
             let done = (done_share, done_intervals);
-            let needed = if allow_data_loss {
-                // Rebuilt from whichever old replicas are up (at least
-                // one, when any is).
-                let up = group
-                    .sources
-                    .iter()
-                    .filter(|s| self.cluster.liveness.is_up(s))
-                    .count();
-                needed_sources.min(up.max(1))
+            // A range held by a member whose copies --allow-data-loss
+            // wrote off is rebuilt from the others (all of them that are
+            // left); every other range needs N−W+1 sources.
+            let left = group
+                .sources
+                .iter()
+                .filter(|s| !written_off.contains(s))
+                .count();
+            let needed = if left < group.sources.len() {
+                needed_sources.min(left)
             } else {
                 needed_sources
             };

@@ -226,7 +226,24 @@ impl LayoutOwner {
                 "two different layouts at one version: a member adopted another layout than the one offered; not adopting it"
             );
         }
-        if !is_chosen(hash, voters.len(), &tally.answers) {
+        // Voters that left or were removed since the layout held.
+        let departed = voters
+            .iter()
+            .filter(|v| {
+                layout
+                    .removed
+                    .iter()
+                    .any(|r| r.address == **v && r.version > held.version)
+            })
+            .count();
+        if !is_chosen(hash, voters.len(), &tally.answers)
+            && !crate::layout::verify::is_chosen_after_departures(
+                hash,
+                voters.len(),
+                &tally.answers,
+                departed,
+            )
+        {
             return Err(Error::FailedPrecondition(format!(
                 "layout v{} ({hash:016x}, \"{}\") is not confirmed by a majority of the {} active members of layout v{}: {} vouch for it; not adopted",
                 layout.version,
