@@ -85,6 +85,21 @@ async fn a_member_leaves_under_load_its_data_moves_and_it_exits_0() {
     let leaver = 3;
     let address = cluster.nodes[leaver].address.clone();
 
+    // The plan first: what would move, from whom; nothing changes.
+    let before = layout(&cluster, 0).await.version;
+    let plan = cluster
+        .run_client(&["cluster", "plan", "leave", &address])
+        .await;
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    let said = text(&plan);
+    assert!(
+        said.contains(&format!("Plan (nothing changed): {address} leaves"))
+            && said.contains(&format!("{address} (giving them up)"))
+            && said.contains("Every range keeps W replicas up during the move"),
+        "{said}"
+    );
+    assert_eq!(layout(&cluster, 0).await.version, before);
+
     let leave = cluster
         .run_client(&[
             "cluster",
@@ -132,6 +147,15 @@ async fn a_leave_below_n_or_of_a_dead_member_and_a_remove_of_a_live_one_are_refu
     let before = layout(&cluster, 0).await;
     let third = cluster.nodes[2].address.clone();
 
+    let plan = cluster
+        .run_client(&["cluster", "plan", "leave", &third])
+        .await;
+    assert_eq!(plan.status.code(), Some(3), "{}", text(&plan));
+    assert!(
+        text(&plan).contains("would be refused") && text(&plan).contains("fewer than N = 3"),
+        "{}",
+        text(&plan)
+    );
     let below_n = cluster.run_client(&["cluster", "leave", &third]).await;
     assert_eq!(below_n.status.code(), Some(3), "{}", text(&below_n));
     assert!(

@@ -130,6 +130,37 @@ impl Layout {
         slices
     }
 
+    /// The one old replica giving `slice` up, when exactly one does, both
+    /// sets are full and it is not being removed (it is down): every
+    /// acknowledged write is on W old replicas, so either on W that stay,
+    /// or on the giver and W−1 that stay, and streaming from the giver
+    /// alone leaves it on W new replicas.
+    pub fn giver_of(&self, slice: &Slice) -> Option<String> {
+        let (n_old, n_new) = self.n_old_new();
+        let leaving: Vec<&String> = slice.old.iter().filter(|a| !has(&slice.new, a)).collect();
+        match leaving.as_slice() {
+            [one]
+                if slice.old.len() == n_old
+                    && slice.new.len() == n_new
+                    && self.member(one).is_some_and(|m| m.role != Role::Removing) =>
+            {
+                Some((*one).clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// The old replicas a gainer may stream `slice` from: all but those
+    /// being removed (they are down).
+    pub fn sources_of(&self, slice: &Slice) -> Vec<String> {
+        slice
+            .old
+            .iter()
+            .filter(|a| self.member(a).is_none_or(|m| m.role != Role::Removing))
+            .cloned()
+            .collect()
+    }
+
     /// The members that must stream ranges before reads move, sorted.
     pub fn gainers(&self) -> Vec<String> {
         let mut gainers: Vec<String> = self

@@ -40,6 +40,7 @@ pub mod change;
 pub mod cluster_id;
 pub mod naming;
 pub mod paxos;
+pub mod plan;
 pub mod progress;
 pub mod verify;
 

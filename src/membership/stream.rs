@@ -147,30 +147,13 @@ fn share(first: u64, last: u64) -> f64 {
 /// it and whose old set does not), grouped by old replica set. Members
 /// being removed are no source: they are down.
 fn plan(layout: &Layout, me: &str) -> (Vec<Group>, u32) {
-    let (n_old, n_new) = layout.n_old_new();
-    let removing = |a: &str| {
-        layout
-            .member(a)
-            .is_some_and(|m| m.role == crate::layout::Role::Removing)
-    };
     type Key = (Vec<String>, Option<String>);
     let mut groups: BTreeMap<Key, Vec<(u64, u64)>> = BTreeMap::new();
     for slice in layout.slices() {
         if !slice.new.iter().any(|a| a == me) || slice.old.iter().any(|a| a == me) {
             continue;
         }
-        let leaving: Vec<&String> = slice
-            .old
-            .iter()
-            .filter(|a| !slice.new.contains(a))
-            .collect();
-        let giver = match leaving.as_slice() {
-            [one] if slice.old.len() == n_old && slice.new.len() == n_new && !removing(one) => {
-                Some((*one).clone())
-            }
-            _ => None,
-        };
-        let sources: Vec<String> = slice.old.into_iter().filter(|a| !removing(a)).collect();
+        let (giver, sources) = (layout.giver_of(&slice), layout.sources_of(&slice));
         groups
             .entry((sources, giver))
             .or_default()

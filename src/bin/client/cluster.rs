@@ -79,6 +79,38 @@ pub enum ClusterCommand {
     /// when the outcome is unknown.
     #[command(name = "remove")]
     Remove(RemoveArgs),
+    /// Show what a change would do, changing nothing.
+    ///
+    /// Prints what would move (ranges and an estimate of keys and bytes,
+    /// from which member to which), which ranges would have fewer than W
+    /// replicas up during the move, or why the change would be refused
+    /// (exit 3). Judged from the layout and the liveness of the node that
+    /// answers, by the same rules the change itself uses.
+    #[command(name = "plan")]
+    Plan(PlanArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PlanArgs {
+    /// The change: join, leave, remove or replace.
+    #[arg(value_enum)]
+    change: PlanKind,
+    /// The member (or, for join, the new node), HOST:PORT.
+    address: String,
+    /// As `cluster leave|remove --force`.
+    #[arg(long)]
+    force: bool,
+    /// As `cluster remove --allow-data-loss`.
+    #[arg(long)]
+    allow_data_loss: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum PlanKind {
+    Join,
+    Leave,
+    Remove,
+    Replace,
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,6 +173,7 @@ pub async fn run(command: ClusterCommand, seeds: &[String], options: &ClientOpti
             }
             wait_gone(&peers, seeds, rpc_timeout, &address, args.timeout_secs).await
         }
+        ClusterCommand::Plan(args) => plan(&peers, seeds, rpc_timeout, args).await,
         ClusterCommand::Remove(args) => {
             let change_asked = Change::Remove {
                 address: args.address,
@@ -149,6 +182,181 @@ pub async fn run(command: ClusterCommand, seeds: &[String], options: &ClientOpti
             };
             change(&peers, seeds, rpc_timeout, change_asked).await
         }
+    }
+}
+
+/// `cluster plan`: the layout the change would commit, and what it would
+/// move, from the newest layout the seeds answer and the liveness its
+/// node sees.
+async fn plan(
+    peers: &Arc<PeerPool>,
+    seeds: &[String],
+    rpc_timeout: Duration,
+    args: PlanArgs,
+) -> Outcome {
+    let answers = ask_all(peers, seeds, rpc_timeout).await;
+    let Some(status) = answers
+        .values()
+        .filter_map(|a| a.as_ref().ok())
+        .max_by_key(|s| s.layout.as_ref().map_or(0, |l| l.version))
+    else {
+        eprintln!("error: no node answered: nothing to plan from");
+        return Outcome::Failed(3);
+    };
+    let layout = match status.layout.clone().map(pb::layout_from) {
+        Some(Ok(layout)) => layout,
+        Some(Err(why)) => {
+            eprintln!(
+                "error: the layout {} serves does not check: {why}",
+                status.address
+            );
+            return Outcome::Failed(3);
+        }
+        None => {
+            eprintln!(
+                "error: {} keeps no layout (a fixed member list): nothing can change",
+                status.address
+            );
+            return Outcome::Failed(3);
+        }
+    };
+    let up = |address: &str| {
+        status
+            .members
+            .iter()
+            .any(|m| m.address == address && m.state != pb::MemberState::Down as i32)
+    };
+    let address = args.address.as_str();
+    let refused = |why: String| {
+        println!("would be refused: {why}");
+        Outcome::Failed(3)
+    };
+    let next = match args.change {
+        PlanKind::Join => layout.begin_join(address),
+        PlanKind::Leave => {
+            if layout.is_member(address) && !up(address) && !args.force {
+                return refused(format!(
+                    "{address} is believed down, so it cannot hand its data over: use `cluster remove {address}`"
+                ));
+            }
+            layout.begin_leave(address, args.force)
+        }
+        PlanKind::Remove => {
+            if layout.is_member(address) && up(address) && !args.force {
+                return refused(format!(
+                    "{address} is up as {} sees it: use `cluster leave {address}` (its data moves first)",
+                    status.address
+                ));
+            }
+            layout.begin_remove(address, args.allow_data_loss, up)
+        }
+        PlanKind::Replace => {
+            return refused(
+                "`--replace` is not built yet: remove the dead member, then join a new node".into(),
+            );
+        }
+    };
+    let next = match next {
+        Ok(next) => next,
+        Err(why) => return refused(why.to_string()),
+    };
+    print!("{}", plan_text(status, &layout, &next, &up));
+    Outcome::Done
+}
+
+/// What `cluster plan` prints for the change from `layout` to `next`.
+fn plan_text(
+    status: &pb::StatusResponse,
+    layout: &dkvs::layout::Layout,
+    next: &dkvs::layout::Layout,
+    up: &dyn Fn(&str) -> bool,
+) -> String {
+    let plan = dkvs::layout::plan::plan(next, up);
+    let (n_old, _) = next.n_old_new();
+    // Estimates: the distinct keys (and bytes) are each member's counts
+    // summed over its N copies.
+    let stats: Vec<&pb::NodeStats> = status
+        .members
+        .iter()
+        .filter_map(|m| m.stats.as_ref())
+        .collect();
+    let keys = stats.iter().map(|s| s.live_keys).sum::<u64>() as f64 / n_old.max(1) as f64;
+    let data = stats.iter().map(|s| s.data_bytes).sum::<u64>() as f64 / n_old.max(1) as f64;
+    let mut text = format!(
+        "Plan (nothing changed): {} (layout v{} -> v{}), as {} sees the cluster\n",
+        next.change_name(),
+        layout.version,
+        next.version,
+        status.address
+    );
+    text.push_str(&format!(
+        "Moves {:.1}% of the key space (~{} keys, ~{}), streamed to the members that take it:\n",
+        plan.share_moved * 100.0,
+        (plan.share_moved * keys).round() as u64,
+        estimate_bytes(plan.share_moved * data)
+    ));
+    text.push_str(&format!(
+        "  {:<22} {:>6} {:>7} {:>8} {:>10}  {}\n",
+        "TO", "RANGES", "SHARE", "~KEYS", "~BYTES", "FROM"
+    ));
+    for transfer in &plan.transfers {
+        let from = if transfer.from_giver {
+            format!("{} (giving them up)", transfer.from.join(", "))
+        } else {
+            format!(
+                "{} of each range's old replicas: {}",
+                n_old - n_old / 2,
+                transfer.from.join(", ")
+            )
+        };
+        text.push_str(&format!(
+            "  {:<22} {:>6} {:>6.1}% {:>8} {:>10}  {}\n",
+            transfer.to,
+            transfer.intervals,
+            transfer.share * 100.0,
+            (transfer.share * keys).round() as u64,
+            estimate_bytes(transfer.share * data),
+            from
+        ));
+    }
+    if plan.transfers.is_empty() {
+        text.push_str("  (nothing: every member that stays already holds every key it will)\n");
+    }
+    if plan.thin.is_empty() {
+        text.push_str("Every range keeps W replicas up during the move.\n");
+    } else {
+        let share: f64 = plan.thin.iter().map(|t| t.slice.share()).sum();
+        text.push_str(&format!(
+            "{} range(s) ({:.1}% of the keys) have fewer than W replicas up during the move: QUORUM requests to them fail until members are back, e.g.\n",
+            plan.thin.len(),
+            share * 100.0
+        ));
+        for thin in plan.thin.iter().take(3) {
+            let (first, last) = thin.slice.intervals[0];
+            text.push_str(&format!(
+                "  {first:016x}..={last:016x}: old {} ({} up), new {} ({} up)\n",
+                thin.slice.old.join(", "),
+                thin.old_up,
+                thin.slice.new.join(", "),
+                thin.new_up
+            ));
+        }
+    }
+    if !next.written_off.is_empty() {
+        text.push_str(&format!(
+            "--allow-data-loss writes off the copies of {}: writes only they acknowledged are lost.\n",
+            next.written_off.join(", ")
+        ));
+    }
+    text
+}
+
+/// An estimate of bytes, `?` when the members report none.
+fn estimate_bytes(bytes: f64) -> String {
+    if bytes < 1.0 {
+        "?".into()
+    } else {
+        crate::status::bytes(bytes as u64)
     }
 }
 
