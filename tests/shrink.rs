@@ -384,3 +384,51 @@ async fn a_member_behind_a_departure_catches_up_and_the_next_change_runs() {
     settles(&cluster, 90).await;
     assert_eq!(layout(&cluster, 1).await.members.len(), 4);
 }
+
+/// `DKVSServer --replace DEAD --join SEED` at another address: one change
+/// removes the dead member and gives its ring tokens to the new node,
+/// which streams exactly its ranges from the other replicas and serves
+/// reads once it holds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_replaces_a_dead_member_under_load() {
+    let mut cluster = TestCluster::start_with(4, FLAGS).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
+    let load = common::Load::start(&cluster).await;
+    let dead = 3;
+    let dead_address = cluster.nodes[dead].address.clone();
+    let tokens = layout(&cluster, 0)
+        .await
+        .members
+        .iter()
+        .find(|m| m.address == dead_address)
+        .map(|m| m.tokens.clone())
+        .expect("a member");
+    cluster.kill(dead);
+    down_everywhere(&cluster, dead).await;
+
+    let plan = cluster
+        .run_client(&["cluster", "plan", "replace", &dead_address])
+        .await;
+    assert_eq!(plan.status.code(), Some(0), "{}", text(&plan));
+    assert!(text(&plan).contains("replaces"), "{}", text(&plan));
+
+    let new = cluster
+        .join(0, &["--anti-entropy-interval", "1", "--replace", &dead_address])
+        .await;
+    let new_address = cluster.nodes[new].address.clone();
+    settles(&cluster, 90).await;
+    let replaced = layout(&cluster, 0).await;
+    assert_eq!(replaced.members.len(), 4);
+    let member = replaced
+        .members
+        .iter()
+        .find(|m| m.address == new_address)
+        .expect("the new node is a member");
+    assert_eq!(member.role, pb::LayoutRole::Active as i32);
+    assert_eq!(member.tokens, tokens, "it took the dead member's tokens");
+    assert_eq!(why_removed(&replaced, &dead_address).as_deref(), Some("removed"));
+
+    load.check(&cluster).await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
+    stays_gone(&mut cluster, dead, "was removed from the cluster").await;
+}

@@ -96,6 +96,14 @@ pub struct ServerConfig {
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub join: Vec<String>,
 
+    /// With --join: take the place of this dead member (its address as
+    /// `DKVSClient status` lists it). One change removes it and makes this
+    /// node a joiner with its ring tokens; this node streams its ranges
+    /// from the other replicas and serves reads once it holds them. At the
+    /// dead member's own address (a rebuilt machine) it is a plain --join.
+    #[arg(long)]
+    pub replace: Option<String>,
+
     /// Records per second a joining node copies from the members giving it
     /// their ranges (0: as fast as it can).
     #[arg(long, default_value_t = DEFAULT_STREAM_RATE)]
@@ -415,6 +423,13 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         checks::check(self)?;
         self.validate_peers()?;
+        if let Some(dead) = &self.replace
+            && self.join_seeds().is_empty()
+        {
+            return Err(format!(
+                "--replace {dead} needs --join SEED[,SEED...]: the running members that add this node in its place"
+            ));
+        }
         if self.auth_file.is_some() && self.tls_files().is_none() && !self.insecure_plaintext_auth {
             return Err(
                 "--auth-file without TLS would send every token in clear text: add --tls-cert, \

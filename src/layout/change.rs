@@ -397,6 +397,56 @@ impl Layout {
         Ok(next)
     }
 
+    /// v+1 in which the new node `address` (instance `instance`) takes
+    /// the place of the dead member `dead`: `dead` is being removed and
+    /// `address` joins with its ring tokens, in one change (so only
+    /// `address` gains ranges, exactly `dead`'s). Refused while another
+    /// change is in progress, for a member believed up unless `force`,
+    /// and as [`Layout::begin_remove`] refuses for lack of copies.
+    pub fn begin_replace(
+        &self,
+        dead: &str,
+        address: &str,
+        instance: crate::clock::InstanceId,
+        force: bool,
+        up: impl Fn(&str) -> bool,
+    ) -> Result<Layout, Refusal> {
+        let Some(member) = self.member(dead) else {
+            return Err(Refusal::Invalid(format!(
+                "{dead} is not a member (layout v{}): nothing to replace; join with --join alone",
+                self.version
+            )));
+        };
+        if member.role != Role::Active {
+            return Err(Refusal::Invalid(format!(
+                "{dead} is {} (layout v{}), not an active member: it cannot be replaced",
+                member.role.name(),
+                self.version
+            )));
+        }
+        if up(dead) && !force {
+            return Err(Refusal::Invalid(format!(
+                "{dead} is up: replace only a dead member (use `cluster leave {dead}` for a live one)"
+            )));
+        }
+        let tokens = member.tokens.clone();
+        let mut next = self.begin_join_as(address, instance)?;
+        next.change = format!("{address} replaces {dead}");
+        for m in &mut next.members {
+            if m.address == dead {
+                m.role = Role::Removing;
+            }
+            if m.address == address {
+                m.tokens = tokens.clone();
+            }
+        }
+        let short = next.short_copies(&up);
+        if !short.is_empty() {
+            return Err(Refusal::Invalid(short_copies_refusal(dead, &next, &short)));
+        }
+        Ok(next)
+    }
+
     /// The slices a gainer would rebuild from fewer than N−W+1 old
     /// replicas that survive (believed up, not being removed), with the
     /// copies left.

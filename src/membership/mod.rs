@@ -124,6 +124,12 @@ impl Membership {
         self.layouts.layout()
     }
 
+    /// The layout version at which this node last found it holds only
+    /// ranges it replicates (0: not yet).
+    pub fn cleaned_up(&self) -> u64 {
+        self.cleaned.load(Ordering::Relaxed)
+    }
+
     pub fn progress(&self) -> Option<MoveProgress> {
         self.progress.get()
     }
@@ -428,6 +434,7 @@ pub async fn request_join(
     seeds: &[String],
     address: &str,
     instance: crate::clock::InstanceId,
+    replaces: &str,
     timeout: Duration,
     retry_for: Duration,
 ) -> Result<Layout> {
@@ -436,7 +443,7 @@ pub async fn request_join(
     for round in 0u32.. {
         failures.clear();
         for seed in seeds {
-            match peers.join_as(seed, timeout, address, instance).await {
+            match peers.join_as(seed, timeout, address, instance, replaces).await {
                 Ok(layout) => return Ok(layout),
                 Err(refused @ Error::FailedPrecondition(_)) => return Err(refused),
                 Err(why) => failures.push(why.to_string()),

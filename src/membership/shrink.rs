@@ -86,6 +86,29 @@ impl Membership {
     }
 }
 
+impl Membership {
+    /// `Membership.Join` with `replaces`: commits the layout in which
+    /// `address` (instance `instance`) joins with the dead member
+    /// `dead`'s tokens while `dead` is removed, or answers the one that
+    /// already has it joining (a joiner retrying).
+    pub async fn on_replace(
+        &self,
+        address: &str,
+        instance: crate::clock::InstanceId,
+        dead: &str,
+    ) -> Result<Layout> {
+        let up = |a: &str| self.believed_up(a);
+        self.propose(
+            |l| {
+                l.has_joiner(address, instance)?;
+                l.begin_replace(dead, address, instance, false, up)
+            },
+            |l| l.has_joiner(address, instance).unwrap_or(false),
+        )
+        .await
+    }
+}
+
 /// A proposal that gave up may or may not have committed.
 fn indeterminate(answer: Result<Layout>, what: &str) -> Result<Layout> {
     match answer {

@@ -146,23 +146,25 @@ impl PeerPool {
     /// it joining. A seed that refuses (a change in progress) answers
     /// `FailedPrecondition`.
     pub async fn join(&self, seed: &str, timeout: Duration, address: &str) -> Result<Layout> {
-        self.join_as(seed, timeout, address, InstanceId::NONE).await
+        self.join_as(seed, timeout, address, InstanceId::NONE, "").await
     }
 
     /// [`PeerPool::join`] naming the joiner's instance (its data dir), which
-    /// the layout records.
+    /// the layout records, and the dead member it replaces (empty: none).
     pub async fn join_as(
         &self,
         seed: &str,
         timeout: Duration,
         address: &str,
         instance: InstanceId,
+        replaces: &str,
     ) -> Result<Layout> {
         let mut client = self.membership_client(seed)?;
         let request = pb::JoinRequest {
             address: address.to_string(),
             cluster_id: self.cluster_id(),
             instance_id: instance.0,
+            replaces: replaces.to_string(),
         };
         match tokio::time::timeout(timeout, client.join(request)).await {
             Ok(Ok(layout)) => pb::layout_from(layout.into_inner())

@@ -131,6 +131,7 @@ pub(super) fn status_of(node: &Node) -> pb::StatusResponse {
             })
             .collect(),
         catching_up: node.replica.read_refusal().is_some(),
+        cleaned_up_layout: node.membership.cleaned_up(),
     }
 }
 

@@ -115,9 +115,15 @@ impl pb::membership_server::Membership for MembershipService {
             (self.0.cluster.layouts).check_sender(request.cluster_id, &sender)?;
         }
         let instance = crate::clock::InstanceId(request.instance_id);
-        let layout = (self.0.membership)
-            .on_join_as(&request.address, instance)
-            .await?;
+        let layout = if request.replaces.is_empty() || request.replaces == request.address {
+            (self.0.membership)
+                .on_join_as(&request.address, instance)
+                .await?
+        } else {
+            (self.0.membership)
+                .on_replace(&request.address, instance, &request.replaces)
+                .await?
+        };
         Ok(Response::new(pb::Layout::from(&layout)))
     }
 

@@ -252,11 +252,16 @@ impl Node {
         peers.set_cluster_id(config.cluster_token_id());
         let address = config.advertised_address();
         tracing::info!(%address, %instance, seeds = ?seeds, "asking to join the cluster");
+        let replaces = config.replace.clone().unwrap_or_default();
+        if !replaces.is_empty() {
+            tracing::info!(%replaces, "taking a dead member's place (--replace)");
+        }
         let layout = crate::membership::request_join(
             &peers,
             &seeds,
             &address,
             instance,
+            &replaces,
             config.request_timeout() * 4,
             retry_for,
         )

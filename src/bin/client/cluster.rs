@@ -37,8 +37,9 @@ const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(10);
 pub enum ClusterCommand {
     /// Wait until a layout change is over: exit 0, or 3 at --timeout-secs.
     ///
-    /// Over means no change is in progress and every member that is up
-    /// serves the newest layout. Asks every member for its status twice a
+    /// Over means no change is in progress, every member that is up
+    /// serves the newest layout, and each has dropped the data moved away
+    /// from it. Asks every member for its status twice a
     /// second. Progress goes to stderr, the verdict to stdout. A member
     /// believed down does not hold up the verdict, but a join does not
     /// settle until every member serves it.
@@ -103,6 +104,9 @@ pub struct PlanArgs {
     /// As `cluster remove --allow-data-loss`.
     #[arg(long)]
     allow_data_loss: bool,
+    /// For replace: the new node's address (as its --listen would be).
+    #[arg(long, default_value = "new-node:7000")]
+    with: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -250,11 +254,13 @@ async fn plan(
             }
             layout.begin_remove(address, args.allow_data_loss, up)
         }
-        PlanKind::Replace => {
-            return refused(
-                "`--replace` is not built yet: remove the dead member, then join a new node".into(),
-            );
-        }
+        PlanKind::Replace => layout.begin_replace(
+            address,
+            &args.with,
+            dkvs::clock::InstanceId::NONE,
+            args.force,
+            up,
+        ),
     };
     let next = match next {
         Ok(next) => next,
@@ -776,6 +782,9 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
             behind.join(", ")
         ));
     }
+    if let Some(why) = moved_data_left(layout, &current) {
+        return waiting(format!("layout v{version} ({}): {why}", layout.change));
+    }
     if let Some(why) = members_not_settled(layout, answers) {
         return waiting(format!("layout v{version} ({}): {why}", layout.change));
     }
@@ -784,6 +793,27 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
         change: layout.change.clone(),
         serving,
         down,
+    })
+}
+
+/// The members serving `layout` that still hold data moved away from them
+/// (they drop it once its new owners confirmed holding it). A layout that
+/// never changed (v1) has none.
+fn moved_data_left(layout: &pb::Layout, current: &[&pb::StatusResponse]) -> Option<String> {
+    if layout.version <= 1 {
+        return None;
+    }
+    let holding: Vec<&str> = current
+        .iter()
+        .filter(|s| s.cleaned_up_layout < layout.version)
+        .map(|s| s.address.as_str())
+        .collect();
+    (!holding.is_empty()).then(|| {
+        format!(
+            "{} still hold{} data moved away (handed to its new owners, then dropped)",
+            holding.join(", "),
+            if holding.len() == 1 { "s" } else { "" }
+        )
     })
 }
 
@@ -997,6 +1027,7 @@ mod tests {
         pb::StatusResponse {
             address: address.into(),
             layout: Some(layout.clone()),
+            cleaned_up_layout: layout.version,
             members: members
                 .iter()
                 .map(|(address, state, layout_version)| pb::Member {
@@ -1040,6 +1071,22 @@ mod tests {
         assert_eq!(
             settled.line(),
             "settled: layout v4 (change 4), served by all 2 members"
+        );
+    }
+
+    #[test]
+    fn a_member_still_holding_moved_data_is_waited_for() {
+        let v4 = layout(4, &[("a", Active), ("b", Active)], &[]);
+        let seen = [("a", Up, 4), ("b", Up, 4)];
+        let mut holding = status("b", &v4, &seen);
+        holding.cleaned_up_layout = 3;
+        let all = answers(vec![
+            ("a", Ok(status("a", &v4, &seen))),
+            ("b", Ok(holding)),
+        ]);
+        assert_eq!(
+            why(judge(&all)),
+            "layout v4 (change 4): b still holds data moved away (handed to its new owners, then dropped)"
         );
     }
 
