@@ -413,7 +413,10 @@ async fn a_new_node_replaces_a_dead_member_under_load() {
     assert!(text(&plan).contains("replaces"), "{}", text(&plan));
 
     let new = cluster
-        .join(0, &["--anti-entropy-interval", "1", "--replace", &dead_address])
+        .join(
+            0,
+            &["--anti-entropy-interval", "1", "--replace", &dead_address],
+        )
         .await;
     let new_address = cluster.nodes[new].address.clone();
     settles(&cluster, 90).await;
@@ -426,9 +429,69 @@ async fn a_new_node_replaces_a_dead_member_under_load() {
         .expect("the new node is a member");
     assert_eq!(member.role, pb::LayoutRole::Active as i32);
     assert_eq!(member.tokens, tokens, "it took the dead member's tokens");
-    assert_eq!(why_removed(&replaced, &dead_address).as_deref(), Some("removed"));
+    assert_eq!(
+        why_removed(&replaced, &dead_address).as_deref(),
+        Some("removed")
+    );
 
     load.check(&cluster).await;
     common::preloaded_at_all(&cluster, PRELOADED).await;
     stays_gone(&mut cluster, dead, "was removed from the cluster").await;
+}
+
+/// When a majority is lost for good, `--force-new-layout --allow-data-loss`
+/// on a survivor starts a new layout with it alone; refused while a
+/// majority answers (also when the flag is left on after recovery); the
+/// cluster then grows again with joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_of_a_lost_majority_starts_a_new_layout() {
+    const FORCE: &[&str] = &["--force-new-layout", "--allow-data-loss"];
+    let mut cluster = TestCluster::start_with(3, FLAGS).await;
+    common::preload(&cluster.client().await, 100).await;
+    let survivor = 0;
+
+    // With the others up, refused: the cluster is not lost.
+    cluster.kill(survivor);
+    cluster.add_flags(survivor, FORCE);
+    cluster.start_only(survivor);
+    let refused = cluster.wait_exit(survivor, Duration::from_secs(30)).await;
+    let log = cluster.log_tail_of(survivor);
+    assert_eq!(refused.code(), Some(1), "{log}");
+    assert!(log.contains("the cluster is not lost"), "{log}");
+    // (drop_flag takes the flag and the word after it: both flags.)
+    cluster.drop_flag(survivor, "--force-new-layout");
+    cluster.restart(survivor).await;
+
+    // The majority is lost for good.
+    let before = layout(&cluster, survivor).await;
+    cluster.kill(1);
+    cluster.kill(2);
+    cluster.kill(survivor);
+    cluster.add_flags(survivor, FORCE);
+    cluster.restart(survivor).await;
+    let forced = layout(&cluster, survivor).await;
+    assert_eq!(forced.version, before.version + 1);
+    assert_eq!(forced.members.len(), 1);
+    for lost in [1, 2] {
+        assert_eq!(
+            why_removed(&forced, &cluster.nodes[lost].address).as_deref(),
+            Some("dropped by --force-new-layout")
+        );
+    }
+    // It serves alone, with what it held: every key (N was 3 of 3).
+    common::preloaded_at_all(&cluster, 100).await;
+    let client = cluster.client().await;
+    client.put("after", "forced").await.expect("a write");
+
+    // The cluster grows again.
+    cluster.join(survivor, FLAGS).await;
+    settles(&cluster, 90).await;
+    assert_eq!(layout(&cluster, survivor).await.members.len(), 2);
+    common::preloaded_at_all(&cluster, 100).await;
+
+    // The flag left on: refused now that a majority answers.
+    cluster.kill(survivor);
+    cluster.start_only(survivor);
+    let again = cluster.wait_exit(survivor, Duration::from_secs(30)).await;
+    assert_eq!(again.code(), Some(1), "{}", cluster.log_tail_of(survivor));
 }

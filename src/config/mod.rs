@@ -104,6 +104,21 @@ pub struct ServerConfig {
     #[arg(long)]
     pub replace: Option<String>,
 
+    /// Recovery when a majority of the members is lost for good: start a
+    /// new layout in which this node (a survivor, from its data dir) is
+    /// the only member and every other member is removed. Needs
+    /// --allow-data-loss; refused when a majority of the members this node
+    /// knows still answers. Writes only the lost members held are gone;
+    /// other survivors must be wiped and --join again. Remove the flag once
+    /// the node started.
+    #[arg(long)]
+    pub force_new_layout: bool,
+
+    /// With --force-new-layout: accept that writes held only by the lost
+    /// members are gone.
+    #[arg(long)]
+    pub allow_data_loss: bool,
+
     /// Records per second a joining node copies from the members giving it
     /// their ranges (0: as fast as it can).
     #[arg(long, default_value_t = DEFAULT_STREAM_RATE)]
@@ -423,6 +438,19 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), String> {
         checks::check(self)?;
         self.validate_peers()?;
+        if self.force_new_layout && !self.allow_data_loss {
+            return Err(
+                "--force-new-layout drops every other member and whatever only they held: \
+                 add --allow-data-loss to say you accept that"
+                    .into(),
+            );
+        }
+        if self.force_new_layout && (!self.join_seeds().is_empty() || self.replace.is_some()) {
+            return Err(
+                "--force-new-layout starts from this node's own data dir: no --join or --replace"
+                    .into(),
+            );
+        }
         if let Some(dead) = &self.replace
             && self.join_seeds().is_empty()
         {

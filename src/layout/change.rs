@@ -31,6 +31,8 @@ use crate::ring::Ring;
 pub const LEFT: &str = "left";
 /// What [`Removed::why`] says of a member removed while down.
 pub const REMOVED: &str = "removed";
+/// What [`Removed::why`] says of the members a forced new layout dropped.
+pub const FORCED_OUT: &str = "dropped by --force-new-layout";
 
 /// Why a member with `role` goes on the removed list when a move settles.
 pub fn gone_why(role: Role) -> &'static str {
@@ -259,11 +261,27 @@ impl Layout {
     /// What the change in progress is, without its steps ("127.0.0.1:7003
     /// leaves").
     pub fn change_name(&self) -> String {
+        // A joiner with a member's tokens replaces it (`--replace`).
+        let replaced = |joiner: &super::LayoutMember| {
+            self.members
+                .iter()
+                .find(|m| m.role == Role::Removing && m.tokens == joiner.tokens)
+        };
         let mut parts = Vec::new();
         for member in &self.members {
             match member.role {
                 Role::Active => {}
-                Role::Joining => parts.push(format!("{} joins", member.address)),
+                Role::Joining => match replaced(member) {
+                    Some(dead) => {
+                        parts.push(format!("{} replaces {}", member.address, dead.address))
+                    }
+                    None => parts.push(format!("{} joins", member.address)),
+                },
+                Role::Removing
+                    if self
+                        .members
+                        .iter()
+                        .any(|j| j.role == Role::Joining && j.tokens == member.tokens) => {}
                 Role::Leaving => parts.push(format!("{} leaves", member.address)),
                 Role::Removing => parts.push(format!("{} is removed", member.address)),
             }
@@ -444,6 +462,53 @@ impl Layout {
         if !short.is_empty() {
             return Err(Refusal::Invalid(short_copies_refusal(dead, &next, &short)));
         }
+        Ok(next)
+    }
+
+    /// `DKVSServer --force-new-layout --allow-data-loss` on the survivor
+    /// `address` (instance `instance`) of a cluster whose majority is lost
+    /// for good: v+1 with that node the only member (its tokens kept) and
+    /// every other member on the removed list. Offline and unverified by
+    /// anyone: the caller makes sure a majority of the voters is gone.
+    pub fn force_survivor(
+        &self,
+        address: &str,
+        instance: crate::clock::InstanceId,
+    ) -> Result<Layout, Refusal> {
+        let Some(me) = self.member(address) else {
+            return Err(Refusal::Invalid(format!(
+                "{address} is not a member of the layout it holds (v{}): it cannot start a new layout",
+                self.version
+            )));
+        };
+        if me.role == Role::Joining {
+            return Err(Refusal::Invalid(format!(
+                "{address} is still joining in layout v{}: it does not hold its ranges, start the new layout from another survivor",
+                self.version
+            )));
+        }
+        let version = self.version + 1;
+        let mut next = self.next(format!(
+            "new layout forced from {address} (--force-new-layout --allow-data-loss: the other members were lost)"
+        ));
+        for member in self.members.iter().filter(|m| m.address != address) {
+            next.removed.push(Removed {
+                address: member.address.clone(),
+                instance_id: member.instance_id,
+                version,
+                why: FORCED_OUT.into(),
+            });
+        }
+        next.members.retain(|m| m.address == address);
+        for member in &mut next.members {
+            member.role = Role::Active;
+            if member.instance_id.is_none() {
+                member.instance_id = instance;
+            }
+        }
+        next.previous.clear();
+        next.streamed.clear();
+        next.written_off.clear();
         Ok(next)
     }
 

@@ -210,6 +210,29 @@ fn removing_a_joiner_aborts_its_join_and_a_leave_can_be_aborted() {
 }
 
 #[test]
+fn a_forced_new_layout_keeps_only_the_survivor() {
+    let v1 = members(5);
+    let forced = v1.force_survivor(B, InstanceId(101)).expect("forced");
+    forced.validate().expect("valid");
+    assert_eq!(forced.version, v1.version + 1);
+    assert_eq!(forced.members.len(), 1);
+    assert_eq!(forced.members[0].address, B);
+    assert_eq!(forced.members[0].tokens, v1.member(B).expect("B").tokens);
+    assert_eq!(forced.removed.len(), 4);
+    assert!(forced.removed_instance(A, InstanceId(100)).is_some());
+    assert!(forced.is_settled());
+    assert!(v1.force_survivor("127.0.0.1:9", InstanceId(1)).is_err());
+    let joining = v1
+        .begin_join_as("127.0.0.1:7009", InstanceId(9))
+        .expect("join");
+    assert!(
+        joining
+            .force_survivor("127.0.0.1:7009", InstanceId(9))
+            .is_err()
+    );
+}
+
+#[test]
 fn the_stream_slices_cover_the_hash_space_once() {
     let leaving = members(5).begin_leave(C, false).expect("leave");
     let slices = leaving.slices();

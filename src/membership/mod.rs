@@ -443,7 +443,10 @@ pub async fn request_join(
     for round in 0u32.. {
         failures.clear();
         for seed in seeds {
-            match peers.join_as(seed, timeout, address, instance, replaces).await {
+            match peers
+                .join_as(seed, timeout, address, instance, replaces)
+                .await
+            {
                 Ok(layout) => return Ok(layout),
                 Err(refused @ Error::FailedPrecondition(_)) => return Err(refused),
                 Err(why) => failures.push(why.to_string()),

@@ -146,7 +146,8 @@ impl PeerPool {
     /// it joining. A seed that refuses (a change in progress) answers
     /// `FailedPrecondition`.
     pub async fn join(&self, seed: &str, timeout: Duration, address: &str) -> Result<Layout> {
-        self.join_as(seed, timeout, address, InstanceId::NONE, "").await
+        self.join_as(seed, timeout, address, InstanceId::NONE, "")
+            .await
     }
 
     /// [`PeerPool::join`] naming the joiner's instance (its data dir), which

@@ -50,6 +50,9 @@ impl Node {
         store: LayoutStore,
         dialer: Arc<dyn Dialer>,
     ) -> Result<Arc<Self>> {
+        if config.force_new_layout {
+            super::recovery::force_new_layout(&config, &store, dialer.clone()).await?;
+        }
         let held = store.load()?.is_some_and(|s| s.committed.is_some());
         if held && !config.join_seeds().is_empty() {
             tracing::info!("the data dir holds a layout: rejoining with it (--join ignored)");

@@ -34,6 +34,7 @@ mod load;
 mod membership;
 mod metrics;
 mod quota;
+mod recovery;
 mod replica;
 mod replica_read;
 mod secure;

@@ -1080,10 +1080,7 @@ mod tests {
         let seen = [("a", Up, 4), ("b", Up, 4)];
         let mut holding = status("b", &v4, &seen);
         holding.cleaned_up_layout = 3;
-        let all = answers(vec![
-            ("a", Ok(status("a", &v4, &seen))),
-            ("b", Ok(holding)),
-        ]);
+        let all = answers(vec![("a", Ok(status("a", &v4, &seen))), ("b", Ok(holding))]);
         assert_eq!(
             why(judge(&all)),
             "layout v4 (change 4): b still holds data moved away (handed to its new owners, then dropped)"
