@@ -16,6 +16,10 @@
 #   ./startServers.sh add        start one more node that joins the running cluster
 #                                (DKVSServer --join), on the next free port after the
 #                                highest one the script uses; prints its restart command
+#   ./startServers.sh add --replace ADDR
+#                                the same, taking the place of the dead member ADDR
+#                                (DKVSServer --replace: it gets ADDR's ranges; ADDR is
+#                                removed in the same change and not started again)
 #   ./startServers.sh stop       stop every node this script started, added ones too:
 #                                SIGTERM to all at once, SIGKILL to any still running
 #                                after 10 s
@@ -208,6 +212,30 @@ mark_gone() { # port
   is_gone "$1" || echo "$1" >>"$GONE_FILE"
 }
 
+# The addresses of the script's nodes that are running, comma-separated.
+running_seeds() {
+  shopt -s nullglob
+  local pidfile port seeds=""
+  for pidfile in "$RUN_DIR"/node-*.pid; do
+    port=${pidfile##*/node-}
+    port=${port%.pid}
+    is_running "$pidfile" && seeds+="${seeds:+,}$HOST:$port"
+  done
+  printf '%s\n' "$seeds"
+}
+
+# Marks gone the script's nodes that the running cluster lists as removed
+# (their data dirs hold the removed instance): a member removed while it was
+# down never got to say so itself.
+sync_removed() { # seeds
+  [[ -n "$1" && -x "${CLIENT:-}" ]] || return 0
+  local port
+  while read -r port; do
+    [[ -n "$port" && -d "$DATA_DIR/node-$port" ]] && mark_gone "$port"
+  done < <(client --nodes "$1" --timeout-ms 2000 status 2>/dev/null \
+    | sed -n "s/^removed: $HOST:\([0-9]*\) .*/\1/p")
+}
+
 stop_all() {
   shopt -s nullglob
   local pidfiles=() pids=() names=() pidfile pid
@@ -252,6 +280,14 @@ stop_all() {
 show_status() {
   shopt -s nullglob
   local running=0 pidfile name pid
+  # Members removed while down: the cluster says so (binaries already built
+  # only: status builds nothing).
+  if [[ -n "${DKVS_BIN_DIR:-}" || -x "$ROOT/target/release/DKVSClient" ]]; then
+    local CLIENT
+    CLIENT="$(bin_dir)/DKVSClient"
+    [[ -f "$SECURE_MARKER" ]] && SECURE=1
+    sync_removed "$(running_seeds)"
+  fi
   for pidfile in "$RUN_DIR"/node-*.pid; do
     name=$(basename "$pidfile" .pid)
     pid=$(pid_of "$pidfile")
@@ -539,6 +575,7 @@ start_all() {
   for i in $(seq 1 "$count"); do first_ports+=("$((BASE_PORT + i))"); done
   flags="$flags $(cluster_token_flag "${first_ports[@]}")"
 
+  sync_removed "$(running_seeds)"
   local commands=() started=()
   for port in "${ports[@]}"; do
     name="node-$port"
@@ -758,6 +795,9 @@ add_node() {
   if [[ -s "$TOKEN_FILE" ]]; then
     flags="$flags --cluster-token $(head -n1 "$TOKEN_FILE")"
   fi
+  if [[ -n "$REPLACE" ]]; then
+    flags="$flags --replace $REPLACE"
+  fi
   node_command "$port" --join "$seeds" "$flags"
   launch "$port"
   local pid
@@ -778,10 +818,18 @@ add_node() {
     sleep 0.2
   done
   echo "$port" >>"$ADDED_FILE"
+  # The member it replaced is removed: not started again.
+  if [[ -n "$REPLACE" && "${REPLACE%:*}" == "$HOST" && -d "$DATA_DIR/node-${REPLACE##*:}" ]]; then
+    mark_gone "${REPLACE##*:}"
+  fi
 
   local members
   members=$(( $(tr ',' '\n' <<<"$peers" | wc -l) + $(added_ports | wc -l) ))
-  echo "$name joins the cluster (through $seeds): it receives the data of the ranges it will own, then serves reads."
+  if [[ -n "$REPLACE" ]]; then
+    echo "$name takes the place of $REPLACE (through $seeds): it receives $REPLACE's ranges from their other replicas, then serves reads; $REPLACE is removed."
+  else
+    echo "$name joins the cluster (through $seeds): it receives the data of the ranges it will own, then serves reads."
+  fi
   printf '%-8s %-18s %-8s %s\n' NODE ADDRESS PID LOG
   printf '%-8s %-18s %-8s %s\n' "$members" "$HOST:$port" "$pid" "${RUN_DIR#"$ROOT"/}/$name.log"
   echo
@@ -800,11 +848,27 @@ Follow the join:
 USAGE
 }
 
-# --secure may come before or after the command.
+# --secure may come before or after the command; `add` takes --replace ADDR.
 ARGS=()
-for arg in "$@"; do
-  if [[ "$arg" == --secure ]]; then SECURE_ASKED=1; else ARGS+=("$arg"); fi
+REPLACE=""
+while (( $# )); do
+  case "$1" in
+    --secure) SECURE_ASKED=1 ;;
+    --replace)
+      if [[ -z "${2:-}" ]]; then
+        echo "--replace needs the dead member's address, e.g. add --replace $HOST:$((BASE_PORT + 3))" >&2
+        exit 2
+      fi
+      REPLACE=$2
+      shift ;;
+    *) ARGS+=("$1") ;;
+  esac
+  shift
 done
+if [[ -n "$REPLACE" && "${ARGS[0]:-}" != add ]]; then
+  echo "--replace goes with add: ./startServers.sh add --replace ADDR" >&2
+  exit 2
+fi
 if (( ${#ARGS[@]} > 1 )); then
   echo "unexpected argument '${ARGS[1]}' (see ./startServers.sh help)" >&2
   exit 2

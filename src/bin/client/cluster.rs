@@ -295,11 +295,15 @@ fn plan_text(
         next.version,
         status.address
     );
+    let bytes = if data >= 1.0 {
+        format!(", ~{}", estimate_bytes(plan.share_moved * data))
+    } else {
+        String::new()
+    };
     text.push_str(&format!(
-        "Moves {:.1}% of the key space (~{} keys, ~{}), streamed to the members that take it:\n",
+        "Moves {:.1}% of the key space (~{} keys{bytes}), streamed to the members that take it:\n",
         plan.share_moved * 100.0,
         (plan.share_moved * keys).round() as u64,
-        estimate_bytes(plan.share_moved * data)
     ));
     text.push_str(&format!(
         "  {:<22} {:>6} {:>7} {:>8} {:>10}  {}\n",
