@@ -236,8 +236,21 @@ sync_removed() { # seeds
     | sed -n "s/^removed: $HOST:\([0-9]*\) .*/\1/p")
 }
 
+# sync_removed with the binaries already built (status and stop build
+# nothing), while nodes run.
+sync_removed_if_built() {
+  if [[ -n "${DKVS_BIN_DIR:-}" || -x "$ROOT/target/release/DKVSClient" ]]; then
+    local CLIENT
+    CLIENT="$(bin_dir)/DKVSClient"
+    [[ -f "$SECURE_MARKER" ]] && SECURE=1
+    sync_removed "$(running_seeds)"
+  fi
+}
+
 stop_all() {
   shopt -s nullglob
+  # Members removed while down: learnt now, while the cluster can say so.
+  sync_removed_if_built
   local pidfiles=() pids=() names=() pidfile pid
   for pidfile in "$RUN_DIR"/node-*.pid; do
     pid=$(pid_of "$pidfile")
@@ -280,14 +293,7 @@ stop_all() {
 show_status() {
   shopt -s nullglob
   local running=0 pidfile name pid
-  # Members removed while down: the cluster says so (binaries already built
-  # only: status builds nothing).
-  if [[ -n "${DKVS_BIN_DIR:-}" || -x "$ROOT/target/release/DKVSClient" ]]; then
-    local CLIENT
-    CLIENT="$(bin_dir)/DKVSClient"
-    [[ -f "$SECURE_MARKER" ]] && SECURE=1
-    sync_removed "$(running_seeds)"
-  fi
+  sync_removed_if_built
   for pidfile in "$RUN_DIR"/node-*.pid; do
     name=$(basename "$pidfile" .pid)
     pid=$(pid_of "$pidfile")
@@ -668,7 +674,7 @@ start_all() {
   echo
   echo "Restart a node by hand (after e.g. kill -9 <pid>) with its command:"
   for i in "${!ports[@]}"; do
-    echo "  ${commands[$i]}"
+    is_gone "${ports[$i]}" || echo "  ${commands[$i]}"
   done
   if (( SECURE )); then
     secure_usage

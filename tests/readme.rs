@@ -446,6 +446,8 @@ impl Normaliser {
             // Log timestamps.
             (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", "<time>"),
             (r"--worker-threads \d+", "--worker-threads <n>"),
+            // `./startServers.sh status`.
+            (r"\brunning, pid \d+", "running, pid <pid>"),
             // Member and instance ids in hex.
             (r"\b[0-9a-f]{16}\b", "<id>"),
             // Clocks and ids in decimal.
@@ -456,7 +458,7 @@ impl Normaliser {
                 .into_iter()
                 .map(|(re, to)| (Regex::new(re).expect("regex"), to))
                 .collect(),
-            status_row: Regex::new(r"^127\.0\.0\.1:\d+ +[0-9a-f]{16} +(UP|DOWN|JOINING) ")
+            status_row: Regex::new(r"^127\.0\.0\.1:\d+ +[0-9a-f]{16} +(UP|DOWN|JOINING|LEAVING) ")
                 .expect("regex"),
             status_number: Regex::new(r"^[+-]?\d+(\.\d+)?(ms|s)?$").expect("regex"),
             start_row: Regex::new(r"^(\d+ +127\.0\.0\.1:\d+ +)(\d+) +").expect("regex"),

@@ -462,7 +462,7 @@ async fn wait_gone(
             let answering = answers.get(address).is_some_and(|a| a.is_ok());
             if removed && !answering {
                 println!(
-                    "{address} left: its ranges moved and it exited (layout v{}, waited {:.1} s)",
+                    "{address} left: its ranges moved and it exited, layout v{} (waited {:.1} s)",
                     layout.version,
                     began.elapsed().as_secs_f64()
                 );
