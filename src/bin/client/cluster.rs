@@ -305,30 +305,7 @@ fn plan_text(
         plan.share_moved * 100.0,
         (plan.share_moved * keys).round() as u64,
     ));
-    text.push_str(&format!(
-        "  {:<22} {:>6} {:>7} {:>8} {:>10}  {}\n",
-        "TO", "RANGES", "SHARE", "~KEYS", "~BYTES", "FROM"
-    ));
-    for transfer in &plan.transfers {
-        let from = if transfer.from_giver {
-            format!("{} (giving them up)", transfer.from.join(", "))
-        } else {
-            format!(
-                "{} of each range's old replicas: {}",
-                n_old - n_old / 2,
-                transfer.from.join(", ")
-            )
-        };
-        text.push_str(&format!(
-            "  {:<22} {:>6} {:>6.1}% {:>8} {:>10}  {}\n",
-            transfer.to,
-            transfer.intervals,
-            transfer.share * 100.0,
-            (transfer.share * keys).round() as u64,
-            estimate_bytes(transfer.share * data),
-            from
-        ));
-    }
+    text.push_str(&transfers_table(&plan, n_old, keys, data));
     if plan.transfers.is_empty() {
         text.push_str("  (nothing: every member that stays already holds every key it will)\n");
     }
@@ -361,6 +338,42 @@ fn plan_text(
     text
 }
 
+/// `cluster plan`'s table: per receiving member, what it takes and from
+/// whom, with estimates from `keys` and `data` (the distinct keys and bytes).
+fn transfers_table(
+    plan: &dkvs::layout::plan::ChangePlan,
+    n_old: usize,
+    keys: f64,
+    data: f64,
+) -> String {
+    let mut text = String::new();
+    text.push_str(&format!(
+        "  {:<22} {:>6} {:>7} {:>8} {:>10}  {}\n",
+        "TO", "RANGES", "SHARE", "~KEYS", "~BYTES", "FROM"
+    ));
+    for transfer in &plan.transfers {
+        let from = if transfer.from_giver {
+            format!("{} (giving them up)", transfer.from.join(", "))
+        } else {
+            format!(
+                "{} of each range's old replicas: {}",
+                n_old - n_old / 2,
+                transfer.from.join(", ")
+            )
+        };
+        text.push_str(&format!(
+            "  {:<22} {:>6} {:>6.1}% {:>8} {:>10}  {}\n",
+            transfer.to,
+            transfer.intervals,
+            transfer.share * 100.0,
+            (transfer.share * keys).round() as u64,
+            estimate_bytes(transfer.share * data),
+            from
+        ));
+    }
+    text
+}
+
 /// An estimate of bytes, `?` when the members report none.
 fn estimate_bytes(bytes: f64) -> String {
     if bytes < 1.0 {
@@ -368,6 +381,36 @@ fn estimate_bytes(bytes: f64) -> String {
     } else {
         crate::status::bytes(bytes as u64)
     }
+}
+
+/// Whom to ask to commit `change`, in order: the voting members of the
+/// newest layout the seeds answered (the seeds when none), the member the
+/// change is about last (and never for its own remove).
+fn voters_to_ask(
+    answers: &BTreeMap<String, Result<pb::StatusResponse, String>>,
+    seeds: &[String],
+    change: &Change,
+) -> Vec<String> {
+    let mut asked: Vec<String> = match newest_layout(answers) {
+        Some(layout) => layout
+            .members
+            .iter()
+            .filter(|m| {
+                m.role == pb::LayoutRole::Active as i32 || m.role == pb::LayoutRole::Leaving as i32
+            })
+            .map(|m| m.address.clone())
+            .collect(),
+        None => seeds.to_vec(),
+    };
+    if let Some(subject) = change.subject() {
+        // Ask the others first: a remove is refused by its subject, and a
+        // leaver is as good as any but may be on its way out.
+        asked.sort_by_key(|a| a == subject);
+        if matches!(change, Change::Remove { .. }) {
+            asked.retain(|a| a != subject);
+        }
+    }
+    asked
 }
 
 /// A membership change the client asks a member to commit.
@@ -495,25 +538,7 @@ async fn change(
     change: Change,
 ) -> Outcome {
     let answers = ask_all(peers, seeds, rpc_timeout).await;
-    let mut asked: Vec<String> = match newest_layout(&answers) {
-        Some(layout) => layout
-            .members
-            .iter()
-            .filter(|m| {
-                m.role == pb::LayoutRole::Active as i32 || m.role == pb::LayoutRole::Leaving as i32
-            })
-            .map(|m| m.address.clone())
-            .collect(),
-        None => seeds.to_vec(),
-    };
-    if let Some(subject) = change.subject() {
-        // Ask the others first: a remove is refused by its subject, and a
-        // leaver is as good as any but may be on its way out.
-        asked.sort_by_key(|a| a == subject);
-        if matches!(change, Change::Remove { .. }) {
-            asked.retain(|a| a != subject);
-        }
-    }
+    let asked = voters_to_ask(&answers, seeds, &change);
     let mut failures = Vec::new();
     for address in &asked {
         let mut client = match peers.cluster_client(address) {
@@ -749,35 +774,7 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
         down,
     } = roll(layout, answers, &current);
     if let Some(change) = in_progress {
-        let mut parts = vec![format!("layout v{version}, change in progress: {change}")];
-        parts.extend(moves(&current));
-        if !layout.previous.is_empty() {
-            parts.push(format!("settles once every member serves v{version}"));
-        } else if let Ok(checked) = pb::layout_from(layout.clone()) {
-            let waiting = checked.waiting_for_streams();
-            // A join's streaming shows in its progress line already.
-            let shrinking = checked.members.iter().any(|m| !m.role.holds_after());
-            if shrinking && !waiting.is_empty() {
-                parts.push(format!(
-                    "waiting for {} to stream the ranges they take",
-                    waiting.join(", ")
-                ));
-            }
-        }
-        parts.extend(behind);
-        // A member being removed is down by design: nothing waits for it.
-        let removing = |address: &str| {
-            layout
-                .members
-                .iter()
-                .any(|m| m.address == address && m.role == pb::LayoutRole::Removing as i32)
-        };
-        parts.extend(
-            down.iter()
-                .filter(|address| !removing(address))
-                .map(|address| format!("{address} is believed down (the change waits for it)")),
-        );
-        return waiting(parts.join("; "));
+        return waiting(in_progress_why(layout, &change, &current, behind, &down));
     }
     if !behind.is_empty() {
         return waiting(format!(
@@ -798,6 +795,47 @@ fn judge(answers: &BTreeMap<String, Result<pb::StatusResponse, String>>) -> Verd
         serving,
         down,
     })
+}
+
+/// Why a change in progress is not over: its progress, what it waits for,
+/// the members behind it and those believed down.
+fn in_progress_why(
+    layout: &pb::Layout,
+    change: &str,
+    current: &[&pb::StatusResponse],
+    behind: Vec<String>,
+    down: &[String],
+) -> String {
+    let version = layout.version;
+    let mut parts = vec![format!("layout v{version}, change in progress: {change}")];
+    parts.extend(moves(current));
+    if !layout.previous.is_empty() {
+        parts.push(format!("settles once every member serves v{version}"));
+    } else if let Ok(checked) = pb::layout_from(layout.clone()) {
+        let waiting = checked.waiting_for_streams();
+        // A join's streaming shows in its progress line already.
+        let shrinking = checked.members.iter().any(|m| !m.role.holds_after());
+        if shrinking && !waiting.is_empty() {
+            parts.push(format!(
+                "waiting for {} to stream the ranges they take",
+                waiting.join(", ")
+            ));
+        }
+    }
+    parts.extend(behind);
+    // A member being removed is down by design: nothing waits for it.
+    let removing = |address: &str| {
+        layout
+            .members
+            .iter()
+            .any(|m| m.address == address && m.role == pb::LayoutRole::Removing as i32)
+    };
+    parts.extend(
+        down.iter()
+            .filter(|address| !removing(address))
+            .map(|address| format!("{address} is believed down (the change waits for it)")),
+    );
+    parts.join("; ")
 }
 
 /// The members serving `layout` that still hold data moved away from them
