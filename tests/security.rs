@@ -656,6 +656,7 @@ async fn a_non_member_certificate_opens_only_the_read_only_doors(
         address: free_address(),
         cluster_id: layout.cluster_id,
         instance_id: 7,
+        replaces: String::new(),
     };
     assert_refused(
         membership.join(request(join, None)).await,

@@ -49,6 +49,20 @@ impl pb::cluster_server::Cluster for ReadsOnlyNode {
     ) -> Result<Response<pb::AbortResponse>, Status> {
         Err(Status::unimplemented("a stand-in node changes no layout"))
     }
+
+    async fn leave(
+        &self,
+        _request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        Err(Status::unimplemented("a stand-in node changes no layout"))
+    }
+
+    async fn remove(
+        &self,
+        _request: Request<pb::RemoveRequest>,
+    ) -> Result<Response<pb::ChangeResponse>, Status> {
+        Err(Status::unimplemented("a stand-in node changes no layout"))
+    }
 }
 
 #[tonic::async_trait]

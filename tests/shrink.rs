@@ -495,3 +495,133 @@ async fn a_survivor_of_a_lost_majority_starts_a_new_layout() {
     let again = cluster.wait_exit(survivor, Duration::from_secs(30)).await;
     assert_eq!(again.code(), Some(1), "{}", cluster.log_tail_of(survivor));
 }
+
+/// A small seeded random source for the nemesis (splitmix64).
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, sides: usize) -> usize {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) % sides as u64) as usize
+    }
+}
+
+/// The nodes that are running and members of the layout node `observer`
+/// serves (also reaps nodes that exited by themselves: a leaver).
+async fn running_members(cluster: &mut TestCluster) -> Vec<usize> {
+    for i in 0..cluster.nodes.len() {
+        cluster.exited(i);
+    }
+    let observer = (0..cluster.nodes.len())
+        .find(|&i| cluster.nodes[i].is_running())
+        .expect("a running node");
+    let layout = layout(cluster, observer).await;
+    (0..cluster.nodes.len())
+        .filter(|&i| {
+            cluster.nodes[i].is_running()
+                && layout
+                    .members
+                    .iter()
+                    .any(|m| m.address == cluster.nodes[i].address)
+        })
+        .collect()
+}
+
+/// The membership nemesis: joins, leaves, removes and replaces mixed with
+/// kills and pauses, for `DKVS_NEMESIS_SECS` (default 300) seconds under
+/// the recorded workload, each change followed by `cluster wait`; then
+/// every acknowledged write is checked. Seeded by `DKVS_NEMESIS_SEED`.
+/// Long: run it with `cargo test --test shrink -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn membership_nemesis() {
+    let secs: u64 = std::env::var("DKVS_NEMESIS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let seed = common::seed_from_env("DKVS_NEMESIS_SEED");
+    println!("membership nemesis: {secs} s, DKVS_NEMESIS_SEED={seed}");
+    let mut dice = Dice(seed);
+    let mut cluster = TestCluster::start_with(5, FLAGS).await;
+    common::preload(&cluster.client().await, PRELOADED).await;
+    let load = common::Load::start(&cluster).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut done: Vec<String> = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        let members = running_members(&mut cluster).await;
+        let pick = members[dice.roll(members.len())];
+        let address = cluster.nodes[pick].address.clone();
+        let seed_node = *members
+            .iter()
+            .find(|&&m| m != pick)
+            .expect("another member");
+        let step = match dice.roll(6) {
+            0 if members.len() < 7 => {
+                let new = cluster.join(seed_node, FLAGS).await;
+                format!("join {}", cluster.nodes[new].address)
+            }
+            1 if members.len() > 3 => {
+                let leave = cluster
+                    .run_client(&[
+                        "cluster",
+                        "leave",
+                        &address,
+                        "--wait",
+                        "--timeout-secs",
+                        "120",
+                    ])
+                    .await;
+                format!("leave {address}: exit {:?}", leave.status.code())
+            }
+            2 if members.len() > 3 => {
+                cluster.kill(pick);
+                down_everywhere(&cluster, pick).await;
+                let remove = cluster.run_client(&["cluster", "remove", &address]).await;
+                format!("kill and remove {address}: exit {:?}", remove.status.code())
+            }
+            3 => {
+                cluster.kill(pick);
+                down_everywhere(&cluster, pick).await;
+                let new = cluster
+                    .join(
+                        seed_node,
+                        &["--anti-entropy-interval", "1", "--replace", &address],
+                    )
+                    .await;
+                format!(
+                    "kill {address}, replace it with {}",
+                    cluster.nodes[new].address
+                )
+            }
+            4 => {
+                cluster.pause(pick);
+                tokio::time::sleep(Duration::from_millis(500 + 300 * dice.roll(10) as u64)).await;
+                cluster.resume(pick);
+                format!("pause {address}")
+            }
+            _ => {
+                cluster.kill(pick);
+                tokio::time::sleep(Duration::from_millis(200 * dice.roll(10) as u64)).await;
+                cluster.restart(pick).await;
+                format!("kill and restart {address}")
+            }
+        };
+        let wait = cluster
+            .run_client(&["cluster", "wait", "--timeout-secs", "120"])
+            .await;
+        assert_eq!(
+            wait.status.code(),
+            Some(0),
+            "after {step} (steps so far: {done:?}): {}",
+            text(&wait)
+        );
+        println!("nemesis step {}: {step}", done.len() + 1);
+        done.push(step);
+    }
+    load.check(&cluster).await;
+    common::preloaded_at_all(&cluster, PRELOADED).await;
+    println!("membership nemesis: {} steps, 0 violations", done.len());
+}
