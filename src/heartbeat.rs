@@ -134,7 +134,7 @@ impl Heartbeats {
             .map(|(address, (progress, at))| {
                 (
                     address.clone(),
-                    *progress,
+                    progress.clone(),
                     now.saturating_duration_since(*at),
                 )
             })

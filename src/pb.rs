@@ -584,6 +584,8 @@ impl From<crate::layout::progress::ProgressReport> for MoveProgress {
             ranges_done: p.ranges_done,
             ranges_total: p.ranges_total,
             age_ms: 0,
+            stalled_ms: p.stalled_ms,
+            stalled_why: p.stalled_why,
         }
     }
 }
@@ -600,6 +602,9 @@ impl From<MoveProgress> for crate::layout::progress::ProgressReport {
             eta_ms: p.eta_ms,
             ranges_done: p.ranges_done,
             ranges_total: p.ranges_total,
+            stalled_ms: p.stalled_ms,
+            // From the network: bounded.
+            stalled_why: crate::layout::progress::bounded_why(&p.stalled_why),
         }
     }
 }

@@ -39,6 +39,9 @@ pub struct MoveProgress {
     pub ranges_done: u32,
     pub ranges_total: u32,
     pub started: Instant,
+    /// Since when streaming has failed round after round, and the last
+    /// failure (`None`: not stalled).
+    pub stalled: Option<(String, Instant)>,
 }
 
 impl Default for MoveProgress {
@@ -52,6 +55,7 @@ impl Default for MoveProgress {
             ranges_done: 0,
             ranges_total: 0,
             started: Instant::now(),
+            stalled: None,
         }
     }
 }
@@ -79,7 +83,7 @@ impl MoveProgress {
 
 /// A join's progress as reported to others (in heartbeats and
 /// `Cluster.Status`): the counts, and the estimates made when it was sent.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProgressReport {
     pub layout_version: u64,
     pub keys_moved: u64,
@@ -92,9 +96,33 @@ pub struct ProgressReport {
     pub eta_ms: u64,
     pub ranges_done: u32,
     pub ranges_total: u32,
+    /// How long streaming has been failing (0: not stalled), and why.
+    pub stalled_ms: u64,
+    pub stalled_why: String,
+}
+
+/// The longest stall reason reported (bytes).
+pub const STALLED_WHY_MAX: usize = 300;
+
+/// `why` cut to at most [`STALLED_WHY_MAX`] bytes, on a char boundary.
+pub fn bounded_why(why: &str) -> String {
+    let mut end = why.len().min(STALLED_WHY_MAX);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    why[..end].to_string()
 }
 
 impl MoveProgress {
+    /// Notes a failed streaming round (the stall starts at the first).
+    pub fn stall(&mut self, why: &str) {
+        let since = self
+            .stalled
+            .as_ref()
+            .map_or_else(Instant::now, |(_, since)| *since);
+        self.stalled = Some((bounded_why(why), since));
+    }
+
     /// The progress as reported now.
     pub fn report(&self) -> ProgressReport {
         let (keys_remaining, bytes_remaining, eta_ms) = self.remaining().unwrap_or((0, 0, 0));
@@ -108,6 +136,15 @@ impl MoveProgress {
             eta_ms,
             ranges_done: self.ranges_done,
             ranges_total: self.ranges_total,
+            stalled_ms: self
+                .stalled
+                .as_ref()
+                .map_or(0, |(_, since)| since.elapsed().as_millis().max(1) as u64),
+            stalled_why: self
+                .stalled
+                .as_ref()
+                .map(|(why, _)| why.clone())
+                .unwrap_or_default(),
         }
     }
 }

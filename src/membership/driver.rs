@@ -119,6 +119,9 @@ impl Membership {
         };
         if self.streamed.load(Ordering::Relaxed) != key {
             if let Err(why) = self.stream_all(layout).await {
+                if let Some(progress) = self.progress.locked().as_mut() {
+                    progress.stall(&why.to_string());
+                }
                 return Err(WorkerError::new(format!(
                     "{what}: streaming incomplete, will retry: {why}"
                 )));

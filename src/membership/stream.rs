@@ -242,12 +242,18 @@ impl Membership {
         let needed_sources = n_old - Consistency::Quorum.required(n_old) + 1;
         let written_off = &layout.written_off;
         let started = Instant::now();
-        *self.progress.locked() = Some(MoveProgress {
-            layout_version: layout.version,
-            ranges_total,
-            started,
-            ..MoveProgress::default()
-        });
+        {
+            let mut progress = self.progress.locked();
+            // A stall lasts across attempts until one succeeds.
+            let stalled = progress.as_ref().and_then(|p| p.stalled.clone());
+            *progress = Some(MoveProgress {
+                layout_version: layout.version,
+                ranges_total,
+                started,
+                stalled,
+                ..MoveProgress::default()
+            });
+        }
         let pace = Arc::new(tokio::sync::Mutex::new(Pace {
             rate: self.stream_rate,
             started,
@@ -343,6 +349,7 @@ impl Membership {
             Some(progress) => {
                 progress.done_share = 1.0;
                 progress.ranges_done = ranges_total;
+                progress.stalled = None;
                 (progress.keys_moved, progress.records_received)
             }
             None => (0, 0),

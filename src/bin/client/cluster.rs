@@ -983,8 +983,18 @@ fn moves(current: &[&pb::StatusResponse]) -> Vec<String> {
             } else {
                 String::new()
             };
+            let stalled = if p.stalled_ms > 0 {
+                format!(
+                    "; streaming to {} stalled {}: {}",
+                    p.address,
+                    duration(p.stalled_ms),
+                    p.stalled_why
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "{} {} moved ({} keys{left})",
+                "{} {} moved ({} keys{left}){stalled}",
                 p.address,
                 percent(p.done_ppm),
                 p.keys_moved

@@ -342,11 +342,21 @@ fn moves_table(moves: &[pb::MoveProgress], joining: bool) -> String {
                 "?".into()
             }
         };
-        let note = if progress.age_ms >= STALE_COUNTS_MS {
-            format!("reported {:.1}s ago", progress.age_ms as f64 / 1000.0)
-        } else {
-            String::new()
-        };
+        let mut notes = Vec::new();
+        if progress.stalled_ms > 0 {
+            notes.push(format!(
+                "stalled {}: {}",
+                duration(progress.stalled_ms),
+                progress.stalled_why
+            ));
+        }
+        if progress.age_ms >= STALE_COUNTS_MS {
+            notes.push(format!(
+                "reported {:.1}s ago",
+                progress.age_ms as f64 / 1000.0
+            ));
+        }
+        let note = notes.join("; ");
         table.push_str(&format!(
             "{:<22} {:>7} {:>12} {:>12} {:>12} {:>12} {:>10}  {}\n",
             progress.address,
@@ -453,6 +463,8 @@ mod tests {
                 },
                 pb::MoveProgress {
                     address: "e:1".into(),
+                    stalled_ms: 40_000,
+                    stalled_why: "b:1: unreachable (tcp connect error)".into(),
                     ..Default::default()
                 },
             ],
@@ -490,10 +502,27 @@ mod tests {
                 "2.5s", "ago"
             ]
         );
-        // Nothing streamed yet: the estimates are not known.
+        // Nothing streamed yet: the estimates are not known; and why
+        // streaming is stuck.
         assert_eq!(
             moving[3].split_whitespace().collect::<Vec<_>>(),
-            ["e:1", "0.0%", "0", "0", "B", "?", "?", "?"]
+            [
+                "e:1",
+                "0.0%",
+                "0",
+                "0",
+                "B",
+                "?",
+                "?",
+                "?",
+                "stalled",
+                "40s:",
+                "b:1:",
+                "unreachable",
+                "(tcp",
+                "connect",
+                "error)"
+            ]
         );
     }
 
