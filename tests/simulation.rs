@@ -602,6 +602,22 @@ enum Fault {
     /// Asks member `via` (then the others) to abort whatever is in
     /// progress: it commits only while a join has not finished.
     Abort(usize),
+    /// Asks `via` (then the others) to decommission member `target`, as
+    /// `DKVSClient cluster leave` does: it streams its ranges away and
+    /// stops by itself once the move settled.
+    Leave {
+        target: usize,
+        via: usize,
+    },
+    /// Crashes member `target` and asks `via` (then the others) to remove
+    /// it, forced (it is not yet believed down), as `DKVSClient cluster
+    /// remove --force` does; it restarts at the end of the fault and, if
+    /// the remove committed, learns so and stops (a joiner's host wipes
+    /// its data dir and joins again).
+    Remove {
+        target: usize,
+        via: usize,
+    },
 }
 
 impl Fault {
@@ -641,6 +657,12 @@ impl Fault {
                 host(via)
             ),
             Fault::Abort(via) => format!("abort via {}", host(via)),
+            Fault::Leave { target, via } => {
+                format!("{} leaves, asked via {}", host(target), host(via))
+            }
+            Fault::Remove { target, via } => {
+                format!("crash {}, remove it via {}", host(target), host(via))
+            }
         }
     }
 }
@@ -673,17 +695,30 @@ impl Hosts {
     /// Starts a client that asks `via`, then the other members, to abort
     /// the change in progress (`why` says what the nemesis meant).
     fn abort(&mut self, sim: &mut turmoil::Sim<'_>, via: usize, why: &'static str) {
+        self.change(sim, via, why, SimChange::Abort);
+    }
+
+    /// Starts a client that asks `via`, then the other members, to make
+    /// `change`.
+    fn change(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        via: usize,
+        why: &'static str,
+        change: SimChange,
+    ) {
         self.aborts += 1;
         let mut asked = vec![via];
         asked.extend(self.started.iter().copied().filter(|&h| h != via));
         let at = sim.elapsed();
         sim.client(format!("abort{}", self.aborts), async move {
-            let outcome = run_abort(&asked).await;
+            let outcome = run_change(&asked, change).await;
             ABORTS.with_borrow_mut(|aborts| {
                 aborts.push(AbortRecord {
                     at,
                     via,
                     why,
+                    change,
                     outcome,
                 })
             });
@@ -733,9 +768,11 @@ impl Hosts {
     /// Whether every host started stores a layout, all of one version.
     fn agree(&self) -> bool {
         let stored = self.stored_layouts();
+        let newest = stored.iter().flatten().max_by_key(|l| l.version);
         let mut versions = self
             .started
             .iter()
+            .filter(|&&h| !newest.is_some_and(|l| gone(l, h)))
             .map(|&h| stored[h].as_ref().map(|l| l.version));
         let first = versions.next().flatten();
         first.is_some() && versions.all(|v| v == first)
@@ -778,6 +815,20 @@ impl Hosts {
             let wipe = wipe && !active(joiner);
             return Fault::AbortJoin { joiner, wipe, via };
         }
+        // A leave or a remove targets an active member (the next one
+        // started that is, when `target` is not); none left: no change.
+        if let Fault::Leave { target, via } | Fault::Remove { target, via } = fault {
+            let from = self.started.iter().position(|&h| h == target).unwrap_or(0);
+            let count = self.started.len();
+            let chosen = (0..count)
+                .map(|k| self.started[(from + k) % count])
+                .find(|&h| active(h));
+            return match (chosen, fault) {
+                (Some(target), Fault::Leave { .. }) => Fault::Leave { target, via },
+                (Some(target), _) => Fault::Remove { target, via },
+                (None, _) => Fault::Abort(via),
+            };
+        }
         let Fault::Wipe(a) = fault else {
             return fault;
         };
@@ -811,7 +862,63 @@ struct AbortRecord {
     /// What the nemesis meant: a crashed joiner, a random moment, a join
     /// that has finished.
     why: &'static str,
+    /// What was asked: an abort, a leave or a remove.
+    change: SimChange,
     outcome: AbortOutcome,
+}
+
+/// A membership change the nemesis asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SimChange {
+    Abort,
+    Leave(usize),
+    Remove(usize),
+}
+
+impl SimChange {
+    /// Asks `client`'s node to make the change: the layout committed.
+    async fn call(
+        self,
+        client: &mut dkvs::pb::cluster_client::ClusterClient<dkvs::net::ClientChannel>,
+    ) -> Result<dkvs::pb::Layout, tonic::Status> {
+        let layout = match self {
+            SimChange::Abort => {
+                client
+                    .abort(dkvs::pb::AbortRequest {})
+                    .await?
+                    .into_inner()
+                    .layout
+            }
+            SimChange::Leave(target) => {
+                client
+                    .leave(dkvs::pb::LeaveRequest {
+                        address: address(target),
+                        force: false,
+                    })
+                    .await?
+                    .into_inner()
+                    .layout
+            }
+            SimChange::Remove(target) => {
+                client
+                    .remove(dkvs::pb::RemoveRequest {
+                        address: address(target),
+                        force: true,
+                        allow_data_loss: false,
+                    })
+                    .await?
+                    .into_inner()
+                    .layout
+            }
+        };
+        Ok(layout.unwrap_or_default())
+    }
+}
+
+/// Whether `layout` no longer has host `h` as a member because it left or
+/// was removed.
+fn gone(layout: &Layout, h: usize) -> bool {
+    layout.member(&address(h)).is_none() && layout.removed.iter().any(|r| r.address == address(h))
 }
 
 impl AbortRecord {
@@ -834,8 +941,9 @@ impl AbortRecord {
             AbortOutcome::Unknown(why) => format!("no answer ({why})"),
         };
         format!(
-            "{:.1}s via {} ({}): {outcome}",
+            "{:.1}s {:?} via {} ({}): {outcome}",
             self.at.as_secs_f64(),
+            self.change,
             host(self.via),
             self.why
         )
@@ -856,7 +964,7 @@ const ABORT_DEADLINE: Duration = Duration::from_secs(20);
 /// passed over; a refusal or a committed abort is the answer. An answer
 /// that leaves the outcome unknown is asked again, as an operator would
 /// run the command again (it says so if nothing is left to abort).
-async fn run_abort(asked: &[usize]) -> AbortOutcome {
+async fn run_change(asked: &[usize], change: SimChange) -> AbortOutcome {
     let peers = dkvs::net::PeerPool::new(Arc::new(SimDialer), 64 << 20);
     let mut last = String::new();
     for _ in 0..4 {
@@ -868,13 +976,9 @@ async fn run_abort(asked: &[usize]) -> AbortOutcome {
                     continue;
                 }
             };
-            let call = client.abort(dkvs::pb::AbortRequest {});
+            let call = change.call(&mut client);
             let status = match tokio::time::timeout(ABORT_DEADLINE, call).await {
-                Ok(Ok(response)) => {
-                    return AbortOutcome::Committed(
-                        response.into_inner().layout.unwrap_or_default(),
-                    );
-                }
+                Ok(Ok(layout)) => return AbortOutcome::Committed(layout),
                 Ok(Err(status)) => status,
                 Err(_) => {
                     last = format!("{} did not answer within {ABORT_DEADLINE:?}", host(node));
@@ -1055,12 +1159,13 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
                 ABORTS.with_borrow(|aborts| aborts.iter().any(|a| a.why == WIPED_JOINER_IS_BACK));
             if wiped_joiner {
                 let asked: Vec<usize> = (0..NODES).collect();
-                let outcome = run_abort(&asked).await;
+                let outcome = run_change(&asked, SimChange::Abort).await;
                 ABORTS.with_borrow_mut(|aborts| {
                     aborts.push(AbortRecord {
                         at: until + Duration::from_secs(10),
                         via: 0,
                         why: "a join may be wedged on the wiped joiner's dead instance",
+                        change: SimChange::Abort,
                         outcome,
                     })
                 });
@@ -1114,6 +1219,9 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     // whatever is in progress; in one seed in two, an abort is also asked
     // as soon as a join has finished, and must be refused.
     let mut rng = Rng::new(stream_seed(seed, 0x5EED));
+    // Leaves and removes: at most two per seed, on a stream of their own.
+    let mut shrink_rng = Rng::new(stream_seed(seed, 0x5B12));
+    let mut shrinks_left = 2;
     let mut faults = Vec::new();
     let mut at = Duration::from_secs(4);
     let stop_faults = until - Duration::from_secs(5);
@@ -1198,15 +1306,29 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
                 wipe_at = None;
                 Fault::Wipe(a)
             }
-            _ => match rng.below(7) {
-                0 => Fault::Partition(a, b),
-                1 => Fault::PartitionOneWay(a, b),
-                2 => Fault::Isolate(a),
-                3 => Fault::Hold(a, b),
-                4 => Fault::Slow(a, b),
-                5 => Fault::Crash(a),
-                _ => Fault::Abort(a),
-            },
+            _ => {
+                let fault = match rng.below(7) {
+                    0 => Fault::Partition(a, b),
+                    1 => Fault::PartitionOneWay(a, b),
+                    2 => Fault::Isolate(a),
+                    3 => Fault::Hold(a, b),
+                    4 => Fault::Slow(a, b),
+                    5 => Fault::Crash(a),
+                    _ => Fault::Abort(a),
+                };
+                // Now and then (a stream of its own, so the other faults
+                // stay as they were) a member leaves or is removed.
+                if shrinks_left > 0 && shrink_rng.below(6) == 0 {
+                    shrinks_left -= 1;
+                    if shrink_rng.below(2) == 0 {
+                        Fault::Leave { target: a, via: b }
+                    } else {
+                        Fault::Remove { target: a, via: b }
+                    }
+                } else {
+                    fault
+                }
+            }
         };
         let length = Duration::from_millis(1000 + rng.below(3000));
         schedule.push((at, length, fault));
@@ -1442,6 +1564,28 @@ fn membership_findings(
 ) -> Vec<String> {
     let mut findings = Vec::new();
     for record in aborts {
+        if let (
+            SimChange::Leave(target) | SimChange::Remove(target),
+            AbortOutcome::Committed(layout),
+        ) = (record.change, &record.outcome)
+        {
+            let marked = layout.members.iter().any(|m| {
+                m.address == address(target)
+                    && (m.role == dkvs::pb::LayoutRole::Leaving as i32
+                        || m.role == dkvs::pb::LayoutRole::Removing as i32)
+            });
+            let removed = layout.removed.iter().any(|r| r.address == address(target));
+            if !marked && !removed {
+                findings.push(format!(
+                    "the {:?} at {:.1}s committed v{} without {} leaving or removed",
+                    record.change,
+                    record.at.as_secs_f64(),
+                    layout.version,
+                    host(target)
+                ));
+            }
+            continue;
+        }
         let layout = match &record.outcome {
             AbortOutcome::Committed(layout) => layout,
             AbortOutcome::Unknown(why) => {
@@ -1458,7 +1602,8 @@ fn membership_findings(
             .iter()
             .filter(|r| r.why == JOIN_ABORTED && r.version == layout.version)
             .collect();
-        if dropped.is_empty() {
+        // An abort of a leave or a remove drops nobody.
+        if dropped.is_empty() && !layout.change.ends_with(" aborted") {
             findings.push(format!(
                 "the abort at {:.1}s committed v{} without a joiner on the removed list",
                 record.at.as_secs_f64(),
@@ -1495,6 +1640,9 @@ fn membership_findings(
         return findings;
     };
     for &h in &hosts.started {
+        if gone(newest, h) {
+            continue;
+        }
         if newest.member(&address(h)).is_none() {
             findings.push(format!(
                 "{} is not a member of the newest layout (v{}) at the end: its join never ended",
@@ -1575,6 +1723,14 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
             hosts.abort(sim, via, "its joiner crashed");
         }
         Fault::Abort(via) => hosts.abort(sim, via, "at a random moment"),
+        Fault::Leave { target, via } => {
+            hosts.change(sim, via, "at a random moment", SimChange::Leave(target))
+        }
+        Fault::Remove { target, via } => {
+            sim.crash(host(target));
+            disk(&hosts.disks[target]).storage.crash();
+            hosts.change(sim, via, "it crashed", SimChange::Remove(target));
+        }
     }
 }
 
@@ -1615,7 +1771,8 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
                 }
             }
         }
-        Fault::Join(..) | Fault::Abort(_) => {}
+        Fault::Remove { target, .. } => sim.bounce(host(target)),
+        Fault::Join(..) | Fault::Abort(_) | Fault::Leave { .. } => {}
     }
 }
 

@@ -94,28 +94,26 @@ pub fn is_chosen(hash: u64, asked: usize, answers: &[Option<Vouch>]) -> bool {
     confirmations(hash, answers) > asked / 2
 }
 
-/// Whether `hash` is chosen although some of the `asked` members have
-/// left or been removed since (`departed` of them, as the offered layout
-/// says): those can no longer vouch, and a node that was down while a
-/// member left would otherwise never catch up. Only adoptions count
-/// (members adopt only what was chosen); they must be at least half of
-/// the members asked *and* more than half of those still members, so one
-/// member alone, even one claiming the others left, never suffices.
-pub fn is_chosen_after_departures(
-    hash: u64,
-    asked: usize,
-    answers: &[Option<Vouch>],
+/// Whether the offered layout is chosen although voters of the layout
+/// held have left or been removed since (`departed` of them, as the
+/// offered layout says): those can no longer vouch, and a node that was
+/// down meanwhile (or that restarted from an empty data dir and holds only
+/// the first layout) would otherwise never catch up. Only adoptions count
+/// (members adopt only what was chosen): at least one voter of the layout
+/// held adopted it (`held_adopted`), and of the offered layout's own
+/// voters (`successors`) more than half, and at least two, adopted it
+/// (`successors_adopted`). One member alone, even one claiming the others
+/// left, never suffices.
+pub fn is_chosen_by_successors(
     departed: usize,
+    held_adopted: usize,
+    successors: usize,
+    successors_adopted: usize,
 ) -> bool {
-    let adopted = answers
-        .iter()
-        .flatten()
-        .filter(|v| v.adopted == Some(hash))
-        .count();
     departed > 0
-        && adopted >= 2
-        && adopted * 2 >= asked
-        && adopted * 2 > asked.saturating_sub(departed)
+        && held_adopted >= 1
+        && successors_adopted >= 2
+        && successors_adopted * 2 > successors
 }
 
 /// How many answers vouch for `hash`: those that adopted it, plus the
@@ -202,24 +200,20 @@ mod tests {
 
     #[test]
     fn a_node_behind_a_departure_catches_up_but_one_member_never_suffices() {
-        // Four voters held; one left since; the asking node did not adopt.
-        let answers = [adopted(7), adopted(7), NOTHING, None];
-        assert!(!is_chosen(7, 4, &answers));
-        assert!(is_chosen_after_departures(7, 4, &answers, 1));
-        assert!(!is_chosen_after_departures(7, 4, &answers, 0));
-        // One member claiming the others left: never enough.
-        let alone = [adopted(7), NOTHING, NOTHING, None];
-        assert!(!is_chosen_after_departures(7, 4, &alone, 3));
-        // Acceptances prove nothing here.
-        let accepted_only = [accepted(2, 7), accepted(2, 7), NOTHING, None];
-        assert!(!is_chosen_after_departures(7, 4, &accepted_only, 1));
-        // Five voters, one departed: two adoptions are not half of five.
-        assert!(!is_chosen_after_departures(
-            7,
-            5,
-            &[adopted(7), adopted(7), NOTHING, NOTHING, None],
-            1
-        ));
+        // Four voters held, one left since; the offered layout's three
+        // voters: two adopted it (the asking node did not).
+        assert!(is_chosen_by_successors(1, 2, 3, 2));
+        assert!(
+            !is_chosen_by_successors(0, 2, 3, 2),
+            "nobody left: the majority rule"
+        );
+        // One member alone, whatever it claims.
+        assert!(!is_chosen_by_successors(3, 1, 1, 1));
+        assert!(!is_chosen_by_successors(3, 1, 2, 1));
+        // No voter of the layout held vouches: a stranger's layout.
+        assert!(!is_chosen_by_successors(1, 0, 3, 3));
+        // Two of five successors: not a majority.
+        assert!(!is_chosen_by_successors(1, 1, 5, 2));
     }
 
     #[test]

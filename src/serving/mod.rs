@@ -237,12 +237,10 @@ impl LayoutOwner {
             })
             .count();
         if !is_chosen(hash, voters.len(), &tally.answers)
-            && !crate::layout::verify::is_chosen_after_departures(
-                hash,
-                voters.len(),
-                &tally.answers,
-                departed,
-            )
+            && !(departed > 0
+                && self
+                    .chosen_by_successors(&layout, hash, &voters, &tally.answers, departed)
+                    .await)
         {
             return Err(Error::FailedPrecondition(format!(
                 "layout v{} ({hash:016x}, \"{}\") is not confirmed by a majority of the {} active members of layout v{}: {} vouch for it; not adopted",
@@ -254,6 +252,54 @@ impl LayoutOwner {
             )));
         }
         self.adopt(layout, Verified::ByMajority)
+    }
+
+    /// Whether `layout` (hashing to `hash`) is chosen by the rule for a
+    /// node behind a departure ([`crate::layout::verify::is_chosen_by_successors`]):
+    /// the held voters' adoptions are in `answers`; the offered layout's
+    /// voters that are not among them are asked now.
+    async fn chosen_by_successors(
+        &self,
+        layout: &Layout,
+        hash: u64,
+        voters: &[String],
+        answers: &[Option<crate::layout::verify::Vouch>],
+        departed: usize,
+    ) -> bool {
+        let adopted = |vouch: &Option<crate::layout::verify::Vouch>| {
+            vouch.is_some_and(|v| v.adopted == Some(hash))
+        };
+        let mut adopted_by: Vec<&str> = voters
+            .iter()
+            .zip(answers)
+            .filter(|(_, vouch)| adopted(vouch))
+            .map(|(voter, _)| voter.as_str())
+            .collect();
+        let held_adopted = adopted_by.len();
+        let successors = layout.acceptors();
+        for successor in successors
+            .iter()
+            .filter(|s| !voters.contains(s) && **s != self.me)
+        {
+            let vouch = self
+                .peers
+                .layout_vouch(successor, self.rpc_timeout, layout.version)
+                .await
+                .ok();
+            if adopted(&vouch) {
+                adopted_by.push(successor);
+            }
+        }
+        let successors_adopted = successors
+            .iter()
+            .filter(|s| adopted_by.contains(&s.as_str()))
+            .count();
+        crate::layout::verify::is_chosen_by_successors(
+            departed,
+            held_adopted,
+            successors.len(),
+            successors_adopted,
+        )
     }
 
     /// Serves `layout`, known to be chosen (this node's own Paxos round
