@@ -395,6 +395,15 @@ impl Layout {
         }
         next.streamed.clear();
         next.target_since = next.version;
+        // Copies written off earlier in this change stay written off only
+        // while their members are still down.
+        let still_down: Vec<String> = next
+            .written_off
+            .iter()
+            .filter(|m| !up(m) && next.is_member(m))
+            .cloned()
+            .collect();
+        next.written_off = still_down;
         // Only the copies of the members down now are written off, and
         // only for the ranges they hold: every other range still needs
         // N−W+1 sources.
@@ -413,6 +422,27 @@ impl Layout {
             next.change
         };
         Ok(next)
+    }
+
+    /// Refuses a member whose ring tokens another member holds (the node
+    /// that replaced the member that used to be at `address`).
+    pub(super) fn refuse_token_collision(
+        &self,
+        address: &str,
+        tokens: &[u64],
+    ) -> Result<(), Refusal> {
+        match self
+            .members
+            .iter()
+            .find(|m| m.address != address && m.tokens.iter().any(|t| tokens.contains(t)))
+        {
+            Some(holder) => Err(Refusal::Invalid(format!(
+                "{address}'s ring tokens are held by {}, which replaced the member that was at {address}: \
+                 join at another address",
+                holder.address
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// v+1 in which the new node `address` (instance `instance`) takes

@@ -262,10 +262,11 @@ impl Layout {
                 "{address} hashes to the member id of an existing member; use another address"
             )));
         }
+        let joiner = new_member(address, self.vnodes, Role::Joining);
+        self.refuse_token_collision(address, &joiner.tokens)?;
         let mut next = self.next(format!("{address} joins"));
         next.target_since = next.version;
-        next.members
-            .push(new_member(address, self.vnodes, Role::Joining));
+        next.members.push(joiner);
         next.members.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(next)
     }

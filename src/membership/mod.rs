@@ -60,6 +60,9 @@ pub struct Membership {
     streamed: AtomicU64,
     /// The layout version whose moved-away data this node dropped.
     cleaned: AtomicU64,
+    /// The layout version at which this node holds no moved-away data but
+    /// what waits for owners believed down.
+    clean_enough: AtomicU64,
     /// Hands moved-away ranges to their new owners before they are dropped.
     anti_entropy: Arc<AntiEntropy>,
     /// Whether the cluster id is agreed (clients are served once it is).
@@ -113,6 +116,7 @@ impl Membership {
             progress,
             streamed: AtomicU64::new(0),
             cleaned: AtomicU64::new(0),
+            clean_enough: AtomicU64::new(0),
             anti_entropy,
             agreement: cluster_id::Agreement::default(),
             naming: naming::Naming::default(),
@@ -125,9 +129,10 @@ impl Membership {
     }
 
     /// The layout version at which this node last found it holds only
-    /// ranges it replicates (0: not yet).
+    /// ranges it replicates, but those waiting for owners believed down
+    /// (0: not yet).
     pub fn cleaned_up(&self) -> u64 {
-        self.cleaned.load(Ordering::Relaxed)
+        self.clean_enough.load(Ordering::Relaxed)
     }
 
     pub fn progress(&self) -> Option<MoveProgress> {

@@ -98,8 +98,8 @@ impl pb::membership_server::Membership for MembershipService {
             )
             .into());
         }
-        if let Some(certified) = certified
-            && certified != request.address
+        if let Some(certified) = &certified
+            && *certified != request.address
         {
             return Err(crate::error::Error::PermissionDenied(format!(
                 "a node may join only as the address its certificate names: the certificate \
@@ -113,6 +113,20 @@ impl pb::membership_server::Membership for MembershipService {
         if request.cluster_id != 0 {
             let sender = format!("joiner {}", request.address);
             (self.0.cluster.layouts).check_sender(request.cluster_id, &sender)?;
+        }
+        // Replacing removes a member: in a cluster with TLS between nodes
+        // that takes an administrator (any node certificate opens this
+        // door), so it is not done here.
+        if certified.is_some()
+            && !request.replaces.is_empty()
+            && request.replaces != request.address
+        {
+            return Err(crate::error::Error::PermissionDenied(format!(
+                "--replace removes {}, which in a cluster with TLS between nodes takes an administrator: \
+                 run `DKVSClient cluster remove {}` with an admin token, then start this node with --join alone",
+                request.replaces, request.replaces
+            ))
+            .into());
         }
         let instance = crate::clock::InstanceId(request.instance_id);
         let layout = if request.replaces.is_empty() || request.replaces == request.address {

@@ -3,9 +3,14 @@
 //! even the removes that would heal the cluster). This starts a new layout
 //! from one survivor, offline, as etcd's `--force-new-cluster` does: the
 //! survivor becomes the only member and every other member goes on the
-//! removed list (see [`crate::layout::Layout::force_survivor`]). It is
-//! refused while a majority of the voters this node knows still answers,
-//! so a flag left in a service unit cannot split a healthy cluster.
+//! removed list (see [`crate::layout::Layout::force_survivor`]). Nodes of
+//! the old lineage cannot verify the new layout (their voters are mostly
+//! gone) and are refused by its fences: they must be wiped and join. It
+//! is refused while half or more of the voters of the layout it holds
+//! answer (each member is asked three times over about 10 s: one still
+//! booting is not lost), and when any member serves a newer layout (this
+//! node is behind, not a survivor), so a flag left in a service unit
+//! cannot split a healthy cluster.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +21,11 @@ use crate::layout::paxos::LayoutState;
 use crate::net::{Dialer, PeerPool};
 use crate::serving::layout_file::{LayoutStore, layout_hash};
 
-/// How long each other voter is given to answer before it counts as lost.
+/// How long each other member is given to answer, how many times it is
+/// asked, and the pause between rounds (about 10 s in all).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const PROBE_ROUNDS: usize = 3;
+const PROBE_PAUSE: Duration = Duration::from_secs(3);
 
 /// Stores the forced layout in `store`, once the held layout's other
 /// voters were probed and a majority of them did not answer.
@@ -37,16 +45,42 @@ pub async fn force_new_layout(
     let voters = held.acceptors();
     let peers = PeerPool::new(dialer, 64 << 20);
     peers.set_cluster_id(held.cluster_id);
-    let mut answering = Vec::new();
-    for voter in voters.iter().filter(|v| **v != me) {
-        if peers.fetch_layout(voter, PROBE_TIMEOUT).await.is_ok() {
-            answering.push(voter.clone());
+    // Every other member, several times: a member still booting after a
+    // power loss must not count as lost.
+    let others: Vec<&String> = held
+        .members
+        .iter()
+        .map(|m| &m.address)
+        .filter(|a| **a != me)
+        .collect();
+    let mut answering: Vec<String> = Vec::new();
+    for round in 0..PROBE_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(PROBE_PAUSE).await;
+        }
+        for other in &others {
+            if let Ok(theirs) = peers.fetch_layout(other, PROBE_TIMEOUT).await {
+                if theirs.version > held.version {
+                    return Err(Error::FailedPrecondition(format!(
+                        "--force-new-layout refused: {other} serves layout v{}, newer than this node's v{}: \
+                         the cluster goes on without this node (it is behind, not the survivor of a lost majority). \
+                         Remove the flag",
+                        theirs.version, held.version
+                    )));
+                }
+                if !answering.contains(other) {
+                    answering.push((*other).clone());
+                }
+            }
         }
     }
-    let alive = answering.len() + usize::from(voters.contains(&me));
-    if alive * 2 > voters.len() {
+    let alive_voters = voters
+        .iter()
+        .filter(|v| **v == me || answering.contains(v))
+        .count();
+    if alive_voters * 2 >= voters.len() {
         return Err(Error::FailedPrecondition(format!(
-            "--force-new-layout refused: {alive} of the {} voters of layout v{} answer ({}{me}), a majority: \
+            "--force-new-layout refused: {alive_voters} of the {} voters of layout v{} answer ({}{me}), half or more: \
              the cluster is not lost. Use `DKVSClient cluster remove` for dead members, and remove the flag",
             voters.len(),
             held.version,
