@@ -395,27 +395,7 @@ impl Layout {
         }
         next.streamed.clear();
         next.target_since = next.version;
-        // Copies written off earlier in this change stay written off only
-        // while their members are still down.
-        let still_down: Vec<String> = next
-            .written_off
-            .iter()
-            .filter(|m| !up(m) && next.is_member(m))
-            .cloned()
-            .collect();
-        next.written_off = still_down;
-        // Only the copies of the members down now are written off, and
-        // only for the ranges they hold: every other range still needs
-        // N−W+1 sources.
-        for (slice, _) in &short {
-            for member in &slice.old {
-                let role = next.member(member).map(|m| m.role);
-                if role != Some(Role::Removing) && !up(member) && !has(&next.written_off, member) {
-                    next.written_off.push(member.clone());
-                }
-            }
-        }
-        next.written_off.sort();
+        next.write_off(&short, &up);
         next.change = if next.in_progress().is_some() {
             next.change_name()
         } else {
@@ -540,6 +520,34 @@ impl Layout {
         next.streamed.clear();
         next.written_off.clear();
         Ok(next)
+    }
+
+    /// Sets `written_off` for a remove with `--allow-data-loss`: copies
+    /// written off earlier in this change stay so only while their members
+    /// are down, and the members down now that hold a `short` slice join.
+    fn write_off(&mut self, short: &[(Slice, usize)], up: &impl Fn(&str) -> bool) {
+        let next = self;
+        // Copies written off earlier in this change stay written off only
+        // while their members are still down.
+        let still_down: Vec<String> = next
+            .written_off
+            .iter()
+            .filter(|m| !up(m) && next.is_member(m))
+            .cloned()
+            .collect();
+        next.written_off = still_down;
+        // Only the copies of the members down now are written off, and
+        // only for the ranges they hold: every other range still needs
+        // N−W+1 sources.
+        for (slice, _) in short {
+            for member in &slice.old {
+                let role = next.member(member).map(|m| m.role);
+                if role != Some(Role::Removing) && !up(member) && !has(&next.written_off, member) {
+                    next.written_off.push(member.clone());
+                }
+            }
+        }
+        next.written_off.sort();
     }
 
     /// The slices a gainer would rebuild from fewer than N−W+1 old

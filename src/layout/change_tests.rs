@@ -217,8 +217,14 @@ fn written_off_copies_stay_written_off_only_while_their_members_are_down() {
     assert_eq!(lossy.written_off, vec![D.to_string()]);
     // D is back; C dies and is removed in the same change.
     let c_dead = |a: &str| a != E && a != C;
-    let again = lossy.begin_remove(C, true, c_dead).expect("remove during the change");
-    assert!(!again.written_off.contains(&D.to_string()), "{:?}", again.written_off);
+    let again = lossy
+        .begin_remove(C, true, c_dead)
+        .expect("remove during the change");
+    assert!(
+        !again.written_off.contains(&D.to_string()),
+        "{:?}",
+        again.written_off
+    );
 }
 
 #[test]
@@ -228,10 +234,15 @@ fn a_replaced_members_address_cannot_join_again_with_the_same_tokens() {
     let replacing = v1
         .begin_replace(D, "127.0.0.1:7009", InstanceId(9), false, dead)
         .expect("replace");
-    assert_eq!(replacing.change_name(), format!("127.0.0.1:7009 replaces {D}"));
+    assert_eq!(
+        replacing.change_name(),
+        format!("127.0.0.1:7009 replaces {D}")
+    );
     let settled = stream_all(replacing).settle().expect("settle");
     assert!(settled.member(D).is_none());
-    let refused = settled.begin_join(D).expect_err("D's tokens are the replacer's");
+    let refused = settled
+        .begin_join(D)
+        .expect_err("D's tokens are the replacer's");
     assert!(refused.to_string().contains("127.0.0.1:7009"), "{refused}");
 }
 

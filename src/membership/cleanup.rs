@@ -135,13 +135,7 @@ impl Membership {
         });
         let left: usize = moved.values().map(Vec::len).sum();
         if left == 0 {
-            self.cleaned.store(version, Ordering::Relaxed);
-            self.clean_enough.store(version, Ordering::Relaxed);
-            tracing::info!(
-                version,
-                "moved data cleaned up: this node holds only ranges it replicates"
-            );
-            return Ok(());
+            return Ok(self.cleaned_all(version));
         }
         let mut pass = Pass::default();
         let work: Vec<(Vec<String>, usize)> = moved
@@ -224,6 +218,16 @@ impl Membership {
             })
             .collect();
         wait_reason(layout.version, &peers)
+    }
+
+    /// Notes that this node holds only ranges it replicates at `version`.
+    fn cleaned_all(&self, version: u64) {
+        self.cleaned.store(version, Ordering::Relaxed);
+        self.clean_enough.store(version, Ordering::Relaxed);
+        tracing::info!(
+            version,
+            "moved data cleaned up: this node holds only ranges it replicates"
+        );
     }
 
     /// Drops the records `confirmed` (each only if still held at exactly

@@ -27,6 +27,47 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_ROUNDS: usize = 3;
 const PROBE_PAUSE: Duration = Duration::from_secs(3);
 
+/// The other members of `held` that answer, asked [`PROBE_ROUNDS`]
+/// times (a member still booting after a power loss must not count as
+/// lost); refused when one serves a newer layout.
+async fn probe(
+    held: &crate::layout::Layout,
+    me: &str,
+    dialer: Arc<dyn Dialer>,
+) -> Result<Vec<String>> {
+    let peers = PeerPool::new(dialer, 64 << 20);
+    peers.set_cluster_id(held.cluster_id);
+    let others: Vec<&String> = held
+        .members
+        .iter()
+        .map(|m| &m.address)
+        .filter(|a| *a != me)
+        .collect();
+    let mut answering: Vec<String> = Vec::new();
+    for round in 0..PROBE_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(PROBE_PAUSE).await;
+        }
+        for other in &others {
+            let Ok(theirs) = peers.fetch_layout(other, PROBE_TIMEOUT).await else {
+                continue;
+            };
+            if theirs.version > held.version {
+                return Err(Error::FailedPrecondition(format!(
+                    "--force-new-layout refused: {other} serves layout v{}, newer than this node's v{}: \
+                     the cluster goes on without this node (it is behind, not the survivor of a lost majority). \
+                     Remove the flag",
+                    theirs.version, held.version
+                )));
+            }
+            if !answering.contains(other) {
+                answering.push((*other).clone());
+            }
+        }
+    }
+    Ok(answering)
+}
+
 /// Stores the forced layout in `store`, once the held layout's other
 /// voters were probed and a majority of them did not answer.
 pub async fn force_new_layout(
@@ -43,37 +84,7 @@ pub async fn force_new_layout(
     };
     let me = config.advertised_address();
     let voters = held.acceptors();
-    let peers = PeerPool::new(dialer, 64 << 20);
-    peers.set_cluster_id(held.cluster_id);
-    // Every other member, several times: a member still booting after a
-    // power loss must not count as lost.
-    let others: Vec<&String> = held
-        .members
-        .iter()
-        .map(|m| &m.address)
-        .filter(|a| **a != me)
-        .collect();
-    let mut answering: Vec<String> = Vec::new();
-    for round in 0..PROBE_ROUNDS {
-        if round > 0 {
-            tokio::time::sleep(PROBE_PAUSE).await;
-        }
-        for other in &others {
-            if let Ok(theirs) = peers.fetch_layout(other, PROBE_TIMEOUT).await {
-                if theirs.version > held.version {
-                    return Err(Error::FailedPrecondition(format!(
-                        "--force-new-layout refused: {other} serves layout v{}, newer than this node's v{}: \
-                         the cluster goes on without this node (it is behind, not the survivor of a lost majority). \
-                         Remove the flag",
-                        theirs.version, held.version
-                    )));
-                }
-                if !answering.contains(other) {
-                    answering.push((*other).clone());
-                }
-            }
-        }
-    }
+    let answering = probe(&held, &me, dialer).await?;
     let alive_voters = voters
         .iter()
         .filter(|v| **v == me || answering.contains(v))

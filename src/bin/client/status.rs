@@ -427,6 +427,7 @@ mod tests {
     }
 
     #[test]
+    // One piece: one status table built once, then checked part by part.
     fn a_join_in_progress_shows_in_the_layout_line_the_rows_and_the_moves() {
         let status = pb::StatusResponse {
             address: "a:1".into(),
