@@ -635,16 +635,14 @@ fn nodes_that_left_or_were_removed_are_not_started_again() {
         "{status}"
     );
 
-    // A dead node removed, then the script run again: it starts the dead
-    // node, which learns it was removed and exits 0.
-    let pid = script
-        .pids()
-        .into_iter()
-        .find(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmd| cmd.contains(&format!("127.0.0.1:{fourth}")))
-        })
-        .expect("the fourth node's pid");
+    // A dead node removed, then the script run again: the running members
+    // list it as removed, so the script does not start it.
+    // Its pid file (every node's command line names it in --peers).
+    let pid: u32 = std::fs::read_to_string(script.run_dir().join(format!("node-{fourth}.pid")))
+        .expect("the fourth node's pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     // Removed once the others believe it down (a bounded poll).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -663,9 +661,10 @@ fn nodes_that_left_or_were_removed_are_not_started_again() {
     let again = script.run(&["5"]);
     let stdout = text(&again.stdout);
     assert!(again.status.success(), "{stdout}{}", text(&again.stderr));
+    // The running members list it as removed: it is not even started.
     assert!(
         stdout.contains(&format!(
-            "node-{fourth} exited: this node's instance was removed"
+            "node-{fourth} left or was removed from the cluster: not started"
         )),
         "{stdout}"
     );
