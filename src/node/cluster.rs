@@ -152,12 +152,6 @@ fn role_of(view: &Placement, address: &str) -> Option<crate::layout::Role> {
         .and_then(|l| l.member(address).map(|m| m.role))
 }
 
-/// Whether `address` streams ranges it gains in the change `view` serves.
-fn is_gaining(view: &Placement, address: &str) -> bool {
-    view.layout()
-        .is_some_and(|l| l.gainers().iter().any(|g| g == address))
-}
-
 /// One member as this node sees it: its state and why, its counts from its
 /// last answered heartbeat (with their age), its clock skew, instance and
 /// layout version.
@@ -228,16 +222,20 @@ fn member_status(
 /// Data moving: this node's own streaming, and the last reports of the
 /// other members that gain ranges.
 fn moves(node: &Node, view: &Placement) -> Vec<pb::MoveProgress> {
+    // The members streaming ranges they gain in the change `view` serves
+    // (computed once: it walks every range of the ring).
+    let gainers = view.layout().map(|l| l.gainers()).unwrap_or_default();
+    let is_gaining = |address: &str| gainers.iter().any(|g| g == address);
     let mut moves = Vec::new();
     if let Some(progress) = node.membership.progress()
-        && is_gaining(view, &node.me.address)
+        && is_gaining(&node.me.address)
     {
         let mut progress = pb::MoveProgress::from(progress.report());
         progress.address = node.me.address.clone();
         moves.push(progress);
     }
     for (address, progress, age) in node.heartbeats.moves() {
-        if is_gaining(view, &address) && address != node.me.address {
+        if is_gaining(&address) && address != node.me.address {
             let mut progress = pb::MoveProgress::from(progress);
             progress.address = address;
             progress.age_ms = age.as_millis() as u64;
