@@ -269,12 +269,23 @@ impl LayoutOwner {
         let adopted = |vouch: &Option<crate::layout::verify::Vouch>| {
             vouch.is_some_and(|v| v.adopted == Some(hash))
         };
-        let mut adopted_by: Vec<&str> = voters
-            .iter()
-            .zip(answers)
-            .filter(|(_, vouch)| adopted(vouch))
-            .map(|(voter, _)| voter.as_str())
-            .collect();
+        // The majority tally stops as soon as a majority is out of reach
+        // (a departed voter fails fast), so held voters it did not hear
+        // from yet are asked again here.
+        let mut adopted_by: Vec<&str> = Vec::new();
+        for (voter, vouch) in voters.iter().zip(answers) {
+            let vouch = match vouch {
+                None if *voter != self.me => self
+                    .peers
+                    .layout_vouch(voter, self.rpc_timeout, layout.version)
+                    .await
+                    .ok(),
+                answered => *answered,
+            };
+            if adopted(&vouch) {
+                adopted_by.push(voter);
+            }
+        }
         let held_adopted = adopted_by.len();
         let successors = layout.acceptors();
         for successor in successors
