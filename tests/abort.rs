@@ -45,10 +45,6 @@ async fn streaming(cluster: &TestCluster, joiner: usize) {
 }
 
 /// The layout node `observer` serves.
-async fn layout(cluster: &TestCluster, observer: usize) -> pb::Layout {
-    cluster.status(observer).await.layout.expect("a layout")
-}
-
 fn role_of(layout: &pb::Layout, address: &str) -> Option<i32> {
     layout
         .members
@@ -72,7 +68,7 @@ async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
     streaming(&cluster, joiner).await;
     cluster.kill(joiner);
     cluster.wipe(joiner);
-    let joining = layout(&cluster, 0).await;
+    let joining = cluster.layout(0).await;
     assert_eq!(
         role_of(&joining, &address),
         Some(pb::LayoutRole::Joining as i32)
@@ -120,7 +116,7 @@ async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
         text(&wait.stdout),
         text(&wait.stderr)
     );
-    let aborted = layout(&cluster, 1).await;
+    let aborted = cluster.layout(1).await;
     assert_eq!(role_of(&aborted, &address), None);
     assert!(
         aborted
@@ -149,7 +145,7 @@ async fn a_dead_wiped_joiner_is_aborted_and_the_next_join_succeeds() {
         text(&wait.stdout),
         text(&wait.stderr)
     );
-    let grown = layout(&cluster, 0).await;
+    let grown = cluster.layout(0).await;
     let member = grown
         .members
         .iter()
@@ -199,7 +195,7 @@ async fn an_aborted_instance_stops_with_exit_0_and_says_why() {
     let log = cluster.log_tail_of(joiner);
     assert!(log.contains(&message), "{log}");
     // The members never took it back.
-    let now = layout(&cluster, 0).await;
+    let now = cluster.layout(0).await;
     assert_eq!(now.version, version);
     assert_eq!(role_of(&now, &cluster.nodes[joiner].address), None);
 }
@@ -228,7 +224,7 @@ async fn abort_is_refused_once_reads_moved_and_when_nothing_is_in_progress() {
     let joiner = cluster.join(0, FLAGS).await;
     let address = cluster.nodes[joiner].address.clone();
     let finished = eventually(Duration::from_secs(40), async || {
-        let layout = layout(&cluster, 0).await;
+        let layout = cluster.layout(0).await;
         if role_of(&layout, &address) == Some(pb::LayoutRole::Active as i32)
             && !layout.previous.is_empty()
         {
@@ -246,7 +242,7 @@ async fn abort_is_refused_once_reads_moved_and_when_nothing_is_in_progress() {
         "{stderr}"
     );
     assert_eq!(
-        layout(&cluster, 0).await.version,
+        cluster.layout(0).await.version,
         finished.version,
         "nothing changed"
     );
@@ -280,7 +276,7 @@ async fn an_abort_commits_with_a_member_down_and_a_dead_joiner() {
     );
     for observer in [0, 1] {
         eventually(Duration::from_secs(10), async || {
-            let layout = layout(&cluster, observer).await;
+            let layout = cluster.layout(observer).await;
             match role_of(&layout, &address) {
                 None => Ok(()),
                 Some(_) => Err(format!("node {observer} serves v{}", layout.version)),

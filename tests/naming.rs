@@ -16,10 +16,6 @@ use dkvs::pb;
 const FLAGS: &[&str] = &["--anti-entropy-interval", "1"];
 
 /// The layout node `observer` serves.
-async fn layout(cluster: &TestCluster, observer: usize) -> pb::Layout {
-    cluster.status(observer).await.layout.expect("a layout")
-}
-
 fn named(layout: &pb::Layout, address: &str) -> u64 {
     layout
         .members
@@ -31,7 +27,7 @@ fn named(layout: &pb::Layout, address: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_members_are_named_right_after_bootstrap() {
     let cluster = TestCluster::start_with(3, FLAGS).await;
-    let v2 = layout(&cluster, 0).await;
+    let v2 = cluster.layout(0).await;
     assert_eq!((v2.version, v2.change.as_str()), (2, "instances named"));
     for i in 0..3 {
         let own = cluster.status(i).await.instance_id;
@@ -61,7 +57,7 @@ async fn a_wiped_member_is_renamed_by_the_others_and_then_votes() {
     assert_ne!(new, old, "a wiped data dir is a new instance");
 
     let renamed = eventually(Duration::from_secs(60), async || {
-        let layout = layout(&cluster, 0).await;
+        let layout = cluster.layout(0).await;
         if named(&layout, &address) == new {
             Ok(layout)
         } else {
@@ -104,7 +100,7 @@ async fn a_wiped_member_is_renamed_by_the_others_and_then_votes() {
     // Two of three acceptors: node 1 and the renamed node 2.
     cluster.kill(0);
     let joiner = cluster.join(1, FLAGS).await;
-    let joined = layout(&cluster, 1).await;
+    let joined = cluster.layout(1).await;
     assert!(
         joined
             .members

@@ -34,10 +34,6 @@ fn text(output: &Output) -> String {
 }
 
 /// The layout node `observer` serves.
-async fn layout(cluster: &TestCluster, observer: usize) -> pb::Layout {
-    cluster.status(observer).await.layout.expect("a layout")
-}
-
 fn why_removed(layout: &pb::Layout, address: &str) -> Option<String> {
     layout
         .removed
@@ -86,7 +82,7 @@ async fn a_member_leaves_under_load_its_data_moves_and_it_exits_0() {
     let address = cluster.nodes[leaver].address.clone();
 
     // The plan first: what would move, from whom; nothing changes.
-    let before = layout(&cluster, 0).await.version;
+    let before = cluster.layout(0).await.version;
     let plan = cluster
         .run_client(&["cluster", "plan", "leave", &address])
         .await;
@@ -98,7 +94,7 @@ async fn a_member_leaves_under_load_its_data_moves_and_it_exits_0() {
             && said.contains("Every range keeps W replicas up during the move"),
         "{said}"
     );
-    assert_eq!(layout(&cluster, 0).await.version, before);
+    assert_eq!(cluster.layout(0).await.version, before);
 
     let leave = cluster
         .run_client(&[
@@ -125,7 +121,7 @@ async fn a_member_leaves_under_load_its_data_moves_and_it_exits_0() {
     assert!(log.contains("this node left the cluster"), "{log}");
 
     settles(&cluster, 60).await;
-    let shrunk = layout(&cluster, 0).await;
+    let shrunk = cluster.layout(0).await;
     assert!(shrunk.members.iter().all(|m| m.address != address));
     assert_eq!(shrunk.members.len(), 3);
     assert_eq!(why_removed(&shrunk, &address).as_deref(), Some("left"));
@@ -144,7 +140,7 @@ async fn a_member_leaves_under_load_its_data_moves_and_it_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_below_n_or_of_a_dead_member_and_a_remove_of_a_live_one_are_refused() {
     let mut cluster = TestCluster::start_with(3, FLAGS).await;
-    let before = layout(&cluster, 0).await;
+    let before = cluster.layout(0).await;
     let third = cluster.nodes[2].address.clone();
 
     let plan = cluster
@@ -181,7 +177,7 @@ async fn a_leave_below_n_or_of_a_dead_member_and_a_remove_of_a_live_one_are_refu
     assert_eq!(dead.status.code(), Some(0), "{}", text(&dead));
     let abort = cluster.run_client(&["cluster", "abort"]).await;
     assert_eq!(abort.status.code(), Some(0), "{}", text(&abort));
-    let after = layout(&cluster, 0).await;
+    let after = cluster.layout(0).await;
     assert_eq!(after.members.len(), before.members.len());
     assert!(after.removed.is_empty());
     let unforced = cluster.run_client(&["cluster", "leave", &third]).await;
@@ -211,7 +207,7 @@ async fn a_dead_member_is_removed_and_its_ranges_rebuilt_under_load() {
         text(&remove)
     );
     settles(&cluster, 90).await;
-    let healed = layout(&cluster, 0).await;
+    let healed = cluster.layout(0).await;
     assert_eq!(healed.members.len(), 3);
     assert_eq!(why_removed(&healed, &address).as_deref(), Some("removed"));
     // The hints held for the dead member (the load wrote while it was
@@ -244,7 +240,7 @@ async fn a_remove_with_too_few_surviving_copies_is_refused_unless_data_loss_is_a
         down_everywhere(&cluster, i).await;
     }
     let address = cluster.nodes[4].address.clone();
-    let before = layout(&cluster, 0).await.version;
+    let before = cluster.layout(0).await.version;
     let refused = cluster.run_client(&["cluster", "remove", &address]).await;
     assert_eq!(refused.status.code(), Some(3), "{}", text(&refused));
     let said = text(&refused);
@@ -252,7 +248,7 @@ async fn a_remove_with_too_few_surviving_copies_is_refused_unless_data_loss_is_a
         said.contains("fewer than the 2 surviving copies") && said.contains("--allow-data-loss"),
         "{said}"
     );
-    assert_eq!(layout(&cluster, 0).await.version, before, "nothing changed");
+    assert_eq!(cluster.layout(0).await.version, before, "nothing changed");
 
     let lossy = cluster
         .run_client(&["cluster", "remove", &address, "--allow-data-loss"])
@@ -275,7 +271,7 @@ async fn a_remove_with_too_few_surviving_copies_is_refused_unless_data_loss_is_a
         .await;
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
     settles(&cluster, 90).await;
-    let after = layout(&cluster, 0).await;
+    let after = cluster.layout(0).await;
     assert_eq!(after.members.len(), 3);
     assert_eq!(why_removed(&after, &address).as_deref(), Some("removed"));
     assert_eq!(why_removed(&after, &other).as_deref(), Some("removed"));
@@ -299,7 +295,7 @@ async fn a_remove_while_a_leave_is_stalled_on_the_removed_member() {
     // A member taking some of the leaver's ranges dies before it streamed
     // them: the leave cannot move the reads.
     eventually(Duration::from_secs(10), async || {
-        let waiting = layout(&cluster, 0).await;
+        let waiting = cluster.layout(0).await;
         let checked = dkvs::pb::layout_from(waiting).expect("valid");
         let waiting = checked.waiting_for_streams();
         if waiting.contains(&stalled_address) {
@@ -320,11 +316,11 @@ async fn a_remove_while_a_leave_is_stalled_on_the_removed_member() {
         .run_client(&["cluster", "remove", &stalled_address])
         .await;
     assert_eq!(remove.status.code(), Some(0), "{}", text(&remove));
-    let both = layout(&cluster, 0).await;
+    let both = cluster.layout(0).await;
     let exited = cluster.wait_exit(leaver, Duration::from_secs(120)).await;
     assert_eq!(exited.code(), Some(0), "{}", cluster.log_tail_of(leaver));
     settles(&cluster, 60).await;
-    let after = layout(&cluster, 0).await;
+    let after = cluster.layout(0).await;
     assert_eq!(after.members.len(), 3, "{both:?}");
     assert_eq!(
         why_removed(&after, &leaver_address).as_deref(),
@@ -363,7 +359,7 @@ async fn a_member_behind_a_departure_catches_up_and_the_next_change_runs() {
     assert_eq!(leave.status.code(), Some(0), "{}", text(&leave));
     // Frozen once it streamed its part: the others finish without it.
     eventually(Duration::from_secs(60), async || {
-        let layout = layout(&cluster, 0).await;
+        let layout = cluster.layout(0).await;
         if layout.streamed.contains(&frozen_address) || !layout.previous.is_empty() {
             Ok(())
         } else {
@@ -374,12 +370,12 @@ async fn a_member_behind_a_departure_catches_up_and_the_next_change_runs() {
     cluster.pause(frozen);
     let exited = cluster.wait_exit(leaver, Duration::from_secs(90)).await;
     assert_eq!(exited.code(), Some(0), "{}", cluster.log_tail_of(leaver));
-    let settled = layout(&cluster, 0).await;
+    let settled = cluster.layout(0).await;
     assert!(settled.removed.iter().any(|r| r.address == leaver_address));
 
     cluster.resume(frozen);
     eventually(Duration::from_secs(30), async || {
-        let held = layout(&cluster, frozen).await;
+        let held = cluster.layout(frozen).await;
         if held.version >= settled.version {
             Ok(())
         } else {
@@ -394,7 +390,7 @@ async fn a_member_behind_a_departure_catches_up_and_the_next_change_runs() {
     // Not wedged: a join goes through.
     cluster.join(0, FLAGS).await;
     settles(&cluster, 90).await;
-    assert_eq!(layout(&cluster, 1).await.members.len(), 4);
+    assert_eq!(cluster.layout(1).await.members.len(), 4);
 }
 
 /// `DKVSServer --replace DEAD --join SEED` at another address: one change
@@ -408,7 +404,8 @@ async fn a_new_node_replaces_a_dead_member_under_load() {
     let load = common::Load::start(&cluster).await;
     let dead = 3;
     let dead_address = cluster.nodes[dead].address.clone();
-    let tokens = layout(&cluster, 0)
+    let tokens = cluster
+        .layout(0)
         .await
         .members
         .iter()
@@ -432,7 +429,7 @@ async fn a_new_node_replaces_a_dead_member_under_load() {
         .await;
     let new_address = cluster.nodes[new].address.clone();
     settles(&cluster, 90).await;
-    let replaced = layout(&cluster, 0).await;
+    let replaced = cluster.layout(0).await;
     assert_eq!(replaced.members.len(), 4);
     let member = replaced
         .members
@@ -475,13 +472,13 @@ async fn a_survivor_of_a_lost_majority_starts_a_new_layout() {
     cluster.restart(survivor).await;
 
     // The majority is lost for good.
-    let before = layout(&cluster, survivor).await;
+    let before = cluster.layout(survivor).await;
     cluster.kill(1);
     cluster.kill(2);
     cluster.kill(survivor);
     cluster.add_flags(survivor, FORCE);
     cluster.restart(survivor).await;
-    let forced = layout(&cluster, survivor).await;
+    let forced = cluster.layout(survivor).await;
     assert_eq!(forced.version, before.version + 1);
     assert_eq!(forced.members.len(), 1);
     for lost in [1, 2] {
@@ -498,7 +495,7 @@ async fn a_survivor_of_a_lost_majority_starts_a_new_layout() {
     // The cluster grows again.
     cluster.join(survivor, FLAGS).await;
     settles(&cluster, 90).await;
-    assert_eq!(layout(&cluster, survivor).await.members.len(), 2);
+    assert_eq!(cluster.layout(survivor).await.members.len(), 2);
     common::preloaded_at_all(&cluster, 100).await;
 
     // The flag left on: refused now that a majority answers.
@@ -530,7 +527,7 @@ async fn running_members(cluster: &mut TestCluster) -> Vec<usize> {
     let observer = (0..cluster.nodes.len())
         .find(|&i| cluster.nodes[i].is_running())
         .expect("a running node");
-    let layout = layout(cluster, observer).await;
+    let layout = cluster.layout(observer).await;
     (0..cluster.nodes.len())
         .filter(|&i| {
             cluster.nodes[i].is_running()

@@ -370,6 +370,11 @@ impl TestCluster {
             .into_inner()
     }
 
+    /// The layout node `observer` serves.
+    pub async fn layout(&self, observer: usize) -> pb::Layout {
+        self.status(observer).await.layout.expect("a layout")
+    }
+
     /// A statistic summed over every running node that answers its own
     /// `Replica.Stats` within half a second (current counts: `Cluster.Status`
     /// carries counts as of each member's last heartbeat).
