@@ -513,6 +513,68 @@ impl Client {
         }
     }
 
+    /// One page of the cluster's key listing (`KeyValue.List`, coordinated
+    /// by a node): keys starting with `prefix` after `cursor` (empty: from
+    /// the start), at most `limit` (0: the node's default), at this
+    /// client's consistency. The cursor of the next page comes back; empty
+    /// once the listing is complete. A node that does not answer is passed
+    /// over for the next; a node's own refusal is the answer.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        limit: u32,
+        cursor: &str,
+    ) -> Result<(Vec<(String, crate::clock::Version)>, String)> {
+        let request = pb::ListRequest {
+            prefix: prefix.to_string(),
+            limit,
+            cursor: cursor.to_string(),
+            consistency: pb::Consistency::from(self.options.consistency) as i32,
+        };
+        // A page may read many windows: the node answers within half its
+        // request deadline, and this call waits for that much at most.
+        let timeout = self.options.rpc_timeout.max(Duration::from_secs(10));
+        let mut failures = Vec::new();
+        for address in self.candidates(&self.seeds) {
+            let mut client = self.peers.key_value_client(&address)?;
+            match tokio::time::timeout(timeout, client.list(request.clone())).await {
+                Ok(Ok(reply)) => {
+                    let reply = reply.into_inner();
+                    let keys = reply
+                        .keys
+                        .into_iter()
+                        .map(|listed| {
+                            // Shown, never compared: no skew bound.
+                            let version = listed.version.unwrap_or_default();
+                            let version =
+                                crate::clock::Version::new(version.lamport, version.node_id);
+                            (listed.key, version)
+                        })
+                        .collect();
+                    return Ok((keys, reply.cursor));
+                }
+                Ok(Err(status)) if status.metadata().get(COORDINATOR_ERROR_HEADER).is_some() => {
+                    return Err(error_from_status(status));
+                }
+                Ok(Err(status)) => {
+                    self.mark_down(&address);
+                    failures.push(format!("{address}: {}", describe_status(&status)));
+                }
+                Err(_) => {
+                    self.mark_down(&address);
+                    failures.push(format!(
+                        "{address}: no answer within {} ms",
+                        timeout.as_millis()
+                    ));
+                }
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "no node answered the listing: {}",
+            failures.join("; ")
+        )))
+    }
+
     /// Waits up to half a second for background read repairs to finish.
     pub async fn close(&self) {
         self.background.close(Duration::from_millis(500)).await;

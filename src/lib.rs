@@ -55,6 +55,8 @@
 //! * `coordinator` — quorum reads and writes, read repair.
 //! * `hints` — hinted handoff: the store, where hints go, delivery.
 //! * `antientropy` — background exchanges and tombstone collection.
+//! * `listing` — key listings: a cursor over the ring, each stretch read
+//!   from enough replicas that no acknowledged key is missed.
 //! * `heartbeat` — pings, their answers, what peers report.
 //! * [`membership`] — adopting layouts, proposing changes, joins and their
 //!   streaming.
@@ -81,6 +83,7 @@ pub(crate) mod hints;
 pub(crate) mod identity;
 pub mod layout;
 pub(crate) mod limits;
+pub(crate) mod listing;
 pub(crate) mod liveness;
 pub(crate) mod locks;
 pub mod logs;

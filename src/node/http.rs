@@ -154,12 +154,13 @@ fn router(door: Arc<Door>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/cluster", get(cluster))
         .route("/v1/replicas/{*key}", get(replicas))
+        .route("/v1/kv", get(list))
         .route("/v1/kv/", axum::routing::any(kv))
         .route("/v1/kv/{*key}", axum::routing::any(kv))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                "not found: this node serves /v1/kv/{key}, /v1/replicas/{key}, /v1/cluster, /metrics, /health/live and /health/ready\n",
+                "not found: this node serves /v1/kv/{key}, /v1/kv?prefix=, /v1/replicas/{key}, /v1/cluster, /metrics, /health/live and /health/ready\n",
             )
         })
         .with_state(door)
@@ -202,6 +203,14 @@ async fn kv(State(door): State<Arc<Door>>, request: Request) -> Response {
             *request.method(),
             axum::http::Method::PUT | axum::http::Method::DELETE
         )),
+    }
+}
+
+/// `GET /v1/kv?prefix=` ([`super::http_list`]), once the node is open.
+async fn list(State(door): State<Arc<Door>>, request: Request) -> Response {
+    match door.node.get() {
+        Some(attached) => super::http_list::list(&attached.node, &door.guard, request).await,
+        None => opening_answer(false),
     }
 }
 

@@ -263,7 +263,7 @@ pub(super) async fn replicas(node: &Node, guard: &Guard, request: Request) -> Re
 }
 
 /// `body` as a JSON answer with `status`.
-fn json_answer(status: StatusCode, body: &serde_json::Value) -> Response {
+pub(super) fn json_answer(status: StatusCode, body: &serde_json::Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -287,7 +287,10 @@ fn versioned(headers: &mut axum::http::HeaderMap, version: &str) {
 pub(super) fn key_of(path: &str) -> Result<String, String> {
     let raw = path.strip_prefix(KV_PREFIX).unwrap_or_default();
     if raw.is_empty() {
-        return Err("no key: use /v1/kv/{key} (the key is the rest of the path)".into());
+        return Err(
+            "no key: use /v1/kv/{key} (the key is the rest of the path), or GET /v1/kv?prefix= to list keys"
+                .into(),
+        );
     }
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
@@ -384,7 +387,7 @@ pub(super) fn retry_after(response: &mut Response, seconds: u32) {
 
 /// With `--auth-file`: 401 without a known token, 403 for a role below
 /// `role`.
-fn refuse_caller(
+pub(super) fn refuse_caller(
     guard: &Guard,
     request: &Request,
     role: Role,
@@ -432,7 +435,7 @@ fn refuse_caller(
 }
 
 /// The answer to a request that failed with `why` (`outcome`: a write's).
-fn failure(why: &Error, outcome: Option<Outcome>) -> Response {
+pub(super) fn failure(why: &Error, outcome: Option<Outcome>) -> Response {
     let code = why.code();
     let mut response = error(http_status(code, outcome), &why.to_string(), code, outcome);
     if response.status() == StatusCode::SERVICE_UNAVAILABLE {

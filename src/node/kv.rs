@@ -59,6 +59,50 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         recording.answered(&answer);
         answer
     }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let request = request.into_inner();
+        let page = async {
+            let asked = crate::listing::ListRequest {
+                prefix: request.prefix,
+                limit: list_limit(request.limit)?,
+                from: crate::listing::Position::from_cursor(&request.cursor)?,
+                consistency: pb::read_consistency_from(request.consistency)?,
+            };
+            self.0.list(&asked).await
+        };
+        let page = page.await.map_err(Error::into_read_status)?;
+        Ok(Response::new(pb::ListResponse {
+            keys: page
+                .keys
+                .into_iter()
+                .map(|listed| pb::ListedKey {
+                    key: listed.key,
+                    version: Some(listed.version.into()),
+                })
+                .collect(),
+            cursor: page.next.map(|at| at.to_cursor()).unwrap_or_default(),
+        }))
+    }
+}
+
+/// Keys a listing page holds when the caller does not say.
+pub(super) const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// The page size a listing asks for: 0 means the default; above the most a
+/// page may hold is refused, so the caller learns the bound.
+pub(super) fn list_limit(asked: u32) -> Result<usize> {
+    match asked as usize {
+        0 => Ok(DEFAULT_LIST_LIMIT),
+        asked if asked > crate::listing::MAX_LIMIT => Err(Error::InvalidArgument(format!(
+            "limit {asked} is above the most a listing page holds ({}): ask for less and follow the cursor",
+            crate::listing::MAX_LIMIT
+        ))),
+        asked => Ok(asked),
+    }
 }
 
 async fn put(

@@ -26,6 +26,7 @@ mod gate;
 mod http;
 mod http_json;
 mod http_kv;
+mod http_list;
 mod join;
 mod kv;
 mod lateness;
@@ -168,6 +169,24 @@ fn check_cluster_token(config: &ServerConfig, layout: &Layout) -> Result<()> {
 }
 
 impl Node {
+    /// One page of a key listing, coordinated by this node (gRPC and
+    /// HTTP share it).
+    pub(crate) async fn list(
+        &self,
+        request: &crate::listing::ListRequest,
+    ) -> crate::error::Result<crate::listing::ListPage> {
+        self.membership.refuse_until_agreed()?;
+        let lister = crate::listing::Lister {
+            cluster: &self.cluster,
+            replica: &self.replica,
+            page_entries: self.limits.page_entries(0),
+            // Half the request deadline: the answer, with its cursor, must
+            // reach the caller in time.
+            budget: self.config.request_timeout() / 2,
+        };
+        lister.list(request).await
+    }
+
     /// Opens the node's data directory with the configured engine and
     /// builds the node.
     pub fn open(config: ServerConfig, dialer: Arc<dyn Dialer>) -> Result<Arc<Self>> {

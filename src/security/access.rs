@@ -42,7 +42,7 @@ pub fn door_of(path: &str) -> Door {
         | "grpc.reflection.v1.ServerReflection"
         | "grpc.reflection.v1alpha.ServerReflection" => Door::Open,
         "dkvs.v1.KeyValue" => match method {
-            "Get" => Door::Client(Role::Read),
+            "Get" | "List" => Door::Client(Role::Read),
             "Put" | "Delete" => Door::Client(Role::ReadWrite),
             _ => Door::Client(Role::Admin),
         },

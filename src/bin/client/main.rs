@@ -150,6 +150,16 @@ enum Command {
         #[arg(long, short = 'v')]
         workers: bool,
     },
+    /// List keys (every key, or those starting with --prefix), one per line.
+    ///
+    /// Keys come in ring order (by hash), not sorted. Each token range is
+    /// read from N/2+1 of its replicas at QUORUM (see --consistency), so no
+    /// key whose write was acknowledged at QUORUM before the listing reached
+    /// it is missed; deleted keys are left out. The node asked pages through
+    /// the ring; nothing is held whole anywhere. A listing is not a
+    /// snapshot: keys written while it runs may or may not appear.
+    #[command(name = "list", alias = "LIST", alias = "keys", alias = "KEYS")]
+    List(ListArgs),
     /// Show which nodes hold a key, in preference order.
     #[command(name = "replicas", alias = "REPLICAS")]
     Replicas { key: String },
@@ -183,6 +193,31 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7199")]
         listen: std::net::SocketAddr,
     },
+}
+
+/// `list`'s options.
+#[derive(Debug, clap::Args)]
+struct ListArgs {
+    /// Only keys that start with this.
+    #[arg(long, default_value = "")]
+    prefix: String,
+    /// Stop after this many keys (0: all of them).
+    #[arg(long, default_value_t = 0)]
+    limit: u64,
+    /// Also print each key's newest version (KEY, a tab, VERSION).
+    #[arg(long)]
+    versions: bool,
+    /// text: one key per line; json: one JSON object per line
+    /// ({"key", "version"}), for keys no line-based tool could split.
+    #[arg(long, value_enum, default_value_t = ListOutput::Text)]
+    output: ListOutput,
+}
+
+/// How `list` prints keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ListOutput {
+    Text,
+    Json,
 }
 
 /// How a command ended.
@@ -410,11 +445,51 @@ fn warn_if_only_hinted(acks: usize) {
     }
 }
 
-/// Runs one command; `rpc_timeout` is `--timeout-ms` (for the second
-/// client `check` connects).
 /// Largest value read from stdin or a file: the largest any node takes
 /// (`--max-value-bytes` at most 256 MiB); the node checks its own limit.
 const MAX_VALUE_READ: u64 = 256 << 20;
+
+/// Prints the keys of a listing, page after page, until it is complete or
+/// `limit` keys (0: no limit) were printed.
+async fn list(client: &Client, args: ListArgs) -> Result<(), Error> {
+    let ListArgs {
+        prefix,
+        limit,
+        versions,
+        output,
+    } = args;
+    let mut out = std::io::stdout().lock();
+    let (mut cursor, mut printed) = (String::new(), 0u64);
+    loop {
+        let left = if limit == 0 {
+            0
+        } else {
+            (limit - printed).min(1000) as u32
+        };
+        let (keys, next) = client.list_page(&prefix, left, &cursor).await?;
+        for (key, version) in keys {
+            let line = match (output, versions) {
+                (ListOutput::Json, _) => {
+                    serde_json::json!({ "key": key, "version": version.to_string() }).to_string()
+                }
+                (ListOutput::Text, true) => format!("{key}\t{version}"),
+                (ListOutput::Text, false) => key,
+            };
+            // A closed pipe (`| head`) ends the listing quietly.
+            if writeln!(out, "{line}").is_err() {
+                return Ok(());
+            }
+            printed += 1;
+            if printed == limit {
+                return Ok(());
+            }
+        }
+        if next.is_empty() {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
 
 /// The value of a PUT: its words joined with spaces, stdin for `-`, or the
 /// file's bytes.
@@ -443,6 +518,8 @@ fn value_to_put(words: Vec<String>, file: Option<std::path::PathBuf>) -> Result<
     Ok(value)
 }
 
+/// Runs one command; `rpc_timeout` is `--timeout-ms` (for the second
+/// client `check` connects).
 async fn execute(
     client: &Client,
     command: Command,
@@ -509,6 +586,10 @@ async fn execute(
         Command::Certs(args) => {
             drop(out);
             return Ok(certs::run(&args));
+        }
+        Command::List(args) => {
+            drop(out);
+            list(client, args).await?;
         }
         Command::Replicas { key } => {
             for (rank, address) in client.replicas_of(&key).iter().enumerate() {

@@ -178,6 +178,13 @@ impl pb::key_value_server::KeyValue for NoopKeyValue {
             acks: 1,
         }))
     }
+
+    async fn list(
+        &self,
+        _: tonic::Request<pb::ListRequest>,
+    ) -> Result<tonic::Response<pb::ListResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ListResponse::default()))
+    }
 }
 
 /// Serves [`NoopKeyValue`] on `listen` until Ctrl-C (`DKVSClient noop-server`).
