@@ -29,7 +29,7 @@ async fn put_get_delete_status_and_exit_codes() {
     assert_eq!(put.status.code(), Some(0), "{}", text(&put.stderr));
     let get = client(&cluster, &["GET", "mykey"]);
     assert_eq!(get.status.code(), Some(0));
-    assert_eq!(text(&get.stdout), "Hello Distributed World\n");
+    assert_eq!(text(&get.stdout), "Hello Distributed World");
 
     // Lower-case commands work too; a missing key exits 1 with a message.
     let missing = client(&cluster, &["get", "nope"]);
@@ -318,7 +318,7 @@ async fn a_frozen_node_does_not_slow_the_command_line() {
     let status = check(phase, "status", fastest(&["status"]));
     assert!(text(&status.stdout).contains(&frozen_address));
     let got = check(phase, "GET", fastest(&["GET", &first_of]));
-    assert_eq!(text(&got.stdout), "before\n");
+    assert_eq!(text(&got.stdout), "before");
     check(phase, "PUT", fastest(&["PUT", &second_of, "during"]));
 
     // Once convicted, even a key the frozen node coordinates is written
@@ -339,10 +339,10 @@ async fn a_frozen_node_does_not_slow_the_command_line() {
         text(&status.stdout)
     );
     let got = check(phase, "GET", fastest(&["GET", &second_of]));
-    assert_eq!(text(&got.stdout), "during\n");
+    assert_eq!(text(&got.stdout), "during");
     check(phase, "PUT", fastest(&["PUT", &first_of, "after"]));
     let got = check(phase, "GET", fastest(&["GET", &first_of]));
-    assert_eq!(text(&got.stdout), "after\n");
+    assert_eq!(text(&got.stdout), "after");
 }
 
 /// When every node is silent the command times out: exit 4, like any other
@@ -903,4 +903,102 @@ async fn put_takes_a_binary_value_from_stdin_or_a_file() {
         text(&missing.stderr)
     );
     assert_eq!(client(&cluster, &["GET", "k"]).status.code(), Some(1));
+
+    // GET into a pipe writes the stored bytes and nothing else: the value
+    // round-trips through a file byte for byte.
+    let got = client(&cluster, &["GET", "from-stdin"]);
+    assert_eq!(got.status.code(), Some(0), "{}", text(&got.stderr));
+    assert!(got.stdout == value, "GET added or changed bytes");
+}
+
+/// `--output json` for GET (binary-safe), replicas and status; shell
+/// completions; `status --watch` redrawing in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_output_completions_and_a_watched_status() {
+    let cluster = TestCluster::start(3).await;
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["--output", "json"];
+        all.extend_from_slice(args);
+        let output = client(&cluster, &all);
+        serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: {e}: {}{}",
+                text(&output.stdout),
+                text(&output.stderr)
+            )
+        })
+    };
+    assert!(client(&cluster, &["PUT", "text", "héllo"]).status.success());
+    let binary = std::env::temp_dir().join(format!("dkvs-cli-{}.bin", std::process::id()));
+    std::fs::write(&binary, [0xff, 0x00, 0xfe]).expect("write");
+    let put = client(
+        &cluster,
+        &["PUT", "binary", "--file", &binary.display().to_string()],
+    );
+    let _ = std::fs::remove_file(&binary);
+    assert!(put.status.success(), "{}", text(&put.stderr));
+
+    let got = json(&["GET", "text"]);
+    assert_eq!(got["found"], true);
+    assert_eq!(got["value"], "héllo");
+    assert_eq!(got["value_base64"], "aMOpbGxv");
+    assert!(got["version"].as_str().is_some_and(|v| v.contains('@')));
+    let got = json(&["GET", "binary"]);
+    assert_eq!(got["value_base64"], "/wD+");
+    assert!(got.get("value").is_none(), "not UTF-8: no `value`: {got}");
+    // A missing key: found false, and exit 1 still.
+    let missing = client(&cluster, &["GET", "nope", "--output", "json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    let missing: serde_json::Value = serde_json::from_slice(&missing.stdout).expect("JSON");
+    assert_eq!(missing["found"], false);
+
+    let replicas = json(&["replicas", "text"]);
+    assert_eq!(replicas["replicas"].as_array().map(Vec::len), Some(3));
+    let status = json(&["status"]);
+    assert_eq!(status["members"].as_array().map(Vec::len), Some(3));
+    assert_eq!(status["replicas"], 3);
+
+    // Completions need no cluster.
+    for shell in ["bash", "zsh", "fish"] {
+        let script = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+            .args(["--nodes", "127.0.0.1:1", "completions", shell])
+            .output()
+            .expect("run DKVSClient");
+        assert!(script.status.success(), "{shell}: {}", text(&script.stderr));
+        let script = text(&script.stdout);
+        assert!(
+            script.contains("DKVSClient") && script.contains("list"),
+            "{shell}"
+        );
+    }
+
+    // status --watch redraws (home, clear) every interval until stopped.
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_DKVSClient"))
+        .args(["--nodes", &cluster.addresses().join(",")])
+        .args(["status", "--watch", "--interval-secs", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run DKVSClient");
+    let stdout = watch.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut lines = std::io::BufReader::new(stdout);
+        let mut buffer = Vec::new();
+        while lines.read_until(b'\n', &mut buffer).unwrap_or(0) > 0 {
+            seen.extend_from_slice(&buffer);
+            buffer.clear();
+            if text(&seen).matches("\x1b[H\x1b[2J").count() >= 3 {
+                break;
+            }
+        }
+        seen
+    });
+    let seen = tokio::task::spawn_blocking(move || reader.join().expect("reader"))
+        .await
+        .expect("the reader task");
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let seen = text(&seen);
+    assert!(seen.matches("\x1b[H\x1b[2J").count() >= 3, "{seen}");
+    assert!(seen.contains("Ctrl-C stops"), "{seen}");
 }

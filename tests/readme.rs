@@ -893,7 +893,7 @@ fn diff(expected: &[String], actual: &[String]) -> String {
 /// Moving a sample moves a count; removing one must be said here.
 const SAMPLE_FILES: &[(&str, usize)] = &[
     ("README.md", 5),
-    ("docs/USER-GUIDE.md", 4),
+    ("docs/USER-GUIDE.md", 5),
     ("docs/OPERATIONS.md", 10),
 ];
 

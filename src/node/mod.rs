@@ -48,6 +48,12 @@ pub use http::HttpDoor;
 pub use secure::tls_incoming;
 pub use serve::{incoming, serve, serve_guarded};
 
+/// What `Cluster.Status` answered, as the JSON `GET /v1/cluster` serves
+/// (ids and clocks as strings): `DKVSClient status --output json` prints it.
+pub fn status_json(status: &crate::pb::StatusResponse) -> serde_json::Value {
+    http_json::cluster(status)
+}
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -43,12 +43,14 @@ mod check;
 mod cluster;
 mod progress;
 mod prompt;
+mod show;
 mod status;
 
 use bench::BenchArgs;
 use certs::CertsArgs;
 use check::CheckArgs;
 use cluster::ClusterCommand;
+use show::{ListArgs, Output, Printing, StatusArgs};
 
 /// The addresses startServers.sh uses.
 const DEFAULT_NODES: &str =
@@ -106,6 +108,11 @@ struct Cli {
     #[arg(long)]
     insecure_plaintext_auth: bool,
 
+    /// text (values as their bytes, tables) or json (for scripts: GET,
+    /// status, replicas and list).
+    #[arg(long, value_enum, global = true, default_value_t = Output::Text)]
+    output: Output,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -145,11 +152,7 @@ enum Command {
     /// A periodic worker of the node asked that failed 3 rounds in a row or
     /// more is named under the member table, with its last error.
     #[command(name = "status", alias = "STATUS")]
-    Status {
-        /// Also list every periodic worker of the node asked, healthy or not.
-        #[arg(long, short = 'v')]
-        workers: bool,
-    },
+    Status(StatusArgs),
     /// List keys (every key, or those starting with --prefix), one per line.
     ///
     /// Keys come in ring order (by hash), not sorted. Each token range is
@@ -163,6 +166,11 @@ enum Command {
     /// Show which nodes hold a key, in preference order.
     #[command(name = "replicas", alias = "REPLICAS")]
     Replicas { key: String },
+    /// Print a completion script for a shell (no cluster needed), e.g.
+    /// `DKVSClient completions bash > /etc/bash_completion.d/DKVSClient`,
+    /// or `source <(DKVSClient completions bash)` for this shell only.
+    #[command(name = "completions")]
+    Completions { shell: clap_complete::Shell },
     /// Closed-loop YCSB-style load: throughput and latency percentiles.
     #[command(name = "bench")]
     Bench(BenchArgs),
@@ -193,31 +201,6 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7199")]
         listen: std::net::SocketAddr,
     },
-}
-
-/// `list`'s options.
-#[derive(Debug, clap::Args)]
-struct ListArgs {
-    /// Only keys that start with this.
-    #[arg(long, default_value = "")]
-    prefix: String,
-    /// Stop after this many keys (0: all of them).
-    #[arg(long, default_value_t = 0)]
-    limit: u64,
-    /// Also print each key's newest version (KEY, a tab, VERSION).
-    #[arg(long)]
-    versions: bool,
-    /// text: one key per line; json: one JSON object per line
-    /// ({"key", "version"}), for keys no line-based tool could split.
-    #[arg(long, value_enum, default_value_t = ListOutput::Text)]
-    output: ListOutput,
-}
-
-/// How `list` prints keys.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum ListOutput {
-    Text,
-    Json,
 }
 
 /// How a command ended.
@@ -264,6 +247,14 @@ async fn run(cli: Cli) -> ExitCode {
     if let Some(Command::Certs(args)) = &cli.command {
         return certs::run(args).exit_code();
     }
+    if let Some(Command::Completions { shell }) = cli.command {
+        print_completions(shell);
+        return ExitCode::SUCCESS;
+    }
+    let printing = Printing {
+        output: cli.output,
+        newline_after_value: std::io::IsTerminal::is_terminal(&std::io::stdout()),
+    };
     let (bearer, tls) = match security_options(&cli) {
         Ok(security) => security,
         Err(why) => {
@@ -312,7 +303,7 @@ async fn run(cli: Cli) -> ExitCode {
     let code = match cli.command {
         Some(command) => {
             let kind = Kind::of(&command);
-            match execute(&client, command, rpc_timeout).await {
+            match execute(&client, command, rpc_timeout, printing).await {
                 Ok(outcome) => outcome.exit_code(),
                 Err(error) => report_as(&error, kind),
             }
@@ -449,48 +440,6 @@ fn warn_if_only_hinted(acks: usize) {
 /// (`--max-value-bytes` at most 256 MiB); the node checks its own limit.
 const MAX_VALUE_READ: u64 = 256 << 20;
 
-/// Prints the keys of a listing, page after page, until it is complete or
-/// `limit` keys (0: no limit) were printed.
-async fn list(client: &Client, args: ListArgs) -> Result<(), Error> {
-    let ListArgs {
-        prefix,
-        limit,
-        versions,
-        output,
-    } = args;
-    let mut out = std::io::stdout().lock();
-    let (mut cursor, mut printed) = (String::new(), 0u64);
-    loop {
-        let left = if limit == 0 {
-            0
-        } else {
-            (limit - printed).min(1000) as u32
-        };
-        let (keys, next) = client.list_page(&prefix, left, &cursor).await?;
-        for (key, version) in keys {
-            let line = match (output, versions) {
-                (ListOutput::Json, _) => {
-                    serde_json::json!({ "key": key, "version": version.to_string() }).to_string()
-                }
-                (ListOutput::Text, true) => format!("{key}\t{version}"),
-                (ListOutput::Text, false) => key,
-            };
-            // A closed pipe (`| head`) ends the listing quietly.
-            if writeln!(out, "{line}").is_err() {
-                return Ok(());
-            }
-            printed += 1;
-            if printed == limit {
-                return Ok(());
-            }
-        }
-        if next.is_empty() {
-            return Ok(());
-        }
-        cursor = next;
-    }
-}
-
 /// The value of a PUT: its words joined with spaces, stdin for `-`, or the
 /// file's bytes.
 fn value_to_put(words: Vec<String>, file: Option<std::path::PathBuf>) -> Result<Vec<u8>, Error> {
@@ -518,12 +467,24 @@ fn value_to_put(words: Vec<String>, file: Option<std::path::PathBuf>) -> Result<
     Ok(value)
 }
 
+/// A completion script for `shell` on stdout.
+fn print_completions(shell: clap_complete::Shell) {
+    use clap::CommandFactory;
+    clap_complete::generate(
+        shell,
+        &mut Cli::command(),
+        "DKVSClient",
+        &mut std::io::stdout(),
+    );
+}
+
 /// Runs one command; `rpc_timeout` is `--timeout-ms` (for the second
 /// client `check` connects).
 async fn execute(
     client: &Client,
     command: Command,
     rpc_timeout: Duration,
+    printing: Printing,
 ) -> Result<Outcome, Error> {
     let mut out = std::io::stdout().lock();
     match command {
@@ -533,16 +494,12 @@ async fn execute(
             let _ = writeln!(out, "OK (version {}, {} acks)", ack.version, ack.acks);
             warn_if_only_hinted(ack.acks);
         }
-        Command::Get { key } => match client.get(&key).await? {
-            Some(value) => {
-                let _ = out.write_all(&value);
-                let _ = writeln!(out);
-            }
-            None => {
-                eprintln!("key not found: {key}");
+        Command::Get { key } => {
+            drop(out);
+            if !show::get(client, &key, printing).await? {
                 return Ok(Outcome::NotFound);
             }
-        },
+        }
         Command::Delete { key } => {
             let ack = client.delete(&key).await?;
             let _ = writeln!(
@@ -552,13 +509,9 @@ async fn execute(
             );
             warn_if_only_hinted(ack.acks);
         }
-        Command::Status { workers } => {
-            let status = client.status().await?;
-            let now_ms = dkvs::clock::wall_clock_ms();
-            let _ = write!(out, "{}", status::status_table(&status, now_ms));
-            if workers {
-                let _ = write!(out, "\n{}", status::workers_table(&status, now_ms));
-            }
+        Command::Status(args) => {
+            drop(out);
+            show::status(client, args, printing).await?;
         }
         Command::Bench(args) => {
             drop(out);
@@ -589,13 +542,10 @@ async fn execute(
         }
         Command::List(args) => {
             drop(out);
-            list(client, args).await?;
+            show::list(client, args, printing).await?;
         }
-        Command::Replicas { key } => {
-            for (rank, address) in client.replicas_of(&key).iter().enumerate() {
-                let _ = writeln!(out, "{}. {address}", rank + 1);
-            }
-        }
+        Command::Replicas { key } => show::replicas(client, &key, printing),
+        Command::Completions { shell } => print_completions(shell),
     }
     Ok(Outcome::Done)
 }

@@ -8,7 +8,15 @@ use std::time::Duration;
 use clap::Parser;
 use dkvs::client::Client;
 
+use crate::show::{Output, Printing};
 use crate::{Command, execute};
+
+/// At the prompt values end with a newline (the next prompt starts on its
+/// own line) and results print as text.
+const AT_THE_PROMPT: Printing = Printing {
+    output: Output::Text,
+    newline_after_value: true,
+};
 
 /// Commands typed at the interactive prompt.
 #[derive(Debug, Parser)]
@@ -52,14 +60,14 @@ pub async fn prompt(client: &Client, rpc_timeout: Duration) -> ExitCode {
             Some("exit" | "quit") => return ExitCode::SUCCESS,
             Some("help") => {
                 eprintln!(
-                    "PUT <key> <value> | GET <key> | DELETE <key> | status | replicas <key> | exit"
+                    "PUT <key> <value> | GET <key> | DELETE <key> | list [--prefix P] | status | replicas <key> | exit"
                 );
                 continue;
             }
             Some(_) => {}
         }
         match PromptLine::try_parse_from(words) {
-            Ok(parsed) => match execute(client, parsed.command, rpc_timeout).await {
+            Ok(parsed) => match execute(client, parsed.command, rpc_timeout, AT_THE_PROMPT).await {
                 Ok(_) => {}
                 Err(error) => eprintln!("error: {error}"),
             },
