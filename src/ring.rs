@@ -207,6 +207,31 @@ impl Ring {
             .collect()
     }
 
+    /// The share of the key space each member replicates with `n`
+    /// replicas per key (each between 0 and 1; they add up to `n`, or to
+    /// the member count when there are fewer), in member order.
+    pub fn replica_shares(&self, n: usize) -> Vec<(&str, f64)> {
+        let mut shares = vec![0.0; self.members.len()];
+        for i in 0..self.range_count() {
+            let span: f64 = self
+                .range_hashes(i)
+                .iter()
+                .map(|&(first, last)| (last - first) as f64 + 1.0)
+                .sum::<f64>()
+                / 2f64.powi(64);
+            for member in self.range_replicas(i, n) {
+                if let Some(k) = self.members.iter().position(|m| m == member) {
+                    shares[k] += span;
+                }
+            }
+        }
+        self.members
+            .iter()
+            .zip(shares)
+            .map(|(m, share)| (m.address.as_str(), share))
+            .collect()
+    }
+
     /// The ranges whose replicas include both `a` and `b`, in order.
     pub fn shared_ranges(&self, a: &str, b: &str, n: usize) -> Vec<usize> {
         (0..self.range_count())
@@ -226,6 +251,21 @@ impl Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_shares_add_up_to_n_and_are_even_enough() {
+        let ring = Ring::new(["a:1", "b:1", "c:1", "d:1", "e:1"].map(Member::new), 256);
+        let shares = ring.replica_shares(3);
+        let total: f64 = shares.iter().map(|(_, s)| s).sum();
+        assert!((total - 3.0).abs() < 1e-6, "{total}");
+        for (member, share) in &shares {
+            assert!((share - 0.6).abs() < 0.1, "{member}: {share}");
+        }
+        let two = Ring::new(["a:1", "b:1"].map(Member::new), 8);
+        for (_, share) in two.replica_shares(3) {
+            assert!((share - 1.0).abs() < 1e-6, "every key on both: {share}");
+        }
+    }
     use std::collections::HashMap;
 
     /// The default `--vnodes`.

@@ -151,6 +151,7 @@ fn router(door: Arc<Door>) -> Router {
     Router::new()
         .route("/health/live", get(|| async { "live\n" }))
         .route("/health/ready", get(ready))
+        .route("/", get(dashboard))
         .route("/metrics", get(metrics))
         .route("/v1/cluster", get(cluster))
         .route("/v1/replicas/{*key}", get(replicas))
@@ -160,7 +161,7 @@ fn router(door: Arc<Door>) -> Router {
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,
-                "not found: this node serves /v1/kv/{key}, /v1/kv?prefix=, /v1/replicas/{key}, /v1/cluster, /metrics, /health/live and /health/ready\n",
+                "not found: this node serves / (the dashboard), /v1/kv/{key}, /v1/kv?prefix=, /v1/replicas/{key}, /v1/cluster, /metrics, /health/live and /health/ready\n",
             )
         })
         .with_state(door)
@@ -204,6 +205,27 @@ async fn kv(State(door): State<Arc<Door>>, request: Request) -> Response {
             axum::http::Method::PUT | axum::http::Method::DELETE
         )),
     }
+}
+
+/// The live dashboard: one self-contained page (no build step, nothing
+/// fetched from elsewhere: the policy forbids it) that polls this node's
+/// `/v1/cluster` and `/metrics`. Always served; its data needs a `read`
+/// token when tokens are on, which the page asks for once per tab.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:",
+            ),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
 }
 
 /// `GET /v1/kv?prefix=` ([`super::http_list`]), once the node is open.

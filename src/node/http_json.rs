@@ -41,6 +41,7 @@ fn member(member: &pb::Member) -> Value {
         Ok(pb::MemberState::Up) => "UP",
         Ok(pb::MemberState::Down) => "DOWN",
         Ok(pb::MemberState::Joining) => "JOINING",
+        Ok(pb::MemberState::Leaving) => "LEAVING",
         _ => "UNKNOWN",
     };
     json!({
@@ -97,6 +98,8 @@ fn layout(layout: &pb::Layout) -> Value {
             "instance_id": id(m.instance_id),
             "role": match pb::LayoutRole::try_from(m.role) {
                 Ok(pb::LayoutRole::Joining) => "JOINING",
+                Ok(pb::LayoutRole::Leaving) => "LEAVING",
+                Ok(pb::LayoutRole::Removing) => "REMOVING",
                 _ => "ACTIVE",
             },
         })).collect::<Vec<_>>(),
@@ -122,6 +125,8 @@ fn moving(progress: &pb::MoveProgress) -> Value {
         "ranges_done": progress.ranges_done,
         "ranges_total": progress.ranges_total,
         "age_ms": progress.age_ms,
+        "stalled_ms": progress.stalled_ms,
+        "stalled_why": progress.stalled_why,
     })
 }
 

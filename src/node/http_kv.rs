@@ -207,7 +207,18 @@ pub(super) fn cluster(node: &Node, guard: &Guard, request: &Request) -> Response
         return refused;
     }
     let status = super::cluster::status_of(node);
-    json_answer(StatusCode::OK, &super::http_json::cluster(&status))
+    let mut body = super::http_json::cluster(&status);
+    // The share of the keys each member replicates on the ring reads use
+    // (the dashboard draws it).
+    let view = node.cluster.placement();
+    let ring: Vec<serde_json::Value> = view
+        .ring()
+        .replica_shares(view.replicas())
+        .into_iter()
+        .map(|(address, share)| serde_json::json!({ "address": address, "share": share }))
+        .collect();
+    body["ring"] = ring.into();
+    json_answer(StatusCode::OK, &body)
 }
 
 /// `GET /v1/replicas/{key}`: the key's replicas and the version each holds
