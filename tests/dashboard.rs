@@ -118,6 +118,35 @@ async fn the_dashboard_shows_members_traffic_and_a_node_down_in_chromium() {
         "{page}"
     );
 
+    // A fourth node joins, streaming slowly: the page shows what it has
+    // received and how far along it is.
+    for i in 0..200 {
+        kv.put(common::put_request(&format!("more/{i}"), "v"))
+            .await
+            .expect("put");
+    }
+    let joiner = cluster.join(0, &["--stream-rate", "20"]).await;
+    let joiner_address = cluster.nodes[joiner].address.clone();
+    common::eventually(Duration::from_secs(30), async || {
+        let status = cluster.status(0).await;
+        match status.moves.iter().find(|p| p.address == joiner_address) {
+            Some(progress) if progress.keys_moved > 0 && progress.done_ppm < 1_000_000 => Ok(()),
+            _ => Err(format!(
+                "node 0 shows no move in progress: {:?}",
+                status.moves
+            )),
+        }
+    })
+    .await;
+    let page = rendered(&browser, profile.path(), &url).await;
+    let moving = page.split("id=\"moving\"").nth(1).unwrap_or_default();
+    let moving = moving.split("</section>").next().unwrap_or_default();
+    assert!(
+        moving.contains(&joiner_address) && moving.contains("%</td>"),
+        "no move shown:\n{moving}"
+    );
+    assert!(moving.contains("keys/s"), "{moving}");
+
     // A node killed: once node 0 believes it down, the page shows it down
     // and the others up.
     let down = cluster.nodes[2].address.clone();
