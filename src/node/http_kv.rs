@@ -100,21 +100,9 @@ pub(super) async fn kv(node: &Arc<Node>, guard: &Guard, request: Request) -> Res
         retry_after(&mut refused, 1);
         return refused;
     }
-    // A slot of --max-client-requests, as a gRPC request takes, held until
-    // the answer: the HTTP door is no way around the node's budget.
-    let _slot = match node.load.admit(super::load::Budget::Clients, None) {
+    let _slot = match admit_client(node, not_applied) {
         Ok(slot) => slot,
-        Err(budget) => {
-            let status = node.load.refusal(budget);
-            let mut refused = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                status.message(),
-                Code::Unavailable,
-                not_applied,
-            );
-            retry_after(&mut refused, 1);
-            return refused;
-        }
+        Err(refused) => return refused,
     };
     let parsed = key_of(request.uri().path())
         .and_then(|key| Ok((key, consistency_of(request.uri().query(), writes)?)));
@@ -394,6 +382,28 @@ pub(super) fn retry_after(response: &mut Response, seconds: u32) {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+}
+
+/// A slot of --max-client-requests, as a gRPC request takes, held until
+/// the answer: the HTTP door is no way around the node's budget. Spent:
+/// 503 with `Retry-After` (and `outcome`, a write's: not applied).
+pub(super) fn admit_client(
+    node: &Arc<Node>,
+    outcome: Option<Outcome>,
+) -> Result<super::load::Slot, Response> {
+    node.load
+        .admit(super::load::Budget::Clients, None)
+        .map_err(|budget| {
+            let status = node.load.refusal(budget);
+            let mut refused = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                status.message(),
+                Code::Unavailable,
+                outcome,
+            );
+            retry_after(&mut refused, 1);
+            refused
+        })
 }
 
 /// With `--auth-file`: 401 without a known token, 403 for a role below

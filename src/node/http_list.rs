@@ -16,11 +16,10 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::StatusCode;
 use axum::response::Response;
-use tonic::Code;
 
 use super::Node;
 use super::access_gate::Guard;
-use super::http_kv::{error, failure, json_answer, refuse_caller, retry_after};
+use super::http_kv::{admit_client, failure, json_answer, refuse_caller};
 use crate::error::Error;
 use crate::listing::{ListRequest, Position};
 use crate::quorum::Consistency;
@@ -32,19 +31,9 @@ pub(super) async fn list(node: &Arc<Node>, guard: &Guard, request: Request) -> R
         return refused;
     }
     // A slot of --max-client-requests, as any client request takes.
-    let _slot = match node.load.admit(super::load::Budget::Clients, None) {
+    let _slot = match admit_client(node, None) {
         Ok(slot) => slot,
-        Err(budget) => {
-            let status = node.load.refusal(budget);
-            let mut refused = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                status.message(),
-                Code::Unavailable,
-                None,
-            );
-            retry_after(&mut refused, 1);
-            return refused;
-        }
+        Err(refused) => return refused,
     };
     let asked = match list_request(request.uri().query()) {
         Ok(asked) => asked,
@@ -132,6 +121,7 @@ pub(super) fn list_request(query: Option<&str>) -> Result<ListRequest, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     #[test]
     fn a_query_names_prefix_limit_cursor_and_consistency() {
