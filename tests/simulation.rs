@@ -408,6 +408,8 @@ struct JoinPlan {
     /// Its `--stream-rate` (records per second, 0: unlimited): slow rates
     /// keep it streaming while the nemesis crashes it or its sources.
     stream_rate: u64,
+    /// The dead member it takes the place of (`--replace`), if any.
+    replaces: Option<usize>,
 }
 
 thread_local! {
@@ -458,15 +460,9 @@ fn disk(slot: &DiskSlot) -> std::sync::MutexGuard<'_, Disk> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs node `i` over the data dir in `slot` until its host is crashed,
-/// as DKVSServer does (listen, then [`Node::open_joining_with`], then
-/// serve). With `join`, a host that holds no layout yet first asks the
-/// seeds to add it, again every second until one does (a refusal while
-/// another change is in progress is expected). An instance that learns it
-/// was removed (its join aborted) stops, as DKVSServer exits 0; the
-/// simulation then does what the notice tells the operator: wipe the data
-/// dir and `--join` again.
-async fn run_node(i: usize, slot: DiskSlot, join: Option<JoinPlan>) -> turmoil::Result {
+/// Node `i`'s command line, parsed: a member of the first layout, or with
+/// `join` a host that joins (or replaces a dead member).
+fn node_config(i: usize, join: Option<&JoinPlan>) -> Result<ServerConfig, String> {
     let mut args: Vec<String> = [
         "DKVSServer",
         "--listen",
@@ -483,7 +479,7 @@ async fn run_node(i: usize, slot: DiskSlot, join: Option<JoinPlan>) -> turmoil::
     .iter()
     .map(|s| s.to_string())
     .collect();
-    match &join {
+    match join {
         None => {
             let peers: Vec<String> = (0..MEMBERS).map(address).collect();
             args.extend(["--peers".to_string(), peers.join(",")]);
@@ -496,9 +492,25 @@ async fn run_node(i: usize, slot: DiskSlot, join: Option<JoinPlan>) -> turmoil::
                 "--stream-rate".to_string(),
                 plan.stream_rate.to_string(),
             ]);
+            if let Some(dead) = plan.replaces {
+                args.extend(["--replace".to_string(), address(dead)]);
+            }
         }
     }
-    let config = ServerConfig::from_arg_list(args).map_err(|e| e.to_string())?;
+    ServerConfig::from_arg_list(args).map_err(|e| e.to_string())
+}
+
+/// Runs node `i` over the data dir in `slot` until its host is crashed,
+/// as DKVSServer does (listen, then [`Node::open_joining_with`], then
+/// serve). With `join`, a host that holds no layout yet first asks the
+/// seeds to add it, again every second until one does (a refusal while
+/// another change is in progress is expected). An instance that learns it
+/// was removed (its join aborted) stops, as DKVSServer exits 0; the
+/// simulation then does what the notice tells the operator: wipe the data
+/// dir and `--join` again (a replacement joins plainly then: the member it
+/// replaced is gone).
+async fn run_node(i: usize, slot: DiskSlot, mut join: Option<JoinPlan>) -> turmoil::Result {
+    let mut config = node_config(i, join.as_ref())?;
     loop {
         let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), PORT);
         let listener = turmoil::net::TcpListener::bind(bind).await?;
@@ -545,6 +557,12 @@ async fn run_node(i: usize, slot: DiskSlot, join: Option<JoinPlan>) -> turmoil::
         drop(node);
         tokio::time::sleep(Duration::from_secs(1)).await;
         disk(&slot).wipe();
+        // The member it replaced is gone for good: it joins plainly.
+        if let Some(plan) = join.as_mut()
+            && plan.replaces.take().is_some()
+        {
+            config = node_config(i, Some(plan))?;
+        }
     }
 }
 
@@ -618,6 +636,12 @@ enum Fault {
         target: usize,
         via: usize,
     },
+    /// Crashes the member `plan.replaces` names and starts host `joiner`
+    /// with `--replace` it, as an operator replaces a dead machine: one
+    /// change gives the joiner the dead member's ranges and removes it.
+    /// The dead host restarts at the end of the fault and, once it learns
+    /// it was removed, stops.
+    Replace(usize, JoinPlan),
 }
 
 impl Fault {
@@ -663,6 +687,11 @@ impl Fault {
             Fault::Remove { target, via } => {
                 format!("crash {}, remove it via {}", host(target), host(via))
             }
+            Fault::Replace(j, ref plan) => format!(
+                "crash {}; {} replacing it",
+                plan.replaces.map_or("nobody".to_string(), host),
+                join(j, plan)
+            ),
         }
     }
 }
@@ -829,9 +858,47 @@ impl Hosts {
                 (None, _) => Fault::Abort(via),
             };
         }
+        // A replace takes the place of an active member other than its
+        // joiner (the next one started that is); none, or a change still in
+        // progress (the replace would wait for it while its member stays
+        // dead, and the member is back before it ends): a plain join.
+        if let Fault::Replace(j, mut plan) = fault {
+            // Nor with fewer than three active members (a member removed
+            // before): the dead member's ranges would have one surviving
+            // copy, below the N-W+1 a rebuild needs, and the replace is
+            // rightly refused.
+            let actives = newest.as_ref().map_or(0, |l| {
+                l.members.iter().filter(|m| m.role == Role::Active).count()
+            });
+            if newest.as_ref().is_some_and(|l| !l.is_settled()) || actives < MEMBERS {
+                plan.replaces = None;
+                return Fault::Join(j, plan);
+            }
+            let from = plan.replaces.unwrap_or(0);
+            let count = self.started.len();
+            let from = self.started.iter().position(|&h| h == from).unwrap_or(0);
+            plan.replaces = (0..count)
+                .map(|k| self.started[(from + k) % count])
+                .find(|&h| h != j && active(h));
+            return match plan.replaces {
+                Some(_) => Fault::Replace(j, plan),
+                None => Fault::Join(j, plan),
+            };
+        }
         let Fault::Wipe(a) = fault else {
             return fault;
         };
+        // No wipe while a dead member's ranges are rebuilt (a remove or a
+        // replace): they need N-W+1 surviving copies, and a wiped member
+        // holds none, so with three members the change would rightly wait
+        // for ever (an operator would then pass --allow-data-loss): a
+        // crash instead.
+        if newest
+            .as_ref()
+            .is_some_and(|l| l.members.iter().any(|m| m.role == Role::Removing))
+        {
+            return Fault::Crash(a);
+        }
         let from = self.started.iter().position(|&h| h == a).unwrap_or(0);
         let count = self.started.len();
         (0..count)
@@ -1217,9 +1284,12 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
     // of a partition. In two seeds in three one member's data dir is wiped
     // once. Among the other faults, one in seven asks a member to abort
     // whatever is in progress; in one seed in two, an abort is also asked
-    // as soon as a join has finished, and must be refused.
+    // as soon as a join has finished, and must be refused. Up to two
+    // faults per seed shrink or heal the cluster: a member leaves, a
+    // crashed member is removed, or a joiner replaces a member it crashes.
     let mut rng = Rng::new(stream_seed(seed, 0x5EED));
-    // Leaves and removes: at most two per seed, on a stream of their own.
+    // Leaves, removes and replaces (a join that takes the place of a member
+    // it crashes): at most two per seed, on a stream of their own.
     let mut shrink_rng = Rng::new(stream_seed(seed, 0x5B12));
     let mut shrinks_left = 2;
     let mut faults = Vec::new();
@@ -1255,6 +1325,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             let plan = |seed: usize| JoinPlan {
                 seeds: vec![seed],
                 stream_rate: 0,
+                replaces: None,
             };
             let mut majority = others.clone();
             majority.push(large);
@@ -1274,12 +1345,25 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
             joins.pop_front();
             let first = rng.below(live.len() as u64) as usize;
             let second = (first + 1 + rng.below(live.len() as u64 - 1) as usize) % live.len();
-            let plan = JoinPlan {
+            let mut plan = JoinPlan {
                 seeds: vec![live[first], live[second]],
                 stream_rate: [0, 2, 5][rng.below(3) as usize],
+                replaces: None,
             };
-            let length = Duration::from_millis(300 + rng.below(1700));
-            schedule.push((at, length, Fault::Join(j, plan)));
+            let mut length = Duration::from_millis(300 + rng.below(1700));
+            // Now and then (the shrink stream, so the other faults stay as
+            // they were) the joiner replaces a member it crashes instead:
+            // the member stays down long enough to be believed down, which
+            // the replace waits for.
+            let fault = if shrinks_left > 0 && shrink_rng.below(3) == 0 {
+                shrinks_left -= 1;
+                plan.replaces = Some(pick(&mut shrink_rng, &live));
+                length = Duration::from_millis(6000 + shrink_rng.below(3000));
+                Fault::Replace(j, plan)
+            } else {
+                Fault::Join(j, plan)
+            };
+            schedule.push((at, length, fault));
             live.push(j);
             joined_last = Some(j);
             at += length;
@@ -1438,7 +1522,7 @@ fn run_seed(seed: u64, setting: Setting) -> Run {
                 }
             }
             let started: Vec<usize> = match fault {
-                Fault::Join(j, _) => vec![j],
+                Fault::Join(j, _) | Fault::Replace(j, _) => vec![j],
                 Fault::SplitJoin(ref joins, _) => joins.iter().map(|(j, _)| *j).collect(),
                 _ => Vec::new(),
             };
@@ -1731,6 +1815,13 @@ fn inject(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
             disk(&hosts.disks[target]).storage.crash();
             hosts.change(sim, via, "it crashed", SimChange::Remove(target));
         }
+        Fault::Replace(j, ref plan) => {
+            if let Some(dead) = plan.replaces {
+                sim.crash(host(dead));
+                disk(&hosts.disks[dead]).storage.crash();
+            }
+            hosts.start(sim, j, Some(plan.clone()));
+        }
     }
 }
 
@@ -1772,6 +1863,11 @@ fn heal(sim: &mut turmoil::Sim<'_>, fault: &Fault, hosts: &mut Hosts) {
             }
         }
         Fault::Remove { target, .. } => sim.bounce(host(target)),
+        Fault::Replace(_, ref plan) => {
+            if let Some(dead) = plan.replaces {
+                sim.bounce(host(dead));
+            }
+        }
         Fault::Join(..) | Fault::Abort(_) | Fault::Leave { .. } => {}
     }
 }
