@@ -53,6 +53,9 @@
 #   DKVS_HTTP_OFFSET   each node also serves HTTP (/metrics, /health/live,
 #                      /health/ready) on its port plus this: 7001 -> 8001
 #                      (default 1000; 0 turns HTTP off)
+#   DKVS_RESP_OFFSET   each node also speaks the Redis protocol (redis-cli,
+#                      nc) on its port plus this: 7001 -> 9001 (default 2000;
+#                      0 turns RESP off)
 #   DKVS_RUN_DIR       pid files and logs (default ./run)
 #   DKVS_DATA_DIR      node data directories (default ./data)
 #   DKVS_BIN_DIR       use DKVSServer and DKVSClient from this directory and
@@ -67,6 +70,7 @@ HOST=127.0.0.1
 BASE_PORT=${DKVS_BASE_PORT:-7000}
 EXTRA_FLAGS=${DKVS_SERVER_FLAGS:-}
 HTTP_OFFSET=${DKVS_HTTP_OFFSET:-1000}
+RESP_OFFSET=${DKVS_RESP_OFFSET:-2000}
 # The running cluster's size and peer list, written when it starts.
 CLUSTER_FILE="$RUN_DIR/cluster"
 # Ports of the nodes `add` started, one a line: kept with the data (the
@@ -478,6 +482,9 @@ node_command() { # port, --peers or --join, addresses, flags
   if (( HTTP_OFFSET > 0 )); then
     CMD+=(--http-listen "$HOST:$((port + HTTP_OFFSET))")
   fi
+  if (( RESP_OFFSET > 0 )); then
+    CMD+=(--resp-listen "$HOST:$((port + RESP_OFFSET))")
+  fi
   if (( SECURE )); then
     CMD+=(--tls-cert "$(node_cert "$port")" --tls-key "$(node_cert "$port" -key)"
       --tls-ca "$SECURE_DIR/ca.pem" --auth-file "$SECURE_DIR/tokens")
@@ -558,10 +565,11 @@ start_all() {
     is_running "$RUN_DIR/node-$port.pid" && continue
     port_in_use "$port" && busy+=("$HOST:$port")
     (( HTTP_OFFSET > 0 )) && port_in_use "$((port + HTTP_OFFSET))" && busy+=("$HOST:$((port + HTTP_OFFSET)) (HTTP)")
+    (( RESP_OFFSET > 0 )) && port_in_use "$((port + RESP_OFFSET))" && busy+=("$HOST:$((port + RESP_OFFSET)) (RESP)")
   done
   if (( ${#busy[@]} )); then
     echo "port(s) already in use by another process: ${busy[*]}; nothing started." >&2
-    echo "Free them or choose other ports with DKVS_BASE_PORT (and DKVS_HTTP_OFFSET)." >&2
+    echo "Free them or choose other ports with DKVS_BASE_PORT (and DKVS_HTTP_OFFSET, DKVS_RESP_OFFSET)." >&2
     exit 1
   fi
 
@@ -689,6 +697,9 @@ Try it:
 USAGE
     if (( HTTP_OFFSET > 0 )); then
       echo "  curl $HOST:$((BASE_PORT + 1 + HTTP_OFFSET))/metrics    (and /health/ready; deploy/prometheus/ scrapes them all)"
+    fi
+    if (( RESP_OFFSET > 0 )); then
+      echo "  redis-cli -u redis://$HOST:$((BASE_PORT + 1 + RESP_OFFSET))    (the Redis protocol; nc works too: SET a 10, GET a)"
     fi
     cat <<USAGE
 Grow it by one node:

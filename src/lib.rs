@@ -42,6 +42,8 @@
 //!
 //! The wire:
 //!
+//! * [`resp`] — the Redis protocol, pure: requests parsed (bounded),
+//!   replies encoded.
 //! * [`pb`] — the generated protobuf code and the conversions of the core's
 //!   types.
 //! * [`net`] — dialing peers, the batching replica pipe, call deadlines,
@@ -97,6 +99,7 @@ pub(crate) mod placement;
 pub mod quorum;
 pub mod record;
 pub mod replica;
+pub mod resp;
 pub mod ring;
 pub mod seams;
 pub mod security;

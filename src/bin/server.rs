@@ -12,7 +12,7 @@ use std::sync::Arc;
 use dkvs::config::{LogFormat, ServerConfig};
 use dkvs::logs::JsonLines;
 use dkvs::net::{Dialer, TcpDialer, TlsDialer};
-use dkvs::node::{Guard, HttpDoor, Node, incoming, serve_guarded, tls_incoming};
+use dkvs::node::{Guard, HttpDoor, Node, RespDoor, incoming, serve_guarded, tls_incoming};
 use dkvs::security::auth::AuthFile;
 use dkvs::security::tls::{ClientTls, NodeTls};
 use tokio::net::TcpListener;
@@ -155,6 +155,11 @@ async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
         Some(address) => Some(HttpDoor::open(address, &guard).await?),
         None => None,
     };
+    // So does the RESP door: a client is told LOADING, not refused.
+    let resp = match config.resp_listen {
+        Some(address) => Some(RespDoor::open(address, &guard, config.resp_consistency).await?),
+        None => None,
+    };
     let data_dir = config.data_dir();
     let joining = !config.join_seeds().is_empty();
     let dialer: Arc<dyn Dialer> = match &guard.tls {
@@ -179,6 +184,9 @@ async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
     if let Some(http) = &http {
         http.attach(&node);
     }
+    if let Some(resp) = &resp {
+        resp.attach(&node);
+    }
     match guard.tls.clone() {
         Some(tls) => {
             let connections = tls_incoming(listener, tls);
@@ -188,6 +196,9 @@ async fn run(config: ServerConfig, guard: Guard) -> anyhow::Result<()> {
     }
     if let Some(http) = http {
         http.close().await;
+    }
+    if let Some(resp) = resp {
+        resp.close().await;
     }
     // A removed instance stops with exit 0 (restart-on-failure leaves it
     // down), saying why.

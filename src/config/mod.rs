@@ -321,6 +321,19 @@ pub struct ServerConfig {
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
 
+    /// Also speak the Redis protocol (RESP2/RESP3, and inline commands for
+    /// `nc`) on this address, e.g. 127.0.0.1:9001, for redis-cli and Redis
+    /// libraries: GET, SET, DEL, MGET, MSET, SCAN, ... on any key. With the
+    /// node's TLS and tokens when it has them (AUTH takes a token). Off by
+    /// default.
+    #[arg(long)]
+    pub resp_listen: Option<SocketAddr>,
+
+    /// The consistency RESP connections read and write at unless one asks
+    /// for another (`CONSISTENCY ONE|QUORUM|ALL`).
+    #[arg(long, value_enum, default_value_t = crate::quorum::Consistency::Quorum)]
+    pub resp_consistency: crate::quorum::Consistency,
+
     /// Log lines as `text` (for people) or `json` (one object per line, for
     /// log collectors).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]

@@ -48,6 +48,28 @@ impl Position {
         }
     }
 
+    /// The position a Redis SCAN cursor names: the hash the next page
+    /// starts at (0: the start).
+    pub fn from_scan_cursor(cursor: u64) -> Self {
+        match cursor {
+            0 => Self::start(),
+            hash => Self::before_hash(hash),
+        }
+    }
+
+    /// This position as a SCAN cursor (Redis clients expect a number): the
+    /// hash the next page starts at. A position after a key resumes at the
+    /// next hash, so another key of exactly that 64-bit hash sorted after
+    /// it would be skipped (a chance of about 2^-64 per page). 0 at the
+    /// very end of the ring.
+    pub fn to_scan_cursor(&self) -> u64 {
+        match self.0.len() {
+            0 => 0,
+            8 => self.hash(),
+            _ => self.hash().wrapping_add(1),
+        }
+    }
+
     /// The cursor a client passes to resume here: the position in hex
     /// (URL-safe, opaque to the client).
     pub fn to_cursor(&self) -> String {

@@ -38,6 +38,8 @@ mod quota;
 mod recovery;
 mod replica;
 mod replica_read;
+mod resp;
+mod resp_commands;
 mod secure;
 mod serve;
 mod slow_body;
@@ -45,6 +47,7 @@ mod writes;
 
 pub use access_gate::{Guard, VerifiedNode};
 pub use http::HttpDoor;
+pub use resp::RespDoor;
 pub use secure::tls_incoming;
 pub use serve::{incoming, serve, serve_guarded};
 

@@ -227,6 +227,40 @@ impl TestCluster {
         panic!("cluster did not start: {last_error}");
     }
 
+    /// Starts `count` nodes that also speak RESP (`--resp-listen`, each on
+    /// a port of its own: see [`TestCluster::resp_address`]), with `extra`
+    /// flags, and waits until all serve.
+    pub async fn start_with_resp(count: usize, extra: &[&str]) -> Self {
+        let mut last_error = String::new();
+        for _attempt in 0..3 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let addresses = free_addresses(count + count);
+            let (grpc, resp) = addresses.split_at(count);
+            let flags = resp
+                .iter()
+                .map(|r| {
+                    let mut flags = vec!["--resp-listen".to_string(), r.clone()];
+                    flags.extend(extra.iter().map(|s| s.to_string()));
+                    flags
+                })
+                .collect();
+            let mut cluster = Self::spawn_each(dir, grpc, flags, None);
+            match cluster.wait_all_ready().await {
+                Ok(()) => return cluster,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("cluster did not start: {last_error}");
+    }
+
+    /// The `--resp-listen` address of node `i`, if it has one.
+    pub fn resp_address(&self, i: usize) -> Option<String> {
+        let args = &self.nodes[i].args;
+        args.iter()
+            .position(|a| a == "--resp-listen")
+            .and_then(|at| args.get(at + 1).cloned())
+    }
+
     /// The `--http-listen` address of node `i`, if it has one.
     pub fn http_address(&self, i: usize) -> Option<String> {
         let args = &self.nodes[i].args;

@@ -163,10 +163,12 @@ pub fn free_base_port(count: u16) -> u16 {
 }
 
 /// Whether ports base+1 ..= base+count of 127.0.0.1 are free now, and the
-/// HTTP ports `startServers.sh` gives those nodes (each port plus 1000).
+/// HTTP and RESP ports `startServers.sh` gives those nodes (each port plus
+/// 1000, plus 2000).
 pub fn ports_free(base: u16, count: u16) -> bool {
     (1..=count).all(|i| {
-        TcpListener::bind(("127.0.0.1", base + i)).is_ok()
-            && TcpListener::bind(("127.0.0.1", base + 1000 + i)).is_ok()
+        [0, 1000, 2000]
+            .iter()
+            .all(|offset| TcpListener::bind(("127.0.0.1", base + offset + i)).is_ok())
     })
 }
