@@ -142,6 +142,7 @@ async fn ranges_larger_than_a_page_are_listed_and_repaired_whole() {
                     layout_version,
                     after: after.clone(),
                     page_size: 0,
+                    for_listing: false,
                 })
                 .await
                 .expect("a page")
@@ -164,6 +165,7 @@ async fn ranges_larger_than_a_page_are_listed_and_repaired_whole() {
             range_count,
             layout_version,
             page_size: 1,
+            for_listing: false,
             ..Default::default()
         })
         .await

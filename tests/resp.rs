@@ -156,7 +156,16 @@ async fn the_seeds_nc_session_and_redis_commands_work_through_any_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_errors_and_the_node_stays_healthy() {
-    let cluster = TestCluster::start_with_resp(3, &["--max-value-bytes", "1024"]).await;
+    let cluster = TestCluster::start_with_resp(
+        3,
+        &[
+            "--max-value-bytes",
+            "1024",
+            "--request-body-timeout-ms",
+            "1000",
+        ],
+    )
+    .await;
     let door = cluster.resp_address(0).expect("resp");
     for (request, says) in [
         (b"*99999999999\r\n".to_vec(), "invalid multibulk length"),
@@ -205,6 +214,49 @@ async fn hostile_input_gets_errors_and_the_node_stays_healthy() {
         .collect();
     assert_eq!(echoed.len(), 10_000);
     assert!(echoed.iter().enumerate().all(|(i, e)| *e == i.to_string()));
+    // A multi-key write with one bad key writes nothing at all.
+    let long_key = vec![b'k'; 1500];
+    let answer = text(
+        &talk(
+            &door,
+            &[
+                command(&[b"MSET", b"first", b"1", &long_key, b"2"]),
+                command(&[b"EXISTS", b"first"]),
+            ]
+            .concat(),
+            100,
+        )
+        .await,
+    );
+    assert!(
+        answer.starts_with("-ERR") && answer.ends_with(":0\r\n"),
+        "{answer}"
+    );
+    // A command that trickles in is cut off at the body timeout, however
+    // often a byte arrives.
+    let trickle = {
+        let door = door.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut stream = TcpStream::connect(&door).expect("connect");
+            let started = std::time::Instant::now();
+            let mut answer = Vec::new();
+            for byte in b"*2\r\n$4\r\nECHO\r\n$20\r\nabcdefghijklmnopqrst\r\n" {
+                if stream.write_all(&[*byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                if started.elapsed() > Duration::from_secs(4) {
+                    break;
+                }
+            }
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.read_to_end(&mut answer);
+            text(&answer)
+        })
+        .await
+        .expect("the trickle")
+    };
+    assert!(trickle.contains("did not arrive in time"), "{trickle}");
     // A half-sent command, then the client goes: nothing breaks.
     let _ = talk(&door, b"*3\r\n$3\r\nSET\r\n$1\r\nk", 0).await;
     assert!(common::health_serving(&cluster.nodes[0].address).await);

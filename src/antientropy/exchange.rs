@@ -36,6 +36,7 @@ impl AntiEntropy {
             asker: view.me().to_string(),
             range_count: view.range_count() as u32,
             layout_version: view.version(),
+            for_listing: false,
         };
         let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout);
         let (their_root, _) = peers.range_digests(peer, timeout, &query, false).await?;

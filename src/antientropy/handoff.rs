@@ -36,6 +36,7 @@ impl AntiEntropy {
             asker: view.me().to_string(),
             range_count: view.range_count() as u32,
             layout_version: view.version(),
+            for_listing: false,
         };
         let (peers, timeout) = (&self.cluster.peers, self.cluster.rpc_timeout);
         // The owner refuses unless it serves the same layout (and has

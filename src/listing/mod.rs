@@ -146,6 +146,11 @@ impl Lister<'_> {
         at: &Position,
     ) -> Result<ReplicaPage> {
         if view.is_me(replica) {
+            // Behind the read gate (a new data dir catching up): its
+            // pages would vouch for keys it does not hold yet.
+            if let Some(why) = self.replica.read_refusal() {
+                return Err(Error::Unavailable(why));
+            }
             if self.replica.digests_layout_version() != view.version() {
                 return Err(Error::Unavailable(format!(
                     "this node is still switching to layout v{}",
@@ -164,6 +169,7 @@ impl Lister<'_> {
             asker: view.me().to_string(),
             range_count: view.range_count() as u32,
             layout_version: view.version(),
+            for_listing: true,
         };
         let page = self
             .cluster
@@ -176,11 +182,27 @@ impl Lister<'_> {
                 at.as_bytes(),
             )
             .await?;
-        // A stop shorter than a storage key would end the stretch early.
-        if page.next.as_ref().is_some_and(|next| next.len() < 8) {
-            return Err(Error::Unavailable(
-                "its page stopped at a position that is not a storage key".into(),
-            ));
+        // Entries it holds beyond the clock-skew bound are not listed by
+        // it: another replica (or none) must answer for those keys.
+        if !page.refused.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "it holds {} keys of this range with versions beyond the clock-skew bound",
+                page.refused.len()
+            )));
+        }
+        // An honest page stops at its last entry: any other stop (shorter
+        // than a storage key, or past what it listed) would end the
+        // stretch early or make the listing crawl.
+        if let Some(next) = &page.next {
+            let last = page
+                .entries
+                .last()
+                .map(|e| crate::storage::storage_key(&e.key));
+            if last.as_ref() != Some(next) {
+                return Err(Error::Unavailable(
+                    "its page stopped somewhere other than at its last entry".into(),
+                ));
+            }
         }
         Ok(ReplicaPage {
             entries: page.entries,

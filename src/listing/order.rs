@@ -12,6 +12,10 @@ use crate::replica::RangeEntry;
 use crate::ring::Ring;
 use crate::storage::storage_key;
 
+/// The longest cursor a listing gives: a storage key (8 bytes of hash and
+/// a key of at most 64 KiB, above any `--max-key-bytes`) in hex.
+const MAX_CURSOR_CHARS: usize = 2 * (8 + (64 << 10));
+
 /// Where a listing stands: every key whose storage key is at or below it
 /// has been listed. Empty: nothing listed yet. Exactly the 8 bytes of a
 /// hash `h`: every key hashed below `h` listed (a real storage key is
@@ -88,7 +92,8 @@ impl Position {
         if cursor.is_empty() {
             return Ok(Self::start());
         }
-        if cursor.len() % 2 != 0 || cursor.len() < 16 {
+        // A position is a storage key: 8 bytes of hash and a key.
+        if cursor.len() % 2 != 0 || cursor.len() < 16 || cursor.len() > MAX_CURSOR_CHARS {
             return Err(bad());
         }
         let bytes = (0..cursor.len())

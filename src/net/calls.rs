@@ -26,6 +26,8 @@ pub struct RangeQuery {
     pub asker: String,
     pub range_count: u32,
     pub layout_version: u64,
+    /// A key listing's (the peer refuses while its read gate is closed).
+    pub for_listing: bool,
 }
 
 /// One page of a peer's range listing.
@@ -325,6 +327,7 @@ impl PeerPool {
             after: bytes::Bytes::copy_from_slice(after),
             // The peer's --max-page-entries.
             page_size: 0,
+            for_listing: query.for_listing,
         };
         let answer = call_within(timeout, client.range_entries(request)).await?;
         let bound = self.skew_bound();

@@ -302,6 +302,13 @@ impl pb::replica_server::Replica for ReplicaService {
     ) -> Result<Response<pb::RangeEntriesResponse>, Status> {
         let request = request.into_inner();
         let node = &self.0;
+        // A listing reads this page as a replica's word on the range: not
+        // while the read gate is closed (as a quorum read is refused).
+        if request.for_listing
+            && let Some(why) = node.replica.read_refusal()
+        {
+            return Err(Error::Unavailable(why).into());
+        }
         let view = node.cluster.placement();
         view.check_range_count(request.range_count)?;
         same_layout(

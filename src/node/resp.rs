@@ -23,10 +23,10 @@ use super::Node;
 use super::access_gate::Guard;
 use super::resp_commands::{Session, execute};
 use crate::quorum::Consistency;
-use crate::resp::{Bounds, Reply, parse};
+use crate::resp::{Bounds, Parser, Reply};
 
 /// Connections served at once; one more is closed at once.
-const MAX_RESP_CONNECTIONS: usize = 1024;
+const MAX_RESP_CONNECTIONS: usize = 256;
 
 /// A connection that sends nothing for this long is closed (Redis has no
 /// such default; a store that bounds every resource does).
@@ -82,8 +82,9 @@ impl RespDoor {
         let _ = self.door.node.set(node.clone());
     }
 
-    /// Stops taking connections and closes the open ones (a command in
-    /// progress finishes first, within a few seconds).
+    /// Stops taking connections and closes the open ones between commands
+    /// (a command in progress finishes and is answered first; the door
+    /// waits up to 5 s for that).
     pub async fn close(self) {
         self.stop.cancel();
         let _ = (&mut { self }.serving).await;
@@ -150,38 +151,51 @@ async fn accept_loop<IO>(
         let (door, stop) = (door.clone(), stop.clone());
         tasks.spawn(async move {
             let _slot = slot;
-            tokio::select! {
-                _ = connection_loop(&door, connection) => {}
-                _ = stop.cancelled() => {}
-            }
+            connection_loop(&door, connection, &stop).await;
         });
     }
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
 }
 
+/// One piece: receiving, answering and waiting are one state machine over
+/// the same buffer, parser and deadline; split, each part would need all
+/// of them.
+///
 /// Serves one connection until the client quits, breaks the protocol,
-/// goes idle, or is too slow to finish a command it began.
-async fn connection_loop<IO: AsyncRead + AsyncWrite + Unpin>(door: &Door, mut io: IO) {
+/// goes idle, is too slow to finish a command it began or to read its
+/// replies, or the door closes (between commands: one in progress
+/// finishes and is answered).
+async fn connection_loop<IO: AsyncRead + AsyncWrite + Unpin>(
+    door: &Door,
+    mut io: IO,
+    stop: &CancellationToken,
+) {
     let id = door
         .next_id
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut session = Session::new(id, door.consistency, door.guard.auth.clone());
+    let mut parser = Parser::default();
     let mut buffer = BytesMut::with_capacity(16 << 10);
     let mut out = Vec::with_capacity(16 << 10);
+    // When the command being received began (or last made progress).
+    let mut began = tokio::time::Instant::now();
     loop {
-        // Every whole command buffered, in order; then the replies at once.
+        // Every whole command buffered, in order; replies go out as they
+        // pile up, so a client that pipelines without reading is held back
+        // by its own socket, not by this node's memory.
         loop {
-            let bounds = bounds(door);
-            let command = match parse(&mut buffer, bounds) {
+            let bounds = bounds(door, session.authenticated());
+            let command = match parser.next(&mut buffer, bounds) {
                 Ok(Some(command)) => command,
                 Ok(None) => break,
                 Err(broken) => {
                     Reply::error(format!("ERR {}", broken.0)).encode(session.version, &mut out);
-                    let _ = io.write_all(&out).await;
+                    let _ = send(&mut io, &out).await;
                     return;
                 }
             };
+            began = tokio::time::Instant::now();
             let reply = match door.node.get() {
                 Some(node) => execute(node, &mut session, command).await,
                 None => Reply::error(
@@ -189,43 +203,86 @@ async fn connection_loop<IO: AsyncRead + AsyncWrite + Unpin>(door: &Door, mut io
                 ),
             };
             reply.encode(session.version, &mut out);
-            if session.quit {
-                let _ = io.write_all(&out).await;
+            if session.quit || stop.is_cancelled() {
+                let _ = send(&mut io, &out).await;
                 return;
+            }
+            if out.len() >= FLUSH_BYTES {
+                if send(&mut io, &out).await.is_err() {
+                    return;
+                }
+                out.clear();
             }
         }
         if !out.is_empty() {
-            if io.write_all(&out).await.is_err() {
+            if send(&mut io, &out).await.is_err() {
                 return;
             }
             out.clear();
         }
-        // Idle between commands; a command begun must arrive within the
-        // body timeout (a slow client holds nothing for long).
-        let wait = match (buffer.is_empty(), door.node.get()) {
-            (false, Some(node)) => Duration::from_millis(node.config.request_body_timeout_ms),
-            _ => IDLE_TIMEOUT,
+        // Idle between commands; a command begun must arrive whole within
+        // the body timeout of its first byte (or of the last command it
+        // followed), however slowly its bytes trickle in.
+        let idle = parser.is_idle(&buffer);
+        if idle {
+            began = tokio::time::Instant::now();
+        }
+        let deadline = match (idle, door.node.get()) {
+            (false, Some(node)) => {
+                began + Duration::from_millis(node.config.request_body_timeout_ms)
+            }
+            _ => began + IDLE_TIMEOUT,
         };
-        match tokio::time::timeout(wait, io.read_buf(&mut buffer)).await {
+        let read = tokio::select! {
+            read = tokio::time::timeout_at(deadline, io.read_buf(&mut buffer)) => read,
+            _ = stop.cancelled() => return,
+        };
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) => return,
             Ok(Ok(_)) => {}
             Err(_) => {
-                let why = if buffer.is_empty() {
+                let why = if idle {
                     "ERR idle for too long: the connection is closed"
                 } else {
                     "ERR the rest of the command did not arrive in time: the connection is closed"
                 };
                 Reply::error(why).encode(session.version, &mut out);
-                let _ = io.write_all(&out).await;
+                let _ = send(&mut io, &out).await;
                 return;
             }
         }
     }
 }
 
+/// Replies are written once this many bytes are waiting.
+const FLUSH_BYTES: usize = 64 << 10;
+
+/// A client that does not take its replies within this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn send<IO: AsyncWrite + Unpin>(io: &mut IO, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, io.write_all(bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client did not read its replies",
+        )),
+    }
+}
+
 /// The node's bounds on one command: a value up to `--max-value-bytes`
-/// (and a little over, so that the node itself refuses it with a message).
-fn bounds(door: &Door) -> Bounds {
+/// (and a little over, so that the node itself refuses it with a message),
+/// at most 16 MiB of arguments in all. Before AUTH, when tokens are on,
+/// as Redis does: 10 arguments of 16 KiB.
+fn bounds(door: &Door, authenticated: bool) -> Bounds {
+    if !authenticated {
+        return Bounds {
+            max_bulk: 16 << 10,
+            max_args: 10,
+            max_inline: 16 << 10,
+            max_command: 64 << 10,
+        };
+    }
     let max_value = door
         .node
         .get()
@@ -234,5 +291,6 @@ fn bounds(door: &Door) -> Bounds {
         max_bulk: max_value.saturating_add(1024),
         max_args: 1 << 16,
         max_inline: 64 << 10,
+        max_command: (16 << 20).max(max_value.saturating_add(64 << 10)),
     }
 }

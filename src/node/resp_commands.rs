@@ -36,6 +36,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// Whether the connection may run data commands (AUTH done, or no
+    /// tokens required).
+    pub fn authenticated(&self) -> bool {
+        self.role.is_some()
+    }
+
     pub fn new(id: u64, consistency: Consistency, auth: Option<Arc<AuthFile>>) -> Self {
         Self {
             id,
@@ -163,6 +169,14 @@ async fn data(node: &Arc<Node>, session: &mut Session, name: &str, rest: &[Vec<u
             "NOPERM this token's role cannot run the '{name}' command (it needs readwrite)"
         ));
     }
+    // A slot of --max-client-requests, as every client request takes.
+    let _slot = match node.load.admit(super::load::Budget::Clients, None) {
+        Ok(slot) => slot,
+        Err(budget) => {
+            let refused = node.load.refusal(budget);
+            return Reply::error(format!("TRYAGAIN {}", refused.message()));
+        }
+    };
     let consistency = session.consistency;
     match name {
         "get" => match rest {
@@ -215,36 +229,56 @@ async fn many_keys(
 ) -> Reply {
     match name {
         "mget" if !rest.is_empty() => {
-            let mut values = Vec::with_capacity(rest.len());
+            let (mut values, mut bytes) = (Vec::with_capacity(rest.len()), 0usize);
             for key in rest {
                 match read(node, key, consistency).await {
-                    Ok(value) => values.push(value.map_or(Reply::Null, Reply::Bulk)),
+                    Ok(value) => {
+                        bytes += value.as_ref().map_or(0, Vec::len);
+                        if bytes > MAX_REPLY_BYTES {
+                            return Reply::error(format!(
+                                "ERR MGET's values pass {} MiB: ask for fewer keys at once",
+                                MAX_REPLY_BYTES >> 20
+                            ));
+                        }
+                        values.push(value.map_or(Reply::Null, Reply::Bulk));
+                    }
                     Err(reply) => return reply,
                 }
             }
             Reply::Array(values)
         }
         "mset" if !rest.is_empty() && rest.len() % 2 == 0 => {
+            // Every pair checked before the first write, so a bad key or
+            // value refuses the whole command with nothing written.
             for pair in rest.chunks(2) {
+                if let Err(reply) = writable(node, &pair[0], Some(&pair[1])) {
+                    return reply;
+                }
+            }
+            for (done, pair) in rest.chunks(2).enumerate() {
                 if let Err(reply) = write(node, &pair[0], Some(pair[1].clone()), consistency).await
                 {
-                    return reply;
+                    return partly_done("MSET", done, rest.len() / 2, reply);
                 }
             }
             Reply::ok()
         }
         "del" | "unlink" | "delete" if !rest.is_empty() => {
-            let mut removed = 0;
             for key in rest {
-                // The count says which keys held a value (read first, as a
-                // count; the delete itself is a plain write).
-                match read(node, key, consistency).await {
-                    Ok(Some(_)) => removed += 1,
-                    Ok(None) => continue,
-                    Err(reply) => return reply,
+                if let Err(reply) = writable(node, key, None) {
+                    return reply;
+                }
+            }
+            let mut removed = 0;
+            for (done, key) in rest.iter().enumerate() {
+                // The count says which keys a read found holding a value;
+                // the tombstone is written whatever the read saw (a value
+                // a stale replica missed is deleted too).
+                if let Ok(Some(_)) = read(node, key, consistency).await {
+                    removed += 1;
                 }
                 if let Err(reply) = write(node, key, None, consistency).await {
-                    return reply;
+                    return partly_done("DEL", done, rest.len(), reply);
                 }
             }
             Reply::Integer(removed)
@@ -262,6 +296,40 @@ async fn many_keys(
         }
         _ => arity(name),
     }
+}
+
+/// The most value bytes one MGET answers.
+const MAX_REPLY_BYTES: usize = 64 << 20;
+
+/// Whether `key` (and `value`) would be taken by a write: checked for
+/// every key of a multi-key write before any is written.
+fn writable(node: &Node, key: &[u8], value: Option<&[u8]>) -> Result<(), Reply> {
+    let key = key_of(key)?;
+    node.limits
+        .check_key(key)
+        .and_then(|()| value.map_or(Ok(()), |v| node.limits.check_value(v)))
+        .map_err(|why| Reply::error(format!("ERR {why}")))
+}
+
+/// The reply when a multi-key write failed at key `done` (counting from 0)
+/// of `total`: the keys before it were written, so it is never TRYAGAIN
+/// (a retry would write them again, over any write made since).
+fn partly_done(command: &str, done: usize, total: usize, failed: Reply) -> Reply {
+    let said = match failed {
+        Reply::Error(said) => said,
+        _ => String::new(),
+    };
+    let said = said
+        .strip_prefix("TRYAGAIN ")
+        .or_else(|| said.strip_prefix("ERR "))
+        .unwrap_or(&said)
+        .to_string();
+    if done == 0 {
+        return Reply::Error(format!("ERR {said}"));
+    }
+    Reply::error(format!(
+        "ERR {command} wrote the first {done} of {total} keys, then failed: {said}"
+    ))
 }
 
 /// STRLEN, TYPE, TTL, PTTL, PERSIST of a key holding `value` (or none).
@@ -581,8 +649,8 @@ async fn scan(node: &Node, session: &Session, rest: &[Vec<u8>]) -> Reply {
     while let Some(option) = options.next() {
         let value = options.next();
         match (text(option).to_ascii_uppercase().as_str(), value) {
-            ("MATCH", Some(p)) if p.len() <= 1024 => pattern = Some(p.clone()),
-            ("MATCH", Some(_)) => return Reply::error("ERR MATCH pattern longer than 1024 bytes"),
+            ("MATCH", Some(p)) if p.len() <= 256 => pattern = Some(p.clone()),
+            ("MATCH", Some(_)) => return Reply::error("ERR MATCH pattern longer than 256 bytes"),
             ("COUNT", Some(n)) => match text(n).parse::<usize>() {
                 Ok(n) if n >= 1 => count = n.min(crate::listing::MAX_LIMIT),
                 _ => return Reply::error("ERR value is not an integer or out of range"),
@@ -612,14 +680,23 @@ async fn scan(node: &Node, session: &Session, rest: &[Vec<u8>]) -> Reply {
         Ok(page) => page,
         Err(why) => return failure(&why, None),
     };
-    let keys = page
-        .keys
-        .into_iter()
-        .filter(|_| only_strings)
-        .filter(|l| pattern.as_deref().is_none_or(|p| glob(p, l.key.as_bytes())))
-        .map(|l| Reply::Bulk(l.key.into_bytes()))
-        .collect();
-    let next = page.next.map_or(0, |at| at.to_scan_cursor());
+    let page_next = page.next.clone();
+    // Matching costs up to the pattern's length times each key's: off the
+    // async threads.
+    let matching = tokio::task::spawn_blocking(move || {
+        page.keys
+            .into_iter()
+            .filter(|_| only_strings)
+            .filter(|l| pattern.as_deref().is_none_or(|p| glob(p, l.key.as_bytes())))
+            .map(|l| Reply::Bulk(l.key.into_bytes()))
+            .collect::<Vec<_>>()
+    });
+    let next = page_next;
+    let keys = match matching.await {
+        Ok(keys) => keys,
+        Err(_) => return Reply::error("ERR SCAN's matching stopped"),
+    };
+    let next = next.map_or(0, |at| at.to_scan_cursor());
     Reply::Array(vec![Reply::bulk(next.to_string()), Reply::Array(keys)])
 }
 

@@ -15,6 +15,8 @@ pub struct Bounds {
     pub max_args: usize,
     /// The longest inline command line.
     pub max_inline: usize,
+    /// The most bytes of bulk strings in one command.
+    pub max_command: usize,
 }
 
 impl Default for Bounds {
@@ -23,6 +25,7 @@ impl Default for Bounds {
             max_bulk: 512 << 20,
             max_args: 1 << 20,
             max_inline: 64 << 10,
+            max_command: 1 << 30,
         }
     }
 }
@@ -32,36 +35,150 @@ impl Default for Bounds {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProtocolError(pub String);
 
-/// Parses one command from the front of `buffer`: its arguments, or
-/// `None` when more bytes are needed. Consumes what it parsed. An empty
-/// inline line is skipped (Redis ignores it).
-pub fn parse(buffer: &mut BytesMut, bounds: Bounds) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
-    loop {
-        let Some(&first) = buffer.first() else {
-            return Ok(None);
-        };
-        let parsed = if first == b'*' {
-            parse_multibulk(buffer, bounds)?
-        } else {
-            parse_inline(buffer, bounds)?
-        };
-        match parsed {
-            Some((args, used)) => {
-                buffer.advance(used);
-                if args.is_empty() {
+/// The longest `*N` or `$N` header line.
+const MAX_HEADER: usize = 32;
+
+/// Parses commands out of a connection's bytes as they arrive. A command
+/// is taken apart as its pieces come: each bulk string is copied out once,
+/// and what was parsed is not parsed again on the next read (a client
+/// sending a byte at a time costs linear time, not quadratic).
+#[derive(Debug, Default)]
+pub struct Parser {
+    /// A multibulk command begun: the arguments so far.
+    partial: Option<Partial>,
+    /// How far the current inline line has been searched for its end.
+    inline_scanned: usize,
+}
+
+#[derive(Debug)]
+struct Partial {
+    remaining: usize,
+    args: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Parser {
+    /// Whether no command is begun (nothing buffered belongs to one).
+    pub fn is_idle(&self, buffer: &[u8]) -> bool {
+        self.partial.is_none() && buffer.is_empty()
+    }
+
+    /// The next whole command at the front of `buffer`, consuming it, or
+    /// `None` when more bytes are needed. Empty inline lines are skipped
+    /// (Redis ignores them).
+    pub fn next(
+        &mut self,
+        buffer: &mut BytesMut,
+        bounds: Bounds,
+    ) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
+        loop {
+            if self.partial.is_none() {
+                let Some(&first) = buffer.first() else {
+                    return Ok(None);
+                };
+                if first != b'*' {
+                    match self.inline(buffer, bounds)? {
+                        Some(args) if args.is_empty() => continue,
+                        parsed => return Ok(parsed),
+                    }
+                }
+                let Some(count) = header(buffer, "multibulk")? else {
+                    return Ok(None);
+                };
+                if count > bounds.max_args as i64 {
+                    return Err(ProtocolError(
+                        "Protocol error: invalid multibulk length".into(),
+                    ));
+                }
+                if count <= 0 {
                     continue;
                 }
-                return Ok(Some(args));
+                self.partial = Some(Partial {
+                    remaining: count as usize,
+                    args: Vec::new(),
+                    bytes: 0,
+                });
             }
-            None => return Ok(None),
+            let Some(partial) = self.partial.as_mut() else {
+                continue;
+            };
+            while partial.remaining > 0 {
+                match buffer.first() {
+                    None => return Ok(None),
+                    Some(b'$') => {}
+                    Some(&other) => {
+                        return Err(ProtocolError(format!(
+                            "Protocol error: expected '$', got '{}'",
+                            char::from(other)
+                        )));
+                    }
+                }
+                let Some(end) = line_end(buffer, 1) else {
+                    return short_header(buffer, "bulk").map(|()| None);
+                };
+                let length = integer(buffer, 1, end)
+                    .filter(|&n| n >= 0 && n as u64 <= bounds.max_bulk as u64)
+                    .ok_or_else(|| ProtocolError("Protocol error: invalid bulk length".into()))?
+                    as usize;
+                if partial.bytes + length > bounds.max_command {
+                    return Err(ProtocolError(
+                        "Protocol error: the command is larger than this node takes".into(),
+                    ));
+                }
+                let start = end + 2;
+                if buffer.len() < start + length + 2 {
+                    return Ok(None);
+                }
+                if &buffer[start + length..start + length + 2] != b"\r\n" {
+                    return Err(ProtocolError(
+                        "Protocol error: bulk string not followed by CRLF".into(),
+                    ));
+                }
+                partial.args.push(buffer[start..start + length].to_vec());
+                buffer.advance(start + length + 2);
+                partial.bytes += length;
+                partial.remaining -= 1;
+            }
+            return Ok(self.partial.take().map(|done| done.args));
         }
+    }
+
+    /// An inline command (a line ending with \n; nc sends no \r).
+    fn inline(
+        &mut self,
+        buffer: &mut BytesMut,
+        bounds: Bounds,
+    ) -> Result<Option<Vec<Vec<u8>>>, ProtocolError> {
+        let from = self.inline_scanned.min(buffer.len());
+        let Some(newline) = buffer[from..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|at| from + at)
+        else {
+            self.inline_scanned = buffer.len();
+            return too_long_line(buffer, bounds).map(|()| None);
+        };
+        self.inline_scanned = 0;
+        if newline > bounds.max_inline {
+            return Err(ProtocolError(
+                "Protocol error: too big inline request".into(),
+            ));
+        }
+        let line = buffer[..newline]
+            .strip_suffix(b"\r")
+            .unwrap_or(&buffer[..newline]);
+        let args = split_inline(line)
+            .ok_or_else(|| ProtocolError("Protocol error: unbalanced quotes in request".into()))?;
+        buffer.advance(newline + 1);
+        Ok(Some(args))
     }
 }
 
 /// The position of the `\r\n` that ends the line starting at `from`.
 fn line_end(buffer: &[u8], from: usize) -> Option<usize> {
+    let end = buffer.len().min(from + MAX_HEADER);
     buffer
-        .get(from..)?
+        .get(from..end)?
         .windows(2)
         .position(|w| w == b"\r\n")
         .map(|at| from + at)
@@ -75,56 +192,27 @@ fn integer(buffer: &[u8], from: usize, end: usize) -> Option<i64> {
         .ok()
 }
 
-fn parse_multibulk(
-    buffer: &[u8],
-    bounds: Bounds,
-) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+/// A `*N` header at the front of `buffer`, consumed; `None` when it has
+/// not all arrived.
+fn header(buffer: &mut BytesMut, what: &str) -> Result<Option<i64>, ProtocolError> {
     let Some(end) = line_end(buffer, 1) else {
-        return too_long_line(buffer, bounds).map(|()| None);
+        return short_header(buffer, what).map(|()| None);
     };
     let count = integer(buffer, 1, end)
-        .ok_or_else(|| ProtocolError("Protocol error: invalid multibulk length".into()))?;
-    if count > bounds.max_args as i64 {
-        return Err(ProtocolError(
-            "Protocol error: invalid multibulk length".into(),
-        ));
+        .ok_or_else(|| ProtocolError(format!("Protocol error: invalid {what} length")))?;
+    buffer.advance(end + 2);
+    Ok(Some(count))
+}
+
+/// A header line with no end yet: an error once it is longer than a
+/// header may be.
+fn short_header(buffer: &[u8], what: &str) -> Result<(), ProtocolError> {
+    if buffer.len() > MAX_HEADER {
+        return Err(ProtocolError(format!(
+            "Protocol error: invalid {what} length"
+        )));
     }
-    let mut at = end + 2;
-    if count <= 0 {
-        return Ok(Some((Vec::new(), at)));
-    }
-    // Not sized from the count the client sent: it may lie.
-    let mut args = Vec::new();
-    for _ in 0..count {
-        if at >= buffer.len() {
-            return Ok(None);
-        }
-        if buffer[at] != b'$' {
-            return Err(ProtocolError(format!(
-                "Protocol error: expected '$', got '{}'",
-                char::from(buffer[at])
-            )));
-        }
-        let Some(end) = line_end(buffer, at + 1) else {
-            return too_long_line(&buffer[at..], bounds).map(|()| None);
-        };
-        let length = integer(buffer, at + 1, end)
-            .filter(|&n| n >= 0 && n as u64 <= bounds.max_bulk as u64)
-            .ok_or_else(|| ProtocolError("Protocol error: invalid bulk length".into()))?
-            as usize;
-        let start = end + 2;
-        if buffer.len() < start + length + 2 {
-            return Ok(None);
-        }
-        if &buffer[start + length..start + length + 2] != b"\r\n" {
-            return Err(ProtocolError(
-                "Protocol error: bulk string not followed by CRLF".into(),
-            ));
-        }
-        args.push(buffer[start..start + length].to_vec());
-        at = start + length + 2;
-    }
-    Ok(Some((args, at)))
+    Ok(())
 }
 
 /// A line with no end yet: an error once it is longer than any may be.
@@ -135,27 +223,6 @@ fn too_long_line(buffer: &[u8], bounds: Bounds) -> Result<(), ProtocolError> {
         ));
     }
     Ok(())
-}
-
-fn parse_inline(
-    buffer: &[u8],
-    bounds: Bounds,
-) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
-    // Inline lines end with \n (nc sends no \r).
-    let Some(newline) = buffer.iter().position(|&b| b == b'\n') else {
-        return too_long_line(buffer, bounds).map(|()| None);
-    };
-    if newline > bounds.max_inline {
-        return Err(ProtocolError(
-            "Protocol error: too big inline request".into(),
-        ));
-    }
-    let line = buffer[..newline]
-        .strip_suffix(b"\r")
-        .unwrap_or(&buffer[..newline]);
-    let args = split_inline(line)
-        .ok_or_else(|| ProtocolError("Protocol error: unbalanced quotes in request".into()))?;
-    Ok(Some((args, newline + 1)))
 }
 
 /// Splits an inline command as Redis does (`sdssplitargs`): words separated

@@ -7,8 +7,9 @@ fn args(words: &[&str]) -> Vec<Vec<u8>> {
 fn parse_all(input: &[u8]) -> (Vec<Vec<Vec<u8>>>, Result<(), ProtocolError>, usize) {
     let mut buffer = BytesMut::from(input);
     let mut commands = Vec::new();
+    let mut parser = Parser::default();
     loop {
-        match parse(&mut buffer, Bounds::default()) {
+        match parser.next(&mut buffer, Bounds::default()) {
             Ok(Some(command)) => commands.push(command),
             Ok(None) => return (commands, Ok(()), buffer.len()),
             Err(e) => return (commands, Err(e), buffer.len()),
@@ -41,14 +42,17 @@ fn pipelined_multibulk_commands_parse_in_order_and_wait_for_their_bytes() {
     assert_eq!(result, Ok(()));
     assert_eq!(commands[0][2], b"v\r\nx\n".to_vec(), "binary-safe");
     assert_eq!(commands[1], args(&["GET", "k"]));
-    // Every prefix of a command is "need more", never an error.
-    for cut in 0..two.len() {
-        let (commands, result, left) = parse_all(&two[..cut]);
-        assert!(
-            commands.is_empty() && result.is_ok() && left == cut,
-            "{cut}"
-        );
+    // Fed a byte at a time, a command is "need more" until its last byte.
+    let mut parser = Parser::default();
+    let mut buffer = BytesMut::new();
+    for (i, &byte) in two.iter().enumerate() {
+        buffer.extend_from_slice(&[byte]);
+        let parsed = parser
+            .next(&mut buffer, Bounds::default())
+            .expect("no error");
+        assert_eq!(parsed.is_some(), i == two.len() - 1, "byte {i}");
     }
+    assert!(parser.is_idle(&buffer));
 }
 
 #[test]
@@ -57,7 +61,11 @@ fn hostile_lengths_and_framing_are_protocol_errors() {
         max_bulk: 100,
         max_args: 10,
         max_inline: 64,
+        max_command: 150,
     };
+    let mut over_command = b"*2\r\n$100\r\n".to_vec();
+    over_command.extend_from_slice(&[b'x'; 100]);
+    over_command.extend_from_slice(b"\r\n$60\r\n");
     for (input, says) in [
         (&b"*11\r\n"[..], "invalid multibulk length"),
         (b"*x\r\n", "invalid multibulk length"),
@@ -67,22 +75,22 @@ fn hostile_lengths_and_framing_are_protocol_errors() {
         (b"*1\r\n:1\r\n", "expected '$'"),
         (b"*1\r\n$1\r\nab\r\n", "not followed by CRLF"),
         (b"SET \"a b\nGET x\n", "unbalanced quotes"),
+        (&over_command, "larger than this node takes"),
     ] {
         let mut buffer = BytesMut::from(input);
-        let refused = parse(&mut buffer, bounds).expect_err(&String::from_utf8_lossy(input));
+        let refused = Parser::default()
+            .next(&mut buffer, bounds)
+            .expect_err(&String::from_utf8_lossy(input));
         assert!(refused.0.contains(says), "{:?}: {}", input, refused.0);
     }
-    // A line that never ends is refused once it is longer than any may be.
+    // A line that never ends is refused once it is longer than any may be;
+    // a header, once it is longer than a header may be.
     let mut buffer = BytesMut::from(&[b'a'; 65][..]);
-    assert!(
-        parse(&mut buffer, bounds)
-            .unwrap_err()
-            .0
-            .contains("too big inline")
-    );
+    let refused = Parser::default().next(&mut buffer, bounds).unwrap_err();
+    assert!(refused.0.contains("too big inline"));
     let mut buffer = BytesMut::from(&b"*1\r\n$1"[..]);
     buffer.extend_from_slice(&[b'0'; 70]);
-    assert!(parse(&mut buffer, bounds).is_err());
+    assert!(Parser::default().next(&mut buffer, bounds).is_err());
 }
 
 #[test]
