@@ -157,7 +157,8 @@ impl Lister<'_> {
                     view.version()
                 )));
             }
-            let (entries, next) = self.replica.range_entries_page(
+            let (entries, next) = self.replica.range_entries_page_of(
+                view.version(),
                 range,
                 at.as_bytes(),
                 self.page_entries,

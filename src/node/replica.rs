@@ -321,7 +321,8 @@ impl pb::replica_server::Replica for ReplicaService {
         // Half the smallest message limit any node has (callers decode
         // with their own, which may be lower than this node's).
         let page_bytes = max_message_bytes(0) / 2;
-        let (entries, next) = node.replica.range_entries_page(
+        let (entries, next) = node.replica.range_entries_page_of(
+            request.layout_version,
             request.range as usize,
             &request.after,
             page_entries,

@@ -116,8 +116,44 @@ impl ReplicaStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<RangePage> {
+        self.page_on(&self.digest_ring(), range, after, limit, max_bytes)
+    }
+
+    /// [`ReplicaStore::range_entries_page`] on the ring of layout
+    /// `version`, which the digests must be counted over (checked and taken
+    /// under one lock: a layout switching meanwhile cannot give the page
+    /// another ring's ranges). UNAVAILABLE while they are another's.
+    pub fn range_entries_page_of(
+        &self,
+        version: u64,
+        range: usize,
+        after: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<RangePage> {
+        let ring = {
+            let digests = self.digests.locked();
+            if digests.layout_version != version {
+                return Err(crate::error::Error::Unavailable(format!(
+                    "this node is switching layouts (its ranges are v{}'s, not v{version}'s)",
+                    digests.layout_version
+                )));
+            }
+            digests.ring.clone()
+        };
+        self.page_on(&ring, range, after, limit, max_bytes)
+    }
+
+    fn page_on(
+        &self,
+        ring: &crate::ring::Ring,
+        range: usize,
+        after: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<RangePage> {
         let limit = limit.max(1);
-        let mut intervals = self.digest_ring().range_hashes(range);
+        let mut intervals = ring.range_hashes(range);
         intervals.sort_unstable();
         let (mut entries, mut bytes) = (Vec::new(), 0usize);
         let mut last_key: Vec<u8> = Vec::new();
