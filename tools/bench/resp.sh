@@ -54,7 +54,7 @@ done
 
 resp() { # PORT TESTS
     redis-benchmark -h 127.0.0.1 -p "$1" -t "$2" -c "$CLIENTS" -P "$PIPELINE" \
-        -n "$REQUESTS" -r "$KEYS" -d "$VALUE_SIZE" -q 2>&1 | tr '\r' '\n' | grep -E '^[A-Z]+.*: ' | tail -n 5
+        -n "$REQUESTS" -r "$KEYS" -d "$VALUE_SIZE" -q 2>&1 | tr '\r' '\n' | grep -E 'requests per second'
 }
 
 grpc() { # WORKLOAD (w: writes, c: reads)
