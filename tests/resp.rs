@@ -377,3 +377,69 @@ async fn redis_cli_and_redis_benchmark_work_unchanged() {
     .expect("redis tools");
     eprintln!("{outcome}");
 }
+
+/// A maintained Rust Redis client (redis-rs, synchronous) against any node:
+/// its handshake, typed SET/GET/MGET/DEL, binary values, a pipeline, a
+/// refused INCR surfacing as an error, not a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_redis_client_works_unchanged() {
+    let cluster = TestCluster::start_with_resp(3, &[]).await;
+    let doors: Vec<String> = (0..3)
+        .map(|i| format!("redis://{}/", cluster.resp_address(i).expect("resp")))
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        let connect = |i: usize| {
+            redis::Client::open(doors[i].as_str())
+                .expect("a redis URL")
+                .get_connection()
+                .expect("a connection")
+        };
+        let mut first = connect(0);
+        let value: Vec<u8> = (0..=255u8).collect();
+        let () = redis::cmd("SET")
+            .arg("bin")
+            .arg(&value)
+            .query(&mut first)
+            .expect("SET");
+        let mut second = connect(1);
+        let read: Vec<u8> = redis::cmd("GET")
+            .arg("bin")
+            .query(&mut second)
+            .expect("GET");
+        assert_eq!(read, value);
+        let missing: Option<String> = redis::cmd("GET")
+            .arg("nope")
+            .query(&mut second)
+            .expect("GET");
+        assert_eq!(missing, None);
+        let (a, b): (String, Option<String>) = redis::pipe()
+            .cmd("SET")
+            .arg("p1")
+            .arg("one")
+            .ignore()
+            .cmd("GET")
+            .arg("p1")
+            .cmd("GET")
+            .arg("p2")
+            .query(&mut connect(2))
+            .expect("a pipeline");
+        assert_eq!((a.as_str(), b), ("one", None));
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg("p1")
+            .arg("nope")
+            .query(&mut first)
+            .expect("MGET");
+        assert_eq!(values, [Some("one".to_string()), None]);
+        let removed: i64 = redis::cmd("DEL")
+            .arg("p1")
+            .arg("bin")
+            .query(&mut first)
+            .expect("DEL");
+        assert_eq!(removed, 2);
+        let refused = redis::cmd("INCR").arg("counter").query::<i64>(&mut first);
+        let refused = refused.expect_err("INCR needs compare-and-set");
+        assert!(refused.to_string().contains("compare-and-set"), "{refused}");
+    })
+    .await
+    .expect("the redis client");
+}
