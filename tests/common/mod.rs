@@ -205,41 +205,28 @@ impl TestCluster {
     /// a port of its own: see [`TestCluster::http_address`]), with `extra`
     /// flags, and waits until all serve.
     pub async fn start_with_http(count: usize, extra: &[&str]) -> Self {
-        let mut last_error = String::new();
-        for _attempt in 0..3 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let addresses = free_addresses(count + count);
-            let (grpc, http) = addresses.split_at(count);
-            let flags = http
-                .iter()
-                .map(|h| {
-                    let mut flags = vec!["--http-listen".to_string(), h.clone()];
-                    flags.extend(extra.iter().map(|s| s.to_string()));
-                    flags
-                })
-                .collect();
-            let mut cluster = Self::spawn_each(dir, grpc, flags, None);
-            match cluster.wait_all_ready().await {
-                Ok(()) => return cluster,
-                Err(error) => last_error = error,
-            }
-        }
-        panic!("cluster did not start: {last_error}");
+        Self::start_with_door(count, "--http-listen", extra).await
     }
 
     /// Starts `count` nodes that also speak RESP (`--resp-listen`, each on
     /// a port of its own: see [`TestCluster::resp_address`]), with `extra`
     /// flags, and waits until all serve.
     pub async fn start_with_resp(count: usize, extra: &[&str]) -> Self {
+        Self::start_with_door(count, "--resp-listen", extra).await
+    }
+
+    /// Starts `count` nodes each with `flag` (a listener) on a port of its
+    /// own, and `extra`; waits until all serve.
+    async fn start_with_door(count: usize, flag: &str, extra: &[&str]) -> Self {
         let mut last_error = String::new();
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().expect("tempdir");
             let addresses = free_addresses(count + count);
-            let (grpc, resp) = addresses.split_at(count);
-            let flags = resp
+            let (grpc, doors) = addresses.split_at(count);
+            let flags = doors
                 .iter()
-                .map(|r| {
-                    let mut flags = vec!["--resp-listen".to_string(), r.clone()];
+                .map(|door| {
+                    let mut flags = vec![flag.to_string(), door.clone()];
                     flags.extend(extra.iter().map(|s| s.to_string()));
                     flags
                 })
@@ -255,17 +242,19 @@ impl TestCluster {
 
     /// The `--resp-listen` address of node `i`, if it has one.
     pub fn resp_address(&self, i: usize) -> Option<String> {
-        let args = &self.nodes[i].args;
-        args.iter()
-            .position(|a| a == "--resp-listen")
-            .and_then(|at| args.get(at + 1).cloned())
+        self.door_address(i, "--resp-listen")
     }
 
     /// The `--http-listen` address of node `i`, if it has one.
     pub fn http_address(&self, i: usize) -> Option<String> {
+        self.door_address(i, "--http-listen")
+    }
+
+    /// The address node `i` was given with `flag`, if any.
+    fn door_address(&self, i: usize, flag: &str) -> Option<String> {
         let args = &self.nodes[i].args;
         args.iter()
-            .position(|a| a == "--http-listen")
+            .position(|a| a == flag)
             .and_then(|at| args.get(at + 1).cloned())
     }
 
