@@ -151,12 +151,7 @@ impl Lister<'_> {
             if let Some(why) = self.replica.read_refusal() {
                 return Err(Error::Unavailable(why));
             }
-            if self.replica.digests_layout_version() != view.version() {
-                return Err(Error::Unavailable(format!(
-                    "this node is still switching to layout v{}",
-                    view.version()
-                )));
-            }
+            // On the ring of the view's layout, checked under one lock.
             let (entries, next) = self.replica.range_entries_page_of(
                 view.version(),
                 range,

@@ -410,20 +410,8 @@ async fn serve(door: Arc<Door>, listener: TcpListener, stop: CancellationToken) 
             accept_loop(with_hosts, app, stop).await
         }
         None => {
-            let connections = futures::stream::unfold(listener, |listener| async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, peer)) => {
-                            let _ = stream.set_nodelay(true);
-                            return Some(((stream, peer.ip()), listener));
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, "cannot accept an HTTP connection");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+            let connections =
+                super::serve::accepted(listener, "HTTP").map(|(stream, peer)| (stream, peer.ip()));
             accept_loop(connections, app, stop).await
         }
     }

@@ -108,20 +108,7 @@ async fn serve(door: Arc<Door>, listener: TcpListener, stop: CancellationToken) 
             accept_loop(door, connections, stop).await
         }
         None => {
-            let connections = futures::stream::unfold(listener, |listener| async move {
-                loop {
-                    match listener.accept().await {
-                        Ok((stream, _)) => {
-                            let _ = stream.set_nodelay(true);
-                            return Some((stream, listener));
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, "cannot accept a RESP connection");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                    }
-                }
-            });
+            let connections = super::serve::accepted(listener, "RESP").map(|(stream, _)| stream);
             accept_loop(door, connections, stop).await
         }
     }

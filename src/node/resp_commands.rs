@@ -141,7 +141,7 @@ pub async fn execute(node: &Arc<Node>, session: &mut Session, args: Vec<Vec<u8>>
             session.quit = true;
             Reply::ok()
         }
-        "hello" => hello(node, session, rest),
+        "hello" => hello(session, rest),
         "auth" => match rest {
             [token] | [_, token] => auth(session, token),
             _ => arity(&name),
@@ -444,7 +444,7 @@ fn auth(session: &mut Session, token: &[u8]) -> Reply {
     }
 }
 
-fn hello(node: &Node, session: &mut Session, rest: &[Vec<u8>]) -> Reply {
+fn hello(session: &mut Session, rest: &[Vec<u8>]) -> Reply {
     let mut rest = rest.iter();
     if let Some(version) = rest.next() {
         match text(version).as_str() {
@@ -475,7 +475,6 @@ fn hello(node: &Node, session: &mut Session, rest: &[Vec<u8>]) -> Reply {
             "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
         );
     }
-    let _ = node;
     Reply::Map(vec![
         (Reply::bulk("server"), Reply::bulk("redis")),
         (Reply::bulk("version"), Reply::bulk(REDIS_VERSION)),
@@ -552,16 +551,19 @@ fn config(rest: &[Vec<u8>]) -> Reply {
     }
 }
 
-/// Keys in the cluster, approximately: the members' live keys over N.
 fn dbsize(node: &Node) -> Reply {
-    let status = super::cluster::status_of(node);
+    Reply::Integer(approximate_keys(&super::cluster::status_of(node)) as i64)
+}
+
+/// Keys in the cluster, approximately: the members' live keys over N.
+fn approximate_keys(status: &crate::pb::StatusResponse) -> u64 {
     let live: u64 = status
         .members
         .iter()
         .filter_map(|m| m.stats.as_ref())
         .map(|s| s.live_keys)
         .sum();
-    Reply::Integer((live / u64::from(status.replicas.max(1))) as i64)
+    live / u64::from(status.replicas.max(1))
 }
 
 fn info(node: &Node, session: &Session) -> Reply {
@@ -580,12 +582,6 @@ fn info(node: &Node, session: &Session) -> Reply {
             format!("{}:{}", m.address, state)
         })
         .collect();
-    let live: u64 = status
-        .members
-        .iter()
-        .filter_map(|m| m.stats.as_ref())
-        .map(|s| s.live_keys)
-        .sum();
     let text = format!(
         "# Server\r\nredis_version:{REDIS_VERSION}\r\nredis_mode:standalone\r\ndkvs_version:{}\r\nos:{}\r\n\r\n\
          # Clients\r\nclient_id:{}\r\nresp:{}\r\n\r\n\
@@ -595,7 +591,7 @@ fn info(node: &Node, session: &Session) -> Reply {
         std::env::consts::OS,
         session.id,
         session.version,
-        live / u64::from(status.replicas.max(1)),
+        approximate_keys(&status),
         status.address,
         status.replicas,
         status.write_quorum,

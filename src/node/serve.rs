@@ -38,6 +38,30 @@ pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// Accepted connections from `listener` with their peers, Nagle's
+/// algorithm off; a failed accept (out of file descriptors, say) is
+/// logged and retried after 100 ms rather than in a busy loop. The HTTP
+/// and RESP doors take their connections from it.
+pub(super) fn accepted(
+    listener: tokio::net::TcpListener,
+    door: &'static str,
+) -> impl Stream<Item = (tokio::net::TcpStream, std::net::SocketAddr)> + Send {
+    futures::stream::unfold(listener, move |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some(((stream, peer), listener));
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot accept a connection to the {door} door");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
 /// Serves `node` over `incoming` until `shutdown` completes, then drains.
 /// For TCP, pass [`incoming`]`(listener)`. Every caller is admitted (no TLS,
 /// no tokens): see [`serve_guarded`].
